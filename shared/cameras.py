@@ -1,0 +1,141 @@
+"""Camera conventions: the one place where they are converted.
+
+Conventions used everywhere in this project:
+
+* **Pixel frame** (OpenCV): u to the right, v down, origin at the top-left corner of the
+  top-left pixel, so the centre of pixel (i, j) is (j + 0.5, i + 0.5).
+* **Intrinsics** ``(fx, fy, cx, cy)`` in pixels in that frame.
+* **Poses** are camera-to-world 4x4 matrices in Blender's camera convention, which is also
+  the NeRF / instant-ngp / nerfstudio one: the camera looks down its -Z axis, +Y is up, +X right.
+  To get OpenCV's camera frame (+Z forward, +Y down) right-multiply by ``diag(1, -1, -1, 1)``.
+
+Only numpy here: the add-on and the backend both use it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class BlenderCamera:
+    """The numbers Blender uses to project, read off ``camera.data`` and ``scene.render``."""
+
+    lens: float                 # focal length, mm
+    sensor_width: float         # mm
+    sensor_height: float        # mm
+    sensor_fit: str             # 'AUTO' | 'HORIZONTAL' | 'VERTICAL'
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    resolution_x: int = 1920
+    resolution_y: int = 1080
+    resolution_percentage: int = 100
+    pixel_aspect_x: float = 1.0
+    pixel_aspect_y: float = 1.0
+
+
+def image_size(cam: BlenderCamera) -> tuple[int, int]:
+    """Rendered image size (width, height) in pixels, after the resolution percentage."""
+    s = cam.resolution_percentage / 100.0
+    return int(cam.resolution_x * s), int(cam.resolution_y * s)
+
+
+def blender_intrinsics(cam: BlenderCamera) -> np.ndarray:
+    """Pinhole intrinsics ``(fx, fy, cx, cy)`` of a perspective Blender camera.
+
+    Matches ``bpy_extras.object_utils.world_to_camera_view`` for every sensor fit, lens shift,
+    pixel aspect and resolution percentage (see ``tests/test_cameras_bpy.py``).
+    """
+    w, h = image_size(cam)
+    pax, pay = cam.pixel_aspect_x, cam.pixel_aspect_y
+    par = pay / pax
+    fit = cam.sensor_fit
+    if fit == "AUTO":
+        fit = "HORIZONTAL" if w * pax >= h * pay else "VERTICAL"
+        sensor = cam.sensor_width
+    else:
+        sensor = cam.sensor_width if fit == "HORIZONTAL" else cam.sensor_height
+    view = w if fit == "HORIZONTAL" else par * h
+    fx = cam.lens * view / sensor
+    fy = fx / par
+    cx = w / 2.0 - cam.shift_x * view
+    cy = h / 2.0 + cam.shift_y * view / par
+    return np.array([fx, fy, cx, cy], dtype=np.float64)
+
+
+def intrinsics_from_fov(camera_angle_x: float, width: int, height: int) -> np.ndarray:
+    """The NeRF-synthetic convention: square pixels, principal point at the image centre."""
+    fx = 0.5 * width / math.tan(0.5 * camera_angle_x)
+    return np.array([fx, fx, width / 2.0, height / 2.0], dtype=np.float64)
+
+
+def rigid(matrix: np.ndarray) -> np.ndarray:
+    """Remove scale (and shear) from a 4x4 camera-to-world matrix, keeping its orientation."""
+    m = np.asarray(matrix, dtype=np.float64).copy()
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:  # a mirrored camera: flip one axis to stay right-handed
+        u[:, -1] *= -1
+        r = u @ vt
+    m[:3, :3] = r
+    m[3] = (0.0, 0.0, 0.0, 1.0)
+    return m
+
+
+def pixel_rays(intrinsics: np.ndarray, c2w: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """World-space rays through every pixel centre.
+
+    Returns:
+        origins (H, W, 3) float64 and unit directions (H, W, 3) float64.
+    """
+    fx, fy, cx, cy = intrinsics
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    # OpenCV camera frame direction, then to Blender's (flip y and z).
+    d_cam = np.stack([(u - cx) / fx, -(v - cy) / fy, -np.ones_like(u)], axis=-1)
+    d = d_cam @ c2w[:3, :3].T
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    o = np.broadcast_to(c2w[:3, 3], d.shape).copy()
+    return o, d
+
+
+def project(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project world points (P, 3) to pixels (P, 2) in the OpenCV pixel frame; also depth (P,)
+    along the viewing axis (positive in front of the camera)."""
+    fx, fy, cx, cy = intrinsics
+    w2c = np.linalg.inv(c2w)
+    pc = points @ w2c[:3, :3].T + w2c[:3, 3]
+    depth = -pc[:, 2]
+    u = fx * pc[:, 0] / depth + cx
+    v = -fy * pc[:, 1] / depth + cy
+    return np.stack([u, v], axis=-1), depth
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """Camera-to-world matrix (Blender convention) of a camera at ``eye`` looking at ``target``."""
+    eye, target, up = (np.asarray(a, dtype=np.float64) for a in (eye, target, up))
+    back = eye - target
+    back /= np.linalg.norm(back)
+    if abs(float(np.dot(back, up))) > 0.999:
+        up = np.array([0.0, 1.0, 0.0])
+    right = np.cross(up, back)
+    right /= np.linalg.norm(right)
+    true_up = np.cross(back, right)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, true_up, back, eye
+    return m
+
+
+def ring_positions(center, radius: float, count: int, elevations_deg=(20.0, 45.0)) -> np.ndarray:
+    """``count`` camera positions on rings around ``center`` at the given elevations (Z up)."""
+    center = np.asarray(center, dtype=np.float64)
+    out = []
+    for i in range(count):
+        elev = math.radians(elevations_deg[i % len(elevations_deg)])
+        azim = 2.0 * math.pi * i / count
+        out.append(center + radius * np.array([
+            math.cos(elev) * math.cos(azim), math.cos(elev) * math.sin(azim), math.sin(elev)]))
+    return np.array(out)
