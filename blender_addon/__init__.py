@@ -1,0 +1,31 @@
+"""Fit Implicit: fit a neural field to the scene's rendered views and import the mesh back.
+
+Registration only; numpy, the ZeroMQ client and the capture code load on first use.
+Scripts can call :func:`blender_addon.fit_session.fit_scene` (installed: ``bl_ext.<repo>.fit_implicit``).
+"""
+import bpy
+
+from . import operators, panels, preferences, properties
+
+classes = (
+    preferences.ImplicitPreferences,
+    properties.ImplicitSceneSettings,
+    operators.IMPLICIT_OT_fit,
+    operators.IMPLICIT_OT_cancel,
+    *panels.CLASSES,
+)
+
+
+def register():
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    properties.register_properties()
+
+
+def unregister():
+    from . import running
+    for session in running.all_sessions():
+        session.close()
+    properties.unregister_properties()
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,17 @@
+"""Where the add-on gets the shared protocol code from.
+
+Inside a built extension, ``build_addon.py`` vendors the ``shared`` package as
+``blender_addon/shared/`` (import it relatively: the extension's module name is
+``bl_ext.<repo>.fit_implicit``).  In a development checkout there is no vendored copy and the
+top-level ``shared`` package is used.  Add-on modules import from here::
+
+    from ._shared import protocol, wire, cameras
+"""
+import importlib.util
+
+if importlib.util.find_spec(f"{__package__}.shared") is not None:
+    from .shared import cameras, protocol, wire  # vendored copy (built extension)
+else:
+    from shared import cameras, protocol, wire  # development checkout
+
+__all__ = ["cameras", "protocol", "wire"]

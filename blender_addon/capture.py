@@ -1,0 +1,361 @@
+"""Blender scene -> posed RGBA images: cameras, intrinsics, renders, bounding box, Submit.
+
+All camera maths comes from ``shared.cameras``; this module only reads Blender's numbers.
+Everything here runs on the main thread.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import bpy
+import numpy as np
+from mathutils import Matrix
+
+from ._shared import cameras, protocol
+from .importer import ensure_collection
+
+CAMERA_COLLECTION = "Implicit Cameras"
+GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES", "POINTCLOUD", "VOLUME"}
+RING_DISTANCE = 3.0       # ring radius, in radii of the object's bounding sphere
+RING_FILL = 0.9           # fraction of the narrower field of view the bounding sphere spans
+AABB_PADDING = 0.1        # of the box's longest side, on every side
+
+
+class CaptureError(Exception):
+    """The scene cannot be captured; the text tells the user what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Cameras
+# --------------------------------------------------------------------------------------------
+def scene_cameras(view_layer) -> list:
+    """Camera objects of the view layer that are enabled for rendering, sorted by name."""
+    cams = [ob for ob in view_layer.objects if ob.type == "CAMERA" and not ob.hide_render]
+    return sorted(cams, key=lambda ob: ob.name)
+
+
+def check_perspective(camera_objects) -> None:
+    for ob in camera_objects:
+        if ob.data.type != "PERSP":
+            kind = {"ORTHO": "orthographic", "PANO": "panoramic"}.get(ob.data.type, ob.data.type.lower())
+            raise CaptureError(
+                f"Camera '{ob.name}' is {kind}: only perspective cameras can be used. "
+                "Set its type to Perspective, or disable it for rendering."
+            )
+
+
+def blender_camera(camera_object, scene) -> "cameras.BlenderCamera":
+    """The numbers Blender projects with, from ``camera.data`` and ``scene.render``."""
+    cam, r = camera_object.data, scene.render
+    return cameras.BlenderCamera(
+        lens=cam.lens, sensor_width=cam.sensor_width, sensor_height=cam.sensor_height,
+        sensor_fit=cam.sensor_fit, shift_x=cam.shift_x, shift_y=cam.shift_y,
+        resolution_x=r.resolution_x, resolution_y=r.resolution_y,
+        resolution_percentage=r.resolution_percentage,
+        pixel_aspect_x=r.pixel_aspect_x, pixel_aspect_y=r.pixel_aspect_y,
+    )
+
+
+def camera_intrinsics(camera_object, scene) -> np.ndarray:
+    """(4,) float64 fx, fy, cx, cy in pixels of the rendered image (OpenCV pixel frame)."""
+    return cameras.blender_intrinsics(blender_camera(camera_object, scene))
+
+
+def camera_pose(camera_object) -> np.ndarray:
+    """(4, 4) float64 camera-to-world, Blender camera convention, scale removed."""
+    return cameras.rigid(np.array(camera_object.matrix_world, dtype=np.float64))
+
+
+def camera_arrays(camera_objects, scene) -> tuple[np.ndarray, np.ndarray]:
+    """intrinsics (N, 4) float64 and poses (N, 4, 4) float64 of perspective cameras."""
+    check_perspective(camera_objects)
+    k = np.array([camera_intrinsics(ob, scene) for ob in camera_objects], dtype=np.float64).reshape(-1, 4)
+    p = np.array([camera_pose(ob) for ob in camera_objects], dtype=np.float64).reshape(-1, 4, 4)
+    return k, p
+
+
+def render_size(scene) -> tuple[int, int]:
+    """(width, height) of a render, after the resolution percentage."""
+    r = scene.render
+    return cameras.image_size(cameras.BlenderCamera(
+        lens=50.0, sensor_width=36.0, sensor_height=24.0, sensor_fit="AUTO",
+        resolution_x=r.resolution_x, resolution_y=r.resolution_y,
+        resolution_percentage=r.resolution_percentage))
+
+
+# --------------------------------------------------------------------------------------------
+# Bounding boxes
+# --------------------------------------------------------------------------------------------
+def target_objects(view_layer, selected_only: bool) -> list:
+    """Geometry objects to fit: the selected ones, or every visible, renderable one."""
+    obs = [ob for ob in view_layer.objects if ob.type in GEOMETRY_TYPES and not ob.hide_render]
+    if selected_only:
+        return [ob for ob in obs if ob.select_get(view_layer=view_layer)]
+    return [ob for ob in obs if ob.visible_get(view_layer=view_layer)]
+
+
+def world_bbox(objects, depsgraph) -> np.ndarray:
+    """(2, 3) float64 world min/max over the evaluated bounding boxes of ``objects``."""
+    corners = []
+    for ob in objects:
+        ev = ob.evaluated_get(depsgraph)
+        local = np.array([tuple(c) for c in ev.bound_box], dtype=np.float64).reshape(-1, 3)
+        m = np.array(ev.matrix_world, dtype=np.float64)
+        corners.append(local @ m[:3, :3].T + m[:3, 3])
+    if not corners:
+        raise CaptureError("Nothing to fit: no visible mesh objects in the scene.")
+    pts = np.concatenate(corners)
+    return np.stack([pts.min(axis=0), pts.max(axis=0)])
+
+
+def padded_aabb(bbox: np.ndarray, padding: float = AABB_PADDING) -> np.ndarray:
+    """Grow a (2, 3) box by ``padding`` times its longest side on every side (never flat)."""
+    bbox = np.asarray(bbox, dtype=np.float64)
+    pad = max(padding * float(np.max(bbox[1] - bbox[0])), 1e-3)
+    return np.stack([bbox[0] - pad, bbox[1] + pad])
+
+
+# --------------------------------------------------------------------------------------------
+# Ring of cameras around the selection
+# --------------------------------------------------------------------------------------------
+def ring_lens(scene, sensor_width: float, sensor_height: float, distance: float, radius: float) -> float:
+    """Focal length (mm) for which a sphere of ``radius`` at ``distance`` spans RING_FILL of the
+    narrower field of view of a centred camera rendering at the scene's resolution."""
+    probe = blender_camera_like(scene, lens=1.0, sensor_width=sensor_width, sensor_height=sensor_height)
+    fx, fy, cx, cy = cameras.blender_intrinsics(probe)
+    w, h = cameras.image_size(probe)
+    tan_half_fov_at_1mm = min(0.5 * w / fx, 0.5 * h / fy)
+    tan_target = math.tan(math.asin(min(radius / distance, 0.999))) / RING_FILL
+    return tan_half_fov_at_1mm / tan_target
+
+
+def blender_camera_like(scene, **overrides) -> "cameras.BlenderCamera":
+    r = scene.render
+    values = dict(lens=50.0, sensor_width=36.0, sensor_height=24.0, sensor_fit="AUTO",
+                  resolution_x=r.resolution_x, resolution_y=r.resolution_y,
+                  resolution_percentage=r.resolution_percentage,
+                  pixel_aspect_x=r.pixel_aspect_x, pixel_aspect_y=r.pixel_aspect_y)
+    values.update(overrides)
+    return cameras.BlenderCamera(**values)
+
+
+def make_ring_cameras(scene, bbox: np.ndarray, count: int, collection_name: str = CAMERA_COLLECTION) -> list:
+    """``count`` perspective cameras on rings around the box centre, all looking at it."""
+    bbox = np.asarray(bbox, dtype=np.float64)
+    center = 0.5 * (bbox[0] + bbox[1])
+    radius = max(0.5 * float(np.linalg.norm(bbox[1] - bbox[0])), 1e-3)
+    distance = RING_DISTANCE * radius
+    coll = ensure_collection(scene, collection_name)
+    created = []
+    for i, eye in enumerate(cameras.ring_positions(center, distance, count)):
+        data = bpy.data.cameras.new(f"Implicit Camera {i:03d}")
+        data.type = "PERSP"
+        data.sensor_fit = "AUTO"
+        data.lens = ring_lens(scene, data.sensor_width, data.sensor_height, distance, radius)
+        data.clip_start = max(distance - 2.0 * radius, distance * 1e-3) * 0.5
+        data.clip_end = (distance + 2.0 * radius) * 2.0
+        ob = bpy.data.objects.new(data.name, data)
+        ob.matrix_world = Matrix(cameras.look_at(eye, center).tolist())
+        coll.objects.link(ob)
+        created.append(ob)
+    return created
+
+
+def remove_cameras(camera_objects) -> None:
+    """Delete camera objects and their data (e.g. a ring that was not used after all)."""
+    for ob in list(camera_objects):
+        data = ob.data
+        bpy.data.objects.remove(ob, do_unlink=True)
+        if data is not None and data.users == 0:
+            bpy.data.cameras.remove(data)
+    coll = bpy.data.collections.get(CAMERA_COLLECTION)
+    if coll is not None and not coll.all_objects and not coll.children:
+        bpy.data.collections.remove(coll)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which cameras, which box
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CapturePlan:
+    cameras: list                    # camera objects to render, in order
+    intrinsics: np.ndarray           # (N, 4) float64
+    poses: np.ndarray                # (N, 4, 4) float64
+    aabb: np.ndarray                 # (2, 3) float64, padded
+    width: int
+    height: int
+    created_ring: bool = False
+    eval_cameras: list = field(default_factory=list)
+    eval_intrinsics: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
+
+
+def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
+                 eval_cameras=None) -> CapturePlan:
+    """Decide what to render.  Raises CaptureError with a message for the user."""
+    selected = target_objects(view_layer, selected_only=True)
+    targets = selected or target_objects(view_layer, selected_only=False)
+    cams = list(camera_objects) if camera_objects is not None else scene_cameras(view_layer)
+    eval_cams = list(eval_cameras or [])
+    if eval_cams:
+        eval_names = {ob.name for ob in eval_cams}
+        cams = [ob for ob in cams if ob.name not in eval_names]
+    check_perspective(cams + eval_cams)
+    if not cams and not selected:
+        raise CaptureError(
+            "The scene has no cameras and nothing is selected: select the object to fit "
+            f"(a ring of {ring_count} cameras will be placed around it), or add cameras."
+        )
+    if not targets:
+        raise CaptureError("Nothing to fit: select the object to fit, or make it visible.")
+    w, h = render_size(scene)
+    if w < 1 or h < 1:
+        raise CaptureError(f"The render size {w} x {h} is empty: check the output resolution.")
+    depsgraph = view_layer.depsgraph
+    bbox = padded_aabb(world_bbox(targets, depsgraph))
+    created = not cams
+    if created:   # the last step: nothing above may fail after the scene was changed
+        cams = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count)
+        view_layer.update()
+    k, p = camera_arrays(cams, scene)
+    ek, ep = camera_arrays(eval_cams, scene)
+    return CapturePlan(cameras=cams, intrinsics=k, poses=p, aabb=bbox, width=w, height=h,
+                       created_ring=created, eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+class CaptureRenderSettings:
+    """Context manager: render settings for capture (transparent film, 'Standard' view, RGBA
+    8-bit PNG, no compositing or stamps), put back exactly as they were on exit, even on error."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self._saved: list = []
+
+    def _set(self, owner, attr, value):
+        if owner is None or not hasattr(owner, attr):
+            return
+        self._saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    def __enter__(self):
+        s, r = self.scene, self.scene.render
+        fmt = r.image_settings
+        try:
+            self._set(s, "camera", s.camera)
+            self._set(r, "filepath", r.filepath)
+            self._set(r, "film_transparent", True)
+            self._set(r, "use_compositing", False)
+            self._set(r, "use_sequencer", False)
+            self._set(r, "use_border", False)
+            self._set(r, "use_multiview", False)
+            self._set(r, "use_stamp", False)
+            self._set(r, "use_single_layer", True)
+            self._set(r, "use_file_extension", True)
+            self._set(fmt, "media_type", "IMAGE")            # 5.0+: before file_format
+            self._set(fmt, "file_format", "PNG")
+            self._set(fmt, "color_mode", "RGBA")
+            self._set(fmt, "color_depth", "8")
+            self._set(fmt, "color_management", "FOLLOW_SCENE")
+            self._set(s.display_settings, "display_device", "sRGB")
+            self._set(s.view_settings, "view_transform", "Standard")
+            self._set(s.view_settings, "look", "None")
+            self._set(s.view_settings, "exposure", 0.0)
+            self._set(s.view_settings, "gamma", 1.0)
+            self._set(s.view_settings, "use_curve_mapping", False)
+        except Exception:
+            self.restore()
+            raise
+        return self
+
+    def restore(self):
+        # Forward order: media_type before file_format before colour mode/depth.
+        for owner, attr, value in self._saved:
+            try:
+                setattr(owner, attr, value)
+            except Exception as exc:  # keep restoring the rest
+                print(f"Fit Implicit: could not restore {attr}: {exc}")
+        self._saved.clear()
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def load_png_rgba(path: str) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA, top row first, of an 8-bit PNG (values as stored: sRGB-encoded)."""
+    img = bpy.data.images.load(path, check_existing=False)
+    try:
+        w, h = img.size
+        if w == 0 or h == 0:
+            raise CaptureError(f"Could not read the rendered image {path}")
+        px = np.empty(w * h * 4, dtype=np.float32)
+        img.pixels.foreach_get(px)   # byte images: the stored byte / 255, rows bottom to top
+        if img.channels != 4:
+            raise CaptureError(f"The rendered image {path} has {img.channels} channels, expected RGBA")
+    finally:
+        bpy.data.images.remove(img)
+    rgba = px.reshape(h, w, 4)[::-1]
+    return np.ascontiguousarray(np.clip(rgba * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def render_view(scene, camera_object, path: str) -> np.ndarray:
+    """Render ``camera_object`` with the scene's engine and resolution: (H, W, 4) uint8 sRGB RGBA,
+    straight alpha (the object mask), top row first."""
+    with CaptureRenderSettings(scene):
+        scene.camera = camera_object
+        scene.render.filepath = path
+        if os.path.exists(path):
+            os.remove(path)
+        bpy.ops.render.render(write_still=True, scene=scene.name)
+        if not os.path.exists(path):
+            raise CaptureError(f"Rendering camera '{camera_object.name}' wrote no image ({path}).")
+    return load_png_rgba(path)
+
+
+def render_views(scene, camera_objects, folder: str, progress=None) -> np.ndarray:
+    """Render every camera: (N, H, W, 4) uint8.  ``progress(i, n)`` is called after each view."""
+    out = []
+    for i, ob in enumerate(camera_objects):
+        out.append(render_view(scene, ob, os.path.join(folder, f"view_{i:04d}.png")))
+        if progress is not None:
+            progress(i + 1, len(camera_objects))
+    return np.stack(out) if out else np.zeros((0, 1, 1, 4), np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# The job message
+# --------------------------------------------------------------------------------------------
+def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, aabb: np.ndarray, *,
+                 name: str = "", method: str = "nerf", preset: str = "standard", steps: int = 0,
+                 seconds: float = 0.0, mesh_resolution: int = 0, preview_size: int = 128,
+                 preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
+                 eval_sizes=None) -> "protocol.Submit":
+    """A validated Submit.
+
+    Args:
+        images: (N, H, W, 4) uint8 sRGB RGBA, top row first.
+        intrinsics: (N, 4) fx, fy, cx, cy; poses: (N, 4, 4) camera-to-world; aabb: (2, 3).
+        eval_intrinsics / eval_poses / eval_sizes: (M, 4), (M, 4, 4), (M, 2) int (width, height)
+            of cameras the backend renders after fitting; None: none.
+    Raises:
+        protocol.ProtocolError if a value is out of range.
+    """
+    m = 0 if eval_intrinsics is None else len(eval_intrinsics)
+    msg = protocol.Submit(
+        images=np.ascontiguousarray(images, dtype=np.uint8),
+        intrinsics=np.asarray(intrinsics, dtype=np.float64).reshape(-1, 4),
+        poses=np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4),
+        aabb=np.asarray(aabb, dtype=np.float64).reshape(2, 3),
+        name=name[: protocol.MAX_NAME], method=method, preset=preset, steps=int(steps),
+        seconds=float(seconds), mesh_resolution=int(mesh_resolution), preview_size=int(preview_size),
+        preview_interval=float(preview_interval),
+        eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
+        eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
+        eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
+    )
+    return msg.validate()

@@ -1,0 +1,328 @@
+"""The backend client: one fitting job over ZeroMQ, driven from Blender without blocking it.
+
+No bpy and no torch here, so it is testable without Blender.  A background thread owns a DEALER
+socket and does all the talking (Hello, Submit, heartbeat Pings, Cancel); received messages are
+validated with :func:`protocol.decode_message` and put on a queue that the caller drains with
+:meth:`JobClient.poll` (from a modal operator's timer or ``bpy.app.timers`` in Blender, or with
+the blocking :meth:`JobClient.wait` in scripts and tests).
+
+What :meth:`JobClient.poll` returns: Welcome, Accepted, Progress, Preview, MeshResult,
+RenderResult, Ack, then exactly one Done, Failed or Cancelled, after which nothing more comes.
+Failures detected here (no backend, backend died, version mismatch, job refused with an Error,
+malformed message) arrive as a Failed made up by the client, whose text says what happened and
+what to do.  Pongs and Errors that do not end the job are only logged.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import zmq
+
+from ._shared import protocol
+
+log = logging.getLogger(__name__)
+
+CLIENT_NAME = "fit-implicit blender add-on"
+MAX_MESSAGE_BYTES = 4 << 30   # the backend's default limit for one message
+
+
+class BackendError(RuntimeError):
+    """Talking to the backend failed; the text is meant for the user."""
+
+
+def probe(address: str, timeout: float = 2.0) -> protocol.Welcome:
+    """Handshake only: returns the backend's Welcome or raises BackendError with a clear text."""
+    sock = _connect(address)
+    try:
+        sock.send_multipart(protocol.Hello(client=CLIENT_NAME).to_frames())
+        if not sock.poll(int(timeout * 1000)):
+            raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?")
+        try:
+            reply = protocol.decode_message(sock.recv_multipart(copy=False))
+        except protocol.WireError as exc:
+            raise BackendError(_decode_failure(address, exc)) from exc
+    finally:
+        sock.close(linger=0)
+    if isinstance(reply, protocol.Error):
+        raise BackendError(_refusal(address, reply))
+    if not isinstance(reply, protocol.Welcome):
+        raise BackendError(f"the backend at {address} answered the handshake with {reply.TYPE!r} instead of welcome")
+    if reply.protocol != protocol.PROTOCOL_VERSION:
+        raise BackendError(_version_text(address, f"backend speaks {reply.protocol}, "
+                                                  f"this add-on speaks {protocol.PROTOCOL_VERSION}"))
+    return reply
+
+
+class JobClient:
+    """One job on one backend.
+
+    Args:
+        address: ``tcp://HOST:PORT`` of ``python -m backend serve``.
+        heartbeat_interval: seconds between Pings.
+        dead_after: fail the job when nothing at all was heard from the backend for this long
+            (not counted while the Submit itself is still being uploaded).
+        accept_timeout: fail the job when the backend has not accepted it this long after the
+            upload finished (e.g. it dropped a message larger than its limit).
+
+    Attributes (read them from the thread that calls poll()):
+        finished: True once poll() has returned the job's Done, Failed or Cancelled.
+        error: the text of that Failed (backend-side or client-side), else None.
+        job_id: the backend's id for the job, once it has been accepted.
+    """
+
+    def __init__(self, address: str, *, heartbeat_interval: float = 1.0, dead_after: float = 5.0,
+                 accept_timeout: float = 60.0):
+        self.address = address
+        self.heartbeat_interval = heartbeat_interval
+        self.dead_after = dead_after
+        self.accept_timeout = accept_timeout
+        self.finished = False
+        self.error: str | None = None
+        self.job_id: str | None = None
+        self.welcome: protocol.Welcome | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, submit: protocol.Submit) -> None:
+        """Connect and send the job from a background thread.  Returns at once.
+
+        The submit's arrays are sent without a copy: do not modify them until the job finished.
+        Raises:
+            BackendError: already started, invalid address, or an invalid or too large job.
+        """
+        if self._thread is not None:
+            raise BackendError("this client has already started a job; make a new JobClient")
+        try:
+            submit.validate()
+        except protocol.ProtocolError as exc:
+            raise BackendError(f"the job is not valid: {exc}") from exc
+        size = sum(a.nbytes for a in (submit.images, submit.intrinsics, submit.poses, submit.aabb,
+                                      submit.eval_intrinsics, submit.eval_poses, submit.eval_sizes))
+        if size > MAX_MESSAGE_BYTES:
+            raise BackendError(f"the job's images take {size / 2**30:.1f} GiB; the backend accepts at most "
+                               f"{MAX_MESSAGE_BYTES / 2**30:.0f} GiB: use fewer or smaller images")
+        sock = _connect(self.address)   # made here so that a bad address raises here; the thread owns it
+        self._thread = threading.Thread(target=self._run, args=(sock, submit), name="fit-implicit-client",
+                                        daemon=True)
+        self._thread.start()
+
+    def poll(self) -> list[protocol.Message]:
+        """The messages received since the last call, oldest first.  Never blocks, never raises."""
+        out = []
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return out
+            out.append(message)
+            if isinstance(message, protocol.JOB_END_TYPES):
+                self.finished = True
+                if isinstance(message, protocol.Failed):
+                    self.error = message.message
+
+    def wait(self, timeout: float | None = None, poll_interval: float = 0.05) -> list[protocol.Message]:
+        """Blocking path (scripts, tests, Blender in background mode): poll until finished.
+
+        Returns every message received; stops early (finished still False) after ``timeout`` s.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[protocol.Message] = []
+        while not self.finished and (deadline is None or time.monotonic() < deadline):
+            out += self.poll()
+            if not self.finished:
+                time.sleep(poll_interval)
+        return out
+
+    def cancel(self) -> None:
+        """Ask the backend to stop the job; a Cancelled (or Done/Failed if too late) follows."""
+        self._cancel.set()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the background thread.  A job still running on the backend is cancelled (nothing
+        could receive its results any more)."""
+        self._closing.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # ---- the background thread ---------------------------------------------------------------
+    def _run(self, sock: zmq.Socket, submit: protocol.Submit) -> None:
+        try:
+            _Session(self, sock, submit).run()
+        except Exception as exc:   # noqa: BLE001 - the thread must report, never die silently
+            log.exception("client thread failed")
+            self._inbox.put(protocol.Failed(job_id=self.job_id or "", message=f"client error: {exc}"[:4000]))
+        finally:
+            sock.close()   # LINGER is 0 unless a last Cancel is on its way (see stop_backend_job)
+
+
+class _Session:
+    """The conversation of one JobClient, run in its thread.  States: hello -> submitted -> accepted -> ended."""
+
+    def __init__(self, client: JobClient, sock: zmq.Socket, submit: protocol.Submit):
+        self.c, self.sock, self.submit = client, sock, submit
+        self.state = "hello"
+        self.started = self.last_heard = time.monotonic()
+        self.heard_anything = False
+        self.upload: zmq.MessageTracker | None = None
+        self.uploaded_at: float | None = None
+        self.cancel_sent = False
+        self.seq = 0
+
+    def run(self) -> None:
+        c = self.c
+        self.send(protocol.Hello(client=CLIENT_NAME))
+        next_ping = time.monotonic()
+        while self.state != "ended":
+            now = time.monotonic()
+            if c._closing.is_set():
+                self.stop_backend_job(linger=500)
+                return
+            if now >= next_ping:
+                self.seq += 1
+                self.send(protocol.Ping(seq=self.seq))
+                next_ping = now + c.heartbeat_interval
+            if c._cancel.is_set():
+                self.on_cancel_request()
+            if self.sock.poll(int(max(1.0, min(50.0, (next_ping - now) * 1000)))):
+                self.receive()
+            self.check_timeouts()
+
+    def receive(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.last_heard, self.heard_anything = time.monotonic(), True
+            try:
+                message = protocol.decode_message(frames)
+            except protocol.WireError as exc:
+                self.fail(_decode_failure(self.c.address, exc))
+                return
+            self.handle(message)
+            if self.state == "ended":
+                return
+
+    def handle(self, m: protocol.Message) -> None:
+        c = self.c
+        if isinstance(m, protocol.Pong):
+            return
+        if isinstance(m, protocol.Welcome):
+            if self.state != "hello":
+                return
+            if m.protocol != protocol.PROTOCOL_VERSION:
+                self.fail(_version_text(c.address, f"backend speaks {m.protocol}, "
+                                                   f"this add-on speaks {protocol.PROTOCOL_VERSION}"))
+                return
+            c.welcome = m
+            c._inbox.put(m)
+            self.state = "submitted"
+            self.upload = self.sock.send_multipart(self.submit.to_frames(), copy=False, track=True)
+            self.submit = None   # the socket holds the frames until they are sent
+        elif isinstance(m, protocol.Error):
+            if m.in_reply_to in ("hello", "submit", "") and self.state in ("hello", "submitted"):
+                self.fail(_refusal(c.address, m))
+            else:   # e.g. a late Cancel of a job that already ended: not the job's end
+                log.warning("backend error (%s) in reply to %s: %s", m.code, m.in_reply_to or "?", m.message)
+        elif isinstance(m, protocol.Accepted):
+            if self.state == "submitted":
+                c.job_id, self.state = m.job_id, "accepted"
+                c._inbox.put(m)
+        elif isinstance(m, protocol.JOB_END_TYPES):
+            if m.job_id == c.job_id:
+                c._inbox.put(m)
+                self.state = "ended"
+        elif isinstance(m, (protocol.Progress, protocol.Preview, protocol.MeshResult,
+                            protocol.RenderResult, protocol.Ack)):
+            if m.job_id == c.job_id:
+                c._inbox.put(m)
+        else:
+            log.warning("ignored an unexpected %r message from the backend", m.TYPE)
+
+    def on_cancel_request(self) -> None:
+        if self.cancel_sent:
+            return
+        if self.state == "hello":   # nothing was sent yet: the job ends here
+            self.c._inbox.put(protocol.Cancelled(job_id=""))
+            self.state = "ended"
+        elif self.state == "accepted":
+            self.send(protocol.Cancel(job_id=self.c.job_id))
+            self.cancel_sent = True
+        # "submitted": wait for Accepted (or an Error), then cancel
+
+    def check_timeouts(self) -> None:
+        c, now = self.c, time.monotonic()
+        if self.upload is not None and self.uploaded_at is None:
+            if not self.upload.done:
+                self.last_heard = now   # our Pings wait behind the upload: silence means nothing yet
+                return
+            self.uploaded_at = now
+        silent = now - self.last_heard
+        if silent > c.dead_after:
+            if not self.heard_anything:
+                self.fail(f"no backend answered at {c.address} within {c.dead_after:g} s — is it running?")
+            else:
+                self.fail(f"the backend stopped answering (nothing heard from {c.address} for {silent:.1f} s); "
+                          "it may have crashed or been stopped — see its log")
+        elif self.state == "submitted" and self.uploaded_at is not None and now - self.uploaded_at > c.accept_timeout:
+            self.fail(f"the backend at {c.address} did not accept the job within {c.accept_timeout:g} s "
+                      "(was it larger than the backend's --max-message-mb?)")
+
+    def fail(self, text: str) -> None:
+        """End the job on this side with a made-up Failed (and stop it on the backend if it runs)."""
+        log.warning("job failed on the client side: %s", text)
+        if self.state == "accepted" and self.heard_anything:
+            self.stop_backend_job(linger=200)
+        self.c._inbox.put(protocol.Failed(job_id=self.c.job_id or "", message=text[: protocol.MAX_STRING]))
+        self.state = "ended"
+
+    def stop_backend_job(self, linger: int) -> None:
+        if self.state == "accepted" and not self.cancel_sent:
+            self.send(protocol.Cancel(job_id=self.c.job_id))
+            self.cancel_sent = True
+            self.sock.setsockopt(zmq.LINGER, linger)   # give the Cancel a moment to leave
+
+    def send(self, message: protocol.Message) -> None:
+        try:
+            self.sock.send_multipart(message.to_frames(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not send %s: the connection is backed up", message.TYPE)
+
+
+# --------------------------------------------------------------------------------------------
+def _connect(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    if "[" in address:
+        sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise BackendError(f"{address!r} is not a valid backend address (expected tcp://HOST:PORT): "
+                           f"{exc.strerror}") from exc
+    return sock
+
+
+def _version_text(address: str, detail: str) -> str:
+    detail = detail.removeprefix("protocol version mismatch: ")
+    return (f"protocol version mismatch with the backend at {address} ({detail}); "
+            "install the same version of the add-on and the backend")
+
+
+def _decode_failure(address: str, exc: Exception) -> str:
+    if getattr(exc, "code", "") == "version_mismatch":
+        return _version_text(address, str(exc))
+    return f"the backend at {address} sent a malformed message: {exc}"
+
+
+def _refusal(address: str, error: protocol.Error) -> str:
+    if error.code == "version_mismatch":
+        return _version_text(address, error.message)
+    return f"the backend at {address} refused the job: {error.message}"

@@ -1,0 +1,501 @@
+"""One fit, start to end: capture views, submit, follow the job, import the result.
+
+``FitSession`` is the single code path behind the modal operator (a timer calls ``tick()``),
+the blocking operator path and ``fit_scene()`` for scripts.  It touches bpy only from the
+thread that calls it (the main thread); ZeroMQ runs in the JobClient's own thread.
+
+    session = FitSession(scene, address, FitSettings(preset="draft"))
+    session.begin()                 # checks, cameras, backend handshake; raises FitError
+    while not session.tick():       # one render per tick, then drains the client's messages
+        time.sleep(0.05)
+    session.result                  # FitResult
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import bpy
+import numpy as np
+
+from . import capture, importer, running
+from ._shared import protocol
+
+START_HINT = "Start the backend with:  python -m backend serve --bind {address}"
+
+
+class FitError(Exception):
+    """A fit could not start or did not finish; the text is meant for the user."""
+
+    def __init__(self, message: str, result: "FitResult | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class FitSettings:
+    method: str = "nerf"
+    preset: str = "standard"              # draft | standard | high
+    seconds: float = 0.0                  # training time budget; 0: the preset's step count
+    steps: int = 0                        # 0: the preset's default
+    mesh_resolution: int = 0              # 0: the preset's default
+    preview_size: int = 128               # longest side of previews; 0: none
+    preview_interval: float = 1.0         # seconds between previews
+    ring_count: int = 24                  # cameras placed around the selection if there are none
+    cameras: list | None = None           # camera objects or names to train on; None: the scene's
+    eval_cameras: list | None = None      # camera objects or names the backend renders at the end
+    eval_reference: bool = True           # also render the eval cameras in Blender (ground truth)
+    import_mesh: bool = True
+    smooth: bool = True
+    preview_image: bool = True            # write previews into the image "Implicit Preview"
+    name: str = ""                        # job name; default: the scene's name
+    cancel_timeout: float = 10.0          # seconds to wait for the backend to confirm a cancel
+
+
+@dataclass
+class JobState:
+    """What the panel shows; mirrored into ``scene.implicit`` when the add-on is registered."""
+
+    status: str = ""
+    progress: float = 0.0
+    step: int = 0
+    loss: float = 0.0
+    psnr: float = 0.0
+    elapsed: float = 0.0
+    running: bool = False
+
+
+@dataclass
+class FitResult:
+    status: str = "running"               # running | done | failed | cancelled
+    message: str = ""                     # the final report, for the user
+    job_id: str | None = None
+    object: Any = None                    # the imported bpy Object, or None
+    mesh: tuple | None = None             # (vertices (V,3) f32 world, faces (F,3) i32, colors (V,3) f32 sRGB)
+    summary: dict = field(default_factory=dict)           # Done.summary from the backend
+    renders: list = field(default_factory=list)           # eval renders: (H,W,4) uint8 sRGB RGBA or None, by index
+    eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
+    images: np.ndarray | None = None                      # (N,H,W,4) uint8 training views sent
+    intrinsics: np.ndarray | None = None                  # (N,4) float64
+    poses: np.ndarray | None = None                       # (N,4,4) float64
+    aabb: np.ndarray | None = None                        # (2,3) float64
+    camera_names: list = field(default_factory=list)
+    eval_camera_names: list = field(default_factory=list)
+    last_progress: Any = None                             # the last protocol.Progress
+    last_preview: np.ndarray | None = None                # (h,w,4) uint8
+    previews: int = 0
+    timings: dict = field(default_factory=dict)           # stage -> seconds (client wall clock)
+
+
+def default_client_factory(address: str):
+    from .client import JobClient
+    return JobClient(address)
+
+
+def default_probe(address: str):
+    from .client import probe
+    return probe(address)
+
+
+def _resolve_objects(scene, items) -> list | None:
+    if items is None:
+        return None
+    out = []
+    for it in items:
+        ob = scene.objects.get(it) if isinstance(it, str) else it
+        if ob is None or ob.type != "CAMERA":
+            raise FitError(f"'{it}' is not a camera of scene '{scene.name}'.")
+        out.append(ob)
+    return out
+
+
+class FitSession:
+    def __init__(self, scene, address: str, settings: FitSettings | None = None, *, view_layer=None,
+                 client_factory: Callable[[str], Any] | None = None,
+                 probe: Callable[[str], Any] | bool = True,
+                 on_change: Callable[["FitSession"], None] | None = None):
+        self.scene = scene
+        self.view_layer = view_layer if view_layer is not None else (
+            bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0])
+        self.address = address
+        self.settings = settings or FitSettings()
+        # Looked up now (not at import) so that tests can swap the module's defaults.
+        self.client_factory = client_factory or default_client_factory
+        self.probe = default_probe if probe is True else (probe or None)
+        self.on_change = on_change
+        self.state = JobState()
+        self.result = FitResult()
+        self.client = None
+        self.plan: capture.CapturePlan | None = None
+        self._stage = "new"               # new | render | running | cancelling | finished
+        self._views: list = []            # (camera object, is_eval)
+        self._rendered: list = []
+        self._folder: str | None = None
+        self._t0 = time.monotonic()
+        self._timing_stage: str | None = None
+        self._timing_t0 = self._t0
+        self._cancel_deadline = 0.0
+        self._cancel_reason = ""
+
+    # ---- public -----------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self._stage == "finished"
+
+    def begin(self) -> None:
+        """Check the scene, place cameras if needed and shake hands with the backend.
+        Raises FitError (nothing is left running then)."""
+        if self._stage != "new":
+            raise RuntimeError("FitSession.begin() can only be called once")
+        s = self.settings
+        self._timing("prepare")
+        try:
+            self.plan = capture.plan_capture(
+                self.scene, self.view_layer, ring_count=s.ring_count,
+                camera_objects=_resolve_objects(self.scene, s.cameras),
+                eval_cameras=_resolve_objects(self.scene, s.eval_cameras))
+        except capture.CaptureError as exc:
+            raise FitError(str(exc)) from None
+        if self.probe is not None:
+            try:
+                self._check_backend()
+            except FitError:
+                if self.plan.created_ring:   # leave the scene as it was
+                    capture.remove_cameras(self.plan.cameras)
+                raise
+        self._views = [(ob, False) for ob in self.plan.cameras]
+        if s.eval_reference:
+            self._views += [(ob, True) for ob in self.plan.eval_cameras]
+        self._folder = tempfile.mkdtemp(prefix="fit_implicit_")
+        self.result.camera_names = [ob.name for ob in self.plan.cameras]
+        self.result.eval_camera_names = [ob.name for ob in self.plan.eval_cameras]
+        self.result.intrinsics, self.result.poses = self.plan.intrinsics, self.plan.poses
+        self.result.aabb = self.plan.aabb
+        self._stage = "render"
+        self._timing("render")
+        running.add(self.scene, self)
+        self._update(status=f"Rendering {len(self._views)} views", progress=0.0, running=True,
+                     step=0, loss=0.0, psnr=0.0, elapsed=0.0)
+
+    def tick(self) -> bool:
+        """Advance the fit a little (one render, or drain the backend's messages).
+        Never raises for job errors: they end the session with status 'failed'.
+        Returns True once the session has finished."""
+        try:
+            if self._stage == "render":
+                self._render_next()
+            elif self._stage in ("running", "cancelling"):
+                self._drain()
+        except Exception as exc:  # a bug or an unexpected Blender error: end cleanly, say what
+            traceback.print_exc()
+            self._finish("failed", f"Fit Implicit failed: {type(exc).__name__}: {exc}")
+        return self.finished
+
+    def cancel(self, reason: str = "") -> None:
+        """Ask the job to stop; the session ends when the backend confirms (or after a timeout).
+        ``reason`` (e.g. "time limit reached") goes into the final message."""
+        self._cancel_reason = reason
+        if self._stage in ("new", "render"):
+            self._finish("cancelled", self._cancelled_text())
+        elif self._stage == "running":
+            self._stage = "cancelling"
+            self._cancel_deadline = time.monotonic() + self.settings.cancel_timeout
+            self._update(status="Cancelling…")
+            try:
+                self.client.cancel()
+            except Exception as exc:
+                self._finish("cancelled", self._cancelled_text(f"could not reach the backend: {exc}"))
+
+    def close(self) -> None:
+        """Release everything (idempotent).  A session still running is cancelled first."""
+        if not self.finished:
+            if self._stage == "running" and self.client is not None:
+                try:
+                    self.client.cancel()
+                except Exception:
+                    pass
+            self._finish("cancelled", self._cancelled_text())
+
+    def run(self, poll_interval: float = 0.05, timeout: float | None = None) -> FitResult:
+        """Blocking loop for scripts and background mode (no event loop there)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self.tick():
+                if deadline is not None and time.monotonic() > deadline and self._stage == "running":
+                    self.cancel(f"time limit of {timeout:g} s reached")
+                    deadline = None
+                if self._stage in ("running", "cancelling"):
+                    time.sleep(poll_interval)
+        except KeyboardInterrupt:
+            self.cancel()
+            end = time.monotonic() + self.settings.cancel_timeout
+            while not self.tick() and time.monotonic() < end:
+                time.sleep(poll_interval)
+            self.close()
+            raise
+        return self.result
+
+    # ---- stages -----------------------------------------------------------------------------
+    def _check_backend(self) -> None:
+        try:
+            welcome = self.probe(self.address)
+        except Exception as exc:
+            raise FitError(backend_error_text(self.address, str(exc))) from None
+        methods = [m for m in str(getattr(welcome, "methods", "") or "").split(",") if m]
+        if methods and self.settings.method not in methods:
+            raise FitError(f"The backend at {self.address} cannot fit '{self.settings.method}' "
+                           f"(it offers: {', '.join(methods)}).")
+
+    def _render_next(self) -> None:
+        i = len(self._rendered)
+        ob, _ = self._views[i]
+        try:
+            self._rendered.append(capture.render_view(self.scene, ob, f"{self._folder}/view_{i:04d}.png"))
+        except capture.CaptureError as exc:
+            self._finish("failed", str(exc))
+            return
+        n = len(self._views)
+        self._update(status=f"Rendered view {i + 1} of {n}", progress=(i + 1) / n)
+        if len(self._rendered) == n:
+            self._submit()
+
+    def _submit(self) -> None:
+        s, plan = self.settings, self.plan
+        n = len(plan.cameras)
+        images = np.stack(self._rendered[:n])
+        if s.eval_reference and plan.eval_cameras:
+            self.result.eval_reference = np.stack(self._rendered[n:])
+        self._rendered = []
+        m = len(plan.eval_cameras)
+        self.result.images = images
+        self.result.renders = [None] * m
+        submit = capture.build_submit(
+            images, plan.intrinsics, plan.poses, plan.aabb, name=s.name or self.scene.name,
+            method=s.method, preset=s.preset, steps=s.steps, seconds=s.seconds,
+            mesh_resolution=s.mesh_resolution, preview_size=s.preview_size,
+            preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
+            eval_poses=plan.eval_poses if m else None,
+            eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None)
+        self._timing("upload")
+        try:
+            self.client = self.client_factory(self.address)
+            self.client.start(submit)
+        except Exception as exc:   # e.g. client.BackendError: bad address, job too large
+            self._finish("failed", backend_error_text(self.address, str(exc), prefix="Could not send the job: "))
+            return
+        self._stage = "running"
+        self._update(status=f"Sending {n} views to the backend", progress=0.0)
+
+    def _drain(self) -> None:
+        last_preview = None
+        for msg in self.client.poll():
+            if self.finished:
+                break
+            if isinstance(msg, protocol.Preview):
+                last_preview = msg
+            else:
+                self._handle(msg)
+        if last_preview is not None and not self.finished:
+            self._show_preview(last_preview)
+        if self.finished:
+            return
+        if self.client.finished:   # ended client-side: dead backend, lost connection, ...
+            err = self.client.error or "the connection to the backend ended without a result"
+            if self._stage == "cancelling":
+                self._finish("cancelled", self._cancelled_text(err))
+            else:
+                self._finish("failed", backend_error_text(self.address, err))
+        elif self._stage == "cancelling" and time.monotonic() > self._cancel_deadline:
+            self._finish("cancelled", self._cancelled_text("the backend did not confirm in time"))
+
+    def _handle(self, msg) -> None:
+        r = self.result
+        if isinstance(msg, protocol.Accepted):
+            r.job_id = msg.job_id
+            if msg.position > 0:
+                self._timing("queued")
+                self._update(status=f"Queued: {msg.position} job(s) ahead")
+            else:
+                self._timing("train")
+                self._update(status="Training…")
+        elif isinstance(msg, protocol.Progress):
+            r.last_progress = msg
+            self._timing(msg.stage)
+            if msg.stage == "train":
+                self._update(status=progress_text(msg), progress=msg.fraction, step=msg.step,
+                             loss=msg.loss, psnr=msg.psnr, elapsed=msg.elapsed)
+            else:   # mesh / render / queued carry no training numbers: keep the last ones
+                self._update(status=progress_text(msg), progress=msg.fraction)
+        elif isinstance(msg, protocol.MeshResult):
+            r.mesh = (msg.vertices, msg.faces, msg.colors)
+            if self.settings.import_mesh and len(msg.faces):
+                t = time.monotonic()
+                r.object = importer.import_mesh(self.scene, msg.vertices, msg.faces, msg.colors,
+                                                name=f"{self.settings.name or 'Implicit'} Mesh",
+                                                smooth=self.settings.smooth)
+                r.timings["import"] = r.timings.get("import", 0.0) + time.monotonic() - t
+            self._update(status=f"Mesh received: {len(msg.vertices)} vertices, {len(msg.faces)} faces")
+        elif isinstance(msg, protocol.RenderResult):
+            if msg.index >= len(r.renders):
+                r.renders.extend([None] * (msg.index + 1 - len(r.renders)))
+            r.renders[msg.index] = msg.image
+        elif isinstance(msg, protocol.Done):
+            r.summary = dict(msg.summary)
+            r.timings["total"] = time.monotonic() - self._t0
+            self._finish("done", done_text(r, self.settings, self.state.psnr))
+        elif isinstance(msg, protocol.Failed):
+            self._finish("failed", backend_error_text(self.address, msg.message, prefix="The fit failed: "))
+        elif isinstance(msg, protocol.Cancelled):
+            self._finish("cancelled", self._cancelled_text())
+        elif isinstance(msg, protocol.Error):
+            self._finish("failed", backend_error_text(self.address, msg.message, msg.code,
+                                                      prefix="The backend refused the job: "))
+        # Welcome, Pong, Ack and unknown types: nothing to do.
+
+    def _show_preview(self, msg) -> None:
+        self.result.previews += 1
+        self.result.last_preview = msg.image
+        if self.settings.preview_image:
+            importer.update_preview_image(msg.image)
+
+    def _finish(self, status: str, message: str) -> None:
+        if self.finished:
+            return
+        self._stage = "finished"
+        self._timing(None)
+        r = self.result
+        r.status, r.message = status, message
+        r.timings["total"] = time.monotonic() - self._t0
+        self._rendered = []
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                traceback.print_exc()
+        if self._folder:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        running.remove(self.scene, self)
+        self._update(status=message, running=False, progress=1.0 if status == "done" else self.state.progress)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _cancelled_text(self, detail: str = "") -> str:
+        details = [d for d in (self._cancel_reason, detail) if d]
+        return f"Cancelled ({'; '.join(details)})." if details else "Cancelled."
+
+    def _timing(self, stage: str | None) -> None:
+        now = time.monotonic()
+        if stage == self._timing_stage:
+            return
+        if self._timing_stage is not None:
+            t = self.result.timings
+            t[self._timing_stage] = t.get(self._timing_stage, 0.0) + now - self._timing_t0
+        self._timing_stage, self._timing_t0 = stage, now
+
+    def _update(self, **values) -> None:
+        for k, v in values.items():
+            setattr(self.state, k, v)
+        props = getattr(self.scene, "implicit", None)
+        if props is not None:
+            for f in fields(JobState):
+                value = getattr(self.state, f.name)
+                try:
+                    if getattr(props, f.name) != value:
+                        setattr(props, f.name, value)
+                except (AttributeError, TypeError, ValueError):
+                    pass
+        if self.on_change is not None:
+            self.on_change(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Texts for the user
+# --------------------------------------------------------------------------------------------
+UNREACHABLE_WORDS = ("no backend answered", "is it running", "stopped answering", "not reachable",
+                     "connection refused")
+
+
+def backend_error_text(address: str, error: str, code: str = "", prefix: str = "") -> str:
+    """A sentence for the user; adds how to start the backend when it could not be reached."""
+    text = (error or "no reason given").strip()
+    if not text.endswith((".", "?", "!")):
+        text += "."
+    low = f"{code} {text}".lower()
+    if "version" in low:
+        return text[:1].upper() + text[1:]
+    if any(w in low for w in UNREACHABLE_WORDS):
+        return text[:1].upper() + text[1:] + " " + START_HINT.format(address=address)
+    return prefix + text if prefix else text[:1].upper() + text[1:]
+
+
+def progress_text(p) -> str:
+    if p.stage == "train":
+        total = f"/{p.total_steps}" if p.total_steps else ""
+        eta = f", {p.eta:.0f} s left" if p.eta > 0 else ""
+        return f"Training step {p.step}{total}: loss {p.loss:.4f}, PSNR {p.psnr:.2f} dB{eta}"
+    return {"mesh": "Extracting the mesh…", "render": "Rendering evaluation views…",
+            "queued": "Queued…"}.get(p.stage, f"{p.stage.capitalize()}…")
+
+
+def done_text(r: FitResult, s: FitSettings, psnr: float = 0.0) -> str:
+    text = f"Fit finished in {r.timings.get('total', 0.0):.1f} s"
+    psnr = r.summary.get("psnr", psnr)
+    if isinstance(psnr, (int, float)) and not isinstance(psnr, bool) and psnr > 0:
+        text += f" (PSNR {psnr:.2f} dB)"
+    if r.object is not None:
+        return text + f": imported '{r.object.name}'."
+    if r.mesh is not None and not len(r.mesh[1]):
+        return text + (", but the mesh is empty: nothing dense enough was found. "
+                       "Train longer, or check that the cameras see the object.")
+    if r.mesh is not None:
+        return text + f": mesh of {len(r.mesh[0])} vertices (not imported)."
+    return text + (", but no mesh came back." if s.import_mesh else ".")
+
+
+# --------------------------------------------------------------------------------------------
+# Script entry point
+# --------------------------------------------------------------------------------------------
+def fit_scene(scene_or_context=None, address: str | None = None, *, view_layer=None,
+              timeout: float | None = None, client_factory=None, probe=True,
+              **settings) -> FitResult:
+    """Fit the scene and import the mesh, blocking until the job ends.
+
+    Args:
+        scene_or_context: a Scene or a Context (default ``bpy.context``).
+        address: the backend address; None: the scene override, else the add-on preferences,
+            else tcp://127.0.0.1:5599.
+        timeout: seconds after which the job is cancelled; None: no limit.
+        **settings: FitSettings fields (preset, seconds, steps, mesh_resolution, cameras,
+            eval_cameras, ring_count, preview_size, ...).
+    Returns:
+        FitResult with status 'done'.
+    Raises:
+        FitError (``.result`` holds what came back) if the fit could not start, failed or
+        was cancelled.
+    """
+    ctx = bpy.context if scene_or_context is None else scene_or_context
+    if isinstance(ctx, bpy.types.Scene):
+        scene = ctx
+    else:
+        scene, view_layer = ctx.scene, view_layer or ctx.view_layer
+    if address is None:
+        from .preferences import backend_address
+        address = backend_address(bpy.context, scene)
+    try:
+        cfg = FitSettings(**settings)
+    except TypeError as exc:
+        raise FitError(f"Unknown fit setting: {exc}") from None
+    session = FitSession(scene, address, cfg, view_layer=view_layer, client_factory=client_factory,
+                         probe=probe)
+    session.begin()
+    try:
+        result = session.run(timeout=timeout)
+    finally:
+        session.close()
+    if result.status != "done":
+        raise FitError(result.message, result)
+    return result

@@ -1,0 +1,64 @@
+"""Per-scene fit settings and the state of the running job (``scene.implicit``)."""
+import bpy
+
+PRESET_ITEMS = (
+    ("draft", "Draft", "Fast and coarse: a quick look"),
+    ("standard", "Standard", "Balanced quality and time"),
+    ("high", "High", "Slow: fine detail"),
+)
+
+
+class ImplicitSceneSettings(bpy.types.PropertyGroup):
+    # ---- settings ------------------------------------------------------------------------
+    address: bpy.props.StringProperty(
+        name="Address",
+        description="Backend address for this scene; empty: use the add-on preferences",
+        default="",
+    )
+    preset: bpy.props.EnumProperty(name="Quality", items=PRESET_ITEMS, default="standard")
+    seconds: bpy.props.FloatProperty(
+        name="Training Time",
+        description="Training time budget in seconds; 0: the preset's default number of steps",
+        default=0.0, min=0.0, soft_max=3600.0, unit="TIME_ABSOLUTE",
+    )
+    ring_cameras: bpy.props.IntProperty(
+        name="Ring Cameras",
+        description="Cameras placed around the selection when the scene has none",
+        default=24, min=3, max=500,
+    )
+    mesh_resolution: bpy.props.IntProperty(
+        name="Mesh Resolution",
+        description="Marching cubes grid size along the longest side; 0: the preset's default",
+        default=0, min=0, max=1024,
+    )
+    smooth_shading: bpy.props.BoolProperty(name="Smooth Shading", default=True)
+
+    # ---- job state (written by the running fit, read by the panel) ------------------------
+    status: bpy.props.StringProperty(name="Status", default="")
+    progress: bpy.props.FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
+    step: bpy.props.IntProperty(name="Step", default=0, min=0)
+    loss: bpy.props.FloatProperty(name="Loss", default=0.0, precision=5)
+    psnr: bpy.props.FloatProperty(name="PSNR", default=0.0, precision=2)
+    elapsed: bpy.props.FloatProperty(name="Elapsed", default=0.0, min=0.0, unit="TIME_ABSOLUTE")
+    running: bpy.props.BoolProperty(name="Running", default=False)
+
+
+@bpy.app.handlers.persistent
+def _reset_job_state(*_args):
+    """A file saved while a fit ran must not open as "running": no session survives a load."""
+    for scene in bpy.data.scenes:
+        props = getattr(scene, "implicit", None)
+        if props is not None and props.running:
+            props.running = False
+            props.status = "Interrupted (the file was saved while a fit was running)"
+
+
+def register_properties():
+    bpy.types.Scene.implicit = bpy.props.PointerProperty(type=ImplicitSceneSettings)
+    bpy.app.handlers.load_post.append(_reset_job_state)
+
+
+def unregister_properties():
+    if _reset_job_state in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_reset_job_state)
+    del bpy.types.Scene.implicit

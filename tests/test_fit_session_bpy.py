@@ -1,0 +1,340 @@
+"""FitSession, fit_scene and the operators, driven tick by tick against a scripted fake client.
+
+The fake stands in for blender_addon.client.JobClient (same API: start, poll, cancel, close,
+finished, error, job_id); the real client and server are exercised in test_packaging.py.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from bpy_helpers import add_camera, add_plane, emission_material, fresh_scene, requires_bpy
+
+pytestmark = [requires_bpy, pytest.mark.blender]
+
+ADDRESS = "tcp://127.0.0.1:1"
+
+
+@pytest.fixture(scope="module")
+def addon():
+    import blender_addon
+    blender_addon.register()
+    yield blender_addon
+    blender_addon.unregister()
+
+
+@pytest.fixture()
+def fs(addon):
+    from blender_addon import fit_session
+    return fit_session
+
+
+@pytest.fixture()
+def protocol():
+    from shared import protocol
+    return protocol
+
+
+class FakeClient:
+    """Replays ``batches`` (lists of messages, one list per poll) after start()."""
+
+    def __init__(self, address, batches=(), confirm_cancel=True):
+        self.address = address
+        self.batches = [list(b) for b in batches]
+        self.confirm_cancel = confirm_cancel
+        self.submit = None
+        self.cancelled = self.closed = False
+        self.finished, self.error, self.job_id = False, None, None
+
+    def start(self, submit):
+        self.submit = submit
+
+    def poll(self):
+        from shared import protocol
+        out = self.batches.pop(0) if self.batches else []
+        for m in out:
+            if isinstance(m, protocol.Accepted):
+                self.job_id = m.job_id
+            if isinstance(m, protocol.JOB_END_TYPES):
+                self.finished = True
+                self.error = getattr(m, "message", None) if isinstance(m, protocol.Failed) else None
+        return out
+
+    def cancel(self):
+        from shared import protocol
+        self.cancelled = True
+        if self.confirm_cancel:
+            self.batches.append([protocol.Cancelled(job_id=self.job_id or "")])
+
+    def close(self):
+        self.closed = True
+
+
+def _welcome(address):
+    from shared import protocol
+    return protocol.Welcome()
+
+
+def _scene():
+    scene = fresh_scene(width=32, height=24, samples=1)
+    grey = emission_material("Grey", (0.5, 0.5, 0.5))
+    add_plane(scene, "Object", size=1.0, material=grey)
+    add_camera(scene, "Cam A", location=(0, 0, 4))
+    add_camera(scene, "Cam B", location=(0, -4, 4), rotation=(0.785398, 0, 0))
+    add_camera(scene, "Eval", location=(4, 0, 4), rotation=(0.785398, 0, 1.570796))
+    return scene
+
+
+def _job_messages(protocol, job="j1"):
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) + np.float32(5)
+    return [
+        [protocol.Accepted(job_id=job)],
+        [protocol.Progress(job_id=job, step=10, total_steps=100, loss=0.5, psnr=12.5, elapsed=1.0, fraction=0.1),
+         protocol.Preview(job_id=job, image=np.full((4, 6, 4), 10, np.uint8), step=10),
+         protocol.Preview(job_id=job, image=np.full((4, 6, 4), 200, np.uint8), step=20)],
+        [],
+        [protocol.Progress(job_id=job, step=100, total_steps=100, loss=0.01, psnr=31.0, elapsed=9.0, fraction=1.0)],
+        [protocol.Progress(job_id=job, stage="mesh", step=100, total_steps=100, fraction=1.0),
+         protocol.MeshResult(job_id=job, vertices=v, faces=np.array([[0, 1, 2]], np.int32),
+                             colors=np.full((3, 3), 0.5, np.float32))],
+        [protocol.RenderResult(job_id=job, index=0, image=np.full((24, 32, 4), 7, np.uint8)),
+         protocol.Done(job_id=job, summary={"psnr": 31.0, "steps": 100})],
+    ]
+
+
+def test_session_runs_tick_by_tick(fs, protocol):
+    import bpy
+    scene = _scene()
+    clients = []
+
+    def factory(address):
+        clients.append(FakeClient(address, _job_messages(protocol)))
+        return clients[-1]
+
+    s = fs.FitSession(scene, ADDRESS, fs.FitSettings(preset="draft", eval_cameras=["Eval"]),
+                      client_factory=factory, probe=_welcome)
+    s.begin()
+    assert scene.implicit.running and s.state.running
+    from blender_addon import running
+    assert running.active_session(scene) is s
+    folder = s._folder
+    # One render per tick: 2 training views, then the eval camera's reference render.
+    for i in range(2):
+        assert not s.tick()
+        assert scene.implicit.progress == pytest.approx((i + 1) / 3)
+        assert scene.implicit.status == f"Rendered view {i + 1} of 3"
+    assert not s.tick()                       # the last render, then the job is sent
+    assert scene.implicit.status == "Sending 2 views to the backend"
+    sub = clients[0].submit
+    assert sub.images.shape == (2, 24, 32, 4) and sub.preset == "draft"
+    assert sub.eval_sizes.tolist() == [[32, 24]] and sub.eval_poses.shape == (1, 4, 4)
+    assert s.result.camera_names == ["Cam A", "Cam B"] and s.result.eval_camera_names == ["Eval"]
+    assert s.result.eval_reference.shape == (1, 24, 32, 4)
+    assert (sub.images[..., 3].max(axis=(1, 2)) == 255).all()    # the object is in every view
+
+    assert not s.tick()                       # Accepted
+    assert s.result.job_id == "j1"
+    assert not s.tick()                       # Progress + two previews: only the last is shown
+    p = scene.implicit
+    assert (p.step, p.progress) == (10, pytest.approx(0.1)) and p.psnr == pytest.approx(12.5)
+    assert "Training step 10/100" in p.status
+    img = bpy.data.images["Implicit Preview"]
+    px = np.empty(6 * 4 * 4, np.float32)
+    img.pixels.foreach_get(px)
+    assert np.allclose(px[:3], 200 / 255) and s.result.previews == 1
+    while not s.tick():
+        pass
+    r = s.result
+    assert r.status == "done", r.message
+    assert "Fit finished" in r.message and "PSNR 31.00" in r.message
+    assert r.summary == {"psnr": 31.0, "steps": 100}
+    assert r.object is not None and r.object.name in bpy.data.objects
+    co = np.empty(9, np.float32)
+    r.object.data.vertices.foreach_get("co", co)
+    assert np.allclose(co.reshape(3, 3)[0], 5.0)
+    assert r.renders[0].shape == (24, 32, 4)
+    assert {"prepare", "render", "upload", "train", "mesh", "import", "total"} <= set(r.timings)
+    assert not p.running and p.progress == 1.0
+    assert running.active_session(scene) is None
+    assert clients[0].closed and not os.path.exists(folder)
+
+
+def test_cancel_while_rendering_restores_nothing_left(fs):
+    scene = _scene()
+    view = scene.view_settings.view_transform
+    s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a), probe=_welcome)
+    s.begin()
+    s.tick()
+    s.cancel()
+    assert s.finished and s.result.status == "cancelled"
+    assert scene.view_settings.view_transform == view and not scene.implicit.running
+
+
+def test_cancel_while_running_waits_for_backend(fs, protocol):
+    scene = _scene()
+    box = []
+    s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: box.append(
+        FakeClient(a, [[protocol.Accepted(job_id="j")]])) or box[-1], probe=_welcome)
+    s.begin()
+    while s._stage == "render":
+        s.tick()
+    s.tick()
+    s.cancel()
+    assert box[0].cancelled and not s.finished and scene.implicit.status.startswith("Cancelling")
+    s.tick()
+    assert s.finished and s.result.status == "cancelled"
+
+
+def test_cancel_gives_up_when_backend_never_confirms(fs):
+    scene = _scene()
+    s = fs.FitSession(scene, ADDRESS, fs.FitSettings(cancel_timeout=0.05),
+                      client_factory=lambda a: FakeClient(a, confirm_cancel=False), probe=_welcome)
+    s.begin()
+    s.run(timeout=0.01)   # renders, then cancels after the timeout, then gives up waiting
+    assert s.result.status == "cancelled"
+    assert s.result.message == "Cancelled (time limit of 0.01 s reached; the backend did not confirm in time)."
+
+
+def test_backend_failure_is_reported_with_hint(fs, protocol):
+    scene = _scene()
+    dead = [[protocol.Failed(job_id="", message=f"no backend answered at {ADDRESS} within 5 s — is it running?")]]
+    s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, dead), probe=_welcome)
+    s.begin()
+    r = s.run()
+    assert r.status == "failed"
+    assert "python -m backend serve" in r.message and ADDRESS in r.message
+    failed = [[protocol.Accepted(job_id="j")], [protocol.Failed(job_id="j", message="CUDA out of memory")]]
+    s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, failed), probe=_welcome)
+    s.begin()
+    assert s.run().message == "The fit failed: CUDA out of memory."
+
+
+def test_unreachable_backend_fails_before_rendering_and_removes_ring(fs):
+    scene = fresh_scene()
+    ob = add_plane(scene)
+    ob.select_set(True)
+
+    def probe(address):
+        raise RuntimeError(f"no backend answered at {address} within 2 s — is it running?")
+
+    with pytest.raises(fs.FitError, match="python -m backend serve --bind tcp://127.0.0.1:1"):
+        fs.FitSession(scene, ADDRESS, probe=probe).begin()
+    assert not [o for o in scene.objects if o.type == "CAMERA"]
+    assert not scene.implicit.running
+
+
+def test_fit_scene_blocking(fs, protocol):
+    scene = _scene()
+    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: FakeClient(a, _job_messages(protocol)),
+                     probe=_welcome, preset="draft", cameras=["Cam A"], eval_cameras=["Eval"])
+    assert r.status == "done" and r.images.shape == (1, 24, 32, 4) and r.object is not None
+    assert r.intrinsics.shape == (1, 4) and r.poses.shape == (1, 4, 4) and r.aabb.shape == (2, 3)
+    with pytest.raises(fs.FitError, match="Unknown fit setting"):
+        fs.fit_scene(scene, ADDRESS, colour="red")
+    fail = [[protocol.Failed(job_id="", message="bad")]]
+    with pytest.raises(fs.FitError, match="The fit failed: bad") as info:
+        fs.fit_scene(scene, ADDRESS, client_factory=lambda a: FakeClient(a, fail), probe=_welcome)
+    assert info.value.result.status == "failed"
+
+
+def test_operator_blocking_path(fs, protocol, monkeypatch):
+    import bpy
+    scene = fresh_scene()
+    add_plane(scene)
+    with pytest.raises(RuntimeError, match="no cameras and nothing is selected"):
+        bpy.ops.implicit.fit()
+    scene = _scene()
+    scene.implicit.preset = "high"
+    clients = []
+    monkeypatch.setattr(fs, "default_probe", _welcome)
+    monkeypatch.setattr(fs, "default_client_factory",
+                        lambda a: clients.append(FakeClient(a, _job_messages(protocol))) or clients[-1])
+    assert bpy.ops.implicit.fit(address="tcp://10.0.0.1:7") == {"FINISHED"}
+    assert clients[0].address == "tcp://10.0.0.1:7" and clients[0].submit.preset == "high"
+    assert clients[0].submit.images.shape[0] == 3          # no eval cameras: all three train
+    assert "Implicit Mesh" in bpy.data.objects
+    assert bpy.ops.implicit.cancel.poll() is False
+
+
+# --------------------------------------------------------------------------------------------
+# The interactive pieces, called directly (the bpy module has no event loop and no UI)
+# --------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for UILayout (records calls) and for the window manager."""
+
+    def __init__(self, calls=None):
+        self.calls = [] if calls is None else calls
+        self.enabled = True
+        self.windows = []
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return _Recorder(self.calls)
+        return record
+
+
+def test_modal_path_and_panel_drawing(fs, protocol):
+    from types import SimpleNamespace
+
+    import bpy
+    from blender_addon.operators import IMPLICIT_OT_fit
+    from blender_addon.panels import VIEW3D_PT_implicit
+
+    scene = _scene()
+    session = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, _job_messages(protocol)),
+                            probe=_welcome)
+    session.begin()
+    reports = []
+    wm = _Recorder()
+    op = SimpleNamespace(_session=session, _timer="timer", report=lambda kind, text: reports.append((kind, text)))
+    ctx = SimpleNamespace(window_manager=wm, scene=scene, preferences=bpy.context.preferences)
+    timer = SimpleNamespace(type="TIMER", value="NOTHING")
+
+    layout = _Recorder()
+    VIEW3D_PT_implicit.draw(SimpleNamespace(layout=layout), ctx)
+    assert ("operator", ("implicit.cancel",), {"icon": "CANCEL"}) in layout.calls
+    assert any(name == "progress" and kw["type"] == "BAR" for name, _, kw in layout.calls)
+
+    assert IMPLICIT_OT_fit.modal(op, ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING")) == {"PASS_THROUGH"}
+    ticks = 0
+    while (ret := IMPLICIT_OT_fit.modal(op, ctx, timer)) == {"PASS_THROUGH"}:
+        ticks += 1
+        assert ticks < 50
+    assert ret == {"FINISHED"} and reports[-1][0] == {"INFO"} and "Fit finished" in reports[-1][1]
+    assert ("event_timer_remove", ("timer",), {}) in wm.calls
+
+    layout = _Recorder()
+    VIEW3D_PT_implicit.draw(SimpleNamespace(layout=layout), ctx)
+    assert ("operator", ("implicit.fit",), {"icon": "PLAY"}) in layout.calls
+
+    # Esc while rendering: cancelled on the next timer tick, reported as a warning.
+    session = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a), probe=_welcome)
+    session.begin()
+    op._session = session
+    assert IMPLICIT_OT_fit.modal(op, ctx, SimpleNamespace(type="ESC", value="PRESS")) == {"RUNNING_MODAL"}
+    assert IMPLICIT_OT_fit.modal(op, ctx, timer) == {"CANCELLED"}
+    assert reports[-1] == ({"WARNING"}, "Cancelled.")
+
+
+def test_file_saved_while_running_opens_idle(addon, tmp_path):
+    import bpy
+    scene = fresh_scene()
+    scene.implicit.running = True
+    path = str(tmp_path / "saved.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    props = bpy.context.scene.implicit
+    assert not props.running and props.status.startswith("Interrupted")
+
+
+def test_empty_mesh_is_not_imported(fs, protocol):
+    scene = _scene()
+    msgs = [[protocol.Accepted(job_id="j")],
+            [protocol.MeshResult(job_id="j", vertices=np.zeros((0, 3), np.float32),
+                                 faces=np.zeros((0, 3), np.int32), colors=np.zeros((0, 3), np.float32)),
+             protocol.Done(job_id="j", summary={"psnr": 16.5})]]
+    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: FakeClient(a, msgs), probe=_welcome)
+    assert r.status == "done" and r.object is None and r.mesh[0].shape == (0, 3)
+    assert "(PSNR 16.50 dB), but the mesh is empty" in r.message
+    assert not [o for o in scene.objects if o.type == "MESH" and o.name.startswith("Implicit")]
