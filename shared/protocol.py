@@ -232,7 +232,7 @@ def decode_message(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Me
     header, arrays = wire.decode(frames, limits)
     version = header.get("v")
     mtype = header.get("type")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 are not 1
         raise ProtocolError(
             f"protocol version mismatch: peer speaks {version!r}, this side speaks {PROTOCOL_VERSION}",
             code="version_mismatch",
@@ -302,7 +302,8 @@ class Submit(Message):
     top-left corner of the top-left pixel, v down); ``poses[i]`` is camera-to-world in Blender's
     camera convention (looks down -Z, +Y up), rotation orthonormal, no scale.  ``aabb`` is the
     world-space box (min row, max row) that holds the object; the field is fitted inside it and
-    the mesh comes back in the same world frame.
+    the mesh comes back in the same world frame.  ``eval_*`` (optional, same conventions) are
+    extra cameras rendered after the fit; one RenderResult comes back per eval camera.
     """
 
     TYPE: ClassVar[str] = "submit"
@@ -323,6 +324,7 @@ class Submit(Message):
     preview_interval: float = spec(Float(0.05, 3600.0), default=1.0)
     eval_intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)), default_factory=_empty((0, 4), np.float64))
     eval_poses: np.ndarray = spec(Array(("float64", "float32"), ("M", 4, 4)), default_factory=_empty((0, 4, 4), np.float64))
+    # eval_sizes[i] = (width, height) in pixels, the order of cameras.image_size()
     eval_sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)), default_factory=_empty((0, 2), np.int32))
 
     def check(self):

@@ -104,6 +104,8 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[dict
         header = json.loads(bytes(head).decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise WireError(f"header is not valid UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:  # e.g. b"[[[[..." nested deeper than the parser's stack
+        raise WireError("header JSON is nested too deeply") from exc
     if not isinstance(header, dict):
         raise WireError(f"header must be a JSON object, got {type(header).__name__}")
     table = header.pop("arrays", [])
@@ -130,6 +132,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[dict
                 f"array {name!r}: dtype {dtype.name} shape {tuple(shape)} needs {nbytes} bytes, frame has {len(buf)}"
             )
         arr = np.frombuffer(buf, dtype=dtype) if nbytes else np.zeros(0, dtype=dtype)
+        arr.flags.writeable = False   # zmq.Frame buffers are writable; bytes ones are not: be uniform
         arrays[name] = arr.reshape(shape)
     return header, arrays
 

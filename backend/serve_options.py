@@ -1,0 +1,28 @@
+"""Options of ``python -m backend serve``, kept free of pyzmq so the CLI can build its parser
+without importing the server.  backend/__main__.py: ``serve_options.add_arguments(serve_parser)``.
+"""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_BIND = "tcp://127.0.0.1:5599"        # the add-on's default (blender_addon/preferences.py)
+DEFAULT_MAX_MESSAGE_MB = 4096                 # one received message (ZMQ_MAXMSGSIZE and wire limits)
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_CLIENT_TIMEOUT = 60.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bind", default=DEFAULT_BIND,
+                        help=f"ZeroMQ address to listen on; port 0 picks a free port (default {DEFAULT_BIND})")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N: where to train (default: cuda if available, else cpu)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"jobs that may wait behind the running one (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help=f"largest message accepted, in MiB (default {DEFAULT_MAX_MESSAGE_MB})")
+    parser.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
+                        help="cancel the jobs of a client not heard from for this many seconds "
+                             f"(0: never; default {DEFAULT_CLIENT_TIMEOUT:g})")
+    parser.add_argument("--insecure-allow-remote", action="store_true",
+                        help="allow a non-loopback --bind (UNENCRYPTED, UNAUTHENTICATED: anyone who can "
+                             "reach the port can run jobs on this machine)")

@@ -1,0 +1,414 @@
+"""``python -m backend serve``: the ZeroMQ ROUTER loop that answers clients and runs jobs.
+
+Only the main thread touches the socket.  Each turn of the loop polls the socket for a few
+milliseconds, answers every message that arrived (Ping is always answered at once, even while a
+job trains in the worker thread), then sends what the worker left in the outbox.  Every message
+is handled inside its own try/except: a bad or hostile message gets an Error reply and is
+logged; the server never stops serving because of one.
+
+Security: anyone who can reach the socket can make this machine run jobs and allocate memory,
+and there is no encryption yet (CurveZMQ comes later).  So only loopback (and ipc://) addresses
+are accepted unless ``--insecure-allow-remote`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from shared import protocol, wire
+
+from . import __version__, serve_options
+from .jobs import JobQueue, JobRunner, QueueFull, ShuttingDown
+from .outbox import Outbox
+from .serve_options import DEFAULT_BIND, add_arguments
+
+__all__ = ["Server", "ServerConfig", "ConfigError", "main", "cli", "add_arguments", "check_bind_address"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = serve_options.DEFAULT_MAX_MESSAGE_MB << 20
+
+
+class ConfigError(ValueError):
+    """The server cannot start with these settings; the text says why and what to do."""
+
+
+@dataclass
+class ServerConfig:
+    bind: str = DEFAULT_BIND
+    device: str = "cpu"                       # resolved: "cpu", "cuda" or "cuda:N"
+    max_queue: int = serve_options.DEFAULT_MAX_QUEUE        # jobs waiting behind the running one
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    allow_remote: bool = False                # --insecure-allow-remote
+    client_timeout: float = serve_options.DEFAULT_CLIENT_TIMEOUT  # cancel jobs of a client silent this long (0: never)
+    shutdown_grace: float = 5.0               # seconds to let a running job stop on shutdown
+    hwm: int = 1000                           # messages queued per peer and direction
+    poll_ms: int = 10                         # longest wait before the outbox is drained (job running)
+    idle_poll_ms: int = 200                   # the same with no job running (fewer wake-ups)
+    max_queued_bytes: int = 8 << 30           # array bytes all waiting jobs may hold together
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Check the settings and resolve the device.  Raises ConfigError with a clear text.
+
+    Reads ``bind``, ``device`` and ``max_queue``; the other options are optional attributes.
+    """
+    allow_remote = bool(getattr(args, "insecure_allow_remote", False))
+    bind = check_bind_address(getattr(args, "bind", None) or DEFAULT_BIND, allow_remote)
+    max_queue = getattr(args, "max_queue", None)
+    max_queue = serve_options.DEFAULT_MAX_QUEUE if max_queue is None else int(max_queue)
+    if max_queue < 1:
+        raise ConfigError(f"--max-queue must be at least 1, got {max_queue}")
+    mb = getattr(args, "max_message_mb", None)
+    max_bytes = DEFAULT_MAX_MESSAGE_BYTES if mb is None else int(mb) << 20
+    if max_bytes < 1 << 20:
+        raise ConfigError("--max-message-mb must be at least 1")
+    timeout = getattr(args, "client_timeout", None)
+    return ServerConfig(bind=bind, device=resolve_device(getattr(args, "device", None)), max_queue=max_queue,
+                        max_message_bytes=max_bytes, allow_remote=allow_remote,
+                        client_timeout=serve_options.DEFAULT_CLIENT_TIMEOUT if timeout is None
+                        else max(0.0, float(timeout)))
+
+
+def check_bind_address(address: str, allow_remote: bool = False) -> str:
+    """Validate a ZeroMQ bind address; returns it with port 0 written as ``*`` (a free port).
+
+    Only ``tcp://`` on a loopback host and ``ipc://`` are allowed unless ``allow_remote``.
+    """
+    if address.startswith(("ipc://", "inproc://")):
+        return address
+    if not address.startswith("tcp://"):
+        raise ConfigError(f"cannot listen on {address!r}: use tcp://127.0.0.1:PORT (or ipc://PATH)")
+    host, sep, port = address[len("tcp://"):].rpartition(":")
+    if not sep or not host or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
+        raise ConfigError(f"cannot listen on {address!r}: expected tcp://HOST:PORT with PORT in 0..65535")
+    if not allow_remote and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {address}: only loopback addresses (127.0.0.1, ::1, localhost) are "
+            "allowed, because the connection is not encrypted or authenticated yet. To accept other "
+            "machines anyway, pass --insecure-allow-remote (anyone who can reach the port can run jobs here)."
+        )
+    return f"tcp://{host}:*" if port in ("0", "*") else address
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False   # '*', interface names, other host names
+
+
+def resolve_device(requested: str | None) -> str:
+    """None -> "cuda" if available else "cpu"; "cpu"; "cuda" or "cuda:N" if available."""
+    requested = (requested or "").strip().lower() or None
+    if requested == "cpu":
+        return "cpu"
+    if requested is not None and not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise ConfigError(f"--device {requested!r} is not one of cpu, cuda, cuda:N")
+    import torch  # only when we must look for a GPU
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} was asked for, but CUDA is not available to torch "
+                          f"{torch.__version__} on this machine; use --device cpu")
+    index = int(requested.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return requested
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+class Server:
+    """A ROUTER socket, a job queue with its worker, and the loop between them.
+
+    Usage: ``endpoint = server.bind()``, then ``server.serve(stop_event)`` (returns after
+    ``stop_event`` is set and running jobs were stopped), in the thread that called bind().
+    """
+
+    def __init__(self, config: ServerConfig, runner: JobRunner | None = None,
+                 context: zmq.Context | None = None):
+        if runner is None:
+            from .fit_job import run_fit_job
+            runner = run_fit_job
+        self.config = config
+        self.limits = dataclasses.replace(
+            wire.DEFAULT_LIMITS,
+            max_total_bytes=config.max_message_bytes,
+            max_array_bytes=min(wire.DEFAULT_LIMITS.max_array_bytes, config.max_message_bytes),
+        )
+        self.outbox = Outbox()
+        self.jobs = JobQueue(runner, self.outbox, device=config.device, max_queue=config.max_queue,
+                             max_queued_bytes=config.max_queued_bytes)
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self.endpoint = ""
+        self._last_seen: dict[bytes, float] = {}
+        self._handlers: dict[type, Callable[[bytes, Any], protocol.Message | None]] = {
+            protocol.Hello: self._on_hello,
+            protocol.Ping: self._on_ping,
+            protocol.Submit: self._on_submit,
+            protocol.Cancel: self._on_cancel,
+            protocol.Status: self._on_status,
+        }
+
+    def bind(self) -> str:
+        """Create and bind the socket; returns the real endpoint (with the chosen port)."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unknown peer -> EHOSTUNREACH, not a silent drop
+        if "[" in self.config.bind or self.config.bind.count(":") > 2:
+            sock.setsockopt(zmq.IPV6, 1)
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.jobs.start()
+        return self.endpoint
+
+    def serve(self, stop: threading.Event) -> None:
+        if self._socket is None:
+            raise RuntimeError("call bind() before serve()")
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        next_check = time.monotonic() + 1.0
+        try:
+            while not stop.is_set():
+                try:
+                    self._turn(poller)
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + 1.0
+                        self._drop_silent_clients()
+                except zmq.ContextTerminated:
+                    return
+                except Exception:   # noqa: BLE001 - log, keep serving
+                    log.exception("error in the server loop")
+                    time.sleep(0.05)
+            self._shut_down(poller, stop)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._own_context:
+            self._context.term()
+
+    # ---- one turn of the loop ----------------------------------------------------------------
+    def _turn(self, poller: zmq.Poller) -> None:
+        busy = self.jobs.busy() or self.outbox.pending()
+        if poller.poll(self.config.poll_ms if busy else self.config.idle_poll_ms):
+            for _ in range(100):   # then let the outbox have its turn
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+        for identity, message in self.outbox.drain():
+            self._send(identity, message)
+
+    def _handle(self, frames: list) -> None:
+        identity = frames[0].bytes
+        self._last_seen[identity] = time.monotonic()
+        body = frames[1:]
+        try:
+            message = protocol.decode_message(body, self.limits)
+        except Exception as exc:   # noqa: BLE001 - WireError/ProtocolError, or anything unforeseen
+            log.info("rejected a message from %s: %s", identity.hex(), exc)
+            self._send(identity, protocol.error_for(exc, _peek_type(body)))
+            return
+        handler = self._handlers.get(type(message))
+        try:
+            if handler is None:
+                reply = protocol.Error(code="unexpected_message", in_reply_to=message.TYPE,
+                                       message=f"the backend does not accept {message.TYPE!r} messages")
+            else:
+                reply = handler(identity, message)
+        except Exception as exc:   # noqa: BLE001 - a bug here must not stop the server
+            log.exception("error while handling %s from %s", message.TYPE, identity.hex())
+            reply = protocol.Error(code="internal_error", in_reply_to=message.TYPE,
+                                   message=f"internal backend error while handling {message.TYPE}: {exc}"[:4000])
+        if reply is not None:
+            self._send(identity, reply)
+
+    def _send(self, identity: bytes, message: protocol.Message) -> None:
+        try:
+            frames = message.to_frames()
+            self._socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("client %s is not reading (queue full); %s dropped", identity.hex(), message.TYPE)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                log.info("client %s is gone; %s dropped", identity.hex(), message.TYPE)
+            else:
+                log.error("could not send %s to %s: %s", message.TYPE, identity.hex(), exc)
+        except Exception:   # noqa: BLE001 - e.g. an unencodable message: log, keep serving
+            log.exception("could not send %s to %s", message.TYPE, identity.hex())
+
+    # ---- handlers: (identity, message) -> reply or None ------------------------------------
+    def _on_hello(self, identity: bytes, msg: protocol.Hello) -> protocol.Message:
+        log.info("hello from %s (%s)", identity.hex(), msg.client or "unnamed client")
+        return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, server=f"fit-implicit backend {__version__}",
+                                device=self.config.device, methods=",".join(protocol.METHODS))
+
+    def _on_ping(self, identity: bytes, msg: protocol.Ping) -> protocol.Message:
+        running = self.jobs.running()
+        return protocol.Pong(seq=msg.seq, state="busy" if running else "idle",
+                             running_job=running.id if running else "", queued=len(self.jobs.waiting()))
+
+    def _on_submit(self, identity: bytes, msg: protocol.Submit) -> protocol.Message:
+        try:
+            job, position = self.jobs.submit(identity, msg)
+        except QueueFull as exc:
+            return protocol.Error(code="queue_full", message=str(exc), in_reply_to=msg.TYPE)
+        except ShuttingDown as exc:
+            return protocol.Error(code="shutting_down", message=str(exc), in_reply_to=msg.TYPE)
+        return protocol.Accepted(job_id=job.id, position=position)
+
+    def _on_cancel(self, identity: bytes, msg: protocol.Cancel) -> protocol.Message | None:
+        job, removed = self.jobs.cancel(msg.job_id)
+        if job is None:
+            return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
+                                  message=f"no job {msg.job_id[:64]!r} on this backend")
+        self._send(identity, protocol.Ack(request="cancel", job_id=job.id))
+        if removed:   # it never ran: nothing of it is in the outbox, so it ends here
+            self._send(job.client, protocol.Cancelled(job_id=job.id))
+        return None
+
+    def _on_status(self, identity: bytes, msg: protocol.Status) -> protocol.Message:
+        running = self.jobs.running()
+        ids, size = [], 0
+        for job in self.jobs.waiting():
+            size += len(job.id) + 1
+            if size > protocol.MAX_STRING:
+                break
+            ids.append(job.id)
+        return protocol.StatusReply(state="busy" if running else "idle", running_job=running.id if running else "",
+                                    queued_jobs=",".join(ids), device=self.config.device)
+
+    # ---- housekeeping -----------------------------------------------------------------------
+    def _drop_silent_clients(self) -> None:
+        """Cancel the jobs of clients not heard from for ``client_timeout`` (they crashed or quit)."""
+        timeout = self.config.client_timeout
+        now = time.monotonic()
+        with_jobs = self.jobs.clients_with_jobs()
+        for identity in with_jobs:
+            silent = now - self._last_seen.get(identity, now)
+            if timeout > 0 and silent > timeout:
+                log.warning("client %s silent for %.0f s: cancelling its jobs", identity.hex(), silent)
+                self.jobs.cancel_client(identity)
+        for identity, seen in list(self._last_seen.items()):
+            if identity not in with_jobs and now - seen > max(timeout, 600.0):
+                del self._last_seen[identity]
+
+    def _shut_down(self, poller: zmq.Poller, stop: threading.Event) -> None:
+        """Fail waiting jobs, stop the running one, keep serving until it ended (or grace ran out)."""
+        log.info("shutting down")
+        for job in self.jobs.stop():
+            self._send(job.client, protocol.Failed(job_id=job.id, message="the backend was shut down "
+                                                   "before this job started"))
+        deadline = time.monotonic() + self.config.shutdown_grace
+        while not self.jobs.join(timeout=0) and time.monotonic() < deadline:
+            self._turn(poller)
+        if not self.jobs.join(timeout=0):
+            log.warning("the running job did not stop within %.0f s; exiting anyway", self.config.shutdown_grace)
+        self._turn(poller)   # the worker's last messages
+
+
+def _peek_type(frames: list) -> str:
+    """The 'type' of a rejected message, if its header says one (for Error.in_reply_to)."""
+    try:
+        head = bytes(getattr(frames[0], "buffer", frames[0]))
+        if len(head) <= 65536:
+            kind = json.loads(head).get("type")
+            return kind[:64] if isinstance(kind, str) else ""
+    except Exception:   # noqa: BLE001 - it is already known to be malformed
+        pass
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace, runner: JobRunner | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT.  Returns the process exit status.
+
+    ``args`` needs ``bind``, ``device`` and ``max_queue`` (see :func:`add_arguments` for the
+    rest).  ``runner`` replaces the real fit job (tests).
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    server = Server(config, runner=runner)
+    try:
+        endpoint = server.bind()
+    except zmq.ZMQError as exc:
+        hint = " (is a backend already running there? pick another port with --bind)" \
+            if exc.errno == zmq.EADDRINUSE else ""
+        print(f"error: cannot listen on {config.bind}: {exc.strerror}{hint}", file=sys.stderr, flush=True)
+        server.close()
+        return 1
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    print(f"backend listening on {endpoint}", flush=True)
+    log.info("device %s, up to %d waiting jobs", config.device, config.max_queue)
+    server.serve(stop)
+    log.info("stopped")
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return   # signals can only be caught in the main thread; the caller sets `stop` itself
+
+    def on_signal(signum, _frame):
+        if stop.is_set():   # a second signal: leave now
+            raise SystemExit(128 + signum)
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m backend.server [options]``: the same as ``python -m backend serve``."""
+    parser = argparse.ArgumentParser(prog="python -m backend serve", description="Run the fitting backend.")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,38 @@
+"""Shared fixtures.  Helpers behind them live in tests/helpers.py (documented there).
+
+* ``fake_backend`` (module scope): a backend subprocess whose jobs run helpers.fake_runner
+  (no torch, fast).  Tests sharing it must let their jobs end (or cancel them).
+* ``backend_factory``: start extra backends, ``backend_factory(fake=True, args=[...])``; all
+  are stopped at the end of the test.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from helpers import BackendProcess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fake_backend():
+    backend = BackendProcess(fake=True)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def backend_factory():
+    started = []
+
+    def start(**kwargs) -> BackendProcess:
+        started.append(BackendProcess(**kwargs))
+        return started[-1]
+
+    yield start
+    for backend in started:
+        backend.close()

@@ -1,0 +1,208 @@
+"""The add-on's client against hand-made backends (a bare ROUTER in this process)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+import blender_addon.client as client_module
+from blender_addon.client import BackendError, JobClient, probe
+from helpers import REPO, make_submit
+from shared import protocol
+
+pytestmark = pytest.mark.timeout(120)   # a hang fails the test instead of the run
+
+
+class FakeBackend:
+    """A ROUTER that answers each received message with ``reply(message_frames) -> frames | None``."""
+
+    def __init__(self, reply):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.reply, self.received = reply, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            if self.sock.poll(20):
+                identity, *frames = self.sock.recv_multipart()
+                self.received.append(frames)
+                out = self.reply(frames)
+                if out is not None:
+                    self.sock.send_multipart([identity, *out])
+        self.sock.close(linger=0)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def fake_router():
+    made = []
+
+    def make(reply):
+        made.append(FakeBackend(reply))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def header(frames) -> dict:
+    return json.loads(frames[0])
+
+
+def test_malformed_replies_become_a_clear_failure(fake_router):
+    backend = fake_router(lambda frames: [b"\x80\x04garbage"])
+    client = JobClient(backend.address, heartbeat_interval=0.1, dead_after=2.0)
+    client.start(make_submit())
+    messages = client.wait(3)
+    assert client.finished and "sent a malformed message" in client.error
+    assert isinstance(messages[-1], protocol.Failed)
+    assert client.poll() == []
+    client.close()
+
+
+def test_a_newer_backend_is_named_with_both_versions(fake_router):
+    def reply(frames):
+        return [json.dumps({"v": 2, "type": "welcome", "protocol": 2, "arrays": []}).encode()]
+
+    backend = fake_router(reply)
+    with pytest.raises(BackendError, match=r"version mismatch.*peer speaks 2, this side speaks 1"):
+        probe(backend.address)
+    client = JobClient(backend.address, heartbeat_interval=0.1)
+    client.start(make_submit())
+    client.wait(3)
+    assert "version mismatch" in client.error and "2" in client.error and "1" in client.error
+    client.close()
+
+
+def test_an_error_reply_to_hello_ends_the_job(fake_router):
+    def reply(frames):
+        if header(frames)["type"] == "hello":
+            return protocol.Error(code="version_mismatch", in_reply_to="hello",
+                                  message="protocol version mismatch: client speaks 1, backend speaks 3").to_frames()
+        return None
+
+    backend = fake_router(reply)
+    with pytest.raises(BackendError, match="client speaks 1, backend speaks 3"):
+        probe(backend.address)
+
+
+def test_heartbeats_are_sent_and_silence_is_noticed(fake_router):
+    state = {"answer": True}
+
+    def reply(frames):
+        kind = header(frames)["type"]
+        if kind == "hello":
+            return protocol.Welcome().to_frames()
+        if kind == "submit":
+            return protocol.Accepted(job_id="j1").to_frames()
+        if kind == "ping" and state["answer"]:
+            return protocol.Pong(seq=header(frames)["seq"]).to_frames()
+        return None
+
+    backend = fake_router(reply)
+    client = JobClient(backend.address, heartbeat_interval=0.1, dead_after=0.6)
+    client.start(make_submit())
+    assert any(isinstance(m, protocol.Accepted) for m in client.wait(1.0))
+    assert not client.finished and client.job_id == "j1"
+    state["answer"] = False
+    messages = client.wait(3)
+    assert client.finished and "stopped answering" in client.error
+    assert messages[-1].job_id == "j1"
+    kinds = [header(f)["type"] for f in backend.received]
+    assert kinds[:2] == ["hello", "ping"] and "submit" in kinds and kinds.count("ping") >= 8
+    assert kinds[-1] == "cancel"   # it told the (maybe alive) backend to stop
+    client.close()
+
+
+def test_cancel_before_the_backend_answered_ends_locally(unused_port):
+    client = JobClient(f"tcp://127.0.0.1:{unused_port}", heartbeat_interval=0.1, dead_after=5)
+    client.start(make_submit())
+    client.cancel()
+    messages = client.wait(2)
+    assert [m.TYPE for m in messages] == ["cancelled"] and client.error is None
+    client.close()
+
+
+def test_start_checks_the_job(monkeypatch, unused_port):
+    address = f"tcp://127.0.0.1:{unused_port}"
+    client = JobClient(address)
+    bad = make_submit()
+    bad.intrinsics = bad.intrinsics[:2]
+    with pytest.raises(BackendError, match="not valid.*N = 2 does not match"):
+        client.start(bad)
+    monkeypatch.setattr(client_module, "MAX_MESSAGE_BYTES", 1000)
+    with pytest.raises(BackendError, match="GiB"):
+        client.start(make_submit())
+    monkeypatch.undo()
+    with pytest.raises(BackendError, match="not a valid backend address"):
+        JobClient("127.0.0.1:5599").start(make_submit())
+    client.start(make_submit())
+    with pytest.raises(BackendError, match="already started"):
+        client.start(make_submit())
+    client.close()
+
+
+def test_received_arrays_are_read_only_views_of_the_frames(fake_router):
+    image = (np.arange(300 * 200 * 4) % 251).astype(np.uint8).reshape(300, 200, 4)
+
+    def reply(frames):
+        kind = header(frames)["type"]
+        if kind == "hello":
+            return protocol.Welcome().to_frames()
+        if kind == "submit":
+            return protocol.Accepted(job_id="j").to_frames()
+        return protocol.Preview(job_id="j", image=image).to_frames()   # to every ping
+
+    backend = fake_router(reply)
+    client = JobClient(backend.address, heartbeat_interval=0.1)
+    client.start(make_submit())
+    previews = [m for m in client.wait(0.5) if isinstance(m, protocol.Preview)]
+    assert previews and np.array_equal(previews[0].image, image)
+    assert not previews[0].image.flags.owndata and not previews[0].image.flags.writeable
+    client.close()
+
+
+def test_shim_prefers_the_vendored_copy(tmp_path):
+    pkg = tmp_path / "fake_ext"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    shutil.copy(REPO / "blender_addon" / "_shared.py", pkg / "_shared.py")
+    shutil.copytree(REPO / "shared", pkg / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import fake_ext._shared as s; print(s.protocol.__name__, s.wire.__name__, s.cameras.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fake_ext.shared.protocol", "fake_ext.shared.wire", "fake_ext.shared.cameras"]
+
+
+def test_the_client_needs_neither_torch_nor_bpy():
+    """client.py and _shared.py import neither (the package's __init__ imports bpy to register)."""
+    for name in ("client.py", "_shared.py"):
+        text = (REPO / "blender_addon" / name).read_text()
+        assert not re.search(r"^\s*(import|from)\s+(bpy|torch)\b", text, re.M), name
+    code = "import sys, blender_addon.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
