@@ -1,0 +1,166 @@
+"""Fused hash-grid encoding in Triton: forward gather and backward scatter in one kernel each.
+
+Same maths, layout and signature as :func:`backend.fields.hashgrid.hashgrid_encode` (the plain
+PyTorch reference), so the two are interchangeable; ``tests/test_hashgrid_triton.py`` checks
+that they agree, forward and backward.  The reference materialises (N, L, 8) index, weight and
+(N, L, 8, F) feature tensors; these kernels keep them in registers, so a step moves only the
+points, the gathered table rows and the output.
+
+Gradients flow to the table only: the sample positions of a radiance field need none.
+
+Hashing: the reference XORs int64 products and takes ``% T``.  Hashed levels have a power-of-two
+``T <= 2**32``, so the low 32 bits decide the result, and uint32 arithmetic that wraps gives the
+same index.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: the CPU build of PyTorch ships without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+AVAILABLE = triton is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """True where the fused kernel can run for this tensor (CUDA tensor and Triton present)."""
+    return AVAILABLE and x.is_cuda
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _corner_index(cx, cy, cz, r, size, is_dense):
+        # cx, cy, cz: int32 corner coordinates (BLOCK,); returns int64 row within the level.
+        dense_idx = cx + r * (cy + r * cz)
+        h = (cx.to(tl.uint32) * 1) ^ (cy.to(tl.uint32) * 2654435761) ^ (cz.to(tl.uint32) * 805459861)
+        hashed = (h & (size - 1).to(tl.uint32)).to(tl.int32)
+        return tl.where(is_dense, dense_idx, hashed).to(tl.int64)
+
+    @triton.jit
+    def _hashgrid_fwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, out_ptr, n,
+                      L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        lvl = tl.program_id(1)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n
+        r = tl.load(res_ptr + lvl).to(tl.int32)
+        base = tl.load(off_ptr + lvl)
+        size = (tl.load(off_ptr + lvl + 1) - base).to(tl.int32)
+        is_dense = tl.load(dense_ptr + lvl) != 0
+        scale = (r - 1).to(tl.float32)
+        px = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 0, mask=mask, other=0.0), 0.0), 1.0) * scale
+        py = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 1, mask=mask, other=0.0), 0.0), 1.0) * scale
+        pz = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 2, mask=mask, other=0.0), 0.0), 1.0) * scale
+        ix = tl.minimum(tl.floor(px).to(tl.int32), r - 2)
+        iy = tl.minimum(tl.floor(py).to(tl.int32), r - 2)
+        iz = tl.minimum(tl.floor(pz).to(tl.int32), r - 2)
+        fx = px - ix.to(tl.float32)
+        fy = py - iy.to(tl.float32)
+        fz = pz - iz.to(tl.float32)
+        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in tl.static_range(8):
+            ox = c & 1
+            oy = (c >> 1) & 1
+            oz = (c >> 2) & 1
+            # weight 1 - f on the low corner, f on the high one (ox etc. are 0 or 1)
+            w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
+                (oz * fz + (1 - oz) * (1.0 - fz))
+            idx = base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+            acc0 += w * tl.load(table_ptr + idx * F + 0, mask=mask, other=0.0).to(tl.float32)
+            if F == 2:
+                acc1 += w * tl.load(table_ptr + idx * F + 1, mask=mask, other=0.0).to(tl.float32)
+        out_row = out_ptr + rows.to(tl.int64) * (L * F) + lvl * F
+        tl.store(out_row + 0, acc0, mask=mask)
+        if F == 2:
+            tl.store(out_row + 1, acc1, mask=mask)
+
+    @triton.jit
+    def _hashgrid_bwd(x_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, n,
+                      L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        lvl = tl.program_id(1)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n
+        r = tl.load(res_ptr + lvl).to(tl.int32)
+        base = tl.load(off_ptr + lvl)
+        size = (tl.load(off_ptr + lvl + 1) - base).to(tl.int32)
+        is_dense = tl.load(dense_ptr + lvl) != 0
+        scale = (r - 1).to(tl.float32)
+        px = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 0, mask=mask, other=0.0), 0.0), 1.0) * scale
+        py = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 1, mask=mask, other=0.0), 0.0), 1.0) * scale
+        pz = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 2, mask=mask, other=0.0), 0.0), 1.0) * scale
+        ix = tl.minimum(tl.floor(px).to(tl.int32), r - 2)
+        iy = tl.minimum(tl.floor(py).to(tl.int32), r - 2)
+        iz = tl.minimum(tl.floor(pz).to(tl.int32), r - 2)
+        fx = px - ix.to(tl.float32)
+        fy = py - iy.to(tl.float32)
+        fz = pz - iz.to(tl.float32)
+        g_row = grad_out_ptr + rows.to(tl.int64) * (L * F) + lvl * F
+        g0 = tl.load(g_row + 0, mask=mask, other=0.0).to(tl.float32)
+        g1 = tl.zeros([BLOCK], dtype=tl.float32)
+        if F == 2:
+            g1 = tl.load(g_row + 1, mask=mask, other=0.0).to(tl.float32)
+        for c in tl.static_range(8):
+            ox = c & 1
+            oy = (c >> 1) & 1
+            oz = (c >> 2) & 1
+            # weight 1 - f on the low corner, f on the high one (ox etc. are 0 or 1)
+            w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
+                (oz * fz + (1 - oz) * (1.0 - fz))
+            idx = base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+            tl.atomic_add(grad_table_ptr + idx * F + 0, w * g0, mask=mask)
+            if F == 2:
+                tl.atomic_add(grad_table_ptr + idx * F + 1, w * g1, mask=mask)
+
+
+BLOCK = 128
+
+
+class _HashGridFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, table, resolutions, offsets, dense):
+        n, L, F = x.shape[0], resolutions.shape[0], table.shape[1]
+        x = x.contiguous().float()
+        out = torch.empty(n, L * F, device=x.device, dtype=torch.float32)
+        dense_i = dense.to(torch.int32)
+        if n:
+            grid = (triton.cdiv(n, BLOCK), L)
+            _hashgrid_fwd[grid](x, table, resolutions, offsets, dense_i, out, n, L=L, F=F, BLOCK=BLOCK)
+        ctx.save_for_backward(x, resolutions, offsets, dense_i)
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, resolutions, offsets, dense_i = ctx.saved_tensors
+        n, L, F = x.shape[0], resolutions.shape[0], ctx.table_shape[1]
+        grad_table = torch.zeros(ctx.table_shape, device=x.device, dtype=torch.float32)
+        if n:
+            grid = (triton.cdiv(n, BLOCK), L)
+            _hashgrid_bwd[grid](x, grad_out.contiguous(), resolutions, offsets, dense_i, grad_table, n,
+                                L=L, F=F, BLOCK=BLOCK)
+        return None, grad_table.to(ctx.table_dtype), None, None, None
+
+
+def hashgrid_encode_triton(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Tensor,
+                           offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Fused version of :func:`backend.fields.hashgrid.hashgrid_encode` (same arguments).
+
+    Args:
+        x: (N, 3) float32 points in [0, 1]^3 (clamped); receives no gradient.
+        table: (offsets[-1], F) float32 (or float16) table, F in {1, 2}.
+        resolutions: (L,) int64; offsets: (L+1,) int64; dense: (L,) bool — all on x's device.
+    Returns:
+        (N, L*F) float32, level-major.
+    """
+    if not AVAILABLE:
+        raise RuntimeError("Triton is not installed: use backend.fields.hashgrid.hashgrid_encode")
+    if table.shape[1] not in (1, 2):
+        raise ValueError(f"the fused hash grid supports 1 or 2 features per level, got {table.shape[1]}")
+    return _HashGridFn.apply(x, table, resolutions, offsets, dense)

@@ -1,0 +1,292 @@
+"""Training: configuration, presets and the fit loop.
+
+``fit(data, cfg, callbacks)`` trains a radiance field on posed RGBA images and returns a
+:class:`~backend.model.FittedField`.  Step-dependent behaviour (learning rate, occupancy grid,
+batch size) lives in :meth:`Trainer.update_step`; one optimisation step in :meth:`Trainer.step`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import PosedImages, RaySampler
+from .model import FittedField, build_field, build_occupancy, pick_device
+
+METHODS = ("nerf",)
+PRESETS = ("draft", "standard", "high")
+LOSSES = ("mse", "smooth_l1")
+
+
+@dataclass
+class FitConfig:
+    """Everything that decides a fit.  Units: normalised scene box [-1, 1]^3 where noted."""
+
+    method: str = "nerf"            # kind of field (only "nerf" so far)
+    preset: str = "standard"        # preset the values came from: draft | standard | high
+    steps: int = 20000              # optimisation steps; the fit stops at `steps` or `seconds`
+    seconds: float = 0.0            # wall-clock budget from the first step; 0 = none
+    preview_size: int = 128         # longest side of preview renders; 0 = no previews
+    preview_interval: float = 1.0   # seconds between previews
+    mesh_resolution: int = 256      # marching-cubes grid along the box's longest side
+    device: str = "cpu"             # torch device
+    seed: int = 0                   # torch.manual_seed for initialisation and ray sampling
+    # field
+    levels: int = 16                # hash grid levels
+    features: int = 2               # features per level
+    log2_table: int = 19            # log2 of the rows per level
+    base_res: int = 16              # coarsest hash grid resolution over the normalised cube
+    max_res: int = 2048             # finest hash grid resolution
+    hidden: int = 64                # MLP width
+    geo_features: int = 15          # geometry features from the density MLP to the colour MLP
+    color_layers: int = 2           # hidden layers of the colour MLP
+    # sampling
+    march_steps: int = 1024         # samples along the normalised cube's diagonal (sets the step)
+    occupancy_resolution: int = 128  # occupancy grid cells a side
+    occupancy_threshold: float = 0.01  # opacity of one step below which a cell is empty
+    occupancy_decay: float = 0.95   # decay of the cells' density estimates at each update
+    occupancy_every: int = 16       # steps between occupancy updates
+    occupancy_warmup: int = 256     # steps during which every cell counts as occupied
+    occupancy_fraction: float = 0.25  # share of cells re-sampled at each update after the first
+    # batches
+    batch_rays: int = 4096          # rays in the first step
+    target_samples: int = 1 << 18   # field queries per step the ray count adapts to; 0 = fixed
+    max_rays: int = 1 << 16         # cap on rays per step
+    # optimiser
+    grid_lr: float = 1e-2           # Adam learning rate of the hash tables
+    grid_eps: float = 1e-15         # Adam epsilon of the hash tables
+    mlp_lr: float = 1e-2            # Adam learning rate of the MLPs
+    mlp_eps: float = 1e-15          # Adam epsilon of the MLPs
+    mlp_weight_decay: float = 1e-6  # L2 regularisation of the MLP weights
+    warmup_steps: int = 100         # linear learning-rate warm-up
+    lr_decay_start: float = 0.5     # fraction of the fit after which the learning rate decays
+    lr_final: float = 0.03          # learning rate factor reached at the end (exponential decay)
+    loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
+    # misc
+    render_chunk: int = 1 << 18     # rays per chunk when rendering
+    progress_interval: float = 0.25  # seconds between progress callbacks
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FitConfig":
+        """A config from a dict (e.g. run.json); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def validate(self) -> "FitConfig":
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("steps", "levels", "features", "log2_table", "hidden", "march_steps", "batch_rays",
+                     "max_rays", "occupancy_resolution", "occupancy_every", "render_chunk"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seconds", "preview_size", "mesh_resolution", "target_samples", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
+            raise ValueError(f"need 0 < lr_final <= 1 and 0 <= lr_decay_start < 1, got {self.lr_final} "
+                             f"and {self.lr_decay_start}")
+        return self
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # A recognisable result in about a minute on 2 CPU cores (~24 views of 128x128).
+    "draft": dict(steps=400, levels=8, log2_table=16, max_res=256, march_steps=256,
+                  occupancy_resolution=64, occupancy_every=16, occupancy_warmup=64, lr_final=0.1,
+                  batch_rays=1024, target_samples=1 << 15, max_rays=1 << 13, mesh_resolution=128,
+                  render_chunk=1 << 14),
+    # instant-ngp's settings for the NeRF synthetic scenes.
+    "standard": dict(steps=20000),
+    "high": dict(steps=40000, log2_table=20, mesh_resolution=512),
+}
+
+
+def make_config(method: str = "nerf", preset: str = "standard", device: str | None = None,
+                steps: int = 0, seconds: float = 0.0, **overrides) -> FitConfig:
+    """A FitConfig from a preset.  ``steps`` 0 = the preset's; ``seconds`` 0 = no time budget;
+    ``device`` None = CUDA if available, else the CPU; ``overrides`` set any other field."""
+    if preset not in _PRESETS:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+    if steps < 0 or seconds < 0:
+        raise ValueError("steps and seconds must not be negative")
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+    values = {**_PRESETS[preset], "method": method, "preset": preset, "device": str(pick_device(device)),
+              "seconds": float(seconds), **overrides}
+    if steps:
+        values["steps"] = int(steps)
+    return FitConfig(**values).validate()
+
+
+class Callbacks:
+    """Hooks called by :func:`fit`.  Subclass and override; the defaults do nothing."""
+
+    def on_progress(self, info: dict) -> None:
+        """info: step, total_steps, loss and psnr (means over the steps since the last call; psnr
+        from the colour MSE on random backgrounds), elapsed and eta (s), fraction in [0, 1];
+        diagnostics: rays (per step), occupied (share of occupancy cells)."""
+
+    def on_preview(self, step: int, image: np.ndarray) -> None:
+        """image: (h, w, 4) uint8 sRGB, straight alpha."""
+
+    def should_stop(self) -> bool:
+        """Polled every step; True stops the fit with :class:`Cancelled`."""
+        return False
+
+
+class Cancelled(Exception):
+    """The fit was stopped by ``Callbacks.should_stop``; ``model`` holds the partial field."""
+
+    def __init__(self, step: int, model: FittedField | None = None):
+        super().__init__(f"fit cancelled at step {step}")
+        self.step, self.model = step, model
+
+
+def to_rgba8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 4) float premultiplied RGBA in [0, 1] -> (H, W, 4) uint8 straight alpha."""
+    alpha = np.clip(image[..., 3:4], 0.0, 1.0)
+    rgb = np.where(alpha > 1e-6, image[..., :3] / np.maximum(alpha, 1e-6), 0.0)
+    out = np.concatenate([np.clip(rgb, 0.0, 1.0), alpha], axis=-1)
+    return (out * 255.0 + 0.5).astype(np.uint8)
+
+
+def psnr(mse: float) -> float:
+    return -10.0 * math.log10(max(mse, 1e-10))
+
+
+class Trainer:
+    """One fit's state: model, optimiser, ray sampler and the step-dependent schedule."""
+
+    def __init__(self, data: PosedImages, cfg: FitConfig):
+        self.cfg, self.device = cfg, pick_device(cfg.device)
+        field = build_field(cfg).to(self.device)
+        occupancy = build_occupancy(cfg).to(self.device)
+        meta = {"width": data.width, "height": data.height, "views": len(data)}
+        self.model = FittedField(field, occupancy, data.aabb, cfg, meta)
+        self.sampler = RaySampler(data, self.device)
+        groups = field.param_groups()
+        self.optimizer = torch.optim.Adam([
+            {"params": groups["grid"], "lr": cfg.grid_lr, "eps": cfg.grid_eps, "weight_decay": 0.0},
+            {"params": groups["mlp"], "lr": cfg.mlp_lr, "eps": cfg.mlp_eps, "weight_decay": cfg.mlp_weight_decay},
+        ], betas=(0.9, 0.99))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.rays = cfg.batch_rays
+
+    def update_step(self, step: int, fraction: float) -> None:
+        """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay = (fraction - cfg.lr_decay_start) / max(1.0 - cfg.lr_decay_start, 1e-9)
+        factor = warm * cfg.lr_final ** min(max(decay, 0.0), 1.0)
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * factor
+        since = step - cfg.occupancy_warmup
+        if since >= 0 and since % cfg.occupancy_every == 0:
+            self.model.field.eval()
+            self.model.occupancy.update(self.model.field.density, self.model.step_size,
+                                        fraction=1.0 if since == 0 else cfg.occupancy_fraction)
+            self.model.field.train()
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimisation step.  Returns (loss, mse) as 0-d tensors (not synchronised) and
+        the number of field samples it took."""
+        cfg = self.cfg
+        origins, dirs, rgba = self.sampler.sample(self.rays)
+        jitter = torch.rand(origins.shape[0], 1, device=self.device)
+        out = self.model.trace(origins, dirs, jitter)
+        bg = torch.rand(origins.shape[0], 3, device=self.device)
+        pred = out.rgb + (1.0 - out.opacity[:, None]) * bg
+        alpha = rgba[:, 3:]
+        target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
+        mse = F.mse_loss(pred, target)
+        loss = mse if cfg.loss == "mse" else F.smooth_l1_loss(pred, target, beta=0.1) * 10.0
+        if loss.requires_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        if cfg.target_samples:
+            ratio = cfg.target_samples / max(out.samples, 1)
+            self.rays = int(min(max(self.rays * min(max(ratio, 0.5), 2.0), 256), cfg.max_rays))
+        return loss.detach(), mse.detach(), out.samples
+
+
+def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -> FittedField:
+    """Train a field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
+
+    Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
+    """
+    cb = callbacks or Callbacks()
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(data, cfg)
+    model = trainer.model
+    preview_cam = _preview_camera(data, cfg.preview_size)
+
+    start = time.perf_counter()
+    last_progress = last_preview = -math.inf
+    sums, count, mse_last, step = None, 0, None, 0      # (loss, mse) summed on the device
+    while True:
+        elapsed = time.perf_counter() - start
+        fraction = step / cfg.steps
+        if cfg.seconds > 0:
+            fraction = max(fraction, elapsed / cfg.seconds)
+        done = fraction >= 1.0
+        if count and (done or elapsed - last_progress >= cfg.progress_interval):
+            loss, mse_last = (sums / count).tolist()
+            sums, count, last_progress = None, 0, elapsed
+            cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
+        if preview_cam is not None and (done or elapsed - last_preview >= cfg.preview_interval):
+            last_preview = elapsed
+            cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
+        if done:
+            break
+        if cb.should_stop():
+            raise Cancelled(step, model)
+        trainer.update_step(step, fraction)
+        loss, mse, _ = trainer.step()
+        sums = torch.stack([loss, mse]) if sums is None else sums + torch.stack([loss, mse])
+        count += 1
+        step += 1
+    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3),
+                       "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
+    model.field.eval()
+    return model
+
+
+def _progress(step: int, cfg: FitConfig, trainer: Trainer, loss: float, mse: float, elapsed: float,
+              fraction: float) -> dict:
+    eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else 0.0
+    return {"step": step, "total_steps": cfg.steps, "loss": loss, "psnr": psnr(mse), "elapsed": elapsed,
+            "eta": eta, "fraction": fraction, "rays": trainer.rays,
+            "occupied": trainer.model.occupancy.occupied_fraction}
+
+
+def _preview_camera(data: PosedImages, size: int):
+    """(intrinsics, c2w, width, height) of the first camera scaled to longest side ``size``."""
+    if size <= 0:
+        return None
+    s = size / max(data.width, data.height)
+    w, h = max(1, round(data.width * s)), max(1, round(data.height * s))
+    k = data.intrinsics[0] * np.array([w / data.width, h / data.height, w / data.width, h / data.height])
+    return k, data.poses[0], w, h
+
+
+def evaluate(model: FittedField, data: PosedImages) -> list[float]:
+    """PSNR (dB) of each view of ``data``: 8-bit sRGB, both composited on white (BENCHMARKS.md)."""
+    scores = []
+    for i in range(len(data)):
+        img = model.render(data.intrinsics[i], data.poses[i], data.width, data.height)
+        pred = np.round(np.clip(img[..., :3] + (1.0 - img[..., 3:]), 0, 1) * 255.0) / 255.0
+        gt = data.images[i].astype(np.float64) / 255.0
+        target = gt[..., :3] * gt[..., 3:] + (1.0 - gt[..., 3:])
+        scores.append(psnr(float(np.mean((pred - target) ** 2))))
+    return scores

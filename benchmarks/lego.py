@@ -1,0 +1,114 @@
+"""Lego benchmark: held-out PSNR at fixed training budgets, speed and memory.
+
+    python benchmarks/lego.py [--data ../shared/data/lego] [--budgets 5,10,20,30,60] [--out runs/bench.json]
+
+Holds out every 8th of the 80 views (10 views), trains one fresh field per budget (the clock
+runs from the first step, data already on the device, no previews), and reports for each:
+held-out PSNR (white background, 8-bit, docs/benchmarks.md conventions), steps, steps/s,
+samples/s, peak GPU memory, and the warm-up time (model build + first step, which includes any
+compilation).  Prints a table and writes the same figures to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.data import load_transforms, split_holdout  # noqa: E402
+from backend.train import Callbacks, evaluate, fit, make_config  # noqa: E402
+
+
+class Meter(Callbacks):
+    """Counts samples from the progress reports (diagnostic keys of the trainer)."""
+
+    def __init__(self):
+        self.last: dict = {}
+
+    def on_progress(self, info: dict) -> None:
+        self.last = info
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lego"))
+    ap.add_argument("--budgets", default="5,10,20,30,60", help="training seconds, comma-separated")
+    ap.add_argument("--preset", default="standard")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--holdout", type=int, default=8)
+    ap.add_argument("--downscale", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lego.json"))
+    args = ap.parse_args(argv)
+
+    overrides = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        overrides[k] = type(getattr(make_config(), k))(v) if not isinstance(getattr(make_config(), k), bool) else v == "1"
+    data = load_transforms(args.data, downscale=args.downscale)
+    train, held = split_holdout(data, args.holdout)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        cfg = make_config("nerf", args.preset, device=str(dev), seconds=budget, steps=10**7,
+                          preview_size=0, **overrides)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        meter = Meter()
+        t0 = time.perf_counter()
+        model = fit(train, cfg, meter)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = evaluate(model, held)
+        eval_s = time.perf_counter() - t1
+        steps = int(model.meta["steps"])
+        train_s = float(model.meta["seconds"])
+        samples = float(model.meta.get("samples", 0))
+        row = {
+            "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
+            "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),
+            "samples_per_s": round(samples / max(train_s, 1e-9)) if samples else None,
+            "warmup_s": model.meta.get("warmup_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
+            "train_psnr": model.meta.get("train_psnr"),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+    doc = {"scene": "lego", "device": device_name, "torch": torch.__version__, "commit": commit(),
+           "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": overrides,
+           "holdout_every": args.holdout, "downscale": args.downscale, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\nlego on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
+    print(f"{'budget s':>8} {'PSNR dB':>8} {'steps':>7} {'steps/s':>8} {'Msamples/s':>10} {'peak GB':>8} {'warm-up s':>9}")
+    for r in rows:
+        ms = f"{r['samples_per_s'] / 1e6:.1f}" if r["samples_per_s"] else "-"
+        print(f"{r['budget_s']:>8g} {r['psnr']:>8.2f} {r['steps']:>7d} {r['steps_per_s']:>8.1f} {ms:>10} "
+              f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-':>8} {r['warmup_s'] or '-':>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

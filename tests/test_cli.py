@@ -1,0 +1,89 @@
+"""``python -m backend fit | render | mesh`` end to end, as the benchmarks call them."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import synthetic
+from test_mesh import read_glb, read_ply
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def backend(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "backend", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & {"zmq", "bpy"}, "fit/render/mesh must not need pyzmq or bpy"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = synthetic.write_transforms(root / "data", count=12, size=32).parent
+    out = backend("fit", data, "--out", root / "run", "--preset", "draft", "--steps", 120,
+                  "--device", "cpu", "--holdout", 4, "--set", "target_samples=8192", "--set", "occupancy_warmup=32")
+    return root, out
+
+
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_fit_prints_progress_and_held_out_psnr(run):
+    root, out = run
+    assert re.search(r"^step \d+/120 ", out, re.M)
+    psnr = float(re.search(r"held-out PSNR ([\d.]+) dB over 3 views", out).group(1))
+    assert psnr > 15.0                                # 120 steps on 9 tiny views: well past empty (~11 dB)
+    doc = json.loads((root / "run" / "run.json").read_text())
+    assert doc["meta"]["steps"] == 120 and doc["meta"]["width"] == 32
+    assert np.allclose(doc["aabb"], synthetic.aabb())
+    assert (root / "run" / "model.pt").is_file()
+
+
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_render_names_sizes_and_alpha(run):
+    root, _ = run
+    cams = json.loads((root / "data" / "transforms.json").read_text())
+    frames = cams["frames"]
+    k = synthetic.camera_rig(1, 24)[0][0]
+    doc = {"camera_angle_x": cams["camera_angle_x"], "frames": [
+        {**frames[0], "file_path": "./elsewhere/r_100"},                               # no image: run's size
+        {**frames[1], "file_path": "novel/cam_a.png", "w": 24, "h": 20},               # declared size
+        {**frames[2], "file_path": "./images/r_2", "fl_x": k[0], "cx": 12.0, "cy": 10.0,
+         "w": 24, "h": 20},                                                          # per-frame intrinsics
+        {**frames[3]},                                                                  # existing image: its size
+    ]}
+    (root / "data" / "novel.json").write_text(json.dumps(doc))
+    backend("render", root / "run", "--cameras", root / "data" / "novel.json", "--out", root / "renders")
+    sizes = {p.name: Image.open(p).size for p in (root / "renders").iterdir()}
+    assert sizes == {"r_100.png": (32, 32), "cam_a.png": (24, 20), "r_2.png": (24, 20), "r_3.png": (32, 32)}
+    img = np.asarray(Image.open(root / "renders" / "r_3.png"))
+    assert img.shape == (32, 32, 4) and img.dtype == np.uint8
+    gt = np.asarray(Image.open(root / "data" / "images" / "r_3.png"))
+    # alpha is the field's opacity: transparent corners, opaque where the spheres are
+    assert img[0, 0, 3] < 30 and img[..., 3][gt[..., 3] == 255].mean() > 200
+
+
+@pytest.mark.parametrize("suffix, reader", [(".ply", read_ply), (".glb", read_glb)])
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_mesh_files_in_world_frame(run, suffix, reader):
+    root, _ = run
+    out = root / f"mesh{suffix}"
+    backend("mesh", root / "run", "--out", out, "--resolution", 48)
+    verts, faces, colors = reader(out)
+    assert len(faces) > 100 and faces.max() < len(verts)
+    lo = np.min([s.center - s.radius for s in synthetic.spheres()], axis=0)
+    hi = np.max([s.center + s.radius for s in synthetic.spheres()], axis=0)
+    assert np.allclose(verts.min(0), lo, atol=0.6) and np.allclose(verts.max(0), hi, atol=0.6)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "backend", "fit", tmp_path, "--out", tmp_path / "run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "transforms" in proc.stderr

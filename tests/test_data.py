@@ -1,0 +1,148 @@
+"""Datasets: transforms.json variants, box estimation, hold-out splits, wire submits, ray batches."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.data import (PosedImages, RaySampler, camera_rays, estimate_aabb, from_submit, holdout_indices,
+                          load_transforms, split_holdout)
+from shared import cameras, protocol
+
+
+def _rig(n=6, size=(20, 16), fov=0.8, center=(1.0, 2.0, 3.0), radius=5.0):
+    pos = cameras.ring_positions(center, radius, n)
+    poses = np.stack([cameras.look_at(p, center) for p in pos])
+    return poses, cameras.intrinsics_from_fov(fov, *size)
+
+
+def _write_images(folder, n, size, mode="RGBA", ext=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        channels = 4 if mode == "RGBA" else 3
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8), mode).save(
+            folder / f"img_{i}{ext}")
+
+
+def test_camera_rays_match_shared_pixel_rays():
+    poses, k = _rig()
+    o_ref, d_ref = cameras.pixel_rays(k, poses[2], 20, 16)
+    v, u = np.meshgrid(np.arange(16) + 0.5, np.arange(20) + 0.5, indexing="ij")
+    n = u.size
+    o, d = camera_rays(torch.tensor(k, dtype=torch.float32).expand(n, 4),
+                       torch.tensor(poses[2], dtype=torch.float32).expand(n, 4, 4),
+                       torch.tensor(u.ravel(), dtype=torch.float32), torch.tensor(v.ravel(), dtype=torch.float32))
+    assert np.allclose(o.numpy(), o_ref.reshape(-1, 3), atol=1e-5)
+    assert np.allclose(d.numpy(), d_ref.reshape(-1, 3), atol=1e-5)
+
+
+def test_load_nerf_synthetic_layout(tmp_path):
+    poses, _ = _rig()
+    _write_images(tmp_path / "train", 6, (20, 16))
+    doc = {"camera_angle_x": 0.8,
+           "frames": [{"file_path": f"./train/img_{i}", "transform_matrix": p.tolist()} for i, p in enumerate(poses)]}
+    (tmp_path / "transforms_train.json").write_text(json.dumps(doc))
+    data = load_transforms(tmp_path)
+    assert data.images.shape == (6, 16, 20, 4) and data.images.dtype == np.uint8
+    assert data.names == [f"img_{i}" for i in range(6)]
+    fx = 0.5 * 20 / math.tan(0.4)
+    assert np.allclose(data.intrinsics, [fx, fx, 10.0, 8.0])
+    assert np.allclose(data.poses, poses)
+    # the box is estimated: centred on what the cameras look at
+    assert np.allclose(data.aabb.mean(0), [1.0, 2.0, 3.0], atol=1e-6)
+
+
+def test_load_per_frame_intrinsics_extensions_rgb_and_aabb(tmp_path):
+    poses, _ = _rig(n=3, size=(12, 10))
+    _write_images(tmp_path / "imgs", 3, (12, 10), mode="RGB", ext=".jpg")
+    frames = []
+    for i, p in enumerate(poses):
+        frames.append({"file_path": f"imgs/img_{i}.jpg", "transform_matrix": p.tolist(),
+                       "fl_x": 30.0 + i, "fl_y": 31.0, "cx": 5.5, "cy": 4.5, "w": 24, "h": 20})
+    (tmp_path / "transforms.json").write_text(json.dumps({"frames": frames, "aabb": [[-1, -2, -3], [1, 2, 3]]}))
+    data = load_transforms(tmp_path / "transforms.json")
+    assert (data.images[..., 3] == 255).all()                     # RGB gets an opaque alpha
+    # written for 24x20, the images are 12x10: intrinsics follow the real size
+    assert np.allclose(data.intrinsics[1], [15.5, 15.5, 2.75, 2.25])
+    assert np.allclose(data.aabb, [[-1, -2, -3], [1, 2, 3]])
+    assert data.names == ["img_0", "img_1", "img_2"]
+
+
+def test_downscale(tmp_path):
+    poses, _ = _rig(n=2, size=(20, 16))
+    _write_images(tmp_path, 2, (20, 16))
+    doc = {"camera_angle_x": 0.8, "frames": [{"file_path": f"img_{i}", "transform_matrix": p.tolist()}
+                                             for i, p in enumerate(poses)]}
+    (tmp_path / "transforms.json").write_text(json.dumps(doc))
+    full, half = load_transforms(tmp_path), load_transforms(tmp_path, downscale=2)
+    assert half.images.shape == (2, 8, 10, 4)
+    assert np.allclose(half.intrinsics, full.intrinsics / 2)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="no transforms"):
+        load_transforms(tmp_path)
+    (tmp_path / "transforms.json").write_text(json.dumps({"frames": [{"file_path": "missing",
+                                                                       "transform_matrix": np.eye(4).tolist()}]}))
+    with pytest.raises(ValueError, match="not found"):
+        load_transforms(tmp_path)
+
+
+def test_estimate_aabb_on_a_ring():
+    center = np.array([0.5, -1.0, 2.0])
+    poses, k = _rig(n=8, size=(64, 48), fov=0.7, center=center, radius=4.0)
+    box = estimate_aabb(np.repeat(k[None], 8, 0), poses, 64, 48)
+    half = 4.0 * 0.5 * min(64 / k[0], 48 / k[1])                   # distance * tan(narrower half fov)
+    assert np.allclose(box, [center - half, center + half], atol=1e-6)
+    with pytest.raises(ValueError):
+        estimate_aabb(k[None], poses[:1], 64, 48)
+
+
+def test_holdout_every_kth():
+    train, held = holdout_indices(10, 4)
+    assert held.tolist() == [0, 4, 8] and train.tolist() == [1, 2, 3, 5, 6, 7, 9]
+    assert holdout_indices(5, 0)[1].size == 0
+    data = PosedImages(np.zeros((5, 2, 2, 4), np.uint8), np.tile([2.0, 2, 1, 1], (5, 1)),
+                       np.tile(np.eye(4), (5, 1, 1)), [[0, 0, 0], [1, 1, 1]], list("abcde"))
+    tr, te = split_holdout(data, 2)
+    assert tr.names == ["b", "d"] and te.names == ["a", "c", "e"]
+
+
+def test_posed_images_validation():
+    good = dict(images=np.zeros((2, 4, 4, 3), np.uint8), intrinsics=np.tile([2.0, 2, 2, 2], (2, 1)),
+                poses=np.tile(np.eye(4), (2, 1, 1)), aabb=[[0, 0, 0], [1, 1, 1]], names=["a", "b"])
+    assert PosedImages(**good).images.shape == (2, 4, 4, 4)
+    for key, bad in [("images", np.zeros((2, 4, 4), np.uint8)), ("intrinsics", np.zeros((2, 3))),
+                     ("aabb", [[0, 0, 0], [1, -1, 1]]), ("names", ["a"])]:
+        with pytest.raises(ValueError):
+            PosedImages(**{**good, key: bad})
+
+
+def test_from_submit():
+    poses, k = _rig(n=3)
+    msg = protocol.Submit(images=np.zeros((3, 16, 20, 3), np.uint8), intrinsics=np.repeat(k[None], 3, 0),
+                          poses=poses, aabb=np.array([[-1.0, -1, -1], [1, 1, 1]]), name="chair").validate()
+    data = from_submit(msg)
+    assert data.images.shape == (3, 16, 20, 4) and data.names == ["chair_0000", "chair_0001", "chair_0002"]
+
+
+def test_ray_sampler_colours_match_projected_pixels():
+    poses, k = _rig(n=4, size=(20, 16))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 16, 20, 4), dtype=np.uint8)
+    data = PosedImages(images, np.repeat(k[None], 4, 0), poses, [[0, 1, 2], [2, 3, 4]], list("abcd"))
+    torch.manual_seed(0)
+    o, d, rgba = RaySampler(data, "cpu").sample(64)
+    assert o.shape == d.shape == (64, 3) and rgba.shape == (64, 4)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(64))
+    # each ray must come from one of the cameras and go through the centre of a pixel of the
+    # same colour in that camera's image
+    for oi, di, ci in zip(o.numpy().astype(np.float64), d.numpy().astype(np.float64), rgba.numpy()):
+        cam = int(np.argmin(np.linalg.norm(poses[:, :3, 3] - oi, axis=1)))
+        uv, _ = cameras.project((oi + 2.0 * di)[None], k, poses[cam])
+        col, row = np.floor(uv[0]).astype(int)
+        assert np.allclose(uv[0] - np.floor(uv[0]), 0.5, atol=1e-3)
+        assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)

@@ -1,0 +1,168 @@
+"""Mesh extraction on analytic fields (world coordinates, winding, colours, floaters, cavities)
+and mesh files read back with small independent readers."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backend.export.mesh import extract_mesh, iso_level, srgb_to_linear, write_mesh
+from backend.model import FittedField
+from backend.occupancy import OccupancyGrid
+from backend.train import make_config
+
+AABB = np.array([[7.0, -7.0, -1.0], [13.0, -1.0, 5.0]])       # centre (10, -4, 2), half-size 3
+CENTER_N = torch.tensor([0.5 / 3.0, 0.0, 0.0])                 # sphere centre, normalised
+RADIUS_N = 0.6                                                 # normalised; 1.8 world
+SPHERE_CENTER = np.array([10.5, -4.0, 2.0])
+SPHERE_RADIUS = 1.8
+
+
+class AnalyticField(nn.Module):
+    """Density crossing the iso-level exactly on a sphere; red where x > centre, blue elsewhere.
+    Optionally a floater and an interior cavity."""
+
+    def __init__(self, floater=False, cavity=False):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.floater, self.cavity = floater, cavity
+
+    def density(self, x):
+        r = (x - CENTER_N).norm(dim=-1)
+        sigma = iso_level() * torch.exp(20.0 * (RADIUS_N - r))
+        if self.cavity:
+            sigma = torch.where(r < 0.3, torch.zeros_like(sigma), sigma)
+        if self.floater:
+            sigma = torch.where((x - torch.tensor([-0.8, -0.8, -0.8])).norm(dim=-1) < 0.04, 1e3, sigma)
+        return sigma
+
+    def forward(self, x, d):
+        red = (x[:, 0] > CENTER_N[0]).float()
+        rgb = torch.stack([red, torch.zeros_like(red), 1.0 - red], dim=-1)
+        return self.density(x), rgb
+
+
+def analytic_model(**kw):
+    cfg = make_config(preset="draft", device="cpu", march_steps=512)
+    return FittedField(AnalyticField(**kw), OccupancyGrid(16), AABB, cfg)
+
+
+def test_sphere_mesh_in_world_coordinates():
+    verts, faces, colors = extract_mesh(analytic_model(), resolution=64)
+    assert verts.dtype == np.float32 and faces.dtype == np.int32 and colors.dtype == np.float32
+    voxel = 6.0 / 63
+    dist = np.linalg.norm(verts - SPHERE_CENTER, axis=1)
+    assert np.abs(dist - SPHERE_RADIUS).max() < 0.25 * voxel
+    # counter-clockwise seen from outside: positive signed volume close to the sphere's
+    a, b, c = (verts[faces[:, i]].astype(np.float64) - SPHERE_CENTER for i in range(3))
+    volume = np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0
+    assert volume == pytest.approx(4 / 3 * np.pi * SPHERE_RADIUS ** 3, rel=0.02)
+    # colours follow the world side of the sphere (away from the seam at x = 10.5)
+    right, left = verts[:, 0] > 10.5 + voxel, verts[:, 0] < 10.5 - voxel
+    assert np.allclose(colors[right], [1, 0, 0], atol=0.05) and np.allclose(colors[left], [0, 0, 1], atol=0.05)
+
+
+def test_floaters_dropped_and_cavities_filled():
+    verts, _, _ = extract_mesh(analytic_model(floater=True, cavity=True), resolution=64)
+    dist = np.linalg.norm(verts - SPHERE_CENTER, axis=1)
+    assert np.abs(dist - SPHERE_RADIUS).max() < 0.25 * 6.0 / 63      # only the outer surface is left
+
+
+def test_empty_field_gives_empty_mesh():
+    model = analytic_model()
+    model.field.density = lambda x: torch.zeros(x.shape[0])
+    verts, faces, colors = extract_mesh(model, resolution=16)
+    assert verts.shape == (0, 3) and faces.shape == (0, 3) and colors.shape == (0, 3)
+
+
+# ---- files ----------------------------------------------------------------------------------
+TETRA_V = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32) + np.array([5, -3, 2], np.float32)
+TETRA_F = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+TETRA_C = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.25, 0.75]], np.float32)
+
+
+def read_ply(path):
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    assert header[:2] == ["ply", "format binary_little_endian 1.0"]
+    nv = int(next(h for h in header if h.startswith("element vertex")).split()[-1])
+    nf = int(next(h for h in header if h.startswith("element face")).split()[-1])
+    v = np.frombuffer(data, dtype=[("p", "<f4", 3), ("c", "u1", 3)], count=nv, offset=end)
+    f = np.frombuffer(data, dtype=[("n", "u1"), ("i", "<i4", 3)], count=nf, offset=end + v.nbytes)
+    assert (f["n"] == 3).all() and end + v.nbytes + f.nbytes == len(data)
+    return v["p"], f["i"], v["c"]
+
+
+def read_obj(path):
+    v, f = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("v "):
+            v.append([float(t) for t in line.split()[1:]])
+        elif line.startswith("f "):
+            f.append([int(t) - 1 for t in line.split()[1:]])
+    v = np.array(v)
+    return v[:, :3], np.array(f), v[:, 3:]
+
+
+def read_glb(path):
+    """Parse a GLB, checking the container and the glTF structure; returns world-frame arrays."""
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<III", data, 0)
+    assert (magic, version, length) == (0x46546C67, 2, len(data))
+    jlen, jtype = struct.unpack_from("<II", data, 12)
+    assert jtype == 0x4E4F534A and jlen % 4 == 0
+    doc = json.loads(data[20:20 + jlen])
+    blen, btype = struct.unpack_from("<II", data, 20 + jlen)
+    assert btype == 0x004E4942 and blen % 4 == 0 and 28 + jlen + blen == len(data)
+    binary = data[28 + jlen:28 + jlen + blen]
+    assert doc["asset"]["version"] == "2.0" and doc["buffers"][0]["byteLength"] <= blen
+    prim = doc["meshes"][doc["nodes"][doc["scenes"][doc["scene"]]["nodes"][0]]["mesh"]]["primitives"][0]
+    assert prim.get("mode", 4) == 4 and "pbrMetallicRoughness" in doc["materials"][prim["material"]]
+
+    def accessor(i):
+        acc = doc["accessors"][i]
+        view = doc["bufferViews"][acc["bufferView"]]
+        assert view["byteOffset"] % 4 == 0
+        assert view["byteOffset"] + view["byteLength"] <= doc["buffers"][0]["byteLength"]
+        dtype = {5126: "<f4", 5125: "<u4"}[acc["componentType"]]
+        width = {"VEC3": 3, "SCALAR": 1}[acc["type"]]
+        arr = np.frombuffer(binary, dtype, acc["count"] * width, view["byteOffset"]).reshape(acc["count"], width)
+        if "min" in acc:
+            assert np.allclose(arr.min(0), acc["min"]) and np.allclose(arr.max(0), acc["max"])
+        return arr
+
+    pos = accessor(prim["attributes"]["POSITION"])
+    col = accessor(prim["attributes"]["COLOR_0"])
+    idx = accessor(prim["indices"]).reshape(-1, 3)
+    world = np.stack([pos[:, 0], -pos[:, 2], pos[:, 1]], axis=1)      # glTF +Y up -> Z up
+    return world, idx, col
+
+
+def test_ply_roundtrip(tmp_path):
+    v, f, c = read_ply(write_mesh(tmp_path / "m.ply", TETRA_V, TETRA_F, TETRA_C))
+    assert np.array_equal(v, TETRA_V) and np.array_equal(f, TETRA_F)
+    assert np.array_equal(c, (TETRA_C * 255 + 0.5).astype(np.uint8))
+
+
+def test_obj_roundtrip(tmp_path):
+    v, f, c = read_obj(write_mesh(tmp_path / "m.obj", TETRA_V, TETRA_F, TETRA_C))
+    assert np.allclose(v, TETRA_V, atol=1e-5) and np.array_equal(f, TETRA_F) and np.allclose(c, TETRA_C, atol=1e-4)
+
+
+def test_glb_roundtrip(tmp_path):
+    v, f, c = read_glb(write_mesh(tmp_path / "m.glb", TETRA_V, TETRA_F, TETRA_C))
+    assert np.allclose(v, TETRA_V) and np.array_equal(f, TETRA_F)
+    assert np.allclose(c, srgb_to_linear(TETRA_C))                   # glTF colours are linear
+    assert srgb_to_linear(np.array([0.5]))[0] == pytest.approx(0.21404, abs=1e-4)
+
+
+def test_write_mesh_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown mesh format"):
+        write_mesh(tmp_path / "m.stl", TETRA_V, TETRA_F, TETRA_C)
+    with pytest.raises(ValueError, match="face indices"):
+        write_mesh(tmp_path / "m.ply", TETRA_V, TETRA_F + 1, TETRA_C)
+    with pytest.raises(ValueError, match="empty"):
+        write_mesh(tmp_path / "m.glb", TETRA_V[:0], TETRA_F[:0], TETRA_C[:0])
