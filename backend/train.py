@@ -70,6 +70,7 @@ class FitConfig:
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
     # misc
     render_chunk: int = 1 << 18     # rays per chunk when rendering
+    tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     progress_interval: float = 0.25  # seconds between progress callbacks
 
     @classmethod
@@ -168,6 +169,8 @@ class Trainer:
 
     def __init__(self, data: PosedImages, cfg: FitConfig):
         self.cfg, self.device = cfg, pick_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
         field = build_field(cfg).to(self.device)
         occupancy = build_occupancy(cfg).to(self.device)
         meta = {"width": data.width, "height": data.height, "views": len(data)}
@@ -234,6 +237,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
     start = time.perf_counter()
     last_progress = last_preview = -math.inf
     sums, count, mse_last, step = None, 0, None, 0      # (loss, mse) summed on the device
+    samples, first_step_s = 0, None
     while True:
         elapsed = time.perf_counter() - start
         fraction = step / cfg.steps
@@ -252,11 +256,15 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
         if cb.should_stop():
             raise Cancelled(step, model)
         trainer.update_step(step, fraction)
-        loss, mse, _ = trainer.step()
+        loss, mse, n = trainer.step()
+        samples += n
+        if first_step_s is None:  # includes one-time costs: kernel compilation, allocator warm-up
+            first_step_s = time.perf_counter() - start
         sums = torch.stack([loss, mse]) if sums is None else sums + torch.stack([loss, mse])
         count += 1
         step += 1
-    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3),
+    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": samples,
+                       "first_step_s": round(first_step_s or 0.0, 3),
                        "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
     model.field.eval()
     return model

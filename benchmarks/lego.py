@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
             "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),
             "samples_per_s": round(samples / max(train_s, 1e-9)) if samples else None,
-            "warmup_s": model.meta.get("warmup_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
+            "warmup_s": model.meta.get("first_step_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
             "train_psnr": model.meta.get("train_psnr"),
         }

@@ -163,5 +163,13 @@ class HashGrid(nn.Module):
     def out_dim(self) -> int:
         return self.levels * self.features
 
+    #: Use the fused Triton kernels on CUDA tensors (set False to force the PyTorch path).
+    use_triton: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and not x.requires_grad and x.is_cuda and self.features <= 2:
+            from . import hashgrid_triton
+            if hashgrid_triton.AVAILABLE:
+                return hashgrid_triton.hashgrid_encode_triton(x, self.table, self.resolutions,
+                                                              self.offsets, self.dense)
         return hashgrid_encode(x, self.table, self.resolutions, self.offsets, self.dense, self.n_dense)
