@@ -291,7 +291,9 @@ def from_submit(msg: Any) -> PosedImages:
     """PosedImages from a validated :class:`shared.protocol.Submit`."""
     n = msg.images.shape[0]
     stem = msg.name or "view"
-    return PosedImages(np.ascontiguousarray(msg.images), msg.intrinsics, msg.poses, msg.aabb,
+    # A copy: the received arrays are read-only views of ZeroMQ frames, which then need not
+    # stay alive for the whole job.
+    return PosedImages(np.array(msg.images, copy=True), msg.intrinsics, msg.poses, msg.aabb,
                        [f"{stem}_{i:04d}" for i in range(n)])
 
 

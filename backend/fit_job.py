@@ -23,13 +23,13 @@ _torch_configured = False
 
 
 def configure_torch() -> None:
-    """Leave one core to the server loop and ZeroMQ's I/O thread (set once per process)."""
+    """Use every core: the server loop mostly sleeps in poll() (set once per process)."""
     global _torch_configured
     if _torch_configured:
         return
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(os.cpu_count() or 1)
     _torch_configured = True
 
 

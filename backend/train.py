@@ -22,6 +22,7 @@ from .model import FittedField, build_field, build_occupancy, pick_device
 METHODS = ("nerf",)
 PRESETS = ("draft", "standard", "high")
 LOSSES = ("mse", "smooth_l1")
+PREVIEW_SHARE = 0.1     # most of the wall time previews may take; the interval grows to keep it
 
 
 @dataclass
@@ -236,6 +237,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
 
     start = time.perf_counter()
     last_progress = last_preview = -math.inf
+    preview_every = cfg.preview_interval
     sums, count, mse_last, step = None, 0, None, 0      # (loss, mse) summed on the device
     samples, first_step_s = 0, None
     while True:
@@ -248,9 +250,12 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
             loss, mse_last = (sums / count).tolist()
             sums, count, last_progress = None, 0, elapsed
             cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
-        if preview_cam is not None and (done or elapsed - last_preview >= cfg.preview_interval):
-            last_preview = elapsed
+        if preview_cam is not None and (done or elapsed - last_preview >= preview_every):
+            t_preview = time.perf_counter()
             cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
+            last_preview = time.perf_counter() - start
+            # Previews may take at most PREVIEW_SHARE of the wall time (slow devices: CPUs).
+            preview_every = max(cfg.preview_interval, (last_preview - elapsed) / PREVIEW_SHARE)
         if done:
             break
         if cb.should_stop():

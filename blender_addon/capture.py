@@ -19,7 +19,7 @@ from .importer import ensure_collection
 CAMERA_COLLECTION = "Implicit Cameras"
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES", "POINTCLOUD", "VOLUME"}
 RING_DISTANCE = 3.0       # ring radius, in radii of the object's bounding sphere
-RING_FILL = 0.9           # fraction of the narrower field of view the bounding sphere spans
+RING_FILL = 0.9           # fraction of the half-frame the selection's box spans in the ring's views
 AABB_PADDING = 0.1        # of the box's longest side, on every side
 
 
@@ -110,6 +110,30 @@ def world_bbox(objects, depsgraph) -> np.ndarray:
     return np.stack([pts.min(axis=0), pts.max(axis=0)])
 
 
+def world_points(objects, depsgraph, limit: int = 20000) -> np.ndarray:
+    """(P, 3) float64 world positions of the evaluated vertices of ``objects`` (at most about
+    ``limit``, evenly strided), or their bounding-box corners for objects without a mesh."""
+    parts = []
+    for ob in objects:
+        ev = ob.evaluated_get(depsgraph)
+        m = np.array(ev.matrix_world, dtype=np.float64)
+        try:
+            mesh = ev.to_mesh()
+        except RuntimeError:
+            mesh = None
+        if mesh is not None and len(mesh.vertices):
+            co = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+            mesh.vertices.foreach_get("co", co)
+            local = co.reshape(-1, 3).astype(np.float64)
+        else:
+            local = np.array([tuple(c) for c in ev.bound_box], dtype=np.float64).reshape(-1, 3)
+        if mesh is not None:
+            ev.to_mesh_clear()
+        local = local[:: max(1, len(local) * len(objects) // limit)]
+        parts.append(local @ m[:3, :3].T + m[:3, 3])
+    return np.concatenate(parts) if parts else np.zeros((0, 3))
+
+
 def padded_aabb(bbox: np.ndarray, padding: float = AABB_PADDING) -> np.ndarray:
     """Grow a (2, 3) box by ``padding`` times its longest side on every side (never flat)."""
     bbox = np.asarray(bbox, dtype=np.float64)
@@ -120,15 +144,29 @@ def padded_aabb(bbox: np.ndarray, padding: float = AABB_PADDING) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Ring of cameras around the selection
 # --------------------------------------------------------------------------------------------
-def ring_lens(scene, sensor_width: float, sensor_height: float, distance: float, radius: float) -> float:
-    """Focal length (mm) for which a sphere of ``radius`` at ``distance`` spans RING_FILL of the
-    narrower field of view of a centred camera rendering at the scene's resolution."""
+def ring_lens(scene, sensor_width: float, sensor_height: float, distance: float, radius: float,
+              poses: list | None = None, points: np.ndarray | None = None) -> float:
+    """Focal length (mm) of the ring cameras (scene resolution, centred, AUTO sensor fit).
+
+    With ``poses`` (camera-to-world) and ``points`` (P, 3) world: every point seen from every
+    pose lies within RING_FILL of the half-frame, so the object fills the views.
+    Otherwise: a sphere of ``radius`` at ``distance`` spans RING_FILL of the narrower view.
+    """
     probe = blender_camera_like(scene, lens=1.0, sensor_width=sensor_width, sensor_height=sensor_height)
     fx, fy, cx, cy = cameras.blender_intrinsics(probe)
     w, h = cameras.image_size(probe)
-    tan_half_fov_at_1mm = min(0.5 * w / fx, 0.5 * h / fy)
-    tan_target = math.tan(math.asin(min(radius / distance, 0.999))) / RING_FILL
-    return tan_half_fov_at_1mm / tan_target
+    tan_x, tan_y = 0.5 * w / fx, 0.5 * h / fy               # half-frame tangents at 1 mm
+    if poses is None or points is None or not len(points):
+        tan_target = math.tan(math.asin(min(radius / distance, 0.999))) / RING_FILL
+        return min(tan_x, tan_y) / tan_target
+    corners = np.asarray(points, dtype=np.float64)
+    need = 0.0                                               # largest tangent / half-frame tangent
+    for c2w in poses:
+        local = (corners - c2w[:3, 3]) @ c2w[:3, :3]        # camera frame: looks down -Z
+        depth = np.maximum(-local[:, 2], 1e-6)
+        need = max(need, float(np.max(np.abs(local[:, 0]) / depth)) / tan_x,
+                   float(np.max(np.abs(local[:, 1]) / depth)) / tan_y)
+    return RING_FILL / max(need, 1e-9)
 
 
 def blender_camera_like(scene, **overrides) -> "cameras.BlenderCamera":
@@ -141,23 +179,31 @@ def blender_camera_like(scene, **overrides) -> "cameras.BlenderCamera":
     return cameras.BlenderCamera(**values)
 
 
-def make_ring_cameras(scene, bbox: np.ndarray, count: int, collection_name: str = CAMERA_COLLECTION) -> list:
-    """``count`` perspective cameras on rings around the box centre, all looking at it."""
+def make_ring_cameras(scene, bbox: np.ndarray, count: int, collection_name: str = CAMERA_COLLECTION,
+                      points: np.ndarray | None = None) -> list:
+    """``count`` perspective cameras on rings around the box centre, all looking at it; one lens
+    for all, chosen so that ``points`` (default: the box corners) fill the views."""
+    if points is None:
+        points = np.array([[bbox[i][0], bbox[j][1], bbox[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     bbox = np.asarray(bbox, dtype=np.float64)
     center = 0.5 * (bbox[0] + bbox[1])
     radius = max(0.5 * float(np.linalg.norm(bbox[1] - bbox[0])), 1e-3)
     distance = RING_DISTANCE * radius
     coll = ensure_collection(scene, collection_name)
     created = []
-    for i, eye in enumerate(cameras.ring_positions(center, distance, count)):
+    poses = [cameras.look_at(eye, center) for eye in cameras.ring_positions(center, distance, count)]
+    lens = None
+    for i, c2w in enumerate(poses):
         data = bpy.data.cameras.new(f"Implicit Camera {i:03d}")
         data.type = "PERSP"
         data.sensor_fit = "AUTO"
-        data.lens = ring_lens(scene, data.sensor_width, data.sensor_height, distance, radius)
+        if lens is None:
+            lens = ring_lens(scene, data.sensor_width, data.sensor_height, distance, radius, poses, points)
+        data.lens = lens
         data.clip_start = max(distance - 2.0 * radius, distance * 1e-3) * 0.5
         data.clip_end = (distance + 2.0 * radius) * 2.0
         ob = bpy.data.objects.new(data.name, data)
-        ob.matrix_world = Matrix(cameras.look_at(eye, center).tolist())
+        ob.matrix_world = Matrix(c2w.tolist())
         coll.objects.link(ob)
         created.append(ob)
     return created
@@ -217,7 +263,8 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     bbox = padded_aabb(world_bbox(targets, depsgraph))
     created = not cams
     if created:   # the last step: nothing above may fail after the scene was changed
-        cams = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count)
+        cams = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count,
+                                 points=world_points(selected, depsgraph))
         view_layer.update()
     k, p = camera_arrays(cams, scene)
     ek, ep = camera_arrays(eval_cams, scene)
