@@ -149,17 +149,20 @@ def save_compare(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
     """Side-by-side RGBA panels composited on white, with a caption strip under each."""
     from PIL import Image, ImageDraw
 
-    h = max(p.shape[0] for _, p in panels)
-    w = sum(p.shape[1] for _, p in panels)
+    zoom = max(1, 256 // max(p.shape[0] for _, p in panels))     # small renders: enlarge, no smoothing
+    h = zoom * max(p.shape[0] for _, p in panels)
+    w = zoom * sum(p.shape[1] for _, p in panels)
     canvas = Image.new("RGB", (w, h + 18), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = 0
     for title, rgba in panels:
         a = rgba[..., 3:4].astype(np.float32) / 255.0
         rgb = (rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
-        canvas.paste(Image.fromarray(rgb), (x, 0))
+        img = Image.fromarray(rgb)
+        img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+        canvas.paste(img, (x, 0))
         draw.text((x + 4, h + 3), title, fill=(0, 0, 0))
-        x += rgba.shape[1]
+        x += img.width
     canvas.save(path)
 
 
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
         src_v, src_f = mesh_world_arrays(source, bpy.context.evaluated_depsgraph_get())
         center = 0.5 * (src_v.min(0) + src_v.max(0))
         diag = float(np.linalg.norm(src_v.max(0) - src_v.min(0)))
-        heldout = add_heldout_camera(scene, center, distance=2.2 * diag)
+        heldout = add_heldout_camera(scene, center, distance=1.45 * diag)
         timings["scene"] = time.perf_counter() - t
 
         print(f"fitting through the add-on (backend {address}) ...", flush=True)
@@ -202,6 +205,8 @@ def main(argv=None) -> int:
         timings.update({f"fit_{k}": v for k, v in result.timings.items()})
 
         t = time.perf_counter()
+        if result.object is None:
+            raise SystemExit(f"the fit came back without a mesh: {result.message} (summary {result.summary})")
         truth = result.eval_reference[0]
         field = result.renders[0]
         mesh_view = render_mesh_view(scene, heldout, source, result.object, args.out / "mesh_view.png")
