@@ -36,6 +36,10 @@ class OccupancyGrid(nn.Module):
     def occupied_fraction(self) -> float:
         return float(self.mask.float().mean())
 
+    def march_bits(self) -> tuple[torch.Tensor, int]:
+        """(R^3,) uint8 view of the occupancy bits and the resolution, for fused ray marchers."""
+        return self.mask.view(torch.uint8), self.resolution
+
     def cell_index(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat cell index of points, and whether they are inside the cube.
 

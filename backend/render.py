@@ -21,6 +21,19 @@ from typing import Callable
 
 import torch
 
+try:  # Triton is optional: the CPU build of PyTorch ships without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - machines without Triton
+    triton = None
+    tl = None
+
+# Training on CUDA marches rays with a Triton kernel that emits only the candidates inside
+# occupied cells, packed ray after ray, instead of a dense (rays x candidates) grid; it needs the
+# occupancy bits, which it takes from ``occupied_fn.__self__.march_bits()`` (OccupancyGrid).
+# False forces the dense path everywhere (for comparisons).
+PACKED = True
+
 FieldFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 OccupiedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -105,6 +118,115 @@ def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far):
     return dense, rgb, mask, ray
 
 
+if triton is not None:
+
+    @triton.jit
+    def _march_kernel(o_ptr, d_ptr, tn_ptr, tf_ptr, j_ptr, occ_ptr, start_ptr, count_ptr,
+                      t_out, x_out, ray_out, step, n_cand, res,
+                      WRITE: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per ray: candidates t = t_near + (k + jitter) * step, k < n_cand, kept where
+        # t < t_far and the point lies in an occupied cell.  WRITE=False counts them; WRITE=True
+        # stores them at start[ray] onwards, in order of k.
+        r = tl.program_id(0)
+        ox = tl.load(o_ptr + 3 * r)
+        oy = tl.load(o_ptr + 3 * r + 1)
+        oz = tl.load(o_ptr + 3 * r + 2)
+        dx = tl.load(d_ptr + 3 * r)
+        dy = tl.load(d_ptr + 3 * r + 1)
+        dz = tl.load(d_ptr + 3 * r + 2)
+        tn = tl.load(tn_ptr + r)
+        tf = tl.load(tf_ptr + r)
+        jit = tl.load(j_ptr + r)
+        base = 0
+        if WRITE:
+            base = tl.load(start_ptr + r)
+        n = 0
+        half = 0.5 * res
+        for k0 in range(0, n_cand, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            t = tn + (k.to(tl.float32) + jit) * step
+            valid = (k < n_cand) & (t < tf)
+            x = ox + t * dx
+            y = oy + t * dy
+            z = oz + t * dz
+            gx = tl.floor((x + 1.0) * half).to(tl.int32)
+            gy = tl.floor((y + 1.0) * half).to(tl.int32)
+            gz = tl.floor((z + 1.0) * half).to(tl.int32)
+            inside = (gx >= 0) & (gx < res) & (gy >= 0) & (gy < res) & (gz >= 0) & (gz < res)
+            valid = valid & inside
+            idx = gx + res * (gy + res * gz)
+            occ = tl.load(occ_ptr + idx, mask=valid, other=0)
+            keep = valid & (occ != 0)
+            ki = keep.to(tl.int32)
+            if WRITE:
+                pos = (base + n + tl.cumsum(ki, 0) - 1).to(tl.int64)
+                tl.store(t_out + pos, t, mask=keep)
+                tl.store(x_out + 3 * pos, x, mask=keep)
+                tl.store(x_out + 3 * pos + 1, y, mask=keep)
+                tl.store(x_out + 3 * pos + 2, z, mask=keep)
+                tl.store(ray_out + pos, r, mask=keep)
+            n += tl.sum(ki, 0)
+        if not WRITE:
+            tl.store(count_ptr + r, n)
+
+
+def march_packed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
+                 offset: torch.Tensor, step: float, count: int, bits: torch.Tensor, resolution: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates of :func:`sample_grid` (k < count) that lie before t_far and in occupied
+    cells, packed ray after ray (CUDA, Triton).
+
+    Args:
+        origins, dirs: (R, 3) float32.  t_near, t_far: (R,) float32.  offset: (R,) float32 jitter.
+        bits: (res^3,) uint8 occupancy, x fastest, over [-1, 1]^3.
+    Returns:
+        t (M,) float32, x (M, 3) float32 positions, ray (M,) int64 ray ids (non-decreasing),
+        counts (R,) int64 samples per ray.
+    """
+    r = origins.shape[0]
+    dev = origins.device
+    o, d = origins.contiguous(), dirs.contiguous()
+    tn, tf, j = t_near.contiguous(), t_far.contiguous(), offset.reshape(-1).contiguous().float()
+    counts = torch.empty(r, dtype=torch.int32, device=dev)
+    block = 256 if count > 128 else 128
+    _march_kernel[(r,)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step), int(count),
+                        int(resolution), WRITE=False, BLOCK=block, num_warps=4)
+    ends = counts.cumsum(0)
+    m = int(ends[-1]) if r else 0
+    starts = (ends - counts).to(torch.int32)
+    t = torch.empty(m, dtype=torch.float32, device=dev)
+    x = torch.empty(m, 3, dtype=torch.float32, device=dev)
+    ray = torch.empty(m, dtype=torch.int32, device=dev)
+    if m:
+        _march_kernel[(r,)](o, d, tn, tf, j, bits, starts, counts, t, x, ray, float(step), int(count),
+                            int(resolution), WRITE=True, BLOCK=block, num_warps=4)
+    return t, x, ray.long(), counts.long()
+
+
+def composite_packed(sigmas: torch.Tensor, deltas: float | torch.Tensor, ray: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
+    """Compositing weights of packed samples (those of each ray contiguous, in order).
+
+    Args:
+        sigmas: (M,) float32.  deltas: number or (M,) float32.  ray: (M,) int64 ray ids.
+        counts: (R,) int64 samples per ray (sum M).
+    Returns:
+        weights (M,) float32, as :func:`composite` gives for each ray.
+    """
+    tau = sigmas * deltas
+    total = torch.cumsum(tau.double(), 0)       # float64: the sum runs over every ray of the batch
+    before = total - tau.double()
+    starts = (counts.cumsum(0) - counts).clamp(max=max(tau.shape[0] - 1, 0))
+    before = (before - before[starts][ray]).to(tau.dtype)
+    return torch.exp(-before) * (1.0 - torch.exp(-tau))
+
+
+def _march_bits(occupied_fn) -> tuple[torch.Tensor, int] | None:
+    owner = getattr(occupied_fn, "__self__", None)
+    bits = getattr(owner, "march_bits", None)
+    return bits() if callable(bits) else None
+
+
 def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tensor, dirs: torch.Tensor,
                 aabb: torch.Tensor, step: float, max_steps: int,
                 jitter: torch.Tensor | None = None) -> RayOutput:
@@ -123,6 +245,16 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
     zeros = origins.new_zeros(r)
     if r == 0 or span <= 0.0:
         return RayOutput(origins.new_zeros(r, 3), zeros, zeros, 0)
+    grid = _march_bits(occupied_fn) if PACKED and triton is not None and origins.is_cuda else None
+    if grid is not None:
+        offset = jitter if jitter is not None else origins.new_full((r, 1), 0.5)
+        t, x, ray, counts = march_packed(origins, dirs, t_near, t_far, offset, step, count, *grid)
+        if t.shape[0] == 0:
+            return RayOutput(origins.new_zeros(r, 3), zeros, zeros, 0)
+        sig, rgb = field_fn(x, dirs[ray])
+        w = composite_packed(sig.to(t.dtype), step, ray, counts)
+        color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
+        return RayOutput(color, zeros.index_add(0, ray, w), zeros.index_add(0, ray, w * t), int(t.shape[0]))
     t = sample_grid(t_near, step, 0, count, 0.5 if jitter is None else jitter)
     sigma, rgb, mask, ray = _query(field_fn, occupied_fn, origins, dirs, t, t_far)
     weights, _ = composite(sigma, step)

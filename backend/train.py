@@ -71,6 +71,7 @@ class FitConfig:
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
     # misc
     render_chunk: int = 1 << 18     # rays per chunk when rendering
+    fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     progress_interval: float = 0.25  # seconds between progress callbacks
 
@@ -104,8 +105,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
                   occupancy_resolution=64, occupancy_every=16, occupancy_warmup=64, lr_final=0.1,
                   batch_rays=1024, target_samples=1 << 15, max_rays=1 << 13, mesh_resolution=128,
                   render_chunk=1 << 14),
-    # instant-ngp's settings for the NeRF synthetic scenes.
-    "standard": dict(steps=20000),
+    # instant-ngp's settings for the NeRF synthetic scenes, except (measured on lego, H100, 60 s;
+    # docs/benchmarks.md): 2^20-row tables (+0.2 dB) and 2^19 samples a step (+0.4 dB: a step is
+    # launch-bound, so twice the samples cost 1.3x the time); renders in chunks of 2^16 rays so
+    # that evaluating a young field (many occupied cells) stays well under 4 GB.
+    "standard": dict(steps=20000, log2_table=20, target_samples=1 << 19, render_chunk=1 << 16),
     "high": dict(steps=40000, log2_table=20, mesh_resolution=512),
 }
 
@@ -181,7 +185,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam([
             {"params": groups["grid"], "lr": cfg.grid_lr, "eps": cfg.grid_eps, "weight_decay": 0.0},
             {"params": groups["mlp"], "lr": cfg.mlp_lr, "eps": cfg.mlp_eps, "weight_decay": cfg.mlp_weight_decay},
-        ], betas=(0.9, 0.99))
+        ], betas=(0.9, 0.99), fused=self.device.type == "cuda" and cfg.fused_adam)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.rays = cfg.batch_rays
 

@@ -55,9 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--downscale", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--dense-march", action="store_true", help="dense (rays x candidates) sampling path")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lego.json"))
     args = ap.parse_args(argv)
 
+    if args.dense_march:
+        from backend import render
+        render.PACKED = False
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
+        train_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         t1 = time.perf_counter()
         scores = evaluate(model, held)
         eval_s = time.perf_counter() - t1
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
             "samples_per_s": round(samples / max(train_s, 1e-9)) if samples else None,
             "warmup_s": model.meta.get("first_step_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
+            "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
             "train_psnr": model.meta.get("train_psnr"),
         }
         rows.append(row)
@@ -102,11 +108,12 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     print(f"\nlego on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
-    print(f"{'budget s':>8} {'PSNR dB':>8} {'steps':>7} {'steps/s':>8} {'Msamples/s':>10} {'peak GB':>8} {'warm-up s':>9}")
+    print(f"{'budget s':>8} {'PSNR dB':>8} {'steps':>7} {'steps/s':>8} {'Msamples/s':>10} {'peak GB':>8} {'train GB':>8} {'warm-up s':>9}")
     for r in rows:
         ms = f"{r['samples_per_s'] / 1e6:.1f}" if r["samples_per_s"] else "-"
         print(f"{r['budget_s']:>8g} {r['psnr']:>8.2f} {r['steps']:>7d} {r['steps_per_s']:>8.1f} {ms:>10} "
-              f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-':>8} {r['warmup_s'] or '-':>9}")
+              f"{r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '-':>8} "
+              f"{r['train_peak_mem_gb'] if r['train_peak_mem_gb'] is not None else '-':>8} {r['warmup_s'] or '-':>9}")
     return 0
 
 

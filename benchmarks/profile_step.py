@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="standard")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--triton-only", action="store_true", help="skip the plain PyTorch encoding variant")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = ap.parse_args(argv)
     defaults = make_config(device="cpu")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     train, _ = split_holdout(load_transforms(args.data), 8)
     cfg = make_config("nerf", args.preset, device="cuda", steps=20000, preview_size=0, **overrides)
 
-    for use_triton in (False, True):
+    for use_triton in ((True,) if args.triton_only else (False, True)):
         HashGrid.use_triton = use_triton
         torch.manual_seed(0)
         trainer = Trainer(train, cfg)

@@ -1,4 +1,4 @@
-"""The fused Triton hash-grid encoding agrees with the plain PyTorch reference.
+"""The Triton kernels (fused hash-grid encoding, packed ray marcher) agree with their PyTorch references.
 
 On a CUDA machine the kernels run on the GPU.  Elsewhere they run in Triton's interpreter
 (TRITON_INTERPRET=1, set in a subprocess because it must be set before Triton is imported), so
@@ -25,12 +25,12 @@ def _run(device: str, interpret: bool) -> str:
     return proc.stdout
 
 
-def test_triton_kernel_matches_reference_in_interpreter():
+def test_triton_kernels_match_references_in_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (it ships with CUDA builds of PyTorch)")
     assert "MISMATCH" not in _run("cpu", interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_kernel_matches_reference_on_gpu():
+def test_triton_kernels_match_references_on_gpu():
     assert "MISMATCH" not in _run("cuda", interpret=False)
