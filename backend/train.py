@@ -240,7 +240,8 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
     preview_cam = _preview_camera(data, cfg.preview_size)
 
     start = time.perf_counter()
-    last_progress = last_preview = -math.inf
+    last_progress = -math.inf
+    last_preview = -math.inf
     preview_every = cfg.preview_interval
     sums, count, mse_last, step = None, 0, None, 0      # (loss, mse) summed on the device
     samples, first_step_s = 0, None
@@ -254,8 +255,10 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
             loss, mse_last = (sums / count).tolist()
             sums, count, last_progress = None, 0, elapsed
             cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
-        if preview_cam is not None and (done or elapsed - last_preview >= preview_every):
-            t_preview = time.perf_counter()
+        # Previews wait for the occupancy grid's first update: before it every cell counts as
+        # occupied, so a render costs the whole box (tens of seconds on a CPU) to show fog.
+        warm = step > cfg.occupancy_warmup
+        if preview_cam is not None and (done or (warm and elapsed - last_preview >= preview_every)):
             cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
             last_preview = time.perf_counter() - start
             # Previews may take at most PREVIEW_SHARE of the wall time (slow devices: CPUs).
