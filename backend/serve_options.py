@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                         help="cancel the jobs of a client not heard from for this many seconds "
                              f"(0: never; default {DEFAULT_CLIENT_TIMEOUT:g})")
-    parser.add_argument("--insecure-allow-remote", action="store_true",
-                        help="allow a non-loopback --bind (UNENCRYPTED, UNAUTHENTICATED: anyone who can "
-                             "reach the port can run jobs on this machine)")
+    parser.add_argument("--curve", action="store_true",
+                        help="require CurveZMQ even on loopback (always required on any other address): "
+                             "encrypted, and only clients listed in authorized_keys are admitted")
+    parser.add_argument("--keys-dir", default=None,
+                        help="folder of the server's CurveZMQ key pair (generated on first run) and of "
+                             "authorized_keys, one client public key (Z85) per line "
+                             "(default: $FIT_IMPLICIT_KEYS_DIR, else ~/.config/fit_implicit/)")

@@ -6,9 +6,12 @@ job trains in the worker thread), then sends what the worker left in the outbox.
 is handled inside its own try/except: a bad or hostile message gets an Error reply and is
 logged; the server never stops serving because of one.
 
-Security: anyone who can reach the socket can make this machine run jobs and allocate memory,
-and there is no encryption yet (CurveZMQ comes later).  So only loopback (and ipc://) addresses
-are accepted unless ``--insecure-allow-remote`` is given.
+Security: anyone who can reach the socket can make this machine run jobs and allocate memory.
+Loopback (and ipc://) addresses are served without encryption.  Any other address requires
+CurveZMQ (see :mod:`backend.security`): the server's key pair is generated on first run, and
+only clients whose public key is in the allow-list ``authorized_keys`` are admitted (a ZAP
+handler checks every connection; refusals are logged).  Without a non-empty allow-list the
+backend refuses to start on such an address.  ``--curve`` turns CurveZMQ on for loopback too.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import zmq
 
 from shared import protocol, wire
 
-from . import __version__, serve_options
+from . import __version__, security, serve_options
 from .jobs import JobQueue, JobRunner, QueueFull, ShuttingDown
 from .outbox import Outbox
 from .serve_options import DEFAULT_BIND, add_arguments
@@ -51,7 +54,7 @@ class ServerConfig:
     device: str = "cpu"                       # resolved: "cpu", "cuda" or "cuda:N"
     max_queue: int = serve_options.DEFAULT_MAX_QUEUE        # jobs waiting behind the running one
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    allow_remote: bool = False                # --insecure-allow-remote
+    curve: security.CurveSetup | None = None  # CurveZMQ keys and allow-list (non-loopback or --curve)
     client_timeout: float = serve_options.DEFAULT_CLIENT_TIMEOUT  # cancel jobs of a client silent this long (0: never)
     shutdown_grace: float = 5.0               # seconds to let a running job stop on shutdown
     hwm: int = 1000                           # messages queued per peer and direction
@@ -68,8 +71,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
     Reads ``bind``, ``device`` and ``max_queue``; the other options are optional attributes.
     """
-    allow_remote = bool(getattr(args, "insecure_allow_remote", False))
-    bind = check_bind_address(getattr(args, "bind", None) or DEFAULT_BIND, allow_remote)
+    address = getattr(args, "bind", None) or DEFAULT_BIND
+    want_curve = bool(getattr(args, "curve", False)) or not is_local_address(address)
+    curve = None
+    if want_curve:
+        try:
+            curve = security.setup_server_curve(getattr(args, "keys_dir", None))
+        except (security.KeyError_, OSError) as exc:
+            raise ConfigError(f"refusing to listen on {address} without CurveZMQ: {exc}") from exc
+    bind = check_bind_address(address, curve=curve is not None)
     max_queue = getattr(args, "max_queue", None)
     max_queue = serve_options.DEFAULT_MAX_QUEUE if max_queue is None else int(max_queue)
     if max_queue < 1:
@@ -80,15 +90,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--max-message-mb must be at least 1")
     timeout = getattr(args, "client_timeout", None)
     return ServerConfig(bind=bind, device=resolve_device(getattr(args, "device", None)), max_queue=max_queue,
-                        max_message_bytes=max_bytes, allow_remote=allow_remote,
+                        max_message_bytes=max_bytes, curve=curve,
                         client_timeout=serve_options.DEFAULT_CLIENT_TIMEOUT if timeout is None
                         else max(0.0, float(timeout)))
 
 
-def check_bind_address(address: str, allow_remote: bool = False) -> str:
+def check_bind_address(address: str, curve: bool = False) -> str:
     """Validate a ZeroMQ bind address; returns it with port 0 written as ``*`` (a free port).
 
-    Only ``tcp://`` on a loopback host and ``ipc://`` are allowed unless ``allow_remote``.
+    Only ``tcp://`` on a loopback host and ``ipc://`` are allowed unless ``curve`` (CurveZMQ set up).
     """
     if address.startswith(("ipc://", "inproc://")):
         return address
@@ -97,13 +107,22 @@ def check_bind_address(address: str, allow_remote: bool = False) -> str:
     host, sep, port = address[len("tcp://"):].rpartition(":")
     if not sep or not host or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
         raise ConfigError(f"cannot listen on {address!r}: expected tcp://HOST:PORT with PORT in 0..65535")
-    if not allow_remote and not is_loopback(host):
+    if not curve and not is_loopback(host):
         raise ConfigError(
-            f"refusing to listen on {address}: only loopback addresses (127.0.0.1, ::1, localhost) are "
-            "allowed, because the connection is not encrypted or authenticated yet. To accept other "
-            "machines anyway, pass --insecure-allow-remote (anyone who can reach the port can run jobs here)."
+            f"refusing to listen on {address} without CurveZMQ: only loopback addresses (127.0.0.1, ::1, "
+            "localhost) are served unencrypted. To accept other machines, list their public keys in "
+            f"authorized_keys in the keys folder (--keys-dir, ${security.KEYS_DIR_ENV}, default "
+            "~/.config/fit_implicit/); the server's key pair is generated there on first run."
         )
     return f"tcp://{host}:*" if port in ("0", "*") else address
+
+
+def is_local_address(address: str) -> bool:
+    """ipc://, inproc:// and tcp:// on a loopback host (anything else needs CurveZMQ)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host, sep, _ = address.removeprefix("tcp://").rpartition(":")
+    return address.startswith("tcp://") and bool(sep) and is_loopback(host)
 
 
 def is_loopback(host: str) -> bool:
@@ -162,6 +181,8 @@ class Server:
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._auth = None
         self.endpoint = ""
         self._last_seen: dict[bytes, float] = {}
         self._handlers: dict[type, Callable[[bytes, Any], protocol.Message | None]] = {
@@ -175,6 +196,12 @@ class Server:
     def bind(self) -> str:
         """Create and bind the socket; returns the real endpoint (with the chosen port)."""
         sock = self._context.socket(zmq.ROUTER)
+        if self.config.curve is not None:
+            self._auth = security.start_authenticator(self._context, self.config.curve)
+            security.make_curve_server(sock, self.config.curve)
+            self._monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
@@ -185,6 +212,7 @@ class Server:
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError:
+            self._stop_security(sock)
             sock.close(linger=0)
             raise
         self._socket = sock
@@ -197,6 +225,8 @@ class Server:
             raise RuntimeError("call bind() before serve()")
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         next_check = time.monotonic() + 1.0
         try:
             while not stop.is_set():
@@ -216,14 +246,45 @@ class Server:
 
     def close(self) -> None:
         if self._socket is not None:
+            self._stop_security(self._socket)
             self._socket.close()
             self._socket = None
         if self._own_context:
             self._context.term()
 
+    def _stop_security(self, sock: zmq.Socket) -> None:
+        if self._monitor is not None:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def _log_refused_connections(self) -> None:
+        """Log CurveZMQ handshakes that failed (no CURVE, wrong server key, key not allowed)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        for _ in range(100):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reason = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (key not allowed)",
+                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CurveZMQ client or protocol error",
+                      }.get(event["event"], "handshake failed")
+            addr = event.get("endpoint", b"")
+            log.warning("refused a connection on %s: %s (code %s)",
+                        addr.decode(errors="replace") if isinstance(addr, bytes) else addr, reason, event["value"])
+
     # ---- one turn of the loop ----------------------------------------------------------------
     def _turn(self, poller: zmq.Poller) -> None:
         busy = self.jobs.busy() or self.outbox.pending()
+        if self._monitor is not None:
+            self._log_refused_connections()
         if poller.poll(self.config.poll_ms if busy else self.config.idle_poll_ms):
             for _ in range(100):   # then let the outbox have its turn
                 try:
@@ -383,6 +444,9 @@ def main(args: argparse.Namespace, runner: JobRunner | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     print(f"backend listening on {endpoint}", flush=True)
+    if config.curve is not None:
+        log.info("CurveZMQ on: server public key %s; clients allowed from %s",
+                 config.curve.public_key.decode("ascii"), config.curve.authorized_keys)
     log.info("device %s, up to %d waiting jobs", config.device, config.max_queue)
     server.serve(stop)
     log.info("stopped")

@@ -11,6 +11,12 @@ RenderResult, Ack, then exactly one Done, Failed or Cancelled, after which nothi
 Failures detected here (no backend, backend died, version mismatch, job refused with an Error,
 malformed message) arrive as a Failed made up by the client, whose text says what happened and
 what to do.  Pongs and Errors that do not end the job are only logged.
+
+CurveZMQ (a backend on another machine, or one started with ``--curve``): pass the backend's
+public key (``server.key`` in its keys folder) as ``server_public_key`` and this client's key
+pair (from ``zmq.curve_keypair()``; the public half must be in the backend's ``authorized_keys``)
+as ``client_public_key`` / ``client_secret_key``, all Z85 text.  A backend that refuses the key
+never answers: the job then fails with "no backend answered", naming the keys as a likely cause.
 """
 from __future__ import annotations
 
@@ -33,13 +39,17 @@ class BackendError(RuntimeError):
     """Talking to the backend failed; the text is meant for the user."""
 
 
-def probe(address: str, timeout: float = 2.0) -> protocol.Welcome:
+def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes | None = None,
+          client_public_key: str | bytes | None = None,
+          client_secret_key: str | bytes | None = None) -> protocol.Welcome:
     """Handshake only: returns the backend's Welcome or raises BackendError with a clear text."""
-    sock = _connect(address)
+    curve = curve_keys(server_public_key, client_public_key, client_secret_key)
+    sock = _connect(address, curve)
     try:
         sock.send_multipart(protocol.Hello(client=CLIENT_NAME).to_frames())
         if not sock.poll(int(timeout * 1000)):
-            raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?")
+            raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?"
+                               + _curve_hint(curve))
         try:
             reply = protocol.decode_message(sock.recv_multipart(copy=False))
         except protocol.WireError as exc:
@@ -66,6 +76,8 @@ class JobClient:
             (not counted while the Submit itself is still being uploaded).
         accept_timeout: fail the job when the backend has not accepted it this long after the
             upload finished (e.g. it dropped a message larger than its limit).
+        server_public_key, client_public_key, client_secret_key: Z85 CurveZMQ keys (all three or
+            none); needed for a backend that requires CurveZMQ.
 
     Attributes (read them from the thread that calls poll()):
         finished: True once poll() has returned the job's Done, Failed or Cancelled.
@@ -74,8 +86,10 @@ class JobClient:
     """
 
     def __init__(self, address: str, *, heartbeat_interval: float = 1.0, dead_after: float = 5.0,
-                 accept_timeout: float = 60.0):
+                 accept_timeout: float = 60.0, server_public_key: str | bytes | None = None,
+                 client_public_key: str | bytes | None = None, client_secret_key: str | bytes | None = None):
         self.address = address
+        self.curve = curve_keys(server_public_key, client_public_key, client_secret_key)
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.accept_timeout = accept_timeout
@@ -106,7 +120,7 @@ class JobClient:
         if size > MAX_MESSAGE_BYTES:
             raise BackendError(f"the job's images take {size / 2**30:.1f} GiB; the backend accepts at most "
                                f"{MAX_MESSAGE_BYTES / 2**30:.0f} GiB: use fewer or smaller images")
-        sock = _connect(self.address)   # made here so that a bad address raises here; the thread owns it
+        sock = _connect(self.address, self.curve)   # made here so that a bad address raises here; the thread owns it
         self._thread = threading.Thread(target=self._run, args=(sock, submit), name="fit-implicit-client",
                                         daemon=True)
         self._thread.start()
@@ -265,7 +279,8 @@ class _Session:
         silent = now - self.last_heard
         if silent > c.dead_after:
             if not self.heard_anything:
-                self.fail(f"no backend answered at {c.address} within {c.dead_after:g} s — is it running?")
+                self.fail(f"no backend answered at {c.address} within {c.dead_after:g} s — is it running?"
+                          + _curve_hint(c.curve))
             else:
                 self.fail(f"the backend stopped answering (nothing heard from {c.address} for {silent:.1f} s); "
                           "it may have crashed or been stopped — see its log")
@@ -295,9 +310,43 @@ class _Session:
 
 
 # --------------------------------------------------------------------------------------------
-def _connect(address: str) -> zmq.Socket:
+def curve_keys(server_public_key, client_public_key, client_secret_key) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret) as Z85 bytes, or None for no CurveZMQ.
+
+    Raises BackendError if only some are given or one is not a 40-character Z85 key."""
+    given = [k for k in (server_public_key, client_public_key, client_secret_key) if k]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise BackendError("CurveZMQ needs the backend's public key and this client's public and secret keys "
+                           "(all three)")
+    keys = []
+    for name, key in (("server public key", server_public_key), ("client public key", client_public_key),
+                      ("client secret key", client_secret_key)):
+        key = key.strip().encode("ascii", "replace") if isinstance(key, str) else bytes(key).strip()
+        if len(key) != 40:
+            raise BackendError(f"the {name} is not a CurveZMQ key (expected 40 Z85 characters, got {len(key)})")
+        keys.append(key)
+    try:
+        if zmq.curve_public(keys[2]) != keys[1]:
+            raise BackendError("the client public key does not belong to the client secret key")
+    except (ValueError, zmq.ZMQError) as exc:
+        raise BackendError(f"the client secret key is not a valid Z85 key: {exc}") from exc
+    return keys[0], keys[1], keys[2]
+
+
+def _curve_hint(curve) -> str:
+    if curve is None:
+        return " (if it requires CurveZMQ, set its public key and this client's key pair)"
+    return (" (or it refused this client's CurveZMQ key: check that the client public key is in the backend's "
+            "authorized_keys and that the server key is right)")
+
+
+def _connect(address: str, curve: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if "[" in address:
         sock.setsockopt(zmq.IPV6, 1)

@@ -331,6 +331,9 @@ class Submit(Message):
         n = self.images.shape[0]
         if n < 1:
             raise ProtocolError("submit.images: at least one image is needed")
+        if self.images.shape[1] < 1 or self.images.shape[2] < 1:
+            raise ProtocolError(f"submit.images: images of {self.images.shape[2]}x{self.images.shape[1]} pixels "
+                                "are empty (at least 1x1 is needed)")
         check_cameras("submit", self.intrinsics, self.poses)
         check_cameras("submit.eval", self.eval_intrinsics, self.eval_poses)
         if np.any(self.aabb[1] <= self.aabb[0]):

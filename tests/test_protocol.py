@@ -374,3 +374,11 @@ def test_random_headers_only_raise_wire_errors(mtype, changes):
         decode_message(with_header(frames, **changes))
     except WireError:
         pass
+
+
+@pytest.mark.parametrize("height, width", [(0, 8), (8, 0), (0, 0)])
+def test_images_of_zero_pixels_are_rejected(height, width):
+    submit = small_submit()
+    submit.images = np.zeros((3, height, width, 4), np.uint8)
+    with pytest.raises(ProtocolError, match=rf"submit\.images: images of {width}x{height} pixels are empty"):
+        submit.validate()
