@@ -12,6 +12,9 @@ classes = (
     properties.ImplicitSceneSettings,
     operators.IMPLICIT_OT_fit,
     operators.IMPLICIT_OT_cancel,
+    operators.IMPLICIT_OT_add_camera_rig,
+    operators.IMPLICIT_OT_export_dataset,
+    operators.IMPLICIT_OT_import_transforms,
     *panels.CLASSES,
 )
 

@@ -30,9 +30,18 @@ class CaptureError(Exception):
 # --------------------------------------------------------------------------------------------
 # Cameras
 # --------------------------------------------------------------------------------------------
-def scene_cameras(view_layer) -> list:
-    """Camera objects of the view layer that are enabled for rendering, sorted by name."""
-    cams = [ob for ob in view_layer.objects if ob.type == "CAMERA" and not ob.hide_render]
+HOLDOUT_PROP = "implicit_holdout"   # custom property of held-out cameras (never trained on)
+
+
+def is_holdout(camera_object) -> bool:
+    return bool(camera_object.get(HOLDOUT_PROP, False))
+
+
+def scene_cameras(view_layer, include_holdout: bool = False) -> list:
+    """Camera objects of the view layer that are enabled for rendering, sorted by name; held-out
+    cameras (custom property ``implicit_holdout``) only with ``include_holdout``."""
+    cams = [ob for ob in view_layer.objects if ob.type == "CAMERA" and not ob.hide_render
+            and (include_holdout or not is_holdout(ob))]
     return sorted(cams, key=lambda ob: ob.name)
 
 
@@ -244,6 +253,7 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     selected = target_objects(view_layer, selected_only=True)
     targets = selected or target_objects(view_layer, selected_only=False)
     cams = list(camera_objects) if camera_objects is not None else scene_cameras(view_layer)
+    cams = [ob for ob in cams if not is_holdout(ob)]      # held-out views are never trained on
     eval_cams = list(eval_cameras or [])
     if eval_cams:
         eval_names = {ob.name for ob in eval_cams}

@@ -149,3 +149,117 @@ class IMPLICIT_OT_cancel(bpy.types.Operator):
         session.cancel()
         self.report({"INFO"}, "Cancelling the fit…")
         return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------------------------
+# Camera rig, datasets in and out
+# --------------------------------------------------------------------------------------------
+RIG_SHAPES = (
+    ("HEMISPHERE", "Hemisphere", "Views from above the object's centre only"),
+    ("SPHERE", "Sphere", "Views from every side, below included"),
+)
+
+
+class IMPLICIT_OT_add_camera_rig(bpy.types.Operator):
+    """Add cameras evenly spread around the selection, all looking at its centre"""
+
+    bl_idname = "implicit.add_camera_rig"
+    bl_label = "Add Camera Rig"
+    bl_options = {"REGISTER", "UNDO"}
+
+    count: bpy.props.IntProperty(name="Views", default=24, min=1, max=1000)
+    shape: bpy.props.EnumProperty(name="Shape", items=RIG_SHAPES, default="HEMISPHERE")
+    holdout: bpy.props.FloatProperty(
+        name="Held Out", description="Share of the views held out for evaluation (never trained on)",
+        default=0.1, min=0.0, max=0.9, subtype="FACTOR")
+    replace: bpy.props.BoolProperty(name="Replace Rig", description="Delete the cameras of earlier rigs",
+                                    default=True)
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None and context.view_layer is not None
+
+    def execute(self, context):
+        from . import capture, rig
+        try:
+            created = rig.add_camera_rig(context.scene, context.view_layer, count=self.count,
+                                         hemisphere=self.shape == "HEMISPHERE",
+                                         holdout_share=self.holdout, replace=self.replace)
+        except capture.CaptureError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        held = sum(1 for ob in created if capture.is_holdout(ob))
+        self.report({"INFO"}, f"Added {len(created)} cameras ({held} held out)")
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_export_dataset(bpy.types.Operator):
+    """Render the scene's cameras and write them as a transforms.json dataset
+    (instant-ngp / nerfstudio / NeRF-synthetic layout)"""
+
+    bl_idname = "implicit.export_dataset"
+    bl_label = "Export Dataset"
+    bl_options = {"REGISTER"}
+
+    directory: bpy.props.StringProperty(name="Folder", subtype="DIR_PATH", options={"SKIP_SAVE"})
+    render: bpy.props.BoolProperty(name="Render Images", default=True,
+                                   description="Render every camera; off: write the cameras only")
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        from . import capture, dataset_io
+        if not self.directory:
+            self.report({"ERROR"}, "Choose a folder to export the dataset to")
+            return {"CANCELLED"}
+        folder = bpy.path.abspath(self.directory)
+        wm = context.window_manager
+        wm.progress_begin(0, 1)
+        try:
+            out = dataset_io.export_dataset(context.scene, context.view_layer, folder, render=self.render,
+                                            progress=lambda i, n: wm.progress_update(i / max(n, 1)))
+        except (capture.CaptureError, dataset_io.DatasetError, OSError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        finally:
+            wm.progress_end()
+        self.report({"INFO"}, f"Exported {out['train']} training and {out['test']} held-out views to {folder}")
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_import_transforms(bpy.types.Operator):
+    """Import a transforms.json (instant-ngp / nerfstudio / NeRF) as cameras with background images"""
+
+    bl_idname = "implicit.import_transforms"
+    bl_label = "Import transforms.json"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: bpy.props.StringProperty(name="File", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    filter_glob: bpy.props.StringProperty(default="*.json", options={"HIDDEN"})
+    backgrounds: bpy.props.BoolProperty(name="Background Images", default=True)
+    set_resolution: bpy.props.BoolProperty(
+        name="Set Resolution", default=True,
+        description="Set the scene's resolution and pixel aspect from the dataset (needed for exact intrinsics)")
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        from . import dataset_io
+        if not self.filepath:
+            self.report({"ERROR"}, "Choose a transforms.json file")
+            return {"CANCELLED"}
+        try:
+            created, warnings = dataset_io.import_transforms(
+                context.scene, bpy.path.abspath(self.filepath), backgrounds=self.backgrounds,
+                set_resolution=self.set_resolution)
+        except (dataset_io.DatasetError, OSError, ValueError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        for text in warnings[:5]:
+            self.report({"WARNING"}, text)
+        self.report({"INFO"}, f"Imported {len(created)} cameras")
+        return {"FINISHED"}

@@ -28,6 +28,19 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         col.prop(props, "mesh_resolution")
         col.prop(props, "smooth_shading")
 
+        box = layout.box()
+        box.enabled = not busy
+        box.label(text="Cameras & Datasets", icon="OUTLINER_OB_CAMERA")
+        row = box.row(align=True)
+        row.prop(props, "rig_views", text="Views")
+        row.prop(props, "rig_shape", text="")
+        box.prop(props, "rig_holdout")
+        op = box.operator("implicit.add_camera_rig", icon="CAMERA_DATA")
+        op.count, op.shape, op.holdout = props.rig_views, props.rig_shape, props.rig_holdout
+        row = box.row(align=True)
+        row.operator("implicit.import_transforms", text="Import", icon="IMPORT")
+        row.operator("implicit.export_dataset", text="Export", icon="EXPORT")
+
         if busy:
             layout.operator("implicit.cancel", icon="CANCEL")
         else:

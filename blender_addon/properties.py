@@ -32,6 +32,15 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         default=0, min=0, max=1024,
     )
     smooth_shading: bpy.props.BoolProperty(name="Smooth Shading", default=True)
+    rig_views: bpy.props.IntProperty(name="Rig Views", description="Cameras of the rig", default=24,
+                                     min=1, max=1000)
+    rig_shape: bpy.props.EnumProperty(
+        name="Rig Shape", default="HEMISPHERE",
+        items=(("HEMISPHERE", "Hemisphere", "Views from above only"),
+               ("SPHERE", "Sphere", "Views from every side")))
+    rig_holdout: bpy.props.FloatProperty(
+        name="Held Out", description="Share of the rig's views held out for evaluation",
+        default=0.1, min=0.0, max=0.9, subtype="FACTOR")
 
     # ---- job state (written by the running fit, read by the panel) ------------------------
     status: bpy.props.StringProperty(name="Status", default="")
