@@ -289,7 +289,6 @@ def test_the_cli_refuses_a_remote_bind_with_a_clear_message(tmp_path):
 
 # ---- the real trainer -----------------------------------------------------------------------
 @pytest.mark.slow   # 10-20 s on 2 busy CPU cores: torch import, 8 steps, mesh, one render
-@pytest.mark.skipif(not (REPO / "backend" / "train.py").exists(), reason="backend/train.py not written yet")
 def test_real_trainer_end_to_end(backend_factory):
     backend = backend_factory(fake=False)
     submit = make_submit(n=4, size=16, eval_count=1, steps=8, mesh_resolution=16, preview_size=16,

@@ -42,12 +42,9 @@ if AVAILABLE:
         return tl.where(is_dense, dense_idx, hashed).to(tl.int64)
 
     @triton.jit
-    def _hashgrid_fwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, out_ptr, n,
-                      L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        lvl = tl.program_id(1)
-        rows = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = rows < n
+    def _level_cell(x_ptr, rows, mask, res_ptr, off_ptr, dense_ptr, lvl):
+        # The cell of each point at level ``lvl``: lower corner (ix, iy, iz), fractions
+        # (fx, fy, fz), and the level's resolution, first table row, size and dense flag.
         r = tl.load(res_ptr + lvl).to(tl.int32)
         base = tl.load(off_ptr + lvl)
         size = (tl.load(off_ptr + lvl + 1) - base).to(tl.int32)
@@ -59,19 +56,31 @@ if AVAILABLE:
         ix = tl.minimum(tl.floor(px).to(tl.int32), r - 2)
         iy = tl.minimum(tl.floor(py).to(tl.int32), r - 2)
         iz = tl.minimum(tl.floor(pz).to(tl.int32), r - 2)
-        fx = px - ix.to(tl.float32)
-        fy = py - iy.to(tl.float32)
-        fz = pz - iz.to(tl.float32)
+        return ix, iy, iz, px - ix.to(tl.float32), py - iy.to(tl.float32), pz - iz.to(tl.float32), \
+            r, base, size, is_dense
+
+    @triton.jit
+    def _corner(c: tl.constexpr, ix, iy, iz, fx, fy, fz, r, base, size, is_dense):
+        # Trilinear weight and table row of corner c = (c & 1, c >> 1 & 1, c >> 2 & 1).
+        ox = c & 1
+        oy = (c >> 1) & 1
+        oz = (c >> 2) & 1
+        w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
+            (oz * fz + (1 - oz) * (1.0 - fz))
+        return w, base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+
+    @triton.jit
+    def _hashgrid_fwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, out_ptr, n,
+                      L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+        lvl = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n
+        ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
+                                                                      dense_ptr, lvl)
         acc0 = tl.zeros([BLOCK], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK], dtype=tl.float32)
         for c in tl.static_range(8):
-            ox = c & 1
-            oy = (c >> 1) & 1
-            oz = (c >> 2) & 1
-            # weight 1 - f on the low corner, f on the high one (ox etc. are 0 or 1)
-            w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
-                (oz * fz + (1 - oz) * (1.0 - fz))
-            idx = base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+            w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
             acc0 += w * tl.load(table_ptr + idx * F + 0, mask=mask, other=0.0).to(tl.float32)
             if F == 2:
                 acc1 += w * tl.load(table_ptr + idx * F + 1, mask=mask, other=0.0).to(tl.float32)
@@ -83,37 +92,18 @@ if AVAILABLE:
     @triton.jit
     def _hashgrid_bwd(x_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, n,
                       L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
         lvl = tl.program_id(1)
-        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = rows < n
-        r = tl.load(res_ptr + lvl).to(tl.int32)
-        base = tl.load(off_ptr + lvl)
-        size = (tl.load(off_ptr + lvl + 1) - base).to(tl.int32)
-        is_dense = tl.load(dense_ptr + lvl) != 0
-        scale = (r - 1).to(tl.float32)
-        px = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 0, mask=mask, other=0.0), 0.0), 1.0) * scale
-        py = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 1, mask=mask, other=0.0), 0.0), 1.0) * scale
-        pz = tl.minimum(tl.maximum(tl.load(x_ptr + rows * 3 + 2, mask=mask, other=0.0), 0.0), 1.0) * scale
-        ix = tl.minimum(tl.floor(px).to(tl.int32), r - 2)
-        iy = tl.minimum(tl.floor(py).to(tl.int32), r - 2)
-        iz = tl.minimum(tl.floor(pz).to(tl.int32), r - 2)
-        fx = px - ix.to(tl.float32)
-        fy = py - iy.to(tl.float32)
-        fz = pz - iz.to(tl.float32)
+        ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
+                                                                      dense_ptr, lvl)
         g_row = grad_out_ptr + rows.to(tl.int64) * (L * F) + lvl * F
         g0 = tl.load(g_row + 0, mask=mask, other=0.0).to(tl.float32)
         g1 = tl.zeros([BLOCK], dtype=tl.float32)
         if F == 2:
             g1 = tl.load(g_row + 1, mask=mask, other=0.0).to(tl.float32)
         for c in tl.static_range(8):
-            ox = c & 1
-            oy = (c >> 1) & 1
-            oz = (c >> 2) & 1
-            # weight 1 - f on the low corner, f on the high one (ox etc. are 0 or 1)
-            w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
-                (oz * fz + (1 - oz) * (1.0 - fz))
-            idx = base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+            w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
             tl.atomic_add(grad_table_ptr + idx * F + 0, w * g0, mask=mask)
             if F == 2:
                 tl.atomic_add(grad_table_ptr + idx * F + 1, w * g1, mask=mask)
