@@ -6,7 +6,6 @@ normalises internally.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared import cameras
+from shared import cameras, transforms
 
 TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -152,54 +150,17 @@ _INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy
 
 def find_transforms(path: str | Path) -> Path:
     """The transforms file itself, or the first of TRANSFORMS_NAMES inside a folder."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for name in TRANSFORMS_NAMES:
-            if (p / name).is_file():
-                return p / name
-        raise ValueError(f"{p}: no {' or '.join(TRANSFORMS_NAMES)} in this folder")
-    raise ValueError(f"{p}: no such file or folder")
-
-
-def _resolve_image(root: Path, file_path: str) -> Path | None:
-    p = root / file_path
-    if p.is_file():
-        return p
-    for suffix in IMAGE_SUFFIXES:
-        q = p.with_name(p.name + suffix)
-        if q.is_file():
-            return q
-    return None
+    return transforms.find(path, TRANSFORMS_NAMES)
 
 
 def read_frames(path: str | Path) -> tuple[Path, list[Frame], dict]:
     """Parse a transforms file.  Returns (file path, frames, top-level dict)."""
-    file = find_transforms(path)
-    try:
-        doc = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
-        raise ValueError(f"{file}: expected an object with a non-empty 'frames' list")
-    shared_meta = {k: doc[k] for k in _INTRINSIC_KEYS if k in doc}
+    file, raw, doc = transforms.read(path, TRANSFORMS_NAMES, _INTRINSIC_KEYS)
     frames = []
-    for i, f in enumerate(doc["frames"]):
-        if not isinstance(f, dict) or "transform_matrix" not in f:
-            raise ValueError(f"{file}: frame {i} has no transform_matrix")
-        c2w = np.asarray(f["transform_matrix"], dtype=np.float64)
-        if c2w.shape == (3, 4):
-            c2w = np.vstack([c2w, [0.0, 0.0, 0.0, 1.0]])
-        if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
-            raise ValueError(f"{file}: frame {i}: transform_matrix must be a finite 4x4 matrix")
-        meta = {**shared_meta, **{k: f[k] for k in _INTRINSIC_KEYS if k in f}}
-        if any(float(meta.get(k, 0.0)) != 0.0 for k in ("k1", "k2", "k3", "p1", "p2")):
+    for f in raw:
+        if any(float(f.meta.get(k, 0.0)) != 0.0 for k in ("k1", "k2", "k3", "p1", "p2")):
             warnings.warn(f"{file}: lens distortion coefficients are ignored", stacklevel=2)
-        file_path = str(f.get("file_path", f"frame_{i:04d}"))
-        image = _resolve_image(file.parent, file_path)
-        name = Path(file_path).stem if Path(file_path).suffix.lower() in IMAGE_SUFFIXES else Path(file_path).name
-        frames.append(Frame(name=name, image_path=image, c2w=cameras.rigid(c2w), meta=meta))
+        frames.append(Frame(name=f.name, image_path=f.image, c2w=f.c2w, meta=f.meta))
     return file, frames, doc
 
 

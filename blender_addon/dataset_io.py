@@ -30,11 +30,10 @@ import numpy as np
 from mathutils import Matrix
 
 from . import capture
-from ._shared import cameras
+from ._shared import cameras, transforms
 from .importer import ensure_collection
 
 IMPORT_COLLECTION = "Implicit Dataset"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".exr")
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
 EXTRA_KEYS = ("camera_model", "k1", "k2", "k3", "k4", "p1", "p2", "mask_path")
 
@@ -137,18 +136,6 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
 # --------------------------------------------------------------------------------------------
 # Import
 # --------------------------------------------------------------------------------------------
-def _resolve(root: Path, file_path: str | None) -> Path | None:
-    if not file_path:
-        return None
-    p = Path(file_path)
-    p = p if p.is_absolute() else root / p
-    if p.is_file():
-        return p
-    for suffix in IMAGE_SUFFIXES:
-        q = p.with_name(p.name + suffix)
-        if q.is_file():
-            return q
-    return None
 
 
 def _image_size(path: Path | None) -> tuple[int, int] | None:
@@ -178,43 +165,21 @@ def frame_intrinsics(meta: dict, width: int, height: int) -> np.ndarray:
 
 
 def read_transforms(path: str) -> tuple[Path, list[dict], dict]:
-    """(file, frames with merged keys + "c2w" + "image", top-level dict).  ``path``: the file or
-    a folder holding transforms.json / transforms_train.json."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("transforms.json", "transforms_train.json"):
-            if (p / name).is_file():
-                p = p / name
-                break
-    if not p.is_file():
-        raise DatasetError(f"{path}: no transforms.json here")
+    """(file, frames with merged keys + "name" + "c2w" + "image", top-level dict).  ``path``: the
+    file or a folder holding transforms.json / transforms_train.json."""
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{p}: cannot read it as JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
-        raise DatasetError(f"{p}: expected an object with a non-empty 'frames' list")
-    shared = {k: doc[k] for k in INTRINSIC_KEYS + EXTRA_KEYS if k in doc}
+        file, raw, doc = transforms.read(path, ("transforms.json", "transforms_train.json"),
+                                         INTRINSIC_KEYS + EXTRA_KEYS)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     out = []
-    for i, f in enumerate(doc["frames"]):
-        if not isinstance(f, dict) or "transform_matrix" not in f:
-            raise DatasetError(f"{p}: frame {i} has no transform_matrix")
-        c2w = np.asarray(f["transform_matrix"], dtype=np.float64)
-        if c2w.shape == (3, 4):
-            c2w = np.vstack([c2w, [0.0, 0.0, 0.0, 1.0]])
-        if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
-            raise DatasetError(f"{p}: frame {i}: transform_matrix must be a finite 4x4 matrix")
-        meta = {**shared, **{k: f[k] for k in INTRINSIC_KEYS + EXTRA_KEYS if k in f}}
-        file_path = str(f.get("file_path", ""))
-        meta["name"] = Path(file_path).stem if Path(file_path).suffix.lower() in IMAGE_SUFFIXES \
-            else (Path(file_path).name or f"frame_{i:04d}")
-        meta["c2w"] = cameras.rigid(c2w)
-        meta["image"] = _resolve(p.parent, file_path)
+    for f in raw:
+        meta = dict(f.meta, name=f.name, c2w=f.c2w, image=f.image)
         if "mask_path" in meta:
-            mask = _resolve(p.parent, str(meta["mask_path"]))
+            mask = transforms.resolve_image(file.parent, str(meta["mask_path"]))
             meta["mask_path"] = str(mask) if mask is not None else str(meta["mask_path"])
         out.append(meta)
-    return p, out, doc
+    return file, out, doc
 
 
 def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECTION,

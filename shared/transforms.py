@@ -1,0 +1,94 @@
+"""Reading ``transforms.json`` datasets (NeRF / instant-ngp / nerfstudio): numpy only, so the
+add-on (camera import) and the backend (training data) share one parser.
+
+A frame's keys override the file's top-level ones.  Poses come back rigid (scale removed), in
+the Blender / NeRF camera convention (see :mod:`cameras`).  Errors raise ``ValueError`` whose
+text names the file and the frame.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import cameras
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".exr")
+
+
+@dataclass
+class RawFrame:
+    """One frame: ``name`` (file stem), ``c2w`` (4, 4) float64 rigid camera-to-world,
+    ``meta`` (the requested keys, top level merged with the frame's), ``file_path`` as written,
+    ``image`` the image file found for it (None if missing)."""
+
+    name: str
+    c2w: np.ndarray
+    meta: dict = field(default_factory=dict)
+    file_path: str = ""
+    image: Path | None = None
+
+
+def find(path: str | Path, names: Sequence[str]) -> Path:
+    """The transforms file itself, or the first of ``names`` inside a folder."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in names:
+            if (p / name).is_file():
+                return p / name
+        raise ValueError(f"{p}: no {' or '.join(names)} in this folder")
+    raise ValueError(f"{p}: no such file or folder")
+
+
+def resolve_image(root: Path, file_path: str | None) -> Path | None:
+    """The file ``file_path`` names (relative to ``root``), trying image suffixes if it has none."""
+    if not file_path:
+        return None
+    p = Path(file_path)
+    p = p if p.is_absolute() else root / p
+    if p.is_file():
+        return p
+    for suffix in IMAGE_SUFFIXES:
+        q = p.with_name(p.name + suffix)
+        if q.is_file():
+            return q
+    return None
+
+
+def read(path: str | Path, names: Sequence[str], keys: Sequence[str]) -> tuple[Path, list[RawFrame], dict]:
+    """Parse a transforms file (or the first of ``names`` in a folder).
+
+    Returns (file, frames, the whole top-level dict).
+    """
+    file = find(path, names)
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: cannot read it as JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list) or not doc["frames"]:
+        raise ValueError(f"{file}: expected an object with a non-empty 'frames' list")
+    top = {k: doc[k] for k in keys if k in doc}
+    frames = []
+    for i, f in enumerate(doc["frames"]):
+        if not isinstance(f, dict) or "transform_matrix" not in f:
+            raise ValueError(f"{file}: frame {i} has no transform_matrix")
+        try:
+            c2w = np.asarray(f["transform_matrix"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{file}: frame {i}: transform_matrix must be a 4x4 matrix of numbers") from None
+        if c2w.shape == (3, 4):
+            c2w = np.vstack([c2w, [0.0, 0.0, 0.0, 1.0]])
+        if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
+            raise ValueError(f"{file}: frame {i}: transform_matrix must be a finite 4x4 matrix")
+        file_path = str(f.get("file_path", ""))
+        fp = Path(file_path)
+        name = (fp.stem if fp.suffix.lower() in IMAGE_SUFFIXES else fp.name) or f"frame_{i:04d}"
+        frames.append(RawFrame(name=name, c2w=cameras.rigid(c2w),
+                               meta={**top, **{k: f[k] for k in keys if k in f}},
+                               file_path=file_path, image=resolve_image(file.parent, file_path)))
+    return file, frames, doc
