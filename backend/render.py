@@ -122,11 +122,12 @@ if triton is not None:
 
     @triton.jit
     def _march_kernel(o_ptr, d_ptr, tn_ptr, tf_ptr, j_ptr, occ_ptr, start_ptr, count_ptr,
-                      t_out, x_out, ray_out, step, n_cand, res,
+                      t_out, x_out, ray_out, step, n_cand, res, cap,
                       WRITE: tl.constexpr, BLOCK: tl.constexpr):
         # One program per ray: candidates t = t_near + (k + jitter) * step, k < n_cand, kept where
         # t < t_far and the point lies in an occupied cell.  WRITE=False counts them; WRITE=True
-        # stores them at start[ray] onwards, in order of k.
+        # stores them at start[ray] onwards, in order of k, unless they would end past ``cap``
+        # (then the whole ray is left out).  The loop stops one block after t_far.
         r = tl.program_id(0)
         ox = tl.load(o_ptr + 3 * r)
         oy = tl.load(o_ptr + 3 * r + 1)
@@ -137,12 +138,16 @@ if triton is not None:
         tn = tl.load(tn_ptr + r)
         tf = tl.load(tf_ptr + r)
         jit = tl.load(j_ptr + r)
+        # Candidates past t_far are never kept: +2 covers rounding of t against the bound.
+        span = tl.maximum((tf - tn) / step - jit, 0.0)
+        n_ray = tl.minimum(tl.floor(span).to(tl.int32) + 2, n_cand)
         base = 0
         if WRITE:
             base = tl.load(start_ptr + r)
+            n_ray = tl.where(base + tl.load(count_ptr + r) <= cap, n_ray, 0)
         n = 0
         half = 0.5 * res
-        for k0 in range(0, n_cand, BLOCK):
+        for k0 in range(0, n_ray, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             t = tn + (k.to(tl.float32) + jit) * step
             valid = (k < n_cand) & (t < tf)
@@ -190,7 +195,7 @@ def march_packed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor
     counts = torch.empty(r, dtype=torch.int32, device=dev)
     block = 256 if count > 128 else 128
     _march_kernel[(r,)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step), int(count),
-                        int(resolution), WRITE=False, BLOCK=block, num_warps=4)
+                        int(resolution), 0, WRITE=False, BLOCK=block, num_warps=4)
     ends = counts.cumsum(0)
     m = int(ends[-1]) if r else 0
     starts = (ends - counts).to(torch.int32)
@@ -199,8 +204,170 @@ def march_packed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor
     ray = torch.empty(m, dtype=torch.int32, device=dev)
     if m:
         _march_kernel[(r,)](o, d, tn, tf, j, bits, starts, counts, t, x, ray, float(step), int(count),
-                            int(resolution), WRITE=True, BLOCK=block, num_warps=4)
+                            int(resolution), m, WRITE=True, BLOCK=block, num_warps=4)
     return t, x, ray.long(), counts.long()
+
+
+@dataclass
+class FixedSamples:
+    """Samples of a ray batch packed into a fixed number of slots (see :func:`march_fixed`).
+
+    t (S,) float32 and x (S, 3) float32 of each slot; ray (S,) int64 ray id, ``R`` (one past the
+    last ray) for unused slots; counts (R,) int64 samples kept per ray (0 for rays left out);
+    kept (R,) bool rays whose samples all fit; used () int64 slots in use.
+    """
+
+    t: torch.Tensor
+    x: torch.Tensor
+    ray: torch.Tensor
+    counts: torch.Tensor
+    kept: torch.Tensor
+    used: torch.Tensor
+
+
+def march_fixed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
+                offset: torch.Tensor, step: float, count: int, bits: torch.Tensor, resolution: int,
+                capacity: int, kernel: bool | None = None) -> FixedSamples:
+    """:func:`march_packed` into ``capacity`` slots, with no host synchronisation (fixed shapes,
+    so a training step can be captured in a CUDA graph).
+
+    Rays are taken in order while their samples fit; a ray that would overflow is left out whole
+    (with all rays after it), so every kept ray is composited exactly.  Triton on CUDA; the same
+    result from plain PyTorch elsewhere (:func:`march_fixed_reference`).  ``kernel`` True forces
+    the Triton kernel (e.g. on the CPU under TRITON_INTERPRET=1), False the reference.
+    """
+    if kernel is None:
+        kernel = triton is not None and origins.is_cuda
+    if not kernel:
+        return march_fixed_reference(origins, dirs, t_near, t_far, offset, step, count, bits, resolution,
+                                     capacity)
+    r, dev = origins.shape[0], origins.device
+    o, d = origins.contiguous(), dirs.contiguous()
+    tn, tf, j = t_near.contiguous(), t_far.contiguous(), offset.reshape(-1).contiguous().float()
+    counts = torch.empty(r, dtype=torch.int32, device=dev)
+    block = 256 if count > 128 else 128
+    _march_kernel[(r,)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step), int(count),
+                        int(resolution), 0, WRITE=False, BLOCK=block, num_warps=4)
+    ends = counts.cumsum(0)
+    kept = ends <= capacity
+    starts = (ends - counts).to(torch.int32)
+    t = torch.zeros(capacity, dtype=torch.float32, device=dev)
+    x = torch.zeros(capacity, 3, dtype=torch.float32, device=dev)
+    ray = torch.full((capacity,), r, dtype=torch.int32, device=dev)
+    _march_kernel[(r,)](o, d, tn, tf, j, bits, starts, counts, t, x, ray, float(step), int(count),
+                        int(resolution), int(capacity), WRITE=True, BLOCK=block, num_warps=4)
+    counts = torch.where(kept, counts, 0).long()
+    return FixedSamples(t, x, ray.long(), counts, kept, counts.sum())
+
+
+def march_fixed_reference(origins, dirs, t_near, t_far, offset, step, count, bits, resolution, capacity
+                          ) -> FixedSamples:
+    """Plain PyTorch :func:`march_fixed` (dense candidate grid; same arguments and result)."""
+    r, dev = origins.shape[0], origins.device
+    t = sample_grid(t_near, step, 0, count, offset.reshape(-1, 1))
+    x = origins[:, None, :] + t[..., None] * dirs[:, None, :]
+    g = ((x + 1.0) * (0.5 * resolution)).floor().long()
+    inside = ((g >= 0) & (g < resolution)).all(-1)
+    g = g.clamp(0, resolution - 1)
+    occ = bits[g[..., 0] + resolution * (g[..., 1] + resolution * g[..., 2])] != 0
+    mask = (t < t_far[:, None]) & inside & occ
+    counts = mask.sum(1)
+    kept = counts.cumsum(0) <= capacity
+    mask &= kept[:, None]
+    counts = torch.where(kept, counts, 0)
+    used = counts.sum()
+    ray_id = mask.nonzero()[:, 0]
+    m = ray_id.shape[0]
+    out_t = torch.zeros(capacity, dtype=torch.float32, device=dev)
+    out_x = torch.zeros(capacity, 3, dtype=torch.float32, device=dev)
+    out_ray = torch.full((capacity,), r, dtype=torch.long, device=dev)
+    out_t[:m], out_x[:m], out_ray[:m] = t[mask], x[mask], ray_id
+    return FixedSamples(out_t, out_x, out_ray, counts.long(), kept, used.long())
+
+
+def transmittance_fixed(sigmas: torch.Tensor, step: float, samples: FixedSamples) -> torch.Tensor:
+    """Transmittance (S,) float32 in front of each slot of :func:`march_fixed` (1 in unused slots).
+
+    Args:
+        sigmas: (S,) float32 densities of the slots.
+    """
+    r = samples.counts.shape[0]
+    valid = samples.ray < r
+    tau = torch.where(valid, sigmas * step, 0.0).double()
+    before = torch.cumsum(tau, 0) - tau
+    first = _ray_first_slot(samples)
+    return torch.where(valid, torch.exp(-(before - before[first])).float(), 1.0)
+
+
+def _ray_first_slot(samples: FixedSamples) -> torch.Tensor:
+    """(S,) int64: the slot of the first sample of each slot's ray; an unused slot points at
+    itself (so that the gather's backward does not pile every unused slot onto one row)."""
+    r = samples.counts.shape[0]
+    starts = samples.counts.cumsum(0) - samples.counts
+    slot = torch.arange(samples.ray.shape[0], device=samples.ray.device)
+    own = torch.cat([starts, starts.new_zeros(1)])[samples.ray]
+    return torch.where(samples.ray < r, own, slot)
+
+
+def terminate_fixed(samples: FixedSamples, transmittance: torch.Tensor, capacity: int,
+                    min_transmittance: float = 1e-4) -> FixedSamples:
+    """Early ray termination of fixed-slot samples, repacked into ``capacity`` slots.
+
+    Keeps each ray's samples while the transmittance in front of them is above
+    ``min_transmittance`` (a prefix of the ray: transmittance only falls), then packs rays in
+    order while they fit, as :func:`march_fixed` does.  No host synchronisation.
+
+    Args:
+        samples: (S1 slots) from :func:`march_fixed`.  transmittance: (S1,) float32 from
+            :func:`transmittance_fixed` with the field's densities.
+    Returns:
+        FixedSamples with ``capacity`` slots over the same rays.
+    """
+    r, dev, m = samples.counts.shape[0], samples.t.device, samples.t.shape[0]
+    keep = (samples.ray < r) & (transmittance > min_transmittance)
+    slot = torch.arange(m, device=dev)
+    # Kept samples are a prefix of each ray's: the last kept one of a ray writes the ray's count.
+    # (Scatters below send what they drop to distinct spare slots: piling millions of writes onto
+    # one address serialises them.)
+    same_next = torch.cat([samples.ray[1:] == samples.ray[:-1], keep.new_zeros(1)])
+    last = keep & ~(torch.cat([keep[1:], keep.new_zeros(1)]) & same_next)
+    old_starts = torch.cat([samples.counts.cumsum(0) - samples.counts, slot.new_zeros(1)])
+    counts = torch.zeros(r + m, dtype=torch.long, device=dev).index_copy_(
+        0, torch.where(last, samples.ray, r + slot), slot - old_starts[samples.ray] + 1)[:r]
+    ends = counts.cumsum(0)
+    kept = samples.kept & (ends <= capacity)
+    counts = torch.where(kept, counts, 0)
+    new_starts = torch.cat([ends - counts, ends.new_zeros(1)])
+    pos = new_starts[samples.ray] + (slot - old_starts[samples.ray])
+    kept_ext = torch.cat([kept, kept.new_zeros(1)])
+    pos = torch.where(keep & kept_ext[samples.ray], pos, capacity + slot)      # spare slots
+    t = torch.zeros(capacity + m, dtype=samples.t.dtype, device=dev).index_copy_(0, pos, samples.t)
+    x = torch.zeros(capacity + m, 3, dtype=samples.x.dtype, device=dev).index_copy_(0, pos, samples.x)
+    ray = torch.full((capacity + m,), r, dtype=torch.long, device=dev).index_copy_(0, pos, samples.ray)
+    return FixedSamples(t[:capacity], x[:capacity], ray[:capacity], counts, kept, counts.sum())
+
+
+def scatter_index(samples: FixedSamples) -> torch.Tensor:
+    """(S,) int64 ray ids with each unused slot sent to its own spare row ``R + slot``, for
+    ``index_add`` into (R + S, ...) buffers without piling atomics onto one row."""
+    r = samples.counts.shape[0]
+    slot = torch.arange(samples.ray.shape[0], device=samples.ray.device)
+    return torch.where(samples.ray < r, samples.ray, r + slot)
+
+
+def composite_fixed(sigmas: torch.Tensor, step: float, samples: FixedSamples) -> torch.Tensor:
+    """Compositing weights (S,) float32 of :func:`march_fixed`'s slots (0 in unused ones).
+
+    Args:
+        sigmas: (S,) float32 densities of the slots (those of unused slots are ignored).
+    """
+    r = samples.counts.shape[0]
+    valid = samples.ray < r
+    tau = torch.where(valid, sigmas * step, 0.0)
+    total = torch.cumsum(tau.double(), 0)
+    before = total - tau.double()
+    before = (before - before[_ray_first_slot(samples)]).to(tau.dtype)
+    return torch.where(valid, torch.exp(-before) * (1.0 - torch.exp(-tau)), 0.0)
 
 
 def composite_packed(sigmas: torch.Tensor, deltas: float | torch.Tensor, ray: torch.Tensor,

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.fields.hashgrid import hashgrid_encode_reference, level_layout  # noqa: E402
 from backend.fields.hashgrid_triton import hashgrid_encode_triton  # noqa: E402
 from backend.occupancy import OccupancyGrid  # noqa: E402
-from backend.render import composite, composite_packed, march_packed, ray_aabb, sample_grid  # noqa: E402
+from backend.render import (composite, composite_fixed, composite_packed, march_fixed,  # noqa: E402
+                            march_fixed_reference, march_packed, ray_aabb, sample_grid)
 
 # (levels, log2 table, coarsest, finest, features): dense-only, mixed, hashed-heavy; F = 2 and 1.
 LAYOUTS = [(4, 16, 4, 32, 2), (8, 12, 4, 256, 2), (6, 10, 16, 2048, 1), (16, 19, 16, 2048, 2)]
@@ -107,6 +108,51 @@ def check_march(device: str, rays: int, res: int) -> dict:
     return row
 
 
+def check_march_fixed(device: str, rays: int, res: int) -> dict:
+    """The fixed-capacity marcher (Triton on CUDA) against its PyTorch reference, with a capacity
+    that leaves rays out; and its compositing against packed compositing of the kept rays."""
+    torch.manual_seed(2)
+    o = torch.randn(rays, 3, device=device) * 0.3 + torch.tensor([0.0, 0.0, -2.5], device=device)
+    d = torch.nn.functional.normalize(torch.randn(rays, 3, device=device) * 0.3
+                                      + torch.tensor([0.0, 0.0, 1.0], device=device), dim=-1)
+    box = torch.tensor([[-1.0, -1, -1], [1, 1, 1]], device=device)
+    grid = OccupancyGrid(res).to(device)
+    grid.mask.copy_(torch.rand(res ** 3, device=device) < 0.1)
+    bits, _ = grid.march_bits()
+    step = 2 * 3 ** 0.5 / (8 * res)
+    tn, tf, hit = ray_aabb(o, d, box)
+    tf = torch.where(hit, tf, tn)
+    count = 8 * res
+    jitter = torch.rand(rays, device=device)
+    full = march_fixed_reference(o, d, tn, tf, jitter, step, count, bits, res, rays * count)
+    capacity = max(1, int(full.used) * 2 // 3)             # about a third of the rays left out
+    ref = march_fixed_reference(o, d, tn, tf, jitter, step, count, bits, res, capacity)
+    got = march_fixed(o, d, tn, tf, jitter, step, count, bits, res, capacity, kernel=True)
+    row = {"rays": rays, "capacity": capacity, "used": int(got.used), "kept": int(got.kept.sum()),
+           "ref_kept": int(ref.kept.sum())}
+    # Exact: the kernel's own packed output (march_packed, checked above), cut after the last ray
+    # that fits.  Against the PyTorch reference: like the packed marcher, a ray can differ by a
+    # sample where the kernel's fused multiply-add rounds across a cell face or t_far.
+    tp, xp, rp, cp = march_packed(o, d, tn, tf, jitter.reshape(-1, 1), step, count, bits, res)
+    kept = cp.cumsum(0) <= capacity
+    m = int(cp[kept].sum())
+    row["slots_ok"] = bool((got.kept == kept).all() and int(got.used) == m and (got.ray[:m] == rp[:m]).all()
+                           and (got.ray[m:] == rays).all() and torch.equal(got.t[:m], tp[:m]))
+    row["ref_rays_differing"] = int((got.counts != ref.counts).sum())
+    same = bool((got.counts == ref.counts).all())
+    row["t_err"] = (got.t[:m] - ref.t[:m]).abs().max().item() if same and m else 0.0
+    sig = torch.rand(capacity, device=device) * 20
+    w = composite_fixed(sig, step, ref)
+    valid = ref.ray < rays
+    wp = composite_packed(sig[valid], step, ref.ray[valid], ref.counts)
+    row["w_err"] = (w[valid] - wp).abs().max().item() if valid.any() else 0.0
+    row["pad_zero"] = bool((w[~valid] == 0).all())
+    row["ok"] = (row["slots_ok"] and row["t_err"] < 1e-5 and row["w_err"] < 1e-6 and row["pad_zero"]
+                 and 0 < row["kept"] < rays and row["used"] <= capacity
+                 and row["ref_rays_differing"] <= max(2, 0.002 * rays))
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +169,12 @@ def main(argv=None) -> int:
     print(f"ray marcher, {m['rays']} rays, {m['samples']} samples: {m['rays_differing']} rays differ in count "
           f"(rounding at cell faces), t err {m['t_err']:.1e}, x err {m['x_err']:.1e}; packed compositing "
           f"weights err {m['w_err']:.1e}, grad rel err {m['grad_err']:.1e}  {'OK' if m['ok'] else 'MISMATCH'}")
-    ok = all(r["ok"] for r in rows) and m["ok"]
+    f = check_march_fixed(args.device, 4096 if args.device == "cuda" else 40, 128 if args.device == "cuda" else 16)
+    print(f"fixed-capacity marcher, {f['rays']} rays into {f['capacity']} slots: {f['kept']} rays kept "
+          f"(reference {f['ref_kept']}, {f['ref_rays_differing']} rays differ in count), {f['used']} slots used, "
+          f"same as the packed kernel: {f['slots_ok']}, t err {f['t_err']:.1e}, compositing err "
+          f"{f['w_err']:.1e}, padding weights zero: {f['pad_zero']}  {'OK' if f['ok'] else 'MISMATCH'}")
+    ok = all(r["ok"] for r in rows) and m["ok"] and f["ok"]
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

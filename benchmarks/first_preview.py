@@ -20,25 +20,69 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lego"))
     ap.add_argument("--preset", default="standard")
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--breakdown", action="store_true", help="time the first-use costs one by one first")
     args = ap.parse_args(argv)
     t_import = time.perf_counter()
     from backend.data import load_transforms
     from backend.train import Callbacks, fit, make_config
 
+    import torch
+
     data = load_transforms(args.data)
+    t_loaded = time.perf_counter()
+    t_cuda = time.perf_counter()
+    if torch.cuda.is_available():     # CUDA context: paid once per process (a running backend has it)
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    t_cuda = time.perf_counter() - t_cuda
     cfg = make_config("nerf", args.preset, seconds=args.seconds, steps=10**7, preview_size=128,
                       preview_interval=1.0)
     times: list[float] = []
 
+    progress: list[tuple[int, float]] = []
+
     class Clock(Callbacks):
         def on_preview(self, step, image):
             times.append(time.perf_counter() - t0)
+            progress.append((step, times[-1]))
 
-    t0 = time.perf_counter()
-    fit(data, cfg, Clock())
-    print(f"imports + data load {t0 - t_import:.2f} s (not counted); device {cfg.device}")
-    print("previews at " + ", ".join(f"{t:.2f}" for t in times) + " s after fit() was called")
-    print(f"time to first preview: {times[0]:.2f} s" if times else "no preview")
+        def on_progress(self, info):
+            progress.append((info["step"], time.perf_counter() - t0))
+
+    if args.breakdown:       # where a fresh process's first-time costs go (before the fits below)
+        from backend.train import _preview_camera, make_trainer
+
+        def timed(label, fn):
+            t = time.perf_counter()
+            out = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            print(f"  {label}: {time.perf_counter() - t:.3f} s", flush=True)
+            return out
+
+        print("breakdown (fresh process):")
+        trainer = timed("trainer set-up (model, optimiser, images to the device)", lambda: make_trainer(data, cfg))
+        cam = _preview_camera(data, 128)
+        timed("first preview render (young field)", lambda: trainer.model.render(*cam))
+        timed("second preview render", lambda: trainer.model.render(*cam))
+        for i in range(5):
+            timed(f"step {i}", trainer.step)
+        timed("occupancy update", lambda: trainer.update_step(cfg.occupancy_warmup, 0.0))
+        timed("preview render after the update", lambda: trainer.model.render(*cam))
+        del trainer
+
+    for run in ("first fit in this process (kernels compiled or loaded from Triton's disk cache)",
+                "second fit in the same process (a running backend)"):
+        times.clear()
+        progress.clear()
+        t0 = time.perf_counter()
+        fit(data, cfg, Clock())
+        print(f"{run}:")
+        print("  previews at " + ", ".join(f"{t:.2f}" for t in times) + " s after fit() was called")
+        print("  step at time: " + ", ".join(f"{k}@{t:.2f}" for k, t in progress[:12]))
+        print(f"  time to first preview: {times[0]:.2f} s" if times else "  no preview")
+    print(f"imports + data load {t_loaded - t_import:.2f} s, CUDA context {t_cuda:.2f} s (not counted); "
+          f"device {cfg.device}")
     return 0
 
 

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             "warmup_s": model.meta.get("first_step_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
             "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
-            "train_psnr": model.meta.get("train_psnr"),
+            "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

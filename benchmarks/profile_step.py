@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.data import load_transforms, split_holdout  # noqa: E402
 from backend.fields.hashgrid import HashGrid  # noqa: E402
-from backend.train import Trainer, make_config  # noqa: E402
+from backend.train import Trainer, make_config, make_trainer  # noqa: E402
 
 
 def run(trainer: Trainer, steps: int, start: int) -> tuple[float, float]:
@@ -31,9 +31,9 @@ def run(trainer: Trainer, steps: int, start: int) -> tuple[float, float]:
     samples = 0
     for i in range(steps):
         trainer.update_step(start + i, (start + i) / trainer.cfg.steps)
-        samples += trainer.step()[2]
+        samples = samples + trainer.step()[2]
     torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / steps, samples / steps
+    return 1e3 * (time.perf_counter() - t0) / steps, float(samples) / steps
 
 
 CATEGORIES = [
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for use_triton in ((True,) if args.triton_only else (False, True)):
         HashGrid.use_triton = use_triton
         torch.manual_seed(0)
-        trainer = Trainer(train, cfg)
+        trainer = make_trainer(train, cfg) if use_triton else Trainer(train, cfg)
         t0 = time.perf_counter()
         trainer.step()
         torch.cuda.synchronize()
@@ -83,7 +83,13 @@ def main(argv=None) -> int:
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        run(trainer, 20, args.warmup + args.steps + 1)
+        if hasattr(trainer, "_body"):    # graph trainer: profile the same step run eagerly
+            for _ in range(20):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer._body(trainer.rays)
+            torch.cuda.synchronize()
+        else:
+            run(trainer, 20, args.warmup + args.steps + 1)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
     per_cat: dict[str, float] = {}
     rows = []

@@ -145,3 +145,72 @@ def test_occupancy_grid_cells_and_update():
     # decay: a cell keeps its estimate for a while after its density goes away
     grid.update(lambda x: torch.zeros(x.shape[0]), step, fraction=1.0)
     assert grid.density.max().item() == pytest.approx(50.0 * 0.95)
+
+
+def _fixed_batch(rays=24, res=8, capacity=None, seed=3):
+    from backend.render import march_fixed_reference
+
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(rays, 3, generator=g) * 0.2 + torch.tensor([0.0, 0.0, -2.5])
+    d = torch.nn.functional.normalize(torch.randn(rays, 3, generator=g) * 0.2 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
+    box = torch.tensor([[-1.0, -1, -1], [1, 1, 1]])
+    tn, tf, hit = ray_aabb(o, d, box)
+    tf = torch.where(hit, tf, tn)
+    bits = (torch.rand(res ** 3, generator=g) < 0.5).to(torch.uint8)
+    step = 2 * math.sqrt(3) / 64
+    jitter = torch.rand(rays, generator=g)
+    cap = capacity or rays * 64
+    return march_fixed_reference(o, d, tn, tf, jitter, step, 64, bits, res, cap), step
+
+
+def test_fixed_slots_composite_like_packed_rays():
+    """Fixed-slot compositing gives each kept ray the weights of compositing it alone."""
+    from backend.render import composite_fixed
+
+    s, step = _fixed_batch(capacity=200)
+    assert 0 < int(s.kept.sum()) < 24 and int(s.used) <= 200
+    sig = torch.rand(200) * 30
+    w = composite_fixed(sig, step, s)
+    start = 0
+    for r in range(24):
+        n = int(s.counts[r])
+        if n:
+            alone, _ = composite(sig[start:start + n][None], step)
+            assert torch.allclose(w[start:start + n], alone[0], atol=1e-6)
+        start += n
+    assert torch.all(w[int(s.used):] == 0)
+
+
+def test_early_termination_drops_only_occluded_samples():
+    """Samples behind transmittance 1e-3 are dropped; what remains composites to the same colour
+    and opacity within 1e-3, and the repacked slots hold each ray's leading samples."""
+    from backend.render import composite_fixed, terminate_fixed, transmittance_fixed
+
+    s, step = _fixed_batch()
+    m = s.t.shape[0]
+    sig = torch.rand(m) * 200.0                      # dense: rays turn opaque after a few samples
+    trans = transmittance_fixed(sig, step, s)
+    w_full = composite_fixed(sig, step, s)
+    short = terminate_fixed(s, trans, capacity=m, min_transmittance=1e-3)
+    assert int(short.used) < int(s.used) // 2        # most samples sit behind the first opaque ones
+    # the kept samples of each ray are its first ones
+    sig_short = torch.zeros(m)
+    src = 0
+    dst = 0
+    for r in range(s.counts.shape[0]):
+        n, k = int(s.counts[r]), int(short.counts[r])
+        assert k <= n
+        assert torch.equal(short.t[dst:dst + k], s.t[src:src + k])
+        sig_short[dst:dst + k] = sig[src:src + k]
+        src, dst = src + n, dst + k
+    w_short = composite_fixed(sig_short, step, short)
+    r = s.counts.shape[0]
+    op_full = torch.zeros(r + 1).index_add(0, s.ray, w_full)[:r]
+    op_short = torch.zeros(r + 1).index_add(0, short.ray, w_short)[:r]
+    assert torch.allclose(op_full, op_short, atol=1e-3)
+    # a small capacity keeps a prefix of the rays, whole
+    tight = terminate_fixed(s, trans, capacity=int(short.used) // 2, min_transmittance=1e-3)
+    kept = tight.kept
+    assert 0 < int(kept.sum()) < int(short.kept.sum())
+    assert torch.equal(tight.counts[kept], short.counts[kept])
+    assert int(tight.used) <= int(short.used) // 2

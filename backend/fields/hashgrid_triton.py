@@ -102,6 +102,9 @@ if AVAILABLE:
         g1 = tl.zeros([BLOCK], dtype=tl.float32)
         if F == 2:
             g1 = tl.load(g_row + 1, mask=mask, other=0.0).to(tl.float32)
+        # Points with no gradient add nothing: skip their atomics (padding slots of fixed-size
+        # batches all sit at one point, and piling atomics onto one address serialises them).
+        mask = mask & ((g0 != 0.0) | (g1 != 0.0))
         for c in tl.static_range(8):
             w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
             tl.atomic_add(grad_table_ptr + idx * F + 0, w * g0, mask=mask)
