@@ -7,8 +7,7 @@ normalises internally.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +16,16 @@ import torch
 
 from shared import cameras, transforms
 
+from . import lens
+
 TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
+
+#: Optional per-pixel passes (contract C1), with their per-image trailing shape and dtype:
+#: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse colour (Blender's Diffuse Color pass);
+#: "normal" (H, W, 3) float32 WORLD-space unit normals, 0 where there is no surface;
+#: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface.
+PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32}
+PASS_CHANNELS = {"albedo": 3, "normal": 3, "depth": None}
 
 
 @dataclass
@@ -30,6 +38,11 @@ class PosedImages:
         poses: (N, 4, 4) float64 camera-to-world, Blender camera convention.
         aabb: (2, 3) float64 world box (min row, max row) holding the object.
         names: one file stem per image, used to name rendered outputs.
+        passes: optional per-pixel supervision, keys of :data:`PASS_DTYPES` (see there):
+            "albedo" (N, H, W, 3) uint8, "normal" (N, H, W, 3) float32, "depth" (N, H, W)
+            float32.  Masks are the images' alpha channel.
+        lens_models: None (pinhole cameras) or (N,) int64 shared.cameras lens model codes, with
+        distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.lens).
     """
 
     images: np.ndarray
@@ -37,6 +50,9 @@ class PosedImages:
     poses: np.ndarray
     aabb: np.ndarray
     names: list[str]
+    passes: dict[str, np.ndarray] = field(default_factory=dict)
+    lens_models: np.ndarray | None = None
+    distortion: np.ndarray | None = None
 
     def __post_init__(self):
         images = np.asarray(self.images)
@@ -62,6 +78,8 @@ class PosedImages:
             raise ValueError(f"{len(self.names)} names for {n} images")
         self.images, self.intrinsics, self.poses, self.aabb = images, intrinsics, poses, aabb
         self.names = [str(s) for s in self.names]
+        self.lens_models, self.distortion = _check_lenses(self.lens_models, self.distortion, n)
+        self.passes = {k: _check_pass(k, v, images.shape[:3]) for k, v in dict(self.passes).items()}
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,7 +95,45 @@ class PosedImages:
     def subset(self, indices: Sequence[int]) -> "PosedImages":
         idx = np.asarray(indices, dtype=np.int64)
         return PosedImages(self.images[idx], self.intrinsics[idx], self.poses[idx], self.aabb.copy(),
-                           [self.names[i] for i in idx])
+                           [self.names[i] for i in idx], {k: v[idx] for k, v in self.passes.items()},
+                           **({} if self.lens_models is None else
+                              {"lens_models": self.lens_models[idx], "distortion": self.distortion[idx]}))
+
+
+def _check_lenses(models, distortion, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(N,) int64 codes and (N, 6) float64 rows, or (None, None) when every camera is a pinhole."""
+    if models is None and distortion is None:
+        return None, None
+    models = np.asarray(models, dtype=np.int64).reshape(-1)
+    distortion = np.asarray(distortion, dtype=np.float64)
+    if models.shape != (n,) or distortion.shape != (n, 6):
+        raise ValueError(f"lens_models must be ({n},) and distortion ({n}, 6), got {models.shape} and {distortion.shape}")
+    if not np.isfinite(distortion).all() or models.min(initial=0) < 0 or models.max(initial=0) > 2:
+        raise ValueError("lens models must be codes 0..2 with finite distortion coefficients")
+    if not models.any():
+        return None, None
+    return models, distortion
+
+
+def _check_pass(name: str, value, nhw: tuple) -> np.ndarray:
+    """A pass as its documented dtype, or ValueError naming what is wrong."""
+    if name not in PASS_DTYPES:
+        raise ValueError(f"unknown pass {name!r} (known: {', '.join(PASS_DTYPES)})")
+    value = np.asarray(value)
+    c = PASS_CHANNELS[name]
+    want = tuple(nhw) + ((c,) if c else ())
+    if value.shape != want:
+        raise ValueError(f"pass {name!r} must have shape {want}, got {value.shape}")
+    if PASS_DTYPES[name] is np.uint8:
+        if value.dtype != np.uint8:
+            raise ValueError(f"pass {name!r} must be uint8, got {value.dtype}")
+        return value
+    value = value.astype(np.float32, copy=False)
+    if not np.isfinite(value).all():
+        raise ValueError(f"pass {name!r} has NaN or infinite values")
+    if name == "depth" and value.min(initial=0.0) < 0:
+        raise ValueError("pass 'depth' must be >= 0 (0 where there is no surface)")
+    return value
 
 
 def holdout_indices(n: int, every: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +201,14 @@ class Frame:
 
 
 _INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h",
-                   "k1", "k2", "k3", "p1", "p2")
+                   "mask_path", *transforms.LENS_KEYS)
+#: Optional per-frame pass files (top-level "depth_scale" may be overridden per frame):
+#:   "albedo_path": 8-bit PNG, RGB or RGBA (alpha ignored), sRGB-encoded diffuse colour.
+#:   "normal_path": 8-bit RGB PNG, world normal n = 2 * v / 255 - 1 (renormalised); (0, 0, 0) = no surface.
+#:   "depth_path":  16-bit single-channel PNG, z-depth = value * "depth_scale" (world units per
+#:                  count); 0 = no surface.  Or a .npz holding a float array "depth" (H, W).
+PASS_FILE_KEYS = {"albedo": "albedo_path", "normal": "normal_path", "depth": "depth_path"}
+_PASS_META_KEYS = (*PASS_FILE_KEYS.values(), "depth_scale")
 
 
 def find_transforms(path: str | Path) -> Path:
@@ -155,11 +218,9 @@ def find_transforms(path: str | Path) -> Path:
 
 def read_frames(path: str | Path) -> tuple[Path, list[Frame], dict]:
     """Parse a transforms file.  Returns (file path, frames, top-level dict)."""
-    file, raw, doc = transforms.read(path, TRANSFORMS_NAMES, _INTRINSIC_KEYS)
+    file, raw, doc = transforms.read(path, TRANSFORMS_NAMES, _INTRINSIC_KEYS + _PASS_META_KEYS)
     frames = []
     for f in raw:
-        if any(float(f.meta.get(k, 0.0)) != 0.0 for k in ("k1", "k2", "k3", "p1", "p2")):
-            warnings.warn(f"{file}: lens distortion coefficients are ignored", stacklevel=2)
         frames.append(Frame(name=f.name, image_path=f.image, c2w=f.c2w, meta=f.meta))
     return file, frames, doc
 
@@ -183,20 +244,119 @@ def image_size(path: Path) -> tuple[int, int]:
         return im.width, im.height
 
 
+def read_pass(kind: str, path: Path, meta: dict, size: tuple[int, int], downscale: int = 1) -> np.ndarray:
+    """One pass file (encodings: see PASS_FILE_KEYS) as a PASS_DTYPES array of ``size`` (w, h)
+    after ``downscale``: albedo is box-filtered; normals and depth take the pixel at the
+    middle of each block (averaging would mix surface and background)."""
+    from PIL import Image
+
+    d = int(downscale)
+    if kind == "depth" and path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "depth" not in z:
+                raise ValueError(f"{path}: no array 'depth' in it")
+            arr = np.asarray(z["depth"], dtype=np.float32)
+    else:
+        with Image.open(path) as im:
+            if kind == "albedo":
+                im = im.convert("RGB")
+                if d > 1:
+                    im = im.resize((im.width // d, im.height // d), Image.Resampling.BOX)
+                    d = 1
+                arr = np.asarray(im, dtype=np.uint8)
+            elif kind == "normal":
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            else:
+                if im.mode not in ("I;16", "I;16B", "I", "L"):
+                    raise ValueError(f"{path}: depth must be a 16-bit single-channel PNG, got mode {im.mode}")
+                if "depth_scale" not in meta:
+                    raise ValueError(f"{path}: a depth PNG needs a 'depth_scale' key (world units per count)")
+                arr = np.asarray(im, dtype=np.float64) * float(meta["depth_scale"])
+    if d > 1:
+        arr = arr[d // 2::d, d // 2::d][: size[1], : size[0]]
+    if arr.shape[:2] != (size[1], size[0]):
+        raise ValueError(f"{path}: {kind} of {arr.shape[1]}x{arr.shape[0]} pixels does not match its image "
+                         f"({size[0]}x{size[1]})")
+    if kind == "normal":
+        empty = ~arr.any(axis=-1)
+        n = arr.astype(np.float32) * (2.0 / 255.0) - 1.0
+        n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
+        n[empty] = 0.0
+        return n.astype(np.float32)
+    if kind == "depth":
+        return np.asarray(arr, dtype=np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def write_pass_files(folder: str | Path, stem: str, passes: dict[str, np.ndarray], depth_scale: float
+                     ) -> dict[str, str]:
+    """Write one view's passes ("albedo" (H,W,3) u8, "normal" (H,W,3) f32, "depth" (H,W) f32) as
+    the files :func:`read_pass` reads: ``<stem>_albedo.png``, ``<stem>_normal.png``,
+    ``<stem>_depth.png`` under ``folder``.  Returns the frame keys (paths relative to ``folder``).
+    ``depth_scale``: world units per 16-bit count (depths above 65535 * scale are an error)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    keys = {}
+    if "albedo" in passes:
+        Image.fromarray(np.ascontiguousarray(passes["albedo"], dtype=np.uint8), "RGB").save(folder / f"{stem}_albedo.png")
+        keys["albedo_path"] = f"{stem}_albedo.png"
+    if "normal" in passes:
+        n = np.asarray(passes["normal"], dtype=np.float32)
+        v = np.clip(np.round((n + 1.0) * 127.5), 1, 255).astype(np.uint8)   # 0 is kept for "no surface"
+        v[~n.any(axis=-1)] = 0
+        Image.fromarray(v, "RGB").save(folder / f"{stem}_normal.png")
+        keys["normal_path"] = f"{stem}_normal.png"
+    if "depth" in passes:
+        counts = np.round(np.asarray(passes["depth"], dtype=np.float64) / depth_scale)
+        if counts.max(initial=0) > 65535:
+            raise ValueError(f"depth {counts.max() * depth_scale:g} does not fit 16 bits at scale {depth_scale:g}")
+        Image.fromarray(counts.astype(np.uint16)).save(folder / f"{stem}_depth.png")
+        keys["depth_path"] = f"{stem}_depth.png"
+    return keys
+
+
+def _frame_passes(file: Path, frames: list, images: list, downscale: int) -> dict[str, np.ndarray]:
+    """Passes named by every frame (a pass only some frames name is an error)."""
+    out = {}
+    for kind, key in PASS_FILE_KEYS.items():
+        have = [key in f.meta for f in frames]
+        if not any(have):
+            continue
+        if not all(have):
+            raise ValueError(f"{file}: '{key}' is given for {sum(have)} of {len(frames)} frames; give it for all or none")
+        arrays = []
+        for f, img in zip(frames, images):
+            path = transforms.resolve_image(file.parent, str(f.meta[key]))
+            if path is None:
+                raise ValueError(f"{file}: {kind} pass file {f.meta[key]!r} of frame {f.name!r} not found")
+            arrays.append(read_pass(kind, path, f.meta, (img.shape[1], img.shape[0]), downscale))
+        out[kind] = np.stack(arrays)
+    return out
+
+
 def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
     """Load a NeRF-style dataset: a folder holding transforms_train.json / transforms.json, or the
     file itself.  Intrinsics may be global or per frame (camera_angle_x, or fl_x/fl_y/cx/cy with
     w/h); ``file_path`` may omit the extension.  The box is the file's "aabb" key
     ([[min], [max]]) or else :func:`estimate_aabb`.  ``downscale`` (integer) shrinks the images.
+    Optional per-frame pass files (albedo_path, normal_path, depth_path: encodings at
+    PASS_FILE_KEYS) fill ``passes``.
     """
     if int(downscale) != downscale or downscale < 1:
         raise ValueError(f"downscale must be a positive integer, got {downscale}")
     file, frames, doc = read_frames(path)
-    images, intrinsics = [], []
+    images, intrinsics, lenses = [], [], []
     for f in frames:
         if f.image_path is None:
             raise ValueError(f"{file}: image for frame {f.name!r} not found")
         img = read_image(f.image_path, int(downscale))
+        lenses.append(transforms.frame_lens(f.meta))        # camera_model, k1..k4, p1, p2
+        if f.meta.get("mask_path"):                           # the mask becomes the image's alpha
+            mask = transforms.resolve_image(file.parent, str(f.meta["mask_path"]))
+            if mask is None:
+                raise ValueError(f"{file}: mask {f.meta['mask_path']!r} of frame {f.name!r} not found")
+            img[..., 3] = transforms.read_mask(mask, image_size(f.image_path), int(downscale))
         if images and img.shape != images[0].shape:
             raise ValueError(f"{f.image_path}: size {img.shape[1]}x{img.shape[0]} differs from the first "
                              f"image's {images[0].shape[1]}x{images[0].shape[0]}; all images must share one size")
@@ -215,7 +375,9 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
             raise ValueError(f"{file}: 'aabb' must be [[xmin, ymin, zmin], [xmax, ymax, zmax]]")
     else:
         aabb = estimate_aabb(intrinsics, poses, w, h)
-    return PosedImages(np.stack(images), intrinsics, poses, aabb, [f.name for f in frames])
+    return PosedImages(np.stack(images), intrinsics, poses, aabb, [f.name for f in frames],
+                       passes=_frame_passes(file, frames, images, int(downscale)),
+                       lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]))
 
 
 def estimate_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -254,8 +416,15 @@ def from_submit(msg: Any) -> PosedImages:
     stem = msg.name or "view"
     # A copy: the received arrays are read-only views of ZeroMQ frames, which then need not
     # stay alive for the whole job.
+    lens_rows = {"lens_models": np.asarray(msg.lens_models), "distortion": np.asarray(msg.distortion)} \
+        if len(getattr(msg, "lens_models", ())) else {}
+    passes = {}
+    for kind, wire_name in (("albedo", "albedo"), ("normal", "normals"), ("depth", "depth")):
+        value = getattr(msg, wire_name, None)
+        if value is not None and value.shape[0]:
+            passes[kind] = np.array(value, dtype=PASS_DTYPES[kind], copy=True)
     return PosedImages(np.array(msg.images, copy=True), msg.intrinsics, msg.poses, msg.aabb,
-                       [f"{stem}_{i:04d}" for i in range(n)])
+                       [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +460,16 @@ class RaySampler:
         self.intrinsics = torch.from_numpy(data.intrinsics).float().to(self.device)      # (N,4)
         self.poses = torch.from_numpy(data.poses).float().to(self.device)                # (N,4,4)
         self.n, self.h, self.w = data.images.shape[:3]
+        self.lens_models = self.distortion = None                                         # pinholes
+        if data.lens_models is not None:
+            self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
+            self.distortion = torch.from_numpy(data.distortion).float().to(self.device)   # (N,6)
+        # Passes on the device: albedo (N,H,W,3) u8, normal (N,H,W,3) f16 (unit to ~1e-3),
+        # depth (N,H,W) f32.
+        self.passes: dict[str, torch.Tensor] = {}
+        for kind, value in data.passes.items():
+            t = torch.from_numpy(np.ascontiguousarray(value))
+            self.passes[kind] = (t.half() if kind == "normal" else t).to(self.device)
 
     def sample(self, count: int, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,10 +479,41 @@ class RaySampler:
             origins (count, 3) float32 world, directions (count, 3) float32 unit,
             rgba (count, 4) float32 in [0, 1] (sRGB, straight alpha).
         """
+        return self._draw(count, generator)[3:]
+
+    def sample_passes(self, count: int, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Like :meth:`sample`, plus the passes the data has at the same pixels.
+
+        Returns:
+            origins, directions, rgba as :meth:`sample`, and a dict with (only) the passes of
+            the data: "albedo" (count, 3) float32 in [0, 1], sRGB-encoded (the same encoding
+            as rgba); "normal" (count, 3) float32 world unit normals (0: no surface);
+            "depth" (count, 1) float32 distance along the returned unit direction to the
+            surface (origin + depth * direction is the surface point; 0: no surface).
+        """
+        img, y, x, o, d, rgba = self._draw(count, generator)
+        out: dict[str, torch.Tensor] = {}
+        if "albedo" in self.passes:
+            out["albedo"] = self.passes["albedo"][img, y, x].float() / 255.0
+        if "normal" in self.passes:
+            out["normal"] = self.passes["normal"][img, y, x].float()
+        if "depth" in self.passes:
+            z = self.passes["depth"][img, y, x]                       # along the camera's axis
+            forward = -self.poses[img, :3, 2]                         # (count, 3) unit viewing axis
+            cos = (d * forward).sum(-1).clamp_min(1e-6)
+            out["depth"] = (z / cos).unsqueeze(-1)
+        return o, d, rgba, out
+
+    def _draw(self, count: int, generator: torch.Generator | None):
+        """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""
         flat = torch.randint(0, self.n * self.h * self.w, (count,), device=self.device, generator=generator)
         img = flat // (self.h * self.w)
         pix = flat % (self.h * self.w)
         y, x = pix // self.w, pix % self.w
-        o, d = camera_rays(self.intrinsics[img], self.poses[img], x.float() + 0.5, y.float() + 0.5)
+        u, v = x.float() + 0.5, y.float() + 0.5
+        if self.lens_models is not None:   # distorted photos: each pixel's ray bends through the lens
+            u, v = lens.undistort_pixels(self.intrinsics[img], u, v, self.lens_models[img], self.distortion[img])
+        o, d = camera_rays(self.intrinsics[img], self.poses[img], u, v)
         rgba = self.images[img, y, x].float() / 255.0
-        return o, d, rgba
+        return img, y, x, o, d, rgba

@@ -18,21 +18,39 @@ import torch
 from shared import cameras
 
 from .fields.nerf import NerfField, NerfFieldConfig
+from .fields.occfield import OccField
+from .fields.sdf import SdfField, SurfaceField, SurfaceFieldConfig
 from .occupancy import OccupancyGrid
 from .render import RayOutput, render_rays, render_rays_segmented
+from .surface_render import SurfaceOutput, render_surface
 
 FORMAT = 1
 WEIGHTS_FILE = "model.pt"
 RUN_FILE = "run.json"
 
 
-def build_field(cfg: Any) -> NerfField:
+SURFACE_FIELDS = {"sdf": SdfField, "occupancy": OccField}
+ATTRIBUTE_CHUNK = 1 << 16      # points per chunk in surface_attributes
+# Surface fields: cells whose raw value (signed distance for SDFs) is below this many cell
+# diagonals of the occupancy grid stay occupied (interior included: rays are cut once opaque).
+SURFACE_BAND_CELLS = 2.0
+# Occupied cells get this multiple of the grid's density threshold as pseudo-density: with the
+# surface presets' decay of 0.5 a cell the surface left is dropped after 2-4 updates.
+SURFACE_OCCUPIED_FACTOR = 4.0
+
+
+def build_field(cfg: Any) -> NerfField | SurfaceField:
     """The field a FitConfig describes (untrained)."""
-    if cfg.method != "nerf":
-        raise ValueError(f"unknown method {cfg.method!r} (known: nerf)")
-    return NerfField(NerfFieldConfig(levels=cfg.levels, features=cfg.features, log2_table=cfg.log2_table,
-                                     base_res=cfg.base_res, max_res=cfg.max_res, hidden=cfg.hidden,
-                                     geo_features=cfg.geo_features, color_layers=cfg.color_layers))
+    if cfg.method == "nerf":
+        return NerfField(NerfFieldConfig(levels=cfg.levels, features=cfg.features, log2_table=cfg.log2_table,
+                                         base_res=cfg.base_res, max_res=cfg.max_res, hidden=cfg.hidden,
+                                         geo_features=cfg.geo_features, color_layers=cfg.color_layers))
+    if cfg.method in SURFACE_FIELDS:
+        return SURFACE_FIELDS[cfg.method](SurfaceFieldConfig(
+            levels=cfg.levels, features=cfg.features, log2_table=cfg.log2_table, base_res=cfg.base_res,
+            max_res=cfg.max_res, hidden=cfg.hidden, geo_features=cfg.geo_features,
+            color_layers=cfg.color_layers, init_radius=cfg.init_radius, init_variance=cfg.init_variance))
+    raise ValueError(f"unknown method {cfg.method!r} (known: nerf, {', '.join(SURFACE_FIELDS)})")
 
 
 def build_occupancy(cfg: Any) -> OccupancyGrid:
@@ -50,18 +68,21 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 class FittedField:
-    """A radiance field, its occupancy grid and its scene box (world units).
+    """A fitted field, its occupancy grid and its scene box (world units).
 
     Args:
-        field: the network, in normalised coordinates.  occupancy: its occupancy grid.
+        field: the network, in normalised coordinates: a NerfField (method "nerf") or a
+            SurfaceField (SdfField "sdf", OccField "occupancy").  occupancy: its occupancy grid.
         aabb: (2, 3) float64 world box.  config: the FitConfig it was trained with.
-        meta: JSON-able facts about the run (training size, steps, time, PSNR, ...).
+        meta: JSON-able facts about the run (training size, steps, time, PSNR, ...);
+            ``meta["lighting_baked"]`` is True unless an albedo pass supervised the albedo.
     """
 
-    def __init__(self, field: NerfField, occupancy: OccupancyGrid, aabb: np.ndarray, config: Any,
-                 meta: dict | None = None):
+    def __init__(self, field: NerfField | SurfaceField, occupancy: OccupancyGrid, aabb: np.ndarray,
+                 config: Any, meta: dict | None = None):
         self.field, self.occupancy, self.config = field, occupancy, config
         self.meta = dict(meta or {})
+        self.meta.setdefault("lighting_baked", True)
         self.aabb = np.asarray(aabb, dtype=np.float64)
         self.center = 0.5 * (self.aabb[0] + self.aabb[1])
         self.scale = float(0.5 * np.max(self.aabb[1] - self.aabb[0]))
@@ -70,6 +91,15 @@ class FittedField:
         self.box = torch.tensor(box, dtype=torch.float32, device=self.device)       # (2, 3) normalised
         self.step_size = 2.0 * math.sqrt(3.0) / config.march_steps                  # normalised units
         self.max_steps = int(config.march_steps)
+
+    @property
+    def method(self) -> str:
+        """"nerf" | "sdf" | "occupancy"."""
+        return self.config.method
+
+    @property
+    def is_surface(self) -> bool:
+        return isinstance(self.field, SurfaceField)
 
     # ---- frames --------------------------------------------------------------------------
     def to_normalised(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +112,13 @@ class FittedField:
               differentiable: bool = True) -> RayOutput:
         """Render world rays; origins (R, 3), dirs (R, 3) unit, float32 on the model's device.
 
-        ``depth`` comes back in world units.  ``differentiable=False`` renders in segments with
-        early ray termination, without gradients.
+        ``depth`` comes back in world units.  ``differentiable=False`` renders without
+        gradients (radiance fields: in segments with early ray termination).
         """
+        if self.is_surface:
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                out = self.trace_surface(origins, dirs, jitter)
+            return RayOutput(out.rgb, out.opacity, out.depth, out.samples)
         o = self.to_normalised(origins)
         if differentiable:
             out = render_rays(self.field, self.occupancy.occupied, o, dirs, self.box, self.step_size,
@@ -94,6 +128,50 @@ class FittedField:
                                         self.step_size, self.max_steps)
         out.depth = out.depth * self.scale
         return out
+
+    def trace_surface(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
+                      normals: bool = False, albedo: bool = False) -> SurfaceOutput:
+        """Render world rays through a surface field (see :func:`render_surface`).
+
+        ``normals``/``albedo`` add composited world normals and albedo; ``extras`` carries the
+        per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value (normalised units) for
+        the regularisers.  ``depth`` in world units.
+        """
+        field, step = self.field, self.step_size
+
+        def sample_fn(x, d):
+            v, feat, grad, lap = field.geometry_with_derivatives(x, field.fd_step)
+            n = field.outward_normals(grad)
+            out = {"tau": field.optical_depth(v, grad, d, step), "rgb": field.radiance(feat, n, d),
+                   "grad": grad, "laplacian": lap}
+            if normals:
+                out["normal"] = n
+            if albedo:
+                out["albedo"] = field.albedo(feat)
+            return out
+
+        out = render_surface(sample_fn, self.occupancy.occupied, self.to_normalised(origins), dirs, self.box,
+                             step, self.max_steps, jitter, stop_fn=lambda x: field.deep_inside(field.value(x), step))
+        out.depth = out.depth * self.scale
+        return out
+
+    @torch.no_grad()
+    def update_occupancy(self, fraction: float) -> None:
+        """Refresh the occupancy grid from the field (surface fields: the band around the
+        surface and the inside; radiance fields: the density)."""
+        if not self.is_surface:
+            self.occupancy.update(self.field.density, self.step_size, fraction=fraction)
+            return
+        field = self.field
+        band = SURFACE_BAND_CELLS * 2.0 * math.sqrt(3.0) / self.occupancy.resolution
+        if isinstance(field, SdfField):     # where NeuS's density is above ~2% of its peak
+            band = max(band, 4.0 / float(field.inv_s()))
+        occupied = SURFACE_OCCUPIED_FACTOR * -math.log1p(-self.occupancy.threshold) / self.step_size
+
+        def pseudo_density(x):
+            return (field.value(x) < band).float() * occupied
+
+        self.occupancy.update(pseudo_density, self.step_size, fraction=fraction)
 
     @torch.no_grad()
     def render(self, intrinsics, c2w, width: int, height: int) -> np.ndarray:
@@ -123,9 +201,89 @@ class FittedField:
         img = torch.cat(parts).clamp(0.0, 1.0).reshape(height, width, 4)
         return img.cpu().numpy().astype(np.float32)
 
+    # ---- surfaces (contract C2) ------------------------------------------------------------
+    @torch.no_grad()
+    def inside_field(self, x_world: torch.Tensor) -> torch.Tensor:
+        """(M, 3) float32 world points on ``self.device`` -> (M,) float32: positive inside the
+        object, negative outside, zero on the surface.
+
+        sdf: minus the signed distance in WORLD units; occupancy: the logit of the occupancy
+        probability; nerf: density minus the mesher's iso-level (per normalised unit).
+        """
+        x = self.to_normalised(x_world.float())
+        if isinstance(self.field, SdfField):
+            return self.field.inside(x) * self.scale
+        if self.is_surface:
+            return self.field.inside(x)
+        from .export.mesh import nerf_inside_field    # the mesher owns the radiance field's level
+        return nerf_inside_field(self, x_world.float())
+
+    def surface_attributes(self, points_world: np.ndarray, normals_world: np.ndarray | None = None
+                           ) -> dict[str, np.ndarray]:
+        """Appearance and orientation at surface points (e.g. mesh vertices or texels).
+
+        Args:
+            points_world: (M, 3) float32 world points on (or near) the surface.
+            normals_world: (M, 3) outward unit normals to look along (e.g. the mesh's), or None
+                to use the field's own.
+        Returns:
+            "albedo" (M, 3) float32 sRGB in [0, 1]: the learnt diffuse albedo where an albedo pass
+            supervised it (``meta["lighting_baked"]`` False), else the radiance a camera sees
+            looking at the point against its normal (lighting baked in);
+            "normal" (M, 3) float32 unit world-space outward normals from the field's gradient.
+        """
+        pts = np.asarray(points_world, dtype=np.float32)
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError(f"points must be (M, 3), got {pts.shape}")
+        given = None
+        if normals_world is not None:
+            given = np.asarray(normals_world, dtype=np.float32)
+            if given.shape != pts.shape:
+                raise ValueError(f"normals must match the points' shape {pts.shape}, got {given.shape}")
+        albedo, normal = [], []
+        was_training = self.field.training
+        self.field.eval()
+        try:
+            for i in range(0, len(pts), ATTRIBUTE_CHUNK):
+                x = torch.from_numpy(pts[i:i + ATTRIBUTE_CHUNK]).to(self.device)
+                g = None if given is None else torch.from_numpy(given[i:i + ATTRIBUTE_CHUNK]).to(self.device)
+                a, n = self._attributes(x, g)
+                albedo.append(a.clamp(0.0, 1.0).cpu())
+                normal.append(n.cpu())
+        finally:
+            self.field.train(was_training)
+        if not albedo:
+            return {"albedo": np.zeros((0, 3), np.float32), "normal": np.zeros((0, 3), np.float32)}
+        return {"albedo": torch.cat(albedo).numpy().astype(np.float32),
+                "normal": torch.cat(normal).numpy().astype(np.float32)}
+
+    def _attributes(self, x_world: torch.Tensor, look: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 3) world points, optional (K, 3) normals -> albedo (K, 3), unit normals (K, 3)."""
+        x = self.to_normalised(x_world)
+        if self.is_surface:
+            with torch.no_grad():
+                field = self.field
+                _, feat, grad, _ = field.geometry_with_derivatives(x, field.fd_step)
+                n = field.outward_normals(grad)
+                if not self.meta.get("lighting_baked", True):
+                    return field.albedo(feat), n
+                v = n if look is None else torch.nn.functional.normalize(look, dim=-1, eps=1e-12)
+                return field.radiance(feat, n, -v), n
+        with torch.enable_grad():       # radiance field: normal = -grad(density)
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.field.density(xg).sum(), xg)
+        n = torch.nn.functional.normalize(-grad, dim=-1, eps=1e-12)
+        v = n if look is None else torch.nn.functional.normalize(look, dim=-1, eps=1e-12)
+        with torch.no_grad():           # a short ray from just outside, looking against the normal
+            origin = x_world + v * (0.04 * self.scale)
+            out = self.trace(origin, -v, differentiable=False)
+            rgb = out.rgb / out.opacity.clamp_min(1e-6)[:, None]
+        return rgb, n.detach()
+
     # ---- persistence -----------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:
-        """Write ``run_dir/model.pt`` (tensors only) and ``run_dir/run.json``."""
+        """Write ``run_dir/model.pt`` (tensors only) and ``run_dir/run.json`` (with the method)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"format": FORMAT, "field": self.field.state_dict(),
@@ -146,9 +304,12 @@ class FittedField:
         if doc.get("format") != FORMAT:
             raise ValueError(f"{run_dir}: run format {doc.get('format')!r} is not {FORMAT}")
         dev = pick_device(device)
-        cfg = FitConfig.from_dict({**doc["config"], "device": str(dev)})
+        method = doc.get("method", doc["config"].get("method", "nerf"))
+        cfg = FitConfig.from_dict({**doc["config"], "method": method, "device": str(dev)})
         state = torch.load(run_dir / WEIGHTS_FILE, map_location=dev, weights_only=True)
         field, occupancy = build_field(cfg).to(dev), build_occupancy(cfg).to(dev)
         field.load_state_dict(state["field"])
         occupancy.load_state_dict(state["occupancy"])
+        if isinstance(field, SurfaceField):
+            field.restore_active_levels()
         return cls(field, occupancy, np.asarray(doc["aabb"]), cfg, doc.get("meta", {}))

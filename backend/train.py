@@ -10,7 +10,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .data import PosedImages, RaySampler
 from .model import FittedField, build_field, build_occupancy, pick_device
 
-METHODS = ("nerf",)
+METHODS = ("nerf", "sdf", "occupancy")
 PRESETS = ("draft", "standard", "high")
 LOSSES = ("mse", "smooth_l1")
 PREVIEW_SHARE = 0.1     # most of the wall time previews may take; the interval grows to keep it
@@ -72,8 +72,26 @@ class FitConfig:
     # misc
     render_chunk: int = 1 << 18     # rays per chunk when rendering
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
+    cuda_graphs: bool = True        # replay fixed-shape steps from a CUDA graph (backend/graph_step.py)
+    mlp_precision: str = "float32"  # float32 | bfloat16: autocast of the MLPs in graph-replayed steps
+    prepass_samples: int = 0        # graph steps: slots of a density-only pass for early ray termination (0 = off)
+    early_stop_transmittance: float = 1e-4  # ... samples behind this transmittance are not trained
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     progress_interval: float = 0.25  # seconds between progress callbacks
+    # surfaces (method "sdf" / "occupancy"; backend/train_surface.py)
+    init_radius: float = 0.5        # geometric initialisation: a sphere of this radius (normalised)
+    init_variance: float = 0.3      # sdf: NeuS sharpness inv_s = exp(10 * variance) at the start
+    variance_lr: float = 1e-3       # sdf: Adam learning rate of the NeuS variance
+    start_levels: int = 4           # hash levels active at the start (coarse to fine)
+    level_every: int = 0            # steps between activating one more level; 0 = all by mid-fit
+    cos_anneal_steps: int = 0       # sdf: steps over which NeuS's slope anneals; 0 = 10% of the fit
+    eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
+    eikonal_points: int = 1024      # random points in the box per step for the eikonal term
+    curvature_weight: float = 5e-4  # mean |laplacian| (finite differences) on the samples
+    mask_weight: float = 0.1        # BCE of opacity against alpha, where the images have masks
+    albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
+    normal_weight: float = 0.05     # 1 - cos of rendered vs the "normal" pass, where given
+    depth_weight: float = 0.1       # L1 of rendered vs the "depth" pass (normalised units), where given
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitConfig":
@@ -99,6 +117,16 @@ class FitConfig:
         return self
 
 
+# Per-method changes on top of _PRESETS (surface fields; see backend/train_surface.py).
+_SURFACE_PRESETS: dict[str, dict[str, Any]] = {
+    # surface samples cost 5 field evaluations (finite-difference gradients): fewer of them
+    "draft": dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
+                  occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256),
+    "standard": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0),
+    "high": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0),
+}
+_METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"sdf": _SURFACE_PRESETS, "occupancy": _SURFACE_PRESETS}
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # A recognisable result in about a minute on 2 CPU cores (~24 views of 128x128).
     "draft": dict(steps=400, levels=8, log2_table=16, max_res=256, march_steps=256,
@@ -106,11 +134,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
                   batch_rays=1024, target_samples=1 << 15, max_rays=1 << 13, mesh_resolution=128,
                   render_chunk=1 << 14),
     # instant-ngp's settings for the NeRF synthetic scenes, except (measured on lego, H100, 60 s;
-    # docs/benchmarks.md): 2^20-row tables (+0.2 dB) and 2^19 samples a step (+0.4 dB: a step is
-    # launch-bound, so twice the samples cost 1.3x the time); renders in chunks of 2^16 rays so
-    # that evaluating a young field (many occupied cells) stays well under 4 GB.
-    "standard": dict(steps=20000, log2_table=20, target_samples=1 << 19, render_chunk=1 << 16),
-    "high": dict(steps=40000, log2_table=20, mesh_resolution=512),
+    # docs/benchmarks.md): 2^20-row tables (+0.2 dB); on CUDA, graph-replayed steps with early
+    # ray termination: a density-only pass over 2^20 marched samples, then 2^18 trained samples
+    # of up to 2^18 rays (+0.3 dB over 2^19 samples without termination); renders in chunks of
+    # 2^16 rays so that evaluating a young field (many occupied cells) stays well under 4 GB.
+    "standard": dict(steps=20000, log2_table=20, target_samples=1 << 18, prepass_samples=1 << 20,
+                     max_rays=1 << 18, render_chunk=1 << 16),
+    "high": dict(steps=40000, log2_table=20, target_samples=1 << 18, prepass_samples=1 << 20,
+                 max_rays=1 << 18, mesh_resolution=512),
 }
 
 
@@ -126,7 +157,8 @@ def make_config(method: str = "nerf", preset: str = "standard", device: str | No
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
-    values = {**_PRESETS[preset], "method": method, "preset": preset, "device": str(pick_device(device)),
+    values = {**_PRESETS[preset], **_METHOD_PRESETS.get(method, {}).get(preset, {}),
+              "method": method, "preset": preset, "device": str(pick_device(device)),
               "seconds": float(seconds), **overrides}
     if steps:
         values["steps"] = int(steps)
@@ -147,6 +179,11 @@ class Callbacks:
     def should_stop(self) -> bool:
         """Polled every step; True stops the fit with :class:`Cancelled`."""
         return False
+
+    def on_checkpoint(self, step: int, state: Callable[[], dict]) -> None:
+        """Called after every step; ``state()`` returns the training state to save (only call it
+        when a checkpoint is due): :meth:`Trainer.state_dict` plus ``step`` and ``elapsed`` (s).
+        ``fit(..., resume=that dict)`` carries on from it."""
 
 
 class Cancelled(Exception):
@@ -226,24 +263,64 @@ class Trainer:
             self.rays = int(min(max(self.rays * min(max(ratio, 0.5), 2.0), 256), cfg.max_rays))
         return loss.detach(), mse.detach(), out.samples
 
+    def state_dict(self) -> dict:
+        """Everything a resumed fit needs besides the step and the clock: field weights,
+        occupancy grid, optimiser state, ray count and RNG states (tensors, for torch.save)."""
+        state = {"field": self.model.field.state_dict(), "occupancy": self.model.occupancy.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rays": int(self.rays),
+                 "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
-def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -> FittedField:
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (before the first step)."""
+        self.model.field.load_state_dict(state["field"])
+        self.model.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rays = int(state["rays"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+
+
+def make_trainer(data: PosedImages, cfg: FitConfig) -> Trainer:
+    """The trainer for ``cfg``: steps replayed from CUDA graphs where they can run, else eager."""
+    from . import graph_step
+
+    if graph_step.available(cfg, pick_device(cfg.device)):
+        return graph_step.make_graph_trainer(data, cfg)
+    return Trainer(data, cfg)
+
+
+def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
+        resume: dict | None = None) -> FittedField:
     """Train a field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
 
+    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
     Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
     """
+    if cfg.method != "nerf":    # surface fields have their own trainer (it imports this module)
+        from .train_surface import fit_surface
+        return fit_surface(data, cfg, callbacks)
     cb = callbacks or Callbacks()
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(data, cfg)
+    trainer = make_trainer(data, cfg)
     model = trainer.model
     preview_cam = _preview_camera(data, cfg.preview_size)
+    first, offset = 0, 0.0
+    if resume is not None:
+        trainer.load_state_dict(resume)
+        first, offset = int(resume["step"]), float(resume["elapsed"])
+        model.meta["resumed_from_step"] = first
+    checkpoint = getattr(cb, "on_checkpoint", None)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - offset
     last_progress = -math.inf
     last_preview = -math.inf
     preview_every = cfg.preview_interval
-    sums, count, mse_last, step = None, 0, None, 0      # (loss, mse) summed on the device
+    sums, count, mse_last, step = None, 0, None, first  # (loss, mse) summed on the device
     samples, first_step_s = 0, None
     while True:
         elapsed = time.perf_counter() - start
@@ -257,7 +334,8 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
             cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
         # Previews wait for the occupancy grid's first update: before it every cell counts as
         # occupied, so a render costs the whole box (tens of seconds on a CPU) to show fog.
-        warm = step > cfg.occupancy_warmup
+        # (On a GPU a render costs little either way: no need to wait.)
+        warm = step > cfg.occupancy_warmup or trainer.device.type == "cuda"
         if preview_cam is not None and (done or (warm and elapsed - last_preview >= preview_every)):
             cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
             last_preview = time.perf_counter() - start
@@ -269,13 +347,17 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -
             raise Cancelled(step, model)
         trainer.update_step(step, fraction)
         loss, mse, n = trainer.step()
-        samples += n
+        samples = samples + n       # an int, or a device tensor (not synchronised here)
         if first_step_s is None:  # includes one-time costs: kernel compilation, allocator warm-up
             first_step_s = time.perf_counter() - start
         sums = torch.stack([loss, mse]) if sums is None else sums + torch.stack([loss, mse])
         count += 1
         step += 1
-    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": samples,
+        if checkpoint is not None:
+            checkpoint(step, lambda: {**trainer.state_dict(), "step": step, "elapsed": time.perf_counter() - start})
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)      # the budget counts work done, not work queued
+    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": int(samples),
                        "first_step_s": round(first_step_s or 0.0, 3),
                        "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
     model.field.eval()

@@ -5,8 +5,11 @@ Everything here runs on the main thread.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import bpy
@@ -25,6 +28,10 @@ AABB_PADDING = 0.1        # of the box's longest side, on every side
 
 class CaptureError(Exception):
     """The scene cannot be captured; the text tells the user what to change."""
+
+
+class CaptureCancelled(CaptureError):
+    """Rendering was cancelled (views rendered so far stay in the cache)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +90,112 @@ def camera_arrays(camera_objects, scene) -> tuple[np.ndarray, np.ndarray]:
     k = np.array([camera_intrinsics(ob, scene) for ob in camera_objects], dtype=np.float64).reshape(-1, 4)
     p = np.array([camera_pose(ob) for ob in camera_objects], dtype=np.float64).reshape(-1, 4, 4)
     return k, p
+
+
+# --------------------------------------------------------------------------------------------
+# Camera sources: the scene's cameras (default), the selected cameras, the cameras of a
+# collection, or one animated camera over a frame range (one view per frame)
+# --------------------------------------------------------------------------------------------
+SOURCES = ("SCENE", "SELECTED", "COLLECTION", "ANIMATION")
+
+
+def selected_cameras(view_layer) -> list:
+    """Selected camera objects enabled for rendering, sorted by name."""
+    cams = [ob for ob in view_layer.objects if ob.type == "CAMERA" and not ob.hide_render
+            and ob.select_get(view_layer=view_layer)]
+    return sorted(cams, key=lambda ob: ob.name)
+
+
+def collection_cameras(collection) -> list:
+    """Camera objects (enabled for rendering) of a collection and its children, sorted by name.
+    ``collection``: a Collection or its name."""
+    coll = bpy.data.collections.get(collection) if isinstance(collection, str) else collection
+    if coll is None:
+        raise CaptureError(f"There is no collection named '{collection}': pick the collection holding the cameras.")
+    cams = [ob for ob in coll.all_objects if ob.type == "CAMERA" and not ob.hide_render]
+    if not cams:
+        raise CaptureError(f"The collection '{coll.name}' holds no cameras enabled for rendering.")
+    return sorted(cams, key=lambda ob: ob.name)
+
+
+def frame_numbers(scene, frame_range=None) -> list[int]:
+    """Frames of ``frame_range`` = (start, end, step), end included; None: the scene's range."""
+    start, end, step = frame_range or (scene.frame_start, scene.frame_end, scene.frame_step)
+    start, end, step = int(start), int(end), int(step)
+    if step < 1 or end < start:
+        raise CaptureError(f"The frame range {start}..{end} (step {step}) is empty: the end must not be "
+                           "before the start, and the step must be at least 1.")
+    return list(range(start, end + 1, step))
+
+
+def view_arrays(scene, camera_objects, frames=None) -> tuple[np.ndarray, np.ndarray]:
+    """intrinsics (N, 4) and poses (N, 4, 4) float64 of views; ``frames[i]`` (or None) is the
+    scene frame at which view i is seen (animated cameras: pose and lens per frame).  The
+    current frame is restored."""
+    if frames is None or all(f is None for f in frames):
+        return camera_arrays(camera_objects, scene)
+    check_perspective(camera_objects)
+    current = scene.frame_current
+    ks, ps = [], []
+    try:
+        for ob, frame in zip(camera_objects, frames):
+            if frame is not None and frame != scene.frame_current:
+                scene.frame_set(frame)
+            ks.append(camera_intrinsics(ob, scene))
+            ps.append(camera_pose(ob))
+    finally:
+        if scene.frame_current != current:
+            scene.frame_set(current)
+    return np.array(ks, dtype=np.float64).reshape(-1, 4), np.array(ps, dtype=np.float64).reshape(-1, 4, 4)
+
+
+def source_views(scene, view_layer, source: str, *, collection=None, camera=None, frame_range=None
+                 ) -> tuple[list, list]:
+    """(camera objects, frames) of a non-default source; frames are None except for ANIMATION."""
+    if source == "SELECTED":
+        cams = selected_cameras(view_layer)
+        if not cams:
+            raise CaptureError("No cameras are selected: select the cameras to render, or pick another camera source.")
+        return cams, [None] * len(cams)
+    if source == "COLLECTION":
+        if not collection:
+            raise CaptureError("Pick the collection whose cameras should be rendered.")
+        cams = collection_cameras(collection)
+        return cams, [None] * len(cams)
+    if source == "ANIMATION":
+        ob = scene.objects.get(camera) if isinstance(camera, str) and camera else (camera or scene.camera)
+        if ob is None or ob.type != "CAMERA":
+            raise CaptureError(f"'{camera or 'The scene camera'}' is not a camera: pick the animated camera.")
+        frames = frame_numbers(scene, frame_range)
+        return [ob] * len(frames), frames
+    raise CaptureError(f"Unknown camera source {source!r} (one of {', '.join(SOURCES)}).")
+
+
+def fit_settings_from_props(props) -> dict:
+    """FitSettings keyword arguments of the capture options in ``scene.implicit``."""
+    coll = getattr(props, "capture_collection", None)
+    cam = getattr(props, "capture_camera", None)
+    return {"source": getattr(props, "capture_source", "SCENE"),
+            "source_collection": coll.name if coll is not None else "",
+            "source_camera": cam.name if cam is not None else "",
+            "passes": {"ON": True, "OFF": False}.get(getattr(props, "render_passes", "AUTO")),
+            "cache_dir": "" if getattr(props, "resume_renders", True) else None}
+
+
+def passes_by_default(scene, method: str) -> bool:
+    """Passes are on by default for surface fits (sdf, occupancy) when the scene renders with Cycles."""
+    return method in ("sdf", "occupancy") and scene.render.engine == "CYCLES"
+
+
+def lighting_note(scene, props) -> str:
+    """A sentence for the panel when the fit's colours will keep the scene's lighting, else ''."""
+    photos = any(ob.type == "CAMERA" and ob.data is not None and "implicit_image" in ob.data
+                 for ob in scene.objects)
+    if photos:
+        return "Photos have no albedo pass: lighting stays baked into the colours"
+    mode = getattr(props, "render_passes", "AUTO")
+    on = mode == "ON" or (mode == "AUTO" and passes_by_default(scene, getattr(props, "method", "nerf")))
+    return "" if on else "No render passes: lighting stays baked into the colours"
 
 
 def render_size(scene) -> tuple[int, int]:
@@ -245,20 +358,41 @@ class CapturePlan:
     eval_cameras: list = field(default_factory=list)
     eval_intrinsics: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
+    frames: list = field(default_factory=list)   # per camera: the scene frame to render at, or None
+    passes: bool = False                         # render albedo / normal / depth passes too
 
 
 def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
-                 eval_cameras=None) -> CapturePlan:
-    """Decide what to render.  Raises CaptureError with a message for the user."""
+                 eval_cameras=None, source: str = "SCENE", collection=None, camera=None,
+                 frame_range=None, passes: bool = False) -> CapturePlan:
+    """Decide what to render.  Raises CaptureError with a message for the user.
+
+    ``camera_objects`` (explicit cameras) wins over ``source``; ``source`` is one of SOURCES:
+    SCENE (the view layer's cameras, or a ring around the selection if there are none),
+    SELECTED, COLLECTION (``collection``: a name or Collection), ANIMATION (``camera``, default
+    the scene camera, over ``frame_range`` = (start, end, step), default the scene's range).
+    """
     selected = target_objects(view_layer, selected_only=True)
     targets = selected or target_objects(view_layer, selected_only=False)
-    cams = list(camera_objects) if camera_objects is not None else scene_cameras(view_layer)
-    cams = [ob for ob in cams if not is_holdout(ob)]      # held-out views are never trained on
+    if camera_objects is not None or source == "SCENE":
+        cams = list(camera_objects) if camera_objects is not None else scene_cameras(view_layer)
+        frames = [None] * len(cams)
+    else:
+        cams, frames = source_views(scene, view_layer, source, collection=collection, camera=camera,
+                                    frame_range=frame_range)
     eval_cams = list(eval_cameras or [])
-    if eval_cams:
-        eval_names = {ob.name for ob in eval_cams}
-        cams = [ob for ob in cams if ob.name not in eval_names]
+    eval_names = {ob.name for ob in eval_cams}
+    # Held-out views are never trained on (an animated camera's frames are all views of it).
+    keep = [(ob, f) for ob, f in zip(cams, frames)
+            if (f is not None or not is_holdout(ob)) and ob.name not in eval_names]
+    cams, frames = [ob for ob, _ in keep], [f for _, f in keep]
     check_perspective(cams + eval_cams)
+    if passes and scene.render.engine != "CYCLES":
+        raise CaptureError(f"Render passes (albedo, normal, depth) need the Cycles engine; the scene uses "
+                           f"{scene.render.engine}. Switch to Cycles, or turn the passes off.")
+    if not cams and source != "SCENE":
+        raise CaptureError("The chosen camera source has no views left to train on (held-out and "
+                           "evaluation cameras are left out).")
     if not cams and not selected:
         raise CaptureError(
             "The scene has no cameras and nothing is selected: select the object to fit "
@@ -276,10 +410,12 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
         cams = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count,
                                  points=world_points(selected, depsgraph))
         view_layer.update()
-    k, p = camera_arrays(cams, scene)
+    frames = frames if len(frames) == len(cams) else [None] * len(cams)   # a new ring
+    k, p = view_arrays(scene, cams, frames)
     ek, ep = camera_arrays(eval_cams, scene)
     return CapturePlan(cameras=cams, intrinsics=k, poses=p, aabb=bbox, width=w, height=h,
-                       created_ring=created, eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep)
+                       created_ring=created, eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep,
+                       frames=frames, passes=bool(passes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,14 +500,19 @@ def render_view(scene, camera_object, path: str) -> np.ndarray:
     """Render ``camera_object`` with the scene's engine and resolution: (H, W, 4) uint8 sRGB RGBA,
     straight alpha (the object mask), top row first."""
     with CaptureRenderSettings(scene):
-        scene.camera = camera_object
-        scene.render.filepath = path
-        if os.path.exists(path):
-            os.remove(path)
-        bpy.ops.render.render(write_still=True, scene=scene.name)
-        if not os.path.exists(path):
-            raise CaptureError(f"Rendering camera '{camera_object.name}' wrote no image ({path}).")
+        _render_still(scene, camera_object, path)
     return load_png_rgba(path)
+
+
+def _render_still(scene, camera_object, path: str) -> None:
+    """Render the current frame from ``camera_object`` into ``path`` (settings as they are)."""
+    scene.camera = camera_object
+    scene.render.filepath = path
+    if os.path.exists(path):
+        os.remove(path)
+    bpy.ops.render.render(write_still=True, scene=scene.name)
+    if not os.path.exists(path):
+        raise CaptureError(f"Rendering camera '{camera_object.name}' wrote no image ({path}).")
 
 
 def render_views(scene, camera_objects, folder: str, progress=None) -> np.ndarray:
@@ -385,13 +526,217 @@ def render_views(scene, camera_objects, folder: str, progress=None) -> np.ndarra
 
 
 # --------------------------------------------------------------------------------------------
+# Views with passes, resumable: a cache keyed by the view and the scene's state
+# --------------------------------------------------------------------------------------------
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    """Next to the saved .blend ("//fit_implicit_cache"), else in the system's temp folder."""
+    if bpy.data.filepath:
+        return bpy.path.abspath("//fit_implicit_cache")
+    return os.path.join(tempfile.gettempdir(), "fit_implicit_cache")
+
+
+def _values(owner, names) -> list:
+    out = []
+    for n in names:
+        v = getattr(owner, n, None)
+        out.append(round(v, 6) if isinstance(v, float) else v if isinstance(v, (int, str, bool)) or v is None
+                   else [round(float(x), 6) for x in v])
+    return out
+
+
+def _node_values(tree) -> list:
+    """Every node's type, image file and input default values (materials, world)."""
+    if tree is None:
+        return []
+    out = []
+    for node in sorted(tree.nodes, key=lambda nd: nd.name):
+        image = getattr(node, "image", None)
+        out.append([node.bl_idname, node.name, getattr(image, "filepath", None)])
+        for sock in node.inputs:
+            v = getattr(sock, "default_value", None)
+            if v is not None:
+                out.append(_values(sock, ["default_value"]))
+    out.append(sorted([lk.from_node.name, lk.from_socket.identifier, lk.to_node.name, lk.to_socket.identifier]
+                      for lk in tree.links))
+    return out
+
+
+def scene_fingerprint(scene, view_layer) -> str:
+    """A hash of what a render shows: render settings, and every renderable object's transform,
+    geometry (vertex count and coordinate sums), light, materials' and the world's node values.
+    Edits it cannot see (e.g. inside a node group, a texture image's pixels) need a cache clear."""
+    r = scene.render
+    doc = [CACHE_VERSION, _values(r, ["engine", "resolution_x", "resolution_y", "resolution_percentage",
+                                      "pixel_aspect_x", "pixel_aspect_y"])]
+    if r.engine == "CYCLES":
+        doc.append(_values(scene.cycles, ["samples", "use_denoising", "seed", "use_adaptive_sampling",
+                                          "max_bounces", "film_exposure"]))
+    depsgraph = view_layer.depsgraph
+    for ob in sorted(view_layer.objects, key=lambda o: o.name):
+        if ob.hide_render or ob.type == "CAMERA":
+            continue
+        ev = ob.evaluated_get(depsgraph)
+        doc.append([ob.name, ob.type, np.round(np.array(ev.matrix_world), 6).tolist()])
+        if ob.type == "LIGHT":
+            doc.append(_values(ob.data, ["type", "energy", "color", "shadow_soft_size", "spot_size"]))
+        elif ob.type in GEOMETRY_TYPES:
+            try:
+                mesh = ev.to_mesh()
+            except RuntimeError:
+                mesh = None
+            if mesh is not None:
+                co = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+                mesh.vertices.foreach_get("co", co)
+                doc.append([len(mesh.vertices), len(mesh.polygons),
+                            np.round(co.reshape(-1, 3).astype(np.float64).sum(0), 4).tolist()])
+                ev.to_mesh_clear()
+        for slot in getattr(ob, "material_slots", ()):
+            mat = slot.material
+            doc.append([getattr(mat, "name", None), _node_values(getattr(mat, "node_tree", None))])
+    world = scene.world
+    doc.append([getattr(world, "name", None), _node_values(getattr(world, "node_tree", None))])
+    doc.append(sorted([c.name, c.hide_render] for c in bpy.data.collections))   # e.g. a light rig switched off
+    doc.append(_excluded(view_layer.layer_collection))
+    return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()
+
+
+def _excluded(layer_collection) -> list:
+    """Names of the view layer's excluded collections (depth first)."""
+    out = [layer_collection.name] if layer_collection.exclude else []
+    for child in layer_collection.children:
+        out += _excluded(child)
+    return out
+
+
+@dataclass
+class RenderedView:
+    rgba: np.ndarray                                   # (H, W, 4) uint8 sRGB RGBA, top row first
+    passes: dict = field(default_factory=dict)         # C1 passes: albedo / normal / depth (H, W, ...)
+    cached: bool = False
+
+
+class ViewRenderer:
+    """Renders views (camera, frame) with or without passes, reusing earlier renders.
+
+    A view already rendered with the same pose, intrinsics, frame, passes and scene fingerprint
+    is read from ``cache_dir`` (one compressed .npz per view) instead of rendered again, so a
+    cancelled or repeated capture resumes where it stopped.  ``cache_dir=None``: no cache.
+    ``renders`` counts real renders, ``cache_hits`` the views read back.
+    """
+
+    def __init__(self, scene, view_layer, folder: str, *, cache_dir: str | None = None):
+        self.scene, self.view_layer, self.folder = scene, view_layer, folder
+        self.cache_dir = cache_dir
+        self.renders = 0
+        self.cache_hits = 0
+        self._fingerprint = scene_fingerprint(scene, view_layer) if cache_dir else ""
+
+    def key(self, camera_object, frame=None, passes: bool = False) -> str:
+        k, p = view_arrays(self.scene, [camera_object], [frame])
+        doc = [self._fingerprint, np.round(k, 6).tolist(), np.round(p, 6).tolist(), frame, bool(passes),
+               list(render_size(self.scene))]
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:40]
+
+    def render(self, camera_object, frame=None, *, passes: bool = False, index: int = 0) -> RenderedView:
+        """One view: from the cache, or rendered (and then cached)."""
+        path = None
+        if self.cache_dir:
+            path = os.path.join(self.cache_dir, self.key(camera_object, frame, passes) + ".npz")
+            hit = _read_cached(path, passes)
+            if hit is not None:
+                self.cache_hits += 1
+                return hit
+        current = self.scene.frame_current
+        try:
+            if frame is not None and frame != current:
+                self.scene.frame_set(frame)
+            view = self._render(camera_object, index, passes)
+        finally:
+            if self.scene.frame_current != current:
+                self.scene.frame_set(current)
+        self.renders += 1
+        if path is not None:
+            _write_cached(path, view)
+        return view
+
+    def render_all(self, camera_objects, frames=None, *, passes: bool = False, progress=None,
+                   should_cancel=None) -> list[RenderedView]:
+        """Every view in order.  ``progress(i, n)`` after each; ``should_cancel()`` is asked
+        before each and raises CaptureCancelled when it returns True."""
+        frames = list(frames) if frames is not None else [None] * len(camera_objects)
+        out = []
+        for i, (ob, frame) in enumerate(zip(camera_objects, frames)):
+            if should_cancel is not None and should_cancel():
+                raise CaptureCancelled(f"Rendering cancelled after {i} of {len(frames)} views.")
+            out.append(self.render(ob, frame, passes=passes, index=i))
+            if progress is not None:
+                progress(i + 1, len(frames))
+        return out
+
+    def _render(self, camera_object, index: int, passes: bool) -> RenderedView:
+        path = os.path.join(self.folder, f"view_{index:04d}.png")
+        if not passes:
+            return RenderedView(render_view(self.scene, camera_object, path))
+        from .passes import PassError, PassOutput
+
+        prefix = f"view_{index:04d}_"
+        try:
+            with CaptureRenderSettings(self.scene), PassOutput(self.scene, self.view_layer, self.folder) as out:
+                out.prepare(prefix)
+                _render_still(self.scene, camera_object, path)
+                rgba = load_png_rgba(path)
+                return RenderedView(rgba, out.read(prefix, rgba[..., 3].astype(np.float32) / 255.0))
+        except PassError as exc:
+            raise CaptureError(str(exc)) from None
+
+
+def export_view_with_passes(scene, view_layer, camera_object, folder: str, stem: str) -> dict:
+    """Render one camera with passes for a dataset export: the RGBA image as ``<stem>.png`` and
+    the pass files (passes.save_pass_files) under ``folder``.  Returns the frame's pass keys."""
+    import shutil
+
+    from .passes import save_pass_files
+
+    work = tempfile.mkdtemp(prefix="fit_implicit_export_")
+    try:
+        view = ViewRenderer(scene, view_layer, work).render(camera_object, passes=True)
+        shutil.copyfile(os.path.join(work, "view_0000.png"), os.path.join(folder, f"{stem}.png"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return save_pass_files(folder, stem, view.passes)
+
+
+def _read_cached(path: str, passes: bool) -> RenderedView | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rgba = np.array(z["rgba"])
+            got = {k: np.array(z[k]) for k in ("albedo", "normal", "depth") if k in z}
+    except (OSError, KeyError, ValueError):
+        return None
+    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[-1] != 4 or (passes and len(got) != 3):
+        return None
+    return RenderedView(rgba, got if passes else {}, cached=True)
+
+
+def _write_cached(path: str, view: RenderedView) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez_compressed(tmp, rgba=view.rgba, **view.passes)
+    os.replace(tmp, path)   # atomic: a cancelled write never leaves half a file under the key
+
+
+# --------------------------------------------------------------------------------------------
 # The job message
 # --------------------------------------------------------------------------------------------
 def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, aabb: np.ndarray, *,
                  name: str = "", method: str = "nerf", preset: str = "standard", steps: int = 0,
                  seconds: float = 0.0, mesh_resolution: int = 0, preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
-                 eval_sizes=None) -> "protocol.Submit":
+                 eval_sizes=None, passes: dict | None = None, textures: int = 0,
+                 lens_models=None, distortion=None) -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -399,6 +744,11 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         intrinsics: (N, 4) fx, fy, cx, cy; poses: (N, 4, 4) camera-to-world; aabb: (2, 3).
         eval_intrinsics / eval_poses / eval_sizes: (M, 4), (M, 4, 4), (M, 2) int (width, height)
             of cameras the backend renders after fitting; None: none.
+        passes: None, or C1 passes of the images: "albedo" (N, H, W, 3) uint8, "normal"
+            (N, H, W, 3) float (sent as float16), "depth" (N, H, W) float32.
+        textures: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
+        lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
+            (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -410,9 +760,19 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         aabb=np.asarray(aabb, dtype=np.float64).reshape(2, 3),
         name=name[: protocol.MAX_NAME], method=method, preset=preset, steps=int(steps),
         seconds=float(seconds), mesh_resolution=int(mesh_resolution), preview_size=int(preview_size),
-        preview_interval=float(preview_interval),
+        preview_interval=float(preview_interval), textures=int(textures),
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
     )
+    passes = passes or {}
+    if "albedo" in passes:
+        msg.albedo = np.ascontiguousarray(passes["albedo"], dtype=np.uint8)
+    if "normal" in passes:
+        msg.normals = np.ascontiguousarray(passes["normal"], dtype=np.float16)
+    if "depth" in passes:
+        msg.depth = np.ascontiguousarray(passes["depth"], dtype=np.float32)
+    if lens_models is not None:
+        msg.lens_models = np.ascontiguousarray(lens_models, dtype=np.int32).reshape(-1)
+        msg.distortion = np.ascontiguousarray(distortion, dtype=np.float64).reshape(-1, 6)
     return msg.validate()

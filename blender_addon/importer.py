@@ -1,4 +1,9 @@
-"""Arrays -> Blender data: meshes (numpy + foreach_set), vertex-colour material, images.
+"""Arrays -> Blender data: meshes (numpy + foreach_set), vertex-colour or textured PBR
+materials, images.
+
+Textured meshes arrive split at UV seams (one UV per vertex, see shared.protocol.MeshResult):
+vertices with equal positions are welded back, the UVs go to the loops of a UV layer, so the
+object is one connected surface with UV seams, as an artist would make it.
 
 Runs on the main thread only.
 """
@@ -11,6 +16,10 @@ RESULT_COLLECTION = "Implicit Results"
 MATERIAL_NAME = "Implicit Vertex Color"
 COLOR_ATTRIBUTE = "Col"
 PREVIEW_IMAGE = "Implicit Preview"
+UV_LAYER = "UVMap"
+# Texture kind -> (Principled BSDF input it feeds, colour space of its image).
+TEXTURE_INPUTS = {"albedo": ("Base Color", "sRGB"), "normal": ("Normal", "Non-Color"),
+                  "roughness": ("Roughness", "Non-Color")}
 
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -138,11 +147,25 @@ def vertex_color_material(name: str = MATERIAL_NAME, attribute: str = COLOR_ATTR
 # Objects
 # --------------------------------------------------------------------------------------------
 def import_mesh(scene, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, *,
-                name: str = "Implicit Mesh", collection: str = RESULT_COLLECTION, smooth: bool = True):
-    """A new object at the identity transform (``vertices`` are world coordinates), with the
-    vertex-colour material, in the collection ``collection`` of ``scene``."""
-    me = mesh_from_arrays(name, vertices, faces, colors, smooth=smooth)
-    me.materials.append(vertex_color_material())
+                name: str = "Implicit Mesh", collection: str = RESULT_COLLECTION, smooth: bool = True,
+                uvs: np.ndarray | None = None, textures: dict | None = None):
+    """A new object at the identity transform (``vertices`` are world coordinates), in the
+    collection ``collection`` of ``scene``.
+
+    With ``uvs`` (V, 2) (v up) and ``textures`` (kind -> (H, W, C) uint8 image, top row first;
+    kinds "albedo", "normal", "roughness"), the mesh is welded at its UV seams, gets the UV layer
+    ``UVMap`` and a Principled BSDF material fed by those images (:func:`textured_material`);
+    otherwise the vertex-colour material.
+    """
+    if uvs is not None and len(uvs) and textures:
+        verts, tris, loop_uvs, keep = weld_seams(vertices, faces, uvs)
+        me = mesh_from_arrays(name, verts, tris, None if colors is None else np.asarray(colors)[keep],
+                              smooth=smooth)
+        set_loop_uvs(me, tris, loop_uvs)
+        me.materials.append(textured_material(f"{name} Material", textures))
+    else:
+        me = mesh_from_arrays(name, vertices, faces, colors, smooth=smooth)
+        me.materials.append(vertex_color_material())
     ob = bpy.data.objects.new(name, me)
     ob.matrix_world.identity()
     ensure_collection(scene, collection).objects.link(ob)
@@ -184,3 +207,101 @@ def image_from_rgba(name: str, rgba: np.ndarray, image=None):
 def update_preview_image(rgba: np.ndarray, name: str = PREVIEW_IMAGE):
     """Write a training preview into the Image ``name`` (created on first use)."""
     return image_from_rgba(name, rgba)
+
+
+# --------------------------------------------------------------------------------------------
+# UV textures
+# --------------------------------------------------------------------------------------------
+def weld_seams(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray):
+    """Undo the split at UV seams.
+
+    Args:
+        vertices (V, 3) float, faces (F, 3) int, uvs (V, 2) float: one UV per (split) vertex.
+    Returns:
+        welded vertices (W, 3) float32; faces (F', 3) int32 into them (triangles that repeat a
+        welded vertex dropped); loop UVs (F', 3, 2) float32; keep (W,) int64, for each welded
+        vertex one of the input vertices it came from (to carry per-vertex data over).
+    """
+    verts = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    tris = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    uv = np.asarray(uvs, dtype=np.float32).reshape(-1, 2)
+    if len(uv) != len(verts):
+        raise ValueError(f"expected one UV per vertex, got {len(uv)} for {len(verts)} vertices")
+    if tris.size and (tris.min() < 0 or tris.max() >= len(verts)):
+        raise ValueError(f"face indices must be in [0, {len(verts)})")
+    welded, keep, inverse = np.unique(verts, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    new = inverse[tris]
+    ok = (new[:, 0] != new[:, 1]) & (new[:, 1] != new[:, 2]) & (new[:, 0] != new[:, 2])
+    return (welded.astype(np.float32), new[ok].astype(np.int32), uv[tris[ok]].astype(np.float32),
+            keep.astype(np.int64))
+
+
+def set_loop_uvs(mesh, faces: np.ndarray, loop_uvs: np.ndarray, name: str = UV_LAYER):
+    """Store (F, 3, 2) per-corner UVs on the UV layer ``name`` of a triangle mesh whose polygon
+    i is ``faces[i]`` (as :func:`mesh_from_arrays` builds it, with no triangle dropped)."""
+    if len(mesh.loops) != loop_uvs.shape[0] * 3:
+        raise ValueError(f"{len(mesh.loops)} mesh corners for {loop_uvs.shape[0]} triangles of UVs")
+    layer = mesh.uv_layers.get(name) or mesh.uv_layers.new(name=name)
+    layer.uv.foreach_set("vector", np.ascontiguousarray(loop_uvs, dtype=np.float32).ravel())
+    mesh.uv_layers.active = layer
+    return layer
+
+
+def texture_image(name: str, image: np.ndarray, colorspace: str):
+    """A new byte Image packed into the .blend from (H, W, 1|3|4) uint8 (top row first); one
+    channel is repeated into RGB.  ``colorspace``: "sRGB" (colours) or "Non-Color" (data)."""
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.dtype != np.uint8:
+        raise ValueError(f"{name}: expected an (h, w, 1|3|4) uint8 image, got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    img = bpy.data.images.new(name, w, h, alpha=arr.shape[2] == 4, float_buffer=False)
+    img.colorspace_settings.name = colorspace      # before the pixels: it regenerates the buffer
+    px = np.ones((h, w, 4), dtype=np.float32)
+    if arr.shape[2] == 1:
+        px[..., :3] = arr.astype(np.float32) / 255.0
+    else:
+        px[..., : arr.shape[2]] = arr.astype(np.float32) / 255.0
+    img.pixels.foreach_set(np.ascontiguousarray(px[::-1]).ravel())
+    img.update()
+    img.pack()                                     # kept inside the .blend: nothing lost on save
+    return img
+
+
+def textured_material(name: str, textures: dict, uv_layer: str = UV_LAYER):
+    """A Principled BSDF material fed by Image Texture nodes: albedo -> Base Color (sRGB),
+    normal -> Normal Map node (tangent space, ``uv_layer``) -> Normal (Non-Color), roughness ->
+    Roughness (Non-Color).  ``textures``: kind -> (H, W, C) uint8 image; unknown kinds raise."""
+    unknown = set(textures) - set(TEXTURE_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown texture kinds {sorted(unknown)} (known: {', '.join(TEXTURE_INPUTS)})")
+    mat = bpy.data.materials.new(name)
+    if mat.node_tree is None:          # 4.2: no node tree until use_nodes (deprecated in 5.0)
+        mat.use_nodes = True
+    tree = mat.node_tree
+    bsdf = next((n for n in tree.nodes if n.bl_idname == "ShaderNodeBsdfPrincipled"), None)
+    out = next((n for n in tree.nodes if n.bl_idname == "ShaderNodeOutputMaterial"), None)
+    if bsdf is None:
+        bsdf = tree.nodes.new("ShaderNodeBsdfPrincipled")
+    if out is None:
+        out = tree.nodes.new("ShaderNodeOutputMaterial")
+    if not out.inputs["Surface"].is_linked:
+        tree.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    bsdf.inputs["Roughness"].default_value = 0.8
+    bsdf.inputs["Metallic"].default_value = 0.0
+    for row, kind in enumerate(k for k in TEXTURE_INPUTS if k in textures):
+        socket, colorspace = TEXTURE_INPUTS[kind]
+        node = tree.nodes.new("ShaderNodeTexImage")
+        node.name = node.label = f"Implicit {kind}"
+        node.image = texture_image(f"{name} {kind}", textures[kind], colorspace)
+        node.location = (bsdf.location.x - 600.0, bsdf.location.y - 300.0 * row)
+        if kind == "normal":
+            nmap = tree.nodes.new("ShaderNodeNormalMap")
+            nmap.space = "TANGENT"
+            nmap.uv_map = uv_layer
+            nmap.location = (bsdf.location.x - 250.0, bsdf.location.y - 300.0 * row)
+            tree.links.new(node.outputs["Color"], nmap.inputs["Color"])
+            tree.links.new(nmap.outputs["Normal"], bsdf.inputs["Normal"])
+        else:
+            tree.links.new(node.outputs["Color"], bsdf.inputs[socket])
+    return mat

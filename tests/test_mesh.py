@@ -2,12 +2,14 @@
 and mesh files read back with small independent readers."""
 import json
 import struct
+import types
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
 from backend.export.mesh import extract_mesh, iso_level, srgb_to_linear, write_mesh
 from backend.model import FittedField
 from backend.occupancy import OccupancyGrid
@@ -166,3 +168,150 @@ def test_write_mesh_rejects_bad_input(tmp_path):
         write_mesh(tmp_path / "m.ply", TETRA_V, TETRA_F + 1, TETRA_C)
     with pytest.raises(ValueError, match="empty"):
         write_mesh(tmp_path / "m.glb", TETRA_V[:0], TETRA_F[:0], TETRA_C[:0])
+
+
+# ---- surface fields through contract C2 (inside_field / surface_attributes) -------------------
+# Analytic stand-ins for backend.model.FittedField (methods "sdf" and "occupancy"): they offer
+# exactly what the mesher uses (method, aabb, device, inside_field, surface_attributes), with
+# known geometry, so the tests measure the mesher's error and not a fit's.
+FAR_CENTER = np.array([1000.5, -250.25, 42.0])       # a non-trivial world offset and scale
+FAR_RADIUS = 37.5
+FAR_BOX = np.array([FAR_CENTER - [45.0, 55.0, 50.0], FAR_CENTER + [60.0, 50.0, 52.0]])
+
+
+class StandIn:
+    """Union of spheres ``[(centre, radius), ...]`` (world units), or a torus around z."""
+
+    def __init__(self, method="sdf", spheres=((FAR_CENTER, FAR_RADIUS),), aabb=FAR_BOX, torus=None, device="cpu"):
+        self.method, self.aabb, self.device = method, np.asarray(aabb, np.float64), torch.device(device)
+        self.spheres = [(torch.tensor(c, dtype=torch.float64), r) for c, r in spheres]
+        self.torus, self.evaluated = torus, 0
+
+    def inside_field(self, x):
+        assert x.dtype == torch.float32 and x.ndim == 2 and x.shape[1] == 3
+        self.evaluated += len(x)
+        x = x.double()
+        if self.torus is not None:
+            c, big, small = self.torus
+            q = x - torch.tensor(c, dtype=torch.float64, device=x.device)
+            d = small - torch.sqrt((q[:, :2].norm(dim=1) - big) ** 2 + q[:, 2] ** 2)
+        else:
+            d = torch.stack([r - (x - c.to(x.device)).norm(dim=1) for c, r in self.spheres]).amax(0)
+        # "sdf": minus the signed distance; "occupancy": a logit (here 4 per world unit)
+        return (d if self.method == "sdf" else 4.0 * d).float()
+
+    def surface_attributes(self, points, normals=None):
+        red = (points[:, 0] > FAR_CENTER[0]).astype(np.float32)
+        return {"albedo": np.stack([red, np.full_like(red, 0.5), 1.0 - red], 1),
+                "normal": normals}
+
+
+def voxel_of(aabb, resolution):
+    return float((aabb[1] - aabb[0]).max()) / (resolution - 1)
+
+
+@pytest.mark.parametrize("method", ["sdf", "occupancy"])
+def test_surface_field_mesh_in_scene_units(method):
+    """A sphere of known centre/radius far from the origin lands where it is, closed and outward."""
+    verts, faces, colors = extract_mesh(StandIn(method), resolution=64)
+    voxel = voxel_of(FAR_BOX, 64)
+    dist = np.linalg.norm(verts.astype(np.float64) - FAR_CENTER, axis=1)
+    assert np.abs(dist - FAR_RADIUS).max() < 0.05 * voxel
+    assert np.abs(verts.mean(0) - FAR_CENTER).max() < 0.05 * voxel
+    assert is_watertight(faces) and euler_characteristic(verts, faces) == 2
+    assert signed_volume(verts, faces) == pytest.approx(4 / 3 * np.pi * FAR_RADIUS ** 3, rel=0.005)
+    right, left = verts[:, 0] > FAR_CENTER[0] + voxel, verts[:, 0] < FAR_CENTER[0] - voxel
+    assert np.allclose(colors[right], [1, 0.5, 0]) and np.allclose(colors[left], [0, 0.5, 1])
+
+
+def test_torus_keeps_its_genus():
+    aabb = np.array([[-2.0, -2.0, -1.0], [2.0, 2.0, 1.0]])
+    verts, faces, _ = extract_mesh(StandIn(torus=((0.0, 0.0, 0.0), 1.2, 0.4), aabb=aabb), resolution=64)
+    assert is_watertight(faces) and euler_characteristic(verts, faces) == 0
+
+
+def test_surface_cut_by_the_box_is_closed_on_the_box():
+    aabb = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 0.5]])     # the sphere pokes out of the top
+    verts, faces, _ = extract_mesh(StandIn(spheres=(((0.0, 0.0, 0.2), 0.8),), aabb=aabb), resolution=48)
+    assert is_watertight(faces)
+    assert (verts >= aabb[0]).all() and (verts <= aabb[1]).all()
+    cap = np.isclose(verts[:, 2], 0.5)
+    cap_r = np.sqrt(0.8 ** 2 - 0.3 ** 2)
+    assert cap.sum() > 50 and np.linalg.norm(verts[cap, :2], axis=1).max() < cap_r + 1e-3
+
+
+def test_floater_removed_from_a_surface_field():
+    floater = (FAR_CENTER + [-40.0, 45.0, 45.0], 2.0)          # 0.3% of the sphere's area
+    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), resolution=64)
+    assert np.abs(np.linalg.norm(verts - FAR_CENTER, axis=1) - FAR_RADIUS).max() < 0.1
+    assert is_watertight(faces) and euler_characteristic(verts, faces) == 2
+    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), resolution=64,
+                                   min_component=0.0)
+    assert euler_characteristic(verts, faces) == 4                  # kept when asked
+
+
+@pytest.mark.parametrize("method", ["sdf", "occupancy"])     # with and without the distance band
+def test_coarse_to_fine_gives_the_dense_mesh_for_less(method):
+    dense_model, sparse_model = StandIn(method), StandIn(method)
+    v0, f0, _ = extract_mesh(dense_model, resolution=96)
+    v1, f1, _ = extract_mesh(sparse_model, resolution=96, block=4)
+    assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-5)
+    assert sparse_model.evaluated < 0.4 * dense_model.evaluated, sparse_model.evaluated / dense_model.evaluated
+
+
+def test_coarse_to_fine_keeps_small_parts_of_a_distance_field():
+    """A part smaller than a block, far from the rest, which no coarse point falls in: the
+    distance band still finds it."""
+    tiny = (FAR_CENTER + [-40.3, 44.1, 45.7], 1.0)              # 0.9 voxels across
+    spheres = ((FAR_CENTER, FAR_RADIUS), tiny)
+    v0, f0, _ = extract_mesh(StandIn(spheres=spheres), resolution=96, min_component=0.0)
+    v1, f1, _ = extract_mesh(StandIn(spheres=spheres), resolution=96, min_component=0.0, block=4)
+    assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-5)
+    assert (np.linalg.norm(v1 - tiny[0], axis=1) < 1.5).sum() >= 4
+
+
+def test_decimate_to_a_face_count():
+    verts, faces, colors = extract_mesh(StandIn(), resolution=64, decimate_to=1000, device="cpu")
+    assert 900 <= len(faces) <= 1000 and is_watertight(faces) and len(colors) == len(verts)
+    assert np.abs(np.linalg.norm(verts - FAR_CENTER, axis=1) - FAR_RADIUS).max() < 0.02 * FAR_RADIUS
+
+
+def test_bad_mesh_options_are_refused():
+    with pytest.raises(ValueError, match="resolution"):
+        extract_mesh(StandIn(), resolution=1)
+    with pytest.raises(ValueError, match="resolution"):
+        extract_mesh(StandIn(), resolution=100_000)
+    with pytest.raises(ValueError, match="decimate_to"):
+        extract_mesh(StandIn(), resolution=16, decimate_to=2)
+    with pytest.raises(ValueError, match="min_component"):
+        extract_mesh(StandIn(), resolution=16, min_component=2.0)
+    no_field = types.SimpleNamespace(method="sdf", aabb=FAR_BOX, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="inside_field"):
+        extract_mesh(no_field, resolution=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [0, 4])
+def test_gpu_extraction_matches_the_cpu(block):
+    v0, f0, _ = extract_mesh(StandIn(), resolution=96, block=block)
+    v1, f1, _ = extract_mesh(StandIn(device="cuda"), resolution=96, block=block)
+    assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sdf", "occupancy"])
+def test_real_surface_model_meshes_through_the_contract(method):
+    """The real FittedField, untrained: its geometric initialisation is a sphere of
+    ``init_radius`` (normalised units) around the box centre, so the mesh must be a closed
+    sphere-like surface there, in world units (a flipped sign would mesh the box instead)."""
+    from backend.model import build_field, build_occupancy
+
+    cfg = make_config(method=method, preset="draft", device="cpu")
+    aabb = np.array([[97.0, -53.0, 8.0], [103.0, -47.0, 12.0]])
+    model = FittedField(build_field(cfg), build_occupancy(cfg), aabb, cfg)
+    verts, faces, colors = extract_mesh(model, resolution=32)
+    assert is_watertight(faces) and euler_characteristic(verts, faces) == 2
+    radius = np.linalg.norm(verts - model.center, axis=1)
+    assert radius.mean() == pytest.approx(cfg.init_radius * model.scale, rel=0.2)
+    assert np.abs(verts.mean(0) - model.center).max() < 0.5
+    assert colors.shape == verts.shape and (colors >= 0).all() and (colors <= 1).all()

@@ -1,28 +1,51 @@
-"""Meshes from fitted fields (marching cubes on the density) and mesh files (.ply, .obj, .glb).
+"""Meshes from fitted fields (GPU marching cubes on an inside/outside field) and mesh files
+(.ply, .obj, .glb).
 
-Iso-level.  The surface is where the density makes a slab of ``REFERENCE_LENGTH`` = 1/100 of
-the normalised cube's side (0.02 normalised units) ``opacity`` opaque, i.e.
+The surface.  Every field method offers ``inside_field(x_world) -> (M,)``, positive inside and
+zero on the surface (contract C2 in backend/model.py): ``-sdf`` for signed distance fields,
+``logit(p)`` for occupancy fields.  For radiance fields ("nerf") this module owns the rule,
+:func:`nerf_inside_field`: the density minus a scale-invariant iso-level.
+
+Iso-level (nerf).  The surface is where the density makes a slab of ``REFERENCE_LENGTH`` = 1/100
+of the normalised cube's side (0.02 normalised units) ``opacity`` opaque, i.e.
 ``sigma_iso = -ln(1 - opacity) / 0.02`` per normalised unit: 2.56 at the default opacity 0.05,
 close to instant-ngp's customary level.  A low level suits radiance fields, whose densities
 inside objects only need to be high enough to be opaque over the object's thickness (short fits
 often stay in the single digits).  Being defined in the trainer's normalised frame, the level,
-and so the mesh, does not change when the world is scaled or moved.
+and so the mesh, does not change when the world is scaled or moved.  A radiance field's inside
+is often a shell around low-density pockets: the space the shell encloses is filled
+(:func:`solid_interior`) before meshing.
 
-Vertex colours are what the field shows a camera looking at the vertex along its inward normal:
-a short volume rendering from just outside the surface.
+Pipeline (:func:`extract_mesh`): the field on a grid over the model's WORLD box (densely, or
+coarse-to-fine: only blocks near the surface at full resolution), padded with an outside layer
+so a surface cut by the box is closed; marching cubes in PyTorch on the chosen device
+(export/marching_cubes.py); parts with less than ``min_component`` of the largest part's area
+dropped; optional decimation; vertex colours.  The result is closed and edge-manifold, with
+triangles wound counter-clockwise seen from outside.  No normalisation leaks out: the grid is
+laid in world units.
+
+Vertex colours come from ``model.surface_attributes(verts, normals)["albedo"]`` where the model
+has it; else they are what the field shows a camera looking at the vertex along its inward
+normal: a short volume rendering from just outside the surface.
 """
 from __future__ import annotations
 
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cleanup import decimate, keep_large_components, solid_interior, solid_interior_torch, vertex_normals
+from .marching_cubes import marching_cubes
+
 REFERENCE_LENGTH = 0.02   # normalised units: 1/100 of the normalised cube's side
 DEFAULT_OPACITY = 0.05
+MAX_RESOLUTION = 1024     # grid points along the longest side (1024^3 float32 = 4 GiB)
+OUTSIDE = -1e30           # value of the padding layer: far outside, so the cut lies on the box
 
 
 def iso_level(opacity: float = DEFAULT_OPACITY) -> float:
@@ -38,98 +61,216 @@ def grid_shape(aabb: np.ndarray, resolution: int) -> tuple[int, int, int]:
     return tuple(max(2, int(round(resolution * e / ext.max()))) for e in ext)
 
 
+def field_method(model) -> str:
+    """"nerf" | "sdf" | "occupancy" (models without a ``method`` say it in their config)."""
+    method = getattr(model, "method", None)
+    if method is None:
+        method = getattr(getattr(model, "config", None), "method", "nerf")
+    return str(method)
+
+
 @torch.no_grad()
-def density_grid(model, resolution: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
-    """Density at the points of a grid over the model's world box.
+def nerf_inside_field(model, x_world: torch.Tensor, opacity: float = DEFAULT_OPACITY) -> torch.Tensor:
+    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level`.
 
-    Points in cells the occupancy grid marks empty are not queried and read 0 (their density
-    is below the occupancy threshold, itself below any iso-level used here).
-
+    Args:
+        x_world: (M, 3) float32 on the model's device.
     Returns:
-        density (nx, ny, nz) float32 (per normalised unit), spacing (3,) float64 world units.
+        (M,) float32; points the occupancy grid marks empty read ``-iso_level`` (their density is
+        below the occupancy threshold, itself below any iso-level used here).
     """
-    shape = grid_shape(model.aabb, resolution)
-    axes = [np.linspace(lo, hi, n) for lo, hi, n in zip(model.aabb[0], model.aabb[1], shape)]
-    spacing = (model.aabb[1] - model.aabb[0]) / (np.array(shape) - 1)
-    out = np.zeros(shape, dtype=np.float32)
-    ys, zs = np.meshgrid(axes[1], axes[2], indexing="ij")
-    slab = torch.from_numpy(np.stack([ys.ravel(), zs.ravel()], -1)).float().to(model.device)  # (ny*nz, 2)
-    for i, x in enumerate(axes[0]):
-        pts = model.to_normalised(torch.cat([torch.full_like(slab[:, :1], float(x)), slab], dim=1))
-        keep = model.occupancy.occupied(pts)
-        sig = torch.zeros(pts.shape[0], device=model.device)
-        if keep.any():
-            sig[keep] = torch.cat([model.field.density(p) for p in pts[keep].split(chunk)])
-        out[i] = sig.reshape(shape[1], shape[2]).cpu().numpy()
-    return out, spacing
+    level = iso_level(opacity)
+    x = model.to_normalised(x_world)
+    keep = model.occupancy.occupied(x)
+    sigma = torch.zeros(x.shape[0], device=x.device)
+    if keep.any():
+        sigma[keep] = model.field.density(x[keep]).float()
+    return sigma - level
 
 
-def keep_large_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
-    """(nx, ny, nz) bool -> the same without 26-connected parts smaller than ``min_fraction`` of
-    the largest part."""
-    from skimage.measure import label
-
-    labels, count = label(mask, connectivity=3, return_num=True)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = sizes >= min_fraction * sizes.max()
-    keep[0] = False
-    return keep[labels]
+def inside_function(model, opacity: float = DEFAULT_OPACITY) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's (M, 3) world -> (M,) inside field (positive inside), see the module doc."""
+    if field_method(model) == "nerf":
+        return lambda x: nerf_inside_field(model, x, opacity)
+    if not hasattr(model, "inside_field"):
+        raise ValueError(f"a {field_method(model)!r} model must offer inside_field(x_world) to be meshed")
+    return model.inside_field
 
 
-def solid_interior(mask: np.ndarray, radius: int = 2) -> np.ndarray:
-    """(nx, ny, nz) bool -> the mask with the space it encloses filled.
+def _grid_axes(aabb: np.ndarray, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """World position of grid point (0, 0, 0) and the spacing, (3,) float32 each."""
+    lo = torch.tensor(aabb[0], dtype=torch.float32, device=device)
+    spacing = (aabb[1] - aabb[0]) / (np.array(shape) - 1)
+    return lo, torch.tensor(spacing, dtype=torch.float32, device=device)
 
-    A radiance field only needs enough density near an object's surface to be opaque, so its
-    inside is often a shell around low-density pockets, and the shell may have pinholes.  The
-    mask is closed with a ball of ``radius`` voxels (sealing pinholes, filling concave details
-    narrower than about two radii) and then every cavity is filled.
+
+def _evaluate(fn, lo, spacing, ijk: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn at grid points ``ijk`` (P, 3) int64 -> (P,) float32; NaN reads as outside."""
+    out = torch.empty(len(ijk), dtype=torch.float32, device=ijk.device)
+    for s in range(0, len(ijk), chunk):
+        pts = lo + ijk[s:s + chunk].float() * spacing
+        out[s:s + chunk] = fn(pts).reshape(-1).float().to(out.device)
+    return torch.nan_to_num(out, nan=-1.0, posinf=1e30, neginf=-1e30)
+
+
+@torch.no_grad()
+def evaluate_grid(fn, aabb: np.ndarray, shape, device, chunk: int = 1 << 18) -> torch.Tensor:
+    """``fn`` at every point of a grid of ``shape`` points spanning the world box ``aabb``.
+
+    Args:
+        fn: (M, 3) float32 world points on ``device`` -> (M,) values.
+    Returns:
+        (nx, ny, nz) float32 on ``device``.
     """
-    from scipy import ndimage
+    nx, ny, nz = shape
+    lo, spacing = _grid_axes(aabb, shape, device)
+    out = torch.empty(nx * ny * nz, dtype=torch.float32, device=device)
+    for s in range(0, len(out), chunk):
+        idx = torch.arange(s, min(s + chunk, len(out)), device=device)
+        ijk = torch.stack([idx // (ny * nz), (idx // nz) % ny, idx % nz], dim=1)
+        out[s:s + chunk] = _evaluate(fn, lo, spacing, ijk, chunk)
+    return out.reshape(nx, ny, nz)
 
-    ball = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), radius)
-    pad = radius + 1
-    closed = ndimage.binary_closing(np.pad(mask, pad), structure=ball)[pad:-pad, pad:-pad, pad:-pad]
-    return ndimage.binary_fill_holes(closed | mask)
+
+@torch.no_grad()
+def evaluate_grid_sparse(fn, aabb: np.ndarray, shape, device, block: int = 4, chunk: int = 1 << 18,
+                         band: float | None = None) -> torch.Tensor:
+    """Like :func:`evaluate_grid`, coarse to fine: ``fn`` is evaluated every ``block`` points
+    first, and then at full resolution only in blocks that may hold the surface; every other
+    point gets its block's sign (value +-1).
+
+    Without ``band``: blocks whose corners disagree in sign, and their 26 neighbours.  Parts
+    thinner than about ``block`` grid cells that no coarse point sees, away from the rest of the
+    surface, are missed: use it where the speed matters more than such parts.
+    With ``band`` (distance-like fields, in the field's units): blocks whose corners disagree in
+    sign or are all within ``band`` of the level.  A surface point in a block is within one block
+    diagonal of each corner, so with ``band`` >= the diagonal times the field's Lipschitz constant
+    nothing is missed.
+    """
+    if block < 2:
+        raise ValueError(f"block must be at least 2 grid cells, got {block}")
+    lo, spacing = _grid_axes(aabb, shape, device)
+    nb = [-(-(n - 1) // block) for n in shape]                   # blocks per axis
+    coarse_idx = [torch.clamp(torch.arange(b + 1, device=device) * block, max=n - 1) for b, n in zip(nb, shape)]
+    cijk = torch.cartesian_prod(*coarse_idx)
+    values = _evaluate(fn, lo, spacing, cijk, chunk).reshape(*(b + 1 for b in nb))
+    coarse = values > 0
+    # blocks with a sign change among their 8 corners (or near the level), grown by one block
+    pos = torch.zeros(nb, dtype=torch.int32, device=device)
+    near = torch.full(nb, band is not None, dtype=torch.bool, device=device)
+    for ox in (0, 1):
+        for oy in (0, 1):
+            for oz in (0, 1):
+                corner = (slice(ox, ox + nb[0]), slice(oy, oy + nb[1]), slice(oz, oz + nb[2]))
+                pos += coarse[corner].int()
+                if band is not None:
+                    near &= values[corner].abs() <= band
+    active = ((pos > 0) & (pos < 8)) | near
+    if band is None:
+        active = torch.nn.functional.max_pool3d(active.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
+    # fine points: in an active block (a point on a block's border belongs to both sides)
+    cover = active.repeat_interleave(block, 0).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    cover = torch.nn.functional.pad(cover, (0, 1, 0, 1, 0, 1))
+    points = cover.clone()
+    for d in range(3):
+        points |= torch.roll(points, 1, d)                        # and the block ending at it
+    points = points[:shape[0], :shape[1], :shape[2]]
+    del cover
+    # everything else: the sign of its block's first corner (all corners agree there)
+    blk = [torch.clamp(torch.arange(n, device=device) // block, max=b - 1) for n, b in zip(shape, nb)]
+    out = coarse[blk[0][:, None, None], blk[1][None, :, None], blk[2][None, None, :]].float() * 2.0 - 1.0
+    fine = points.nonzero()
+    out[fine[:, 0], fine[:, 1], fine[:, 2]] = _evaluate(fn, lo, spacing, fine, chunk)
+    return out
+
+
+def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
+    """Points enclosed by the solid (see :func:`solid_interior`) are set inside (value 1);
+    scipy on the CPU, the same in PyTorch on other devices."""
+    above = vol > 0
+    if not above.any():
+        return vol
+    if vol.device.type == "cpu":
+        solid = torch.from_numpy(solid_interior(above.numpy()))
+    else:
+        solid = solid_interior_torch(above)
+    return torch.where(solid & ~above, torch.ones_like(vol), vol)
 
 
 @torch.no_grad()
 def extract_mesh(model, resolution: int, opacity: float = DEFAULT_OPACITY, min_component: float = 0.01,
-                 chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int = 0,
+                 fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
 
     Args:
-        model: a :class:`backend.model.FittedField`.
-        resolution: grid points along the longest side of the box.
-        opacity: sets the iso-level, see :func:`iso_level`.
-        min_component: connected parts with fewer voxels than this fraction of the largest part
-            are dropped (floaters); the space the rest encloses is filled (:func:`solid_interior`).
+        model: a :class:`backend.model.FittedField` or anything with ``aabb`` ((2, 3) world box),
+            ``device`` and, for methods other than "nerf", ``inside_field`` (contract C2).
+        resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
+        opacity: sets the nerf iso-level, see :func:`iso_level` (other methods: level 0).
+        min_component: connected parts whose surface area is below this share of the largest
+            part's are dropped (floaters); 0 keeps everything.
+        chunk: points per field evaluation.
+        decimate_to: if set, quadric decimation to about this many faces (closed stays closed).
+        device: where marching cubes runs (default: the model's device).
+        block: 0 evaluates the field at every grid point; >= 2 evaluates coarse to fine with
+            blocks of that many cells (:func:`evaluate_grid_sparse`).
+        fill_interior: fill enclosed space before meshing (default: only for "nerf").
     Returns:
         vertices (V, 3) float32 world, faces (F, 3) int32 (counter-clockwise seen from outside),
-        colours (V, 3) float32 sRGB in [0, 1].  Empty arrays if nothing is above the level.
+        colours (V, 3) float32 sRGB in [0, 1].  Empty arrays if there is no surface.
     """
-    from skimage.measure import marching_cubes
-
-    if resolution < 2:
-        raise ValueError(f"mesh resolution must be at least 2, got {resolution}")
-    level = iso_level(opacity)
-    density, spacing = density_grid(model, resolution, chunk)
-    above = keep_large_components(density > level, min_component)
-    if not above.any():
+    resolution = int(resolution)
+    if not 2 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"mesh resolution must be in [2, {MAX_RESOLUTION}], got {resolution}")
+    if decimate_to is not None and int(decimate_to) < 4:
+        raise ValueError(f"decimate_to must be at least 4 faces, got {decimate_to}")
+    if not 0.0 <= float(min_component) <= 1.0:
+        raise ValueError(f"min_component must be in [0, 1] (a share of the largest part's area), "
+                         f"got {min_component}")
+    aabb = np.asarray(model.aabb, dtype=np.float64)
+    if aabb.shape != (2, 3) or not np.all(aabb[1] > aabb[0]):
+        raise ValueError(f"model box must be (2, 3) with max > min, got {aabb.tolist()}")
+    fn = inside_function(model, opacity)
+    shape = grid_shape(aabb, resolution)
+    spacing = (aabb[1] - aabb[0]) / (np.array(shape) - 1)
+    field_device = torch.device(model.device)
+    mc_device = torch.device(device) if device is not None else field_device
+    if block:
+        # sdf: inside_field is minus a (roughly) WORLD distance; a band of 1.5 block diagonals
+        # allows a Lipschitz constant of 1.5
+        band = 1.5 * block * float(np.linalg.norm(spacing)) if field_method(model) == "sdf" else None
+        vol = evaluate_grid_sparse(fn, aabb, shape, field_device, int(block), chunk, band)
+    else:
+        vol = evaluate_grid(fn, aabb, shape, field_device, chunk)
+    if fill_interior if fill_interior is not None else field_method(model) == "nerf":
+        vol = _fill_nerf_interior(vol)
+    vol = torch.nn.functional.pad(vol.to(mc_device), (1, 1, 1, 1, 1, 1), value=OUTSIDE)
+    verts_t, faces_t = marching_cubes(vol, origin=aabb[0] - spacing, spacing=spacing)
+    del vol
+    verts = np.clip(verts_t.cpu().numpy(), aabb[0], aabb[1]).astype(np.float32)
+    faces = faces_t.cpu().numpy()
+    verts, faces, _ = keep_large_components(verts, faces, float(min_component))
+    if decimate_to is not None:
+        verts, faces = decimate(verts, faces, int(decimate_to))
+    if not len(faces):
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32)
-    solid = solid_interior(above)
-    # Voxels above the level keep their density (sub-voxel surface placement), voxels filled in
-    # go above it, everything else (dropped parts included) below it; the zero padding closes
-    # surfaces cut by the box.
-    vol = np.where(solid, np.where(above, density, 2.0 * level), np.where(density > level, 0.0, density))
-    vol = np.pad(vol.astype(np.float32), 1)
-    verts, faces, normals, _ = marching_cubes(vol, level=level, spacing=tuple(spacing))
-    verts = np.clip(verts - spacing + model.aabb[0], model.aabb[0], model.aabb[1])
-    faces = faces[:, ::-1]          # skimage winds clockwise seen from outside
-    colors = vertex_colors(model, verts, normals, offset=2.0 * float(spacing.max()))
+    normals = vertex_normals(verts, faces)
+    colors = mesh_colors(model, verts, normals, offset=2.0 * float(spacing.max()))
     return verts.astype(np.float32), np.ascontiguousarray(faces, dtype=np.int32), colors
+
+
+def mesh_colors(model, verts: np.ndarray, normals: np.ndarray, offset: float) -> np.ndarray:
+    """(V, 3) float32 sRGB in [0, 1]: ``surface_attributes`` albedo where the model has it, else
+    :func:`vertex_colors` for models that render, else mid grey."""
+    if hasattr(model, "surface_attributes"):
+        albedo = np.asarray(model.surface_attributes(verts, normals)["albedo"], dtype=np.float32)
+        if albedo.shape != verts.shape:
+            raise ValueError(f"surface_attributes gave albedo {albedo.shape} for {len(verts)} vertices")
+        return np.clip(np.nan_to_num(albedo), 0.0, 1.0)
+    if hasattr(model, "trace") and hasattr(model, "field"):
+        return vertex_colors(model, verts, normals, offset)
+    return np.full(verts.shape, 0.5, dtype=np.float32)
 
 
 @torch.no_grad()

@@ -1,0 +1,201 @@
+"""Surface fields on a hash grid: the shared geometry network and the signed distance field.
+
+Both work in the trainer's NORMALISED frame (positions in [-1, 1]^3, distances in normalised
+units).  :class:`SurfaceField` holds what the SDF and the occupancy field share:
+
+* geometry network: ``value = |x| - init_radius + MLP([x, hashgrid(x)])[0]`` and geometry
+  features ``MLP(...)[1:]`` (softplus activations).  Geometric initialisation: the MLP's value
+  output starts at exactly zero, so the field starts as a sphere with unit gradients everywhere
+  (SAL / IGR get there with a wide MLP's initial weights; a 64-wide one only roughly does); far
+  from the object the field stays distance-like, which keeps the occupancy band honest;
+* progressive activation of hash levels: features of levels above ``active_levels`` are zeroed
+  (coarse to fine), set by the trainer's ``update_step``;
+* gradients and Laplacians by finite differences on a tetrahedron (4 extra evaluations),
+  Neuralangelo-style: they use the fast table-only hash grid path (Triton on CUDA) and their
+  step shrinks with the finest active level, which smooths early training;
+* heads: radiance ``(features, normal, SH(direction)) -> sRGB`` and diffuse albedo
+  ``features -> sRGB`` (trained only when an albedo pass supervises it).
+
+:class:`SdfField` adds NeuS's learnable sharpness ``inv_s = exp(10 * variance)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..surface_render import neus_optical_depth
+from .hashgrid import HashGrid
+from .nerf import mlp, sh_encode
+
+# Tetrahedron corners: sum v v^T = 4 I, so sum_i v_i f(x + h v_i) ~= 4 h grad f and
+# sum_i f(x + h v_i) ~= 4 f(x) + 2 h^2 laplacian f.
+TETRA = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class SurfaceFieldConfig:
+    levels: int = 16            # hash grid levels L
+    features: int = 2           # features per level F
+    log2_table: int = 19        # rows per level: 2**log2_table
+    base_res: int = 16          # coarsest grid, points a side (over the [-1, 1]^3 cube)
+    max_res: int = 2048         # finest grid
+    hidden: int = 64            # MLP width
+    geo_features: int = 15      # features passed from the geometry MLP to the heads
+    color_layers: int = 2       # hidden layers of the radiance MLP
+    init_radius: float = 0.5    # geometric initialisation: sphere of this radius (normalised)
+    init_variance: float = 0.3  # NeuS: inv_s = exp(10 * variance) (SDF only)
+
+
+class SurfaceField(nn.Module):
+    """Geometry network + radiance and albedo heads (see the module docstring).
+
+    Shapes: x (N, 3) float32 normalised; d (N, 3) float32 unit directions; values (N,) float32;
+    features (N, geo_features) float32; colours (N, 3) float32 sRGB in [0, 1].
+    """
+
+    #: "sdf" or "occupancy"; the sign convention of :meth:`inside`.
+    kind = "surface"
+
+    def __init__(self, cfg: SurfaceFieldConfig = SurfaceFieldConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoding = HashGrid(cfg.levels, cfg.features, cfg.log2_table, cfg.base_res, cfg.max_res)
+        self.geometry_net = mlp([3 + self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
+        self.color_net = mlp([cfg.geo_features + 3 + 16] + [cfg.hidden] * cfg.color_layers + [3])
+        self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
+        self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
+        self.set_active_levels(cfg.levels)
+        self._geometric_init()
+
+    # ---- set-up --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _geometric_init(self) -> None:
+        """The MLP's value output starts at zero: value(x) = |x| - init_radius exactly."""
+        last = self.geometry_net[-1]
+        last.weight[:1].zero_()
+        last.bias[:1].zero_()
+        # softplus(beta=100) instead of ReLU: smooth, so that gradients and curvature exist
+        for i, layer in enumerate(self.geometry_net):
+            if isinstance(layer, nn.ReLU):
+                self.geometry_net[i] = nn.Softplus(beta=100.0)
+
+    @torch.no_grad()
+    def set_active_levels(self, count: int) -> None:
+        """Use only the ``count`` coarsest hash levels (the others read zero).  Also sets
+        ``fd_step``, the finite-difference step: the cell size (normalised units) of the finest
+        active level."""
+        count = max(1, min(int(count), self.cfg.levels))
+        self.active_levels = count
+        self.level_mask.zero_()
+        self.level_mask[: count * self.cfg.features] = 1.0
+        self.fd_step = 2.0 / (int(self.encoding.resolutions[count - 1]) - 1)
+
+    def restore_active_levels(self) -> None:
+        """Re-derive ``active_levels`` from the ``level_mask`` buffer (after load_state_dict)."""
+        self.set_active_levels(round(float(self.level_mask.sum())) // self.cfg.features)
+
+    # ---- geometry ------------------------------------------------------------------------
+    def geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, 3) -> raw value (N,) (SDF: signed distance; occupancy: minus the logit before
+        its scale) and features (N, geo_features)."""
+        enc = self.encoding((x + 1.0) * 0.5) * self.level_mask
+        h = self.geometry_net(torch.cat([x, enc], dim=-1))
+        return x.norm(dim=-1) - self.cfg.init_radius + h[:, 0], h[:, 1:]
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw geometry value (N,) only."""
+        return self.geometry(x)[0]
+
+    def geometry_with_derivatives(self, x: torch.Tensor, h: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Value, features, gradient and Laplacian of the raw value by finite differences.
+
+        Args:
+            x: (N, 3) float32.  h: finite-difference step (normalised units).
+        Returns:
+            value (N,), features (N, G), gradient (N, 3), laplacian (N,) -- all float32.
+        """
+        n = x.shape[0]
+        offsets = TETRA.to(x.device, x.dtype) * h                            # (4, 3)
+        pts = torch.cat([x, (x[None] + offsets[:, None]).reshape(-1, 3)])     # (5N, 3)
+        v, feat = self.geometry(pts)
+        v0, vt = v[:n], v[n:].reshape(4, n)
+        grad = torch.einsum("kn,kc->nc", vt, TETRA.to(x.device, x.dtype)) / (4.0 * h)
+        lap = (vt.sum(0) - 4.0 * v0) / (2.0 * h * h)
+        return v0, feat[:n], grad, lap
+
+    # ---- heads ---------------------------------------------------------------------------
+    def radiance(self, features: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        """(N, G), (N, 3) unit outward normals, (N, 3) unit view directions -> (N, 3) sRGB."""
+        return torch.sigmoid(self.color_net(torch.cat([features, normals, sh_encode(dirs)], dim=-1)))
+
+    def albedo(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, G) -> (N, 3) diffuse albedo, sRGB in [0, 1]."""
+        return torch.sigmoid(self.albedo_net(features))
+
+    # ---- conventions (overridden) --------------------------------------------------------
+    def inside(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) positive inside, negative outside, zero on the surface (normalised units)."""
+        raise NotImplementedError
+
+    def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
+        """Unit outward normals (N, 3) from the raw value's gradient (N, 3)."""
+        raise NotImplementedError
+
+    def optical_depth(self, value: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, delta: float
+                      ) -> torch.Tensor:
+        """Optical depth tau (N,) of one sample's segment (opacity 1 - exp(-tau))."""
+        raise NotImplementedError
+
+    def deep_inside(self, value: torch.Tensor, delta: float) -> torch.Tensor:
+        """(N,) bool: a ray that reaches this sample is already opaque (later samples are useless)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimiser treatment: hash tables, MLP weights, scalar extras."""
+        return {"grid": [self.encoding.table],
+                "mlp": [*self.geometry_net.parameters(), *self.color_net.parameters(),
+                        *self.albedo_net.parameters()],
+                "extra": []}
+
+
+class SdfField(SurfaceField):
+    """Signed distance field (positive outside), rendered the NeuS way.
+
+    ``variance`` is learnt: NeuS's logistic density has sharpness ``inv_s = exp(10 * variance)``
+    (per normalised unit), which grows as the surface becomes certain.  ``cos_anneal`` (set by
+    the trainer, 0 -> 1) blends NeuS's annealed slope estimate into the true one.
+    """
+
+    kind = "sdf"
+
+    def __init__(self, cfg: SurfaceFieldConfig = SurfaceFieldConfig()):
+        super().__init__(cfg)
+        self.variance = nn.Parameter(torch.tensor(float(cfg.init_variance)))
+        self.cos_anneal = 1.0
+
+    def inv_s(self) -> torch.Tensor:
+        """0-d tensor: the sharpness of the logistic density (per normalised unit)."""
+        return torch.exp(self.variance * 10.0).clamp(1e-3, 1e6)
+
+    def inside(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.value(x)
+
+    def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
+        return F.normalize(grad, dim=-1, eps=1e-12)
+
+    def optical_depth(self, value, grad, dirs, delta):
+        return neus_optical_depth(value, (dirs * grad).sum(-1), delta, self.inv_s(), self.cos_anneal)
+
+    def deep_inside(self, value, delta):
+        # Crossing from outside to sdf = -4 / inv_s makes a ray at least 98% opaque.
+        margin = max(4.0 / float(self.inv_s()), 2.0 * delta)
+        return value < -margin
+
+    def param_groups(self):
+        groups = super().param_groups()
+        groups["extra"] = [self.variance]
+        return groups

@@ -1,0 +1,235 @@
+"""Training of surface fields (``method`` "sdf" or "occupancy") on posed RGBA images.
+
+:func:`fit_surface` is what :func:`backend.train.fit` runs for those methods: same callbacks,
+cancel and result (a :class:`~backend.model.FittedField`).  Step-dependent behaviour (learning
+rate, hash levels, NeuS slope annealing, occupancy grid) lives in
+:meth:`SurfaceTrainer.update_step`; one optimisation step in :meth:`SurfaceTrainer.step`.
+
+Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
+
+* colour: MSE (or smooth L1) against the image composited on a random background;
+* mask: BCE of the rendered opacity against alpha, when some alpha is below 1;
+* eikonal: ``(|grad v| - 1)^2`` on the samples and on random points of the box (v the raw value:
+  the SDF; for occupancy fields it keeps the logit proportional to the distance, so the
+  occupancy's transition keeps the width its annealed ``logit_scale`` sets);
+* curvature: mean ``|laplacian v|`` on the samples (finite differences, Neuralangelo);
+* passes (contract C1), where the data has them: albedo head vs "albedo", rendered normals vs
+  "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import PosedImages, RaySampler
+from .model import FittedField, build_field, build_occupancy, pick_device
+from .train import Callbacks, Cancelled, FitConfig, PREVIEW_SHARE, _preview_camera, _progress, psnr, to_rgba8
+
+PASS_KEYS = ("albedo", "normal", "depth")
+MIN_RAYS = 64           # floor of the adaptive ray count
+
+
+def data_passes(data: PosedImages) -> list[str]:
+    """The supervision passes ``data`` carries (non-empty), among PASS_KEYS."""
+    passes = getattr(data, "passes", None) or {}
+    return [k for k in PASS_KEYS if k in passes and len(passes[k])]
+
+
+class SurfaceTrainer:
+    """One surface fit's state: model, optimiser, ray sampler and the step-dependent schedule.
+
+    Attributes read by the fit loop: ``model``, ``rays`` (rays per step, adapted so that the
+    shaded samples approach ``cfg.target_samples``).
+    """
+
+    def __init__(self, data: PosedImages, cfg: FitConfig):
+        self.cfg, self.device = cfg, pick_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        field = build_field(cfg).to(self.device)
+        occupancy = build_occupancy(cfg).to(self.device)
+        self.passes = data_passes(data)
+        self.masks = bool((data.images[..., 3] < 255).any())
+        meta = {"width": data.width, "height": data.height, "views": len(data),
+                "lighting_baked": "albedo" not in self.passes, "passes": list(self.passes), "masks": self.masks}
+        self.model = FittedField(field, occupancy, data.aabb, cfg, meta)
+        self.sampler = RaySampler(data, self.device)
+        if self.passes and not hasattr(self.sampler, "sample_passes"):
+            raise ValueError("the data has supervision passes but RaySampler cannot sample them")
+        groups = field.param_groups()
+        self.optimizer = torch.optim.Adam([
+            {"params": groups["grid"], "lr": cfg.grid_lr, "eps": cfg.grid_eps, "weight_decay": 0.0},
+            {"params": groups["mlp"], "lr": cfg.mlp_lr, "eps": cfg.mlp_eps, "weight_decay": cfg.mlp_weight_decay},
+            {"params": groups["extra"], "lr": cfg.variance_lr, "eps": 1e-15, "weight_decay": 0.0},
+        ], betas=(0.9, 0.99), fused=self.device.type == "cuda" and cfg.fused_adam)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.rays = cfg.batch_rays
+        field.set_active_levels(cfg.start_levels)
+
+    # ---- schedule ----------------------------------------------------------------------------
+    def update_step(self, step: int, fraction: float) -> None:
+        """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]:
+        learning rates (warm-up, then exponential decay; the NeuS variance keeps its rate),
+        active hash levels, NeuS slope annealing, occupancy grid refresh."""
+        cfg, field = self.cfg, self.model.field
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay = (fraction - cfg.lr_decay_start) / max(1.0 - cfg.lr_decay_start, 1e-9)
+        factor = warm * cfg.lr_final ** min(max(decay, 0.0), 1.0)
+        for group, lr in zip(self.optimizer.param_groups[:2], self.base_lrs[:2]):
+            group["lr"] = lr * factor
+        # Schedules in steps where set, else in fractions of the fit (which may be timed): every
+        # level active by mid-fit, NeuS's slope annealed over the first tenth.
+        new_levels = max(cfg.levels - cfg.start_levels, 0)
+        added = step // cfg.level_every if cfg.level_every else int(new_levels * min(2.0 * fraction, 1.0))
+        levels = min(cfg.levels, cfg.start_levels + added)
+        if levels != field.active_levels:
+            field.set_active_levels(levels)
+        if hasattr(field, "cos_anneal"):
+            anneal = step / cfg.cos_anneal_steps if cfg.cos_anneal_steps else fraction * 10.0
+            field.cos_anneal = min(1.0, anneal)
+        if hasattr(field, "anneal"):        # occupancy: sharper transitions as the fit goes on
+            field.anneal(fraction)
+        since = step - cfg.occupancy_warmup
+        if since >= 0 and since % cfg.occupancy_every == 0:
+            self.model.update_occupancy(1.0 if since == 0 else cfg.occupancy_fraction)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimisation step.  Returns (loss, colour mse) as 0-d tensors and the number of
+        samples shaded."""
+        cfg, model = self.cfg, self.model
+        if self.passes:
+            origins, dirs, rgba, passes = self.sampler.sample_passes(self.rays)
+        else:
+            (origins, dirs, rgba), passes = self.sampler.sample(self.rays), {}
+        jitter = torch.rand(origins.shape[0], 1, device=self.device)
+        out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes)
+        bg = torch.rand(origins.shape[0], 3, device=self.device)
+        alpha = rgba[:, 3:]
+        pred = out.rgb + (1.0 - out.opacity[:, None]) * bg
+        target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
+        mse = F.mse_loss(pred, target)
+        loss = mse if cfg.loss == "mse" else F.smooth_l1_loss(pred, target, beta=0.1) * 10.0
+        if self.masks and cfg.mask_weight > 0:
+            opacity = out.opacity.clamp(1e-3, 1.0 - 1e-3)
+            loss = loss + cfg.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
+        loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
+        if loss.requires_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        if cfg.target_samples:
+            ratio = cfg.target_samples / max(out.samples, 1)
+            self.rays = int(min(max(self.rays * min(max(ratio, 0.5), 2.0), MIN_RAYS), cfg.max_rays))
+        return loss.detach(), mse.detach(), out.samples
+
+    def _regularisers(self, out) -> torch.Tensor:
+        cfg, field, model = self.cfg, self.model.field, self.model
+        loss = torch.zeros((), device=self.device)
+        grads = [out.extras["grad"]] if out.samples else []
+        if cfg.eikonal_weight > 0 and cfg.eikonal_points > 0:
+            lo, hi = model.box[0], model.box[1]
+            x = lo + (hi - lo) * torch.rand(cfg.eikonal_points, 3, device=self.device)
+            grads.append(field.geometry_with_derivatives(x, field.fd_step)[2])
+        if cfg.eikonal_weight > 0 and grads:
+            g = torch.cat(grads)
+            loss = loss + cfg.eikonal_weight * ((g.norm(dim=-1) - 1.0) ** 2).mean()
+        if cfg.curvature_weight > 0 and out.samples:
+            loss = loss + cfg.curvature_weight * out.extras["laplacian"].abs().mean()
+        return loss
+
+    def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:
+        """Albedo, normal and depth supervision (contract C1) on the rays whose pixel has it."""
+        cfg = self.cfg
+        loss = torch.zeros((), device=self.device)
+        if "albedo" in passes and out.albedo is not None:
+            # premultiplied: the rendered albedo sum against albedo * alpha
+            target = passes["albedo"] * alpha[:, None]
+            loss = loss + cfg.albedo_weight * F.mse_loss(out.albedo, target)
+        if "normal" in passes and out.normal is not None:
+            n = passes["normal"]
+            has = n.norm(dim=-1) > 0.5
+            if bool(has.any()):
+                cos = F.cosine_similarity(out.normal[has], n[has], dim=-1, eps=1e-6)
+                loss = loss + cfg.normal_weight * (1.0 - cos).mean()
+        if "depth" in passes:
+            z = passes["depth"][:, 0]
+            has = z > 0
+            if bool(has.any()):
+                loss = loss + cfg.depth_weight * (out.depth[has] - z[has]).abs().mean() / self.model.scale
+        return loss
+
+
+def check_surface_config(cfg: FitConfig) -> None:
+    """Raise ValueError naming the first surface setting out of range."""
+    if cfg.method not in ("sdf", "occupancy"):
+        raise ValueError(f"surface fits train 'sdf' or 'occupancy' fields, not {cfg.method!r}")
+    if not 1 <= cfg.start_levels <= cfg.levels:
+        raise ValueError(f"start_levels must be in [1, levels={cfg.levels}], got {cfg.start_levels}")
+    for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
+                 "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "variance_lr"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.init_radius < 1.0:
+        raise ValueError(f"init_radius must be in (0, 1) (normalised units), got {cfg.init_radius}")
+
+
+def fit_surface(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -> FittedField:
+    """Train a surface field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
+
+    Same contract as :func:`backend.train.fit` (progress, previews, :class:`Cancelled`).
+    """
+    cb = callbacks or Callbacks()
+    cfg.validate()
+    check_surface_config(cfg)
+    torch.manual_seed(cfg.seed)
+    trainer = SurfaceTrainer(data, cfg)
+    model = trainer.model
+    preview_cam = _preview_camera(data, cfg.preview_size)
+
+    start = time.perf_counter()
+    last_progress, last_preview, preview_every = -math.inf, -math.inf, cfg.preview_interval
+    sums, count, mse_last, step, samples, first_step_s = None, 0, None, 0, 0, None
+    while True:
+        elapsed = time.perf_counter() - start
+        fraction = step / cfg.steps
+        if cfg.seconds > 0:
+            fraction = max(fraction, elapsed / cfg.seconds)
+        done = fraction >= 1.0
+        if count and (done or elapsed - last_progress >= cfg.progress_interval):
+            loss, mse_last = (sums / count).tolist()
+            sums, count, last_progress = None, 0, elapsed
+            cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
+        if preview_cam is not None and (done or (step > 0 and elapsed - last_preview >= preview_every)):
+            cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
+            last_preview = time.perf_counter() - start
+            preview_every = max(cfg.preview_interval, (last_preview - elapsed) / PREVIEW_SHARE)
+        if done:
+            break
+        if cb.should_stop():
+            raise Cancelled(step, model)
+        trainer.update_step(step, fraction)
+        loss, mse, n = trainer.step()
+        samples += n
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - start
+        pair = torch.stack([loss, mse])
+        sums = pair if sums is None else sums + pair
+        count += 1
+        step += 1
+    field = model.field
+    if hasattr(field, "cos_anneal"):
+        field.cos_anneal = 1.0
+    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": samples,
+                       "first_step_s": round(first_step_s or 0.0, 3),
+                       "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
+    if hasattr(field, "inv_s"):
+        model.meta["inv_s"] = round(float(field.inv_s().detach()), 3)
+    field.eval()
+    return model
+
+
+__all__ = ["SurfaceTrainer", "fit_surface", "data_passes"]

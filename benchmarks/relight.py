@@ -1,0 +1,270 @@
+"""Relighting evaluation (issue 4): the ground truth and fitted assets under a light that was
+NOT used for training, rendered in Cycles at the held-out cameras, compared by PSNR.
+
+    python benchmarks/relight.py --scene out/surface/scene.blend \\
+        --asset albedo=runs/sdf/mesh.glb --asset baked=runs/nerf/mesh.ply [--size 256] [--samples 64]
+
+Each ``--asset LABEL=PATH`` is a .glb/.gltf (the fit's mesh with its PBR textures; imported with
+blender_addon.importer's asset importer when it has one, else Blender's glTF importer) or a
+.ply/.obj with vertex colours (wired into a Principled BSDF's Base Color).  An asset whose base
+colour is the radiance seen in training (e.g. a radiance-field mesh, or an SDF trained without
+the albedo pass) is the "radiance baked into base colour" baseline.
+
+For every held-out camera of the scene (custom property ``implicit_holdout``, written by
+benchmarks/surface_scene.py) it renders the ground truth and each asset (ground truth hidden)
+under the "novel" light setup, and under the "training" one for reference.  PSNR is over the
+pixels either image covers (RGB composited on black, 8-bit sRGB), averaged over cameras.
+
+    python benchmarks/relight.py --tiny --out /tmp/relight_tiny
+
+runs the whole chain small on the CPU (a 64^2 scene, a short radiance-field fit with
+``python -m backend fit``, its mesh as the baked baseline, and the same mesh coloured with the
+albedo pass projected from the training views, see projected_albedo) to show that it works end
+to end.  ``--albedo-from LABEL=DATASET`` does that recolouring for any asset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+ASSET_COLLECTION = "Relight Asset"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two (H, W, 4) uint8 RGBA images composited on black, over covered pixels."""
+    fa = a[..., :3].astype(np.float64) * (a[..., 3:] / 255.0) / 255.0
+    fb = b[..., :3].astype(np.float64) * (b[..., 3:] / 255.0) / 255.0
+    mask = (a[..., 3] > 0) | (b[..., 3] > 0)
+    if not mask.any():
+        return float("inf")
+    mse = float(np.mean((fa[mask] - fb[mask]) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def projected_albedo(points: np.ndarray, dataset: Path, tolerance: float = 0.02) -> np.ndarray:
+    """(P, 3) float32 sRGB albedo of world points, averaged over the training views that see
+    them: a point is seen where its z-depth matches the depth pass within ``tolerance`` times
+    the depth.  Points no view sees get mid grey.  This is what an albedo-supervised fit
+    aims at, without training one (an upper bound of "relightable by construction")."""
+    from backend.data import load_transforms
+    from shared import cameras
+
+    data = load_transforms(dataset)
+    if not {"albedo", "depth"} <= set(data.passes):
+        raise ValueError(f"{dataset}: the dataset has no albedo and depth passes")
+    total = np.zeros((len(points), 3))
+    count = np.zeros(len(points))
+    for i in range(len(data)):
+        uv, z = cameras.project(points, data.intrinsics[i], data.poses[i])
+        x, y = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+        ok = (z > 0) & (x >= 0) & (y >= 0) & (x < data.width) & (y < data.height)
+        d = np.zeros(len(points))
+        d[ok] = data.passes["depth"][i, y[ok], x[ok]]
+        ok &= (d > 0) & (np.abs(d - z) < tolerance * z)
+        total[ok] += data.passes["albedo"][i, y[ok], x[ok]] / 255.0
+        count[ok] += 1
+    out = np.full((len(points), 3), 0.5)
+    seen = count > 0
+    out[seen] = total[seen] / count[seen, None]
+    return out.astype(np.float32)
+
+
+def recolor_with_albedo(objects, dataset: Path) -> None:
+    """Replace the base colour of imported meshes by the albedo projected from ``dataset``."""
+    from blender_addon import importer
+
+    for ob in objects:
+        if ob.type != "MESH":
+            continue
+        co = np.empty(len(ob.data.vertices) * 3, np.float32)
+        ob.data.vertices.foreach_get("co", co)
+        m = np.array(ob.matrix_world, dtype=np.float64)
+        world = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+        importer.set_point_colors(ob.data, projected_albedo(world, dataset), "Albedo")
+        ob.data.materials.clear()
+        ob.data.materials.append(importer.vertex_color_material("Relight Albedo", "Albedo"))
+
+
+def import_asset(scene, path: Path) -> list:
+    """Import a .glb/.gltf/.ply/.obj into the collection ASSET_COLLECTION; returns its objects."""
+    import bpy
+
+    from blender_addon import importer
+
+    before = set(bpy.data.objects)
+    suffix = path.suffix.lower()
+    custom = next((getattr(importer, n) for n in ("import_asset", "import_glb") if hasattr(importer, n)), None)
+    if suffix in (".glb", ".gltf") and custom is not None:
+        custom(scene, str(path))
+    elif suffix in (".glb", ".gltf"):
+        bpy.ops.import_scene.gltf(filepath=str(path))
+    elif suffix == ".ply":
+        bpy.ops.wm.ply_import(filepath=str(path))
+    elif suffix == ".obj":
+        bpy.ops.wm.obj_import(filepath=str(path))
+    else:
+        raise ValueError(f"{path}: cannot import {suffix} files (use .glb, .gltf, .ply or .obj)")
+    new = [ob for ob in bpy.data.objects if ob not in before]
+    if not new:
+        raise ValueError(f"{path}: nothing was imported")
+    coll = importer.ensure_collection(scene, ASSET_COLLECTION)
+    for ob in new:
+        for c in list(ob.users_collection):
+            c.objects.unlink(ob)
+        coll.objects.link(ob)
+        if ob.type == "MESH" and not ob.data.materials and len(ob.data.color_attributes):
+            attr = ob.data.color_attributes[0].name
+            ob.data.materials.append(importer.vertex_color_material(f"Relight {attr}", attr))
+    bpy.context.view_layer.update()
+    return new
+
+
+def remove_asset() -> None:
+    import bpy
+
+    coll = bpy.data.collections.get(ASSET_COLLECTION)
+    if coll is None:
+        return
+    for ob in list(coll.all_objects):
+        bpy.data.objects.remove(ob, do_unlink=True)
+    bpy.data.collections.remove(coll)
+
+
+def render_set(scene, cams, folder: str) -> list[np.ndarray]:
+    from blender_addon import capture
+
+    return [capture.render_view(scene, ob, f"{folder}/r_{i:03d}.png") for i, ob in enumerate(cams)]
+
+
+def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int, out: Path | None,
+             albedo_from: dict[str, Path] | None = None) -> dict:
+    """PSNR of every asset against the ground truth under both light setups.  ``albedo_from``
+    maps asset labels to a dataset whose albedo pass recolours that asset (projected_albedo)."""
+    import bpy
+
+    import surface_scene as ss
+    from blender_addon import capture
+
+    bpy.ops.wm.open_mainfile(filepath=str(scene_path))
+    scene = bpy.context.scene
+    scene.render.resolution_x = scene.render.resolution_y = size
+    scene.cycles.samples = samples
+    view_layer = bpy.context.view_layer
+    cams = [ob for ob in capture.scene_cameras(view_layer, include_holdout=True) if capture.is_holdout(ob)]
+    if not cams:
+        raise SystemExit(f"{scene_path}: no held-out cameras (custom property implicit_holdout)")
+    gt_coll = bpy.data.collections[ss.GT_COLLECTION]
+    work = tempfile.mkdtemp(prefix="relight_")
+    results: dict = {"cameras": len(cams), "size": size, "samples": samples, "assets": {}}
+    renders: dict = {}
+    for light in ("novel", "training"):
+        ss.use_lighting(scene, light)
+        gt_coll.hide_render = False
+        renders[("ground truth", light)] = render_set(scene, cams, work)
+        gt_coll.hide_render = True
+        for label, path in assets.items():
+            objects = import_asset(scene, path)
+            if albedo_from and label in albedo_from:
+                recolor_with_albedo(objects, albedo_from[label])
+            renders[(label, light)] = render_set(scene, cams, work)
+            remove_asset()
+        gt_coll.hide_render = False
+    for label in assets:
+        row = {}
+        for light in ("novel", "training"):
+            values = [psnr(a, b) for a, b in zip(renders[(label, light)], renders[("ground truth", light)])]
+            row[light] = float(np.mean(values))
+        results["assets"][label] = row
+    if out is not None:
+        from PIL import Image
+
+        out.mkdir(parents=True, exist_ok=True)
+        for light in ("novel", "training"):
+            rows = [np.concatenate(renders[(label, light)], axis=1) for label in ["ground truth", *assets]]
+            Image.fromarray(np.concatenate(rows, axis=0), "RGBA").save(out / f"relight_{light}.png")
+        (out / "relight.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"\nrelighting PSNR (dB), {results['cameras']} held-out cameras at {results['size']}^2, "
+          f"{results['samples']} samples")
+    print(f"{'asset':<24}{'novel light':>14}{'training light':>16}")
+    for label, row in results["assets"].items():
+        print(f"{label:<24}{row['novel']:>14.2f}{row['training']:>16.2f}")
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def tiny(out: Path, steps: int) -> dict:
+    """The whole chain, small, on the CPU: scene -> fit -> mesh -> relight."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "scene"
+    py = sys.executable
+    _run([py, "benchmarks/surface_scene.py", "--out", str(data), "--views", "16", "--holdout", "2",
+          "--size", "64", "--samples", "8"])
+    _run([py, "-m", "backend", "fit", str(data / "transforms_train.json"), "--out", str(out / "run_nerf"),
+          "--method", "nerf", "--preset", "draft", "--steps", str(steps), "--device", "cpu"])
+    from backend.export.mesh import extract_mesh, write_mesh    # what `python -m backend mesh` does
+    from backend.model import FittedField
+
+    verts, faces, colors = extract_mesh(FittedField.load(out / "run_nerf", device="cpu"), 64)
+    write_mesh(out / "baked.ply", verts, faces, colors)
+    assets = {"radiance baked (nerf)": out / "baked.ply", "albedo pass (same mesh)": out / "baked.ply"}
+    return evaluate(data / "scene.blend", assets, 64, 8, out,
+                    albedo_from={"albedo pass (same mesh)": data / "transforms_train.json"})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scene", help="scene.blend written by benchmarks/surface_scene.py")
+    ap.add_argument("--asset", action="append", default=[], metavar="LABEL=PATH",
+                    help="an asset to evaluate (.glb/.gltf/.ply/.obj); repeat for several")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--out", default=None, help="folder for the comparison images and relight.json")
+    ap.add_argument("--albedo-from", action="append", default=[], metavar="LABEL=DATASET",
+                    help="recolour asset LABEL with the albedo pass of a dataset (transforms file)")
+    ap.add_argument("--tiny", action="store_true", help="run the whole chain small on the CPU")
+    ap.add_argument("--steps", type=int, default=300, help="--tiny: training steps")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.tiny:
+        results = tiny(Path(args.out or tempfile.mkdtemp(prefix="relight_tiny_")), args.steps)
+    else:
+        if not args.scene or not args.asset:
+            ap.error("--scene and at least one --asset are needed (or --tiny)")
+        assets = {}
+        for item in args.asset:
+            label, sep, path = item.partition("=")
+            if not sep:
+                label, path = Path(item).stem, item
+            assets[label] = Path(path).resolve()
+        albedo_from = dict(item.split("=", 1) for item in args.albedo_from)
+        unknown = set(albedo_from) - set(assets)
+        if unknown:
+            ap.error(f"--albedo-from names unknown assets: {', '.join(sorted(unknown))}")
+        results = evaluate(Path(args.scene).resolve(), assets, args.size, args.samples,
+                           Path(args.out) if args.out else None,
+                           {k: Path(v).resolve() for k, v in albedo_from.items()})
+    print_table(results)
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

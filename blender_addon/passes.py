@@ -1,0 +1,234 @@
+"""Render passes for supervision (contract C1): albedo, world normals and z-depth from Cycles.
+
+The beauty render (capture.render_view) stays as it is; while :class:`PassOutput` is active,
+the compositor also writes three single-layer float EXRs through a File Output node fed by the
+Render Layers node (Blender 5.0: ``scene.compositing_node_group``; 4.x: ``scene.node_tree``).
+The compositor's Viewer does not exist in background mode, so files are the way out.
+
+What Cycles gives (checked with bpy 5.0.1, see tests/test_passes_bpy.py):
+- "Diffuse Color": linear, averaged over the pixel's samples, so multiplied by the coverage
+  (alpha); for a Principled BSDF it is the base colour times the share left by the specular
+  layer (about 0.96 head-on, less at grazing angles); for a Diffuse BSDF it is the colour.
+- "Normal": WORLD-space shading normals, averaged over samples (length = coverage).
+- "Depth": distance along the camera's viewing axis (not along the ray), from one sample
+  (not averaged), 1e10 where no surface was hit.
+Main thread only.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import bpy
+import numpy as np
+
+PASS_NAMES = ("albedo", "normal", "depth")
+_SOCKETS = {"albedo": ("Diffuse Color", "RGBA"), "normal": ("Normal", "VECTOR"), "depth": ("Depth", "FLOAT")}
+_LAYER_FLAGS = ("use_pass_diffuse_color", "use_pass_normal", "use_pass_z")
+NO_SURFACE_DEPTH = 1e9        # Cycles writes 1e10 where a pixel's sample hit nothing
+
+
+class PassError(Exception):
+    """The passes could not be rendered or read; the text says why."""
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """sRGB transfer function (IEC 61966-2-1) of linear values in [0, 1]."""
+    x = np.clip(x, 0.0, 1.0)
+    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1.0 / 2.4) - 0.055)
+
+
+def _compositor_tree_attr(scene) -> str:
+    return "compositing_node_group" if hasattr(scene, "compositing_node_group") else "node_tree"
+
+
+class PassOutput:
+    """Context manager: while active, every render of ``scene`` also writes the passes as EXRs
+    into ``folder`` (see :meth:`prepare` and :meth:`read`).  Everything it changes (view layer
+    pass flags, compositing switch, the compositor tree) is put back on exit."""
+
+    def __init__(self, scene, view_layer, folder: str):
+        self.scene, self.view_layer, self.folder = scene, view_layer, folder
+        self._saved: list = []
+        self._tree = None
+        self._node = None
+
+    def _set(self, owner, attr, value):
+        self._saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    def __enter__(self):
+        s = self.scene
+        try:
+            if s.render.engine != "CYCLES":
+                raise PassError(f"Render passes need the Cycles engine (the scene uses {s.render.engine}).")
+            for flag in _LAYER_FLAGS:
+                self._set(self.view_layer, flag, True)
+            self._set(s.render, "use_compositing", True)
+            attr = _compositor_tree_attr(s)
+            if attr == "node_tree":            # Blender 4.x: the scene owns its compositor tree
+                self._set(s, "use_nodes", True)
+                tree = s.node_tree
+            else:
+                tree = bpy.data.node_groups.new("Implicit Passes", "CompositorNodeTree")
+                self._tree = tree
+                self._set(s, attr, tree)
+            rl = tree.nodes.new("CompositorNodeRLayers")
+            rl.scene, rl.layer = s, self.view_layer.name
+            out = tree.nodes.new("CompositorNodeOutputFile")
+            self._nodes = [rl, out]
+            self._node = out
+            fmt = out.format
+            if hasattr(fmt, "media_type"):
+                fmt.media_type = "IMAGE"
+            fmt.file_format = "OPEN_EXR"
+            fmt.color_depth = "32"
+            fmt.exr_codec = "ZIP"
+            if hasattr(out, "file_output_items"):       # 5.0
+                out.directory = self.folder + os.sep
+                for name, (socket, kind) in _SOCKETS.items():
+                    out.file_output_items.new(kind, name)
+                    tree.links.new(rl.outputs[socket], out.inputs[name])
+            else:                                       # 4.x: file_slots, base_path
+                out.base_path = self.folder + os.sep
+                out.file_slots.clear()
+                for name, (socket, _kind) in _SOCKETS.items():
+                    out.file_slots.new(name)
+                    tree.links.new(rl.outputs[socket], out.inputs[name])
+        except Exception:
+            self.restore()
+            raise
+        return self
+
+    def prepare(self, prefix: str) -> None:
+        """Name the next render's pass files ``<folder>/<prefix><pass>*.exr`` (old ones removed)."""
+        for old in self._files(prefix):
+            os.remove(old)
+        if hasattr(self._node, "file_name"):
+            self._node.file_name = prefix
+        else:
+            for slot, name in zip(self._node.file_slots, _SOCKETS):
+                slot.path = prefix + name
+
+    def _files(self, prefix: str) -> list[str]:
+        return glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.exr"))
+
+    def read(self, prefix: str, alpha: np.ndarray) -> dict[str, np.ndarray]:
+        """The passes of the last render, converted to contract C1.
+
+        Args:
+            alpha: (H, W) float32 coverage in [0, 1] of the beauty render.
+        Returns:
+            "albedo" (H, W, 3) uint8 sRGB; "normal" (H, W, 3) float32 unit world (0: none);
+            "depth" (H, W) float32 z-depth in world units (0: none).  Top row first.
+        """
+        raw = {}
+        for name in PASS_NAMES:
+            found = [f for f in self._files(prefix) if os.path.basename(f)[len(prefix):].startswith(name)]
+            if len(found) != 1:
+                raise PassError(f"The {name} pass was not written (looked for {prefix}{name}*.exr in {self.folder}).")
+            raw[name] = load_float_image(found[0])
+        return convert_passes(raw["albedo"], raw["normal"], raw["depth"][..., 0], alpha)
+
+    def restore(self) -> None:
+        if self._tree is None and getattr(self, "_nodes", None):      # 4.x: remove our nodes
+            tree = self.scene.node_tree
+            for node in self._nodes:
+                try:
+                    tree.nodes.remove(node)
+                except (ReferenceError, RuntimeError):
+                    pass
+        for owner, attr, value in reversed(self._saved):
+            try:
+                setattr(owner, attr, value)
+            except Exception as exc:  # keep restoring the rest
+                print(f"Fit Implicit: could not restore {attr}: {exc}")
+        self._saved.clear()
+        if self._tree is not None:
+            bpy.data.node_groups.remove(self._tree)
+            self._tree = None
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def load_float_image(path: str) -> np.ndarray:
+    """(H, W, 4) float32 pixels of an image file as stored (no colour transform for float
+    files), top row first."""
+    img = bpy.data.images.load(path, check_existing=False)
+    try:
+        w, h = img.size
+        c = img.channels
+        if w == 0 or h == 0:
+            raise PassError(f"Could not read the pass image {path}")
+        px = np.empty(w * h * c, dtype=np.float32)
+        img.pixels.foreach_get(px)
+    finally:
+        bpy.data.images.remove(img)
+    px = px.reshape(h, w, c)[::-1]
+    if c < 4:
+        px = np.concatenate([px, np.ones((h, w, 4 - c), np.float32)], axis=-1)
+    return np.ascontiguousarray(px)
+
+
+def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, alpha: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+    """Cycles' raw passes -> contract C1 (see :meth:`PassOutput.read`).
+
+    Args:
+        diffuse: (H, W, >=3) float32 linear diffuse colour, coverage-weighted.
+        normal: (H, W, >=3) float32 world normals, coverage-weighted.
+        depth: (H, W) float32 z-depth, >= NO_SURFACE_DEPTH where nothing was hit.
+        alpha: (H, W) float32 coverage in [0, 1].
+    """
+    alpha = np.asarray(alpha, dtype=np.float32)
+    covered = alpha > 0
+    albedo_lin = diffuse[..., :3] / np.maximum(alpha, 1e-3)[..., None]
+    albedo = np.where(covered[..., None], linear_to_srgb(albedo_lin), 0.0)
+    n = normal[..., :3].astype(np.float32)
+    length = np.linalg.norm(n, axis=-1)
+    has_normal = covered & (length > 1e-4)
+    n = np.where(has_normal[..., None], n / np.maximum(length, 1e-12)[..., None], 0.0)
+    z = np.asarray(depth, dtype=np.float32)
+    z = np.where((z > 0) & (z < NO_SURFACE_DEPTH) & np.isfinite(z), z, 0.0)
+    return {"albedo": np.clip(albedo * 255.0 + 0.5, 0, 255).astype(np.uint8),
+            "normal": n.astype(np.float32), "depth": z.astype(np.float32)}
+
+
+def save_pass_files(folder: str, stem: str, passes: dict) -> dict:
+    """Write one view's passes next to its image, as backend/data.py reads them (PASS_FILE_KEYS):
+    ``<stem>_albedo.png`` (8-bit sRGB RGB), ``<stem>_normal.png`` (8-bit RGB, n = 2 v / 255 - 1,
+    (0, 0, 0) = no surface) and ``<stem>_depth.npz`` (float32 "depth", 0 = no surface).
+    Returns the frame keys (paths relative to ``folder``).  Main thread (bpy images)."""
+    keys = {}
+    if "albedo" in passes:
+        keys["albedo_path"] = _save_rgb8(folder, f"{stem}_albedo.png", np.asarray(passes["albedo"], np.uint8), "sRGB")
+    if "normal" in passes:
+        n = np.asarray(passes["normal"], dtype=np.float32)
+        v = np.clip(np.round((n + 1.0) * 127.5), 1, 255).astype(np.uint8)   # 0 is kept for "no surface"
+        v[~n.any(axis=-1)] = 0
+        keys["normal_path"] = _save_rgb8(folder, f"{stem}_normal.png", v, "Non-Color")
+    if "depth" in passes:
+        np.savez_compressed(os.path.join(folder, f"{stem}_depth.npz"),
+                            depth=np.asarray(passes["depth"], dtype=np.float32))
+        keys["depth_path"] = f"{stem}_depth.npz"
+    return keys
+
+
+def _save_rgb8(folder: str, rel: str, rgb: np.ndarray, colorspace: str) -> str:
+    """An (H, W, 3) uint8 array as an 8-bit RGB PNG, bytes as given (top row first)."""
+    h, w = rgb.shape[:2]
+    path = os.path.join(folder, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = bpy.data.images.new("Implicit Pass", w, h, alpha=False)
+    try:
+        img.colorspace_settings.name = colorspace
+        rgba = np.concatenate([rgb, np.full((h, w, 1), 255, np.uint8)], axis=-1)[::-1]
+        img.pixels.foreach_set((rgba.astype(np.float32) / 255.0).ravel())
+        img.filepath_raw = path
+        img.file_format = "PNG"
+        img.save()
+    finally:
+        bpy.data.images.remove(img)
+    return rel

@@ -1,0 +1,323 @@
+"""UV unwrapping (xatlas), rasterising and baking textures from a field (backend/export/texture.py).
+
+The fields here are small analytic stand-ins implementing contract C2 (``surface_attributes``):
+their true colours and normals are known exactly, so the tests can say where every texel must
+land.  The real FittedField implements the same contract (backend/model.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.export import texture as tx
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def sphere_mesh(radius: float = 0.7, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A closed triangulated sphere (UV-sphere topology, poles merged), CCW from outside."""
+    rings, segs = n // 2, n
+    theta = np.linspace(0, np.pi, rings + 1)[1:-1]
+    phi = np.linspace(0, 2 * np.pi, segs, endpoint=False)
+    t, p = np.meshgrid(theta, phi, indexing="ij")
+    body = np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1).reshape(-1, 3)
+    verts = np.concatenate([[[0, 0, 1]], body, [[0, 0, -1]]]) * radius
+    idx = lambda r, s: 1 + r * segs + s % segs     # noqa: E731
+    faces = [(0, idx(0, s), idx(0, s + 1)) for s in range(segs)]
+    for r in range(rings - 2):
+        for s in range(segs):
+            a, b, c, d = idx(r, s), idx(r, s + 1), idx(r + 1, s), idx(r + 1, s + 1)
+            faces += [(a, c, b), (b, c, d)]
+    last = len(verts) - 1
+    faces += [(last, idx(rings - 2, s + 1), idx(rings - 2, s)) for s in range(segs)]
+    return verts.astype(np.float32), np.array(faces, np.int32)
+
+
+class HalvesBall:
+    """Stand-in for a fitted SDF (contract C2): a ball, red where x > 0 and blue elsewhere, its
+    true normals optionally tilted by ``tilt`` (a bumpy surface), roughness 0.2 / 0.8 by half."""
+
+    method = "sdf"
+    device = torch.device("cpu")
+
+    def __init__(self, tilt: float = 0.0, roughness: bool = False):
+        self.tilt, self.roughness = tilt, roughness
+        self.meta = {"lighting_baked": False}
+        self.calls = 0
+
+    def true_normal(self, p: np.ndarray) -> np.ndarray:
+        n = p / np.linalg.norm(p, axis=1, keepdims=True)
+        n = n + self.tilt * np.stack([np.sin(8 * p[:, 2]), np.cos(8 * p[:, 0]), np.zeros(len(p))], -1)
+        return (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)
+
+    def surface_attributes(self, points, normals=None):
+        self.calls += 1
+        p = np.asarray(points, np.float32)
+        red = p[:, :1] > 0
+        out = {"albedo": np.where(red, [[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]).astype(np.float32),
+               "normal": self.true_normal(p)}
+        if self.roughness:
+            out["roughness"] = np.where(red[:, 0], 0.2, 0.8).astype(np.float32)
+        return out
+
+
+class ConstantNormal:
+    """Stand-in field (C2) whose normal is one world vector everywhere and albedo mid grey."""
+
+    method = "sdf"
+    device = torch.device("cpu")
+    meta = {"lighting_baked": True}
+
+    def __init__(self, normal):
+        self.normal = np.asarray(normal, np.float32) / np.linalg.norm(normal)
+
+    def surface_attributes(self, points, normals=None):
+        m = len(points)
+        return {"albedo": np.full((m, 3), 0.5, np.float32), "normal": np.tile(self.normal, (m, 1))}
+
+
+@pytest.fixture(scope="module")
+def ball_uv():
+    verts, faces = sphere_mesh()
+    return verts, faces, tx.unwrap(verts, faces, size=256, padding=4, piece_faces=400)
+
+
+# ---- unwrapping -------------------------------------------------------------------------------
+def test_unwrap_keeps_the_surface_and_gives_a_valid_atlas(ball_uv):
+    verts, faces, m = ball_uv
+    assert len(m.faces) == len(faces)
+    np.testing.assert_array_equal(m.vertices, verts[m.source])          # split copies, exact positions
+    welded = np.sort(m.source[m.faces], axis=1)
+    assert {tuple(f) for f in welded} == {tuple(f) for f in np.sort(faces, axis=1)}   # same triangles
+    assert m.uvs.min() >= 0.0 and m.uvs.max() <= 1.0
+    t = m.uvs[m.faces].astype(np.float64)
+    area = 0.5 * np.abs((t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1])
+                        - (t[:, 1, 1] - t[:, 0, 1]) * (t[:, 2, 0] - t[:, 0, 0]))
+    assert area.min() > 0, "every triangle gets UV area"
+    # No two charts overlap: the texels covered add up to the summed triangle areas (within 5%).
+    face_map, _ = tx.rasterize(m.uvs, m.faces, 512)
+    covered = float((face_map >= 0).float().mean())
+    assert covered == pytest.approx(area.sum(), rel=0.05)
+    np.testing.assert_allclose(np.linalg.norm(m.normals, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.abs((m.normals * m.tangents[:, :3]).sum(1)), 0.0, atol=1e-5)
+
+
+def test_unwrap_rejects_bad_meshes_clearly():
+    verts, faces = sphere_mesh(n=8)
+    with pytest.raises(ValueError, match=r"face indices must be in \[0, "):
+        tx.unwrap(verts, faces + 1000)
+    with pytest.raises(ValueError, match="texture size must be in"):
+        tx.unwrap(verts, faces, size=8)
+    with pytest.raises(ValueError, match="vertices must be finite"):
+        tx.unwrap(np.full_like(verts, np.nan), faces)
+
+
+# ---- rasterising -------------------------------------------------------------------------------
+def test_rasterize_matches_a_texel_by_texel_reference():
+    rng = np.random.default_rng(1)
+    uvs = rng.uniform(0.05, 0.95, (30, 2)).astype(np.float32)
+    faces = np.arange(30).reshape(10, 3)
+    size = 24
+    face_map, bary = tx.rasterize(uvs, faces, size)
+    for f in (0, 4, 9):
+        a, b, c = (np.array([u * size, (1 - v) * size]) for u, v in uvs[faces[f]])
+        rows, cols = np.nonzero(face_map.numpy() == f)
+        for r, col in zip(rows, cols):
+            w = bary[r, col].numpy()
+            p = w[0] * a + w[1] * b + w[2] * c
+            np.testing.assert_allclose(p, [col + 0.5, r + 0.5], atol=1e-3)   # weights give the centre
+    # Every texel centre inside some triangle is claimed by one.
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    any_inside = np.zeros((size, size), bool)
+    for f in range(10):
+        a, b, c = (np.array([u * size, (1 - v) * size]) for u, v in uvs[faces[f]])
+        def edge(p, q):
+            return (q[0] - p[0]) * (yy - p[1]) - (q[1] - p[1]) * (xx - p[0])
+        e = np.stack([edge(a, b), edge(b, c), edge(c, a)])
+        any_inside |= (e > 1e-3).all(0) | (e < -1e-3).all(0)
+    assert (face_map.numpy()[any_inside] >= 0).all()
+
+
+# ---- baking ---------------------------------------------------------------------------------------
+def test_baked_colours_land_on_the_right_faces(ball_uv):
+    _, _, m = ball_uv
+    baked = tx.bake(HalvesBall(), m, 256, padding=4)
+    assert baked.albedo.shape == (256, 256, 3) and baked.albedo.dtype == np.uint8
+    centre_uv, centre = m.uvs[m.faces].mean(1), m.vertices[m.faces].mean(1)
+    seen = tx.sample_texture(baked.albedo, centre_uv).astype(int)
+    want = np.where(centre[:, :1] > 0, [[255, 0, 0]], [[0, 0, 255]])
+    wrong = np.abs(seen - want).max(1) > 8
+    assert wrong.mean() < 0.01, f"{wrong.sum()} of {len(wrong)} faces show the other half's colour"
+    assert np.abs(centre[wrong, 0]).max(initial=0) < 0.1     # only faces on the red/blue border
+    assert baked.roughness is None
+
+
+def test_padding_keeps_background_out_of_the_texture(ball_uv):
+    _, _, m = ball_uv
+    baked = tx.bake(HalvesBall(), m, 256, padding=4)
+    cov = torch.as_tensor(baked.coverage)[None, None].float()
+    ring = (torch.nn.functional.max_pool2d(cov, 5, stride=1, padding=2)[0, 0].numpy() > 0) & ~baked.coverage
+    colours = baked.albedo[ring].astype(int)
+    # Texels around the charts hold chart colours (pure red or blue, or a blend of both at the
+    # border), never black background.
+    assert ring.sum() > 100
+    assert (colours[:, 1] < 10).all() and ((colours[:, 0] + colours[:, 2]) > 200).all()
+    assert (baked.albedo.sum(-1) > 0).all()          # the rest holds the mean colour, not black
+
+
+def test_tangent_space_normal_map_follows_blender_conventions():
+    """A flat square facing +Z with u along +X and v along +Y: a field normal tilted towards +X
+    reads red > 128, towards +Y green > 128 (OpenGL +Y); with the u axis mirrored, +X reads red < 128."""
+    verts = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
+    faces = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+
+    def plane(uvs):
+        normals = tx.smooth_normals(verts, faces)
+        return tx.UVMesh(verts, faces, uvs, np.arange(4), normals, tx.uv_tangents(verts, faces, uvs, normals))
+
+    uv = np.array([[0.1, 0.1], [0.9, 0.1], [0.9, 0.9], [0.1, 0.9]], np.float32)
+    s = np.sqrt(0.5)
+    centre = np.array([[0.5, 0.5]], np.float32)
+    read = lambda mesh, n: tx.sample_texture(tx.bake(ConstantNormal(n), mesh, 32, padding=2).normal, centre)[0]  # noqa: E731
+    np.testing.assert_allclose(read(plane(uv), [1, 0, 1]), [round(255 * (s / 2 + 0.5)), 128, round(255 * (s / 2 + 0.5))], atol=2)
+    np.testing.assert_allclose(read(plane(uv), [0, 1, 1]), [128, round(255 * (s / 2 + 0.5)), round(255 * (s / 2 + 0.5))], atol=2)
+    np.testing.assert_allclose(read(plane(uv), [0, 0, 1]), [128, 128, 255], atol=2)
+    mirrored = uv.copy()
+    mirrored[:, 0] = 1.0 - mirrored[:, 0]
+    m = plane(mirrored)
+    assert (m.tangents[:, 3] == -1).all()
+    np.testing.assert_allclose(read(m, [1, 0, 1]), [round(255 * (0.5 - s / 2)), 128, round(255 * (s / 2 + 0.5))], atol=2)
+    np.testing.assert_allclose(read(m, [0, 1, 1]), [128, round(255 * (s / 2 + 0.5)), round(255 * (s / 2 + 0.5))], atol=2)
+
+
+def test_normal_map_gives_back_the_fields_normals(ball_uv):
+    """Decoding the baked map in each texel's tangent frame gives the field's (bumpy) normal
+    back within 4 degrees at every face centre."""
+    _, _, m = ball_uv
+    ball = HalvesBall(tilt=0.3)
+    baked = tx.bake(ball, m, 256, padding=4)
+    w = np.full((len(m.faces), 3, 1), 1.0 / 3.0)
+    centre = (m.vertices[m.faces] * w).sum(1)
+    n = (m.normals[m.faces] * w).sum(1)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    t = (m.tangents[m.faces, :3] * w).sum(1)
+    t -= n * (n * t).sum(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    b = np.sign(m.tangents[m.faces, 3].sum(1))[:, None] * np.cross(n, t)
+    local = tx.decode_normal_map(tx.sample_texture(baked.normal, m.uvs[m.faces].mean(1)))
+    world = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
+    cos = (world * ball.true_normal(centre)).sum(1)
+    assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 4.0
+    # ... and the map is not trivially flat: the tilt shows in it.
+    assert np.degrees(np.arccos(np.clip(local[:, 2], -1, 1))).max() > 10.0
+
+
+def test_roughness_is_baked_where_the_model_estimates_it(ball_uv):
+    _, _, m = ball_uv
+    baked = tx.bake(HalvesBall(roughness=True), m, 128, padding=2)
+    assert baked.roughness.shape == (128, 128, 1)
+    centre_uv, centre = m.uvs[m.faces].mean(1), m.vertices[m.faces].mean(1)
+    seen = tx.sample_texture(baked.roughness, centre_uv)[:, 0].astype(int)
+    want = np.where(centre[:, 0] > 0, 51, 204)
+    assert (np.abs(seen - want) <= 2).mean() > 0.98
+    assert [k for k, _ in baked.items()] == ["albedo", "normal", "roughness"]
+
+
+def test_field_is_queried_in_chunks(ball_uv):
+    _, _, m = ball_uv
+    ball = HalvesBall()
+    baked = tx.bake(ball, m, 128, padding=1, chunk=1000)
+    assert ball.calls == -(-int(baked.coverage.sum()) // 1000)
+
+
+# ---- the real model and the job's asset step ------------------------------------------------------
+def real_sphere_model():
+    """A real FittedField (SDF method), untrained: its geometric initialisation is a sphere of
+    radius 0.5 (normalised), which is radius 1.0 in this box of half-side 2."""
+    from backend import train
+    from backend.model import FittedField, build_field, build_occupancy
+
+    cfg = train.make_config(method="sdf", preset="draft", device="cpu")
+    torch.manual_seed(0)
+    return FittedField(build_field(cfg), build_occupancy(cfg), np.array([[-2.0, -2, -2], [2, 2, 2]]), cfg)
+
+
+def world_normals_from_map(mesh, normal_map):
+    """Decode the baked map at each face centre in that point's tangent frame -> (F, 3) world."""
+    w = np.full((len(mesh.faces), 3, 1), 1.0 / 3.0)
+    n = (mesh.normals[mesh.faces] * w).sum(1)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    t = (mesh.tangents[mesh.faces, :3] * w).sum(1)
+    t -= n * (n * t).sum(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    b = np.sign(mesh.tangents[mesh.faces, 3].sum(1))[:, None] * np.cross(n, t)
+    local = tx.decode_normal_map(tx.sample_texture(normal_map, mesh.uvs[mesh.faces].mean(1)))
+    return local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
+
+
+def test_real_sdf_model_normals_survive_the_bake():
+    """With the real model (contract C2 as backend/model.py implements it), the normal map
+    decoded in the mesh's tangent frames gives the field's own normals back (median within 3
+    degrees, 95% within 8; the untrained hash grid makes the field bumpy at texel scale)."""
+    model = real_sphere_model()
+    verts, faces = sphere_mesh(radius=1.0, n=24)
+    mesh, baked = tx.texture_mesh(model, verts, faces, 128, padding=2)
+    centre = mesh.vertices[mesh.faces].mean(1)
+    want = model.surface_attributes(centre.astype(np.float32))["normal"]
+    got = world_normals_from_map(mesh, baked.normal)
+    angle = np.degrees(np.arccos(np.clip((got * want).sum(1), -1, 1)))
+    assert np.median(angle) < 3.0 and np.percentile(angle, 95) < 8.0
+    assert baked.albedo.shape == (128, 128, 3) and set(baked.timings) >= {"unwrap", "raster", "query"}
+
+
+class RecordingContext:
+    """Stands in for jobs.JobContext (which needs a running server loop): records what is sent,
+    validating every message as JobContext.send does."""
+
+    job_id = "job1"
+
+    def __init__(self):
+        self.sent, self.stages = [], []
+
+    def progress(self, stage, **kw):
+        self.stages.append(stage)
+
+    def check_cancelled(self):
+        pass
+
+    def send(self, message):
+        self.sent.append(message.validate())
+
+
+def test_job_sends_textures_then_a_textured_mesh():
+    from backend.fit_job import send_mesh_assets
+    from shared import protocol
+
+    verts, faces = sphere_mesh(radius=0.7, n=16)
+    ctx = RecordingContext()
+    summary = send_mesh_assets(HalvesBall(roughness=True), verts, faces, np.zeros_like(verts), 64, ctx)
+    kinds = [(type(m).__name__, getattr(m, "kind", "")) for m in ctx.sent]
+    assert kinds == [("TextureResult", "albedo"), ("TextureResult", "normal"), ("TextureResult", "roughness"),
+                     ("MeshResult", "")]
+    mesh = ctx.sent[-1]
+    assert len(mesh.uvs) == len(mesh.vertices) == len(mesh.normals) == summary["vertices"]
+    assert ctx.sent[0].lighting_baked is False and summary["textures"] == 64 and "texture" in ctx.stages
+    # vertex colours follow the texture: red half red
+    red = mesh.vertices[:, 0] > 0.1
+    assert (mesh.colors[red, 0] > 0.9).all() and (mesh.colors[red, 2] < 0.1).all()
+    # Round trip through the wire.
+    for m in ctx.sent:
+        protocol.decode_message([bytes(f) for f in m.to_frames()])
+
+
+def test_job_without_textures_sends_the_plain_mesh():
+    from backend.fit_job import send_mesh_assets
+
+    verts, faces = sphere_mesh(radius=0.7, n=8)
+    ctx = RecordingContext()
+    colors = np.full_like(verts, 0.25)
+    summary = send_mesh_assets(HalvesBall(), verts, faces, colors, 0, ctx)
+    assert [type(m).__name__ for m in ctx.sent] == ["MeshResult"]
+    assert ctx.sent[0].uvs.shape == (0, 2) and np.array_equal(ctx.sent[0].colors, colors)
+    assert summary == {"vertices": len(verts), "faces": len(faces)}
