@@ -6,8 +6,10 @@ starts fast and tests can run it with a fake runner and no torch at all.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -40,6 +42,7 @@ class _TrainCallbacks:
         self._ctx = ctx
         self._previews = previews
         self.last: dict[str, Any] = {}
+        self._last_checkpoint = time.monotonic()
 
     def on_progress(self, info: dict) -> None:
         self.last = dict(info)
@@ -54,10 +57,77 @@ class _TrainCallbacks:
     def should_stop(self) -> bool:
         return self._ctx.should_stop()
 
+    def on_checkpoint(self, step: int, state) -> None:
+        """Every ``ctx.checkpoint_interval`` seconds: write the training state into the job's folder."""
+        ctx = self._ctx
+        if ctx.folder is None or ctx.checkpoint_interval <= 0:
+            return
+        now = time.monotonic()
+        if now - self._last_checkpoint < ctx.checkpoint_interval:
+            return
+        from .checkpoint import save_checkpoint
+        try:
+            took = save_checkpoint(ctx.folder, state())
+            log.info("job %s: checkpoint at step %d (%.2f s)", ctx.job_id, step, took)
+        except OSError as exc:   # a full disk must not fail the fit
+            log.error("job %s: could not write a checkpoint: %s", ctx.job_id, exc)
+        self._last_checkpoint = time.monotonic()
+
+
+def _resume_state(ctx: JobContext, device: str) -> dict | None:
+    """The job's last training checkpoint, if it has one that can be read."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    if ctx.folder is None:
+        return None
+    try:
+        state = load_checkpoint(ctx.folder, device)
+    except CheckpointError as exc:
+        log.warning("job %s: starting over: %s", ctx.job_id, exc)
+        return None
+    if state is not None:
+        log.info("job %s: resuming from its checkpoint at step %d (%.1f s)", ctx.job_id, state["step"], state["elapsed"])
+    return state
+
+
+@contextlib.contextmanager
+def _cancellable(ctx: JobContext):
+    """While the job runs, every torch module call in its thread checks for a cancel: training
+    steps, occupancy updates, previews, meshing, baking and renders all call the field in chunks,
+    so a cancel stops any of them within one chunk, not one whole stage."""
+    import torch
+
+    worker = threading.get_ident()
+
+    def check(_module, _inputs):
+        if threading.get_ident() == worker:
+            ctx.check_cancelled()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _saved_model(ctx: JobContext):
+    from .model import RUN_FILE, FittedField
+    if ctx.folder is None or not (ctx.folder / RUN_FILE).is_file():
+        return None
+    try:
+        return FittedField.load(ctx.folder, ctx.device)
+    except Exception as exc:  # noqa: BLE001 - unreadable: train again
+        log.warning("job %s: its saved model cannot be loaded (%s); training again", ctx.job_id, exc)
+        return None
+
 
 def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     """Fit ``submit`` and send its results; returns the Done summary.  See jobs.JobRunner."""
     configure_torch()
+    with _cancellable(ctx):
+        return _run_fit_job(submit, ctx)
+
+
+def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from . import data, train
     from .export.mesh import extract_mesh
 
@@ -70,22 +140,23 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0)
     ctx.progress("train", force=True)
     start = time.monotonic()
-    try:
-        model = train.fit(posed, cfg, callbacks)
-    except train.Cancelled as exc:
-        raise JobCancelled() from exc
+    model = _saved_model(ctx)   # a backend restarted after training ended: no need to train again
+    if model is None:
+        try:
+            model = train.fit(posed, cfg, callbacks, resume=_resume_state(ctx, str(cfg.device)))
+        except train.Cancelled as exc:
+            raise JobCancelled() from exc
+        if ctx.folder is not None:   # contract C3: later jobs (renders back) load it from here
+            from .checkpoint import remove_checkpoint
+            model.save(ctx.folder)
+            remove_checkpoint(ctx.folder)
     fit_seconds = time.monotonic() - start
     del posed
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
     verts, faces, colors = extract_mesh(model, cfg.mesh_resolution)
-    ctx.send(protocol.MeshResult(
-        job_id=ctx.job_id,
-        vertices=np.ascontiguousarray(verts, dtype=np.float32),
-        faces=np.ascontiguousarray(faces, dtype=np.int32),
-        colors=np.ascontiguousarray(np.clip(colors, 0.0, 1.0), dtype=np.float32),
-    ))
+    assets = send_mesh_assets(model, verts, faces, colors, submit.textures, ctx)
 
     count = len(submit.eval_poses)
     for i in range(count):
@@ -106,5 +177,41 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         "device": str(cfg.device),
         "method": submit.method,
         "preset": submit.preset,
+        "resumed_from_step": int(meta.get("resumed_from_step", 0)),   # 0: trained from the start
+        **assets,
     }
 
+
+# ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
+def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
+                     ctx: JobContext) -> dict:
+    """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
+    them (TextureResult*) before the textured MeshResult.  Returns summary entries.
+
+    verts (V, 3) float32 world, faces (F, 3) int, colors (V, 3) sRGB: from extract_mesh.
+    """
+    mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
+    if texture_size > 0 and len(faces):
+        from .export.texture import texture_mesh, vertex_colors_from
+
+        ctx.progress("texture", force=True)
+        start = time.monotonic()
+        mesh, baked = texture_mesh(model, verts, faces, texture_size)
+        lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
+        for kind, image in baked.items():
+            ctx.check_cancelled()
+            ctx.send(protocol.TextureResult(job_id=ctx.job_id, kind=kind, image=np.ascontiguousarray(image),
+                                            lighting_baked=lit))
+        summary.update(textures=int(texture_size), texture_seconds=round(time.monotonic() - start, 3),
+                       **{f"texture_{k}_seconds": round(v, 3) for k, v in baked.timings.items()})
+        verts, faces, colors = mesh.vertices, mesh.faces, vertex_colors_from(mesh, baked)
+        summary.update(vertices=int(len(verts)), faces=int(len(faces)))
+    ctx.send(protocol.MeshResult(
+        job_id=ctx.job_id,
+        vertices=np.ascontiguousarray(verts, dtype=np.float32),
+        faces=np.ascontiguousarray(faces, dtype=np.int32),
+        colors=np.ascontiguousarray(np.clip(colors, 0.0, 1.0), dtype=np.float32),
+        uvs=np.ascontiguousarray(mesh.uvs if mesh is not None else np.zeros((0, 2)), dtype=np.float32),
+        normals=np.ascontiguousarray(mesh.normals if mesh is not None else np.zeros((0, 3)), dtype=np.float32),
+    ))
+    return summary

@@ -1,9 +1,18 @@
-"""Jobs: their state machine, the FIFO queue and the one worker thread that runs them.
+"""Jobs: their state machine, the fair queue and the one worker thread that runs them.
 
 States::
 
     queued ──► running ──► done | failed | cancelled
        └──────────────────► cancelled | failed      (cancelled, or the backend shut down, while waiting)
+
+Fairness: waiting jobs run round-robin between clients (the client that was served least
+recently goes first), so one client flooding the queue delays the others by one job at most.
+
+Persistence (when a ``runs_dir`` is given, contract C3): each job has a folder
+``<runs_dir>/<job_id>/`` holding its Submit, its state, training checkpoints, its fitted model
+and its results (see :mod:`backend.checkpoint`).  At start-up :meth:`JobQueue.restore` re-queues
+the jobs that had not ended (they resume from their last checkpoint) and remembers the ended
+ones, whose results a client can fetch again with Attach until they expire (``keep_seconds``).
 
 One worker thread runs one job at a time through a *job runner*: a plain callable
 ``runner(submit, ctx) -> summary`` (see :data:`JobRunner`).  The real one is
@@ -20,20 +29,24 @@ from __future__ import annotations
 
 import collections
 import enum
+import gc
 import logging
 import math
 import queue
+import shutil
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from shared import protocol
 
+from . import checkpoint, paths
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -59,18 +72,38 @@ class ShuttingDown(Exception):
     """The backend is stopping and takes no new jobs."""
 
 
+class UnknownJob(Exception):
+    """No such job (never existed, or its results expired); the text says which."""
+
+
 @dataclass(eq=False)
 class Job:
     id: str
-    client: bytes                          # ZeroMQ routing identity of the submitting client
-    submit: protocol.Submit | None         # dropped (set to None) once the job has ended
+    client: bytes | None                   # routing identity its messages go to (None: nobody attached)
+    submit: protocol.Submit | None         # None once ended (and for restored jobs until they run)
     state: JobState = JobState.QUEUED
+    owner: bytes = b""                     # who submitted it: the key of round-robin fairness
+    folder: Path | None = None             # <runs_dir>/<id>/ (None: not persisted)
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     ended: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False                 # stopped because the backend is shutting down
     summary: str = ""                      # one line for logs: how it ended
+    stored: int = 0                        # results written to its folder so far
+    lock: threading.Lock = field(default_factory=threading.Lock)   # client + stored results together
+
+    def deliver(self, message: protocol.Message) -> bytes | None:
+        """Store a result in the job's folder and return who it goes to, as one step (so that a
+        client attaching meanwhile gets it exactly once: from the folder or from the socket)."""
+        with self.lock:
+            if self.folder is not None:
+                try:
+                    checkpoint.store_message(self.folder, self.stored, message)
+                    self.stored += 1
+                except OSError as exc:
+                    log.error("job %s: could not store its %s result: %s", self.id, message.TYPE, exc)
+            return self.client
 
 
 class JobContext:
@@ -83,9 +116,12 @@ class JobContext:
       fails the job with a clear text instead of reaching the client.
     """
 
-    def __init__(self, job: Job, outbox: Outbox, device: str, progress_interval: float = 0.1):
+    def __init__(self, job: Job, outbox: Outbox, device: str, progress_interval: float = 0.1,
+                 checkpoint_interval: float = 0.0):
         self.job_id = job.id
         self.device = device
+        self.folder = job.folder                     # the job's folder (None: no checkpoints, no saved model)
+        self.checkpoint_interval = checkpoint_interval   # seconds between training checkpoints (0: none)
         self._job = job
         self._outbox = outbox
         self._interval = progress_interval
@@ -120,7 +156,9 @@ class JobContext:
             if image.ndim == 3 and image.shape[2] == 3:
                 image = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
             msg = protocol.Preview(job_id=self.job_id, image=np.ascontiguousarray(image), step=_count(step))
-            self._outbox.put_preview(self._job.client, msg.validate())
+            client = self._job.client
+            if client is not None:
+                self._outbox.put_preview(client, msg.validate())
         except protocol.ProtocolError as exc:   # a bad preview never fails a job
             log.warning("job %s: preview dropped: %s", self.job_id, exc)
 
@@ -129,11 +167,17 @@ class JobContext:
             message.validate()
         except protocol.ProtocolError as exc:
             raise RuntimeError(f"the backend produced an invalid {message.TYPE} message: {exc}") from exc
-        self._put(message)
+        if message.TYPE in checkpoint.STORED_TYPES:
+            self._put(message, self._job.deliver(message))
+        else:
+            self._put(message)
 
-    def _put(self, message: protocol.Message) -> None:
+    def _put(self, message: protocol.Message, client: bytes | None = b"") -> None:
+        client = self._job.client if client == b"" else client
+        if client is None:   # nobody attached (e.g. a job resumed after a restart): results are stored
+            return
         try:
-            self._outbox.put(self._job.client, message, timeout=60.0)
+            self._outbox.put(client, message, timeout=60.0)
         except queue.Full:
             log.error("job %s: outbox stayed full for 60 s; %s message dropped", self.job_id, message.TYPE)
 
@@ -145,23 +189,41 @@ JobRunner = Callable[[protocol.Submit, JobContext], Mapping[str, Any]]
 
 
 class JobQueue:
-    """The FIFO of waiting jobs (at most ``max_queue``) and the worker thread."""
+    """The waiting jobs (at most ``max_queue``, served round-robin by owner) and the worker thread.
+
+    Args:
+        runs_dir: where job folders live (None: nothing is persisted; no Attach, no resume).
+        checkpoint_interval: seconds between training checkpoints (0: none).
+        keep_seconds: how long an ended job's folder (results, model) is kept for Attach.
+        max_kept: at most this many ended job folders are kept (the oldest go first).
+    """
 
     def __init__(self, runner: JobRunner, outbox: Outbox, *, device: str, max_queue: int = 8,
-                 max_queued_bytes: int = 8 << 30, history: int = 100, progress_interval: float = 0.1):
+                 max_queued_bytes: int = 8 << 30, history: int = 100, progress_interval: float = 0.1,
+                 runs_dir: str | Path | None = None, checkpoint_interval: float = 60.0,
+                 keep_seconds: float = 24 * 3600.0, max_kept: int = 1000,
+                 warm_up: Callable[[], Any] | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self._runner = runner
+        self._warm_up = warm_up           # run once on the worker thread before the first job
         self._outbox = outbox
         self.device = device
         self.max_queue = max_queue
         self.max_queued_bytes = max_queued_bytes
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else None
+        self.checkpoint_interval = checkpoint_interval
+        self.keep_seconds = keep_seconds
+        self.max_kept = max_kept
         self._progress_interval = progress_interval
         self._cond = threading.Condition()
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting: list[Job] = []                 # arrival order; run order is fair_order()
+        self._served: dict[bytes, int] = {}           # owner -> turn it was last served (bounded below)
+        self._turn = 0
         self._running: Job | None = None
         self._ended: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._history = history
+        self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()   # id -> wall end time
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="job-worker", daemon=True)
 
@@ -169,8 +231,47 @@ class JobQueue:
     def start(self) -> None:
         self._thread.start()
 
+    def restore(self) -> tuple[int, int]:
+        """Re-queue the unfinished jobs found in ``runs_dir`` and remember the ended ones.
+
+        Returns ``(requeued, kept)``.  Unreadable folders are logged and left alone.
+        """
+        if self.runs_dir is None or not self.runs_dir.is_dir():
+            return 0, 0
+        found = []
+        for entry in self.runs_dir.iterdir():
+            if not paths.is_job_id(entry.name) or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                record = checkpoint.read_job_record(entry)
+            except checkpoint.CheckpointError as exc:
+                log.warning("ignoring %s: %s", entry, exc)
+                continue
+            found.append((float(record.get("created_wall") or 0.0), entry.name, record))
+        requeued = 0
+        with self._cond:
+            for _, job_id, record in sorted(found):
+                folder = paths.job_folder(self.runs_dir, job_id)
+                if record.get("state") in (JobState.QUEUED.value, JobState.RUNNING.value):
+                    # Results of an unfinished job are made again when it runs: drop partial ones.
+                    shutil.rmtree(folder / checkpoint.RESULTS_DIR, ignore_errors=True)
+                    job = Job(id=job_id, client=None, submit=None, owner=b"restored:" + job_id.encode(),
+                              folder=folder)
+                    self._waiting.append(job)
+                    requeued += 1
+                else:
+                    self._kept[job_id] = float(record.get("ended_wall") or time.time())
+            self._kept = collections.OrderedDict(sorted(self._kept.items(), key=lambda kv: kv[1]))   # oldest first
+            self._cond.notify_all()
+        if found:
+            log.info("found %d job folders in %s: %d unfinished jobs re-queued", len(found), self.runs_dir, requeued)
+        return requeued, len(self._kept)
+
     def submit(self, client: bytes, submit: protocol.Submit) -> tuple[Job, int]:
-        """Queue a job.  Returns it and its position (jobs ahead of it, the running one included)."""
+        """Queue a job.  Returns it and its position (jobs ahead of it, the running one included).
+
+        Raises QueueFull, ShuttingDown, or OSError if its folder cannot be written.
+        """
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the backend is shutting down and takes no new jobs")
@@ -181,12 +282,50 @@ class JobQueue:
             if self._waiting and held + _nbytes(submit) > self.max_queued_bytes:
                 raise QueueFull(f"queue full: the {len(self._waiting)} waiting jobs already hold "
                                 f"{held / 2**30:.1f} GiB of images; try again when they have run")
-            job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit)
-            position = len(self._waiting) + (self._running is not None)
+        job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=client)
+        # Written before it is queued: a kill from now on loses nothing.  Render jobs (RenderJob,
+        # backend/render_job.py) are short and read another job's folder: they keep none.
+        if self.runs_dir is not None and isinstance(submit, protocol.Submit):
+            job.folder = paths.job_folder(self.runs_dir, job.id)
+            try:
+                job.folder.mkdir(parents=True, exist_ok=False)
+                checkpoint.save_submit(job.folder, submit)
+                checkpoint.write_job_record(job.folder, id=job.id, state=JobState.QUEUED.value,
+                                            created_wall=time.time(), name=submit.name[:256])
+            except OSError:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                raise
+        with self._cond:
             self._waiting.append(job)
+            position = self._position(job)
             self._cond.notify_all()
-        log.info("job %s queued at position %d (%d images)", job.id, position, len(submit.images))
+        log.info("job %s queued at position %d (%s)", job.id, position,
+                 f"{len(submit.images)} images" if hasattr(submit, "images") else submit.TYPE)
         return job, position
+
+    def attach(self, job_id: str, client: bytes) -> tuple[Job | None, JobState, int, list[protocol.Message]]:
+        """Send the job's future messages to ``client``; returns ``(job or None if it ended,
+        state, position, stored results to resend)``.  Raises UnknownJob."""
+        if not paths.is_job_id(job_id):
+            raise UnknownJob(f"{job_id[:64]!r} is not a job id of this backend")
+        with self._cond:
+            job = next((j for j in self._waiting if j.id == job_id), None)
+            if job is None and self._running is not None and self._running.id == job_id:
+                job = self._running
+            position = self._position(job) if job is not None and job.state is JobState.QUEUED else 0
+        if job is not None:
+            with job.lock:
+                job.client = client
+                stored = self._stored(job.folder)
+            log.info("job %s: client %s attached (%s)", job_id, client.hex(), job.state.value)
+            return job, job.state, position, stored
+        folder = None if self.runs_dir is None else paths.job_folder(self.runs_dir, job_id)
+        if folder is None or job_id not in self._kept or not folder.is_dir():
+            keep = f"; results are kept for {self.keep_seconds / 3600:g} h after a job ends" if self.runs_dir else ""
+            raise UnknownJob(f"no job {job_id!r} on this backend (it never existed or its results expired{keep})")
+        state = JobState(checkpoint.read_job_record(folder).get("state", JobState.FAILED.value))
+        log.info("job %s: client %s fetched its results (%s)", job_id, client.hex(), state.value)
+        return None, state, 0, self._stored(folder)
 
     def cancel(self, job_id: str) -> tuple[Job | None, bool]:
         """Ask a job to stop.  Returns ``(job or None if unknown, removed_from_queue)``.
@@ -198,7 +337,7 @@ class JobQueue:
             for job in self._waiting:
                 if job.id == job_id:
                     self._waiting.remove(job)
-                    self._end(job, JobState.CANCELLED, "cancelled while queued")
+                    self._end(job, JobState.CANCELLED, "cancelled while queued", protocol.Cancelled(job_id=job.id))
                     return job, True
             if self._running is not None and self._running.id == job_id:
                 self._running.cancel.set()
@@ -212,23 +351,42 @@ class JobQueue:
             removed = [job for job in self._waiting if job.client == client]
             for job in removed:
                 self._waiting.remove(job)
-                self._end(job, JobState.CANCELLED, "cancelled: its client went away")
+                self._end(job, JobState.CANCELLED, "cancelled: its client went away", protocol.Cancelled(job_id=job.id))
             if self._running is not None and self._running.client == client:
                 self._running.cancel.set()
         return removed
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete the folders of jobs that ended more than ``keep_seconds`` ago (or beyond
+        ``max_kept``).  Returns their ids."""
+        now = time.time() if now is None else now
+        gone = []
+        with self._cond:
+            while self._kept:
+                job_id, ended = next(iter(self._kept.items()))
+                if now - ended <= self.keep_seconds and len(self._kept) <= self.max_kept:
+                    break
+                self._kept.popitem(last=False)
+                gone.append(job_id)
+        for job_id in gone:
+            if self.runs_dir is not None:
+                shutil.rmtree(paths.job_folder(self.runs_dir, job_id), ignore_errors=True)
+            log.info("job %s: results expired, folder removed", job_id)
+        return gone
 
     def stop(self) -> list[Job]:
         """Take no new jobs, fail the waiting ones and ask the running one to stop.
 
         Returns the failed waiting jobs (the caller tells their clients).  The running job ends
-        with Failed through the outbox; :meth:`join` waits for it.
+        with Failed through the outbox; :meth:`join` waits for it.  Persisted jobs stay
+        unfinished in their folders: the next start resumes them.
         """
         with self._cond:
             self._stopping = True
             dropped = list(self._waiting)
             self._waiting.clear()
             for job in dropped:
-                self._end(job, JobState.FAILED, "the backend was shut down before this job started")
+                self._end(job, JobState.FAILED, "the backend was shut down before this job started", persist=False)
             if self._running is not None:
                 self._running.shutdown = True
                 self._running.cancel.set()
@@ -250,25 +408,57 @@ class JobQueue:
         return self._running
 
     def waiting(self) -> list[Job]:
+        """The waiting jobs in the order they will run."""
         with self._cond:
-            return list(self._waiting)
+            return self._fair_order()
 
     def clients_with_jobs(self) -> set[bytes]:
         with self._cond:
-            clients = {job.client for job in self._waiting}
-            if self._running is not None:
+            clients = {job.client for job in self._waiting if job.client is not None}
+            if self._running is not None and self._running.client is not None:
                 clients.add(self._running.client)
             return clients
 
+    # ---- fairness (caller holds the lock) ---------------------------------------------------
+    def _fair_order(self) -> list[Job]:
+        """Round-robin by owner: the owner served least recently (never: first) goes next;
+        each owner's jobs keep their order."""
+        queues: dict[bytes, collections.deque[Job]] = {}
+        for job in self._waiting:
+            queues.setdefault(job.owner, collections.deque()).append(job)
+        served = {owner: self._served.get(owner, -1) for owner in queues}
+        arrival = {owner: i for i, owner in enumerate(queues)}
+        order, turn = [], self._turn
+        while queues:
+            owner = min(queues, key=lambda o: (served[o], arrival[o]))
+            order.append(queues[owner].popleft())
+            served[owner], turn = turn, turn + 1
+            if not queues[owner]:
+                del queues[owner]
+        return order
+
+    def _position(self, job: Job) -> int:
+        return self._fair_order().index(job) + (self._running is not None)
+
     # ---- the worker thread -----------------------------------------------------------------
     def _work(self) -> None:
+        if self._warm_up is not None:
+            try:
+                self._warm_up()
+            except Exception:   # a failed warm-up only costs the first job its start-up time
+                log.warning("warm-up failed; the first job pays the start-up costs", exc_info=True)
         while True:
             with self._cond:
                 while not self._waiting and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                job = self._waiting.popleft()
+                job = self._fair_order()[0]
+                self._waiting.remove(job)
+                self._served[job.owner], self._turn = self._turn, self._turn + 1
+                if len(self._served) > 4 * self.max_queue + 64:   # forget owners served long ago
+                    for owner in sorted(self._served, key=self._served.get)[: len(self._served) // 2]:
+                        del self._served[owner]
                 job.state, job.started = JobState.RUNNING, time.monotonic()
                 self._running = job
             try:
@@ -281,8 +471,13 @@ class JobQueue:
 
     def _run(self, job: Job) -> None:
         log.info("job %s: running", job.id)
-        ctx = JobContext(job, self._outbox, self.device, self._progress_interval)
+        ctx = JobContext(job, self._outbox, self.device, self._progress_interval, self.checkpoint_interval)
+        oom = False
         try:
+            if job.folder is not None:
+                checkpoint.write_job_record(job.folder, state=JobState.RUNNING.value)
+                if job.submit is None:   # restored after a restart
+                    job.submit = checkpoint.load_submit(job.folder)
             summary = dict(self._runner(job.submit, ctx))
             summary.setdefault("seconds", time.monotonic() - job.started)
             summary.setdefault("device", self.device)
@@ -290,41 +485,84 @@ class JobQueue:
             state, text = JobState.DONE, "done"
         except Exception as exc:  # noqa: BLE001 - every failure must reach the client
             if job.shutdown:
-                text = "the backend was shut down while this job was running"
+                text = ("the backend was shut down while this job was running; it resumes from its last "
+                        f"checkpoint when the backend starts again (reattach to job {job.id})"
+                        if job.folder is not None else "the backend was shut down while this job was running")
                 end, state = protocol.Failed(job_id=job.id, message=text), JobState.FAILED
             elif isinstance(exc, JobCancelled) or job.cancel.is_set():
                 end, state, text = protocol.Cancelled(job_id=job.id), JobState.CANCELLED, "cancelled"
             else:
+                oom = is_out_of_memory(exc)
                 text = describe_failure(exc)
                 log.error("job %s failed: %s", job.id, text, exc_info=exc)
                 end, state = protocol.Failed(job_id=job.id, message=text), JobState.FAILED
+            exc.__traceback__ = None   # let go of the frames (and the tensors they hold) now
+        ctx = None
         with self._cond:
-            self._end(job, state, text)   # also lets the job's images go
-        self._outbox.put(job.client, end, final=True)
+            client = self._end(job, state, text, end, persist=not job.shutdown)   # also lets the job's images go
+        if oom:
+            free_gpu_memory()
+        if client is not None:
+            self._outbox.put(client, end, final=True)
 
-    def _end(self, job: Job, state: JobState, text: str) -> None:
-        """Record how a job ended (caller holds the lock)."""
+    def _end(self, job: Job, state: JobState, text: str, end: protocol.Message | None = None,
+             persist: bool = True) -> bytes | None:
+        """Record how a job ended (caller holds the lock); returns who its end message goes to.
+
+        ``persist``: also store the end message and state in the job's folder (not on shutdown,
+        so that the next start resumes the job)."""
         job.state, job.ended, job.summary, job.submit = state, time.monotonic(), text, None
         self._ended[job.id] = job
         while len(self._ended) > self._history:
             self._ended.popitem(last=False)
         log.info("job %s: %s", job.id, text)
+        if not persist or job.folder is None or end is None:
+            return job.client
+        client = job.deliver(end)
+        try:
+            checkpoint.write_job_record(job.folder, state=state.value, ended_wall=time.time(), message=text[:4000])
+            checkpoint.remove_checkpoint(job.folder)
+            checkpoint.remove_submit(job.folder)   # only needed to resume; the images can be large
+            self._kept[job.id] = time.time()
+        except OSError as exc:
+            log.error("job %s: could not record its end: %s", job.id, exc)
+        return client
+
+    def _stored(self, folder: Path | None) -> list[protocol.Message]:
+        if folder is None:
+            return []
+        try:
+            return checkpoint.stored_messages(folder)
+        except checkpoint.CheckpointError as exc:
+            log.error("%s", exc)
+            raise UnknownJob(f"the results of this job cannot be read: {exc}") from exc
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
+    return (oom_type is not None and isinstance(exc, oom_type)) or "CUDA out of memory" in str(exc)
+
+
+def free_gpu_memory() -> None:
+    """After a GPU out-of-memory failure: drop the failed job's tensors and empty torch's cache."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
 
 
 def describe_failure(exc: BaseException) -> str:
     """A clear, one-paragraph text for the user (fits in Failed.message)."""
     first = (str(exc).strip().splitlines() or [""])[0][:500]
-    torch = sys.modules.get("torch")
-    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
-    if (oom_type is not None and isinstance(exc, oom_type)) or "CUDA out of memory" in str(exc):
-        try:
-            torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-        return ("GPU out of memory. Pick a lower quality preset (e.g. 'draft'), send fewer or smaller "
-                f"images, or close other programs using the GPU. ({first})")
+    if is_out_of_memory(exc):
+        return ("GPU out of memory: lower the preset (e.g. 'draft'), send fewer or smaller images, "
+                f"or close other programs using the GPU. The backend is ready for the next job. ({first})")
     if isinstance(exc, MemoryError):
-        return "out of memory (RAM): send fewer or smaller images, or pick a lower quality preset."
+        return "out of memory (RAM): lower the preset, or send fewer or smaller images."
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text[: protocol.MAX_STRING]
 
@@ -346,7 +584,8 @@ def clean_summary(summary: Mapping[str, Any]) -> dict:
 
 
 def _nbytes(submit: protocol.Submit | None) -> int:
-    return 0 if submit is None else int(submit.images.nbytes)
+    images = getattr(submit, "images", None)    # RenderJob: no images
+    return 0 if images is None else int(images.nbytes)
 
 
 def _finite(x: Any) -> float:

@@ -8,7 +8,9 @@ import argparse
 DEFAULT_BIND = "tcp://127.0.0.1:5599"        # the add-on's default (blender_addon/preferences.py)
 DEFAULT_MAX_MESSAGE_MB = 4096                 # one received message (ZMQ_MAXMSGSIZE and wire limits)
 DEFAULT_MAX_QUEUE = 8
-DEFAULT_CLIENT_TIMEOUT = 60.0
+DEFAULT_CLIENT_TIMEOUT = 0.0                  # jobs outlive their client (it may reattach)
+DEFAULT_CHECKPOINT_SECONDS = 60.0
+DEFAULT_KEEP_HOURS = 24.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest message accepted, in MiB (default {DEFAULT_MAX_MESSAGE_MB})")
     parser.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                         help="cancel the jobs of a client not heard from for this many seconds "
-                             f"(0: never; default {DEFAULT_CLIENT_TIMEOUT:g})")
+                             f"(0: never, the job keeps running and its results wait for the client to "
+                             f"reattach; default {DEFAULT_CLIENT_TIMEOUT:g})")
+    parser.add_argument("--runs-dir", default=None,
+                        help="folder of the job folders <runs-dir>/<job_id>/ (saved job, checkpoints, model, "
+                             "results); unfinished jobs found there resume at start-up "
+                             "(default: $FIT_IMPLICIT_RUNS_DIR, else ~/.cache/fit_implicit/runs)")
+    parser.add_argument("--checkpoint-seconds", type=float, default=DEFAULT_CHECKPOINT_SECONDS,
+                        help="seconds between training checkpoints; a killed backend loses at most this much "
+                             f"training (0: none; default {DEFAULT_CHECKPOINT_SECONDS:g})")
+    parser.add_argument("--keep-hours", type=float, default=DEFAULT_KEEP_HOURS,
+                        help="hours an ended job's results and model are kept for a client to fetch "
+                             f"(Attach) before its folder is deleted (default {DEFAULT_KEEP_HOURS:g})")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="skip the start-up warm-up (a tiny fit on the GPU that pays the process's one-time "
+                             "costs before the first job: imports, kernel compilation, graph capture)")
     parser.add_argument("--curve", action="store_true",
                         help="require CurveZMQ even on loopback (always required on any other address): "
                              "encrypted, and only clients listed in authorized_keys are admitted")

@@ -16,6 +16,7 @@ backend refuses to start on such an address.  ``--curve`` turns CurveZMQ on for 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import ipaddress
 import json
@@ -26,14 +27,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
 from shared import protocol, wire
 
-from . import __version__, security, serve_options
-from .jobs import JobQueue, JobRunner, QueueFull, ShuttingDown
+from . import __version__, paths, security, serve_options
+from .jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
 from .outbox import Outbox
 from .serve_options import DEFAULT_BIND, add_arguments
 
@@ -42,6 +44,8 @@ __all__ = ["Server", "ServerConfig", "ConfigError", "main", "cli", "add_argument
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = serve_options.DEFAULT_MAX_MESSAGE_MB << 20
+PREVIEW_CREDIT = 4      # previews a client may get per message it sends (it pings every second)
+MAX_BACKLOG = 1000      # messages waiting for one client's full pipe before heartbeats/progress are dropped
 
 
 class ConfigError(ValueError):
@@ -57,10 +61,14 @@ class ServerConfig:
     curve: security.CurveSetup | None = None  # CurveZMQ keys and allow-list (non-loopback or --curve)
     client_timeout: float = serve_options.DEFAULT_CLIENT_TIMEOUT  # cancel jobs of a client silent this long (0: never)
     shutdown_grace: float = 5.0               # seconds to let a running job stop on shutdown
-    hwm: int = 1000                           # messages queued per peer and direction
+    hwm: int = 100                            # messages queued in ZeroMQ per peer and direction
     poll_ms: int = 10                         # longest wait before the outbox is drained (job running)
     idle_poll_ms: int = 200                   # the same with no job running (fewer wake-ups)
     max_queued_bytes: int = 8 << 30           # array bytes all waiting jobs may hold together
+    runs_dir: str | None = None               # job folders (C3); None: nothing persisted (in-process tests)
+    checkpoint_interval: float = serve_options.DEFAULT_CHECKPOINT_SECONDS   # 0: no training checkpoints
+    keep_seconds: float = serve_options.DEFAULT_KEEP_HOURS * 3600.0        # ended jobs' results kept this long
+    warm_up: bool = False                     # a tiny fit on the worker before the first job (CUDA only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,10 +97,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if max_bytes < 1 << 20:
         raise ConfigError("--max-message-mb must be at least 1")
     timeout = getattr(args, "client_timeout", None)
+    runs_dir = getattr(args, "runs_dir", None) or str(paths.default_runs_dir())
+    every = getattr(args, "checkpoint_seconds", None)
+    keep = getattr(args, "keep_hours", None)
+    if (every is not None and every < 0) or (keep is not None and keep < 0):
+        raise ConfigError("--checkpoint-seconds and --keep-hours must not be negative")
+    try:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {runs_dir} for job folders ({exc.strerror}); pick another with --runs-dir") from exc
     return ServerConfig(bind=bind, device=resolve_device(getattr(args, "device", None)), max_queue=max_queue,
                         max_message_bytes=max_bytes, curve=curve,
                         client_timeout=serve_options.DEFAULT_CLIENT_TIMEOUT if timeout is None
-                        else max(0.0, float(timeout)))
+                        else max(0.0, float(timeout)), runs_dir=runs_dir,
+                        checkpoint_interval=serve_options.DEFAULT_CHECKPOINT_SECONDS if every is None else float(every),
+                        keep_seconds=3600.0 * (serve_options.DEFAULT_KEEP_HOURS if keep is None else float(keep)),
+                        warm_up=bool(getattr(args, "warm_up", True)))
 
 
 def check_bind_address(address: str, curve: bool = False) -> str:
@@ -166,9 +186,15 @@ class Server:
 
     def __init__(self, config: ServerConfig, runner: JobRunner | None = None,
                  context: zmq.Context | None = None):
+        warm_up = None
         if runner is None:
             from .fit_job import run_fit_job
             runner = run_fit_job
+            if config.warm_up and config.device.startswith("cuda"):
+                from .warmup import warm_up as _warm_up
+                warm_up = lambda: _warm_up(config.device)   # noqa: E731
+        from .render_job import with_render_jobs   # RenderJob -> renders of a saved model; the rest -> runner
+        runner = with_render_jobs(runner, lambda: config.runs_dir)
         self.config = config
         self.limits = dataclasses.replace(
             wire.DEFAULT_LIMITS,
@@ -177,7 +203,9 @@ class Server:
         )
         self.outbox = Outbox()
         self.jobs = JobQueue(runner, self.outbox, device=config.device, max_queue=config.max_queue,
-                             max_queued_bytes=config.max_queued_bytes)
+                             max_queued_bytes=config.max_queued_bytes, runs_dir=config.runs_dir,
+                             checkpoint_interval=config.checkpoint_interval, keep_seconds=config.keep_seconds,
+                             warm_up=warm_up)
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._socket: zmq.Socket | None = None
@@ -185,12 +213,18 @@ class Server:
         self._auth = None
         self.endpoint = ""
         self._last_seen: dict[bytes, float] = {}
+        self._preview_credit: dict[bytes, int] = {}          # previews a client may still get (flow control)
+        self._backlog: dict[bytes, collections.deque] = {}   # messages waiting for a full pipe, per client
+        self.previews_held_back = 0
         self._handlers: dict[type, Callable[[bytes, Any], protocol.Message | None]] = {
             protocol.Hello: self._on_hello,
             protocol.Ping: self._on_ping,
             protocol.Submit: self._on_submit,
             protocol.Cancel: self._on_cancel,
             protocol.Status: self._on_status,
+            protocol.Attach: self._on_attach,
+            protocol.FreeMemory: self._on_free_memory,
+            protocol.RenderJob: self._on_render_job,
         }
 
     def bind(self) -> str:
@@ -217,6 +251,8 @@ class Server:
             raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.jobs.restore()   # unfinished jobs of an earlier run resume; ended ones can be fetched
+        self.jobs.expire()
         self.jobs.start()
         return self.endpoint
 
@@ -235,6 +271,7 @@ class Server:
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + 1.0
                         self._drop_silent_clients()
+                        self.jobs.expire()
                 except zmq.ContextTerminated:
                     return
                 except Exception:   # noqa: BLE001 - log, keep serving
@@ -292,12 +329,14 @@ class Server:
                 except zmq.Again:
                     break
                 self._handle(frames)
+        self._flush_backlogs()
         for identity, message in self.outbox.drain():
             self._send(identity, message)
 
     def _handle(self, frames: list) -> None:
         identity = frames[0].bytes
         self._last_seen[identity] = time.monotonic()
+        self._preview_credit[identity] = PREVIEW_CREDIT
         body = frames[1:]
         try:
             message = protocol.decode_message(body, self.limits)
@@ -319,19 +358,68 @@ class Server:
         if reply is not None:
             self._send(identity, reply)
 
-    def _send(self, identity: bytes, message: protocol.Message) -> None:
+    def _send(self, identity: bytes, message: protocol.Message) -> bool:
+        """Send without blocking.  Flow control: a client gets at most PREVIEW_CREDIT previews
+        per message it sends (its heartbeat), so previews never pile up for a client that stopped
+        reading; other messages that meet a full pipe (SNDHWM) wait in its backlog, in order."""
+        preview = isinstance(message, protocol.Preview)
+        if preview:
+            if self._preview_credit.get(identity, 0) <= 0:
+                self.previews_held_back += 1
+                return False
+            self._preview_credit[identity] -= 1
+        elif identity in self._backlog:   # keep the order: behind what already waits
+            self._hold(identity, message)
+            return False
         try:
             frames = message.to_frames()
             self._socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
         except zmq.Again:
-            log.warning("client %s is not reading (queue full); %s dropped", identity.hex(), message.TYPE)
+            if not preview:
+                self._hold(identity, message)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 log.info("client %s is gone; %s dropped", identity.hex(), message.TYPE)
+                self._backlog.pop(identity, None)
             else:
                 log.error("could not send %s to %s: %s", message.TYPE, identity.hex(), exc)
         except Exception:   # noqa: BLE001 - e.g. an unencodable message: log, keep serving
             log.exception("could not send %s to %s", message.TYPE, identity.hex())
+        return False
+
+    def _hold(self, identity: bytes, message: protocol.Message) -> None:
+        """Queue a message for a client whose pipe is full.  Bounded: a newer Progress of the same
+        job replaces the waiting one, heartbeats and errors are dropped once MAX_BACKLOG wait;
+        results and job ends (a bounded number per job; also kept in the job's folder) wait."""
+        backlog = self._backlog.setdefault(identity, collections.deque())
+        if backlog and isinstance(message, protocol.Progress) and isinstance(backlog[-1], protocol.Progress) \
+                and backlog[-1].job_id == message.job_id:
+            backlog[-1] = message
+            return
+        if len(backlog) >= MAX_BACKLOG and isinstance(message, (protocol.Pong, protocol.Progress, protocol.Error,
+                                                                protocol.StatusReply, protocol.Ack)):
+            log.warning("client %s is not reading; %s dropped", identity.hex(), message.TYPE)
+            return
+        if not backlog:
+            log.warning("client %s is not reading (its queue is full); messages wait", identity.hex())
+        backlog.append(message)
+
+    def _flush_backlogs(self) -> None:
+        for identity in list(self._backlog):
+            backlog = self._backlog[identity]
+            while backlog:
+                try:
+                    self._socket.send_multipart([identity, *backlog[0].to_frames()], flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    log.info("client %s: %d waiting messages dropped (%s)", identity.hex(), len(backlog), exc)
+                    backlog.clear()
+                    break
+                backlog.popleft()
+            if not backlog:
+                del self._backlog[identity]
 
     # ---- handlers: (identity, message) -> reply or None ------------------------------------
     def _on_hello(self, identity: bytes, msg: protocol.Hello) -> protocol.Message:
@@ -351,7 +439,34 @@ class Server:
             return protocol.Error(code="queue_full", message=str(exc), in_reply_to=msg.TYPE)
         except ShuttingDown as exc:
             return protocol.Error(code="shutting_down", message=str(exc), in_reply_to=msg.TYPE)
+        except OSError as exc:
+            log.error("could not store a job in %s: %s", self.config.runs_dir, exc)
+            return protocol.Error(code="storage", in_reply_to=msg.TYPE,
+                                  message=f"the backend could not store the job ({exc.strerror or exc}); "
+                                          "free disk space or pick another --runs-dir")
         return protocol.Accepted(job_id=job.id, position=position)
+
+    def _on_render_job(self, identity: bytes, msg: protocol.RenderJob) -> protocol.Message:
+        """Queue renders of a fit job's saved model (backend/render_job.py); the model itself is
+        looked for when the job runs, so renders may be queued behind the fit that makes it."""
+        if self.config.runs_dir is None:
+            return protocol.Error(code="no_models", in_reply_to=msg.TYPE,
+                                  message="this backend keeps no job folders, so it has no fitted models to render")
+        if not paths.is_job_id(msg.fit_job_id):
+            return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
+                                  message=f"{msg.fit_job_id[:64]!r} is not a job id")
+        return self._on_submit(identity, msg)
+
+    def _on_attach(self, identity: bytes, msg: protocol.Attach) -> protocol.Message | None:
+        """Point the job's messages at this client and resend what it already produced."""
+        try:
+            job, state, position, stored = self.jobs.attach(msg.job_id, identity)
+        except UnknownJob as exc:
+            return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE, message=str(exc))
+        self._send(identity, protocol.Attached(job_id=msg.job_id, state=state.value, position=position))
+        for message in stored:
+            self._send(identity, message)
+        return None
 
     def _on_cancel(self, identity: bytes, msg: protocol.Cancel) -> protocol.Message | None:
         job, removed = self.jobs.cancel(msg.job_id)
@@ -359,7 +474,7 @@ class Server:
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
                                   message=f"no job {msg.job_id[:64]!r} on this backend")
         self._send(identity, protocol.Ack(request="cancel", job_id=job.id))
-        if removed:   # it never ran: nothing of it is in the outbox, so it ends here
+        if removed and job.client is not None:   # it never ran: nothing of it is in the outbox, so it ends here
             self._send(job.client, protocol.Cancelled(job_id=job.id))
         return None
 
@@ -373,6 +488,17 @@ class Server:
             ids.append(job.id)
         return protocol.StatusReply(state="busy" if running else "idle", running_job=running.id if running else "",
                                     queued_jobs=",".join(ids), device=self.config.device)
+
+    def _on_free_memory(self, identity: bytes, msg: protocol.FreeMemory) -> protocol.Message:
+        """Empty torch's CUDA cache, only between jobs (a running job would just take it back)."""
+        if self.jobs.running() is not None or self.jobs.waiting():
+            return protocol.Error(code="busy", in_reply_to=msg.TYPE,
+                                  message="a job is running or waiting; GPU memory is released when the queue is empty")
+        if self.config.device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()
+            log.info("freed cached GPU memory (%.0f MiB still allocated)", torch.cuda.memory_allocated() / 2**20)
+        return protocol.Ack(request="free_memory")
 
     # ---- housekeeping -----------------------------------------------------------------------
     def _drop_silent_clients(self) -> None:
@@ -388,13 +514,17 @@ class Server:
         for identity, seen in list(self._last_seen.items()):
             if identity not in with_jobs and now - seen > max(timeout, 600.0):
                 del self._last_seen[identity]
+                self._preview_credit.pop(identity, None)
+                self._backlog.pop(identity, None)   # gone for 10 minutes: it can Attach to get results
 
     def _shut_down(self, poller: zmq.Poller, stop: threading.Event) -> None:
         """Fail waiting jobs, stop the running one, keep serving until it ended (or grace ran out)."""
         log.info("shutting down")
         for job in self.jobs.stop():
-            self._send(job.client, protocol.Failed(job_id=job.id, message="the backend was shut down "
-                                                   "before this job started"))
+            later = f"; it runs when the backend starts again (reattach to job {job.id})" if job.folder else ""
+            if job.client is not None:
+                self._send(job.client, protocol.Failed(job_id=job.id, message="the backend was shut down "
+                                                       "before this job started" + later))
         deadline = time.monotonic() + self.config.shutdown_grace
         while not self.jobs.join(timeout=0) and time.monotonic() < deadline:
             self._turn(poller)

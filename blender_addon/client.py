@@ -8,6 +8,14 @@ the blocking :meth:`JobClient.wait` in scripts and tests).
 
 What :meth:`JobClient.poll` returns: Welcome, Accepted, Progress, Preview, MeshResult,
 RenderResult, Ack, then exactly one Done, Failed or Cancelled, after which nothing more comes.
+Only the newest Progress and the newest Preview wait in the queue (older ones are dropped when a
+newer one arrives), so a caller that polls rarely holds a bounded number of messages.
+
+Reconnecting: :meth:`JobClient.detach` closes the connection and leaves the job running on the
+backend; a new client's :meth:`JobClient.attach` (job id) picks it up again (Attached instead of
+Accepted, then the results the job already produced, then the rest), also after the backend
+was restarted (the job resumes from its last checkpoint).
+
 Failures detected here (no backend, backend died, version mismatch, job refused with an Error,
 malformed message) arrive as a Failed made up by the client, whose text says what happened and
 what to do.  Pongs and Errors that do not end the job are only logged.
@@ -20,8 +28,8 @@ never answers: the job then fails with "no backend answered", naming the keys as
 """
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 
@@ -85,7 +93,7 @@ class JobClient:
         job_id: the backend's id for the job, once it has been accepted.
     """
 
-    def __init__(self, address: str, *, heartbeat_interval: float = 1.0, dead_after: float = 5.0,
+    def __init__(self, address: str, *, heartbeat_interval: float = 1.0, dead_after: float = 4.0,
                  accept_timeout: float = 60.0, server_public_key: str | bytes | None = None,
                  client_public_key: str | bytes | None = None, client_secret_key: str | bytes | None = None):
         self.address = address
@@ -97,7 +105,8 @@ class JobClient:
         self.error: str | None = None
         self.job_id: str | None = None
         self.welcome: protocol.Welcome | None = None
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox = _Inbox()
+        self._cancel_on_close = True
         self._cancel = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,6 +129,24 @@ class JobClient:
         if size > MAX_MESSAGE_BYTES:
             raise BackendError(f"the job's images take {size / 2**30:.1f} GiB; the backend accepts at most "
                                f"{MAX_MESSAGE_BYTES / 2**30:.0f} GiB: use fewer or smaller images")
+        self._launch(submit)
+
+    def attach(self, job_id: str) -> None:
+        """Follow a job started earlier (by this or another client) by its id.  Returns at once.
+
+        poll() then returns Attached (with the job's state), the results it already produced,
+        the rest of its messages and its end.  An unknown or expired job ends with a Failed.
+        """
+        if self._thread is not None:
+            raise BackendError("this client has already started a job; make a new JobClient")
+        try:
+            protocol.Attach(job_id=job_id).validate()
+        except protocol.ProtocolError as exc:
+            raise BackendError(f"not a job id: {exc}") from exc
+        self.job_id = job_id
+        self._launch(None)
+
+    def _launch(self, submit: protocol.Submit | None) -> None:
         sock = _connect(self.address, self.curve)   # made here so that a bad address raises here; the thread owns it
         self._thread = threading.Thread(target=self._run, args=(sock, submit), name="fit-implicit-client",
                                         daemon=True)
@@ -127,17 +154,13 @@ class JobClient:
 
     def poll(self) -> list[protocol.Message]:
         """The messages received since the last call, oldest first.  Never blocks, never raises."""
-        out = []
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return out
-            out.append(message)
+        out = self._inbox.take_all()
+        for message in out:
             if isinstance(message, protocol.JOB_END_TYPES):
                 self.finished = True
                 if isinstance(message, protocol.Failed):
                     self.error = message.message
+        return out
 
     def wait(self, timeout: float | None = None, poll_interval: float = 0.05) -> list[protocol.Message]:
         """Blocking path (scripts, tests, Blender in background mode): poll until finished.
@@ -157,11 +180,17 @@ class JobClient:
         self._cancel.set()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop the background thread.  A job still running on the backend is cancelled (nothing
-        could receive its results any more)."""
+        """Stop the background thread.  A job still running on the backend is cancelled (unless
+        :meth:`detach` was used)."""
         self._closing.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def detach(self, timeout: float = 2.0) -> None:
+        """Close the connection but leave the job running on the backend: its results wait there
+        (until the backend's --keep-hours expiry) for a client that calls attach(job_id)."""
+        self._cancel_on_close = False
+        self.close(timeout)
 
     # ---- the background thread ---------------------------------------------------------------
     def _run(self, sock: zmq.Socket, submit: protocol.Submit) -> None:
@@ -177,8 +206,8 @@ class JobClient:
 class _Session:
     """The conversation of one JobClient, run in its thread.  States: hello -> submitted -> accepted -> ended."""
 
-    def __init__(self, client: JobClient, sock: zmq.Socket, submit: protocol.Submit):
-        self.c, self.sock, self.submit = client, sock, submit
+    def __init__(self, client: JobClient, sock: zmq.Socket, submit: protocol.Submit | None):
+        self.c, self.sock, self.submit = client, sock, submit   # submit None: attach to c.job_id
         self.state = "hello"
         self.started = self.last_heard = time.monotonic()
         self.heard_anything = False
@@ -194,7 +223,8 @@ class _Session:
         while self.state != "ended":
             now = time.monotonic()
             if c._closing.is_set():
-                self.stop_backend_job(linger=500)
+                if c._cancel_on_close:
+                    self.stop_backend_job(linger=500)
                 return
             if now >= next_ping:
                 self.seq += 1
@@ -236,10 +266,18 @@ class _Session:
             c.welcome = m
             c._inbox.put(m)
             self.state = "submitted"
+            if self.submit is None:
+                self.send(protocol.Attach(job_id=c.job_id))
+                self.uploaded_at = time.monotonic()
+                return
             self.upload = self.sock.send_multipart(self.submit.to_frames(), copy=False, track=True)
             self.submit = None   # the socket holds the frames until they are sent
+        elif isinstance(m, protocol.Attached):
+            if self.state == "submitted" and m.job_id == c.job_id:
+                self.state = "accepted"
+                c._inbox.put(m)
         elif isinstance(m, protocol.Error):
-            if m.in_reply_to in ("hello", "submit", "") and self.state in ("hello", "submitted"):
+            if m.in_reply_to in ("hello", "submit", "attach", "") and self.state in ("hello", "submitted"):
                 self.fail(_refusal(c.address, m))
             else:   # e.g. a late Cancel of a job that already ended: not the job's end
                 log.warning("backend error (%s) in reply to %s: %s", m.code, m.in_reply_to or "?", m.message)
@@ -251,8 +289,7 @@ class _Session:
             if m.job_id == c.job_id:
                 c._inbox.put(m)
                 self.state = "ended"
-        elif isinstance(m, (protocol.Progress, protocol.Preview, protocol.MeshResult,
-                            protocol.RenderResult, protocol.Ack)):
+        elif isinstance(getattr(m, "job_id", None), str):   # Progress, Preview, MeshResult, TextureResult, ...
             if m.job_id == c.job_id:
                 c._inbox.put(m)
         else:
@@ -307,6 +344,38 @@ class _Session:
             self.sock.send_multipart(message.to_frames(), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("could not send %s: the connection is backed up", message.TYPE)
+
+
+class _Inbox:
+    """Messages from the client thread to the caller.  Bounded by coalescing: a new Progress or
+    Preview replaces the one still waiting (each kind keeps its newest only); everything else
+    (results, acks, the end) is kept, and the backend sends a bounded number of those per job."""
+
+    COALESCED = (protocol.Progress, protocol.Preview)
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self.dropped = 0   # superseded Progress/Preview messages
+
+    def put(self, message: protocol.Message) -> None:
+        with self._lock:
+            if isinstance(message, self.COALESCED):
+                for old in self._items:
+                    if type(old) is type(message):
+                        self._items.remove(old)
+                        self.dropped += 1
+                        break
+            self._items.append(message)
+
+    def take_all(self) -> list[protocol.Message]:
+        with self._lock:
+            out = list(self._items)
+            self._items.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 # --------------------------------------------------------------------------------------------

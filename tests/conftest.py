@@ -18,6 +18,13 @@ for path in (REPO, REPO / "tests"):
 from helpers import BackendProcess  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _own_runs_dir(tmp_path_factory, monkeypatch):
+    """Backends started by a test keep their job folders in a fresh folder (not the user's cache),
+    so no unfinished job of one test is resumed by another test's backend."""
+    monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path_factory.mktemp("runs")))
+
+
 @pytest.fixture(scope="module")
 def fake_backend():
     backend = BackendProcess(fake=True)

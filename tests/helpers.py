@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,7 +123,11 @@ class BackendProcess:
     """
 
     def __init__(self, *, fake: bool = True, args: list[str] = (), startup_timeout: float = 30.0):
+        # Each backend gets its own job folders (unless the test names some): no job of another
+        # test resumes here.
+        self.runs_dir = None if "--runs-dir" in args else tempfile.mkdtemp(prefix="backend-runs-")
         bind = ["--bind", "tcp://127.0.0.1:0", "--device", "cpu", *args]
+        bind += ["--runs-dir", self.runs_dir] if self.runs_dir else []
         if fake:
             cmd = [sys.executable, "-c", "import sys, helpers; sys.exit(helpers.serve_fake(sys.argv[1:]))", *bind]
         elif (REPO / "backend" / "__main__.py").exists():
@@ -178,6 +183,8 @@ class BackendProcess:
         self.terminate()
         self._log.close()
         os.unlink(self.log_path)
+        if self.runs_dir:
+            shutil.rmtree(self.runs_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def dtype_shape_mismatch(draw) -> Case:
     return Case(kind, pack(header, arrays, table=table), r"shape must be a list of at most 6 sizes")
 
 
-SERVER_TO_CLIENT = ("welcome", "pong", "accepted", "progress", "done", "failed", "cancelled", "ack",
+SERVER_TO_CLIENT = ("welcome", "pong", "accepted", "attached", "progress", "done", "failed", "cancelled", "ack",
                     "status_reply", "error")
 
 

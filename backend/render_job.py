@@ -1,0 +1,89 @@
+"""Renders back: a RenderJob renders views of a model a fit job saved in its folder.
+
+The fit job saves its model as ``<runs_dir>/<fit_job_id>/`` (contract C3, ``FittedField.save``);
+this runner loads it (``FittedField.load``), renders each camera and sends one RenderResult per
+view, in order, with a Progress before each.  Torch is imported on first use, so the server starts
+fast and tests with a fake fit runner need no torch.
+
+:func:`with_render_jobs` wraps the server's fit runner so one job queue (and one worker, one GPU)
+serves both kinds of job: renders wait behind running fits instead of competing for memory.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from shared import protocol
+
+from . import paths
+from .jobs import JobContext
+
+log = logging.getLogger(__name__)
+
+
+class RenderJobError(ValueError):
+    """The render job cannot run; the text tells the user why."""
+
+
+def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
+    """The folder of a fit job's saved model, checked: a job id, inside ``runs_dir``, with a model."""
+    from .model import RUN_FILE, WEIGHTS_FILE
+
+    if runs_dir is None:
+        raise RenderJobError("this backend keeps no job folders (started without a runs folder), so it has "
+                             "no fitted models to render; start it with --runs-dir")
+    try:
+        folder = paths.job_folder(runs_dir, fit_job_id)
+    except paths.PathError as exc:
+        raise RenderJobError(f"fit job {fit_job_id[:64]!r}: {exc}") from None
+    if not ((folder / RUN_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
+        raise RenderJobError(f"fit job {fit_job_id} has no fitted model on this backend: it has not finished, "
+                             "it failed or was cancelled, or its results expired; fit again")
+    return folder
+
+
+def run_render_job(msg: protocol.RenderJob, ctx: JobContext, runs_dir: str | Path | None) -> dict:
+    """Load the fit job's model and send its renders; returns the Done summary."""
+    from .fit_job import configure_torch
+    from .model import FittedField
+    from .train import to_rgba8
+
+    folder = model_folder(runs_dir, msg.fit_job_id)
+    configure_torch()
+    ctx.progress("render", force=True)
+    start = time.monotonic()
+    model = FittedField.load(folder, ctx.device)
+    load_seconds = time.monotonic() - start
+    count = len(msg.poses)
+    for i in range(count):
+        ctx.check_cancelled()
+        width, height = (int(s) for s in msg.sizes[i])
+        rgba = model.render(np.asarray(msg.intrinsics[i], np.float64), np.asarray(msg.poses[i], np.float64),
+                            width, height)
+        ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
+        ctx.progress("render", step=i + 1, total_steps=count, fraction=(i + 1) / count,
+                     elapsed=time.monotonic() - start)
+    seconds = time.monotonic() - start
+    log.info("job %s: rendered %d views of fit job %s in %.2f s", ctx.job_id, count, msg.fit_job_id, seconds)
+    return {"views": count, "fit_job_id": msg.fit_job_id, "load_seconds": round(load_seconds, 3),
+            "seconds": round(seconds, 3), "method": str(getattr(model.config, "method", ""))}
+
+
+Runner = Callable[[Any, JobContext], Mapping[str, Any]]
+
+
+def with_render_jobs(fit_runner: Runner, runs_dir: Callable[[], str | Path | None]) -> Runner:
+    """A job runner that runs RenderJob messages here and everything else with ``fit_runner``.
+    ``runs_dir()`` gives the job folders' root when a render job starts."""
+
+    def runner(message: Any, ctx: JobContext) -> Mapping[str, Any]:
+        if isinstance(message, protocol.RenderJob):
+            return run_render_job(message, ctx, runs_dir())
+        return fit_runner(message, ctx)
+
+    runner.fit_runner = fit_runner     # for introspection in tests and logs
+    return runner
