@@ -1,10 +1,15 @@
 # Two entry points for a fresh machine (Linux, Python 3.11, no GPU needed):
 #   make demo   set up .venv, then run the whole job headless (out/demo.*)
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv (and .venv-bpy42 for the Blender 4.2 LTS install check), then run the tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Blender 4.2 LTS as a Python module: the built extension must install and run there too.
+# About 22 s and 335 MB of download, 1 GB on disk (measured 2026-11-22).
+VENV42  := .venv-bpy42
+STAMP42 := $(VENV42)/.installed
+BPY42   := bpy==4.2.23
 
 .PHONY: setup demo test addon clean
 
@@ -17,14 +22,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(STAMP42):
+	$(PYTHON) -m venv $(VENV42)
+	$(VENV42)/bin/python -m pip install --quiet $(BPY42)
+	touch $(STAMP42)
+
 demo: $(STAMP)
 	$(PY) scripts/demo.py --out out
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) $(STAMP42)
+	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q
 
 addon: $(STAMP)
 	$(PY) build_addon.py --out dist
 
 clean:
-	rm -rf $(VENV) out dist runs
+	rm -rf $(VENV) $(VENV42) out dist runs

@@ -114,9 +114,21 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     verts, faces, colors = extract_mesh(model, resolution)
     if not len(faces):
         raise ValueError("the field has no surface above the iso-level: nothing to export")
-    path = write_mesh(args.out, verts, faces, colors)
     _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
-           f"({time.perf_counter() - t0:.1f} s) -> {path}")
+           f"({time.perf_counter() - t0:.1f} s)")
+    if args.textures:
+        from .export.gltf import write_textured
+        from .export.texture import check_size, texture_mesh
+
+        t1 = time.perf_counter()
+        mesh, baked = texture_mesh(model, verts, faces, check_size(args.textures))
+        path = write_textured(args.out, mesh, baked)
+        times = ", ".join(f"{k} {v:.2f} s" for k, v in baked.timings.items())
+        _print(f"textures: {args.textures}x{args.textures} ({', '.join(k for k, _ in baked.items())}), "
+               f"{len(mesh.faces)} triangles, {time.perf_counter() - t1:.1f} s ({times}) -> {path}")
+    else:
+        path = write_mesh(args.out, verts, faces, colors)
+        _print(f"vertex colours -> {path}")
     return 0
 
 
@@ -133,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="train a field on a transforms.json dataset")
     f.add_argument("data", help="folder with transforms_train.json / transforms.json, or the file")
     f.add_argument("--out", required=True, help="run folder to write (model.pt, run.json)")
-    f.add_argument("--method", default="nerf", choices=["nerf"])
+    f.add_argument("--method", default="nerf", choices=["nerf", "sdf", "occupancy"],
+                   help="radiance field, signed distance field (NeuS) or occupancy field (UNISURF)")
     f.add_argument("--preset", default="standard", choices=["draft", "standard", "high"])
     f.add_argument("--seconds", type=float, default=0.0, help="wall-clock budget (0: none)")
     f.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
@@ -154,10 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_render)
 
-    m = sub.add_parser("mesh", help="extract a coloured mesh (.ply, .obj, .glb) in world units")
+    m = sub.add_parser("mesh", help="extract a textured mesh (.glb, .obj, .ply) in world units")
     m.add_argument("run", help="run folder written by fit")
     m.add_argument("--out", required=True, help="mesh file; the suffix picks the format")
     m.add_argument("--resolution", type=int, default=0, help="grid along the longest side (0: preset's)")
+    m.add_argument("--textures", type=int, default=2048,
+                   help="side of the baked UV textures (albedo, normal, roughness) written with the mesh "
+                        "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

@@ -5,7 +5,7 @@ Scripts can call :func:`blender_addon.fit_session.fit_scene` (installed: ``bl_ex
 """
 import bpy
 
-from . import operators, panels, preferences, properties
+from . import operators, panels, preferences, properties, render_back
 
 classes = (
     preferences.ImplicitPreferences,
@@ -15,6 +15,9 @@ classes = (
     operators.IMPLICIT_OT_add_camera_rig,
     operators.IMPLICIT_OT_export_dataset,
     operators.IMPLICIT_OT_import_transforms,
+    operators.IMPLICIT_OT_import_colmap,
+    *render_back.CLASSES,
+    *operators.BACKEND_CLASSES,
     *panels.CLASSES,
 )
 
@@ -23,12 +26,14 @@ def register():
     for cls in classes:
         bpy.utils.register_class(cls)
     properties.register_properties()
+    panels.register_timers()
 
 
 def unregister():
     from . import running
     for session in running.all_sessions():
         session.close()
+    panels.unregister_timers()
     properties.unregister_properties()
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)

@@ -10,8 +10,8 @@ top-level ``shared`` package is used.  Add-on modules import from here::
 import importlib.util
 
 if importlib.util.find_spec(f"{__package__}.shared") is not None:
-    from .shared import cameras, protocol, transforms, wire  # vendored copy (built extension)
+    from .shared import cameras, colmap, protocol, transforms, wire  # vendored copy (built extension)
 else:
-    from shared import cameras, protocol, transforms, wire  # development checkout
+    from shared import cameras, colmap, protocol, transforms, wire  # development checkout
 
-__all__ = ["cameras", "protocol", "transforms", "wire"]
+__all__ = ["cameras", "colmap", "protocol", "transforms", "wire"]

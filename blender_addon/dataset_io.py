@@ -14,8 +14,10 @@ shared.cameras.blender_intrinsics: exact for every sensor fit, lens shift and pi
 the file's top level repeats the first camera's, for readers that only look there.
 ``transform_matrix`` is the rigid camera-to-world in Blender's / OpenGL's convention.
 
-Import reads global or per-frame intrinsics and makes cameras whose Blender intrinsics give them
-back (shared.cameras.blender_camera_from_intrinsics), with the images as camera backgrounds.
+Import reads transforms.json (global or per-frame intrinsics, lens model and distortion, masks)
+or a COLMAP text model (shared.colmap) and makes cameras whose Blender intrinsics give them back
+(shared.cameras.blender_camera_from_intrinsics), with the images as camera backgrounds;
+:func:`photo_views` turns those cameras' photos (masks as alpha) into fit inputs.
 Main thread only; no torch here (the backend's reader is backend/data.py).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
@@ -30,12 +33,12 @@ import numpy as np
 from mathutils import Matrix
 
 from . import capture
-from ._shared import cameras, transforms
+from ._shared import cameras, colmap, transforms
 from .importer import ensure_collection
 
 IMPORT_COLLECTION = "Implicit Dataset"
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
-EXTRA_KEYS = ("camera_model", "k1", "k2", "k3", "k4", "p1", "p2", "mask_path")
+EXTRA_KEYS = ("camera_model", "is_fisheye", "k1", "k2", "k3", "k4", "p1", "p2", "mask_path")
 
 
 class DatasetError(Exception):
@@ -65,7 +68,7 @@ def _doc(frames: list, aabb) -> dict:
 
 
 def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, render: bool = True,
-                   aabb=None, progress=None) -> dict:
+                   aabb=None, progress=None, passes: bool = False) -> dict:
     """Write the scene's cameras (+ renders) as a transforms.json dataset in ``folder``.
 
     Args:
@@ -76,6 +79,8 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
         aabb: (2, 3) world box written as "aabb"; None: the padded box of the visible geometry
             (left out if there is none).
         progress: ``progress(i, n)`` after each render.
+        passes: also render albedo / normal / depth passes (Cycles) and name their files in
+            each frame (albedo_path, normal_path, depth_path: see backend/data.py).
     Returns:
         {"train": n_train, "test": n_test, "files": [written json paths]}.
     Raises:
@@ -107,14 +112,18 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
             (root / split).mkdir(parents=True, exist_ok=True)
         for i, ob in enumerate(obs):
             stem = f"{split}/r_{i:03d}"
-            if render:
+            pass_keys = {}
+            if render and passes:
+                pass_keys = capture.export_view_with_passes(scene, view_layer, ob, str(root), stem)
+                done += 1
+            elif render:
                 capture.render_view(scene, ob, str(root / f"{stem}.png"))
                 done += 1
                 if progress is not None:
                     progress(done, total)
             k = capture.camera_intrinsics(ob, scene)
             frame = {"file_path": stem, "camera": ob.name, **frame_fields(k, w, h),
-                     "transform_matrix": capture.camera_pose(ob).tolist()}
+                     "transform_matrix": capture.camera_pose(ob).tolist(), **pass_keys}
             frames.append(frame)
             all_frames.append({**frame, "file_path": f"{stem}.png"})
             names[split].append(f"{stem}.png")
@@ -182,31 +191,102 @@ def read_transforms(path: str) -> tuple[Path, list[dict], dict]:
     return file, out, doc
 
 
+@dataclass
+class View:
+    """One photo's camera, from any dataset format, before it becomes a Blender camera.
+
+    ``intrinsics`` (4,) fx, fy, cx, cy in pixels of a ``width`` x ``height`` image; ``c2w`` (4, 4)
+    rigid camera-to-world (Blender convention); ``lens_model`` a shared.cameras code with
+    ``distortion`` (6,) k1 k2 k3 k4 p1 p2; ``props`` extra custom properties for the camera data.
+    """
+
+    name: str
+    c2w: np.ndarray
+    intrinsics: np.ndarray
+    width: int
+    height: int
+    image: Path | None = None
+    mask: Path | None = None
+    lens_model: int = 0
+    distortion: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    props: dict = field(default_factory=dict)
+
+
 def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECTION,
                       backgrounds: bool = True, set_resolution: bool = True) -> tuple[list, list[str]]:
-    """Cameras (and background images) from a transforms.json.
+    """Cameras (and background images) from a transforms.json (see :func:`create_cameras`).
 
-    The scene's resolution and pixel aspect are set from the first frame (they are per scene in
-    Blender); every camera gets the sensor fit, lens and shift that reproduce its fx, fy, cx, cy.
-    Distortion (k1..k4, p1, p2), camera_model and mask_path are kept as custom properties on the
-    camera data (not applied yet).
+    Intrinsics: global or per-frame fl_x/fl_y/cx/cy/w/h or camera_angle_x/y.  Lens: camera_model
+    (PINHOLE, OPENCV, OPENCV_FISHEYE; instant-ngp's is_fisheye) with k1..k4, p1, p2.  mask_path:
+    the mask that becomes the image's alpha when the photos are fitted (:func:`photo_views`).
+    The file's own keys are also kept as custom properties on the camera data.
     Returns:
         (camera objects in file order, warnings for the user).
     """
     file, frames, _doc_ = read_transforms(path)
-    warnings: list[str] = []
-    sizes = []
+    views = []
     for f in frames:
         if "w" in f and "h" in f:
-            sizes.append((int(f["w"]), int(f["h"])))
+            size = (int(f["w"]), int(f["h"]))
         else:
             size = _image_size(f["image"])
             if size is None:
                 raise DatasetError(f"{file}: frame {f['name']!r} gives no w/h and its image is missing")
-            sizes.append(size)
+        try:
+            model, coeffs = transforms.frame_lens(f)
+        except ValueError as exc:
+            raise DatasetError(f"{file}: frame {f['name']!r}: {exc}") from None
+        mask = f.get("mask_path")
+        views.append(View(name=f["name"], c2w=f["c2w"], intrinsics=frame_intrinsics(f, *size), width=size[0],
+                          height=size[1], image=f["image"], mask=Path(mask) if mask else None,
+                          lens_model=model, distortion=coeffs,
+                          props={key: f[key] for key in EXTRA_KEYS if key in f}))
+    return create_cameras(scene, views, collection_name=collection_name, backgrounds=backgrounds,
+                          set_resolution=set_resolution)
+
+
+def import_colmap(scene, path: str, *, image_dir: str | None = None, collection_name: str = IMPORT_COLLECTION,
+                  backgrounds: bool = True, set_resolution: bool = True) -> tuple[list, list[str]]:
+    """Cameras (and background images) from a COLMAP text model (cameras.txt + images.txt in
+    ``path``, or in its sparse/0); images from ``image_dir`` or the model's images/ folder.
+    Cameras are named after the image files, in name order.  See :func:`create_cameras`."""
+    try:
+        folder, cams, images = colmap.read_model(path)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    views = []
+    for im in images:
+        cam = cams[im.camera_id]
+        views.append(View(name=Path(im.name).stem or f"image_{im.image_id}", c2w=im.c2w,
+                          intrinsics=cam.intrinsics, width=cam.width, height=cam.height,
+                          image=colmap.find_image(folder, im.name, image_dir), lens_model=cam.lens_model,
+                          distortion=cam.distortion,
+                          props={"colmap_model": cam.model, "colmap_image_id": im.image_id,
+                                 "colmap_camera_id": im.camera_id}))
+    return create_cameras(scene, views, collection_name=collection_name, backgrounds=backgrounds,
+                          set_resolution=set_resolution)
+
+
+def create_cameras(scene, views: list[View], *, collection_name: str = IMPORT_COLLECTION,
+                   backgrounds: bool = True, set_resolution: bool = True) -> tuple[list, list[str]]:
+    """Blender cameras whose intrinsics and poses are the views', with their photos as camera
+    background images.
+
+    The scene's resolution and pixel aspect are set from the first view (they are per scene in
+    Blender); every camera gets the sensor fit, lens and shift that reproduce its fx, fy, cx, cy.
+    Each camera's data keeps ``implicit_image``, ``implicit_mask``, ``implicit_lens_model``
+    (a LENS_MODELS name) and ``implicit_distortion`` (k1 k2 k3 k4 p1 p2): Blender cameras have no
+    lens distortion, so it is honoured when the photos are fitted, not in Blender's views.
+    Returns:
+        (camera objects in view order, warnings for the user).
+    """
+    if not views:
+        raise DatasetError("The dataset has no cameras.")
+    warnings: list[str] = []
+    sizes = [(v.width, v.height) for v in views]
     w0, h0 = sizes[0]
-    k = [frame_intrinsics(f, *size) for f, size in zip(frames, sizes)]
-    k = np.array([ki * np.array([w0 / s[0], h0 / s[1], w0 / s[0], h0 / s[1]]) for ki, s in zip(k, sizes)])
+    k = np.array([v.intrinsics * np.array([w0 / s[0], h0 / s[1], w0 / s[0], h0 / s[1]])
+                  for v, s in zip(views, sizes)])
     if any(s != sizes[0] for s in sizes):
         warnings.append(f"Images of several sizes: all cameras use {w0} x {h0} (intrinsics rescaled).")
     par = k[:, 0] / k[:, 1]
@@ -217,40 +297,128 @@ def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECT
         r = scene.render
         r.resolution_x, r.resolution_y, r.resolution_percentage = w0, h0, 100
         r.pixel_aspect_x, r.pixel_aspect_y = first.pixel_aspect_x, first.pixel_aspect_y
-    positions = np.array([f["c2w"][:3, 3] for f in frames])
-    extent = float(np.ptp(positions, axis=0).max()) if len(frames) > 1 else 1.0
+    positions = np.array([v.c2w[:3, 3] for v in views])
+    extent = float(np.ptp(positions, axis=0).max()) if len(views) > 1 else 1.0
     coll = ensure_collection(scene, collection_name)
     created = []
-    for f, ki in zip(frames, k):
+    for v, ki in zip(views, k):
         kk = np.array([ki[0], ki[0] / par[0], ki[2], ki[3]]) if abs(ki[0] / ki[1] - par[0]) > 1e-9 else ki
         bc = cameras.blender_camera_from_intrinsics(kk, w0, h0)
-        data = bpy.data.cameras.new(f["name"])
+        data = bpy.data.cameras.new(v.name)
         data.type = "PERSP"
         data.sensor_width, data.sensor_height, data.sensor_fit = bc.sensor_width, bc.sensor_height, bc.sensor_fit
         data.lens, data.shift_x, data.shift_y = bc.lens, bc.shift_x, bc.shift_y
         data.clip_start = max(1e-3 * extent, 1e-4)
         data.clip_end = max(100.0, 20.0 * extent)
-        for key in EXTRA_KEYS:
-            if key in f:
-                value = f[key]
-                data[key] = value if isinstance(value, (int, float, str)) else str(value)
-        for key in ("fl_x", "fl_y", "cx", "cy"):
-            data[f"implicit_{key}"] = float(dict(zip(("fl_x", "fl_y", "cx", "cy"), ki))[key])
-        if f["image"] is not None:
-            data["implicit_image"] = str(f["image"])
+        for key, value in v.props.items():
+            data[key] = value if isinstance(value, (int, float, str)) else str(value)
+        for key, value in zip(("fl_x", "fl_y", "cx", "cy"), ki):
+            data[f"implicit_{key}"] = float(value)
+        data["implicit_lens_model"] = cameras.LENS_MODELS[v.lens_model]
+        data["implicit_distortion"] = [float(c) for c in v.distortion]
+        if v.mask is not None:
+            data["implicit_mask"] = str(v.mask)
+        if v.image is not None:
+            data["implicit_image"] = str(v.image)
             if backgrounds:
-                img = bpy.data.images.load(str(f["image"]), check_existing=True)
+                img = bpy.data.images.load(str(v.image), check_existing=True)
                 bg = data.background_images.new()
                 bg.image = img
                 bg.frame_method = "STRETCH"
                 bg.alpha = 1.0
                 data.show_background_images = True
         else:
-            warnings.append(f"No image found for frame {f['name']!r}.")
-        ob = bpy.data.objects.new(f["name"], data)
-        ob.matrix_world = Matrix(f["c2w"].tolist())
+            warnings.append(f"No image found for {v.name!r}.")
+        ob = bpy.data.objects.new(v.name, data)
+        ob.matrix_world = Matrix(v.c2w.tolist())
         coll.objects.link(ob)
         created.append(ob)
     if created and scene.camera is None:
         scene.camera = created[0]
     return created, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Photos of imported cameras -> arrays for a fit
+# --------------------------------------------------------------------------------------------
+def camera_lens(camera_object) -> tuple[int, np.ndarray]:
+    """(lens model code, (6,) float64 k1 k2 k3 k4 p1 p2) kept on an imported camera (PINHOLE,
+    zeros for any other camera)."""
+    data = camera_object.data
+    name = str(data.get("implicit_lens_model", "PINHOLE"))
+    coeffs = np.zeros(6)
+    if "implicit_distortion" in data:
+        coeffs = np.array([float(c) for c in data["implicit_distortion"]], dtype=np.float64)[:6]
+    code = cameras.lens_model_code(name) if name in cameras.LENS_MODELS else cameras.PINHOLE
+    return code, coeffs if code else np.zeros(6)
+
+
+def has_photo(camera_object) -> bool:
+    """True for cameras imported from a photo dataset (they carry their photo's path)."""
+    return camera_object.type == "CAMERA" and bool(camera_object.data.get("implicit_image"))
+
+
+def _read_rgba(path: str) -> np.ndarray:
+    """(H, W, 4) uint8 of an image file (the stored bytes; top row first), through Blender."""
+    img = bpy.data.images.load(path, check_existing=False)
+    try:
+        w, h = img.size
+        if not (w and h):
+            raise DatasetError(f"Could not read the image {path}")
+        px = np.empty(w * h * img.channels, dtype=np.float32)
+        img.pixels.foreach_get(px)   # rows bottom to top, floats of the stored bytes / 255
+        px = px.reshape(h, w, img.channels)[::-1]
+        if img.channels == 3:
+            px = np.concatenate([px, np.ones((h, w, 1), np.float32)], axis=-1)
+        elif img.channels != 4:
+            px = np.repeat(px[..., :1], 4, axis=-1)
+        return (np.clip(px, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    finally:
+        bpy.data.images.remove(img)
+
+
+def photo_views(camera_objects, scene) -> dict:
+    """The photos of imported cameras as fit inputs.
+
+    Masks (``implicit_mask``) become the images' alpha (their alpha channel, else their red =
+    grey value).  Intrinsics are the cameras' Blender intrinsics rescaled to the photo size.
+    Returns:
+        {"images": (N, H, W, 4) uint8 sRGB RGBA, "intrinsics": (N, 4), "poses": (N, 4, 4),
+        "lens_models": (N,) int32, "distortion": (N, 6) float64}
+    Raises:
+        DatasetError naming the camera whose photo is missing or has another size.
+    """
+    from . import capture
+
+    images, ks, poses, models, dists = [], [], [], [], []
+    render_w, render_h = capture.render_size(scene)
+    for ob in camera_objects:
+        path = ob.data.get("implicit_image") if ob.type == "CAMERA" else None
+        if not path or not os.path.isfile(str(path)):
+            raise DatasetError(f"Camera '{ob.name}' has no photo" + (f" (missing: {path})" if path else "")
+                               + ": re-import the dataset or remove the camera.")
+        rgba = _read_rgba(str(path))
+        h, w = rgba.shape[:2]
+        if images and rgba.shape != images[0].shape:
+            raise DatasetError(f"The photo of camera '{ob.name}' is {w} x {h}, the first one "
+                               f"{images[0].shape[1]} x {images[0].shape[0]}: all photos must share one size.")
+        mask = ob.data.get("implicit_mask")
+        if mask:
+            if not os.path.isfile(str(mask)):
+                raise DatasetError(f"The mask of camera '{ob.name}' is missing: {mask}")
+            m = _read_rgba(str(mask))
+            if m.shape[:2] != (h, w):
+                raise DatasetError(f"The mask of camera '{ob.name}' is {m.shape[1]} x {m.shape[0]}, "
+                                   f"its photo {w} x {h}.")
+            rgba[..., 3] = m[..., 3] if (m[..., 3] < 255).any() else m[..., 0]
+        images.append(rgba)
+        k = capture.camera_intrinsics(ob, scene)
+        ks.append(k * np.array([w / render_w, h / render_h, w / render_w, h / render_h]))
+        poses.append(capture.camera_pose(ob))
+        code, coeffs = camera_lens(ob)
+        models.append(code)
+        dists.append(coeffs)
+    if not images:
+        raise DatasetError("No cameras with photos to fit.")
+    return {"images": np.stack(images), "intrinsics": np.stack(ks), "poses": np.stack(poses),
+            "lens_models": np.array(models, np.int32), "distortion": np.stack(dists)}

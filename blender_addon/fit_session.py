@@ -12,6 +12,7 @@ thread that calls it (the main thread); ZeroMQ runs in the JobClient's own threa
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import bpy
 import numpy as np
 
-from . import capture, importer, running
+from . import capture, dataset_io, importer, running
 from ._shared import protocol
 
 START_HINT = "Start the backend with:  python -m backend serve --bind {address}"
@@ -31,9 +32,10 @@ START_HINT = "Start the backend with:  python -m backend serve --bind {address}"
 class FitError(Exception):
     """A fit could not start or did not finish; the text is meant for the user."""
 
-    def __init__(self, message: str, result: "FitResult | None" = None):
+    def __init__(self, message: str, result: "FitResult | None" = None, code: str = ""):
         super().__init__(message)
         self.result = result
+        self.code = code          # "unreachable" | "version_mismatch" | "backend" | "" (scene problems)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class FitSettings:
     seconds: float = 0.0                  # training time budget; 0: the preset's step count
     steps: int = 0                        # 0: the preset's default
     mesh_resolution: int = 0              # 0: the preset's default
+    textures: int = 0                     # side of baked UV textures (albedo, normal map); 0: vertex colours
     preview_size: int = 128               # longest side of previews; 0: none
     preview_interval: float = 1.0         # seconds between previews
     ring_count: int = 24                  # cameras placed around the selection if there are none
@@ -52,8 +55,16 @@ class FitSettings:
     import_mesh: bool = True
     smooth: bool = True
     preview_image: bool = True            # write previews into the image "Implicit Preview"
+    show_preview: bool = False            # also show that image in an Image Editor (UI only)
     name: str = ""                        # job name; default: the scene's name
     cancel_timeout: float = 10.0          # seconds to wait for the backend to confirm a cancel
+    # Capture (blender_addon/capture.py): camera source, passes, resumable renders.
+    source: str = "SCENE"                 # SCENE | SELECTED | COLLECTION | ANIMATION
+    source_collection: str = ""           # COLLECTION: its name
+    source_camera: str = ""               # ANIMATION: the camera (default: the scene camera)
+    frame_range: tuple | None = None      # ANIMATION: (start, end, step); None: the scene's
+    passes: bool | None = None            # albedo/normal/depth passes; None: on for sdf/occupancy
+    cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
 
 
 @dataclass
@@ -66,6 +77,8 @@ class JobState:
     loss: float = 0.0
     psnr: float = 0.0
     elapsed: float = 0.0
+    eta: float = 0.0
+    total_steps: int = 0
     running: bool = False
 
 
@@ -78,6 +91,7 @@ class FitResult:
     mesh: tuple | None = None             # (vertices (V,3) f32 world, faces (F,3) i32, colors (V,3) f32 sRGB)
     summary: dict = field(default_factory=dict)           # Done.summary from the backend
     renders: list = field(default_factory=list)           # eval renders: (H,W,4) uint8 sRGB RGBA or None, by index
+    textures: dict = field(default_factory=dict)          # baked UV textures: kind -> (H,W,C) uint8 (TextureResult)
     eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
     images: np.ndarray | None = None                      # (N,H,W,4) uint8 training views sent
     intrinsics: np.ndarray | None = None                  # (N,4) float64
@@ -129,10 +143,14 @@ class FitSession:
         self.on_change = on_change
         self.state = JobState()
         self.result = FitResult()
+        from .plot import History
+        self.history = History()
+        self._plot_version, self._plot_time = 0, 0.0
         self.client = None
         self.plan: capture.CapturePlan | None = None
         self._stage = "new"               # new | render | running | cancelling | finished
-        self._views: list = []            # (camera object, is_eval)
+        self._views: list = []            # (camera object, is_eval, frame or None)
+        self._photos: dict | None = None  # photo mode: dataset_io.photo_views of the cameras
         self._rendered: list = []
         self._folder: str | None = None
         self._t0 = time.monotonic()
@@ -153,13 +171,22 @@ class FitSession:
             raise RuntimeError("FitSession.begin() can only be called once")
         s = self.settings
         self._timing("prepare")
+        if self._begin_photos():
+            return
         try:
             self.plan = capture.plan_capture(
                 self.scene, self.view_layer, ring_count=s.ring_count,
                 camera_objects=_resolve_objects(self.scene, s.cameras),
-                eval_cameras=_resolve_objects(self.scene, s.eval_cameras))
+                eval_cameras=_resolve_objects(self.scene, s.eval_cameras), source=s.source,
+                collection=s.source_collection, camera=s.source_camera, frame_range=s.frame_range,
+                passes=capture.passes_by_default(self.scene, s.method) if s.passes is None else s.passes)
         except capture.CaptureError as exc:
             raise FitError(str(exc)) from None
+        problem = next(filter(None, (photo_image_problem(ob) for ob in self.plan.cameras)), None)
+        if problem:
+            if self.plan.created_ring:
+                capture.remove_cameras(self.plan.cameras)
+            raise FitError(problem)
         if self.probe is not None:
             try:
                 self._check_backend()
@@ -167,10 +194,13 @@ class FitSession:
                 if self.plan.created_ring:   # leave the scene as it was
                     capture.remove_cameras(self.plan.cameras)
                 raise
-        self._views = [(ob, False) for ob in self.plan.cameras]
+        self._views = [(ob, False, f) for ob, f in zip(self.plan.cameras, self.plan.frames)]
         if s.eval_reference:
-            self._views += [(ob, True) for ob in self.plan.eval_cameras]
+            self._views += [(ob, True, None) for ob in self.plan.eval_cameras]
         self._folder = tempfile.mkdtemp(prefix="fit_implicit_")
+        self._renderer = capture.ViewRenderer(
+            self.scene, self.view_layer, self._folder,
+            cache_dir=capture.default_cache_dir() if s.cache_dir == "" else s.cache_dir)
         self.result.camera_names = [ob.name for ob in self.plan.cameras]
         self.result.eval_camera_names = [ob.name for ob in self.plan.eval_cameras]
         self.result.intrinsics, self.result.poses = self.plan.intrinsics, self.plan.poses
@@ -180,6 +210,88 @@ class FitSession:
         running.add(self.scene, self)
         self._update(status=f"Rendering {len(self._views)} views", progress=0.0, running=True,
                      step=0, loss=0.0, psnr=0.0, elapsed=0.0)
+
+    def _begin_photos(self) -> bool:
+        """Photo mode: when the training cameras are imported photo cameras (``implicit_image``,
+        see dataset_io), their photos (masks as alpha, lens distortion) are sent as they are and
+        nothing is rendered; there are no passes (lighting stays baked).  Returns False when the
+        cameras are to be rendered; raises FitError for a mix of both kinds, a missing photo or
+        an unreachable backend."""
+        s = self.settings
+        cams, frames = self._training_cameras()
+        is_photo = [dataset_io.has_photo(ob) for ob in cams]
+        if not any(is_photo):
+            return False
+        if not all(is_photo):
+            others = ", ".join(f"'{ob.name}'" for ob, p in zip(cams, is_photo) if not p)
+            raise FitError("The training cameras mix photo cameras (imported from a dataset) with cameras to "
+                           f"render ({others}): fit one kind at a time. Pick the cameras (Camera source: "
+                           "Selected or Collection), or disable the others for rendering.")
+        if any(f is not None for f in frames):
+            raise FitError(f"Camera '{cams[0].name}' has one photo, not one per frame: pick another camera "
+                           "source than Animation to fit photos.")
+        eval_cams = _resolve_objects(self.scene, s.eval_cameras) or []
+        try:
+            capture.check_perspective(cams + eval_cams)
+        except capture.CaptureError as exc:
+            raise FitError(str(exc)) from None
+        problem = next(filter(None, (photo_image_problem(ob) for ob in cams)), None)
+        if problem:
+            raise FitError(problem)
+        if self.probe is not None:
+            self._check_backend()
+        try:
+            photos = dataset_io.photo_views(cams, self.scene)
+        except dataset_io.DatasetError as exc:
+            raise FitError(str(exc)) from None
+        h, w = photos["images"].shape[1:3]
+        rw, rh = capture.render_size(self.scene)
+        ek, ep = capture.camera_arrays(eval_cams, self.scene)
+        self.plan = capture.CapturePlan(
+            cameras=cams, intrinsics=photos["intrinsics"], poses=photos["poses"],
+            aabb=self._photo_aabb(photos, w, h), width=rw, height=rh, eval_cameras=eval_cams,
+            eval_intrinsics=ek, eval_poses=ep, frames=[None] * len(cams), passes=False)
+        self._photos, self._views = photos, []
+        r = self.result
+        r.camera_names, r.eval_camera_names = [ob.name for ob in cams], [ob.name for ob in eval_cams]
+        r.intrinsics, r.poses, r.aabb = self.plan.intrinsics, self.plan.poses, self.plan.aabb
+        self._stage = "render"
+        running.add(self.scene, self)
+        self._update(status=f"Sending {len(cams)} photos of {w} x {h}", progress=0.0, running=True,
+                     step=0, loss=0.0, psnr=0.0, elapsed=0.0)
+        return True
+
+    def _training_cameras(self) -> tuple[list, list]:
+        """(camera objects, frames) that plan_capture would train on; ([], []) when the camera
+        source is unusable (plan_capture then says why)."""
+        s = self.settings
+        explicit = _resolve_objects(self.scene, s.cameras)
+        if explicit is not None or s.source == "SCENE":
+            cams = explicit if explicit is not None else capture.scene_cameras(self.view_layer)
+            frames = [None] * len(cams)
+        else:
+            try:
+                cams, frames = capture.source_views(self.scene, self.view_layer, s.source,
+                                                    collection=s.source_collection, camera=s.source_camera,
+                                                    frame_range=s.frame_range)
+            except capture.CaptureError:
+                return [], []
+        eval_names = {ob.name for ob in (_resolve_objects(self.scene, s.eval_cameras) or [])}
+        keep = [(ob, f) for ob, f in zip(cams, frames)
+                if (f is not None or not capture.is_holdout(ob)) and ob.name not in eval_names]
+        return [ob for ob, _ in keep], [f for _, f in keep]
+
+    def _photo_aabb(self, photos: dict, width: int, height: int) -> np.ndarray:
+        """(2, 3) world box of a photo fit: the padded box of the selected meshes, else the
+        region the cameras look at (:func:`cameras_aabb`)."""
+        selected = capture.target_objects(self.view_layer, selected_only=True)
+        if selected:
+            return capture.padded_aabb(capture.world_bbox(selected, self.view_layer.depsgraph))
+        try:
+            return cameras_aabb(photos["intrinsics"], photos["poses"], width, height)
+        except ValueError as exc:
+            raise FitError(f"Cannot tell where the photographed object is: {exc}. Select a mesh (e.g. a cube) "
+                           "around the object: its box bounds the fit.") from None
 
     def tick(self) -> bool:
         """Advance the fit a little (one render, or drain the backend's messages).
@@ -244,17 +356,24 @@ class FitSession:
         try:
             welcome = self.probe(self.address)
         except Exception as exc:
-            raise FitError(backend_error_text(self.address, str(exc))) from None
+            text = backend_error_text(self.address, str(exc))
+            low = text.lower()
+            code = ("version_mismatch" if "version" in low else
+                    "unreachable" if any(w in low for w in UNREACHABLE_WORDS) else "backend")
+            raise FitError(text, code=code) from None
         methods = [m for m in str(getattr(welcome, "methods", "") or "").split(",") if m]
         if methods and self.settings.method not in methods:
             raise FitError(f"The backend at {self.address} cannot fit '{self.settings.method}' "
                            f"(it offers: {', '.join(methods)}).")
 
     def _render_next(self) -> None:
+        if self._photos is not None:   # photo mode: nothing to render
+            self._submit()
+            return
         i = len(self._rendered)
-        ob, _ = self._views[i]
+        ob, is_eval, frame = self._views[i]
         try:
-            self._rendered.append(capture.render_view(self.scene, ob, f"{self._folder}/view_{i:04d}.png"))
+            self._rendered.append(self._renderer.render(ob, frame, passes=self.plan.passes and not is_eval, index=i))
         except capture.CaptureError as exc:
             self._finish("failed", str(exc))
             return
@@ -266,9 +385,14 @@ class FitSession:
     def _submit(self) -> None:
         s, plan = self.settings, self.plan
         n = len(plan.cameras)
-        images = np.stack(self._rendered[:n])
-        if s.eval_reference and plan.eval_cameras:
-            self.result.eval_reference = np.stack(self._rendered[n:])
+        photos = self._photos
+        if photos is not None:
+            images, passes = photos["images"], {}
+        else:
+            images = np.stack([v.rgba for v in self._rendered[:n]])
+            passes = {k: np.stack([v.passes[k] for v in self._rendered[:n]]) for k in self._rendered[0].passes}
+        if s.eval_reference and plan.eval_cameras and photos is None:
+            self.result.eval_reference = np.stack([v.rgba for v in self._rendered[n:]])
         self._rendered = []
         m = len(plan.eval_cameras)
         self.result.images = images
@@ -279,7 +403,9 @@ class FitSession:
             mesh_resolution=s.mesh_resolution, preview_size=s.preview_size,
             preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
             eval_poses=plan.eval_poses if m else None,
-            eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None)
+            eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
+            textures=s.textures, lens_models=photos["lens_models"] if photos else None,
+            distortion=photos["distortion"] if photos else None)
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)
@@ -301,6 +427,7 @@ class FitSession:
                 self._handle(msg)
         if last_preview is not None and not self.finished:
             self._show_preview(last_preview)
+        self._show_plot()
         if self.finished:
             return
         if self.client.finished:   # ended client-side: dead backend, lost connection, ...
@@ -326,17 +453,23 @@ class FitSession:
             r.last_progress = msg
             self._timing(msg.stage)
             if msg.stage == "train":
+                self.history.add(msg.step, msg.loss, msg.psnr)
                 self._update(status=progress_text(msg), progress=msg.fraction, step=msg.step,
-                             loss=msg.loss, psnr=msg.psnr, elapsed=msg.elapsed)
+                             loss=msg.loss, psnr=msg.psnr, elapsed=msg.elapsed, eta=msg.eta,
+                             total_steps=msg.total_steps)
             else:   # mesh / render / queued carry no training numbers: keep the last ones
                 self._update(status=progress_text(msg), progress=msg.fraction)
+        elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult)) and not self._valid_result(msg):
+            return
+        elif isinstance(msg, protocol.TextureResult):
+            r.textures[msg.kind] = msg.image     # arrives before its MeshResult
         elif isinstance(msg, protocol.MeshResult):
             r.mesh = (msg.vertices, msg.faces, msg.colors)
             if self.settings.import_mesh and len(msg.faces):
                 t = time.monotonic()
                 r.object = importer.import_mesh(self.scene, msg.vertices, msg.faces, msg.colors,
                                                 name=f"{self.settings.name or 'Implicit'} Mesh",
-                                                smooth=self.settings.smooth)
+                                                smooth=self.settings.smooth, uvs=msg.uvs, textures=r.textures)
                 r.timings["import"] = r.timings.get("import", 0.0) + time.monotonic() - t
             self._update(status=f"Mesh received: {len(msg.vertices)} vertices, {len(msg.faces)} faces")
         elif isinstance(msg, protocol.RenderResult):
@@ -356,17 +489,43 @@ class FitSession:
                                                       prefix="The backend refused the job: "))
         # Welcome, Pong, Ack and unknown types: nothing to do.
 
+    def _valid_result(self, msg) -> bool:
+        """Check a result again before it touches the scene (NaN vertices, out-of-range faces,
+        mismatched sizes); a bad one fails the fit and nothing of it is imported."""
+        try:
+            msg.validate()
+            return True
+        except protocol.ProtocolError as exc:
+            self._finish("failed", f"The backend sent a malformed result ({exc}); nothing of it was imported.")
+            return False
+
     def _show_preview(self, msg) -> None:
         self.result.previews += 1
         self.result.last_preview = msg.image
         if self.settings.preview_image:
-            importer.update_preview_image(msg.image)
+            image = importer.update_preview_image(msg.image)
+            if self.settings.show_preview and self.result.previews == 1:
+                show_in_image_editor(image)
+
+    def _show_plot(self, force: bool = False) -> None:
+        """Redraw the loss/PSNR plot (at most twice a second; always at the end)."""
+        h = self.history
+        now = time.monotonic()
+        if h.version == self._plot_version or (not force and now - self._plot_time < 0.5):
+            return
+        self._plot_version, self._plot_time = h.version, now
+        from . import plot
+        update_plot_image(plot.draw_plot(*h.arrays()))
 
     def _finish(self, status: str, message: str) -> None:
         if self.finished:
             return
         self._stage = "finished"
         self._timing(None)
+        try:
+            self._show_plot(force=True)
+        except Exception:   # the plot is a nicety: never let it hide the result
+            traceback.print_exc()
         r = self.result
         r.status, r.message = status, message
         r.timings["total"] = time.monotonic() - self._t0
@@ -413,6 +572,102 @@ class FitSession:
 
 
 # --------------------------------------------------------------------------------------------
+# Photo cameras, live preview and plot images
+# --------------------------------------------------------------------------------------------
+PLOT_IMAGE = "Fit Implicit Plot"
+
+
+def photo_image_problem(camera_object) -> str | None:
+    """For a camera imported from a photo dataset (it has the ``implicit_image`` property), a
+    sentence saying why its photo is missing; None when it has one (or is not a photo camera)."""
+    data = camera_object.data
+    if data is None or "implicit_image" not in data:
+        return None
+    for bg in data.background_images:
+        img = bg.image
+        if img is None:
+            continue
+        if img.packed_file is not None or img.source == "GENERATED":
+            return None
+        path = bpy.path.abspath(img.filepath, library=img.library)
+        if img.source in ("FILE", "SEQUENCE") and os.path.isfile(path):
+            return None
+        return (f"Camera '{camera_object.name}' has no image: its background image file {path} was not found. "
+                "Re-import the dataset, or set the camera's background image (Camera properties > Background Images).")
+    return (f"Camera '{camera_object.name}' has no image: it came from a photo dataset "
+            f"({data['implicit_image']}) but has no background image. Re-import the dataset, or add the photo "
+            "as the camera's background image (Camera properties > Background Images).")
+
+
+def cameras_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A cube around what photo cameras look at (the rule of backend/data.py estimate_aabb).
+
+    Centre: the least-squares point nearest to every optical axis.  Half-size: over the cameras,
+    the smallest half-width of the view at the centre (distance times the tangent of the
+    narrower half field of view).
+    Args:
+        intrinsics: (N, 4) fx, fy, cx, cy of ``width`` x ``height`` images; poses: (N, 4, 4) c2w.
+    Returns:
+        (2, 3) float64 world min / max.
+    Raises:
+        ValueError when the axes do not meet (one camera, parallel axes).
+    """
+    k = np.asarray(intrinsics, dtype=np.float64).reshape(-1, 4)
+    p = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
+    origins = p[:, :3, 3]
+    axes = -p[:, :3, 2]                                   # cameras look down their -Z
+    axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
+    off_axis = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]   # (N, 3, 3) projectors
+    lhs, rhs = off_axis.sum(0), np.einsum("nij,nj->i", off_axis, origins)
+    if len(p) < 2 or np.linalg.cond(lhs) > 1e8:
+        raise ValueError("the cameras' optical axes do not meet")
+    centre = np.linalg.solve(lhs, rhs)
+    reach = np.linalg.norm(origins - centre, axis=1) * 0.5 * np.minimum(width / k[:, 0], height / k[:, 1])
+    half = float(reach.min())
+    if not half > 0:
+        raise ValueError("the cameras' views have no extent at the point they look at")
+    return np.stack([centre - half, centre + half])
+
+
+def show_in_image_editor(image) -> bool:
+    """Show ``image`` in an Image Editor: an open one, else a new window (no windows: nothing).
+    Returns True if it is shown somewhere."""
+    wm = bpy.context.window_manager
+    windows = list(getattr(wm, "windows", ()))
+    for window in windows:
+        for area in (window.screen.areas if window.screen else ()):
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = image
+                area.tag_redraw()
+                return True
+    if bpy.app.background or not windows:
+        return False
+    try:   # a new window, like Blender's own "Render: New Window"
+        with bpy.context.temp_override(window=windows[0]):
+            bpy.ops.wm.window_new()
+        area = wm.windows[-1].screen.areas[0]
+        area.type = "IMAGE_EDITOR"
+        area.spaces.active.image = image
+        return True
+    except (RuntimeError, AttributeError, IndexError):
+        traceback.print_exc()
+        return False
+
+
+def update_plot_image(rgba: np.ndarray):
+    """Write the plot into the Image "Fit Implicit Plot" and into its preview icon (the panel draws
+    the icon; the image opens full size in an Image Editor)."""
+    image = importer.image_from_rgba(PLOT_IMAGE, rgba)
+    preview = image.preview_ensure()
+    if preview is not None:
+        h, w = rgba.shape[:2]
+        preview.image_size = (w, h)
+        preview.image_pixels_float.foreach_set(
+            np.ascontiguousarray(rgba[::-1], dtype=np.float32).ravel() / np.float32(255.0))
+    return image
+
+
+# --------------------------------------------------------------------------------------------
 # Texts for the user
 # --------------------------------------------------------------------------------------------
 UNREACHABLE_WORDS = ("no backend answered", "is it running", "stopped answering", "not reachable",
@@ -429,6 +684,9 @@ def backend_error_text(address: str, error: str, code: str = "", prefix: str = "
         return text[:1].upper() + text[1:]
     if any(w in low for w in UNREACHABLE_WORDS):
         return text[:1].upper() + text[1:] + " " + START_HINT.format(address=address)
+    if "out of memory" in low:
+        text += (" The GPU ran out of memory: lower the preset (e.g. Draft), render fewer or smaller views, "
+                 "or use Free GPU Memory if another job left memory behind.")
     return prefix + text if prefix else text[:1].upper() + text[1:]
 
 

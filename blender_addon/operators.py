@@ -1,12 +1,15 @@
-"""Operators: Fit (modal with a timer from the UI, blocking from scripts) and Cancel.
+"""Operators: Fit (modal with a timer from the UI, blocking from scripts), Cancel, the camera
+rig and datasets, and the local backend (start, stop, free GPU memory, open its log).
 
-Both paths drive the same FitSession (fit_session.py); this module only turns its outcome
+Both Fit paths drive the same FitSession (fit_session.py); this module only turns its outcome
 into reports.  Heavy modules (numpy, the client, capture) are imported on first use.
 """
+import time
+
 import bpy
 
 from . import running
-from .preferences import backend_address
+from .preferences import backend_address, backend_device, backend_python, backend_sources, log_path, prefs
 
 TIMER_INTERVAL = 0.1
 
@@ -19,8 +22,41 @@ def _session_module():
 def _settings_from_scene(scene):
     fs = _session_module()
     p = scene.implicit
-    return fs.FitSettings(preset=p.preset, seconds=p.seconds, ring_count=p.ring_cameras,
-                          mesh_resolution=p.mesh_resolution, smooth=p.smooth_shading)
+    from .capture import fit_settings_from_props
+    return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_cameras,
+                          mesh_resolution=p.mesh_resolution, textures=int(p.texture_size),
+                          smooth=p.smooth_shading, preview_size=p.preview_size, show_preview=p.show_preview,
+                          **fit_settings_from_props(p))
+
+
+def start_local_backend(context, address: str):
+    """Start (or find) the backend child process for ``address``; raises BackendProcessError."""
+    from . import backend_process, status
+    p = prefs(context)
+    proc = backend_process.start(backend_python(p), address, device=backend_device(p),
+                                 log_path=log_path(address), source_dirs=backend_sources(p))
+    status.monitor(address).refresh()
+    return proc
+
+
+def auto_start_failed_text(unreachable, error) -> str:
+    """No backend answered, and starting one failed: both, and what to set."""
+    text = str(error)
+    hint = (" Set Backend Python (a Python with torch and pyzmq) and Backend Folder (the folder that holds "
+            "backend/) in the add-on preferences.") if "No module named" in text or "not found" in text else ""
+    return f"{_capitalised(str(unreachable))} Starting a local backend failed: {text}.{hint}"
+
+
+def _auto_start_applies(context, address: str, exc) -> bool:
+    from . import backend_process
+    p = prefs(context)
+    if getattr(exc, "code", "") != "unreachable" or p is None or not p.auto_start:
+        return False
+    try:
+        backend_process.local_bind(address)
+    except backend_process.BackendProcessError:
+        return False
+    return True
 
 
 def _redraw(context):
@@ -33,7 +69,13 @@ def _redraw(context):
                 area.tag_redraw()
 
 
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _report_result(op, result) -> set:
+    if result.status == "done" and getattr(result, "job_id", None) and bpy.context.scene is not None:
+        bpy.context.scene["implicit_fit_job"] = result.job_id   # "Render with Field" renders this fit
     if result.status == "done":
         op.report({"INFO"} if result.object is not None else {"WARNING"}, result.message)
         return {"FINISHED"}
@@ -60,6 +102,8 @@ class IMPLICIT_OT_fit(bpy.types.Operator):
 
     _session = None
     _timer = None
+    _starting = None          # a backend started automatically, until it listens
+    _start_deadline = 0.0
 
     @classmethod
     def poll(cls, context):
@@ -81,11 +125,23 @@ class IMPLICIT_OT_fit(bpy.types.Operator):
 
     # ---- blocking path: scripts, background mode ---------------------------------------------
     def execute(self, context):
+        from .backend_process import BackendProcessError
         fs = _session_module()
         try:
-            session = self._new_session(context)
-        except fs.FitError as exc:
-            self.report({"ERROR"}, str(exc))
+            try:
+                session = self._new_session(context)
+            except fs.FitError as exc:
+                address = self.address.strip() or backend_address(context, context.scene)
+                if not _auto_start_applies(context, address, exc):
+                    raise
+                try:
+                    start_local_backend(context, address).wait_ready(timeout=120)
+                except BackendProcessError as err:
+                    raise fs.FitError(auto_start_failed_text(exc, err)) from None
+                context.view_layer.update()   # the ring cameras of the first try were removed
+                session = self._new_session(context)
+        except (fs.FitError, BackendProcessError) as exc:
+            self.report({"ERROR"}, _capitalised(str(exc)))
             return {"CANCELLED"}
         try:
             result = session.run(timeout=self.timeout or None)
@@ -95,20 +151,64 @@ class IMPLICIT_OT_fit(bpy.types.Operator):
 
     # ---- interactive path: a timer drives the same session --------------------------------------
     def invoke(self, context, event):
+        from .backend_process import BackendProcessError
         fs = _session_module()
+        self._starting = None
         try:
             # bpy.context, not `context`: the invoke context must not be kept past invoke().
             self._session = self._new_session(context, on_change=lambda s: _redraw(bpy.context))
         except fs.FitError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+            address = self.address.strip() or backend_address(context, context.scene)
+            if not _auto_start_applies(context, address, exc):
+                self.report({"ERROR"}, _capitalised(str(exc)))
+                return {"CANCELLED"}
+            self._unreachable = exc
+            try:   # the timer waits for it to listen: the UI stays responsive meanwhile
+                self._starting = start_local_backend(context, address)
+            except BackendProcessError as err:
+                self.report({"ERROR"}, auto_start_failed_text(exc, err))
+                return {"CANCELLED"}
+            self._start_deadline = time.monotonic() + 120.0
+            context.scene.implicit.status = "Starting the backend…"
         wm = context.window_manager
         self._timer = wm.event_timer_add(TIMER_INTERVAL, window=context.window)
         wm.modal_handler_add(self)
-        self.report({"INFO"}, "Fit Implicit started (Esc cancels)")
+        self.report({"INFO"}, "Starting the backend, then Fit Implicit (Esc cancels)" if self._starting
+                    else "Fit Implicit started (Esc cancels)")
         return {"RUNNING_MODAL"}
 
+    def _wait_for_backend(self, context) -> set | None:
+        """Modal step while an automatically started backend comes up; a set ends the operator."""
+        from .backend_process import BackendProcessError
+        fs = _session_module()
+        try:
+            if not self._starting.ready():
+                if time.monotonic() < self._start_deadline:
+                    return None
+                raise BackendProcessError(f"the backend did not start listening within 120 s; see its log: "
+                                          f"{self._starting.log_path}")
+            self._starting = None
+            context.view_layer.update()   # the ring cameras of the first try were removed
+            self._session = self._new_session(context, on_change=lambda s: _redraw(bpy.context))
+            return None
+        except (BackendProcessError, fs.FitError) as exc:
+            text = auto_start_failed_text(self._unreachable, exc) if isinstance(exc, BackendProcessError) \
+                else _capitalised(str(exc))
+            context.window_manager.event_timer_remove(self._timer)
+            context.scene.implicit.status = text
+            self.report({"ERROR"}, text)
+            return {"CANCELLED"}
+
     def modal(self, context, event):
+        if getattr(self, "_starting", None) is not None:
+            if event.type == "ESC" and event.value == "PRESS":
+                context.window_manager.event_timer_remove(self._timer)
+                context.scene.implicit.status = "Cancelled."
+                return {"CANCELLED"}
+            if event.type != "TIMER":
+                return {"PASS_THROUGH"}
+            ended = self._wait_for_backend(context)
+            return ended if ended is not None else {"PASS_THROUGH"}
         session = self._session
         if event.type == "ESC" and event.value == "PRESS":
             session.cancel()
@@ -263,3 +363,169 @@ class IMPLICIT_OT_import_transforms(bpy.types.Operator):
             self.report({"WARNING"}, text)
         self.report({"INFO"}, f"Imported {len(created)} cameras")
         return {"FINISHED"}
+
+
+class IMPLICIT_OT_import_colmap(bpy.types.Operator):
+    """Import a COLMAP text model (cameras.txt + images.txt) as cameras with background images"""
+
+    bl_idname = "implicit.import_colmap"
+    bl_label = "Import COLMAP Model"
+    bl_options = {"REGISTER", "UNDO"}
+
+    directory: bpy.props.StringProperty(
+        name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
+        description="Folder with cameras.txt and images.txt (or a project folder with sparse/0)")
+    image_dir: bpy.props.StringProperty(
+        name="Images", subtype="DIR_PATH", options={"SKIP_SAVE"},
+        description="Folder of the photos; empty: images/ next to the model")
+    backgrounds: bpy.props.BoolProperty(name="Background Images", default=True)
+    set_resolution: bpy.props.BoolProperty(
+        name="Set Resolution", default=True,
+        description="Set the scene's resolution and pixel aspect from the model (needed for exact intrinsics)")
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        from . import dataset_io
+        if not self.directory:
+            self.report({"ERROR"}, "Choose the folder of a COLMAP text model (cameras.txt, images.txt)")
+            return {"CANCELLED"}
+        try:
+            created, warnings = dataset_io.import_colmap(
+                context.scene, bpy.path.abspath(self.directory),
+                image_dir=bpy.path.abspath(self.image_dir) if self.image_dir else None,
+                backgrounds=self.backgrounds, set_resolution=self.set_resolution)
+        except (dataset_io.DatasetError, OSError, ValueError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        for text in warnings[:5]:
+            self.report({"WARNING"}, text)
+        self.report({"INFO"}, f"Imported {len(created)} cameras")
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------------------------
+# The backend: start, stop, free GPU memory, log
+# --------------------------------------------------------------------------------------------
+LOG_TEXT = "Fit Implicit Backend Log"
+
+
+class IMPLICIT_OT_backend_start(bpy.types.Operator):
+    """Start a backend on this machine (python -m backend serve) at the backend address"""
+
+    bl_idname = "implicit.backend_start"
+    bl_label = "Start Backend"
+    bl_options = {"REGISTER"}
+
+    wait: bpy.props.BoolProperty(name="Wait", description="Block until the backend listens (scripts)",
+                                 default=False, options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        from . import backend_process, status
+        address = backend_address(context, context.scene)
+        if status.monitor(address).snapshot().state in (status.IDLE, status.BUSY) \
+                and backend_process.get(address) is None:
+            self.report({"INFO"}, f"A backend is already running at {address}")
+            return {"FINISHED"}
+        try:
+            proc = start_local_backend(context, address)
+            if self.wait:
+                proc.wait_ready(timeout=120)
+        except backend_process.BackendProcessError as exc:
+            self.report({"ERROR"}, _capitalised(str(exc)))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Backend {'running' if self.wait else 'starting'} at {address} (log: {proc.log_path})")
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_backend_stop(bpy.types.Operator):
+    """Stop the backend started from Blender (its running job is cancelled)"""
+
+    bl_idname = "implicit.backend_stop"
+    bl_label = "Stop Backend"
+    bl_options = {"REGISTER"}
+
+    wait: bpy.props.BoolProperty(name="Wait", description="Block until it exited (scripts)", default=False,
+                                 options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        import threading
+        from . import backend_process, status
+        address = backend_address(context, context.scene)
+        proc = backend_process.get(address)
+        if proc is None or not proc.running:
+            backend_process.stop(address)   # forget one that already exited
+            if status.monitor(address).snapshot().state in (status.IDLE, status.BUSY):
+                self.report({"WARNING"}, f"The backend at {address} was not started from Blender: "
+                                         "stop it where it runs")
+            else:
+                self.report({"WARNING"}, f"No backend started from Blender is running at {address}")
+            return {"CANCELLED"}
+        if self.wait:
+            code = backend_process.stop(address)
+            self.report({"INFO"}, f"Backend stopped (exit code {code})")
+        else:   # it may take a few seconds to stop its job: not on the UI thread
+            threading.Thread(target=backend_process.stop, args=(address,), daemon=True).start()
+            self.report({"INFO"}, "Stopping the backend…")
+        status.monitor(address).refresh()
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_free_memory(bpy.types.Operator):
+    """Ask the backend to release the GPU memory it keeps cached between jobs"""
+
+    bl_idname = "implicit.free_memory"
+    bl_label = "Free GPU Memory"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        from . import status
+        from ._shared import protocol
+        fs = _session_module()
+        address = backend_address(context, context.scene)
+        if status.monitor(address).snapshot().state == status.NOT_RUNNING:
+            self.report({"ERROR"}, fs.backend_error_text(address, f"no backend answered at {address} — is it running?"))
+            return {"CANCELLED"}
+        try:
+            reply = status.request(address, protocol.FreeMemory(), timeout=3.0)
+        except (TimeoutError, protocol.WireError) as exc:
+            self.report({"ERROR"}, fs.backend_error_text(address, str(exc)))
+            return {"CANCELLED"}
+        if isinstance(reply, protocol.Ack):
+            self.report({"INFO"}, "The backend released its cached GPU memory")
+            return {"FINISHED"}
+        text = getattr(reply, "message", "") or f"unexpected reply {reply.TYPE!r}"
+        self.report({"WARNING"}, f"GPU memory was not freed: {text}")
+        return {"CANCELLED"}
+
+
+class IMPLICIT_OT_backend_log(bpy.types.Operator):
+    """Open the log of the backend started from Blender in a Text Editor"""
+
+    bl_idname = "implicit.backend_log"
+    bl_label = "Backend Log"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        import os
+        address = backend_address(context, context.scene)
+        path = log_path(address)
+        if not os.path.isfile(path):
+            self.report({"WARNING"}, f"No backend was started from Blender for {address} yet (no log at {path})")
+            return {"CANCELLED"}
+        text = bpy.data.texts.get(LOG_TEXT) or bpy.data.texts.new(LOG_TEXT)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text.from_string(f.read()[-200_000:])
+        for window in getattr(context.window_manager, "windows", ()):
+            for area in (window.screen.areas if window.screen else ()):
+                if area.type == "TEXT_EDITOR":
+                    area.spaces.active.text = text
+                    break
+        self.report({"INFO"}, f"Backend log loaded into the text '{LOG_TEXT}' ({path})")
+        return {"FINISHED"}
+
+
+BACKEND_CLASSES = (IMPLICIT_OT_backend_start, IMPLICIT_OT_backend_stop, IMPLICIT_OT_free_memory,
+                   IMPLICIT_OT_backend_log)

@@ -1,8 +1,27 @@
-"""The "Implicit" tab of the 3D View sidebar.  Drawing only."""
+"""The "Implicit" tab of the 3D View sidebar.  Drawing only: every value shown is already there
+(scene properties written by the running fit, the status monitor's last snapshot)."""
 import bpy
 
 from . import running
 from .preferences import backend_address
+
+STATUS_ICONS = {"idle": "CHECKMARK", "busy": "SORTTIME", "connecting": "URL",
+                "not running": "CANCEL", "version mismatch": "ERROR"}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+def backend_line(address: str) -> tuple[str, str]:
+    """(text, icon) of the status line; never waits (reads the monitor's snapshot)."""
+    from . import backend_process, status
+    snap = status.monitor(address).snapshot()
+    proc = backend_process.get(address)
+    if proc is not None and proc.running and snap.state in (status.NOT_RUNNING, status.CONNECTING):
+        return "Backend starting (connecting…)", "URL"
+    return snap.line, STATUS_ICONS.get(snap.state, "QUESTION")
 
 
 class VIEW3D_PT_implicit(bpy.types.Panel):
@@ -16,17 +35,33 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         layout = self.layout
         props = context.scene.implicit
         busy = running.active_session(context.scene) is not None
+        address = backend_address(context, None)
+
+        box = layout.box()
+        text, icon = backend_line(address)
+        row = box.row()
+        row.label(text=text, icon=icon)
+        row = box.row(align=True)
+        row.operator("implicit.backend_start", text="Start", icon="PLAY")
+        row.operator("implicit.backend_stop", text="Stop", icon="PAUSE")
+        row.operator("implicit.free_memory", text="Free GPU", icon="TRASH")
+        row.operator("implicit.backend_log", text="", icon="TEXT")
 
         col = layout.column()
         col.enabled = not busy
         col.prop(props, "address", text="Address")
         if not props.address.strip():
-            col.label(text=f"Using {backend_address(context, None)}", icon="URL")
+            col.label(text=f"Using {address}", icon="URL")
+        col.prop(props, "method")
         col.prop(props, "preset")
         col.prop(props, "seconds")
         col.prop(props, "ring_cameras")
         col.prop(props, "mesh_resolution")
+        col.prop(props, "texture_size")
         col.prop(props, "smooth_shading")
+        row = col.row(align=True)
+        row.prop(props, "preview_size")
+        row.prop(props, "show_preview", text="", icon="IMAGE_DATA")
 
         box = layout.box()
         box.enabled = not busy
@@ -37,9 +72,27 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         box.prop(props, "rig_holdout")
         op = box.operator("implicit.add_camera_rig", icon="CAMERA_DATA")
         op.count, op.shape, op.holdout = props.rig_views, props.rig_shape, props.rig_holdout
+        box.prop(props, "capture_source", text="Source")
+        if props.capture_source == "COLLECTION":
+            box.prop(props, "capture_collection", text="")
+        elif props.capture_source == "ANIMATION":
+            sc = context.scene
+            box.prop(props, "capture_camera", text="")
+            box.label(text=f"Frames {sc.frame_start}-{sc.frame_end}, step {sc.frame_step}", icon="TIME")
+        row = box.row(align=True)
+        row.prop(props, "render_passes", text="Passes")
+        row.prop(props, "resume_renders", text="", icon="FILE_REFRESH")
+        from .capture import lighting_note
+        note = lighting_note(context.scene, props)
+        if note:
+            box.label(text=note, icon="INFO")
         row = box.row(align=True)
         row.operator("implicit.import_transforms", text="Import", icon="IMPORT")
         row.operator("implicit.export_dataset", text="Export", icon="EXPORT")
+        box.operator("implicit.import_colmap", text="Import COLMAP", icon="IMPORT")
+        row = box.row(align=True)
+        row.operator("implicit.render_back", text="Render with Field", icon="RENDER_STILL").animation = False
+        row.operator("implicit.render_back", text="Animation", icon="RENDER_ANIMATION").animation = True
 
         if busy:
             layout.operator("implicit.cancel", icon="CANCEL")
@@ -47,15 +100,56 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
             layout.operator("implicit.fit", icon="PLAY")
 
         if busy or props.status:
-            box = layout.box()
-            box.progress(text=props.status or "…", factor=props.progress, type="BAR")
-            if props.step:
-                row = box.row()
-                row.label(text=f"Step {props.step}")
-                row.label(text=f"PSNR {props.psnr:.2f}")
-                row = box.row()
-                row.label(text=f"Loss {props.loss:.4f}")
-                row.label(text=f"{props.elapsed:.0f} s")
+            draw_progress(layout.box(), props)
+
+
+def draw_progress(box, props):
+    box.progress(text=props.status or "…", factor=props.progress, type="BAR")
+    if not props.step:
+        return
+    plot = bpy.data.images.get("Fit Implicit Plot")
+    if plot is not None and plot.preview is not None:
+        box.template_icon(icon_value=plot.preview.icon_id, scale=6.0)
+    row = box.row()
+    total = f" / {props.total_steps}" if props.total_steps else ""
+    row.label(text=f"Step {props.step}{total}")
+    row.label(text=f"Loss {props.loss:.4f}", icon="KEYTYPE_KEYFRAME_VEC")    # orange curve
+    row = box.row()
+    row.label(text=f"Elapsed {_clock(props.elapsed)}", icon="TIME")
+    row.label(text=f"PSNR {props.psnr:.2f} dB", icon="KEYTYPE_BREAKDOWN_VEC")  # blue curve
+    if props.running and props.eta > 0:
+        box.label(text=f"About {_clock(props.eta)} left", icon="PREVIEW_RANGE")
 
 
 CLASSES = (VIEW3D_PT_implicit,)
+
+
+# --------------------------------------------------------------------------------------------
+# Redraw the panel when the backend's status changes (the monitor runs in its own thread)
+# --------------------------------------------------------------------------------------------
+_seen = {"version": -1}
+
+
+def _redraw_on_status_change():
+    from . import status
+    version = status.versions()
+    if version != _seen["version"]:
+        _seen["version"] = version
+        wm = bpy.context.window_manager
+        for window in getattr(wm, "windows", ()):
+            for area in (window.screen.areas if window.screen else ()):
+                if area.type in {"VIEW_3D", "PREFERENCES"}:
+                    area.tag_redraw()
+    return 0.5
+
+
+def register_timers():
+    if not bpy.app.timers.is_registered(_redraw_on_status_change):
+        bpy.app.timers.register(_redraw_on_status_change, first_interval=0.5, persistent=True)
+
+
+def unregister_timers():
+    from . import status
+    if bpy.app.timers.is_registered(_redraw_on_status_change):
+        bpy.app.timers.unregister(_redraw_on_status_change)
+    status.close_all()

@@ -1,6 +1,11 @@
 """Per-scene fit settings and the state of the running job (``scene.implicit``)."""
 import bpy
 
+METHOD_ITEMS = (
+    ("sdf", "Signed Distance", "NeuS-style signed distance field: clean surfaces (best for meshes)"),
+    ("occupancy", "Occupancy", "Occupancy field rendered as opacity (UNISURF)"),
+    ("nerf", "Radiance Field", "Density and colour (instant-ngp): best novel views, blobby meshes"),
+)
 PRESET_ITEMS = (
     ("draft", "Draft", "Fast and coarse: a quick look"),
     ("standard", "Standard", "Balanced quality and time"),
@@ -16,6 +21,7 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         default="",
     )
     preset: bpy.props.EnumProperty(name="Quality", items=PRESET_ITEMS, default="standard")
+    method: bpy.props.EnumProperty(name="Field", items=METHOD_ITEMS, default="sdf")
     seconds: bpy.props.FloatProperty(
         name="Training Time",
         description="Training time budget in seconds; 0: the preset's default number of steps",
@@ -32,6 +38,22 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         default=0, min=0, max=1024,
     )
     smooth_shading: bpy.props.BoolProperty(name="Smooth Shading", default=True)
+    texture_size: bpy.props.EnumProperty(
+        name="Textures",
+        description="Bake UV textures (base colour, normal map, roughness) from the field at this size; "
+                    "None keeps vertex colours",
+        items=[("0", "None", "Vertex colours only"), ("1024", "1024", ""), ("2048", "2048", ""),
+               ("4096", "4096", "")],
+        default="2048")
+    preview_size: bpy.props.IntProperty(
+        name="Preview Size",
+        description="Longest side in pixels of the live previews the backend renders while training "
+                    "(also on a remote backend); 0: no previews",
+        default=128, min=0, max=1024)
+    show_preview: bpy.props.BoolProperty(
+        name="Show Preview",
+        description="Show the live preview in an Image Editor (opens a window if there is none)",
+        default=True)
     rig_views: bpy.props.IntProperty(name="Rig Views", description="Cameras of the rig", default=24,
                                      min=1, max=1000)
     rig_shape: bpy.props.EnumProperty(
@@ -41,6 +63,24 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     rig_holdout: bpy.props.FloatProperty(
         name="Held Out", description="Share of the rig's views held out for evaluation",
         default=0.1, min=0.0, max=0.9, subtype="FACTOR")
+    # ---- capture (blender_addon/capture.py) ----------------------------------------------
+    capture_source: bpy.props.EnumProperty(
+        name="Camera Source", default="SCENE",
+        items=(("SCENE", "Scene Cameras", "The scene's cameras (a ring around the selection if there are none)"),
+               ("SELECTED", "Selected Cameras", "Only the selected cameras"),
+               ("COLLECTION", "Collection", "Every camera of a collection"),
+               ("ANIMATION", "Animated Camera", "One view per frame of the scene's frame range")))
+    capture_collection: bpy.props.PointerProperty(type=bpy.types.Collection, name="Camera Collection")
+    capture_camera: bpy.props.PointerProperty(
+        type=bpy.types.Object, name="Animated Camera", description="Default: the scene camera",
+        poll=lambda _self, ob: ob.type == "CAMERA")
+    render_passes: bpy.props.EnumProperty(
+        name="Render Passes", default="AUTO",
+        description="Also render albedo, normal and depth passes (Cycles) so that the albedo carries no lighting",
+        items=(("AUTO", "Auto", "For surface fits (SDF, occupancy)"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
+    resume_renders: bpy.props.BoolProperty(
+        name="Resume Renders", default=True,
+        description="Keep rendered views in a cache and reuse those whose camera and scene did not change")
 
     # ---- job state (written by the running fit, read by the panel) ------------------------
     status: bpy.props.StringProperty(name="Status", default="")
@@ -49,6 +89,8 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     loss: bpy.props.FloatProperty(name="Loss", default=0.0, precision=5)
     psnr: bpy.props.FloatProperty(name="PSNR", default=0.0, precision=2)
     elapsed: bpy.props.FloatProperty(name="Elapsed", default=0.0, min=0.0, unit="TIME_ABSOLUTE")
+    eta: bpy.props.FloatProperty(name="ETA", default=0.0, min=0.0, unit="TIME_ABSOLUTE")
+    total_steps: bpy.props.IntProperty(name="Total Steps", default=0, min=0)
     running: bpy.props.BoolProperty(name="Running", default=False)
 
 

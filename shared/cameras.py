@@ -217,3 +217,157 @@ def fov_angles(intrinsics, width: int, height: int) -> tuple[float, float]:
     these focal lengths (the NeRF fields; they do not carry the principal point)."""
     fx, fy = float(intrinsics[0]), float(intrinsics[1])
     return 2.0 * math.atan(0.5 * width / fx), 2.0 * math.atan(0.5 * height / fy)
+
+
+# --------------------------------------------------------------------------------------------
+# Lens distortion (OpenCV radial-tangential and fisheye, in COLMAP / nerfstudio conventions)
+# --------------------------------------------------------------------------------------------
+#: Lens model codes, as carried on the wire (``Submit.lens_models``) and in PosedImages.
+PINHOLE, OPENCV, OPENCV_FISHEYE = 0, 1, 2
+LENS_MODELS = ("PINHOLE", "OPENCV", "OPENCV_FISHEYE")
+#: Column order of a distortion row (N, 6); unused coefficients are 0.
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+#: Largest angle from the optical axis a fisheye ray may have (rays stay in front of the camera).
+MAX_FISHEYE_THETA = 0.5 * math.pi - 1e-3
+
+
+def lens_model_code(name: str | None) -> int:
+    """Code of a camera model name (transforms.json's ``camera_model``); None/"" is PINHOLE."""
+    key = (name or "PINHOLE").strip().upper()
+    if key not in LENS_MODELS:
+        raise ValueError(f"camera model {name!r} is not supported (use one of {', '.join(LENS_MODELS)})")
+    return LENS_MODELS.index(key)
+
+
+def distort(x: np.ndarray, y: np.ndarray, model: int, coeffs) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal normalised image coordinates -> distorted ones.
+
+    ``x = X / Z``, ``y = Y / Z`` in OpenCV's camera frame (y down); pixels are then
+    ``u = fx * xd + cx``, ``v = fy * yd + cy``.
+
+    * OPENCV: ``r^2 = x^2 + y^2``, ``radial = 1 + k1 r^2 + k2 r^4 + k3 r^6 + k4 r^8``,
+      ``xd = x radial + 2 p1 x y + p2 (r^2 + 2 x^2)``, ``yd = y radial + p1 (r^2 + 2 y^2) + 2 p2 x y``
+      (k4 as in nerfstudio; COLMAP's OPENCV has k3 = k4 = 0).
+    * OPENCV_FISHEYE: ``theta = atan(r)``, ``theta_d = theta (1 + k1 t^2 + k2 t^4 + k3 t^6 + k4 t^8)``,
+      ``xd = x theta_d / r`` (equidistant with polynomial, as OpenCV's fisheye module).
+
+    Args:
+        x, y: float64 arrays of one shape.  coeffs: (6,) in :data:`DISTORTION_KEYS` order.
+    """
+    k1, k2, k3, k4, p1, p2 = (float(c) for c in coeffs)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if model == PINHOLE:
+        return x.copy(), y.copy()
+    r2 = x * x + y * y
+    if model == OPENCV:
+        radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * (k3 + r2 * k4)))
+        return (x * radial + 2.0 * p1 * x * y + p2 * (r2 + 2.0 * x * x),
+                y * radial + p1 * (r2 + 2.0 * y * y) + 2.0 * p2 * x * y)
+    if model == OPENCV_FISHEYE:
+        r = np.sqrt(r2)
+        theta = np.arctan(r)
+        t2 = theta * theta
+        theta_d = theta * (1.0 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4))))
+        scale = np.where(r > 1e-12, theta_d / np.maximum(r, 1e-12), 1.0)
+        return x * scale, y * scale
+    raise ValueError(f"unknown lens model code {model}")
+
+
+def undistort(xd: np.ndarray, yd: np.ndarray, model: int, coeffs, iterations: int = 20
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`distort`, by Newton's method (float64).
+
+    OPENCV: 2-D Newton on ``distort(x, y) - (xd, yd)`` from ``(xd, yd)``, with the analytic
+    Jacobian.  OPENCV_FISHEYE: 1-D Newton on ``theta_d(theta) = r_d`` for theta in
+    [0, MAX_FISHEYE_THETA], then ``r = tan(theta)``.  Converges to ~1e-12 for the distortion of
+    real lenses (|k1| < 0.5); points outside the region where the model is invertible come back
+    as the best Newton estimate.
+    """
+    k1, k2, k3, k4, p1, p2 = (float(c) for c in coeffs)
+    xd, yd = np.asarray(xd, np.float64), np.asarray(yd, np.float64)
+    if model == PINHOLE:
+        return xd.copy(), yd.copy()
+    if model == OPENCV:
+        x, y = xd.copy(), yd.copy()
+        for _ in range(iterations):
+            r2 = x * x + y * y
+            radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * (k3 + r2 * k4)))
+            d_radial = k1 + r2 * (2.0 * k2 + r2 * (3.0 * k3 + r2 * 4.0 * k4))   # d radial / d r2
+            fx_ = x * radial + 2.0 * p1 * x * y + p2 * (r2 + 2.0 * x * x) - xd
+            fy_ = y * radial + p1 * (r2 + 2.0 * y * y) + 2.0 * p2 * x * y - yd
+            a = radial + 2.0 * x * x * d_radial + 2.0 * p1 * y + 6.0 * p2 * x      # d fx / d x
+            b = 2.0 * x * y * d_radial + 2.0 * p1 * x + 2.0 * p2 * y               # d fx / d y
+            c = 2.0 * x * y * d_radial + 2.0 * p1 * x + 2.0 * p2 * y               # d fy / d x
+            d = radial + 2.0 * y * y * d_radial + 6.0 * p1 * y + 2.0 * p2 * x      # d fy / d y
+            det = a * d - b * c
+            det = np.where(np.abs(det) < 1e-12, 1e-12, det)
+            x = x - (d * fx_ - b * fy_) / det
+            y = y - (a * fy_ - c * fx_) / det
+        return x, y
+    if model == OPENCV_FISHEYE:
+        rd = np.sqrt(xd * xd + yd * yd)
+        theta = np.clip(rd, 0.0, MAX_FISHEYE_THETA)
+        for _ in range(iterations):
+            t2 = theta * theta
+            f = theta * (1.0 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4)))) - rd
+            df = 1.0 + t2 * (3.0 * k1 + t2 * (5.0 * k2 + t2 * (7.0 * k3 + t2 * 9.0 * k4)))
+            theta = np.clip(theta - f / np.where(np.abs(df) < 1e-12, 1e-12, df), 0.0, MAX_FISHEYE_THETA)
+        scale = np.where(rd > 1e-12, np.tan(theta) / np.maximum(rd, 1e-12), 1.0)
+        return xd * scale, yd * scale
+    raise ValueError(f"unknown lens model code {model}")
+
+
+def distort_pixels(uv: np.ndarray, intrinsics, model: int, coeffs) -> np.ndarray:
+    """Pixels of an ideal pinhole camera (P, 2) -> where the distorting lens puts them (P, 2)."""
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    uv = np.asarray(uv, np.float64)
+    xd, yd = distort((uv[:, 0] - cx) / fx, (uv[:, 1] - cy) / fy, model, coeffs)
+    return np.stack([fx * xd + cx, fy * yd + cy], axis=-1)
+
+
+def undistort_pixels(uv: np.ndarray, intrinsics, model: int, coeffs) -> np.ndarray:
+    """Pixels of the distorted image (P, 2) -> pixels of the ideal pinhole camera (P, 2)."""
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    uv = np.asarray(uv, np.float64)
+    x, y = undistort((uv[:, 0] - cx) / fx, (uv[:, 1] - cy) / fy, model, coeffs)
+    return np.stack([fx * x + cx, fy * y + cy], axis=-1)
+
+
+def distorted_pixel_rays(intrinsics, c2w: np.ndarray, width: int, height: int, model: int = PINHOLE,
+                         coeffs=(0.0,) * 6) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`pixel_rays`, for a camera with lens distortion: the ray of each pixel centre
+    goes through its undistorted position.
+
+    Returns:
+        origins (H, W, 3) float64 and unit directions (H, W, 3) float64.
+    """
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x, y = undistort((u - cx) / fx, (v - cy) / fy, model, coeffs)
+    d_cam = np.stack([x, -y, -np.ones_like(x)], axis=-1)        # OpenCV -> Blender camera axes
+    d = d_cam @ np.asarray(c2w, np.float64)[:3, :3].T
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    o = np.broadcast_to(np.asarray(c2w, np.float64)[:3, 3], d.shape).copy()
+    return o, d
+
+
+def opencv_w2c_to_c2w(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """COLMAP / OpenCV world-to-camera (R (3, 3), t (3,)) -> camera-to-world (4, 4) float64 in
+    this project's (Blender) camera convention."""
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[:3, 3] = rotation, translation
+    return np.linalg.inv(w2c) @ BLENDER_TO_OPENCV
+
+
+def quaternion_to_matrix(qw: float, qx: float, qy: float, qz: float) -> np.ndarray:
+    """Rotation matrix (3, 3) of a quaternion (Hamilton convention, as COLMAP), normalised first."""
+    q = np.array([qw, qx, qy, qz], dtype=np.float64)
+    n = np.linalg.norm(q)
+    if not n > 0 or not np.isfinite(n):
+        raise ValueError(f"quaternion {q.tolist()} has no direction")
+    w, x, y, z = q / n
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])

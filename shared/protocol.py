@@ -13,10 +13,14 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
 
     Hello            -> Welcome | Error(version_mismatch)
     Ping             -> Pong                     (heartbeat, answered even while training)
-    Submit           -> Accepted, then Progress*, Preview*, MeshResult?, RenderResult*,
+    Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, RenderResult*,
                         and exactly one of Done | Failed | Cancelled
     Cancel           -> Ack, then Cancelled (or Done/Failed if it had already ended)
     Status           -> StatusReply
+    Attach           -> Attached, then the job's stored results and what follows (or Error unknown_job)
+    FreeMemory       -> Ack | Error(busy)       (empty the GPU memory cache between jobs)
+    RenderJob        -> Accepted, then Progress*, RenderResult* (one per camera), and one of
+                        Done | Failed | Cancelled   (renders of the model a fit job saved)
     anything invalid -> Error
 """
 from __future__ import annotations
@@ -42,10 +46,13 @@ MAX_STEPS = 1_000_000
 MAX_SECONDS = 7 * 24 * 3600.0
 MAX_MESH_RESOLUTION = 1024
 MAX_VERTICES = 20_000_000
+MAX_TEXTURE_SIDE = 8192
+MIN_TEXTURE_SIDE = 16
+TEXTURE_KINDS = ("albedo", "normal", "roughness")
 MAX_STRING = 4096
 MAX_NAME = 256
 
-METHODS = ("nerf",)
+METHODS = ("nerf", "sdf", "occupancy")
 PRESETS = ("draft", "standard", "high")
 
 
@@ -308,7 +315,7 @@ class Submit(Message):
 
     TYPE: ClassVar[str] = "submit"
     DIM_CAPS: ClassVar[Mapping[str, int]] = {
-        "N": MAX_IMAGES, "H": MAX_IMAGE_SIDE, "W": MAX_IMAGE_SIDE, "M": MAX_EVAL_CAMERAS,
+        "N": MAX_IMAGES, "H": MAX_IMAGE_SIDE, "W": MAX_IMAGE_SIDE, "M": MAX_EVAL_CAMERAS, "L": MAX_IMAGES,
     }
     images: np.ndarray = spec(Array(("uint8",), ("N", "H", "W", (3, 4))))
     intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("N", 4)))
@@ -320,12 +327,25 @@ class Submit(Message):
     steps: int = spec(Int(0, MAX_STEPS), default=0)                 # 0: the preset's default
     seconds: float = spec(Float(0.0, MAX_SECONDS), default=0.0)     # 0: no time budget
     mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)  # 0: preset; no mesh if < 0 never
+    # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs.
+    textures: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
     preview_size: int = spec(Int(0, 1024), default=128)            # longest side; 0: no previews
     preview_interval: float = spec(Float(0.05, 3600.0), default=1.0)
     eval_intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)), default_factory=_empty((0, 4), np.float64))
     eval_poses: np.ndarray = spec(Array(("float64", "float32"), ("M", 4, 4)), default_factory=_empty((0, 4, 4), np.float64))
     # eval_sizes[i] = (width, height) in pixels, the order of cameras.image_size()
     eval_sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)), default_factory=_empty((0, 2), np.int32))
+    # Optional render passes (scene mode), each empty (first axis 0) or (N, H, W, ...) of images:
+    # albedo: sRGB-encoded diffuse colour; normals: WORLD-space unit normals, 0 where no surface;
+    # depth: z-depth along the camera's viewing axis in world units, 0 where no surface.
+    albedo: np.ndarray = spec(Array(("uint8",), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.uint8))
+    normals: np.ndarray = spec(Array(("float32", "float16"), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.float32))
+    depth: np.ndarray = spec(Array(("float32", "float16"), (None, None, None)), default_factory=_empty((0, 0, 0), np.float32))
+    # Optional lens distortion, empty (pinhole cameras) or one row per image: lens_models[i] is a
+    # shared.cameras.LENS_MODELS code (0 PINHOLE, 1 OPENCV, 2 OPENCV_FISHEYE), distortion[i] its
+    # (k1, k2, k3, k4, p1, p2) (see shared.cameras.distort).  Training bends rays through it.
+    lens_models: np.ndarray = spec(Array(("uint8", "int32", "int64"), ("L",)), default_factory=_empty((0,), np.int32))
+    distortion: np.ndarray = spec(Array(("float64", "float32"), ("L", 6)), default_factory=_empty((0, 6), np.float64))
 
     def check(self):
         n = self.images.shape[0]
@@ -340,6 +360,48 @@ class Submit(Message):
             raise ProtocolError("submit.aabb: every max must be larger than its min")
         if self.eval_sizes.size and (self.eval_sizes.min() < 1 or self.eval_sizes.max() > MAX_IMAGE_SIDE):
             raise ProtocolError(f"submit.eval_sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
+        check_passes(self)
+        check_lenses("submit", self.lens_models, self.distortion, n)
+        if 0 < self.textures < MIN_TEXTURE_SIDE:
+            raise ProtocolError(f"submit.textures: {self.textures} is not 0 (no textures) or in "
+                                f"[{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+
+
+NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit
+
+
+def check_passes(msg: "Submit") -> None:
+    """Each pass is empty or matches the images' N, H, W; normals are unit (or 0); depth >= 0."""
+    nhw = msg.images.shape[:3]
+    for name in ("albedo", "normals", "depth"):
+        value = getattr(msg, name)
+        if value.shape[0] == 0:
+            continue
+        if value.shape[:3] != nhw:
+            raise ProtocolError(f"submit.{name}: shape {value.shape} does not match the images' "
+                                f"{nhw[0]} x {nhw[1]} x {nhw[2]} (send an empty array for no {name})")
+    for i in range(msg.normals.shape[0]):   # one image at a time: bounded temporary memory
+        length = np.linalg.norm(msg.normals[i].astype(np.float32), axis=-1)
+        bad = (length > 0) & (np.abs(length - 1.0) > NORMAL_TOLERANCE)
+        if bad.any():
+            raise ProtocolError(f"submit.normals: image {i} has {int(bad.sum())} normals that are neither "
+                                f"unit length (within {NORMAL_TOLERANCE}) nor zero")
+    if msg.depth.size and float(msg.depth.min()) < 0:
+        raise ProtocolError("submit.depth: depths must be >= 0 (0 where there is no surface)")
+
+
+LENS_MODEL_COUNT = 3          # shared.cameras.LENS_MODELS
+MAX_DISTORTION = 10.0         # |coefficient|; real lenses stay far below
+
+
+def check_lenses(where: str, models: np.ndarray, distortion: np.ndarray, n: int) -> None:
+    """Lens rows: none, or one per image, with known model codes and bounded coefficients."""
+    if len(models) not in (0, n):
+        raise ProtocolError(f"{where}.lens_models: {len(models)} lenses for {n} images (send none or one per image)")
+    if models.size and (models.min() < 0 or models.max() >= LENS_MODEL_COUNT):
+        raise ProtocolError(f"{where}.lens_models: codes must be 0 (PINHOLE), 1 (OPENCV) or 2 (OPENCV_FISHEYE)")
+    if distortion.size and np.abs(distortion).max() > MAX_DISTORTION:
+        raise ProtocolError(f"{where}.distortion: coefficients must be within +-{MAX_DISTORTION}")
 
 
 def check_cameras(where: str, intrinsics: np.ndarray, poses: np.ndarray) -> None:
@@ -388,20 +450,65 @@ class Preview(Message):
 
 @dataclass
 class MeshResult(Message):
-    """A triangle mesh in the submit's world frame.  ``colors`` are sRGB in [0, 1]."""
+    """A triangle mesh in the submit's world frame.  ``colors`` are sRGB in [0, 1].
+
+    Textured meshes (Submit.textures > 0) also carry per-vertex ``uvs`` (V, 2) in [0, 1] (v up,
+    Blender's convention; the mesh is split at UV seams, welding equal positions undoes that) and
+    unit ``normals`` (V, 3) (smooth, the frame the normal map was baked in); both are empty
+    (first axis 0) otherwise.
+    """
 
     TYPE: ClassVar[str] = "mesh"
-    DIM_CAPS: ClassVar[Mapping[str, int]] = {"V": MAX_VERTICES, "F": 2 * MAX_VERTICES}
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"V": MAX_VERTICES, "F": 2 * MAX_VERTICES,
+                                             "U": MAX_VERTICES, "NV": MAX_VERTICES}
     job_id: str = spec(Str(MAX_NAME))
     vertices: np.ndarray = spec(Array(("float32",), ("V", 3)))
     faces: np.ndarray = spec(Array(("int32",), ("F", 3)))
     colors: np.ndarray = spec(Array(("float32",), ("V", 3)))
+    uvs: np.ndarray = spec(Array(("float32",), ("U", 2)), default_factory=_empty((0, 2), np.float32))
+    normals: np.ndarray = spec(Array(("float32",), ("NV", 3)), default_factory=_empty((0, 3), np.float32))
 
     def check(self):
         if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= len(self.vertices)):
             raise ProtocolError(f"mesh.faces: indices must be in [0, {len(self.vertices)})")
         if self.colors.size and (self.colors.min() < 0 or self.colors.max() > 1):
             raise ProtocolError("mesh.colors: values must be in [0, 1]")
+        for name in ("uvs", "normals"):
+            value = getattr(self, name)
+            if len(value) not in (0, len(self.vertices)):
+                raise ProtocolError(f"mesh.{name}: {len(value)} rows for {len(self.vertices)} vertices "
+                                    "(send none or one per vertex)")
+        if self.uvs.size and (self.uvs.min() < 0 or self.uvs.max() > 1):
+            raise ProtocolError("mesh.uvs: values must be in [0, 1]")
+        if self.normals.size:
+            length = np.linalg.norm(self.normals, axis=1)
+            if np.any(np.abs(length - 1.0) > 0.01):
+                raise ProtocolError("mesh.normals: every normal must have unit length (within 0.01)")
+
+
+@dataclass
+class TextureResult(Message):
+    """One baked UV texture of the job's mesh (sent before its MeshResult).
+
+    ``image`` (H, W, C) uint8, top row first: "albedo" C = 3 or 4, sRGB-encoded base colour;
+    "normal" C = 3, tangent-space normal map (OpenGL +Y, Non-Color); "roughness" C = 1,
+    linear (Non-Color).  ``lighting_baked`` says whether the albedo still holds the lighting.
+    """
+
+    TYPE: ClassVar[str] = "texture"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"H": MAX_TEXTURE_SIDE, "W": MAX_TEXTURE_SIDE}
+    job_id: str = spec(Str(MAX_NAME))
+    kind: str = spec(Str(16, TEXTURE_KINDS))
+    image: np.ndarray = spec(Array(("uint8",), ("H", "W", (1, 3, 4))))
+    lighting_baked: bool = spec(Bool(), default=True)
+
+    def check(self):
+        channels = {"albedo": (3, 4), "normal": (3,), "roughness": (1,)}[self.kind]
+        if self.image.shape[2] not in channels:
+            raise ProtocolError(f"texture.image: a {self.kind} texture needs {' or '.join(map(str, channels))} "
+                                f"channels, got {self.image.shape[2]}")
+        if self.image.shape[0] < 1 or self.image.shape[1] < 1:
+            raise ProtocolError("texture.image: the image is empty")
 
 
 @dataclass
@@ -411,6 +518,36 @@ class RenderResult(Message):
     job_id: str = spec(Str(MAX_NAME))
     index: int = spec(Int(0, MAX_EVAL_CAMERAS))
     image: np.ndarray = spec(Array(("uint8",), ("H", "W", 4)))     # sRGB RGBA, top row first
+
+
+MAX_RENDER_PIXELS = 1 << 32     # all views of one RenderJob together
+
+
+@dataclass
+class RenderJob(Message):
+    """Render views of a field fitted earlier: the model that fit job ``fit_job_id`` saved in its
+    folder (contract C3).  Cameras as in Submit: ``intrinsics[i] = (fx, fy, cx, cy)`` (OpenCV
+    pixel frame), ``poses[i]`` rigid camera-to-world (Blender convention), ``sizes[i] = (width,
+    height)``.  One RenderResult per camera comes back, ``index`` = i, in order, then Done."""
+
+    TYPE: ClassVar[str] = "render_job"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"M": MAX_EVAL_CAMERAS}
+    fit_job_id: str = spec(Str(64))
+    intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)))
+    poses: np.ndarray = spec(Array(("float64", "float32"), ("M", 4, 4)))
+    sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)))
+    name: str = spec(Str(MAX_NAME), default="")
+
+    def check(self):
+        if len(self.poses) < 1:
+            raise ProtocolError("render_job: at least one camera is needed")
+        check_cameras("render_job", self.intrinsics, self.poses)
+        if self.sizes.min() < 1 or self.sizes.max() > MAX_IMAGE_SIDE:
+            raise ProtocolError(f"render_job.sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
+        pixels = int(np.prod(self.sizes.astype(np.int64), axis=1).sum())
+        if pixels > MAX_RENDER_PIXELS:
+            raise ProtocolError(f"render_job.sizes: {pixels} pixels in all is more than the {MAX_RENDER_PIXELS} "
+                                "allowed in one job; send the views in several jobs")
 
 
 @dataclass
@@ -440,6 +577,24 @@ class Cancel(Message):
 
 
 @dataclass
+class Attach(Message):
+    """Reattach to a job by id (after a disconnect or a backend restart): the backend answers
+    Attached, resends the job's stored results (MeshResult, RenderResult*, then its end if it
+    ended) and sends what follows to this client.  Results are kept until an expiry (--keep-hours)."""
+
+    TYPE: ClassVar[str] = "attach"
+    job_id: str = spec(Str(MAX_NAME))
+
+
+@dataclass
+class Attached(Message):
+    TYPE: ClassVar[str] = "attached"
+    job_id: str = spec(Str(MAX_NAME))
+    state: str = spec(Str(16, ("queued", "running", "done", "failed", "cancelled")), default="queued")
+    position: int = spec(Int(0, 2**31), default=0)   # jobs ahead of it while queued
+
+
+@dataclass
 class Ack(Message):
     TYPE: ClassVar[str] = "ack"
     request: str = spec(Str(32))
@@ -449,6 +604,14 @@ class Ack(Message):
 @dataclass
 class Status(Message):
     TYPE: ClassVar[str] = "status"
+
+
+@dataclass
+class FreeMemory(Message):
+    """Release the GPU memory the backend keeps cached between jobs (torch.cuda.empty_cache()).
+    Answered with Ack(request="free_memory"), or Error(code="busy") while a job runs or waits."""
+
+    TYPE: ClassVar[str] = "free_memory"
 
 
 @dataclass

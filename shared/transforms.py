@@ -92,3 +92,51 @@ def read(path: str | Path, names: Sequence[str], keys: Sequence[str]) -> tuple[P
                                meta={**top, **{k: f[k] for k in keys if k in f}},
                                file_path=file_path, image=resolve_image(file.parent, file_path)))
     return file, frames, doc
+
+
+#: Keys of a frame (or the file's top level) that describe its lens; see :func:`frame_lens`.
+LENS_KEYS = ("camera_model", "is_fisheye", "k1", "k2", "k3", "k4", "p1", "p2")
+
+
+def frame_lens(meta: dict) -> tuple[int, np.ndarray]:
+    """(lens model code, (6,) float64 k1 k2 k3 k4 p1 p2) of a frame's merged keys.
+
+    ``camera_model`` is nerfstudio's ("OPENCV", "OPENCV_FISHEYE", "PINHOLE"); instant-ngp
+    writes ``is_fisheye: true`` instead.  Without either, any nonzero coefficient means OPENCV.
+    Raises ValueError for another model (e.g. EQUIRECTANGULAR) or non-numeric coefficients.
+    """
+    try:
+        coeffs = np.array([float(meta.get(k, 0.0) or 0.0) for k in cameras.DISTORTION_KEYS])
+    except (TypeError, ValueError):
+        raise ValueError("distortion coefficients k1..k4, p1, p2 must be numbers") from None
+    if not np.isfinite(coeffs).all():
+        raise ValueError("distortion coefficients must be finite")
+    if "camera_model" in meta:
+        code = cameras.lens_model_code(str(meta["camera_model"]))
+    elif meta.get("is_fisheye"):
+        code = cameras.OPENCV_FISHEYE
+    else:
+        code = cameras.OPENCV if coeffs.any() else cameras.PINHOLE
+    if code == cameras.PINHOLE:
+        coeffs[:] = 0.0
+    elif code == cameras.OPENCV_FISHEYE:
+        coeffs[4:] = 0.0              # no tangential terms (a file's top-level p1/p2 may be inherited)
+    return code, coeffs
+
+
+def read_mask(path: Path, size: tuple[int, int], downscale: int = 1) -> np.ndarray:
+    """A mask image as (H, W) uint8 alpha (its own alpha if it has one, else its luminance).
+
+    ``size`` = (width, height) of its photo (ValueError if the mask has another); ``downscale``
+    box-filters it like the photo (backend.data.read_image).
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.size != tuple(size):
+            raise ValueError(f"{path}: mask of {im.size[0]} x {im.size[1]} pixels does not match its "
+                             f"image's {size[0]} x {size[1]}")
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA", "PA") else im.convert("L")
+        if downscale > 1:
+            alpha = alpha.resize((im.width // downscale, im.height // downscale), Image.Resampling.BOX)
+        return np.asarray(alpha, dtype=np.uint8).copy()

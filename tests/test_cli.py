@@ -75,7 +75,7 @@ def test_render_names_sizes_and_alpha(run):
 def test_mesh_files_in_world_frame(run, suffix, reader):
     root, _ = run
     out = root / f"mesh{suffix}"
-    backend("mesh", root / "run", "--out", out, "--resolution", 48)
+    backend("mesh", root / "run", "--out", out, "--resolution", 48, "--textures", 0)   # vertex colours
     verts, faces, colors = reader(out)
     assert len(faces) > 100 and faces.max() < len(verts)
     lo = np.min([s.center - s.radius for s in synthetic.spheres()], axis=0)

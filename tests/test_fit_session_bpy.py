@@ -206,7 +206,8 @@ def test_backend_failure_is_reported_with_hint(fs, protocol):
     failed = [[protocol.Accepted(job_id="j")], [protocol.Failed(job_id="j", message="CUDA out of memory")]]
     s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, failed), probe=_welcome)
     s.begin()
-    assert s.run().message == "The fit failed: CUDA out of memory."
+    message = s.run().message
+    assert message.startswith("The fit failed: CUDA out of memory.") and "lower the preset" in message
 
 
 def test_unreachable_backend_fails_before_rendering_and_removes_ring(fs):

@@ -172,3 +172,64 @@ def test_install_enable_and_fit_against_backend(built, fake_backend, tmp_path):
         pytest.skip("installed and ran, but zmq came from the environment: " + no_wheels)
     site = os.path.join(str(tmp_path / "blender_user"), "extensions", ".local", "lib")
     assert res["zmq_file"].startswith(site), res["zmq_file"]
+
+
+# --------------------------------------------------------------------------------------------
+# Blender 4.2 LTS (bpy==4.2.23 in .venv-bpy42, made by `make test`)
+# --------------------------------------------------------------------------------------------
+def _bpy42_python() -> str | None:
+    path = os.environ.get("FIT_IMPLICIT_BPY42") or str(REPO / ".venv-bpy42" / "bin" / "python")
+    return path if os.path.isfile(path) else None
+
+
+def _run_script(python: str, code: str, env: dict, timeout: float) -> dict:
+    """run_bpy() for another Python: the script emits its results as JSON."""
+    import json
+    import tempfile
+    import textwrap
+    with tempfile.TemporaryDirectory(prefix="bpy42_") as tmp:
+        script, result = os.path.join(tmp, "script.py"), os.path.join(tmp, "result.json")
+        prelude = ("import json as _json, os as _os\n"
+                   "def emit(**values):\n"
+                   "    with open(_os.environ['BPY_RESULT'], 'w') as _f:\n"
+                   "        _json.dump(values, _f)\n")
+        with open(script, "w") as f:
+            f.write(prelude + textwrap.dedent(code))
+        full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        full_env.update(env, BPY_RESULT=result)
+        proc = subprocess.run([python, script], env=full_env, cwd=tmp, capture_output=True, text=True,
+                              timeout=timeout)
+        out = (proc.stdout + "\n" + proc.stderr)[-6000:]
+        assert proc.returncode == 0 and os.path.exists(result), f"exit {proc.returncode}:\n{out}"
+        with open(result) as f:
+            values = json.load(f)
+        values["_output"] = out
+        return values
+
+
+@pytest.mark.skipif(_bpy42_python() is None,
+                    reason="no Blender 4.2 LTS module: `make test` creates .venv-bpy42 (pip install bpy==4.2.23)")
+def test_install_enable_and_fit_in_blender_4_2(built, fake_backend, tmp_path):
+    """The same install-and-fit script as above, in bpy 4.2.23: zmq can only come from the
+    extension's bundled wheel there (the 4.2 environment has no pyzmq)."""
+    path, no_wheels = built
+    if no_wheels:
+        pytest.skip("the 4.2 environment has no pyzmq of its own: " + no_wheels)
+    # bpy 4.2.23 segfaults at interpreter exit after this script (every check had passed and the
+    # results were written; cause not bisected yet): leave with os._exit once they are written.
+    code = "import bpy\nassert bpy.app.version[:2] == (4, 2)\n" + INSTALL_SCRIPT + "\nimport os\nos._exit(0)\n"
+    res = _run_script(_bpy42_python(), code, env={
+        "BLENDER_USER_RESOURCES": str(tmp_path / "blender_user"),
+        "FI_ZIP": str(path),
+        "FI_ADDRESS": fake_backend.address,
+    }, timeout=300)
+    out = res.pop("_output")
+    assert res["install"] == ["FINISHED"] and res["enabled"] and res["has_fit"], (res, out)
+    assert "no cameras and nothing is selected" in res["no_camera_error"], res
+    assert "python -m backend serve" in res["no_backend_error"], res
+    assert res["fit"] == ["FINISHED"], (res, out, fake_backend.log()[-2000:])
+    assert res["cameras"] == 6 and res["mesh_vertices"] == 4 and res["status"].startswith("Fit finished")
+    assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]]
+    assert res["disabled"]
+    site = os.path.join(str(tmp_path / "blender_user"), "extensions", ".local", "lib")
+    assert res["zmq_file"].startswith(site), res["zmq_file"]

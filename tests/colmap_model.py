@@ -1,0 +1,85 @@
+"""A hand-made COLMAP text model with known cameras and poses (used by test_colmap.py and
+test_dataset_import_bpy.py).  The expected values are worked out by hand in the comments."""
+from pathlib import Path
+
+import numpy as np
+
+CAMERAS_TXT = """# Camera list with one line of data per camera:
+#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]
+# Number of cameras: 6
+1 SIMPLE_PINHOLE 64 48 50 32 24
+2 PINHOLE 64 48 55 55 31.5 23.25
+3 SIMPLE_RADIAL 64 48 50 32.5 24.5 -0.1
+4 RADIAL 64 48 50 32 24 -0.12 0.03
+5 OPENCV 64 48 50 50 33 22 -0.2 0.05 0.001 -0.002
+6 OPENCV_FISHEYE 64 48 40 40 32 24 0.03 -0.01 0.002 -0.001
+"""
+
+# World-to-camera (OpenCV) of each image.  Quaternions QW QX QY QZ; the 90-degree one about x is
+# (cos 45, sin 45, 0, 0): R = [[1, 0, 0], [0, 0, -1], [0, 1, 0]].
+S = 0.7071067811865476
+IMAGES_TXT = f"""# Image list with two lines of data per image:
+#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME
+#   POINTS2D[] as (X, Y, POINT3D_ID)
+# Number of images: 6, mean observations per image: 1
+2 1 0 0 0 0 0 5 2 b.png
+
+1 {S} {S} 0 0 1 2 3 1 a.png
+10.5 20.25 -1 3.0 4.0 7
+3 0 0 0 1 0.5 -1 4 3 c.png
+
+4 1 0 0 0 0 0 6 4 d.png
+
+5 {S} 0 {S} 0 0 0 4 5 e.png
+1 1 -1
+6 1 0 0 0 0 0 3 6 f.png
+
+"""
+
+# Camera-to-world in Blender's convention (C = -R^T t, rotation R^T diag(1, -1, -1)):
+#  a: R^T = [[1,0,0],[0,0,1],[0,-1,0]], R^T t = (1, 3, -2) -> C = (-1, -3, 2);
+#     columns of R^T (1,0,0), (0,0,-1), (0,1,0) with the last two negated.
+#  b: identity, t = (0, 0, 5) -> C = (0, 0, -5), rotation diag(1, -1, -1).
+#  c: 180 degrees about z: R = diag(-1, -1, 1); R^T t = (-0.5, 1, 4) -> C = (0.5, -1, -4);
+#     rotation diag(-1, -1, 1) diag(1, -1, -1) = diag(-1, 1, -1).
+#  d: identity, C = (0, 0, -6).
+#  e: 90 degrees about y: R = [[0,0,1],[0,1,0],[-1,0,0]], R^T = [[0,0,-1],[0,1,0],[1,0,0]];
+#     R^T t = (-4, 0, 0) -> C = (4, 0, 0); columns (0,0,1), -(0,1,0), -(-1,0,0).
+#  f: identity, C = (0, 0, -3).
+EXPECTED_C2W = {
+    "a": [[1, 0, 0, -1], [0, 0, -1, -3], [0, 1, 0, 2]],
+    "b": [[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, -5]],
+    "c": [[-1, 0, 0, 0.5], [0, 1, 0, -1], [0, 0, -1, -4]],
+    "d": [[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, -6]],
+    "e": [[0, 0, 1, 4], [0, -1, 0, 0], [1, 0, 0, 0]],
+    "f": [[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, -3]],
+}
+# (fx, fy, cx, cy), lens code, (k1, k2, k3, k4, p1, p2) per image name.
+EXPECTED_CAMERA = {
+    "a": ([50, 50, 32, 24], 0, [0, 0, 0, 0, 0, 0]),
+    "b": ([55, 55, 31.5, 23.25], 0, [0, 0, 0, 0, 0, 0]),
+    "c": ([50, 50, 32.5, 24.5], 1, [-0.1, 0, 0, 0, 0, 0]),
+    "d": ([50, 50, 32, 24], 1, [-0.12, 0.03, 0, 0, 0, 0]),
+    "e": ([50, 50, 33, 22], 1, [-0.2, 0.05, 0, 0, 0.001, -0.002]),
+    "f": ([40, 40, 32, 24], 2, [0.03, -0.01, 0.002, -0.001, 0, 0]),
+}
+
+
+def expected_c2w(name: str) -> np.ndarray:
+    return np.vstack([np.array(EXPECTED_C2W[name], dtype=np.float64), [0, 0, 0, 1]])
+
+
+def write_model(folder: Path, images: bool = True) -> Path:
+    """cameras.txt + images.txt in folder/sparse/0, and 64 x 48 PNGs in folder/images."""
+    model = Path(folder) / "sparse" / "0"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "cameras.txt").write_text(CAMERAS_TXT)
+    (model / "images.txt").write_text(IMAGES_TXT)
+    if images:
+        from PIL import Image
+        (Path(folder) / "images").mkdir(exist_ok=True)
+        for i, name in enumerate("abcdef"):
+            px = np.zeros((48, 64, 3), np.uint8)
+            px[..., 0], px[..., 1] = 40 * i, np.arange(64, dtype=np.uint8)[None] * 4
+            Image.fromarray(px).save(Path(folder) / "images" / f"{name}.png")
+    return model

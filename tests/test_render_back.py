@@ -1,0 +1,163 @@
+"""Renders back (issue 5 §5): a real backend process fits a tiny field, then RenderJobs render
+views of the model it saved in the fit job's folder, over real ZeroMQ; and the add-on's "Render
+with Field" operator (real bpy) writes them as PNGs and an image sequence.
+
+Bounds, and why: the fit (16 views of 32 x 32, 120 draft steps) is small, so a held-out view
+scores about 25 dB on white (measured: see test output); 20 dB leaves room for CPU scheduling
+differences while an empty or misplaced field scores 11-15 dB.
+"""
+import numpy as np
+import pytest
+
+import synthetic
+from helpers import BackendProcess, RawPeer, make_submit
+from shared import cameras, protocol
+
+SIZE = 32
+BOUND_DB = 20.0
+
+
+def psnr_on_white(pred: np.ndarray, target: np.ndarray) -> float:
+    from backend.metrics import psnr_white
+    return psnr_white(pred, target)
+
+
+def held_out_cameras(count=3):
+    """Cameras between the training ones (other azimuths and elevations)."""
+    pos = cameras.ring_positions(synthetic.CENTER, 4.2 * synthetic.SCALE, count, elevations_deg=(5.0, 35.0))
+    poses = np.stack([cameras.look_at(p, synthetic.CENTER) for p in pos])
+    k = cameras.intrinsics_from_fov(0.7, SIZE, SIZE)
+    return np.repeat(k[None], count, 0), poses
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """(backend, fit job id): a real backend (torch, CPU) that has fitted and saved a tiny field."""
+    runs = tmp_path_factory.mktemp("runs")
+    backend = BackendProcess(fake=False, args=["--runs-dir", str(runs), "--client-timeout", "0"], startup_timeout=60)
+    try:
+        with RawPeer(backend.address) as peer:
+            peer.send(make_submit(n=16, size=SIZE, steps=120, mesh_resolution=16, name="render-back"))
+            reply = peer.recv(timeout=30)
+            assert isinstance(reply, protocol.Accepted), reply
+            try:
+                end = peer.recv_until(protocol.JOB_END_TYPES, timeout=900)[-1]
+            except TimeoutError:
+                raise AssertionError(f"the fit did not end in time:\n{backend.log()[-3000:]}") from None
+            assert isinstance(end, protocol.Done), f"{end}\n{backend.log()[-3000:]}"
+        assert (runs / reply.job_id / "model.pt").is_file()
+        yield backend, reply.job_id
+    finally:
+        backend.close()
+
+
+def render_job(peer, job_id, intrinsics, poses, sizes, timeout=300):
+    peer.send(protocol.RenderJob(fit_job_id=job_id, intrinsics=intrinsics, poses=poses, sizes=sizes))
+    first = peer.recv(timeout=30)
+    if not isinstance(first, protocol.Accepted):
+        return first, []
+    return first, peer.recv_until(protocol.JOB_END_TYPES, timeout=timeout)
+
+
+@pytest.mark.slow   # one real fit (about 20 s on 2 idle cores) shared by this module
+def test_render_job_matches_the_analytic_scene(fitted):
+    backend, job_id = fitted
+    k, poses = held_out_cameras()
+    sizes = np.array([[SIZE, SIZE], [SIZE, SIZE], [2 * SIZE, SIZE]], np.int32)   # a wide one too
+    k[2] = cameras.intrinsics_from_fov(0.7, 2 * SIZE, SIZE)
+    with RawPeer(backend.address) as peer:
+        accepted, messages = render_job(peer, job_id, k, poses, sizes)
+    assert isinstance(messages[-1], protocol.Done), messages[-1]
+    renders = [m for m in messages if isinstance(m, protocol.RenderResult)]
+    assert [m.index for m in renders] == [0, 1, 2] and all(m.job_id == accepted.job_id for m in renders)
+    assert renders[2].image.shape == (SIZE, 2 * SIZE, 4)
+    scores = [psnr_on_white(m.image, synthetic.render(k[i], poses[i], *sizes[i])) for i, m in enumerate(renders)]
+    print("held-out PSNR of renders back:", [f"{s:.2f}" for s in scores])
+    assert min(scores) > BOUND_DB, scores
+    assert messages[-1].summary["views"] == 3
+    assert any(isinstance(m, protocol.Progress) and m.stage == "render" for m in messages)
+
+
+@pytest.mark.slow   # shares the fit
+def test_render_job_errors_are_clear(fitted):
+    backend, job_id = fitted
+    k, poses = held_out_cameras(1)
+    sizes = np.array([[8, 8]], np.int32)
+    with RawPeer(backend.address) as peer:
+        reply, _ = render_job(peer, "../../etc", k, poses, sizes)
+        assert isinstance(reply, protocol.Error) and "not a job id" in reply.message
+        _, messages = render_job(peer, "0123456789ab", k, poses, sizes)
+        assert isinstance(messages[-1], protocol.Failed)
+        assert "fit job 0123456789ab has no fitted model" in messages[-1].message
+        # The backend still serves renders after a failure.
+        _, messages = render_job(peer, job_id, k, poses, sizes)
+        assert isinstance(messages[-1], protocol.Done)
+
+
+@pytest.mark.parametrize("change,text", [
+    (dict(sizes=np.array([[0, 8]], np.int32)), "sizes must be in"),
+    (dict(poses=np.eye(4)[None] * 2), "last row"),
+    (dict(intrinsics=np.array([[0.0, 10, 4, 4]])), "focal lengths must be positive"),
+    (dict(sizes=np.array([[8000, 8000]] * 100, np.int32), intrinsics=np.ones((100, 4)),
+          poses=np.repeat(np.eye(4)[None], 100, 0)), "in all is more than"),
+    (dict(intrinsics=np.zeros((0, 4)), poses=np.zeros((0, 4, 4)), sizes=np.zeros((0, 2), np.int32)), "at least one"),
+    (dict(fit_job_id="x" * 65), "longer than 64"),
+])
+def test_render_job_validation(change, text):
+    values = dict(fit_job_id="0123456789ab", intrinsics=np.array([[10.0, 10, 4, 4]]), poses=np.eye(4)[None],
+                  sizes=np.array([[8, 8]], np.int32))
+    values.update(change)
+    with pytest.raises(protocol.ProtocolError, match=text):
+        protocol.decode_message(protocol.RenderJob(**values).to_frames())
+
+
+# --------------------------------------------------------------------------------------------
+# The add-on operator (real bpy, real backend)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow   # shares the fit
+@pytest.mark.blender
+def test_render_with_field_operator_writes_pngs_and_a_sequence(fitted, tmp_path):
+    pytest.importorskip("bpy")
+    import bpy
+
+    import blender_addon
+    from bpy_helpers import fresh_scene
+    from blender_addon import dataset_io, render_back
+    backend, job_id = fitted
+    blender_addon.register()
+    try:
+        scene = fresh_scene(width=SIZE, height=SIZE)
+        k, poses = held_out_cameras(3)
+        cam = dataset_io.create_cameras(scene, [dataset_io.View("Shot", poses[0], k[0], SIZE, SIZE)])[0][0]
+        scene.camera = cam
+        # Animate the camera over frames 1..3 through the three held-out poses.
+        scene.frame_start, scene.frame_end = 1, 3
+        from mathutils import Matrix
+        for frame, pose in enumerate(poses, start=1):
+            cam.matrix_world = Matrix(pose.tolist())
+            cam.keyframe_insert("location", frame=frame)
+            cam.keyframe_insert("rotation_euler", frame=frame)
+        scene.frame_set(1)
+        scene[render_back.SCENE_JOB_KEY] = job_id          # as the Fit operator leaves it
+        out = tmp_path / "renders"
+        assert bpy.ops.implicit.render_back(address=backend.address, directory=str(out), timeout=300) == {"FINISHED"}
+        assert (out / "Shot_0001.png").is_file()
+        still = bpy.data.images[render_back.IMAGE_NAME]
+        assert still.source == "FILE" and tuple(still.size) == (SIZE, SIZE)
+        assert bpy.ops.implicit.render_back(address=backend.address, directory=str(out), animation=True,
+                                            timeout=300) == {"FINISHED"}
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["Shot_0001.png", "Shot_0002.png", "Shot_0003.png"]
+        image = bpy.data.images[render_back.IMAGE_NAME]
+        assert image.source == "SEQUENCE" and bpy.path.abspath(image.filepath).endswith("Shot_0001.png")
+        from PIL import Image
+        for i, name in enumerate(files):
+            got = np.asarray(Image.open(out / name).convert("RGBA"))
+            score = psnr_on_white(got, synthetic.render(k[i], poses[i], SIZE, SIZE))
+            assert score > BOUND_DB, (name, score)
+        # No fitted field: a clear report, nothing sent.
+        del scene[render_back.SCENE_JOB_KEY]
+        with pytest.raises(RuntimeError, match="run Fit Implicit first"):
+            bpy.ops.implicit.render_back(address=backend.address, directory=str(out))
+    finally:
+        blender_addon.unregister()
