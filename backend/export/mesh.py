@@ -199,7 +199,7 @@ def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_mesh(model, resolution: int, opacity: float = DEFAULT_OPACITY, min_component: float = 0.01,
-                 chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int = 0,
+                 chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int | None = None,
                  fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
 
@@ -214,13 +214,17 @@ def extract_mesh(model, resolution: int, opacity: float = DEFAULT_OPACITY, min_c
         decimate_to: if set, quadric decimation to about this many faces (closed stays closed).
         device: where marching cubes runs (default: the model's device).
         block: 0 evaluates the field at every grid point; >= 2 evaluates coarse to fine with
-            blocks of that many cells (:func:`evaluate_grid_sparse`).
+            blocks of that many cells (:func:`evaluate_grid_sparse`); None: 4 for "sdf" (blocks
+            near the surface are found from the distances, so the mesh is the dense one: 0.42 vs
+            0.72 s at 512^3 on an H100), else 0.
         fill_interior: fill enclosed space before meshing (default: only for "nerf").
     Returns:
         vertices (V, 3) float32 world, faces (F, 3) int32 (counter-clockwise seen from outside),
         colours (V, 3) float32 sRGB in [0, 1].  Empty arrays if there is no surface.
     """
     resolution = int(resolution)
+    if block is None:
+        block = 4 if field_method(model) == "sdf" else 0
     if not 2 <= resolution <= MAX_RESOLUTION:
         raise ValueError(f"mesh resolution must be in [2, {MAX_RESOLUTION}], got {resolution}")
     if decimate_to is not None and int(decimate_to) < 4:
