@@ -457,8 +457,9 @@ class RaySampler:
     def __init__(self, data: PosedImages, device: torch.device | str):
         self.device = torch.device(device)
         self.images = torch.from_numpy(data.images).to(self.device)                      # (N,H,W,4) u8
-        self.intrinsics = torch.from_numpy(data.intrinsics).float().to(self.device)      # (N,4)
-        self.poses = torch.from_numpy(data.poses).float().to(self.device)                # (N,4,4)
+        # (copies: arrays from the wire are read-only views of the received frames)
+        self.intrinsics = torch.tensor(data.intrinsics, dtype=torch.float32, device=self.device)  # (N,4)
+        self.poses = torch.tensor(data.poses, dtype=torch.float32, device=self.device)            # (N,4,4)
         self.n, self.h, self.w = data.images.shape[:3]
         self.lens_models = self.distortion = None                                         # pinholes
         if data.lens_models is not None:

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,10 @@ from backend.metrics import chamfer, psnr_white  # noqa: E402
 
 def start_backend(device: str | None) -> tuple[subprocess.Popen, str]:
     """Start `python -m backend serve` on a free port; return the process and its address."""
-    cmd = [sys.executable, "-m", "backend", "serve", "--bind", "tcp://127.0.0.1:0"]
+    # Its own job folder: the demo must not resume (and wait behind) unfinished jobs that another
+    # backend left in the user's default runs folder.
+    runs = tempfile.mkdtemp(prefix="fit_implicit_demo_runs_")
+    cmd = [sys.executable, "-m", "backend", "serve", "--bind", "tcp://127.0.0.1:0", "--runs-dir", runs]
     if device:
         cmd += ["--device", device]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
