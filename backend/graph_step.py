@@ -85,20 +85,7 @@ def make_graph_trainer(data: PosedImages, cfg):
             for lr, base in zip(self.lr_tensors, self.base_lrs):
                 lr.fill_(base * factor)
 
-        def update_step(self, step: int, fraction: float) -> None:
-            cfg = self.cfg
-            warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-            decay = (fraction - cfg.lr_decay_start) / max(1.0 - cfg.lr_decay_start, 1e-9)
-            self.set_lr(warm * cfg.lr_final ** min(max(decay, 0.0), 1.0))
-            since = step - cfg.occupancy_warmup
-            if since >= 0 and since % cfg.occupancy_every == 0:
-                self.model.field.eval()
-                self.model.occupancy.update(self.model.field.density, self.model.step_size,
-                                            fraction=1.0 if since == 0 else cfg.occupancy_fraction)
-                self.model.field.train()
-                self._retune_rays()
-
-        def _retune_rays(self) -> None:
+        def after_occupancy_update(self) -> None:
             """Pick the ray count from the mean samples per kept ray since the last update (the
             occupancy update above has just synchronised, so reading it costs nothing)."""
             marched, marched_rays, samples, kept = self.stats.tolist()

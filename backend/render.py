@@ -175,6 +175,18 @@ if triton is not None:
             tl.store(count_ptr + r, n)
 
 
+def _march_count(origins, dirs, t_near, t_far, offset, step, count, bits, resolution):
+    """The marcher's counting pass: (its contiguous inputs, samples per ray (R,) int32, block)."""
+    inputs = (origins.contiguous(), dirs.contiguous(), t_near.contiguous(), t_far.contiguous(),
+              offset.reshape(-1).contiguous().float())
+    o, d, tn, tf, j = inputs
+    counts = torch.empty(origins.shape[0], dtype=torch.int32, device=origins.device)
+    block = 256 if count > 128 else 128
+    _march_kernel[(origins.shape[0],)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step),
+                                       int(count), int(resolution), 0, WRITE=False, BLOCK=block, num_warps=4)
+    return inputs, counts, block
+
+
 def march_packed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
                  offset: torch.Tensor, step: float, count: int, bits: torch.Tensor, resolution: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,12 +202,8 @@ def march_packed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor
     """
     r = origins.shape[0]
     dev = origins.device
-    o, d = origins.contiguous(), dirs.contiguous()
-    tn, tf, j = t_near.contiguous(), t_far.contiguous(), offset.reshape(-1).contiguous().float()
-    counts = torch.empty(r, dtype=torch.int32, device=dev)
-    block = 256 if count > 128 else 128
-    _march_kernel[(r,)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step), int(count),
-                        int(resolution), 0, WRITE=False, BLOCK=block, num_warps=4)
+    (o, d, tn, tf, j), counts, block = _march_count(origins, dirs, t_near, t_far, offset, step, count, bits,
+                                                    resolution)
     ends = counts.cumsum(0)
     m = int(ends[-1]) if r else 0
     starts = (ends - counts).to(torch.int32)
@@ -242,12 +250,8 @@ def march_fixed(origins: torch.Tensor, dirs: torch.Tensor, t_near: torch.Tensor,
         return march_fixed_reference(origins, dirs, t_near, t_far, offset, step, count, bits, resolution,
                                      capacity)
     r, dev = origins.shape[0], origins.device
-    o, d = origins.contiguous(), dirs.contiguous()
-    tn, tf, j = t_near.contiguous(), t_far.contiguous(), offset.reshape(-1).contiguous().float()
-    counts = torch.empty(r, dtype=torch.int32, device=dev)
-    block = 256 if count > 128 else 128
-    _march_kernel[(r,)](o, d, tn, tf, j, bits, counts, counts, tn, tn, counts, float(step), int(count),
-                        int(resolution), 0, WRITE=False, BLOCK=block, num_warps=4)
+    (o, d, tn, tf, j), counts, block = _march_count(origins, dirs, t_near, t_far, offset, step, count, bits,
+                                                    resolution)
     ends = counts.cumsum(0)
     kept = ends <= capacity
     starts = (ends - counts).to(torch.int32)
@@ -291,12 +295,17 @@ def transmittance_fixed(sigmas: torch.Tensor, step: float, samples: FixedSamples
     Args:
         sigmas: (S,) float32 densities of the slots.
     """
-    r = samples.counts.shape[0]
-    valid = samples.ray < r
-    tau = torch.where(valid, sigmas * step, 0.0).double()
-    before = torch.cumsum(tau, 0) - tau
-    first = _ray_first_slot(samples)
-    return torch.where(valid, torch.exp(-(before - before[first])).float(), 1.0)
+    valid, _, before = _optical_depth(sigmas, step, samples)
+    return torch.where(valid, torch.exp(-before), 1.0)
+
+
+def _optical_depth(sigmas: torch.Tensor, step: float, samples: FixedSamples):
+    """(valid (S,) bool, tau (S,), optical depth in front of each slot along its ray (S,)), the
+    sums in float64 (they run over the whole batch before each ray's start is subtracted)."""
+    valid = samples.ray < samples.counts.shape[0]
+    tau = torch.where(valid, sigmas * step, 0.0)
+    before = torch.cumsum(tau.double(), 0) - tau.double()
+    return valid, tau, (before - before[_ray_first_slot(samples)]).to(tau.dtype)
 
 
 def _ray_first_slot(samples: FixedSamples) -> torch.Tensor:
@@ -361,12 +370,7 @@ def composite_fixed(sigmas: torch.Tensor, step: float, samples: FixedSamples) ->
     Args:
         sigmas: (S,) float32 densities of the slots (those of unused slots are ignored).
     """
-    r = samples.counts.shape[0]
-    valid = samples.ray < r
-    tau = torch.where(valid, sigmas * step, 0.0)
-    total = torch.cumsum(tau.double(), 0)
-    before = total - tau.double()
-    before = (before - before[_ray_first_slot(samples)]).to(tau.dtype)
+    valid, tau, before = _optical_depth(sigmas, step, samples)
     return torch.where(valid, torch.exp(-before) * (1.0 - torch.exp(-tau)), 0.0)
 
 

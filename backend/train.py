@@ -231,15 +231,22 @@ class Trainer:
         cfg = self.cfg
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         decay = (fraction - cfg.lr_decay_start) / max(1.0 - cfg.lr_decay_start, 1e-9)
-        factor = warm * cfg.lr_final ** min(max(decay, 0.0), 1.0)
-        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = lr * factor
+        self.set_lr(warm * cfg.lr_final ** min(max(decay, 0.0), 1.0))
         since = step - cfg.occupancy_warmup
         if since >= 0 and since % cfg.occupancy_every == 0:
             self.model.field.eval()
             self.model.occupancy.update(self.model.field.density, self.model.step_size,
                                         fraction=1.0 if since == 0 else cfg.occupancy_fraction)
             self.model.field.train()
+            self.after_occupancy_update()
+
+    def set_lr(self, factor: float) -> None:
+        """Learning rates = the base rates times ``factor``."""
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * factor
+
+    def after_occupancy_update(self) -> None:
+        """Hook: the occupancy grid has just been refreshed (and the device synchronised)."""
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimisation step.  Returns (loss, mse) as 0-d tensors (not synchronised) and

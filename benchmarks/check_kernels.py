@@ -62,6 +62,17 @@ def check_hashgrid(device: str, n: int) -> list[dict]:
     return rows
 
 
+def _rays_and_grid(device: str, rays: int, res: int):
+    """Rays from around (0, 0, -2.5) towards +z, the unit box, and a grid with ~10 % of cells occupied."""
+    o = torch.randn(rays, 3, device=device) * 0.3 + torch.tensor([0.0, 0.0, -2.5], device=device)
+    d = torch.nn.functional.normalize(torch.randn(rays, 3, device=device) * 0.3
+                                      + torch.tensor([0.0, 0.0, 1.0], device=device), dim=-1)
+    box = torch.tensor([[-1.0, -1, -1], [1, 1, 1]], device=device)
+    grid = OccupancyGrid(res).to(device)
+    grid.mask.copy_(torch.rand(res ** 3, device=device) < 0.1)
+    return o, d, box, grid
+
+
 def check_march(device: str, rays: int, res: int) -> dict:
     """The packed Triton ray marcher against the dense candidate grid, and packed compositing
     (plain PyTorch) against dense compositing, forward and backward.
@@ -72,12 +83,7 @@ def check_march(device: str, rays: int, res: int) -> dict:
     same positions to 1e-5.
     """
     torch.manual_seed(1)
-    o = torch.randn(rays, 3, device=device) * 0.3 + torch.tensor([0.0, 0.0, -2.5], device=device)
-    d = torch.nn.functional.normalize(torch.randn(rays, 3, device=device) * 0.3
-                                      + torch.tensor([0.0, 0.0, 1.0], device=device), dim=-1)
-    box = torch.tensor([[-1.0, -1, -1], [1, 1, 1]], device=device)
-    grid = OccupancyGrid(res).to(device)
-    grid.mask.copy_(torch.rand(res ** 3, device=device) < 0.1)
+    o, d, box, grid = _rays_and_grid(device, rays, res)
     step = 2 * 3 ** 0.5 / (8 * res)
     tn, tf, hit = ray_aabb(o, d, box)
     tf = torch.where(hit, tf, tn)
@@ -112,12 +118,7 @@ def check_march_fixed(device: str, rays: int, res: int) -> dict:
     """The fixed-capacity marcher (Triton on CUDA) against its PyTorch reference, with a capacity
     that leaves rays out; and its compositing against packed compositing of the kept rays."""
     torch.manual_seed(2)
-    o = torch.randn(rays, 3, device=device) * 0.3 + torch.tensor([0.0, 0.0, -2.5], device=device)
-    d = torch.nn.functional.normalize(torch.randn(rays, 3, device=device) * 0.3
-                                      + torch.tensor([0.0, 0.0, 1.0], device=device), dim=-1)
-    box = torch.tensor([[-1.0, -1, -1], [1, 1, 1]], device=device)
-    grid = OccupancyGrid(res).to(device)
-    grid.mask.copy_(torch.rand(res ** 3, device=device) < 0.1)
+    o, d, box, grid = _rays_and_grid(device, rays, res)
     bits, _ = grid.march_bits()
     step = 2 * 3 ** 0.5 / (8 * res)
     tn, tf, hit = ray_aabb(o, d, box)

@@ -101,6 +101,8 @@ def test_bad_volume_is_refused():
         marching_cubes(torch.zeros(5, 5))
 
 
+# CI has no GPU; the same code runs on the CPU in the tests above. On a CUDA machine run
+# `pytest -m gpu` (this comparison has not run on a GPU yet; GPU extraction timings: docs/benchmarks.md).
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_matches_cpu():

@@ -290,6 +290,8 @@ def test_bad_mesh_options_are_refused():
         extract_mesh(no_field, resolution=16)
 
 
+# CI has no GPU; the same code runs on the CPU in the tests above. On a CUDA machine run
+# `pytest -m gpu` (this comparison has not run on a GPU yet; GPU extraction timings: docs/benchmarks.md).
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block", [0, 4])

@@ -207,6 +207,8 @@ def _run_script(python: str, code: str, env: dict, timeout: float) -> dict:
         return values
 
 
+# Skipped only when run outside `make test` (e.g. plain pytest in a dev venv): `make test`, and so CI,
+# always builds .venv-bpy42 and passes it in FIT_IMPLICIT_BPY42, so this test runs there.
 @pytest.mark.skipif(_bpy42_python() is None,
                     reason="no Blender 4.2 LTS module: `make test` creates .venv-bpy42 (pip install bpy==4.2.23)")
 def test_install_enable_and_fit_in_blender_4_2(built, fake_backend, tmp_path):
@@ -214,6 +216,8 @@ def test_install_enable_and_fit_in_blender_4_2(built, fake_backend, tmp_path):
     extension's bundled wheel there (the 4.2 environment has no pyzmq)."""
     path, no_wheels = built
     if no_wheels:
+        # Offline only (PyPI unreachable while building): a zip without the bundled pyzmq wheel cannot
+        # talk ZeroMQ in 4.2, which has no pyzmq of its own; the reason printed says which fetch failed.
         pytest.skip("the 4.2 environment has no pyzmq of its own: " + no_wheels)
     # bpy 4.2.23 segfaults at interpreter exit after this script (every check had passed and the
     # results were written; cause not bisected yet): leave with os._exit once they are written.
