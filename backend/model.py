@@ -91,6 +91,9 @@ class FittedField:
         self.box = torch.tensor(box, dtype=torch.float32, device=self.device)       # (2, 3) normalised
         self.step_size = 2.0 * math.sqrt(3.0) / config.march_steps                  # normalised units
         self.max_steps = int(config.march_steps)
+        # Rendering without gradients may integrate more finely than training did.
+        self.render_max_steps = int(getattr(config, "render_march_steps", 0) or config.march_steps)
+        self.render_step_size = 2.0 * math.sqrt(3.0) / self.render_max_steps
 
     @property
     def method(self) -> str:
@@ -125,7 +128,7 @@ class FittedField:
                               self.max_steps, jitter)
         else:
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,
-                                        self.step_size, self.max_steps)
+                                        self.render_step_size, self.render_max_steps)
         out.depth = out.depth * self.scale
         return out
 

@@ -11,6 +11,8 @@ Bounds, and why:
 * mesh: median distance of vertices to the analytic surface < 0.08 world units, and 90% of
   them within 0.15 (the big radius is 1.5 and a mesh voxel 0.09); measured 0.035 and 0.065.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,29 @@ def test_make_config_validates():
         make_config(method="gaussians")
     assert make_config(preset="draft", steps=0).steps == make_config(preset="draft").steps > 0
     assert make_config(preset="draft", steps=42, seconds=3.0).steps == 42
+    with pytest.raises(ValueError, match="render_march_steps"):
+        make_config(preset="draft", render_march_steps=-1)
+    # the GPU preset renders twice as finely as it trains; surfaces keep the step they were measured with
+    standard = make_config("nerf", "standard", device="cpu")
+    assert standard.render_march_steps == 2 * standard.march_steps
+    assert make_config("sdf", "standard", device="cpu").march_steps == 1024
+
+
+@pytest.mark.slow   # shares the ~35 s fit fixture
+def test_renders_integrate_with_the_render_step(fitted, scene):
+    """Rendering (no gradients) marches with render_march_steps; training's trace keeps march_steps."""
+    model, _ = fitted
+    fine = FittedField(model.field, model.occupancy, model.aabb,
+                       dataclasses.replace(model.config, render_march_steps=4 * model.config.march_steps))
+    o = torch.tensor(scene[1].poses[:1, :3, 3], dtype=torch.float32).expand(256, 3).contiguous()
+    d = torch.nn.functional.normalize(torch.tensor(scene[1].aabb.mean(0), dtype=torch.float32) - o
+                                      + 0.2 * torch.randn(256, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with torch.no_grad():
+        coarse_n = model.trace(o, d, differentiable=False).samples
+        fine_out = fine.trace(o, d, differentiable=False)
+        train_n = fine.trace(o, d, torch.full((256, 1), 0.5)).samples
+    assert coarse_n > 100 and 3.0 * coarse_n < fine_out.samples < 5.0 * coarse_n, (coarse_n, fine_out.samples)
+    assert abs(train_n - coarse_n) < 0.1 * coarse_n, (train_n, coarse_n)
 
 
 def test_to_rgba8_unpremultiplies():

@@ -77,17 +77,15 @@ if AVAILABLE:
         mask = rows < n
         ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
                                                                       dense_ptr, lvl)
-        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        # A (BLOCK, F) tile: a corner's F features are adjacent in the table, so each is one
+        # F-wide (8-byte for F = 2) load.
+        feat = tl.arange(0, F)[None, :]
+        mask2 = mask[:, None]
+        acc = tl.zeros([BLOCK, F], dtype=tl.float32)
         for c in tl.static_range(8):
             w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
-            acc0 += w * tl.load(table_ptr + idx * F + 0, mask=mask, other=0.0).to(tl.float32)
-            if F == 2:
-                acc1 += w * tl.load(table_ptr + idx * F + 1, mask=mask, other=0.0).to(tl.float32)
-        out_row = out_ptr + rows.to(tl.int64) * (L * F) + lvl * F
-        tl.store(out_row + 0, acc0, mask=mask)
-        if F == 2:
-            tl.store(out_row + 1, acc1, mask=mask)
+            acc += w[:, None] * tl.load(table_ptr + idx[:, None] * F + feat, mask=mask2, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, acc, mask=mask2)
 
     @triton.jit
     def _hashgrid_bwd(x_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, n,
@@ -97,19 +95,16 @@ if AVAILABLE:
         mask = rows < n
         ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
                                                                       dense_ptr, lvl)
-        g_row = grad_out_ptr + rows.to(tl.int64) * (L * F) + lvl * F
-        g0 = tl.load(g_row + 0, mask=mask, other=0.0).to(tl.float32)
-        g1 = tl.zeros([BLOCK], dtype=tl.float32)
-        if F == 2:
-            g1 = tl.load(g_row + 1, mask=mask, other=0.0).to(tl.float32)
+        feat = tl.arange(0, F)[None, :]
+        g = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, mask=mask[:, None],
+                    other=0.0).to(tl.float32)                                   # (BLOCK, F)
         # Points with no gradient add nothing: skip their atomics (padding slots of fixed-size
         # batches all sit at one point, and piling atomics onto one address serialises them).
-        mask = mask & ((g0 != 0.0) | (g1 != 0.0))
+        mask2 = (mask & (tl.max(tl.abs(g), axis=1) != 0.0))[:, None]
         for c in tl.static_range(8):
             w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
-            tl.atomic_add(grad_table_ptr + idx * F + 0, w * g0, mask=mask)
-            if F == 2:
-                tl.atomic_add(grad_table_ptr + idx * F + 1, w * g1, mask=mask)
+            # One F-wide atomic per corner (a vector red.v2.f32 on sm_90 for F = 2).
+            tl.atomic_add(grad_table_ptr + idx[:, None] * F + feat, w[:, None] * g, mask=mask2)
 
 
 BLOCK = 128
