@@ -68,6 +68,20 @@ def test_decimating_a_torus_keeps_its_hole():
     assert len(df) <= 1000 and is_watertight(df) and euler_characteristic(dv, df) == 0
 
 
+def test_decimation_keeps_to_the_face_budget_when_watertightness_cannot_survive():
+    """A surface of many thin parts (level 0 of smoothed noise, like a radiance field's fine
+    structure) is not watertight after any decimation to 5 %: the face budget still holds (an
+    asset of the requested size with open seams, not the full-size input)."""
+    from scipy import ndimage
+
+    g = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((48, 48, 48)), 1.2)
+    g[[0, -1]] = g[:, [0, -1]] = g[:, :, [0, -1]] = -1.0
+    v, f = (np.asarray(t) for t in marching_cubes(torch.tensor(g, dtype=torch.float32), 0.0))
+    assert is_watertight(f) and len(f) > 50_000
+    dv, df = decimate(v, f, len(f) // 20)
+    assert len(df) <= 2 * (len(f) // 20), (len(df), len(f))
+
+
 def test_decimation_below_the_face_count_is_a_no_op_and_tiny_targets_are_refused():
     v, f = mesh(sphere((0, 0, 0), R_BIG))
     dv, df = decimate(v, f, len(f) + 10)

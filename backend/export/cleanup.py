@@ -113,9 +113,12 @@ def signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
 def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric-error decimation (fast-simplification) down to about ``target_faces`` triangles.
 
-    A watertight input stays watertight: where the collapse order would break that (it can pinch
-    thin parts), the mesh is decimated less (the target is relaxed step by step, and at worst the
-    input is returned).  Positions are not snapped: the surface moves by the collapses' error.
+    A watertight input stays watertight where it can: when the collapse order would break that (it
+    can pinch thin parts), the target is relaxed up to twice over.  Past that the face budget wins
+    (a detailed mesh of many thin parts, e.g. a radiance field's, may not survive any decimation
+    watertight, and an unusably heavy asset is worse than a few open seams): the mesh decimated to
+    the target is returned, open.  Positions are not snapped: the surface moves by the collapses'
+    error.
     """
     import fast_simplification
 
@@ -127,15 +130,22 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[n
     closed = is_watertight(faces)
     v32 = np.ascontiguousarray(verts, dtype=np.float32)
     f32 = np.ascontiguousarray(faces, dtype=np.int32)
-    target = target_faces
-    while target < len(faces):
-        reduction = 1.0 - target / len(faces)
-        out_v, out_f = fast_simplification.simplify(v32, f32, target_reduction=reduction)
+
+    def simplify(target: int) -> tuple[np.ndarray, np.ndarray]:
+        out_v, out_f = fast_simplification.simplify(v32, f32, target_reduction=1.0 - target / len(faces))
         out_v, out_f, _ = compact(out_v, out_f.astype(np.int64))
-        if len(out_f) and (not closed or is_watertight(out_f)):
-            return out_v.astype(np.float32), out_f
+        return out_v.astype(np.float32), out_f
+
+    first = simplify(target_faces)
+    if not closed or is_watertight(first[1]):
+        return first
+    target = int(target_faces * 1.25) + 1
+    while target <= 2 * target_faces and target < len(faces):
+        out_v, out_f = simplify(target)
+        if len(out_f) and is_watertight(out_f):
+            return out_v, out_f
         target = int(target * 1.25) + 1
-    return verts, faces
+    return first if len(first[1]) else (verts, faces)
 
 
 # --------------------------------------------------------------------------------------------
