@@ -24,7 +24,9 @@ CurveZMQ (a backend on another machine, or one started with ``--curve``): pass t
 public key (``server.key`` in its keys folder) as ``server_public_key`` and this client's key
 pair (from ``zmq.curve_keypair()``; the public half must be in the backend's ``authorized_keys``)
 as ``client_public_key`` / ``client_secret_key``, all Z85 text.  A backend that refuses the key
-never answers: the job then fails with "no backend answered", naming the keys as a likely cause.
+never answers; :func:`probe` watches the handshake and raises a BackendError whose ``code`` says
+why (refused key, keys needed, handshake failed: :func:`handshake_problem`); a JobClient's job
+fails with "no backend answered", naming the keys as a likely cause.
 """
 from __future__ import annotations
 
@@ -44,7 +46,18 @@ MAX_MESSAGE_BYTES = 4 << 30   # the backend's default limit for one message
 
 
 class BackendError(RuntimeError):
-    """Talking to the backend failed; the text is meant for the user."""
+    """Talking to the backend failed; the text is meant for the user.  ``code``: one of the
+    handshake states below when the CurveZMQ handshake failed, else ""."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+# A failed CurveZMQ handshake, as told by the socket's monitor (see handshake_problem).
+REFUSED, NEEDS_KEYS, HANDSHAKE_FAILED = "refused", "needs keys", "handshake failed"
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes | None = None,
@@ -52,10 +65,10 @@ def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes 
           client_secret_key: str | bytes | None = None) -> protocol.Welcome:
     """Handshake only: returns the backend's Welcome or raises BackendError with a clear text."""
     curve = curve_keys(server_public_key, client_public_key, client_secret_key)
-    sock = _connect(address, curve)
+    sock, events = _connect(address, curve, watch=True)
     try:
         sock.send_multipart(protocol.Hello(client=CLIENT_NAME).to_frames())
-        if not sock.poll(int(timeout * 1000)):
+        if not _wait_for_reply(sock, events, address, curve, timeout):
             raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?"
                                + _curve_hint(curve))
         try:
@@ -63,6 +76,8 @@ def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes 
         except protocol.WireError as exc:
             raise BackendError(_decode_failure(address, exc)) from exc
     finally:
+        sock.disable_monitor()
+        events.close(linger=0)
         sock.close(linger=0)
     if isinstance(reply, protocol.Error):
         raise BackendError(_refusal(address, reply))
@@ -411,7 +426,9 @@ def _curve_hint(curve) -> str:
             "authorized_keys and that the server key is right)")
 
 
-def _connect(address: str, curve: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket:
+def _connect(address: str, curve: tuple[bytes, bytes, bytes] | None = None, watch: bool = False):
+    """A DEALER connected to ``address``; with ``watch``, (socket, monitor socket of its handshake
+    failures), the monitor made before connecting so that no event is missed."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
@@ -419,13 +436,64 @@ def _connect(address: str, curve: tuple[bytes, bytes, bytes] | None = None) -> z
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if "[" in address:
         sock.setsockopt(zmq.IPV6, 1)
+    events = sock.get_monitor_socket(HANDSHAKE_EVENTS) if watch else None
     try:
         sock.connect(address)
     except zmq.ZMQError as exc:
+        if events is not None:
+            sock.disable_monitor()
+            events.close(linger=0)
         sock.close(linger=0)
         raise BackendError(f"{address!r} is not a valid backend address (expected tcp://HOST:PORT): "
                            f"{exc.strerror}") from exc
-    return sock
+    return (sock, events) if watch else sock
+
+
+def handshake_problem(event: int, value: int, curve) -> tuple[str, str] | None:
+    """(state, reason) of a handshake-failure event of a socket monitor, else None.  The reason
+    continues "the backend at ADDRESS ...".
+
+    Seen with libzmq 4.3: a key missing from authorized_keys gives HANDSHAKE_FAILED_AUTH (ZAP
+    status 400); no keys against a CurveZMQ backend, or keys against a plain one, give
+    HANDSHAKE_FAILED_PROTOCOL (mechanism mismatch), often after a NO_DETAIL; a wrong server
+    public key gives NO_DETAIL only (the backend cannot decrypt our Hello and hangs up)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return REFUSED, ("refused this client's CurveZMQ key: add this client's public key (add-on preferences: "
+                         "Copy Public Key) to the backend's authorized_keys")
+    if event not in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return None
+    if curve is None:
+        return NEEDS_KEYS, ("requires CurveZMQ keys: in the add-on preferences turn on Use CurveZMQ, set the "
+                            "backend's public key and generate this client's keys")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return HANDSHAKE_FAILED, ("does not use CurveZMQ: turn Use CurveZMQ off in the add-on preferences, or "
+                                  "start the backend with --curve")
+    return HANDSHAKE_FAILED, ("did not complete the CurveZMQ handshake: check the backend's public key in the "
+                              "add-on preferences (server.key in the backend's keys folder)")
+
+
+def _wait_for_reply(sock: zmq.Socket, events: zmq.Socket, address: str, curve, timeout: float) -> bool:
+    """True when a reply waits on ``sock`` within ``timeout`` s.  Raises BackendError (with its
+    handshake code) at once when the handshake is refused or mismatched, or at the timeout when
+    only an unspecific handshake failure was seen."""
+    from zmq.utils.monitor import recv_monitor_message
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(events, zmq.POLLIN)
+    deadline, problem = time.monotonic() + timeout, None
+    while (left := deadline - time.monotonic()) > 0:
+        ready = dict(poller.poll(int(left * 1000) + 1))
+        if sock in ready:
+            return True
+        if events in ready:
+            event = recv_monitor_message(events, zmq.NOBLOCK)
+            found = handshake_problem(int(event["event"]), int(event["value"]), curve)
+            problem = found or problem                         # NO_DETAIL may be followed by a clearer one
+            if found is not None and event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                break                                          # refused, or a mechanism mismatch: final
+    if problem is not None:
+        raise BackendError(f"no backend answered at {address}: the backend there {problem[1]}", code=problem[0])
+    return False
 
 
 def _version_text(address: str, detail: str) -> str:

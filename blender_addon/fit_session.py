@@ -105,14 +105,18 @@ class FitResult:
     timings: dict = field(default_factory=dict)           # stage -> seconds (client wall clock)
 
 
-def default_client_factory(address: str):
+def default_client_factory(address: str, **keys):
+    """``keys``: CurveZMQ keys (preferences.connection_kwargs), none for a plain connection."""
     from .client import JobClient
-    return JobClient(address)
+    return JobClient(address, **keys)
 
 
-def default_probe(address: str):
+def default_probe(address: str, **keys):
     from .client import probe
-    return probe(address)
+    return probe(address, **keys)
+
+
+HANDSHAKE_CODES = ("refused", "needs keys", "handshake failed")   # client.BackendError.code of a failed CurveZMQ handshake
 
 
 def _resolve_objects(scene, items) -> list | None:
@@ -131,15 +135,17 @@ class FitSession:
     def __init__(self, scene, address: str, settings: FitSettings | None = None, *, view_layer=None,
                  client_factory: Callable[[str], Any] | None = None,
                  probe: Callable[[str], Any] | bool = True,
-                 on_change: Callable[["FitSession"], None] | None = None):
+                 on_change: Callable[["FitSession"], None] | None = None, connection: dict | None = None):
         self.scene = scene
         self.view_layer = view_layer if view_layer is not None else (
             bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0])
         self.address = address
         self.settings = settings or FitSettings()
-        # Looked up now (not at import) so that tests can swap the module's defaults.
-        self.client_factory = client_factory or default_client_factory
-        self.probe = default_probe if probe is True else (probe or None)
+        # CurveZMQ keys of the default client and probe; None: the add-on preferences' (at begin()).
+        self.connection = connection
+        # Looked up when called (not at import) so that tests can swap the module's defaults.
+        self.client_factory = client_factory or (lambda a: default_client_factory(a, **self.keys()))
+        self.probe = (lambda a: default_probe(a, **self.keys())) if probe is True else (probe or None)
         self.on_change = on_change
         self.state = JobState()
         self.result = FitResult()
@@ -164,12 +170,23 @@ class FitSession:
     def finished(self) -> bool:
         return self._stage == "finished"
 
+    def keys(self) -> dict:
+        """The CurveZMQ keyword arguments of this session's connections (see ``connection``)."""
+        if self.connection is None:
+            from .preferences import KeyProblem, connection_kwargs
+            try:
+                self.connection = connection_kwargs(bpy.context)
+            except KeyProblem as exc:
+                raise FitError(f"The CurveZMQ keys are not usable: {exc}.", code="keys") from None
+        return self.connection
+
     def begin(self) -> None:
         """Check the scene, place cameras if needed and shake hands with the backend.
         Raises FitError (nothing is left running then)."""
         if self._stage != "new":
             raise RuntimeError("FitSession.begin() can only be called once")
         s = self.settings
+        self.keys()
         self._timing("prepare")
         if self._begin_photos():
             return
@@ -355,7 +372,12 @@ class FitSession:
     def _check_backend(self) -> None:
         try:
             welcome = self.probe(self.address)
+        except FitError:
+            raise
         except Exception as exc:
+            if getattr(exc, "code", "") in HANDSHAKE_CODES:   # not unreachable: no local backend is started
+                text = str(exc).rstrip(".") + "."
+                raise FitError(text[:1].upper() + text[1:], code="keys") from None
             text = backend_error_text(self.address, str(exc))
             low = text.lower()
             code = ("version_mismatch" if "version" in low else

@@ -9,7 +9,8 @@ import time
 import bpy
 
 from . import running
-from .preferences import backend_address, backend_device, backend_python, backend_sources, log_path, prefs
+from .preferences import (KEY_CLASSES, KeyProblem, backend_address, backend_device, backend_python,
+                          backend_sources, connection_kwargs, log_path, prefs)
 
 TIMER_INTERVAL = 0.1
 
@@ -29,13 +30,33 @@ def _settings_from_scene(scene):
                           **fit_settings_from_props(p))
 
 
+def backend_monitor(context, address: str):
+    """The status monitor of ``address`` with the preferences' CurveZMQ keys, or None when those
+    keys are not usable (preferences.connection_kwargs says why)."""
+    from . import status
+    from .client import BackendError
+    try:
+        return status.monitor(address, **connection_kwargs(context))
+    except (KeyProblem, BackendError):
+        return None
+
+
+def _answers(context, address: str) -> bool:
+    """True when a backend is known to answer at ``address`` (idle or busy)."""
+    from . import status
+    mon = backend_monitor(context, address)
+    return mon is not None and mon.snapshot().state in (status.IDLE, status.BUSY)
+
+
 def start_local_backend(context, address: str):
     """Start (or find) the backend child process for ``address``; raises BackendProcessError."""
-    from . import backend_process, status
+    from . import backend_process
     p = prefs(context)
     proc = backend_process.start(backend_python(p), address, device=backend_device(p),
                                  log_path=log_path(address), source_dirs=backend_sources(p))
-    status.monitor(address).refresh()
+    mon = backend_monitor(context, address)
+    if mon is not None:
+        mon.refresh()
     return proc
 
 
@@ -423,10 +444,9 @@ class IMPLICIT_OT_backend_start(bpy.types.Operator):
                                  default=False, options={"SKIP_SAVE"})
 
     def execute(self, context):
-        from . import backend_process, status
+        from . import backend_process
         address = backend_address(context, context.scene)
-        if status.monitor(address).snapshot().state in (status.IDLE, status.BUSY) \
-                and backend_process.get(address) is None:
+        if _answers(context, address) and backend_process.get(address) is None:
             self.report({"INFO"}, f"A backend is already running at {address}")
             return {"FINISHED"}
         try:
@@ -452,12 +472,12 @@ class IMPLICIT_OT_backend_stop(bpy.types.Operator):
 
     def execute(self, context):
         import threading
-        from . import backend_process, status
+        from . import backend_process
         address = backend_address(context, context.scene)
         proc = backend_process.get(address)
         if proc is None or not proc.running:
             backend_process.stop(address)   # forget one that already exited
-            if status.monitor(address).snapshot().state in (status.IDLE, status.BUSY):
+            if _answers(context, address):
                 self.report({"WARNING"}, f"The backend at {address} was not started from Blender: "
                                          "stop it where it runs")
             else:
@@ -469,7 +489,9 @@ class IMPLICIT_OT_backend_stop(bpy.types.Operator):
         else:   # it may take a few seconds to stop its job: not on the UI thread
             threading.Thread(target=backend_process.stop, args=(address,), daemon=True).start()
             self.report({"INFO"}, "Stopping the backend…")
-        status.monitor(address).refresh()
+        mon = backend_monitor(context, address)
+        if mon is not None:
+            mon.refresh()
         return {"FINISHED"}
 
 
@@ -484,13 +506,23 @@ class IMPLICIT_OT_free_memory(bpy.types.Operator):
         from . import status
         from ._shared import protocol
         fs = _session_module()
+        from .client import BackendError
         address = backend_address(context, context.scene)
-        if status.monitor(address).snapshot().state == status.NOT_RUNNING:
+        try:
+            keys = connection_kwargs(context)
+        except KeyProblem as exc:
+            self.report({"ERROR"}, f"The CurveZMQ keys are not usable: {exc}")
+            return {"CANCELLED"}
+        snap = status.monitor(address, **keys).snapshot()
+        if snap.state in status.KEY_STATES:
+            self.report({"ERROR"}, _capitalised(snap.detail))
+            return {"CANCELLED"}
+        if snap.state == status.NOT_RUNNING:
             self.report({"ERROR"}, fs.backend_error_text(address, f"no backend answered at {address} — is it running?"))
             return {"CANCELLED"}
         try:
-            reply = status.request(address, protocol.FreeMemory(), timeout=3.0)
-        except (TimeoutError, protocol.WireError) as exc:
+            reply = status.request(address, protocol.FreeMemory(), timeout=3.0, **keys)
+        except (TimeoutError, protocol.WireError, BackendError) as exc:
             self.report({"ERROR"}, fs.backend_error_text(address, str(exc)))
             return {"CANCELLED"}
         if isinstance(reply, protocol.Ack):
@@ -528,4 +560,4 @@ class IMPLICIT_OT_backend_log(bpy.types.Operator):
 
 
 BACKEND_CLASSES = (IMPLICIT_OT_backend_start, IMPLICIT_OT_backend_stop, IMPLICIT_OT_free_memory,
-                   IMPLICIT_OT_backend_log)
+                   IMPLICIT_OT_backend_log, *KEY_CLASSES)

@@ -1,12 +1,16 @@
 """The "Implicit" tab of the 3D View sidebar.  Drawing only: every value shown is already there
 (scene properties written by the running fit, the status monitor's last snapshot)."""
+import textwrap
+
 import bpy
 
 from . import running
 from .preferences import backend_address
 
 STATUS_ICONS = {"idle": "CHECKMARK", "busy": "SORTTIME", "connecting": "URL",
-                "not running": "CANCEL", "version mismatch": "ERROR"}
+                "not running": "CANCEL", "version mismatch": "ERROR", "refused": "LOCKED",
+                "needs keys": "UNLOCKED", "handshake failed": "LOCKED"}
+KEYS_UNUSABLE = "CurveZMQ keys not usable (see the add-on preferences)"
 
 
 def _clock(seconds: float) -> str:
@@ -14,10 +18,24 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
-def backend_line(address: str) -> tuple[str, str]:
+def backend_snapshot(address: str, context=None):
+    """(the status monitor's snapshot, "") with the preferences' CurveZMQ keys, or (None, why
+    those keys are not usable)."""
+    from . import status
+    from .client import BackendError
+    from .preferences import KeyProblem, connection_kwargs
+    try:
+        return status.monitor(address, **connection_kwargs(context or bpy.context)).snapshot(), ""
+    except (KeyProblem, BackendError) as exc:
+        return None, str(exc)
+
+
+def backend_line(address: str, context=None) -> tuple[str, str]:
     """(text, icon) of the status line; never waits (reads the monitor's snapshot)."""
     from . import backend_process, status
-    snap = status.monitor(address).snapshot()
+    snap, _ = backend_snapshot(address, context)
+    if snap is None:
+        return KEYS_UNUSABLE, "ERROR"
     proc = backend_process.get(address)
     if proc is not None and proc.running and snap.state in (status.NOT_RUNNING, status.CONNECTING):
         return "Backend starting (connecting…)", "URL"
@@ -38,9 +56,14 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         address = backend_address(context, None)
 
         box = layout.box()
-        text, icon = backend_line(address)
+        text, icon = backend_line(address, context)
         row = box.row()
         row.label(text=text, icon=icon)
+        snap, problem = backend_snapshot(address, context)
+        from . import status
+        why = problem or (snap.detail if snap is not None and snap.state in status.KEY_STATES else "")
+        for line in textwrap.wrap(why[:1].upper() + why[1:], 60):
+            box.label(text=line)
         row = box.row(align=True)
         row.operator("implicit.backend_start", text="Start", icon="PLAY")
         row.operator("implicit.backend_stop", text="Stop", icon="PAUSE")

@@ -80,16 +80,19 @@ class RenderBackSession:
     Args:
         folder: where the PNGs go (created).  prefix: file name start (default: the camera's name).
         client_factory: ``address -> JobClient``-like object (tests may pass their own).
+        connection: CurveZMQ keys of the default client (preferences.connection_kwargs); None:
+            the add-on preferences' (read at begin()).
     """
 
     def __init__(self, scene, camera_object, fit_job_id: str, address: str, folder: str, *, frames=None,
-                 prefix: str | None = None, client_factory=None):
+                 prefix: str | None = None, client_factory=None, connection: dict | None = None):
         self.scene, self.camera, self.address = scene, camera_object, address
         self.fit_job_id = (fit_job_id or "").strip()
         self.folder = Path(folder)
         self.frames = [int(f) for f in (frames if frames is not None else [scene.frame_current])]
         self.prefix = prefix if prefix is not None else f"{bpy.path.clean_name(camera_object.name)}_"
-        self.client_factory = client_factory or _render_client
+        self.connection = connection
+        self.client_factory = client_factory or (lambda a: _render_client(a, **self.connection))
         self.result = RenderBackResult(frames=list(self.frames))
         self.client = None
         self._received: dict[int, str] = {}
@@ -102,6 +105,12 @@ class RenderBackSession:
         """Check the inputs and send the job.  Raises RenderBackError with a message for the user."""
         if not self.fit_job_id:
             raise RenderBackError("No fitted field to render: run Fit Implicit first (or give its job id).")
+        if self.connection is None:
+            from .preferences import KeyProblem, connection_kwargs
+            try:
+                self.connection = connection_kwargs(bpy.context)
+            except KeyProblem as exc:
+                raise RenderBackError(f"The CurveZMQ keys are not usable: {exc}.") from None
         if not self.frames:
             raise RenderBackError("No frames to render: check the scene's frame range.")
         if len(self.frames) > protocol.MAX_EVAL_CAMERAS:
@@ -118,8 +127,8 @@ class RenderBackSession:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RenderBackError(f"Cannot write renders to {self.folder}: {exc.strerror or exc}") from None
-        self.client = self.client_factory(self.address)
         try:
+            self.client = self.client_factory(self.address)
             self.client.start(job)
         except Exception as exc:   # BackendError: bad address, invalid job
             self.client = None
@@ -200,7 +209,7 @@ def load_image(files: list[str], sequence: bool, first_frame: int):
     return img
 
 
-def _render_client(address: str):
+def _render_client(address: str, **keys):
     from .client import JobClient
 
     class RenderClient(JobClient):
@@ -212,7 +221,7 @@ def _render_client(address: str):
             job.validate()
             self._launch(job)
 
-    return RenderClient(address)
+    return RenderClient(address, **keys)
 
 
 def default_folder(scene) -> str:
