@@ -31,6 +31,7 @@ RUN_FILE = "run.json"
 
 SURFACE_FIELDS = {"sdf": SdfField, "occupancy": OccField}
 ATTRIBUTE_CHUNK = 1 << 16      # points per chunk in surface_attributes
+ALBEDO_RAY_START = 0.04        # radiance fields: colour rays start this far out along the normal (normalised units)
 # Surface fields: cells whose raw value (signed distance for SDFs) is below this many cell
 # diagonals of the occupancy grid stay occupied (interior included: rays are cut once opaque).
 SURFACE_BAND_CELLS = 2.0
@@ -279,7 +280,7 @@ class FittedField:
         n = torch.nn.functional.normalize(-grad, dim=-1, eps=1e-12)
         v = n if look is None else torch.nn.functional.normalize(look, dim=-1, eps=1e-12)
         with torch.no_grad():           # a short ray from just outside, looking against the normal
-            origin = x_world + v * (0.04 * self.scale)
+            origin = x_world + v * (ALBEDO_RAY_START * self.scale)
             out = self.trace(origin, -v, differentiable=False)
             rgb = out.rgb / out.opacity.clamp_min(1e-6)[:, None]
         return rgb, n.detach()
