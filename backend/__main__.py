@@ -111,7 +111,9 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     model = FittedField.load(args.run, device=args.device)
     resolution = args.resolution or model.config.mesh_resolution
     t0 = time.perf_counter()
-    verts, faces, colors = extract_mesh(model, resolution)
+    if args.opacity and not 0 < args.opacity < 1:
+        raise ValueError(f"--opacity must be in (0, 1), got {args.opacity}")
+    verts, faces, colors = extract_mesh(model, resolution, args.opacity or None)
     if not len(faces):
         raise ValueError("the field has no surface above the iso-level: nothing to export")
     _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run", help="run folder written by fit")
     m.add_argument("--out", required=True, help="mesh file; the suffix picks the format")
     m.add_argument("--resolution", type=int, default=0, help="grid along the longest side (0: preset's)")
+    m.add_argument("--opacity", type=float, default=0.0,
+                   help="radiance fields: iso-level as the opacity of a slab 1/100 of the box thick (0: the fit's "
+                        "mesh_opacity, 0.05 by default; 0.5 hugs what the renders show)")
     m.add_argument("--textures", type=int, default=2048,
                    help="side of the baked UV textures (albedo, normal, roughness) written with the mesh "
                         "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only")

@@ -69,6 +69,25 @@ def test_mesh_lies_on_the_world_surface(fitted):
 
 
 @pytest.mark.slow   # shares the ~35 s fit fixture
+def test_mesh_opacity_moves_the_surface_inwards(fitted):
+    """A higher ``mesh_opacity`` (denser iso-level) gives a surface inside the default one: the big
+    sphere's vertices sit closer to its centre, and the mesh is still there."""
+    model, _ = fitted
+    tight = FittedField(model.field, model.occupancy, model.aabb,
+                        dataclasses.replace(model.config, mesh_opacity=0.2))
+    centre, radius = synthetic.spheres()[0].center, synthetic.spheres()[0].radius
+    radii = []
+    for m in (model, tight):
+        verts, faces, _ = extract_mesh(m, resolution=64)
+        assert len(faces) > 500
+        d = np.linalg.norm(verts - centre, axis=1)
+        radii.append(np.median(d[d < radius + 0.15]))
+    assert radii[1] < radii[0], radii
+    with pytest.raises(ValueError, match="mesh_opacity"):
+        make_config(preset="draft", mesh_opacity=1.0)
+
+
+@pytest.mark.slow   # shares the ~35 s fit fixture
 def test_saved_run_renders_the_same(fitted, scene):
     model, run = fitted
     loaded = FittedField.load(run, device="cpu")

@@ -70,8 +70,15 @@ def field_method(model) -> str:
 
 
 @torch.no_grad()
-def nerf_inside_field(model, x_world: torch.Tensor, opacity: float = DEFAULT_OPACITY) -> torch.Tensor:
-    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level`.
+def model_opacity(model) -> float:
+    """The iso-level opacity a radiance field is meshed at: its config's ``mesh_opacity`` (runs saved
+    before that setting existed: DEFAULT_OPACITY)."""
+    return float(getattr(getattr(model, "config", None), "mesh_opacity", 0.0) or DEFAULT_OPACITY)
+
+
+def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | None = None) -> torch.Tensor:
+    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level`
+    (``opacity`` None: :func:`model_opacity`).
 
     Args:
         x_world: (M, 3) float32 on the model's device.
@@ -79,7 +86,7 @@ def nerf_inside_field(model, x_world: torch.Tensor, opacity: float = DEFAULT_OPA
         (M,) float32; points the occupancy grid marks empty read ``-iso_level`` (their density is
         below the occupancy threshold, itself below any iso-level used here).
     """
-    level = iso_level(opacity)
+    level = iso_level(model_opacity(model) if opacity is None else opacity)
     x = model.to_normalised(x_world)
     keep = model.occupancy.occupied(x)
     sigma = torch.zeros(x.shape[0], device=x.device)
@@ -88,7 +95,7 @@ def nerf_inside_field(model, x_world: torch.Tensor, opacity: float = DEFAULT_OPA
     return sigma - level
 
 
-def inside_function(model, opacity: float = DEFAULT_OPACITY) -> Callable[[torch.Tensor], torch.Tensor]:
+def inside_function(model, opacity: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's (M, 3) world -> (M,) inside field (positive inside), see the module doc."""
     if field_method(model) == "nerf":
         return lambda x: nerf_inside_field(model, x, opacity)
@@ -198,7 +205,7 @@ def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_mesh(model, resolution: int, opacity: float = DEFAULT_OPACITY, min_component: float = 0.01,
+def extract_mesh(model, resolution: int, opacity: float | None = None, min_component: float = 0.01,
                  chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int | None = None,
                  fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
@@ -207,7 +214,8 @@ def extract_mesh(model, resolution: int, opacity: float = DEFAULT_OPACITY, min_c
         model: a :class:`backend.model.FittedField` or anything with ``aabb`` ((2, 3) world box),
             ``device`` and, for methods other than "nerf", ``inside_field`` (contract C2).
         resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
-        opacity: sets the nerf iso-level, see :func:`iso_level` (other methods: level 0).
+        opacity: sets the nerf iso-level, see :func:`iso_level`; None: the fit's ``mesh_opacity``
+            (other methods: level 0).
         min_component: connected parts whose surface area is below this share of the largest
             part's are dropped (floaters); 0 keeps everything.
         chunk: points per field evaluation.
