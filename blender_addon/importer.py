@@ -117,12 +117,8 @@ def _material_reads_attribute(mat, attribute: str) -> bool:
     return False
 
 
-def vertex_color_material(name: str = MATERIAL_NAME, attribute: str = COLOR_ATTRIBUTE):
-    """A Principled BSDF material whose Base Color is the colour attribute ``attribute``.
-    An existing material of that name wired that way is reused."""
-    mat = bpy.data.materials.get(name)
-    if mat is not None and mat.library is None and _material_reads_attribute(mat, attribute):
-        return mat
+def _principled_material(name: str):
+    """A new material ``name`` whose output is fed by a Principled BSDF: (material, node tree, BSDF)."""
     mat = bpy.data.materials.new(name)
     if mat.node_tree is None:          # 4.2: no node tree until use_nodes (deprecated in 5.0)
         mat.use_nodes = True
@@ -135,6 +131,16 @@ def vertex_color_material(name: str = MATERIAL_NAME, attribute: str = COLOR_ATTR
         out = tree.nodes.new("ShaderNodeOutputMaterial")
     if not out.inputs["Surface"].is_linked:
         tree.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    return mat, tree, bsdf
+
+
+def vertex_color_material(name: str = MATERIAL_NAME, attribute: str = COLOR_ATTRIBUTE):
+    """A Principled BSDF material whose Base Color is the colour attribute ``attribute``.
+    An existing material of that name wired that way is reused."""
+    mat = bpy.data.materials.get(name)
+    if mat is not None and mat.library is None and _material_reads_attribute(mat, attribute):
+        return mat
+    mat, tree, bsdf = _principled_material(name)
     col = tree.nodes.new("ShaderNodeVertexColor")
     col.layer_name = attribute
     col.location = (bsdf.location.x - 300.0, bsdf.location.y)
@@ -275,18 +281,7 @@ def textured_material(name: str, textures: dict, uv_layer: str = UV_LAYER):
     unknown = set(textures) - set(TEXTURE_INPUTS)
     if unknown:
         raise ValueError(f"unknown texture kinds {sorted(unknown)} (known: {', '.join(TEXTURE_INPUTS)})")
-    mat = bpy.data.materials.new(name)
-    if mat.node_tree is None:          # 4.2: no node tree until use_nodes (deprecated in 5.0)
-        mat.use_nodes = True
-    tree = mat.node_tree
-    bsdf = next((n for n in tree.nodes if n.bl_idname == "ShaderNodeBsdfPrincipled"), None)
-    out = next((n for n in tree.nodes if n.bl_idname == "ShaderNodeOutputMaterial"), None)
-    if bsdf is None:
-        bsdf = tree.nodes.new("ShaderNodeBsdfPrincipled")
-    if out is None:
-        out = tree.nodes.new("ShaderNodeOutputMaterial")
-    if not out.inputs["Surface"].is_linked:
-        tree.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    mat, tree, bsdf = _principled_material(name)
     bsdf.inputs["Roughness"].default_value = 0.8
     bsdf.inputs["Metallic"].default_value = 0.0
     for row, kind in enumerate(k for k in TEXTURE_INPUTS if k in textures):

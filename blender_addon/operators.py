@@ -350,6 +350,14 @@ class IMPLICIT_OT_export_dataset(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def _report_import(op, created, warnings) -> set[str]:
+    """Report an import's first warnings and the number of cameras it created."""
+    for text in warnings[:5]:
+        op.report({"WARNING"}, text)
+    op.report({"INFO"}, f"Imported {len(created)} cameras")
+    return {"FINISHED"}
+
+
 class IMPLICIT_OT_import_transforms(bpy.types.Operator):
     """Import a transforms.json (instant-ngp / nerfstudio / NeRF) as cameras with background images"""
 
@@ -380,10 +388,7 @@ class IMPLICIT_OT_import_transforms(bpy.types.Operator):
         except (dataset_io.DatasetError, OSError, ValueError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        for text in warnings[:5]:
-            self.report({"WARNING"}, text)
-        self.report({"INFO"}, f"Imported {len(created)} cameras")
-        return {"FINISHED"}
+        return _report_import(self, created, warnings)
 
 
 class IMPLICIT_OT_import_colmap(bpy.types.Operator):
@@ -421,10 +426,7 @@ class IMPLICIT_OT_import_colmap(bpy.types.Operator):
         except (dataset_io.DatasetError, OSError, ValueError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        for text in warnings[:5]:
-            self.report({"WARNING"}, text)
-        self.report({"INFO"}, f"Imported {len(created)} cameras")
-        return {"FINISHED"}
+        return _report_import(self, created, warnings)
 
 
 # --------------------------------------------------------------------------------------------
