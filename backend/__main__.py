@@ -104,6 +104,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opacity_arg(text: str) -> float | str:
+    """--opacity: "auto" or a number in (0, 1)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or 'auto', got {text!r}")
+    return value
+
+
 def cmd_mesh(args: argparse.Namespace) -> int:
     from .export.mesh import extract_mesh, write_mesh
     from .model import FittedField
@@ -111,9 +124,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     model = FittedField.load(args.run, device=args.device)
     resolution = args.resolution or model.config.mesh_resolution
     t0 = time.perf_counter()
-    if args.opacity and not 0 < args.opacity < 1:
-        raise ValueError(f"--opacity must be in (0, 1), got {args.opacity}")
-    verts, faces, colors = extract_mesh(model, resolution, args.opacity or None)
+    verts, faces, colors = extract_mesh(model, resolution, args.opacity)
     if not len(faces):
         raise ValueError("the field has no surface above the iso-level: nothing to export")
     _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
@@ -173,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run", help="run folder written by fit")
     m.add_argument("--out", required=True, help="mesh file; the suffix picks the format")
     m.add_argument("--resolution", type=int, default=0, help="grid along the longest side (0: preset's)")
-    m.add_argument("--opacity", type=float, default=0.0,
-                   help="radiance fields: iso-level as the opacity of a slab 1/100 of the box thick (0: the fit's "
-                        "mesh_opacity, 0.05 by default; 0.5 hugs what the renders show)")
+    m.add_argument("--opacity", type=_opacity_arg, default=None,
+                   help="radiance fields: iso-level as the opacity of a slab 1/100 of the box thick, in (0, 1), or "
+                        "'auto': the level whose mesh best matches the field's renders (default: the fit's "
+                        "mesh_opacity, 'auto' unless set)")
     m.add_argument("--textures", type=int, default=2048,
                    help="side of the baked UV textures (albedo, normal, roughness) written with the mesh "
                         "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only")

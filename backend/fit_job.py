@@ -129,7 +129,7 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
 def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from . import data, train
-    from .export.mesh import extract_mesh
+    from .export.mesh import extract_mesh, model_opacity
 
     posed = data.from_submit(submit)
     overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval}
@@ -178,6 +178,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         "method": submit.method,
         "preset": submit.preset,
         "resumed_from_step": int(meta.get("resumed_from_step", 0)),   # 0: trained from the start
+        **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
         **assets,
     }
 

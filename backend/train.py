@@ -36,7 +36,8 @@ class FitConfig:
     preview_size: int = 128         # longest side of preview renders; 0 = no previews
     preview_interval: float = 1.0   # seconds between previews
     mesh_resolution: int = 256      # marching-cubes grid along the box's longest side
-    mesh_opacity: float = 0.05      # radiance fields: iso-level as the opacity of a 1/100-box slab (export/mesh.py)
+    mesh_opacity: float = 0.0       # radiance fields: iso-level as the opacity of a 1/100-box slab
+                                    # (export/mesh.py); 0 = chosen to match the renders (export/iso.py)
     device: str = "cpu"             # torch device
     seed: int = 0                   # torch.manual_seed for initialisation and ray sampling
     # field
@@ -114,8 +115,9 @@ class FitConfig:
                      "render_march_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0 < self.mesh_opacity < 1:
-            raise ValueError(f"mesh_opacity must be in (0, 1), got {self.mesh_opacity}")
+        if not 0 <= self.mesh_opacity < 1:
+            raise ValueError(f"mesh_opacity must be in (0, 1), or 0 to choose it from the renders, "
+                             f"got {self.mesh_opacity}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
             raise ValueError(f"need 0 < lr_final <= 1 and 0 <= lr_decay_start < 1, got {self.lr_final} "
                              f"and {self.lr_decay_start}")

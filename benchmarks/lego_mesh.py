@@ -241,7 +241,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from backend.__main__ import _overrides
     from backend.data import load_transforms, split_holdout
     from backend.export.gltf import write_textured
-    from backend.export.mesh import extract_mesh
+    from backend.export.mesh import extract_mesh, model_opacity
     from backend.export.texture import check_size, texture_mesh
     from backend.train import Callbacks, evaluate, fit, make_config, to_rgba8
 
@@ -325,6 +325,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "field_holdout_psnr": round(float(np.mean(scores)), 3),
         "field_holdout_psnr_views": [round(float(s), 3) for s in scores], "eval_s": round(eval_s, 2),
         "mesh_resolution": args.resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
+        "mesh_opacity": model_opacity(model) if model.method == "nerf" else None,   # the iso-level used
         "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
         "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
         "export_s": round(mesh_s + texture_s, 3), "glb_mb_raw": round(raw_mb, 3),
@@ -332,7 +333,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "overrides": args.set,
     }
     (out / FIT_JSON).write_text(json.dumps(row, indent=1))
-    for k in ("steps", "train_s", "steps_per_s", "field_holdout_psnr", "mesh_s", "texture_s", "export_s",
+    for k in ("steps", "train_s", "steps_per_s", "field_holdout_psnr", "mesh_opacity", "mesh_s", "texture_s", "export_s",
               "faces", "glb_mb"):
         print(f"{k:>20}: {row[k]}")
     too_big = [p.name for p in out.iterdir() if p.is_file() and p.stat().st_size >= args.max_mb * 2**20]

@@ -83,6 +83,20 @@ def test_mesh_files_in_world_frame(run, suffix, reader):
     assert np.allclose(verts.min(0), lo, atol=0.6) and np.allclose(verts.max(0), hi, atol=0.6)
 
 
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_mesh_opacity_option(run):
+    """``--opacity`` takes a level or "auto"; a level denser than the field has anywhere leaves no
+    surface, said so; a bad value is refused by name."""
+    root, _ = run
+    backend("mesh", root / "run", "--out", root / "auto.ply", "--resolution", 32, "--textures", 0, "--opacity", "auto")
+    assert len(read_ply(root / "auto.ply")[1]) > 100
+    for value, message in (("0.999", "no surface above the iso-level"), ("1.5", "--opacity"), ("dense", "--opacity")):
+        proc = subprocess.run([sys.executable, "-m", "backend", "mesh", root / "run", "--out", root / "x.ply",
+                               "--resolution", "32", "--textures", "0", "--opacity", value],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (value, proc.stderr[-500:])
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "backend", "fit", tmp_path, "--out", tmp_path / "run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

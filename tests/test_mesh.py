@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
-from backend.export.mesh import extract_mesh, iso_level, srgb_to_linear, write_mesh
+from backend.export.mesh import DEFAULT_OPACITY, extract_mesh, iso_level, srgb_to_linear, write_mesh
 from backend.model import FittedField
 from backend.occupancy import OccupancyGrid
 from backend.train import make_config
@@ -47,7 +47,8 @@ class AnalyticField(nn.Module):
 
 
 def analytic_model(**kw):
-    cfg = make_config(preset="draft", device="cpu", march_steps=512)
+    # the level the analytic density is built around (the automatic choice is tested in test_iso.py)
+    cfg = make_config(preset="draft", device="cpu", march_steps=512, mesh_opacity=DEFAULT_OPACITY)
     return FittedField(AnalyticField(**kw), OccupancyGrid(16), AABB, cfg)
 
 

@@ -1,12 +1,14 @@
 """Triangle-mesh clean-up on the CPU (numpy + scipy): components, floaters, normals, decimation,
-and the checks the tests and callers use (watertight, consistently wound).  Also the volume step
+and the checks the tests and callers use (watertight, consistently wound).  Also the volume steps
 before meshing a radiance field: filling the space its shell encloses (scipy, or PyTorch on the
-GPU).
+GPU), and the free space no straight line from outside reaches (PyTorch).
 
 Meshes are ``verts`` (V, 3) float and ``faces`` (F, 3) integer arrays, 0-based, triangles
 counter-clockwise seen from outside.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -201,3 +203,38 @@ def solid_interior_torch(mask: torch.Tensor, radius: int = 2, check_every: int =
         if torch.equal(reach, before):
             break
     return (reach[0, 0] == 0)
+
+
+#: The 26 grid directions (every step of -1, 0 or 1 along each axis, but not none).
+GRID_DIRECTIONS = tuple(d for d in itertools.product((-1, 0, 1), repeat=3) if any(d))
+
+
+def _shifted(clear: torch.Tensor, d: tuple[int, int, int], k: int) -> torch.Tensor:
+    """out[v] = clear[v - k d], and True where v - k d falls outside the array."""
+    out = torch.ones_like(clear)
+    dst, src = [], []
+    for di, n in zip(d, clear.shape):
+        if di and k >= n:
+            return out
+        dst.append(slice(k, None) if di > 0 else slice(None, n - k) if di < 0 else slice(None))
+        src.append(slice(None, n - k) if di > 0 else slice(k, None) if di < 0 else slice(None))
+    out[tuple(dst)] = clear[tuple(src)]
+    return out
+
+
+@torch.no_grad()
+def seen_from_outside(clear: torch.Tensor) -> torch.Tensor:
+    """(nx, ny, nz) bool free space -> bool: the free cells that a straight line of free cells
+    joins to the outside of the array, along one of the 26 :data:`GRID_DIRECTIONS`.
+
+    Any torch device.  Per direction, "the last k cells back along d are free" doubles k each
+    step (log2 of the longest side steps), so the cost is 26 x log2(n) passes over the grid.
+    """
+    seen = torch.zeros_like(clear)
+    for d in GRID_DIRECTIONS:
+        run, k = clear.clone(), 1
+        while k < max(clear.shape):
+            run &= _shifted(run, d, k)
+            k *= 2
+        seen |= run
+    return seen

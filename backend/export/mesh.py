@@ -8,12 +8,14 @@ zero on the surface (contract C2 in backend/model.py): ``-sdf`` for signed dista
 
 Iso-level (nerf).  The surface is where the density makes a slab of ``REFERENCE_LENGTH`` = 1/100
 of the normalised cube's side (0.02 normalised units) ``opacity`` opaque, i.e.
-``sigma_iso = -ln(1 - opacity) / 0.02`` per normalised unit: 2.56 at the default opacity 0.05,
-close to instant-ngp's customary level.  A low level suits radiance fields, whose densities
-inside objects only need to be high enough to be opaque over the object's thickness (short fits
-often stay in the single digits).  Being defined in the trainer's normalised frame, the level,
-and so the mesh, does not change when the world is scaled or moved.  A radiance field's inside
-is often a shell around low-density pockets: the space the shell encloses is filled
+``sigma_iso = -ln(1 - opacity) / 0.02`` per normalised unit: 2.56 at opacity 0.05 (close to
+instant-ngp's customary level), 34.7 at 0.5.  No fixed level suits every field: short fits stay
+faint (single-digit densities, opaque only over the object's thickness), long ones build a haze
+in front of hard surfaces.  By default the level is chosen per field so that the mesh agrees
+with what the field's renders show (export/iso.py); ``mesh_opacity`` in the fit's config or
+``opacity`` here fix it.  Being defined in the trainer's normalised frame, the level, and so the
+mesh, does not change when the world is scaled or moved.  A radiance field's inside is often a
+shell around low-density pockets: the space the shell encloses is filled
 (:func:`solid_interior`) before meshing.
 
 Pipeline (:func:`extract_mesh`): the field on a grid over the model's WORLD box (densely, or
@@ -31,6 +33,7 @@ normal: a short volume rendering from just outside the surface.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from collections.abc import Callable
@@ -39,8 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cleanup import decimate, keep_large_components, solid_interior, solid_interior_torch, vertex_normals
+from .cleanup import (decimate, keep_large_components, seen_from_outside, solid_interior, solid_interior_torch,
+                      vertex_normals)
 from .marching_cubes import marching_cubes
+
+log = logging.getLogger(__name__)
 
 REFERENCE_LENGTH = 0.02   # normalised units: 1/100 of the normalised cube's side
 DEFAULT_OPACITY = 0.05
@@ -70,15 +76,45 @@ def field_method(model) -> str:
 
 
 @torch.no_grad()
+def auto_opacity(model) -> float:
+    """The opacity whose mesh agrees best with the field's renders
+    (:func:`backend.export.iso.choose_opacity`), chosen once per model and kept on it."""
+    chosen = getattr(model, "auto_mesh_opacity", None)
+    if chosen is None:
+        from .iso import choose_opacity
+        chosen = choose_opacity(model)
+        model.auto_mesh_opacity = chosen
+        log.info("mesh iso-level: opacity %.2f (chosen to match the renders)", chosen)
+    return chosen
+
+
 def model_opacity(model) -> float:
-    """The iso-level opacity a radiance field is meshed at: its config's ``mesh_opacity`` (runs saved
-    before that setting existed: DEFAULT_OPACITY)."""
-    return float(getattr(getattr(model, "config", None), "mesh_opacity", 0.0) or DEFAULT_OPACITY)
+    """The iso-level opacity a radiance field is meshed at: its config's ``mesh_opacity`` where the
+    fit set one, else (0) :func:`auto_opacity`.  Stand-in models without an occupancy grid or a
+    normalised box: DEFAULT_OPACITY."""
+    fixed = float(getattr(getattr(model, "config", None), "mesh_opacity", 0.0) or 0.0)
+    if fixed > 0.0:
+        return fixed
+    if not hasattr(model, "occupancy") or not hasattr(model, "box"):
+        return DEFAULT_OPACITY
+    return auto_opacity(model)
 
 
-def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | None = None) -> torch.Tensor:
-    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level`
-    (``opacity`` None: :func:`model_opacity`).
+def resolve_opacity(model, opacity: float | str | None) -> float:
+    """None: :func:`model_opacity`; "auto": :func:`auto_opacity`; else the number, in (0, 1)."""
+    if opacity is None:
+        return model_opacity(model)
+    if opacity == "auto":
+        return auto_opacity(model)
+    opacity = float(opacity)
+    if not 0.0 < opacity < 1.0:
+        raise ValueError(f"opacity must be in (0, 1) or 'auto', got {opacity}")
+    return opacity
+
+
+def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | str | None = None) -> torch.Tensor:
+    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level` of
+    ``opacity`` (see :func:`resolve_opacity`: None is the fit's setting, "auto" matches the renders).
 
     Args:
         x_world: (M, 3) float32 on the model's device.
@@ -86,7 +122,7 @@ def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | None = None
         (M,) float32; points the occupancy grid marks empty read ``-iso_level`` (their density is
         below the occupancy threshold, itself below any iso-level used here).
     """
-    level = iso_level(model_opacity(model) if opacity is None else opacity)
+    level = iso_level(resolve_opacity(model, opacity))
     x = model.to_normalised(x_world)
     keep = model.occupancy.occupied(x)
     sigma = torch.zeros(x.shape[0], device=x.device)
@@ -95,7 +131,7 @@ def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | None = None
     return sigma - level
 
 
-def inside_function(model, opacity: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def inside_function(model, opacity: float | str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's (M, 3) world -> (M,) inside field (positive inside), see the module doc."""
     if field_method(model) == "nerf":
         return lambda x: nerf_inside_field(model, x, opacity)
@@ -192,8 +228,10 @@ def evaluate_grid_sparse(fn, aabb: np.ndarray, shape, device, block: int = 4, ch
 
 
 def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
-    """Points enclosed by the solid (see :func:`solid_interior`) are set inside (value 1);
-    scipy on the CPU, the same in PyTorch on other devices."""
+    """Points enclosed by the solid (see :func:`solid_interior`; scipy on the CPU, the same in
+    PyTorch on other devices), and points no straight line of the 26 grid directions joins to
+    the outside through free space (:func:`seen_from_outside`: pockets inside a faint field
+    that open to the outside by a crooked path), are set inside (value 1)."""
     above = vol > 0
     if not above.any():
         return vol
@@ -201,11 +239,12 @@ def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
         solid = torch.from_numpy(solid_interior(above.numpy()))
     else:
         solid = solid_interior_torch(above)
+    solid |= ~seen_from_outside(~solid)
     return torch.where(solid & ~above, torch.ones_like(vol), vol)
 
 
 @torch.no_grad()
-def extract_mesh(model, resolution: int, opacity: float | None = None, min_component: float = 0.01,
+def extract_mesh(model, resolution: int, opacity: float | str | None = None, min_component: float = 0.01,
                  chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int | None = None,
                  fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
@@ -215,6 +254,7 @@ def extract_mesh(model, resolution: int, opacity: float | None = None, min_compo
             ``device`` and, for methods other than "nerf", ``inside_field`` (contract C2).
         resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
         opacity: sets the nerf iso-level, see :func:`iso_level`; None: the fit's ``mesh_opacity``
+            (by default chosen to match the renders); "auto": chosen so whatever the fit says
             (other methods: level 0).
         min_component: connected parts whose surface area is below this share of the largest
             part's are dropped (floaters); 0 keeps everything.

@@ -1,0 +1,120 @@
+"""The radiance field's automatic iso-level (backend/export/iso.py): the mesh covers what the
+renders cover, whether the field builds a haze around a hard core (long fits) or stays faint
+everywhere (short fits); and the volume step that fills space no straight line from outside
+reaches (backend/export/cleanup.py).
+
+Analytic densities in a box away from the origin (world centre (10, -4, 2), half-size 3), so a
+leak of the normalised frame would be off by metres.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from backend.export.iso import CANDIDATES, agreement, choose_opacity
+from backend.export.mesh import extract_mesh, iso_level, model_opacity
+from backend.model import FittedField
+from backend.occupancy import OccupancyGrid
+from backend.train import make_config
+
+AABB = np.array([[7.0, -7.0, -1.0], [13.0, -1.0, 5.0]])   # world; half-size 3
+CENTRE = np.array([10.0, -4.0, 2.0])
+CORE = 0.5        # normalised radius of the dense core (1.5 world)
+HAZE = 0.1        # normalised thickness of the haze shell around it (0.3 world)
+
+
+class Shells(nn.Module):
+    """Density ``core`` inside radius CORE, ``haze`` in the shell out to CORE + HAZE, 0 beyond (steps
+    0.01 wide, smooth so the exporter can take normals from its gradient); grey everywhere."""
+
+    def __init__(self, core: float, haze: float):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.core, self.haze = core, haze
+
+    def density(self, x):
+        r = x.norm(dim=-1)
+        inside_core, inside_haze = torch.sigmoid(400 * (CORE - r)), torch.sigmoid(400 * (CORE + HAZE - r))
+        return self.core * inside_core + self.haze * (inside_haze - inside_core)
+
+    def forward(self, x, d):
+        return self.density(x), torch.full_like(x, 0.5)
+
+
+def model(core: float, haze: float, **settings) -> FittedField:
+    cfg = make_config(preset="draft", device="cpu", march_steps=512, **settings)
+    return FittedField(Shells(core, haze), OccupancyGrid(16), AABB, cfg)
+
+
+def mesh_radius(m: FittedField) -> float:
+    verts, faces, _ = extract_mesh(m, resolution=64)
+    assert len(faces) > 100
+    return float(np.median(np.linalg.norm(verts - CENTRE, axis=1)))
+
+
+def test_the_mesh_skips_a_haze_the_renders_see_through():
+    # Around a dense core, a haze (density 0.8, 0.1 thick) that no ray crosses with opacity 0.5
+    # (chords through it alone are 0.66 long at most: optical depth 0.53 < ln 2).  Opacity 0.01
+    # (density 0.5) would mesh it.
+    hazy = model(core=200.0, haze=0.8)
+    assert iso_level(0.01) < 0.8
+    chosen = model_opacity(hazy)                  # the fit set none: chosen from the renders
+    assert 0.8 < iso_level(chosen) < 200.0, chosen
+    voxel = 6.0 / 63
+    assert mesh_radius(hazy) == pytest.approx(CORE * 3.0, abs=voxel)
+    fixed = model(core=200.0, haze=0.8, mesh_opacity=0.01)       # a fixed level is honoured
+    assert mesh_radius(fixed) == pytest.approx((CORE + HAZE) * 3.0, abs=voxel)
+
+
+def test_a_faint_field_still_gets_its_mesh():
+    # A short fit: density 6 at most, opaque only through its whole thickness (optical depth 6 across
+    # the core).  Opacity 0.5 (density 34.7) would give no mesh at all.
+    faint = model(core=6.0, haze=0.0)
+    chosen = choose_opacity(faint)
+    assert iso_level(chosen) < 6.0, chosen
+    assert mesh_radius(faint) == pytest.approx(CORE * 3.0, abs=6.0 / 63)
+
+
+def test_agreement_is_the_coverage_iou():
+    scores = agreement(model(core=200.0, haze=0.8))
+    assert scores.shape == (len(CANDIDATES),) and np.all((scores >= 0) & (scores <= 1))
+    levels = np.array([iso_level(o) for o in CANDIDATES])
+    # Levels below the haze cover the disc of radius 0.6, the renders about the core's of radius
+    # 0.5 (and the haze's grazing rays next to it): IoU about (0.5 / 0.6)^2 = 0.69, measured 0.75;
+    # levels within the core: about 1, measured 0.95.
+    assert scores[levels < 0.8] == pytest.approx((CORE / (CORE + HAZE)) ** 2, abs=0.08)
+    assert np.all(scores[(levels > 0.8) & (levels < 200.0)] > 0.9), scores
+    assert np.all(scores[levels > 200.0] == 0)                       # above everything: no mesh
+    assert np.all(agreement(model(core=0.0, haze=0.0)) == 0)          # empty: nothing to agree on
+
+
+def test_mesh_opacity_setting_is_checked():
+    with pytest.raises(ValueError, match="mesh_opacity"):
+        make_config(preset="draft", mesh_opacity=1.0)
+    with pytest.raises(ValueError, match="mesh_opacity"):
+        make_config(preset="draft", mesh_opacity=-0.1)
+    with pytest.raises(ValueError, match="opacity"):
+        extract_mesh(model(core=200.0, haze=3.0), resolution=16, opacity=1.5)
+
+
+def hollow_box(n: int = 24) -> torch.Tensor:
+    """A closed box (cells 4..19) with walls 2 cells thick around a hollow (cells 6..17)."""
+    solid = torch.zeros(n, n, n, dtype=torch.bool)
+    solid[4:20, 4:20, 4:20] = True
+    solid[6:18, 6:18, 6:18] = False
+    return solid
+
+
+def test_space_no_straight_line_reaches_is_found():
+    from backend.export.cleanup import seen_from_outside
+    closed = hollow_box()
+    seen = seen_from_outside(~closed)
+    assert seen[0, 0, 0] and seen[2, 12, 12] and not seen[6:18, 6:18, 6:18].any()   # enclosed: hidden
+    shaft = hollow_box()
+    shaft[11:13, 11:13, 4:6] = False                       # a shaft through the bottom wall
+    seen = seen_from_outside(~shaft)
+    assert seen[11, 11, 5] and seen[11:13, 11:13, 6:18].all()       # straight up the shaft
+    assert not seen[7, 16, 16] and not seen[16, 7, 16]             # round the corner from it
+    cup = hollow_box()
+    cup[6:18, 6:18, 18:20] = False                          # the lid taken off: an open cup
+    assert seen_from_outside(~cup)[6:18, 6:18, 6:18].all()
