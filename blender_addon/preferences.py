@@ -270,9 +270,15 @@ def connection_kwargs(context=None) -> dict:
     """The CurveZMQ keyword arguments of every connection to the backend (client.probe,
     client.JobClient, status.monitor, status.request): {} when CurveZMQ is off (or the add-on is
     not registered), else server_public_key / client_public_key / client_secret_key (Z85 str).
+    A backend this Blender started itself (Start, or auto-start) listens on 127.0.0.1 without
+    CurveZMQ, so the connections to its address go plain whatever the switch says.
     Raises KeyProblem with what to do when CurveZMQ is on but a key is missing or not valid."""
     p = prefs(context)
     if p is None or not p.use_curve:
+        return {}
+    from . import backend_process
+    own = backend_process.get(p.address)
+    if own is not None and own.running:
         return {}
     server = read_server_key(p.server_key)
     pair = read_client_keys()

@@ -50,9 +50,11 @@ def client_keys(addon, tmp_path, monkeypatch):
 def prefs(addon):
     import bpy
     p = bpy.context.preferences.addons["blender_addon"].preferences
-    saved = (p.address, p.use_curve, p.server_key, p.auto_start)
+    names = ("address", "use_curve", "server_key", "auto_start", "python", "source_dir", "device")
+    saved = {name: getattr(p, name) for name in names}
     yield p
-    p.address, p.use_curve, p.server_key, p.auto_start = saved
+    for name, value in saved.items():
+        setattr(p, name, value)
 
 
 def curve_backend(backend_factory, tmp_path, allowed: list[str], fake: bool = True, args=()):
@@ -231,6 +233,36 @@ def test_keys_against_a_plain_backend_and_a_wrong_server_key_are_named(client_ke
     _cube_scene()
     with pytest.raises(RuntimeError, match="did not complete the CurveZMQ handshake"):
         bpy.ops.implicit.fit(timeout=30)
+
+
+@pytest.mark.slow   # starts a real backend process (torch import)
+def test_a_backend_this_blender_starts_itself_needs_no_keys(client_keys, prefs, tmp_path, monkeypatch):
+    """Use CurveZMQ on (for a remote box), then Start on a loopback address: the local backend
+    listens without CurveZMQ on 127.0.0.1, and the add-on talks to it plainly, not "does not use
+    CurveZMQ"."""
+    import socket
+    import bpy
+    from blender_addon import backend_process, panels, preferences, status
+    from backend import security
+    monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))
+    security.ensure_server_keys(tmp_path / "remote_keys")          # the remote box's key
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    prefs.address, prefs.auto_start = address, True
+    prefs.use_curve, prefs.server_key = True, str(tmp_path / "remote_keys" / security.PUBLIC_KEY_FILE)
+    prefs.python, prefs.source_dir, prefs.device = sys.executable, str(REPO), "CPU"
+    assert preferences.connection_kwargs(bpy.context)                # nothing started yet: keys apply
+    _cube_scene()
+    try:
+        assert bpy.ops.implicit.backend_start(wait=True) == {"FINISHED"}
+        assert preferences.connection_kwargs(bpy.context) == {}
+        assert _monitor(address).wait_for((status.IDLE,), 30).state == status.IDLE
+        assert panels.backend_line(address) == ("Backend idle (cpu)", "CHECKMARK")
+    finally:
+        assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"}
+    assert not backend_process.get(address).running
+    assert preferences.connection_kwargs(bpy.context)                # gone: the keys apply again
 
 
 def test_loopback_without_keys_works_as_before(addon, prefs, fake_backend):
