@@ -282,6 +282,15 @@ class Trainer:
             self.rays = int(min(max(self.rays * min(max(ratio, 0.5), 2.0), 256), cfg.max_rays))
         return loss.detach(), mse.detach(), out.samples
 
+    def preview_ready(self, step: int) -> bool:
+        """Previews wait for the occupancy grid's first update: before it every cell counts as
+        occupied, so a render costs the whole box (tens of seconds on a CPU) to show fog.  (On a
+        GPU a render costs little either way: no need to wait.)"""
+        return step > self.cfg.occupancy_warmup or self.device.type == "cuda"
+
+    def finish(self) -> None:
+        """After the last step: the field's settings for use (the fit loop then calls eval())."""
+
     def state_dict(self) -> dict:
         """Everything a resumed fit needs besides the step and the clock: field weights,
         occupancy grid, optimiser state, ray count and RNG states (tensors, for torch.save)."""
@@ -316,16 +325,31 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
         resume: dict | None = None) -> FittedField:
     """Train a field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
 
-    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
+    One loop for every method: the trainer (radiance fields: :func:`make_trainer`; surface
+    fields: backend/train_surface.py) owns the step, the loop owns the clock, progress, previews,
+    checkpoints and cancelling.
+    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from;
+    trainers without ``state_dict`` (surface fields) neither checkpoint nor resume.
     Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
     """
-    if cfg.method != "nerf":    # surface fields have their own trainer (it imports this module)
-        from .train_surface import fit_surface
-        return fit_surface(data, cfg, callbacks)
     cb = callbacks or Callbacks()
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    trainer = make_trainer(data, cfg)
+    if cfg.method != "nerf":    # surface fields have their own trainer (it imports this module)
+        from .train_surface import check_surface_config, SurfaceTrainer
+        check_surface_config(cfg)
+        torch.manual_seed(cfg.seed)
+        trainer = SurfaceTrainer(data, cfg)
+    else:
+        torch.manual_seed(cfg.seed)
+        trainer = make_trainer(data, cfg)
+    resumable = hasattr(trainer, "state_dict")
+    return _train(trainer, data, cfg, cb, resume if resumable else None,
+                  getattr(cb, "on_checkpoint", None) if resumable else None)
+
+
+def _train(trainer, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None,
+           checkpoint: Callable | None) -> FittedField:
+    """The fit loop of :func:`fit`."""
     model = trainer.model
     preview_cam = _preview_camera(data, cfg.preview_size)
     first, offset = 0, 0.0
@@ -333,7 +357,6 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
         trainer.load_state_dict(resume)
         first, offset = int(resume["step"]), float(resume["elapsed"])
         model.meta["resumed_from_step"] = first
-    checkpoint = getattr(cb, "on_checkpoint", None)
 
     start = time.perf_counter() - offset
     last_progress = -math.inf
@@ -351,11 +374,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
             loss, mse_last = (sums / count).tolist()
             sums, count, last_progress = None, 0, elapsed
             cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
-        # Previews wait for the occupancy grid's first update: before it every cell counts as
-        # occupied, so a render costs the whole box (tens of seconds on a CPU) to show fog.
-        # (On a GPU a render costs little either way: no need to wait.)
-        warm = step > cfg.occupancy_warmup or trainer.device.type == "cuda"
-        if preview_cam is not None and (done or (warm and elapsed - last_preview >= preview_every)):
+        if preview_cam is not None and (done or (trainer.preview_ready(step) and elapsed - last_preview >= preview_every)):
             cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
             last_preview = time.perf_counter() - start
             # Previews may take at most PREVIEW_SHARE of the wall time (slow devices: CPUs).
@@ -379,6 +398,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": int(samples),
                        "first_step_s": round(first_step_s or 0.0, 3),
                        "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
+    trainer.finish()
     model.field.eval()
     return model
 

@@ -1,7 +1,7 @@
 """Training of surface fields (``method`` "sdf" or "occupancy") on posed RGBA images.
 
-:func:`fit_surface` is what :func:`backend.train.fit` runs for those methods: same callbacks,
-cancel and result (a :class:`~backend.model.FittedField`).  Step-dependent behaviour (learning
+:class:`SurfaceTrainer` is the trainer :func:`backend.train.fit` runs for those methods (one fit
+loop for every method: same callbacks, cancel and result).  Step-dependent behaviour (learning
 rate, hash levels, NeuS slope annealing, occupancy grid) lives in
 :meth:`SurfaceTrainer.update_step`; one optimisation step in :meth:`SurfaceTrainer.step`.
 
@@ -18,15 +18,13 @@ Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
 """
 from __future__ import annotations
 
-import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .data import PosedImages, RaySampler
 from .model import FittedField, build_field, build_occupancy, pick_device
-from .train import Callbacks, Cancelled, FitConfig, PREVIEW_SHARE, _preview_camera, _progress, psnr, to_rgba8
+from .train import FitConfig
 
 PASS_KEYS = ("albedo", "normal", "depth")
 MIN_RAYS = 64           # floor of the adaptive ray count
@@ -68,6 +66,19 @@ class SurfaceTrainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.rays = cfg.batch_rays
         field.set_active_levels(cfg.start_levels)
+
+    # ---- the fit loop's hooks (backend.train.fit) ------------------------------------------
+    def preview_ready(self, step: int) -> bool:
+        """Previews from the first step on (no occupancy warm-up to wait for)."""
+        return step > 0
+
+    def finish(self) -> None:
+        """After the last step: the NeuS cosine annealing at its end; the sharpness in the meta."""
+        field = self.model.field
+        if hasattr(field, "cos_anneal"):
+            field.cos_anneal = 1.0
+        if hasattr(field, "inv_s"):
+            self.model.meta["inv_s"] = round(float(field.inv_s().detach()), 3)
 
     # ---- schedule ----------------------------------------------------------------------------
     def update_step(self, step: int, fraction: float) -> None:
@@ -177,59 +188,4 @@ def check_surface_config(cfg: FitConfig) -> None:
         raise ValueError(f"init_radius must be in (0, 1) (normalised units), got {cfg.init_radius}")
 
 
-def fit_surface(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None) -> FittedField:
-    """Train a surface field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
-
-    Same contract as :func:`backend.train.fit` (progress, previews, :class:`Cancelled`).
-    """
-    cb = callbacks or Callbacks()
-    cfg.validate()
-    check_surface_config(cfg)
-    torch.manual_seed(cfg.seed)
-    trainer = SurfaceTrainer(data, cfg)
-    model = trainer.model
-    preview_cam = _preview_camera(data, cfg.preview_size)
-
-    start = time.perf_counter()
-    last_progress, last_preview, preview_every = -math.inf, -math.inf, cfg.preview_interval
-    sums, count, mse_last, step, samples, first_step_s = None, 0, None, 0, 0, None
-    while True:
-        elapsed = time.perf_counter() - start
-        fraction = step / cfg.steps
-        if cfg.seconds > 0:
-            fraction = max(fraction, elapsed / cfg.seconds)
-        done = fraction >= 1.0
-        if count and (done or elapsed - last_progress >= cfg.progress_interval):
-            loss, mse_last = (sums / count).tolist()
-            sums, count, last_progress = None, 0, elapsed
-            cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
-        if preview_cam is not None and (done or (step > 0 and elapsed - last_preview >= preview_every)):
-            cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
-            last_preview = time.perf_counter() - start
-            preview_every = max(cfg.preview_interval, (last_preview - elapsed) / PREVIEW_SHARE)
-        if done:
-            break
-        if cb.should_stop():
-            raise Cancelled(step, model)
-        trainer.update_step(step, fraction)
-        loss, mse, n = trainer.step()
-        samples += n
-        if first_step_s is None:
-            first_step_s = time.perf_counter() - start
-        pair = torch.stack([loss, mse])
-        sums = pair if sums is None else sums + pair
-        count += 1
-        step += 1
-    field = model.field
-    if hasattr(field, "cos_anneal"):
-        field.cos_anneal = 1.0
-    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": samples,
-                       "first_step_s": round(first_step_s or 0.0, 3),
-                       "train_psnr": round(psnr(mse_last), 3) if mse_last is not None else None})
-    if hasattr(field, "inv_s"):
-        model.meta["inv_s"] = round(float(field.inv_s().detach()), 3)
-    field.eval()
-    return model
-
-
-__all__ = ["SurfaceTrainer", "fit_surface", "data_passes"]
+__all__ = ["SurfaceTrainer", "check_surface_config", "data_passes"]
