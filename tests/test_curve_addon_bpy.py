@@ -256,12 +256,14 @@ def test_a_backend_this_blender_starts_itself_needs_no_keys(client_keys, prefs, 
     _cube_scene()
     try:
         assert bpy.ops.implicit.backend_start(wait=True) == {"FINISHED"}
+        proc = backend_process.get(address)
+        assert proc is not None and proc.running and "--curve" not in proc.command
         assert preferences.connection_kwargs(bpy.context) == {}
         assert _monitor(address).wait_for((status.IDLE,), 30).state == status.IDLE
         assert panels.backend_line(address) == ("Backend idle (cpu)", "CHECKMARK")
     finally:
         assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"}
-    assert not backend_process.get(address).running
+    assert not proc.running
     assert preferences.connection_kwargs(bpy.context)                # gone: the keys apply again
 
 
