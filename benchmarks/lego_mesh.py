@@ -18,7 +18,10 @@ needs only OUTDIR and the dataset.  Each file is kept under ``--max-mb`` (16 MB:
 returns): if the .glb is larger, its images are re-encoded (PNG at maximum compression, then the
 base colour as JPEG quality 95, then also the normal map as JPEG; the normal map does not affect
 the score below); the sizes are reported.  Passes in the dataset are ignored unless ``--passes``
-(lego has none: a photo-only fit, lighting baked into the base colour).
+(lego has none: a photo-only fit, lighting baked into the base colour).  A radiance field is cut
+at its own level (chosen to match its renders, backend/export/iso.py; in fit.json as
+``mesh_opacity``); ``--extra-levels 0.4,0.5`` also exports the same field cut at those opacities
+into OUTDIR/level_0.4/ ... (each with its holdout.json and fit.json: score each on its own).
 
 Phase 2 (here, CPU, the bpy 5.0.1 wheel)::
 
@@ -235,16 +238,68 @@ def read_textured_glb(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Phase 1: fit, mesh, textures (torch)
 # --------------------------------------------------------------------------------------------
+def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None) -> dict:
+    """Mesh (at ``opacity``; None: the fit's level), texture and write ``out/lego.glb`` (shrunk
+    under ``--max-mb``) as ``python -m backend mesh`` does; returns the figures for fit.json."""
+    import torch
+
+    from backend.export.gltf import write_textured
+    from backend.export.mesh import extract_mesh
+    from backend.export.texture import texture_mesh
+
+    dev = torch.device(model.device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    verts, faces, _ = extract_mesh(model, args.resolution, opacity)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    mesh_s = time.perf_counter() - t0
+    if not len(faces):
+        raise ValueError("the field has no surface: nothing to export")
+    t1 = time.perf_counter()
+    mesh, baked = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
+    glb = write_textured(out / GLB_NAME, mesh, baked)
+    texture_s = time.perf_counter() - t1
+    raw_mb = glb.stat().st_size / 2**20
+    try:
+        shrink = fit_glb_under(glb, int(args.max_mb * 2**20))
+    except ValueError as exc:        # keep the fit's figures; say so loudly
+        shrink = [f"FAILED: {exc}"]
+        print(f"warning: {exc}", flush=True)
+    print(f"mesh: {len(faces)} triangles at {args.resolution} ({mesh_s:.2f} s); textures {size}^2 on "
+          f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in baked.timings.items())
+          + f"); {glb.name} {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else ""), flush=True)
+    return {"mesh_resolution": args.resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
+            "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
+            "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
+            "export_s": round(mesh_s + texture_s, 3), "glb_mb_raw": round(raw_mb, 3),
+            "glb_mb": round(glb.stat().st_size / 2**20, 3), "glb_shrink": shrink}
+
+
+def _levels(text: str) -> list[float]:
+    """--extra-levels: comma-separated opacities in (0, 1)."""
+    try:
+        levels = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        levels = [-1.0]
+    if not levels or not all(0 < x < 1 for x in levels):
+        raise argparse.ArgumentTypeError(f"expected opacities in (0, 1) separated by commas, got {text!r}")
+    return levels
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
     from backend.__main__ import _overrides
     from backend.data import load_transforms, split_holdout
-    from backend.export.gltf import write_textured
-    from backend.export.mesh import extract_mesh, model_opacity
-    from backend.export.texture import check_size, texture_mesh
+    from backend.export.mesh import model_opacity
+    from backend.export.texture import check_size
     from backend.train import Callbacks, evaluate, fit, make_config, to_rgba8
 
+    if args.extra_levels and args.method != "nerf":
+        raise ValueError(f"--extra-levels cuts radiance fields; a {args.method} field's surface is its zero level")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = check_size(args.textures)
@@ -280,29 +335,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.save_run:
         model.save(out / "run")
 
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    verts, faces, _ = extract_mesh(model, args.resolution)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    mesh_s = time.perf_counter() - t0
-    if not len(faces):
-        raise ValueError("the field has no surface: nothing to export")
-    t1 = time.perf_counter()
-    mesh, baked = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
-    glb = write_textured(out / GLB_NAME, mesh, baked)
-    texture_s = time.perf_counter() - t1
-    raw_mb = glb.stat().st_size / 2**20
-    try:
-        shrink = fit_glb_under(glb, int(args.max_mb * 2**20))
-    except ValueError as exc:        # keep the fit's figures; say so loudly
-        shrink = [f"FAILED: {exc}"]
-        print(f"warning: {exc}", flush=True)
-    print(f"mesh: {len(faces)} triangles at {args.resolution} ({mesh_s:.2f} s); textures {size}^2 on "
-          f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in baked.timings.items())
-          + f"); {glb.name} {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else ""), flush=True)
+    export = export_glb(model, out, args, size)
+    for level in args.extra_levels:      # the same field cut at other levels, each scored on its own
+        folder = out / f"level_{level:g}"
+        folder.mkdir(exist_ok=True)
+        (folder / HOLDOUT_JSON).write_text(json.dumps(doc, indent=1))
+        extra = export_glb(model, folder, args, size, opacity=level)
+        (folder / FIT_JSON).write_text(json.dumps({"mesh_opacity": level, **extra}, indent=1))
+        print(f"  -> {folder / GLB_NAME}: score it with `score --run {folder}`", flush=True)
 
     t2 = time.perf_counter()
     scores = evaluate(model, held)
@@ -324,13 +364,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "first_step_s": model.meta.get("first_step_s"), "train_psnr": model.meta.get("train_psnr"),
         "field_holdout_psnr": round(float(np.mean(scores)), 3),
         "field_holdout_psnr_views": [round(float(s), 3) for s in scores], "eval_s": round(eval_s, 2),
-        "mesh_resolution": args.resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
         "mesh_opacity": model_opacity(model) if model.method == "nerf" else None,   # the iso-level used
-        "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
-        "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
-        "export_s": round(mesh_s + texture_s, 3), "glb_mb_raw": round(raw_mb, 3),
-        "glb_mb": round(glb.stat().st_size / 2**20, 3), "glb_shrink": shrink,
-        "overrides": args.set,
+        **export, "extra_levels": args.extra_levels, "overrides": args.set,
     }
     (out / FIT_JSON).write_text(json.dumps(row, indent=1))
     for k in ("steps", "train_s", "steps_per_s", "field_holdout_psnr", "mesh_opacity", "mesh_s", "texture_s", "export_s",
@@ -518,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not save the field's own held-out renders (OUTDIR/field/*.png)")
     f.add_argument("--save-run", action="store_true", help="also save the fitted model to OUTDIR/run (large)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FitConfig override")
+    f.add_argument("--extra-levels", type=_levels, default=[], metavar="A,B",
+                   help="radiance fields: also export the field cut at these opacities, each to "
+                        "OUTDIR/level_<opacity>/ (score each with --run there)")
     f.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     f.set_defaults(func=cmd_fit)
     s = sub.add_parser("score", help="phase 2: render the .glb at the held-out views in Blender (bpy)")

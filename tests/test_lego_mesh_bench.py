@@ -171,3 +171,32 @@ def test_fit_then_score_end_to_end(scene, tmp_path):
     assert min(v["mask_iou"] for v in score["views"]) > 0.7, score["views"]
     assert score["mean_psnr_vs_field"] is not None
     assert (out / lm.SIDE_BY_SIDE).stat().st_size > 0
+
+
+@requires_bpy
+@pytest.mark.blender
+@pytest.mark.slow   # ~40 s on 2 cores: a 200-step draft radiance-field fit, two exports, one Blender score
+def test_a_radiance_field_is_exported_at_its_own_level_and_at_extra_ones(scene, tmp_path):
+    from backend.export.iso import CANDIDATES
+
+    out = tmp_path / "run"
+    r = run("fit", "--data", str(scene), "--out", str(out), "--method", "nerf", "--preset", "draft",
+            "--seconds", "0", "--steps", "200", "--textures", "128", "--resolution", "48", "--device", "cpu",
+            "--no-field-renders", "--extra-levels", "0.2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fit = json.loads((out / lm.FIT_JSON).read_text())
+    assert fit["mesh_opacity"] in CANDIDATES and fit["extra_levels"] == [0.2]    # chosen from the renders
+    level = out / "level_0.2"
+    extra = json.loads((level / lm.FIT_JSON).read_text())
+    assert extra["mesh_opacity"] == 0.2 and extra["faces"] > 100
+    assert (level / lm.GLB_NAME).stat().st_size > 0 and (level / lm.HOLDOUT_JSON).exists()
+    r = run("score", "--run", str(level), "--data", str(scene), "--samples", "4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((level / lm.SCORE_JSON).read_text())["mean_psnr"] > 13.0   # white: 13.0 dB
+
+
+def test_extra_levels_are_checked(tmp_path):
+    for args, message in ((["--extra-levels", "0.2,1.5"], "opacities in (0, 1)"),
+                          (["--extra-levels", "0.3", "--method", "sdf"], "--extra-levels cuts radiance fields")):
+        r = run("fit", "--data", str(REPO / "tests"), "--out", str(tmp_path), *args, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
