@@ -218,7 +218,32 @@ def psnr(mse: float) -> float:
     return -10.0 * math.log10(max(mse, 1e-10))
 
 
-class Trainer:
+class Resumable:
+    """Checkpoint state of a trainer with ``model`` (field + occupancy grid), ``optimizer``,
+    ``rays`` and ``device``; every other setting follows from the step (``update_step``)."""
+
+    def state_dict(self) -> dict:
+        """Everything a resumed fit needs besides the step and the clock: field weights,
+        occupancy grid, optimiser state, ray count and RNG states (tensors, for torch.save)."""
+        state = {"field": self.model.field.state_dict(), "occupancy": self.model.occupancy.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rays": int(self.rays),
+                 "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (before the first step)."""
+        self.model.field.load_state_dict(state["field"])
+        self.model.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rays = int(state["rays"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+
+
+class Trainer(Resumable):
     """One fit's state: model, optimiser, ray sampler and the step-dependent schedule."""
 
     def __init__(self, data: PosedImages, cfg: FitConfig):
@@ -291,27 +316,6 @@ class Trainer:
     def finish(self) -> None:
         """After the last step: the field's settings for use (the fit loop then calls eval())."""
 
-    def state_dict(self) -> dict:
-        """Everything a resumed fit needs besides the step and the clock: field weights,
-        occupancy grid, optimiser state, ray count and RNG states (tensors, for torch.save)."""
-        state = {"field": self.model.field.state_dict(), "occupancy": self.model.occupancy.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rays": int(self.rays),
-                 "rng_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (before the first step)."""
-        self.model.field.load_state_dict(state["field"])
-        self.model.occupancy.load_state_dict(state["occupancy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rays = int(state["rays"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
-
-
 def make_trainer(data: PosedImages, cfg: FitConfig) -> Trainer:
     """The trainer for ``cfg``: steps replayed from CUDA graphs where they can run, else eager."""
     from . import graph_step
@@ -328,8 +332,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     One loop for every method: the trainer (radiance fields: :func:`make_trainer`; surface
     fields: backend/train_surface.py) owns the step, the loop owns the clock, progress, previews,
     checkpoints and cancelling.
-    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from;
-    trainers without ``state_dict`` (surface fields) neither checkpoint nor resume.
+    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
     Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
     """
     cb = callbacks or Callbacks()
@@ -342,15 +345,14 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     else:
         torch.manual_seed(cfg.seed)
         trainer = make_trainer(data, cfg)
-    resumable = hasattr(trainer, "state_dict")
-    return _train(trainer, data, cfg, cb, resume if resumable else None,
-                  getattr(cb, "on_checkpoint", None) if resumable else None)
+    return _train(trainer, data, cfg, cb, resume)
 
 
-def _train(trainer, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None,
-           checkpoint: Callable | None) -> FittedField:
+def _train(trainer: Resumable, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None
+           ) -> FittedField:
     """The fit loop of :func:`fit`."""
     model = trainer.model
+    checkpoint = getattr(cb, "on_checkpoint", None)
     preview_cam = _preview_camera(data, cfg.preview_size)
     first, offset = 0, 0.0
     if resume is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import PosedImages, RaySampler
 from .model import FittedField, build_field, build_occupancy, pick_device
-from .train import FitConfig
+from .train import FitConfig, Resumable
 
 PASS_KEYS = ("albedo", "normal", "depth")
 MIN_RAYS = 64           # floor of the adaptive ray count
@@ -36,7 +36,7 @@ def data_passes(data: PosedImages) -> list[str]:
     return [k for k in PASS_KEYS if k in passes and len(passes[k])]
 
 
-class SurfaceTrainer:
+class SurfaceTrainer(Resumable):
     """One surface fit's state: model, optimiser, ray sampler and the step-dependent schedule.
 
     Attributes read by the fit loop: ``model``, ``rays`` (rays per step, adapted so that the

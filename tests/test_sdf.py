@@ -14,6 +14,7 @@ Bounds, and why (CPU fit of the draft preset's 300 steps, 16 views of 40x40):
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from backend import metrics
 from backend.data import PosedImages
 from backend.surface_render import keep_until, neus_optical_depth, Samples
-from backend.train import fit, make_config
+from backend.train import Callbacks, fit, make_config
 from shared import cameras
 
 CENTER = np.array([3.0, -2.0, 5.0])
@@ -283,3 +284,28 @@ def test_supervision_passes_reach_the_losses():
         trainer.update_step(step, step / cfg.steps)
         loss, _, samples = trainer.step()
         assert torch.isfinite(loss) and samples > 0
+
+
+@pytest.mark.slow   # three methods x 40 CPU steps
+@pytest.mark.parametrize("method", ["sdf", "occupancy", "nerf"])
+def test_a_fit_resumed_from_a_checkpoint_ends_where_the_whole_fit_ends(method):
+    """Every method checkpoints and resumes (a killed backend loses at most the last interval):
+    20 steps in one go and 8 + 12 steps resumed from the state taken at step 8 give the same
+    weights (same seed, CPU, the RNG state travels with the checkpoint)."""
+    data = shape_scene(sphere_sdf, count=6, size=16, ss=1)
+    cfg = make_config(method, "draft", device="cpu", steps=20, preview_size=0, seed=3)
+
+    class Keep(Callbacks):
+        state = None
+
+        def on_checkpoint(self, step, state):
+            if step == 8:       # a copy, as a checkpoint file is: state() holds the live tensors
+                self.state = copy.deepcopy(state())
+
+    keep = Keep()
+    whole = fit(data, cfg, keep)
+    assert keep.state is not None and keep.state["step"] == 8
+    resumed = fit(data, cfg, resume=keep.state)
+    assert resumed.meta["resumed_from_step"] == 8 and resumed.meta["steps"] == 20
+    for (name, a), b in zip(whole.field.state_dict().items(), resumed.field.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
