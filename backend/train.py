@@ -316,6 +316,7 @@ class Trainer(Resumable):
     def finish(self) -> None:
         """After the last step: the field's settings for use (the fit loop then calls eval())."""
 
+
 def make_trainer(data: PosedImages, cfg: FitConfig) -> Trainer:
     """The trainer for ``cfg``: steps replayed from CUDA graphs where they can run, else eager."""
     from . import graph_step
@@ -338,13 +339,10 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     cb = callbacks or Callbacks()
     cfg.validate()
     if cfg.method != "nerf":    # surface fields have their own trainer (it imports this module)
-        from .train_surface import check_surface_config, SurfaceTrainer
+        from .train_surface import SurfaceTrainer, check_surface_config
         check_surface_config(cfg)
-        torch.manual_seed(cfg.seed)
-        trainer = SurfaceTrainer(data, cfg)
-    else:
-        torch.manual_seed(cfg.seed)
-        trainer = make_trainer(data, cfg)
+    torch.manual_seed(cfg.seed)
+    trainer = make_trainer(data, cfg) if cfg.method == "nerf" else SurfaceTrainer(data, cfg)
     return _train(trainer, data, cfg, cb, resume)
 
 

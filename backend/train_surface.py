@@ -18,7 +18,6 @@ Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -254,8 +254,8 @@ def extract_mesh(model, resolution: int, opacity: float | str | None = None, min
             ``device`` and, for methods other than "nerf", ``inside_field`` (contract C2).
         resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
         opacity: sets the nerf iso-level, see :func:`iso_level`; None: the fit's ``mesh_opacity``
-            (by default chosen to match the renders); "auto": chosen so whatever the fit says
-            (other methods: level 0).
+            (by default chosen to match the renders); "auto": chosen from the renders whatever
+            the fit set (other methods: level 0).
         min_component: connected parts whose surface area is below this share of the largest
             part's are dropped (floaters); 0 keeps everything.
         chunk: points per field evaluation.
