@@ -456,7 +456,8 @@ def handshake_problem(event: int, value: int, curve) -> tuple[str, str] | None:
     Seen with libzmq 4.3: a key missing from authorized_keys gives HANDSHAKE_FAILED_AUTH (ZAP
     status 400); no keys against a CurveZMQ backend, or keys against a plain one, give
     HANDSHAKE_FAILED_PROTOCOL (mechanism mismatch), often after a NO_DETAIL; a wrong server
-    public key gives NO_DETAIL only (the backend cannot decrypt our Hello and hangs up)."""
+    public key gives NO_DETAIL only (the backend cannot decrypt our Hello and hangs up), and so,
+    on a loaded machine, can keys against a plain backend: :func:`clarify` tells them apart."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return REFUSED, ("refused this client's CurveZMQ key: add this client's public key (add-on preferences: "
                          "Copy Public Key) to the backend's authorized_keys")
@@ -466,10 +467,43 @@ def handshake_problem(event: int, value: int, curve) -> tuple[str, str] | None:
         return NEEDS_KEYS, ("requires CurveZMQ keys: in the add-on preferences turn on Use CurveZMQ, set the "
                             "backend's public key and generate this client's keys")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        return HANDSHAKE_FAILED, ("does not use CurveZMQ: turn Use CurveZMQ off in the add-on preferences, or "
-                                  "start the backend with --curve")
-    return HANDSHAKE_FAILED, ("did not complete the CurveZMQ handshake: check the backend's public key in the "
-                              "add-on preferences (server.key in the backend's keys folder)")
+        return HANDSHAKE_FAILED, NO_CURVE
+    return HANDSHAKE_FAILED, UNCLEAR_HANDSHAKE
+
+
+# The reason of a CurveZMQ handshake that failed without saying why (a wrong server key, or, when
+# the backend hung up before our side read its greeting, a backend without CurveZMQ).
+UNCLEAR_HANDSHAKE = ("did not complete the CurveZMQ handshake: check the backend's public key in the add-on "
+                     "preferences (server.key in the backend's keys folder)")
+NO_CURVE = ("does not use CurveZMQ: turn Use CurveZMQ off in the add-on preferences, or start the backend "
+            "with --curve")
+
+
+def answers_without_curve(address: str, timeout: float = 1.0) -> bool:
+    """True when something at ``address`` answers a plain (no CurveZMQ) Hello within ``timeout`` s.
+
+    A CurveZMQ client against a plain backend usually sees the mechanism mismatch, but when the
+    backend closes the connection before this side has read its greeting (a loaded machine) only
+    an unspecific failure arrives; asking plainly tells the two causes apart."""
+    try:
+        sock = _connect(address)
+    except BackendError:
+        return False
+    try:
+        sock.send_multipart(protocol.Hello(client="fit-implicit key check").to_frames(), flags=zmq.NOBLOCK)
+        return bool(sock.poll(int(timeout * 1000), zmq.POLLIN))
+    except zmq.ZMQError:
+        return False
+    finally:
+        sock.close(linger=0)
+
+
+def clarify(problem: tuple[str, str], address: str, curve) -> tuple[str, str]:
+    """``problem`` (from handshake_problem), with an unclear CurveZMQ failure named "does not use
+    CurveZMQ" when the backend answers a plain Hello."""
+    if curve is not None and problem[1] == UNCLEAR_HANDSHAKE and answers_without_curve(address):
+        return HANDSHAKE_FAILED, NO_CURVE
+    return problem
 
 
 def _wait_for_reply(sock: zmq.Socket, events: zmq.Socket, address: str, curve, timeout: float) -> bool:
@@ -492,6 +526,7 @@ def _wait_for_reply(sock: zmq.Socket, events: zmq.Socket, address: str, curve, t
             if found is not None and event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 break                                          # refused, or a mechanism mismatch: final
     if problem is not None:
+        problem = clarify(problem, address, curve)
         raise BackendError(f"no backend answered at {address}: the backend there {problem[1]}", code=problem[0])
     return False
 

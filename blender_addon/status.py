@@ -190,6 +190,7 @@ class StatusMonitor:
                         welcomed = self._handle(reply, welcomed)
                 elif time.monotonic() - heard_at > self.timeout:
                     if self._problem is not None:     # the handshake failed: say why, try again
+                        self._problem = client.clarify(self._problem, self.address, self.curve)
                         self._show_problem()
                         self._problem = None
                     elif self._status.state != NOT_RUNNING:

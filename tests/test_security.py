@@ -123,3 +123,21 @@ def test_client_keys_are_checked():
         JobClient("tcp://127.0.0.1:1", server_public_key="short", client_public_key=public, client_secret_key=secret)
     with pytest.raises(BackendError, match="does not belong"):
         JobClient("tcp://127.0.0.1:1", server_public_key=public, client_public_key=public, client_secret_key=zmq.curve_keypair()[1])
+
+
+def test_an_unclear_curve_failure_is_named_by_asking_plainly(backend_factory, curve_backend, keys):
+    """On a loaded machine a CurveZMQ client against a plain backend can see only an unspecific
+    handshake failure (the backend hung up before this side read its greeting).  The add-on then
+    asks plainly: a plain backend answers, so the user is told to turn CurveZMQ off; a CurveZMQ
+    backend (the server key was wrong) does not, and the key hint stays."""
+    from blender_addon import client
+    plain = backend_factory(fake=True)
+    public, secret = zmq.curve_keypair()
+    curve = client.curve_keys(zmq.curve_keypair()[0], public, secret)      # a server key nobody has
+    unclear = (client.HANDSHAKE_FAILED, client.UNCLEAR_HANDSHAKE)
+    assert client.clarify(unclear, plain.address, curve) == (client.HANDSHAKE_FAILED, client.NO_CURVE)
+    assert "does not use CurveZMQ" in client.NO_CURVE
+    assert client.clarify(unclear, curve_backend.address, curve) == unclear
+    assert client.clarify(unclear, plain.address, None) == unclear         # no keys: nothing to clarify
+    refused = (client.REFUSED, "refused this client's CurveZMQ key")
+    assert client.clarify(refused, plain.address, curve) == refused        # only the unclear one is re-asked
