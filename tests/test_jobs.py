@@ -68,6 +68,8 @@ def test_fifo_positions_and_queue_full(queue_and_outbox):
 def test_cancel_a_queued_job_removes_it(queue_and_outbox):
     jobs, outbox = queue_and_outbox
     running, _ = jobs.submit(CLIENT, make_submit(steps=50))
+    while jobs.running() is None:   # the worker took the first (on a loaded machine this takes a while)
+        time.sleep(0.002)
     waiting, _ = jobs.submit(CLIENT, make_submit(steps=5))
     job, removed = jobs.cancel(waiting.id)
     assert job is waiting and removed and waiting.state is JobState.CANCELLED
@@ -130,6 +132,8 @@ def test_stop_fails_waiting_and_running_jobs():
 def test_cancel_client_stops_its_jobs_only(queue_and_outbox):
     jobs, outbox = queue_and_outbox
     mine, _ = jobs.submit(CLIENT, make_submit(steps=100_000))
+    while jobs.running() is None:   # running, not waiting: cancel_client stops it instead of removing it
+        time.sleep(0.002)
     theirs, _ = jobs.submit(b"other", make_submit(steps=5))
     also_mine, _ = jobs.submit(CLIENT, make_submit(steps=5))
     assert jobs.clients_with_jobs() == {CLIENT, b"other"}
