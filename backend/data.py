@@ -23,9 +23,11 @@ TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
 #: Optional per-pixel passes (contract C1), with their per-image trailing shape and dtype:
 #: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse colour (Blender's Diffuse Color pass);
 #: "normal" (H, W, 3) float32 WORLD-space unit normals, 0 where there is no surface;
-#: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface.
-PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32}
-PASS_CHANNELS = {"albedo": 3, "normal": 3, "depth": None}
+#: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface;
+#: "roughness" (H, W) float32 material roughness in [0, 1], NO_ROUGHNESS (-1) where it has no value.
+PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
+PASS_CHANNELS = {"albedo": 3, "normal": 3, "depth": None, "roughness": None}
+NO_ROUGHNESS = -1.0
 
 
 @dataclass
@@ -40,7 +42,7 @@ class PosedImages:
         names: one file stem per image, used to name rendered outputs.
         passes: optional per-pixel supervision, keys of :data:`PASS_DTYPES` (see there):
             "albedo" (N, H, W, 3) uint8, "normal" (N, H, W, 3) float32, "depth" (N, H, W)
-            float32.  Masks are the images' alpha channel.
+            float32, "roughness" (N, H, W) float32.  Masks are the images' alpha channel.
         lens_models: None (pinhole cameras) or (N,) int64 shared.cameras lens model codes, with
         distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.lens).
     """
@@ -133,6 +135,8 @@ def _check_pass(name: str, value, nhw: tuple) -> np.ndarray:
         raise ValueError(f"pass {name!r} has NaN or infinite values")
     if name == "depth" and value.min(initial=0.0) < 0:
         raise ValueError("pass 'depth' must be >= 0 (0 where there is no surface)")
+    if name == "roughness" and (((value < 0) | (value > 1)) & (value != NO_ROUGHNESS)).any():
+        raise ValueError(f"pass 'roughness' must be in [0, 1], or {NO_ROUGHNESS} where it has no value")
     return value
 
 
@@ -207,7 +211,9 @@ _INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy
 #:   "normal_path": 8-bit RGB PNG, world normal n = 2 * v / 255 - 1 (renormalised); (0, 0, 0) = no surface.
 #:   "depth_path":  16-bit single-channel PNG, z-depth = value * "depth_scale" (world units per
 #:                  count); 0 = no surface.  Or a .npz holding a float array "depth" (H, W).
-PASS_FILE_KEYS = {"albedo": "albedo_path", "normal": "normal_path", "depth": "depth_path"}
+#:   "roughness_path": a .npz holding a float array "roughness" (H, W) in [0, 1], -1 = no value.
+PASS_FILE_KEYS = {"albedo": "albedo_path", "normal": "normal_path", "depth": "depth_path",
+                  "roughness": "roughness_path"}
 _PASS_META_KEYS = (*PASS_FILE_KEYS.values(), "depth_scale")
 
 
@@ -246,16 +252,20 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def read_pass(kind: str, path: Path, meta: dict, size: tuple[int, int], downscale: int = 1) -> np.ndarray:
     """One pass file (encodings: see PASS_FILE_KEYS) as a PASS_DTYPES array of ``size`` (w, h)
-    after ``downscale``: albedo is box-filtered; normals and depth take the pixel at the
-    middle of each block (averaging would mix surface and background)."""
+    after ``downscale``: albedo is box-filtered; normals, depth and roughness take the pixel at
+    the middle of each block (averaging would mix surface and background)."""
     from PIL import Image
 
     d = int(downscale)
-    if kind == "depth" and path.suffix.lower() == ".npz":
+    if kind == "roughness" and path.suffix.lower() != ".npz":
+        raise ValueError(f"{path}: a roughness pass must be a .npz holding a float array 'roughness'")
+    if kind in ("depth", "roughness") and path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as z:
-            if "depth" not in z:
-                raise ValueError(f"{path}: no array 'depth' in it")
-            arr = np.asarray(z["depth"], dtype=np.float32)
+            if kind not in z:
+                raise ValueError(f"{path}: no array {kind!r} in it")
+            arr = np.asarray(z[kind], dtype=np.float32)
+            if arr.ndim != 2:
+                raise ValueError(f"{path}: {kind!r} must be a 2-D (H, W) array, got shape {arr.shape}")
     else:
         with Image.open(path) as im:
             if kind == "albedo":
@@ -283,16 +293,16 @@ def read_pass(kind: str, path: Path, meta: dict, size: tuple[int, int], downscal
         n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
         n[empty] = 0.0
         return n.astype(np.float32)
-    if kind == "depth":
-        return np.asarray(arr, dtype=np.float32)
+    if kind in ("depth", "roughness"):
+        return np.ascontiguousarray(arr, dtype=np.float32)
     return np.ascontiguousarray(arr)
 
 
 def write_pass_files(folder: str | Path, stem: str, passes: dict[str, np.ndarray], depth_scale: float
                      ) -> dict[str, str]:
-    """Write one view's passes ("albedo" (H,W,3) u8, "normal" (H,W,3) f32, "depth" (H,W) f32) as
-    the files :func:`read_pass` reads: ``<stem>_albedo.png``, ``<stem>_normal.png``,
-    ``<stem>_depth.png`` under ``folder``.  Returns the frame keys (paths relative to ``folder``).
+    """Write one view's passes ("albedo" (H,W,3) u8, "normal" (H,W,3) f32, "depth" (H,W) f32,
+    "roughness" (H,W) f32) as the files :func:`read_pass` reads: ``<stem>_albedo.png``,
+    ``<stem>_normal.png``, ``<stem>_depth.png``, ``<stem>_roughness.npz`` under ``folder``.  Returns the frame keys (paths relative to ``folder``).
     ``depth_scale``: world units per 16-bit count (depths above 65535 * scale are an error)."""
     from PIL import Image
 
@@ -313,6 +323,10 @@ def write_pass_files(folder: str | Path, stem: str, passes: dict[str, np.ndarray
             raise ValueError(f"depth {counts.max() * depth_scale:g} does not fit 16 bits at scale {depth_scale:g}")
         Image.fromarray(counts.astype(np.uint16)).save(folder / f"{stem}_depth.png")
         keys["depth_path"] = f"{stem}_depth.png"
+    if "roughness" in passes:
+        np.savez_compressed(folder / f"{stem}_roughness.npz",
+                            roughness=np.asarray(passes["roughness"], dtype=np.float32))
+        keys["roughness_path"] = f"{stem}_roughness.npz"
     return keys
 
 
@@ -419,7 +433,8 @@ def from_submit(msg: Any) -> PosedImages:
     lens_rows = {"lens_models": np.asarray(msg.lens_models), "distortion": np.asarray(msg.distortion)} \
         if len(getattr(msg, "lens_models", ())) else {}
     passes = {}
-    for kind, wire_name in (("albedo", "albedo"), ("normal", "normals"), ("depth", "depth")):
+    for kind, wire_name in (("albedo", "albedo"), ("normal", "normals"), ("depth", "depth"),
+                            ("roughness", "roughness")):
         value = getattr(msg, wire_name, None)
         if value is not None and value.shape[0]:
             passes[kind] = np.array(value, dtype=PASS_DTYPES[kind], copy=True)
@@ -466,11 +481,11 @@ class RaySampler:
             self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
             self.distortion = torch.from_numpy(data.distortion).float().to(self.device)   # (N,6)
         # Passes on the device: albedo (N,H,W,3) u8, normal (N,H,W,3) f16 (unit to ~1e-3),
-        # depth (N,H,W) f32.
+        # depth (N,H,W) f32, roughness (N,H,W) f16 (to ~5e-4; -1 stays exact).
         self.passes: dict[str, torch.Tensor] = {}
         for kind, value in data.passes.items():
             t = torch.from_numpy(np.ascontiguousarray(value))
-            self.passes[kind] = (t.half() if kind == "normal" else t).to(self.device)
+            self.passes[kind] = (t.half() if kind in ("normal", "roughness") else t).to(self.device)
 
     def sample(self, count: int, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -491,7 +506,8 @@ class RaySampler:
             the data: "albedo" (count, 3) float32 in [0, 1], sRGB-encoded (the same encoding
             as rgba); "normal" (count, 3) float32 world unit normals (0: no surface);
             "depth" (count, 1) float32 distance along the returned unit direction to the
-            surface (origin + depth * direction is the surface point; 0: no surface).
+            surface (origin + depth * direction is the surface point; 0: no surface);
+            "roughness" (count, 1) float32 in [0, 1], NO_ROUGHNESS where the pixel has none.
         """
         img, y, x, o, d, rgba = self._draw(count, generator)
         out: dict[str, torch.Tensor] = {}
@@ -504,6 +520,8 @@ class RaySampler:
             forward = -self.poses[img, :3, 2]                         # (count, 3) unit viewing axis
             cos = (d * forward).sum(-1).clamp_min(1e-6)
             out["depth"] = (z / cos).unsqueeze(-1)
+        if "roughness" in self.passes:
+            out["roughness"] = self.passes["roughness"][img, y, x].float().unsqueeze(-1)
         return o, d, rgba, out
 
     def _draw(self, count: int, generator: torch.Generator | None):

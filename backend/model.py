@@ -76,7 +76,8 @@ class FittedField:
             SurfaceField (SdfField "sdf", OccField "occupancy").  occupancy: its occupancy grid.
         aabb: (2, 3) float64 world box.  config: the FitConfig it was trained with.
         meta: JSON-able facts about the run (training size, steps, time, PSNR, ...);
-            ``meta["lighting_baked"]`` is True unless an albedo pass supervised the albedo.
+            ``meta["lighting_baked"]`` is True unless an albedo pass supervised the albedo;
+            ``meta["roughness"]`` is True when a roughness pass supervised the roughness head.
     """
 
     def __init__(self, field: NerfField | SurfaceField, occupancy: OccupancyGrid, aabb: np.ndarray,
@@ -134,10 +135,11 @@ class FittedField:
         return out
 
     def trace_surface(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
-                      normals: bool = False, albedo: bool = False) -> SurfaceOutput:
+                      normals: bool = False, albedo: bool = False, roughness: bool = False) -> SurfaceOutput:
         """Render world rays through a surface field (see :func:`render_surface`).
 
-        ``normals``/``albedo`` add composited world normals and albedo; ``extras`` carries the
+        ``normals``/``albedo``/``roughness`` add composited world normals, albedo and roughness;
+        ``extras`` carries the
         per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value (normalised units) for
         the regularisers.  ``depth`` in world units.
         """
@@ -152,6 +154,8 @@ class FittedField:
                 out["normal"] = n
             if albedo:
                 out["albedo"] = field.albedo(feat)
+            if roughness:       # appearance only: its loss does not move the geometry (see render_surface)
+                out["roughness"] = field.roughness(feat, x)
             return out
 
         out = render_surface(sample_fn, self.occupancy.occupied, self.to_normalised(origins), dirs, self.box,
@@ -234,7 +238,9 @@ class FittedField:
             "albedo" (M, 3) float32 sRGB in [0, 1]: the learnt diffuse albedo where an albedo pass
             supervised it (``meta["lighting_baked"]`` False), else the radiance a camera sees
             looking at the point against its normal (lighting baked in);
-            "normal" (M, 3) float32 unit world-space outward normals from the field's gradient.
+            "normal" (M, 3) float32 unit world-space outward normals from the field's gradient;
+            "roughness" (M, 1) float32 in [0, 1], only where a roughness pass supervised it
+            (``meta["roughness"]``).
         """
         pts = np.asarray(points_world, dtype=np.float32)
         if pts.ndim != 2 or pts.shape[1] != 3:
@@ -244,36 +250,45 @@ class FittedField:
             given = np.asarray(normals_world, dtype=np.float32)
             if given.shape != pts.shape:
                 raise ValueError(f"normals must match the points' shape {pts.shape}, got {given.shape}")
-        albedo, normal = [], []
+        with_roughness = self.is_surface and bool(self.meta.get("roughness", False))
+        albedo, normal, rough = [], [], []
         was_training = self.field.training
         self.field.eval()
         try:
             for i in range(0, len(pts), ATTRIBUTE_CHUNK):
                 x = torch.from_numpy(pts[i:i + ATTRIBUTE_CHUNK]).to(self.device)
                 g = None if given is None else torch.from_numpy(given[i:i + ATTRIBUTE_CHUNK]).to(self.device)
-                a, n = self._attributes(x, g)
+                a, n, r = self._attributes(x, g, with_roughness)
                 albedo.append(a.clamp(0.0, 1.0).cpu())
                 normal.append(n.cpu())
+                if r is not None:
+                    rough.append(r.cpu())
         finally:
             self.field.train(was_training)
-        if not albedo:
-            return {"albedo": np.zeros((0, 3), np.float32), "normal": np.zeros((0, 3), np.float32)}
-        return {"albedo": torch.cat(albedo).numpy().astype(np.float32),
-                "normal": torch.cat(normal).numpy().astype(np.float32)}
+        out = {"albedo": np.zeros((0, 3), np.float32), "normal": np.zeros((0, 3), np.float32)}
+        if albedo:
+            out = {"albedo": torch.cat(albedo).numpy().astype(np.float32),
+                   "normal": torch.cat(normal).numpy().astype(np.float32)}
+        if with_roughness:
+            out["roughness"] = (torch.cat(rough).numpy().astype(np.float32) if rough
+                                else np.zeros((0, 1), np.float32))
+        return out
 
-    def _attributes(self, x_world: torch.Tensor, look: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, 3) world points, optional (K, 3) normals -> albedo (K, 3), unit normals (K, 3)."""
+    def _attributes(self, x_world: torch.Tensor, look: torch.Tensor | None, roughness: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(K, 3) world points, optional (K, 3) normals -> albedo (K, 3), unit normals (K, 3),
+        roughness (K, 1) when asked for (surface fields) else None."""
         x = self.to_normalised(x_world)
         if self.is_surface:
             with torch.no_grad():
                 field = self.field
                 _, feat, grad, _ = field.geometry_with_derivatives(x, field.fd_step)
                 n = field.outward_normals(grad)
+                rough = field.roughness(feat, x) if roughness else None
                 if not self.meta.get("lighting_baked", True):
-                    return field.albedo(feat), n
+                    return field.albedo(feat), n, rough
                 v = n if look is None else torch.nn.functional.normalize(look, dim=-1, eps=1e-12)
-                return field.radiance(feat, n, -v), n
+                return field.radiance(feat, n, -v), n, rough
         with torch.enable_grad():       # radiance field: normal = -grad(density)
             xg = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.field.density(xg).sum(), xg)
@@ -283,7 +298,7 @@ class FittedField:
             origin = x_world + v * (ALBEDO_RAY_START * self.scale)
             out = self.trace(origin, -v, differentiable=False)
             rgb = out.rgb / out.opacity.clamp_min(1e-6)[:, None]
-        return rgb, n.detach()
+        return rgb, n.detach(), None
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:
@@ -312,7 +327,13 @@ class FittedField:
         cfg = FitConfig.from_dict({**doc["config"], "method": method, "device": str(dev)})
         state = torch.load(run_dir / WEIGHTS_FILE, map_location=dev, weights_only=True)
         field, occupancy = build_field(cfg).to(dev), build_occupancy(cfg).to(dev)
-        field.load_state_dict(state["field"])
+        missing, unexpected = field.load_state_dict(state["field"], strict=False)
+        # Runs saved before surface fields had a roughness head lack only that head (untrained
+        # then, and unused: their meta has no "roughness").
+        missing = [k for k in missing if not k.startswith("roughness_net.")]
+        if missing or unexpected:
+            raise ValueError(f"{run_dir}: the weights do not fit the {method} field (missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]})")
         occupancy.load_state_dict(state["occupancy"])
         if isinstance(field, SurfaceField):
             field.restore_active_levels()

@@ -48,9 +48,10 @@ class Samples:
 @dataclass
 class SurfaceOutput:
     """Per-ray results (R rays): rgb (R, 3) premultiplied sRGB, opacity (R,), depth (R,)
-    (expected distance, not divided by opacity), normal (R, 3) and albedo (R, 3) weighted sums
-    where the field gave them (else None); ``samples`` the number of samples shaded; ``extras``
-    per-sample tensors the field returned for losses (e.g. "grad" (M, 3), "laplacian" (M,))."""
+    (expected distance, not divided by opacity), normal (R, 3), albedo (R, 3) and roughness
+    (R, 1) weighted sums where the field gave them (else None); ``samples`` the number of samples
+    shaded; ``extras`` per-sample tensors the field returned for losses (e.g. "grad" (M, 3),
+    "laplacian" (M,))."""
 
     rgb: torch.Tensor
     opacity: torch.Tensor
@@ -59,6 +60,7 @@ class SurfaceOutput:
     albedo: torch.Tensor | None = None
     samples: int = 0
     extras: dict = field(default_factory=dict)
+    roughness: torch.Tensor | None = None
 
 
 def neus_optical_depth(sdf: torch.Tensor, cos: torch.Tensor, delta: float, inv_s: torch.Tensor,
@@ -139,7 +141,8 @@ def render_surface(sample_fn: SampleFn, occupied_fn: OccupiedFn, origins: torch.
 
     Args:
         sample_fn: ``(x (M, 3), d (M, 3)) -> dict`` with "tau" (M,) optical depth and "rgb"
-            (M, 3) sRGB; optional "normal" (M, 3) and "albedo" (M, 3) are composited too; any
+            (M, 3) sRGB; optional "normal" (M, 3), "albedo" (M, 3) and "roughness" (M, 1) are
+            composited too (roughness with the weights detached); any
             other entries are handed back in ``extras``.
         occupied_fn: see :func:`march`.  origins, dirs: (R, 3) float32.  aabb: (2, 3) float32.
         step, max_steps, jitter: see :func:`march`.
@@ -161,5 +164,8 @@ def render_surface(sample_fn: SampleFn, occupied_fn: OccupiedFn, origins: torch.
     depth = origins.new_zeros(r).index_add(0, s.ray, w * s.t)
     normal = accumulate(w, s.ray, out.pop("normal"), r) if "normal" in out else None
     albedo = accumulate(w, s.ray, out.pop("albedo"), r) if "albedo" in out else None
+    # roughness is composited with detached weights: its supervision trains the roughness head
+    # only, never the geometry (a material property must not reshape the surface)
+    roughness = accumulate(w.detach(), s.ray, out.pop("roughness"), r) if "roughness" in out else None
     out["weights"], out["ray"] = w, s.ray
-    return SurfaceOutput(rgb, opacity, depth, normal, albedo, int(s.t.shape[0]), out)
+    return SurfaceOutput(rgb, opacity, depth, normal, albedo, int(s.t.shape[0]), out, roughness)

@@ -95,6 +95,7 @@ class FitConfig:
     albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
     normal_weight: float = 0.05     # 1 - cos of rendered vs the "normal" pass, where given
     depth_weight: float = 0.1       # L1 of rendered vs the "depth" pass (normalised units), where given
+    roughness_weight: float = 1.0   # roughness head vs the "roughness" pass, where it has a value
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitConfig":

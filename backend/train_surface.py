@@ -14,7 +14,8 @@ Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
   occupancy's transition keeps the width its annealed ``logit_scale`` sets);
 * curvature: mean ``|laplacian v|`` on the samples (finite differences, Neuralangelo);
 * passes (contract C1), where the data has them: albedo head vs "albedo", rendered normals vs
-  "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units).
+  "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units), roughness head vs
+  "roughness" (MSE, premultiplied like the albedo, on the pixels that have a value).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .data import PosedImages, RaySampler
 from .model import FittedField, build_field, build_occupancy, pick_device
 from .train import FitConfig, Resumable
 
-PASS_KEYS = ("albedo", "normal", "depth")
+PASS_KEYS = ("albedo", "normal", "depth", "roughness")
 MIN_RAYS = 64           # floor of the adaptive ray count
 
 
@@ -51,7 +52,8 @@ class SurfaceTrainer(Resumable):
         self.passes = data_passes(data)
         self.masks = bool((data.images[..., 3] < 255).any())
         meta = {"width": data.width, "height": data.height, "views": len(data),
-                "lighting_baked": "albedo" not in self.passes, "passes": list(self.passes), "masks": self.masks}
+                "lighting_baked": "albedo" not in self.passes, "roughness": "roughness" in self.passes,
+                "passes": list(self.passes), "masks": self.masks}
         self.model = FittedField(field, occupancy, data.aabb, cfg, meta)
         self.sampler = RaySampler(data, self.device)
         if self.passes and not hasattr(self.sampler, "sample_passes"):
@@ -116,7 +118,8 @@ class SurfaceTrainer(Resumable):
         else:
             (origins, dirs, rgba), passes = self.sampler.sample(self.rays), {}
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
-        out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes)
+        out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes,
+                                  roughness="roughness" in passes)
         bg = torch.rand(origins.shape[0], 3, device=self.device)
         alpha = rgba[:, 3:]
         pred = out.rgb + (1.0 - out.opacity[:, None]) * bg
@@ -152,7 +155,8 @@ class SurfaceTrainer(Resumable):
         return loss
 
     def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:
-        """Albedo, normal and depth supervision (contract C1) on the rays whose pixel has it."""
+        """Albedo, normal, depth and roughness supervision (contract C1) on the rays whose pixel
+        has it."""
         cfg = self.cfg
         loss = torch.zeros((), device=self.device)
         if "albedo" in passes and out.albedo is not None:
@@ -170,6 +174,12 @@ class SurfaceTrainer(Resumable):
             has = z > 0
             if bool(has.any()):
                 loss = loss + cfg.depth_weight * (out.depth[has] - z[has]).abs().mean() / self.model.scale
+        if "roughness" in passes and out.roughness is not None:
+            r = passes["roughness"][:, 0]
+            has = r >= 0                    # NO_ROUGHNESS (-1): background, or a material without one
+            if bool(has.any()):
+                target = r[has] * alpha[has]
+                loss = loss + cfg.roughness_weight * F.mse_loss(out.roughness[has, 0], target)
         return loss
 
 
@@ -180,7 +190,8 @@ def check_surface_config(cfg: FitConfig) -> None:
     if not 1 <= cfg.start_levels <= cfg.levels:
         raise ValueError(f"start_levels must be in [1, levels={cfg.levels}], got {cfg.start_levels}")
     for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
-                 "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "variance_lr"):
+                 "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
+                 "variance_lr"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if not 0.0 < cfg.init_radius < 1.0:

@@ -359,7 +359,7 @@ class CapturePlan:
     eval_intrinsics: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
     frames: list = field(default_factory=list)   # per camera: the scene frame to render at, or None
-    passes: bool = False                         # render albedo / normal / depth passes too
+    passes: bool = False                         # render albedo / normal / depth / roughness passes too
 
 
 def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
@@ -388,8 +388,8 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     cams, frames = [ob for ob, _ in keep], [f for _, f in keep]
     check_perspective(cams + eval_cams)
     if passes and scene.render.engine != "CYCLES":
-        raise CaptureError(f"Render passes (albedo, normal, depth) need the Cycles engine; the scene uses "
-                           f"{scene.render.engine}. Switch to Cycles, or turn the passes off.")
+        raise CaptureError(f"Render passes (albedo, normal, depth, roughness) need the Cycles engine; the "
+                           f"scene uses {scene.render.engine}. Switch to Cycles, or turn the passes off.")
     if not cams and source != "SCENE":
         raise CaptureError("The chosen camera source has no views left to train on (held-out and "
                            "evaluation cameras are left out).")
@@ -614,7 +614,7 @@ def _excluded(layer_collection) -> list:
 @dataclass
 class RenderedView:
     rgba: np.ndarray                                   # (H, W, 4) uint8 sRGB RGBA, top row first
-    passes: dict = field(default_factory=dict)         # C1 passes: albedo / normal / depth (H, W, ...)
+    passes: dict = field(default_factory=dict)         # C1 passes: albedo / normal / depth / roughness (H, W, ...)
     cached: bool = False
 
 
@@ -709,16 +709,24 @@ def export_view_with_passes(scene, view_layer, camera_object, folder: str, stem:
     return save_pass_files(folder, stem, view.passes)
 
 
+# The passes a cached view with passes must hold (passes.PASS_NAMES), each (H, W, ...) of its image
+# and of this dtype.  A file written before a pass existed (e.g. roughness) is a miss: re-rendered.
+_CACHED_PASSES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
+
+
 def _read_cached(path: str, passes: bool) -> RenderedView | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             rgba = np.array(z["rgba"])
-            got = {k: np.array(z[k]) for k in ("albedo", "normal", "depth") if k in z}
+            got = {k: np.array(z[k]) for k in _CACHED_PASSES if k in z} if passes else {}
     except (OSError, KeyError, ValueError):
         return None
-    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[-1] != 4 or (passes and len(got) != 3):
+    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[-1] != 4:
         return None
-    return RenderedView(rgba, got if passes else {}, cached=True)
+    if passes and (len(got) != len(_CACHED_PASSES)
+                   or any(v.dtype != _CACHED_PASSES[k] or v.shape[:2] != rgba.shape[:2] for k, v in got.items())):
+        return None
+    return RenderedView(rgba, got, cached=True)
 
 
 def _write_cached(path: str, view: RenderedView) -> None:
@@ -744,8 +752,10 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         intrinsics: (N, 4) fx, fy, cx, cy; poses: (N, 4, 4) camera-to-world; aabb: (2, 3).
         eval_intrinsics / eval_poses / eval_sizes: (M, 4), (M, 4, 4), (M, 2) int (width, height)
             of cameras the backend renders after fitting; None: none.
-        passes: None, or C1 passes of the images: "albedo" (N, H, W, 3) uint8, "normal"
-            (N, H, W, 3) float (sent as float16), "depth" (N, H, W) float32.
+        passes: None, or C1 passes of the images (each optional): "albedo" (N, H, W, 3) uint8,
+            "normal" (N, H, W, 3) float (sent as float16), "depth" (N, H, W) float32,
+            "roughness" (N, H, W) float in [0, 1], protocol.NO_ROUGHNESS (-1) where there is no
+            value (sent as float16, which keeps -1, 0 and 1 exact).
         textures: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
         lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
@@ -772,6 +782,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         msg.normals = np.ascontiguousarray(passes["normal"], dtype=np.float16)
     if "depth" in passes:
         msg.depth = np.ascontiguousarray(passes["depth"], dtype=np.float32)
+    if "roughness" in passes:
+        msg.roughness = np.ascontiguousarray(passes["roughness"], dtype=np.float16)
     if lens_models is not None:
         msg.lens_models = np.ascontiguousarray(lens_models, dtype=np.int32).reshape(-1)
         msg.distortion = np.ascontiguousarray(distortion, dtype=np.float64).reshape(-1, 6)

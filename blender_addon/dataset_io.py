@@ -79,8 +79,9 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
         aabb: (2, 3) world box written as "aabb"; None: the padded box of the visible geometry
             (left out if there is none).
         progress: ``progress(i, n)`` after each render.
-        passes: also render albedo / normal / depth passes (Cycles) and name their files in
-            each frame (albedo_path, normal_path, depth_path: see backend/data.py).
+        passes: also render albedo / normal / depth / roughness passes (Cycles) and name their
+            files in each frame (albedo_path, normal_path, depth_path, roughness_path: see
+            backend/data.py).
     Returns:
         {"train": n_train, "test": n_test, "files": [written json paths]}.
     Raises:

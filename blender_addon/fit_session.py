@@ -45,7 +45,7 @@ class FitSettings:
     seconds: float = 0.0                  # training time budget; 0: the preset's step count
     steps: int = 0                        # 0: the preset's default
     mesh_resolution: int = 0              # 0: the preset's default
-    textures: int = 0                     # side of baked UV textures (albedo, normal map); 0: vertex colours
+    textures: int = 0                     # side of baked UV textures (albedo, normal, roughness); 0: vertex colours
     preview_size: int = 128               # longest side of previews; 0: none
     preview_interval: float = 1.0         # seconds between previews
     ring_count: int = 24                  # cameras placed around the selection if there are none
@@ -63,7 +63,7 @@ class FitSettings:
     source_collection: str = ""           # COLLECTION: its name
     source_camera: str = ""               # ANIMATION: the camera (default: the scene camera)
     frame_range: tuple | None = None      # ANIMATION: (start, end, step); None: the scene's
-    passes: bool | None = None            # albedo/normal/depth passes; None: on for sdf/occupancy
+    passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on for sdf/occupancy
     cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
 
 

@@ -1,9 +1,15 @@
-"""Render passes for supervision (contract C1): albedo, world normals and z-depth from Cycles.
+"""Render passes for supervision (contract C1): albedo, world normals, z-depth and roughness
+from Cycles.
 
 The beauty render (capture.render_view) stays as it is; while :class:`PassOutput` is active,
-the compositor also writes three single-layer float EXRs through a File Output node fed by the
+the compositor also writes four single-layer float EXRs through a File Output node fed by the
 Render Layers node (Blender 5.0: ``scene.compositing_node_group``; 4.x: ``scene.node_tree``).
 The compositor's Viewer does not exist in background mode, so files are the way out.
+
+Cycles has no roughness pass, so :class:`PassOutput` adds a shader AOV to the view layer and,
+into every material, a few nodes writing (roughness, 1, 0) to it: the roughness feeding the
+first BSDF found upstream of the active Material Output (:func:`material_roughness`).  All of
+it (AOV, nodes, links) is removed again on exit.
 
 What Cycles gives (checked with bpy 5.0.1, see tests/test_passes_bpy.py):
 - "Diffuse Color": linear, averaged over the pixel's samples, so multiplied by the coverage
@@ -12,6 +18,9 @@ What Cycles gives (checked with bpy 5.0.1, see tests/test_passes_bpy.py):
 - "Normal": WORLD-space shading normals, averaged over samples (length = coverage).
 - "Depth": distance along the camera's viewing axis (not along the ray), from one sample
   (not averaged), 1e10 where no surface was hit.
+- The AOV (a Render Layers output named after it): averaged over the pixel's samples, samples
+  that hit nothing or a material without an AOV node counting 0; so G is the share of samples
+  with a value (= alpha where the whole pixel has one) and R / G their mean roughness.
 Main thread only.
 """
 from __future__ import annotations
@@ -22,10 +31,20 @@ import os
 import bpy
 import numpy as np
 
-PASS_NAMES = ("albedo", "normal", "depth")
+from ._shared import protocol
+
+PASS_NAMES = ("albedo", "normal", "depth", "roughness")
+# pass -> (Render Layers output, File Output item type); "roughness" reads the AOV's output,
+# whose name is only known once the AOV exists (see PassOutput.__enter__).
 _SOCKETS = {"albedo": ("Diffuse Color", "RGBA"), "normal": ("Normal", "VECTOR"), "depth": ("Depth", "FLOAT")}
 _LAYER_FLAGS = ("use_pass_diffuse_color", "use_pass_normal", "use_pass_z")
 NO_SURFACE_DEPTH = 1e9        # Cycles writes 1e10 where a pixel's sample hit nothing
+ROUGHNESS_AOV = "ImplicitRoughness"   # the view layer AOV the materials write (roughness, 1, 0) into
+# BSDFs whose "Roughness" input is the roughness; a Diffuse BSDF counts as fully rough (1.0).
+# Blender 4.0+ creates the Glossy BSDF as ShaderNodeBsdfAnisotropic.
+_ROUGHNESS_BSDFS = ("ShaderNodeBsdfPrincipled", "ShaderNodeBsdfAnisotropic", "ShaderNodeBsdfGlossy",
+                    "ShaderNodeBsdfMetallic")
+_FULLY_ROUGH_BSDFS = ("ShaderNodeBsdfDiffuse",)
 
 
 class PassError(Exception):
@@ -42,16 +61,99 @@ def _compositor_tree_attr(scene) -> str:
     return "compositing_node_group" if hasattr(scene, "compositing_node_group") else "node_tree"
 
 
+def _linked_output(socket):
+    """The output socket feeding an input ``socket`` through an enabled, valid link, or None."""
+    if socket is None or not socket.is_linked:
+        return None
+    link = socket.links[0]
+    if link.is_muted or not link.is_valid:
+        return None
+    return link.from_socket
+
+
+def _shader_source(socket):
+    """The output socket that really feeds a shader input: reroutes and muted nodes' pass-throughs
+    followed; None if nothing does."""
+    for _ in range(256):                        # a bound, in case of a broken (cyclic) tree
+        src = _linked_output(socket)
+        if src is None:
+            return None
+        node = src.node
+        if node.bl_idname == "NodeReroute":
+            socket = node.inputs[0]
+        elif node.mute:
+            socket = next((il.from_socket for il in node.internal_links if il.to_socket == src), None)
+        else:
+            return src
+    return None
+
+
+def _shader_roughness(socket, depth: int = 0):
+    """See :func:`material_roughness`; ``socket``: a shader input."""
+    src = _shader_source(socket)
+    if src is None or depth > 64:
+        return None
+    node = src.node
+    if node.bl_idname in _ROUGHNESS_BSDFS:
+        rough = node.inputs["Roughness"]
+        linked = _linked_output(rough)
+        return linked if linked is not None else float(rough.default_value)
+    if node.bl_idname in _FULLY_ROUGH_BSDFS:
+        return 1.0
+    if node.bl_idname == "ShaderNodeMixShader":
+        fac = node.inputs[0]
+        branches = [node.inputs[1], node.inputs[2]]
+        if not fac.is_linked and fac.default_value > 0.5:    # the second shader weighs more
+            branches.reverse()
+    elif node.bl_idname == "ShaderNodeAddShader":
+        branches = [node.inputs[0], node.inputs[1]]
+    else:
+        return None                             # e.g. Emission, Holdout, a node group
+    for branch in branches:
+        found = _shader_roughness(branch, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def material_roughness(tree):
+    """The roughness a material's pass shows, from the first BSDF upstream of the active (Cycles)
+    Material Output's Surface input, through Mix Shader (the heavier shader first when the factor
+    is not linked), Add Shader, reroutes and muted nodes.
+
+    Returns:
+        a float (a Principled / Glossy / Anisotropic / Metallic BSDF's unlinked "Roughness";
+        1.0 for a Diffuse BSDF), the output socket linked into that "Roughness" input, or None
+        when there is no such BSDF (e.g. an Emission-only material, or one inside a node group).
+    """
+    out = tree.get_output_node("CYCLES") if hasattr(tree, "get_output_node") else None
+    if out is None or "Surface" not in out.inputs:
+        return None
+    return _shader_roughness(out.inputs["Surface"])
+
+
+def _uses_nodes(mat) -> bool:
+    """Whether Cycles shades ``mat`` with its node tree (5.0: always, if it has one)."""
+    if mat.node_tree is None or not getattr(mat, "is_editable", True):
+        return False
+    return bpy.app.version >= (5, 0, 0) or bool(mat.use_nodes)
+
+
 class PassOutput:
     """Context manager: while active, every render of ``scene`` also writes the passes as EXRs
     into ``folder`` (see :meth:`prepare` and :meth:`read`).  Everything it changes (view layer
-    pass flags, compositing switch, the compositor tree) is put back on exit."""
+    pass flags and the roughness AOV, compositing switch, the compositor tree, the nodes added
+    to materials) is put back on exit, also when an error is raised inside the context."""
 
     def __init__(self, scene, view_layer, folder: str):
         self.scene, self.view_layer, self.folder = scene, view_layer, folder
         self._saved: list = []
         self._tree = None
         self._node = None
+        self._items: list[str] = []            # File Output items, in order (pass names)
+        self._aov_name: str | None = None      # the roughness AOV we added to the view layer
+        self._aov_index = -1                   # the view layer's active AOV index before that
+        self._material_nodes: list = []        # (material, node name) we added
 
     def _set(self, owner, attr, value):
         self._saved.append((owner, attr, getattr(owner, attr)))
@@ -64,6 +166,8 @@ class PassOutput:
                 raise PassError(f"Render passes need the Cycles engine (the scene uses {s.render.engine}).")
             for flag in _LAYER_FLAGS:
                 self._set(self.view_layer, flag, True)
+            sockets = dict(_SOCKETS)
+            sockets["roughness"] = (self._add_roughness_aov(), "RGBA")
             self._set(s.render, "use_compositing", True)
             attr = _compositor_tree_attr(s)
             if attr == "node_tree":            # Blender 4.x: the scene owns its compositor tree
@@ -84,21 +188,78 @@ class PassOutput:
             fmt.file_format = "OPEN_EXR"
             fmt.color_depth = "32"
             fmt.exr_codec = "ZIP"
+            self._items = list(sockets)
+            for name, (socket, _kind) in sockets.items():
+                if socket not in rl.outputs:
+                    raise PassError(f"The Render Layers node has no '{socket}' output for the {name} pass.")
             if hasattr(out, "file_output_items"):       # 5.0
                 out.directory = self.folder + os.sep
-                for name, (socket, kind) in _SOCKETS.items():
+                for name, (socket, kind) in sockets.items():
                     out.file_output_items.new(kind, name)
                     tree.links.new(rl.outputs[socket], out.inputs[name])
             else:                                       # 4.x: file_slots, base_path
                 out.base_path = self.folder + os.sep
                 out.file_slots.clear()
-                for name, (socket, _kind) in _SOCKETS.items():
+                for name, (socket, _kind) in sockets.items():
                     out.file_slots.new(name)
                     tree.links.new(rl.outputs[socket], out.inputs[name])
         except Exception:
             self.restore()
             raise
         return self
+
+    def _add_roughness_aov(self) -> str:
+        """Add the roughness AOV to the view layer and, to every material that has a roughness
+        (:func:`material_roughness`), a Combine XYZ (roughness, 1, 0) -> AOV Output pair.
+        Returns the AOV's name (also the Render Layers output's name)."""
+        layer = self.view_layer
+        self._aov_index = layer.active_aov_index
+        aov = layer.aovs.add()
+        aov.name = ROUGHNESS_AOV       # Blender makes it unique if the user has an AOV of that name
+        aov.type = "COLOR"
+        self._aov_name = aov.name
+        for mat in bpy.data.materials:
+            if not _uses_nodes(mat):
+                continue
+            tree = mat.node_tree
+            rough = material_roughness(tree)
+            if rough is None:
+                continue                # no value: the AOV's G stays 0 on this material's pixels
+            comb = tree.nodes.new("ShaderNodeCombineXYZ")
+            self._material_nodes.append((mat, comb.name))
+            write = tree.nodes.new("ShaderNodeOutputAOV")
+            self._material_nodes.append((mat, write.name))
+            write.aov_name = self._aov_name
+            comb.inputs["Y"].default_value = 1.0          # "this pixel has a value"
+            comb.inputs["Z"].default_value = 0.0
+            if isinstance(rough, float):
+                comb.inputs["X"].default_value = rough
+            else:
+                tree.links.new(rough, comb.inputs["X"])
+            tree.links.new(comb.outputs["Vector"], write.inputs["Color"])
+        return self._aov_name
+
+    def _remove_roughness_aov(self) -> None:
+        for mat, name in reversed(self._material_nodes):
+            try:
+                node = mat.node_tree.nodes.get(name)
+                if node is not None:
+                    mat.node_tree.nodes.remove(node)       # its links go with it
+            except (ReferenceError, RuntimeError, AttributeError) as exc:
+                print(f"Fit Implicit: could not remove the roughness node {name!r}: {exc}")
+        self._material_nodes.clear()
+        if self._aov_name is not None:
+            layer = self.view_layer
+            try:
+                for aov in list(layer.aovs):
+                    if aov.name == self._aov_name:
+                        layer.aovs.remove(aov)
+                        break
+                if self._aov_index < len(layer.aovs):
+                    layer.active_aov_index = self._aov_index
+            except (ReferenceError, RuntimeError, TypeError, ValueError) as exc:
+                print(f"Fit Implicit: could not remove the roughness AOV: {exc}")
+            self._aov_name = None
 
     def prepare(self, prefix: str) -> None:
         """Name the next render's pass files ``<folder>/<prefix><pass>*.exr`` (old ones removed)."""
@@ -107,7 +268,7 @@ class PassOutput:
         if hasattr(self._node, "file_name"):
             self._node.file_name = prefix
         else:
-            for slot, name in zip(self._node.file_slots, _SOCKETS):
+            for slot, name in zip(self._node.file_slots, self._items):
                 slot.path = prefix + name
 
     def _files(self, prefix: str) -> list[str]:
@@ -120,7 +281,9 @@ class PassOutput:
             alpha: (H, W) float32 coverage in [0, 1] of the beauty render.
         Returns:
             "albedo" (H, W, 3) uint8 sRGB; "normal" (H, W, 3) float32 unit world (0: none);
-            "depth" (H, W) float32 z-depth in world units (0: none).  Top row first.
+            "depth" (H, W) float32 z-depth in world units (0: none); "roughness" (H, W) float32
+            in [0, 1] (protocol.NO_ROUGHNESS = -1: no surface, or its material has no
+            roughness).  Top row first.
         """
         raw = {}
         for name in PASS_NAMES:
@@ -128,7 +291,7 @@ class PassOutput:
             if len(found) != 1:
                 raise PassError(f"The {name} pass was not written (looked for {prefix}{name}*.exr in {self.folder}).")
             raw[name] = load_float_image(found[0])
-        return convert_passes(raw["albedo"], raw["normal"], raw["depth"][..., 0], alpha)
+        return convert_passes(raw["albedo"], raw["normal"], raw["depth"][..., 0], alpha, raw["roughness"])
 
     def restore(self) -> None:
         if self._tree is None and getattr(self, "_nodes", None):      # 4.x: remove our nodes
@@ -147,6 +310,7 @@ class PassOutput:
         if self._tree is not None:
             bpy.data.node_groups.remove(self._tree)
             self._tree = None
+        self._remove_roughness_aov()
 
     def __exit__(self, *exc):
         self.restore()
@@ -172,8 +336,8 @@ def load_float_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(px)
 
 
-def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, alpha: np.ndarray
-                   ) -> dict[str, np.ndarray]:
+def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, alpha: np.ndarray,
+                   roughness: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cycles' raw passes -> contract C1 (see :meth:`PassOutput.read`).
 
     Args:
@@ -181,6 +345,9 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
         normal: (H, W, >=3) float32 world normals, coverage-weighted.
         depth: (H, W) float32 z-depth, >= NO_SURFACE_DEPTH where nothing was hit.
         alpha: (H, W) float32 coverage in [0, 1].
+        roughness: (H, W, >=2) float32 roughness AOV, coverage-weighted: R the roughness, G the
+            share of samples that had one.  A pixel has a value where G > alpha / 2 (most of its
+            surface has one); its roughness is R / G.  None: no value anywhere (all -1).
     """
     alpha = np.asarray(alpha, dtype=np.float32)
     covered = alpha > 0
@@ -192,15 +359,22 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
     n = np.where(has_normal[..., None], n / np.maximum(length, 1e-12)[..., None], 0.0)
     z = np.asarray(depth, dtype=np.float32)
     z = np.where((z > 0) & (z < NO_SURFACE_DEPTH) & np.isfinite(z), z, 0.0)
+    rough = np.full(alpha.shape, protocol.NO_ROUGHNESS, dtype=np.float32)
+    if roughness is not None:
+        r, g = roughness[..., 0].astype(np.float32), roughness[..., 1].astype(np.float32)
+        has_value = covered & (g > 0.5 * np.maximum(alpha, 1e-3)) & np.isfinite(r)
+        rough[has_value] = np.clip(r[has_value] / g[has_value], 0.0, 1.0)
     return {"albedo": np.clip(albedo * 255.0 + 0.5, 0, 255).astype(np.uint8),
-            "normal": n.astype(np.float32), "depth": z.astype(np.float32)}
+            "normal": n.astype(np.float32), "depth": z.astype(np.float32), "roughness": rough}
 
 
 def save_pass_files(folder: str, stem: str, passes: dict) -> dict:
     """Write one view's passes next to its image, as backend/data.py reads them (PASS_FILE_KEYS):
     ``<stem>_albedo.png`` (8-bit sRGB RGB), ``<stem>_normal.png`` (8-bit RGB, n = 2 v / 255 - 1,
-    (0, 0, 0) = no surface) and ``<stem>_depth.npz`` (float32 "depth", 0 = no surface).
-    Returns the frame keys (paths relative to ``folder``).  Main thread (bpy images)."""
+    (0, 0, 0) = no surface), ``<stem>_depth.npz`` (float32 "depth", 0 = no surface) and
+    ``<stem>_roughness.npz`` (float32 "roughness" in [0, 1], -1 = no value).
+    Returns the frame keys (albedo_path, normal_path, depth_path, roughness_path: paths relative
+    to ``folder``) of the passes given.  Main thread (bpy images)."""
     keys = {}
     if "albedo" in passes:
         keys["albedo_path"] = _save_rgb8(folder, f"{stem}_albedo.png", np.asarray(passes["albedo"], np.uint8), "sRGB")
@@ -213,6 +387,10 @@ def save_pass_files(folder: str, stem: str, passes: dict) -> dict:
         np.savez_compressed(os.path.join(folder, f"{stem}_depth.npz"),
                             depth=np.asarray(passes["depth"], dtype=np.float32))
         keys["depth_path"] = f"{stem}_depth.npz"
+    if "roughness" in passes:
+        np.savez_compressed(os.path.join(folder, f"{stem}_roughness.npz"),
+                            roughness=np.asarray(passes["roughness"], dtype=np.float32))
+        keys["roughness_path"] = f"{stem}_roughness.npz"
     return keys
 
 

@@ -76,7 +76,8 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         poll=lambda _self, ob: ob.type == "CAMERA")
     render_passes: bpy.props.EnumProperty(
         name="Render Passes", default="AUTO",
-        description="Also render albedo, normal and depth passes (Cycles) so that the albedo carries no lighting",
+        description="Also render albedo, normal, depth and roughness passes (Cycles) so that the albedo carries "
+                    "no lighting and the asset gets a roughness texture",
         items=(("AUTO", "Auto", "For surface fits (SDF, occupancy)"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
     resume_renders: bpy.props.BoolProperty(
         name="Resume Renders", default=True,

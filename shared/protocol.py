@@ -36,7 +36,7 @@ from . import wire
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -341,6 +341,10 @@ class Submit(Message):
     albedo: np.ndarray = spec(Array(("uint8",), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.uint8))
     normals: np.ndarray = spec(Array(("float32", "float16"), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.float32))
     depth: np.ndarray = spec(Array(("float32", "float16"), (None, None, None)), default_factory=_empty((0, 0, 0), np.float32))
+    # roughness: the material's roughness in [0, 1] (Principled BSDF "Roughness"), NO_ROUGHNESS
+    # (-1) where there is no surface or the material has no roughness to read.
+    roughness: np.ndarray = spec(Array(("float32", "float16"), (None, None, None)),
+                                 default_factory=_empty((0, 0, 0), np.float32))
     # Optional lens distortion, empty (pinhole cameras) or one row per image: lens_models[i] is a
     # shared.cameras.LENS_MODELS code (0 PINHOLE, 1 OPENCV, 2 OPENCV_FISHEYE), distortion[i] its
     # (k1, k2, k3, k4, p1, p2) (see shared.cameras.distort).  Training bends rays through it.
@@ -368,12 +372,14 @@ class Submit(Message):
 
 
 NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit
+NO_ROUGHNESS = -1.0       # a roughness pixel without a value
 
 
 def check_passes(msg: "Submit") -> None:
-    """Each pass is empty or matches the images' N, H, W; normals are unit (or 0); depth >= 0."""
+    """Each pass is empty or matches the images' N, H, W; normals are unit (or 0); depth >= 0;
+    roughness in [0, 1] or NO_ROUGHNESS."""
     nhw = msg.images.shape[:3]
-    for name in ("albedo", "normals", "depth"):
+    for name in ("albedo", "normals", "depth", "roughness"):
         value = getattr(msg, name)
         if value.shape[0] == 0:
             continue
@@ -388,6 +394,12 @@ def check_passes(msg: "Submit") -> None:
                                 f"unit length (within {NORMAL_TOLERANCE}) nor zero")
     if msg.depth.size and float(msg.depth.min()) < 0:
         raise ProtocolError("submit.depth: depths must be >= 0 (0 where there is no surface)")
+    for i in range(msg.roughness.shape[0]):
+        r = msg.roughness[i]
+        bad = ((r < 0) | (r > 1)) & (r != NO_ROUGHNESS)
+        if bad.any():
+            raise ProtocolError(f"submit.roughness: image {i} has {int(bad.sum())} values outside [0, 1] that are "
+                                f"not {NO_ROUGHNESS} (no value)")
 
 
 LENS_MODEL_COUNT = 3          # shared.cameras.LENS_MODELS

@@ -1,5 +1,6 @@
 """Camera sources (animated camera, a collection, the selection), resumable capture and Cancel,
 with real Blender renders through the bpy wheel."""
+import os
 import time
 
 import numpy as np
@@ -126,10 +127,21 @@ def _count_renders():
     return count, lambda: bpy.app.handlers.render_pre.remove(on_render)
 
 
+def _principled_material(name, roughness):
+    import bpy
+
+    mat = bpy.data.materials.new(name)
+    if mat.node_tree is None:
+        mat.use_nodes = True
+    mat.node_tree.nodes["Principled BSDF"].inputs["Roughness"].default_value = roughness
+    return mat
+
+
 def test_resumable_capture_renders_nothing_the_second_time(capture, tmp_path):
     import bpy
 
     scene = _scene()
+    add_plane(scene, "Shiny", size=0.6, location=(0.1, 0.0, 0.1), material=_principled_material("Shiny", 0.4))
     cams = [add_camera(scene, f"Cam{i}", location=(0.2 * i, 0.0, 4.0)) for i in range(3)]
     cache = str(tmp_path / "cache")
     count, stop = _count_renders()
@@ -142,13 +154,28 @@ def test_resumable_capture_renders_nothing_the_second_time(capture, tmp_path):
         assert count[0] == 3 and again.renders == 0 and again.cache_hits == 3
         for v1, v2 in zip(views1, views2):
             assert v2.cached and np.array_equal(v1.rgba, v2.rgba)
-            assert all(np.array_equal(v1.passes[k], v2.passes[k]) for k in ("albedo", "normal", "depth"))
+            assert set(v2.passes) == {"albedo", "normal", "depth", "roughness"}
+            assert all(np.array_equal(v1.passes[k], v2.passes[k]) for k in v1.passes)
+            rough = v2.passes["roughness"]
+            emitting = (rough == -1.0) & (v2.rgba[..., 3] == 255)                   # Red has no roughness
+            assert np.sum(np.abs(rough - 0.4) < 0.02) > 4 and np.sum(emitting) > 4
+        # A cache file from before the roughness pass is a miss: that view is rendered again.
+        path = os.path.join(cache, again.key(cams[2], passes=True) + ".npz")
+        with np.load(path) as z:
+            old = {k: np.array(z[k]) for k in z.files if k != "roughness"}
+        np.savez_compressed(path, **old)
+        resumed = capture.ViewRenderer(scene, bpy.context.view_layer, str(tmp_path), cache_dir=cache)
+        views = resumed.render_all(cams, passes=True)
+        assert resumed.renders == 1 and resumed.cache_hits == 2 and count[0] == 4
+        assert not views[2].cached and np.array_equal(views[2].passes["roughness"], views1[2].passes["roughness"])
+        with np.load(path) as z:
+            assert "roughness" in z.files
         # A moved camera and a changed material are new views; the others are still cached.
         cams[1].location.x += 0.1
         bpy.context.view_layer.update()
         third = capture.ViewRenderer(scene, bpy.context.view_layer, str(tmp_path), cache_dir=cache)
         third.render_all(cams, passes=True)
-        assert third.renders == 1 and count[0] == 4
+        assert third.renders == 1 and count[0] == 5
         bpy.data.materials["Red"].node_tree.nodes["Emission"].inputs["Color"].default_value = (0, 1, 0, 1)
         fourth = capture.ViewRenderer(scene, bpy.context.view_layer, str(tmp_path), cache_dir=cache)
         fourth.render_all(cams[:1])
@@ -265,7 +292,8 @@ def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
     sub = client.submit
     assert sub is not None and sub.images.shape == (3, 16, 24, 4)
     assert sub.albedo.shape == (3, 16, 24, 3) and sub.normals.shape == (3, 16, 24, 3)
-    assert sub.depth.shape == (3, 16, 24)
+    assert sub.depth.shape == (3, 16, 24) and sub.roughness.shape == (3, 16, 24)
+    assert sub.roughness.dtype == np.float16 and np.all(sub.roughness == -1.0)    # an Emission has none
     covered = sub.images[..., 3] == 255
     np.testing.assert_allclose(sub.depth[covered], 5.0, rtol=1e-3)      # the plane is 5 below the camera
     np.testing.assert_allclose(sub.poses[:, 0, 3], [-1.0, 0.0, 1.0], atol=1e-6)

@@ -78,16 +78,18 @@ def test_malformed_replies_become_a_clear_failure(fake_router):
 
 
 def test_a_newer_backend_is_named_with_both_versions(fake_router):
+    ours, newer = protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION + 1
+
     def reply(frames):
-        return [json.dumps({"v": 2, "type": "welcome", "protocol": 2, "arrays": []}).encode()]
+        return [json.dumps({"v": newer, "type": "welcome", "protocol": newer, "arrays": []}).encode()]
 
     backend = fake_router(reply)
-    with pytest.raises(BackendError, match=r"version mismatch.*peer speaks 2, this side speaks 1"):
+    with pytest.raises(BackendError, match=rf"version mismatch.*peer speaks {newer}, this side speaks {ours}"):
         probe(backend.address)
     client = JobClient(backend.address, heartbeat_interval=0.1)
     client.start(make_submit())
     client.wait(3)
-    assert "version mismatch" in client.error and "2" in client.error and "1" in client.error
+    assert "version mismatch" in client.error and str(newer) in client.error and str(ours) in client.error
     client.close()
 
 
@@ -95,11 +97,11 @@ def test_an_error_reply_to_hello_ends_the_job(fake_router):
     def reply(frames):
         if header(frames)["type"] == "hello":
             return protocol.Error(code="version_mismatch", in_reply_to="hello",
-                                  message="protocol version mismatch: client speaks 1, backend speaks 3").to_frames()
+                                  message="protocol version mismatch: client speaks 2, backend speaks 3").to_frames()
         return None
 
     backend = fake_router(reply)
-    with pytest.raises(BackendError, match="client speaks 1, backend speaks 3"):
+    with pytest.raises(BackendError, match="client speaks 2, backend speaks 3"):
         probe(backend.address)
 
 

@@ -1,6 +1,7 @@
 """Passes (contract C1) in backend.data and on the wire: files of a transforms.json dataset,
 sample_passes on a plane whose geometry is known, and Submits with malformed passes."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -29,8 +30,10 @@ def _posed(n=2):
     depth, normal = zip(*(_plane_view(p) for p in poses))
     rng = np.random.default_rng(0)
     albedo = rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8)
+    roughness = rng.uniform(0.0, 1.0, (n, H, W)).astype(np.float32)
+    roughness[:, :, :2] = data.NO_ROUGHNESS                   # a material without a roughness
     images = np.full((n, H, W, 4), 255, np.uint8)
-    passes = {"albedo": albedo, "normal": np.stack(normal), "depth": np.stack(depth)}
+    passes = {"albedo": albedo, "normal": np.stack(normal), "depth": np.stack(depth), "roughness": roughness}
     return data.PosedImages(images, np.tile(K, (n, 1)), np.stack(poses), [[-2, -2, -1], [2, 2, 1]],
                             [f"v{i}" for i in range(n)], passes)
 
@@ -40,13 +43,24 @@ def test_sample_passes_depth_is_the_distance_along_the_returned_ray():
     sampler = data.RaySampler(d, "cpu")
     g = torch.Generator().manual_seed(0)
     o, dirs, rgba, p = sampler.sample_passes(4096, generator=g)
-    assert set(p) == {"albedo", "normal", "depth"}
+    assert set(p) == {"albedo", "normal", "depth", "roughness"}
     assert p["depth"].shape == (4096, 1) and p["normal"].shape == (4096, 3) and p["albedo"].shape == (4096, 3)
+    assert p["roughness"].shape == (4096, 1)
     assert all(v.dtype == torch.float32 for v in p.values())
     hit = o + p["depth"] * dirs
     assert hit[:, 2].abs().max() < 1e-4                       # on the plane z = 0
     assert torch.allclose(p["normal"], torch.tensor([0.0, 0.0, 1.0]).expand(4096, 3), atol=1e-3)
     assert 0.0 <= float(p["albedo"].min()) and float(p["albedo"].max()) <= 1.0
+    # roughness: the pixel's own value (float16 on the device), -1 kept exact where it has none.
+    # Here the red channel carries the same number, so each sample can be checked against its pixel.
+    images = d.images.copy()
+    images[..., 0] = np.random.default_rng(1).integers(0, 256, images.shape[:3])
+    rough = np.where(d.passes["roughness"] < 0, data.NO_ROUGHNESS, images[..., 0] / 255.0).astype(np.float32)
+    marked = data.PosedImages(images, d.intrinsics, d.poses, d.aabb, d.names, {"roughness": rough})
+    _, _, mrgba, mp = data.RaySampler(marked, "cpu").sample_passes(4096, generator=torch.Generator().manual_seed(1))
+    r, has = mp["roughness"][:, 0], mp["roughness"][:, 0] >= 0
+    assert 0 < int(has.sum()) < 4096 and bool((r[~has] == data.NO_ROUGHNESS).all())
+    assert float((r[has] - mrgba[has, 0]).abs().max()) < 1e-3
     # the same pixels as sample(): same generator state, same rays and colours
     o2, d2, rgba2 = sampler.sample(4096, generator=torch.Generator().manual_seed(0))
     assert torch.equal(o, o2) and torch.equal(dirs, d2) and torch.equal(rgba, rgba2)
@@ -70,6 +84,8 @@ def test_subset_keeps_passes_and_bad_passes_are_refused():
         data.PosedImages(d.images, d.intrinsics, d.poses, d.aabb, d.names, {"shadow": d.passes["depth"]})
     with pytest.raises(ValueError, match="must be >= 0"):
         data.PosedImages(d.images, d.intrinsics, d.poses, d.aabb, d.names, {"depth": -d.passes["depth"]})
+    with pytest.raises(ValueError, match="'roughness' must be in"):
+        data.PosedImages(d.images, d.intrinsics, d.poses, d.aabb, d.names, {"roughness": d.passes["roughness"] + 0.5})
 
 
 def _write_dataset(tmp_path, d, depth_scale=1e-4):
@@ -95,12 +111,14 @@ def test_transforms_dataset_with_pass_files_round_trips(tmp_path):
     assert np.array_equal(got.passes["albedo"], d.passes["albedo"])
     assert np.abs(got.passes["depth"] - d.passes["depth"]).max() <= 0.5e-4 + 1e-6
     assert np.all(got.passes["normal"][0, :3] == 0) and np.all(got.passes["depth"][0, :3] == 0)
+    assert np.array_equal(got.passes["roughness"], d.passes["roughness"])          # float32 .npz: exact
     surface = d.passes["normal"].any(-1)
     cos = (got.passes["normal"][surface] * d.passes["normal"][surface]).sum(-1)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 1.0          # 8-bit normals
     half = data.load_transforms(tmp_path, downscale=2)
     assert half.passes["albedo"].shape == (2, H // 2, W // 2, 3)
     assert np.array_equal(half.passes["depth"], got.passes["depth"][:, 1::2, 1::2])
+    assert np.array_equal(half.passes["roughness"], got.passes["roughness"][:, 1::2, 1::2])
 
 
 def test_transforms_pass_errors_are_clear(tmp_path):
@@ -119,6 +137,11 @@ def test_transforms_pass_errors_are_clear(tmp_path):
     (tmp_path / "transforms.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="needs a 'depth_scale'"):
         data.load_transforms(tmp_path)
+    doc["depth_scale"] = 1e-4
+    doc["frames"][1]["roughness_path"] = "v1_albedo.png"
+    (tmp_path / "transforms.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="a roughness pass must be a .npz"):
+        data.load_transforms(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +155,11 @@ def test_submit_with_passes_round_trips_to_posed_images():
     d = _posed()
     msg = protocol.Submit(images=d.images, intrinsics=d.intrinsics, poses=d.poses, aabb=d.aabb,
                           albedo=d.passes["albedo"], normals=d.passes["normal"].astype(np.float16),
-                          depth=d.passes["depth"])
+                          depth=d.passes["depth"], roughness=d.passes["roughness"].astype(np.float16))
     got = data.from_submit(_roundtrip(msg))
+    assert got.passes["roughness"].dtype == np.float32
+    assert np.abs(got.passes["roughness"] - d.passes["roughness"]).max() < 1e-3
+    assert np.array_equal(got.passes["roughness"] == -1, d.passes["roughness"] == -1)
     assert np.array_equal(got.passes["albedo"], d.passes["albedo"])
     assert np.array_equal(got.passes["depth"], d.passes["depth"])
     assert got.passes["normal"].dtype == np.float32
@@ -154,10 +180,15 @@ def test_submit_with_passes_round_trips_to_posed_images():
     ("depth", lambda d: np.where(d.passes["depth"] > 3.2, np.nan, d.passes["depth"]).astype(np.float32),
      "depth: contains NaN or infinite values"),
     ("depth", lambda d: d.passes["depth"][..., None].copy(), "depth: expected 3 dimensions"),
+    ("roughness", lambda d: d.passes["roughness"] * 2.0, "values outside [0, 1] that are not -1.0"),
+    ("roughness", lambda d: np.where(d.passes["roughness"] < 0, -0.5, d.passes["roughness"]).astype(np.float32),
+     "roughness: image 0 has 24 values outside"),
+    ("roughness", lambda d: d.passes["roughness"][:, :5].copy(), "submit.roughness: shape"),
+    ("roughness", lambda d: d.passes["roughness"].astype(np.float64), "roughness: dtype float64 is not allowed"),
 ])
 def test_malformed_passes_get_a_clear_protocol_error(field, make, words):
     d = _posed()
     msg = protocol.Submit(images=d.images, intrinsics=d.intrinsics, poses=d.poses, aabb=d.aabb)
     setattr(msg, field, make(d))
-    with pytest.raises(protocol.ProtocolError, match=words.replace("(", r"\(")):
+    with pytest.raises(protocol.ProtocolError, match=re.escape(words)):
         _roundtrip(msg)

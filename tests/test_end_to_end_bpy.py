@@ -95,11 +95,28 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
     ball.data.materials.append(mat)
     bpy.ops.object.light_add(type="SUN", location=(0.0, 0.0, 5.0))
     ball.select_set(True)
+    nodes_before = sorted(n.name for n in mat.node_tree.nodes)
+    sent = []
+
+    def recording_client(address):           # the real client; keeps the Submit it starts
+        client = fit_session.default_client_factory(address)
+        start = client.start
+        client.start = lambda submit: (sent.append(submit), start(submit))[1]
+        return client
     try:
         r = fit_session.fit_scene(scene, real_backend.address, method="sdf", preset="draft", ring_count=16,
-                                  mesh_resolution=48, textures=64, passes=True, timeout=900)
+                                  mesh_resolution=48, textures=64, passes=True, timeout=900,
+                                  client_factory=recording_client)
     except fit_session.FitError as exc:
         pytest.fail(f"{exc}\n--- backend log ---\n{real_backend.log()[-3000:]}")
+    # The roughness pass went out with the views: the Principled BSDF's 0.5 on the ball, -1 off it;
+    # the AOV and the nodes that wrote it are gone again.
+    (sub,) = sent
+    covered, empty = sub.images[..., 3] == 255, sub.images[..., 3] == 0
+    assert sub.roughness.shape == sub.images.shape[:3] and covered.sum() > 1000
+    assert np.abs(sub.roughness[covered].astype(np.float32) - 0.5).max() < 0.01
+    assert np.all(sub.roughness[empty] == -1.0)
+    assert sorted(n.name for n in mat.node_tree.nodes) == nodes_before and len(bpy.context.view_layer.aovs) == 0
     assert r.summary.get("method") == "sdf"
     verts, faces, _ = r.mesh
     from backend.metrics import chamfer

@@ -34,6 +34,7 @@ BATCHES = 500              # hypothesis examples
 PER_KIND = 2               # cases of each kind per example -> 500 * 10 * 2 = 10,000 messages
 MAX_MESSAGE_MB = 1         # the fuzzed backend's --max-message-mb (the cap of the last test)
 RSS_BOUND_MIB = 64         # allowed growth of the backend's VmRSS over the whole run
+V = protocol.PROTOCOL_VERSION
 
 # A valid job to derive malformed ones from (cases that stay valid would be accepted: a test failure).
 _BASE = make_submit(n=3, size=4)
@@ -52,7 +53,7 @@ class Case:
 
 def base_parts(n: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(scalar header fields, arrays) of a valid Submit with n images (default 3)."""
-    header = {"v": protocol.PROTOCOL_VERSION, "type": "submit", "name": "fuzz", "preset": "draft",
+    header = {"v": V, "type": "submit", "name": "fuzz", "preset": "draft",
               "steps": 20, "mesh_resolution": 16, "preview_size": 0}
     arrays = {k: np.array(getattr(_BASE, k)) for k in ARRAY_FIELDS}
     if n is not None:
@@ -106,14 +107,14 @@ def wrong_types(draw) -> Case:
         return Case(kind, [json.dumps(value).encode()], r"header must be a JSON object")
     if target == "arrays":
         value = draw(json_values.filter(lambda v: not isinstance(v, list)))
-        return Case(kind, [json.dumps({"v": 1, "type": "ping", "arrays": value}).encode()],
+        return Case(kind, [json.dumps({"v": V, "type": "ping", "arrays": value}).encode()],
                     r"'arrays' must be a list")
     if target == "entry":
         value = draw(json_values.filter(lambda v: not isinstance(v, dict)))
-        return Case(kind, pack({"v": 1, "type": "ping"}, table=[value], frames=[b""]), r"entry 0 must be an object")
+        return Case(kind, pack({"v": V, "type": "ping"}, table=[value], frames=[b""]), r"entry 0 must be an object")
     if target == "entry.name":
         value = draw(not_str)
-        return Case(kind, pack({"v": 1, "type": "ping"}, table=[{"name": value, "dtype": "uint8", "shape": [0]}],
+        return Case(kind, pack({"v": V, "type": "ping"}, table=[{"name": value, "dtype": "uint8", "shape": [0]}],
                                frames=[b""]), r"'name' must be a string")
     mtype, fname = target.split(".")
     if fname in ("client", "job_id", "name", "preset"):
@@ -125,7 +126,7 @@ def wrong_types(draw) -> Case:
     if mtype == "submit":
         header, arrays = base_parts()
     else:
-        header, arrays = {"v": 1, "type": mtype, "job_id": "x"} if mtype == "cancel" else {"v": 1, "type": mtype}, {}
+        header, arrays = {"v": V, "type": mtype, "job_id": "x"} if mtype == "cancel" else {"v": V, "type": mtype}, {}
     header[fname] = value
     return Case(kind, pack(header, arrays), rf"{mtype}\.{fname}: {expect}")
 
@@ -269,7 +270,7 @@ SERVER_TO_CLIENT = ("welcome", "pong", "accepted", "attached", "progress", "done
 def unknown_types(draw) -> Case:
     kind = "unknown_types"
     how = draw(st.sampled_from(["text", "not_a_string", "missing", "server_side"]))
-    header = {"v": 1}
+    header = {"v": V}
     if how == "text":
         header["type"] = draw(st.text(max_size=40).filter(lambda t: t not in protocol.message_types()))
         expect = r"unknown message type"
@@ -289,18 +290,19 @@ def unknown_types(draw) -> Case:
 @st.composite
 def wrong_versions(draw) -> Case:
     kind = "wrong_versions"
+    v = V
     if draw(st.integers(0, 3)) == 0:   # the handshake's own field
-        value = draw(st.integers(0, 2**31).filter(lambda v: v != protocol.PROTOCOL_VERSION))
-        return Case(kind, pack({"v": 1, "type": "hello", "protocol": value}),
-                    rf"protocol version mismatch: client speaks {value}, backend speaks 1", "version_mismatch")
+        value = draw(st.integers(0, 2**31).filter(lambda x: x != v))
+        return Case(kind, pack({"v": v, "type": "hello", "protocol": value}),
+                    rf"protocol version mismatch: client speaks {value}, backend speaks {v}", "version_mismatch")
     mtype = draw(st.sampled_from(["hello", "ping", "status", "submit", "cancel"]))
     header, arrays = base_parts() if mtype == "submit" else ({"type": mtype, "job_id": "x"}, {})
     if draw(st.integers(0, 9)) == 0:
         header.pop("v", None)
     else:
-        header["v"] = draw(st.one_of(st.integers().filter(lambda v: v != 1), st.just(1.0), st.just(True),
-                                     st.just("1"), json_values.filter(lambda v: v != 1)))
-    return Case(kind, pack(header, arrays), r"protocol version mismatch: peer speaks .*, this side speaks 1",
+        header["v"] = draw(st.one_of(st.integers().filter(lambda x: x != v), st.just(float(v)), st.just(True),
+                                     st.just(str(v)), json_values.filter(lambda x: x != v)))
+    return Case(kind, pack(header, arrays), rf"protocol version mismatch: peer speaks .*, this side speaks {v}",
                 "version_mismatch")
 
 
@@ -343,10 +345,10 @@ def strings(draw) -> Case:
     how = draw(st.sampled_from(["empty_job_id", "empty_type", "empty_choice", "empty_version",
                                 "long_name", "long_job_id", "long_client", "long_type", "huge_header"]))
     if how == "empty_job_id":
-        return Case(kind, pack({"v": 1, "type": "cancel", "job_id": ""}), r"no job '' on this backend", "unknown_job",
+        return Case(kind, pack({"v": V, "type": "cancel", "job_id": ""}), r"no job '' on this backend", "unknown_job",
                     undecodable=False)
     if how == "empty_type":
-        return Case(kind, pack({"v": 1, "type": ""}), r"unknown message type ''", "unknown_type")
+        return Case(kind, pack({"v": V, "type": ""}), r"unknown message type ''", "unknown_type")
     if how == "empty_choice":
         header, arrays = base_parts()
         field = draw(st.sampled_from(["method", "preset"]))
@@ -358,16 +360,16 @@ def strings(draw) -> Case:
     char = draw(st.characters(exclude_categories=["Cs"]))
     if how == "huge_header":   # over the 256 KiB header cap, far under the message cap
         length = draw(st.integers(wire.DEFAULT_LIMITS.max_header_bytes + 1, 3 * wire.DEFAULT_LIMITS.max_header_bytes))
-        return Case(kind, pack({"v": 1, "type": "ping", "pad": "a" * length}),
+        return Case(kind, pack({"v": V, "type": "ping", "pad": "a" * length}),
                     rf"header is \d+ bytes; at most {wire.DEFAULT_LIMITS.max_header_bytes} are accepted")
     length = draw(st.integers(protocol.MAX_NAME + 1, 60_000))
     text = char * length
     if how == "long_type":
-        frames, expect = pack({"v": 1, "type": text}), r"unknown message type"
+        frames, expect = pack({"v": V, "type": text}), r"unknown message type"
     else:
         mtype, field = {"long_name": ("submit", "name"), "long_job_id": ("cancel", "job_id"),
                         "long_client": ("hello", "client")}[how]
-        header, arrays = base_parts() if mtype == "submit" else ({"v": 1, "type": mtype}, {})
+        header, arrays = base_parts() if mtype == "submit" else ({"v": V, "type": mtype}, {})
         header[field] = text
         frames = pack(header, arrays)
         expect = rf"{mtype}\.{field}: string of {length} characters is longer than {protocol.MAX_NAME}"
@@ -457,9 +459,9 @@ def test_a_message_over_the_cap_is_dropped_and_the_backend_keeps_serving(fuzz_ba
     huge = "x" * ((MAX_MESSAGE_MB << 20) + 1000)   # an enormous string over the message cap
     with RawPeer(fuzz_backend.address) as peer:
         assert_serving(peer, 1)
-        peer.send(pack({"v": 1, "type": "submit", "name": "fuzz"}, table=[], frames=[]))
+        peer.send(pack({"v": V, "type": "submit", "name": "fuzz"}, table=[], frames=[]))
         assert isinstance(peer.recv(), protocol.Error)   # (within the cap: answered)
-        peer.send([json.dumps({"v": 1, "type": "hello", "client": huge}).encode()])
+        peer.send([json.dumps({"v": V, "type": "hello", "client": huge}).encode()])
         with pytest.raises(TimeoutError):
             peer.recv(timeout=1.0)
     with RawPeer(fuzz_backend.address) as fresh:

@@ -123,7 +123,8 @@ def test_a_pickle_sent_to_the_backend_is_refused_and_never_run(fake_backend, tmp
 
     with RawPeer(fake_backend.address) as peer:
         blob = pickle.dumps(Payload())
-        for frames in ([blob], [b'{"v": 1, "type": "ping", "arrays": [{"name": "x", "dtype": "object", "shape": [1]}]}',
+        for frames in ([blob], [b'{"v": %d, "type": "ping", "arrays": [{"name": "x", "dtype": "object", "shape": [1]}]}'
+                                % protocol.PROTOCOL_VERSION,
                                 blob]):
             reply = peer.request(frames)
             assert isinstance(reply, protocol.Error)

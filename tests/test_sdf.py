@@ -71,14 +71,20 @@ def trace(sdf, colour, origins, dirs):
     return albedo * shade[..., None], albedo, hit
 
 
+def two_roughnesses(p: np.ndarray) -> np.ndarray:
+    """Roughness: 0.2 above CENTER's z (glossy), 0.8 below (matte)."""
+    return np.where(p[..., 2] > CENTER[2], 0.2, 0.8)
+
+
 def shape_scene(sdf, colour=lambda p: np.broadcast_to([0.8, 0.6, 0.3], p.shape), count: int = 16,
-                size: int = 40, ss: int = 2, passes: tuple = ()) -> PosedImages:
+                size: int = 40, ss: int = 2, passes: tuple = (), roughness=two_roughnesses) -> PosedImages:
     """Views on a ring around the shape (elevations -20, 15, 50 deg), RGBA with alpha masks;
-    ``passes`` among "albedo", "normal", "depth" adds those supervision passes (contract C1)."""
+    ``passes`` among "albedo", "normal", "depth", "roughness" adds those supervision passes
+    (contract C1; roughness from ``roughness(points)``, -1 where no sub-pixel hit)."""
     pos = cameras.ring_positions(CENTER, 4.2 * SCALE, count, elevations_deg=(-20.0, 15.0, 50.0))
     poses = np.stack([cameras.look_at(p, CENTER) for p in pos])
     k = cameras.intrinsics_from_fov(0.7, size, size)
-    images, albedos, normals, depths = [], [], [], []
+    images, albedos, normals, depths, roughs = [], [], [], [], []
     for pose in poses:
         o, d = cameras.pixel_rays(k * ss, pose, size * ss, size * ss)
         rgb, alb, hit = trace(sdf, colour, o, d)
@@ -99,12 +105,15 @@ def shape_scene(sdf, colour=lambda p: np.broadcast_to([0.8, 0.6, 0.3], p.shape),
         normals.append(n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9) * (alpha > 0))
         z = t[..., None] * (d @ -pose[:3, 2])[..., None]
         depths.append((down(z * a) / np.maximum(alpha, 1e-9))[..., 0])
+        r = down(roughness(o + t[..., None] * d)[..., None] * a) / np.maximum(alpha, 1e-9)
+        roughs.append(np.where(alpha > 0, r, -1.0)[..., 0])
     images = (np.clip(np.stack(images), 0, 1) * 255 + 0.5).astype(np.uint8)
     aabb = np.stack([CENTER - 1.15 * SCALE, CENTER + 1.15 * SCALE])
     passes = {name: value for name, value in (
         ("albedo", (np.clip(np.stack(albedos), 0, 1) * 255 + 0.5).astype(np.uint8)),
         ("normal", np.stack(normals).astype(np.float32)),
-        ("depth", np.stack(depths).astype(np.float32))) if name in passes}
+        ("depth", np.stack(depths).astype(np.float32)),
+        ("roughness", np.stack(roughs).astype(np.float32))) if name in passes}
     ks = np.repeat(k[None], count, 0)
     return PosedImages(images, ks, poses, aabb, [f"view_{i}" for i in range(count)], passes=passes)
 
@@ -262,28 +271,58 @@ def test_surface_settings_out_of_range_are_named():
 
 
 def test_supervision_passes_reach_the_losses():
-    """With albedo, normal and depth passes (contract C1) every pass term is active: each is
-    positive for the initial sphere (which is not this torus) and training takes them."""
+    """With albedo, normal, depth and roughness passes (contract C1) every pass term is active:
+    each is positive for the initial sphere (which is not this torus) and training takes them."""
     from backend.train_surface import SurfaceTrainer
 
     torch.manual_seed(0)
-    data = shape_scene(torus_sdf, count=4, size=16, passes=("albedo", "normal", "depth"))
+    data = shape_scene(torus_sdf, count=4, size=16, passes=("albedo", "normal", "depth", "roughness"))
     assert np.allclose(np.linalg.norm(data.passes["normal"][data.images[..., 3] == 255], axis=-1), 1, atol=1e-3)
     cfg = make_config("sdf", "draft", device="cpu", preview_size=0, albedo_weight=1.0, normal_weight=1.0,
-                      depth_weight=1.0, batch_rays=256)
+                      depth_weight=1.0, roughness_weight=1.0, batch_rays=256)
     trainer = SurfaceTrainer(data, cfg)
-    assert trainer.passes == ["albedo", "normal", "depth"] and trainer.model.meta["lighting_baked"] is False
+    assert trainer.passes == ["albedo", "normal", "depth", "roughness"]
+    assert trainer.model.meta["lighting_baked"] is False and trainer.model.meta["roughness"] is True
     trainer.update_step(0, 0.0)
     o, d, rgba, passes = trainer.sampler.sample_passes(512)
-    out = trainer.model.trace_surface(o, d, normals=True, albedo=True)
+    out = trainer.model.trace_surface(o, d, normals=True, albedo=True, roughness=True)
     alone = {}
-    for key in ("albedo", "normal", "depth"):
+    for key in ("albedo", "normal", "depth", "roughness"):
         alone[key] = float(trainer._pass_losses(out, {key: passes[key]}, rgba[:, 3]).detach())
     assert all(v > 1e-3 for v in alone.values()), alone
     for step in range(3):
         trainer.update_step(step, step / cfg.steps)
         loss, _, samples = trainer.step()
         assert torch.isfinite(loss) and samples > 0
+
+
+@pytest.mark.slow   # a CPU fit of ~15 s
+def test_a_roughness_pass_gives_a_roughness_texture_on_the_right_faces():
+    """A sphere glossy on top (roughness 0.2) and matte below (0.8), with a roughness pass (-1
+    off the object): the fitted field's roughness head learns the halves, and the baked
+    roughness texture carries them onto the mesh's faces (within 0.1 away from the seam)."""
+    from backend.export import texture as tx
+
+    data = shape_scene(sphere_sdf, count=12, size=32, passes=("roughness",))
+    assert (data.passes["roughness"][data.images[..., 3] == 0] == -1).all()
+    cfg = make_config("sdf", "draft", device="cpu", preview_size=0, steps=TEST_STEPS, seed=0)
+    model = fit(data, cfg)
+    assert model.meta["roughness"] is True and model.meta["lighting_baked"] is True
+    verts, faces = model_mesh(model, 48)
+    mesh, baked = tx.texture_mesh(model, verts.astype(np.float32), faces.astype(np.int64), 128, padding=2)
+    assert baked.roughness is not None and baked.roughness.shape == (128, 128, 1)
+    centre = mesh.vertices[mesh.faces].mean(1)
+    got = tx.sample_texture(baked.roughness, mesh.uvs[mesh.faces].mean(1))[:, 0] / 255.0
+    height = (centre[:, 2] - CENTER[2]) / (0.6 * SCALE)
+    top, bottom = height > 0.3, height < -0.3
+    assert top.sum() > 50 and bottom.sum() > 50
+    assert abs(np.median(got[top]) - 0.2) < 0.1 and abs(np.median(got[bottom]) - 0.8) < 0.1, \
+        (np.median(got[top]), np.median(got[bottom]))
+    assert np.mean(np.abs(got[top] - 0.2) < 0.15) > 0.9 and np.mean(np.abs(got[bottom] - 0.8) < 0.15) > 0.9
+    # without the pass there is no roughness estimate, so no roughness texture
+    plain = fit(shape_scene(sphere_sdf, count=4, size=8), make_config("sdf", "draft", device="cpu",
+                                                                      preview_size=0, steps=2))
+    assert "roughness" not in plain.surface_attributes(centre[:4].astype(np.float32))
 
 
 @pytest.mark.slow   # three methods x 40 CPU steps

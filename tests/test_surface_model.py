@@ -111,6 +111,26 @@ def test_saved_run_gives_the_same_field(sphere_run):
     assert np.allclose(img_a, img_b, atol=1e-6) and img_a[..., 3].max() > 0.9
 
 
+def test_a_run_saved_before_the_roughness_head_still_loads(sphere_run, tmp_path):
+    """A run folder from before surface fields had a roughness head (its weights lack that head)
+    loads and gives the same field; weights that do not fit otherwise are refused by name."""
+    import shutil
+    model, run = sphere_run
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    state = torch.load(old / "model.pt", weights_only=True)
+    state["field"] = {k: v for k, v in state["field"].items() if not k.startswith("roughness_net.")}
+    torch.save(state, old / "model.pt")
+    loaded = FittedField.load(old, device="cpu")
+    pts = (CENTER + RADIUS * fibonacci_sphere(50)).astype(np.float32)
+    got = loaded.surface_attributes(pts)
+    assert "roughness" not in got and np.array_equal(got["albedo"], model.surface_attributes(pts)["albedo"])
+    del state["field"]["albedo_net.0.weight"]
+    torch.save(state, old / "model.pt")
+    with pytest.raises(ValueError, match=r"do not fit the sdf field \(missing \['albedo_net.0.weight'\]"):
+        FittedField.load(old, device="cpu")
+
+
 def model_k():
     from shared import cameras
     return cameras.intrinsics_from_fov(0.7, 24, 24)

@@ -13,8 +13,10 @@ units).  :class:`SurfaceField` holds what the SDF and the occupancy field share:
 * gradients and Laplacians by finite differences on a tetrahedron (4 extra evaluations),
   Neuralangelo-style: they use the fast table-only hash grid path (Triton on CUDA) and their
   step shrinks with the finest active level, which smooths early training;
-* heads: radiance ``(features, normal, SH(direction)) -> sRGB`` and diffuse albedo
-  ``features -> sRGB`` (trained only when an albedo pass supervises it).
+* heads: radiance ``(features, normal, SH(direction)) -> sRGB``, diffuse albedo
+  ``features -> sRGB`` and roughness ``(features, x) -> [0, 1]`` (each trained only when a pass
+  supervises it: albedo, roughness; the roughness head's inputs are detached, so its pass never
+  moves the geometry).
 
 :class:`SdfField` adds NeuS's learnable sharpness ``inv_s = exp(10 * variance)``.
 """
@@ -66,6 +68,8 @@ class SurfaceField(nn.Module):
         self.geometry_net = mlp([3 + self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
         self.color_net = mlp([cfg.geo_features + 3 + 16] + [cfg.hidden] * cfg.color_layers + [3])
         self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
+        with torch.random.fork_rng(devices=[]):     # built on the CPU: later draws stay as they were
+            self.roughness_net = mlp([cfg.geo_features + 3, cfg.hidden, 1])
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
         self.set_active_levels(cfg.levels)
         self._geometric_init()
@@ -136,6 +140,13 @@ class SurfaceField(nn.Module):
         """(N, G) -> (N, 3) diffuse albedo, sRGB in [0, 1]."""
         return torch.sigmoid(self.albedo_net(features))
 
+    def roughness(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(N, G) features and (N, 3) normalised positions -> (N, 1) material roughness in [0, 1].
+
+        Both inputs are detached: roughness supervision trains this head only and never moves the
+        geometry (the position lets it place materials the features do not tell apart)."""
+        return torch.sigmoid(self.roughness_net(torch.cat([features.detach(), x.detach()], dim=-1)))
+
     # ---- conventions (overridden) --------------------------------------------------------
     def inside(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) positive inside, negative outside, zero on the surface (normalised units)."""
@@ -158,7 +169,7 @@ class SurfaceField(nn.Module):
         """Parameters by optimiser treatment: hash tables, MLP weights, scalar extras."""
         return {"grid": [self.encoding.table],
                 "mlp": [*self.geometry_net.parameters(), *self.color_net.parameters(),
-                        *self.albedo_net.parameters()],
+                        *self.albedo_net.parameters(), *self.roughness_net.parameters()],
                 "extra": []}
 
 
