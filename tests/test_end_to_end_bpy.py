@@ -137,3 +137,10 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
     assert {"sRGB", "Non-Color"} <= images, images
     assert any(n.type == "NORMAL_MAP" for n in nodes)
     assert len(r.object.data.uv_layers) == 1
+    # The roughness pass came back as a roughness texture (the ball's 0.5, within 0.1), wired
+    # Non-Color into the Principled BSDF's Roughness.
+    rough = r.textures["roughness"][..., 0].astype(float) / 255.0
+    assert abs(np.median(rough) - 0.5) < 0.1, np.median(rough)
+    bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
+    (link,) = bsdf.inputs["Roughness"].links
+    assert link.from_node.type == "TEX_IMAGE" and link.from_node.image.colorspace_settings.name == "Non-Color"

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from bpy_helpers import requires_bpy
+from shared import protocol
 
 pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(180)]
 
@@ -65,7 +66,7 @@ def test_backend_not_running(addon):
 
 @pytest.fixture
 def other_version_backend():
-    """A ROUTER that answers everything as a backend of protocol version 2 would."""
+    """A ROUTER that answers everything as a backend of the next protocol version would."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     address = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
@@ -75,7 +76,8 @@ def other_version_backend():
         while not stop.is_set():
             if sock.poll(50):
                 identity = sock.recv_multipart()[0]
-                header = {"v": 2, "type": "welcome", "protocol": 2, "server": "fit-implicit backend 9.0"}
+                newer = protocol.PROTOCOL_VERSION + 1
+                header = {"v": newer, "type": "welcome", "protocol": newer, "server": "fit-implicit backend 9.0"}
                 sock.send_multipart([identity, json.dumps(header).encode()])
 
     t = threading.Thread(target=serve, daemon=True)
