@@ -135,6 +135,8 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval}
     if submit.mesh_resolution > 0:
         overrides["mesh_resolution"] = submit.mesh_resolution
+    if submit.mesh_opacity > 0:
+        overrides["mesh_opacity"] = submit.mesh_opacity
     cfg = train.make_config(method=submit.method, preset=submit.preset, device=ctx.device,
                             steps=submit.steps, seconds=submit.seconds, **overrides)
     callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0)

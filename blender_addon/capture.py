@@ -741,7 +741,8 @@ def _write_cached(path: str, view: RenderedView) -> None:
 # --------------------------------------------------------------------------------------------
 def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, aabb: np.ndarray, *,
                  name: str = "", method: str = "nerf", preset: str = "standard", steps: int = 0,
-                 seconds: float = 0.0, mesh_resolution: int = 0, preview_size: int = 128,
+                 seconds: float = 0.0, mesh_resolution: int = 0, mesh_opacity: float = 0.0,
+                 preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
                  eval_sizes=None, passes: dict | None = None, textures: int = 0,
                  lens_models=None, distortion=None) -> "protocol.Submit":
@@ -756,6 +757,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
             "normal" (N, H, W, 3) float (sent as float16), "depth" (N, H, W) float32,
             "roughness" (N, H, W) float in [0, 1], protocol.NO_ROUGHNESS (-1) where there is no
             value (sent as float16, which keeps -1, 0 and 1 exact).
+        mesh_opacity: radiance fields' surface level in (0, 0.99]; 0: chosen per field.
         textures: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
         lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
@@ -769,7 +771,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         poses=np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4),
         aabb=np.asarray(aabb, dtype=np.float64).reshape(2, 3),
         name=name[: protocol.MAX_NAME], method=method, preset=preset, steps=int(steps),
-        seconds=float(seconds), mesh_resolution=int(mesh_resolution), preview_size=int(preview_size),
+        seconds=float(seconds), mesh_resolution=int(mesh_resolution), mesh_opacity=float(mesh_opacity),
+        preview_size=int(preview_size),
         preview_interval=float(preview_interval), textures=int(textures),
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),

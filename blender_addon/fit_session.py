@@ -45,6 +45,7 @@ class FitSettings:
     seconds: float = 0.0                  # training time budget; 0: the preset's step count
     steps: int = 0                        # 0: the preset's default
     mesh_resolution: int = 0              # 0: the preset's default
+    mesh_opacity: float = 0.0             # radiance fields' surface level (see protocol.Submit); 0: auto
     textures: int = 0                     # side of baked UV textures (albedo, normal, roughness); 0: vertex colours
     preview_size: int = 128               # longest side of previews; 0: none
     preview_interval: float = 1.0         # seconds between previews
@@ -422,7 +423,7 @@ class FitSession:
         submit = capture.build_submit(
             images, plan.intrinsics, plan.poses, plan.aabb, name=s.name or self.scene.name,
             method=s.method, preset=s.preset, steps=s.steps, seconds=s.seconds,
-            mesh_resolution=s.mesh_resolution, preview_size=s.preview_size,
+            mesh_resolution=s.mesh_resolution, mesh_opacity=s.mesh_opacity, preview_size=s.preview_size,
             preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
             eval_poses=plan.eval_poses if m else None,
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,

@@ -25,7 +25,8 @@ def _settings_from_scene(scene):
     p = scene.implicit
     from .capture import fit_settings_from_props
     return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_cameras,
-                          mesh_resolution=p.mesh_resolution, textures=int(p.texture_size),
+                          mesh_resolution=p.mesh_resolution, mesh_opacity=p.mesh_level,
+                          textures=int(p.texture_size),
                           smooth=p.smooth_shading, preview_size=p.preview_size, show_preview=p.show_preview,
                           **fit_settings_from_props(p))
 

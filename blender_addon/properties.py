@@ -37,6 +37,13 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Marching cubes grid size along the longest side; 0: the preset's default",
         default=0, min=0, max=1024,
     )
+    mesh_level: bpy.props.FloatProperty(
+        name="Surface Level",
+        description="Radiance fields: the opacity a ray gains crossing one voxel where the mesh surface lies "
+                    "(higher: the mesh sits deeper, past thin haze; lower: faint parts are kept). "
+                    "0: Auto, chosen per field by matching the field's own renders",
+        default=0.0, min=0.0, max=0.99, step=5, precision=2,
+    )
     smooth_shading: bpy.props.BoolProperty(name="Smooth Shading", default=True)
     texture_size: bpy.props.EnumProperty(
         name="Textures",

@@ -327,6 +327,9 @@ class Submit(Message):
     steps: int = spec(Int(0, MAX_STEPS), default=0)                 # 0: the preset's default
     seconds: float = spec(Float(0.0, MAX_SECONDS), default=0.0)     # 0: no time budget
     mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)  # 0: preset; no mesh if < 0 never
+    # Radiance fields: the opacity a ray gains crossing one voxel where the mesh surface lies
+    # (backend/export/iso.py); 0: chosen per field.  Surface fields mesh their own zero level.
+    mesh_opacity: float = spec(Float(0.0, 0.99), default=0.0)
     # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs.
     textures: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
     preview_size: int = spec(Int(0, 1024), default=128)            # longest side; 0: no previews

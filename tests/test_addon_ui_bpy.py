@@ -216,3 +216,34 @@ def test_fit_starts_a_local_backend_on_demand(addon, tmp_path, monkeypatch):
     log = proc.log_tail(20000)
     assert re.search(r"job \w+: running", log), log
     assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"}
+
+
+def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
+    """The radiance field's Surface Level (0: Auto) travels from the panel's property through the
+    fit's settings into the Submit the backend receives; out of range it is clamped by Blender."""
+    import bpy
+    from blender_addon import fit_session, operators
+    scene = _cube_scene()
+    scene.implicit.method = "nerf"
+    assert scene.implicit.mesh_level == 0.0 and operators._settings_from_scene(scene).mesh_opacity == 0.0
+    scene.implicit.mesh_level = 0.4
+    settings = operators._settings_from_scene(scene)
+    assert settings.mesh_opacity == pytest.approx(0.4)
+    made = []
+
+    def factory(address):
+        made.append(Recorder(address))
+        return made[-1]
+
+    settings = fit_session.FitSettings(preset="draft", steps=5, ring_count=4, preview_size=0,
+                                       mesh_opacity=settings.mesh_opacity)
+    session = fit_session.FitSession(scene, fake_backend.address, settings, client_factory=factory)
+    session.begin()
+    deadline = time.monotonic() + 60
+    while not session.tick() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    session.close()
+    assert session.result.status == "done", session.result.message
+    assert made[0].submit.mesh_opacity == pytest.approx(0.4)
+    scene.implicit.mesh_level = 1.5
+    assert scene.implicit.mesh_level == pytest.approx(0.99)

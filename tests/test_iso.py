@@ -118,3 +118,41 @@ def test_space_no_straight_line_reaches_is_found():
     cup = hollow_box()
     cup[6:18, 6:18, 18:20] = False                          # the lid taken off: an open cup
     assert seen_from_outside(~cup)[6:18, 6:18, 6:18].all()
+
+
+@pytest.mark.slow   # two tiny real fits (20 CPU steps each) through the backend's job runner
+def test_a_surface_level_in_the_submit_is_used_and_reported(tmp_path):
+    """Submit.mesh_opacity (the add-on's Surface Level) reaches the mesher: the job meshes at that
+    level and says so in its summary; 0 keeps the level chosen per field; out of range is refused
+    on the wire."""
+    import time
+    from backend.fit_job import run_fit_job
+    from backend.jobs import JobQueue
+    from backend.outbox import Outbox
+    from backend.export.iso import CANDIDATES
+    from helpers import make_submit
+    from shared import protocol
+
+    outbox = Outbox()
+    jobs = JobQueue(run_fit_job, outbox, device="cpu", runs_dir=tmp_path, checkpoint_interval=0)
+    jobs.start()
+    try:
+        summaries = {}
+        for level in (0.3, 0.0):
+            job, _ = jobs.submit(b"c", make_submit(method="nerf", mesh_opacity=level))
+            deadline = time.monotonic() + 120
+            while job.id not in summaries:
+                assert time.monotonic() < deadline, "the job did not end"
+                for _, m in outbox.drain():
+                    if isinstance(m, protocol.JOB_END_TYPES) and m.job_id == job.id:
+                        assert isinstance(m, protocol.Done), m
+                        summaries[job.id] = (level, m.summary)
+                time.sleep(0.01)
+    finally:
+        jobs.stop()
+        jobs.join(30)
+    (fixed, auto) = sorted(summaries.values(), key=lambda x: -x[0])
+    assert fixed[1]["mesh_opacity"] == pytest.approx(0.3)
+    assert auto[1]["mesh_opacity"] in CANDIDATES
+    with pytest.raises(protocol.ProtocolError, match="submit.mesh_opacity"):
+        make_submit(mesh_opacity=1.0)
