@@ -222,8 +222,9 @@ def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
     """The radiance field's Surface Level (0: Auto) travels from the panel's property through the
     fit's settings into the Submit the backend receives; out of range it is clamped by Blender."""
     import bpy
-    from blender_addon import fit_session, operators
+    from blender_addon import capture, fit_session, operators
     scene = _cube_scene()
+    method = scene.implicit.method
     scene.implicit.method = "nerf"
     assert scene.implicit.mesh_level == 0.0 and operators._settings_from_scene(scene).mesh_opacity == 0.0
     scene.implicit.mesh_level = 0.4
@@ -245,5 +246,12 @@ def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
     session.close()
     assert session.result.status == "done", session.result.message
     assert made[0].submit.mesh_opacity == pytest.approx(0.4)
+    # The most the panel allows is sent as it reads (float32 0.99 is 0.9900000095, above the cap
+    # of the wire without the rounding): a fit at the top of the range is not refused.
     scene.implicit.mesh_level = 1.5
     assert scene.implicit.mesh_level == pytest.approx(0.99)
+    submit = capture.build_submit(made[0].submit.images, made[0].submit.intrinsics, made[0].submit.poses,
+                                  made[0].submit.aabb, method="nerf",
+                                  mesh_opacity=operators._settings_from_scene(scene).mesh_opacity)
+    assert submit.mesh_opacity == 0.99
+    scene.implicit.mesh_level, scene.implicit.method = 0.0, method     # as the other tests expect them
