@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shared import cameras, transforms
+from shared.protocol import NO_ROUGHNESS
 
 from . import lens
 
@@ -27,7 +28,6 @@ TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
 #: "roughness" (H, W) float32 material roughness in [0, 1], NO_ROUGHNESS (-1) where it has no value.
 PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
 PASS_CHANNELS = {"albedo": 3, "normal": 3, "depth": None, "roughness": None}
-NO_ROUGHNESS = -1.0
 
 
 @dataclass
@@ -302,7 +302,8 @@ def write_pass_files(folder: str | Path, stem: str, passes: dict[str, np.ndarray
                      ) -> dict[str, str]:
     """Write one view's passes ("albedo" (H,W,3) u8, "normal" (H,W,3) f32, "depth" (H,W) f32,
     "roughness" (H,W) f32) as the files :func:`read_pass` reads: ``<stem>_albedo.png``,
-    ``<stem>_normal.png``, ``<stem>_depth.png``, ``<stem>_roughness.npz`` under ``folder``.  Returns the frame keys (paths relative to ``folder``).
+    ``<stem>_normal.png``, ``<stem>_depth.png``, ``<stem>_roughness.npz`` under ``folder``.
+    Returns the frame keys (paths relative to ``folder``).
     ``depth_scale``: world units per 16-bit count (depths above 65535 * scale are an error)."""
     from PIL import Image
 

@@ -139,9 +139,8 @@ class FittedField:
         """Render world rays through a surface field (see :func:`render_surface`).
 
         ``normals``/``albedo``/``roughness`` add composited world normals, albedo and roughness;
-        ``extras`` carries the
-        per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value (normalised units) for
-        the regularisers.  ``depth`` in world units.
+        ``extras`` carries the per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value
+        (normalised units) for the regularisers.  ``depth`` in world units.
         """
         field, step = self.field, self.step_size
 
@@ -265,13 +264,12 @@ class FittedField:
                     rough.append(r.cpu())
         finally:
             self.field.train(was_training)
-        out = {"albedo": np.zeros((0, 3), np.float32), "normal": np.zeros((0, 3), np.float32)}
-        if albedo:
-            out = {"albedo": torch.cat(albedo).numpy().astype(np.float32),
-                   "normal": torch.cat(normal).numpy().astype(np.float32)}
+        def stack(parts: list, width: int) -> np.ndarray:
+            return torch.cat(parts).numpy().astype(np.float32) if parts else np.zeros((0, width), np.float32)
+
+        out = {"albedo": stack(albedo, 3), "normal": stack(normal, 3)}
         if with_roughness:
-            out["roughness"] = (torch.cat(rough).numpy().astype(np.float32) if rough
-                                else np.zeros((0, 1), np.float32))
+            out["roughness"] = stack(rough, 1)
         return out
 
     def _attributes(self, x_world: torch.Tensor, look: torch.Tensor | None, roughness: bool = False
