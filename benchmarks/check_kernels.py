@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.fields.hashgrid import hashgrid_encode_reference, level_layout  # noqa: E402
-from backend.fields.hashgrid_triton import hashgrid_encode_triton  # noqa: E402
-from backend.occupancy import OccupancyGrid  # noqa: E402
-from backend.render import (composite, composite_fixed, composite_packed, march_fixed,  # noqa: E402
-                            march_fixed_reference, march_packed, ray_aabb, sample_grid)
+from fit_implicit.backend.fields.hashgrid import hashgrid_encode_reference, level_layout  # noqa: E402
+from fit_implicit.backend.fields.hashgrid_triton import hashgrid_encode_triton  # noqa: E402
+from fit_implicit.backend.render.occupancy_grid import OccupancyGrid  # noqa: E402
+from fit_implicit.backend.render.volume import (composite, composite_fixed, composite_packed, march_fixed,
+                                                march_fixed_reference, march_packed, ray_aabb, sample_grid)
 
 # (levels, log2 table, coarsest, finest, features): dense-only, mixed, hashed-heavy; F = 2 and 1.
 LAYOUTS = [(4, 16, 4, 32, 2), (8, 12, 4, 256, 2), (6, 10, 16, 2048, 1), (16, 19, 16, 2048, 2)]

@@ -23,8 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", action="store_true", help="time the first-use costs one by one first")
     args = ap.parse_args(argv)
     t_import = time.perf_counter()
-    from backend.data import load_transforms
-    from backend.train import Callbacks, fit, make_config
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import Callbacks, fit
 
     import torch
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             progress.append((info["step"], time.perf_counter() - t0))
 
     if args.breakdown:       # where a fresh process's first-time costs go (before the fits below)
-        from backend.train import _preview_camera, make_trainer
+        from fit_implicit.backend.fitting.loop import _preview_camera, make_trainer
 
         def timed(label, fn):
             t = time.perf_counter()
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         timed("second preview render", lambda: trainer.model.render(*cam))
         for i in range(5):
             timed(f"step {i}", trainer.step)
-        timed("occupancy update", lambda: trainer.update_step(cfg.occupancy_warmup, 0.0))
+        timed("occupancy update", lambda: trainer.update_step(cfg.occupancy.occupancy_warmup, 0.0))
         timed("preview render after the update", lambda: trainer.model.render(*cam))
         del trainer
 

@@ -24,8 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.data import load_transforms, split_holdout  # noqa: E402
-from backend.train import Callbacks, evaluate, fit, make_config  # noqa: E402
+from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
+from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
+from fit_implicit.backend.fitting.loop import Callbacks, fit
+from fit_implicit.backend.fitting.metrics import evaluate
 
 
 class Meter(Callbacks):
@@ -63,12 +65,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.dense_march:
-        from backend import render
+        from fit_implicit.backend.render import volume as render
         render.PACKED = False
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = type(getattr(make_config(), k))(v) if not isinstance(getattr(make_config(), k), bool) else v == "1"
+    overrides = FitConfig.for_method("nerf").parse(args.set)
     data = load_transforms(args.data, downscale=args.downscale)
     train, held = split_holdout(data, args.holdout)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -4,12 +4,12 @@ the exported asset in Blender.  Two phases, one script.
 Phase 1 (GPU box: torch, no bpy, no pyzmq needed)::
 
     python benchmarks/lego_mesh.py fit --data .data/lego --out OUTDIR [--method sdf] [--seconds 120]
-        [--resolution 512] [--textures 2048] [--faces 200000] [--preset standard] [--downscale 1]
+        [--mesh-resolution 512] [--texture-size 2048] [--faces 200000] [--preset standard] [--downscale 1]
 
-Holds out every 8th view (backend.data.split_holdout, as benchmarks/lego.py), trains with the
-backend's own fit path (``make_config`` + ``fit``, what ``python -m backend fit`` runs; the photos'
+Holds out every 8th view (backend.fitting.data.split_holdout, as benchmarks/lego.py), trains with the
+backend's own fit path (``make_config`` + ``fit``, what ``fit-implicit fit`` runs; the photos'
 alpha is the mask), extracts the mesh in world units and bakes base-colour + normal textures with
-the code behind ``python -m backend mesh RUN --out x.glb --textures 2048`` (``extract_mesh``,
+the code behind ``fit-implicit mesh RUN --out x.glb --texture-size 2048`` (``extract_mesh``,
 ``texture_mesh`` decimating to ``--faces``, ``write_textured``).  Writes into OUTDIR:
 ``lego.glb``; ``fit.json`` (steps, steps/s, training and export seconds, faces, sizes, the
 volume-rendered held-out PSNR of the field itself, device, commit); ``holdout.json`` (the held-out
@@ -41,14 +41,14 @@ in), which is what is compared.  The normal map and roughness play no part.  Fil
 Standard view transform, no dither, no denoising, Blender's default pixel filter (the lego photos
 were rendered by Blender too); the 8-bit sRGB RGBA render is composited on white and compared
 with the held-out photo composited on white, whole image (docs/benchmarks.md conventions, as
-backend.train.evaluate).  Prints per-view and mean PSNR with the anchors (nerf2mesh about
+backend.fitting.metrics.evaluate).  Prints per-view and mean PSNR with the anchors (nerf2mesh about
 30.9 dB mean on NeRF-synthetic; target 28 dB) and writes ``score.json`` and
 ``side_by_side.png`` (prediction | truth, first held-out view) into ``--out`` (default OUTDIR).
 
 CPU smoke run (a few minutes)::
 
     python benchmarks/lego_mesh.py fit --data .data/lego_small --out /tmp/lm --preset draft \\
-        --seconds 20 --textures 256 --resolution 128 --downscale 8 --device cpu
+        --seconds 20 --texture-size 256 --mesh-resolution 128 --downscale 8 --device cpu
     python benchmarks/lego_mesh.py score --data .data/lego_small --run /tmp/lm --downscale 8 --samples 8
 """
 from __future__ import annotations
@@ -114,9 +114,9 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def holdout_doc(data_dir: Path, every: int) -> dict:
     """The held-out views of a transforms dataset at the photos' full size: the same split as
-    backend.data.split_holdout (every ``every``-th frame).  Intrinsics (fx, fy, cx, cy) and
+    backend.fitting.data.split_holdout (every ``every``-th frame).  Intrinsics (fx, fy, cx, cy) and
     camera-to-world poses (Blender convention), file paths relative to the dataset folder."""
-    from backend.data import holdout_indices, image_size, read_frames
+    from fit_implicit.backend.fitting.data import holdout_indices, image_size, read_frames
 
     file, frames, _ = read_frames(data_dir)
     _, held = holdout_indices(len(frames), every)
@@ -151,7 +151,7 @@ def rewrite_glb_images(path: Path, formats: dict[int, str]) -> int:
     new file size in bytes."""
     import struct
 
-    from backend.export import gltf
+    from fit_implicit.backend.export import gltf
 
     doc, binary = gltf.read_glb(path)
     new_data: dict[int, bytes] = {}
@@ -188,7 +188,7 @@ def _material_images(doc: dict) -> dict[str, int]:
 def fit_glb_under(path: Path, max_bytes: int) -> list[str]:
     """Shrink the .glb's images until the file is under ``max_bytes`` (see the module doc).
     Returns the steps taken (empty when it already fits); raises if it cannot fit."""
-    from backend.export import gltf
+    from fit_implicit.backend.export import gltf
 
     steps: list[str] = []
     if path.stat().st_size < max_bytes:
@@ -206,14 +206,14 @@ def fit_glb_under(path: Path, max_bytes: int) -> list[str]:
         if size < max_bytes:
             return steps
     raise ValueError(f"{path}: {path.stat().st_size / 2**20:.1f} MB even with JPEG textures; lower --faces "
-                     f"or --textures to stay under {max_bytes / 2**20:.2f} MB")
+                     f"or --texture-size to stay under {max_bytes / 2**20:.2f} MB")
 
 
 def read_textured_glb(path: Path) -> dict:
     """A .glb written by backend.export.gltf.write_glb, back in Blender's frame: vertices (V, 3)
     float32 world (Z up), faces (F, 3) int64, uvs (V, 2) float32 (v up), textures kind -> (S, S, C)
     uint8 top row first ("albedo", "normal", "roughness" (S, S, 1) from the G channel)."""
-    from backend.export import gltf
+    from fit_implicit.backend.export import gltf
 
     doc, binary = gltf.read_glb(path)
     prim = doc["meshes"][0]["primitives"][0]
@@ -240,18 +240,18 @@ def read_textured_glb(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None) -> dict:
     """Mesh (at ``opacity``; None: the fit's level), texture and write ``out/lego.glb`` (shrunk
-    under ``--max-mb``) as ``python -m backend mesh`` does; returns the figures for fit.json."""
+    under ``--max-mb``) as ``fit-implicit mesh`` does; returns the figures for fit.json."""
     import torch
 
-    from backend.export.gltf import write_textured
-    from backend.export.mesh import extract_mesh
-    from backend.export.texture import texture_mesh
+    from fit_implicit.backend.export.gltf import write_textured
+    from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.texture import texture_mesh
 
     dev = torch.device(model.device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    verts, faces, _ = extract_mesh(model, args.resolution, opacity)
+    verts, faces, _ = extract_mesh(model, args.mesh_resolution, opacity)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     mesh_s = time.perf_counter() - t0
@@ -267,11 +267,11 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     except ValueError as exc:        # keep the fit's figures; say so loudly
         shrink = [f"FAILED: {exc}"]
         print(f"warning: {exc}", flush=True)
-    print(f"mesh: {len(faces)} triangles at {args.resolution} ({mesh_s:.2f} s); textures {size}^2 on "
+    print(f"mesh: {len(faces)} triangles at {args.mesh_resolution} ({mesh_s:.2f} s); textures {size}^2 on "
           f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
           + ", ".join(f"{k} {v:.2f}" for k, v in baked.timings.items())
           + f"); {glb.name} {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else ""), flush=True)
-    return {"mesh_resolution": args.resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
+    return {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
             "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
             "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
             "export_s": round(mesh_s + texture_s, 3), "glb_mb_raw": round(raw_mb, 3),
@@ -292,17 +292,21 @@ def _levels(text: str) -> list[float]:
 def cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
-    from backend.__main__ import _overrides
-    from backend.data import load_transforms, split_holdout
-    from backend.export.mesh import model_opacity
-    from backend.export.texture import check_size
-    from backend.train import Callbacks, evaluate, fit, make_config, to_rgba8
+    from fit_implicit.backend.cli import _overrides
+    from fit_implicit.backend.fitting.data import load_transforms, split_holdout
+    from fit_implicit.backend.export.iso import model_opacity
+    from fit_implicit.backend.export.texture import check_size
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import Callbacks, fit
+    from fit_implicit.backend.fitting.runs import save_run
+    from fit_implicit.backend.fitting.metrics import evaluate
+    from fit_implicit.backend.render.image import to_rgba8
 
     if args.extra_levels and args.method != "nerf":
         raise ValueError(f"--extra-levels cuts radiance fields; a {args.method} field's surface is its zero level")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = check_size(args.textures)
+    size = check_size(args.texture_size)
     data = load_transforms(args.data, downscale=args.downscale)
     if data.passes and not args.passes:
         data = dataclasses.replace(data, passes={})       # photo-only, as on lego
@@ -333,7 +337,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model = fit(train, cfg, Printer())
     steps, train_s = int(model.meta["steps"]), float(model.meta["seconds"])
     if args.save_run:
-        model.save(out / "run")
+        save_run(model, out / "run")
 
     export = export_glb(model, out, args, size)
     for level in args.extra_levels:      # the same field cut at other levels, each scored on its own
@@ -413,7 +417,7 @@ def import_glb(scene, path: Path, importer_kind: str) -> list:
     """Import the asset: the add-on's importer (default) or Blender's glTF importer."""
     import bpy
 
-    from blender_addon import importer
+    from fit_implicit.blender_addon import importer
 
     if importer_kind == "gltf":
         before = set(bpy.data.objects)
@@ -464,7 +468,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     import bpy
 
-    from blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import capture, dataset_io
 
     t0 = time.perf_counter()
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -538,10 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--preset", default="standard", choices=["draft", "standard", "high"])
     f.add_argument("--seconds", type=float, default=120.0, help="training budget (0: the preset's steps only)")
     f.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
-    f.add_argument("--resolution", type=int, default=512, help="marching-cubes grid along the box's longest side")
-    f.add_argument("--textures", type=int, default=2048, help="side of the baked textures")
+    f.add_argument("--mesh-resolution", type=int, default=512, help="marching-cubes grid along the box's longest side")
+    f.add_argument("--texture-size", type=int, default=2048, help="side of the baked textures")
     f.add_argument("--faces", type=int, default=200_000,
-                   help="decimate to this many triangles before unwrapping (200k: what `python -m backend "
+                   help="decimate to this many triangles before unwrapping (200k: what `fit-implicit "
                         "mesh` does; 0: keep all)")
     f.add_argument("--max-mb", type=float, default=MAX_MB, help="largest .glb size (MB); images re-encoded above")
     f.add_argument("--holdout", type=int, default=8, help="hold out every K-th view")
@@ -573,10 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("downscale", "samples", "size", "faces", "textures", "resolution", "holdout"):
+    for name in ("downscale", "samples", "size", "faces", "texture_size", "mesh_resolution", "holdout"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name in ("size", "faces") else 1):
-            raise SystemExit(f"error: --{name} must be {'>= 0' if name in ('size', 'faces') else '>= 1'}, got {value}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {'>= 0' if name in ('size', 'faces') else '>= 1'}, got {value}")
     try:
         return args.func(args)
     except ValueError as exc:

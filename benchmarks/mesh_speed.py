@@ -61,10 +61,11 @@ def timed(fn, device, repeat: int):
 
 
 def bench(name: str, model, resolution: int, device: torch.device, repeat: int, block: int) -> None:
-    from backend.export.cleanup import is_watertight, keep_large_components, vertex_normals
-    from backend.export.marching_cubes import marching_cubes
-    from backend.export.mesh import (OUTSIDE, evaluate_grid, evaluate_grid_sparse, extract_mesh, grid_shape,
-                                     _fill_nerf_interior, field_method, inside_function, mesh_colors)
+    from fit_implicit.backend.export.cleanup import is_watertight, keep_large_components, vertex_normals
+    from fit_implicit.backend.export.marching_cubes import marching_cubes
+    from fit_implicit.backend.export.mesh import (OUTSIDE, evaluate_grid, evaluate_grid_sparse, extract_mesh,
+                                                  grid_shape, _fill_nerf_interior, field_method, inside_function,
+                                                  mesh_colors)
 
     fn = inside_function(model)
     shape = grid_shape(model.aabb, resolution)
@@ -103,14 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--block", type=int, default=4, help="coarse-to-fine block size in grid cells")
     args = ap.parse_args(argv)
-    from backend.model import pick_device
+    from fit_implicit.backend.fitting.model import pick_device
 
     device = pick_device(args.device)
     models = [("analytic sdf", AnalyticSdf(device))]
     if args.run:
-        from backend.model import FittedField
+        from fit_implicit.backend.fitting.runs import load_run
 
-        model = FittedField.load(args.run, device=device)
+        model = load_run(args.run, device=device)
         models.append((f"run {args.run} ({getattr(model, 'method', model.config.method)})", model))
     for name, model in models:
         for res in args.resolutions:

@@ -19,9 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.data import load_transforms, split_holdout  # noqa: E402
-from backend.fields.hashgrid import HashGrid  # noqa: E402
-from backend.train import Trainer, make_config, make_trainer  # noqa: E402
+from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
+from fit_implicit.backend.fields.hashgrid import HashGrid  # noqa: E402
+from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
+from fit_implicit.backend.fitting.loop import make_trainer
+from fit_implicit.backend.fitting.trainer import Trainer
 
 
 def run(trainer: Trainer, steps: int, start: int) -> tuple[float, float]:
@@ -62,9 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--triton-only", action="store_true", help="skip the plain PyTorch encoding variant")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     args = ap.parse_args(argv)
-    defaults = make_config(device="cpu")
-    overrides = {k: (v == "1") if isinstance(getattr(defaults, k), bool) else type(getattr(defaults, k))(v)
-                 for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = FitConfig.for_method("nerf").parse(args.set)
     train, _ = split_holdout(load_transforms(args.data), 8)
     cfg = make_config("nerf", args.preset, device="cuda", steps=20000, preview_size=0, **overrides)
 

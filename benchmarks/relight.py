@@ -18,7 +18,7 @@ pixels either image covers (RGB composited on black, 8-bit sRGB), averaged over 
     python benchmarks/relight.py --tiny --out /tmp/relight_tiny
 
 runs the whole chain small on the CPU (a 64^2 scene, a short radiance-field fit with
-``python -m backend fit``, its mesh as the baked baseline, and the same mesh coloured with the
+``fit-implicit fit``, its mesh as the baked baseline, and the same mesh coloured with the
 albedo pass projected from the training views, see projected_albedo) to show that it works end
 to end.  ``--albedo-from LABEL=DATASET`` does that recolouring for any asset.
 """
@@ -57,8 +57,8 @@ def projected_albedo(points: np.ndarray, dataset: Path, tolerance: float = 0.02)
     them: a point is seen where its z-depth matches the depth pass within ``tolerance`` times
     the depth.  Points no view sees get mid grey.  This is what an albedo-supervised fit
     aims at, without training one (an upper bound of "relightable by construction")."""
-    from backend.data import load_transforms
-    from shared import cameras
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.shared import cameras
 
     data = load_transforms(dataset)
     if not {"albedo", "depth"} <= set(data.passes):
@@ -82,7 +82,7 @@ def projected_albedo(points: np.ndarray, dataset: Path, tolerance: float = 0.02)
 
 def recolor_with_albedo(objects, dataset: Path) -> None:
     """Replace the base colour of imported meshes by the albedo projected from ``dataset``."""
-    from blender_addon import importer
+    from fit_implicit.blender_addon import importer
 
     for ob in objects:
         if ob.type != "MESH":
@@ -100,7 +100,7 @@ def import_asset(scene, path: Path) -> list:
     """Import a .glb/.gltf/.ply/.obj into the collection ASSET_COLLECTION; returns its objects."""
     import bpy
 
-    from blender_addon import importer
+    from fit_implicit.blender_addon import importer
 
     before = set(bpy.data.objects)
     suffix = path.suffix.lower()
@@ -142,7 +142,7 @@ def remove_asset() -> None:
 
 
 def render_set(scene, cams, folder: str) -> list[np.ndarray]:
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     return [capture.render_view(scene, ob, f"{folder}/r_{i:03d}.png") for i, ob in enumerate(cams)]
 
@@ -154,7 +154,7 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
     import bpy
 
     import surface_scene as ss
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     bpy.ops.wm.open_mainfile(filepath=str(scene_path))
     scene = bpy.context.scene
@@ -217,12 +217,12 @@ def tiny(out: Path, steps: int) -> dict:
     py = sys.executable
     _run([py, "benchmarks/surface_scene.py", "--out", str(data), "--views", "16", "--holdout", "2",
           "--size", "64", "--samples", "8"])
-    _run([py, "-m", "backend", "fit", str(data / "transforms_train.json"), "--out", str(out / "run_nerf"),
+    _run([py, "-m", "fit_implicit.backend", "fit", str(data / "transforms_train.json"), "--out", str(out / "run_nerf"),
           "--method", "nerf", "--preset", "draft", "--steps", str(steps), "--device", "cpu"])
-    from backend.export.mesh import extract_mesh, write_mesh    # what `python -m backend mesh` does
-    from backend.model import FittedField
+    from fit_implicit.backend.export.mesh import extract_mesh, write_mesh  # what `fit-implicit mesh` does
+    from fit_implicit.backend.fitting.runs import load_run
 
-    verts, faces, colors = extract_mesh(FittedField.load(out / "run_nerf", device="cpu"), 64)
+    verts, faces, colors = extract_mesh(load_run(out / "run_nerf", device="cpu"), 64)
     write_mesh(out / "baked.ply", verts, faces, colors)
     assets = {"radiance baked (nerf)": out / "baked.ply", "albedo pass (same mesh)": out / "baked.ply"}
     return evaluate(data / "scene.blend", assets, 64, 8, out,

@@ -2,12 +2,12 @@
 ground-truth mesh.
 
     python benchmarks/surface_fit.py --data out/surface --gt out/surface/ground_truth.ply \\
-        [--method sdf] [--preset standard] [--seconds 180] [--resolution 512] [--out runs/bench_surface.json]
+        [--method sdf] [--preset standard] [--seconds 180] [--mesh-resolution 512] [--out runs/bench_surface.json]
 
 Training views: the folder's transforms_train.json (or transforms.json); held-out views: its
 transforms_test.json if there is one, else every ``--holdout``-th view.  The clock runs from the
 first step (no previews).  The mesh is level 0 of ``FittedField.inside_field`` on a grid of
-``--resolution`` points along the box's longest side (marching cubes; components under 1% of
+``--mesh-resolution`` points along the box's longest side (marching cubes; components under 1% of
 the largest face count dropped).  Prints and writes: steps, steps/s, training time, Chamfer
 distance (world units and % of the ground-truth box diagonal), F-score at 1% of that diagonal,
 held-out PSNR (white background, 8-bit), meshing time.  Targets (issue 4, H100): Chamfer <= 0.5%,
@@ -27,10 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend import metrics  # noqa: E402
-from backend.__main__ import _overrides  # noqa: E402
-from backend.data import load_transforms, split_holdout  # noqa: E402
-from backend.train import Callbacks, evaluate, fit, make_config  # noqa: E402
+from fit_implicit.backend.fitting import metrics  # noqa: E402
+from fit_implicit.backend.cli import _overrides  # noqa: E402
+from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
+from fit_implicit.backend.fitting.config import make_config  # noqa: E402
+from fit_implicit.backend.fitting.loop import Callbacks, fit  # noqa: E402
+from fit_implicit.backend.fitting.runs import save_run  # noqa: E402
+from fit_implicit.backend.fitting.metrics import evaluate
 
 
 class Printer(Callbacks):
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="standard")
     ap.add_argument("--seconds", type=float, default=180.0, help="training budget (0: the preset's steps)")
     ap.add_argument("--steps", type=int, default=0)
-    ap.add_argument("--resolution", type=int, default=512, help="marching-cubes grid along the longest side")
+    ap.add_argument("--mesh-resolution", type=int, default=512, help="marching-cubes grid along the longest side")
     ap.add_argument("--holdout", type=int, default=8, help="without transforms_test.json: hold out every K-th")
     ap.add_argument("--downscale", type=int, default=1)
     ap.add_argument("--device", default=None)
@@ -183,10 +186,10 @@ def main(argv=None) -> int:
     model = fit(train, cfg, Printer())
     steps_done, train_s = int(model.meta["steps"]), float(model.meta["seconds"])
     if args.run:
-        model.save(args.run)
+        save_run(model, args.run)
 
     t0 = time.perf_counter()
-    verts, faces = mesh_field(model, args.resolution)
+    verts, faces = mesh_field(model, args.mesh_resolution)
     mesh_s = time.perf_counter() - t0
     row = {"method": cfg.method, "preset": cfg.preset, "device": cfg.device,
            "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
            "samples_per_s": round(model.meta.get("samples", 0) / max(train_s, 1e-9)),
            "first_step_s": model.meta.get("first_step_s"), "inv_s": model.meta.get("inv_s"),
            "lighting_baked": model.meta.get("lighting_baked"), "passes": passes,
-           "mesh_resolution": args.resolution, "mesh_s": round(mesh_s, 2), "faces": int(len(faces))}
+           "mesh_resolution": args.mesh_resolution, "mesh_s": round(mesh_s, 2), "faces": int(len(faces))}
     gt_v, gt_f = read_mesh(args.gt)
     diag = float(np.linalg.norm(gt_v.max(0) - gt_v.min(0)))
     if len(faces):

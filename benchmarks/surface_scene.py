@@ -16,7 +16,7 @@ Builds, with the bpy wheel (Cycles on the CPU):
 Writes into ``--out``:
     train/r_000.png ... RGBA renders (sRGB, transparent film), test/... the held-out views;
     <stem>_albedo.png, <stem>_normal.png, <stem>_depth.png next to each (encodings:
-    backend/data.py PASS_FILE_KEYS; "depth_scale" at the top level of the json files);
+    backend/fitting/data.py PASS_FILE_KEYS; "depth_scale" at the top level of the json files);
     transforms_train.json, transforms_test.json, transforms.json (all frames + split lists);
     ground_truth.ply (the evaluated geometry in world units, binary), scene.blend, scene.json.
 A 100 + 10 view dataset at 256^2 is about 15-25 MB.
@@ -248,7 +248,7 @@ def write_ply(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 def frame_fields(intrinsics, width: int, height: int) -> dict:
     """Per-frame intrinsics keys (instant-ngp / nerfstudio names)."""
-    from shared import cameras
+    from fit_implicit.shared import cameras
 
     fx, fy, cx, cy = (float(v) for v in intrinsics)
     ax, ay = cameras.fov_angles(intrinsics, width, height)
@@ -260,8 +260,8 @@ def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None) -
     """Render every camera with passes; write the splits, pass files and json files."""
     from PIL import Image
 
-    from backend.data import write_pass_files
-    from blender_addon import capture
+    from fit_implicit.backend.fitting.data import write_pass_files
+    from fit_implicit.blender_addon import capture
 
     w, h = capture.render_size(scene)
     work = tempfile.mkdtemp(prefix="surface_scene_")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import bpy
 
-    from blender_addon import rig
+    from fit_implicit.blender_addon import rig
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

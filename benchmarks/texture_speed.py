@@ -37,10 +37,10 @@ def bumpy_torus(faces: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> int:
     import torch
 
-    from backend import train
-    from backend.export import gltf
-    from backend.export import texture as tx
-    from backend.model import FittedField, build_field, build_occupancy
+    from fit_implicit.backend.export import gltf
+    from fit_implicit.backend.export import texture as tx
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.model import FittedField
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--faces", type=int, default=100_000)
@@ -50,9 +50,8 @@ def main() -> int:
     p.add_argument("--method", default="sdf", choices=["sdf", "occupancy", "nerf"])
     args = p.parse_args()
 
-    cfg = train.make_config(method=args.method, preset="standard", device=args.device)
-    model = FittedField(build_field(cfg).to(args.device), build_occupancy(cfg).to(args.device),
-                        np.array([[-1.0, -1, -1], [1, 1, 1]]), cfg)
+    cfg = make_config(method=args.method, preset="standard", device=args.device)
+    model = FittedField.build(cfg, np.array([[-1.0, -1, -1], [1, 1, 1]]))
     verts, faces = bumpy_torus(args.faces)
     print(f"mesh: {len(verts)} vertices, {len(faces)} faces; texture {args.size}^2; device {args.device}; "
           f"xatlas pieces of {args.piece_faces} faces", flush=True)

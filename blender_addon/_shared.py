@@ -3,15 +3,15 @@
 Inside a built extension, ``build_addon.py`` vendors the ``shared`` package as
 ``blender_addon/shared/`` (import it relatively: the extension's module name is
 ``bl_ext.<repo>.fit_implicit``).  In a development checkout there is no vendored copy and the
-top-level ``shared`` package is used.  Add-on modules import from here::
+``fit_implicit.shared`` package (the project installed in development mode) is used.  Add-on modules import from here::
 
     from ._shared import protocol, wire, cameras
 """
 import importlib.util
 
 if importlib.util.find_spec(f"{__package__}.shared") is not None:
-    from .shared import cameras, colmap, protocol, transforms, wire  # vendored copy (built extension)
+    from .shared import cameras, colmap, methods, protocol, transforms, wire  # vendored copy (built extension)
 else:
-    from shared import cameras, colmap, protocol, transforms, wire  # development checkout
+    from fit_implicit.shared import cameras, colmap, methods, protocol, transforms, wire  # development checkout
 
-__all__ = ["cameras", "colmap", "protocol", "transforms", "wire"]
+__all__ = ["cameras", "colmap", "methods", "protocol", "transforms", "wire"]

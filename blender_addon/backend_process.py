@@ -1,4 +1,4 @@
-"""A local backend started from Blender: ``python -m backend serve`` as a child process.
+"""A local backend started from Blender: ``fit-implicit serve`` as a child process.
 
 No bpy here (testable without Blender).  The add-on keeps at most one per address
 (:func:`get` / :func:`start`); the log (stdout and stderr) goes to a file the user can open.
@@ -45,12 +45,12 @@ def local_bind(address: str) -> str:
                                   "(expected tcp://127.0.0.1:PORT)")
     if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
         raise BackendProcessError(f"the backend address {address} is not on this machine: start the backend there "
-                                  "(python -m backend serve), or set the address to tcp://127.0.0.1:PORT")
+                                  "(fit-implicit serve), or set the address to tcp://127.0.0.1:PORT")
     return address
 
 
 class LocalBackend:
-    """One ``python -m backend serve`` child process.
+    """One ``fit-implicit serve`` child process.
 
     Args:
         python: the backend's Python executable (it needs torch and pyzmq).
@@ -75,7 +75,7 @@ class LocalBackend:
 
     @staticmethod
     def command_for(python: str, address: str, device: str = "") -> list[str]:
-        cmd = [python, "-u", "-m", "backend", "serve", "--bind", address]
+        cmd = [python, "-u", "-m", "fit_implicit.backend", "serve", "--bind", address]
         return cmd + (["--device", device] if device else [])
 
     @property

@@ -709,9 +709,9 @@ def export_view_with_passes(scene, view_layer, camera_object, folder: str, stem:
     return save_pass_files(folder, stem, view.passes)
 
 
-# The passes a cached view with passes must hold (passes.PASS_NAMES), each (H, W, ...) of its image
-# and of this dtype.  A file written before a pass existed (e.g. roughness) is a miss: re-rendered.
-_CACHED_PASSES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
+# The passes a cached view with passes must hold, each (H, W, ...) of its image and of its dtype
+# (shared/protocol.py).  A file written before a pass existed (e.g. roughness) is a miss: re-rendered.
+_CACHED_PASSES = protocol.PASS_DTYPES
 
 
 def _read_cached(path: str, passes: bool) -> RenderedView | None:
@@ -744,7 +744,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  seconds: float = 0.0, mesh_resolution: int = 0, mesh_opacity: float = 0.0,
                  preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
-                 eval_sizes=None, passes: dict | None = None, textures: int = 0,
+                 eval_sizes=None, passes: dict | None = None, texture_size: int = 0,
                  lens_models=None, distortion=None) -> "protocol.Submit":
     """A validated Submit.
 
@@ -758,7 +758,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
             "roughness" (N, H, W) float in [0, 1], protocol.NO_ROUGHNESS (-1) where there is no
             value (sent as float16, which keeps -1, 0 and 1 exact).
         mesh_opacity: radiance fields' surface level in (0, 0.99]; 0: chosen per field.
-        textures: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
+        texture_size: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
         lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
     Raises:
@@ -774,7 +774,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         # (rounded: Blender's float32 property holds 0.99 as 0.9900000095, above the wire's cap)
         seconds=float(seconds), mesh_resolution=int(mesh_resolution), mesh_opacity=round(float(mesh_opacity), 4),
         preview_size=int(preview_size),
-        preview_interval=float(preview_interval), textures=int(textures),
+        preview_interval=float(preview_interval), texture_size=int(texture_size),
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
@@ -783,7 +783,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
     if "albedo" in passes:
         msg.albedo = np.ascontiguousarray(passes["albedo"], dtype=np.uint8)
     if "normal" in passes:
-        msg.normals = np.ascontiguousarray(passes["normal"], dtype=np.float16)
+        msg.normal = np.ascontiguousarray(passes["normal"], dtype=np.float16)
     if "depth" in passes:
         msg.depth = np.ascontiguousarray(passes["depth"], dtype=np.float32)
     if "roughness" in passes:

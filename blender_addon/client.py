@@ -93,7 +93,7 @@ class JobClient:
     """One job on one backend.
 
     Args:
-        address: ``tcp://HOST:PORT`` of ``python -m backend serve``.
+        address: ``tcp://HOST:PORT`` of ``fit-implicit serve``.
         heartbeat_interval: seconds between Pings.
         dead_after: fail the job when nothing at all was heard from the backend for this long
             (not counted while the Submit itself is still being uploaded).

@@ -18,7 +18,7 @@ Import reads transforms.json (global or per-frame intrinsics, lens model and dis
 or a COLMAP text model (shared.colmap) and makes cameras whose Blender intrinsics give them back
 (shared.cameras.blender_camera_from_intrinsics), with the images as camera backgrounds;
 :func:`photo_views` turns those cameras' photos (masks as alpha) into fit inputs.
-Main thread only; no torch here (the backend's reader is backend/data.py).
+Main thread only; no torch here (the backend's reader is backend/fitting/data.py).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
         progress: ``progress(i, n)`` after each render.
         passes: also render albedo / normal / depth / roughness passes (Cycles) and name their
             files in each frame (albedo_path, normal_path, depth_path, roughness_path: see
-            backend/data.py).
+            backend/fitting/data.py).
     Returns:
         {"train": n_train, "test": n_test, "files": [written json paths]}.
     Raises:

@@ -26,7 +26,7 @@ import numpy as np
 from . import capture, dataset_io, importer, running
 from ._shared import protocol
 
-START_HINT = "Start the backend with:  python -m backend serve --bind {address}"
+START_HINT = "Start the backend with:  fit-implicit serve --bind {address}"
 
 
 class FitError(Exception):
@@ -46,7 +46,7 @@ class FitSettings:
     steps: int = 0                        # 0: the preset's default
     mesh_resolution: int = 0              # 0: the preset's default
     mesh_opacity: float = 0.0             # radiance fields' surface level (see protocol.Submit); 0: auto
-    textures: int = 0                     # side of baked UV textures (albedo, normal, roughness); 0: vertex colours
+    texture_size: int = 0                 # side of baked UV textures (albedo, normal, roughness); 0: vertex colours
     preview_size: int = 128               # longest side of previews; 0: none
     preview_interval: float = 1.0         # seconds between previews
     ring_count: int = 24                  # cameras placed around the selection if there are none
@@ -427,7 +427,7 @@ class FitSession:
             preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
             eval_poses=plan.eval_poses if m else None,
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
-            textures=s.textures, lens_models=photos["lens_models"] if photos else None,
+            texture_size=s.texture_size, lens_models=photos["lens_models"] if photos else None,
             distortion=photos["distortion"] if photos else None)
         self._timing("upload")
         try:
@@ -623,7 +623,7 @@ def photo_image_problem(camera_object) -> str | None:
 
 
 def cameras_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A cube around what photo cameras look at (the rule of backend/data.py estimate_aabb).
+    """A cube around what photo cameras look at (the rule of backend/fitting/data.py estimate_aabb).
 
     Centre: the least-squares point nearest to every optical axis.  Half-size: over the cameras,
     the smallest half-width of the view at the centre (distance times the tangent of the

@@ -24,9 +24,9 @@ def _settings_from_scene(scene):
     fs = _session_module()
     p = scene.implicit
     from .capture import fit_settings_from_props
-    return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_cameras,
-                          mesh_resolution=p.mesh_resolution, mesh_opacity=p.mesh_level,
-                          textures=int(p.texture_size),
+    return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_count,
+                          mesh_resolution=p.mesh_resolution, mesh_opacity=p.mesh_opacity,
+                          texture_size=int(p.texture_size),
                           smooth=p.smooth_shading, preview_size=p.preview_size, show_preview=p.show_preview,
                           **fit_settings_from_props(p))
 
@@ -437,7 +437,7 @@ LOG_TEXT = "Fit Implicit Backend Log"
 
 
 class IMPLICIT_OT_backend_start(bpy.types.Operator):
-    """Start a backend on this machine (python -m backend serve) at the backend address"""
+    """Start a backend on this machine (fit-implicit serve) at the backend address"""
 
     bl_idname = "implicit.backend_start"
     bl_label = "Start Backend"

@@ -78,10 +78,10 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         col.prop(props, "method")
         col.prop(props, "preset")
         col.prop(props, "seconds")
-        col.prop(props, "ring_cameras")
+        col.prop(props, "ring_count")
         col.prop(props, "mesh_resolution")
         if props.method == "nerf":      # surface fields mesh their own zero level
-            col.prop(props, "mesh_level")     # 0: Auto (see its description)
+            col.prop(props, "mesh_opacity")     # 0: Auto (see its description)
         col.prop(props, "texture_size")
         col.prop(props, "smooth_shading")
         row = col.row(align=True)

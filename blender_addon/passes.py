@@ -1,4 +1,4 @@
-"""Render passes for supervision (contract C1): albedo, world normals, z-depth and roughness
+"""Render passes for supervision (shared/protocol.py, Submit): albedo, world normals, z-depth and roughness
 from Cycles.
 
 The beauty render (capture.render_view) stays as it is; while :class:`PassOutput` is active,
@@ -33,7 +33,7 @@ import numpy as np
 
 from ._shared import protocol
 
-PASS_NAMES = ("albedo", "normal", "depth", "roughness")
+PASS_NAMES = protocol.PASS_NAMES
 # pass -> (Render Layers output, File Output item type); "roughness" reads the AOV's output,
 # whose name is only known once the AOV exists (see PassOutput.__enter__).
 _SOCKETS = {"albedo": ("Diffuse Color", "RGBA"), "normal": ("Normal", "VECTOR"), "depth": ("Depth", "FLOAT")}
@@ -275,7 +275,7 @@ class PassOutput:
         return glob.glob(os.path.join(glob.escape(self.folder), glob.escape(prefix) + "*.exr"))
 
     def read(self, prefix: str, alpha: np.ndarray) -> dict[str, np.ndarray]:
-        """The passes of the last render, converted to contract C1.
+        """The passes of the last render, converted to the Submit's passes.
 
         Args:
             alpha: (H, W) float32 coverage in [0, 1] of the beauty render.
@@ -338,7 +338,7 @@ def load_float_image(path: str) -> np.ndarray:
 
 def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, alpha: np.ndarray,
                    roughness: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Cycles' raw passes -> contract C1 (see :meth:`PassOutput.read`).
+    """Cycles' raw passes -> the Submit's passes (see :meth:`PassOutput.read`).
 
     Args:
         diffuse: (H, W, >=3) float32 linear diffuse colour, coverage-weighted.
@@ -369,7 +369,7 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
 
 
 def save_pass_files(folder: str, stem: str, passes: dict) -> dict:
-    """Write one view's passes next to its image, as backend/data.py reads them (PASS_FILE_KEYS):
+    """Write one view's passes next to its image, as backend/fitting/data.py reads them (PASS_FILE_KEYS):
     ``<stem>_albedo.png`` (8-bit sRGB RGB), ``<stem>_normal.png`` (8-bit RGB, n = 2 v / 255 - 1,
     (0, 0, 0) = no surface), ``<stem>_depth.npz`` (float32 "depth", 0 = no surface) and
     ``<stem>_roughness.npz`` (float32 "roughness" in [0, 1], -1 = no value).

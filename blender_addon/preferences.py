@@ -30,7 +30,7 @@ class ImplicitPreferences(bpy.types.AddonPreferences):
 
     address: bpy.props.StringProperty(
         name="Backend Address",
-        description="ZeroMQ address of the fitting backend (start it with: python -m backend serve)",
+        description="ZeroMQ address of the fitting backend (start it with: fit-implicit serve)",
         default=DEFAULT_ADDRESS,
     )
     python: bpy.props.StringProperty(

@@ -1,16 +1,11 @@
 """Per-scene fit settings and the state of the running job (``scene.implicit``)."""
 import bpy
 
-METHOD_ITEMS = (
-    ("sdf", "Signed Distance", "NeuS-style signed distance field: clean surfaces (best for meshes)"),
-    ("occupancy", "Occupancy", "Occupancy field rendered as opacity (UNISURF)"),
-    ("nerf", "Radiance Field", "Density and colour (instant-ngp): best novel views, blobby meshes"),
-)
-PRESET_ITEMS = (
-    ("draft", "Draft", "Fast and coarse: a quick look"),
-    ("standard", "Standard", "Balanced quality and time"),
-    ("high", "High", "Slow: fine detail"),
-)
+from ._shared import methods
+
+# Names, titles and descriptions from shared/methods.py, in its order (the recommended method first).
+METHOD_ITEMS = tuple((name, title, text) for name, (title, text) in methods.METHOD_INFO.items())
+PRESET_ITEMS = tuple((name, title, text) for name, (title, text) in methods.PRESET_INFO.items())
 
 
 class ImplicitSceneSettings(bpy.types.PropertyGroup):
@@ -27,7 +22,7 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Training time budget in seconds; 0: the preset's default number of steps",
         default=0.0, min=0.0, soft_max=3600.0, unit="TIME_ABSOLUTE",
     )
-    ring_cameras: bpy.props.IntProperty(
+    ring_count: bpy.props.IntProperty(
         name="Ring Cameras",
         description="Cameras placed around the selection when the scene has none",
         default=24, min=3, max=500,
@@ -37,7 +32,7 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Marching cubes grid size along the longest side; 0: the preset's default",
         default=0, min=0, max=1024,
     )
-    mesh_level: bpy.props.FloatProperty(
+    mesh_opacity: bpy.props.FloatProperty(
         name="Surface Level",
         description="Radiance fields: the opacity a ray gains crossing one voxel where the mesh surface lies "
                     "(higher: the mesh sits deeper, past thin haze; lower: faint parts are kept). "

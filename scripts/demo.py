@@ -2,7 +2,7 @@
 
     python scripts/demo.py --out out        (what `make demo` runs)
 
-1. starts a backend process (`python -m backend serve`, on a free loopback port);
+1. starts a backend process (`fit-implicit serve`, on a free loopback port);
 2. builds a small scene in bpy: a two-tone Suzanne, off-centre, rotated and scaled, one sun;
 3. fits it through the add-on's own code path (``fit_scene``, what the Fit Implicit button
    runs): a ring of cameras is placed around the selection, the views are rendered with
@@ -28,15 +28,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend.metrics import chamfer, psnr_white  # noqa: E402
+from fit_implicit.backend.fitting.metrics import chamfer, psnr_white  # noqa: E402
 
 
 def start_backend(device: str | None) -> tuple[subprocess.Popen, str]:
-    """Start `python -m backend serve` on a free port; return the process and its address."""
+    """Start `fit-implicit serve` on a free port; return the process and its address."""
     # Its own job folder: the demo must not resume (and wait behind) unfinished jobs that another
     # backend left in the user's default runs folder.
     runs = tempfile.mkdtemp(prefix="fit_implicit_demo_runs_")
-    cmd = [sys.executable, "-m", "backend", "serve", "--bind", "tcp://127.0.0.1:0", "--runs-dir", runs]
+    cmd = [sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://127.0.0.1:0", "--runs-dir", runs]
     if device:
         cmd += ["--device", device]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True,
@@ -107,7 +107,7 @@ def add_heldout_camera(scene, target, distance: float):
     import bpy
     from mathutils import Matrix
 
-    from shared import cameras
+    from fit_implicit.shared import cameras
 
     center = np.array(target, dtype=np.float64)
     elev, azim = math.radians(32.0), math.radians(100.0)
@@ -122,7 +122,7 @@ def add_heldout_camera(scene, target, distance: float):
 
 def render_mesh_view(scene, camera, source, result_object, path: Path) -> np.ndarray:
     """Render the imported mesh alone from ``camera`` with the scene's lights (Cycles)."""
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     source.hide_render = True
     try:
@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     try:
         import bpy
 
-        import blender_addon
-        from blender_addon.fit_session import fit_scene
+        from fit_implicit import blender_addon
+        from fit_implicit.blender_addon.fit_session import fit_scene
 
         t = time.perf_counter()
         scene, source = build_scene(args.resolution)

@@ -33,10 +33,11 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from . import wire
+from .methods import METHODS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -52,8 +53,6 @@ TEXTURE_KINDS = ("albedo", "normal", "roughness")
 MAX_STRING = 4096
 MAX_NAME = 256
 
-METHODS = ("nerf", "sdf", "occupancy")
-PRESETS = ("draft", "standard", "high")
 
 
 class ProtocolError(WireError):
@@ -331,7 +330,7 @@ class Submit(Message):
     # (backend/export/iso.py); 0: chosen per field.  Surface fields mesh their own zero level.
     mesh_opacity: float = spec(Float(0.0, 0.99), default=0.0)
     # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs.
-    textures: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
+    texture_size: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
     preview_size: int = spec(Int(0, 1024), default=128)            # longest side; 0: no previews
     preview_interval: float = spec(Float(0.05, 3600.0), default=1.0)
     eval_intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)), default_factory=_empty((0, 4), np.float64))
@@ -339,10 +338,10 @@ class Submit(Message):
     # eval_sizes[i] = (width, height) in pixels, the order of cameras.image_size()
     eval_sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)), default_factory=_empty((0, 2), np.int32))
     # Optional render passes (scene mode), each empty (first axis 0) or (N, H, W, ...) of images:
-    # albedo: sRGB-encoded diffuse colour; normals: WORLD-space unit normals, 0 where no surface;
+    # albedo: sRGB-encoded diffuse colour; normal: WORLD-space unit normals, 0 where no surface;
     # depth: z-depth along the camera's viewing axis in world units, 0 where no surface.
     albedo: np.ndarray = spec(Array(("uint8",), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.uint8))
-    normals: np.ndarray = spec(Array(("float32", "float16"), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.float32))
+    normal: np.ndarray = spec(Array(("float32", "float16"), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.float32))
     depth: np.ndarray = spec(Array(("float32", "float16"), (None, None, None)), default_factory=_empty((0, 0, 0), np.float32))
     # roughness: the material's roughness in [0, 1] (Principled BSDF "Roughness"), NO_ROUGHNESS
     # (-1) where there is no surface or the material has no roughness to read.
@@ -369,12 +368,21 @@ class Submit(Message):
             raise ProtocolError(f"submit.eval_sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
-        if 0 < self.textures < MIN_TEXTURE_SIDE:
-            raise ProtocolError(f"submit.textures: {self.textures} is not 0 (no textures) or in "
+        if 0 < self.texture_size < MIN_TEXTURE_SIDE:
+            raise ProtocolError(f"submit.texture_size: {self.texture_size} is not 0 (no textures) or in "
                                 f"[{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
 
 
 NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit
+#: The optional per-pixel passes of a Submit (scene mode), by their one name on both sides, with
+#: their per-image trailing shape and the dtype they have in memory and in pass files (the wire
+#: also takes float16 for the float ones):
+#: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse colour (Blender's Diffuse Color pass);
+#: "normal" (H, W, 3) float32 WORLD-space unit normals, 0 where there is no surface;
+#: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface;
+#: "roughness" (H, W) float32 material roughness in [0, 1], NO_ROUGHNESS (-1) where it has no value.
+PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
+PASS_NAMES = tuple(PASS_DTYPES)
 NO_ROUGHNESS = -1.0       # a roughness pixel without a value
 
 
@@ -382,18 +390,18 @@ def check_passes(msg: "Submit") -> None:
     """Each pass is empty or matches the images' N, H, W; normals are unit (or 0); depth >= 0;
     roughness in [0, 1] or NO_ROUGHNESS."""
     nhw = msg.images.shape[:3]
-    for name in ("albedo", "normals", "depth", "roughness"):
+    for name in PASS_NAMES:
         value = getattr(msg, name)
         if value.shape[0] == 0:
             continue
         if value.shape[:3] != nhw:
             raise ProtocolError(f"submit.{name}: shape {value.shape} does not match the images' "
                                 f"{nhw[0]} x {nhw[1]} x {nhw[2]} (send an empty array for no {name})")
-    for i in range(msg.normals.shape[0]):   # one image at a time: bounded temporary memory
-        length = np.linalg.norm(msg.normals[i].astype(np.float32), axis=-1)
+    for i in range(msg.normal.shape[0]):   # one image at a time: bounded temporary memory
+        length = np.linalg.norm(msg.normal[i].astype(np.float32), axis=-1)
         bad = (length > 0) & (np.abs(length - 1.0) > NORMAL_TOLERANCE)
         if bad.any():
-            raise ProtocolError(f"submit.normals: image {i} has {int(bad.sum())} normals that are neither "
+            raise ProtocolError(f"submit.normal: image {i} has {int(bad.sum())} normals that are neither "
                                 f"unit length (within {NORMAL_TOLERANCE}) nor zero")
     if msg.depth.size and float(msg.depth.min()) < 0:
         raise ProtocolError("submit.depth: depths must be >= 0 (0 where there is no surface)")
@@ -467,7 +475,7 @@ class Preview(Message):
 class MeshResult(Message):
     """A triangle mesh in the submit's world frame.  ``colors`` are sRGB in [0, 1].
 
-    Textured meshes (Submit.textures > 0) also carry per-vertex ``uvs`` (V, 2) in [0, 1] (v up,
+    Textured meshes (Submit.texture_size > 0) also carry per-vertex ``uvs`` (V, 2) in [0, 1] (v up,
     Blender's convention; the mesh is split at UV seams, welding equal positions undoes that) and
     unit ``normals`` (V, 3) (smooth, the frame the normal map was baked in); both are empty
     (first axis 0) otherwise.
@@ -541,7 +549,7 @@ MAX_RENDER_PIXELS = 1 << 32     # all views of one RenderJob together
 @dataclass
 class RenderJob(Message):
     """Render views of a field fitted earlier: the model that fit job ``fit_job_id`` saved in its
-    folder (contract C3).  Cameras as in Submit: ``intrinsics[i] = (fx, fy, cx, cy)`` (OpenCV
+    folder (backend/service/paths.py).  Cameras as in Submit: ``intrinsics[i] = (fx, fy, cx, cy)`` (OpenCV
     pixel frame), ``poses[i]`` rigid camera-to-world (Blender convention), ``sizes[i] = (width,
     height)``.  One RenderResult per camera comes back, ``index`` = i, in order, then Done."""
 

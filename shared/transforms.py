@@ -128,7 +128,7 @@ def read_mask(path: Path, size: tuple[int, int], downscale: int = 1) -> np.ndarr
     """A mask image as (H, W) uint8 alpha (its own alpha if it has one, else its luminance).
 
     ``size`` = (width, height) of its photo (ValueError if the mask has another); ``downscale``
-    box-filters it like the photo (backend.data.read_image).
+    box-filters it like the photo (backend.fitting.data.read_image).
     """
     from PIL import Image
 

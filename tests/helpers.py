@@ -2,7 +2,7 @@
 (tests/ is on sys.path under pytest; conftest.py wraps the common ones in fixtures).
 
 * :func:`make_submit` - a small, valid Submit (cameras on a ring looking at an analytic scene).
-* :class:`BackendProcess` - ``python -m backend serve`` (or the same server with :func:`fake_runner`)
+* :class:`BackendProcess` - ``fit-implicit serve`` (or the same server with :func:`fake_runner`)
   in a subprocess on a free port; waits for its "backend listening on ..." line.
 * :func:`fake_runner` - a job runner that needs no torch: timed fake steps, a tetrahedron mesh,
   flat renders.  ``Submit.name`` picks a behaviour (see :data:`FAKE_STEP_SECONDS`).
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from shared import cameras, protocol  # noqa: E402
+from fit_implicit.shared import cameras, protocol  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def fake_runner(submit: protocol.Submit, ctx) -> dict:
     total = submit.steps or 20
     for step in range(1, total + 1):
         if ctx.should_stop():
-            from backend.jobs import JobCancelled
+            from fit_implicit.backend.service.jobs import JobCancelled
             raise JobCancelled()
         time.sleep(FAKE_STEP_SECONDS)
         ctx.progress("train", step=step, total_steps=total, loss=1.0 / step, psnr=10.0 + step * 0.01,
@@ -101,7 +101,7 @@ def serve_fake(argv: list[str] | None = None) -> int:
     """``python -c "import helpers; helpers.serve_fake()" --bind ...``: the real server, fake runner."""
     import argparse
 
-    from backend import server
+    from fit_implicit.backend.service import server
 
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
@@ -131,9 +131,9 @@ class BackendProcess:
         if fake:
             cmd = [sys.executable, "-c", "import sys, helpers; sys.exit(helpers.serve_fake(sys.argv[1:]))", *bind]
         elif (REPO / "backend" / "__main__.py").exists():
-            cmd = [sys.executable, "-m", "backend", "serve", *bind]
+            cmd = [sys.executable, "-m", "fit_implicit.backend", "serve", *bind]
         else:   # until the CLI exists
-            cmd = [sys.executable, "-m", "backend.server", *bind]
+            cmd = [sys.executable, "-m", "fit_implicit.backend.service.server", *bind]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
                    PYTHONUNBUFFERED="1")
         fd, self.log_path = tempfile.mkstemp(prefix="backend-", suffix=".log")

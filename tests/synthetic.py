@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import cameras
+from fit_implicit.shared import cameras
 
 CENTER = np.array([3.0, -2.0, 5.0])
 SCALE = 2.5

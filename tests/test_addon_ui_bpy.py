@@ -23,12 +23,12 @@ pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(300)]
 def addon():
     import bpy  # noqa: F401  (first: it puts addon_utils on the path)
     import addon_utils
-    mod = addon_utils.enable("blender_addon", default_set=True)
-    assert mod is not None and "blender_addon" in bpy.context.preferences.addons
+    mod = addon_utils.enable("fit_implicit.blender_addon", default_set=True)
+    assert mod is not None and "fit_implicit.blender_addon" in bpy.context.preferences.addons
     yield mod
-    from blender_addon import backend_process
+    from fit_implicit.blender_addon import backend_process
     backend_process.stop_all()
-    addon_utils.disable("blender_addon")
+    addon_utils.disable("fit_implicit.blender_addon")
 
 
 def free_address() -> str:
@@ -39,7 +39,7 @@ def free_address() -> str:
 
 def _prefs(address, auto_start=False):
     import bpy
-    p = bpy.context.preferences.addons["blender_addon"].preferences
+    p = bpy.context.preferences.addons["fit_implicit.blender_addon"].preferences
     p.address, p.python, p.source_dir, p.device, p.auto_start = address, sys.executable, str(REPO), "CPU", auto_start
     return p
 
@@ -58,7 +58,7 @@ def _cube_scene(name="Scene"):
     scene.cycles.device, scene.cycles.samples = "CPU", 1
     scene.implicit.status, scene.implicit.step, scene.implicit.total_steps = "", 0, 0
     bpy.ops.mesh.primitive_cube_add(size=1.0)
-    scene.implicit.ring_cameras = 4
+    scene.implicit.ring_count = 4
     scene.implicit.preset = "draft"
     return scene
 
@@ -67,7 +67,7 @@ class Recorder:
     """The real JobClient, keeping the Submit it sent and the wall time of every poll."""
 
     def __init__(self, address):
-        from blender_addon.client import JobClient
+        from fit_implicit.blender_addon.client import JobClient
         self.client = JobClient(address)
         self.submit = None
 
@@ -81,7 +81,7 @@ class Recorder:
 
 def test_previews_reach_the_image_at_least_once_a_second_without_stalling(addon, fake_backend):
     import bpy
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     scene = _cube_scene()
     scene.implicit.preview_size = 48
     made = []
@@ -122,7 +122,7 @@ def test_previews_reach_the_image_at_least_once_a_second_without_stalling(addon,
 
 def test_plot_shows_loss_falling_and_psnr_rising(addon, fake_backend):
     import bpy
-    from blender_addon import fit_session, plot
+    from fit_implicit.blender_addon import fit_session, plot
     scene = _cube_scene()
     session = fit_session.FitSession(scene, fake_backend.address,
                                      fit_session.FitSettings(preset="draft", steps=100, ring_count=4))
@@ -148,7 +148,7 @@ def test_plot_shows_loss_falling_and_psnr_rising(addon, fake_backend):
 
 
 def test_plot_curves_go_the_right_way():
-    from blender_addon import plot
+    from fit_implicit.blender_addon import plot
     steps = np.arange(1, 201)
     img = plot.draw_plot(steps, 1.0 / steps, 10 + 0.05 * steps)
 
@@ -166,18 +166,18 @@ def test_plot_curves_go_the_right_way():
 
 def test_panel_icons_exist_in_this_blender():
     import bpy
-    from blender_addon import panels
+    from fit_implicit.blender_addon import panels
     icons = set(bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items.keys())
-    used = set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "blender_addon" / "panels.py").read_text()))
+    used = set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "fit_implicit.blender_addon" / "panels.py").read_text()))
     used |= set(panels.STATUS_ICONS.values())
-    used |= set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "blender_addon" / "preferences.py").read_text()))
+    used |= set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "fit_implicit.blender_addon" / "preferences.py").read_text()))
     assert used and used <= icons, used - icons
 
 
 def test_start_status_free_memory_log_and_stop_buttons(addon, tmp_path, monkeypatch):
     monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))   # no jobs resumed from other runs
     import bpy
-    from blender_addon import backend_process, panels, status
+    from fit_implicit.blender_addon import backend_process, panels, status
     address = free_address()
     _prefs(address)
     _cube_scene()
@@ -200,7 +200,7 @@ def test_fit_starts_a_local_backend_on_demand(addon, tmp_path, monkeypatch):
     """Auto-start with the real trainer: the fit is cut short by the operator's timeout (a whole
     fit takes ~30 s on 2 cores); what matters is that the backend came up and trained."""
     import bpy
-    from blender_addon import backend_process
+    from fit_implicit.blender_addon import backend_process
     monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))
     address = free_address()
     _prefs(address, auto_start=True)
@@ -222,12 +222,12 @@ def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
     """The radiance field's Surface Level (0: Auto) travels from the panel's property through the
     fit's settings into the Submit the backend receives; out of range it is clamped by Blender."""
     import bpy
-    from blender_addon import capture, fit_session, operators
+    from fit_implicit.blender_addon import capture, fit_session, operators
     scene = _cube_scene()
     method = scene.implicit.method
     scene.implicit.method = "nerf"
-    assert scene.implicit.mesh_level == 0.0 and operators._settings_from_scene(scene).mesh_opacity == 0.0
-    scene.implicit.mesh_level = 0.4
+    assert scene.implicit.mesh_opacity == 0.0 and operators._settings_from_scene(scene).mesh_opacity == 0.0
+    scene.implicit.mesh_opacity = 0.4
     settings = operators._settings_from_scene(scene)
     assert settings.mesh_opacity == pytest.approx(0.4)
     made = []
@@ -248,10 +248,10 @@ def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
     assert made[0].submit.mesh_opacity == pytest.approx(0.4)
     # The most the panel allows is sent as it reads (float32 0.99 is 0.9900000095, above the cap
     # of the wire without the rounding): a fit at the top of the range is not refused.
-    scene.implicit.mesh_level = 1.5
-    assert scene.implicit.mesh_level == pytest.approx(0.99)
+    scene.implicit.mesh_opacity = 1.5
+    assert scene.implicit.mesh_opacity == pytest.approx(0.99)
     submit = capture.build_submit(made[0].submit.images, made[0].submit.intrinsics, made[0].submit.poses,
                                   made[0].submit.aabb, method="nerf",
                                   mesh_opacity=operators._settings_from_scene(scene).mesh_opacity)
     assert submit.mesh_opacity == 0.99
-    scene.implicit.mesh_level, scene.implicit.method = 0.0, method     # as the other tests expect them
+    scene.implicit.mesh_opacity, scene.implicit.method = 0.0, method     # as the other tests expect them

@@ -1,4 +1,4 @@
-"""Backend management without Blender: starting and stopping ``python -m backend serve`` as a
+"""Backend management without Blender: starting and stopping ``fit-implicit serve`` as a
 child process, the status line polled in the background, and FreeMemory.
 
 Everything here is real: real backend processes (the real server; the fake job runner from
@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 from helpers import REPO, RawPeer, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
-from blender_addon import backend_process, status  # bpy-free modules of the add-on
+from fit_implicit.blender_addon import backend_process, status  # bpy-free modules of the add-on
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ def _blender_pixels(scene, cam, points):
     from bpy_extras.object_utils import world_to_camera_view
     from mathutils import Vector
 
-    from shared import cameras
+    from fit_implicit.shared import cameras
     w, h = cameras.image_size(_capture().blender_camera(cam, scene))
     out = []
     for p in points:
@@ -37,7 +37,7 @@ def _blender_pixels(scene, cam, points):
 
 
 def _capture():
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
     return capture
 
 
@@ -50,7 +50,7 @@ def _points_in_front(cam, rng, n=40):
 
 
 def _check(scene, cam, rng):
-    from shared import cameras
+    from fit_implicit.shared import cameras
     capture = _capture()
     k = capture.camera_intrinsics(cam, scene)
     pose = capture.camera_pose(cam)

@@ -9,13 +9,13 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 
 @pytest.fixture()
 def capture():
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
     return capture
 
 
 @pytest.fixture()
 def importer():
-    from blender_addon import importer
+    from fit_implicit.blender_addon import importer
     return importer
 
 
@@ -95,7 +95,7 @@ def test_load_png_matches_file_bytes(tmp_path, capture):
 # --------------------------------------------------------------------------------------------
 def test_ring_cameras_look_at_bbox_centre(capture):
     import bpy
-    from shared import cameras
+    from fit_implicit.shared import cameras
     scene = fresh_scene(width=64, height=48)
     bpy.ops.mesh.primitive_cube_add(size=2.0, location=(3.0, -1.0, 0.5))
     ob = bpy.context.object

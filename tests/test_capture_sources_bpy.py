@@ -13,7 +13,7 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 
 @pytest.fixture()
 def capture():
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
     return capture
 
 
@@ -213,7 +213,7 @@ def test_fit_session_cancel_while_rendering_leaves_the_rest_unrendered(tmp_path)
     """The modal path renders one view per tick; Cancel between ticks ends the session at once."""
     import bpy
 
-    from blender_addon import fit_session as fs
+    from fit_implicit.blender_addon import fit_session as fs
 
     scene = _scene()
     for i in range(5):
@@ -277,8 +277,8 @@ class _KeepSubmit:
 def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
     import bpy
 
-    from blender_addon import capture
-    from blender_addon import fit_session as fs
+    from fit_implicit.blender_addon import capture
+    from fit_implicit.blender_addon import fit_session as fs
 
     scene = _scene()
     _animated_camera(scene)
@@ -291,7 +291,7 @@ def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
         s.tick()
     sub = client.submit
     assert sub is not None and sub.images.shape == (3, 16, 24, 4)
-    assert sub.albedo.shape == (3, 16, 24, 3) and sub.normals.shape == (3, 16, 24, 3)
+    assert sub.albedo.shape == (3, 16, 24, 3) and sub.normal.shape == (3, 16, 24, 3)
     assert sub.depth.shape == (3, 16, 24) and sub.roughness.shape == (3, 16, 24)
     assert sub.roughness.dtype == np.float16 and np.all(sub.roughness == -1.0)    # an Emission has none
     covered = sub.images[..., 3] == 255

@@ -1,4 +1,4 @@
-"""``python -m backend fit | render | mesh`` end to end, as the benchmarks call them."""
+"""``fit-implicit fit | render | mesh`` end to end, as the benchmarks call them."""
 import json
 import re
 import subprocess
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def backend(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "backend", *map(str, args)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "fit_implicit.backend", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
@@ -75,7 +75,7 @@ def test_render_names_sizes_and_alpha(run):
 def test_mesh_files_in_world_frame(run, suffix, reader):
     root, _ = run
     out = root / f"mesh{suffix}"
-    backend("mesh", root / "run", "--out", out, "--resolution", 48, "--textures", 0)   # vertex colours
+    backend("mesh", root / "run", "--out", out, "--mesh-resolution", 48, "--texture-size", 0)   # vertex colours
     verts, faces, colors = reader(out)
     assert len(faces) > 100 and faces.max() < len(verts)
     lo = np.min([s.center - s.radius for s in synthetic.spheres()], axis=0)
@@ -85,19 +85,19 @@ def test_mesh_files_in_world_frame(run, suffix, reader):
 
 @pytest.mark.slow   # shares the ~20 s fit fixture
 def test_mesh_opacity_option(run):
-    """``--opacity`` takes a level or "auto"; a level denser than the field has anywhere leaves no
+    """``--mesh-opacity`` takes a level or "auto"; a level denser than the field has anywhere leaves no
     surface, said so; a bad value is refused by name."""
     root, _ = run
-    backend("mesh", root / "run", "--out", root / "auto.ply", "--resolution", 32, "--textures", 0, "--opacity", "auto")
+    backend("mesh", root / "run", "--out", root / "auto.ply", "--mesh-resolution", 32, "--texture-size", 0, "--mesh-opacity", "auto")
     assert len(read_ply(root / "auto.ply")[1]) > 100
-    for value, message in (("0.999", "no surface above the iso-level"), ("1.5", "--opacity"), ("dense", "--opacity")):
-        proc = subprocess.run([sys.executable, "-m", "backend", "mesh", root / "run", "--out", root / "x.ply",
-                               "--resolution", "32", "--textures", "0", "--opacity", value],
+    for value, message in (("0.999", "no surface above the iso-level"), ("1.5", "--mesh-opacity"), ("dense", "--mesh-opacity")):
+        proc = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "mesh", root / "run", "--out", root / "x.ply",
+                               "--mesh-resolution", "32", "--texture-size", "0", "--mesh-opacity", value],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (value, proc.stderr[-500:])
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "backend", "fit", tmp_path, "--out", tmp_path / "run"],
+    proc = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "fit", tmp_path, "--out", tmp_path / "run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "transforms" in proc.stderr

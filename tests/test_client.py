@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import zmq
 
-import blender_addon.client as client_module
-from blender_addon.client import BackendError, JobClient, probe
+import fit_implicit.blender_addon.client as client_module
+from fit_implicit.blender_addon.client import BackendError, JobClient, probe
 from helpers import REPO, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(120)   # a hang fails the test instead of the run
 
@@ -189,7 +189,7 @@ def test_shim_prefers_the_vendored_copy(tmp_path):
     pkg = tmp_path / "fake_ext"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    shutil.copy(REPO / "blender_addon" / "_shared.py", pkg / "_shared.py")
+    shutil.copy(REPO / "fit_implicit.blender_addon" / "_shared.py", pkg / "_shared.py")
     shutil.copytree(REPO / "shared", pkg / "shared", ignore=shutil.ignore_patterns("__pycache__"))
     code = "import fake_ext._shared as s; print(s.protocol.__name__, s.wire.__name__, s.cameras.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -199,7 +199,7 @@ def test_shim_prefers_the_vendored_copy(tmp_path):
 def test_the_client_needs_neither_torch_nor_bpy():
     """client.py and _shared.py import neither (the package's __init__ imports bpy to register)."""
     for name in ("client.py", "_shared.py"):
-        text = (REPO / "blender_addon" / name).read_text()
+        text = (REPO / "fit_implicit.blender_addon" / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+(bpy|torch)\b", text, re.M), name
     code = "import sys, blender_addon.client; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

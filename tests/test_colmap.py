@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import colmap_model
-from shared import cameras, colmap
+from fit_implicit.shared import cameras, colmap
 
 
 def test_hand_made_model_reads_exactly(tmp_path):

@@ -24,12 +24,12 @@ pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(120)]
 def addon():
     import bpy  # noqa: F401  (first: it puts addon_utils on the path)
     import addon_utils
-    mod = addon_utils.enable("blender_addon", default_set=True)
+    mod = addon_utils.enable("fit_implicit.blender_addon", default_set=True)
     assert mod is not None
     yield mod
-    from blender_addon import status
+    from fit_implicit.blender_addon import status
     status.close_all()
-    addon_utils.disable("blender_addon")
+    addon_utils.disable("fit_implicit.blender_addon")
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def client_keys(addon, tmp_path, monkeypatch):
     """The add-on's client key folder, emptied for the test; returns the public key the
     Generate Client Keys operator made."""
     import bpy
-    from blender_addon import preferences
+    from fit_implicit.blender_addon import preferences
     folder = tmp_path / "client"
     monkeypatch.setenv(preferences.CLIENT_KEYS_ENV, str(folder))
     assert preferences.read_client_keys() is None
@@ -49,7 +49,7 @@ def client_keys(addon, tmp_path, monkeypatch):
 @pytest.fixture
 def prefs(addon):
     import bpy
-    p = bpy.context.preferences.addons["blender_addon"].preferences
+    p = bpy.context.preferences.addons["fit_implicit.blender_addon"].preferences
     names = ("address", "use_curve", "server_key", "auto_start", "python", "source_dir", "device")
     saved = {name: getattr(p, name) for name in names}
     yield p
@@ -60,7 +60,7 @@ def prefs(addon):
 def curve_backend(backend_factory, tmp_path, allowed: list[str], fake: bool = True, args=()):
     """A --curve backend on 127.0.0.1 whose authorized_keys lists ``allowed``; returns
     (backend, path of its server.key)."""
-    from backend import security
+    from fit_implicit.backend.service import security
     keys_dir = tmp_path / "server_keys"
     security.ensure_server_keys(keys_dir)
     (keys_dir / "authorized_keys").write_text("# clients\n" + "".join(k + "\n" for k in allowed))
@@ -78,14 +78,14 @@ def _cube_scene():
     scene.cycles.device, scene.cycles.samples = "CPU", 1
     scene.implicit.address, scene.implicit.status = "", ""
     bpy.ops.mesh.primitive_cube_add(size=1.0)
-    scene.implicit.ring_cameras = 4
+    scene.implicit.ring_count = 4
     scene.implicit.preset = "draft"
     scene.implicit.preview_size = 0
     return scene
 
 
 def _monitor(address):
-    from blender_addon import preferences, status
+    from fit_implicit.blender_addon import preferences, status
     import bpy
     return status.monitor(address, **preferences.connection_kwargs(bpy.context))
 
@@ -119,7 +119,7 @@ def _drawn(prefs) -> str:
 
 def test_client_keys_are_private_and_copied_for_authorized_keys(client_keys, prefs):
     import bpy
-    from blender_addon import preferences
+    from fit_implicit.blender_addon import preferences
     folder = preferences.client_keys_dir()
     secret_path = os.path.join(folder, preferences.CLIENT_SECRET_FILE)
     assert stat.S_IMODE(os.stat(secret_path).st_mode) == 0o600
@@ -158,7 +158,7 @@ def test_client_keys_are_private_and_copied_for_authorized_keys(client_keys, pre
 
 def test_right_keys_status_idle_fit_done_and_free_memory(client_keys, prefs, backend_factory, tmp_path):
     import bpy
-    from blender_addon import panels, status
+    from fit_implicit.blender_addon import panels, status
     backend, server_key_file = curve_backend(backend_factory, tmp_path, [client_keys])
     prefs.address, prefs.auto_start = backend.address, False
     prefs.use_curve, prefs.server_key = True, str(server_key_file)   # the path of server.key works
@@ -176,7 +176,7 @@ def test_right_keys_status_idle_fit_done_and_free_memory(client_keys, prefs, bac
 
 def test_a_key_missing_from_authorized_keys_is_reported_as_refused(client_keys, prefs, backend_factory, tmp_path):
     import bpy
-    from blender_addon import panels, status
+    from fit_implicit.blender_addon import panels, status
     stranger = zmq.curve_keypair()[0].decode()
     backend, server_key_file = curve_backend(backend_factory, tmp_path, [stranger])
     prefs.address, prefs.auto_start = backend.address, True    # refused is not "unreachable": no auto-start
@@ -192,7 +192,7 @@ def test_a_key_missing_from_authorized_keys_is_reported_as_refused(client_keys, 
     with pytest.raises(RuntimeError, match="refused this client's CurveZMQ key: add this client's public key"):
         bpy.ops.implicit.fit(timeout=30)
     assert time.monotonic() - t < 10
-    from blender_addon import backend_process
+    from fit_implicit.blender_addon import backend_process
     assert backend_process.get(backend.address) is None   # no local backend was started instead
     with pytest.raises(RuntimeError, match="refused this client's CurveZMQ key"):
         bpy.ops.implicit.free_memory()
@@ -204,7 +204,7 @@ def test_a_key_missing_from_authorized_keys_is_reported_as_refused(client_keys, 
 
 def test_a_curve_backend_without_keys_configured_needs_keys(addon, prefs, backend_factory, tmp_path):
     import bpy
-    from blender_addon import panels, status
+    from fit_implicit.blender_addon import panels, status
     backend, _ = curve_backend(backend_factory, tmp_path, [zmq.curve_keypair()[0].decode()])
     prefs.address, prefs.auto_start, prefs.use_curve = backend.address, True, False
     snap = _monitor(backend.address).wait_for((status.NEEDS_KEYS,), 15)
@@ -213,14 +213,14 @@ def test_a_curve_backend_without_keys_configured_needs_keys(addon, prefs, backen
     _cube_scene()
     with pytest.raises(RuntimeError, match="requires CurveZMQ keys: in the add-on preferences turn on Use CurveZMQ"):
         bpy.ops.implicit.fit(timeout=30)
-    from blender_addon import backend_process
+    from fit_implicit.blender_addon import backend_process
     assert backend_process.get(backend.address) is None
 
 
 def test_keys_against_a_plain_backend_and_a_wrong_server_key_are_named(client_keys, prefs, backend_factory,
                                                                        tmp_path):
     import bpy
-    from blender_addon import status
+    from fit_implicit.blender_addon import status
     plain = backend_factory(fake=True)
     prefs.address, prefs.auto_start = plain.address, False
     prefs.use_curve, prefs.server_key = True, zmq.curve_keypair()[0].decode()
@@ -242,8 +242,8 @@ def test_a_backend_this_blender_starts_itself_needs_no_keys(client_keys, prefs, 
     CurveZMQ"."""
     import socket
     import bpy
-    from blender_addon import backend_process, panels, preferences, status
-    from backend import security
+    from fit_implicit.blender_addon import backend_process, panels, preferences, status
+    from fit_implicit.backend.service import security
     monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))
     security.ensure_server_keys(tmp_path / "remote_keys")          # the remote box's key
     with socket.socket() as s:
@@ -269,7 +269,7 @@ def test_a_backend_this_blender_starts_itself_needs_no_keys(client_keys, prefs, 
 
 def test_loopback_without_keys_works_as_before(addon, prefs, fake_backend):
     import bpy
-    from blender_addon import panels, status
+    from fit_implicit.blender_addon import panels, status
     prefs.address, prefs.auto_start, prefs.use_curve = fake_backend.address, False, False
     assert _monitor(fake_backend.address).wait_for((status.IDLE,), 15).state == status.IDLE
     assert panels.backend_line(fake_backend.address) == ("Backend idle (cpu)", "CHECKMARK")
@@ -282,7 +282,7 @@ def test_loopback_without_keys_works_as_before(addon, prefs, fake_backend):
 @pytest.mark.timeout(300)
 def test_real_trainer_over_curve_runs_a_draft_fit_to_done(client_keys, prefs, backend_factory, tmp_path):
     """The real trainer behind --curve: a draft fit of few steps, from the add-on, to Done."""
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     backend, server_key_file = curve_backend(backend_factory, tmp_path, [client_keys], fake=False,
                                              args=["--no-warm-up"])
     prefs.address, prefs.auto_start = backend.address, False

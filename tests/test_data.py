@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.data import (PosedImages, RaySampler, camera_rays, estimate_aabb, from_submit, holdout_indices,
-                          load_transforms, split_holdout)
-from shared import cameras, protocol
+from fit_implicit.backend.fitting.data import (PosedImages, RaySampler, camera_rays, estimate_aabb, from_submit,
+                                               holdout_indices, load_transforms, split_holdout)
+from fit_implicit.shared import cameras, protocol
 
 
 def _rig(n=6, size=(20, 16), fov=0.8, center=(1.0, 2.0, 3.0), radius=5.0):

@@ -1,4 +1,4 @@
-"""Passes (contract C1) in backend.data and on the wire: files of a transforms.json dataset,
+"""Passes in backend/fitting/data.py and on the wire: files of a transforms.json dataset,
 sample_passes on a plane whose geometry is known, and Submits with malformed passes."""
 import json
 import re
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend import data
-from shared import cameras, protocol
+from fit_implicit.backend.fitting import data
+from fit_implicit.shared import cameras, protocol
 
 H, W = 12, 16
 K = np.array([20.0, 20.0, W / 2, H / 2])
@@ -154,7 +154,7 @@ def _roundtrip(msg):
 def test_submit_with_passes_round_trips_to_posed_images():
     d = _posed()
     msg = protocol.Submit(images=d.images, intrinsics=d.intrinsics, poses=d.poses, aabb=d.aabb,
-                          albedo=d.passes["albedo"], normals=d.passes["normal"].astype(np.float16),
+                          albedo=d.passes["albedo"], normal=d.passes["normal"].astype(np.float16),
                           depth=d.passes["depth"], roughness=d.passes["roughness"].astype(np.float16))
     got = data.from_submit(_roundtrip(msg))
     assert got.passes["roughness"].dtype == np.float32
@@ -173,9 +173,9 @@ def test_submit_with_passes_round_trips_to_posed_images():
     ("albedo", lambda d: d.passes["albedo"][:, :, :5], "submit.albedo: shape"),
     ("albedo", lambda d: d.passes["albedo"][:1], "does not match the images' 2 x 12 x 16"),
     ("albedo", lambda d: d.passes["albedo"].astype(np.float32), "albedo: dtype float32 is not allowed"),
-    ("normals", lambda d: 2.0 * d.passes["normal"], "normals that are neither unit length"),
-    ("normals", lambda d: d.passes["normal"].astype(np.float64), "normals: dtype float64 is not allowed"),
-    ("normals", lambda d: d.passes["normal"][..., :2].copy(), "normals: axis 3 must be 3"),
+    ("normal", lambda d: 2.0 * d.passes["normal"], "normals that are neither unit length"),
+    ("normal", lambda d: d.passes["normal"].astype(np.float64), "normal: dtype float64 is not allowed"),
+    ("normal", lambda d: d.passes["normal"][..., :2].copy(), "normal: axis 3 must be 3"),
     ("depth", lambda d: -d.passes["depth"], "depths must be >= 0"),
     ("depth", lambda d: np.where(d.passes["depth"] > 3.2, np.nan, d.passes["depth"]).astype(np.float32),
      "depth: contains NaN or infinite values"),

@@ -13,7 +13,7 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 
 @pytest.fixture(scope="module")
 def addon():
-    import blender_addon
+    from fit_implicit import blender_addon
     blender_addon.register()
     yield blender_addon
     blender_addon.unregister()
@@ -21,13 +21,13 @@ def addon():
 
 def _imported():
     import bpy
-    from blender_addon import dataset_io
+    from fit_implicit.blender_addon import dataset_io
     return sorted(bpy.data.collections[dataset_io.IMPORT_COLLECTION].objects, key=lambda o: o.name)
 
 
 def test_colmap_import_matches_the_hand_made_model(tmp_path, addon):
     import bpy
-    from blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import capture, dataset_io
     colmap_model.write_model(tmp_path)
     scene = fresh_scene(width=7, height=5)
     assert bpy.ops.implicit.import_colmap(directory=str(tmp_path)) == {"FINISHED"}
@@ -70,7 +70,7 @@ def _write_photo(path, rgb, alpha=None):
 
 def test_transforms_lens_models_masks_and_per_frame_intrinsics(tmp_path, addon):
     import bpy
-    from blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import capture, dataset_io
     scene = fresh_scene()
     rng = np.random.default_rng(1)
     masks = []
@@ -107,7 +107,7 @@ def test_transforms_lens_models_masks_and_per_frame_intrinsics(tmp_path, addon):
 
 def test_instant_ngp_fisheye_flag_and_unsupported_model(tmp_path, addon):
     import bpy
-    from blender_addon import dataset_io
+    from fit_implicit.blender_addon import dataset_io
     fresh_scene()
     _write_photo(tmp_path / "a.png", np.zeros((8, 8, 3)))
     frame = {"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}
@@ -123,7 +123,7 @@ def test_instant_ngp_fisheye_flag_and_unsupported_model(tmp_path, addon):
 
 def test_photo_views_name_the_camera_without_a_photo(tmp_path, addon):
     import bpy
-    from blender_addon import dataset_io
+    from fit_implicit.blender_addon import dataset_io
     scene = fresh_scene()
     _write_photo(tmp_path / "a.png", np.zeros((8, 8, 3)))
     doc = {"camera_angle_x": 1.0, "frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]}

@@ -1,4 +1,4 @@
-"""Lens distortion: the numpy model (shared.cameras), its torch twin (backend.lens), the wire
+"""Lens distortion: the numpy model (shared.cameras), its torch twin (backend.fitting.lens), the wire
 fields, transforms.json / backend loading, and training that honours it.
 
 Bounds, and why:
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import synthetic
-from shared import cameras, protocol
+from fit_implicit.shared import cameras, protocol
 
 LENSES = [
     (cameras.OPENCV, [-0.3, 0.08, -0.01, 0.0, 0.002, -0.001]),     # barrel, k3, tangential
@@ -57,7 +57,7 @@ def test_distortion_matches_hand_values():
 
 @pytest.mark.parametrize("model,coeffs", LENSES)
 def test_torch_undistortion_agrees_with_numpy(model, coeffs):
-    from backend import lens
+    from fit_implicit.backend.fitting import lens
     uv = _grid()
     want = cameras.undistort_pixels(uv, K, model, coeffs)
     n = len(uv)
@@ -148,7 +148,7 @@ def render_distorted(k, c2w, size, model, coeffs, ss=3):
 def test_load_transforms_reads_lens_and_masks(tmp_path):
     from PIL import Image
 
-    from backend.data import load_transforms
+    from fit_implicit.backend.fitting.data import load_transforms
     k, poses = _rig(3, 16)
     frames = []
     for i, p in enumerate(poses):
@@ -174,7 +174,7 @@ def test_load_transforms_reads_lens_and_masks(tmp_path):
 
 
 def test_ray_sampler_bends_rays_through_the_lens():
-    from backend.data import PosedImages, RaySampler
+    from fit_implicit.backend.fitting.data import PosedImages, RaySampler
     k, poses = _rig(2, 16)
     images = np.stack([render_distorted(k, p, 16, *LENS) for p in poses])
     data = PosedImages(images, np.stack([k, k]), poses, synthetic.aabb(), ["a", "b"],
@@ -193,8 +193,10 @@ def test_fit_honouring_distortion_beats_ignoring_it():
     lens sees consistent views; one that ignores the lens sees inconsistent ones.  Held out:
     pinhole renders from new directions.  Measured (120 draft steps): honoured 23.2 dB, ignored
     19.6 dB; bounds: a 1.5 dB gap and 20 dB."""
-    from backend.data import PosedImages
-    from backend.train import evaluate, fit, make_config
+    from fit_implicit.backend.fitting.data import PosedImages
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import fit
+    from fit_implicit.backend.fitting.metrics import evaluate
     size = 40
     k, poses = _rig(16, size)
     images = np.stack([render_distorted(k, p, size, *LENS) for p in poses])

@@ -1,6 +1,6 @@
 """The whole loop with the real trainer: Blender renders -> backend fits -> mesh lands on the object.
 
-A real backend subprocess (`python -m backend serve`), real ZeroMQ, real training on the CPU
+A real backend subprocess (`fit-implicit serve`), real ZeroMQ, real training on the CPU
 (the draft preset, 250 steps: a fixed amount of work, so a slow or busy machine
 is slower, not worse), and the add-on's own FitSession.  The sphere sits off the
 origin so that a mesh left in the trainer's normalised frame, or at the wrong scale, fails.
@@ -26,7 +26,7 @@ def real_backend():
 
 def test_fitted_mesh_lands_on_the_source_object(real_backend):
     import bpy
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
 
     scene = fresh_scene(width=48, height=48, samples=4)
     bpy.ops.mesh.primitive_uv_sphere_add(radius=RADIUS, location=tuple(CENTRE))
@@ -40,7 +40,7 @@ def test_fitted_mesh_lands_on_the_source_object(real_backend):
     verts, faces, colors = r.mesh
     assert len(verts) > 100
     # Chamfer distance to the source sphere (world units): under 2 % of its diameter.
-    from backend.metrics import chamfer
+    from fit_implicit.backend.fitting.metrics import chamfer
     src_v, src_f = world_triangles(ball)
     cd = chamfer(src_v, src_f, verts, faces, samples=50_000)
     print(f"chamfer {cd['chamfer']:.4f} ({cd['chamfer'] / (2 * RADIUS):.2%} of the diameter), "
@@ -84,7 +84,7 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
     """The panel's defaults: an SDF fit trained on Blender's passes, baked UV textures, and a
     Principled BSDF with the right colour spaces, on the source object's place and scale."""
     import bpy
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
 
     scene = fresh_scene(width=48, height=48, samples=4)
     bpy.ops.mesh.primitive_uv_sphere_add(radius=RADIUS, location=tuple(CENTRE))
@@ -105,7 +105,7 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
         return client
     try:
         r = fit_session.fit_scene(scene, real_backend.address, method="sdf", preset="draft", ring_count=16,
-                                  mesh_resolution=48, textures=64, passes=True, timeout=900,
+                                  mesh_resolution=48, texture_size=64, passes=True, timeout=900,
                                   client_factory=recording_client)
     except fit_session.FitError as exc:
         pytest.fail(f"{exc}\n--- backend log ---\n{real_backend.log()[-3000:]}")
@@ -119,7 +119,7 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
     assert sorted(n.name for n in mat.node_tree.nodes) == nodes_before and len(bpy.context.view_layer.aovs) == 0
     assert r.summary.get("method") == "sdf"
     verts, faces, _ = r.mesh
-    from backend.metrics import chamfer
+    from fit_implicit.backend.fitting.metrics import chamfer
     src_v, src_f = world_triangles(ball)
     cd = chamfer(src_v, src_f, verts, faces, samples=50_000)
     print(f"sdf chamfer {cd['chamfer']:.4f} ({cd['chamfer'] / (2 * RADIUS):.2%} of the diameter), "

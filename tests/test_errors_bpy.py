@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from bpy_helpers import requires_bpy
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(180)]
 
@@ -23,11 +23,11 @@ DEAD_ADDRESS = "tcp://127.0.0.1:9"     # the discard port: nothing listens there
 def addon():
     import bpy
     import addon_utils
-    mod = addon_utils.enable("blender_addon", default_set=True)
+    mod = addon_utils.enable("fit_implicit.blender_addon", default_set=True)
     assert mod is not None
-    bpy.context.preferences.addons["blender_addon"].preferences.auto_start = False
+    bpy.context.preferences.addons["fit_implicit.blender_addon"].preferences.auto_start = False
     yield mod
-    addon_utils.disable("blender_addon")
+    addon_utils.disable("fit_implicit.blender_addon")
 
 
 def _scene(name="Scene", cube=True):
@@ -39,7 +39,7 @@ def _scene(name="Scene", cube=True):
     scene.render.engine = "CYCLES"
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 32, 24, 100
     scene.cycles.device, scene.cycles.samples = "CPU", 1
-    scene.implicit.ring_cameras, scene.implicit.preset = 4, "draft"
+    scene.implicit.ring_count, scene.implicit.preset = 4, "draft"
     if cube:
         bpy.ops.mesh.primitive_cube_add(size=1.0)
     return scene
@@ -48,7 +48,7 @@ def _scene(name="Scene", cube=True):
 def fit_error(address, seconds_max=30.0) -> str:
     """Run the Fit operator; return its error report (fails if it succeeds or takes too long)."""
     import bpy
-    from blender_addon import running
+    from fit_implicit.blender_addon import running
     t = time.monotonic()
     with pytest.raises(RuntimeError) as info:
         bpy.ops.implicit.fit(address=address)
@@ -61,7 +61,7 @@ def fit_error(address, seconds_max=30.0) -> str:
 def test_backend_not_running(addon):
     _scene()
     text = fit_error(DEAD_ADDRESS)
-    assert "No backend answered at tcp://127.0.0.1:9" in text and "python -m backend serve" in text, text
+    assert "No backend answered at tcp://127.0.0.1:9" in text and "fit-implicit serve" in text, text
 
 
 @pytest.fixture

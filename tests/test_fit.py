@@ -11,17 +11,19 @@ Bounds, and why:
 * mesh: median distance of vertices to the analytic surface < 0.08 world units, and 90% of
   them within 0.15 (the big radius is 1.5 and a mesh voxel 0.09); measured 0.035 and 0.065.
 """
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 import synthetic
-from backend.data import PosedImages, split_holdout
-from backend.export.mesh import extract_mesh
-from backend.model import FittedField
-from backend.train import Callbacks, Cancelled, evaluate, fit, make_config
+from fit_implicit.backend.fitting.data import PosedImages, split_holdout
+from fit_implicit.backend.export.mesh import extract_mesh
+from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.backend.fitting.loop import Callbacks, Cancelled, fit
+from fit_implicit.backend.fitting.runs import load_run, save_run
+from fit_implicit.backend.fitting.metrics import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def fitted(scene, tmp_path_factory):
     cfg = make_config(preset="draft", device="cpu", steps=250, target_samples=1 << 14, preview_size=0, seed=0)
     model = fit(train, cfg)
     run = tmp_path_factory.mktemp("run")
-    model.save(run)
+    save_run(model, run)
     return model, run
 
 
@@ -55,7 +57,7 @@ def test_held_out_psnr(fitted, scene):
 @pytest.mark.slow   # shares the ~35 s fit fixture
 def test_mesh_lies_on_the_world_surface(fitted):
     model, _ = fitted
-    verts, faces, colors = extract_mesh(model, resolution=64)
+    verts, faces, colors = extract_mesh(model, mesh_resolution=64)
     assert len(faces) > 1000
     d = np.abs(surface_distance(verts.astype(np.float64)))
     assert np.median(d) < 0.08 and np.percentile(d, 90) < 0.15, (np.median(d), np.percentile(d, 90))
@@ -78,8 +80,8 @@ def test_mesh_opacity_moves_the_surface_inwards(fitted):
     radii = []
     for opacity in (0.05, 0.2):
         m = FittedField(model.field, model.occupancy, model.aabb,
-                        dataclasses.replace(model.config, mesh_opacity=opacity))
-        verts, faces, _ = extract_mesh(m, resolution=64)
+                        model.config.replace(mesh_opacity=opacity))
+        verts, faces, _ = extract_mesh(m, mesh_resolution=64)
         assert len(faces) > 500
         d = np.linalg.norm(verts - centre, axis=1)
         radii.append(np.median(d[d < radius + 0.15]))
@@ -91,7 +93,7 @@ def test_mesh_opacity_moves_the_surface_inwards(fitted):
 @pytest.mark.slow   # shares the ~35 s fit fixture
 def test_saved_run_renders_the_same(fitted, scene):
     model, run = fitted
-    loaded = FittedField.load(run, device="cpu")
+    loaded = load_run(run, device="cpu")
     held = scene[1]
     a = model.render(held.intrinsics[0], held.poses[0], 40, 40)
     b = loaded.render(held.intrinsics[0], held.poses[0], 40, 40)
@@ -171,8 +173,8 @@ def test_make_config_validates():
         make_config(preset="draft", render_march_steps=-1)
     # the GPU preset renders twice as finely as it trains; surfaces keep the step they were measured with
     standard = make_config("nerf", "standard", device="cpu")
-    assert standard.render_march_steps == 2 * standard.march_steps
-    assert make_config("sdf", "standard", device="cpu").march_steps == 1024
+    assert standard.march.render_march_steps == 2 * standard.march.march_steps
+    assert make_config("sdf", "standard", device="cpu").march.march_steps == 1024
 
 
 @pytest.mark.slow   # shares the ~35 s fit fixture
@@ -180,7 +182,7 @@ def test_renders_integrate_with_the_render_step(fitted, scene):
     """Rendering (no gradients) marches with render_march_steps; training's trace keeps march_steps."""
     model, _ = fitted
     fine = FittedField(model.field, model.occupancy, model.aabb,
-                       dataclasses.replace(model.config, render_march_steps=4 * model.config.march_steps))
+                       model.config.replace(render_march_steps=4 * model.config.march.march_steps))
     o = torch.tensor(scene[1].poses[:1, :3, 3], dtype=torch.float32).expand(256, 3).contiguous()
     d = torch.nn.functional.normalize(torch.tensor(scene[1].aabb.mean(0), dtype=torch.float32) - o
                                       + 0.2 * torch.randn(256, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -193,7 +195,7 @@ def test_renders_integrate_with_the_render_step(fitted, scene):
 
 
 def test_to_rgba8_unpremultiplies():
-    from backend.train import to_rgba8
+    from fit_implicit.backend.render.image import to_rgba8
 
     img = np.array([[[0.25, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.6, 1.0]]], np.float32)
     assert to_rgba8(img).tolist() == [[[128, 0, 255, 128], [0, 0, 0, 0], [51, 102, 153, 255]]]

@@ -17,7 +17,7 @@ ADDRESS = "tcp://127.0.0.1:1"
 
 @pytest.fixture(scope="module")
 def addon():
-    import blender_addon
+    from fit_implicit import blender_addon
     blender_addon.register()
     yield blender_addon
     blender_addon.unregister()
@@ -25,13 +25,13 @@ def addon():
 
 @pytest.fixture()
 def fs(addon):
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     return fit_session
 
 
 @pytest.fixture()
 def protocol():
-    from shared import protocol
+    from fit_implicit.shared import protocol
     return protocol
 
 
@@ -50,7 +50,7 @@ class FakeClient:
         self.submit = submit
 
     def poll(self):
-        from shared import protocol
+        from fit_implicit.shared import protocol
         out = self.batches.pop(0) if self.batches else []
         for m in out:
             if isinstance(m, protocol.Accepted):
@@ -61,7 +61,7 @@ class FakeClient:
         return out
 
     def cancel(self):
-        from shared import protocol
+        from fit_implicit.shared import protocol
         self.cancelled = True
         if self.confirm_cancel:
             self.batches.append([protocol.Cancelled(job_id=self.job_id or "")])
@@ -71,7 +71,7 @@ class FakeClient:
 
 
 def _welcome(address):
-    from shared import protocol
+    from fit_implicit.shared import protocol
     return protocol.Welcome()
 
 
@@ -115,7 +115,7 @@ def test_session_runs_tick_by_tick(fs, protocol):
                       client_factory=factory, probe=_welcome)
     s.begin()
     assert scene.implicit.running and s.state.running
-    from blender_addon import running
+    from fit_implicit.blender_addon import running
     assert running.active_session(scene) is s
     folder = s._folder
     # One render per tick: 2 training views, then the eval camera's reference render.
@@ -202,7 +202,7 @@ def test_backend_failure_is_reported_with_hint(fs, protocol):
     s.begin()
     r = s.run()
     assert r.status == "failed"
-    assert "python -m backend serve" in r.message and ADDRESS in r.message
+    assert "fit-implicit serve" in r.message and ADDRESS in r.message
     failed = [[protocol.Accepted(job_id="j")], [protocol.Failed(job_id="j", message="CUDA out of memory")]]
     s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, failed), probe=_welcome)
     s.begin()
@@ -218,7 +218,7 @@ def test_unreachable_backend_fails_before_rendering_and_removes_ring(fs):
     def probe(address):
         raise RuntimeError(f"no backend answered at {address} within 2 s — is it running?")
 
-    with pytest.raises(fs.FitError, match="python -m backend serve --bind tcp://127.0.0.1:1"):
+    with pytest.raises(fs.FitError, match="fit-implicit serve --bind tcp://127.0.0.1:1"):
         fs.FitSession(scene, ADDRESS, probe=probe).begin()
     assert not [o for o in scene.objects if o.type == "CAMERA"]
     assert not scene.implicit.running
@@ -279,8 +279,8 @@ def test_modal_path_and_panel_drawing(fs, protocol):
     from types import SimpleNamespace
 
     import bpy
-    from blender_addon.operators import IMPLICIT_OT_fit
-    from blender_addon.panels import VIEW3D_PT_implicit
+    from fit_implicit.blender_addon.operators import IMPLICIT_OT_fit
+    from fit_implicit.blender_addon.panels import VIEW3D_PT_implicit
 
     scene = _scene()
     session = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, _job_messages(protocol)),

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import BackendProcess, RawPeer, make_submit
-from shared import protocol, wire
+from fit_implicit.shared import protocol, wire
 
 BATCHES = 500              # hypothesis examples
 PER_KIND = 2               # cases of each kind per example -> 500 * 10 * 2 = 10,000 messages

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.export import gltf
-from backend.export import texture as tx
+from fit_implicit.backend.export import gltf
+from fit_implicit.backend.export import texture as tx
 from test_texture import HalvesBall, sphere_mesh
 
 
@@ -125,21 +125,22 @@ def test_bad_inputs_are_refused(tmp_path, textured):
 
 @pytest.mark.slow   # a subprocess that imports torch and meshes (about 20 s on 2 cores)
 def test_cli_mesh_writes_a_textured_glb_in_world_units(tmp_path):
-    """``python -m backend mesh RUN --out x.glb`` on a saved real model (an SDF at its
+    """``fit-implicit mesh RUN --out x.glb`` on a saved real model (an SDF at its
     geometric initialisation: about a sphere of radius 1.0 world unit centred at (5, 0, 1))."""
     import subprocess
     import sys
 
-    from backend import train
-    from backend.model import FittedField, build_field, build_occupancy
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.model import FittedField
+    from fit_implicit.backend.fitting.runs import save_run
     from test_texture import REPO_ROOT
 
-    cfg = train.make_config(method="sdf", preset="draft", device="cpu")
+    cfg = make_config(method="sdf", preset="draft", device="cpu")
     aabb = np.array([[3.0, -2, -1], [7, 2, 3]])
-    FittedField(build_field(cfg), build_occupancy(cfg), aabb, cfg).save(tmp_path / "run")
+    save_run(FittedField.build(cfg, aabb), tmp_path / "run")
     out = tmp_path / "x.glb"
-    args = ["mesh", tmp_path / "run", "--out", out, "--resolution", 32, "--textures", 128, "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=REPO_ROOT,
+    args = ["mesh", tmp_path / "run", "--out", out, "--mesh-resolution", 32, "--texture-size", 128, "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "fit_implicit.backend", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "textures: 128x128 (albedo, normal)" in proc.stdout

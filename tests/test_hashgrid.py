@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from backend.fields.hashgrid import (PRIMES, HashGrid, corner_lookup, hashgrid_encode,
-                                     hashgrid_encode_reference, level_layout)
-from backend.fields.nerf import NerfField, NerfFieldConfig, sh_encode
+from fit_implicit.backend.fields.hashgrid import (PRIMES, HashGrid, HashGridConfig, corner_lookup, hashgrid_encode,
+                                                  hashgrid_encode_reference, level_layout)
+from fit_implicit.backend.fields.layers import sh_encode
+from fit_implicit.backend.fields.nerf import NerfField, NerfFieldConfig
 
 
 def naive_encode(x, table, resolutions, offsets, dense):
@@ -130,7 +131,7 @@ def test_continuous_across_cell_boundaries():
 
 
 def test_nerf_field_shapes_and_positive_density():
-    field = NerfField(NerfFieldConfig(levels=4, log2_table=10, max_res=64))
+    field = NerfField(NerfFieldConfig(grid=HashGridConfig(levels=4, log2_table=10, max_res=64)))
     x = torch.rand(32, 3) * 2 - 1
     d = torch.nn.functional.normalize(torch.randn(32, 3), dim=-1)
     sigma, rgb = field(x, d)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.export import gltf
-from backend.export import texture as tx
+from fit_implicit.backend.export import gltf
+from fit_implicit.backend.export import texture as tx
 from bpy_helpers import requires_bpy, run_bpy
 from test_texture import HalvesBall, sphere_mesh
 
@@ -31,7 +31,7 @@ def baked_ball(tmp_path_factory):
 
 SCRIPT = r"""
 import numpy as np, bpy
-from blender_addon import importer
+from fit_implicit.blender_addon import importer
 bpy.ops.wm.read_factory_settings(use_empty=True)
 d = np.load(FOLDER + "/ball.npz")
 ob = importer.import_mesh(bpy.context.scene, d["vertices"], d["faces"], d["colors"], name="Ball", uvs=d["uvs"],
@@ -126,7 +126,7 @@ def test_vertex_colour_import_still_works(baked_ball):
     folder, _ = baked_ball
     r = run_bpy(f"FOLDER = {str(folder)!r}\n" + r"""
 import numpy as np, bpy
-from blender_addon import importer
+from fit_implicit.blender_addon import importer
 bpy.ops.wm.read_factory_settings(use_empty=True)
 d = np.load(FOLDER + "/ball.npz")
 ob = importer.import_mesh(bpy.context.scene, d["vertices"], d["faces"], d["colors"], name="Plain")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from backend.export.iso import CANDIDATES, agreement, choose_opacity
-from backend.export.mesh import extract_mesh, iso_level, model_opacity
-from backend.model import FittedField
-from backend.occupancy import OccupancyGrid
-from backend.train import make_config
+from fit_implicit.backend.export.iso import CANDIDATES, agreement, choose_opacity
+from fit_implicit.backend.export.iso import iso_level, model_opacity
+from fit_implicit.backend.export.mesh import extract_mesh
+from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
+from fit_implicit.backend.fitting.config import make_config
 
 AABB = np.array([[7.0, -7.0, -1.0], [13.0, -1.0, 5.0]])   # world; half-size 3
 CENTRE = np.array([10.0, -4.0, 2.0])
@@ -47,7 +48,7 @@ def model(core: float, haze: float, **settings) -> FittedField:
 
 
 def mesh_radius(m: FittedField) -> float:
-    verts, faces, _ = extract_mesh(m, resolution=64)
+    verts, faces, _ = extract_mesh(m, mesh_resolution=64)
     assert len(faces) > 100
     return float(np.median(np.linalg.norm(verts - CENTRE, axis=1)))
 
@@ -94,7 +95,7 @@ def test_mesh_opacity_setting_is_checked():
     with pytest.raises(ValueError, match="mesh_opacity"):
         make_config(preset="draft", mesh_opacity=-0.1)
     with pytest.raises(ValueError, match="opacity"):
-        extract_mesh(model(core=200.0, haze=3.0), resolution=16, opacity=1.5)
+        extract_mesh(model(core=200.0, haze=3.0), mesh_resolution=16, mesh_opacity=1.5)
 
 
 def hollow_box(n: int = 24) -> torch.Tensor:
@@ -106,7 +107,7 @@ def hollow_box(n: int = 24) -> torch.Tensor:
 
 
 def test_space_no_straight_line_reaches_is_found():
-    from backend.export.cleanup import seen_from_outside
+    from fit_implicit.backend.export.cleanup import seen_from_outside
     closed = hollow_box()
     seen = seen_from_outside(~closed)
     assert seen[0, 0, 0] and seen[2, 12, 12] and not seen[6:18, 6:18, 6:18].any()   # enclosed: hidden
@@ -126,12 +127,12 @@ def test_a_surface_level_in_the_submit_is_used_and_reported(tmp_path):
     level and says so in its summary; 0 keeps the level chosen per field; out of range is refused
     on the wire."""
     import time
-    from backend.fit_job import run_fit_job
-    from backend.jobs import JobQueue
-    from backend.outbox import Outbox
-    from backend.export.iso import CANDIDATES
+    from fit_implicit.backend.service.fit_job import run_fit_job
+    from fit_implicit.backend.service.jobs import JobQueue
+    from fit_implicit.backend.service.outbox import Outbox
+    from fit_implicit.backend.export.iso import CANDIDATES
     from helpers import make_submit
-    from shared import protocol
+    from fit_implicit.shared import protocol
 
     outbox = Outbox()
     jobs = JobQueue(run_fit_job, outbox, device="cpu", runs_dir=tmp_path, checkpoint_interval=0)

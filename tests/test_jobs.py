@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from backend.jobs import JobQueue, JobState, QueueFull, ShuttingDown, clean_summary
-from backend.outbox import Outbox
+from fit_implicit.backend.service.jobs import JobQueue, JobState, QueueFull, ShuttingDown, clean_summary
+from fit_implicit.backend.service.outbox import Outbox
 from helpers import fake_runner, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 CLIENT = b"client-1"
 

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lego_mesh as lm  # noqa: E402
-from backend.export import gltf  # noqa: E402
-from backend.export import texture as tx  # noqa: E402
+from fit_implicit.backend.export import gltf  # noqa: E402
+from fit_implicit.backend.export import texture as tx  # noqa: E402
 from test_texture import sphere_mesh  # noqa: E402
 
 SCRIPT = str(REPO / "benchmarks" / "lego_mesh.py")
@@ -70,7 +70,7 @@ def test_glb_reads_back_in_blenders_frame_and_shrinks_under_a_cap(tmp_path):
     # A cap no texture encoding can meet: a clear error naming what to lower.  On the way the
     # file was rewritten with JPEG textures: still a valid glb with the same geometry, colours
     # within a few levels (quality 95).
-    with pytest.raises(ValueError, match="lower --faces or --textures"):
+    with pytest.raises(ValueError, match="lower --faces or --texture-size"):
         lm.fit_glb_under(path, 1000)
     doc, _ = gltf.read_glb(path)
     assert [im["mimeType"] for im in doc["images"]] == ["image/jpeg", "image/jpeg"]
@@ -147,7 +147,7 @@ def test_scoring_is_exact_for_the_true_geometry(scene, tmp_path):
 def test_fit_then_score_end_to_end(scene, tmp_path):
     out = tmp_path / "run"
     r = run("fit", "--data", str(scene), "--out", str(out), "--method", "sdf", "--preset", "draft",
-            "--seconds", "0", "--steps", "150", "--textures", "256", "--resolution", "64", "--device", "cpu")
+            "--seconds", "0", "--steps", "150", "--texture-size", "256", "--mesh-resolution", "64", "--device", "cpu")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     fit = json.loads((out / lm.FIT_JSON).read_text())
     assert fit["steps"] == 150 and fit["holdout_views"] == 2 and fit["train_views"] == 14
@@ -177,11 +177,11 @@ def test_fit_then_score_end_to_end(scene, tmp_path):
 @pytest.mark.blender
 @pytest.mark.slow   # ~40 s on 2 cores: a 200-step draft radiance-field fit, two exports, one Blender score
 def test_a_radiance_field_is_exported_at_its_own_level_and_at_extra_ones(scene, tmp_path):
-    from backend.export.iso import CANDIDATES
+    from fit_implicit.backend.export.iso import CANDIDATES
 
     out = tmp_path / "run"
     r = run("fit", "--data", str(scene), "--out", str(out), "--method", "nerf", "--preset", "draft",
-            "--seconds", "0", "--steps", "200", "--textures", "128", "--resolution", "48", "--device", "cpu",
+            "--seconds", "0", "--steps", "200", "--texture-size", "128", "--mesh-resolution", "48", "--device", "cpu",
             "--no-field-renders", "--extra-levels", "0.2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     fit = json.loads((out / lm.FIT_JSON).read_text())

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes as skimage_mc
 
-from backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
-from backend.export.marching_cubes import TRI_COUNT, TRI_TABLE, marching_cubes
+from fit_implicit.backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
+from fit_implicit.backend.export.marching_cubes import TRI_COUNT, TRI_TABLE, marching_cubes
 
 N = 48
 AXIS = np.linspace(-1.0, 1.0, N)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
-from backend.export.mesh import DEFAULT_OPACITY, extract_mesh, iso_level, srgb_to_linear, write_mesh
-from backend.model import FittedField
-from backend.occupancy import OccupancyGrid
-from backend.train import make_config
+from fit_implicit.backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
+from fit_implicit.backend.export.iso import DEFAULT_OPACITY, iso_level
+from fit_implicit.backend.export.mesh import extract_mesh, srgb_to_linear, write_mesh
+from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
+from fit_implicit.backend.fitting.config import make_config
 
 AABB = np.array([[7.0, -7.0, -1.0], [13.0, -1.0, 5.0]])       # centre (10, -4, 2), half-size 3
 CENTER_N = torch.tensor([0.5 / 3.0, 0.0, 0.0])                 # sphere centre, normalised
@@ -53,7 +54,7 @@ def analytic_model(**kw):
 
 
 def test_sphere_mesh_in_world_coordinates():
-    verts, faces, colors = extract_mesh(analytic_model(), resolution=64)
+    verts, faces, colors = extract_mesh(analytic_model(), mesh_resolution=64)
     assert verts.dtype == np.float32 and faces.dtype == np.int32 and colors.dtype == np.float32
     voxel = 6.0 / 63
     dist = np.linalg.norm(verts - SPHERE_CENTER, axis=1)
@@ -68,7 +69,7 @@ def test_sphere_mesh_in_world_coordinates():
 
 
 def test_floaters_dropped_and_cavities_filled():
-    verts, _, _ = extract_mesh(analytic_model(floater=True, cavity=True), resolution=64)
+    verts, _, _ = extract_mesh(analytic_model(floater=True, cavity=True), mesh_resolution=64)
     dist = np.linalg.norm(verts - SPHERE_CENTER, axis=1)
     assert np.abs(dist - SPHERE_RADIUS).max() < 0.25 * 6.0 / 63      # only the outer surface is left
 
@@ -76,7 +77,7 @@ def test_floaters_dropped_and_cavities_filled():
 def test_empty_field_gives_empty_mesh():
     model = analytic_model()
     model.field.density = lambda x: torch.zeros(x.shape[0])
-    verts, faces, colors = extract_mesh(model, resolution=16)
+    verts, faces, colors = extract_mesh(model, mesh_resolution=16)
     assert verts.shape == (0, 3) and faces.shape == (0, 3) and colors.shape == (0, 3)
 
 
@@ -171,8 +172,8 @@ def test_write_mesh_rejects_bad_input(tmp_path):
         write_mesh(tmp_path / "m.glb", TETRA_V[:0], TETRA_F[:0], TETRA_C[:0])
 
 
-# ---- surface fields through contract C2 (inside_field / surface_attributes) -------------------
-# Analytic stand-ins for backend.model.FittedField (methods "sdf" and "occupancy"): they offer
+# ---- surface fields through inside_field / surface_attributes ------------------------------
+# Analytic stand-ins for backend.fitting.model.FittedField (methods "sdf" and "occupancy"): they offer
 # exactly what the mesher uses (method, aabb, device, inside_field, surface_attributes), with
 # known geometry, so the tests measure the mesher's error and not a fit's.
 FAR_CENTER = np.array([1000.5, -250.25, 42.0])       # a non-trivial world offset and scale
@@ -214,7 +215,7 @@ def voxel_of(aabb, resolution):
 @pytest.mark.parametrize("method", ["sdf", "occupancy"])
 def test_surface_field_mesh_in_scene_units(method):
     """A sphere of known centre/radius far from the origin lands where it is, closed and outward."""
-    verts, faces, colors = extract_mesh(StandIn(method), resolution=64)
+    verts, faces, colors = extract_mesh(StandIn(method), mesh_resolution=64)
     voxel = voxel_of(FAR_BOX, 64)
     dist = np.linalg.norm(verts.astype(np.float64) - FAR_CENTER, axis=1)
     assert np.abs(dist - FAR_RADIUS).max() < 0.05 * voxel
@@ -227,13 +228,13 @@ def test_surface_field_mesh_in_scene_units(method):
 
 def test_torus_keeps_its_genus():
     aabb = np.array([[-2.0, -2.0, -1.0], [2.0, 2.0, 1.0]])
-    verts, faces, _ = extract_mesh(StandIn(torus=((0.0, 0.0, 0.0), 1.2, 0.4), aabb=aabb), resolution=64)
+    verts, faces, _ = extract_mesh(StandIn(torus=((0.0, 0.0, 0.0), 1.2, 0.4), aabb=aabb), mesh_resolution=64)
     assert is_watertight(faces) and euler_characteristic(verts, faces) == 0
 
 
 def test_surface_cut_by_the_box_is_closed_on_the_box():
     aabb = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 0.5]])     # the sphere pokes out of the top
-    verts, faces, _ = extract_mesh(StandIn(spheres=(((0.0, 0.0, 0.2), 0.8),), aabb=aabb), resolution=48)
+    verts, faces, _ = extract_mesh(StandIn(spheres=(((0.0, 0.0, 0.2), 0.8),), aabb=aabb), mesh_resolution=48)
     assert is_watertight(faces)
     assert (verts >= aabb[0]).all() and (verts <= aabb[1]).all()
     cap = np.isclose(verts[:, 2], 0.5)
@@ -243,10 +244,10 @@ def test_surface_cut_by_the_box_is_closed_on_the_box():
 
 def test_floater_removed_from_a_surface_field():
     floater = (FAR_CENTER + [-40.0, 45.0, 45.0], 2.0)          # 0.3% of the sphere's area
-    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), resolution=64)
+    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), mesh_resolution=64)
     assert np.abs(np.linalg.norm(verts - FAR_CENTER, axis=1) - FAR_RADIUS).max() < 0.1
     assert is_watertight(faces) and euler_characteristic(verts, faces) == 2
-    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), resolution=64,
+    verts, faces, _ = extract_mesh(StandIn(spheres=((FAR_CENTER, FAR_RADIUS), floater)), mesh_resolution=64,
                                    min_component=0.0)
     assert euler_characteristic(verts, faces) == 4                  # kept when asked
 
@@ -254,8 +255,8 @@ def test_floater_removed_from_a_surface_field():
 @pytest.mark.parametrize("method", ["sdf", "occupancy"])     # with and without the distance band
 def test_coarse_to_fine_gives_the_dense_mesh_for_less(method):
     dense_model, sparse_model = StandIn(method), StandIn(method)
-    v0, f0, _ = extract_mesh(dense_model, resolution=96, block=0)
-    v1, f1, _ = extract_mesh(sparse_model, resolution=96, block=4)
+    v0, f0, _ = extract_mesh(dense_model, mesh_resolution=96, block=0)
+    v1, f1, _ = extract_mesh(sparse_model, mesh_resolution=96, block=4)
     assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-5)
     assert sparse_model.evaluated < 0.4 * dense_model.evaluated, sparse_model.evaluated / dense_model.evaluated
 
@@ -265,30 +266,30 @@ def test_coarse_to_fine_keeps_small_parts_of_a_distance_field():
     distance band still finds it."""
     tiny = (FAR_CENTER + [-40.3, 44.1, 45.7], 1.0)              # 0.9 voxels across
     spheres = ((FAR_CENTER, FAR_RADIUS), tiny)
-    v0, f0, _ = extract_mesh(StandIn(spheres=spheres), resolution=96, min_component=0.0)
-    v1, f1, _ = extract_mesh(StandIn(spheres=spheres), resolution=96, min_component=0.0, block=4)
+    v0, f0, _ = extract_mesh(StandIn(spheres=spheres), mesh_resolution=96, min_component=0.0)
+    v1, f1, _ = extract_mesh(StandIn(spheres=spheres), mesh_resolution=96, min_component=0.0, block=4)
     assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-5)
     assert (np.linalg.norm(v1 - tiny[0], axis=1) < 1.5).sum() >= 4
 
 
 def test_decimate_to_a_face_count():
-    verts, faces, colors = extract_mesh(StandIn(), resolution=64, decimate_to=1000, device="cpu")
+    verts, faces, colors = extract_mesh(StandIn(), mesh_resolution=64, decimate_to=1000, device="cpu")
     assert 900 <= len(faces) <= 1000 and is_watertight(faces) and len(colors) == len(verts)
     assert np.abs(np.linalg.norm(verts - FAR_CENTER, axis=1) - FAR_RADIUS).max() < 0.02 * FAR_RADIUS
 
 
 def test_bad_mesh_options_are_refused():
     with pytest.raises(ValueError, match="resolution"):
-        extract_mesh(StandIn(), resolution=1)
+        extract_mesh(StandIn(), mesh_resolution=1)
     with pytest.raises(ValueError, match="resolution"):
-        extract_mesh(StandIn(), resolution=100_000)
+        extract_mesh(StandIn(), mesh_resolution=100_000)
     with pytest.raises(ValueError, match="decimate_to"):
-        extract_mesh(StandIn(), resolution=16, decimate_to=2)
+        extract_mesh(StandIn(), mesh_resolution=16, decimate_to=2)
     with pytest.raises(ValueError, match="min_component"):
-        extract_mesh(StandIn(), resolution=16, min_component=2.0)
+        extract_mesh(StandIn(), mesh_resolution=16, min_component=2.0)
     no_field = types.SimpleNamespace(method="sdf", aabb=FAR_BOX, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="inside_field"):
-        extract_mesh(no_field, resolution=16)
+        extract_mesh(no_field, mesh_resolution=16)
 
 
 # CI has no GPU; the same code runs on the CPU in the tests above. On a CUDA machine run
@@ -297,8 +298,8 @@ def test_bad_mesh_options_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block", [0, 4])
 def test_gpu_extraction_matches_the_cpu(block):
-    v0, f0, _ = extract_mesh(StandIn(), resolution=96, block=block)
-    v1, f1, _ = extract_mesh(StandIn(device="cuda"), resolution=96, block=block)
+    v0, f0, _ = extract_mesh(StandIn(), mesh_resolution=96, block=block)
+    v1, f1, _ = extract_mesh(StandIn(device="cuda"), mesh_resolution=96, block=block)
     assert np.array_equal(f0, f1) and np.allclose(v0, v1, atol=1e-3)
 
 
@@ -307,14 +308,13 @@ def test_real_surface_model_meshes_through_the_contract(method):
     """The real FittedField, untrained: its geometric initialisation is a sphere of
     ``init_radius`` (normalised units) around the box centre, so the mesh must be a closed
     sphere-like surface there, in world units (a flipped sign would mesh the box instead)."""
-    from backend.model import build_field, build_occupancy
 
     cfg = make_config(method=method, preset="draft", device="cpu")
     aabb = np.array([[97.0, -53.0, 8.0], [103.0, -47.0, 12.0]])
-    model = FittedField(build_field(cfg), build_occupancy(cfg), aabb, cfg)
-    verts, faces, colors = extract_mesh(model, resolution=32)
+    model = FittedField.build(cfg, aabb)
+    verts, faces, colors = extract_mesh(model, mesh_resolution=32)
     assert is_watertight(faces) and euler_characteristic(verts, faces) == 2
     radius = np.linalg.norm(verts - model.center, axis=1)
-    assert radius.mean() == pytest.approx(cfg.init_radius * model.scale, rel=0.2)
+    assert radius.mean() == pytest.approx(cfg.field.init_radius * model.scale, rel=0.2)
     assert np.abs(verts.mean(0) - model.center).max() < 0.5
     assert colors.shape == verts.shape and (colors >= 0).all() and (colors <= 1).all()

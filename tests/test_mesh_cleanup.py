@@ -5,10 +5,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from backend.export.cleanup import (compact, decimate, edge_face_counts, euler_characteristic, face_areas,
-                                    is_watertight, keep_large_components, signed_volume, solid_interior,
-                                    solid_interior_torch, vertex_normals)
-from backend.export.marching_cubes import marching_cubes
+from fit_implicit.backend.export.cleanup import (compact, decimate, edge_face_counts, euler_characteristic,
+                                                 face_areas, is_watertight, keep_large_components, signed_volume,
+                                                 solid_interior, solid_interior_torch, vertex_normals)
+from fit_implicit.backend.export.marching_cubes import marching_cubes
 
 N = 64
 AXIS = np.linspace(-1.0, 1.0, N)

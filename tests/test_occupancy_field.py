@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.fields.occfield import OccField
-from backend.model import FittedField
-from backend.surface_render import occupancy_optical_depth
-from backend.train import fit, make_config
+from fit_implicit.backend.fields.occfield import OccField
+from fit_implicit.backend.render.surface import occupancy_optical_depth
+from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.backend.fitting.loop import fit
+from fit_implicit.backend.fitting.runs import load_run, save_run
 from test_sdf import TEST_STEPS, CENTER, SCALE, shape_scene, surface_scores
 
 SPHERE_CENTER = CENTER + np.array([0.3, 0.2, -0.1]) * SCALE
@@ -55,7 +56,7 @@ def occupancy_run(tmp_path_factory):
     model = fit(data, make_config("occupancy", "draft", device="cpu", steps=TEST_STEPS, preview_size=0,
                                         seed=0))
     run = tmp_path_factory.mktemp("occ_run")
-    model.save(run)
+    save_run(model, run)
     return model, run
 
 
@@ -71,7 +72,7 @@ def test_occupancy_fit_of_a_sphere(occupancy_run):
     assert logit[0] > 2.0 and logit[1] < -2.0, logit
     # the renders show the sphere where the images do
     assert json.loads((run / "run.json").read_text())["method"] == "occupancy"
-    loaded = FittedField.load(run, device="cpu")
+    loaded = load_run(run, device="cpu")
     assert torch.equal(loaded.inside_field(probe), model.inside_field(probe))
     attrs = loaded.surface_attributes(np.array([SPHERE_CENTER + [0, 0, RADIUS]], np.float32))
     assert attrs["normal"][0, 2] > 0.9       # the top of the sphere faces up

@@ -81,7 +81,7 @@ mod_name = "bl_ext.user_default.fit_implicit"
 res["enabled"] = mod_name in {a.module for a in bpy.context.preferences.addons}
 res["module_loaded"] = mod_name in sys.modules
 res["has_fit"] = hasattr(bpy.ops.implicit, "fit") and hasattr(bpy.types, "IMPLICIT_OT_fit")
-res["checkout_visible"] = any(m == "blender_addon" or m.startswith("blender_addon.") for m in sys.modules)
+res["checkout_visible"] = any(m == "fit_implicit.blender_addon" or m.startswith("fit_implicit.blender_addon.") for m in sys.modules)
 # The bpy module appends the extensions' site-packages after the environment's own (where the
 # test environment has pyzmq too); Blender itself puts it first.  Do what Blender does, so that
 # the client below really runs on the bundled wheel.
@@ -121,7 +121,7 @@ except RuntimeError as exc:
 scene.render.engine = "CYCLES"
 scene.cycles.samples = 1
 scene.render.resolution_x, scene.render.resolution_y = 32, 24
-scene.implicit.ring_cameras = 6
+scene.implicit.ring_count = 6
 scene.implicit.preset = "draft"
 t = time.monotonic()
 res["fit"] = sorted(bpy.ops.implicit.fit(address=address))
@@ -160,7 +160,7 @@ def test_install_enable_and_fit_against_backend(built, fake_backend, tmp_path):
     assert not res["checkout_visible"]
     assert res["default_address"] == "tcp://127.0.0.1:5599"
     assert "no cameras and nothing is selected" in res["no_camera_error"], res
-    assert "python -m backend serve" in res["no_backend_error"], res
+    assert "fit-implicit serve" in res["no_backend_error"], res
     assert res["fit"] == ["FINISHED"], (res, out, fake_backend.log()[-2000:])
     assert res["cameras"] == 6 and res["mesh_vertices"] == 4 and res["mesh_collection"] == "Implicit Results"
     assert res["status"].startswith("Fit finished") and not res["running"]
@@ -230,7 +230,7 @@ def test_install_enable_and_fit_in_blender_4_2(built, fake_backend, tmp_path):
     out = res.pop("_output")
     assert res["install"] == ["FINISHED"] and res["enabled"] and res["has_fit"], (res, out)
     assert "no cameras and nothing is selected" in res["no_camera_error"], res
-    assert "python -m backend serve" in res["no_backend_error"], res
+    assert "fit-implicit serve" in res["no_backend_error"], res
     assert res["fit"] == ["FINISHED"], (res, out, fake_backend.log()[-2000:])
     assert res["cameras"] == 6 and res["mesh_vertices"] == 4 and res["status"].startswith("Fit finished")
     assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]]

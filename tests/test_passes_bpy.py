@@ -56,7 +56,7 @@ def _tilted_scene():
 def test_passes_match_a_known_plane(tmp_path):
     import bpy
 
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     scene, cam, normal = _tilted_scene()
     view_layer = bpy.context.view_layer
@@ -86,7 +86,7 @@ def test_passes_match_a_known_plane(tmp_path):
     assert abs(normal[2]) < 0.9    # the world normal differs from the camera-space one (0, 0, 1)
 
     # Albedo: the diffuse colour, sRGB-encoded, within 2/255 (also on partly covered pixels).
-    from blender_addon.passes import linear_to_srgb
+    from fit_implicit.blender_addon.passes import linear_to_srgb
 
     want = np.round(linear_to_srgb(np.array(ALBEDO_LINEAR)) * 255.0)
     assert np.abs(p["albedo"][inside].astype(float) - want).max() <= 2
@@ -104,7 +104,7 @@ def test_passes_match_a_known_plane(tmp_path):
 def test_passes_leave_the_beauty_and_the_scene_as_they_were(tmp_path):
     import bpy
 
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     scene, cam, _ = _tilted_scene()
     view_layer = bpy.context.view_layer
@@ -160,7 +160,7 @@ def _roughness_scene():
     The view layer also holds an AOV of the user's, named like the one the passes add."""
     import bpy
 
-    from blender_addon.passes import ROUGHNESS_AOV
+    from fit_implicit.blender_addon.passes import ROUGHNESS_AOV
     from bpy_helpers import emission_material
 
     scene = fresh_scene(width=32, height=32, samples=4)
@@ -206,8 +206,8 @@ def _material_state():
 def test_roughness_pass_reads_each_materials_roughness(tmp_path):
     import bpy
 
-    from blender_addon import capture
-    from shared import cameras
+    from fit_implicit.blender_addon import capture
+    from fit_implicit.shared import cameras
 
     scene, cam, centres = _roughness_scene()
     view_layer = bpy.context.view_layer
@@ -238,7 +238,7 @@ def test_roughness_pass_reads_each_materials_roughness(tmp_path):
 def test_roughness_nodes_are_removed_when_the_render_fails(tmp_path):
     import bpy
 
-    from blender_addon.passes import ROUGHNESS_AOV, PassOutput
+    from fit_implicit.blender_addon.passes import ROUGHNESS_AOV, PassOutput
 
     scene, _, _ = _roughness_scene()
     view_layer = bpy.context.view_layer
@@ -260,7 +260,7 @@ def test_roughness_nodes_are_removed_when_the_render_fails(tmp_path):
 def test_convert_passes_roughness_from_coverage_weighted_sums():
     """R and G are sums over the samples like the other passes: R / G where most of the surface
     has a value; -1 where there is no surface, too little value, or no roughness AOV at all."""
-    from blender_addon.passes import convert_passes
+    from fit_implicit.blender_addon.passes import convert_passes
 
     alpha = np.array([[1.0, 0.5, 1.0, 0.0, 0.001]], np.float32)
     aov = np.zeros((1, 5, 4), np.float32)
@@ -277,7 +277,7 @@ def test_convert_passes_roughness_from_coverage_weighted_sums():
 def test_passes_need_cycles(tmp_path):
     import bpy
 
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
 
     scene, cam, _ = _tilted_scene()
     scene.render.engine = "BLENDER_WORKBENCH"
@@ -287,12 +287,12 @@ def test_passes_need_cycles(tmp_path):
 
 
 def test_submit_carries_the_passes_through_the_wire(tmp_path):
-    """build_submit -> frames -> decode -> backend.data.from_submit gives the same passes."""
+    """build_submit -> frames -> decode -> backend.fitting.data.from_submit gives the same passes."""
     import bpy
 
-    from backend.data import from_submit
-    from blender_addon import capture
-    from shared import protocol
+    from fit_implicit.backend.fitting.data import from_submit
+    from fit_implicit.blender_addon import capture
+    from fit_implicit.shared import protocol
 
     scene, cam, _ = _tilted_scene()
     view = capture.ViewRenderer(scene, bpy.context.view_layer, str(tmp_path)).render(cam, passes=True)
@@ -314,8 +314,8 @@ def test_exported_dataset_with_passes_loads_in_the_backend(tmp_path):
     """dataset_io.export_dataset(passes=True) -> transforms.json with pass files -> load_transforms."""
     import bpy
 
-    from backend.data import load_transforms
-    from blender_addon import capture, dataset_io
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.blender_addon import capture, dataset_io
 
     scene, cam, normal = _tilted_scene()
     view_layer = bpy.context.view_layer
@@ -347,7 +347,7 @@ def test_surface_scene_and_relight_benchmarks_run_small(tmp_path):
     import subprocess
     import sys
 
-    from backend.data import RaySampler, load_transforms
+    from fit_implicit.backend.fitting.data import RaySampler, load_transforms
     from bpy_helpers import REPO
 
     out = tmp_path / "scene"

@@ -19,7 +19,7 @@ VIEWS, SIZE = 12, 32
 
 def _import(folder, **kwargs):
     import bpy
-    from blender_addon import dataset_io
+    from fit_implicit.blender_addon import dataset_io
     synthetic.write_transforms(folder, count=VIEWS, size=SIZE, with_aabb=False, **kwargs)
     scene = fresh_scene(width=8, height=8)
     cams, warnings = dataset_io.import_transforms(scene, str(folder / "transforms.json"))
@@ -55,7 +55,7 @@ def real_backend():
 
 @pytest.mark.slow   # one real fit: 32-40 s measured on 2 shared cores
 def test_photos_are_fitted_without_rendering(tmp_path, real_backend):
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     scene, cams = _import(tmp_path)
     with _RenderCounter() as renders:
         try:
@@ -95,7 +95,7 @@ def test_photos_are_fitted_without_rendering(tmp_path, real_backend):
 
 
 def test_photo_aabb_from_cameras_holds_the_scene():
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     ks, poses = synthetic.camera_rig(VIEWS, SIZE)
     box = fit_session.cameras_aabb(ks, poses, SIZE, SIZE)
     assert np.allclose(0.5 * (box[0] + box[1]), synthetic.CENTER, atol=1e-6)
@@ -106,7 +106,7 @@ def test_photo_aabb_from_cameras_holds_the_scene():
 
 
 def test_missing_photo_names_the_camera(tmp_path):
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     scene, cams = _import(tmp_path)
     (tmp_path / "images" / "r_3.png").unlink()
     with _RenderCounter() as renders, pytest.raises(fit_session.FitError) as info:
@@ -118,7 +118,7 @@ def test_missing_photo_names_the_camera(tmp_path):
 
 def test_missing_mask_names_the_camera(tmp_path):
     """dataset_io.photo_views' errors become FitErrors."""
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     scene, cams = _import(tmp_path)
     cams[5].data["implicit_mask"] = str(tmp_path / "masks" / "r_5.png")
     with pytest.raises(fit_session.FitError, match=f"mask of camera '{cams[5].name}' is missing"):
@@ -127,7 +127,7 @@ def test_missing_mask_names_the_camera(tmp_path):
 
 def test_photo_and_rendered_cameras_do_not_mix(tmp_path):
     from bpy_helpers import add_camera
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     scene, _cams = _import(tmp_path)
     add_camera(scene, "Rendered Cam", location=(0.0, 0.0, 20.0))
     with pytest.raises(fit_session.FitError, match=r"mix photo cameras .* \('Rendered Cam'\)"):
@@ -140,7 +140,7 @@ def test_photo_submit_carries_the_lens(tmp_path):
     import json
 
     import bpy
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
 
     class KeepSubmit:
         def __init__(self, _address):
@@ -162,7 +162,7 @@ def test_photo_submit_carries_the_lens(tmp_path):
     doc = json.loads(path.read_text())
     doc.update(camera_model="OPENCV", k1=0.05, k2=-0.01, p1=0.001, p2=0.0)
     path.write_text(json.dumps(doc))
-    from blender_addon import dataset_io
+    from fit_implicit.blender_addon import dataset_io
     scene = fresh_scene(width=8, height=8)
     dataset_io.import_transforms(scene, str(path))
     bpy.context.view_layer.update()
@@ -177,4 +177,4 @@ def test_photo_submit_carries_the_lens(tmp_path):
     assert renders.count == 0 and sub.images.shape == (VIEWS, SIZE, SIZE, 4)
     assert sub.lens_models.tolist() == [1] * VIEWS
     assert np.allclose(sub.distortion, [[0.05, -0.01, 0.0, 0.0, 0.001, 0.0]] * VIEWS)
-    assert sub.albedo.shape[0] == 0 and sub.normals.shape[0] == 0   # photos have no passes
+    assert sub.albedo.shape[0] == 0 and sub.normal.shape[0] == 0   # photos have no passes

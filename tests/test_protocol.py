@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import REPO, ring_cameras
-from shared import protocol, wire
-from shared.protocol import PROTOCOL_VERSION, ProtocolError, WireError, decode_message
+from fit_implicit.shared import protocol, wire
+from fit_implicit.shared.protocol import PROTOCOL_VERSION, ProtocolError, WireError, decode_message
 
 
 def small_submit(n: int = 3, size: int = 8, m: int = 1, **kw) -> protocol.Submit:
@@ -339,8 +339,8 @@ def test_pickle_payloads_are_never_unpickled(monkeypatch):
 
 
 def test_no_pickle_in_the_code_that_talks():
-    for rel in ["shared/wire.py", "shared/protocol.py", "backend/server.py", "backend/jobs.py",
-                "backend/outbox.py", "backend/fit_job.py", "blender_addon/client.py"]:
+    for rel in ["shared/wire.py", "shared/protocol.py", "backend/service/server.py", "backend/service/jobs.py",
+                "backend/service/outbox.py", "backend/service/fit_job.py", "blender_addon/client.py"]:
         text = (REPO / rel).read_text()
         assert not re.search(r"import (c?pickle|dill|marshal)|from pickle|pickle\.|allow_pickle\s*=\s*True|\beval\(",
                              text), rel

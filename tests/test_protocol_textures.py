@@ -1,13 +1,13 @@
 """Wire checks of the textured-mesh messages: MeshResult's uvs/normals, TextureResult, and
-Submit.textures.  Every bad value is refused with a text naming the field."""
+Submit.texture_size.  Every bad value is refused with a text naming the field."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import zmq
 
-from shared import protocol
-from shared.protocol import WireError, decode_message
+from fit_implicit.shared import protocol
+from fit_implicit.shared.protocol import WireError, decode_message
 
 
 def textured_mesh(**kw) -> protocol.MeshResult:
@@ -103,8 +103,8 @@ def small_submit(**kw) -> protocol.Submit:
 
 
 def test_submit_textures_field():
-    assert round_trip(small_submit()).textures == 0            # old clients: vertex colours only
-    assert round_trip(small_submit(textures=1024)).textures == 1024
-    refused(small_submit(textures=8), "submit.textures: 8 is not 0 (no textures) or in [16, 8192]")
-    refused(small_submit(textures=10000), "submit.textures: 10000 is outside [0, 8192]")
-    refused(small_submit(textures=True), "submit.textures: expected an integer")
+    assert round_trip(small_submit()).texture_size == 0            # old clients: vertex colours only
+    assert round_trip(small_submit(texture_size=1024)).texture_size == 1024
+    refused(small_submit(texture_size=8), "submit.texture_size: 8 is not 0 (no textures) or in [16, 8192]")
+    refused(small_submit(texture_size=10000), "submit.texture_size: 10000 is outside [0, 8192]")
+    refused(small_submit(texture_size=True), "submit.texture_size: expected an integer")

@@ -14,9 +14,9 @@ pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(120)]
 
 @pytest.fixture(scope="module")
 def fs():
-    import blender_addon
+    from fit_implicit import blender_addon
     blender_addon.register()
-    from blender_addon import fit_session
+    from fit_implicit.blender_addon import fit_session
     yield fit_session
     blender_addon.unregister()
 
@@ -36,7 +36,7 @@ def _data_counts():
 
 # ---- backend killed -----------------------------------------------------------------------------
 def test_backend_killed_mid_job_is_noticed_within_5_s_and_blender_stays_responsive(fs, backend_factory):
-    from shared import protocol
+    from fit_implicit.shared import protocol
 
     backend = backend_factory(fake=True)
     scene = _scene()
@@ -63,7 +63,7 @@ def test_backend_killed_mid_job_is_noticed_within_5_s_and_blender_stays_responsi
     assert noticed < 5.0 and longest_tick < 0.1
     r = session.result
     assert r.status == "failed" and "stopped answering" in r.message and backend.address in r.message
-    assert "python -m backend serve" in r.message   # how to start it again
+    assert "fit-implicit serve" in r.message   # how to start it again
     assert not session.state.running and scene.implicit.running is False
 
 
@@ -114,7 +114,7 @@ def _bad_meshes(protocol):
 @pytest.mark.parametrize("case", ["NaN vertices", "faces out of range", "negative faces", "colours of another size",
                                   "float64 vertices", "render of the wrong shape"])
 def test_malformed_results_fail_clearly_and_leave_the_scene_untouched(fs, case):
-    from shared import protocol
+    from fit_implicit.shared import protocol
 
     bad, text = _bad_meshes(protocol)[case]
     scene = _scene()

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from backend.jobs import JobQueue, JobState
-from backend.outbox import Outbox
+from fit_implicit.backend.service.jobs import JobQueue, JobState
+from fit_implicit.backend.service.outbox import Outbox
 from helpers import fake_runner, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +34,7 @@ def ended(job_id):
 
 @pytest.fixture
 def real_queue(tmp_path):
-    from backend.fit_job import run_fit_job
+    from fit_implicit.backend.service.fit_job import run_fit_job
 
     outbox = Outbox()
     jobs = JobQueue(run_fit_job, outbox, device="cpu", runs_dir=tmp_path, checkpoint_interval=0)
@@ -47,11 +47,11 @@ def real_queue(tmp_path):
 # ---- GPU out of memory ------------------------------------------------------------------------
 def test_gpu_out_of_memory_fails_the_job_clearly_and_the_next_job_is_served(real_queue, monkeypatch):
     """No GPU here: a training step raises the real torch.cuda.OutOfMemoryError (what CUDA raises)
-    on the 3rd step, inside the real run_fit_job -> train.fit path; the next job trains for real."""
-    from backend import train
+    on the 3rd step, inside the real run_fit_job -> fit path; the next job trains for real."""
+    from fit_implicit.backend.fitting import trainer
 
     jobs, outbox = real_queue
-    real_step = train.Trainer.step
+    real_step = trainer.Trainer.step
     calls = {"n": 0}
 
     def step_that_runs_out_of_memory(self):
@@ -60,7 +60,7 @@ def test_gpu_out_of_memory_fails_the_job_clearly_and_the_next_job_is_served(real
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
         return real_step(self)
 
-    monkeypatch.setattr(train.Trainer, "step", step_that_runs_out_of_memory)
+    monkeypatch.setattr(trainer.Trainer, "step", step_that_runs_out_of_memory)
     first, _ = jobs.submit(b"a", make_submit(steps=10))
     second, position = jobs.submit(b"a", make_submit(steps=6))
     assert position == 1

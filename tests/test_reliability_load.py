@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import zmq
 
-from backend.server import PREVIEW_CREDIT, Server, ServerConfig
-from blender_addon.client import JobClient
+from fit_implicit.backend.service.server import PREVIEW_CREDIT, Server, ServerConfig
+from fit_implicit.blender_addon.client import JobClient
 from helpers import RawPeer, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import checkpoint
-from blender_addon.client import JobClient
+from fit_implicit.backend.service import checkpoint
+from fit_implicit.blender_addon.client import JobClient
 from helpers import BackendProcess, RawPeer, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -198,6 +198,6 @@ def test_kill_minus_9_then_restart_resumes_from_the_last_checkpoint(tmp_path):
     mesh = next(m for m in messages if m.TYPE == "mesh")
     assert np.isfinite(mesh.vertices).all()   # (80 draft steps may not be dense enough for faces yet)
     assert (folder / "model.pt").exists() and not (folder / "checkpoint.pt").exists()
-    from backend.model import FittedField    # contract C3: later jobs load the fitted model from there
-    assert FittedField.load(folder, "cpu").meta["resumed_from_step"] == saved["step"]
+    from fit_implicit.backend.fitting.runs import load_run  # later jobs load the fitted model from there
+    assert load_run(folder, "cpu").meta["resumed_from_step"] == saved["step"]
     assert json.loads((folder / "job.json").read_text())["state"] == "done"

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import checkpoint
-from backend.paths import PathError, confined, job_folder
+from fit_implicit.backend.service import checkpoint
+from fit_implicit.backend.service.paths import PathError, confined, job_folder
 from helpers import REPO, RawPeer, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 ESCAPES = ["../secret", "../../etc/passwd", "a/../../secret", "/etc/passwd", "//etc/passwd", "~/x",
            "C:\\Windows", "\\\\server\\share", "", "a\x00b", "results/../../other/job.json"]
@@ -53,8 +53,8 @@ def test_only_real_job_ids_name_folders(tmp_path, job_id):
 
 def test_a_symlinked_job_folder_is_not_followed_at_start_up(tmp_path):
     """A job folder that is a link elsewhere is neither re-queued nor served."""
-    from backend.jobs import JobQueue
-    from backend.outbox import Outbox
+    from fit_implicit.backend.service.jobs import JobQueue
+    from fit_implicit.backend.service.outbox import Outbox
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -79,8 +79,8 @@ def test_attach_and_cancel_with_paths_for_ids_are_refused_over_the_socket(fake_b
 
 
 # ---- no pickle, no eval ---------------------------------------------------------------------------
-WIRE_CODE = ["shared/wire.py", "shared/protocol.py", "backend/server.py", "backend/jobs.py", "backend/outbox.py",
-             "backend/checkpoint.py", "backend/paths.py", "backend/security.py", "blender_addon/client.py"]
+WIRE_CODE = ["shared/wire.py", "shared/protocol.py", "backend/service/server.py", "backend/service/jobs.py", "backend/service/outbox.py",
+             "backend/service/checkpoint.py", "backend/service/paths.py", "backend/service/security.py", "blender_addon/client.py"]
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "joblib", "cloudpickle"}
 

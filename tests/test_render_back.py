@@ -11,14 +11,14 @@ import pytest
 
 import synthetic
 from helpers import BackendProcess, RawPeer, make_submit
-from shared import cameras, protocol
+from fit_implicit.shared import cameras, protocol
 
 SIZE = 32
 BOUND_DB = 20.0
 
 
 def psnr_on_white(pred: np.ndarray, target: np.ndarray) -> float:
-    from backend.metrics import psnr_white
+    from fit_implicit.backend.fitting.metrics import psnr_white
     return psnr_white(pred, target)
 
 
@@ -120,9 +120,9 @@ def test_render_with_field_operator_writes_pngs_and_a_sequence(fitted, tmp_path)
     pytest.importorskip("bpy")
     import bpy
 
-    import blender_addon
+    from fit_implicit import blender_addon
     from bpy_helpers import fresh_scene
-    from blender_addon import dataset_io, render_back
+    from fit_implicit.blender_addon import dataset_io, render_back
     backend, job_id = fitted
     blender_addon.register()
     try:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from backend.occupancy import OccupancyGrid
-from backend.render import composite, ray_aabb, render_rays, render_rays_segmented, sample_grid
+from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
+from fit_implicit.backend.render.volume import composite, ray_aabb, render_rays, render_rays_segmented, sample_grid
 
 UNIT_BOX = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 
@@ -148,7 +148,7 @@ def test_occupancy_grid_cells_and_update():
 
 
 def _fixed_batch(rays=24, res=8, capacity=None, seed=3):
-    from backend.render import march_fixed_reference
+    from fit_implicit.backend.render.volume import march_fixed_reference
 
     g = torch.Generator().manual_seed(seed)
     o = torch.randn(rays, 3, generator=g) * 0.2 + torch.tensor([0.0, 0.0, -2.5])
@@ -165,7 +165,7 @@ def _fixed_batch(rays=24, res=8, capacity=None, seed=3):
 
 def test_fixed_slots_composite_like_packed_rays():
     """Fixed-slot compositing gives each kept ray the weights of compositing it alone."""
-    from backend.render import composite_fixed
+    from fit_implicit.backend.render.volume import composite_fixed
 
     s, step = _fixed_batch(capacity=200)
     assert 0 < int(s.kept.sum()) < 24 and int(s.used) <= 200
@@ -184,7 +184,7 @@ def test_fixed_slots_composite_like_packed_rays():
 def test_early_termination_drops_only_occluded_samples():
     """Samples behind transmittance 1e-3 are dropped; what remains composites to the same colour
     and opacity within 1e-3, and the repacked slots hold each ray's leading samples."""
-    from backend.render import composite_fixed, terminate_fixed, transmittance_fixed
+    from fit_implicit.backend.render.volume import composite_fixed, terminate_fixed, transmittance_fixed
 
     s, step = _fixed_batch()
     m = s.t.shape[0]

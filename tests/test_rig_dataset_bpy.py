@@ -12,7 +12,7 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 
 @pytest.fixture(scope="module")
 def addon():
-    import blender_addon
+    from fit_implicit import blender_addon
     blender_addon.register()
     yield blender_addon
     blender_addon.unregister()
@@ -39,7 +39,7 @@ def _box_object(scene, name="Box", size=(1.0, 0.6, 0.4), location=(0.3, -0.2, 0.
 @pytest.mark.parametrize("hemisphere", [False, True])
 @pytest.mark.parametrize("count", [8, 24, 100, 300])
 def test_fibonacci_spacing_is_even(count, hemisphere):
-    from shared.cameras import fibonacci_directions
+    from fit_implicit.shared.cameras import fibonacci_directions
     d = fibonacci_directions(count, hemisphere)
     assert d.shape == (count, 3)
     assert np.allclose(np.linalg.norm(d, axis=1), 1.0)
@@ -55,7 +55,7 @@ def test_fibonacci_spacing_is_even(count, hemisphere):
 
 
 def test_blender_camera_from_intrinsics_inverts_blender_intrinsics():
-    from shared.cameras import blender_camera_from_intrinsics, blender_intrinsics
+    from fit_implicit.shared.cameras import blender_camera_from_intrinsics, blender_intrinsics
     for w, h in ((64, 48), (48, 64), (50, 50)):
         for k in ([50.0, 40.0, 30.0, 20.0], [40.0, 55.0, 20.5, 33.2], [70.0, 70.0, 32.0, 24.0]):
             for fit in (None, "AUTO", "HORIZONTAL", "VERTICAL"):
@@ -70,7 +70,7 @@ def test_blender_camera_from_intrinsics_inverts_blender_intrinsics():
 @pytest.mark.parametrize("hemisphere", [True, False])
 def test_rig_cameras_look_at_bbox_centre(addon, hemisphere):
     import bpy
-    from blender_addon import capture, rig
+    from fit_implicit.blender_addon import capture, rig
     scene = fresh_scene(width=40, height=30)
     box = _box_object(scene)
     count, share = 20, 0.25
@@ -93,7 +93,7 @@ def test_rig_cameras_look_at_bbox_centre(addon, hemisphere):
     assert np.ptp(dists) < 1e-5
     # The selection fills the views but stays inside them.
     k, p = capture.camera_arrays(cams, scene)
-    from shared.cameras import project
+    from fit_implicit.shared.cameras import project
     pts = capture.world_points([box], bpy.context.view_layer.depsgraph)
     inside = [project(pts, ki, pi)[0] for ki, pi in zip(k, p)]
     uv = np.concatenate(inside)
@@ -124,7 +124,7 @@ def test_rig_without_selection_reports(addon):
 
 def test_plan_capture_skips_holdout_in_explicit_lists(addon):
     import bpy
-    from blender_addon import capture
+    from fit_implicit.blender_addon import capture
     scene = fresh_scene()
     _box_object(scene)
     a = add_camera(scene, "A", location=(0, 0, 6))
@@ -173,7 +173,7 @@ def _camera_scene(res, pax, pay, percentage=100):
 @pytest.mark.parametrize("res,pax,pay", CONFIGS)
 def test_transforms_round_trip(tmp_path, addon, res, pax, pay):
     import bpy
-    from blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import capture, dataset_io
     scene, cams = _camera_scene(res, pax, pay)
     want_k, want_p = capture.camera_arrays(cams, scene)
     names = [ob.name for ob in cams]
@@ -204,7 +204,7 @@ def test_transforms_round_trip(tmp_path, addon, res, pax, pay):
 
 def test_import_global_fov_distortion_and_backgrounds(tmp_path, addon):
     import bpy
-    from blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import capture, dataset_io
     scene = fresh_scene(width=8, height=8)
     img = bpy.data.images.new("src", 20, 10)
     img.filepath_raw = str(tmp_path / "a.png")
@@ -234,8 +234,8 @@ def test_import_global_fov_distortion_and_backgrounds(tmp_path, addon):
 def test_exported_dataset_loads_in_backend(tmp_path, addon):
     pytest.importorskip("torch")
     import bpy
-    from backend.data import load_transforms
-    from blender_addon import capture, dataset_io
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.blender_addon import capture, dataset_io
     scene, cams = _camera_scene((24, 18), 1.0, 1.25, percentage=50)   # renders 12 x 9
     grey = emission_material("Grey", (0.2, 0.2, 0.2))
     add_plane(scene, "P", size=2.0, location=(0, 0, 0), material=grey)

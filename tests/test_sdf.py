@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from backend import metrics
-from backend.data import PosedImages
-from backend.surface_render import keep_until, neus_optical_depth, Samples
-from backend.train import Callbacks, fit, make_config
-from shared import cameras
+from fit_implicit.backend.fitting import metrics
+from fit_implicit.backend.fitting.data import PosedImages
+from fit_implicit.backend.render.surface import keep_until, neus_optical_depth, Samples
+from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.backend.fitting.loop import Callbacks, fit
+from fit_implicit.shared import cameras
 
 CENTER = np.array([3.0, -2.0, 5.0])
 TEST_STEPS = 200       # CPU test fits of spheres (the draft preset's 300, shortened)
@@ -80,7 +81,7 @@ def shape_scene(sdf, colour=lambda p: np.broadcast_to([0.8, 0.6, 0.3], p.shape),
                 size: int = 40, ss: int = 2, passes: tuple = (), roughness=two_roughnesses) -> PosedImages:
     """Views on a ring around the shape (elevations -20, 15, 50 deg), RGBA with alpha masks;
     ``passes`` among "albedo", "normal", "depth", "roughness" adds those supervision passes
-    (contract C1; roughness from ``roughness(points)``, -1 where no sub-pixel hit)."""
+    (backend/fitting/data.py's passes; roughness from ``roughness(points)``, -1 where no sub-pixel hit)."""
     pos = cameras.ring_positions(CENTER, 4.2 * SCALE, count, elevations_deg=(-20.0, 15.0, 50.0))
     poses = np.stack([cameras.look_at(p, CENTER) for p in pos])
     k = cameras.intrinsics_from_fov(0.7, size, size)
@@ -182,10 +183,11 @@ def test_keep_until_drops_samples_behind_the_first_stop():
 def test_eikonal_term_makes_gradients_unit():
     """An SDF whose gradients start far from unit (random weights on its value output: mean
     | |grad| - 1 | above 0.3) reaches below 0.05 (mean over the box) from the eikonal term alone."""
-    from backend.fields.sdf import SdfField, SurfaceFieldConfig
+    from fit_implicit.backend.fields.hashgrid import HashGridConfig
+    from fit_implicit.backend.fields.sdf import SdfField, SurfaceFieldConfig
 
     torch.manual_seed(0)
-    field = SdfField(SurfaceFieldConfig(levels=4, log2_table=12, max_res=64, hidden=32))
+    field = SdfField(SurfaceFieldConfig(grid=HashGridConfig(levels=4, log2_table=12, max_res=64), hidden=32))
     with torch.no_grad():
         field.geometry_net[-1].weight[:1].normal_(0.0, 0.5)
     x = torch.rand(2048, 3) * 2 - 1
@@ -228,8 +230,8 @@ def test_torus_fit_reaches_the_chamfer_bound(torus_model):
 
 
 def test_methods_are_listed_everywhere():
-    from backend.__main__ import build_parser
-    from shared import protocol
+    from fit_implicit.backend.cli import build_parser
+    from fit_implicit.shared import protocol
 
     for method in ("nerf", "sdf", "occupancy"):
         assert method in protocol.METHODS
@@ -239,23 +241,23 @@ def test_methods_are_listed_everywhere():
         assert args.method == method
     with pytest.raises(ValueError, match="method 'voxels' is not one of nerf, sdf, occupancy"):
         make_config("voxels", "draft", device="cpu")
-    assert math.isclose(make_config("sdf", "draft", device="cpu").occupancy_decay, 0.5)
+    assert math.isclose(make_config("sdf", "draft", device="cpu").occupancy.occupancy_decay, 0.5)
 
 
 def test_cli_fits_and_saves_an_sdf_run(tmp_path):
-    """``python -m backend fit --method sdf`` writes a run that loads back as an SDF."""
+    """``fit-implicit fit --method sdf`` writes a run that loads back as an SDF."""
     import json
 
     import synthetic
-    from backend.__main__ import main
-    from backend.model import FittedField
+    from fit_implicit.backend.cli import main
+    from fit_implicit.backend.fitting.runs import load_run
 
     synthetic.write_transforms(tmp_path / "data", count=6, size=20)
     rc = main(["fit", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--method", "sdf",
                "--preset", "draft", "--steps", "3", "--device", "cpu"])
     assert rc == 0
     assert json.loads((tmp_path / "run" / "run.json").read_text())["method"] == "sdf"
-    model = FittedField.load(tmp_path / "run", device="cpu")
+    model = load_run(tmp_path / "run", device="cpu")
     assert model.method == "sdf" and model.meta["steps"] == 3
     assert model.inside_field(torch.tensor(synthetic.CENTER[None], dtype=torch.float32)).item() > 0
 
@@ -265,15 +267,14 @@ def test_surface_settings_out_of_range_are_named():
     for key, value, words in (("start_levels", 0, "start_levels must be in"),
                               ("eikonal_weight", -1.0, "eikonal_weight must not be negative"),
                               ("init_radius", 1.5, "init_radius must be in")):
-        cfg = make_config("sdf", "draft", device="cpu", preview_size=0, **{key: value})
-        with pytest.raises(ValueError, match=words):
-            fit(data, cfg)
+        with pytest.raises(ValueError, match=words):     # refused by make_config, before any fit
+            fit(data, make_config("sdf", "draft", device="cpu", preview_size=0, **{key: value}))
 
 
 def test_supervision_passes_reach_the_losses():
-    """With albedo, normal, depth and roughness passes (contract C1) every pass term is active:
+    """With albedo, normal, depth and roughness passes every pass term is active:
     each is positive for the initial sphere (which is not this torus) and training takes them."""
-    from backend.train_surface import SurfaceTrainer
+    from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
 
     torch.manual_seed(0)
     data = shape_scene(torus_sdf, count=4, size=16, passes=("albedo", "normal", "depth", "roughness"))
@@ -301,7 +302,7 @@ def test_a_roughness_pass_gives_a_roughness_texture_on_the_right_faces():
     """A sphere glossy on top (roughness 0.2) and matte below (0.8), with a roughness pass (-1
     off the object): the fitted field's roughness head learns the halves, and the baked
     roughness texture carries them onto the mesh's faces (within 0.1 away from the seam)."""
-    from backend.export import texture as tx
+    from fit_implicit.backend.export import texture as tx
 
     data = shape_scene(sphere_sdf, count=12, size=32, passes=("roughness",))
     assert (data.passes["roughness"][data.images[..., 3] == 0] == -1).all()

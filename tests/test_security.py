@@ -12,11 +12,11 @@ import time
 import pytest
 import zmq
 
-from backend import security
-from backend.server import ConfigError, config_from_args
-from blender_addon.client import BackendError, JobClient, probe
+from fit_implicit.backend.service import security
+from fit_implicit.backend.service.server import ConfigError, config_from_args
+from fit_implicit.blender_addon.client import BackendError, JobClient, probe
 from helpers import REPO, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 
 @pytest.fixture
@@ -61,14 +61,14 @@ def test_keys_are_generated_once_with_a_private_secret(tmp_path, monkeypatch):
 
 def test_remote_bind_without_keys_exits_with_what_to_do(tmp_path):
     env = dict(os.environ, HOME=str(tmp_path), **{security.KEYS_DIR_ENV: str(tmp_path / "k")})
-    result = subprocess.run([sys.executable, "-m", "backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu"],
+    result = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     assert "refusing to listen on tcp://0.0.0.0:0 without CurveZMQ" in result.stderr
     assert "authorized_keys" in result.stderr and "zmq.curve_keypair()" in result.stderr
     assert stat.S_IMODE((tmp_path / "k" / security.SECRET_KEY_FILE).stat().st_mode) == 0o600
     # the old escape hatch is gone
-    result = subprocess.run([sys.executable, "-m", "backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu",
                              "--insecure-allow-remote"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "unrecognized arguments: --insecure-allow-remote" in result.stderr
 
@@ -130,7 +130,7 @@ def test_an_unclear_curve_failure_is_named_by_asking_plainly(backend_factory, cu
     handshake failure (the backend hung up before this side read its greeting).  The add-on then
     asks plainly: a plain backend answers, so the user is told to turn CurveZMQ off; a CurveZMQ
     backend (the server key was wrong) does not, and the key hint stays."""
-    from blender_addon import client
+    from fit_implicit.blender_addon import client
     plain = backend_factory(fake=True)
     public, secret = zmq.curve_keypair()
     curve = client.curve_keys(zmq.curve_keypair()[0], public, secret)      # a server key nobody has

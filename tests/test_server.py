@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from backend.server import ConfigError, check_bind_address, resolve_device
-from blender_addon.client import BackendError, JobClient, probe
+from fit_implicit.backend.service.server import ConfigError, check_bind_address, resolve_device
+from fit_implicit.blender_addon.client import BackendError, JobClient, probe
 from helpers import REPO, RawPeer, make_submit
-from shared import protocol
+from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(120)   # a hang fails the test instead of the run
 
@@ -281,7 +281,7 @@ def test_devices_are_checked():
 
 def test_the_cli_refuses_a_remote_bind_with_a_clear_message(tmp_path):
     """Without an allow-list there is no CurveZMQ, so no remote bind (tests/test_security.py has more)."""
-    result = subprocess.run([sys.executable, "-m", "backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu",
                              "--keys-dir", str(tmp_path / "keys")],
                             cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

@@ -1,8 +1,8 @@
-"""Contract C2 on FittedField: inside_field, surface_attributes, meta["lighting_baked"], save/load.
+"""The surface methods of FittedField: inside_field, surface_attributes, meta["lighting_baked"], save/load.
 
 A small SDF fit of a two-coloured sphere (red above its equator, blue below, lit by one light so
 that the images carry shading from 0.3 to 1 of the base colour), with an "albedo" pass
-(contract C1).  The sphere sits at world centre (3, -2, 5) with radius 1.5.
+(backend/fitting/data.py).  The sphere sits at world centre (3, -2, 5) with radius 1.5.
 
 Bounds, and why (CPU fit of 200 draft steps, 16 views of 40x40; measured with seed 0 in
 parentheses):
@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend.model import FittedField
-from backend.train import fit, make_config
+from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.backend.fitting.loop import fit
+from fit_implicit.backend.fitting.runs import load_run, save_run
 from test_sdf import TEST_STEPS, CENTER, LIGHT, SCALE, shape_scene, sphere_sdf, surface_scores, two_colours
 
 RADIUS = 0.6 * SCALE
@@ -44,7 +46,7 @@ def sphere_run(tmp_path_factory):
     data = shape_scene(sphere_sdf, two_colours, count=16, size=40, passes=("albedo",))
     model = fit(data, make_config("sdf", "draft", device="cpu", steps=TEST_STEPS, preview_size=0, seed=0))
     run = tmp_path_factory.mktemp("sdf_run")
-    model.save(run)
+    save_run(model, run)
     return model, run
 
 
@@ -98,7 +100,7 @@ def test_saved_run_gives_the_same_field(sphere_run):
     model, run = sphere_run
     doc = json.loads((run / "run.json").read_text())
     assert doc["method"] == "sdf" and doc["meta"]["lighting_baked"] is False
-    loaded = FittedField.load(run, device="cpu")
+    loaded = load_run(run, device="cpu")
     assert loaded.method == "sdf" and loaded.field.active_levels == model.field.active_levels
     x = torch.from_numpy(model.aabb[0] + (model.aabb[1] - model.aabb[0]) * np.random.default_rng(0).random((5000, 3)))
     x = x.float()
@@ -112,32 +114,56 @@ def test_saved_run_gives_the_same_field(sphere_run):
 
 
 def test_a_run_saved_before_the_roughness_head_still_loads(sphere_run, tmp_path):
-    """A run folder from before surface fields had a roughness head (its weights lack that head)
-    loads and gives the same field; weights that do not fit otherwise are refused by name."""
+    """A run folder of format 1 (a flat config; from before surface fields had a roughness head,
+    so its weights lack that head) loads and gives the same field; weights that do not fit
+    otherwise are refused by name, and so is a run of a format this backend does not know."""
+    import json
     import shutil
     model, run = sphere_run
     old = tmp_path / "old_run"
     shutil.copytree(run, old)
+    doc = json.loads((old / "run.json").read_text())
+    doc.update(format=1, config=model.config.flat())
+    (old / "run.json").write_text(json.dumps(doc))
     state = torch.load(old / "model.pt", weights_only=True)
+    state["format"] = 1
     state["field"] = {k: v for k, v in state["field"].items() if not k.startswith("roughness_net.")}
     torch.save(state, old / "model.pt")
-    loaded = FittedField.load(old, device="cpu")
+    loaded = load_run(old, device="cpu")
+    assert loaded.config.to_dict() == model.config.to_dict()
     pts = (CENTER + RADIUS * fibonacci_sphere(50)).astype(np.float32)
     got = loaded.surface_attributes(pts)
     assert "roughness" not in got and np.array_equal(got["albedo"], model.surface_attributes(pts)["albedo"])
     del state["field"]["albedo_net.0.weight"]
     torch.save(state, old / "model.pt")
     with pytest.raises(ValueError, match=r"do not fit the sdf field \(missing \['albedo_net.0.weight'\]"):
-        FittedField.load(old, device="cpu")
+        load_run(old, device="cpu")
+    doc["format"] = 3
+    (old / "run.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="run format 3 cannot be read by this backend, which writes format 2"):
+        load_run(old, device="cpu")
+
+
+def test_a_current_run_must_have_every_weight(sphere_run, tmp_path):
+    """Only format-1 runs may lack the roughness head: in a current run a missing head is damage."""
+    import shutil
+    _, run = sphere_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    state = torch.load(damaged / "model.pt", weights_only=True)
+    state["field"] = {k: v for k, v in state["field"].items() if not k.startswith("roughness_net.")}
+    torch.save(state, damaged / "model.pt")
+    with pytest.raises(ValueError, match="do not fit the sdf field"):
+        load_run(damaged, device="cpu")
 
 
 def model_k():
-    from shared import cameras
+    from fit_implicit.shared import cameras
     return cameras.intrinsics_from_fov(0.7, 24, 24)
 
 
 def model_pose():
-    from shared import cameras
+    from fit_implicit.shared import cameras
     return cameras.look_at(CENTER + np.array([0.0, -4.2 * SCALE, 1.0]), CENTER)
 
 
@@ -151,11 +177,10 @@ def test_surface_attributes_rejects_bad_shapes(sphere_untrained):
 @pytest.fixture
 def sphere_untrained():
     """An untrained SDF: its geometric initialisation is a sphere of radius 0.5 (normalised)."""
-    from backend.model import build_field, build_occupancy
 
     cfg = make_config("sdf", "draft", device="cpu")
     aabb = np.stack([CENTER - 2.0, CENTER + 2.0])      # normalised unit = 2 world units
-    return FittedField(build_field(cfg), build_occupancy(cfg), aabb, cfg)
+    return FittedField.build(cfg, aabb)
 
 
 def test_untrained_sdf_is_the_initial_sphere(sphere_untrained):

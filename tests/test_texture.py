@@ -1,8 +1,8 @@
 """UV unwrapping (xatlas), rasterising and baking textures from a field (backend/export/texture.py).
 
-The fields here are small analytic stand-ins implementing contract C2 (``surface_attributes``):
+The fields here are small analytic stand-ins with ``surface_attributes`` (as FittedField):
 their true colours and normals are known exactly, so the tests can say where every texel must
-land.  The real FittedField implements the same contract (backend/model.py).
+land.  The real FittedField has the same methods (backend/fitting/model.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.export import texture as tx
+from fit_implicit.backend.export import texture as tx
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def sphere_mesh(radius: float = 0.7, n: int = 32) -> tuple[np.ndarray, np.ndarra
 
 
 class HalvesBall:
-    """Stand-in for a fitted SDF (contract C2): a ball, red where x > 0 and blue elsewhere, its
+    """Stand-in for a fitted SDF: a ball, red where x > 0 and blue elsewhere, its
     true normals optionally tilted by ``tilt`` (a bumpy surface), roughness 0.2 / 0.8 by half."""
 
     method = "sdf"
@@ -235,12 +235,12 @@ def test_field_is_queried_in_chunks(ball_uv):
 def real_sphere_model():
     """A real FittedField (SDF method), untrained: its geometric initialisation is a sphere of
     radius 0.5 (normalised), which is radius 1.0 in this box of half-side 2."""
-    from backend import train
-    from backend.model import FittedField, build_field, build_occupancy
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.model import FittedField
 
-    cfg = train.make_config(method="sdf", preset="draft", device="cpu")
+    cfg = make_config(method="sdf", preset="draft", device="cpu")
     torch.manual_seed(0)
-    return FittedField(build_field(cfg), build_occupancy(cfg), np.array([[-2.0, -2, -2], [2, 2, 2]]), cfg)
+    return FittedField.build(cfg, np.array([[-2.0, -2, -2], [2, 2, 2]]))
 
 
 def world_normals_from_map(mesh, normal_map):
@@ -257,7 +257,7 @@ def world_normals_from_map(mesh, normal_map):
 
 
 def test_real_sdf_model_normals_survive_the_bake():
-    """With the real model (contract C2 as backend/model.py implements it), the normal map
+    """With the real model (backend/fitting/model.py), the normal map
     decoded in the mesh's tangent frames gives the field's own normals back (median within 3
     degrees, 95% within 8; the untrained hash grid makes the field bumpy at texel scale)."""
     model = real_sphere_model()
@@ -291,8 +291,8 @@ class RecordingContext:
 
 
 def test_job_sends_textures_then_a_textured_mesh():
-    from backend.fit_job import send_mesh_assets
-    from shared import protocol
+    from fit_implicit.backend.service.fit_job import send_mesh_assets
+    from fit_implicit.shared import protocol
 
     verts, faces = sphere_mesh(radius=0.7, n=16)
     ctx = RecordingContext()
@@ -312,7 +312,7 @@ def test_job_sends_textures_then_a_textured_mesh():
 
 
 def test_job_without_textures_sends_the_plain_mesh():
-    from backend.fit_job import send_mesh_assets
+    from fit_implicit.backend.service.fit_job import send_mesh_assets
 
     verts, faces = sphere_mesh(radius=0.7, n=8)
     ctx = RecordingContext()

@@ -2,21 +2,16 @@
 (.ply, .obj, .glb).
 
 The surface.  Every field method offers ``inside_field(x_world) -> (M,)``, positive inside and
-zero on the surface (contract C2 in backend/model.py): ``-sdf`` for signed distance fields,
+zero on the surface (FittedField.inside_field, backend/fitting/model.py): ``-sdf`` for signed distance fields,
 ``logit(p)`` for occupancy fields.  For radiance fields ("nerf") this module owns the rule,
 :func:`nerf_inside_field`: the density minus a scale-invariant iso-level.
 
-Iso-level (nerf).  The surface is where the density makes a slab of ``REFERENCE_LENGTH`` = 1/100
-of the normalised cube's side (0.02 normalised units) ``opacity`` opaque, i.e.
-``sigma_iso = -ln(1 - opacity) / 0.02`` per normalised unit: 2.56 at opacity 0.05 (close to
-instant-ngp's customary level), 34.7 at 0.5.  No fixed level suits every field: short fits stay
-faint (single-digit densities, opaque only over the object's thickness), long ones build a haze
-in front of hard surfaces.  By default the level is chosen per field so that the mesh agrees
-with what the field's renders show (export/iso.py); ``mesh_opacity`` in the fit's config or
-``opacity`` here fix it.  Being defined in the trainer's normalised frame, the level, and so the
-mesh, does not change when the world is scaled or moved.  A radiance field's inside is often a
-shell around low-density pockets: the space the shell encloses is filled
-(:func:`solid_interior`) before meshing.
+Iso-level (nerf): export/iso.py.  No fixed level suits every field: short fits stay faint
+(single-digit densities, opaque only over the object's thickness), long ones build a haze in
+front of hard surfaces.  By default the level is chosen per field so that the mesh agrees with
+what the field's renders show; ``mesh_opacity`` in the fit's config or here fixes it.  A
+radiance field's inside is often a shell around low-density pockets: the space the shell
+encloses is filled (:func:`solid_interior`) before meshing.
 
 Pipeline (:func:`extract_mesh`): the field on a grid over the model's WORLD box (densely, or
 coarse-to-fine: only blocks near the surface at full resolution), padded with an outside layer
@@ -34,31 +29,40 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cleanup import (decimate, keep_large_components, seen_from_outside, solid_interior, solid_interior_torch,
-                      vertex_normals)
-from .marching_cubes import marching_cubes
+from fit_implicit.backend.export.cleanup import (decimate, keep_large_components, seen_from_outside,
+                                                 solid_interior, solid_interior_torch, vertex_normals)
+from fit_implicit.backend.export.iso import nerf_inside_field
+from fit_implicit.backend.export.marching_cubes import marching_cubes
 
 log = logging.getLogger(__name__)
 
-REFERENCE_LENGTH = 0.02   # normalised units: 1/100 of the normalised cube's side
-DEFAULT_OPACITY = 0.05
 MAX_RESOLUTION = 1024     # grid points along the longest side (1024^3 float32 = 4 GiB)
 OUTSIDE = -1e30           # value of the padding layer: far outside, so the cut lies on the box
 
 
-def iso_level(opacity: float = DEFAULT_OPACITY) -> float:
-    """Density (per normalised unit) at which a slab of REFERENCE_LENGTH is ``opacity`` opaque."""
-    if not 0.0 < opacity < 1.0:
-        raise ValueError(f"opacity must be in (0, 1), got {opacity}")
-    return -math.log1p(-opacity) / REFERENCE_LENGTH
+@dataclass
+class MeshConfig:
+    """How a fit is meshed (:func:`extract_mesh`)."""
+
+    mesh_resolution: int = 256      # marching-cubes grid points along the box's longest side
+    mesh_opacity: float = 0.0       # radiance fields: the iso-level as an opacity (export/iso.py); 0 = chosen
+                                    # to match the field's renders
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if self.mesh_resolution < 0:
+            raise ValueError(f"mesh_resolution must not be negative, got {self.mesh_resolution}")
+        if not 0 <= self.mesh_opacity < 1:
+            raise ValueError(f"mesh_opacity must be in (0, 1), or 0 to choose it from the renders, "
+                             f"got {self.mesh_opacity}")
 
 
 def grid_shape(aabb: np.ndarray, resolution: int) -> tuple[int, int, int]:
@@ -75,66 +79,10 @@ def field_method(model) -> str:
     return str(method)
 
 
-@torch.no_grad()
-def auto_opacity(model) -> float:
-    """The opacity whose mesh agrees best with the field's renders
-    (:func:`backend.export.iso.choose_opacity`), chosen once per model and kept on it."""
-    chosen = getattr(model, "auto_mesh_opacity", None)
-    if chosen is None:
-        from .iso import choose_opacity
-        chosen = choose_opacity(model)
-        model.auto_mesh_opacity = chosen
-        log.info("mesh iso-level: opacity %.2f (chosen to match the renders)", chosen)
-    return chosen
-
-
-def model_opacity(model) -> float:
-    """The iso-level opacity a radiance field is meshed at: its config's ``mesh_opacity`` where the
-    fit set one, else (0) :func:`auto_opacity`.  Stand-in models without an occupancy grid or a
-    normalised box: DEFAULT_OPACITY."""
-    fixed = float(getattr(getattr(model, "config", None), "mesh_opacity", 0.0) or 0.0)
-    if fixed > 0.0:
-        return fixed
-    if not hasattr(model, "occupancy") or not hasattr(model, "box"):
-        return DEFAULT_OPACITY
-    return auto_opacity(model)
-
-
-def resolve_opacity(model, opacity: float | str | None) -> float:
-    """None: :func:`model_opacity`; "auto": :func:`auto_opacity`; else the number, in (0, 1)."""
-    if opacity is None:
-        return model_opacity(model)
-    if opacity == "auto":
-        return auto_opacity(model)
-    opacity = float(opacity)
-    if not 0.0 < opacity < 1.0:
-        raise ValueError(f"opacity must be in (0, 1) or 'auto', got {opacity}")
-    return opacity
-
-
-def nerf_inside_field(model, x_world: torch.Tensor, opacity: float | str | None = None) -> torch.Tensor:
-    """Radiance fields' inside test: density (per normalised unit) minus :func:`iso_level` of
-    ``opacity`` (see :func:`resolve_opacity`: None is the fit's setting, "auto" matches the renders).
-
-    Args:
-        x_world: (M, 3) float32 on the model's device.
-    Returns:
-        (M,) float32; points the occupancy grid marks empty read ``-iso_level`` (their density is
-        below the occupancy threshold, itself below any iso-level used here).
-    """
-    level = iso_level(resolve_opacity(model, opacity))
-    x = model.to_normalised(x_world)
-    keep = model.occupancy.occupied(x)
-    sigma = torch.zeros(x.shape[0], device=x.device)
-    if keep.any():
-        sigma[keep] = model.field.density(x[keep]).float()
-    return sigma - level
-
-
-def inside_function(model, opacity: float | str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def inside_function(model, mesh_opacity: float | str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's (M, 3) world -> (M,) inside field (positive inside), see the module doc."""
     if field_method(model) == "nerf":
-        return lambda x: nerf_inside_field(model, x, opacity)
+        return lambda x: nerf_inside_field(model, x, mesh_opacity)
     if not hasattr(model, "inside_field"):
         raise ValueError(f"a {field_method(model)!r} model must offer inside_field(x_world) to be meshed")
     return model.inside_field
@@ -244,16 +192,16 @@ def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_mesh(model, resolution: int, opacity: float | str | None = None, min_component: float = 0.01,
+def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None = None, min_component: float = 0.01,
                  chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int | None = None,
                  fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
 
     Args:
-        model: a :class:`backend.model.FittedField` or anything with ``aabb`` ((2, 3) world box),
-            ``device`` and, for methods other than "nerf", ``inside_field`` (contract C2).
-        resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
-        opacity: sets the nerf iso-level, see :func:`iso_level`; None: the fit's ``mesh_opacity``
+        model: a :class:`backend.fitting.model.FittedField` or anything with ``aabb`` ((2, 3) world box),
+            ``device`` and, for methods other than "nerf", ``inside_field`` (as FittedField has it).
+        mesh_resolution: grid points along the longest side of the box (2 .. MAX_RESOLUTION).
+        mesh_opacity: sets the nerf iso-level (export/iso.py); None: the fit's ``mesh_opacity``
             (by default chosen to match the renders); "auto": chosen from the renders whatever
             the fit set (other methods: level 0).
         min_component: connected parts whose surface area is below this share of the largest
@@ -270,11 +218,11 @@ def extract_mesh(model, resolution: int, opacity: float | str | None = None, min
         vertices (V, 3) float32 world, faces (F, 3) int32 (counter-clockwise seen from outside),
         colours (V, 3) float32 sRGB in [0, 1].  Empty arrays if there is no surface.
     """
-    resolution = int(resolution)
+    resolution = int(mesh_resolution)
     if block is None:
         block = 4 if field_method(model) == "sdf" else 0
     if not 2 <= resolution <= MAX_RESOLUTION:
-        raise ValueError(f"mesh resolution must be in [2, {MAX_RESOLUTION}], got {resolution}")
+        raise ValueError(f"mesh_resolution must be in [2, {MAX_RESOLUTION}], got {resolution}")
     if decimate_to is not None and int(decimate_to) < 4:
         raise ValueError(f"decimate_to must be at least 4 faces, got {decimate_to}")
     if not 0.0 <= float(min_component) <= 1.0:
@@ -283,7 +231,7 @@ def extract_mesh(model, resolution: int, opacity: float | str | None = None, min
     aabb = np.asarray(model.aabb, dtype=np.float64)
     if aabb.shape != (2, 3) or not np.all(aabb[1] > aabb[0]):
         raise ValueError(f"model box must be (2, 3) with max > min, got {aabb.tolist()}")
-    fn = inside_function(model, opacity)
+    fn = inside_function(model, mesh_opacity)
     shape = grid_shape(aabb, resolution)
     spacing = (aabb[1] - aabb[0]) / (np.array(shape) - 1)
     field_device = torch.device(model.device)

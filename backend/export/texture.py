@@ -18,7 +18,7 @@ Conventions.
   Blender's own MikkTSpace tangents can differ slightly from these (its weighting details), so
   a baked normal map matches Blender's frame to within a few degrees, not bit for bit.
 
-The field is queried through contract C2: ``model.surface_attributes(points_world,
+The field is queried through ``model.surface_attributes(points_world,
 normals_world)`` returning "albedo" (sRGB), "normal" (world, unit) and optionally "roughness".
 Rasterising and dilation run in PyTorch on ``device`` (the model's device: CUDA when it is there).
 """
@@ -315,7 +315,7 @@ def bake(model, mesh: UVMesh, size: int = DEFAULT_SIZE, *, padding: int = DEFAUL
     """Bake ``model``'s albedo, tangent-space normals and (if it has them) roughness into textures.
 
     Args:
-        model: implements contract C2 (``surface_attributes``, ``device``).
+        model: has ``surface_attributes`` and ``device`` (as FittedField, backend/fitting/model.py).
         mesh: from :func:`unwrap`.  size: texture side S.  padding: dilation in texels.
         device: where rasterising runs (default: the model's device).
     """
@@ -390,7 +390,7 @@ def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, size: int = DEF
     """
     t0 = time.perf_counter()
     if max_faces is not None and len(faces) > max_faces:
-        from .cleanup import decimate
+        from fit_implicit.backend.export.cleanup import decimate
 
         vertices, faces = decimate(np.asarray(vertices, np.float32), np.asarray(faces, np.int64), int(max_faces))
     t1 = time.perf_counter()

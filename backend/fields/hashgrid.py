@@ -14,6 +14,7 @@ a test shows that it agrees with the reference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,26 @@ def hashgrid_encode_reference(x: torch.Tensor, table: torch.Tensor, resolutions:
     return (weights[..., None] * table[rows]).sum(2).reshape(x.shape[0], -1)
 
 
+@dataclass
+class HashGridConfig:
+    """The settings of a :class:`HashGrid` (instant-ngp's defaults)."""
+
+    levels: int = 16            # hash grid levels L
+    features: int = 2           # features per level F
+    log2_table: int = 19        # rows per level: 2**log2_table (dense levels use fewer)
+    base_res: int = 16          # coarsest grid, points a side (over the normalised cube)
+    max_res: int = 2048         # finest grid
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        for name in ("levels", "features", "log2_table"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def build(self) -> "HashGrid":
+        return HashGrid(self.levels, self.features, self.log2_table, self.base_res, self.max_res)
+
+
 class HashGrid(nn.Module):
     """Trainable multiresolution hash-grid encoding of points in [0, 1]^3.
 
@@ -168,7 +189,7 @@ class HashGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and not x.requires_grad and x.is_cuda and self.features <= 2:
-            from . import hashgrid_triton
+            from fit_implicit.backend.fields import hashgrid_triton
             if hashgrid_triton.AVAILABLE:
                 return hashgrid_triton.hashgrid_encode_triton(x, self.table, self.resolutions,
                                                               self.offsets, self.dense)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..surface_render import occupancy_optical_depth
-from .sdf import SurfaceField, SurfaceFieldConfig
+from fit_implicit.backend.render.surface import occupancy_optical_depth
+from fit_implicit.backend.fields.sdf import SurfaceField, SurfaceFieldConfig
 
 SCALE_START = 50.0      # logit per normalised unit at the start: p = 0.01 at 0.09 outside
 SCALE_END = 800.0       # at mid-fit and after: p = 0.01 at 0.006 outside
@@ -32,7 +32,7 @@ class OccField(SurfaceField):
 
     kind = "occupancy"
 
-    def __init__(self, cfg: SurfaceFieldConfig = SurfaceFieldConfig()):
+    def __init__(self, cfg: SurfaceFieldConfig | None = None):
         super().__init__(cfg)
         self.register_buffer("logit_scale", torch.tensor(SCALE_START))
 

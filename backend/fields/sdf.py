@@ -28,27 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..surface_render import neus_optical_depth
-from .hashgrid import HashGrid
-from .nerf import mlp, sh_encode
+from fit_implicit.backend.render.surface import neus_optical_depth
+from fit_implicit.backend.fields.layers import FieldConfig, mlp, sh_encode
 
 # Tetrahedron corners: sum v v^T = 4 I, so sum_i v_i f(x + h v_i) ~= 4 h grad f and
 # sum_i f(x + h v_i) ~= 4 f(x) + 2 h^2 laplacian f.
 TETRA = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]])
 
 
-@dataclass(frozen=True)
-class SurfaceFieldConfig:
-    levels: int = 16            # hash grid levels L
-    features: int = 2           # features per level F
-    log2_table: int = 19        # rows per level: 2**log2_table
-    base_res: int = 16          # coarsest grid, points a side (over the [-1, 1]^3 cube)
-    max_res: int = 2048         # finest grid
-    hidden: int = 64            # MLP width
-    geo_features: int = 15      # features passed from the geometry MLP to the heads
-    color_layers: int = 2       # hidden layers of the radiance MLP
-    init_radius: float = 0.5    # geometric initialisation: sphere of this radius (normalised)
-    init_variance: float = 0.3  # NeuS: inv_s = exp(10 * variance) (SDF only)
+@dataclass
+class SurfaceFieldConfig(FieldConfig):
+    """A surface field's settings: :class:`FieldConfig` and its geometric initialisation."""
+
+    init_radius: float = 0.5    # geometric initialisation: a sphere of this radius (normalised)
+    init_variance: float = 0.3  # sdf: NeuS sharpness inv_s = exp(10 * variance) at the start
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.init_radius < 1.0:
+            raise ValueError(f"init_radius must be in (0, 1) (normalised units), got {self.init_radius}")
 
 
 class SurfaceField(nn.Module):
@@ -61,17 +59,17 @@ class SurfaceField(nn.Module):
     #: "sdf" or "occupancy"; the sign convention of :meth:`inside`.
     kind = "surface"
 
-    def __init__(self, cfg: SurfaceFieldConfig = SurfaceFieldConfig()):
+    def __init__(self, cfg: SurfaceFieldConfig | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.encoding = HashGrid(cfg.levels, cfg.features, cfg.log2_table, cfg.base_res, cfg.max_res)
+        self.cfg = cfg = cfg or SurfaceFieldConfig()
+        self.encoding = cfg.grid.build()
         self.geometry_net = mlp([3 + self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
         self.color_net = mlp([cfg.geo_features + 3 + 16] + [cfg.hidden] * cfg.color_layers + [3])
         self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
         with torch.random.fork_rng(devices=[]):     # built on the CPU: later draws stay as they were
             self.roughness_net = mlp([cfg.geo_features + 3, cfg.hidden, 1])
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
-        self.set_active_levels(cfg.levels)
+        self.set_active_levels(cfg.grid.levels)
         self._geometric_init()
 
     # ---- set-up --------------------------------------------------------------------------
@@ -91,15 +89,15 @@ class SurfaceField(nn.Module):
         """Use only the ``count`` coarsest hash levels (the others read zero).  Also sets
         ``fd_step``, the finite-difference step: the cell size (normalised units) of the finest
         active level."""
-        count = max(1, min(int(count), self.cfg.levels))
+        count = max(1, min(int(count), self.cfg.grid.levels))
         self.active_levels = count
         self.level_mask.zero_()
-        self.level_mask[: count * self.cfg.features] = 1.0
+        self.level_mask[: count * self.cfg.grid.features] = 1.0
         self.fd_step = 2.0 / (int(self.encoding.resolutions[count - 1]) - 1)
 
     def restore_active_levels(self) -> None:
         """Re-derive ``active_levels`` from the ``level_mask`` buffer (after load_state_dict)."""
-        self.set_active_levels(round(float(self.level_mask.sum())) // self.cfg.features)
+        self.set_active_levels(round(float(self.level_mask.sum())) // self.cfg.grid.features)
 
     # ---- geometry ------------------------------------------------------------------------
     def geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,9 +181,9 @@ class SdfField(SurfaceField):
 
     kind = "sdf"
 
-    def __init__(self, cfg: SurfaceFieldConfig = SurfaceFieldConfig()):
+    def __init__(self, cfg: SurfaceFieldConfig | None = None):
         super().__init__(cfg)
-        self.variance = nn.Parameter(torch.tensor(float(cfg.init_variance)))
+        self.variance = nn.Parameter(torch.tensor(float(self.cfg.init_variance)))
         self.cos_anneal = 1.0
 
     def inv_s(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from blender_addon import plot  # noqa: E402  (numpy only)
+from fit_implicit.blender_addon import plot  # noqa: E402  (numpy only)
 
 W, ROW = 330, 26
 BG, PANEL, FIELD, BUTTON, TEXT, DIM = (48, 48, 48), (61, 61, 61), (29, 29, 29), (84, 84, 84), (230, 230, 230), (160, 160, 160)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def tiny_scene(views: int = 4, size: int = 32):
     """A grey ball seen by ``views`` cameras on a ring: (images, intrinsics, poses, aabb)."""
-    from shared import cameras
+    from fit_implicit.shared import cameras
 
     center = np.zeros(3)
     positions = cameras.ring_positions(center, 3.0, views, elevations_deg=(20.0,))
@@ -43,13 +43,14 @@ def warm_up(device: str, preset: str = "standard", steps: int = 12) -> float:
     if not str(device).startswith("cuda"):
         return 0.0
     start = time.perf_counter()
-    from . import train
-    from .data import PosedImages
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.data import PosedImages
+    from fit_implicit.backend.fitting.loop import fit
 
     images, ks, poses, aabb = tiny_scene()
     data = PosedImages(images, ks, poses, aabb, [f"warm_{i}" for i in range(len(images))])
-    cfg = train.make_config("nerf", preset, device=device, steps=steps, preview_size=32, preview_interval=0.05)
-    model = train.fit(data, cfg)
+    cfg = make_config("nerf", preset, device=device, steps=steps, preview_size=32, preview_interval=0.05)
+    model = fit(data, cfg)
     model.render(ks[0], poses[0], 32, 32)
     del model
     import torch

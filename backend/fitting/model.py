@@ -6,30 +6,23 @@ Internally the field lives in a normalised frame: ``x_n = (x_world - center) / s
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from shared import cameras
+from fit_implicit.shared import cameras
 
-from .fields.nerf import NerfField, NerfFieldConfig
-from .fields.occfield import OccField
-from .fields.sdf import SdfField, SurfaceField, SurfaceFieldConfig
-from .occupancy import OccupancyGrid
-from .render import RayOutput, render_rays, render_rays_segmented
-from .surface_render import SurfaceOutput, render_surface
+from fit_implicit.backend.fields.nerf import NerfField
+from fit_implicit.backend.fields.occfield import OccField
+from fit_implicit.backend.fields.sdf import SdfField, SurfaceField
+from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
+from fit_implicit.backend.render.volume import RayOutput, render_rays, render_rays_segmented
+from fit_implicit.backend.render.surface import SurfaceOutput, render_surface
 
-FORMAT = 1
-WEIGHTS_FILE = "model.pt"
-RUN_FILE = "run.json"
-
-
-SURFACE_FIELDS = {"sdf": SdfField, "occupancy": OccField}
+#: The field class of each method (its config class is in fitting/config.py, METHOD_CONFIGS).
+FIELDS = {"nerf": NerfField, "sdf": SdfField, "occupancy": OccField}
 ATTRIBUTE_CHUNK = 1 << 16      # points per chunk in surface_attributes
 ALBEDO_RAY_START = 0.04        # radiance fields: colour rays start this far out along the normal (normalised units)
 # Surface fields: cells whose raw value (signed distance for SDFs) is below this many cell
@@ -41,21 +34,10 @@ SURFACE_OCCUPIED_FACTOR = 4.0
 
 
 def build_field(cfg: Any) -> NerfField | SurfaceField:
-    """The field a FitConfig describes (untrained)."""
-    if cfg.method == "nerf":
-        return NerfField(NerfFieldConfig(levels=cfg.levels, features=cfg.features, log2_table=cfg.log2_table,
-                                         base_res=cfg.base_res, max_res=cfg.max_res, hidden=cfg.hidden,
-                                         geo_features=cfg.geo_features, color_layers=cfg.color_layers))
-    if cfg.method in SURFACE_FIELDS:
-        return SURFACE_FIELDS[cfg.method](SurfaceFieldConfig(
-            levels=cfg.levels, features=cfg.features, log2_table=cfg.log2_table, base_res=cfg.base_res,
-            max_res=cfg.max_res, hidden=cfg.hidden, geo_features=cfg.geo_features,
-            color_layers=cfg.color_layers, init_radius=cfg.init_radius, init_variance=cfg.init_variance))
-    raise ValueError(f"unknown method {cfg.method!r} (known: nerf, {', '.join(SURFACE_FIELDS)})")
-
-
-def build_occupancy(cfg: Any) -> OccupancyGrid:
-    return OccupancyGrid(cfg.occupancy_resolution, cfg.occupancy_threshold, cfg.occupancy_decay)
+    """The untrained field a FitConfig describes (``cfg.method``, ``cfg.field``)."""
+    if cfg.method not in FIELDS:
+        raise ValueError(f"unknown method {cfg.method!r} (known: {', '.join(FIELDS)})")
+    return FIELDS[cfg.method](cfg.field)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -91,11 +73,18 @@ class FittedField:
         self.device = next(field.parameters()).device
         box = (self.aabb - self.center) / self.scale
         self.box = torch.tensor(box, dtype=torch.float32, device=self.device)       # (2, 3) normalised
-        self.step_size = 2.0 * math.sqrt(3.0) / config.march_steps                  # normalised units
-        self.max_steps = int(config.march_steps)
+        march = config.march
+        self.step_size, self.max_steps = march.step_size(), march.max_steps()       # normalised units
         # Rendering without gradients may integrate more finely than training did.
-        self.render_max_steps = int(getattr(config, "render_march_steps", 0) or config.march_steps)
-        self.render_step_size = 2.0 * math.sqrt(3.0) / self.render_max_steps
+        self.render_step_size, self.render_max_steps = march.step_size(True), march.max_steps(True)
+
+    @classmethod
+    def build(cls, cfg: Any, aabb: np.ndarray, meta: dict | None = None,
+              device: str | torch.device | None = None) -> "FittedField":
+        """The untrained model a FitConfig describes (field and occupancy grid) over the world
+        box ``aabb``, on ``device`` (default: ``cfg.device``)."""
+        dev = pick_device(cfg.device if device is None else device)
+        return cls(build_field(cfg).to(dev), cfg.occupancy.build().to(dev), aabb, cfg, meta)
 
     @property
     def method(self) -> str:
@@ -200,7 +189,8 @@ class FittedField:
         self.field.eval()
         try:
             parts = []
-            for oc, dc in zip(o.split(self.config.render_chunk), d.split(self.config.render_chunk)):
+            chunk = self.config.march.render_chunk
+            for oc, dc in zip(o.split(chunk), d.split(chunk)):
                 out = self.trace(oc, dc, differentiable=False)
                 parts.append(torch.cat([out.rgb, out.opacity[:, None]], dim=-1))
         finally:
@@ -208,22 +198,23 @@ class FittedField:
         img = torch.cat(parts).clamp(0.0, 1.0).reshape(height, width, 4)
         return img.cpu().numpy().astype(np.float32)
 
-    # ---- surfaces (contract C2) ------------------------------------------------------------
+    # ---- surfaces: what the mesher and the baker ask ------------------------------------------------------------
     @torch.no_grad()
     def inside_field(self, x_world: torch.Tensor) -> torch.Tensor:
         """(M, 3) float32 world points on ``self.device`` -> (M,) float32: positive inside the
         object, negative outside, zero on the surface.
 
         sdf: minus the signed distance in WORLD units; occupancy: the logit of the occupancy
-        probability; nerf: density minus the mesher's iso-level (per normalised unit).
+        probability.  A radiance field has no surface of its own: the mesher cuts its density at
+        an iso-level it chooses (backend/export/iso.py, ``nerf_inside_field``).
         """
+        if not self.is_surface:
+            raise ValueError("a radiance field has no inside of its own: backend/export/iso.py "
+                             "(nerf_inside_field) cuts its density at an iso-level")
         x = self.to_normalised(x_world.float())
         if isinstance(self.field, SdfField):
             return self.field.inside(x) * self.scale
-        if self.is_surface:
-            return self.field.inside(x)
-        from .export.mesh import nerf_inside_field    # the mesher owns the radiance field's level
-        return nerf_inside_field(self, x_world.float())
+        return self.field.inside(x)
 
     def surface_attributes(self, points_world: np.ndarray, normals_world: np.ndarray | None = None
                            ) -> dict[str, np.ndarray]:
@@ -297,42 +288,3 @@ class FittedField:
             out = self.trace(origin, -v, differentiable=False)
             rgb = out.rgb / out.opacity.clamp_min(1e-6)[:, None]
         return rgb, n.detach(), None
-
-    # ---- persistence -----------------------------------------------------------------------
-    def save(self, run_dir: str | Path) -> None:
-        """Write ``run_dir/model.pt`` (tensors only) and ``run_dir/run.json`` (with the method)."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": FORMAT, "field": self.field.state_dict(),
-                    "occupancy": self.occupancy.state_dict()}, run_dir / WEIGHTS_FILE)
-        doc = {"format": FORMAT, "method": self.config.method, "aabb": self.aabb.tolist(),
-               "config": asdict(self.config), "meta": self.meta}
-        (run_dir / RUN_FILE).write_text(json.dumps(doc, indent=2))
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> "FittedField":
-        """Load a run written by :meth:`save` onto ``device`` (default: CUDA if available)."""
-        from .train import FitConfig  # train imports this module
-
-        run_dir = Path(run_dir)
-        if not (run_dir / RUN_FILE).is_file() or not (run_dir / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{run_dir}: not a run folder (needs {RUN_FILE} and {WEIGHTS_FILE})")
-        doc = json.loads((run_dir / RUN_FILE).read_text())
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{run_dir}: run format {doc.get('format')!r} is not {FORMAT}")
-        dev = pick_device(device)
-        method = doc.get("method", doc["config"].get("method", "nerf"))
-        cfg = FitConfig.from_dict({**doc["config"], "method": method, "device": str(dev)})
-        state = torch.load(run_dir / WEIGHTS_FILE, map_location=dev, weights_only=True)
-        field, occupancy = build_field(cfg).to(dev), build_occupancy(cfg).to(dev)
-        missing, unexpected = field.load_state_dict(state["field"], strict=False)
-        # Runs saved before surface fields had a roughness head lack only that head (untrained
-        # then, and unused: their meta has no "roughness").
-        missing = [k for k in missing if not k.startswith("roughness_net.")]
-        if missing or unexpected:
-            raise ValueError(f"{run_dir}: the weights do not fit the {method} field (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]})")
-        occupancy.load_state_dict(state["occupancy"])
-        if isinstance(field, SurfaceField):
-            field.restore_active_levels()
-        return cls(field, occupancy, np.asarray(doc["aabb"]), cfg, doc.get("meta", {}))

@@ -14,19 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared import cameras, transforms
-from shared.protocol import NO_ROUGHNESS
+from fit_implicit.shared import transforms
+from fit_implicit.shared.protocol import NO_ROUGHNESS, PASS_DTYPES, PASS_NAMES
 
-from . import lens
+from fit_implicit.backend.fitting import lens
 
 TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
 
-#: Optional per-pixel passes (contract C1), with their per-image trailing shape and dtype:
-#: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse colour (Blender's Diffuse Color pass);
-#: "normal" (H, W, 3) float32 WORLD-space unit normals, 0 where there is no surface;
-#: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface;
-#: "roughness" (H, W) float32 material roughness in [0, 1], NO_ROUGHNESS (-1) where it has no value.
-PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
+#: Channels of each optional per-pixel pass (shared/protocol.py PASS_DTYPES says what they hold).
 PASS_CHANNELS = {"albedo": 3, "normal": 3, "depth": None, "roughness": None}
 
 
@@ -44,7 +39,7 @@ class PosedImages:
             "albedo" (N, H, W, 3) uint8, "normal" (N, H, W, 3) float32, "depth" (N, H, W)
             float32, "roughness" (N, H, W) float32.  Masks are the images' alpha channel.
         lens_models: None (pinhole cameras) or (N,) int64 shared.cameras lens model codes, with
-        distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.lens).
+        distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.fitting.lens).
     """
 
     images: np.ndarray
@@ -434,10 +429,9 @@ def from_submit(msg: Any) -> PosedImages:
     lens_rows = {"lens_models": np.asarray(msg.lens_models), "distortion": np.asarray(msg.distortion)} \
         if len(getattr(msg, "lens_models", ())) else {}
     passes = {}
-    for kind, wire_name in (("albedo", "albedo"), ("normal", "normals"), ("depth", "depth"),
-                            ("roughness", "roughness")):
-        value = getattr(msg, wire_name, None)
-        if value is not None and value.shape[0]:
+    for kind in PASS_NAMES:
+        value = getattr(msg, kind)
+        if value.shape[0]:
             passes[kind] = np.array(value, dtype=PASS_DTYPES[kind], copy=True)
     return PosedImages(np.array(msg.images, copy=True), msg.intrinsics, msg.poses, msg.aabb,
                        [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows)

@@ -1,4 +1,4 @@
-"""What a job leaves in its folder, so that it survives a restart of the backend (contract C3).
+"""What a job leaves in its folder, so that it survives a restart of the backend.
 
 ``<runs_dir>/<job_id>/``::
 
@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shared import protocol, wire
+from fit_implicit.shared import protocol, wire
 
-from .paths import confined
+from fit_implicit.backend.service.paths import confined
 
 JOB_FILE = "job.json"
 SUBMIT_JSON, SUBMIT_NPZ = "submit.json", "submit.npz"

@@ -1,12 +1,22 @@
 """Quality measures with the conventions of docs/benchmarks.md (numpy and scipy only).
 
-* PSNR on 8-bit sRGB in [0, 1], prediction and target composited on white.
+* PSNR on 8-bit sRGB in [0, 1], prediction and target composited on white (:func:`psnr_white`;
+  :func:`evaluate` scores a model's renders of a dataset's views that way).
 * Chamfer distance: mean of both directions over area-uniform surface samples, and F-score at
   a distance threshold (1% of the ground-truth bounding-box diagonal by default).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from fit_implicit.backend.render.image import to_rgba8
+
+
+def psnr(mse: float) -> float:
+    """PSNR (dB) of a mean squared error of values in [0, 1]; infinite for 0."""
+    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
@@ -24,8 +34,14 @@ def psnr_white(pred: np.ndarray, target: np.ndarray) -> float:
         raise ValueError(f"image sizes differ: {pred.shape[:2]} vs {target.shape[:2]}")
     p = np.round(on_white(pred) * 255.0) / 255.0     # 8-bit, as the published figures
     t = np.round(on_white(target) * 255.0) / 255.0
-    mse = float(np.mean((p - t) ** 2))
-    return float("inf") if mse == 0 else -10.0 * np.log10(mse)
+    return psnr(float(np.mean((p - t) ** 2)))
+
+
+def evaluate(model, data) -> list[float]:
+    """:func:`psnr_white` of each view of ``data`` (a PosedImages) rendered by ``model`` (a
+    FittedField) against the view's image."""
+    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], data.width, data.height)),
+                       data.images[i]) for i in range(len(data))]
 
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

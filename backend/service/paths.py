@@ -1,6 +1,6 @@
 """Where the backend keeps its jobs, and the one check every path from a message goes through.
 
-Contract C3: each job has its own folder ``<runs_dir>/<job_id>/``; only paths confined to it
+Each job has its own folder ``<runs_dir>/<job_id>/``; only paths confined to it
 are ever opened for that job.  A job id comes from the wire (Attach, Cancel, render requests),
 so it is checked against :data:`JOB_ID_PATTERN` before it names a folder, and every file name
 is resolved with :func:`confined` (no ``..``, no absolute paths, no symlink that leads out).

@@ -1,7 +1,7 @@
 """The real job runner: Submit -> fit -> mesh -> eval renders, reported through a JobContext.
 
-This is the one place where the wire protocol meets the trainer (backend.data / train / model /
-export.mesh, see CONTRACTS.md).  Torch and the trainer are imported on first use, so the server
+This is the one place where the wire protocol meets the trainer (backend.fitting.data / train / model /
+export.mesh).  Torch and the trainer are imported on first use, so the server
 starts fast and tests can run it with a fake runner and no torch at all.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import protocol
+from fit_implicit.shared import protocol
 
-from .jobs import JobCancelled, JobContext
+from fit_implicit.backend.service.jobs import JobCancelled, JobContext
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def configure_torch() -> None:
 
 
 class _TrainCallbacks:
-    """backend.train.Callbacks that forward to the job context (worker thread)."""
+    """Fit-loop callbacks (backend/fitting/loop.py, Callbacks) that forward to the job context
+    (worker thread)."""
 
     def __init__(self, ctx: JobContext, previews: bool):
         self._ctx = ctx
@@ -65,7 +66,7 @@ class _TrainCallbacks:
         now = time.monotonic()
         if now - self._last_checkpoint < ctx.checkpoint_interval:
             return
-        from .checkpoint import save_checkpoint
+        from fit_implicit.backend.service.checkpoint import save_checkpoint
         try:
             took = save_checkpoint(ctx.folder, state())
             log.info("job %s: checkpoint at step %d (%.2f s)", ctx.job_id, step, took)
@@ -76,7 +77,7 @@ class _TrainCallbacks:
 
 def _resume_state(ctx: JobContext, device: str) -> dict | None:
     """The job's last training checkpoint, if it has one that can be read."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    from fit_implicit.backend.service.checkpoint import CheckpointError, load_checkpoint
     if ctx.folder is None:
         return None
     try:
@@ -110,11 +111,11 @@ def _cancellable(ctx: JobContext):
 
 
 def _saved_model(ctx: JobContext):
-    from .model import RUN_FILE, FittedField
+    from fit_implicit.backend.fitting.runs import RUN_FILE, load_run
     if ctx.folder is None or not (ctx.folder / RUN_FILE).is_file():
         return None
     try:
-        return FittedField.load(ctx.folder, ctx.device)
+        return load_run(ctx.folder, ctx.device)
     except Exception as exc:  # noqa: BLE001 - unreadable: train again
         log.warning("job %s: its saved model cannot be loaded (%s); training again", ctx.job_id, exc)
         return None
@@ -128,8 +129,13 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
 
 def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
-    from . import data, train
-    from .export.mesh import extract_mesh, model_opacity
+    from fit_implicit.backend.export.iso import model_opacity
+    from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.fitting import data
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import Cancelled, fit
+    from fit_implicit.backend.fitting.runs import save_run
+    from fit_implicit.backend.render.image import to_rgba8
 
     posed = data.from_submit(submit)
     overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval}
@@ -137,28 +143,28 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         overrides["mesh_resolution"] = submit.mesh_resolution
     if submit.mesh_opacity > 0:
         overrides["mesh_opacity"] = submit.mesh_opacity
-    cfg = train.make_config(method=submit.method, preset=submit.preset, device=ctx.device,
-                            steps=submit.steps, seconds=submit.seconds, **overrides)
+    cfg = make_config(method=submit.method, preset=submit.preset, device=ctx.device, steps=submit.steps,
+                      seconds=submit.seconds, **overrides)
     callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0)
     ctx.progress("train", force=True)
     start = time.monotonic()
     model = _saved_model(ctx)   # a backend restarted after training ended: no need to train again
     if model is None:
         try:
-            model = train.fit(posed, cfg, callbacks, resume=_resume_state(ctx, str(cfg.device)))
-        except train.Cancelled as exc:
+            model = fit(posed, cfg, callbacks, resume=_resume_state(ctx, str(cfg.device)))
+        except Cancelled as exc:
             raise JobCancelled() from exc
-        if ctx.folder is not None:   # contract C3: later jobs (renders back) load it from here
-            from .checkpoint import remove_checkpoint
-            model.save(ctx.folder)
+        if ctx.folder is not None:   # later jobs (renders back) load it from here
+            from fit_implicit.backend.service.checkpoint import remove_checkpoint
+            save_run(model, ctx.folder)
             remove_checkpoint(ctx.folder)
     fit_seconds = time.monotonic() - start
     del posed
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
-    verts, faces, colors = extract_mesh(model, cfg.mesh_resolution)
-    assets = send_mesh_assets(model, verts, faces, colors, submit.textures, ctx)
+    verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution)
+    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx)
 
     count = len(submit.eval_poses)
     for i in range(count):
@@ -167,7 +173,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         width, height = (int(s) for s in submit.eval_sizes[i])
         rgba = model.render(np.asarray(submit.eval_intrinsics[i], np.float64),
                             np.asarray(submit.eval_poses[i], np.float64), width, height)
-        ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=train.to_rgba8(rgba)))
+        ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
 
     meta = getattr(model, "meta", {})
     return {
@@ -195,7 +201,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
-        from .export.texture import texture_mesh, vertex_colors_from
+        from fit_implicit.backend.export.texture import texture_mesh, vertex_colors_from
 
         ctx.progress("texture", force=True)
         start = time.monotonic()

@@ -1,5 +1,5 @@
-"""Options of ``python -m backend serve``, kept free of pyzmq so the CLI can build its parser
-without importing the server.  backend/__main__.py: ``serve_options.add_arguments(serve_parser)``.
+"""Options of ``fit-implicit serve``, kept free of pyzmq so the CLI can build its parser
+without importing the server.  backend/cli.py: ``serve_options.add_arguments(serve_parser)``.
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import render
-from .render import composite_packed, ray_aabb, sample_grid
+from fit_implicit.backend.render import volume as render
+from fit_implicit.backend.render.volume import composite_packed, ray_aabb, sample_grid
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor], dict]
 OccupiedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -93,7 +93,7 @@ def march(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor, step: f
     Args:
         origins, dirs: (R, 3) float32 (dirs unit).  aabb: (2, 3) float32.
         occupied_fn: (..., 3) -> (...,) bool (an OccupancyGrid's ``occupied``; on CUDA its bits
-            are marched by the packed Triton kernel of :mod:`backend.render`).
+            are marched by the packed Triton kernel of :mod:`backend.render.volume`).
         jitter: (R, 1) float32 in [0, 1), or None for sample centres (0.5).
     """
     r = origins.shape[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.cameras import MAX_FISHEYE_THETA, OPENCV, OPENCV_FISHEYE
+from fit_implicit.shared.cameras import MAX_FISHEYE_THETA, OPENCV, OPENCV_FISHEYE
 
 ITERATIONS = 10
 
@@ -60,7 +60,7 @@ def undistort(xd: torch.Tensor, yd: torch.Tensor, model: torch.Tensor, coeffs: t
 def undistort_pixels(intrinsics: torch.Tensor, u: torch.Tensor, v: torch.Tensor, model: torch.Tensor,
                      coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels of distorted photos -> pixels of the ideal pinhole cameras with the same
-    intrinsics, so that :func:`backend.data.camera_rays` gives each pixel its true ray.
+    intrinsics, so that :func:`backend.fitting.data.camera_rays` gives each pixel its true ray.
 
     Args:
         intrinsics: (R, 4) float32.  u, v: (R,) float32.  model: (R,) int64.  coeffs: (R, 6) float32.

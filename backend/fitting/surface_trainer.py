@@ -1,11 +1,11 @@
 """Training of surface fields (``method`` "sdf" or "occupancy") on posed RGBA images.
 
-:class:`SurfaceTrainer` is the trainer :func:`backend.train.fit` runs for those methods (one fit
-loop for every method: same callbacks, cancel and result).  Step-dependent behaviour (learning
+:class:`SurfaceTrainer` is the trainer the fit loop (fitting/loop.py) runs for those methods (one
+fit loop for every method: same callbacks, cancel and result).  Step-dependent behaviour (learning
 rate, hash levels, NeuS slope annealing, occupancy grid) lives in
 :meth:`SurfaceTrainer.update_step`; one optimisation step in :meth:`SurfaceTrainer.step`.
 
-Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
+Losses (weights in :class:`SurfaceTrainConfig`):
 
 * colour: MSE (or smooth L1) against the image composited on a random background;
 * mask: BCE of the rendered opacity against alpha, when some alpha is below 1;
@@ -13,62 +13,81 @@ Losses (weights in :class:`~backend.train.FitConfig` under "surfaces"):
   the SDF; for occupancy fields it keeps the logit proportional to the distance, so the
   occupancy's transition keeps the width its annealed ``logit_scale`` sets);
 * curvature: mean ``|laplacian v|`` on the samples (finite differences, Neuralangelo);
-* passes (contract C1), where the data has them: albedo head vs "albedo", rendered normals vs
+* passes (shared/protocol.py, PASS_DTYPES), where the data has them: albedo head vs "albedo", rendered normals vs
   "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units), roughness head vs
   "roughness" (MSE, premultiplied like the albedo, on the pixels that have a value).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from .data import PosedImages, RaySampler
-from .model import FittedField, build_field, build_occupancy, pick_device
-from .train import FitConfig, Resumable
+from fit_implicit.backend.fitting.data import PosedImages
+from fit_implicit.backend.fitting.trainer import TrainConfig, TrainerBase, colour_loss
+from fit_implicit.shared.protocol import PASS_NAMES
 
-PASS_KEYS = ("albedo", "normal", "depth", "roughness")
+if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
+    from fit_implicit.backend.fitting.config import FitConfig
+
 MIN_RAYS = 64           # floor of the adaptive ray count
 
 
+@dataclass
+class SurfaceTrainConfig(TrainConfig):
+    """A surface field's training: :class:`TrainConfig`, the schedules and the loss weights."""
+
+    variance_lr: float = 1e-3       # sdf: Adam learning rate of the NeuS variance
+    start_levels: int = 4           # hash levels active at the start (coarse to fine)
+    level_every: int = 0            # steps between activating one more level; 0 = all by mid-fit
+    cos_anneal_steps: int = 0       # sdf: steps over which NeuS's slope anneals; 0 = 10% of the fit
+    eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
+    eikonal_points: int = 1024      # random points in the box per step for the eikonal term
+    curvature_weight: float = 5e-4  # mean |laplacian| (finite differences) on the samples
+    mask_weight: float = 0.1        # BCE of opacity against alpha, where the images have masks
+    albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
+    normal_weight: float = 0.05     # 1 - cos of rendered vs the "normal" pass, where given
+    depth_weight: float = 0.1       # L1 of rendered vs the "depth" pass (normalised units), where given
+    roughness_weight: float = 1.0   # roughness head vs the "roughness" pass, where it has a value
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
+                     "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
+                     "variance_lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
 def data_passes(data: PosedImages) -> list[str]:
-    """The supervision passes ``data`` carries (non-empty), among PASS_KEYS."""
+    """The supervision passes ``data`` carries (non-empty), among PASS_NAMES."""
     passes = getattr(data, "passes", None) or {}
-    return [k for k in PASS_KEYS if k in passes and len(passes[k])]
+    return [k for k in PASS_NAMES if k in passes and len(passes[k])]
 
 
-class SurfaceTrainer(Resumable):
+class SurfaceTrainer(TrainerBase):
     """One surface fit's state: model, optimiser, ray sampler and the step-dependent schedule.
 
     Attributes read by the fit loop: ``model``, ``rays`` (rays per step, adapted so that the
-    shaded samples approach ``cfg.target_samples``).
+    shaded samples approach ``cfg.train.target_samples``).
     """
 
     def __init__(self, data: PosedImages, cfg: FitConfig):
-        self.cfg, self.device = cfg, pick_device(cfg.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
-        field = build_field(cfg).to(self.device)
-        occupancy = build_occupancy(cfg).to(self.device)
         self.passes = data_passes(data)
         self.masks = bool((data.images[..., 3] < 255).any())
-        meta = {"width": data.width, "height": data.height, "views": len(data),
-                "lighting_baked": "albedo" not in self.passes, "roughness": "roughness" in self.passes,
-                "passes": list(self.passes), "masks": self.masks}
-        self.model = FittedField(field, occupancy, data.aabb, cfg, meta)
-        self.sampler = RaySampler(data, self.device)
+        super().__init__(data, cfg, {"lighting_baked": "albedo" not in self.passes,
+                                     "roughness": "roughness" in self.passes,
+                                     "passes": list(self.passes), "masks": self.masks})
         if self.passes and not hasattr(self.sampler, "sample_passes"):
             raise ValueError("the data has supervision passes but RaySampler cannot sample them")
-        groups = field.param_groups()
-        self.optimizer = torch.optim.Adam([
-            {"params": groups["grid"], "lr": cfg.grid_lr, "eps": cfg.grid_eps, "weight_decay": 0.0},
-            {"params": groups["mlp"], "lr": cfg.mlp_lr, "eps": cfg.mlp_eps, "weight_decay": cfg.mlp_weight_decay},
-            {"params": groups["extra"], "lr": cfg.variance_lr, "eps": 1e-15, "weight_decay": 0.0},
-        ], betas=(0.9, 0.99), fused=self.device.type == "cuda" and cfg.fused_adam)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.rays = cfg.batch_rays
-        field.set_active_levels(cfg.start_levels)
+        variance = {"params": self.model.field.param_groups()["extra"], "lr": cfg.train.variance_lr, "eps": 1e-15,
+                    "weight_decay": 0.0}
+        self.optimizer = self.adam([variance])
+        self.model.field.set_active_levels(cfg.train.start_levels)
 
-    # ---- the fit loop's hooks (backend.train.fit) ------------------------------------------
+    # ---- the fit loop's hooks (fitting/loop.py) -----------------------------------------------------
     def preview_ready(self, step: int) -> bool:
         """Previews from the first step on (no occupancy warm-up to wait for)."""
         return step > 0
@@ -86,33 +105,32 @@ class SurfaceTrainer(Resumable):
         """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]:
         learning rates (warm-up, then exponential decay; the NeuS variance keeps its rate),
         active hash levels, NeuS slope annealing, occupancy grid refresh."""
-        cfg, field = self.cfg, self.model.field
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        decay = (fraction - cfg.lr_decay_start) / max(1.0 - cfg.lr_decay_start, 1e-9)
-        factor = warm * cfg.lr_final ** min(max(decay, 0.0), 1.0)
+        cfg, tc, field = self.cfg, self.cfg.train, self.model.field
+        factor = tc.lr_factor(step, fraction)
         for group, lr in zip(self.optimizer.param_groups[:2], self.base_lrs[:2]):
             group["lr"] = lr * factor
         # Schedules in steps where set, else in fractions of the fit (which may be timed): every
         # level active by mid-fit, NeuS's slope annealed over the first tenth.
-        new_levels = max(cfg.levels - cfg.start_levels, 0)
-        added = step // cfg.level_every if cfg.level_every else int(new_levels * min(2.0 * fraction, 1.0))
-        levels = min(cfg.levels, cfg.start_levels + added)
+        all_levels = cfg.field.grid.levels
+        new_levels = max(all_levels - tc.start_levels, 0)
+        added = step // tc.level_every if tc.level_every else int(new_levels * min(2.0 * fraction, 1.0))
+        levels = min(all_levels, tc.start_levels + added)
         if levels != field.active_levels:
             field.set_active_levels(levels)
         if hasattr(field, "cos_anneal"):
-            anneal = step / cfg.cos_anneal_steps if cfg.cos_anneal_steps else fraction * 10.0
+            anneal = step / tc.cos_anneal_steps if tc.cos_anneal_steps else fraction * 10.0
             field.cos_anneal = min(1.0, anneal)
         if hasattr(field, "anneal"):        # occupancy: sharper transitions as the fit goes on
             field.anneal(fraction)
-        since = step - cfg.occupancy_warmup
-        if since >= 0 and since % cfg.occupancy_every == 0:
-            self.model.update_occupancy(1.0 if since == 0 else cfg.occupancy_fraction)
+        share = cfg.occupancy.update_due(step)
+        if share is not None:
+            self.model.update_occupancy(share)
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimisation step.  Returns (loss, colour mse) as 0-d tensors and the number of
         samples shaded."""
-        cfg, model = self.cfg, self.model
+        tc, model = self.cfg.train, self.model
         if self.passes:
             origins, dirs, rgba, passes = self.sampler.sample_passes(self.rays)
         else:
@@ -120,27 +138,20 @@ class SurfaceTrainer(Resumable):
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
         out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes,
                                   roughness="roughness" in passes)
-        bg = torch.rand(origins.shape[0], 3, device=self.device)
-        alpha = rgba[:, 3:]
-        pred = out.rgb + (1.0 - out.opacity[:, None]) * bg
-        target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
-        mse = F.mse_loss(pred, target)
-        loss = mse if cfg.loss == "mse" else F.smooth_l1_loss(pred, target, beta=0.1) * 10.0
-        if self.masks and cfg.mask_weight > 0:
+        loss, mse, alpha = colour_loss(out.rgb, out.opacity, rgba, tc.loss)
+        if self.masks and tc.mask_weight > 0:
             opacity = out.opacity.clamp(1e-3, 1.0 - 1e-3)
-            loss = loss + cfg.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
+            loss = loss + tc.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
         loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
         if loss.requires_grad:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        if cfg.target_samples:
-            ratio = cfg.target_samples / max(out.samples, 1)
-            self.rays = int(min(max(self.rays * min(max(ratio, 0.5), 2.0), MIN_RAYS), cfg.max_rays))
+        self.rays = tc.adapt_rays(self.rays, out.samples, MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples
 
     def _regularisers(self, out) -> torch.Tensor:
-        cfg, field, model = self.cfg, self.model.field, self.model
+        cfg, field, model = self.cfg.train, self.model.field, self.model
         loss = torch.zeros((), device=self.device)
         grads = [out.extras["grad"]] if out.samples else []
         if cfg.eikonal_weight > 0 and cfg.eikonal_points > 0:
@@ -155,9 +166,9 @@ class SurfaceTrainer(Resumable):
         return loss
 
     def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:
-        """Albedo, normal, depth and roughness supervision (contract C1) on the rays whose pixel
+        """Albedo, normal, depth and roughness supervision on the rays whose pixel
         has it."""
-        cfg = self.cfg
+        cfg = self.cfg.train
         loss = torch.zeros((), device=self.device)
         if "albedo" in passes and out.albedo is not None:
             # premultiplied: the rendered albedo sum against albedo * alpha
@@ -183,19 +194,4 @@ class SurfaceTrainer(Resumable):
         return loss
 
 
-def check_surface_config(cfg: FitConfig) -> None:
-    """Raise ValueError naming the first surface setting out of range."""
-    if cfg.method not in ("sdf", "occupancy"):
-        raise ValueError(f"surface fits train 'sdf' or 'occupancy' fields, not {cfg.method!r}")
-    if not 1 <= cfg.start_levels <= cfg.levels:
-        raise ValueError(f"start_levels must be in [1, levels={cfg.levels}], got {cfg.start_levels}")
-    for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
-                 "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
-                 "variance_lr"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{name} must not be negative, got {getattr(cfg, name)}")
-    if not 0.0 < cfg.init_radius < 1.0:
-        raise ValueError(f"init_radius must be in (0, 1) (normalised units), got {cfg.init_radius}")
-
-
-__all__ = ["SurfaceTrainer", "check_surface_config", "data_passes"]
+__all__ = ["SurfaceTrainConfig", "SurfaceTrainer", "data_passes"]

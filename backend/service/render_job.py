@@ -1,7 +1,7 @@
 """Renders back: a RenderJob renders views of a model a fit job saved in its folder.
 
-The fit job saves its model as ``<runs_dir>/<fit_job_id>/`` (contract C3, ``FittedField.save``);
-this runner loads it (``FittedField.load``), renders each camera and sends one RenderResult per
+The fit job saves its model as ``<runs_dir>/<fit_job_id>/`` (backend/service/paths.py,
+backend/fitting/runs.py); this runner loads it (``load_run``), renders each camera and sends one RenderResult per
 view, in order, with a Progress before each.  Torch is imported on first use, so the server starts
 fast and tests with a fake fit runner need no torch.
 
@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from shared import protocol
+from fit_implicit.shared import protocol
 
-from . import paths
-from .jobs import JobContext
+from fit_implicit.backend.service import paths
+from fit_implicit.backend.service.jobs import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RenderJobError(ValueError):
 
 def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
     """The folder of a fit job's saved model, checked: a job id, inside ``runs_dir``, with a model."""
-    from .model import RUN_FILE, WEIGHTS_FILE
+    from fit_implicit.backend.fitting.runs import is_run
 
     if runs_dir is None:
         raise RenderJobError("this backend keeps no job folders (started without a runs folder), so it has "
@@ -40,7 +40,7 @@ def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
         folder = paths.job_folder(runs_dir, fit_job_id)
     except paths.PathError as exc:
         raise RenderJobError(f"fit job {fit_job_id[:64]!r}: {exc}") from None
-    if not ((folder / RUN_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
+    if not is_run(folder):
         raise RenderJobError(f"fit job {fit_job_id} has no fitted model on this backend: it has not finished, "
                              "it failed or was cancelled, or its results expired; fit again")
     return folder
@@ -48,15 +48,15 @@ def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
 
 def run_render_job(msg: protocol.RenderJob, ctx: JobContext, runs_dir: str | Path | None) -> dict:
     """Load the fit job's model and send its renders; returns the Done summary."""
-    from .fit_job import configure_torch
-    from .model import FittedField
-    from .train import to_rgba8
+    from fit_implicit.backend.fitting.runs import load_run
+    from fit_implicit.backend.render.image import to_rgba8
+    from fit_implicit.backend.service.fit_job import configure_torch
 
     folder = model_folder(runs_dir, msg.fit_job_id)
     configure_torch()
     ctx.progress("render", force=True)
     start = time.monotonic()
-    model = FittedField.load(folder, ctx.device)
+    model = load_run(folder, ctx.device)
     load_seconds = time.monotonic() - start
     count = len(msg.poses)
     for i in range(count):

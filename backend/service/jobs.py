@@ -8,17 +8,17 @@ States::
 Fairness: waiting jobs run round-robin between clients (the client that was served least
 recently goes first), so one client flooding the queue delays the others by one job at most.
 
-Persistence (when a ``runs_dir`` is given, contract C3): each job has a folder
+Persistence (when a ``runs_dir`` is given, backend/service/paths.py): each job has a folder
 ``<runs_dir>/<job_id>/`` holding its Submit, its state, training checkpoints, its fitted model
-and its results (see :mod:`backend.checkpoint`).  At start-up :meth:`JobQueue.restore` re-queues
+and its results (see :mod:`backend.service.checkpoint`).  At start-up :meth:`JobQueue.restore` re-queues
 the jobs that had not ended (they resume from their last checkpoint) and remembers the ended
 ones, whose results a client can fetch again with Attach until they expire (``keep_seconds``).
 
 One worker thread runs one job at a time through a *job runner*: a plain callable
 ``runner(submit, ctx) -> summary`` (see :data:`JobRunner`).  The real one is
-:func:`backend.fit_job.run_fit_job`; tests inject fakes.  The runner reports through its
+:func:`backend.service.fit_job.run_fit_job`; tests inject fakes.  The runner reports through its
 :class:`JobContext`; the worker turns how the runner ended into exactly one of Done, Failed or
-Cancelled.  Everything the worker sends goes through the :class:`~backend.outbox.Outbox`: only
+Cancelled.  Everything the worker sends goes through the :class:`~backend.service.outbox.Outbox`: only
 the server's main thread touches the socket.
 
 Methods of :class:`JobQueue` are called from the server's main thread and return what the server
@@ -44,10 +44,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from shared import protocol
+from fit_implicit.shared import protocol
 
-from . import checkpoint, paths
-from .outbox import Outbox
+from fit_implicit.backend.service import checkpoint, paths
+from fit_implicit.backend.service.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class JobQueue:
                                 f"{held / 2**30:.1f} GiB of images; try again when they have run")
         job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=client)
         # Written before it is queued: a kill from now on loses nothing.  Render jobs (RenderJob,
-        # backend/render_job.py) are short and read another job's folder: they keep none.
+        # backend/service/render_job.py) are short and read another job's folder: they keep none.
         if self.runs_dir is not None and isinstance(submit, protocol.Submit):
             job.folder = paths.job_folder(self.runs_dir, job.id)
             try:

@@ -39,6 +39,31 @@ OccupiedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
+class MarchConfig:
+    """How finely rays are sampled: ``march_steps`` samples along the normalised cube's diagonal
+    set the step (``2 sqrt(3) / march_steps`` normalised units)."""
+
+    march_steps: int = 1024         # samples along the normalised cube's diagonal in training
+    render_march_steps: int = 0     # the same when rendering (previews, evaluation, renders); 0 = march_steps
+    render_chunk: int = 1 << 18     # rays per chunk when rendering
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        for name in ("march_steps", "render_chunk"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.render_march_steps < 0:
+            raise ValueError(f"render_march_steps must not be negative, got {self.render_march_steps}")
+
+    def step_size(self, rendering: bool = False) -> float:
+        """The marching step in normalised units, for training or for rendering."""
+        return 2.0 * math.sqrt(3.0) / self.max_steps(rendering)
+
+    def max_steps(self, rendering: bool = False) -> int:
+        return int(self.render_march_steps or self.march_steps) if rendering else int(self.march_steps)
+
+
+@dataclass
 class RayOutput:
     """Per-ray results.  rgb (R, 3) premultiplied; opacity (R,); depth (R,) expected distance
     along the ray (not divided by opacity); samples: number of field queries made."""

@@ -11,10 +11,39 @@ which samples every cell.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+@dataclass
+class OccupancyConfig:
+    """The occupancy grid (:meth:`build`) and its update schedule (the trainers' ``update_step``)."""
+
+    occupancy_resolution: int = 128    # cells a side
+    occupancy_threshold: float = 0.01  # opacity of one step below which a cell is empty
+    occupancy_decay: float = 0.95      # decay of the cells' density estimates at each update
+    occupancy_every: int = 16          # steps between updates
+    occupancy_warmup: int = 256        # steps during which every cell counts as occupied
+    occupancy_fraction: float = 0.25   # share of cells re-sampled at each update after the first
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        for name in ("occupancy_resolution", "occupancy_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def build(self) -> "OccupancyGrid":
+        return OccupancyGrid(self.occupancy_resolution, self.occupancy_threshold, self.occupancy_decay)
+
+    def update_due(self, step: int) -> float | None:
+        """The share of cells to re-sample before step ``step`` (0-based), or None: no update."""
+        since = step - self.occupancy_warmup
+        if since < 0 or since % self.occupancy_every:
+            return None
+        return 1.0 if since == 0 else self.occupancy_fraction
 
 
 class OccupancyGrid(nn.Module):

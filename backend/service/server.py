@@ -1,4 +1,4 @@
-"""``python -m backend serve``: the ZeroMQ ROUTER loop that answers clients and runs jobs.
+"""``fit-implicit serve``: the ZeroMQ ROUTER loop that answers clients and runs jobs.
 
 Only the main thread touches the socket.  Each turn of the loop polls the socket for a few
 milliseconds, answers every message that arrived (Ping is always answered at once, even while a
@@ -8,7 +8,7 @@ logged; the server never stops serving because of one.
 
 Security: anyone who can reach the socket can make this machine run jobs and allocate memory.
 Loopback (and ipc://) addresses are served without encryption.  Any other address requires
-CurveZMQ (see :mod:`backend.security`): the server's key pair is generated on first run, and
+CurveZMQ (see :mod:`backend.service.security`): the server's key pair is generated on first run, and
 only clients whose public key is in the allow-list ``authorized_keys`` are admitted (a ZAP
 handler checks every connection; refusals are logged).  Without a non-empty allow-list the
 backend refuses to start on such an address.  ``--curve`` turns CurveZMQ on for loopback too.
@@ -32,12 +32,13 @@ from typing import Any, Callable
 
 import zmq
 
-from shared import protocol, wire
+from fit_implicit.shared import protocol, wire
 
-from . import __version__, paths, security, serve_options
-from .jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
-from .outbox import Outbox
-from .serve_options import DEFAULT_BIND, add_arguments
+from fit_implicit.backend import __version__
+from fit_implicit.backend.service import paths, security, options as serve_options
+from fit_implicit.backend.service.jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
+from fit_implicit.backend.service.outbox import Outbox
+from fit_implicit.backend.service.options import DEFAULT_BIND, add_arguments
 
 __all__ = ["Server", "ServerConfig", "ConfigError", "main", "cli", "add_arguments", "check_bind_address"]
 
@@ -188,12 +189,12 @@ class Server:
                  context: zmq.Context | None = None):
         warm_up = None
         if runner is None:
-            from .fit_job import run_fit_job
+            from fit_implicit.backend.service.fit_job import run_fit_job
             runner = run_fit_job
             if config.warm_up and config.device.startswith("cuda"):
-                from .warmup import warm_up as _warm_up
+                from fit_implicit.backend.service.warmup import warm_up as _warm_up
                 warm_up = lambda: _warm_up(config.device)   # noqa: E731
-        from .render_job import with_render_jobs   # RenderJob -> renders of a saved model; the rest -> runner
+        from fit_implicit.backend.service.render_job import with_render_jobs  # RenderJob -> renders of a saved model; the rest -> runner
         runner = with_render_jobs(runner, lambda: config.runs_dir)
         self.config = config
         self.limits = dataclasses.replace(
@@ -447,7 +448,7 @@ class Server:
         return protocol.Accepted(job_id=job.id, position=position)
 
     def _on_render_job(self, identity: bytes, msg: protocol.RenderJob) -> protocol.Message:
-        """Queue renders of a fit job's saved model (backend/render_job.py); the model itself is
+        """Queue renders of a fit job's saved model (backend/service/render_job.py); the model itself is
         looked for when the job runs, so renders may be queued behind the fit that makes it."""
         if self.config.runs_dir is None:
             return protocol.Error(code="no_models", in_reply_to=msg.TYPE,
@@ -598,8 +599,8 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m backend.server [options]``: the same as ``python -m backend serve``."""
-    parser = argparse.ArgumentParser(prog="python -m backend serve", description="Run the fitting backend.")
+    """``python -m fit_implicit.backend.service.server [options]``: the same as ``fit-implicit serve``."""
+    parser = argparse.ArgumentParser(prog="fit-implicit serve", description="Run the fitting backend.")
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

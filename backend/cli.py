@@ -1,0 +1,205 @@
+"""Command line: ``fit-implicit {fit,render,mesh,serve} ...``.
+
+fit, render and mesh need only torch, numpy, scikit-image and Pillow (never pyzmq or bpy);
+``serve`` imports :mod:`backend.service.server` (pyzmq) when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fit_implicit.backend.service import options as serve_options
+
+
+def _print(*args) -> None:
+    print(*args, flush=True)
+
+
+def _overrides(pairs: list[str], method: str = "nerf") -> dict:
+    """``["NAME=VALUE", ...]`` -> settings by name (backend/fitting/config.py), each value typed
+    like the setting it sets."""
+    from fit_implicit.backend.fitting.config import FitConfig
+
+    return FitConfig.for_method(method).parse(pairs)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.data import load_transforms, split_holdout
+    from fit_implicit.backend.fitting.loop import Callbacks, fit
+    from fit_implicit.backend.fitting.metrics import evaluate
+    from fit_implicit.backend.fitting.runs import save_run
+
+    t0 = time.perf_counter()
+    data = load_transforms(args.data, downscale=args.downscale)
+    train, held = split_holdout(data, args.holdout) if args.holdout else (data, None)
+    cfg = make_config(args.method, args.preset, device=args.device, steps=args.steps, seconds=args.seconds,
+                      seed=args.seed, preview_size=0, **_overrides(args.set, args.method))
+    _print(f"data: {len(train)} training views"
+           + (f", {len(held)} held out" if held is not None else "")
+           + f", {data.width}x{data.height}, box {np.round(data.aabb, 3).tolist()} "
+           f"(loaded in {time.perf_counter() - t0:.1f} s)")
+    _print(f"fit: method {cfg.method}, preset {cfg.preset}, {cfg.steps} steps"
+           + (f" or {cfg.seconds:g} s" if cfg.seconds else "") + f", device {cfg.device}")
+
+    class Printer(Callbacks):
+        last = -1.0
+
+        def on_progress(self, info: dict) -> None:
+            if info["elapsed"] - self.last >= args.log_every or info["fraction"] >= 1.0:
+                self.last = info["elapsed"]
+                _print(f"step {info['step']}/{info['total_steps']}  loss {info['loss']:.5f}  "
+                       f"psnr {info['psnr']:.2f} dB  {info['elapsed']:.1f} s  eta {info['eta']:.1f} s")
+
+    model = fit(train, cfg, Printer())
+    _print(f"trained {model.meta['steps']} steps in {model.meta['seconds']:.1f} s")
+    if held is not None:
+        scores = evaluate(model, held)
+        model.meta["holdout_psnr"] = float(np.mean(scores))
+        model.meta["holdout_views"] = len(held)
+        _print(f"held-out PSNR {np.mean(scores):.2f} dB over {len(held)} views (white background)")
+    save_run(model, args.out)
+    _print(f"saved {args.out}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from fit_implicit.backend.fitting.data import image_size, read_frames
+    from fit_implicit.backend.fitting.runs import load_run
+    from fit_implicit.backend.render.image import to_rgba8
+
+    model = load_run(args.run, device=args.device)
+    _, frames, _ = read_frames(args.cameras)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    default = (model.meta.get("width"), model.meta.get("height"))
+    for f in frames:
+        size = f.declared_size() or (image_size(f.image_path) if f.image_path else None) or default
+        if not size[0] or not size[1]:
+            raise ValueError(f"frame {f.name!r}: no image size in the cameras file, no image, no run size")
+        w, h = int(size[0]), int(size[1])
+        img = model.render(f.intrinsics(w, h), f.c2w, w, h)
+        Image.fromarray(to_rgba8(img), "RGBA").save(out / f"{f.name}.png")
+        _print(f"rendered {out / (f.name + '.png')} ({w}x{h})")
+    return 0
+
+
+def _opacity_arg(text: str) -> float | str:
+    """--mesh-opacity: "auto" or a number in (0, 1)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or 'auto', got {text!r}")
+    return value
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    from fit_implicit.backend.export.mesh import extract_mesh, write_mesh
+    from fit_implicit.backend.fitting.runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    resolution = args.mesh_resolution or model.config.mesh.mesh_resolution
+    t0 = time.perf_counter()
+    verts, faces, colors = extract_mesh(model, resolution, args.mesh_opacity)
+    if not len(faces):
+        raise ValueError("the field has no surface above the iso-level: nothing to export")
+    _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
+           f"({time.perf_counter() - t0:.1f} s)")
+    if args.texture_size:
+        from fit_implicit.backend.export.gltf import write_textured
+        from fit_implicit.backend.export.texture import check_size, texture_mesh
+
+        t1 = time.perf_counter()
+        mesh, baked = texture_mesh(model, verts, faces, check_size(args.texture_size))
+        path = write_textured(args.out, mesh, baked)
+        times = ", ".join(f"{k} {v:.2f} s" for k, v in baked.timings.items())
+        size = args.texture_size
+        _print(f"textures: {size}x{size} ({', '.join(k for k, _ in baked.items())}), "
+               f"{len(mesh.faces)} triangles, {time.perf_counter() - t1:.1f} s ({times}) -> {path}")
+    else:
+        path = write_mesh(args.out, verts, faces, colors)
+        _print(f"vertex colours -> {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fit_implicit.backend.service import server  # needs pyzmq; imported only here
+
+    return server.main(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fit_implicit.shared.methods import METHOD_INFO, METHODS, PRESET_INFO, PRESETS
+
+    p = argparse.ArgumentParser(prog="fit-implicit", description="Fit Implicit backend")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train a field on a transforms.json dataset")
+    f.add_argument("data", help="folder with transforms_train.json / transforms.json, or the file")
+    f.add_argument("--out", required=True, help="run folder to write (model.pt, run.json)")
+    f.add_argument("--method", default="nerf", choices=METHODS,
+                   help="; ".join(f"{m}: {METHOD_INFO[m][1]}" for m in METHODS))
+    f.add_argument("--preset", default="standard", choices=PRESETS,
+                   help="; ".join(f"{name}: {PRESET_INFO[name][1]}" for name in PRESETS))
+    f.add_argument("--seconds", type=float, default=0.0, help="wall-clock budget (0: none)")
+    f.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
+    f.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    f.add_argument("--holdout", type=int, default=0,
+                   help="hold out every K-th view (0, K, 2K, ...) and report its PSNR")
+    f.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--log-every", type=float, default=1.0, help="seconds between progress lines")
+    f.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any setting by name (backend/fitting/config.py), e.g. --set target_samples=65536 "
+                        "(repeatable)")
+    f.set_defaults(func=cmd_fit)
+
+    r = sub.add_parser("render", help="render the cameras of a transforms file")
+    r.add_argument("run", help="run folder written by fit")
+    r.add_argument("--cameras", required=True, help="transforms file (or folder holding one)")
+    r.add_argument("--out", required=True, help="folder for one RGBA PNG per frame")
+    r.add_argument("--device", default=None)
+    r.set_defaults(func=cmd_render)
+
+    m = sub.add_parser("mesh", help="extract a textured mesh (.glb, .obj, .ply) in world units")
+    m.add_argument("run", help="run folder written by fit")
+    m.add_argument("--out", required=True, help="mesh file; the suffix picks the format")
+    m.add_argument("--mesh-resolution", type=int, default=0,
+                   help="marching-cubes grid along the longest side (0: the fit's mesh_resolution)")
+    m.add_argument("--mesh-opacity", type=_opacity_arg, default=None,
+                   help="radiance fields: iso-level as the opacity of a slab 1/100 of the box thick, in (0, 1), or "
+                        "'auto': the level whose mesh best matches the field's renders (default: the fit's "
+                        "mesh_opacity, 'auto' unless set)")
+    m.add_argument("--texture-size", type=int, default=2048,
+                   help="side of the baked UV textures (albedo, normal, roughness) written with the mesh "
+                        "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only")
+    m.add_argument("--device", default=None)
+    m.set_defaults(func=cmd_mesh)
+
+    s = sub.add_parser("serve", help="serve jobs over ZeroMQ (needs pyzmq)")
+    serve_options.add_arguments(s)      # --bind, --device, --max-queue, ... (no pyzmq needed)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Everything that decides a fit: :class:`FitConfig`, the presets and :func:`make_config`.
+
+FitConfig holds the fit loop's own settings and composes the configs of the parts a fit builds,
+each defined next to the class it configures:
+
+======================  ====================================  ===================================
+``cfg.field``           NerfFieldConfig / SurfaceFieldConfig   fields/nerf.py, fields/sdf.py (its
+                        (``cfg.field.grid``: HashGridConfig)   ``grid``: fields/hashgrid.py)
+``cfg.train``           RadianceTrainConfig /                  fitting/trainer.py,
+                        SurfaceTrainConfig                     fitting/surface_trainer.py
+``cfg.occupancy``       OccupancyConfig                        render/occupancy_grid.py
+``cfg.march``           MarchConfig                            render/volume.py
+``cfg.mesh``            MeshConfig                             export/mesh.py
+======================  ====================================  ===================================
+
+Which field and trainer configs a fit has depends on its method (:data:`METHOD_CONFIGS`).
+Every setting has one name, unique across all the parts, used unchanged on the panel, on the
+wire, on the command line (``--set NAME=VALUE``), in presets and overrides
+(``make_config(..., occupancy_resolution=64)``) and in the part's config.
+The method and preset names are defined once, in shared/methods.py.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fit_implicit.backend.export.mesh import MeshConfig
+from fit_implicit.backend.fields.layers import FieldConfig
+from fit_implicit.backend.fields.nerf import NerfFieldConfig
+from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
+from fit_implicit.backend.fitting.model import pick_device
+from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainConfig
+from fit_implicit.backend.fitting.trainer import RadianceTrainConfig, TrainConfig
+from fit_implicit.backend.render.occupancy_grid import OccupancyConfig
+from fit_implicit.backend.render.volume import MarchConfig
+from fit_implicit.shared.methods import METHODS, PRESETS
+
+#: method -> (its field config class, its trainer config class)
+METHOD_CONFIGS: dict[str, tuple[type[FieldConfig], type[TrainConfig]]] = {
+    "nerf": (NerfFieldConfig, RadianceTrainConfig),
+    "sdf": (SurfaceFieldConfig, SurfaceTrainConfig),
+    "occupancy": (SurfaceFieldConfig, SurfaceTrainConfig),
+}
+GROUPS = ("field", "train", "occupancy", "march", "mesh")
+
+
+@dataclass
+class FitConfig:
+    """The fit loop's settings and the parts' configs (see the module doc)."""
+
+    method: str = "nerf"            # kind of field: nerf | sdf | occupancy (shared/methods.py)
+    preset: str = "standard"        # preset the values came from (shared/methods.py)
+    steps: int = 20000              # optimisation steps; the fit stops at `steps` or `seconds`
+    seconds: float = 0.0            # wall-clock budget from the first step; 0 = none
+    device: str = "cpu"             # torch device
+    seed: int = 0                   # torch.manual_seed for initialisation and ray sampling
+    preview_size: int = 128         # longest side of preview renders; 0 = no previews
+    preview_interval: float = 1.0   # seconds between previews
+    progress_interval: float = 0.25  # seconds between progress callbacks
+    field: FieldConfig = dataclasses.field(default_factory=NerfFieldConfig)
+    train: TrainConfig = dataclasses.field(default_factory=RadianceTrainConfig)
+    occupancy: OccupancyConfig = dataclasses.field(default_factory=OccupancyConfig)
+    march: MarchConfig = dataclasses.field(default_factory=MarchConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    @classmethod
+    def for_method(cls, method: str) -> "FitConfig":
+        """The defaults of ``method``'s parts (no preset applied)."""
+        if method not in METHOD_CONFIGS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        field_cls, train_cls = METHOD_CONFIGS[method]
+        return cls(method=method, field=field_cls(), train=train_cls())
+
+    # ---- settings by name ---------------------------------------------------------------------
+    def settings(self) -> dict[str, tuple[Any, Any]]:
+        """Every setting's name -> (the config object holding it, its current value)."""
+        out: dict[str, tuple[Any, Any]] = {}
+
+        def walk(obj) -> None:
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if dataclasses.is_dataclass(value):
+                    walk(value)
+                elif f.name in out:     # guarded by a test: names are unique
+                    raise AssertionError(f"setting {f.name!r} is defined twice")
+                else:
+                    out[f.name] = (obj, value)
+
+        walk(self)
+        return out
+
+    def set(self, **values) -> "FitConfig":
+        """Set settings by name (see the module doc); raises ValueError naming unknown ones."""
+        known = self.settings()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)} for method {self.method!r}")
+        for name, value in values.items():
+            setattr(known[name][0], name, value)
+        return self
+
+    def parse(self, pairs: list[str]) -> dict[str, Any]:
+        """``["NAME=VALUE", ...]`` (the command line's ``--set``) -> settings by name, each value
+        typed like the setting's current value.  Raises ValueError naming a bad pair."""
+        known, out = self.settings(), {}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            if not sep or name not in known:
+                raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+            kind = type(known[name][1])
+            try:
+                if kind is bool:
+                    out[name] = text.strip().lower() in ("1", "true", "yes", "on")
+                elif kind is int:
+                    out[name] = int(float(text))
+                else:
+                    out[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"--set {pair!r}: {text!r} is not a valid {kind.__name__}") from None
+        return out
+
+    def replace(self, **values) -> "FitConfig":
+        """A copy with the named settings changed."""
+        return copy.deepcopy(self).set(**values)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by name, one level deep."""
+        return {name: value for name, (_, value) in self.settings().items()}
+
+    # ---- files --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Nested plain dict (as run.json holds it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FitConfig":
+        """A config from :meth:`to_dict`'s output, or from a flat dict of settings by name (runs of
+        format 1); unknown keys are ignored, missing ones keep the method's defaults."""
+        cfg = cls.for_method(values.get("method", "nerf"))
+        flat: dict[str, Any] = {}
+
+        def gather(d: dict) -> None:
+            for key, value in d.items():
+                if isinstance(value, dict):
+                    gather(value)
+                else:
+                    flat[key] = value
+
+        gather(values)
+        known = cfg.settings()
+        return cfg.set(**{k: v for k, v in flat.items() if k in known and k != "method"})
+
+    # ---- checks -------------------------------------------------------------------------------
+    def validate(self) -> "FitConfig":
+        """Raise ValueError naming the first setting out of range; returns self."""
+        if self.method not in METHOD_CONFIGS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        field_cls, train_cls = METHOD_CONFIGS[self.method]
+        if type(self.field) is not field_cls or type(self.train) is not train_cls:
+            raise ValueError(f"a {self.method} fit needs {field_cls.__name__} and {train_cls.__name__}, "
+                             f"got {type(self.field).__name__} and {type(self.train).__name__}")
+        if int(self.steps) < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        for name in ("seconds", "preview_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        for group in GROUPS:
+            getattr(self, group).validate()
+        if isinstance(self.train, SurfaceTrainConfig):
+            levels = self.field.grid.levels
+            if not 1 <= self.train.start_levels <= levels:
+                raise ValueError(f"start_levels must be in [1, levels={levels}], got {self.train.start_levels}")
+        return self
+
+
+# ---- presets ------------------------------------------------------------------------------------
+# Settings by name for every method, then each method's changes on top.
+_COMMON_PRESETS: dict[str, dict[str, Any]] = {
+    # A recognisable result in about a minute on 2 CPU cores (~24 views of 128x128).
+    "draft": dict(steps=400, levels=8, log2_table=16, max_res=256, march_steps=256,
+                  occupancy_resolution=64, occupancy_every=16, occupancy_warmup=64, lr_final=0.1,
+                  batch_rays=1024, target_samples=1 << 15, max_rays=1 << 13, mesh_resolution=128,
+                  render_chunk=1 << 14),
+    # instant-ngp's settings for the NeRF synthetic scenes, except (measured on lego, H100, 60 s;
+    # docs/benchmarks.md): 2^20-row tables (+0.2 dB); 2^18 trained samples of up to 2^18 rays;
+    # renders in chunks of 2^16 rays so that evaluating a young field (many occupied cells)
+    # stays well under 4 GB.  Quadrature: 1536 steps along the box diagonal in training (+0.2 dB
+    # over instant-ngp's 1024; 2048 and 1792 were no better), renders integrate twice as finely
+    # (+0.05-0.1 dB, render time only).
+    "standard": dict(steps=20000, log2_table=20, target_samples=1 << 18, max_rays=1 << 18,
+                     render_chunk=1 << 16, march_steps=1536, render_march_steps=3072),
+    "high": dict(steps=40000, log2_table=20, target_samples=1 << 18, max_rays=1 << 18, mesh_resolution=512,
+                 march_steps=1536, render_march_steps=3072),
+}
+# Radiance fields on CUDA: graph-replayed steps with early ray termination, a density-only pass
+# over 2^20 marched samples first (+0.3 dB over 2^19 samples without termination).
+_RADIANCE_PRESETS: dict[str, dict[str, Any]] = {
+    "draft": {},
+    "standard": dict(prepass_samples=1 << 20),
+    "high": dict(prepass_samples=1 << 20),
+}
+# Surface fields (fitting/surface_trainer.py): surface samples cost 5 field evaluations
+# (finite-difference gradients), so fewer of them.  (The surface figures of docs/benchmarks.md
+# were measured with 1024 steps along the diagonal.)
+_SURFACE_PRESETS: dict[str, dict[str, Any]] = {
+    "draft": dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
+                  occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256),
+    "standard": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
+                     march_steps=1024, render_march_steps=0),
+    "high": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
+                 march_steps=1024, render_march_steps=0),
+}
+METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "nerf": _RADIANCE_PRESETS, "sdf": _SURFACE_PRESETS, "occupancy": _SURFACE_PRESETS}
+
+
+def preset_values(method: str, preset: str) -> dict[str, Any]:
+    """The settings a preset gives a method, by name."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+    if method not in METHOD_PRESETS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    return {**_COMMON_PRESETS[preset], **METHOD_PRESETS[method][preset]}
+
+
+def make_config(method: str = "nerf", preset: str = "standard", device: str | None = None,
+                steps: int = 0, seconds: float = 0.0, **overrides) -> FitConfig:
+    """A FitConfig from a preset.  ``steps`` 0 = the preset's; ``seconds`` 0 = no time budget;
+    ``device`` None = CUDA if available, else the CPU; ``overrides`` set any other setting by name."""
+    values = preset_values(method, preset)
+    if steps < 0 or seconds < 0:
+        raise ValueError("steps and seconds must not be negative")
+    cfg = FitConfig.for_method(method).set(**values)
+    cfg.preset, cfg.device, cfg.seconds = preset, str(pick_device(device)), float(seconds)
+    cfg.set(**overrides)
+    if steps:
+        cfg.steps = int(steps)
+    return cfg.validate()

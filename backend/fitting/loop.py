@@ -1,0 +1,161 @@
+"""The fit loop: ``fit(data, cfg, callbacks)`` trains the field a FitConfig describes on posed
+images and returns a :class:`~backend.fitting.model.FittedField`.
+
+One loop for every method.  The trainer (:func:`make_trainer`: fitting/trainer.py,
+fitting/graph_trainer.py, fitting/surface_trainer.py) owns the step and the step-dependent
+schedule; the loop owns the clock (steps or a time budget), progress, previews, checkpoints
+(resume from :meth:`Callbacks.on_checkpoint`'s state) and cancelling.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fit_implicit.backend.fitting import graph_trainer
+from fit_implicit.backend.fitting.config import FitConfig
+from fit_implicit.backend.fitting.data import PosedImages
+from fit_implicit.backend.fitting.metrics import psnr
+from fit_implicit.backend.fitting.model import FittedField, pick_device
+from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
+from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase
+from fit_implicit.backend.render.image import to_rgba8
+
+PREVIEW_SHARE = 0.1     # most of the wall time previews may take; the interval grows to keep it
+
+
+class Callbacks:
+    """Hooks called by :func:`fit`.  Subclass and override; the defaults do nothing."""
+
+    def on_progress(self, info: dict) -> None:
+        """info: step, total_steps, loss and psnr (means over the steps since the last call; psnr
+        from the colour MSE on random backgrounds), elapsed and eta (s), fraction in [0, 1];
+        diagnostics: rays (per step), occupied (share of occupancy cells)."""
+
+    def on_preview(self, step: int, image: np.ndarray) -> None:
+        """image: (h, w, 4) uint8 sRGB, straight alpha."""
+
+    def should_stop(self) -> bool:
+        """Polled every step; True stops the fit with :class:`Cancelled`."""
+        return False
+
+    def on_checkpoint(self, step: int, state: Callable[[], dict]) -> None:
+        """Called after every step; ``state()`` returns the training state to save (only call it
+        when a checkpoint is due): :meth:`TrainerBase.state_dict` plus ``step`` and ``elapsed`` (s).
+        ``fit(..., resume=that dict)`` carries on from it."""
+
+
+class Cancelled(Exception):
+    """The fit was stopped by ``Callbacks.should_stop``; ``model`` holds the partial field."""
+
+    def __init__(self, step: int, model: FittedField | None = None):
+        super().__init__(f"fit cancelled at step {step}")
+        self.step, self.model = step, model
+
+
+def make_trainer(data: PosedImages, cfg: FitConfig) -> TrainerBase:
+    """The trainer for ``cfg``: surface fields train with :class:`SurfaceTrainer`; radiance
+    fields with steps replayed from CUDA graphs where they can run, else eagerly."""
+    if cfg.method != "nerf":
+        return SurfaceTrainer(data, cfg)
+    if graph_trainer.available(cfg, pick_device(cfg.device)):
+        return graph_trainer.GraphTrainer(data, cfg)
+    return Trainer(data, cfg)
+
+
+def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
+        resume: dict | None = None) -> FittedField:
+    """Train a field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
+
+    One loop for every method: the trainer (:func:`make_trainer`) owns the step, the loop owns
+    the clock, progress, previews, checkpoints and cancelling.
+    ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
+    Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
+    """
+    cb = callbacks or Callbacks()
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    return _train(make_trainer(data, cfg), data, cfg, cb, resume)
+
+
+def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None
+           ) -> FittedField:
+    """The fit loop of :func:`fit`."""
+    model = trainer.model
+    checkpoint = getattr(cb, "on_checkpoint", None)
+    preview_cam = _preview_camera(data, cfg.preview_size)
+    first, offset = 0, 0.0
+    if resume is not None:
+        trainer.load_state_dict(resume)
+        first, offset = int(resume["step"]), float(resume["elapsed"])
+        model.meta["resumed_from_step"] = first
+
+    start = time.perf_counter() - offset
+    last_progress = -math.inf
+    last_preview = -math.inf
+    preview_every = cfg.preview_interval
+    sums, count, mse_last, step = None, 0, None, first  # (loss, mse) summed on the device
+    samples, first_step_s = 0, None
+    while True:
+        elapsed = time.perf_counter() - start
+        fraction = step / cfg.steps
+        if cfg.seconds > 0:
+            fraction = max(fraction, elapsed / cfg.seconds)
+        done = fraction >= 1.0
+        if count and (done or elapsed - last_progress >= cfg.progress_interval):
+            loss, mse_last = (sums / count).tolist()
+            sums, count, last_progress = None, 0, elapsed
+            cb.on_progress(_progress(step, cfg, trainer, loss, mse_last, elapsed, min(fraction, 1.0)))
+        if preview_cam is not None and (done or (trainer.preview_ready(step) and elapsed - last_preview >= preview_every)):
+            cb.on_preview(step, to_rgba8(model.render(*preview_cam)))
+            last_preview = time.perf_counter() - start
+            # Previews may take at most PREVIEW_SHARE of the wall time (slow devices: CPUs).
+            preview_every = max(cfg.preview_interval, (last_preview - elapsed) / PREVIEW_SHARE)
+        if done:
+            break
+        if cb.should_stop():
+            raise Cancelled(step, model)
+        trainer.update_step(step, fraction)
+        loss, mse, n = trainer.step()
+        samples = samples + n       # an int, or a device tensor (not synchronised here)
+        if first_step_s is None:  # includes one-time costs: kernel compilation, allocator warm-up
+            first_step_s = time.perf_counter() - start
+        sums = torch.stack([loss, mse]) if sums is None else sums + torch.stack([loss, mse])
+        count += 1
+        step += 1
+        if checkpoint is not None:
+            checkpoint(step, lambda: {**trainer.state_dict(), "step": step, "elapsed": time.perf_counter() - start})
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)      # the budget counts work done, not work queued
+    model.meta.update({"steps": step, "seconds": round(time.perf_counter() - start, 3), "samples": int(samples),
+                       "first_step_s": round(first_step_s or 0.0, 3),
+                       "train_psnr": round(train_psnr(mse_last), 3) if mse_last is not None else None})
+    trainer.finish()
+    model.field.eval()
+    return model
+
+
+def train_psnr(mse: float) -> float:
+    """PSNR (dB) of a training batch's colour MSE, at most 100 dB (progress travels as a finite number)."""
+    return psnr(max(mse, 1e-10))
+
+
+def _progress(step: int, cfg: FitConfig, trainer: TrainerBase, loss: float, mse: float, elapsed: float,
+              fraction: float) -> dict:
+    eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else 0.0
+    return {"step": step, "total_steps": cfg.steps, "loss": loss, "psnr": train_psnr(mse), "elapsed": elapsed,
+            "eta": eta, "fraction": fraction, "rays": trainer.rays,
+            "occupied": trainer.model.occupancy.occupied_fraction}
+
+
+def _preview_camera(data: PosedImages, size: int):
+    """(intrinsics, c2w, width, height) of the first camera scaled to longest side ``size``."""
+    if size <= 0:
+        return None
+    s = size / max(data.width, data.height)
+    w, h = max(1, round(data.width * s)), max(1, round(data.height * s))
+    k = data.intrinsics[0] * np.array([w / data.width, h / data.height, w / data.width, h / data.height])
+    return k, data.poses[0], w, h

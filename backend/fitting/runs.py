@@ -1,0 +1,78 @@
+"""A fitted model on disk: a run folder holds ``run.json`` (format, method, world box, the
+FitConfig, facts about the fit) and ``model.pt`` (tensors only: field weights and occupancy grid).
+
+``FORMAT`` moves whenever what a run holds changes:
+
+* 1: FitConfig as one flat dict; surface fields saved before the roughness head lack its weights.
+* 2: FitConfig nested as it composes its parts (fitting/config.py); every field has all its weights.
+
+A format-1 run still loads: its flat settings find their places by name, and a surface field
+without roughness-head weights keeps the head untrained (such runs never had a roughness pass,
+so nothing reads the head).  A run of any other format is refused with a message naming both
+formats.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fit_implicit.backend.fields.sdf import SurfaceField
+from fit_implicit.backend.fitting.config import FitConfig
+from fit_implicit.backend.fitting.model import FittedField, build_field, pick_device
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+WEIGHTS_FILE = "model.pt"
+RUN_FILE = "run.json"
+
+
+def save_run(model: FittedField, run_dir: str | Path) -> None:
+    """Write ``run_dir/model.pt`` and ``run_dir/run.json``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "field": model.field.state_dict(), "occupancy": model.occupancy.state_dict()},
+               run_dir / WEIGHTS_FILE)
+    doc = {"format": FORMAT, "method": model.config.method, "aabb": model.aabb.tolist(),
+           "config": model.config.to_dict(), "meta": model.meta}
+    (run_dir / RUN_FILE).write_text(json.dumps(doc, indent=2))
+
+
+def is_run(run_dir: str | Path) -> bool:
+    """Whether the folder holds both files of a run."""
+    return (Path(run_dir) / RUN_FILE).is_file() and (Path(run_dir) / WEIGHTS_FILE).is_file()
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> FittedField:
+    """Load a run written by :func:`save_run` (or by a format-1 backend) onto ``device``
+    (default: CUDA if available).  Raises ValueError saying what is wrong with the folder."""
+    run_dir = Path(run_dir)
+    if not is_run(run_dir):
+        raise ValueError(f"{run_dir}: not a run folder (needs {RUN_FILE} and {WEIGHTS_FILE})")
+    doc = json.loads((run_dir / RUN_FILE).read_text())
+    version = doc.get("format")
+    if version not in READABLE_FORMATS:
+        raise ValueError(f"{run_dir}: run format {version!r} cannot be read by this backend, which writes "
+                         f"format {FORMAT} and reads formats {', '.join(map(str, READABLE_FORMATS))}")
+    dev = pick_device(device)
+    method = doc.get("method", doc["config"].get("method", "nerf"))
+    cfg = FitConfig.from_dict({**doc["config"], "method": method, "device": str(dev)})
+    state = torch.load(run_dir / WEIGHTS_FILE, map_location=dev, weights_only=True)
+    field = build_field(cfg).to(dev)
+    missing, unexpected = field.load_state_dict(state["field"], strict=False)
+    if version == 1 and any(k.startswith("roughness_net.") for k in missing):
+        log.info("%s: a format-1 run without roughness-head weights: the head stays untrained", run_dir)
+        missing = [k for k in missing if not k.startswith("roughness_net.")]
+    if missing or unexpected:
+        raise ValueError(f"{run_dir}: the weights do not fit the {method} field (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    occupancy = cfg.occupancy.build().to(dev)
+    occupancy.load_state_dict(state["occupancy"])
+    if isinstance(field, SurfaceField):
+        field.restore_active_levels()
+    return FittedField(field, occupancy, np.asarray(doc["aabb"]), cfg, doc.get("meta", {}))

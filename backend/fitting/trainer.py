@@ -1,0 +1,209 @@
+"""Trainers: what every trainer shares (:class:`TrainerBase`, :class:`TrainConfig`), and the eager
+radiance-field trainer (:class:`Trainer`, :class:`RadianceTrainConfig`).
+
+A trainer owns one fit's state (model, optimiser, ray sampler) and its step; the fit loop
+(fitting/loop.py) owns the clock, progress, previews, checkpoints and cancelling.
+Step-dependent behaviour (learning rate, occupancy grid) lives in ``update_step``; one
+optimisation step in ``step``.  The CUDA-graph trainer (fitting/graph_trainer.py) and the
+surface trainer (fitting/surface_trainer.py) build on :class:`TrainerBase`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from fit_implicit.backend.fitting.data import PosedImages, RaySampler
+from fit_implicit.backend.fitting.model import FittedField, pick_device
+
+if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
+    from fit_implicit.backend.fitting.config import FitConfig
+
+LOSSES = ("mse", "smooth_l1")
+MLP_PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """Batches and the optimiser: the settings every trainer reads."""
+
+    batch_rays: int = 4096          # rays in the first step
+    target_samples: int = 1 << 18   # field queries per step the ray count adapts to; 0 = fixed
+    max_rays: int = 1 << 16         # cap on rays per step
+    grid_lr: float = 1e-2           # Adam learning rate of the hash tables
+    grid_eps: float = 1e-15         # Adam epsilon of the hash tables
+    mlp_lr: float = 1e-2            # Adam learning rate of the MLPs
+    mlp_eps: float = 1e-15          # Adam epsilon of the MLPs
+    mlp_weight_decay: float = 1e-6  # L2 regularisation of the MLP weights
+    warmup_steps: int = 100         # linear learning-rate warm-up
+    lr_decay_start: float = 0.5     # fraction of the fit after which the learning rate decays
+    lr_final: float = 0.03          # learning rate factor reached at the end (exponential decay)
+    loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
+    fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
+    tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("batch_rays", "max_rays"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("target_samples", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
+            raise ValueError(f"need 0 < lr_final <= 1 and 0 <= lr_decay_start < 1, got {self.lr_final} "
+                             f"and {self.lr_decay_start}")
+
+    def lr_factor(self, step: int, fraction: float) -> float:
+        """Learning-rate factor before step ``step`` (0-based) at training ``fraction`` in [0, 1]:
+        linear warm-up, then exponential decay to ``lr_final`` after ``lr_decay_start``."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        decay = (fraction - self.lr_decay_start) / max(1.0 - self.lr_decay_start, 1e-9)
+        return warm * self.lr_final ** min(max(decay, 0.0), 1.0)
+
+    def adapt_rays(self, rays: int, samples: int, floor: int) -> int:
+        """The next step's ray count: moved (at most 2x either way) so that the field queries
+        approach ``target_samples``, kept in [floor, max_rays]; unchanged without a target."""
+        if not self.target_samples:
+            return rays
+        ratio = self.target_samples / max(samples, 1)
+        return int(min(max(rays * min(max(ratio, 0.5), 2.0), floor), self.max_rays))
+
+
+@dataclass
+class RadianceTrainConfig(TrainConfig):
+    """A radiance field's training: :class:`TrainConfig` and the CUDA-graph step's settings
+    (fitting/graph_trainer.py)."""
+
+    cuda_graphs: bool = True        # replay fixed-shape steps from a CUDA graph
+    mlp_precision: str = "float32"  # float32 | bfloat16: autocast of the MLPs in graph-replayed steps
+    prepass_samples: int = 0        # graph steps: slots of a density-only pass for early ray termination (0 = off)
+    early_stop_transmittance: float = 1e-4  # ... samples behind this transmittance are not trained
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mlp_precision not in MLP_PRECISIONS:
+            raise ValueError(f"mlp_precision {self.mlp_precision!r} is not one of {', '.join(MLP_PRECISIONS)}")
+
+
+def colour_loss(rgb: torch.Tensor, opacity: torch.Tensor, rgba: torch.Tensor, loss: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The colour term: rendered colour against the pixel, both composited on one random
+    background per ray (so that opacity is learnt without a background model).
+
+    Args:
+        rgb: (R, 3) premultiplied rendered colour.  opacity: (R,).  rgba: (R, 4) pixels in [0, 1].
+        loss: "mse" or "smooth_l1" (scaled by 10 to be of MSE's size near the optimum).
+    Returns:
+        (loss, mse, alpha (R, 1)) with loss and mse 0-d.
+    """
+    bg = torch.rand(rgb.shape[0], 3, device=rgb.device)
+    pred = rgb + (1.0 - opacity[:, None]) * bg
+    alpha = rgba[:, 3:]
+    target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
+    mse = F.mse_loss(pred, target)
+    value = mse if loss == "mse" else F.smooth_l1_loss(pred, target, beta=0.1) * 10.0
+    return value, mse, alpha
+
+
+class TrainerBase:
+    """What every trainer has: ``cfg``, ``device``, ``model`` (field + occupancy grid),
+    ``sampler``, ``optimizer``, ``base_lrs`` and ``rays`` (rays per step); checkpoint state
+    (every other setting follows from the step, through ``update_step``)."""
+
+    def __init__(self, data: PosedImages, cfg: FitConfig, meta: dict | None = None):
+        self.cfg, self.device = cfg, pick_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
+        meta = {"width": data.width, "height": data.height, "views": len(data), **(meta or {})}
+        self.model = FittedField.build(cfg, data.aabb, meta, self.device)
+        self.sampler = RaySampler(data, self.device)
+        self.rays = cfg.train.batch_rays
+
+    def adam(self, extra: list[dict] = (), lrs: list | None = None, **kwargs) -> torch.optim.Adam:
+        """Adam over the field's hash tables and MLPs (+ ``extra`` groups); ``lrs`` replace the
+        two base learning rates (the graph trainer passes device tensors).  Sets ``base_lrs``."""
+        tc, groups = self.cfg.train, self.model.field.param_groups()
+        grid_lr, mlp_lr = lrs if lrs is not None else (tc.grid_lr, tc.mlp_lr)
+        optimizer = torch.optim.Adam([
+            {"params": groups["grid"], "lr": grid_lr, "eps": tc.grid_eps, "weight_decay": 0.0},
+            {"params": groups["mlp"], "lr": mlp_lr, "eps": tc.mlp_eps, "weight_decay": tc.mlp_weight_decay},
+            *extra,
+        ], betas=(0.9, 0.99), **{"fused": self.device.type == "cuda" and tc.fused_adam, **kwargs})
+        self.base_lrs = [tc.grid_lr, tc.mlp_lr] + [g["lr"] for g in extra]
+        return optimizer
+
+    def state_dict(self) -> dict:
+        """Everything a resumed fit needs besides the step and the clock: field weights,
+        occupancy grid, optimiser state, ray count and RNG states (tensors, for torch.save)."""
+        state = {"field": self.model.field.state_dict(), "occupancy": self.model.occupancy.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rays": int(self.rays),
+                 "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (before the first step)."""
+        self.model.field.load_state_dict(state["field"])
+        self.model.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rays = int(state["rays"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+
+
+class Trainer(TrainerBase):
+    """The eager radiance-field trainer (also the CPU path, and the reference of the graph trainer)."""
+
+    MIN_RAYS = 256          # floor of the adaptive ray count
+
+    def __init__(self, data: PosedImages, cfg: FitConfig):
+        super().__init__(data, cfg)
+        self.optimizer = self.adam()
+
+    def update_step(self, step: int, fraction: float) -> None:
+        """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
+        self.set_lr(self.cfg.train.lr_factor(step, fraction))
+        share = self.cfg.occupancy.update_due(step)
+        if share is not None:
+            self.model.field.eval()
+            self.model.occupancy.update(self.model.field.density, self.model.step_size, fraction=share)
+            self.model.field.train()
+            self.after_occupancy_update()
+
+    def set_lr(self, factor: float) -> None:
+        """Learning rates = the base rates times ``factor``."""
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * factor
+
+    def after_occupancy_update(self) -> None:
+        """Hook: the occupancy grid has just been refreshed (and the device synchronised)."""
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimisation step.  Returns (loss, mse) as 0-d tensors (not synchronised) and
+        the number of field samples it took."""
+        origins, dirs, rgba = self.sampler.sample(self.rays)
+        jitter = torch.rand(origins.shape[0], 1, device=self.device)
+        out = self.model.trace(origins, dirs, jitter)
+        loss, mse, _ = colour_loss(out.rgb, out.opacity, rgba, self.cfg.train.loss)
+        if loss.requires_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.rays = self.cfg.train.adapt_rays(self.rays, out.samples, self.MIN_RAYS)
+        return loss.detach(), mse.detach(), out.samples
+
+    def preview_ready(self, step: int) -> bool:
+        """Previews wait for the occupancy grid's first update: before it every cell counts as
+        occupied, so a render costs the whole box (tens of seconds on a CPU) to show fog.  (On a
+        GPU a render costs little either way: no need to wait.)"""
+        return step > self.cfg.occupancy.occupancy_warmup or self.device.type == "cuda"
+
+    def finish(self) -> None:
+        """After the last step: the field's settings for use (the fit loop then calls eval())."""

@@ -1,0 +1,1 @@
+"""Rendering: volume and surface compositing, ray marchers, the occupancy grid."""

@@ -1,0 +1,1 @@
+"""The service: the ZeroMQ server, the job queue and the job runners."""

@@ -1,0 +1,20 @@
+"""The fit methods and presets: the one definition both sides read (no imports, so the add-on
+can build its panel from it at registration).
+
+The panel lists METHOD_INFO / PRESET_INFO in their order, as (title, description); the wire
+checks Submit.method / preset against METHODS / PRESETS; the backend's presets
+(backend/fitting/config.py) and its command line take the names from here.
+"""
+
+METHODS = ("nerf", "sdf", "occupancy")
+METHOD_INFO = {     # the recommended method first
+    "sdf": ("Signed Distance", "NeuS-style signed distance field: clean surfaces (best for meshes)"),
+    "occupancy": ("Occupancy", "Occupancy field rendered as opacity (UNISURF)"),
+    "nerf": ("Radiance Field", "Density and colour (instant-ngp): best novel views, blobby meshes"),
+}
+PRESETS = ("draft", "standard", "high")
+PRESET_INFO = {
+    "draft": ("Draft", "Fast and coarse: a quick look"),
+    "standard": ("Standard", "Balanced quality and time"),
+    "high": ("High", "Slow: fine detail"),
+}
