@@ -168,9 +168,9 @@ def test_panel_icons_exist_in_this_blender():
     import bpy
     from fit_implicit.blender_addon import panels
     icons = set(bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items.keys())
-    used = set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "fit_implicit.blender_addon" / "panels.py").read_text()))
+    used = set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "blender_addon" / "panels.py").read_text()))
     used |= set(panels.STATUS_ICONS.values())
-    used |= set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "fit_implicit.blender_addon" / "preferences.py").read_text()))
+    used |= set(re.findall(r'icon="([A-Z_0-9]+)"', (REPO / "blender_addon" / "preferences.py").read_text()))
     assert used and used <= icons, used - icons
 
 

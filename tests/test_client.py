@@ -189,7 +189,7 @@ def test_shim_prefers_the_vendored_copy(tmp_path):
     pkg = tmp_path / "fake_ext"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    shutil.copy(REPO / "fit_implicit.blender_addon" / "_shared.py", pkg / "_shared.py")
+    shutil.copy(REPO / "blender_addon" / "_shared.py", pkg / "_shared.py")
     shutil.copytree(REPO / "shared", pkg / "shared", ignore=shutil.ignore_patterns("__pycache__"))
     code = "import fake_ext._shared as s; print(s.protocol.__name__, s.wire.__name__, s.cameras.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -199,9 +199,9 @@ def test_shim_prefers_the_vendored_copy(tmp_path):
 def test_the_client_needs_neither_torch_nor_bpy():
     """client.py and _shared.py import neither (the package's __init__ imports bpy to register)."""
     for name in ("client.py", "_shared.py"):
-        text = (REPO / "fit_implicit.blender_addon" / name).read_text()
+        text = (REPO / "blender_addon" / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+(bpy|torch)\b", text, re.M), name
-    code = "import sys, blender_addon.client; print('torch' in sys.modules)"
+    code = "import sys, fit_implicit.blender_addon.client; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
