@@ -81,6 +81,12 @@ class Str:
         return value
 
 
+def _in_range(name: str, value, lo, hi):
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{name}: {value} is outside [{lo}, {hi}]")
+    return value
+
+
 @dataclass(frozen=True)
 class Int:
     lo: int = 0
@@ -89,9 +95,7 @@ class Int:
     def check(self, name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(f"{name}: expected an integer, got {type(value).__name__}")
-        if not self.lo <= value <= self.hi:
-            raise ProtocolError(f"{name}: {value} is outside [{self.lo}, {self.hi}]")
-        return value
+        return _in_range(name, value, self.lo, self.hi)
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,7 @@ class Float:
         value = float(value)
         if not math.isfinite(value):
             raise ProtocolError(f"{name}: {value} is not a finite number")
-        if not self.lo <= value <= self.hi:
-            raise ProtocolError(f"{name}: {value} is outside [{self.lo}, {self.hi}]")
-        return value
+        return _in_range(name, value, self.lo, self.hi)
 
 
 @dataclass(frozen=True)

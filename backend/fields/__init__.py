@@ -1,5 +1,4 @@
-"""Encodings and fields.  Fields work in the trainer's normalised frame ([-1, 1]^3)."""
-from fit_implicit.backend.fields.hashgrid import HashGrid, hashgrid_encode
-from fit_implicit.backend.fields.nerf import NerfField, NerfFieldConfig
-
-__all__ = ["HashGrid", "hashgrid_encode", "NerfField", "NerfFieldConfig"]
+"""Encodings and fields: the hash grid (hashgrid.py, fused kernels in hashgrid_triton.py), the
+blocks the fields share (layers.py), the radiance field (nerf.py), the signed distance field
+(sdf.py) and the occupancy field (occfield.py).  Fields work in the trainer's normalised frame
+([-1, 1]^3)."""
