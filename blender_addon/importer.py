@@ -12,6 +12,8 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
+from ._shared import color
+
 RESULT_COLLECTION = "Implicit Results"
 MATERIAL_NAME = "Implicit Vertex Color"
 COLOR_ATTRIBUTE = "Col"
@@ -20,12 +22,6 @@ UV_LAYER = "UVMap"
 # Texture kind -> (Principled BSDF input it feeds, colour space of its image).
 TEXTURE_INPUTS = {"albedo": ("Base Color", "sRGB"), "normal": ("Normal", "Non-Color"),
                   "roughness": ("Roughness", "Non-Color")}
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    """sRGB-encoded values in [0, 1] -> scene-linear (IEC 61966-2-1), same shape, float32."""
-    c = np.clip(np.asarray(c, dtype=np.float32), 0.0, 1.0)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
 def ensure_collection(scene, name: str):
@@ -84,7 +80,7 @@ def set_point_colors(mesh, colors: np.ndarray, name: str = COLOR_ATTRIBUTE):
     """Store (V, 3|4) sRGB colours as a scene-linear FLOAT_COLOR point attribute ``name``."""
     c = np.asarray(colors, dtype=np.float32).reshape(len(mesh.vertices), -1 if len(mesh.vertices) else 3)
     rgba = np.ones((len(c), 4), dtype=np.float32)
-    rgba[:, :3] = srgb_to_linear(c[:, :3])
+    rgba[:, :3] = color.srgb_to_linear(c[:, :3])
     if c.shape[1] == 4:
         rgba[:, 3] = np.clip(c[:, 3], 0.0, 1.0)
     old = mesh.color_attributes.get(name)

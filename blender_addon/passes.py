@@ -31,7 +31,7 @@ import os
 import bpy
 import numpy as np
 
-from ._shared import protocol
+from ._shared import color, protocol
 
 PASS_NAMES = protocol.PASS_NAMES
 # pass -> (Render Layers output, File Output item type); "roughness" reads the AOV's output,
@@ -49,12 +49,6 @@ _FULLY_ROUGH_BSDFS = ("ShaderNodeBsdfDiffuse",)
 
 class PassError(Exception):
     """The passes could not be rendered or read; the text says why."""
-
-
-def linear_to_srgb(x: np.ndarray) -> np.ndarray:
-    """sRGB transfer function (IEC 61966-2-1) of linear values in [0, 1]."""
-    x = np.clip(x, 0.0, 1.0)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1.0 / 2.4) - 0.055)
 
 
 def _compositor_tree_attr(scene) -> str:
@@ -352,7 +346,7 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
     alpha = np.asarray(alpha, dtype=np.float32)
     covered = alpha > 0
     albedo_lin = diffuse[..., :3] / np.maximum(alpha, 1e-3)[..., None]
-    albedo = np.where(covered[..., None], linear_to_srgb(albedo_lin), 0.0)
+    albedo = np.where(covered[..., None], color.linear_to_srgb(albedo_lin), 0.0)
     n = normal[..., :3].astype(np.float32)
     length = np.linalg.norm(n, axis=-1)
     has_normal = covered & (length > 1e-4)

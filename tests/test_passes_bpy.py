@@ -86,7 +86,7 @@ def test_passes_match_a_known_plane(tmp_path):
     assert abs(normal[2]) < 0.9    # the world normal differs from the camera-space one (0, 0, 1)
 
     # Albedo: the diffuse colour, sRGB-encoded, within 2/255 (also on partly covered pixels).
-    from fit_implicit.blender_addon.passes import linear_to_srgb
+    from fit_implicit.shared.color import linear_to_srgb
 
     want = np.round(linear_to_srgb(np.array(ALBEDO_LINEAR)) * 255.0)
     assert np.abs(p["albedo"][inside].astype(float) - want).max() <= 2
