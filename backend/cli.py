@@ -104,7 +104,8 @@ def _opacity_arg(text: str) -> float | str:
 
 
 def cmd_mesh(args: argparse.Namespace) -> int:
-    from fit_implicit.backend.export.mesh import extract_mesh, write_mesh
+    from fit_implicit.backend.export.files import write_mesh
+    from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.fitting.runs import load_run
 
     model = load_run(args.run, device=args.device)
@@ -116,7 +117,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
            f"({time.perf_counter() - t0:.1f} s)")
     if args.texture_size:
-        from fit_implicit.backend.export.gltf import write_textured
+        from fit_implicit.backend.export.files import write_textured
         from fit_implicit.backend.export.texture import check_size, texture_mesh
 
         t1 = time.perf_counter()

@@ -59,7 +59,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fit_implicit.backend.fitting.metrics import on_white, psnr_white  # noqa: E402
+
 GLB_NAME, FIT_JSON, HOLDOUT_JSON, SCORE_JSON = "lego.glb", "fit.json", "holdout.json", "score.json"
 SIDE_BY_SIDE = "side_by_side.png"
 FIELD_DIR = "field"            # the field's own held-out renders (RGBA PNG, the fit's size)
@@ -77,31 +78,15 @@ ANCHOR_DB, TARGET_DB = 30.9, 28.0
 MAX_MB = 16.0
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 # --------------------------------------------------------------------------------------------
 # Pure helpers (no torch, no bpy): PSNR, held-out cameras, the .glb's images and arrays
 # --------------------------------------------------------------------------------------------
-def on_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 straight-alpha RGBA -> (H, W, 3) float64 in [0, 1], composited on white
-    and rounded to 8 bits (what an 8-bit image on white holds)."""
-    f = rgba.astype(np.float64) / 255.0
-    rgb = f[..., :3] * f[..., 3:] + (1.0 - f[..., 3:])
-    return np.round(rgb * 255.0) / 255.0
-
-
 def psnr_on_white(pred: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR (dB) of two (H, W, 4) uint8 RGBA images, both composited on white, whole image."""
+    """PSNR (dB) of two (H, W, 4) uint8 RGBA images of the same shape, both composited on white
+    and taken to 8 bits, whole image: backend.fitting.metrics.psnr_white."""
     if pred.shape != truth.shape:
         raise ValueError(f"image shapes differ: {pred.shape} vs {truth.shape}")
-    mse = float(np.mean((on_white(pred) - on_white(truth)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+    return psnr_white(pred, truth)
 
 
 def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -136,11 +121,12 @@ def _encode(image: np.ndarray, fmt: str) -> tuple[bytes, str]:
     """(H, W, C) uint8 -> (file bytes, mime type); fmt "png" (maximum compression) or "jpeg"."""
     from PIL import Image
 
+    from fit_implicit.backend.export.textured import png_bytes
+
+    if fmt == "png":
+        return png_bytes(image, compress_level=9, optimize=True), "image/png"
     arr = image[..., 0] if image.shape[2] == 1 else image
     buf = io.BytesIO()
-    if fmt == "png":
-        Image.fromarray(arr).save(buf, format="PNG", optimize=True, compress_level=9)
-        return buf.getvalue(), "image/png"
     Image.fromarray(arr).convert("RGB").save(buf, format="JPEG", quality=95, subsampling=0)
     return buf.getvalue(), "image/jpeg"
 
@@ -149,30 +135,20 @@ def rewrite_glb_images(path: Path, formats: dict[int, str]) -> int:
     """Re-encode images of a .glb in place; ``formats`` maps image index -> "png" | "jpeg".
     Everything else (JSON, geometry) is kept; buffer views are laid out again.  Returns the
     new file size in bytes."""
-    import struct
+    from fit_implicit.backend.export import glb
 
-    from fit_implicit.backend.export import gltf
-
-    doc, binary = gltf.read_glb(path)
+    doc, binary = glb.read_glb(path)
     new_data: dict[int, bytes] = {}
     for i, fmt in formats.items():
-        image = gltf.glb_image(doc, binary, i)
+        image = glb.glb_image(doc, binary, i)
         new_data[doc["images"][i]["bufferView"]], doc["images"][i]["mimeType"] = _encode(image, fmt)
-    blobs, offset = [], 0
+    chunk = glb.BinaryChunk()
     for v, view in enumerate(doc["bufferViews"]):
         start = view.get("byteOffset", 0)
-        data = new_data.get(v, binary[start:start + view["byteLength"]])
-        view["byteOffset"], view["byteLength"] = offset, len(data)
-        blobs.append(data + b"\0" * (-len(data) % 4))
-        offset += len(blobs[-1])
-    doc["buffers"][0]["byteLength"] = offset
-    js = json.dumps(doc, separators=(",", ":")).encode("utf-8")
-    js += b" " * (-len(js) % 4)
-    body = b"".join(blobs)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<III", gltf.GLB_MAGIC, 2, 12 + 8 + len(js) + 8 + len(body)))
-        fh.write(struct.pack("<II", len(js), gltf.GLB_JSON) + js)
-        fh.write(struct.pack("<II", len(body), gltf.GLB_BIN) + body)
+        laid = chunk.views[chunk.add(new_data.get(v, binary[start:start + view["byteLength"]]))]
+        view["byteOffset"], view["byteLength"] = laid["byteOffset"], laid["byteLength"]
+    doc["buffers"][0]["byteLength"] = chunk.size
+    glb.write_container(path, doc, chunk.data())
     return path.stat().st_size
 
 
@@ -188,12 +164,12 @@ def _material_images(doc: dict) -> dict[str, int]:
 def fit_glb_under(path: Path, max_bytes: int) -> list[str]:
     """Shrink the .glb's images until the file is under ``max_bytes`` (see the module doc).
     Returns the steps taken (empty when it already fits); raises if it cannot fit."""
-    from fit_implicit.backend.export import gltf
+    from fit_implicit.backend.export import glb
 
     steps: list[str] = []
     if path.stat().st_size < max_bytes:
         return steps
-    doc, _ = gltf.read_glb(path)
+    doc, _ = glb.read_glb(path)
     images = _material_images(doc)
     plans = [("all images PNG at compression 9", {i: "png" for i in images.values()})]
     if "albedo" in images:
@@ -210,22 +186,22 @@ def fit_glb_under(path: Path, max_bytes: int) -> list[str]:
 
 
 def read_textured_glb(path: Path) -> dict:
-    """A .glb written by backend.export.gltf.write_glb, back in Blender's frame: vertices (V, 3)
+    """A .glb written by backend.export.glb.write_textured, back in Blender's frame: vertices (V, 3)
     float32 world (Z up), faces (F, 3) int64, uvs (V, 2) float32 (v up), textures kind -> (S, S, C)
     uint8 top row first ("albedo", "normal", "roughness" (S, S, 1) from the G channel)."""
-    from fit_implicit.backend.export import gltf
+    from fit_implicit.backend.export import glb
 
-    doc, binary = gltf.read_glb(path)
+    doc, binary = glb.read_glb(path)
     prim = doc["meshes"][0]["primitives"][0]
     attrs = prim["attributes"]
     if "TEXCOORD_0" not in attrs:
         raise ValueError(f"{path}: the mesh has no UVs (TEXCOORD_0): not a textured export")
-    pos = gltf.glb_accessor(doc, binary, attrs["POSITION"]).astype(np.float32)
-    uv = gltf.glb_accessor(doc, binary, attrs["TEXCOORD_0"]).astype(np.float32)
-    faces = gltf.glb_accessor(doc, binary, prim["indices"]).astype(np.int64).reshape(-1, 3)
+    pos = glb.glb_accessor(doc, binary, attrs["POSITION"]).astype(np.float32)
+    uv = glb.glb_accessor(doc, binary, attrs["TEXCOORD_0"]).astype(np.float32)
+    faces = glb.glb_accessor(doc, binary, prim["indices"]).astype(np.int64).reshape(-1, 3)
     textures = {}
     for kind, i in _material_images(doc).items():
-        img = gltf.glb_image(doc, binary, i)
+        img = glb.glb_image(doc, binary, i)
         if kind == "metallicRoughness":
             textures["roughness"] = np.ascontiguousarray(img[..., 1:2])
         else:
@@ -243,7 +219,7 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     under ``--max-mb``) as ``fit-implicit mesh`` does; returns the figures for fit.json."""
     import torch
 
-    from fit_implicit.backend.export.gltf import write_textured
+    from fit_implicit.backend.export.files import write_textured
     from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.export.texture import texture_mesh
 
@@ -291,6 +267,7 @@ def _levels(text: str) -> list[float]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     import torch
+    from lego import commit     # benchmarks/lego.py (imports torch, as this phase does)
 
     from fit_implicit.backend.cli import _overrides
     from fit_implicit.backend.fitting.data import load_transforms, split_holdout
@@ -581,6 +558,8 @@ def main(argv=None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < (0 if name in ("size", "faces") else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {'>= 0' if name in ('size', 'faces') else '>= 1'}, got {value}")
+    # The entry point's usual few lines, as in backend/cli.py main (ValueError -> "error: ..." on
+    # stderr, exit status 2); a stand-alone script keeps its own (a deliberate repeat).
     try:
         return args.func(args)
     except ValueError as exc:

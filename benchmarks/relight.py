@@ -38,18 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from fit_implicit.backend.fitting import metrics  # noqa: E402
+
 ASSET_COLLECTION = "Relight Asset"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two (H, W, 4) uint8 RGBA images composited on black, over covered pixels."""
+    """PSNR (dB) of two (H, W, 4) uint8 RGBA images composited on black, over covered pixels
+    (not backend.fitting.metrics.psnr_white's whole image on white: the relit renders are
+    compared where either shows the object)."""
     fa = a[..., :3].astype(np.float64) * (a[..., 3:] / 255.0) / 255.0
     fb = b[..., :3].astype(np.float64) * (b[..., 3:] / 255.0) / 255.0
     mask = (a[..., 3] > 0) | (b[..., 3] > 0)
     if not mask.any():
         return float("inf")
-    mse = float(np.mean((fa[mask] - fb[mask]) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+    return metrics.psnr(float(np.mean((fa[mask] - fb[mask]) ** 2)))
 
 
 def projected_albedo(points: np.ndarray, dataset: Path, tolerance: float = 0.02) -> np.ndarray:
@@ -219,7 +222,8 @@ def tiny(out: Path, steps: int) -> dict:
           "--size", "64", "--samples", "8"])
     _run([py, "-m", "fit_implicit.backend", "fit", str(data / "transforms_train.json"), "--out", str(out / "run_nerf"),
           "--method", "nerf", "--preset", "draft", "--steps", str(steps), "--device", "cpu"])
-    from fit_implicit.backend.export.mesh import extract_mesh, write_mesh  # what `fit-implicit mesh` does
+    from fit_implicit.backend.export.files import write_mesh  # what `fit-implicit mesh` does
+    from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.fitting.runs import load_run
 
     verts, faces, colors = extract_mesh(load_run(out / "run_nerf", device="cpu"), 64)

@@ -37,7 +37,7 @@ def bumpy_torus(faces: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> int:
     import torch
 
-    from fit_implicit.backend.export import gltf
+    from fit_implicit.backend.export import glb
     from fit_implicit.backend.export import texture as tx
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.model import FittedField
@@ -64,7 +64,7 @@ def main() -> int:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        gltf.write_glb(Path(tmp) / "x.glb", mesh, baked)
+        glb.write_textured(Path(tmp) / "x.glb", mesh, baked)
         size_mb = (Path(tmp) / "x.glb").stat().st_size / 1e6
     t2 = time.perf_counter()
     for key in ("decimate", "unwrap", "raster", "query", "images"):

@@ -1,5 +1,6 @@
-"""Textured mesh files (.glb, .obj + .mtl, .ply + PNGs) written by backend/export/gltf.py,
-read back with their own parsers: vertices stay in world units, UVs and textures round-trip."""
+"""Textured mesh files (.glb, .obj + .mtl, .ply + PNGs) written by backend/export/glb.py, obj.py
+and ply.py (export/files.py picks one by suffix), read back with their own parsers: vertices stay
+in world units, UVs and textures round-trip."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fit_implicit.backend.export import gltf
+from fit_implicit.backend.export import glb
+from fit_implicit.backend.export.files import write_textured
+from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, png_bytes
 from fit_implicit.backend.export import texture as tx
 from test_texture import HalvesBall, sphere_mesh
 
@@ -29,25 +32,25 @@ def textured():
 
 def test_glb_round_trips_geometry_uvs_and_pbr_textures(tmp_path, textured):
     mesh, baked = textured
-    path = gltf.write_glb(tmp_path / "x.glb", mesh, baked)
-    doc, binary = gltf.read_glb(path)
+    path = glb.write_textured(tmp_path / "x.glb", mesh, baked)
+    doc, binary = glb.read_glb(path)
     prim = doc["meshes"][0]["primitives"][0]
-    pos = gltf.glb_accessor(doc, binary, prim["attributes"]["POSITION"])
+    pos = glb.glb_accessor(doc, binary, prim["attributes"]["POSITION"])
     # glTF is Y up: (x, y, z) was stored as (x, z, -y); undo it and compare in world units.
     np.testing.assert_allclose(np.stack([pos[:, 0], -pos[:, 2], pos[:, 1]], 1), mesh.vertices, atol=1e-6)
-    uv = gltf.glb_accessor(doc, binary, prim["attributes"]["TEXCOORD_0"])
+    uv = glb.glb_accessor(doc, binary, prim["attributes"]["TEXCOORD_0"])
     np.testing.assert_allclose(np.stack([uv[:, 0], 1.0 - uv[:, 1]], 1), mesh.uvs, atol=1e-6)
-    idx = gltf.glb_accessor(doc, binary, prim["indices"]).reshape(-1, 3)
+    idx = glb.glb_accessor(doc, binary, prim["indices"]).reshape(-1, 3)
     np.testing.assert_array_equal(idx, mesh.faces)
-    tangents = gltf.glb_accessor(doc, binary, prim["attributes"]["TANGENT"])
+    tangents = glb.glb_accessor(doc, binary, prim["attributes"]["TANGENT"])
     assert set(np.unique(tangents[:, 3])) <= {-1.0, 1.0}
-    np.testing.assert_allclose(np.linalg.norm(gltf.glb_accessor(doc, binary, prim["attributes"]["NORMAL"]), axis=1),
+    np.testing.assert_allclose(np.linalg.norm(glb.glb_accessor(doc, binary, prim["attributes"]["NORMAL"]), axis=1),
                                1.0, atol=1e-5)
     mat = doc["materials"][prim["material"]]
     pbr = mat["pbrMetallicRoughness"]
 
     def image_of(texture_ref):
-        return gltf.glb_image(doc, binary, doc["textures"][texture_ref["index"]]["source"])
+        return glb.glb_image(doc, binary, doc["textures"][texture_ref["index"]]["source"])
 
     np.testing.assert_array_equal(image_of(pbr["baseColorTexture"]), baked.albedo)
     np.testing.assert_array_equal(image_of(mat["normalTexture"]), baked.normal)
@@ -64,7 +67,7 @@ def test_glb_round_trips_geometry_uvs_and_pbr_textures(tmp_path, textured):
 
 def test_glb_framing_is_valid_for_strict_readers(tmp_path, textured):
     mesh, baked = textured
-    data = gltf.write_glb(tmp_path / "x.glb", mesh, baked).read_bytes()
+    data = glb.write_textured(tmp_path / "x.glb", mesh, baked).read_bytes()
     assert len(data) % 4 == 0
     doc = json.loads(data[20:20 + int.from_bytes(data[12:16], "little")])
     for view in doc["bufferViews"]:
@@ -75,15 +78,15 @@ def test_glb_framing_is_valid_for_strict_readers(tmp_path, textured):
 def test_glb_without_roughness_uses_a_constant(tmp_path, textured):
     mesh, baked = textured
     plain = tx.BakedTextures(baked.albedo, baked.normal, None, baked.coverage)
-    doc, _ = gltf.read_glb(gltf.write_glb(tmp_path / "y.glb", mesh, plain))
+    doc, _ = glb.read_glb(glb.write_textured(tmp_path / "y.glb", mesh, plain))
     pbr = doc["materials"][0]["pbrMetallicRoughness"]
-    assert "metallicRoughnessTexture" not in pbr and pbr["roughnessFactor"] == gltf.DEFAULT_ROUGHNESS
+    assert "metallicRoughnessTexture" not in pbr and pbr["roughnessFactor"] == DEFAULT_ROUGHNESS
     assert len(doc["images"]) == 2
 
 
 def test_obj_with_mtl_and_pngs(tmp_path, textured):
     mesh, baked = textured
-    path = gltf.write_textured(tmp_path / "x.obj", mesh, baked)
+    path = write_textured(tmp_path / "x.obj", mesh, baked)
     lines = path.read_text().splitlines()
     v = np.array([[float(t) for t in ln.split()[1:]] for ln in lines if ln.startswith("v ")])
     vt = np.array([[float(t) for t in ln.split()[1:]] for ln in lines if ln.startswith("vt ")])
@@ -100,7 +103,7 @@ def test_obj_with_mtl_and_pngs(tmp_path, textured):
 
 def test_ply_with_uvs(tmp_path, textured):
     mesh, baked = textured
-    data = gltf.write_textured(tmp_path / "x.ply", mesh, baked).read_bytes()
+    data = write_textured(tmp_path / "x.ply", mesh, baked).read_bytes()
     end = data.index(b"end_header\n") + len(b"end_header\n")
     header = data[:end].decode()
     assert "comment TextureFile x_albedo.png" in header and "property float s" in header
@@ -114,13 +117,13 @@ def test_ply_with_uvs(tmp_path, textured):
 def test_bad_inputs_are_refused(tmp_path, textured):
     mesh, baked = textured
     with pytest.raises(ValueError, match="unknown textured mesh format"):
-        gltf.write_textured(tmp_path / "x.stl", mesh, baked)
+        write_textured(tmp_path / "x.stl", mesh, baked)
     with pytest.raises(ValueError, match="not a glTF 2.0 binary"):
         (tmp_path / "bad.glb").write_bytes(b"\0" * 64)
-        gltf.read_glb(tmp_path / "bad.glb")
+        glb.read_glb(tmp_path / "bad.glb")
     with pytest.raises(ValueError, match="uint8 image"):
-        gltf.png_bytes(np.zeros((4, 4, 3), np.float32))
-    assert io.BytesIO(gltf.png_bytes(baked.roughness)).getvalue()[:4] == b"\x89PNG"
+        png_bytes(np.zeros((4, 4, 3), np.float32))
+    assert io.BytesIO(png_bytes(baked.roughness)).getvalue()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow   # a subprocess that imports torch and meshes (about 20 s on 2 cores)
@@ -144,14 +147,14 @@ def test_cli_mesh_writes_a_textured_glb_in_world_units(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "textures: 128x128 (albedo, normal)" in proc.stdout
-    doc, binary = gltf.read_glb(out)
+    doc, binary = glb.read_glb(out)
     prim = doc["meshes"][0]["primitives"][0]
-    pos = gltf.glb_accessor(doc, binary, prim["attributes"]["POSITION"])
+    pos = glb.glb_accessor(doc, binary, prim["attributes"]["POSITION"])
     world = np.stack([pos[:, 0], -pos[:, 2], pos[:, 1]], 1)
     # World frame, not the trainer's normalised one (centre 0, radius 0.5): the blob sits at
     # (5, 0, 1) with about the world radius (the untrained hash grid bumps it), inside the box.
     assert np.allclose(world.mean(0), [5.0, 0.0, 1.0], atol=0.25)
     assert 0.8 < np.median(np.linalg.norm(world - [5.0, 0.0, 1.0], axis=1)) < 1.8
     assert (world >= aabb[0] - 1e-4).all() and (world <= aabb[1] + 1e-4).all()
-    assert gltf.glb_image(doc, binary, 0).shape == (128, 128, 3)
+    assert glb.glb_image(doc, binary, 0).shape == (128, 128, 3)
     assert "normalTexture" in doc["materials"][0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fit_implicit.backend.export import gltf
+from fit_implicit.backend.export import glb
 from fit_implicit.backend.export import texture as tx
 from bpy_helpers import requires_bpy, run_bpy
 from test_texture import HalvesBall, sphere_mesh
@@ -25,7 +25,7 @@ def baked_ball(tmp_path_factory):
     np.savez(folder / "ball.npz", vertices=mesh.vertices, faces=mesh.faces, uvs=mesh.uvs,
              colors=tx.vertex_colors_from(mesh, baked), albedo=baked.albedo, normal=baked.normal,
              roughness=baked.roughness)
-    gltf.write_glb(folder / "ball.glb", mesh, baked)
+    glb.write_textured(folder / "ball.glb", mesh, baked)
     return folder, mesh
 
 

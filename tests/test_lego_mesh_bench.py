@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lego_mesh as lm  # noqa: E402
-from fit_implicit.backend.export import gltf  # noqa: E402
+from fit_implicit.backend.export import glb  # noqa: E402
 from fit_implicit.backend.export import texture as tx  # noqa: E402
 from test_texture import sphere_mesh  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_glb_reads_back_in_blenders_frame_and_shrinks_under_a_cap(tmp_path):
     verts = verts + np.array([1.0, -2.0, 0.5])                 # off the origin: axis swaps show
     mesh = tx.unwrap(verts.astype(np.float32), faces, size=64, padding=2)
     baked = gradient_textures()
-    path = gltf.write_glb(tmp_path / "a.glb", mesh, baked)
+    path = glb.write_textured(tmp_path / "a.glb", mesh, baked)
 
     got = lm.read_textured_glb(path)
     np.testing.assert_allclose(got["vertices"], mesh.vertices, atol=1e-6)     # Z up, world units
@@ -72,7 +72,7 @@ def test_glb_reads_back_in_blenders_frame_and_shrinks_under_a_cap(tmp_path):
     # within a few levels (quality 95).
     with pytest.raises(ValueError, match="lower --faces or --texture-size"):
         lm.fit_glb_under(path, 1000)
-    doc, _ = gltf.read_glb(path)
+    doc, _ = glb.read_glb(path)
     assert [im["mimeType"] for im in doc["images"]] == ["image/jpeg", "image/jpeg"]
     again = lm.read_textured_glb(path)
     np.testing.assert_allclose(again["vertices"], mesh.vertices, atol=1e-6)
@@ -125,7 +125,7 @@ def test_scoring_is_exact_for_the_true_geometry(scene, tmp_path):
     s = 128
     flat = tx.BakedTextures(np.full((s, s, 3), 200, np.uint8), np.tile(np.array([128, 128, 255], np.uint8), (s, s, 1)),
                             None, np.ones((s, s), bool))
-    gltf.write_glb(tmp_path / lm.GLB_NAME, mesh, flat)
+    glb.write_textured(tmp_path / lm.GLB_NAME, mesh, flat)
     (tmp_path / lm.HOLDOUT_JSON).write_text(json.dumps(lm.holdout_doc(scene, 8)))
     r = run("score", "--run", str(tmp_path), "--data", str(scene), "--samples", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

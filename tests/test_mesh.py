@@ -11,10 +11,12 @@ from torch import nn
 
 from fit_implicit.backend.export.cleanup import euler_characteristic, is_watertight, signed_volume
 from fit_implicit.backend.export.iso import DEFAULT_OPACITY, iso_level
-from fit_implicit.backend.export.mesh import extract_mesh, srgb_to_linear, write_mesh
+from fit_implicit.backend.export.files import write_mesh
+from fit_implicit.backend.export.mesh import extract_mesh
 from fit_implicit.backend.fitting.model import FittedField
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
 from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.shared.color import srgb_to_linear
 
 AABB = np.array([[7.0, -7.0, -1.0], [13.0, -1.0, 5.0]])       # centre (10, -4, 2), half-size 3
 CENTER_N = torch.tensor([0.5 / 3.0, 0.0, 0.0])                 # sphere centre, normalised

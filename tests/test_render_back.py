@@ -11,15 +11,11 @@ import pytest
 
 import synthetic
 from helpers import BackendProcess, RawPeer, make_submit
+from fit_implicit.backend.fitting.metrics import psnr_white
 from fit_implicit.shared import cameras, protocol
 
 SIZE = 32
 BOUND_DB = 20.0
-
-
-def psnr_on_white(pred: np.ndarray, target: np.ndarray) -> float:
-    from fit_implicit.backend.fitting.metrics import psnr_white
-    return psnr_white(pred, target)
 
 
 def held_out_cameras(count=3):
@@ -71,7 +67,7 @@ def test_render_job_matches_the_analytic_scene(fitted):
     renders = [m for m in messages if isinstance(m, protocol.RenderResult)]
     assert [m.index for m in renders] == [0, 1, 2] and all(m.job_id == accepted.job_id for m in renders)
     assert renders[2].image.shape == (SIZE, 2 * SIZE, 4)
-    scores = [psnr_on_white(m.image, synthetic.render(k[i], poses[i], *sizes[i])) for i, m in enumerate(renders)]
+    scores = [psnr_white(m.image, synthetic.render(k[i], poses[i], *sizes[i])) for i, m in enumerate(renders)]
     print("held-out PSNR of renders back:", [f"{s:.2f}" for s in scores])
     assert min(scores) > BOUND_DB, scores
     assert messages[-1].summary["views"] == 3
@@ -153,7 +149,7 @@ def test_render_with_field_operator_writes_pngs_and_a_sequence(fitted, tmp_path)
         from PIL import Image
         for i, name in enumerate(files):
             got = np.asarray(Image.open(out / name).convert("RGBA"))
-            score = psnr_on_white(got, synthetic.render(k[i], poses[i], SIZE, SIZE))
+            score = psnr_white(got, synthetic.render(k[i], poses[i], SIZE, SIZE))
             assert score > BOUND_DB, (name, score)
         # No fitted field: a clear report, nothing sent.
         del scene[render_back.SCENE_JOB_KEY]

@@ -27,12 +27,9 @@ normal: a short volume rendering from just outside the surface.
 """
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -297,112 +294,3 @@ def vertex_colors(model, verts: np.ndarray, normals: np.ndarray, offset: float, 
         _, direct = model.field(model.to_normalised(vc), -nc)
         out.append(torch.where(ray.opacity[:, None] > 0.1, seen, direct))
     return torch.cat(out).clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-def write_mesh(path: str | Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> Path:
-    """Write a coloured triangle mesh; the format follows the suffix.
-
-    * ``.ply``: binary little endian, float xyz + uchar red/green/blue (sRGB) per vertex.
-    * ``.obj``: ``v x y z r g b`` (sRGB in [0, 1]) and 1-based ``f`` lines.
-    * ``.glb``: glTF 2.0 binary with POSITION, COLOR_0, indices and one default material.
-      glTF is +Y up, so Z-up world points (x, y, z) are stored as (x, z, -y), exactly what
-      Blender's glTF importer undoes; COLOR_0 holds linear colours, as glTF requires.
-
-    Args:
-        verts: (V, 3) float world.  faces: (F, 3) int, 0-based.  colors: (V, 3) float sRGB [0, 1].
-    """
-    path = Path(path)
-    verts = np.asarray(verts, dtype=np.float32)
-    faces = np.asarray(faces, dtype=np.int64)
-    colors = np.clip(np.asarray(colors, dtype=np.float32), 0.0, 1.0)
-    if verts.ndim != 2 or verts.shape[1] != 3 or colors.shape != verts.shape:
-        raise ValueError(f"verts and colors must both be (V, 3), got {verts.shape} and {colors.shape}")
-    if faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError(f"faces must be (F, 3), got {faces.shape}")
-    if faces.size and (faces.min() < 0 or faces.max() >= len(verts)):
-        raise ValueError(f"face indices must be in [0, {len(verts)})")
-    writers = {".ply": _write_ply, ".obj": _write_obj, ".glb": _write_glb}
-    writer = writers.get(path.suffix.lower())
-    if writer is None:
-        raise ValueError(f"{path.name}: unknown mesh format (use {', '.join(writers)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer(path, verts, faces, colors)
-    return path
-
-
-def _rgb8(colors: np.ndarray) -> np.ndarray:
-    return (colors * 255.0 + 0.5).astype(np.uint8)
-
-
-def _write_ply(path: Path, verts, faces, colors) -> None:
-    header = (f"ply\nformat binary_little_endian 1.0\ncomment Fit Implicit\n"
-              f"element vertex {len(verts)}\nproperty float x\nproperty float y\nproperty float z\n"
-              f"property uchar red\nproperty uchar green\nproperty uchar blue\n"
-              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
-    v = np.empty(len(verts), dtype=[("p", "<f4", 3), ("c", "u1", 3)])
-    v["p"], v["c"] = verts, _rgb8(colors)
-    f = np.empty(len(faces), dtype=[("n", "u1"), ("i", "<i4", 3)])
-    f["n"], f["i"] = 3, faces
-    with open(path, "wb") as fh:
-        fh.write(header.encode("ascii"))
-        fh.write(v.tobytes())
-        fh.write(f.tobytes())
-
-
-def _write_obj(path: Path, verts, faces, colors) -> None:
-    with open(path, "w") as fh:
-        fh.write("# Fit Implicit: vertex colours are sRGB in [0, 1]\n")
-        np.savetxt(fh, np.hstack([verts, colors]), fmt="v %.6f %.6f %.6f %.4f %.4f %.4f")
-        np.savetxt(fh, faces + 1, fmt="f %d %d %d")
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
-
-
-GLB_MAGIC, GLB_JSON, GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942
-ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
-FLOAT, UNSIGNED_INT = 5126, 5125
-
-
-def _write_glb(path: Path, verts, faces, colors) -> None:
-    if not len(verts) or not len(faces):
-        raise ValueError("cannot write an empty mesh as glTF (accessors need at least one element)")
-    pos = np.ascontiguousarray(np.stack([verts[:, 0], verts[:, 2], -verts[:, 1]], axis=1), dtype="<f4")
-    col = np.ascontiguousarray(srgb_to_linear(colors), dtype="<f4")
-    idx = np.ascontiguousarray(faces.reshape(-1), dtype="<u4")
-    blobs = [pos.tobytes(), col.tobytes(), idx.tobytes()]   # all multiples of 4 bytes
-    offsets = np.cumsum([0] + [len(b) for b in blobs])
-    targets = [ARRAY_BUFFER, ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER]
-    doc = {
-        "asset": {"version": "2.0", "generator": "Fit Implicit"},
-        "scene": 0,
-        "scenes": [{"nodes": [0]}],
-        "nodes": [{"mesh": 0, "name": path.stem}],
-        "meshes": [{"name": path.stem, "primitives": [{
-            "attributes": {"POSITION": 0, "COLOR_0": 1}, "indices": 2, "material": 0, "mode": 4}]}],
-        "materials": [{"name": "vertex_colour", "pbrMetallicRoughness": {
-            "baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}}],
-        "buffers": [{"byteLength": int(offsets[-1])}],
-        "bufferViews": [{"buffer": 0, "byteOffset": int(o), "byteLength": len(b), "target": t}
-                        for o, b, t in zip(offsets, blobs, targets)],
-        "accessors": [
-            {"bufferView": 0, "componentType": FLOAT, "count": len(pos), "type": "VEC3",
-             "min": pos.min(0).tolist(), "max": pos.max(0).tolist()},
-            {"bufferView": 1, "componentType": FLOAT, "count": len(col), "type": "VEC3"},
-            {"bufferView": 2, "componentType": UNSIGNED_INT, "count": len(idx), "type": "SCALAR",
-             "min": [int(idx.min())], "max": [int(idx.max())]},
-        ],
-    }
-    js = json.dumps(doc, separators=(",", ":")).encode("utf-8")
-    js += b" " * (-len(js) % 4)
-    binary = b"".join(blobs)
-    binary += b"\0" * (-len(binary) % 4)
-    total = 12 + 8 + len(js) + 8 + len(binary)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<III", GLB_MAGIC, 2, total))
-        fh.write(struct.pack("<II", len(js), GLB_JSON) + js)
-        fh.write(struct.pack("<II", len(binary), GLB_BIN) + binary)

@@ -1,0 +1,51 @@
+"""Wavefront .obj: the one OBJ writer, for vertex-coloured meshes (:func:`write_colored`:
+``v x y z r g b`` with sRGB in [0, 1]) and textured ones (:func:`write_textured`: v, vt with v
+up, vn and ``f v/vt/vn``, + .mtl + PNGs).  Positions in world units, Z up; 1-based indices.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, check_textured, write_pngs
+
+
+def write_colored(path: Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> None:
+    """A vertex-coloured mesh.
+
+    Args:
+        verts: (V, 3) float32 world.  faces: (F, 3) int64, 0-based.  colors: (V, 3) float32 sRGB
+        in [0, 1].  (As export/files.py write_mesh checks and converts them.)
+    """
+    with open(path, "w") as fh:
+        fh.write("# Fit Implicit: vertex colours are sRGB in [0, 1]\n")
+        np.savetxt(fh, np.hstack([verts, colors]), fmt="v %.6f %.6f %.6f %.4f %.4f %.4f")
+        np.savetxt(fh, faces + 1, fmt="f %d %d %d")
+
+
+def write_textured(path: str | Path, mesh, baked, name: str = "Implicit") -> Path:
+    """``mesh`` (a UVMesh) + ``.mtl`` + ``baked`` (BakedTextures) as PNGs; returns the path.
+    The .mtl names the albedo (map_Kd), the tangent-space normal map (map_Bump, read as a normal
+    map by Blender's OBJ importer; also ``norm``) and the roughness (map_Pr, PBR extension)."""
+    check_textured(mesh)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pngs = write_pngs(path, baked)
+    mtl = path.with_suffix(".mtl")
+    lines = [f"newmtl {name}", "Ka 0 0 0", "Kd 1 1 1", "Ks 0 0 0", "illum 1", f"map_Kd {pngs['albedo'].name}",
+             f"map_Bump {pngs['normal'].name}", f"norm {pngs['normal'].name}"]
+    if "roughness" in pngs:
+        lines.append(f"map_Pr {pngs['roughness'].name}")
+    else:
+        lines.append(f"Pr {DEFAULT_ROUGHNESS}")
+    mtl.write_text("# Fit Implicit\n" + "\n".join(lines) + "\n")
+    f = mesh.faces.astype(np.int64) + 1
+    with open(path, "w") as fh:
+        fh.write(f"# Fit Implicit: world units, Z up\nmtllib {mtl.name}\no {name}\n")
+        np.savetxt(fh, mesh.vertices, fmt="v %.6f %.6f %.6f")
+        np.savetxt(fh, mesh.uvs, fmt="vt %.6f %.6f")
+        np.savetxt(fh, mesh.normals, fmt="vn %.5f %.5f %.5f")
+        fh.write(f"usemtl {name}\ns 1\n")
+        np.savetxt(fh, np.repeat(f, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+    return path
