@@ -1,5 +1,4 @@
-"""Turning fitted fields into assets: meshes (and later UVs and textures)."""
-from fit_implicit.backend.export.files import write_mesh
-from fit_implicit.backend.export.mesh import extract_mesh
-
-__all__ = ["extract_mesh", "write_mesh"]
+"""Turning fitted fields into assets: the surface (mesh.py: marching_cubes.py, cleanup.py, the
+radiance field's iso-level in iso.py), UV textures (texture.py) and files, one writer per format
+(glb.py, obj.py, ply.py; files.py picks one by the file's suffix, textured.py holds what the
+textured writers share)."""

@@ -1,5 +1,4 @@
-"""Meshes from fitted fields (GPU marching cubes on an inside/outside field) and mesh files
-(.ply, .obj, .glb).
+"""Meshes from fitted fields: GPU marching cubes on an inside/outside field (files: files.py).
 
 The surface.  Every field method offers ``inside_field(x_world) -> (M,)``, positive inside and
 zero on the surface (FittedField.inside_field, backend/fitting/model.py): ``-sdf`` for signed distance fields,

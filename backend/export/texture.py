@@ -203,7 +203,7 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, *, size: int = DEFAULT_SIZE,
     atlas.generate(xatlas.ChartOptions(), pack)
     if atlas.atlas_count != 1:
         raise RuntimeError(f"xatlas made {atlas.atlas_count} atlases; one was expected")
-    out_v, out_f, out_uv, out_src = [], [], [], []
+    out_f, out_uv, out_src = [], [], []
     base = 0
     for i, used in enumerate(locals_):
         vmap, idx, uv = atlas[i]
