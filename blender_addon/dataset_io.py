@@ -18,12 +18,12 @@ Import reads transforms.json (global or per-frame intrinsics, lens model and dis
 or a COLMAP text model (shared.colmap) and makes cameras whose Blender intrinsics give them back
 (shared.cameras.blender_camera_from_intrinsics), with the images as camera backgrounds;
 :func:`photo_views` turns those cameras' photos (masks as alpha) into fit inputs.
-Main thread only; no torch here (the backend's reader is backend/fitting/data.py).
+Main thread only; no torch here.  shared/transforms.py parses transforms.json (frames,
+intrinsics, lens) for this import and for the backend's reader (backend/fitting/data.py).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +37,8 @@ from ._shared import cameras, colmap, transforms
 from .importer import ensure_collection
 
 IMPORT_COLLECTION = "Implicit Dataset"
-INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
-EXTRA_KEYS = ("camera_model", "is_fisheye", "k1", "k2", "k3", "k4", "p1", "p2", "mask_path")
+INTRINSIC_KEYS = transforms.INTRINSIC_KEYS
+EXTRA_KEYS = (*transforms.LENS_KEYS, "mask_path")
 
 
 class DatasetError(Exception):
@@ -156,24 +156,6 @@ def _image_size(path: Path | None) -> tuple[int, int] | None:
     return (int(w), int(h)) if w and h else None
 
 
-def frame_intrinsics(meta: dict, width: int, height: int) -> np.ndarray:
-    """fx, fy, cx, cy for an image of ``width`` x ``height`` from a frame's keys (global keys
-    overridden by per-frame ones); values written for another w/h are rescaled."""
-    dw, dh = (float(meta["w"]), float(meta["h"])) if "w" in meta and "h" in meta else (width, height)
-    sx, sy = width / dw, height / dh
-    if "fl_x" in meta or "fl_y" in meta:
-        fx = float(meta.get("fl_x", meta.get("fl_y"))) * sx
-        fy = float(meta.get("fl_y", meta.get("fl_x"))) * sy
-    elif "camera_angle_x" in meta:
-        fx = 0.5 * width / math.tan(0.5 * float(meta["camera_angle_x"]))
-        fy = 0.5 * height / math.tan(0.5 * float(meta["camera_angle_y"])) if "camera_angle_y" in meta else fx
-    else:
-        raise DatasetError("a frame has no intrinsics (need fl_x or camera_angle_x)")
-    cx = float(meta["cx"]) * sx if "cx" in meta else width / 2.0
-    cy = float(meta["cy"]) * sy if "cy" in meta else height / 2.0
-    return np.array([fx, fy, cx, cy], dtype=np.float64)
-
-
 def read_transforms(path: str) -> tuple[Path, list[dict], dict]:
     """(file, frames with merged keys + "name" + "c2w" + "image", top-level dict).  ``path``: the
     file or a folder holding transforms.json / transforms_train.json."""
@@ -227,18 +209,18 @@ def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECT
     file, frames, _doc_ = read_transforms(path)
     views = []
     for f in frames:
-        if "w" in f and "h" in f:
-            size = (int(f["w"]), int(f["h"]))
-        else:
-            size = _image_size(f["image"])
-            if size is None:
-                raise DatasetError(f"{file}: frame {f['name']!r} gives no w/h and its image is missing")
+        size = transforms.declared_size(f) or _image_size(f["image"])
+        if size is None:
+            raise DatasetError(f"{file}: frame {f['name']!r} gives no w/h and its image is missing")
         try:
             model, coeffs = transforms.frame_lens(f)
         except ValueError as exc:
             raise DatasetError(f"{file}: frame {f['name']!r}: {exc}") from None
+        k = transforms.frame_intrinsics(f, *size)
+        if k is None:
+            raise DatasetError("a frame has no intrinsics (need fl_x or camera_angle_x)")
         mask = f.get("mask_path")
-        views.append(View(name=f["name"], c2w=f["c2w"], intrinsics=frame_intrinsics(f, *size), width=size[0],
+        views.append(View(name=f["name"], c2w=f["c2w"], intrinsics=k, width=size[0],
                           height=size[1], image=f["image"], mask=Path(mask) if mask else None,
                           lens_model=model, distortion=coeffs,
                           props={key: f[key] for key in EXTRA_KEYS if key in f}))

@@ -24,7 +24,7 @@ import bpy
 import numpy as np
 
 from . import capture, dataset_io, importer, running
-from ._shared import protocol
+from ._shared import cameras, protocol
 
 START_HINT = "Start the backend with:  fit-implicit serve --bind {address}"
 
@@ -301,12 +301,12 @@ class FitSession:
 
     def _photo_aabb(self, photos: dict, width: int, height: int) -> np.ndarray:
         """(2, 3) world box of a photo fit: the padded box of the selected meshes, else the
-        region the cameras look at (:func:`cameras_aabb`)."""
+        region the cameras look at (shared/cameras.py looked_at_aabb)."""
         selected = capture.target_objects(self.view_layer, selected_only=True)
         if selected:
             return capture.padded_aabb(capture.world_bbox(selected, self.view_layer.depsgraph))
         try:
-            return cameras_aabb(photos["intrinsics"], photos["poses"], width, height)
+            return cameras.looked_at_aabb(photos["intrinsics"], photos["poses"], width, height)
         except ValueError as exc:
             raise FitError(f"Cannot tell where the photographed object is: {exc}. Select a mesh (e.g. a cube) "
                            "around the object: its box bounds the fit.") from None
@@ -620,36 +620,6 @@ def photo_image_problem(camera_object) -> str | None:
     return (f"Camera '{camera_object.name}' has no image: it came from a photo dataset "
             f"({data['implicit_image']}) but has no background image. Re-import the dataset, or add the photo "
             "as the camera's background image (Camera properties > Background Images).")
-
-
-def cameras_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A cube around what photo cameras look at (the rule of backend/fitting/data.py estimate_aabb).
-
-    Centre: the least-squares point nearest to every optical axis.  Half-size: over the cameras,
-    the smallest half-width of the view at the centre (distance times the tangent of the
-    narrower half field of view).
-    Args:
-        intrinsics: (N, 4) fx, fy, cx, cy of ``width`` x ``height`` images; poses: (N, 4, 4) c2w.
-    Returns:
-        (2, 3) float64 world min / max.
-    Raises:
-        ValueError when the axes do not meet (one camera, parallel axes).
-    """
-    k = np.asarray(intrinsics, dtype=np.float64).reshape(-1, 4)
-    p = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
-    origins = p[:, :3, 3]
-    axes = -p[:, :3, 2]                                   # cameras look down their -Z
-    axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
-    off_axis = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]   # (N, 3, 3) projectors
-    lhs, rhs = off_axis.sum(0), np.einsum("nij,nj->i", off_axis, origins)
-    if len(p) < 2 or np.linalg.cond(lhs) > 1e8:
-        raise ValueError("the cameras' optical axes do not meet")
-    centre = np.linalg.solve(lhs, rhs)
-    reach = np.linalg.norm(origins - centre, axis=1) * 0.5 * np.minimum(width / k[:, 0], height / k[:, 1])
-    half = float(reach.min())
-    if not half > 0:
-        raise ValueError("the cameras' views have no extent at the point they look at")
-    return np.stack([centre - half, centre + half])
 
 
 def show_in_image_editor(image) -> bool:

@@ -114,6 +114,47 @@ def project(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray) -> tupl
     return np.stack([u, v], axis=-1), depth
 
 
+class NoBoxError(ValueError):
+    """:func:`looked_at_aabb` found no box.  ``code``: "axes_apart" (one camera, or optical axes
+    that do not meet) or "no_extent" (the views have no size at the point they look at), for
+    callers that word it their own way."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def looked_at_aabb(intrinsics, poses, width: int, height: int) -> np.ndarray:
+    """A cube around what the cameras look at (the box of a fit when none is given).
+
+    Centre: the least-squares point nearest to every optical axis.  Half-size: over the cameras,
+    the smallest half-width of the view at the centre (distance times the tangent of the
+    narrower half field of view).  About +-1.45 for the NeRF lego scene.
+    Args:
+        intrinsics: (N, 4) fx, fy, cx, cy of ``width`` x ``height`` images; poses: (N, 4, 4) c2w.
+    Returns:
+        (2, 3) float64 world min / max.
+    Raises:
+        NoBoxError (a ValueError) when the axes do not meet (one camera, parallel axes) or the
+        views have no extent there.
+    """
+    k = np.asarray(intrinsics, dtype=np.float64).reshape(-1, 4)
+    p = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
+    origins = p[:, :3, 3]
+    axes = -p[:, :3, 2]                                   # cameras look down their -Z
+    axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
+    off_axis = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]   # (N, 3, 3) projectors
+    lhs, rhs = off_axis.sum(0), np.einsum("nij,nj->i", off_axis, origins)
+    if len(p) < 2 or np.linalg.cond(lhs) > 1e8:
+        raise NoBoxError("the cameras' optical axes do not meet", "axes_apart")
+    centre = np.linalg.solve(lhs, rhs)
+    reach = np.linalg.norm(origins - centre, axis=1) * 0.5 * np.minimum(width / k[:, 0], height / k[:, 1])
+    half = float(reach.min())
+    if not half > 0:
+        raise NoBoxError("the cameras' views have no extent at the point they look at", "no_extent")
+    return np.stack([centre - half, centre + half])
+
+
 def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     """Camera-to-world matrix (Blender convention) of a camera at ``eye`` looking at ``target``."""
     eye, target, up = (np.asarray(a, dtype=np.float64) for a in (eye, target, up))

@@ -8,6 +8,7 @@ text names the file and the frame.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -92,6 +93,40 @@ def read(path: str | Path, names: Sequence[str], keys: Sequence[str]) -> tuple[P
                                meta={**top, **{k: f[k] for k in keys if k in f}},
                                file_path=file_path, image=resolve_image(file.parent, file_path)))
     return file, frames, doc
+
+
+#: Keys of a frame (or the file's top level) that give its intrinsics; see :func:`frame_intrinsics`.
+INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
+
+
+def declared_size(meta: dict) -> tuple[int, int] | None:
+    """(width, height) written in a frame's merged keys (``w`` and ``h``), if both are there."""
+    if "w" in meta and "h" in meta:
+        return int(meta["w"]), int(meta["h"])
+    return None
+
+
+def frame_intrinsics(meta: dict, width: int, height: int) -> np.ndarray | None:
+    """(4,) float64 ``fx, fy, cx, cy`` for an image of ``width`` x ``height`` pixels from a frame's
+    merged keys; None when they give no focal length (neither fl_x / fl_y nor camera_angle_x).
+
+    ``fl_x`` / ``fl_y`` (either stands for both) and ``cx`` / ``cy`` written for another size (the
+    frame's w / h) are rescaled to this one; ``camera_angle_x`` (and ``camera_angle_y``, else square
+    pixels) are fields of view; without ``cx`` / ``cy`` the principal point is the image centre.
+    """
+    declared = declared_size(meta)
+    sx, sy = (width / declared[0], height / declared[1]) if declared else (1.0, 1.0)
+    if "fl_x" in meta or "fl_y" in meta:
+        fx = float(meta.get("fl_x", meta.get("fl_y"))) * sx
+        fy = float(meta.get("fl_y", meta.get("fl_x"))) * sy
+    elif "camera_angle_x" in meta:
+        fx = 0.5 * width / math.tan(0.5 * float(meta["camera_angle_x"]))
+        fy = 0.5 * height / math.tan(0.5 * float(meta["camera_angle_y"])) if "camera_angle_y" in meta else fx
+    else:
+        return None
+    cx = float(meta["cx"]) * sx if "cx" in meta else width / 2.0
+    cy = float(meta["cy"]) * sy if "cy" in meta else height / 2.0
+    return np.array([fx, fy, cx, cy], dtype=np.float64)
 
 
 #: Keys of a frame (or the file's top level) that describe its lens; see :func:`frame_lens`.

@@ -95,14 +95,14 @@ def test_photos_are_fitted_without_rendering(tmp_path, real_backend):
 
 
 def test_photo_aabb_from_cameras_holds_the_scene():
-    from fit_implicit.blender_addon import fit_session
+    from fit_implicit.shared import cameras     # the rule of photo fits (fit_session._photo_aabb)
     ks, poses = synthetic.camera_rig(VIEWS, SIZE)
-    box = fit_session.cameras_aabb(ks, poses, SIZE, SIZE)
+    box = cameras.looked_at_aabb(ks, poses, SIZE, SIZE)
     assert np.allclose(0.5 * (box[0] + box[1]), synthetic.CENTER, atol=1e-6)
     # 10.5 away, half field of view 0.35 rad: half-size 10.5 * tan(0.35) = 3.83
     assert np.allclose(box[1] - box[0], 2 * 4.2 * synthetic.SCALE * np.tan(0.35), rtol=1e-6)
     with pytest.raises(ValueError, match="do not meet"):
-        fit_session.cameras_aabb(ks[:1], poses[:1], SIZE, SIZE)
+        cameras.looked_at_aabb(ks[:1], poses[:1], SIZE, SIZE)
 
 
 def test_missing_photo_names_the_camera(tmp_path):

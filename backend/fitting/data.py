@@ -6,7 +6,6 @@ normalises internally.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fit_implicit.shared import transforms
+from fit_implicit.shared import cameras, transforms
 from fit_implicit.shared.protocol import NO_ROUGHNESS, PASS_DTYPES, PASS_NAMES
 
 from fit_implicit.backend.fitting import lens
@@ -173,34 +172,18 @@ class Frame:
 
     def declared_size(self) -> tuple[int, int] | None:
         """(width, height) written in the file, if any."""
-        if "w" in self.meta and "h" in self.meta:
-            return int(self.meta["w"]), int(self.meta["h"])
-        return None
+        return transforms.declared_size(self.meta)
 
     def intrinsics(self, width: int, height: int) -> np.ndarray:
-        """(4,) float64 ``fx, fy, cx, cy`` for an image of ``width`` x ``height`` pixels.
-
-        Focal lengths and principal points written for another size (the file's w/h) are
-        rescaled to this one.
-        """
-        m = self.meta
-        declared = self.declared_size()
-        sx, sy = (width / declared[0], height / declared[1]) if declared else (1.0, 1.0)
-        if "fl_x" in m or "fl_y" in m:
-            fx = float(m.get("fl_x", m.get("fl_y"))) * sx
-            fy = float(m.get("fl_y", m.get("fl_x"))) * sy
-        elif "camera_angle_x" in m:
-            fx = 0.5 * width / math.tan(0.5 * float(m["camera_angle_x"]))
-            fy = 0.5 * height / math.tan(0.5 * float(m["camera_angle_y"])) if "camera_angle_y" in m else fx
-        else:
+        """(4,) float64 ``fx, fy, cx, cy`` for an image of ``width`` x ``height`` pixels
+        (shared/transforms.py frame_intrinsics: values written for the file's w/h are rescaled)."""
+        k = transforms.frame_intrinsics(self.meta, width, height)
+        if k is None:
             raise ValueError(f"frame {self.name!r}: no intrinsics (need camera_angle_x or fl_x)")
-        cx = float(m["cx"]) * sx if "cx" in m else width / 2.0
-        cy = float(m["cy"]) * sy if "cy" in m else height / 2.0
-        return np.array([fx, fy, cx, cy], dtype=np.float64)
+        return k
 
 
-_INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h",
-                   "mask_path", *transforms.LENS_KEYS)
+_INTRINSIC_KEYS = (*transforms.INTRINSIC_KEYS, "mask_path", *transforms.LENS_KEYS)
 #: Optional per-frame pass files (top-level "depth_scale" may be overridden per frame):
 #:   "albedo_path": 8-bit PNG, RGB or RGBA (alpha ignored), sRGB-encoded diffuse colour.
 #:   "normal_path": 8-bit RGB PNG, world normal n = 2 * v / 255 - 1 (renormalised); (0, 0, 0) = no surface.
@@ -391,33 +374,21 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
 
 
 def estimate_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A cube around what the cameras look at.
-
-    Centre: the point nearest (least squares) to all optical axes.  Half-size: the smallest, over
-    cameras, of the distance to the centre times the tangent of the narrower half field of view,
-    i.e. the half-width of the tightest view at the centre.  About +-1.45 for the NeRF lego scene.
+    """A cube around what the cameras look at: shared/cameras.py looked_at_aabb (the rule the
+    add-on's photo fits use too), with this reader's advice to give an 'aabb'.
 
     Args:
         intrinsics: (N, 4) float64.  poses: (N, 4, 4) float64.
     Returns:
         (2, 3) float64.
     """
-    origins = poses[:, :3, 3]
-    axes = -poses[:, :3, 2]
-    axes = axes / np.linalg.norm(axes, axis=1, keepdims=True)
-    proj = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]        # (N, 3, 3)
-    a = proj.sum(0)
-    b = np.einsum("nij,nj->i", proj, origins)
-    if len(poses) < 2 or np.linalg.cond(a) > 1e8:  # one camera, or parallel optical axes
-        raise ValueError("cannot estimate a bounding box: the cameras' optical axes do not converge; "
-                         "give an 'aabb'")
-    centre = np.linalg.solve(a, b)
-    dist = np.linalg.norm(origins - centre, axis=1)
-    tan_half = 0.5 * np.minimum(width / intrinsics[:, 0], height / intrinsics[:, 1])
-    half = float(np.min(dist * tan_half))
-    if not half > 0:
-        raise ValueError("cannot estimate a bounding box from these cameras; give an 'aabb'")
-    return np.stack([centre - half, centre + half])
+    try:
+        return cameras.looked_at_aabb(intrinsics, poses, width, height)
+    except cameras.NoBoxError as exc:
+        if exc.code == "axes_apart":   # one camera, or parallel optical axes
+            raise ValueError("cannot estimate a bounding box: the cameras' optical axes do not converge; "
+                             "give an 'aabb'") from None
+        raise ValueError("cannot estimate a bounding box from these cameras; give an 'aabb'") from None
 
 
 def from_submit(msg: Any) -> PosedImages:
