@@ -18,7 +18,10 @@ was restarted (the job resumes from its last checkpoint).
 
 Failures detected here (no backend, backend died, version mismatch, job refused with an Error,
 malformed message) arrive as a Failed made up by the client, whose text says what happened and
-what to do.  Pongs and Errors that do not end the job are only logged.
+whose ``code`` says what kind of failure it was (the codes below; a refusal keeps the Error's
+code, e.g. "unknown_job", "queue_full", "version_mismatch").  Every BackendError carries such a
+code too.  Callers decide by code, never by the text.  Pongs and Errors that do not end the job
+are only logged.
 
 CurveZMQ (a backend on another machine, or one started with ``--curve``): pass the backend's
 public key (``server.key`` in its keys folder) as ``server_public_key`` and this client's key
@@ -45,17 +48,31 @@ CLIENT_NAME = "fit-implicit blender add-on"
 MAX_MESSAGE_BYTES = 4 << 30   # the backend's default limit for one message
 
 
-class BackendError(RuntimeError):
-    """Talking to the backend failed; the text is meant for the user.  ``code``: one of the
-    handshake states below when the CurveZMQ handshake failed, else ""."""
+# Codes of the failures this client detects itself (BackendError.code, and the code of the
+# Failed it makes up); the backend's own codes (Error.code, Failed.code) pass through as they are.
+UNREACHABLE = "unreachable"            # nothing answered, the backend stopped answering
+VERSION_MISMATCH = "version_mismatch"  # the same code as the wire's Error
+MALFORMED_REPLY = "malformed_reply"    # the backend sent something that is not a valid message
+UNEXPECTED_REPLY = "unexpected_reply"  # a valid message, but not the one the handshake expects
+NOT_ACCEPTED = "not_accepted"          # the job was uploaded but never accepted
+BAD_ADDRESS = "bad_address"            # not a tcp://HOST:PORT address
+BAD_KEYS = "bad_keys"                  # CurveZMQ keys missing, malformed or not a pair
+INVALID_JOB = "invalid_job"            # the job does not validate, or is too large to send
+ALREADY_STARTED = "already_started"    # a JobClient runs one job
+CLIENT_ERROR = "client_error"          # a bug in the client thread
+# A failed CurveZMQ handshake, as told by the socket's monitor (see handshake_problem).
+REFUSED, NEEDS_KEYS, HANDSHAKE_FAILED = "refused", "needs keys", "handshake failed"
 
-    def __init__(self, message: str, code: str = ""):
+
+class BackendError(RuntimeError):
+    """Talking to the backend failed; the text says what happened, for the user.  ``code``: what
+    kind of failure (one of the codes above, or the code of the backend's Error)."""
+
+    def __init__(self, message: str, code: str):
         super().__init__(message)
         self.code = code
 
 
-# A failed CurveZMQ handshake, as told by the socket's monitor (see handshake_problem).
-REFUSED, NEEDS_KEYS, HANDSHAKE_FAILED = "refused", "needs keys", "handshake failed"
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -63,29 +80,30 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
 def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes | None = None,
           client_public_key: str | bytes | None = None,
           client_secret_key: str | bytes | None = None) -> protocol.Welcome:
-    """Handshake only: returns the backend's Welcome or raises BackendError with a clear text."""
+    """Handshake only: returns the backend's Welcome or raises BackendError with a clear text
+    and its code."""
     curve = curve_keys(server_public_key, client_public_key, client_secret_key)
     sock, events = _connect(address, curve, watch=True)
     try:
         sock.send_multipart(protocol.Hello(client=CLIENT_NAME).to_frames())
         if not _wait_for_reply(sock, events, address, curve, timeout):
             raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?"
-                               + _curve_hint(curve))
+                               + _curve_hint(curve), UNREACHABLE)
         try:
             reply = protocol.decode_message(sock.recv_multipart(copy=False))
         except protocol.WireError as exc:
-            raise BackendError(_decode_failure(address, exc)) from exc
+            raise BackendError(*_decode_failure(address, exc)) from exc
     finally:
         sock.disable_monitor()
         events.close(linger=0)
         sock.close(linger=0)
     if isinstance(reply, protocol.Error):
-        raise BackendError(_refusal(address, reply))
+        raise BackendError(*_refusal(address, reply))
     if not isinstance(reply, protocol.Welcome):
-        raise BackendError(f"the backend at {address} answered the handshake with {reply.TYPE!r} instead of welcome")
+        raise BackendError(f"the backend at {address} answered the handshake with {reply.TYPE!r} instead of welcome",
+                           UNEXPECTED_REPLY)
     if reply.protocol != protocol.PROTOCOL_VERSION:
-        raise BackendError(_version_text(address, f"backend speaks {reply.protocol}, "
-                                                  f"this add-on speaks {protocol.PROTOCOL_VERSION}"))
+        raise BackendError(*_other_version(address, reply))
     return reply
 
 
@@ -105,6 +123,7 @@ class JobClient:
     Attributes (read them from the thread that calls poll()):
         finished: True once poll() has returned the job's Done, Failed or Cancelled.
         error: the text of that Failed (backend-side or client-side), else None.
+        error_code: the code of that Failed ("" when it has none), else None.
         job_id: the backend's id for the job, once it has been accepted.
     """
 
@@ -118,6 +137,7 @@ class JobClient:
         self.accept_timeout = accept_timeout
         self.finished = False
         self.error: str | None = None
+        self.error_code: str | None = None
         self.job_id: str | None = None
         self.welcome: protocol.Welcome | None = None
         self._inbox = _Inbox()
@@ -134,16 +154,16 @@ class JobClient:
             BackendError: already started, invalid address, or an invalid or too large job.
         """
         if self._thread is not None:
-            raise BackendError("this client has already started a job; make a new JobClient")
+            raise BackendError("this client has already started a job; make a new JobClient", ALREADY_STARTED)
         try:
             submit.validate()
         except protocol.ProtocolError as exc:
-            raise BackendError(f"the job is not valid: {exc}") from exc
+            raise BackendError(f"the job is not valid: {exc}", INVALID_JOB) from exc
         size = sum(a.nbytes for a in (submit.images, submit.intrinsics, submit.poses, submit.aabb,
                                       submit.eval_intrinsics, submit.eval_poses, submit.eval_sizes))
         if size > MAX_MESSAGE_BYTES:
             raise BackendError(f"the job's images take {size / 2**30:.1f} GiB; the backend accepts at most "
-                               f"{MAX_MESSAGE_BYTES / 2**30:.0f} GiB: use fewer or smaller images")
+                               f"{MAX_MESSAGE_BYTES / 2**30:.0f} GiB: use fewer or smaller images", INVALID_JOB)
         self._launch(submit)
 
     def attach(self, job_id: str) -> None:
@@ -153,11 +173,11 @@ class JobClient:
         the rest of its messages and its end.  An unknown or expired job ends with a Failed.
         """
         if self._thread is not None:
-            raise BackendError("this client has already started a job; make a new JobClient")
+            raise BackendError("this client has already started a job; make a new JobClient", ALREADY_STARTED)
         try:
             protocol.Attach(job_id=job_id).validate()
         except protocol.ProtocolError as exc:
-            raise BackendError(f"not a job id: {exc}") from exc
+            raise BackendError(f"not a job id: {exc}", INVALID_JOB) from exc
         self.job_id = job_id
         self._launch(None)
 
@@ -174,7 +194,7 @@ class JobClient:
             if isinstance(message, protocol.JOB_END_TYPES):
                 self.finished = True
                 if isinstance(message, protocol.Failed):
-                    self.error = message.message
+                    self.error, self.error_code = message.message, message.code
         return out
 
     def wait(self, timeout: float | None = None, poll_interval: float = 0.05) -> list[protocol.Message]:
@@ -213,7 +233,8 @@ class JobClient:
             _Session(self, sock, submit).run()
         except Exception as exc:   # noqa: BLE001 - the thread must report, never die silently
             log.exception("client thread failed")
-            self._inbox.put(protocol.Failed(job_id=self.job_id or "", message=f"client error: {exc}"[:4000]))
+            self._inbox.put(protocol.Failed(job_id=self.job_id or "", message=f"client error: {exc}"[:4000],
+                                            code=CLIENT_ERROR))
         finally:
             sock.close()   # LINGER is 0 unless a last Cancel is on its way (see stop_backend_job)
 
@@ -261,7 +282,7 @@ class _Session:
             try:
                 message = protocol.decode_message(frames)
             except protocol.WireError as exc:
-                self.fail(_decode_failure(self.c.address, exc))
+                self.fail(*_decode_failure(self.c.address, exc))
                 return
             self.handle(message)
             if self.state == "ended":
@@ -275,8 +296,7 @@ class _Session:
             if self.state != "hello":
                 return
             if m.protocol != protocol.PROTOCOL_VERSION:
-                self.fail(_version_text(c.address, f"backend speaks {m.protocol}, "
-                                                   f"this add-on speaks {protocol.PROTOCOL_VERSION}"))
+                self.fail(*_other_version(c.address, m))
                 return
             c.welcome = m
             c._inbox.put(m)
@@ -293,7 +313,7 @@ class _Session:
                 c._inbox.put(m)
         elif isinstance(m, protocol.Error):
             if m.in_reply_to in ("hello", "submit", "attach", "") and self.state in ("hello", "submitted"):
-                self.fail(_refusal(c.address, m))
+                self.fail(*_refusal(c.address, m))
             else:   # e.g. a late Cancel of a job that already ended: not the job's end
                 log.warning("backend error (%s) in reply to %s: %s", m.code, m.in_reply_to or "?", m.message)
         elif isinstance(m, protocol.Accepted):
@@ -332,20 +352,21 @@ class _Session:
         if silent > c.dead_after:
             if not self.heard_anything:
                 self.fail(f"no backend answered at {c.address} within {c.dead_after:g} s — is it running?"
-                          + _curve_hint(c.curve))
+                          + _curve_hint(c.curve), UNREACHABLE)
             else:
                 self.fail(f"the backend stopped answering (nothing heard from {c.address} for {silent:.1f} s); "
-                          "it may have crashed or been stopped — see its log")
+                          "it may have crashed or been stopped — see its log", UNREACHABLE)
         elif self.state == "submitted" and self.uploaded_at is not None and now - self.uploaded_at > c.accept_timeout:
             self.fail(f"the backend at {c.address} did not accept the job within {c.accept_timeout:g} s "
-                      "(was it larger than the backend's --max-message-mb?)")
+                      "(was it larger than the backend's --max-message-mb?)", NOT_ACCEPTED)
 
-    def fail(self, text: str) -> None:
+    def fail(self, text: str, code: str) -> None:
         """End the job on this side with a made-up Failed (and stop it on the backend if it runs)."""
-        log.warning("job failed on the client side: %s", text)
+        log.warning("job failed on the client side (%s): %s", code, text)
         if self.state == "accepted" and self.heard_anything:
             self.stop_backend_job(linger=200)
-        self.c._inbox.put(protocol.Failed(job_id=self.c.job_id or "", message=text[: protocol.MAX_STRING]))
+        self.c._inbox.put(protocol.Failed(job_id=self.c.job_id or "", message=text[: protocol.MAX_STRING],
+                                          code=code[:64]))
         self.state = "ended"
 
     def stop_backend_job(self, linger: int) -> None:
@@ -403,19 +424,20 @@ def curve_keys(server_public_key, client_public_key, client_secret_key) -> tuple
         return None
     if len(given) != 3:
         raise BackendError("CurveZMQ needs the backend's public key and this client's public and secret keys "
-                           "(all three)")
+                           "(all three)", BAD_KEYS)
     keys = []
     for name, key in (("server public key", server_public_key), ("client public key", client_public_key),
                       ("client secret key", client_secret_key)):
         key = key.strip().encode("ascii", "replace") if isinstance(key, str) else bytes(key).strip()
         if len(key) != 40:
-            raise BackendError(f"the {name} is not a CurveZMQ key (expected 40 Z85 characters, got {len(key)})")
+            raise BackendError(f"the {name} is not a CurveZMQ key (expected 40 Z85 characters, got {len(key)})",
+                               BAD_KEYS)
         keys.append(key)
     try:
         if zmq.curve_public(keys[2]) != keys[1]:
-            raise BackendError("the client public key does not belong to the client secret key")
+            raise BackendError("the client public key does not belong to the client secret key", BAD_KEYS)
     except (ValueError, zmq.ZMQError) as exc:
-        raise BackendError(f"the client secret key is not a valid Z85 key: {exc}") from exc
+        raise BackendError(f"the client secret key is not a valid Z85 key: {exc}", BAD_KEYS) from exc
     return keys[0], keys[1], keys[2]
 
 
@@ -445,7 +467,7 @@ def _connect(address: str, curve: tuple[bytes, bytes, bytes] | None = None, watc
             events.close(linger=0)
         sock.close(linger=0)
         raise BackendError(f"{address!r} is not a valid backend address (expected tcp://HOST:PORT): "
-                           f"{exc.strerror}") from exc
+                           f"{exc.strerror}", BAD_ADDRESS) from exc
     return (sock, events) if watch else sock
 
 
@@ -527,23 +549,28 @@ def _wait_for_reply(sock: zmq.Socket, events: zmq.Socket, address: str, curve, t
                 break                                          # refused, or a mechanism mismatch: final
     if problem is not None:
         problem = clarify(problem, address, curve)
-        raise BackendError(f"no backend answered at {address}: the backend there {problem[1]}", code=problem[0])
+        raise BackendError(f"no backend answered at {address}: the backend there {problem[1]}", problem[0])
     return False
 
 
-def _version_text(address: str, detail: str) -> str:
+# (text, code) of the failures below: what BackendError and fail() take.
+def _version_text(address: str, detail: str) -> tuple[str, str]:
     detail = detail.removeprefix("protocol version mismatch: ")
     return (f"protocol version mismatch with the backend at {address} ({detail}); "
-            "install the same version of the add-on and the backend")
+            "install the same version of the add-on and the backend", VERSION_MISMATCH)
 
 
-def _decode_failure(address: str, exc: Exception) -> str:
-    if getattr(exc, "code", "") == "version_mismatch":
+def _other_version(address: str, welcome: protocol.Welcome) -> tuple[str, str]:
+    return _version_text(address, f"backend speaks {welcome.protocol}, this add-on speaks {protocol.PROTOCOL_VERSION}")
+
+
+def _decode_failure(address: str, exc: Exception) -> tuple[str, str]:
+    if getattr(exc, "code", "") == VERSION_MISMATCH:
         return _version_text(address, str(exc))
-    return f"the backend at {address} sent a malformed message: {exc}"
+    return f"the backend at {address} sent a malformed message: {exc}", MALFORMED_REPLY
 
 
-def _refusal(address: str, error: protocol.Error) -> str:
-    if error.code == "version_mismatch":
+def _refusal(address: str, error: protocol.Error) -> tuple[str, str]:
+    if error.code == VERSION_MISMATCH:
         return _version_text(address, error.message)
-    return f"the backend at {address} refused the job: {error.message}"
+    return f"the backend at {address} refused the job: {error.message}", error.code

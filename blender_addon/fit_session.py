@@ -26,8 +26,6 @@ import numpy as np
 from . import capture, dataset_io, importer, running
 from ._shared import cameras, protocol
 
-START_HINT = "Start the backend with:  fit-implicit serve --bind {address}"
-
 
 class FitError(Exception):
     """A fit could not start or did not finish; the text is meant for the user."""
@@ -35,7 +33,7 @@ class FitError(Exception):
     def __init__(self, message: str, result: "FitResult | None" = None, code: str = ""):
         super().__init__(message)
         self.result = result
-        self.code = code          # "unreachable" | "version_mismatch" | "backend" | "" (scene problems)
+        self.code = code          # "unreachable" | "version_mismatch" | "backend" | "keys" | "" (scene problems)
 
 
 @dataclass
@@ -375,15 +373,12 @@ class FitSession:
             welcome = self.probe(self.address)
         except FitError:
             raise
-        except Exception as exc:
-            if getattr(exc, "code", "") in HANDSHAKE_CODES:   # not unreachable: no local backend is started
-                text = str(exc).rstrip(".") + "."
-                raise FitError(text[:1].upper() + text[1:], code="keys") from None
-            text = backend_error_text(self.address, str(exc))
-            low = text.lower()
-            code = ("version_mismatch" if "version" in low else
-                    "unreachable" if any(w in low for w in UNREACHABLE_WORDS) else "backend")
-            raise FitError(text, code=code) from None
+        except Exception as exc:   # client.BackendError: its code says what went wrong
+            code = getattr(exc, "code", "")
+            if code in HANDSHAKE_CODES:   # not unreachable: no local backend is started
+                raise FitError(_capitalised(str(exc).rstrip(".") + "."), code="keys") from None
+            raise FitError(backend_error_text(self.address, str(exc), code),
+                           code=code if code in (UNREACHABLE, VERSION_MISMATCH) else "backend") from None
         methods = [m for m in str(getattr(welcome, "methods", "") or "").split(",") if m]
         if methods and self.settings.method not in methods:
             raise FitError(f"The backend at {self.address} cannot fit '{self.settings.method}' "
@@ -434,7 +429,8 @@ class FitSession:
             self.client = self.client_factory(self.address)
             self.client.start(submit)
         except Exception as exc:   # e.g. client.BackendError: bad address, job too large
-            self._finish("failed", backend_error_text(self.address, str(exc), prefix="Could not send the job: "))
+            self._finish("failed", backend_error_text(self.address, str(exc), getattr(exc, "code", ""),
+                                                      prefix="Could not send the job: "))
             return
         self._stage = "running"
         self._update(status=f"Sending {n} views to the backend", progress=0.0)
@@ -458,7 +454,7 @@ class FitSession:
             if self._stage == "cancelling":
                 self._finish("cancelled", self._cancelled_text(err))
             else:
-                self._finish("failed", backend_error_text(self.address, err))
+                self._finish("failed", backend_error_text(self.address, err, getattr(self.client, "error_code", "")))
         elif self._stage == "cancelling" and time.monotonic() > self._cancel_deadline:
             self._finish("cancelled", self._cancelled_text("the backend did not confirm in time"))
 
@@ -504,7 +500,8 @@ class FitSession:
             r.timings["total"] = time.monotonic() - self._t0
             self._finish("done", done_text(r, self.settings, self.state.psnr))
         elif isinstance(msg, protocol.Failed):
-            self._finish("failed", backend_error_text(self.address, msg.message, prefix="The fit failed: "))
+            self._finish("failed", backend_error_text(self.address, msg.message, msg.code, prefix="The fit failed: ",
+                                                      detail=msg.detail))
         elif isinstance(msg, protocol.Cancelled):
             self._finish("cancelled", self._cancelled_text())
         elif isinstance(msg, protocol.Error):
@@ -663,24 +660,35 @@ def update_plot_image(rgba: np.ndarray):
 # --------------------------------------------------------------------------------------------
 # Texts for the user
 # --------------------------------------------------------------------------------------------
-UNREACHABLE_WORDS = ("no backend answered", "is it running", "stopped answering", "not reachable",
-                     "connection refused")
+# The codes the texts below depend on: client.BackendError.code and the code of the Failed the
+# client makes up ("unreachable", "version_mismatch"), Failed.code of the backend ("out_of_memory").
+UNREACHABLE, VERSION_MISMATCH, OUT_OF_MEMORY = "unreachable", "version_mismatch", "out_of_memory"
+START_HINT = "Start the backend with:  fit-implicit serve --bind {address}"
+OUT_OF_MEMORY_ADVICE = ("The GPU ran out of memory: lower the preset (e.g. Draft), render fewer or smaller views, "
+                        "or use Free GPU Memory if another job left memory behind.")
 
 
-def backend_error_text(address: str, error: str, code: str = "", prefix: str = "") -> str:
-    """A sentence for the user; adds how to start the backend when it could not be reached."""
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def backend_error_text(address: str, error: str, code: str = "", prefix: str = "", detail: str = "") -> str:
+    """The user's sentence for a failure of the backend or of the connection to it, by its
+    ``code`` alone: a version mismatch as the client words it (with what to install), an
+    unreachable backend with how to start one, a GPU out of memory with what to change (its
+    ``detail``, Failed.detail, instead of the backend's own advice); else ``prefix`` + the text."""
+    if code == OUT_OF_MEMORY:
+        error = detail or error
     text = (error or "no reason given").strip()
     if not text.endswith((".", "?", "!")):
         text += "."
-    low = f"{code} {text}".lower()
-    if "version" in low:
-        return text[:1].upper() + text[1:]
-    if any(w in low for w in UNREACHABLE_WORDS):
-        return text[:1].upper() + text[1:] + " " + START_HINT.format(address=address)
-    if "out of memory" in low:
-        text += (" The GPU ran out of memory: lower the preset (e.g. Draft), render fewer or smaller views, "
-                 "or use Free GPU Memory if another job left memory behind.")
-    return prefix + text if prefix else text[:1].upper() + text[1:]
+    if code == VERSION_MISMATCH:
+        return _capitalised(text)
+    if code == UNREACHABLE:
+        return _capitalised(text) + " " + START_HINT.format(address=address)
+    if code == OUT_OF_MEMORY:
+        text += " " + OUT_OF_MEMORY_ADVICE
+    return prefix + text if prefix else _capitalised(text)
 
 
 def progress_text(p) -> str:

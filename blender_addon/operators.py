@@ -521,12 +521,13 @@ class IMPLICIT_OT_free_memory(bpy.types.Operator):
             self.report({"ERROR"}, _capitalised(snap.detail))
             return {"CANCELLED"}
         if snap.state == status.NOT_RUNNING:
-            self.report({"ERROR"}, fs.backend_error_text(address, f"no backend answered at {address} — is it running?"))
+            self.report({"ERROR"}, fs.backend_error_text(address, f"no backend answered at {address} — is it running?",
+                                                         fs.UNREACHABLE))
             return {"CANCELLED"}
         try:
             reply = status.request(address, protocol.FreeMemory(), timeout=3.0, **keys)
-        except (TimeoutError, protocol.WireError, BackendError) as exc:
-            self.report({"ERROR"}, fs.backend_error_text(address, str(exc)))
+        except (protocol.WireError, BackendError) as exc:   # their code says what went wrong
+            self.report({"ERROR"}, fs.backend_error_text(address, str(exc), getattr(exc, "code", "")))
             return {"CANCELLED"}
         if isinstance(reply, protocol.Ack):
             self.report({"INFO"}, "The backend released its cached GPU memory")

@@ -291,8 +291,8 @@ def request(address: str, message: protocol.Message, timeout: float = 2.0, **key
     """Send one message on a fresh socket (CurveZMQ ``keys`` as for :func:`monitor`) and return
     the validated reply.
 
-    Raises TimeoutError (nothing answered), protocol.WireError (a malformed or other-version
-    reply) or client.BackendError (keys not valid)."""
+    Raises client.BackendError (code "unreachable": nothing answered; or keys not valid) or
+    protocol.WireError (a malformed or other-version reply; its ``code`` says which)."""
     curve = client.curve_keys(keys.get("server_public_key"), keys.get("client_public_key"),
                               keys.get("client_secret_key"))
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -304,7 +304,7 @@ def request(address: str, message: protocol.Message, timeout: float = 2.0, **key
         sock.connect(address)
         sock.send_multipart(message.to_frames())
         if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no backend answered at {address} within {timeout:g} s")
+            raise client.BackendError(f"no backend answered at {address} within {timeout:g} s", client.UNREACHABLE)
         return protocol.decode_message(sock.recv_multipart())
     finally:
         sock.close(linger=0)

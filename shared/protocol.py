@@ -584,9 +584,23 @@ class Done(Message):
 
 @dataclass
 class Failed(Message):
+    """The job failed.  ``message``: what happened, as the backend words it for any client.
+
+    ``code`` (optional, "" when the failure has none; no version bump: older peers ignore it):
+    what kind of failure, for clients that word it their own way: "out_of_memory" (the GPU ran
+    out of memory; the backend is ready for the next job), "shutdown" (the backend stopped while
+    the job ran or waited).  A client that ends a job itself (blender_addon/client.py) sets its
+    own codes, or the code of the Error that refused the job.
+    ``detail`` (optional, ""): when ``message`` adds the backend's advice to the failure, the
+    failure's own words without it (e.g. torch's "CUDA out of memory. Tried to allocate ..."),
+    for clients that give their own advice by ``code``.
+    """
+
     TYPE: ClassVar[str] = "failed"
     job_id: str = spec(Str(MAX_NAME))
     message: str = spec(Str(MAX_STRING), default="")
+    code: str = spec(Str(64), default="")
+    detail: str = spec(Str(MAX_STRING), default="")
 
 
 @dataclass

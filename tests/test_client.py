@@ -72,7 +72,7 @@ def test_malformed_replies_become_a_clear_failure(fake_router):
     client.start(make_submit())
     messages = client.wait(3)
     assert client.finished and "sent a malformed message" in client.error
-    assert isinstance(messages[-1], protocol.Failed)
+    assert isinstance(messages[-1], protocol.Failed) and client.error_code == "malformed_reply"
     assert client.poll() == []
     client.close()
 
@@ -84,12 +84,14 @@ def test_a_newer_backend_is_named_with_both_versions(fake_router):
         return [json.dumps({"v": newer, "type": "welcome", "protocol": newer, "arrays": []}).encode()]
 
     backend = fake_router(reply)
-    with pytest.raises(BackendError, match=rf"version mismatch.*peer speaks {newer}, this side speaks {ours}"):
+    with pytest.raises(BackendError, match=rf"version mismatch.*peer speaks {newer}, this side speaks {ours}") as info:
         probe(backend.address)
+    assert info.value.code == "version_mismatch"
     client = JobClient(backend.address, heartbeat_interval=0.1)
     client.start(make_submit())
     client.wait(3)
     assert "version mismatch" in client.error and str(newer) in client.error and str(ours) in client.error
+    assert client.error_code == "version_mismatch"
     client.close()
 
 
@@ -101,8 +103,9 @@ def test_an_error_reply_to_hello_ends_the_job(fake_router):
         return None
 
     backend = fake_router(reply)
-    with pytest.raises(BackendError, match="client speaks 2, backend speaks 3"):
+    with pytest.raises(BackendError, match="client speaks 2, backend speaks 3") as info:
         probe(backend.address)
+    assert info.value.code == "version_mismatch"
 
 
 def test_heartbeats_are_sent_and_silence_is_noticed(fake_router):
@@ -125,8 +128,8 @@ def test_heartbeats_are_sent_and_silence_is_noticed(fake_router):
     assert not client.finished and client.job_id == "j1"
     state["answer"] = False
     messages = client.wait(3)
-    assert client.finished and "stopped answering" in client.error
-    assert messages[-1].job_id == "j1"
+    assert client.finished and "stopped answering" in client.error and client.error_code == "unreachable"
+    assert messages[-1].job_id == "j1" and messages[-1].code == "unreachable"
     # It told the (maybe alive) backend to stop; the fake router's thread may still be reading.
     deadline = time.monotonic() + 2.0
     while "cancel" not in [header(f)["type"] for f in backend.received] and time.monotonic() < deadline:
@@ -157,8 +160,9 @@ def test_start_checks_the_job(monkeypatch, unused_port):
     with pytest.raises(BackendError, match="GiB"):
         client.start(make_submit())
     monkeypatch.undo()
-    with pytest.raises(BackendError, match="not a valid backend address"):
+    with pytest.raises(BackendError, match="not a valid backend address") as info:
         JobClient("127.0.0.1:5599").start(make_submit())
+    assert info.value.code == "bad_address"
     client.start(make_submit())
     with pytest.raises(BackendError, match="already started"):
         client.start(make_submit())

@@ -197,17 +197,27 @@ def test_cancel_gives_up_when_backend_never_confirms(fs):
 
 def test_backend_failure_is_reported_with_hint(fs, protocol):
     scene = _scene()
-    dead = [[protocol.Failed(job_id="", message=f"no backend answered at {ADDRESS} within 5 s — is it running?")]]
+    dead = [[protocol.Failed(job_id="", message=f"no backend answered at {ADDRESS} within 5 s — is it running?",
+                             code="unreachable")]]   # as the real client makes it up
     s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, dead), probe=_welcome)
     s.begin()
     r = s.run()
     assert r.status == "failed"
     assert "fit-implicit serve" in r.message and ADDRESS in r.message
-    failed = [[protocol.Accepted(job_id="j")], [protocol.Failed(job_id="j", message="CUDA out of memory")]]
+    failed = [[protocol.Accepted(job_id="j")],
+              [protocol.Failed(job_id="j", message="CUDA out of memory", code="out_of_memory")]]
     s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, failed), probe=_welcome)
     s.begin()
     message = s.run().message
     assert message.startswith("The fit failed: CUDA out of memory.") and "lower the preset" in message
+    # As the backend sends it (backend/service/jobs.py failed_message): the add-on's advice, once.
+    oom = protocol.Failed(job_id="j", message="GPU out of memory: lower the preset (e.g. 'draft'), ... (CUDA out of "
+                          "memory. Tried to allocate 2.00 GiB)", code="out_of_memory",
+                          detail="CUDA out of memory. Tried to allocate 2.00 GiB")
+    s = fs.FitSession(scene, ADDRESS, client_factory=lambda a: FakeClient(a, [[protocol.Accepted(job_id="j")], [oom]]),
+                      probe=_welcome)
+    s.begin()
+    assert s.run().message == "The fit failed: CUDA out of memory. Tried to allocate 2.00 GiB. " + fs.OUT_OF_MEMORY_ADVICE
 
 
 def test_unreachable_backend_fails_before_rendering_and_removes_ring(fs):
@@ -215,8 +225,10 @@ def test_unreachable_backend_fails_before_rendering_and_removes_ring(fs):
     ob = add_plane(scene)
     ob.select_set(True)
 
-    def probe(address):
-        raise RuntimeError(f"no backend answered at {address} within 2 s — is it running?")
+    from fit_implicit.blender_addon.client import BackendError
+
+    def probe(address):   # as client.probe says it
+        raise BackendError(f"no backend answered at {address} within 2 s — is it running?", "unreachable")
 
     with pytest.raises(fs.FitError, match="fit-implicit serve --bind tcp://127.0.0.1:1"):
         fs.FitSession(scene, ADDRESS, probe=probe).begin()

@@ -101,6 +101,7 @@ def test_failures_become_failed_with_a_clear_text(queue_and_outbox, name, text):
     job, _ = jobs.submit(CLIENT, make_submit(steps=10, name=name))
     end = collect(outbox, job.id)[-1]
     assert isinstance(end, protocol.Failed) and text in end.message
+    assert end.code == "" and end.detail == ""
     assert job.state is JobState.FAILED
 
 
@@ -111,6 +112,8 @@ def test_gpu_out_of_memory_says_what_to_do(queue_and_outbox):
     end = collect(outbox, job.id)[-1]
     assert isinstance(end, protocol.Failed)
     assert end.message.startswith("GPU out of memory") and "lower the preset" in end.message
+    # The code and the error's own words travel too: a client gives its own advice by the code.
+    assert end.code == "out_of_memory" and end.detail.startswith("CUDA out of memory")
 
 
 def test_stop_fails_waiting_and_running_jobs():

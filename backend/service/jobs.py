@@ -488,14 +488,14 @@ class JobQueue:
                 text = ("the backend was shut down while this job was running; it resumes from its last "
                         f"checkpoint when the backend starts again (reattach to job {job.id})"
                         if job.folder is not None else "the backend was shut down while this job was running")
-                end, state = protocol.Failed(job_id=job.id, message=text), JobState.FAILED
+                end, state = protocol.Failed(job_id=job.id, message=text, code="shutdown"), JobState.FAILED
             elif isinstance(exc, JobCancelled) or job.cancel.is_set():
                 end, state, text = protocol.Cancelled(job_id=job.id), JobState.CANCELLED, "cancelled"
             else:
                 oom = is_out_of_memory(exc)
                 text = describe_failure(exc)
                 log.error("job %s failed: %s", job.id, text, exc_info=exc)
-                end, state = protocol.Failed(job_id=job.id, message=text), JobState.FAILED
+                end, state = failed_message(job.id, exc, text), JobState.FAILED
             exc.__traceback__ = None   # let go of the frames (and the tensors they hold) now
         ctx = None
         with self._cond:
@@ -555,9 +555,23 @@ def free_gpu_memory() -> None:
         pass
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:500]
+
+
+def failed_message(job_id: str, exc: BaseException, text: str) -> protocol.Failed:
+    """The Failed of a job that raised ``exc`` (``text``: :func:`describe_failure`): a GPU out of
+    memory carries code "out_of_memory" and, as ``detail``, the error's own words without the
+    advice, so that a client can give its own (shared/protocol.py Failed)."""
+    if is_out_of_memory(exc):
+        return protocol.Failed(job_id=job_id, message=text, code="out_of_memory",
+                               detail=_first_line(exc) or "GPU out of memory")
+    return protocol.Failed(job_id=job_id, message=text)
+
+
 def describe_failure(exc: BaseException) -> str:
     """A clear, one-paragraph text for the user (fits in Failed.message)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:500]
+    first = _first_line(exc)
     if is_out_of_memory(exc):
         return ("GPU out of memory: lower the preset (e.g. 'draft'), send fewer or smaller images, "
                 f"or close other programs using the GPU. The backend is ready for the next job. ({first})")

@@ -525,7 +525,7 @@ class Server:
             later = f"; it runs when the backend starts again (reattach to job {job.id})" if job.folder else ""
             if job.client is not None:
                 self._send(job.client, protocol.Failed(job_id=job.id, message="the backend was shut down "
-                                                       "before this job started" + later))
+                                                       "before this job started" + later, code="shutdown"))
         deadline = time.monotonic() + self.config.shutdown_grace
         while not self.jobs.join(timeout=0) and time.monotonic() < deadline:
             self._turn(poller)
