@@ -67,8 +67,10 @@ class FitSettings:
 
 
 @dataclass
-class JobState:
-    """What the panel shows; mirrored into ``scene.implicit`` when the add-on is registered."""
+class PanelState:
+    """What the panel shows of a fit (status line, progress, training numbers); mirrored into
+    ``scene.implicit`` when the add-on is registered.  Not the backend's job state
+    (backend/service/jobs.py JobState)."""
 
     status: str = ""
     progress: float = 0.0
@@ -146,7 +148,7 @@ class FitSession:
         self.client_factory = client_factory or (lambda a: default_client_factory(a, **self.keys()))
         self.probe = (lambda a: default_probe(a, **self.keys())) if probe is True else (probe or None)
         self.on_change = on_change
-        self.state = JobState()
+        self.state = PanelState()
         self.result = FitResult()
         from .plot import History
         self.history = History()
@@ -580,7 +582,7 @@ class FitSession:
             setattr(self.state, k, v)
         props = getattr(self.scene, "implicit", None)
         if props is not None:
-            for f in fields(JobState):
+            for f in fields(PanelState):
                 value = getattr(self.state, f.name)
                 try:
                     if getattr(props, f.name) != value:

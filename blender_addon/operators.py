@@ -351,8 +351,19 @@ class IMPLICIT_OT_export_dataset(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _report_import(op, created, warnings) -> set[str]:
-    """Report an import's first warnings and the number of cameras it created."""
+def _import_cameras(op, chosen: str, missing: str, load) -> set[str]:
+    """The body of a dataset import operator: ``missing`` when nothing is ``chosen``, else
+    ``load()`` -> (cameras, warnings) (dataset_io.import_transforms / import_colmap) and a report
+    of its first warnings and the number of cameras it created, or of why it failed."""
+    from . import dataset_io
+    if not chosen:
+        op.report({"ERROR"}, missing)
+        return {"CANCELLED"}
+    try:
+        created, warnings = load()
+    except (dataset_io.DatasetError, OSError, ValueError) as exc:
+        op.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
     for text in warnings[:5]:
         op.report({"WARNING"}, text)
     op.report({"INFO"}, f"Imported {len(created)} cameras")
@@ -379,17 +390,10 @@ class IMPLICIT_OT_import_transforms(bpy.types.Operator):
 
     def execute(self, context):
         from . import dataset_io
-        if not self.filepath:
-            self.report({"ERROR"}, "Choose a transforms.json file")
-            return {"CANCELLED"}
-        try:
-            created, warnings = dataset_io.import_transforms(
-                context.scene, bpy.path.abspath(self.filepath), backgrounds=self.backgrounds,
-                set_resolution=self.set_resolution)
-        except (dataset_io.DatasetError, OSError, ValueError) as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return _report_import(self, created, warnings)
+        return _import_cameras(
+            self, self.filepath, "Choose a transforms.json file",
+            lambda: dataset_io.import_transforms(context.scene, bpy.path.abspath(self.filepath),
+                                                 backgrounds=self.backgrounds, set_resolution=self.set_resolution))
 
 
 class IMPLICIT_OT_import_colmap(bpy.types.Operator):
@@ -416,18 +420,12 @@ class IMPLICIT_OT_import_colmap(bpy.types.Operator):
 
     def execute(self, context):
         from . import dataset_io
-        if not self.directory:
-            self.report({"ERROR"}, "Choose the folder of a COLMAP text model (cameras.txt, images.txt)")
-            return {"CANCELLED"}
-        try:
-            created, warnings = dataset_io.import_colmap(
+        return _import_cameras(
+            self, self.directory, "Choose the folder of a COLMAP text model (cameras.txt, images.txt)",
+            lambda: dataset_io.import_colmap(
                 context.scene, bpy.path.abspath(self.directory),
                 image_dir=bpy.path.abspath(self.image_dir) if self.image_dir else None,
-                backgrounds=self.backgrounds, set_resolution=self.set_resolution)
-        except (dataset_io.DatasetError, OSError, ValueError) as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return _report_import(self, created, warnings)
+                backgrounds=self.backgrounds, set_resolution=self.set_resolution))
 
 
 # --------------------------------------------------------------------------------------------
