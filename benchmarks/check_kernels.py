@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fit_implicit.backend.fields.hashgrid import hashgrid_encode_reference, level_layout  # noqa: E402
 from fit_implicit.backend.fields.hashgrid_triton import hashgrid_encode_triton  # noqa: E402

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
@@ -112,6 +111,8 @@ def main(argv=None) -> int:
     doc = {"scene": "lego", "device": device_name, "torch": torch.__version__, "commit": commit(),
            "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": overrides,
            "holdout_every": args.holdout, "downscale": args.downscale, "results": rows}
+    # Write the record, then print the table: alike in shape to benchmarks/surface_scene.py's
+    # report (a deliberate repeat: each script reports its own figures).
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     print(f"\nlego on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")

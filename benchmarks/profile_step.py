@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fields.hashgrid import HashGrid  # noqa: E402

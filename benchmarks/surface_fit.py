@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from fit_implicit.backend.fitting import metrics  # noqa: E402
 from fit_implicit.backend.cli import _overrides  # noqa: E402

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 OFFSET = (1.5, -0.8, 0.6)
 SCALE = 1.3
@@ -75,14 +74,21 @@ def checker_material():
     return mat
 
 
-def noise_material():
-    mat, tree, bsdf = _principled("Noise")
-    tex = tree.nodes.new("ShaderNodeTexNoise")
-    tex.inputs["Scale"].default_value = 4.0
-    ramp = _ramp(tree, [(0.05, 0.15, 0.6), (0.9, 0.75, 0.1)])
-    ramp.color_ramp.elements[0].position, ramp.color_ramp.elements[1].position = 0.4, 0.6   # noise ~ 0.5 +- 0.1
+def _ramped(name: str, texture: str, scale: float, colors):
+    """A Principled material whose base colour is ``texture``'s Fac through a two-colour ramp:
+    (material, node tree, BSDF, texture node, ramp node)."""
+    mat, tree, bsdf = _principled(name)
+    tex = tree.nodes.new(texture)
+    tex.inputs["Scale"].default_value = scale
+    ramp = _ramp(tree, colors)
     tree.links.new(tex.outputs["Fac"], ramp.inputs["Fac"])
     tree.links.new(ramp.outputs["Color"], bsdf.inputs["Base Color"])
+    return mat, tree, bsdf, tex, ramp
+
+
+def noise_material():
+    mat, tree, bsdf, tex, ramp = _ramped("Noise", "ShaderNodeTexNoise", 4.0, [(0.05, 0.15, 0.6), (0.9, 0.75, 0.1)])
+    ramp.color_ramp.elements[0].position, ramp.color_ramp.elements[1].position = 0.4, 0.6   # noise ~ 0.5 +- 0.1
     rough = tree.nodes.new("ShaderNodeMapRange")
     rough.inputs["To Min"].default_value, rough.inputs["To Max"].default_value = 0.15, 0.85
     tree.links.new(tex.outputs["Fac"], rough.inputs["Value"])
@@ -91,12 +97,7 @@ def noise_material():
 
 
 def wave_material():
-    mat, tree, bsdf = _principled("Waves")
-    tex = tree.nodes.new("ShaderNodeTexWave")
-    tex.inputs["Scale"].default_value = 3.0
-    ramp = _ramp(tree, [(0.1, 0.55, 0.15), (0.7, 0.1, 0.6)])
-    tree.links.new(tex.outputs["Fac"], ramp.inputs["Fac"])
-    tree.links.new(ramp.outputs["Color"], bsdf.inputs["Base Color"])
+    mat, _, bsdf, _, _ = _ramped("Waves", "ShaderNodeTexWave", 3.0, [(0.1, 0.55, 0.15), (0.7, 0.1, 0.6)])
     bsdf.inputs["Roughness"].default_value = 0.35
     return mat
 
@@ -212,35 +213,10 @@ def gt_objects(view_layer) -> list:
 
 def gt_mesh(view_layer) -> tuple[np.ndarray, np.ndarray]:
     """vertices (V, 3) float32 world, triangles (F, 3) int32 of the evaluated ground truth."""
-    depsgraph = view_layer.depsgraph
-    verts, faces, base = [], [], 0
-    for ob in gt_objects(view_layer):
-        ev = ob.evaluated_get(depsgraph)
-        mesh = ev.to_mesh()
-        mesh.calc_loop_triangles()
-        co = np.empty(len(mesh.vertices) * 3, np.float32)
-        mesh.vertices.foreach_get("co", co)
-        tri = np.empty(len(mesh.loop_triangles) * 3, np.int32)
-        mesh.loop_triangles.foreach_get("vertices", tri)
-        m = np.array(ev.matrix_world, dtype=np.float64)
-        verts.append((co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]).astype(np.float32))
-        faces.append(tri.reshape(-1, 3) + base)
-        base += len(co) // 3
-        ev.to_mesh_clear()
-    return np.concatenate(verts), np.concatenate(faces).astype(np.int32)
+    from fit_implicit.blender_addon.capture import world_triangles
 
-
-def write_ply(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
-    """Binary little-endian PLY: float xyz, uchar-count int vertex_indices."""
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\n"
-              "property float x\nproperty float y\nproperty float z\n"
-              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
-    tri = np.zeros(len(faces), dtype=[("n", "u1"), ("i", "<i4", (3,))])
-    tri["n"], tri["i"] = 3, faces
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(np.ascontiguousarray(verts, dtype="<f4").tobytes())
-        f.write(tri.tobytes())
+    verts, faces = world_triangles(gt_objects(view_layer), view_layer.depsgraph)
+    return verts.astype(np.float32), faces
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +296,8 @@ def main(argv=None) -> int:
                               holdout_share=args.holdout / total, objects=gt_objects(view_layer))
     info = write_dataset(scene, view_layer, out, cams, args.cache)
     verts, faces = gt_mesh(view_layer)
-    write_ply(out / "ground_truth.ply", verts, faces)
+    from fit_implicit.backend.export.files import write_mesh    # grey: the ground truth has no colours
+    write_mesh(out / "ground_truth.ply", verts, faces, np.full(verts.shape, 0.5, np.float32))
     lo, hi = verts.min(0), verts.max(0)
     info.update(ground_truth={"vertices": len(verts), "triangles": len(faces), "bbox": [lo.tolist(), hi.tolist()],
                               "diagonal": float(np.linalg.norm(hi - lo))},

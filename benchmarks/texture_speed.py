@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bumpy_torus(faces: int) -> tuple[np.ndarray, np.ndarray]:

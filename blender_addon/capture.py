@@ -256,6 +256,28 @@ def world_points(objects, depsgraph, limit: int = 20000) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 3))
 
 
+def world_triangles(objects, depsgraph) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluated meshes of ``objects`` (modifiers applied) in world units, as one triangle mesh:
+    vertices (V, 3) float64 and triangles (F, 3) int32."""
+    verts, faces, base = [], [], 0
+    for ob in objects:
+        ev = ob.evaluated_get(depsgraph)
+        mesh = ev.to_mesh()
+        mesh.calc_loop_triangles()
+        co = np.empty(len(mesh.vertices) * 3, np.float32)
+        mesh.vertices.foreach_get("co", co)
+        tri = np.empty(len(mesh.loop_triangles) * 3, np.int32)
+        mesh.loop_triangles.foreach_get("vertices", tri)
+        m = np.array(ev.matrix_world, dtype=np.float64)
+        verts.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
+        faces.append(tri.reshape(-1, 3) + base)
+        base += len(co) // 3
+        ev.to_mesh_clear()
+    if not verts:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int32)
+    return np.concatenate(verts), np.concatenate(faces).astype(np.int32)
+
+
 def padded_aabb(bbox: np.ndarray, padding: float = AABB_PADDING) -> np.ndarray:
     """Grow a (2, 3) box by ``padding`` times its longest side on every side (never flat)."""
     bbox = np.asarray(bbox, dtype=np.float64)

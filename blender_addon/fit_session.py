@@ -72,6 +72,7 @@ class PanelState:
     ``scene.implicit`` when the add-on is registered.  Not the backend's job state
     (backend/service/jobs.py JobState)."""
 
+    # (a list of fields, alike in shape to other dataclasses' lists: not repeated logic)
     status: str = ""
     progress: float = 0.0
     step: int = 0

@@ -370,15 +370,12 @@ def _import_cameras(op, chosen: str, missing: str, load) -> set[str]:
     return {"FINISHED"}
 
 
-class IMPLICIT_OT_import_transforms(bpy.types.Operator):
-    """Import a transforms.json (instant-ngp / nerfstudio / NeRF) as cameras with background images"""
+class _CameraImport:
+    """What the two dataset imports share: their options and the file browser (a mix-in: Blender
+    registers the annotations of a mix-in with the operator)."""
 
-    bl_idname = "implicit.import_transforms"
-    bl_label = "Import transforms.json"
     bl_options = {"REGISTER", "UNDO"}
 
-    filepath: bpy.props.StringProperty(name="File", subtype="FILE_PATH", options={"SKIP_SAVE"})
-    filter_glob: bpy.props.StringProperty(default="*.json", options={"HIDDEN"})
     backgrounds: bpy.props.BoolProperty(name="Background Images", default=True)
     set_resolution: bpy.props.BoolProperty(
         name="Set Resolution", default=True,
@@ -388,6 +385,16 @@ class IMPLICIT_OT_import_transforms(bpy.types.Operator):
         context.window_manager.fileselect_add(self)
         return {"RUNNING_MODAL"}
 
+
+class IMPLICIT_OT_import_transforms(_CameraImport, bpy.types.Operator):
+    """Import a transforms.json (instant-ngp / nerfstudio / NeRF) as cameras with background images"""
+
+    bl_idname = "implicit.import_transforms"
+    bl_label = "Import transforms.json"
+
+    filepath: bpy.props.StringProperty(name="File", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    filter_glob: bpy.props.StringProperty(default="*.json", options={"HIDDEN"})
+
     def execute(self, context):
         from . import dataset_io
         return _import_cameras(
@@ -396,12 +403,11 @@ class IMPLICIT_OT_import_transforms(bpy.types.Operator):
                                                  backgrounds=self.backgrounds, set_resolution=self.set_resolution))
 
 
-class IMPLICIT_OT_import_colmap(bpy.types.Operator):
+class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
     """Import a COLMAP text model (cameras.txt + images.txt) as cameras with background images"""
 
     bl_idname = "implicit.import_colmap"
     bl_label = "Import COLMAP Model"
-    bl_options = {"REGISTER", "UNDO"}
 
     directory: bpy.props.StringProperty(
         name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
@@ -409,14 +415,6 @@ class IMPLICIT_OT_import_colmap(bpy.types.Operator):
     image_dir: bpy.props.StringProperty(
         name="Images", subtype="DIR_PATH", options={"SKIP_SAVE"},
         description="Folder of the photos; empty: images/ next to the model")
-    backgrounds: bpy.props.BoolProperty(name="Background Images", default=True)
-    set_resolution: bpy.props.BoolProperty(
-        name="Set Resolution", default=True,
-        description="Set the scene's resolution and pixel aspect from the model (needed for exact intrinsics)")
-
-    def invoke(self, context, event):
-        context.window_manager.fileselect_add(self)
-        return {"RUNNING_MODAL"}
 
     def execute(self, context):
         from . import dataset_io
@@ -496,6 +494,7 @@ class IMPLICIT_OT_backend_stop(bpy.types.Operator):
         return {"FINISHED"}
 
 
+# The operators below open alike (bl_idname, bl_label, bl_options, execute): Blender's boilerplate.
 class IMPLICIT_OT_free_memory(bpy.types.Operator):
     """Ask the backend to release the GPU memory it keeps cached between jobs"""
 

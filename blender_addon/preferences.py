@@ -325,6 +325,7 @@ class IMPLICIT_OT_generate_client_keys(bpy.types.Operator):
         return self.execute(context)
 
     def execute(self, context):
+        # try / report ERROR / report INFO: the shape of most operators' execute (operators.py too)
         try:
             public = generate_client_keys()
         except OSError as exc:

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from fit_implicit.backend.fitting.metrics import chamfer, psnr_white  # noqa: E402
 

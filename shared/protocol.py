@@ -604,25 +604,29 @@ class Failed(Message):
 
 
 @dataclass
-class Cancelled(Message):
+class JobRef(Message):
+    """A message that names one job and says nothing else (no TYPE of its own: not sent as is)."""
+
+    job_id: str = spec(Str(MAX_NAME))
+
+
+@dataclass
+class Cancelled(JobRef):
     TYPE: ClassVar[str] = "cancelled"
-    job_id: str = spec(Str(MAX_NAME))
 
 
 @dataclass
-class Cancel(Message):
+class Cancel(JobRef):
     TYPE: ClassVar[str] = "cancel"
-    job_id: str = spec(Str(MAX_NAME))
 
 
 @dataclass
-class Attach(Message):
+class Attach(JobRef):
     """Reattach to a job by id (after a disconnect or a backend restart): the backend answers
     Attached, resends the job's stored results (MeshResult, RenderResult*, then its end if it
     ended) and sends what follows to this client.  Results are kept until an expiry (--keep-hours)."""
 
     TYPE: ClassVar[str] = "attach"
-    job_id: str = spec(Str(MAX_NAME))
 
 
 @dataclass

@@ -103,8 +103,10 @@ def add_camera(scene, name="Camera", location=(0.0, 0.0, 5.0), rotation=(0.0, 0.
     return ob
 
 
-def emission_material(name: str, rgb, strength: float = 1.0):
-    """A material that emits ``rgb`` (scene-linear) and nothing else: exact, noise-free pixels."""
+def shader_material(name: str, shader: str, rgb, **inputs):
+    """A material of one shader node (``shader``, e.g. "ShaderNodeEmission" or
+    "ShaderNodeBsdfDiffuse") whose Color is ``rgb`` (scene-linear) and whose other ``inputs`` (by
+    socket name) are set, wired to the material output."""
     import bpy
 
     mat = bpy.data.materials.new(name)
@@ -113,12 +115,18 @@ def emission_material(name: str, rgb, strength: float = 1.0):
     tree = mat.node_tree
     for node in list(tree.nodes):
         tree.nodes.remove(node)
-    em = tree.nodes.new("ShaderNodeEmission")
+    node = tree.nodes.new(shader)
     out = tree.nodes.new("ShaderNodeOutputMaterial")
-    em.inputs["Color"].default_value = (*rgb, 1.0)
-    em.inputs["Strength"].default_value = strength
-    tree.links.new(em.outputs["Emission"], out.inputs["Surface"])
+    node.inputs["Color"].default_value = (*rgb, 1.0)
+    for socket, value in inputs.items():
+        node.inputs[socket].default_value = value
+    tree.links.new(node.outputs[0], out.inputs["Surface"])
     return mat
+
+
+def emission_material(name: str, rgb, strength: float = 1.0):
+    """A material that emits ``rgb`` (scene-linear) and nothing else: exact, noise-free pixels."""
+    return shader_material(name, "ShaderNodeEmission", rgb, Strength=strength)
 
 
 def add_plane(scene, name="Plane", size=1.0, location=(0.0, 0.0, 0.0), material=None):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+# The tests' own helpers (tests/*.py) import by their names from every test folder.  (The project
+# itself is installed: `make test` sets it up in .venv.)
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import BackendProcess  # noqa: E402
 

@@ -7,6 +7,8 @@
 * :func:`fake_runner` - a job runner that needs no torch: timed fake steps, a tetrahedron mesh,
   flat renders.  ``Submit.name`` picks a behaviour (see :data:`FAKE_STEP_SECONDS`).
 * :class:`RawPeer` - a bare DEALER socket to send arbitrary frames and read decoded replies.
+* :class:`KeepSubmit` - stands in for the add-on's JobClient: keeps the Submit it was started with
+  (no backend needed to check what would be sent).
 """
 from __future__ import annotations
 
@@ -25,8 +27,6 @@ import numpy as np
 import zmq
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from fit_implicit.shared import cameras, protocol  # noqa: E402
 
@@ -130,12 +130,11 @@ class BackendProcess:
         bind += ["--runs-dir", self.runs_dir] if self.runs_dir else []
         if fake:
             cmd = [sys.executable, "-c", "import sys, helpers; sys.exit(helpers.serve_fake(sys.argv[1:]))", *bind]
-        elif (REPO / "backend" / "__main__.py").exists():
+        else:
             cmd = [sys.executable, "-m", "fit_implicit.backend", "serve", *bind]
-        else:   # until the CLI exists
-            cmd = [sys.executable, "-m", "fit_implicit.backend.service.server", *bind]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-                   PYTHONUNBUFFERED="1")
+        # tests/ for the fake runner (helpers); the rest of PYTHONPATH as it is
+        path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
         fd, self.log_path = tempfile.mkstemp(prefix="backend-", suffix=".log")
         self._log = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
@@ -228,3 +227,23 @@ class RawPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class KeepSubmit:
+    """Stands in for blender_addon/client.py's JobClient (same API: start, poll, cancel, close,
+    finished, error): keeps the Submit it was started with and answers nothing."""
+
+    def __init__(self, _address: str | None = None):
+        self.submit, self.finished, self.error = None, False, None
+
+    def start(self, submit) -> None:
+        self.submit = submit
+
+    def poll(self) -> list:
+        return []
+
+    def cancel(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        self.finished = True

@@ -87,6 +87,8 @@ if AVAILABLE:
             acc += w[:, None] * tl.load(table_ptr + idx[:, None] * F + feat, mask=mask2, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, acc, mask=mask2)
 
+    # The backward kernel opens like the forward one (a level's cell of each row): a deliberate
+    # repeat, as Triton kernels take their set-up inline; _level_cell already holds the maths.
     @triton.jit
     def _hashgrid_bwd(x_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, n,
                       L: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):

@@ -68,16 +68,9 @@ def fit_scene_or_fail(fit_session, scene, backend):
 def world_triangles(ob):
     """(V, 3) world vertices and (F, 3) triangles of a mesh object."""
     import bpy
-    ev = ob.evaluated_get(bpy.context.evaluated_depsgraph_get())
-    mesh = ev.to_mesh()
-    mesh.calc_loop_triangles()
-    v = np.empty(len(mesh.vertices) * 3, np.float32)
-    mesh.vertices.foreach_get("co", v)
-    t = np.empty(len(mesh.loop_triangles) * 3, np.int32)
-    mesh.loop_triangles.foreach_get("vertices", t)
-    m = np.array(ob.matrix_world)
-    ev.to_mesh_clear()
-    return v.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], t.reshape(-1, 3)
+
+    from fit_implicit.blender_addon.capture import world_triangles as triangles
+    return triangles([ob], bpy.context.evaluated_depsgraph_get())
 
 
 def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):

@@ -25,9 +25,8 @@ import torch
 
 from fit_implicit.backend.fitting.model import FittedField
 from fit_implicit.backend.fitting.config import make_config
-from fit_implicit.backend.fitting.loop import fit
-from fit_implicit.backend.fitting.runs import load_run, save_run
-from test_sdf import TEST_STEPS, CENTER, LIGHT, SCALE, shape_scene, sphere_sdf, surface_scores, two_colours
+from fit_implicit.backend.fitting.runs import load_run
+from shapes import CENTER, LIGHT, SCALE, fitted_run, shape_scene, sphere_sdf, surface_scores, two_colours
 
 RADIUS = 0.6 * SCALE
 
@@ -44,10 +43,7 @@ def fibonacci_sphere(n: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sphere_run(tmp_path_factory):
     data = shape_scene(sphere_sdf, two_colours, count=16, size=40, passes=("albedo",))
-    model = fit(data, make_config("sdf", "draft", device="cpu", steps=TEST_STEPS, preview_size=0, seed=0))
-    run = tmp_path_factory.mktemp("sdf_run")
-    save_run(model, run)
-    return model, run
+    return fitted_run(tmp_path_factory, "sdf", data, "sdf_run")
 
 
 @pytest.mark.slow   # a CPU fit (200 steps)

@@ -11,14 +11,6 @@ from bpy_helpers import fresh_scene, requires_bpy
 pytestmark = [requires_bpy, pytest.mark.blender]
 
 
-@pytest.fixture(scope="module")
-def addon():
-    from fit_implicit import blender_addon
-    blender_addon.register()
-    yield blender_addon
-    blender_addon.unregister()
-
-
 def _imported():
     import bpy
     from fit_implicit.blender_addon import dataset_io

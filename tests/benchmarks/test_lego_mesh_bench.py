@@ -21,13 +21,13 @@ from PIL import Image
 
 from bpy_helpers import requires_bpy
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lego_mesh as lm  # noqa: E402
 from fit_implicit.backend.export import glb  # noqa: E402
 from fit_implicit.backend.export import texture as tx  # noqa: E402
-from test_texture import sphere_mesh  # noqa: E402
+from stand_ins import sphere_mesh  # noqa: E402
 
 SCRIPT = str(REPO / "benchmarks" / "lego_mesh.py")
 

@@ -13,12 +13,9 @@ pytestmark = [requires_bpy, pytest.mark.blender, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-def fs():
-    from fit_implicit import blender_addon
-    blender_addon.register()
+def fs(addon):
     from fit_implicit.blender_addon import fit_session
-    yield fit_session
-    blender_addon.unregister()
+    return fit_session
 
 
 def _scene():

@@ -108,15 +108,18 @@ def test_an_error_reply_to_hello_ends_the_job(fake_router):
     assert info.value.code == "version_mismatch"
 
 
+def welcome_or_accept(kind: str, job_id: str) -> list:
+    """A fake backend's answer to "hello" (Welcome) or "submit" (Accepted ``job_id``)."""
+    return (protocol.Welcome() if kind == "hello" else protocol.Accepted(job_id=job_id)).to_frames()
+
+
 def test_heartbeats_are_sent_and_silence_is_noticed(fake_router):
     state = {"answer": True}
 
     def reply(frames):
         kind = header(frames)["type"]
-        if kind == "hello":
-            return protocol.Welcome().to_frames()
-        if kind == "submit":
-            return protocol.Accepted(job_id="j1").to_frames()
+        if kind in ("hello", "submit"):
+            return welcome_or_accept(kind, "j1")
         if kind == "ping" and state["answer"]:
             return protocol.Pong(seq=header(frames)["seq"]).to_frames()
         return None
@@ -174,10 +177,8 @@ def test_received_arrays_are_read_only_views_of_the_frames(fake_router):
 
     def reply(frames):
         kind = header(frames)["type"]
-        if kind == "hello":
-            return protocol.Welcome().to_frames()
-        if kind == "submit":
-            return protocol.Accepted(job_id="j").to_frames()
+        if kind in ("hello", "submit"):
+            return welcome_or_accept(kind, "j")
         return protocol.Preview(job_id="j", image=image).to_frames()   # to every ping
 
     backend = fake_router(reply)

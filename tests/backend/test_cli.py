@@ -3,16 +3,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import synthetic
-from test_mesh import read_glb, read_ply
+from mesh_files import read_glb, read_ply
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO as ROOT
 
 
 def backend(*args, timeout=300):

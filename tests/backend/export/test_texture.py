@@ -1,6 +1,6 @@
 """UV unwrapping (xatlas), rasterising and baking textures from a field (backend/export/texture.py).
 
-The fields here are small analytic stand-ins with ``surface_attributes`` (as FittedField):
+The fields here are small analytic stand-ins (tests/stand_ins.py) with ``surface_attributes`` (as FittedField):
 their true colours and normals are known exactly, so the tests can say where every texel must
 land.  The real FittedField has the same methods (backend/fitting/model.py).
 """
@@ -11,59 +11,11 @@ import pytest
 import torch
 
 from fit_implicit.backend.export import texture as tx
-
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def sphere_mesh(radius: float = 0.7, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """A closed triangulated sphere (UV-sphere topology, poles merged), CCW from outside."""
-    rings, segs = n // 2, n
-    theta = np.linspace(0, np.pi, rings + 1)[1:-1]
-    phi = np.linspace(0, 2 * np.pi, segs, endpoint=False)
-    t, p = np.meshgrid(theta, phi, indexing="ij")
-    body = np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1).reshape(-1, 3)
-    verts = np.concatenate([[[0, 0, 1]], body, [[0, 0, -1]]]) * radius
-    idx = lambda r, s: 1 + r * segs + s % segs     # noqa: E731
-    faces = [(0, idx(0, s), idx(0, s + 1)) for s in range(segs)]
-    for r in range(rings - 2):
-        for s in range(segs):
-            a, b, c, d = idx(r, s), idx(r, s + 1), idx(r + 1, s), idx(r + 1, s + 1)
-            faces += [(a, c, b), (b, c, d)]
-    last = len(verts) - 1
-    faces += [(last, idx(rings - 2, s + 1), idx(rings - 2, s)) for s in range(segs)]
-    return verts.astype(np.float32), np.array(faces, np.int32)
-
-
-class HalvesBall:
-    """Stand-in for a fitted SDF: a ball, red where x > 0 and blue elsewhere, its
-    true normals optionally tilted by ``tilt`` (a bumpy surface), roughness 0.2 / 0.8 by half."""
-
-    method = "sdf"
-    device = torch.device("cpu")
-
-    def __init__(self, tilt: float = 0.0, roughness: bool = False):
-        self.tilt, self.roughness = tilt, roughness
-        self.meta = {"lighting_baked": False}
-        self.calls = 0
-
-    def true_normal(self, p: np.ndarray) -> np.ndarray:
-        n = p / np.linalg.norm(p, axis=1, keepdims=True)
-        n = n + self.tilt * np.stack([np.sin(8 * p[:, 2]), np.cos(8 * p[:, 0]), np.zeros(len(p))], -1)
-        return (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)
-
-    def surface_attributes(self, points, normals=None):
-        self.calls += 1
-        p = np.asarray(points, np.float32)
-        red = p[:, :1] > 0
-        out = {"albedo": np.where(red, [[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]).astype(np.float32),
-               "normal": self.true_normal(p)}
-        if self.roughness:
-            out["roughness"] = np.where(red[:, 0], 0.2, 0.8).astype(np.float32)
-        return out
+from stand_ins import HalvesBall, sphere_mesh
 
 
 class ConstantNormal:
-    """Stand-in field (C2) whose normal is one world vector everywhere and albedo mid grey."""
+    """Stand-in field whose normal is one world vector everywhere and albedo mid grey."""
 
     method = "sdf"
     device = torch.device("cpu")
@@ -81,6 +33,20 @@ class ConstantNormal:
 def ball_uv():
     verts, faces = sphere_mesh()
     return verts, faces, tx.unwrap(verts, faces, size=256, padding=4, piece_faces=400)
+
+
+def world_normals_from_map(mesh, normal_map):
+    """Decode the baked map at each face centre in that point's tangent frame -> (F, 3) world
+    normals, and the (F, 3) tangent-space normals read from the map."""
+    w = np.full((len(mesh.faces), 3, 1), 1.0 / 3.0)
+    n = (mesh.normals[mesh.faces] * w).sum(1)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    t = (mesh.tangents[mesh.faces, :3] * w).sum(1)
+    t -= n * (n * t).sum(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    b = np.sign(mesh.tangents[mesh.faces, 3].sum(1))[:, None] * np.cross(n, t)
+    local = tx.decode_normal_map(tx.sample_texture(normal_map, mesh.uvs[mesh.faces].mean(1)))
+    return local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n, local
 
 
 # ---- unwrapping -------------------------------------------------------------------------------
@@ -197,16 +163,8 @@ def test_normal_map_gives_back_the_fields_normals(ball_uv):
     _, _, m = ball_uv
     ball = HalvesBall(tilt=0.3)
     baked = tx.bake(ball, m, 256, padding=4)
-    w = np.full((len(m.faces), 3, 1), 1.0 / 3.0)
-    centre = (m.vertices[m.faces] * w).sum(1)
-    n = (m.normals[m.faces] * w).sum(1)
-    n /= np.linalg.norm(n, axis=1, keepdims=True)
-    t = (m.tangents[m.faces, :3] * w).sum(1)
-    t -= n * (n * t).sum(1, keepdims=True)
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
-    b = np.sign(m.tangents[m.faces, 3].sum(1))[:, None] * np.cross(n, t)
-    local = tx.decode_normal_map(tx.sample_texture(baked.normal, m.uvs[m.faces].mean(1)))
-    world = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
+    centre = m.vertices[m.faces].mean(1)
+    world, local = world_normals_from_map(m, baked.normal)
     cos = (world * ball.true_normal(centre)).sum(1)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 4.0
     # ... and the map is not trivially flat: the tilt shows in it.
@@ -243,19 +201,6 @@ def real_sphere_model():
     return FittedField.build(cfg, np.array([[-2.0, -2, -2], [2, 2, 2]]))
 
 
-def world_normals_from_map(mesh, normal_map):
-    """Decode the baked map at each face centre in that point's tangent frame -> (F, 3) world."""
-    w = np.full((len(mesh.faces), 3, 1), 1.0 / 3.0)
-    n = (mesh.normals[mesh.faces] * w).sum(1)
-    n /= np.linalg.norm(n, axis=1, keepdims=True)
-    t = (mesh.tangents[mesh.faces, :3] * w).sum(1)
-    t -= n * (n * t).sum(1, keepdims=True)
-    t /= np.linalg.norm(t, axis=1, keepdims=True)
-    b = np.sign(mesh.tangents[mesh.faces, 3].sum(1))[:, None] * np.cross(n, t)
-    local = tx.decode_normal_map(tx.sample_texture(normal_map, mesh.uvs[mesh.faces].mean(1)))
-    return local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
-
-
 def test_real_sdf_model_normals_survive_the_bake():
     """With the real model (backend/fitting/model.py), the normal map
     decoded in the mesh's tangent frames gives the field's own normals back (median within 3
@@ -265,7 +210,7 @@ def test_real_sdf_model_normals_survive_the_bake():
     mesh, baked = tx.texture_mesh(model, verts, faces, 128, padding=2)
     centre = mesh.vertices[mesh.faces].mean(1)
     want = model.surface_attributes(centre.astype(np.float32))["normal"]
-    got = world_normals_from_map(mesh, baked.normal)
+    got, _ = world_normals_from_map(mesh, baked.normal)
     angle = np.degrees(np.arccos(np.clip((got * want).sum(1), -1, 1)))
     assert np.median(angle) < 3.0 and np.percentile(angle, 95) < 8.0
     assert baked.albedo.shape == (128, 128, 3) and set(baked.timings) >= {"unwrap", "raster", "query"}

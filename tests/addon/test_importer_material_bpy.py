@@ -10,7 +10,7 @@ import pytest
 from fit_implicit.backend.export import glb
 from fit_implicit.backend.export import texture as tx
 from bpy_helpers import requires_bpy, run_bpy
-from test_texture import HalvesBall, sphere_mesh
+from stand_ins import HalvesBall, sphere_mesh
 
 pytestmark = [requires_bpy, pytest.mark.blender]
 

@@ -16,19 +16,8 @@ DISTANCE = 3.0
 
 
 def _diffuse_material(rgb):
-    import bpy
-
-    mat = bpy.data.materials.new("Known Diffuse")
-    if mat.node_tree is None:
-        mat.use_nodes = True
-    tree = mat.node_tree
-    for node in list(tree.nodes):
-        tree.nodes.remove(node)
-    bsdf = tree.nodes.new("ShaderNodeBsdfDiffuse")
-    out = tree.nodes.new("ShaderNodeOutputMaterial")
-    bsdf.inputs["Color"].default_value = (*rgb, 1.0)
-    tree.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
-    return mat
+    from bpy_helpers import shader_material
+    return shader_material("Known Diffuse", "ShaderNodeBsdfDiffuse", rgb)
 
 
 def _tilted_scene():

@@ -142,21 +142,7 @@ def test_photo_submit_carries_the_lens(tmp_path):
     import bpy
     from fit_implicit.blender_addon import fit_session
 
-    class KeepSubmit:
-        def __init__(self, _address):
-            self.submit, self.finished, self.error = None, False, None
-
-        def start(self, submit):
-            self.submit = submit
-
-        def poll(self):
-            return []
-
-        def cancel(self):
-            pass
-
-        def close(self):
-            pass
+    from helpers import KeepSubmit
 
     path = synthetic.write_transforms(tmp_path, count=VIEWS, size=SIZE, with_aabb=False)
     doc = json.loads(path.read_text())

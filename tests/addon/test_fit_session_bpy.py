@@ -15,14 +15,6 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 ADDRESS = "tcp://127.0.0.1:1"
 
 
-@pytest.fixture(scope="module")
-def addon():
-    from fit_implicit import blender_addon
-    blender_addon.register()
-    yield blender_addon
-    blender_addon.unregister()
-
-
 @pytest.fixture()
 def fs(addon):
     from fit_implicit.blender_addon import fit_session

@@ -21,10 +21,8 @@ import torch
 
 from fit_implicit.backend.fields.occfield import OccField
 from fit_implicit.backend.render.surface import occupancy_optical_depth
-from fit_implicit.backend.fitting.config import make_config
-from fit_implicit.backend.fitting.loop import fit
-from fit_implicit.backend.fitting.runs import load_run, save_run
-from test_sdf import TEST_STEPS, CENTER, SCALE, shape_scene, surface_scores
+from fit_implicit.backend.fitting.runs import load_run
+from shapes import CENTER, SCALE, fitted_run, shape_scene, surface_scores
 
 SPHERE_CENTER = CENTER + np.array([0.3, 0.2, -0.1]) * SCALE
 RADIUS = 0.5 * SCALE
@@ -52,12 +50,7 @@ def test_initial_occupancy_is_a_sphere_crossing_one_half_on_its_surface():
 
 @pytest.fixture(scope="module")
 def occupancy_run(tmp_path_factory):
-    data = shape_scene(sphere_sdf, count=16, size=40)
-    model = fit(data, make_config("occupancy", "draft", device="cpu", steps=TEST_STEPS, preview_size=0,
-                                        seed=0))
-    run = tmp_path_factory.mktemp("occ_run")
-    save_run(model, run)
-    return model, run
+    return fitted_run(tmp_path_factory, "occupancy", shape_scene(sphere_sdf, count=16, size=40), "occ_run")
 
 
 @pytest.mark.slow   # a CPU fit (200 steps)

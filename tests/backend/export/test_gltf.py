@@ -14,7 +14,7 @@ from fit_implicit.backend.export import glb
 from fit_implicit.backend.export.files import write_textured
 from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, png_bytes
 from fit_implicit.backend.export import texture as tx
-from test_texture import HalvesBall, sphere_mesh
+from stand_ins import HalvesBall, sphere_mesh
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_cli_mesh_writes_a_textured_glb_in_world_units(tmp_path):
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.model import FittedField
     from fit_implicit.backend.fitting.runs import save_run
-    from test_texture import REPO_ROOT
+    from helpers import REPO as REPO_ROOT
 
     cfg = make_config(method="sdf", preset="draft", device="cpu")
     aabb = np.array([[3.0, -2, -1], [7, 2, 3]])

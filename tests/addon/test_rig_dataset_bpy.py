@@ -10,14 +10,6 @@ from bpy_helpers import add_camera, add_plane, emission_material, fresh_scene, r
 pytestmark = [requires_bpy, pytest.mark.blender]
 
 
-@pytest.fixture(scope="module")
-def addon():
-    from fit_implicit import blender_addon
-    blender_addon.register()
-    yield blender_addon
-    blender_addon.unregister()
-
-
 def _box_object(scene, name="Box", size=(1.0, 0.6, 0.4), location=(0.3, -0.2, 0.5)):
     import bpy
     me = bpy.data.meshes.new(name)

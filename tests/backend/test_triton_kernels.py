@@ -7,16 +7,15 @@ CI checks the same kernel source on the CPU.  The check itself is benchmarks/che
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO as ROOT
 
 
 def _run(device: str, interpret: bool) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_kernels.py"), "--device", device],

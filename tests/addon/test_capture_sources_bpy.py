@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bpy_helpers import add_camera, add_plane, emission_material, fresh_scene, requires_bpy
+from helpers import KeepSubmit
 
 pytestmark = [requires_bpy, pytest.mark.blender]
 
@@ -255,25 +256,6 @@ def test_panel_says_when_lighting_stays_baked_in(capture):
                   "cache_dir": None}
 
 
-class _KeepSubmit:
-    """Stands in for client.JobClient (no backend needed to check what would be sent)."""
-
-    def __init__(self):
-        self.submit, self.finished, self.error = None, False, None
-
-    def start(self, submit):
-        self.submit = submit
-
-    def poll(self):
-        return []
-
-    def cancel(self):
-        self.finished = True
-
-    def close(self):
-        self.finished = True
-
-
 def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
     import bpy
 
@@ -282,7 +264,7 @@ def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
 
     scene = _scene()
     _animated_camera(scene)
-    client = _KeepSubmit()
+    client = KeepSubmit()
     settings = fs.FitSettings(method="nerf", passes=True, source="ANIMATION", source_camera="Flying",
                               frame_range=(1, 5, 2), cache_dir=str(tmp_path / "c"))
     s = fs.FitSession(scene, "tcp://127.0.0.1:1", settings, probe=False, client_factory=lambda a: client)
