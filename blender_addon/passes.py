@@ -11,7 +11,7 @@ into every material, a few nodes writing (roughness, 1, 0) to it: the roughness 
 first BSDF found upstream of the active Material Output (:func:`material_roughness`).  All of
 it (AOV, nodes, links) is removed again on exit.
 
-What Cycles gives (checked with bpy 5.0.1, see tests/test_passes_bpy.py):
+What Cycles gives (checked with bpy 5.0.1, see tests/addon/test_passes_bpy.py):
 - "Diffuse Color": linear, averaged over the pixel's samples, so multiplied by the coverage
   (alpha); for a Principled BSDF it is the base colour times the share left by the specular
   layer (about 0.96 head-on, less at grazing angles); for a Diffuse BSDF it is the colour.

@@ -48,7 +48,7 @@ def blender_intrinsics(cam: BlenderCamera) -> np.ndarray:
     """Pinhole intrinsics ``(fx, fy, cx, cy)`` of a perspective Blender camera.
 
     Matches ``bpy_extras.object_utils.world_to_camera_view`` for every sensor fit, lens shift,
-    pixel aspect and resolution percentage (see ``tests/test_cameras_bpy.py``).
+    pixel aspect and resolution percentage (see ``tests/shared/test_cameras_bpy.py``).
     """
     w, h = image_size(cam)
     pax, pay = cam.pixel_aspect_x, cam.pixel_aspect_y

@@ -1,7 +1,7 @@
 """Fused hash-grid encoding in Triton: forward gather and backward scatter in one kernel each.
 
 Same maths, layout and signature as :func:`backend.fields.hashgrid.hashgrid_encode` (the plain
-PyTorch reference), so the two are interchangeable; ``tests/test_triton_kernels.py`` checks
+PyTorch reference), so the two are interchangeable; ``tests/backend/test_triton_kernels.py`` checks
 that they agree, forward and backward.  The reference materialises (N, L, 8) index, weight and
 (N, L, 8, F) feature tensors; these kernels keep them in registers, so a step moves only the
 points, the gathered table rows and the output.

@@ -280,7 +280,7 @@ def test_devices_are_checked():
 
 
 def test_the_cli_refuses_a_remote_bind_with_a_clear_message(tmp_path):
-    """Without an allow-list there is no CurveZMQ, so no remote bind (tests/test_security.py has more)."""
+    """Without an allow-list there is no CurveZMQ, so no remote bind (tests/backend/service/test_security.py has more)."""
     result = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu",
                              "--keys-dir", str(tmp_path / "keys")],
                             cwd=REPO, capture_output=True, text=True, timeout=30)
