@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/benchmarks.md in one call on a CUDA machine (the device tool's H200):
+# the fused kernels against their PyTorch references, the GPU tests, then the lego training
+# curve (benchmarks/lego.py).  Prints everything; copies the JSON records to $OUT when set.
+#
+# Needs (the machine's own Python with torch, triton, numpy, scipy, scikit-image, Pillow, pytest):
+#   .data/lego   a copy of ../shared/data/lego (the sibling folder does not travel)
+#   .whl/        wheels of what the image lacks, for its Python (3.12): pyzmq, xatlas,
+#                fast-simplification (pip download --only-binary=:all: --python-version 3.12 ...)
+# Run from the repository root:  bash benchmarks/gpu_suite.sh [lego budgets, default 10,60]
+set -uo pipefail
+BUDGETS="${1:-10,60}"
+OUT="${OUT:-/tmp/gpu_suite_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# The project's import names without installing it: fit_implicit/{backend,shared,blender_addon}.
+SITE=/tmp/gpu_suite_site
+rm -rf "$SITE" && mkdir -p "$SITE/fit_implicit"
+for d in backend shared blender_addon; do ln -s "$PWD/$d" "$SITE/fit_implicit/$d"; done
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+git log -1 --format='commit %h %cd' --date=short 2>/dev/null || true
+
+status=0
+echo "== kernels against their references (benchmarks/check_kernels.py)"
+python3 benchmarks/check_kernels.py --device cuda || status=1
+
+echo "== GPU tests (the files that hold tests marked gpu; the others need Blender)"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/backend/test_triton_kernels.py \
+    tests/backend/export/test_mesh.py tests/backend/export/test_marching_cubes.py || status=1
+
+echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
+python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" --out "$OUT/bench_lego.json" || status=1
+
+exit $status
