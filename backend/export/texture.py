@@ -75,11 +75,11 @@ class BakedTextures:
         return out
 
 
-def check_size(size: int) -> int:
-    size = int(size)
-    if not 16 <= size <= MAX_SIZE:
-        raise ValueError(f"texture size must be in [16, {MAX_SIZE}] texels, got {size}")
-    return size
+def check_size(texture_size: int) -> int:
+    texture_size = int(texture_size)
+    if not 16 <= texture_size <= MAX_SIZE:
+        raise ValueError(f"texture size must be in [16, {MAX_SIZE}] texels, got {texture_size}")
+    return texture_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,11 +378,12 @@ def bake(model, mesh: UVMesh, size: int = DEFAULT_SIZE, *, padding: int = DEFAUL
     return BakedTextures(albedo_img, normal_img, rough_img, covered.cpu().numpy(), timings)
 
 
-def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, size: int = DEFAULT_SIZE, *,
+def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, texture_size: int = DEFAULT_SIZE, *,
                  padding: int = DEFAULT_PADDING, piece_faces: int = PIECE_FACES,
                  max_faces: int | None = MAX_FACES, device: str | torch.device | None = None
                  ) -> tuple[UVMesh, BakedTextures]:
-    """Unwrap then bake: the whole post-fit texture step.
+    """Unwrap then bake: the whole post-fit texture step, into textures of ``texture_size``
+    texels a side (the setting of that name: panel, Submit, --texture-size).
 
     A mesh of more than ``max_faces`` triangles is first decimated to that many (the normal map
     keeps the detail; unwrapping time grows with the face count).  ``timings`` gains
@@ -394,9 +395,9 @@ def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, size: int = DEF
 
         vertices, faces = decimate(np.asarray(vertices, np.float32), np.asarray(faces, np.int64), int(max_faces))
     t1 = time.perf_counter()
-    mesh = unwrap(vertices, faces, size=size, padding=padding, piece_faces=piece_faces)
+    mesh = unwrap(vertices, faces, size=texture_size, padding=padding, piece_faces=piece_faces)
     t2 = time.perf_counter()
-    baked = bake(model, mesh, size, padding=padding, device=device)
+    baked = bake(model, mesh, texture_size, padding=padding, device=device)
     baked.timings.update(decimate=t1 - t0, unwrap=t2 - t1)
     return mesh, baked
 
