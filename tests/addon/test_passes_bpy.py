@@ -338,6 +338,7 @@ def test_surface_scene_and_relight_benchmarks_run_small(tmp_path):
 
     from fit_implicit.backend.fitting.data import RaySampler, load_transforms
     from bpy_helpers import REPO
+    from mesh_files import read_ply
 
     out = tmp_path / "scene"
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,  # noqa: E731
@@ -353,7 +354,7 @@ def test_surface_scene_and_relight_benchmarks_run_small(tmp_path):
     assert np.all((rough == -1.0) | ((rough >= 0.0) & (rough <= 1.0)))
     assert np.mean(rough[covered] >= 0.0) > 0.95              # the textured objects' materials have one
     assert np.ptp(rough[covered & (rough >= 0.0)]) > 0.2      # noise-driven and constant roughness differ
-    verts = _ply_vertices(out / "ground_truth.ply")
+    verts = read_ply(out / "ground_truth.ply")[0]       # written by the backend's one PLY writer
     assert np.allclose(verts.min(0), info["ground_truth"]["bbox"][0], atol=1e-5)
     o, d, _, p = RaySampler(data, "cpu").sample_passes(4000)
     hit = (o + p["depth"] * d)[p["depth"][:, 0] > 0].numpy()
@@ -367,10 +368,3 @@ def test_surface_scene_and_relight_benchmarks_run_small(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "relight" / "relight.json").read_text())["assets"]
     assert res["albedo"]["novel"] > res["grey"]["novel"] + 2.0, res
-
-
-def _ply_vertices(path):
-    raw = path.read_bytes()
-    end = raw.index(b"end_header\n") + len(b"end_header\n")
-    n = int(raw[:end].split(b"element vertex ")[1].split(b"\n")[0])
-    return np.frombuffer(raw[end:end + 12 * n], "<f4").reshape(-1, 3)
