@@ -31,6 +31,14 @@ class BackendProcessError(RuntimeError):
     """The backend could not be started or stopped; the text is meant for the user."""
 
 
+# Runs ``fit_implicit.backend`` from the checkout named by its first argument: the import name
+# fit_implicit stands for that folder, so its backend/ and shared/ are fit_implicit.backend and
+# fit_implicit.shared (pyproject.toml maps them so when the project is installed).
+FROM_CHECKOUT = ("import runpy, sys, types; pkg = types.ModuleType('fit_implicit'); pkg.__path__ = [sys.argv.pop(1)]; "
+                 "sys.modules['fit_implicit'] = pkg; runpy.run_module('fit_implicit.backend', run_name='__main__', "
+                 "alter_sys=True)")
+
+
 def default_source_dir() -> Path | None:
     """The checkout that holds ``backend/`` next to this add-on (a development install), or None."""
     root = Path(__file__).resolve().parent.parent
@@ -57,7 +65,9 @@ class LocalBackend:
         address: loopback tcp address to bind.
         device: "" (the backend picks: cuda if available), "cpu", "cuda" or "cuda:N".
         log_path: file that receives the process's stdout and stderr (truncated at start).
-        source_dirs: folders put first on PYTHONPATH (the checkout that holds backend/ and shared/).
+        source_dirs: a checkout (the first folder) whose backend/ and shared/ run, as
+            fit_implicit.backend and fit_implicit.shared, whatever ``python`` has installed; the
+            folders also go first on PYTHONPATH.
     """
 
     def __init__(self, python: str, address: str, *, device: str = "", log_path: str,
@@ -80,7 +90,10 @@ class LocalBackend:
 
     @property
     def command(self) -> list[str]:
-        return self.command_for(self.python, self.address, self.device) + self.extra_args
+        cmd = self.command_for(self.python, self.address, self.device) + self.extra_args
+        if self.source_dirs:    # "-m fit_implicit.backend" of the checkout, not of what is installed
+            cmd[2:4] = ["-c", FROM_CHECKOUT, self.source_dirs[0]]
+        return cmd
 
     def start(self) -> None:
         """Launch the process (returns at once; see :meth:`ready`).  Raises BackendProcessError."""
