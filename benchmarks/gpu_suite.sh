@@ -8,6 +8,7 @@
 #   .whl/        wheels of what the image lacks, for its Python (3.12): pyzmq, xatlas,
 #                fast-simplification (pip download --only-binary=:all: --python-version 3.12 ...)
 # Run from the repository root:  bash benchmarks/gpu_suite.sh [lego budgets, default 10,60]
+# (the device tool: FIT_IMPLICIT_COMMIT=<this checkout's commit> bash benchmarks/gpu_suite.sh ...)
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 OUT="${OUT:-/tmp/gpu_suite_out}"
@@ -26,7 +27,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-git log -1 --format='commit %h %cd' --date=short 2>/dev/null || true
+echo "commit ${FIT_IMPLICIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} (set FIT_IMPLICIT_COMMIT where the tree travels without its history)"
 
 status=0
 echo "== kernels against their references (benchmarks/check_kernels.py)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +41,9 @@ class Meter(Callbacks):
 
 
 def commit() -> str:
+    """The checkout's commit ($FIT_IMPLICIT_COMMIT where the tree was copied without its history)."""
+    if os.environ.get("FIT_IMPLICIT_COMMIT"):
+        return os.environ["FIT_IMPLICIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         samples = float(model.meta.get("samples", 0))
         row = {
             "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
-            "render_march_steps": cfg.render_march_steps or cfg.march_steps, "psnr_by_render_steps": fine,
+            "render_march_steps": cfg.march.max_steps(rendering=True), "psnr_by_render_steps": fine,
             "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),
             "samples_per_s": round(samples / max(train_s, 1e-9)) if samples else None,
             "warmup_s": model.meta.get("first_step_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
