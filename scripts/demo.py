@@ -131,23 +131,6 @@ def render_mesh_view(scene, camera, source, result_object, path: Path) -> np.nda
         source.hide_render = False
 
 
-def mesh_world_arrays(obj, depsgraph) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluated world-space vertices (V,3) and triangles (F,3) of a mesh object."""
-    ev = obj.evaluated_get(depsgraph)
-    mesh = ev.to_mesh()
-    try:
-        mesh.calc_loop_triangles()
-        v = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
-        mesh.vertices.foreach_get("co", v)
-        t = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
-        mesh.loop_triangles.foreach_get("vertices", t)
-    finally:
-        ev.to_mesh_clear()
-    m = np.array(obj.matrix_world, dtype=np.float64)
-    v = v.reshape(-1, 3).astype(np.float64) @ m[:3, :3].T + m[:3, 3]
-    return v, t.reshape(-1, 3)
-
-
 def save_compare(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
     """Side-by-side RGBA panels composited on white, with a caption strip under each."""
     from PIL import Image, ImageDraw
@@ -194,7 +177,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         scene, source = build_scene(args.resolution)
         blender_addon.register()
-        src_v, src_f = mesh_world_arrays(source, bpy.context.evaluated_depsgraph_get())
+        from fit_implicit.blender_addon.capture import world_triangles
+        src_v, src_f = world_triangles([source], bpy.context.evaluated_depsgraph_get())
         center = 0.5 * (src_v.min(0) + src_v.max(0))
         diag = float(np.linalg.norm(src_v.max(0) - src_v.min(0)))
         heldout = add_heldout_camera(scene, center, distance=1.45 * diag)
@@ -215,7 +199,7 @@ def main(argv=None) -> int:
         mesh_view = render_mesh_view(scene, heldout, source, result.object, args.out / "mesh_view.png")
         timings["mesh_render"] = time.perf_counter() - t
 
-        out_v, out_f = mesh_world_arrays(result.object, bpy.context.evaluated_depsgraph_get())
+        out_v, out_f = world_triangles([result.object], bpy.context.evaluated_depsgraph_get())
         cd = chamfer(src_v, src_f, out_v, out_f, samples=100_000)
         report = {
             "scene": "Suzanne (subdivided, two-tone), off-centre, rotated, scaled",
