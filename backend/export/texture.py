@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fit_implicit.backend.render.raster import rasterize_2d
+
 DEFAULT_SIZE = 2048
 MAX_SIZE = 8192
 DEFAULT_PADDING = 8           # texels charts are grown by (mip-mapping must not see background)
 PIECE_FACES = 1500            # faces per piece handed to xatlas (see unwrap)
 MAX_FACES = 200_000           # larger meshes are decimated before unwrapping (see texture_mesh)
 ATTRIBUTE_CHUNK = 1 << 18     # texels per surface_attributes call
-RASTER_CHUNK = 1 << 24        # candidate (triangle, texel) pairs tested at once
 
 
 @dataclass
@@ -227,7 +228,7 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, *, size: int = DEFAULT_SIZE,
 @torch.no_grad()
 def rasterize(uvs: np.ndarray, faces: np.ndarray, size: int, device: str | torch.device = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which triangle covers each texel centre, and where.
+    """Which triangle covers each texel centre, and where (backend/render/raster.py, in UV space).
 
     Args:
         uvs: (V, 2) float in [0, 1] (v up).  faces: (F, 3) int.  size: texture side S.
@@ -240,40 +241,8 @@ def rasterize(uvs: np.ndarray, faces: np.ndarray, size: int, device: str | torch
     uv = torch.as_tensor(np.asarray(uvs, np.float32), device=dev)
     tri = torch.as_tensor(np.asarray(faces, np.int64), device=dev)
     # texel coordinates: x = column, y = row (down); texel (r, c) has its centre at (c + .5, r + .5)
-    pix = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], dim=-1)[tri]     # (F, 3, 2)
-    lo = torch.ceil(pix.amin(1) - 0.5).clamp(0, size - 1).long()                    # (F, 2) first texel
-    hi = torch.floor(pix.amax(1) - 0.5).clamp(0, size - 1).long()                   # (F, 2) last texel
-    extent = (hi - lo + 1).clamp_min(0).amax(1)                                      # (F,) bbox side
-    face_map = torch.full((size * size,), -1, dtype=torch.long, device=dev)
-    bary_map = torch.zeros((size * size, 3), dtype=torch.float32, device=dev)
-    a, b, c = pix[:, 0], pix[:, 1], pix[:, 2]
-    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-    good = (extent > 0) & (area.abs() > 1e-12)
-    # Triangles in buckets of similar box size, so each is tested against a box x box grid.
-    bucket = torch.ceil(torch.log2(extent.clamp_min(1).float())).long()
-    for k in torch.unique(bucket[good]).tolist():
-        side = 1 << k
-        ids = torch.nonzero(good & (bucket == k)).squeeze(1)
-        offs = torch.stack(torch.meshgrid(torch.arange(side, device=dev), torch.arange(side, device=dev),
-                                          indexing="xy"), -1).reshape(-1, 2)        # (side^2, 2) (dx, dy)
-        per = max(1, RASTER_CHUNK // (side * side))
-        for chunk in ids.split(per):
-            cols_rows = lo[chunk][:, None, :] + offs[None]                           # (n, side^2, 2)
-            inside_box = (cols_rows <= hi[chunk][:, None, :]).all(-1)
-            p = cols_rows.float() + 0.5
-            pa, pb, pc = a[chunk][:, None], b[chunk][:, None], c[chunk][:, None]
-            wa = (pb[..., 0] - p[..., 0]) * (pc[..., 1] - p[..., 1]) - (pb[..., 1] - p[..., 1]) * (pc[..., 0] - p[..., 0])
-            wb = (pc[..., 0] - p[..., 0]) * (pa[..., 1] - p[..., 1]) - (pc[..., 1] - p[..., 1]) * (pa[..., 0] - p[..., 0])
-            w = torch.stack([wa, wb], -1) / area[chunk][:, None, None]
-            w = torch.cat([w, 1.0 - w.sum(-1, keepdim=True)], -1)                    # (n, side^2, 3)
-            hit = inside_box & (w >= -1e-5).all(-1)
-            n_idx, t_idx = torch.nonzero(hit, as_tuple=True)
-            cr = cols_rows[n_idx, t_idx]
-            flat = cr[:, 1] * size + cr[:, 0]
-            face_map[flat] = chunk[n_idx]
-            bary_map[flat] = w[n_idx, t_idx].clamp_min(0.0)
-    bary_map = bary_map / bary_map.sum(-1, keepdim=True).clamp_min(1e-12)
-    return face_map.reshape(size, size), bary_map.reshape(size, size, 3)
+    pix = torch.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], dim=-1)
+    return rasterize_2d(pix, tri, size, size)
 
 
 @torch.no_grad()

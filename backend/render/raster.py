@@ -1,0 +1,193 @@
+"""Triangle rasterisation in PyTorch (CPU or GPU), with gradients for what is drawn.
+
+Two steps, as in nvdiffrast:
+
+* :func:`rasterize` decides which triangle each pixel centre sees (a z-buffer over candidate
+  (triangle, pixel) pairs: every triangle is tested against the pixels of its bounding box).
+  This choice has no gradient.
+* :func:`interpolate` then computes, for the triangle each pixel sees, the pixel centre's
+  perspective-correct barycentric weights from the projected vertices with differentiable
+  operations, and interpolates vertex attributes (UVs, normals, colours) with them: gradients
+  reach the vertex positions and the attributes.  :func:`sample_texture` reads a texture at
+  interpolated UVs bilinearly: gradients reach the texels.
+
+Silhouettes have no gradient (no antialiasing pass): a vertex moves the inside of its triangles,
+not where their outline cuts a pixel.
+
+Conventions: the OpenCV pixel frame of shared/cameras.py (x right, y down, pixel (r, c) has its
+centre at (c + 0.5, r + 0.5)), intrinsics ``(fx, fy, cx, cy)``, poses camera-to-world in
+Blender's camera convention (the camera looks down -Z).  Triangles with a vertex closer than
+``near`` in front of the camera (or behind it) are not drawn: no clipping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RASTER_CHUNK = 1 << 24      # candidate (triangle, pixel) pairs tested at once
+NEAR = 1e-4                 # world units: nearest depth a drawn vertex may have
+
+
+@dataclass
+class Fragments:
+    """What each pixel sees: ``face`` (H, W) int64, the triangle (-1: nothing); ``depth`` (H, W)
+    float32, its depth along the viewing axis (inf: nothing)."""
+
+    face: torch.Tensor
+    depth: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(H, W) bool: pixels that see a triangle."""
+        return self.face >= 0
+
+
+def project(vertices: torch.Tensor, intrinsics, c2w) -> tuple[torch.Tensor, torch.Tensor]:
+    """World points (V, 3) -> pixel positions (V, 2) and depths (V,) along the viewing axis
+    (positive in front), differentiable in the points.  ``intrinsics`` (4,), ``c2w`` (4, 4)."""
+    k = torch.as_tensor(intrinsics, dtype=vertices.dtype, device=vertices.device)
+    pose = torch.as_tensor(c2w, dtype=vertices.dtype, device=vertices.device)
+    rot, origin = pose[:3, :3], pose[:3, 3]
+    pc = (vertices - origin) @ rot                      # camera frame: x right, y up, z backwards
+    depth = -pc[:, 2]
+    safe = torch.where(depth.abs() > 1e-12, depth, torch.full_like(depth, 1e-12))
+    u = k[0] * pc[:, 0] / safe + k[2]
+    v = -k[1] * pc[:, 1] / safe + k[3]
+    return torch.stack([u, v], -1), depth
+
+
+def _edge_weights(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Screen-space barycentric weights (..., 3) of points ``p`` (..., 2) in triangles
+    (a, b, c) (..., 2); the weights of a degenerate triangle are not finite."""
+    area = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
+    wa = (b[..., 0] - p[..., 0]) * (c[..., 1] - p[..., 1]) - (b[..., 1] - p[..., 1]) * (c[..., 0] - p[..., 0])
+    wb = (c[..., 0] - p[..., 0]) * (a[..., 1] - p[..., 1]) - (c[..., 1] - p[..., 1]) * (a[..., 0] - p[..., 0])
+    w = torch.stack([wa, wb], -1) / area[..., None]
+    return torch.cat([w, 1.0 - w.sum(-1, keepdim=True)], -1)
+
+
+@torch.no_grad()
+def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: int,
+                 inv_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which triangle covers each pixel centre of a ``width`` x ``height`` image.
+
+    Args:
+        points: (V, 2) float32 pixel positions.  faces: (F, 3) int64.
+        inv_depth: (V,) 1 / depth of the vertices: where triangles overlap the nearest one wins
+            (1 / depth is linear in screen space); None: any covering triangle (UV charts, which
+            do not overlap).
+    Returns:
+        face (H, W) int64 (-1: none); bary (H, W, 3) float32 screen-space barycentric weights.
+    """
+    dev = points.device
+    n_pix = width * height
+    face_map = torch.full((n_pix,), -1, dtype=torch.long, device=dev)
+    bary_map = torch.zeros((n_pix, 3), dtype=torch.float32, device=dev)
+    if faces.numel() == 0:
+        return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
+    best = torch.full((n_pix,), -torch.inf, dtype=torch.float32, device=dev)
+    pix = points.float()[faces]                                                 # (F, 3, 2)
+    size = torch.tensor([width - 1, height - 1], device=dev)
+    lo = torch.ceil(pix.amin(1) - 0.5).clamp_min(0).long()
+    hi = torch.minimum(torch.floor(pix.amax(1) - 0.5).long(), size)
+    extent = (hi - lo + 1).clamp_min(0).amax(1)                                  # (F,) bbox side
+    a, b, c = pix[:, 0], pix[:, 1], pix[:, 2]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    good = (extent > 0) & (area.abs() > 1e-12) & torch.isfinite(pix).all(-1).all(-1)
+    inv = None if inv_depth is None else inv_depth.float()[faces]               # (F, 3)
+    if inv is not None:
+        good &= (inv > 0).all(-1)
+    # Triangles in buckets of similar box size, so each is tested against a box x box grid.
+    bucket = torch.ceil(torch.log2(extent.clamp_min(1).float())).long()
+    for k in torch.unique(bucket[good]).tolist():
+        side = 1 << k
+        ids = torch.nonzero(good & (bucket == k)).squeeze(1)
+        offs = torch.stack(torch.meshgrid(torch.arange(side, device=dev), torch.arange(side, device=dev),
+                                          indexing="xy"), -1).reshape(-1, 2)        # (side^2, 2) (dx, dy)
+        for chunk in ids.split(max(1, RASTER_CHUNK // (side * side))):
+            cols_rows = lo[chunk][:, None, :] + offs[None]                           # (n, side^2, 2)
+            inside_box = (cols_rows <= hi[chunk][:, None, :]).all(-1)
+            w = _edge_weights(cols_rows.float() + 0.5, a[chunk][:, None], b[chunk][:, None], c[chunk][:, None])
+            hit = inside_box & (w >= -1e-5).all(-1)
+            n_idx, t_idx = torch.nonzero(hit, as_tuple=True)
+            cr = cols_rows[n_idx, t_idx]
+            flat = cr[:, 1] * width + cr[:, 0]
+            tri, weights = chunk[n_idx], w[n_idx, t_idx].clamp_min(0.0)
+            if inv is not None:     # z-test: keep the candidates nearest to the camera
+                z = (weights * inv[tri]).sum(-1)
+                best.scatter_reduce_(0, flat, z, reduce="amax")
+                near = z >= best[flat]
+                flat, tri, weights = flat[near], tri[near], weights[near]
+            face_map[flat] = tri
+            bary_map[flat] = weights
+    bary_map = bary_map / bary_map.sum(-1, keepdim=True).clamp_min(1e-12)
+    return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
+
+
+def rasterize(vertices: torch.Tensor, faces: torch.Tensor, intrinsics, c2w, width: int, height: int,
+              near: float = NEAR) -> Fragments:
+    """The triangle each pixel of a camera's image sees, nearest first.
+
+    Args:
+        vertices: (V, 3) float world positions.  faces: (F, 3) int64.
+        intrinsics: (4,) fx, fy, cx, cy.  c2w: (4, 4) camera-to-world (Blender convention).
+    """
+    width, height = int(width), int(height)
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
+    if faces.ndim != 2 or faces.shape[-1] != 3:
+        raise ValueError(f"faces must be (F, 3), got {tuple(faces.shape)}")
+    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= len(vertices)):
+        raise ValueError(f"face indices must be in [0, {len(vertices)})")
+    with torch.no_grad():
+        pix, depth = project(vertices.detach().float(), intrinsics, c2w)
+        inv = torch.where(depth > near, 1.0 / depth.clamp_min(near), torch.zeros_like(depth))
+        face, _ = rasterize_2d(pix, faces, width, height, inv)
+        depth_map = torch.full((height, width), torch.inf, device=vertices.device)
+        seen = face >= 0
+        if seen.any():
+            w = perspective_weights(pix, depth, faces, face[seen], _pixel_centres(seen))
+            depth_map[seen] = (w * depth[faces[face[seen]]]).sum(-1)
+    return Fragments(face, depth_map)
+
+
+def _pixel_centres(mask: torch.Tensor) -> torch.Tensor:
+    """(K, 2) float pixel centres (x, y) of the True pixels of ``mask`` (H, W), in row order."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return torch.stack([cols, rows], -1).to(torch.float32) + 0.5
+
+
+def perspective_weights(pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, face: torch.Tensor,
+                        centres: torch.Tensor) -> torch.Tensor:
+    """Perspective-correct barycentric weights (K, 3) of pixel ``centres`` (K, 2) in triangles
+    ``face`` (K,) of the projected vertices ``pix`` (V, 2) with depths ``depth`` (V,);
+    differentiable in ``pix`` and ``depth``."""
+    tri = faces[face]                                                            # (K, 3)
+    p = pix[tri]                                                                 # (K, 3, 2)
+    w = _edge_weights(centres.to(pix.dtype), p[:, 0], p[:, 1], p[:, 2])          # screen space
+    w = w / depth[tri]
+    return w / w.sum(-1, keepdim=True)
+
+
+def interpolate(attributes: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, fragments: Fragments,
+                intrinsics, c2w) -> torch.Tensor:
+    """Vertex ``attributes`` (V, C) at every pixel that sees a triangle -> (K, C), K the number of
+    such pixels in row order (``fragments.mask``); differentiable in the attributes and in the
+    vertex positions (V, 3)."""
+    faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
+    seen = fragments.mask
+    pix, depth = project(vertices, intrinsics, c2w)
+    w = perspective_weights(pix, depth, faces, fragments.face[seen], _pixel_centres(seen))
+    return (w[..., None] * attributes[faces[fragments.face[seen]]]).sum(1)
+
+
+def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear reads of ``texture`` (S, S, C) (top row first) at ``uv`` (K, 2) in [0, 1] (v up)
+    -> (K, C); differentiable in the texels and in the UVs.  Reads clamp at the border."""
+    grid = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0], -1)       # x right, y down
+    img = texture.permute(2, 0, 1)[None]
+    out = torch.nn.functional.grid_sample(img, grid[None, None].to(img.dtype), mode="bilinear",
+                                          padding_mode="border", align_corners=False)
+    return out[0, :, 0].T
