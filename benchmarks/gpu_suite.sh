@@ -9,8 +9,12 @@
 #                fast-simplification (pip download --only-binary=:all: --python-version 3.12 ...)
 # Run from the repository root:  bash benchmarks/gpu_suite.sh [lego budgets, default 10,60]
 # (the device tool: FIT_IMPLICIT_COMMIT=<this checkout's commit> bash benchmarks/gpu_suite.sh ...)
+# SECTIONS picks what runs (default all: "kernels tests lego mesh"); "mesh" fits lego for
+# benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
+# texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here).
 set -uo pipefail
 BUDGETS="${1:-10,60}"
+SECTIONS="${SECTIONS:-kernels tests lego mesh}"
 OUT="${OUT:-/tmp/gpu_suite_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,14 +34,27 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit ${FIT_IMPLICIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} (set FIT_IMPLICIT_COMMIT where the tree travels without its history)"
 
 status=0
-echo "== kernels against their references (benchmarks/check_kernels.py)"
-python3 benchmarks/check_kernels.py --device cuda || status=1
-
-echo "== GPU tests (the files that hold tests marked gpu; the others need Blender)"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/backend/test_triton_kernels.py \
-    tests/backend/export/test_mesh.py tests/backend/export/test_marching_cubes.py || status=1
-
-echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
-python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" --out "$OUT/bench_lego.json" || status=1
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+if want kernels; then
+    echo "== kernels against their references (benchmarks/check_kernels.py)"
+    python3 benchmarks/check_kernels.py --device cuda || status=1
+fi
+if want tests; then
+    echo "== GPU tests (the files that hold tests marked gpu; the others need Blender)"
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/backend/test_triton_kernels.py \
+        tests/backend/export/test_mesh.py tests/backend/export/test_marching_cubes.py || status=1
+fi
+if want lego; then
+    echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
+    python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" --out "$OUT/bench_lego.json" || status=1
+fi
+if want mesh; then
+    echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"
+    for spec in "nerf 60" "sdf 120"; do
+        set -- $spec
+        python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
+            --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
+    done
+fi
 
 exit $status

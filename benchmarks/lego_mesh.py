@@ -213,13 +213,38 @@ def read_textured_glb(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Phase 1: fit, mesh, textures (torch)
 # --------------------------------------------------------------------------------------------
-def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None) -> dict:
-    """Mesh (at ``opacity``; None: the fit's level), texture and write ``out/lego.glb`` (shrunk
-    under ``--max-mb``) as ``fit-implicit mesh`` does; returns the figures for fit.json."""
+def raster_psnr(mesh, baked, held, device, supersample: int = 2) -> list[float]:
+    """The textured mesh drawn unlit by backend/render/raster.py (``supersample`` x anti-aliased)
+    at each held-out view of ``held`` (PosedImages) against its photo, on white: a quick stand-in
+    for phase 2's Cycles score, on the fit's own machine."""
     import torch
 
-    from fit_implicit.backend.export.files import write_textured
+    from fit_implicit.backend.render.raster import render_textured
+
+    verts = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
+    faces = torch.as_tensor(mesh.faces, dtype=torch.long, device=device)
+    uvs = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=device)
+    tex = torch.as_tensor(baked.albedo[..., :3], device=device).float() / 255.0
+    scores = []
+    for i in range(len(held)):
+        rgba = render_textured(verts, faces, uvs, tex, held.intrinsics[i], held.poses[i], held.width, held.height,
+                               supersample)
+        pred = (rgba.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+        scores.append(psnr_white(pred, held.images[i]))
+    return scores
+
+
+def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None,
+               train=None, held=None, refine_steps: tuple[int, ...] = ()) -> dict:
+    """Mesh (at ``opacity``; None: the fit's level), texture (refined against ``train``, the
+    training views, where the fit's ``texture_refine_steps`` asks for it, as the fit job does)
+    and write ``out/lego.glb`` (shrunk under ``--max-mb``); returns the figures for fit.json.
+    With ``held`` (the held-out PosedImages) the asset is also scored by :func:`raster_psnr`;
+    each of ``refine_steps`` refines the same bake that many steps into ``out/refine_<steps>/``."""
+    import torch
+
     from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.refine import refine_textures
     from fit_implicit.backend.export.texture import texture_mesh
 
     dev = torch.device(model.device)
@@ -233,24 +258,56 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if not len(faces):
         raise ValueError("the field has no surface: nothing to export")
     t1 = time.perf_counter()
-    mesh, baked = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
-    glb = write_textured(out / GLB_NAME, mesh, baked)
+    mesh, bake = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
+    baked, refined = bake, {}
+    if train is not None:
+        baked, refined = refine_textures(mesh, bake, train, model.config.texture, device=dev)
     texture_s = time.perf_counter() - t1
+    info = {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
+            "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
+            "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
+            "export_s": round(mesh_s + texture_s, 3), **refined,
+            **_write_glb(out, mesh, baked, held, dev, args.max_mb)}
+    print(f"mesh: {len(faces)} triangles at {args.mesh_resolution} ({mesh_s:.2f} s); textures {size}^2 on "
+          f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in baked.timings.items()) + ")", flush=True)
+    variants = {}
+    for steps in refine_steps:           # the same bake refined more or less, each scored on its own
+        folder = out / f"refine_{steps}"
+        folder.mkdir(exist_ok=True)
+        for name in (HOLDOUT_JSON,):
+            (folder / name).write_bytes((out / name).read_bytes())
+        cfg = dataclasses.replace(model.config.texture, texture_refine_steps=steps)
+        variant, facts = refine_textures(mesh, bake, train, cfg, device=dev) if steps else (bake, {})
+        row = {"texture_refine_steps": steps, **facts, **_write_glb(folder, mesh, variant, held, dev, args.max_mb)}
+        (folder / FIT_JSON).write_text(json.dumps(row, indent=1))
+        variants[str(steps)] = row
+    if variants:
+        info["refine_variants"] = variants
+    return info
+
+
+def _write_glb(out: Path, mesh, baked, held, dev, max_mb: float) -> dict:
+    """Write ``out/lego.glb`` (shrunk under the size limit), score it with :func:`raster_psnr`
+    where ``held`` is given; returns those figures."""
+    from fit_implicit.backend.export.files import write_textured
+
+    glb = write_textured(out / GLB_NAME, mesh, baked)
     raw_mb = glb.stat().st_size / 2**20
     try:
-        shrink = fit_glb_under(glb, int(args.max_mb * 2**20))
+        shrink = fit_glb_under(glb, int(max_mb * 2**20))
     except ValueError as exc:        # keep the fit's figures; say so loudly
         shrink = [f"FAILED: {exc}"]
         print(f"warning: {exc}", flush=True)
-    print(f"mesh: {len(faces)} triangles at {args.mesh_resolution} ({mesh_s:.2f} s); textures {size}^2 on "
-          f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in baked.timings.items())
-          + f"); {glb.name} {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else ""), flush=True)
-    return {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
-            "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
-            "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
-            "export_s": round(mesh_s + texture_s, 3), "glb_mb_raw": round(raw_mb, 3),
-            "glb_mb": round(glb.stat().st_size / 2**20, 3), "glb_shrink": shrink}
+    row = {"glb_mb_raw": round(raw_mb, 3), "glb_mb": round(glb.stat().st_size / 2**20, 3), "glb_shrink": shrink}
+    if held is not None:
+        scores = raster_psnr(mesh, baked, held, dev)
+        row["raster_holdout_psnr"] = round(float(np.mean(scores)), 3)
+        row["raster_holdout_psnr_views"] = [round(s, 3) for s in scores]
+    print(f"  {glb}: {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else "")
+          + (f"; rasterised vs held-out photos {row['raster_holdout_psnr']:.2f} dB" if held is not None else ""),
+          flush=True)
+    return row
 
 
 def _levels(text: str) -> list[float]:
@@ -262,6 +319,17 @@ def _levels(text: str) -> list[float]:
     if not levels or not all(0 < x < 1 for x in levels):
         raise argparse.ArgumentTypeError(f"expected opacities in (0, 1) separated by commas, got {text!r}")
     return levels
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """--refine-steps: comma-separated step counts >= 0."""
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        counts = (-1,)
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected step counts >= 0 separated by commas, got {text!r}")
+    return counts
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -315,12 +383,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.save_run:
         save_run(model, out / "run")
 
-    export = export_glb(model, out, args, size)
+    export = export_glb(model, out, args, size, train=train, held=held, refine_steps=args.refine_steps)
     for level in args.extra_levels:      # the same field cut at other levels, each scored on its own
         folder = out / f"level_{level:g}"
         folder.mkdir(exist_ok=True)
         (folder / HOLDOUT_JSON).write_text(json.dumps(doc, indent=1))
-        extra = export_glb(model, folder, args, size, opacity=level)
+        extra = export_glb(model, folder, args, size, opacity=level, train=train, held=held)
         (folder / FIT_JSON).write_text(json.dumps({"mesh_opacity": level, **extra}, indent=1))
         print(f"  -> {folder / GLB_NAME}: score it with `score --run {folder}`", flush=True)
 
@@ -536,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--extra-levels", type=_levels, default=[], metavar="A,B",
                    help="radiance fields: also export the field cut at these opacities, each to "
                         "OUTDIR/level_<opacity>/ (score each with --run there)")
+    f.add_argument("--refine-steps", type=_counts, default=(), metavar="A,B",
+                   help="also refine the same bake A, B, ... steps into OUTDIR/refine_<steps>/ (0: the bake "
+                        "as it is), each scored on its own")
     f.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     f.set_defaults(func=cmd_fit)
     s = sub.add_parser("score", help="phase 2: render the .glb at the held-out views in Blender (bpy)")

@@ -191,3 +191,28 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     out = torch.nn.functional.grid_sample(img, grid[None, None].to(img.dtype), mode="bilinear",
                                           padding_mode="border", align_corners=False)
     return out[0, :, 0].T
+
+
+@torch.no_grad()
+def render_textured(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture: torch.Tensor,
+                    intrinsics, c2w, width: int, height: int, supersample: int = 1) -> torch.Tensor:
+    """The mesh unlit, as a camera sees it: (H, W, 4) float RGBA in [0, 1], straight alpha, colour
+    read from ``texture`` (S, S, 3) at the interpolated ``uvs`` (V, 2).  With ``supersample`` s > 1
+    the image is drawn s x s times larger and box-filtered down, so edges are anti-aliased as a
+    path tracer's pixel filter makes them (what benchmarks/lego_mesh.py compares with Cycles)."""
+    s = int(supersample)
+    if s < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
+    k = torch.as_tensor(intrinsics, dtype=torch.float32) * s
+    big_w, big_h = int(width) * s, int(height) * s
+    frags = rasterize(vertices, faces, k, c2w, big_w, big_h)
+    rgba = torch.zeros((big_h, big_w, 4), dtype=torch.float32, device=vertices.device)
+    if frags.mask.any():
+        uv = interpolate(uvs.float(), vertices.float(), faces, frags, k, c2w)
+        rgba[frags.mask] = torch.cat([sample_texture(texture.float(), uv), torch.ones_like(uv[:, :1])], -1)
+    if s > 1:
+        premul = torch.cat([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], -1).permute(2, 0, 1)[None]
+        premul = torch.nn.functional.avg_pool2d(premul, s)[0].permute(1, 2, 0)
+        alpha = premul[..., 3:]
+        rgba = torch.cat([premul[..., :3] / alpha.clamp_min(1e-8), alpha], -1)
+    return rgba

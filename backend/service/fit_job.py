@@ -159,12 +159,14 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
             save_run(model, ctx.folder)
             remove_checkpoint(ctx.folder)
     fit_seconds = time.monotonic() - start
-    del posed
+    refine = (posed, cfg.texture) if cfg.texture.texture_refine_steps > 0 and submit.texture_size > 0 else None
+    del posed   # kept in `refine` only when the textures are refined against the views
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
     verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution)
-    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx)
+    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine)
+    refine = None
 
     count = len(submit.eval_poses)
     for i in range(count):
@@ -193,11 +195,13 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
-                     ctx: JobContext) -> dict:
+                     ctx: JobContext, refine: tuple | None = None) -> dict:
     """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
     verts (V, 3) float32 world, faces (F, 3) int, colors (V, 3) sRGB: from extract_mesh.
+    refine: (the fit's PosedImages, a TextureRefineConfig) to refine the base colour against
+    the training views (backend/export/refine.py) before it is sent, or None.
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -206,6 +210,12 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
         ctx.progress("texture", force=True)
         start = time.monotonic()
         mesh, baked = texture_mesh(model, verts, faces, texture_size)
+        if refine is not None:
+            from fit_implicit.backend.export.refine import refine_textures
+
+            ctx.progress("refine", force=True)
+            baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
+            summary.update(facts)
         lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
         for kind, image in baked.items():
             ctx.check_cancelled()
