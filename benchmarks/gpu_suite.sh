@@ -11,7 +11,8 @@
 # (the device tool: FIT_IMPLICIT_COMMIT=<this checkout's commit> bash benchmarks/gpu_suite.sh ...)
 # SECTIONS picks what runs (default all: "kernels tests lego mesh"); "mesh" fits lego for
 # benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
-# texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here).
+# texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here;
+# MESH_SPECS="nerf:60" picks fits, MESH_ARGS adds lego_mesh.py fit options).
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 SECTIONS="${SECTIONS:-kernels tests lego mesh}"
@@ -50,8 +51,8 @@ if want lego; then
 fi
 if want mesh; then
     echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"
-    for spec in "nerf 60" "sdf 120"; do
-        set -- $spec
+    for spec in ${MESH_SPECS:-nerf:60 sdf:120}; do     # method:seconds
+        set -- ${spec/:/ }
         python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
             --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
     done

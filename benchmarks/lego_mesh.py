@@ -213,25 +213,54 @@ def read_textured_glb(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Phase 1: fit, mesh, textures (torch)
 # --------------------------------------------------------------------------------------------
-def raster_psnr(mesh, baked, held, device, supersample: int = 2) -> list[float]:
-    """The textured mesh drawn unlit by backend/render/raster.py (``supersample`` x anti-aliased)
-    at each held-out view of ``held`` (PosedImages) against its photo, on white: a quick stand-in
-    for phase 2's Cycles score, on the fit's own machine."""
+def raster_psnr(vertices, faces, held, device, uvs=None, texture=None, colors=None,
+                supersample: int = 2) -> tuple[list[float], list[float]]:
+    """The mesh drawn unlit by backend/render/raster.py (``supersample`` x anti-aliased) at each
+    held-out view of ``held`` (PosedImages), coloured by ``texture`` (S, S, 3) uint8 at ``uvs`` or
+    by vertex ``colors`` (V, 3) sRGB in [0, 1]: PSNR against its photo on white, and silhouette IoU
+    per view.  A quick stand-in for phase 2's Cycles score, on the fit's own machine."""
     import torch
 
-    from fit_implicit.backend.render.raster import render_textured
+    from fit_implicit.backend.render.raster import render_unlit
 
-    verts = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
-    faces = torch.as_tensor(mesh.faces, dtype=torch.long, device=device)
-    uvs = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=device)
-    tex = torch.as_tensor(baked.albedo[..., :3], device=device).float() / 255.0
-    scores = []
+    verts = torch.as_tensor(vertices, dtype=torch.float32, device=device)
+    tris = torch.as_tensor(faces, dtype=torch.long, device=device)
+    attrs = torch.as_tensor(uvs if texture is not None else colors, dtype=torch.float32, device=device)
+    tex = None if texture is None else torch.as_tensor(texture[..., :3], device=device).float() / 255.0
+    scores, ious = [], []
     for i in range(len(held)):
-        rgba = render_textured(verts, faces, uvs, tex, held.intrinsics[i], held.poses[i], held.width, held.height,
-                               supersample)
+        rgba = render_unlit(verts, tris, attrs, held.intrinsics[i], held.poses[i], held.width, held.height,
+                            tex, supersample)
         pred = (rgba.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         scores.append(psnr_white(pred, held.images[i]))
-    return scores
+        ious.append(mask_iou(pred, held.images[i]))
+    return scores, ious
+
+
+def diagnose(model, args: argparse.Namespace, held, dev) -> list[dict]:
+    """Where the asset loses, without textures: the field cut at its own level and at each of
+    ``--diagnose-levels``, all triangles and decimated to ``--faces``, drawn with the field's
+    vertex colours (raster_psnr)."""
+    from fit_implicit.backend.export.cleanup import decimate, vertex_normals
+    from fit_implicit.backend.export.mesh import extract_mesh, mesh_colors
+
+    rows = []
+    aabb = np.asarray(model.aabb, np.float64)
+    offset = 2.0 * float((aabb[1] - aabb[0]).max()) / args.mesh_resolution     # as extract_mesh's colours
+    for level in [None, *args.diagnose_levels]:
+        verts, faces, colors = extract_mesh(model, args.mesh_resolution, level)
+        for target in (0, args.faces):
+            t0 = time.perf_counter()
+            v, f, c = verts, faces, colors
+            if target and len(f) > target:
+                v, f = decimate(v, f, target)
+                c = mesh_colors(model, v, vertex_normals(v, f), offset)
+            scores, ious = raster_psnr(v, f, held, dev, colors=c)
+            rows.append({"level": level, "faces": int(len(f)), "psnr": round(float(np.mean(scores)), 3),
+                         "iou": round(float(np.mean(ious)), 4), "seconds": round(time.perf_counter() - t0, 2)})
+            print(f"  diagnose: level {level} {len(f)} triangles: vertex colours {rows[-1]['psnr']:.2f} dB, "
+                  f"IoU {rows[-1]['iou']:.4f}", flush=True)
+    return rows
 
 
 def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None,
@@ -301,9 +330,10 @@ def _write_glb(out: Path, mesh, baked, held, dev, max_mb: float) -> dict:
         print(f"warning: {exc}", flush=True)
     row = {"glb_mb_raw": round(raw_mb, 3), "glb_mb": round(glb.stat().st_size / 2**20, 3), "glb_shrink": shrink}
     if held is not None:
-        scores = raster_psnr(mesh, baked, held, dev)
+        scores, ious = raster_psnr(mesh.vertices, mesh.faces, held, dev, uvs=mesh.uvs, texture=baked.albedo)
         row["raster_holdout_psnr"] = round(float(np.mean(scores)), 3)
         row["raster_holdout_psnr_views"] = [round(s, 3) for s in scores]
+        row["raster_mask_iou"] = round(float(np.mean(ious)), 4)
     print(f"  {glb}: {raw_mb:.2f} MB" + (f" -> {'; '.join(shrink)}" if shrink else "")
           + (f"; rasterised vs held-out photos {row['raster_holdout_psnr']:.2f} dB" if held is not None else ""),
           flush=True)
@@ -383,6 +413,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.save_run:
         save_run(model, out / "run")
 
+    diagnosis = diagnose(model, args, held, torch.device(model.device)) if args.diagnose_levels is not None else None
     export = export_glb(model, out, args, size, train=train, held=held, refine_steps=args.refine_steps)
     for level in args.extra_levels:      # the same field cut at other levels, each scored on its own
         folder = out / f"level_{level:g}"
@@ -413,7 +444,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "field_holdout_psnr": round(float(np.mean(scores)), 3),
         "field_holdout_psnr_views": [round(float(s), 3) for s in scores], "eval_s": round(eval_s, 2),
         "mesh_opacity": model_opacity(model) if model.method == "nerf" else None,   # the iso-level used
-        **export, "extra_levels": args.extra_levels, "overrides": args.set,
+        **export, "extra_levels": args.extra_levels, "overrides": args.set, "diagnose": diagnosis,
     }
     (out / FIT_JSON).write_text(json.dumps(row, indent=1))
     for k in ("steps", "train_s", "steps_per_s", "field_holdout_psnr", "mesh_opacity", "mesh_s", "texture_s", "export_s",
@@ -607,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refine-steps", type=_counts, default=(), metavar="A,B",
                    help="also refine the same bake A, B, ... steps into OUTDIR/refine_<steps>/ (0: the bake "
                         "as it is), each scored on its own")
+    f.add_argument("--diagnose-levels", type=_levels, default=None, metavar="A,B",
+                   help="radiance fields: before the export, score the mesh with vertex colours at the fit's "
+                        "level and these, all triangles and decimated (fit.json 'diagnose')")
     f.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     f.set_defaults(func=cmd_fit)
     s = sub.add_parser("score", help="phase 2: render the .glb at the held-out views in Blender (bpy)")

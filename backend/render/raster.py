@@ -194,12 +194,14 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render_textured(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture: torch.Tensor,
-                    intrinsics, c2w, width: int, height: int, supersample: int = 1) -> torch.Tensor:
-    """The mesh unlit, as a camera sees it: (H, W, 4) float RGBA in [0, 1], straight alpha, colour
-    read from ``texture`` (S, S, 3) at the interpolated ``uvs`` (V, 2).  With ``supersample`` s > 1
-    the image is drawn s x s times larger and box-filtered down, so edges are anti-aliased as a
-    path tracer's pixel filter makes them (what benchmarks/lego_mesh.py compares with Cycles)."""
+def render_unlit(vertices: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor, intrinsics, c2w,
+                 width: int, height: int, texture: torch.Tensor | None = None, supersample: int = 1) -> torch.Tensor:
+    """The mesh unlit, as a camera sees it: (H, W, 4) float RGBA in [0, 1], straight alpha.  The
+    colour is ``texture`` (S, S, 3) read at the interpolated ``attributes`` (V, 2) UVs, or without
+    a texture the interpolated ``attributes`` (V, 3) themselves (vertex colours).  With
+    ``supersample`` s > 1 the image is drawn s x s times larger and box-filtered down, so edges are
+    anti-aliased as a path tracer's pixel filter makes them (benchmarks/lego_mesh.py compares it
+    with Cycles)."""
     s = int(supersample)
     if s < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
@@ -208,8 +210,9 @@ def render_textured(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tens
     frags = rasterize(vertices, faces, k, c2w, big_w, big_h)
     rgba = torch.zeros((big_h, big_w, 4), dtype=torch.float32, device=vertices.device)
     if frags.mask.any():
-        uv = interpolate(uvs.float(), vertices.float(), faces, frags, k, c2w)
-        rgba[frags.mask] = torch.cat([sample_texture(texture.float(), uv), torch.ones_like(uv[:, :1])], -1)
+        values = interpolate(attributes.float(), vertices.float(), faces, frags, k, c2w)
+        colour = values if texture is None else sample_texture(texture.float(), values)
+        rgba[frags.mask] = torch.cat([colour[:, :3], torch.ones_like(colour[:, :1])], -1)
     if s > 1:
         premul = torch.cat([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], -1).permute(2, 0, 1)[None]
         premul = torch.nn.functional.avg_pool2d(premul, s)[0].permute(1, 2, 0)
