@@ -287,10 +287,10 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if not len(faces):
         raise ValueError("the field has no surface: nothing to export")
     t1 = time.perf_counter()
-    mesh, bake = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
-    baked, refined = bake, {}
+    unrefined, bake = texture_mesh(model, verts, faces, size, max_faces=args.faces or None)
+    mesh, baked, refined = unrefined, bake, {}
     if train is not None:
-        baked, refined = refine_textures(mesh, bake, train, model.config.texture, device=dev)
+        mesh, baked, refined = refine_textures(unrefined, bake, train, model.config.refine, device=dev)
     texture_s = time.perf_counter() - t1
     info = {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
             "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
@@ -306,9 +306,9 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
         folder.mkdir(exist_ok=True)
         for name in (HOLDOUT_JSON,):
             (folder / name).write_bytes((out / name).read_bytes())
-        cfg = dataclasses.replace(model.config.texture, texture_refine_steps=steps)
-        variant, facts = refine_textures(mesh, bake, train, cfg, device=dev) if steps else (bake, {})
-        row = {"texture_refine_steps": steps, **facts, **_write_glb(folder, mesh, variant, held, dev, args.max_mb)}
+        cfg = dataclasses.replace(model.config.refine, **{args.refine_setting: steps})
+        v_mesh, variant, facts = refine_textures(unrefined, bake, train, cfg, device=dev)
+        row = {args.refine_setting: steps, **facts, **_write_glb(folder, v_mesh, variant, held, dev, args.max_mb)}
         (folder / FIT_JSON).write_text(json.dumps(row, indent=1))
         variants[str(steps)] = row
     if variants:
@@ -636,8 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radiance fields: also export the field cut at these opacities, each to "
                         "OUTDIR/level_<opacity>/ (score each with --run there)")
     f.add_argument("--refine-steps", type=_counts, default=(), metavar="A,B",
-                   help="also refine the same bake A, B, ... steps into OUTDIR/refine_<steps>/ (0: the bake "
-                        "as it is), each scored on its own")
+                   help="also refine the same bake with --refine-setting at A, B, ... steps into "
+                        "OUTDIR/refine_<steps>/ (0: the bake as it is), each scored on its own")
+    f.add_argument("--refine-setting", default="texture_refine_steps",
+                   choices=["texture_refine_steps", "mesh_refine_steps"], help="which step count --refine-steps varies")
     f.add_argument("--diagnose-levels", type=_levels, default=None, metavar="A,B",
                    help="radiance fields: before the export, score the mesh with vertex colours at the fit's "
                         "level and these, all triangles and decimated (fit.json 'diagnose')")

@@ -11,7 +11,7 @@ each defined next to the class it configures:
 ``cfg.occupancy``       OccupancyConfig                        render/occupancy_grid.py
 ``cfg.march``           MarchConfig                            render/volume.py
 ``cfg.mesh``            MeshConfig                             export/mesh.py
-``cfg.texture``         TextureRefineConfig                    export/refine.py
+``cfg.refine``          RefineConfig                           export/refine.py
 ======================  ====================================  ===================================
 
 Which field and trainer configs a fit has depends on its method (:data:`METHOD_CONFIGS`).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fit_implicit.backend.export.mesh import MeshConfig
-from fit_implicit.backend.export.refine import TextureRefineConfig
+from fit_implicit.backend.export.refine import RefineConfig
 from fit_implicit.backend.fields.layers import FieldConfig
 from fit_implicit.backend.fields.nerf import NerfFieldConfig
 from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
@@ -45,7 +45,7 @@ METHOD_CONFIGS: dict[str, tuple[type[FieldConfig], type[TrainConfig]]] = {
     "sdf": (SurfaceFieldConfig, SurfaceTrainConfig),
     "occupancy": (SurfaceFieldConfig, SurfaceTrainConfig),
 }
-GROUPS = ("field", "train", "occupancy", "march", "mesh", "texture")
+GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class FitConfig:
     occupancy: OccupancyConfig = dataclasses.field(default_factory=OccupancyConfig)
     march: MarchConfig = dataclasses.field(default_factory=MarchConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    texture: TextureRefineConfig = dataclasses.field(default_factory=TextureRefineConfig)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "FitConfig":

@@ -148,12 +148,12 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, intrinsics, c2w, widt
         depth_map = torch.full((height, width), torch.inf, device=vertices.device)
         seen = face >= 0
         if seen.any():
-            w = perspective_weights(pix, depth, faces, face[seen], _pixel_centres(seen))
+            w = perspective_weights(pix, depth, faces, face[seen], pixel_centres(seen))
             depth_map[seen] = (w * depth[faces[face[seen]]]).sum(-1)
     return Fragments(face, depth_map)
 
 
-def _pixel_centres(mask: torch.Tensor) -> torch.Tensor:
+def pixel_centres(mask: torch.Tensor) -> torch.Tensor:
     """(K, 2) float pixel centres (x, y) of the True pixels of ``mask`` (H, W), in row order."""
     rows, cols = torch.nonzero(mask, as_tuple=True)
     return torch.stack([cols, rows], -1).to(torch.float32) + 0.5
@@ -179,7 +179,7 @@ def interpolate(attributes: torch.Tensor, vertices: torch.Tensor, faces: torch.T
     faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
     seen = fragments.mask
     pix, depth = project(vertices, intrinsics, c2w)
-    w = perspective_weights(pix, depth, faces, fragments.face[seen], _pixel_centres(seen))
+    w = perspective_weights(pix, depth, faces, fragments.face[seen], pixel_centres(seen))
     return (w[..., None] * attributes[faces[fragments.face[seen]]]).sum(1)
 
 
@@ -219,3 +219,60 @@ def render_unlit(vertices: torch.Tensor, faces: torch.Tensor, attributes: torch.
         alpha = premul[..., 3:]
         rgba = torch.cat([premul[..., :3] / alpha.clamp_min(1e-8), alpha], -1)
     return rgba
+
+
+def antialias(image: torch.Tensor, fragments: Fragments, pix: torch.Tensor, faces: torch.Tensor,
+              depth_gap: float = 0.02) -> torch.Tensor:
+    """Silhouette anti-aliasing with gradients for the outline (the idea of nvdiffrast's
+    antialias op, in plain PyTorch).
+
+    For every pair of neighbouring pixels (left-right, top-bottom) where the nearer one sees a
+    triangle and the other sees nothing or a surface more than ``depth_gap`` (relative) farther
+    away, the nearer triangle's edge crosses the segment between the two pixel centres at some
+    fraction t.  Past the midpoint (t > 0.5) the triangle covers that much of the far pixel,
+    whose colour moves (t - 0.5) of the way to the near one; before it (t < 0.5) the near pixel
+    moves (0.5 - t) of the way to the far one.  t is computed from the projected vertices
+    ``pix`` (V, 2) with differentiable operations, so the loss reaches where the outline is.
+
+    image (H, W, C): the shaded image (background where nothing is seen); returns a new one.
+    """
+    face, depth = fragments.face, fragments.depth
+    height, width = face.shape
+    flat = image.reshape(height * width, -1)
+    delta = torch.zeros_like(flat)
+    for axis in (1, 0):                                      # x neighbours, then y neighbours
+        if face.shape[axis] < 2:
+            continue
+        lo = (slice(None), slice(0, -1)) if axis == 1 else (slice(0, -1), slice(None))
+        hi = (slice(None), slice(1, None)) if axis == 1 else (slice(1, None), slice(None))
+        d0, d1 = depth[lo], depth[hi]
+        near_first = d0 < d1
+        dn, df = torch.where(near_first, d0, d1), torch.where(near_first, d1, d0)
+        edge = (face[lo] != face[hi]) & torch.isfinite(dn) & (df > dn * (1.0 + depth_gap))
+        rows, cols = torch.nonzero(edge, as_tuple=True)
+        if not len(rows):
+            continue
+        first = rows * width + cols                          # the pixel with the lower index
+        second = first + (1 if axis == 1 else width)
+        nf = near_first[rows, cols]
+        near = torch.where(nf, first, second)
+        far = torch.where(nf, second, first)
+        tri = faces[face.reshape(-1)[near]]                                     # (K, 3)
+        a, b = pix[tri], pix[tri[:, [1, 2, 0]]]                                  # edges a -> b
+        centre = torch.stack([near % width, near // width], -1).to(pix.dtype) + 0.5  # (K, 2) x, y
+        step = torch.where(near < far, 1.0, -1.0).to(pix.dtype)                 # direction to far
+        along, across = (0, 1) if axis == 1 else (1, 0)
+        da = b[..., across] - a[..., across]
+        s = (centre[:, None, across] - a[..., across]) / torch.where(da.abs() > 1e-12, da, torch.ones_like(da))
+        crossing = a[..., along] + s * (b[..., along] - a[..., along])
+        t = (crossing - centre[:, None, along]) * step[:, None]
+        valid = (da.abs() > 1e-12) & (s >= 0) & (s <= 1) & (t >= 0)
+        t = torch.where(valid, t, torch.full_like(t, torch.inf)).amin(1)       # the exit edge
+        keep = torch.isfinite(t) & (t <= 1.0)
+        t, near, far = t[keep], near[keep], far[keep]
+        spill = t > 0.5                                                         # covers part of far
+        target = torch.where(spill, far, near)
+        source = torch.where(spill, near, far)
+        amount = torch.where(spill, t - 0.5, 0.5 - t)[:, None]
+        delta = delta.index_add(0, target, amount * (flat[source] - flat[target]))
+    return (flat + delta).reshape(image.shape)

@@ -159,7 +159,8 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
             save_run(model, ctx.folder)
             remove_checkpoint(ctx.folder)
     fit_seconds = time.monotonic() - start
-    refine = (posed, cfg.texture) if cfg.texture.texture_refine_steps > 0 and submit.texture_size > 0 else None
+    refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
+    refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None
     del posed   # kept in `refine` only when the textures are refined against the views
 
     ctx.check_cancelled()
@@ -200,8 +201,8 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
     verts (V, 3) float32 world, faces (F, 3) int, colors (V, 3) sRGB: from extract_mesh.
-    refine: (the fit's PosedImages, a TextureRefineConfig) to refine the base colour against
-    the training views (backend/export/refine.py) before it is sent, or None.
+    refine: (the fit's PosedImages, a RefineConfig) to refine the mesh and its base colour
+    against the training views (backend/export/refine.py) before it is sent, or None.
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -214,7 +215,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
             from fit_implicit.backend.export.refine import refine_textures
 
             ctx.progress("refine", force=True)
-            baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
+            mesh, baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
             summary.update(facts)
         lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
         for kind, image in baked.items():

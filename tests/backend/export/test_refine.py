@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fit_implicit.backend.export import texture as tx
-from fit_implicit.backend.export.refine import TextureRefineConfig, refine_albedo, refine_textures, view_samples
+from fit_implicit.backend.export.refine import RefineConfig, refine_albedo, refine_textures, view_samples
 from fit_implicit.backend.fitting.data import split_holdout
 from fit_implicit.backend.render.raster import sample_texture
 from shapes import CENTER, SCALE, shape_scene, sphere_sdf, two_colours
@@ -50,7 +50,8 @@ def held_out_psnr(albedo, mesh, held) -> float:
 def test_refinement_fixes_a_misplaced_colour_boundary_on_held_out_views(scene):
     train, held, mesh, baked = scene
     before = held_out_psnr(baked.albedo, mesh, held)
-    refined, facts = refine_textures(mesh, baked, train, TextureRefineConfig(texture_refine_steps=100))
+    same, refined, facts = refine_textures(mesh, baked, train, RefineConfig(texture_refine_steps=100))
+    assert same is mesh                                         # the texture alone: the mesh stays
     after = held_out_psnr(refined.albedo, mesh, held)
     assert after > before + MARGIN_DB, (before, after)
     assert facts["texture_refine_samples"] > 1000 and facts["texture_refine_mse_after"] < facts["texture_refine_mse_before"]
@@ -61,7 +62,7 @@ def test_refinement_fixes_a_misplaced_colour_boundary_on_held_out_views(scene):
 
 def test_nothing_to_refine_against_leaves_the_bake(scene):
     train, _, mesh, baked = scene
-    assert refine_textures(mesh, baked, train, TextureRefineConfig())[0] is baked           # 0 steps: off
+    assert refine_textures(mesh, baked, train, RefineConfig())[1] is baked           # 0 steps: off
     away = mesh.vertices + np.float32([100.0, 0.0, 0.0])                                     # no view sees it
     empty = tx.UVMesh(away, mesh.faces, mesh.uvs, mesh.source, mesh.normals, mesh.tangents)
     uv, rgb = view_samples(empty, train, torch.device("cpu"))
@@ -70,17 +71,17 @@ def test_nothing_to_refine_against_leaves_the_bake(scene):
     assert out is baked.albedo and facts["samples"] == 0
     train.lens_models = np.ones(len(train), np.int64)           # distorted lenses: not a pinhole camera
     try:
-        assert refine_textures(mesh, baked, train, TextureRefineConfig(20))[1] == {
-            "texture_refine_skipped": "lens distortion"}
+        assert refine_textures(mesh, baked, train, RefineConfig(texture_refine_steps=20))[2] == {
+            "refine_skipped": "lens distortion"}
     finally:
         train.lens_models = None
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="texture_refine_steps"):
-        TextureRefineConfig(texture_refine_steps=-1).validate()
+        RefineConfig(texture_refine_steps=-1).validate()
     with pytest.raises(ValueError, match="texture_refine_lr"):
-        TextureRefineConfig(texture_refine_lr=0.0).validate()
+        RefineConfig(texture_refine_lr=0.0).validate()
 
 
 def test_the_job_sends_the_refined_texture(scene):
@@ -105,7 +106,7 @@ def test_the_job_sends_the_refined_texture(scene):
 
     verts, faces = sphere_mesh(radius=0.6 * SCALE, n=48)
     summary = send_mesh_assets(ShiftedBall(), verts + CENTER.astype(np.float32), faces, np.zeros_like(verts), 128,
-                               Ctx(), refine=(train, TextureRefineConfig(texture_refine_steps=100)))
+                               Ctx(), refine=(train, RefineConfig(texture_refine_steps=100)))
     assert ("progress", "refine") in sent and summary["texture_refine_steps"] == 100
     albedo = next(m.image for m in sent if isinstance(m, protocol.TextureResult) and m.kind == "albedo")
     mesh_msg = next(m for m in sent if isinstance(m, protocol.MeshResult))
