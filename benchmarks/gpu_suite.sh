@@ -55,6 +55,10 @@ if want mesh; then
         set -- ${spec/:/ }
         python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
             --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
+        glb="$OUT/mesh_$1/lego.glb"       # files come back up to 16 MB: split, join with cat here
+        if [[ -f "$glb" && $(stat -c %s "$glb") -gt 15000000 ]]; then
+            split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
+        fi
     done
 fi
 

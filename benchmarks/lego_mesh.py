@@ -292,6 +292,9 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if train is not None:
         mesh, baked, refined = refine_textures(unrefined, bake, train, model.config.refine, device=dev)
     texture_s = time.perf_counter() - t1
+    if refined and held is not None:        # what the refinement gained, on the held-out views
+        before, _ = raster_psnr(unrefined.vertices, unrefined.faces, held, dev, uvs=unrefined.uvs, texture=bake.albedo)
+        refined["raster_holdout_psnr_unrefined"] = round(float(np.mean(before)), 3)
     info = {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
             "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
             "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},

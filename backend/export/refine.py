@@ -5,7 +5,8 @@ Two steps, each off at 0 steps:
 * **Vertices and texture together** (:func:`refine_mesh`, ``mesh_refine_steps``): each step draws
   the textured mesh from one training camera (backend/render/raster.py: z-buffer, perspective-
   correct UVs, bilinear texels, and the anti-aliasing pass that gives the outline a gradient),
-  composites it on white and compares it with the photo on white, every pixel.  Adam moves
+  composites it on white and compares it with the photo on white, every pixel (with Blender's
+  albedo pass in place of the photo where the views have one, as for the texture below).  Adam moves
   per-vertex offsets (one per welded vertex, so UV seams do not tear) and the texels; a Laplacian
   term keeps the offsets smooth and each offset stays within ``MAX_OFFSET`` of the mesh's
   bounding-box diagonal, so the asset keeps its place and scale.
@@ -217,9 +218,12 @@ def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, devic
     order = np.concatenate([rng.permutation(len(data)) for _ in range(steps // max(len(data), 1) + 1)])[:steps]
     losses = []
     pixels = data.width * data.height
+    passes = getattr(data, "passes", {}) or {}
+    albedo_pass = passes.get("albedo") if "albedo" in passes and len(passes["albedo"]) else None
     for i in order:
         photo = torch.as_tensor(data.images[i], device=dev).float() / 255.0
-        target = photo[..., :3] * photo[..., 3:] + (1.0 - photo[..., 3:]) if photo.shape[-1] == 4 else photo
+        colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i], device=dev).float() / 255.0
+        target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if photo.shape[-1] == 4 else colour
         verts = base + offsets[weld]
         image = draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], data.width, data.height)
         loss = ((image - target) ** 2).sum() / pixels
