@@ -113,3 +113,58 @@ def test_the_job_sends_the_refined_texture(scene):
     sent_mesh = tx.UVMesh(mesh_msg.vertices, mesh_msg.faces, mesh_msg.uvs, np.arange(len(mesh_msg.vertices)),
                           mesh_msg.normals, np.zeros((len(mesh_msg.vertices), 4), np.float32))
     assert held_out_psnr(albedo, sent_mesh, held) > 22.0       # the bake alone: about 15 dB
+
+
+def test_mesh_refinement_moves_a_too_small_sphere_onto_the_views():
+    """A mesh 5 % smaller than the true sphere, refined against the training views: held-out
+    views match far better, the sphere grows towards the true radius and keeps its centre."""
+    from fit_implicit.backend.export.refine import draw
+
+    data = shape_scene(sphere_sdf, two_colours, count=12, size=64, passes=("albedo",))
+    train, held = split_holdout(data, 4)
+    verts, faces = sphere_mesh(radius=0.57 * SCALE, n=40)
+    mesh = tx.unwrap(verts + CENTER.astype(np.float32), faces, size=128, padding=2, piece_faces=400)
+
+    class TrueBall(ShiftedBall):
+        def surface_attributes(self, points, normals=None):
+            p = np.asarray(points, np.float64)
+            albedo = np.where((p[:, 2] > CENTER[2])[:, None], [0.85, 0.15, 0.1], [0.1, 0.2, 0.85]).astype(np.float32)
+            n = p - CENTER
+            return {"albedo": albedo, "normal": (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)}
+
+    baked = tx.bake(TrueBall(), mesh, 128, padding=2)
+
+    def held_psnr(m, albedo):
+        tex = torch.as_tensor(albedo[..., :3]).float() / 255.0
+        errs = []
+        for i in range(len(held)):
+            img = draw(torch.as_tensor(m.vertices), torch.as_tensor(np.asarray(m.faces, np.int64)),
+                       torch.as_tensor(m.uvs), tex, held.intrinsics[i], held.poses[i], held.width, held.height)
+            photo = torch.as_tensor(held.images[i]).float() / 255.0
+            albedo_pass = torch.as_tensor(held.passes["albedo"][i]).float() / 255.0
+            target = albedo_pass * photo[..., 3:] + 1.0 - photo[..., 3:]
+            errs.append(float(((img.detach() - target) ** 2).mean()))
+        return -10.0 * np.log10(np.mean(errs))
+
+    moved, refined, facts = refine_textures(mesh, baked, train, RefineConfig(mesh_refine_steps=200))
+    before, after = held_psnr(mesh, baked.albedo), held_psnr(moved, refined.albedo)
+    assert after > before + 6.0, (before, after)          # measured 17.5 -> 26.8 dB
+    radius = np.linalg.norm(moved.vertices - CENTER, axis=1) / SCALE
+    assert abs(radius.mean() - 0.6) < 0.012 and radius.std() < 0.01, (radius.mean(), radius.std())
+    assert np.abs(moved.vertices.mean(0) - CENTER).max() < 0.01 * SCALE        # same place
+    assert np.isfinite(moved.vertices).all() and np.isfinite(moved.normals).all()
+    assert facts["mesh_refine_offset_max"] <= 0.02 + 1e-6 and facts["mesh_refine_loss_after"] < facts["mesh_refine_loss_before"]
+    assert moved.faces is mesh.faces and moved.uvs is mesh.uvs      # same topology and UVs
+
+
+def test_mesh_refinement_of_an_unseen_or_degenerate_mesh_is_harmless(scene):
+    train, _, mesh, baked = scene
+    away = tx.UVMesh(mesh.vertices + np.float32([100.0, 0.0, 0.0]), mesh.faces, mesh.uvs, mesh.source,
+                     mesh.normals, mesh.tangents)
+    moved, refined, facts = refine_textures(away, baked, train, RefineConfig(mesh_refine_steps=5))
+    assert np.allclose(moved.vertices, away.vertices) and np.array_equal(refined.albedo[..., :3], baked.albedo[..., :3])
+    flat = mesh.faces.copy()
+    flat[0] = [flat[0, 0], flat[0, 0], flat[0, 1]]                   # a degenerate triangle
+    bad = tx.UVMesh(mesh.vertices, flat, mesh.uvs, mesh.source, mesh.normals, mesh.tangents)
+    moved, _, _ = refine_textures(bad, baked, train, RefineConfig(mesh_refine_steps=5))
+    assert np.isfinite(moved.vertices).all()

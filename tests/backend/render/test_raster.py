@@ -96,3 +96,33 @@ def test_bad_input_draws_nothing_or_says_why():
     with pytest.raises(ValueError, match="image size"):
         rasterize(v, f, K, EYE, 0, 16)
     assert isinstance(rasterize(v, f, K, EYE, 3, 2), Fragments)
+
+
+def test_antialias_gives_the_outline_a_gradient_that_matches_finite_differences():
+    """A white triangle on black: the anti-aliased image's sum is the triangle's area (within a
+    pixel row), and moving a vertex changes it as the gradient says."""
+    from fit_implicit.backend.render.raster import Fragments, antialias, rasterize_2d
+
+    def covered(points):
+        faces = torch.tensor([[0, 1, 2]])
+        face, _ = rasterize_2d(points.detach(), faces, 16, 16, torch.ones(3))
+        depth = torch.where(face >= 0, 1.0, torch.inf)
+        image = (face >= 0).float()[..., None].expand(16, 16, 3).contiguous()
+        return antialias(image, Fragments(face, depth), points, faces)[..., 0].sum()
+
+    points = torch.tensor([[2.3, 2.6], [13.4, 3.1], [6.2, 12.7]], dtype=torch.float32, requires_grad=True)
+    total = covered(points)
+    p = points.detach()
+    area = 0.5 * abs(float((p[1, 0] - p[0, 0]) * (p[2, 1] - p[0, 1])
+                           - (p[1, 1] - p[0, 1]) * (p[2, 0] - p[0, 0])))
+    assert abs(float(total) - area) < 4.0, (float(total), area)
+    total.backward()
+    grad = points.grad.clone()
+    assert grad.abs().sum() > 0
+    eps = 0.05                                   # small enough that no pixel centre changes side
+    for v, axis in ((2, 1), (1, 0)):
+        plus, minus = points.detach().clone(), points.detach().clone()
+        plus[v, axis] += eps
+        minus[v, axis] -= eps
+        numeric = (float(covered(plus)) - float(covered(minus))) / (2 * eps)
+        assert abs(numeric - float(grad[v, axis])) < 0.25 * max(1.0, abs(numeric)), (v, axis, numeric, float(grad[v, axis]))
