@@ -700,7 +700,7 @@ def progress_text(p) -> str:
         eta = f", {p.eta:.0f} s left" if p.eta > 0 else ""
         return f"Training step {p.step}{total}: loss {p.loss:.4f}, PSNR {p.psnr:.2f} dB{eta}"
     return {"mesh": "Extracting the mesh…", "render": "Rendering evaluation views…",
-            "texture": "Baking textures…", "refine": "Refining the textures against the views…",
+            "texture": "Baking textures…", "refine": "Refining the mesh against the views…",
             "queued": "Queued…"}.get(p.stage, f"{p.stage.capitalize()}…")
 
 
