@@ -115,7 +115,7 @@ def test_antialias_gives_the_outline_a_gradient_that_matches_finite_differences(
     p = points.detach()
     area = 0.5 * abs(float((p[1, 0] - p[0, 0]) * (p[2, 1] - p[0, 1])
                            - (p[1, 1] - p[0, 1]) * (p[2, 0] - p[0, 0])))
-    assert abs(float(total) - area) < 4.0, (float(total), area)
+    assert abs(float(total.detach()) - area) < 4.0, (float(total.detach()), area)
     total.backward()
     grad = points.grad.clone()
     assert grad.abs().sum() > 0
