@@ -307,8 +307,7 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     for steps in refine_steps:           # the same bake refined more or less, each scored on its own
         folder = out / f"refine_{steps}"
         folder.mkdir(exist_ok=True)
-        for name in (HOLDOUT_JSON,):
-            (folder / name).write_bytes((out / name).read_bytes())
+        (folder / HOLDOUT_JSON).write_bytes((out / HOLDOUT_JSON).read_bytes())
         cfg = dataclasses.replace(model.config.refine, **{args.refine_setting: steps})
         v_mesh, variant, facts = refine_textures(unrefined, bake, train, cfg, device=dev)
         row = {args.refine_setting: steps, **facts, **_write_glb(folder, v_mesh, variant, held, dev, args.max_mb)}

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from fit_implicit.backend.export.texture import BakedTextures, UVMesh, smooth_normals, uv_tangents
-from fit_implicit.backend.render.raster import (antialias, interpolate, perspective_weights, pixel_centres, project,
-                                                 rasterize, sample_texture)
+from fit_implicit.backend.render.raster import antialias, interpolate, project, rasterize, sample_texture
 
 BATCH = 1 << 16          # (view, pixel) samples a step
 MAX_SAMPLES = 1 << 27    # samples kept in memory at most (a random subset beyond it)
@@ -160,22 +159,24 @@ def refine_textures(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig,
     return mesh, BakedTextures(albedo, baked.normal, baked.roughness, baked.coverage, timings), facts
 
 
-def _welded(mesh: UVMesh, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _welded(mesh: UVMesh, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(index of each UV vertex's welded vertex (V,), welded faces (F, 3), neighbour pairs (E, 2)
-    both ways): the mesh as one surface, so seams move together."""
+    both ways, each welded vertex's neighbour count (N,)): the mesh as one surface, so seams move
+    together."""
     _, weld = np.unique(np.asarray(mesh.source), return_inverse=True)
     weld = torch.as_tensor(weld.reshape(-1), dtype=torch.long, device=dev)
     wf = weld[torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)]
     pairs = torch.cat([wf[:, [0, 1]], wf[:, [1, 2]], wf[:, [2, 0]]])
     pairs = torch.unique(torch.cat([pairs, pairs.flip(1)]), dim=0)
-    return weld, wf, pairs
+    count = torch.bincount(pairs[:, 0], minlength=int(weld.max()) + 1).clamp_min(1)
+    return weld, wf, pairs, count
 
 
-def _laplacian(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """Uniform Laplacian of per-vertex values ``x`` (N, C): each minus the mean of its neighbours."""
+def _laplacian(x: torch.Tensor, pairs: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Uniform Laplacian of per-vertex values ``x`` (N, C): each minus the mean of its ``count``
+    neighbours listed in ``pairs``."""
     total = torch.zeros_like(x).index_add(0, pairs[:, 0], x[pairs[:, 1]])
-    count = torch.zeros(len(x), device=x.device).index_add(0, pairs[:, 0], torch.ones(len(pairs), device=x.device))
-    return x - total / count.clamp_min(1.0)[:, None]
+    return x - total / count[:, None]
 
 
 def draw(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture: torch.Tensor, intrinsics, c2w,
@@ -183,13 +184,12 @@ def draw(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture
     """The textured mesh unlit on white, (H, W, 3), differentiable in the vertices (through the
     UVs each pixel reads and through the outline) and in the texels."""
     frags = rasterize(vertices.detach(), faces, intrinsics, c2w, width, height)
-    pix, depth = project(vertices, intrinsics, c2w)
     image = torch.ones((height * width, 3), dtype=texture.dtype, device=texture.device)
     seen = frags.mask
     if seen.any():
-        w = perspective_weights(pix, depth, faces, frags.face[seen], pixel_centres(seen))
-        uv = (w[..., None] * uvs[faces[frags.face[seen]]]).sum(1)
+        uv = interpolate(uvs, vertices, faces, frags, intrinsics, c2w)
         image = image.index_put((torch.nonzero(seen.reshape(-1)).squeeze(1),), sample_texture(texture, uv))
+    pix, _ = project(vertices, intrinsics, c2w)
     return antialias(image.reshape(height, width, 3), frags, pix, faces)
 
 
@@ -205,7 +205,7 @@ def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, devic
     base = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=dev)
     faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)
     uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=dev)
-    weld, wf, pairs = _welded(mesh, dev)
+    weld, wf, pairs, count = _welded(mesh, dev)
     diag = float(torch.linalg.norm(base.amax(0) - base.amin(0))) or 1.0
     edge = float(torch.linalg.norm(base[faces[:, 0]] - base[faces[:, 1]], dim=-1).mean()) or diag
     offsets = torch.zeros((int(weld.max()) + 1, 3), device=dev, requires_grad=True)
@@ -227,7 +227,7 @@ def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, devic
         verts = base + offsets[weld]
         image = draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], data.width, data.height)
         loss = ((image - target) ** 2).sum() / pixels
-        smooth = (_laplacian(offsets, pairs) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
+        smooth = (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
         total = loss + smooth
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(total):

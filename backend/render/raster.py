@@ -148,12 +148,12 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, intrinsics, c2w, widt
         depth_map = torch.full((height, width), torch.inf, device=vertices.device)
         seen = face >= 0
         if seen.any():
-            w = perspective_weights(pix, depth, faces, face[seen], pixel_centres(seen))
+            w = perspective_weights(pix, depth, faces, face[seen], _pixel_centres(seen))
             depth_map[seen] = (w * depth[faces[face[seen]]]).sum(-1)
     return Fragments(face, depth_map)
 
 
-def pixel_centres(mask: torch.Tensor) -> torch.Tensor:
+def _pixel_centres(mask: torch.Tensor) -> torch.Tensor:
     """(K, 2) float pixel centres (x, y) of the True pixels of ``mask`` (H, W), in row order."""
     rows, cols = torch.nonzero(mask, as_tuple=True)
     return torch.stack([cols, rows], -1).to(torch.float32) + 0.5
@@ -179,7 +179,7 @@ def interpolate(attributes: torch.Tensor, vertices: torch.Tensor, faces: torch.T
     faces = torch.as_tensor(faces, dtype=torch.long, device=vertices.device)
     seen = fragments.mask
     pix, depth = project(vertices, intrinsics, c2w)
-    w = perspective_weights(pix, depth, faces, fragments.face[seen], pixel_centres(seen))
+    w = perspective_weights(pix, depth, faces, fragments.face[seen], _pixel_centres(seen))
     return (w[..., None] * attributes[faces[fragments.face[seen]]]).sum(1)
 
 

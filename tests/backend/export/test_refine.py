@@ -21,11 +21,12 @@ class ShiftedBall:
 
     method = "sdf"
     device = torch.device("cpu")
+    shift = SHIFT
     meta = {"lighting_baked": False}
 
     def surface_attributes(self, points, normals=None):
         p = np.asarray(points, np.float64)
-        up = p[:, 2] > CENTER[2] + SHIFT
+        up = p[:, 2] > CENTER[2] + self.shift
         albedo = np.where(up[:, None], [0.85, 0.15, 0.1], [0.1, 0.2, 0.85]).astype(np.float32)
         n = p - CENTER
         return {"albedo": albedo, "normal": (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)}
@@ -126,11 +127,7 @@ def test_mesh_refinement_moves_a_too_small_sphere_onto_the_views():
     mesh = tx.unwrap(verts + CENTER.astype(np.float32), faces, size=128, padding=2, piece_faces=400)
 
     class TrueBall(ShiftedBall):
-        def surface_attributes(self, points, normals=None):
-            p = np.asarray(points, np.float64)
-            albedo = np.where((p[:, 2] > CENTER[2])[:, None], [0.85, 0.15, 0.1], [0.1, 0.2, 0.85]).astype(np.float32)
-            n = p - CENTER
-            return {"albedo": albedo, "normal": (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)}
+        shift = 0.0
 
     baked = tx.bake(TrueBall(), mesh, 128, padding=2)
 
