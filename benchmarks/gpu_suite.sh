@@ -13,6 +13,10 @@
 # benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
 # texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here;
 # MESH_SPECS="nerf:60" picks fits, MESH_ARGS adds lego_mesh.py fit options).
+# "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
+# variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
+# well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
+# '' = the defaults), SWEEP_METHOD (default sdf), SWEEP_STEPS (default 3000), SWEEP_ARGS.
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 SECTIONS="${SECTIONS:-kernels tests lego mesh}"
@@ -60,6 +64,17 @@ if want mesh; then
             split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
         fi
     done
+fi
+if want sweep; then
+    echo "== sweep: lego, ${SWEEP_METHOD:-sdf}, ${SWEEP_STEPS:-3000} steps a variant (benchmarks/lego.py)"
+    IFS=';' read -ra variants <<< "${SWEEP:-}"
+    for i in "${!variants[@]}"; do
+        sets=(); for kv in ${variants[$i]}; do sets+=(--set "$kv"); done
+        python3 benchmarks/lego.py --data .data/lego --method "${SWEEP_METHOD:-sdf}" --steps "${SWEEP_STEPS:-3000}" \
+            "${sets[@]}" ${SWEEP_ARGS:-} --out "$OUT/sweep_$i.json" > "$OUT/sweep_$i.log" 2>&1 &
+    done
+    wait
+    for i in "${!variants[@]}"; do echo "-- variant $i: ${variants[$i]:-defaults}"; tail -n 3 "$OUT/sweep_$i.log"; done
 fi
 
 exit $status

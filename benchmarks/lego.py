@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
-from fit_implicit.backend.fitting.loop import Callbacks, fit
-from fit_implicit.backend.fitting.metrics import evaluate
+from fit_implicit.backend.fitting.loop import Callbacks, fit  # noqa: E402
+from fit_implicit.backend.fitting.metrics import evaluate  # noqa: E402
 
 
 class Meter(Callbacks):
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lego"))
     ap.add_argument("--budgets", default="5,10,20,30,60", help="training seconds, comma-separated")
     ap.add_argument("--preset", default="standard")
+    ap.add_argument("--method", default="nerf", choices=["nerf", "sdf", "occupancy"])
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train this many steps instead of the time budgets (one run; comparable across "
+                         "runs that share the GPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--downscale", type=int, default=1)
@@ -70,14 +74,15 @@ def main(argv=None) -> int:
     if args.dense_march:
         from fit_implicit.backend.render import volume as render
         render.PACKED = False
-    overrides = FitConfig.for_method("nerf").parse(args.set)
+    overrides = FitConfig.for_method(args.method).parse(args.set)
     data = load_transforms(args.data, downscale=args.downscale)
     train, held = split_holdout(data, args.holdout)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     rows = []
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        cfg = make_config("nerf", args.preset, device=str(dev), seconds=budget, steps=10**7,
+    budgets = [0.0] if args.steps else [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        cfg = make_config(args.method, args.preset, device=str(dev), seconds=budget, steps=args.steps or 10**7,
                           preview_size=0, **overrides)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -108,18 +113,19 @@ def main(argv=None) -> int:
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
             "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
             "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
+            "inv_s": model.meta.get("inv_s"),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    doc = {"scene": "lego", "device": device_name, "torch": torch.__version__, "commit": commit(),
+    doc = {"scene": "lego", "method": args.method, "device": device_name, "torch": torch.__version__, "commit": commit(),
            "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": overrides,
            "holdout_every": args.holdout, "downscale": args.downscale, "results": rows}
     # Write the record, then print the table: alike in shape to benchmarks/surface_scene.py's
     # report (a deliberate repeat: each script reports its own figures).
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(f"\nlego on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
+    print(f"\nlego, {args.method}, on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
     print(f"{'budget s':>8} {'PSNR dB':>8} {'steps':>7} {'steps/s':>8} {'Msamples/s':>10} {'peak GB':>8} {'train GB':>8} {'warm-up s':>9}")
     for r in rows:
         ms = f"{r['samples_per_s'] / 1e6:.1f}" if r["samples_per_s"] else "-"

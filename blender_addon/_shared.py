@@ -10,8 +10,8 @@ Inside a built extension, ``build_addon.py`` vendors the ``shared`` package as
 import importlib.util
 
 if importlib.util.find_spec(f"{__package__}.shared") is not None:
-    from .shared import cameras, color, colmap, methods, protocol, transforms, wire  # vendored copy (built extension)
+    from .shared import cameras, color, colmap, methods, protocol, quality, transforms, wire  # vendored copy (built extension)
 else:
-    from fit_implicit.shared import cameras, color, colmap, methods, protocol, transforms, wire  # development checkout
+    from fit_implicit.shared import cameras, color, colmap, methods, protocol, quality, transforms, wire  # development checkout
 
-__all__ = ["cameras", "color", "colmap", "methods", "protocol", "transforms", "wire"]
+__all__ = ["cameras", "color", "colmap", "methods", "protocol", "quality", "transforms", "wire"]

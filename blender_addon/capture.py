@@ -382,12 +382,19 @@ class CapturePlan:
     eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
     frames: list = field(default_factory=list)   # per camera: the scene frame to render at, or None
     passes: bool = False                         # render albedo / normal / depth / roughness passes too
+    ring: list = field(default_factory=list)     # every camera the plan placed (held-out ones included)
+    targets: list = field(default_factory=list)  # the objects fitted (their box is the fit's)
 
 
 def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
                  eval_cameras=None, source: str = "SCENE", collection=None, camera=None,
-                 frame_range=None, passes: bool = False) -> CapturePlan:
+                 frame_range=None, passes: bool = False, eval_holdout: bool = False,
+                 ring_holdout: int = 0) -> CapturePlan:
     """Decide what to render.  Raises CaptureError with a message for the user.
+
+    ``eval_holdout``: the view layer's held-out cameras (``implicit_holdout``) are evaluation
+    cameras too.  ``ring_holdout``: a ring placed here gets this many more cameras, held out
+    (marked, never trained on) and evaluated.
 
     ``camera_objects`` (explicit cameras) wins over ``source``; ``source`` is one of SOURCES:
     SCENE (the view layer's cameras, or a ring around the selection if there are none),
@@ -403,6 +410,9 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
         cams, frames = source_views(scene, view_layer, source, collection=collection, camera=camera,
                                     frame_range=frame_range)
     eval_cams = list(eval_cameras or [])
+    if eval_holdout:
+        eval_cams += [ob for ob in scene_cameras(view_layer, include_holdout=True)
+                      if is_holdout(ob) and ob not in eval_cams]
     eval_names = {ob.name for ob in eval_cams}
     # Held-out views are never trained on (an animated camera's frames are all views of it).
     keep = [(ob, f) for ob, f in zip(cams, frames)
@@ -428,16 +438,22 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     depsgraph = view_layer.depsgraph
     bbox = padded_aabb(world_bbox(targets, depsgraph))
     created = not cams
+    ring: list = []
     if created:   # the last step: nothing above may fail after the scene was changed
-        cams = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count,
+        ring = make_ring_cameras(scene, world_bbox(selected, depsgraph), ring_count + max(int(ring_holdout), 0),
                                  points=world_points(selected, depsgraph))
+        held = set(cameras.spread_indices(len(ring), ring_holdout).tolist())
+        for i in sorted(held):
+            ring[i][HOLDOUT_PROP] = True
+        cams = [ob for i, ob in enumerate(ring) if i not in held]
+        eval_cams += [ring[i] for i in sorted(held)]
         view_layer.update()
     frames = frames if len(frames) == len(cams) else [None] * len(cams)   # a new ring
     k, p = view_arrays(scene, cams, frames)
     ek, ep = camera_arrays(eval_cams, scene)
     return CapturePlan(cameras=cams, intrinsics=k, poses=p, aabb=bbox, width=w, height=h,
                        created_ring=created, eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep,
-                       frames=frames, passes=bool(passes))
+                       frames=frames, passes=bool(passes), ring=ring, targets=list(targets))
 
 
 # --------------------------------------------------------------------------------------------

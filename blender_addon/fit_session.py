@@ -51,6 +51,9 @@ class FitSettings:
     cameras: list | None = None           # camera objects or names to train on; None: the scene's
     eval_cameras: list | None = None      # camera objects or names the backend renders at the end
     eval_reference: bool = True           # also render the eval cameras in Blender (ground truth)
+    eval_holdout: bool = True             # the scene's held-out cameras (rig "Held Out") are eval cameras too
+    ring_holdout: int = 1                 # a ring placed by the fit holds out this many more views for evaluation
+    check_asset: bool = True              # render the imported asset at the eval cameras and score it (asset_check.py)
     import_mesh: bool = True
     smooth: bool = True
     preview_image: bool = True            # write previews into the image "Implicit Preview"
@@ -105,6 +108,7 @@ class FitResult:
     last_preview: np.ndarray | None = None                # (h,w,4) uint8
     previews: int = 0
     timings: dict = field(default_factory=dict)           # stage -> seconds (client wall clock)
+    asset_renders: list = field(default_factory=list)     # the imported asset rendered at the eval cameras (H,W,4) uint8
 
 
 def default_client_factory(address: str, **keys):
@@ -198,20 +202,19 @@ class FitSession:
                 camera_objects=_resolve_objects(self.scene, s.cameras),
                 eval_cameras=_resolve_objects(self.scene, s.eval_cameras), source=s.source,
                 collection=s.source_collection, camera=s.source_camera, frame_range=s.frame_range,
-                passes=capture.passes_by_default(self.scene, s.method) if s.passes is None else s.passes)
+                passes=capture.passes_by_default(self.scene, s.method) if s.passes is None else s.passes,
+                eval_holdout=s.eval_holdout, ring_holdout=s.ring_holdout)
         except capture.CaptureError as exc:
             raise FitError(str(exc)) from None
         problem = next(filter(None, (photo_image_problem(ob) for ob in self.plan.cameras)), None)
         if problem:
-            if self.plan.created_ring:
-                capture.remove_cameras(self.plan.cameras)
+            capture.remove_cameras(self.plan.ring)
             raise FitError(problem)
         if self.probe is not None:
             try:
                 self._check_backend()
             except FitError:
-                if self.plan.created_ring:   # leave the scene as it was
-                    capture.remove_cameras(self.plan.cameras)
+                capture.remove_cameras(self.plan.ring)   # leave the scene as it was
                 raise
         self._views = [(ob, False, f) for ob, f in zip(self.plan.cameras, self.plan.frames)]
         if s.eval_reference:
@@ -321,6 +324,8 @@ class FitSession:
                 self._render_next()
             elif self._stage in ("running", "cancelling"):
                 self._drain()
+            elif self._stage == "checking":
+                self._check_next()
         except Exception as exc:  # a bug or an unexpected Blender error: end cleanly, say what
             traceback.print_exc()
             self._finish("failed", f"Fit Implicit failed: {type(exc).__name__}: {exc}")
@@ -332,6 +337,8 @@ class FitSession:
         self._cancel_reason = reason
         if self._stage in ("new", "render"):
             self._finish("cancelled", self._cancelled_text())
+        elif self._stage == "checking":     # the fit is done and imported: only the check stops
+            self._finish("done", done_text(self.result, self.settings, self.state.psnr))
         elif self._stage == "running":
             self._stage = "cancelling"
             self._cancel_deadline = time.monotonic() + self.settings.cancel_timeout
@@ -342,7 +349,10 @@ class FitSession:
                 self._finish("cancelled", self._cancelled_text(f"could not reach the backend: {exc}"))
 
     def close(self) -> None:
-        """Release everything (idempotent).  A session still running is cancelled first."""
+        """Release everything (idempotent).  A session still running is cancelled first (one
+        that is only checking the imported asset ends as done)."""
+        if self._stage == "checking":
+            self.cancel()
         if not self.finished:
             if self._stage == "running" and self.client is not None:
                 try:
@@ -441,7 +451,7 @@ class FitSession:
     def _drain(self) -> None:
         last_preview = None
         for msg in self.client.poll():
-            if self.finished:
+            if self.finished or self._stage == "checking":
                 break
             if isinstance(msg, protocol.Preview):
                 last_preview = msg
@@ -450,7 +460,7 @@ class FitSession:
         if last_preview is not None and not self.finished:
             self._show_preview(last_preview)
         self._show_plot()
-        if self.finished:
+        if self.finished or self._stage == "checking":     # the job ended well (Done)
             return
         if self.client.finished:   # ended client-side: dead backend, lost connection, ...
             err = self.client.error or "the connection to the backend ended without a result"
@@ -501,7 +511,12 @@ class FitSession:
         elif isinstance(msg, protocol.Done):
             r.summary = dict(msg.summary)
             r.timings["total"] = time.monotonic() - self._t0
-            self._finish("done", done_text(r, self.settings, self.state.psnr))
+            if self._can_check():
+                self._stage = "checking"
+                self._timing("check")
+                self._update(status="Rendering the imported asset at the held-out views…")
+            else:
+                self._finish("done", done_text(r, self.settings, self.state.psnr))
         elif isinstance(msg, protocol.Failed):
             self._finish("failed", backend_error_text(self.address, msg.message, msg.code, prefix="The fit failed: ",
                                                       detail=msg.detail))
@@ -511,6 +526,33 @@ class FitSession:
             self._finish("failed", backend_error_text(self.address, msg.message, msg.code,
                                                       prefix="The backend refused the job: "))
         # Welcome, Pong, Ack and unknown types: nothing to do.
+
+    def _can_check(self) -> bool:
+        """The imported asset can be checked: it exists, and every eval camera (still in the
+        scene) has Blender's reference render."""
+        r, cams = self.result, self.plan.eval_cameras if self.plan is not None else []
+        return (self.settings.check_asset and r.object is not None and r.eval_reference is not None
+                and len(cams) == len(r.eval_reference) > 0 and all(ob.name in self.scene.objects for ob in cams))
+
+    def _check_next(self) -> None:
+        """Render the imported asset at the next eval camera; after the last, score and finish."""
+        from . import asset_check
+
+        r, cams = self.result, self.plan.eval_cameras
+        i = len(r.asset_renders)
+        r.asset_renders.append(asset_check.render_asset_view(
+            self.scene, cams[i], r.object, self.plan.targets, os.path.join(self._folder, f"asset_{i:04d}.png")))
+        if len(r.asset_renders) < len(cams):
+            self._update(status=f"Rendered the imported asset at held-out view {i + 1} of {len(cams)}")
+            return
+        refs = list(r.eval_reference)
+        entries = asset_check.scores(refs, r.renders, r.asset_renders)
+        r.summary.update(entries)
+        for key, value in entries.items():       # the figures stay with the asset
+            if value is not None:
+                r.object[f"implicit_{key}"] = value
+        asset_check.show_comparison(refs, r.renders, r.asset_renders)
+        self._finish("done", done_text(r, self.settings, self.state.psnr))
 
     def _valid_result(self, msg) -> bool:
         """Check a result again before it touches the scene (NaN vertices, out-of-range faces,
@@ -710,7 +752,9 @@ def done_text(r: FitResult, s: FitSettings, psnr: float = 0.0) -> str:
     if isinstance(psnr, (int, float)) and not isinstance(psnr, bool) and psnr > 0:
         text += f" (PSNR {psnr:.2f} dB)"
     if r.object is not None:
-        return text + f": imported '{r.object.name}'."
+        from .asset_check import check_text
+        check = check_text(r.summary)
+        return text + f": imported '{r.object.name}'." + (f" {check}" if check else "")
     if r.mesh is not None and not len(r.mesh[1]):
         return text + (", but the mesh is empty: nothing dense enough was found. "
                        "Train longer, or check that the cameras see the object.")

@@ -121,18 +121,6 @@ def add_heldout_camera(scene, target, distance: float):
     return ob
 
 
-def render_mesh_view(scene, camera, source, result_object, path: Path) -> np.ndarray:
-    """Render the imported mesh alone from ``camera`` with the scene's lights (Cycles)."""
-    from fit_implicit.blender_addon import capture
-
-    source.hide_render = True
-    try:
-        with capture.CaptureRenderSettings(scene):
-            return capture.render_view(scene, camera, str(path))
-    finally:
-        source.hide_render = False
-
-
 def save_compare(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
     """Side-by-side RGBA panels composited on white, with a caption strip under each."""
     from PIL import Image, ImageDraw
@@ -198,17 +186,15 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         result = fit_scene(bpy.context, address, method=args.method, preset=args.preset, steps=args.steps,
                            seconds=args.seconds, texture_size=args.texture_size, ring_count=args.views,
-                           eval_cameras=[heldout], preview_size=96)
+                           eval_cameras=[heldout], ring_holdout=0, preview_size=96)
         timings["fit_total"] = time.perf_counter() - t
         timings.update({f"fit_{k}": v for k, v in result.timings.items()})
 
-        t = time.perf_counter()
-        if result.object is None:
+        if result.object is None or not result.asset_renders:
             raise SystemExit(f"the fit came back without a mesh: {result.message} (summary {result.summary})")
-        truth = result.eval_reference[0]
-        field = result.renders[0]
-        mesh_view = render_mesh_view(scene, heldout, source, result.object, args.out / "mesh_view.png")
-        timings["mesh_render"] = time.perf_counter() - t
+        # The add-on rendered the imported mesh at the held-out camera with the scene's light, the
+        # source hidden (blender_addon/asset_check.py): what an artist sees after Fit.
+        truth, field, mesh_view = result.eval_reference[0], result.renders[0], result.asset_renders[0]
 
         out_v, out_f = world_triangles([result.object], bpy.context.evaluated_depsgraph_get())
         cd = chamfer(src_v, src_f, out_v, out_f, samples=100_000)

@@ -139,7 +139,8 @@ def test_session_runs_tick_by_tick(fs, protocol):
     r = s.result
     assert r.status == "done", r.message
     assert "Fit finished" in r.message and "PSNR 31.00" in r.message
-    assert r.summary == {"psnr": 31.0, "steps": 100}
+    assert {k: r.summary[k] for k in ("psnr", "steps")} == {"psnr": 31.0, "steps": 100}
+    assert r.summary["heldout_views"] == 1 and len(r.asset_renders) == 1    # the asset checked at "Eval"
     assert r.object is not None and r.object.name in bpy.data.objects
     co = np.empty(9, np.float32)
     r.object.data.vertices.foreach_get("co", co)
@@ -343,3 +344,79 @@ def test_empty_mesh_is_not_imported(fs, protocol):
     assert r.status == "done" and r.object is None and r.mesh[0].shape == (0, 3)
     assert "(PSNR 16.50 dB), but the mesh is empty" in r.message
     assert not [o for o in scene.objects if o.type == "MESH" and o.name.startswith("Implicit")]
+
+
+# --------------------------------------------------------------------------------------------
+# The imported asset checked at the held-out views (blender_addon/asset_check.py)
+# --------------------------------------------------------------------------------------------
+def _half_plane_job(protocol, job="jc"):
+    """A backend's answer whose mesh is the LEFT half of _scene's plane (x in [-0.5, 0]), so that
+    the asset's render shows whether the source was hidden; the field's render is flat grey."""
+    v = np.array([[-0.5, -0.5, 0.0], [0.0, -0.5, 0.0], [0.0, 0.5, 0.0], [-0.5, 0.5, 0.0]], np.float32)
+    return [[protocol.Accepted(job_id=job)],
+            [protocol.MeshResult(job_id=job, vertices=v, faces=np.array([[0, 1, 2], [0, 2, 3]], np.int32),
+                                 colors=np.full((4, 3), 0.5, np.float32))],
+            [protocol.RenderResult(job_id=job, index=0, image=np.full((24, 32, 4), 128, np.uint8)),
+             protocol.Done(job_id=job, summary={"psnr": 30.0})]]
+
+
+def test_imported_asset_is_scored_beside_the_field_at_the_held_out_view(fs, protocol):
+    import bpy
+    from fit_implicit.shared.quality import psnr_white
+
+    scene = _scene()
+    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: FakeClient(a, _half_plane_job(protocol)),
+                     probe=_welcome, cameras=["Cam B"], eval_cameras=["Cam A"])
+    assert r.status == "done", r.message
+    truth, asset = r.eval_reference[0], r.asset_renders[0]
+    # The asset was rendered alone (the source plane hidden, then shown again): its silhouette is
+    # the left half of the plane's, not the whole plane.
+    ref_mask, asset_mask = truth[..., 3] > 127, asset[..., 3] > 127
+    assert 0.35 < asset_mask.sum() / ref_mask.sum() < 0.65, (asset_mask.sum(), ref_mask.sum())
+    assert (asset_mask & ref_mask).sum() >= 0.9 * asset_mask.sum()
+    cols = np.nonzero(asset_mask.any(axis=0))[0]
+    assert cols.max() <= np.nonzero(ref_mask.any(axis=0))[0].mean() + 1      # left of the plane's centre
+    assert not scene.objects["Object"].hide_render and not r.object.hide_render
+    # Both scores against Blender's reference render, in the summary, on the object, in the message.
+    s = r.summary
+    assert s["heldout_views"] == 1
+    assert s["heldout_field_psnr"] == round(psnr_white(r.renders[0], truth), 2)
+    assert s["heldout_asset_psnr"] == round(psnr_white(asset, truth), 2)
+    assert s["heldout_gap_db"] == round(s["heldout_field_psnr"] - s["heldout_asset_psnr"], 2)
+    assert r.object["implicit_heldout_asset_psnr"] == s["heldout_asset_psnr"]
+    assert f"Imported asset {s['heldout_asset_psnr']:.2f} dB on 1 held-out view" in r.message
+    assert "check" in r.timings
+    img = bpy.data.images["Implicit Held-out Check"]
+    assert tuple(img.size) == (3 * 32, 24)                   # reference | field | asset
+
+    # Off: no check, no figures.
+    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: FakeClient(a, _half_plane_job(protocol)),
+                     probe=_welcome, cameras=["Cam B"], eval_cameras=["Cam A"], check_asset=False)
+    assert r.status == "done" and "heldout_asset_psnr" not in r.summary and not r.asset_renders
+
+
+def test_held_out_cameras_are_evaluated_and_a_placed_ring_holds_one_out(fs, protocol):
+    from fit_implicit.blender_addon import capture
+
+    scene = _scene()
+    scene.objects["Eval"][capture.HOLDOUT_PROP] = True          # as the rig's Held Out share marks it
+    clients = []
+
+    def factory(address):
+        clients.append(FakeClient(address, _half_plane_job(protocol)))
+        return clients[-1]
+
+    r = fs.fit_scene(scene, ADDRESS, client_factory=factory, probe=_welcome)
+    assert r.camera_names == ["Cam A", "Cam B"] and r.eval_camera_names == ["Eval"]
+    assert clients[0].submit.images.shape[0] == 2 and clients[0].submit.eval_poses.shape == (1, 4, 4)
+    assert r.summary["heldout_views"] == 1
+
+    # No cameras: the ring placed around the selection gets one more camera, held out.
+    scene = fresh_scene()
+    add_plane(scene, "Object").select_set(True)
+    r = fs.fit_scene(scene, ADDRESS, client_factory=factory, probe=_welcome, ring_count=6)
+    ring = [o for o in scene.objects if o.type == "CAMERA"]
+    held = [o for o in ring if capture.is_holdout(o)]
+    assert len(ring) == 7 and len(held) == 1
+    assert clients[-1].submit.images.shape[0] == 6 and r.eval_camera_names == [held[0].name]
+    assert held[0].name not in r.camera_names and r.summary["heldout_views"] == 1

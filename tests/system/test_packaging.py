@@ -162,10 +162,13 @@ def test_install_enable_and_fit_against_backend(built, fake_backend, tmp_path):
     assert "no cameras and nothing is selected" in res["no_camera_error"], res
     assert "fit-implicit serve" in res["no_backend_error"], res
     assert res["fit"] == ["FINISHED"], (res, out, fake_backend.log()[-2000:])
-    assert res["cameras"] == 6 and res["mesh_vertices"] == 4 and res["mesh_collection"] == "Implicit Results"
+    # 6 ring cameras and one more held out (FitSettings.ring_holdout), the imported asset checked there
+    assert res["cameras"] == 7 and res["mesh_vertices"] == 4 and res["mesh_collection"] == "Implicit Results"
+    assert "held-out view" in res["status"], res["status"]
     assert res["status"].startswith("Fit finished") and not res["running"]
-    assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]]
-    assert res["api_images"] == [5, 24, 32, 4]          # the eval camera is not trained on
+    # the named eval camera and the ring's held-out one, neither trained on
+    assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]] * 2
+    assert res["api_images"] == [5, 24, 32, 4]
     assert {"render", "upload", "train", "total"} <= set(res["api_timings"])
     assert res["disabled"] and not res["zmq_imported_early"]
     if no_wheels:
@@ -232,8 +235,8 @@ def test_install_enable_and_fit_in_blender_4_2(built, fake_backend, tmp_path):
     assert "no cameras and nothing is selected" in res["no_camera_error"], res
     assert "fit-implicit serve" in res["no_backend_error"], res
     assert res["fit"] == ["FINISHED"], (res, out, fake_backend.log()[-2000:])
-    assert res["cameras"] == 6 and res["mesh_vertices"] == 4 and res["status"].startswith("Fit finished")
-    assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]]
+    assert res["cameras"] == 7 and res["mesh_vertices"] == 4 and res["status"].startswith("Fit finished")
+    assert res["api_status"] == "done" and res["api_renders"] == [[24, 32, 4]] * 2
     assert res["disabled"]
     site = os.path.join(str(tmp_path / "blender_user"), "extensions", ".local", "lib")
     assert res["zmq_file"].startswith(site), res["zmq_file"]
