@@ -208,14 +208,17 @@ _RADIANCE_PRESETS: dict[str, dict[str, Any]] = {
 }
 # Surface fields (fitting/surface_trainer.py): surface samples cost 5 field evaluations
 # (finite-difference gradients), so fewer of them.  (The surface figures of docs/benchmarks.md
-# were measured with 1024 steps along the diagonal.)
+# were measured with 1024 steps along the diagonal.)  Thin parts (lego, H200, 2,000 steps,
+# docs/benchmarks.md "Why the SDF stalled on lego"): no curvature term (22.85 -> 25.98 dB), NeuS's
+# slope annealed over the whole fit (26.65) and a lighter eikonal term (27.46).
+_SURFACE_THIN = dict(curvature_weight=0.0, cos_anneal_share=1.0, eikonal_weight=0.02)
 _SURFACE_PRESETS: dict[str, dict[str, Any]] = {
     "draft": dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
                   occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256),
     "standard": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
-                     march_steps=1024, render_march_steps=0),
+                     march_steps=1024, render_march_steps=0, **_SURFACE_THIN),
     "high": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
-                 march_steps=1024, render_march_steps=0),
+                 march_steps=1024, render_march_steps=0, **_SURFACE_THIN),
 }
 METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "nerf": _RADIANCE_PRESETS, "sdf": _SURFACE_PRESETS, "occupancy": _SURFACE_PRESETS}

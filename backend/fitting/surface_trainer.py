@@ -42,7 +42,8 @@ class SurfaceTrainConfig(TrainConfig):
     variance_lr: float = 1e-3       # sdf: Adam learning rate of the NeuS variance
     start_levels: int = 4           # hash levels active at the start (coarse to fine)
     level_every: int = 0            # steps between activating one more level; 0 = all by mid-fit
-    cos_anneal_steps: int = 0       # sdf: steps over which NeuS's slope anneals; 0 = 10% of the fit
+    cos_anneal_steps: int = 0       # sdf: steps over which NeuS's slope anneals; 0 = cos_anneal_share of the fit
+    cos_anneal_share: float = 0.1   # sdf: share of the fit over which the slope anneals (cos_anneal_steps 0)
     eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
     eikonal_points: int = 1024      # random points in the box per step for the eikonal term
     curvature_weight: float = 5e-4  # mean |laplacian| (finite differences) on the samples
@@ -54,6 +55,8 @@ class SurfaceTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0.0 < self.cos_anneal_share <= 1.0:
+            raise ValueError(f"cos_anneal_share must be in (0, 1], got {self.cos_anneal_share}")
         for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
                      "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
                      "variance_lr"):
@@ -110,7 +113,7 @@ class SurfaceTrainer(TrainerBase):
         for group, lr in zip(self.optimizer.param_groups[:2], self.base_lrs[:2]):
             group["lr"] = lr * factor
         # Schedules in steps where set, else in fractions of the fit (which may be timed): every
-        # level active by mid-fit, NeuS's slope annealed over the first tenth.
+        # level active by mid-fit, NeuS's slope annealed over cos_anneal_share of the fit.
         all_levels = cfg.field.grid.levels
         new_levels = max(all_levels - tc.start_levels, 0)
         added = step // tc.level_every if tc.level_every else int(new_levels * min(2.0 * fraction, 1.0))
@@ -118,7 +121,7 @@ class SurfaceTrainer(TrainerBase):
         if levels != field.active_levels:
             field.set_active_levels(levels)
         if hasattr(field, "cos_anneal"):
-            anneal = step / tc.cos_anneal_steps if tc.cos_anneal_steps else fraction * 10.0
+            anneal = step / tc.cos_anneal_steps if tc.cos_anneal_steps else fraction / tc.cos_anneal_share
             field.cos_anneal = min(1.0, anneal)
         if hasattr(field, "anneal"):        # occupancy: sharper transitions as the fit goes on
             field.anneal(fraction)
