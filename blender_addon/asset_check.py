@@ -10,8 +10,6 @@ capture.render_view), and scores it and the field's own render against the refer
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import capture, importer
@@ -33,12 +31,6 @@ def render_asset_view(scene, camera_object, asset, hidden, path: str) -> np.ndar
     finally:
         for ob, was in saved:
             ob.hide_render = was
-
-
-def render_asset_views(scene, camera_objects, asset, hidden, folder: str) -> list[np.ndarray]:
-    """:func:`render_asset_view` for each camera, the images written into ``folder``."""
-    return [render_asset_view(scene, ob, asset, hidden, os.path.join(folder, f"asset_{i:04d}.png"))
-            for i, ob in enumerate(camera_objects)]
 
 
 def scores(references, fields, assets) -> dict:

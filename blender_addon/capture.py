@@ -376,7 +376,6 @@ class CapturePlan:
     aabb: np.ndarray                 # (2, 3) float64, padded
     width: int
     height: int
-    created_ring: bool = False
     eval_cameras: list = field(default_factory=list)
     eval_intrinsics: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
@@ -384,6 +383,11 @@ class CapturePlan:
     passes: bool = False                         # render albedo / normal / depth / roughness passes too
     ring: list = field(default_factory=list)     # every camera the plan placed (held-out ones included)
     targets: list = field(default_factory=list)  # the objects fitted (their box is the fit's)
+
+    @property
+    def created_ring(self) -> bool:
+        """The plan placed its own ring of cameras (no cameras were given or found)."""
+        return bool(self.ring)
 
 
 def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
@@ -452,7 +456,7 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     k, p = view_arrays(scene, cams, frames)
     ek, ep = camera_arrays(eval_cams, scene)
     return CapturePlan(cameras=cams, intrinsics=k, poses=p, aabb=bbox, width=w, height=h,
-                       created_ring=created, eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep,
+                       eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep,
                        frames=frames, passes=bool(passes), ring=ring, targets=list(targets))
 
 
