@@ -160,7 +160,7 @@ class FitSession:
         self._plot_version, self._plot_time = 0, 0.0
         self.client = None
         self.plan: capture.CapturePlan | None = None
-        self._stage = "new"               # new | render | running | cancelling | finished
+        self._stage = "new"               # see the stage property
         self._views: list = []            # (camera object, is_eval, frame or None)
         self._photos: dict | None = None  # photo mode: dataset_io.photo_views of the cameras
         self._rendered: list = []
@@ -175,6 +175,12 @@ class FitSession:
     @property
     def finished(self) -> bool:
         return self._stage == "finished"
+
+    @property
+    def stage(self) -> str:
+        """new | render | running | cancelling | checking | finished (one Blender render a tick
+        in render and checking; only messages are drained while running)."""
+        return self._stage
 
     def keys(self) -> dict:
         """The CurveZMQ keyword arguments of this session's connections (see ``connection``)."""

@@ -96,9 +96,10 @@ def test_previews_reach_the_image_at_least_once_a_second_without_stalling(addon,
     session.begin()
     ticks, updates, last = [], [], 0
     while True:
-        t = time.monotonic()
+        t, stage = time.monotonic(), session.stage
         done = session.tick()
-        ticks.append(time.monotonic() - t)
+        if stage == "running":     # render and checking ticks each render one view in Blender
+            ticks.append(time.monotonic() - t)
         if session.result.previews != last:
             last = session.result.previews
             updates.append(time.monotonic())
@@ -111,8 +112,7 @@ def test_previews_reach_the_image_at_least_once_a_second_without_stalling(addon,
     # The fake job runs 300 steps of 10 ms with a preview every 5 steps: 3 s of previews.
     gaps = np.diff(updates)
     assert len(updates) >= 3 and gaps.max() < 1.0, updates
-    render_ticks = len(session.plan.cameras)
-    assert max(ticks[render_ticks:]) < 0.1, max(ticks[render_ticks:])   # draining never stalls the UI
+    assert len(ticks) >= 10 and max(ticks) < 0.1, max(ticks)   # draining never stalls the UI
     img = bpy.data.images["Implicit Preview"]
     px = np.empty(len(img.pixels), np.float32)
     img.pixels.foreach_get(px)
