@@ -280,7 +280,9 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    verts, faces, _ = extract_mesh(model, args.mesh_resolution, opacity)
+    mesh_facts: dict = {}       # the training views close what none of them saw, as in the fit job
+    views = train if train is not None and model.config.mesh.mesh_close_unseen else None
+    verts, faces, _ = extract_mesh(model, args.mesh_resolution, opacity, views=views, facts=mesh_facts)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     mesh_s = time.perf_counter() - t0
@@ -298,7 +300,7 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     info = {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
             "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
             "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
-            "export_s": round(mesh_s + texture_s, 3), **refined,
+            "export_s": round(mesh_s + texture_s, 3), **refined, **mesh_facts,
             **_write_glb(out, mesh, baked, held, dev, args.max_mb)}
     print(f"mesh: {len(faces)} triangles at {args.mesh_resolution} ({mesh_s:.2f} s); textures {size}^2 on "
           f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
@@ -394,7 +396,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise RuntimeError(f"held-out views disagree: {doc['names']} vs {held.names}")
     (out / HOLDOUT_JSON).write_text(json.dumps(doc, indent=1))
     cfg = make_config(args.method, args.preset, device=args.device, steps=args.steps, seconds=args.seconds,
-                      seed=args.seed, preview_size=0, **_overrides(args.set))
+                      seed=args.seed, preview_size=0, **_overrides(args.set, args.method))
     dev = torch.device(cfg.device)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu")
     print(f"data: {len(train)} training + {len(held)} held-out views at {data.width}x{data.height}, "

@@ -210,8 +210,9 @@ _RADIANCE_PRESETS: dict[str, dict[str, Any]] = {
 # (finite-difference gradients), so fewer of them.  (The surface figures of docs/benchmarks.md
 # were measured with 1024 steps along the diagonal.)  Thin parts (lego, H200, 2,000 steps,
 # docs/benchmarks.md "Why the SDF stalled on lego"): no curvature term (22.85 -> 25.98 dB), NeuS's
-# slope annealed over the whole fit (26.65) and a lighter eikonal term (27.46).
-_SURFACE_THIN = dict(curvature_weight=0.0, cos_anneal_share=1.0, eikonal_weight=0.02)
+# slope annealed over the whole fit (26.65) and a lighter eikonal term (27.46); 8 of the 16 hash
+# levels from the start (2,500 steps: 27.53 -> 28.20 / 28.23 dB; 120 s: 28.34 -> 28.88 dB).
+_SURFACE_THIN = dict(curvature_weight=0.0, cos_anneal_share=1.0, eikonal_weight=0.02, start_levels=8)
 _SURFACE_PRESETS: dict[str, dict[str, Any]] = {
     "draft": dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
                   occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256),
