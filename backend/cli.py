@@ -103,28 +103,50 @@ def _opacity_arg(text: str) -> float | str:
     return value
 
 
+def _texture_size_arg(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of texels or 'auto', got {text!r}") from None
+
+
 def cmd_mesh(args: argparse.Namespace) -> int:
     from fit_implicit.backend.export.files import write_mesh
     from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.unseen import Views
     from fit_implicit.backend.fitting.runs import load_run
 
     model = load_run(args.run, device=args.device)
     resolution = args.mesh_resolution or model.config.mesh.mesh_resolution
     t0 = time.perf_counter()
-    verts, faces, colors = extract_mesh(model, resolution, args.mesh_opacity)
+    views = None if args.keep_unseen or not model.config.mesh.mesh_close_unseen else Views.of_run(model.meta)
+    facts: dict = {}
+    verts, faces, colors = extract_mesh(model, resolution, args.mesh_opacity, views=views, facts=facts)
     if not len(faces):
         raise ValueError("the field has no surface above the iso-level: nothing to export")
     _print(f"mesh: {len(verts)} vertices, {len(faces)} triangles at resolution {resolution} "
            f"({time.perf_counter() - t0:.1f} s)")
+    if "unseen" in facts:
+        u = facts["unseen"]
+        _print(f"unseen regions: {u['regions']} closed flat ({100 * u['area_share']:.1f}% of the surface), "
+               f"{u['kept_regions']} kept as fitted ({u['seconds']:.1f} s)")
     if args.texture_size:
         from fit_implicit.backend.export.files import write_textured
         from fit_implicit.backend.export.texture import check_size, texture_mesh
+        from fit_implicit.shared.protocol import TEXTURE_AUTO
 
         t1 = time.perf_counter()
-        mesh, baked = texture_mesh(model, verts, faces, check_size(args.texture_size))
+        auto = args.texture_size == "auto"
+        if auto and Views.of_run(model.meta) is None:
+            raise ValueError("--texture-size auto needs the training cameras, which this run does not keep "
+                             "(fitted before they were saved): give a size")
+        size = TEXTURE_AUTO if auto else check_size(int(args.texture_size))
+        mesh, baked = texture_mesh(model, verts, faces, size, views=Views.of_run(model.meta))
         path = write_textured(args.out, mesh, baked)
         times = ", ".join(f"{k} {v:.2f} s" for k, v in baked.timings.items())
-        size = args.texture_size
+        size = baked.albedo.shape[0]
         _print(f"textures: {size}x{size} ({', '.join(k for k, _ in baked.items())}), "
                f"{len(mesh.faces)} triangles, {time.perf_counter() - t1:.1f} s ({times}) -> {path}")
     else:
@@ -181,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radiance fields: iso-level as the opacity of a slab 1/100 of the box thick, in (0, 1), or "
                         "'auto': the level whose mesh best matches the field's renders (default: the fit's "
                         "mesh_opacity, 'auto' unless set)")
-    m.add_argument("--texture-size", type=int, default=2048,
+    m.add_argument("--texture-size", type=_texture_size_arg, default="auto",
                    help="side of the baked UV textures (albedo, normal, roughness) written with the mesh "
-                        "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only")
+                        "(.glb embeds them, .obj/.ply get PNGs beside); 0: vertex colours only; 'auto' "
+                        "(default): about one texel per pixel of the closest training camera")
+    m.add_argument("--keep-unseen", action="store_true",
+                   help="keep the surface where no training camera looked as fitted (default: closed flat)")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

@@ -1,7 +1,7 @@
 """Per-scene fit settings and the state of the running job (``scene.implicit``)."""
 import bpy
 
-from ._shared import methods
+from ._shared import methods, protocol
 
 # Names, titles and descriptions from shared/methods.py, in its order (the recommended method first).
 METHOD_ITEMS = tuple((name, title, text) for name, (title, text) in methods.METHOD_INFO.items())
@@ -44,9 +44,11 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         name="Textures",
         description="Bake UV textures (base colour, normal map, roughness) from the field at this size; "
                     "None keeps vertex colours",
-        items=[("0", "None", "Vertex colours only"), ("1024", "1024", ""), ("2048", "2048", ""),
-               ("4096", "4096", "")],
-        default="2048")
+        items=[("0", "None", "Vertex colours only"),
+               (str(protocol.TEXTURE_AUTO), "Auto", "About one texel per pixel of the camera that sees the object most "
+                                           "closely (512 to 4096 a side, from the object's size and the cameras)"),
+               ("1024", "1024", ""), ("2048", "2048", ""), ("4096", "4096", "")],
+        default=str(protocol.TEXTURE_AUTO))
     preview_size: bpy.props.IntProperty(
         name="Preview Size",
         description="Longest side in pixels of the live previews the backend renders while training "

@@ -49,6 +49,7 @@ MAX_MESH_RESOLUTION = 1024
 MAX_VERTICES = 20_000_000
 MAX_TEXTURE_SIDE = 8192
 MIN_TEXTURE_SIDE = 16
+TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the cameras' footprint
 TEXTURE_KINDS = ("albedo", "normal", "roughness")
 MAX_STRING = 4096
 MAX_NAME = 256
@@ -331,7 +332,8 @@ class Submit(Message):
     # Radiance fields: the opacity a ray gains crossing one voxel where the mesh surface lies
     # (backend/export/iso.py); 0: chosen per field.  Surface fields mesh their own zero level.
     mesh_opacity: float = spec(Float(0.0, 0.99), default=0.0)
-    # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs.
+    # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs; TEXTURE_AUTO:
+    # chosen by the backend from the object's size and the cameras' footprint (backend/export/texture.py).
     texture_size: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
     preview_size: int = spec(Int(0, 1024), default=128)            # longest side; 0: no previews
     preview_interval: float = spec(Float(0.05, 3600.0), default=1.0)
@@ -370,9 +372,9 @@ class Submit(Message):
             raise ProtocolError(f"submit.eval_sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
-        if 0 < self.texture_size < MIN_TEXTURE_SIDE:
-            raise ProtocolError(f"submit.texture_size: {self.texture_size} is not 0 (no textures) or in "
-                                f"[{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+        if 0 < self.texture_size < MIN_TEXTURE_SIDE and self.texture_size != TEXTURE_AUTO:
+            raise ProtocolError(f"submit.texture_size: {self.texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
+                                f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
 
 
 NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit

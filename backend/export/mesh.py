@@ -16,7 +16,8 @@ Pipeline (:func:`extract_mesh`): the field on a grid over the model's WORLD box 
 coarse-to-fine: only blocks near the surface at full resolution), padded with an outside layer
 so a surface cut by the box is closed; marching cubes in PyTorch on the chosen device
 (export/marching_cubes.py); parts with less than ``min_component`` of the largest part's area
-dropped; optional decimation; vertex colours.  The result is closed and edge-manifold, with
+dropped; with the training views, the large regions none of them saw closed flat
+(export/unseen.py); optional decimation; vertex colours.  The result is closed and edge-manifold, with
 triangles wound counter-clockwise seen from outside.  No normalisation leaks out: the grid is
 laid in world units.
 
@@ -37,6 +38,7 @@ from fit_implicit.backend.export.cleanup import (decimate, keep_large_components
                                                  solid_interior, solid_interior_torch, vertex_normals)
 from fit_implicit.backend.export.iso import nerf_inside_field
 from fit_implicit.backend.export.marching_cubes import marching_cubes
+from fit_implicit.backend.export.unseen import close_unseen
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class MeshConfig:
     mesh_resolution: int = 256      # marching-cubes grid points along the box's longest side
     mesh_opacity: float = 0.0       # radiance fields: the iso-level as an opacity (export/iso.py); 0 = chosen
                                     # to match the field's renders
+    mesh_close_unseen: bool = True  # regions no training view saw become flat caps (export/unseen.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -190,7 +193,8 @@ def _fill_nerf_interior(vol: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None = None, min_component: float = 0.01,
                  chunk: int = 1 << 18, *, decimate_to: int | None = None, device=None, block: int | None = None,
-                 fill_interior: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 fill_interior: bool | None = None, views=None, facts: dict | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangle mesh of a fitted field's surface, in WORLD coordinates.
 
     Args:
@@ -210,6 +214,9 @@ def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None =
             near the surface are found from the distances, so the mesh is the dense one: 0.42 vs
             0.72 s at 512^3 on an H100), else 0.
         fill_interior: fill enclosed space before meshing (default: only for "nerf").
+        views: the training cameras (PosedImages or export.unseen.Views): large regions none of
+            them saw are replaced by flat caps (export/unseen.py); None keeps them as fitted.
+        facts: a dict that receives what the closing did ("unseen": close_unseen's facts).
     Returns:
         vertices (V, 3) float32 world, faces (F, 3) int32 (counter-clockwise seen from outside),
         colours (V, 3) float32 sRGB in [0, 1].  Empty arrays if there is no surface.
@@ -247,6 +254,10 @@ def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None =
     verts = np.clip(verts_t.cpu().numpy(), aabb[0], aabb[1]).astype(np.float32)
     faces = faces_t.cpu().numpy()
     verts, faces, _ = keep_large_components(verts, faces, float(min_component))
+    if views is not None:
+        verts, faces, closed = close_unseen(verts, faces, views, device=mc_device)
+        if facts is not None:
+            facts["unseen"] = closed
     if decimate_to is not None:
         verts, faces = decimate(verts, faces, int(decimate_to))
     if not len(faces):

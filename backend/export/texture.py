@@ -15,8 +15,9 @@ Conventions.
   the interpolated tangent is re-orthogonalised against the interpolated normal and
   ``b = sign * cross(n, t)``: the MikkTSpace conventions Blender's Normal Map node (tangent
   space) and glTF's normalTexture use, with +Y (green) pointing along +v (OpenGL style).
-  Blender's own MikkTSpace tangents can differ slightly from these (its weighting details), so
-  a baked normal map matches Blender's frame to within a few degrees, not bit for bit.
+  Blender computes its own MikkTSpace tangents from the UVs on import; on a smooth ball they
+  agree with these to 0.03 degrees, same handedness everywhere
+  (tests/addon/test_importer_material_bpy.py), so the normal map shows no seams in Blender.
 
 The field is queried through ``model.surface_attributes(points_world,
 normals_world)`` returning "albedo" (sRGB), "normal" (world, unit) and optionally "roughness".
@@ -31,12 +32,15 @@ import numpy as np
 import torch
 
 from fit_implicit.backend.render.raster import rasterize_2d
+from fit_implicit.shared.protocol import TEXTURE_AUTO
 
 DEFAULT_SIZE = 2048
 MAX_SIZE = 8192
 DEFAULT_PADDING = 8           # texels charts are grown by (mip-mapping must not see background)
 PIECE_FACES = 1500            # faces per piece handed to xatlas (see unwrap)
 MAX_FACES = 200_000           # larger meshes are decimated before unwrapping (see texture_mesh)
+UV_FILL = 0.7                 # share of the UV square the packed charts cover (footprint_side)
+AUTO_MIN, AUTO_MAX = 512, 4096  # range of the sides footprint_side picks
 ATTRIBUTE_CHUNK = 1 << 18     # texels per surface_attributes call
 
 
@@ -74,6 +78,31 @@ class BakedTextures:
         if self.roughness is not None:
             out.append(("roughness", self.roughness))
         return out
+
+
+def footprint_side(vertices: np.ndarray, faces: np.ndarray, views, fill: float = UV_FILL,
+                   lo: int = AUTO_MIN, hi: int = AUTO_MAX) -> int:
+    """The texture side that gives the mesh about one texel per pixel of the view that sees it
+    most closely (Submit.texture_size TEXTURE_AUTO): a pixel of view i spans ``depth / f_i`` world
+    units at the median depth of the mesh's vertices in front of it; the finest such span over
+    the views is the texel's edge, and the charts cover ``fill`` of the UV square.  Rounded up to
+    a multiple of 256, clamped to [lo, hi].  ``views``: PosedImages or export.unseen.Views."""
+    from fit_implicit.backend.export.cleanup import face_areas
+
+    area = float(face_areas(vertices, faces).sum())
+    pts = np.asarray(vertices, np.float64)
+    if len(pts) > 20000:
+        pts = pts[np.random.default_rng(0).choice(len(pts), 20000, replace=False)]
+    spans = []
+    for k, pose in zip(np.asarray(views.intrinsics, np.float64), np.asarray(views.poses, np.float64)):
+        depth = -(pts - pose[:3, 3]) @ pose[:3, 2]          # along the viewing axis (-Z)
+        front = depth[depth > 1e-9]
+        if len(front):
+            spans.append(float(np.median(front)) / float(min(k[0], k[1])))
+    if not spans or area <= 0:
+        return lo
+    side = np.sqrt(area / fill) / min(spans)
+    return int(np.clip(256 * np.ceil(side / 256), lo, hi))
 
 
 def check_size(texture_size: int) -> int:
@@ -349,10 +378,11 @@ def bake(model, mesh: UVMesh, size: int = DEFAULT_SIZE, *, padding: int = DEFAUL
 
 def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, texture_size: int = DEFAULT_SIZE, *,
                  padding: int = DEFAULT_PADDING, piece_faces: int = PIECE_FACES,
-                 max_faces: int | None = MAX_FACES, device: str | torch.device | None = None
+                 max_faces: int | None = MAX_FACES, device: str | torch.device | None = None, views=None
                  ) -> tuple[UVMesh, BakedTextures]:
     """Unwrap then bake: the whole post-fit texture step, into textures of ``texture_size``
-    texels a side (the setting of that name: panel, Submit, --texture-size).
+    texels a side (the setting of that name: panel, Submit, --texture-size); TEXTURE_AUTO
+    (shared/protocol.py) picks the side from ``views``, the training cameras (:func:`footprint_side`).
 
     A mesh of more than ``max_faces`` triangles is first decimated to that many (the normal map
     keeps the detail; unwrapping time grows with the face count).  ``timings`` gains
@@ -363,6 +393,10 @@ def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, texture_size: i
         from fit_implicit.backend.export.cleanup import decimate
 
         vertices, faces = decimate(np.asarray(vertices, np.float32), np.asarray(faces, np.int64), int(max_faces))
+    if texture_size == TEXTURE_AUTO:
+        if views is None or not len(views.intrinsics):
+            raise ValueError("texture size 'auto' needs the training cameras")
+        texture_size = footprint_side(vertices, faces, views)
     t1 = time.perf_counter()
     mesh = unwrap(vertices, faces, size=texture_size, padding=padding, piece_faces=piece_faces)
     t2 = time.perf_counter()

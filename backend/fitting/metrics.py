@@ -37,12 +37,15 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: in
 
 
 def chamfer(ref_vertices, ref_faces, vertices, faces, samples: int = 200_000,
-            threshold: float | None = None) -> dict:
+            threshold: float | None = None, views=None) -> dict:
     """Chamfer distance and F-score between a reference mesh and a result mesh (world units).
 
     Returns a dict: chamfer (mean of both directions), accuracy (result -> reference),
     completeness (reference -> result), fscore, threshold (default 1% of the reference box
-    diagonal).
+    diagonal).  With ``views`` (the training cameras: PosedImages or export.unseen.Views) also
+    the same over what the cameras see, as "seen_chamfer", "seen_accuracy", "seen_completeness",
+    "seen_fscore": each mesh's samples that some view sees on that mesh (export/unseen.py
+    visible_points), against all of the other mesh.
     """
     from scipy.spatial import cKDTree
 
@@ -52,8 +55,22 @@ def chamfer(ref_vertices, ref_faces, vertices, faces, samples: int = 200_000,
         threshold = 0.01 * float(np.linalg.norm(ref.max(0) - ref.min(0)))
     d_out, _ = cKDTree(ref).query(out, workers=-1)     # accuracy
     d_ref, _ = cKDTree(out).query(ref, workers=-1)     # completeness
+    result = {**_scores(d_out, d_ref, threshold), "threshold": threshold}
+    if views is not None:
+        from fit_implicit.backend.export.unseen import visible_points
+
+        seen_out = visible_points(out, vertices, faces, views)
+        seen_ref = visible_points(ref, ref_vertices, ref_faces, views)
+        if seen_out.any() and seen_ref.any():
+            seen = _scores(d_out[seen_out], d_ref[seen_ref], threshold)
+            result.update({f"seen_{k}": v for k, v in seen.items()})
+        result["seen_share"] = float(seen_ref.mean())
+    return result
+
+
+def _scores(d_out: np.ndarray, d_ref: np.ndarray, threshold: float) -> dict:
     precision = float(np.mean(d_out < threshold))
     recall = float(np.mean(d_ref < threshold))
     fscore = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
     return {"chamfer": 0.5 * float(d_out.mean() + d_ref.mean()), "accuracy": float(d_out.mean()),
-            "completeness": float(d_ref.mean()), "fscore": fscore, "threshold": threshold}
+            "completeness": float(d_ref.mean()), "fscore": fscore}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -119,7 +120,9 @@ class TrainerBase:
         self.cfg, self.device = cfg, pick_device(cfg.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
-        meta = {"width": data.width, "height": data.height, "views": len(data), **(meta or {})}
+        # The training cameras travel with the run: meshing closes what none of them saw (export/unseen.py).
+        cameras = {"intrinsics": np.asarray(data.intrinsics).tolist(), "poses": np.asarray(data.poses).tolist()}
+        meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras, **(meta or {})}
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
         self.sampler = RaySampler(data, self.device)
         self.rays = cfg.train.batch_rays

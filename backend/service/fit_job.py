@@ -131,6 +131,7 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.iso import model_opacity
     from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.unseen import Views
     from fit_implicit.backend.fitting import data
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.loop import Cancelled, fit
@@ -161,12 +162,15 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     fit_seconds = time.monotonic() - start
     refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
     refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None
+    views = Views.of(posed)     # the cameras, not the images: unseen regions, texture size
     del posed   # kept in `refine` only when the textures are refined against the views
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
-    verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution)
-    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine)
+    mesh_facts: dict = {}
+    verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution, facts=mesh_facts,
+                                        views=views if cfg.mesh.mesh_close_unseen else None)
+    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine, views=views)
     refine = None
 
     count = len(submit.eval_poses)
@@ -190,19 +194,21 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         "preset": submit.preset,
         "resumed_from_step": int(meta.get("resumed_from_step", 0)),   # 0: trained from the start
         **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
+        **({"unseen_closed": mesh_facts["unseen"]} if "unseen" in mesh_facts else {}),   # export/unseen.py
         **assets,
     }
 
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
-                     ctx: JobContext, refine: tuple | None = None) -> dict:
+                     ctx: JobContext, refine: tuple | None = None, views=None) -> dict:
     """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
     verts (V, 3) float32 world, faces (F, 3) int, colors (V, 3) sRGB: from extract_mesh.
     refine: (the fit's PosedImages, a RefineConfig) to refine the mesh and its base colour
     against the training views (backend/export/refine.py) before it is sent, or None.
+    views: the training cameras (export.unseen.Views), which pick the side for TEXTURE_AUTO.
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -210,7 +216,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
 
         ctx.progress("texture", force=True)
         start = time.monotonic()
-        mesh, baked = texture_mesh(model, verts, faces, texture_size)
+        mesh, baked = texture_mesh(model, verts, faces, texture_size, views=views)
         if refine is not None:
             from fit_implicit.backend.export.refine import refine_textures
 
@@ -222,7 +228,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
             ctx.check_cancelled()
             ctx.send(protocol.TextureResult(job_id=ctx.job_id, kind=kind, image=np.ascontiguousarray(image),
                                             lighting_baked=lit))
-        summary.update(textures=int(texture_size), texture_seconds=round(time.monotonic() - start, 3),
+        summary.update(textures=int(baked.albedo.shape[0]), texture_seconds=round(time.monotonic() - start, 3),
                        **{f"texture_{k}_seconds": round(v, 3) for k, v in baked.timings.items()})
         verts, faces, colors = mesh.vertices, mesh.faces, vertex_colors_from(mesh, baked)
         summary.update(vertices=int(len(verts)), faces=int(len(faces)))

@@ -105,6 +105,8 @@ def small_submit(**kw) -> protocol.Submit:
 def test_submit_textures_field():
     assert round_trip(small_submit()).texture_size == 0            # old clients: vertex colours only
     assert round_trip(small_submit(texture_size=1024)).texture_size == 1024
-    refused(small_submit(texture_size=8), "submit.texture_size: 8 is not 0 (no textures) or in [16, 8192]")
+    assert round_trip(small_submit(texture_size=protocol.TEXTURE_AUTO)).texture_size == protocol.TEXTURE_AUTO
+    refused(small_submit(texture_size=8), "submit.texture_size: 8 is not 0 (no textures), 1 (chosen from the cameras) "
+                                          "or in [16, 8192]")
     refused(small_submit(texture_size=10000), "submit.texture_size: 10000 is outside [0, 8192]")
     refused(small_submit(texture_size=True), "submit.texture_size: expected an integer")

@@ -266,3 +266,40 @@ def test_job_without_textures_sends_the_plain_mesh():
     assert [type(m).__name__ for m in ctx.sent] == ["MeshResult"]
     assert ctx.sent[0].uvs.shape == (0, 2) and np.array_equal(ctx.sent[0].colors, colors)
     assert summary == {"vertices": len(verts), "faces": len(faces)}
+
+
+def _views_at(distance: float, focal: float = 800.0):
+    from fit_implicit.backend.export.unseen import Views
+    from fit_implicit.shared.cameras import look_at
+    poses = np.stack([look_at(np.array([distance, 0.0, 0.0]), np.zeros(3)),
+                      look_at(np.array([0.0, -3 * distance, 0.0]), np.zeros(3))])     # a farther one
+    return Views(np.tile([focal, focal, 400.0, 400.0], (2, 1)), poses, 800, 800)
+
+
+def test_auto_texture_size_gives_a_texel_per_pixel_of_the_closest_camera():
+    verts, faces = sphere_mesh(radius=1.0, n=48)
+    from fit_implicit.backend.export.cleanup import face_areas
+    area = float(face_areas(verts, faces).sum())
+    # A camera 4 units away with f = 800 px: one pixel spans ~4/800 at the sphere; the texture
+    # needs sqrt(area / 0.7) / (4 / 800) ~ 847 texels a side -> 1024 (multiples of 256).
+    assert tx.footprint_side(verts, faces, _views_at(4.0)) == 256 * int(np.ceil(np.sqrt(area / tx.UV_FILL) / (4 / 800) / 256))
+    assert tx.footprint_side(verts, faces, _views_at(4.0)) == 1024
+    assert tx.footprint_side(verts, faces, _views_at(8.0)) == 512           # half the detail
+    assert tx.footprint_side(verts, faces, _views_at(4.0, focal=8000.0)) == tx.AUTO_MAX     # a long lens: clamped
+    # Cameras that look away see nothing in front: the smallest side.
+    away = _views_at(4.0)
+    away.poses[:, :3, 2] *= -1
+    assert tx.footprint_side(verts, faces, away) == tx.AUTO_MIN
+
+
+def test_job_with_auto_texture_size_reports_the_side_it_chose():
+    from fit_implicit.backend.service.fit_job import send_mesh_assets
+    from fit_implicit.shared.protocol import TEXTURE_AUTO
+
+    verts, faces = sphere_mesh(radius=0.7, n=16)
+    ctx = RecordingContext()
+    summary = send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), TEXTURE_AUTO, ctx,
+                               views=_views_at(30.0))
+    assert summary["textures"] == tx.AUTO_MIN == ctx.sent[0].image.shape[0]
+    with pytest.raises(ValueError, match="needs the training cameras"):
+        send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), TEXTURE_AUTO, RecordingContext())
