@@ -18,7 +18,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in pyproject.toml; bpy==5.0.1 and pyzmq come with [test].
+	# torch first, pinned to the CPU build this machine has (pyproject.toml asks only torch>=2.4:
+	# a GPU box installs its own CUDA build); bpy==5.0.1 and pyzmq come with [test].
+	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Command line: ``fit-implicit {fit,render,mesh,serve} ...``.
+"""Command line: ``fit-implicit {fit,eval,render,mesh,serve} ...``.
 
 fit, render and mesh need only torch, numpy, scikit-image and Pillow (never pyzmq or bpy);
 ``serve`` imports :mod:`backend.service.server` (pyzmq) when it runs.
@@ -6,6 +6,7 @@ fit, render and mesh need only torch, numpy, scikit-image and Pillow (never pyzm
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,45 +26,177 @@ def _overrides(pairs: list[str], method: str = "nerf") -> dict:
     return FitConfig.for_method(method).parse(pairs)
 
 
+ARGS_FILE = "fit_args.json"     # a fit's settings, kept in its folder so --resume carries on with them
+RESUMED_ARGS = ("data", "method", "preset", "seconds", "steps", "holdout", "downscale", "seed", "set")
+
+
+def _prepare_out(args: argparse.Namespace) -> dict | None:
+    """Check the run folder: an existing run (or an interrupted fit) is never overwritten
+    silently.  With --resume, load the interrupted fit's settings into ``args`` and return its
+    checkpoint (None: nothing to resume, so start over with those settings)."""
+    from fit_implicit.backend.fitting.runs import is_run
+    from fit_implicit.backend.service.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+    out = Path(args.out)
+    saved = out / ARGS_FILE
+    if args.resume:
+        if not saved.is_file():
+            raise ValueError(f"--resume: {out} holds no interrupted fit ({ARGS_FILE} is missing)")
+        if is_run(out) and not (out / CHECKPOINT_FILE).is_file():
+            raise ValueError(f"--resume: the fit in {out} already finished")
+        for name, value in json.loads(saved.read_text()).items():
+            if name in RESUMED_ARGS:
+                setattr(args, name, value)
+        return load_checkpoint(out, _device_name(args.device))
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        what = "a run" if is_run(out) else ("an interrupted fit (carry on with --resume)" if saved.is_file()
+                                            else "files")
+        raise ValueError(f"{out} already holds {what}: pass --overwrite to replace it, or choose another --out")
+    return None
+
+
+def _device_name(device: str | None) -> str:
+    from fit_implicit.backend.fitting.model import pick_device
+
+    return str(pick_device(device))
+
+
+def _auto_preset(args: argparse.Namespace) -> None:
+    """No --preset: standard on a GPU, draft on a CPU (the standard preset needs hours there)."""
+    if args.preset is None:
+        args.preset = "draft" if _device_name(args.device) == "cpu" else "standard"
+        if args.preset == "draft":
+            _print("no GPU: the draft preset (a preview-quality field in minutes); pass --preset standard "
+                   "to train the full recipe on the CPU (hours)")
+
+
+class _Progress:
+    """The fit's progress: a bar on a terminal (tqdm), lines every --log-every seconds otherwise."""
+
+    def __init__(self, every: float):
+        from tqdm import tqdm
+
+        self.every, self.last = every, -1e9
+        self.bar = tqdm(total=1000, unit="‰", disable=None, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(self, info: dict) -> None:
+        if not self.bar.disable:
+            self.bar.n = int(1000 * info["fraction"])
+            self.bar.set_postfix_str(f"step {info['step']}  {info['psnr']:.2f} dB", refresh=True)
+        elif info["elapsed"] - self.last >= self.every or info["fraction"] >= 1.0:
+            self.last = info["elapsed"]
+            _print(f"step {info['step']}/{info['total_steps']}  loss {info['loss']:.5f}  "
+                   f"psnr {info['psnr']:.2f} dB  {info['elapsed']:.1f} s  eta {info['eta']:.1f} s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.data import load_transforms, split_holdout
     from fit_implicit.backend.fitting.loop import Callbacks, fit
-    from fit_implicit.backend.fitting.metrics import evaluate
-    from fit_implicit.backend.fitting.runs import save_run
+    from fit_implicit.backend.fitting.runs import provenance, save_run
+    from fit_implicit.backend.service.checkpoint import remove_checkpoint, save_checkpoint
 
+    resume = _prepare_out(args)
+    _auto_preset(args)
+    out = Path(args.out)
     t0 = time.perf_counter()
     data = load_transforms(args.data, downscale=args.downscale)
     train, held = split_holdout(data, args.holdout) if args.holdout else (data, None)
     cfg = make_config(args.method, args.preset, device=args.device, steps=args.steps, seconds=args.seconds,
                       seed=args.seed, preview_size=0, **_overrides(args.set, args.method))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ARGS_FILE).write_text(json.dumps({k: getattr(args, k) for k in RESUMED_ARGS}, indent=1))
     _print(f"data: {len(train)} training views"
            + (f", {len(held)} held out" if held is not None else "")
            + f", {data.width}x{data.height}, box {np.round(data.aabb, 3).tolist()} "
            f"(loaded in {time.perf_counter() - t0:.1f} s)")
     _print(f"fit: method {cfg.method}, preset {cfg.preset}, {cfg.steps} steps"
-           + (f" or {cfg.seconds:g} s" if cfg.seconds else "") + f", device {cfg.device}")
+           + (f" or {cfg.seconds:g} s" if cfg.seconds else "") + f", device {cfg.device}"
+           + (f"; resuming at step {resume['step']}" if resume else ""))
+    progress = _Progress(args.log_every)
 
     class Printer(Callbacks):
-        last = -1.0
+        last_checkpoint = time.monotonic()
 
         def on_progress(self, info: dict) -> None:
-            if info["elapsed"] - self.last >= args.log_every or info["fraction"] >= 1.0:
-                self.last = info["elapsed"]
-                _print(f"step {info['step']}/{info['total_steps']}  loss {info['loss']:.5f}  "
-                       f"psnr {info['psnr']:.2f} dB  {info['elapsed']:.1f} s  eta {info['eta']:.1f} s")
+            progress.update(info)
 
-    model = fit(train, cfg, Printer())
-    _print(f"trained {model.meta['steps']} steps in {model.meta['seconds']:.1f} s")
+        def on_checkpoint(self, step: int, state) -> None:
+            if args.checkpoint_every > 0 and time.monotonic() - self.last_checkpoint >= args.checkpoint_every:
+                save_checkpoint(out, state())
+                self.last_checkpoint = time.monotonic()
+
+    try:
+        model = fit(train, cfg, Printer(), resume=resume)
+    finally:
+        progress.close()
+    steps = int(model.meta["steps"])
+    _print(f"trained {steps} steps in {model.meta['seconds']:.1f} s")
+    if cfg.seconds and steps < cfg.steps:
+        _print(f"warning: the {cfg.seconds:g} s budget stopped the fit at step {steps} of the {cfg.preset} preset's "
+               f"{cfg.steps} ({100 * steps / cfg.steps:.0f}%): the field is undertrained; give more --seconds, or "
+               f"--steps to train a fixed number")
+    model.meta["provenance"] = provenance(args.data, sys.argv, cfg.device)
+    save_run(model, out)            # before the evaluation: stopping that loses nothing
+    remove_checkpoint(out)
+    (out / ARGS_FILE).unlink(missing_ok=True)
+    _print(f"saved {out}")
     if held is not None:
-        scores = evaluate(model, held)
-        model.meta["holdout_psnr"] = float(np.mean(scores))
-        model.meta["holdout_views"] = len(held)
-        _print(f"held-out PSNR {np.mean(scores):.2f} dB over {len(held)} views (white background)")
-    save_run(model, args.out)
-    _print(f"saved {args.out}")
+        scores = _evaluate(model, held, args.eval_seconds)
+        model.meta.update(holdout_psnr=scores["psnr"], holdout_ssim=scores["ssim"], holdout_views=scores["views"])
+        save_run(model, out)
+    return 0
+
+
+def _evaluate(model, data, seconds: float = 0.0, renders: Path | None = None) -> dict:
+    """Render every view of ``data`` and score it on white (PSNR and SSIM), printing each;
+    stop after ``seconds`` (0: no limit) and say how many views it scored."""
+    import numpy as np
+    from PIL import Image
+
+    from fit_implicit.backend.fitting.metrics import psnr_white, ssim_white
+    from fit_implicit.backend.render.image import to_rgba8
+
+    start, psnrs, ssims = time.perf_counter(), [], []
+    for i in range(len(data)):
+        if i and seconds and time.perf_counter() - start > seconds:     # at least one view
+            _print(f"evaluation stopped by its {seconds:g} s budget after {i} of {len(data)} views")
+            break
+        img = to_rgba8(model.render(data.intrinsics[i], data.poses[i], data.width, data.height))
+        psnrs.append(psnr_white(img, data.images[i]))
+        ssims.append(ssim_white(img, data.images[i]))
+        if renders is not None:
+            renders.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, "RGBA").save(renders / f"{data.names[i]}.png")
+        _print(f"  view {i + 1}/{len(data)} {data.names[i]}: {psnrs[-1]:.2f} dB, SSIM {ssims[-1]:.4f} "
+               f"({time.perf_counter() - start:.1f} s)")
+    if not psnrs:
+        return {"psnr": None, "ssim": None, "views": 0, "per_view": []}
+    result = {"psnr": round(float(np.mean(psnrs)), 3), "ssim": round(float(np.mean(ssims)), 4), "views": len(psnrs),
+              "per_view": [{"name": data.names[i], "psnr": round(psnrs[i], 3), "ssim": round(ssims[i], 4)}
+                           for i in range(len(psnrs))]}
+    _print(f"held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} over {len(psnrs)} views "
+           f"(white background)")
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.backend.fitting.runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    data = load_transforms(args.cameras, downscale=args.downscale)
+    scores = _evaluate(model, data, args.seconds, Path(args.renders) if args.renders else None)
+    doc = {**scores, "cameras": str(Path(args.cameras).resolve()), "downscale": args.downscale}
+    out = Path(args.run) / "eval.json"
+    out.write_text(json.dumps(doc, indent=1))
+    _print(f"wrote {out}")
     return 0
 
 
@@ -172,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run folder to write (model.pt, run.json)")
     f.add_argument("--method", default="nerf", choices=METHODS,
                    help="; ".join(f"{m}: {METHOD_INFO[m][1]}" for m in METHODS))
-    f.add_argument("--preset", default="standard", choices=PRESETS,
-                   help="; ".join(f"{name}: {PRESET_INFO[name][1]}" for name in PRESETS))
+    f.add_argument("--preset", default=None, choices=PRESETS,
+                   help="; ".join(f"{name}: {PRESET_INFO[name][1]}" for name in PRESETS)
+                   + " (default: standard on a GPU, draft on a CPU)")
     f.add_argument("--seconds", type=float, default=0.0, help="wall-clock budget (0: none)")
     f.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
     f.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -185,7 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any setting by name (backend/fitting/config.py), e.g. --set target_samples=65536 "
                         "(repeatable)")
+    f.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    f.add_argument("--resume", action="store_true",
+                   help="carry on an interrupted fit in --out from its last checkpoint, with its settings")
+    f.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between checkpoints of the training state in --out (0: none)")
+    f.add_argument("--eval-seconds", type=float, default=0.0,
+                   help="time limit of the held-out evaluation after the fit (0: every held-out view)")
     f.set_defaults(func=cmd_fit)
+
+    e = sub.add_parser("eval", help="render a dataset's cameras and score them (PSNR, SSIM on white)")
+    e.add_argument("run", help="run folder written by fit")
+    e.add_argument("--cameras", required=True,
+                   help="transforms file with images, e.g. the dataset's transforms_test.json")
+    e.add_argument("--downscale", type=int, default=1, help="shrink the images by this integer factor")
+    e.add_argument("--seconds", type=float, default=0.0, help="time limit (0: every view)")
+    e.add_argument("--renders", default=None, help="also save the renders (RGBA PNG) into this folder")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("render", help="render the cameras of a transforms file")
     r.add_argument("run", help="run folder written by fit")

@@ -115,13 +115,17 @@ class FitConfig:
             kind = type(known[name][1])
             try:
                 if kind is bool:
-                    out[name] = text.strip().lower() in ("1", "true", "yes", "on")
+                    word = text.strip().lower()
+                    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise ValueError
+                    out[name] = word in ("1", "true", "yes", "on")
                 elif kind is int:
                     out[name] = int(float(text))
                 else:
                     out[name] = kind(text)
             except ValueError:
-                raise ValueError(f"--set {pair!r}: {text!r} is not a valid {kind.__name__}") from None
+                words = " (true/false, yes/no, on/off, 1/0)" if kind is bool else ""
+                raise ValueError(f"--set {pair!r}: {text!r} is not a valid {kind.__name__}{words}") from None
         return out
 
     def replace(self, **values) -> "FitConfig":

@@ -1,7 +1,8 @@
 """Quality measures with the conventions of docs/benchmarks.md (numpy and scipy only).
 
 * PSNR on 8-bit sRGB in [0, 1], prediction and target composited on white (:func:`psnr_white`,
-  from shared/quality.py; :func:`evaluate` scores a model's renders of a dataset's views that way).
+  from shared/quality.py; :func:`evaluate` scores a model's renders of a dataset's views that way);
+  SSIM the same way (:func:`ssim_white`).
 * Chamfer distance: mean of both directions over area-uniform surface samples, and F-score at
   a distance threshold (1% of the ground-truth bounding-box diagonal by default).
 """
@@ -11,6 +12,21 @@ import numpy as np
 
 from fit_implicit.backend.render.image import to_rgba8
 from fit_implicit.shared.quality import on_white, psnr, psnr_white  # noqa: F401 - re-exported
+
+
+def ssim_white(pred: np.ndarray, target: np.ndarray) -> float:
+    """SSIM of two (H,W,4|3) uint8 images, both on white and rounded to 8 bits as for
+    :func:`psnr_white` (scikit-image, Gaussian window of sigma 1.5 as in the NeRF papers' tables)."""
+    from skimage.metrics import structural_similarity
+
+    if pred.shape[:2] != target.shape[:2]:
+        raise ValueError(f"image sizes differ: {pred.shape[:2]} vs {target.shape[:2]}")
+    p = np.round(on_white(pred) * 255.0) / 255.0
+    t = np.round(on_white(target) * 255.0) / 255.0
+    if min(p.shape[:2]) < 7:
+        raise ValueError(f"SSIM needs images of at least 7x7 pixels, got {p.shape[1]}x{p.shape[0]}")
+    return float(structural_similarity(p, t, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
 
 
 def evaluate(model, data) -> list[float]:

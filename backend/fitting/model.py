@@ -47,6 +47,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but PyTorch sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but PyTorch sees no Apple GPU (macOS 12.3+ on Apple silicon)")
     return dev
 
 

@@ -13,6 +13,7 @@ formats.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,6 +31,37 @@ FORMAT = 2
 READABLE_FORMATS = (1, 2)
 WEIGHTS_FILE = "model.pt"
 RUN_FILE = "run.json"
+
+
+def dataset_digest(path: str | Path) -> str:
+    """SHA-256 over a dataset's transforms files and every file beside them, in path order
+    (names and bytes): two fits with the same digest saw the same data."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def provenance(data_path: str | Path, argv: list[str], device: str) -> dict:
+    """Where a fit came from, for its run.json: the command line, the dataset's path and digest,
+    the versions of what trained it and the device."""
+    import platform
+    from importlib import metadata
+
+    try:
+        version = metadata.version("fit-implicit")
+    except metadata.PackageNotFoundError:
+        version = None
+    dev = torch.device(device)
+    return {"command": list(map(str, argv)), "dataset": str(Path(data_path).resolve()),
+            "dataset_sha256": dataset_digest(data_path), "fit_implicit": version, "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"}
 
 
 def save_run(model: FittedField, run_dir: str | Path) -> None:

@@ -37,10 +37,19 @@ def run(tmp_path_factory):
 def test_fit_prints_progress_and_held_out_psnr(run):
     root, out = run
     assert re.search(r"^step \d+/120 ", out, re.M)
-    psnr = float(re.search(r"held-out PSNR ([\d.]+) dB over 3 views", out).group(1))
+    found = re.search(r"held-out PSNR ([\d.]+) dB, SSIM ([\d.]+) over 3 views", out)
+    psnr, ssim = float(found.group(1)), float(found.group(2))
     assert psnr > 15.0                                # 120 steps on 9 tiny views: well past empty (~11 dB)
+    assert 0.3 < ssim <= 1.0
+    assert len(re.findall(r"^  view \d/3 r_\d+: [\d.]+ dB, SSIM", out, re.M)) == 3      # progress per view
     doc = json.loads((root / "run" / "run.json").read_text())
     assert doc["meta"]["steps"] == 120 and doc["meta"]["width"] == 32
+    assert abs(doc["meta"]["holdout_psnr"] - psnr) < 0.01 and abs(doc["meta"]["holdout_ssim"] - ssim) < 1e-4
+    # Where it came from: the command, the dataset and its digest, versions, device.
+    prov = doc["meta"]["provenance"]
+    assert prov["command"][1:3] == ["fit", str(root / "data")] and prov["dataset"] == str((root / "data").resolve())
+    assert len(prov["dataset_sha256"]) == 64 and prov["torch"] and prov["device"] == "cpu"
+    assert not (root / "run" / "fit_args.json").exists() and not (root / "run" / "checkpoint.pt").exists()
     assert np.allclose(doc["aabb"], synthetic.aabb())
     assert (root / "run" / "model.pt").is_file()
 
@@ -100,3 +109,62 @@ def test_bad_input_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "fit", tmp_path, "--out", tmp_path / "run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "transforms" in proc.stderr
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fit_implicit.backend", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_a_run_is_never_overwritten_silently_and_eval_scores_a_test_split(run):
+    root, _ = run
+    data = root / "data"
+    proc = _cli("fit", data, "--out", root / "run", "--preset", "draft", "--steps", 5, "--device", "cpu")
+    assert proc.returncode == 2 and "already holds a run: pass --overwrite" in proc.stderr, proc.stderr[-500:]
+    assert json.loads((root / "run" / "run.json").read_text())["meta"]["steps"] == 120      # untouched
+    # eval: the dataset's own cameras rendered and scored, each view reported, eval.json written.
+    out = backend("eval", root / "run", "--cameras", data / "transforms.json", "--renders", root / "eval")
+    assert len(re.findall(r"^  view \d+/12 ", out, re.M)) == 12
+    doc = json.loads((root / "run" / "eval.json").read_text())
+    assert doc["views"] == 12 and len(doc["per_view"]) == 12 and doc["psnr"] > 15.0 and 0.3 < doc["ssim"] <= 1.0
+    assert len(list((root / "eval").glob("*.png"))) == 12
+    # A time limit stops it and says so.
+    out = backend("eval", root / "run", "--cameras", data / "transforms.json", "--seconds", 1e-6)
+    assert "evaluation stopped by its 1e-06 s budget after 1 of 12 views" in out
+
+
+def test_budget_cut_warning_typed_settings_and_resume_after_a_kill(tmp_path):
+    import signal
+    import time
+
+    data = synthetic.write_transforms(tmp_path / "data", count=6, size=16).parent
+    # A budget that stops the preset's steps early says so.
+    out = backend("fit", data, "--out", tmp_path / "short", "--preset", "draft", "--seconds", 0.5, "--device", "cpu",
+                  "--set", "occupancy_warmup=8")
+    assert re.search(r"warning: the 0.5 s budget stopped the fit at step \d+ of the draft preset's 400", out), out
+    # A mistyped boolean is an error, not False.
+    proc = _cli("fit", data, "--out", tmp_path / "x", "--steps", 5, "--device", "cpu", "--set", "tf32=maybe")
+    assert proc.returncode == 2 and "'maybe' is not a valid bool (true/false" in proc.stderr, proc.stderr[-500:]
+    # Killed mid-fit (kill -9), then --resume carries on from the last checkpoint with the same settings.
+    args = [sys.executable, "-m", "fit_implicit.backend", "fit", str(data), "--out", str(tmp_path / "long"),
+            "--preset", "draft", "--steps", "100000", "--device", "cpu", "--checkpoint-every", "0.2",
+            "--set", "occupancy_warmup=8"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "long" / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "long" / "checkpoint.pt").exists()
+    proc = _cli("fit", data, "--out", tmp_path / "long", "--device", "cpu")
+    assert proc.returncode == 2 and "interrupted fit (carry on with --resume)" in proc.stderr
+    saved = json.loads((tmp_path / "long" / "fit_args.json").read_text())
+    saved["steps"] = 0     # (the test shortens the interrupted fit to the preset's 400 steps, to end soon)
+    (tmp_path / "long" / "fit_args.json").write_text(json.dumps(saved))
+    out = backend("fit", "--resume", data, "--out", tmp_path / "long", "--device", "cpu")
+    resumed = int(re.search(r"resuming at step (\d+)", out).group(1))
+    assert resumed > 0
+    doc = json.loads((tmp_path / "long" / "run.json").read_text())
+    assert doc["meta"]["resumed_from_step"] == resumed and doc["meta"]["steps"] >= resumed
