@@ -245,6 +245,11 @@ def _texture_size_arg(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"must be a number of texels or 'auto', got {text!r}") from None
 
 
+OBJ_COLOUR_NOTE = ("note: Blender's OBJ importer reads every texture as sRGB (an .mtl cannot say otherwise): "
+                   "set the normal and roughness images to Non-Color after importing, or write .glb, which "
+                   "carries it")
+
+
 def cmd_mesh(args: argparse.Namespace) -> int:
     from fit_implicit.backend.export.files import write_mesh
     from fit_implicit.backend.export.mesh import extract_mesh
@@ -282,6 +287,8 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         size = baked.albedo.shape[0]
         _print(f"textures: {size}x{size} ({', '.join(k for k, _ in baked.items())}), "
                f"{len(mesh.faces)} triangles, {time.perf_counter() - t1:.1f} s ({times}) -> {path}")
+        if path.suffix.lower() == ".obj":
+            _print(OBJ_COLOUR_NOTE)
     else:
         path = write_mesh(args.out, verts, faces, colors)
         _print(f"vertex colours -> {path}")

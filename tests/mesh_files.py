@@ -29,7 +29,8 @@ def read_obj(path):
         elif line.startswith("f "):
             f.append([int(t) - 1 for t in line.split()[1:]])
     v = np.array(v)
-    return v[:, :3], np.array(f), v[:, 3:]
+    xyz = np.stack([v[:, 0], -v[:, 2], v[:, 1]], 1)    # Y up on disk -> Z up (as Blender's OBJ import)
+    return xyz, np.array(f), v[:, 3:]
 
 
 def read_glb(path):

@@ -23,18 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, check_textured, png_bytes
+from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, check_textured, png_bytes, z_up_to_y_up
 from fit_implicit.shared.color import srgb_to_linear
 
 GLB_MAGIC, GLB_JSON, GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942
 ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
 FLOAT, UNSIGNED_INT = 5126, 5125
 LINEAR, LINEAR_MIPMAP_LINEAR, REPEAT = 9729, 9987, 10497
-
-
-def z_up_to_y_up(v: np.ndarray) -> np.ndarray:
-    """(N, 3) Blender (Z up) -> glTF (Y up): (x, y, z) -> (x, z, -y)."""
-    return np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
 
 
 def metallic_roughness_image(roughness: np.ndarray) -> np.ndarray:

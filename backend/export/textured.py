@@ -1,5 +1,6 @@
-"""What the textured mesh writers (export/glb.py, export/obj.py, export/ply.py) share: the check
-of their input, the roughness used when none was baked, and the texture images as PNG
+"""What the mesh writers (export/glb.py, export/obj.py, export/ply.py) share: the check of their
+input, the turn from Blender's Z up to the Y up of glTF and OBJ files (:func:`z_up_to_y_up`),
+the roughness used when none was baked, and the texture images as PNG
 (:func:`png_bytes`, the one PNG encoder of the exports; :func:`write_pngs`, the image files next
 to an .obj or .ply).
 
@@ -14,6 +15,13 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_ROUGHNESS = 0.8       # the material's roughness when no roughness texture was baked
+
+
+def z_up_to_y_up(v: np.ndarray) -> np.ndarray:
+    """(N, 3) Blender (Z up) -> glTF and OBJ (Y up, -Z forward: what Blender's importers of both
+    expect by default, so an import lands in the world frame again): (x, y, z) -> (x, z, -y)."""
+    v = np.asarray(v)
+    return np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
 
 
 def check_textured(mesh) -> None:

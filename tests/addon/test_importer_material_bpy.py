@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fit_implicit.backend.export import glb
+from fit_implicit.backend.export import glb, obj
 from fit_implicit.backend.export import texture as tx
 from bpy_helpers import requires_bpy, run_bpy
 from stand_ins import HalvesBall, sphere_mesh
@@ -26,6 +26,7 @@ def baked_ball(tmp_path_factory):
              colors=tx.vertex_colors_from(mesh, baked), albedo=baked.albedo, normal=baked.normal,
              roughness=baked.roughness, tangents=mesh.tangents)
     glb.write_textured(folder / "ball.glb", mesh, baked)
+    obj.write_textured(folder / "ball.obj", mesh, baked)
     return folder, mesh
 
 
@@ -88,9 +89,20 @@ gco = (np.array(gob.matrix_world)[:3, :3] @ gco.reshape(-1, 3).T).T + np.array(g
 glinks = [(l.from_node.bl_idname, l.to_node.bl_idname, l.to_socket.name) for l in gmat.node_tree.links]
 gspaces = sorted(n.image.colorspace_settings.name for n in gmat.node_tree.nodes if n.bl_idname == "ShaderNodeTexImage")
 
+guv = len(gob.data.uv_layers)
+del gob, gmat
+
+# Blender's OBJ importer with its default axes on the exported .obj.
+bpy.ops.wm.read_factory_settings(use_empty=True)
+bpy.ops.wm.obj_import(filepath=FOLDER + "/ball.obj")
+oob = [o for o in bpy.data.objects if o.type == "MESH"][0]
+oco = np.array([oob.matrix_world @ v.co for v in oob.data.vertices])
+olinks = [(l.from_node.bl_idname, l.to_node.bl_idname, l.to_socket.name) for l in oob.data.materials[0].node_tree.links]
+
 emit(**facts, same_after_reload=bool(np.array_equal(px, px2.reshape(h, w, 4))),
+     obj_lo=oco.min(0).tolist(), obj_hi=oco.max(0).tolist(), obj_links=olinks,
      glb_lo=gco.min(0).tolist(), glb_hi=gco.max(0).tolist(), glb_links=glinks, glb_spaces=gspaces,
-     glb_uv=len(gob.data.uv_layers))
+     glb_uv=guv)
 """
 
 
@@ -120,6 +132,12 @@ def test_textured_import_material_uvs_and_faces(baked_ball):
     assert ("ShaderNodeNormalMap", "ShaderNodeBsdfPrincipled", "Normal") in glinks
     assert ("ShaderNodeTexImage", "ShaderNodeBsdfPrincipled", "Base Color") in glinks
     assert r["glb_spaces"].count("Non-Color") == 2 and "sRGB" in r["glb_spaces"] and r["glb_uv"] == 1
+    # Blender's OBJ importer (default axes): upright, in place, base colour and normal map wired.
+    np.testing.assert_allclose(r["obj_lo"], mesh.vertices.min(0), atol=1e-4)
+    np.testing.assert_allclose(r["obj_hi"], mesh.vertices.max(0), atol=1e-4)
+    olinks = {tuple(x) for x in r["obj_links"]}
+    assert ("ShaderNodeTexImage", "ShaderNodeBsdfPrincipled", "Base Color") in olinks
+    assert ("ShaderNodeNormalMap", "ShaderNodeBsdfPrincipled", "Normal") in olinks
 
 
 def test_vertex_colour_import_still_works(baked_ball):

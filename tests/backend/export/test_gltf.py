@@ -12,7 +12,7 @@ from PIL import Image
 
 from fit_implicit.backend.export import glb
 from fit_implicit.backend.export.files import write_textured
-from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, png_bytes
+from fit_implicit.backend.export.textured import DEFAULT_ROUGHNESS, png_bytes, z_up_to_y_up
 from fit_implicit.backend.export import texture as tx
 from stand_ins import HalvesBall, sphere_mesh
 
@@ -91,7 +91,7 @@ def test_obj_with_mtl_and_pngs(tmp_path, textured):
     v = np.array([[float(t) for t in ln.split()[1:]] for ln in lines if ln.startswith("v ")])
     vt = np.array([[float(t) for t in ln.split()[1:]] for ln in lines if ln.startswith("vt ")])
     f = [ln.split()[1:] for ln in lines if ln.startswith("f ")]
-    np.testing.assert_allclose(v, mesh.vertices, atol=1e-5)
+    np.testing.assert_allclose(v, z_up_to_y_up(mesh.vertices), atol=1e-5)     # Y up, -Z forward on disk
     np.testing.assert_allclose(vt, mesh.uvs, atol=1e-5)
     assert len(f) == len(mesh.faces) and f[0][0] == "/".join([str(mesh.faces[0, 0] + 1)] * 3)
     mtl = (tmp_path / "x.mtl").read_text()
