@@ -205,7 +205,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from fit_implicit.backend.fitting.data import image_size, read_frames
     from fit_implicit.backend.fitting.runs import load_run
-    from fit_implicit.backend.render.image import to_rgba8
+    from fit_implicit.backend.render.image import to_rgba8, write_exr
 
     model = load_run(args.run, device=args.device)
     _, frames, _ = read_frames(args.cameras)
@@ -217,9 +217,13 @@ def cmd_render(args: argparse.Namespace) -> int:
         if not size[0] or not size[1]:
             raise ValueError(f"frame {f.name!r}: no image size in the cameras file, no image, no run size")
         w, h = int(size[0]), int(size[1])
+        t0 = time.perf_counter()
         img = model.render(f.intrinsics(w, h), f.c2w, w, h)
-        Image.fromarray(to_rgba8(img), "RGBA").save(out / f"{f.name}.png")
-        _print(f"rendered {out / (f.name + '.png')} ({w}x{h})")
+        if args.format == "exr":
+            write_exr(out / f"{f.name}.exr", img)
+        else:
+            Image.fromarray(to_rgba8(img), "RGBA").save(out / f"{f.name}.png")
+        _print(f"rendered {out / (f.name + '.' + args.format)} ({w}x{h}, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -348,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="render the cameras of a transforms file")
     r.add_argument("run", help="run folder written by fit")
     r.add_argument("--cameras", required=True, help="transforms file (or folder holding one)")
-    r.add_argument("--out", required=True, help="folder for one RGBA PNG per frame")
+    r.add_argument("--out", required=True, help="folder for one RGBA image per frame")
+    r.add_argument("--format", default="png", choices=("png", "exr"),
+                   help="png: 8-bit sRGB, straight alpha; exr: 32-bit float, linear light, premultiplied alpha")
     r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_render)
 

@@ -210,9 +210,20 @@ def read_frames(path: str | Path) -> tuple[Path, list[Frame], dict]:
 
 
 def read_image(path: Path, downscale: int = 1) -> np.ndarray:
-    """(H, W, 4) uint8 RGBA; 3-channel images get alpha 255.  ``downscale`` box-filters."""
+    """(H, W, 4) uint8 RGBA; 3-channel images get alpha 255.  ``downscale`` box-filters.  An
+    .exr (linear light, premultiplied) is box-filtered in linear light, then encoded as sRGB with
+    straight alpha (backend/render/image.py)."""
     from PIL import Image
 
+    if Path(path).suffix.lower() == ".exr":
+        from fit_implicit.backend.render.image import exr_to_rgba8, read_exr
+
+        px = read_exr(path)
+        d = int(downscale)
+        if d > 1:
+            h, w = px.shape[0] // d * d, px.shape[1] // d * d
+            px = px[:h, :w].reshape(h // d, d, w // d, d, 4).mean((1, 3))
+        return exr_to_rgba8(px)
     with Image.open(path) as im:
         im = im.convert("RGBA")
         if downscale > 1:
@@ -224,6 +235,10 @@ def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file, reading only its header."""
     from PIL import Image
 
+    if Path(path).suffix.lower() == ".exr":
+        from fit_implicit.backend.render.image import exr_size
+
+        return exr_size(path)
     with Image.open(path) as im:
         return im.width, im.height
 

@@ -76,6 +76,12 @@ def test_render_names_sizes_and_alpha(run):
     gt = np.asarray(Image.open(root / "data" / "images" / "r_3.png"))
     # alpha is the field's opacity: transparent corners, opaque where the spheres are
     assert img[0, 0, 3] < 30 and img[..., 3][gt[..., 3] == 255].mean() > 200
+    # The same view as a float .exr (linear light, premultiplied): it encodes back to the PNG.
+    from fit_implicit.backend.render.image import exr_to_rgba8, read_exr
+    backend("render", root / "run", "--cameras", root / "data" / "novel.json", "--out", root / "exr", "--format", "exr")
+    linear = read_exr(root / "exr" / "r_3.exr")
+    assert linear.shape == (32, 32, 4) and linear.dtype == np.float32
+    assert np.abs(exr_to_rgba8(linear).astype(int) - img.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("suffix, reader", [(".ply", read_ply), (".glb", read_glb)])

@@ -82,6 +82,33 @@ def test_downscale(tmp_path):
     assert np.allclose(half.intrinsics, full.intrinsics / 2)
 
 
+def test_exr_photos_load_as_their_png_twins(tmp_path):
+    """Renders saved as .exr (linear light, premultiplied alpha, as Blender writes them) load as
+    the same sRGB straight-alpha pixels their 8-bit PNG twins give."""
+    from fit_implicit.backend.render.image import exr_size, read_exr, write_exr
+
+    poses, _ = _rig(n=2, size=(20, 16))
+    _write_images(tmp_path / "png", 2, (20, 16))
+    (tmp_path / "exr").mkdir()
+    for i in range(2):
+        px = np.asarray(Image.open(tmp_path / "png" / f"img_{i}.png"), np.float32) / 255.0
+        px[..., :3] *= px[..., 3:]                              # what FittedField.render gives: premultiplied
+        write_exr(tmp_path / "exr" / f"img_{i}.exr", px)
+    assert exr_size(tmp_path / "exr" / "img_0.exr") == (20, 16) and read_exr(tmp_path / "exr" / "img_0.exr").dtype == np.float32
+    for folder in ("png", "exr"):
+        doc = {"camera_angle_x": 0.8, "frames": [{"file_path": f"{folder}/img_{i}", "transform_matrix": p.tolist()}
+                                                 for i, p in enumerate(poses)]}
+        (tmp_path / f"{folder}.json").write_text(json.dumps(doc))
+    for d in (1, 2):
+        png, exr = (load_transforms(tmp_path / f"{f}.json", downscale=d) for f in ("png", "exr"))
+        assert exr.images.shape == png.images.shape and np.allclose(exr.intrinsics, png.intrinsics)
+        seen = png.images[..., 3] > 8            # colour is meaningless where (nearly) nothing is there
+        diff = np.abs(exr.images.astype(int) - png.images.astype(int))
+        assert diff[..., 3].max() <= 1                          # alpha averages the same way
+        if d == 1:     # (downscaled, the .exr averages in linear light and the PNG in sRGB: they differ)
+            assert diff[..., :3][seen].max() <= 1
+
+
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="no transforms"):
         load_transforms(tmp_path)
