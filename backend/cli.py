@@ -97,7 +97,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fit_implicit.backend.fitting.config import make_config
-    from fit_implicit.backend.fitting.data import load_transforms, split_holdout
+    from fit_implicit.backend.fitting.data import load_dataset, split_holdout
     from fit_implicit.backend.fitting.loop import Callbacks, fit
     from fit_implicit.backend.fitting.runs import provenance, save_run
     from fit_implicit.backend.service.checkpoint import remove_checkpoint, save_checkpoint
@@ -106,7 +106,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _auto_preset(args)
     out = Path(args.out)
     t0 = time.perf_counter()
-    data = load_transforms(args.data, downscale=args.downscale)
+    data = load_dataset(args.data, downscale=args.downscale)
     train, held = split_holdout(data, args.holdout) if args.holdout else (data, None)
     cfg = make_config(args.method, args.preset, device=args.device, steps=args.steps, seconds=args.seconds,
                       seed=args.seed, preview_size=0, **_overrides(args.set, args.method))
@@ -187,11 +187,11 @@ def _evaluate(model, data, seconds: float = 0.0, renders: Path | None = None) ->
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.backend.fitting.data import load_dataset
     from fit_implicit.backend.fitting.runs import load_run
 
     model = load_run(args.run, device=args.device)
-    data = load_transforms(args.cameras, downscale=args.downscale)
+    data = load_dataset(args.cameras, downscale=args.downscale)
     scores = _evaluate(model, data, args.seconds, Path(args.renders) if args.renders else None)
     doc = {**scores, "cameras": str(Path(args.cameras).resolve()), "downscale": args.downscale}
     out = Path(args.run) / "eval.json"
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="train a field on a transforms.json dataset")
-    f.add_argument("data", help="folder with transforms_train.json / transforms.json, or the file")
+    f.add_argument("data", help="folder with transforms_train.json / transforms.json, or the file; or a COLMAP "
+                                "project (a text or binary model in it or in sparse/0, photos in images/)")
     f.add_argument("--out", required=True, help="run folder to write (model.pt, run.json)")
     f.add_argument("--method", default="nerf", choices=METHODS,
                    help="; ".join(f"{m}: {METHOD_INFO[m][1]}" for m in METHODS))
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="render a dataset's cameras and score them (PSNR, SSIM on white)")
     e.add_argument("run", help="run folder written by fit")
     e.add_argument("--cameras", required=True,
-                   help="transforms file with images, e.g. the dataset's transforms_test.json")
+                   help="transforms file with images, e.g. the dataset's transforms_test.json, or a COLMAP project")
     e.add_argument("--downscale", type=int, default=1, help="shrink the images by this integer factor")
     e.add_argument("--seconds", type=float, default=0.0, help="time limit (0: every view)")
     e.add_argument("--renders", default=None, help="also save the renders (RGBA PNG) into this folder")

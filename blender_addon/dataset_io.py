@@ -230,7 +230,7 @@ def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECT
 
 def import_colmap(scene, path: str, *, image_dir: str | None = None, collection_name: str = IMPORT_COLLECTION,
                   backgrounds: bool = True, set_resolution: bool = True) -> tuple[list, list[str]]:
-    """Cameras (and background images) from a COLMAP text model (cameras.txt + images.txt in
+    """Cameras (and background images) from a COLMAP model (cameras + images, .txt or .bin, in
     ``path``, or in its sparse/0); images from ``image_dir`` or the model's images/ folder.
     Cameras are named after the image files, in name order.  See :func:`create_cameras`."""
     try:

@@ -404,14 +404,14 @@ class IMPLICIT_OT_import_transforms(_CameraImport, bpy.types.Operator):
 
 
 class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
-    """Import a COLMAP text model (cameras.txt + images.txt) as cameras with background images"""
+    """Import a COLMAP model (cameras and images, text or binary) as cameras with background images"""
 
     bl_idname = "implicit.import_colmap"
     bl_label = "Import COLMAP Model"
 
     directory: bpy.props.StringProperty(
         name="Model Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
-        description="Folder with cameras.txt and images.txt (or a project folder with sparse/0)")
+        description="Folder with cameras and images .txt or .bin (or a project folder with sparse/0)")
     image_dir: bpy.props.StringProperty(
         name="Images", subtype="DIR_PATH", options={"SKIP_SAVE"},
         description="Folder of the photos; empty: images/ next to the model")
@@ -419,7 +419,7 @@ class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
     def execute(self, context):
         from . import dataset_io
         return _import_cameras(
-            self, self.directory, "Choose the folder of a COLMAP text model (cameras.txt, images.txt)",
+            self, self.directory, "Choose the folder of a COLMAP model (cameras and images, .txt or .bin)",
             lambda: dataset_io.import_colmap(
                 context.scene, bpy.path.abspath(self.directory),
                 image_dir=bpy.path.abspath(self.image_dir) if self.image_dir else None,

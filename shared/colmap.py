@@ -1,4 +1,5 @@
-"""COLMAP text models (``cameras.txt`` + ``images.txt``) -> posed cameras.  numpy only.
+"""COLMAP models, text (``cameras.txt`` + ``images.txt``) or binary (``cameras.bin`` +
+``images.bin``, COLMAP's default output) -> posed cameras.  numpy only.
 
 COLMAP stores, per image, the world-to-camera rotation (quaternion QW QX QY QZ) and translation
 (TX TY TZ) in OpenCV's camera frame (x right, y down, z forward), and per camera a model with its
@@ -18,11 +19,17 @@ OPENCV             fx, fy, cx, cy, k1, k2, p1, p2  OPENCV
 OPENCV_FISHEYE     fx, fy, cx, cy, k1, k2, k3, k4  OPENCV_FISHEYE
 =================  ==============================  ===================================
 
-Errors raise ``ValueError`` naming the file and the line.  Files are read as text, with a size
-cap; nothing is executed or unpickled.
+Binary files are read with :mod:`struct` after checking every count against the bytes left
+(little-endian; cameras.bin: count, then camera id, model id, width, height, parameters as
+doubles; images.bin: count, then image id, quaternion and translation as doubles, camera id,
+a NUL-terminated name and its 2-D points, skipped).
+
+Errors raise ``ValueError`` naming the file and the line (text) or the byte offset (binary).
+Files are read with a size cap; nothing is executed or unpickled.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +179,97 @@ def read_images(path: str | Path) -> list[ColmapImage]:
     return sorted(out, key=lambda im: im.name)
 
 
+#: COLMAP's binary model ids (its camera_models.h order) -> model name; the names MODELS lacks are refused.
+MODEL_IDS = {0: "SIMPLE_PINHOLE", 1: "PINHOLE", 2: "SIMPLE_RADIAL", 3: "RADIAL", 4: "OPENCV", 5: "OPENCV_FISHEYE",
+             6: "FULL_OPENCV", 7: "FOV", 8: "SIMPLE_RADIAL_FISHEYE", 9: "RADIAL_FISHEYE", 10: "THIN_PRISM_FISHEYE"}
+MAX_NAME_BYTES = 4096
+
+
+class _Reader:
+    """Little-endian values from a bytes object, refusing to read past its end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise ValueError(f"{path}: {size} bytes is larger than the {MAX_FILE_BYTES} allowed")
+            self.data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        self.at = 0
+
+    def take(self, fmt: str):
+        n = struct.calcsize("<" + fmt)
+        if self.at + n > len(self.data):
+            raise ValueError(f"{self.path}: ends at byte {len(self.data)} inside a record (truncated?)")
+        out = struct.unpack_from("<" + fmt, self.data, self.at)
+        self.at += n
+        return out
+
+    def count(self, record_bytes: int) -> int:
+        """A uint64 count of records at least ``record_bytes`` long each, checked against what is left."""
+        (n,) = self.take("Q")
+        if n * record_bytes > len(self.data) - self.at:
+            raise ValueError(f"{self.path}: byte {self.at - 8} says {n} records, more than the file holds")
+        return n
+
+    def name(self) -> str:
+        end = self.data.find(b"\0", self.at, self.at + MAX_NAME_BYTES)
+        if end < 0:
+            raise ValueError(f"{self.path}: byte {self.at}: no NUL-terminated name within {MAX_NAME_BYTES} bytes")
+        raw, self.at = self.data[self.at:end], end + 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path}: byte {self.at}: an image name that is not UTF-8") from None
+
+
+def read_cameras_bin(path: str | Path) -> dict[int, ColmapCamera]:
+    """cameras.bin (COLMAP's binary model)."""
+    r = _Reader(Path(path))
+    out: dict[int, ColmapCamera] = {}
+    for _ in range(r.count(24)):
+        at = r.at
+        cam_id, model_id, width, height = r.take("iiQQ")
+        model = MODEL_IDS.get(model_id)
+        if model not in MODELS:
+            raise ValueError(f"{r.path}: byte {at}: camera {cam_id} has model "
+                             f"{model or model_id} (supported: {', '.join(MODELS)})")
+        params = r.take("d" * MODELS[model][0])
+        if not all(np.isfinite(params)):
+            raise ValueError(f"{r.path}: byte {at}: camera {cam_id} has a NaN or infinite parameter")
+        try:
+            out[cam_id] = camera_from_params(model, width, height, params, cam_id)
+        except ValueError as exc:
+            raise ValueError(f"{r.path}: byte {at}: {exc}") from None
+    if not out:
+        raise ValueError(f"{r.path}: no cameras in this file")
+    return out
+
+
+def read_images_bin(path: str | Path) -> list[ColmapImage]:
+    """images.bin (COLMAP's binary model); sorted by name like :func:`read_images`."""
+    r = _Reader(Path(path))
+    out = []
+    for _ in range(r.count(64 + 4 + 1 + 8)):
+        at = r.at
+        image_id, qw, qx, qy, qz, tx, ty, tz, camera_id = r.take("idddddddi")
+        if not all(np.isfinite([qw, qx, qy, qz, tx, ty, tz])):
+            raise ValueError(f"{r.path}: byte {at}: image {image_id} has a NaN or infinite pose")
+        name = r.name()
+        points = r.count(24)
+        r.at += 24 * points                  # x, y, point3D id: not needed for the cameras
+        try:
+            rot = cameras.quaternion_to_matrix(qw, qx, qy, qz)
+        except ValueError as exc:
+            raise ValueError(f"{r.path}: byte {at}: {exc}") from None
+        out.append(ColmapImage(image_id, camera_id, name, cameras.opencv_w2c_to_c2w(rot, np.array([tx, ty, tz]))))
+    if not out:
+        raise ValueError(f"{r.path}: no images in this file")
+    return sorted(out, key=lambda im: im.name)
+
+
 def find_model(path: str | Path) -> Path:
     """The folder holding cameras.txt and images.txt: ``path`` itself, the folder of a file given,
     or COLMAP's usual ``sparse/0`` / ``sparse`` / ``colmap/sparse/0`` below it."""
@@ -179,23 +277,24 @@ def find_model(path: str | Path) -> Path:
     if p.is_file():
         p = p.parent
     for cand in (p, p / "sparse" / "0", p / "sparse", p / "colmap" / "sparse" / "0"):
-        if (cand / "cameras.txt").is_file() and (cand / "images.txt").is_file():
-            return cand
-    if (p / "cameras.bin").is_file() or (p / "sparse" / "0" / "cameras.bin").is_file():
-        raise ValueError(f"{p}: only a binary COLMAP model is there; convert it to text with "
-                         "'colmap model_converter --input_path ... --output_path ... --output_type TXT'")
-    raise ValueError(f"{p}: no cameras.txt and images.txt here (nor in sparse/0)")
+        for ext in (".txt", ".bin"):
+            if (cand / f"cameras{ext}").is_file() and (cand / f"images{ext}").is_file():
+                return cand
+    raise ValueError(f"{p}: no COLMAP model here (cameras and images .txt or .bin, nor in sparse/0)")
 
 
 def read_model(path: str | Path) -> tuple[Path, dict[int, ColmapCamera], list[ColmapImage]]:
     """(model folder, cameras by id, images sorted by name).  Every image's camera must exist."""
     folder = find_model(path)
-    cams = read_cameras(folder / "cameras.txt")
-    images = read_images(folder / "images.txt")
+    ext = ".txt" if (folder / "cameras.txt").is_file() and (folder / "images.txt").is_file() else ".bin"
+    if ext == ".txt":
+        cams, images = read_cameras(folder / "cameras.txt"), read_images(folder / "images.txt")
+    else:
+        cams, images = read_cameras_bin(folder / "cameras.bin"), read_images_bin(folder / "images.bin")
     for im in images:
         if im.camera_id not in cams:
-            raise ValueError(f"{folder / 'images.txt'}: image {im.name!r} uses camera {im.camera_id}, "
-                             "which cameras.txt does not list")
+            raise ValueError(f"{folder / ('images' + ext)}: image {im.name!r} uses camera {im.camera_id}, "
+                             f"which cameras{ext} does not list")
     return folder, cams, images
 
 

@@ -83,3 +83,33 @@ def write_model(folder: Path, images: bool = True) -> Path:
             px[..., 0], px[..., 1] = 40 * i, np.arange(64, dtype=np.uint8)[None] * 4
             Image.fromarray(px).save(Path(folder) / "images" / f"{name}.png")
     return model
+
+
+# COLMAP's binary model ids of the models above (its camera_models.h order).
+BINARY_MODEL_IDS = {"SIMPLE_PINHOLE": 0, "PINHOLE": 1, "SIMPLE_RADIAL": 2, "RADIAL": 3, "OPENCV": 4, "OPENCV_FISHEYE": 5}
+
+
+def write_binary_model(folder: Path) -> Path:
+    """The same model as cameras.bin + images.bin (COLMAP's default output), in folder/sparse/0,
+    encoded here from the text above (little-endian, as COLMAP writes it)."""
+    import struct
+    model = Path(folder) / "sparse" / "0"
+    model.mkdir(parents=True, exist_ok=True)
+    cams = [ln.split() for ln in CAMERAS_TXT.splitlines() if ln and not ln.startswith("#")]
+    out = struct.pack("<Q", len(cams))
+    for c in cams:
+        out += struct.pack("<iiQQ", int(c[0]), BINARY_MODEL_IDS[c[1]], int(c[2]), int(c[3]))
+        out += struct.pack(f"<{len(c) - 4}d", *map(float, c[4:]))
+    (model / "cameras.bin").write_bytes(out)
+    lines = [ln for ln in IMAGES_TXT.splitlines() if not ln.startswith("#")]
+    records = []
+    for head, points in zip(lines[0::2], lines[1::2]):
+        t = head.split()
+        pts = [float(v) for v in points.split()]
+        rec = struct.pack("<i7di", int(t[0]), *map(float, t[1:8]), int(t[8])) + t[9].encode() + b"\0"
+        rec += struct.pack("<Q", len(pts) // 3)
+        for x, y, pid in zip(pts[0::3], pts[1::3], pts[2::3]):
+            rec += struct.pack("<ddq", x, y, int(pid))
+        records.append(rec)
+    (model / "images.bin").write_bytes(struct.pack("<Q", len(records)) + b"".join(records))
+    return model

@@ -388,6 +388,56 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
                        lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]))
 
 
+def load_colmap(path: str | Path, downscale: int = 1, image_dir: str | Path | None = None) -> PosedImages:
+    """Load a COLMAP reconstruction (text or binary model: shared/colmap.py) with its photos
+    (``image_dir``, or images/ next to the model).  Lens distortion is kept; the box is
+    :func:`estimate_aabb`'s.  All photos must share one size."""
+    from fit_implicit.shared import colmap
+
+    if int(downscale) != downscale or downscale < 1:
+        raise ValueError(f"downscale must be a positive integer, got {downscale}")
+    folder, cams, views = colmap.read_model(path)
+    images, intrinsics, lens_models, distortion = [], [], [], []
+    for view in views:
+        file = colmap.find_image(folder, view.name, image_dir)
+        if file is None:
+            raise ValueError(f"{folder}: photo {view.name!r} not found (looked in images/ next to the model"
+                             + (f" and in {image_dir}" if image_dir else "") + ")")
+        cam = cams[view.camera_id]
+        img = read_image(file, int(downscale))
+        if images and img.shape != images[0].shape:
+            raise ValueError(f"{file}: size {img.shape[1]}x{img.shape[0]} differs from the first photo's "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; all photos must share one size")
+        h, w = img.shape[:2]
+        images.append(img)
+        intrinsics.append(cam.intrinsics * np.array([w / cam.width, h / cam.height] * 2))
+        lens_models.append(cam.lens_model)
+        distortion.append(cam.distortion)
+    intrinsics, poses = np.stack(intrinsics), np.stack([v.c2w for v in views])
+    h, w = images[0].shape[:2]
+    return PosedImages(np.stack(images), intrinsics, poses, estimate_aabb(intrinsics, poses, w, h),
+                       [Path(v.name).stem for v in views], lens_models=np.array(lens_models),
+                       distortion=np.stack(distortion))
+
+
+def load_dataset(path: str | Path, downscale: int = 1) -> PosedImages:
+    """A transforms.json dataset (:func:`load_transforms`) or, where there is none, a COLMAP
+    reconstruction (:func:`load_colmap`): what the command line's ``fit`` and ``eval`` read."""
+    if Path(path).is_file() and Path(path).suffix.lower() in (".txt", ".bin"):    # cameras.bin, images.txt, ...
+        return load_colmap(path, downscale)
+    try:
+        transforms.find(path, TRANSFORMS_NAMES)
+    except ValueError as missing:
+        from fit_implicit.shared import colmap
+
+        try:
+            colmap.find_model(path)
+        except ValueError:
+            raise missing from None
+        return load_colmap(path, downscale)
+    return load_transforms(path, downscale)
+
+
 def estimate_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
     """A cube around what the cameras look at: shared/cameras.py looked_at_aabb (the rule the
     add-on's photo fits use too), with this reader's advice to give an 'aabb'.

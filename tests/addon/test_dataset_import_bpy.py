@@ -46,7 +46,7 @@ def test_colmap_import_matches_the_hand_made_model(tmp_path, addon):
 def test_colmap_errors_reach_the_user(tmp_path, addon):
     import bpy
     fresh_scene()
-    with pytest.raises(RuntimeError, match="no cameras.txt and images.txt"):
+    with pytest.raises(RuntimeError, match="no COLMAP model here"):
         bpy.ops.implicit.import_colmap(directory=str(tmp_path))
     model = colmap_model.write_model(tmp_path, images=False)
     (model / "cameras.txt").write_text("1 FULL_OPENCV 64 48 50 50 32 24 0 0 0 0 0 0 0 0\n")

@@ -1,4 +1,4 @@
-"""COLMAP text models (shared.colmap, numpy only) against a hand-made model (tests/colmap_model.py)."""
+"""COLMAP text and binary models (shared.colmap, numpy only) against a hand-made model (tests/colmap_model.py)."""
 import numpy as np
 import pytest
 
@@ -61,11 +61,38 @@ def test_bad_models_get_clear_errors(tmp_path, cameras_txt, images_txt, text):
         colmap.read_model(tmp_path)
 
 
-def test_missing_or_binary_model(tmp_path):
-    with pytest.raises(ValueError, match="no cameras.txt and images.txt"):
+def test_binary_model_reads_as_the_text_one(tmp_path):
+    colmap_model.write_model(tmp_path / "text", images=False)
+    colmap_model.write_binary_model(tmp_path / "bin")
+    _, cams_t, images_t = colmap.read_model(tmp_path / "text")
+    folder, cams_b, images_b = colmap.read_model(tmp_path / "bin")
+    assert folder == tmp_path / "bin" / "sparse" / "0"
+    assert [im.name for im in images_b] == [im.name for im in images_t]
+    for a, b in zip(images_t, images_b):
+        assert a.camera_id == b.camera_id and np.allclose(a.c2w, b.c2w, rtol=0, atol=1e-12)
+        ca, cb = cams_t[a.camera_id], cams_b[b.camera_id]
+        assert (ca.model, ca.width, ca.height, ca.lens_model) == (cb.model, cb.width, cb.height, cb.lens_model)
+        assert np.array_equal(ca.intrinsics, cb.intrinsics) and np.array_equal(ca.distortion, cb.distortion)
+
+
+def test_bad_binary_models_get_clear_errors(tmp_path):
+    import struct
+    model = colmap_model.write_binary_model(tmp_path)
+    good_images = (model / "images.bin").read_bytes()
+    (model / "images.bin").write_bytes(good_images[:-30])
+    with pytest.raises(ValueError, match="images.bin: ends at byte .* inside a record"):
         colmap.read_model(tmp_path)
-    (tmp_path / "cameras.bin").write_bytes(b"\x00\x01")
-    with pytest.raises(ValueError, match="model_converter"):
+    (model / "images.bin").write_bytes(struct.pack("<Q", 10 ** 12))
+    with pytest.raises(ValueError, match="says 1000000000000 records, more than the file holds"):
+        colmap.read_model(tmp_path)
+    (model / "images.bin").write_bytes(good_images)
+    (model / "cameras.bin").write_bytes(struct.pack("<QiiQQ5d", 1, 1, 7, 64, 48, 50, 32, 24, 0.1, 0))
+    with pytest.raises(ValueError, match="camera 1 has model FOV .supported: SIMPLE_PINHOLE"):
+        colmap.read_model(tmp_path)
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(ValueError, match="no COLMAP model here"):
         colmap.read_model(tmp_path)
 
 

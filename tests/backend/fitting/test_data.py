@@ -173,3 +173,31 @@ def test_ray_sampler_colours_match_projected_pixels():
         col, row = np.floor(uv[0]).astype(int)
         assert np.allclose(uv[0] - np.floor(uv[0]), 0.5, atol=1e-3)
         assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)
+
+
+def test_colmap_projects_load_for_the_command_line(tmp_path):
+    """``fit`` and ``eval`` read a COLMAP project (binary model, COLMAP's default, or text) with
+    its photos: cameras, distortion and pixels as the model and the files say."""
+    import colmap_model
+    from fit_implicit.backend.fitting.data import load_dataset
+
+    colmap_model.write_model(tmp_path)                       # text model + photos in images/
+    text = load_dataset(tmp_path)
+    (tmp_path / "sparse" / "0" / "cameras.txt").unlink()
+    (tmp_path / "sparse" / "0" / "images.txt").unlink()
+    colmap_model.write_binary_model(tmp_path)
+    binary = load_dataset(tmp_path / "sparse" / "0" / "cameras.bin")
+    for data in (text, binary):
+        assert data.images.shape == (6, 48, 64, 4) and data.names == list("abcdef")
+        for i, name in enumerate("abcdef"):
+            k, code, dist = colmap_model.EXPECTED_CAMERA[name]
+            assert np.allclose(data.intrinsics[i], k) and data.lens_models[i] == code
+            assert np.allclose(data.distortion[i], dist) and np.allclose(data.poses[i], colmap_model.expected_c2w(name))
+        assert data.images[2, 10, 5].tolist() == [80, 20, 0, 255]
+    half = load_dataset(tmp_path, downscale=2)
+    assert half.images.shape == (6, 24, 32, 4) and np.allclose(half.intrinsics, binary.intrinsics / 2)
+    (tmp_path / "images" / "c.png").unlink()
+    with pytest.raises(ValueError, match="photo 'c.png' not found"):
+        load_dataset(tmp_path)
+    with pytest.raises(ValueError, match="no transforms_train.json or transforms.json in this folder"):
+        load_dataset(tmp_path / "images")
