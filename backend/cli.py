@@ -107,6 +107,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     data = load_dataset(args.data, downscale=args.downscale)
+    for note in data.notes:
+        _print(f"note: {note}")
     train, held = split_holdout(data, args.holdout) if args.holdout else (data, None)
     cfg = make_config(args.method, args.preset, device=args.device, steps=args.steps, seconds=args.seconds,
                       seed=args.seed, preview_size=0, **_overrides(args.set, args.method))

@@ -49,6 +49,7 @@ class PosedImages:
     passes: dict[str, np.ndarray] = field(default_factory=dict)
     lens_models: np.ndarray | None = None
     distortion: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)     # what the reader could not use, said once
 
     def __post_init__(self):
         images = np.asarray(self.images)
@@ -347,7 +348,8 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
     """Load a NeRF-style dataset: a folder holding transforms_train.json / transforms.json, or the
     file itself.  Intrinsics may be global or per frame (camera_angle_x, or fl_x/fl_y/cx/cy with
     w/h); ``file_path`` may omit the extension.  The box is the file's "aabb" key
-    ([[min], [max]]) or else :func:`estimate_aabb`.  ``downscale`` (integer) shrinks the images.
+    ([[min], [max]]), else instant-ngp's box where there is "aabb_scale" (:func:`ngp_box`), else
+    :func:`estimate_aabb`.  Keys of other tools that a fit does not use are listed in ``notes``.  ``downscale`` (integer) shrinks the images.
     Optional per-frame pass files (albedo_path, normal_path, depth_path: encodings at
     PASS_FILE_KEYS) fill ``passes``.
     """
@@ -381,11 +383,46 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
         aabb = np.asarray(doc["aabb"], dtype=np.float64)
         if aabb.shape != (2, 3):
             raise ValueError(f"{file}: 'aabb' must be [[xmin, ymin, zmin], [xmax, ymax, zmax]]")
+    elif "aabb_scale" in doc:
+        aabb = ngp_box(doc, file)
     else:
         aabb = estimate_aabb(intrinsics, poses, w, h)
     return PosedImages(np.stack(images), intrinsics, poses, aabb, [f.name for f in frames],
                        passes=_frame_passes(file, frames, images, int(downscale)),
-                       lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]))
+                       lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]),
+                       notes=_unused_keys(doc, file))
+
+
+def ngp_box(doc: dict, file: Path) -> np.ndarray:
+    """The world box instant-ngp renders for a transforms file with ``aabb_scale``: ngp maps a
+    world point p to ``p * scale + offset`` (defaults 0.33 and 0.5 on each axis) and renders the
+    cube of side ``aabb_scale`` centred on (0.5, 0.5, 0.5) there; this is that cube mapped back."""
+    try:
+        side = float(doc["aabb_scale"])
+        scale = float(doc.get("scale", 0.33))
+        offset = np.broadcast_to(np.asarray(doc.get("offset", 0.5), dtype=np.float64), (3,))
+    except (TypeError, ValueError):
+        raise ValueError(f"{file}: 'aabb_scale', 'scale' and 'offset' must be numbers (offset: 3 of them)") from None
+    if not (side > 0 and scale > 0 and np.isfinite([side, scale]).all() and np.isfinite(offset).all()):
+        raise ValueError(f"{file}: 'aabb_scale' and 'scale' must be positive, got {side} and {scale}")
+    return np.stack([(0.5 - side / 2 - offset) / scale, (0.5 + side / 2 - offset) / scale])
+
+
+#: transforms.json keys (top level or per frame) other tools write that a fit does not use.
+UNUSED_KEYS = {
+    "applied_transform": "nerfstudio's record of how it moved the poses from COLMAP's frame: the fit and its "
+                         "mesh stay in this file's frame",
+    "applied_scale": "nerfstudio's record of how it scaled the poses: the fit and its mesh stay in this file's units",
+    "depth_file_path": "nerfstudio's depth maps are not read (a depth pass is 'depth_path' with 'depth_scale': "
+                       "backend/fitting/data.py PASS_FILE_KEYS)",
+    "sharp_file_path": "not used",
+}
+
+
+def _unused_keys(doc: dict, file: Path) -> list[str]:
+    """One line per key of UNUSED_KEYS the file has (top level or in any frame)."""
+    found = [k for k in UNUSED_KEYS if k in doc or any(isinstance(f, dict) and k in f for f in doc["frames"])]
+    return [f"{file.name}: '{k}' {UNUSED_KEYS[k]}" for k in found]
 
 
 def load_colmap(path: str | Path, downscale: int = 1, image_dir: str | Path | None = None) -> PosedImages:

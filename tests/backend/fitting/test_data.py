@@ -201,3 +201,23 @@ def test_colmap_projects_load_for_the_command_line(tmp_path):
         load_dataset(tmp_path)
     with pytest.raises(ValueError, match="no transforms_train.json or transforms.json in this folder"):
         load_dataset(tmp_path / "images")
+
+
+def test_other_tools_keys_are_honoured_or_named(tmp_path):
+    """instant-ngp's aabb_scale / scale / offset give the box ngp renders; nerfstudio's keys the fit
+    cannot use are named in the notes (the command line prints them), never silently dropped."""
+    poses, _ = _rig(n=3, size=(20, 16))
+    _write_images(tmp_path, 3, (20, 16))
+    frames = [{"file_path": f"img_{i}", "transform_matrix": p.tolist()} for i, p in enumerate(poses)]
+    frames[1]["depth_file_path"] = "depth/img_1.png"
+    doc = {"camera_angle_x": 0.8, "aabb_scale": 4, "scale": 0.5, "offset": [0.5, 1.0, 0.0], "frames": frames,
+           "applied_transform": np.eye(4)[:3].tolist()}
+    (tmp_path / "transforms.json").write_text(json.dumps(doc))
+    data = load_transforms(tmp_path)
+    # ngp: p * 0.5 + offset inside [0.5 - 2, 0.5 + 2]^3  ->  p in [(-1.5 - o) / 0.5, (2.5 - o) / 0.5]
+    assert np.allclose(data.aabb, [[-4.0, -5.0, -3.0], [4.0, 3.0, 5.0]])
+    assert len(data.notes) == 2 and "'applied_transform'" in data.notes[0] and "'depth_file_path'" in data.notes[1]
+    doc["scale"] = -1
+    (tmp_path / "transforms.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="'aabb_scale' and 'scale' must be positive"):
+        load_transforms(tmp_path)
