@@ -349,7 +349,8 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
     file itself.  Intrinsics may be global or per frame (camera_angle_x, or fl_x/fl_y/cx/cy with
     w/h); ``file_path`` may omit the extension.  The box is the file's "aabb" key
     ([[min], [max]]), else instant-ngp's box where there is "aabb_scale" (:func:`ngp_box`), else
-    :func:`estimate_aabb`.  Keys of other tools that a fit does not use are listed in ``notes``.  ``downscale`` (integer) shrinks the images.
+    :func:`estimate_aabb`.  Keys of other tools that a fit does not use are listed in ``notes``.
+    ``downscale`` (integer) shrinks the images.
     Optional per-frame pass files (albedo_path, normal_path, depth_path: encodings at
     PASS_FILE_KEYS) fill ``passes``.
     """
