@@ -786,7 +786,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  seconds: float = 0.0, mesh_resolution: int = 0, mesh_opacity: float = 0.0,
                  preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
-                 eval_sizes=None, passes: dict | None = None, texture_size: int = 0,
+                 eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
                  lens_models=None, distortion=None) -> "protocol.Submit":
     """A validated Submit.
 
@@ -801,6 +801,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
             value (sent as float16, which keeps -1, 0 and 1 exact).
         mesh_opacity: radiance fields' surface level in (0, 0.99]; 0: chosen per field.
         texture_size: side of the baked UV textures (albedo, normal, roughness); 0: vertex colours.
+        max_faces: most triangles of the mesh; 0: the backend's default.
         lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
     Raises:
@@ -816,7 +817,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         # (rounded: Blender's float32 property holds 0.99 as 0.9900000095, above the wire's cap)
         seconds=float(seconds), mesh_resolution=int(mesh_resolution), mesh_opacity=round(float(mesh_opacity), 4),
         preview_size=int(preview_size),
-        preview_interval=float(preview_interval), texture_size=int(texture_size),
+        preview_interval=float(preview_interval), texture_size=int(texture_size), max_faces=int(max_faces),
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),

@@ -45,6 +45,7 @@ class FitSettings:
     mesh_resolution: int = 0              # 0: the preset's default
     mesh_opacity: float = 0.0             # radiance fields' surface level (see protocol.Submit); 0: auto
     texture_size: int = 0                 # side of baked UV textures (albedo, normal, roughness); 0: vertex colours
+    max_faces: int = 0                    # most triangles of the imported mesh; 0: the backend's default
     preview_size: int = 128               # longest side of previews; 0: none
     preview_interval: float = 1.0         # seconds between previews
     ring_count: int = 24                  # cameras placed around the selection if there are none
@@ -441,7 +442,7 @@ class FitSession:
             preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
             eval_poses=plan.eval_poses if m else None,
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
-            texture_size=s.texture_size, lens_models=photos["lens_models"] if photos else None,
+            texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
             distortion=photos["distortion"] if photos else None)
         self._timing("upload")
         try:

@@ -50,6 +50,7 @@ MAX_VERTICES = 20_000_000
 MAX_TEXTURE_SIDE = 8192
 MIN_TEXTURE_SIDE = 16
 TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the cameras' footprint
+MIN_FACES = 100                 # smallest Submit.max_faces other than 0
 TEXTURE_KINDS = ("albedo", "normal", "roughness")
 MAX_STRING = 4096
 MAX_NAME = 256
@@ -335,6 +336,9 @@ class Submit(Message):
     # Side of the baked UV textures (TextureResult*); 0: vertex colours only, no UVs; TEXTURE_AUTO:
     # chosen by the backend from the object's size and the cameras' footprint (backend/export/texture.py).
     texture_size: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
+    # Most triangles of the mesh sent back (decimated to it); 0: the backend's default (200,000 when
+    # textured: backend/export/texture.py MAX_FACES; marching cubes' own count otherwise).
+    max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
     preview_size: int = spec(Int(0, 1024), default=128)            # longest side; 0: no previews
     preview_interval: float = spec(Float(0.05, 3600.0), default=1.0)
     eval_intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)), default_factory=_empty((0, 4), np.float64))
@@ -372,6 +376,9 @@ class Submit(Message):
             raise ProtocolError(f"submit.eval_sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
+        if 0 < self.max_faces < MIN_FACES:
+            raise ProtocolError(f"submit.max_faces: {self.max_faces} is not 0 (the backend's default) or at "
+                                f"least {MIN_FACES}")
         if 0 < self.texture_size < MIN_TEXTURE_SIDE and self.texture_size != TEXTURE_AUTO:
             raise ProtocolError(f"submit.texture_size: {self.texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
                                 f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")

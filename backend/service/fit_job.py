@@ -169,8 +169,10 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     ctx.progress("mesh", force=True)
     mesh_facts: dict = {}
     verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution, facts=mesh_facts,
-                                        views=views if cfg.mesh.mesh_close_unseen else None)
-    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine, views=views)
+                                        views=views if cfg.mesh.mesh_close_unseen else None,
+                                        decimate_to=submit.max_faces if submit.max_faces and not submit.texture_size else None)
+    assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine, views=views,
+                              max_faces=submit.max_faces or None)
     refine = None
 
     count = len(submit.eval_poses)
@@ -201,7 +203,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
-                     ctx: JobContext, refine: tuple | None = None, views=None) -> dict:
+                     ctx: JobContext, refine: tuple | None = None, views=None, max_faces: int | None = None) -> dict:
     """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
@@ -209,6 +211,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     refine: (the fit's PosedImages, a RefineConfig) to refine the mesh and its base colour
     against the training views (backend/export/refine.py) before it is sent, or None.
     views: the training cameras (export.unseen.Views), which pick the side for TEXTURE_AUTO.
+    max_faces: most triangles of the textured mesh (None: texture.py MAX_FACES).
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -216,7 +219,8 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
 
         ctx.progress("texture", force=True)
         start = time.monotonic()
-        mesh, baked = texture_mesh(model, verts, faces, texture_size, views=views)
+        mesh, baked = texture_mesh(model, verts, faces, texture_size, views=views,
+                                   **({"max_faces": max_faces} if max_faces else {}))
         if refine is not None:
             from fit_implicit.backend.export.refine import refine_textures
 

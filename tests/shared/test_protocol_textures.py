@@ -110,3 +110,5 @@ def test_submit_textures_field():
                                           "or in [16, 8192]")
     refused(small_submit(texture_size=10000), "submit.texture_size: 10000 is outside [0, 8192]")
     refused(small_submit(texture_size=True), "submit.texture_size: expected an integer")
+    assert round_trip(small_submit(max_faces=5000)).max_faces == 5000
+    refused(small_submit(max_faces=10), "submit.max_faces: 10 is not 0 (the backend's default) or at least 100")

@@ -303,3 +303,12 @@ def test_job_with_auto_texture_size_reports_the_side_it_chose():
     assert summary["textures"] == tx.AUTO_MIN == ctx.sent[0].image.shape[0]
     with pytest.raises(ValueError, match="needs the training cameras"):
         send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), TEXTURE_AUTO, RecordingContext())
+
+
+def test_job_decimates_to_the_face_count_asked():
+    from fit_implicit.backend.service.fit_job import send_mesh_assets
+
+    verts, faces = sphere_mesh(radius=0.7, n=32)
+    ctx = RecordingContext()
+    summary = send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), 64, ctx, max_faces=400)
+    assert summary["faces"] <= 400 < len(faces) and len(ctx.sent[-1].faces) == summary["faces"]
