@@ -12,6 +12,7 @@ thread that calls it (the main thread); ZeroMQ runs in the JobClient's own threa
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -68,6 +69,11 @@ class FitSettings:
     frame_range: tuple | None = None      # ANIMATION: (start, end, step); None: the scene's
     passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on for sdf/occupancy
     cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
+
+
+#: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
+ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
+                  "max_faces", "ring_count", "source", "passes")
 
 
 @dataclass
@@ -518,6 +524,8 @@ class FitSession:
         elif isinstance(msg, protocol.Done):
             r.summary = dict(msg.summary)
             r.timings["total"] = time.monotonic() - self._t0
+            if r.object is not None:
+                self._label_asset(r.object)
             if self._can_check():
                 self._stage = "checking"
                 self._timing("check")
@@ -533,6 +541,32 @@ class FitSession:
             self._finish("failed", backend_error_text(self.address, msg.message, msg.code,
                                                       prefix="The backend refused the job: "))
         # Welcome, Pong, Ack and unknown types: nothing to do.
+
+    def _label_asset(self, ob) -> None:
+        """The imported asset's origin at its source's (the fitted object's origin; the box's
+        centre for several objects or photos) and, as custom properties, how it was made."""
+        plan, s, r = self.plan, self.settings, self.result
+        targets = plan.targets if plan is not None else []
+        if len(targets) == 1:
+            origin = targets[0].matrix_world.translation
+        elif plan is not None:
+            origin = np.asarray(plan.aabb, np.float64).mean(0)
+        else:
+            origin = None
+        if origin is not None:
+            importer.place_origin(ob, origin)
+        summary = r.summary
+        importer.tag_asset(ob, {
+            "job_id": r.job_id, "method": s.method, "preset": s.preset, "address": self.address,
+            "sources": ", ".join(t.name for t in targets) or None,
+            "views": len(plan.cameras) if plan is not None else None,
+            "steps": summary.get("steps"), "train_seconds": summary.get("seconds"),
+            "train_psnr": summary.get("psnr"), "device": summary.get("device"),
+            "faces": summary.get("faces"), "textures": summary.get("textures"),
+            "seconds_total": round(r.timings.get("total", 0.0), 1),
+            "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
+            "fitted_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
 
     def _can_check(self) -> bool:
         """The imported asset can be checked: it exists, and every eval camera (still in the

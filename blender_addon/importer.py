@@ -35,6 +35,37 @@ def ensure_collection(scene, name: str):
 
 
 # --------------------------------------------------------------------------------------------
+# The asset: where its origin is, what it says about itself
+# --------------------------------------------------------------------------------------------
+ASSET_PREFIX = "implicit_"      # custom properties of an imported asset start with this
+
+
+def place_origin(ob, point) -> None:
+    """Put the object's origin at ``point`` (world) without moving its surface: the mesh data
+    shifts by -point and the object moves by +point (a result's mesh arrives in world
+    coordinates, so its origin would sit at the world origin)."""
+    from mathutils import Matrix, Vector
+
+    p = Vector([float(c) for c in point])
+    ob.data.transform(Matrix.Translation(-p))
+    ob.matrix_world = Matrix.Translation(p) @ ob.matrix_world
+    ob.data.update()
+
+
+def tag_asset(ob, facts: dict) -> None:
+    """Store ``facts`` on the object as custom properties ``implicit_<name>`` (numbers, text and
+    lists of numbers as they are; anything else as text), so the asset says how it was made."""
+    for key, value in facts.items():
+        if value is None:
+            continue
+        if isinstance(value, bool | int | float | str) or (
+                isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value)):
+            ob[ASSET_PREFIX + key] = value
+        else:
+            ob[ASSET_PREFIX + key] = str(value)
+
+
+# --------------------------------------------------------------------------------------------
 # Meshes
 # --------------------------------------------------------------------------------------------
 def mesh_from_arrays(name: str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,

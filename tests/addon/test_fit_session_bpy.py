@@ -95,8 +95,12 @@ def _job_messages(protocol, job="j1"):
 
 
 def test_session_runs_tick_by_tick(fs, protocol):
+    import json
+
     import bpy
     scene = _scene()
+    bpy.data.objects["Object"].location = (0.2, 0.1, 0.0)      # the asset's origin lands here
+    bpy.context.view_layer.update()
     clients = []
 
     def factory(address):
@@ -144,7 +148,14 @@ def test_session_runs_tick_by_tick(fs, protocol):
     assert r.object is not None and r.object.name in bpy.data.objects
     co = np.empty(9, np.float32)
     r.object.data.vertices.foreach_get("co", co)
-    assert np.allclose(co.reshape(3, 3)[0], 5.0)
+    mw = np.array(r.object.matrix_world)
+    assert np.allclose(co.reshape(3, 3)[0] @ mw[:3, :3].T + mw[:3, 3], 5.0)      # the surface where it was sent
+    assert np.allclose(mw[:3, 3], [0.2, 0.1, 0.0]) and np.allclose(mw[:3, :3], np.eye(3))   # origin at the source's
+    ob = r.object                     # the asset says how it was made
+    assert (ob["implicit_job_id"], ob["implicit_method"], ob["implicit_preset"]) == ("j1", "nerf", "draft")
+    assert ob["implicit_steps"] == 100 and ob["implicit_train_psnr"] == 31.0 and ob["implicit_sources"] == "Object"
+    assert json.loads(ob["implicit_settings"])["preset"] == "draft" and ob["implicit_seconds_total"] > 0
+    assert ob["implicit_heldout_views"] == 1
     assert r.renders[0].shape == (24, 32, 4)
     assert {"prepare", "render", "upload", "train", "mesh", "import", "total"} <= set(r.timings)
     assert not p.running and p.progress == 1.0

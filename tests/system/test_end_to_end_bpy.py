@@ -54,7 +54,10 @@ def test_fitted_mesh_lands_on_the_source_object(real_backend):
     # Orange (sRGB of linear 0.8, 0.2, 0.05): red well above green above blue.
     mean = colors.mean(axis=0)
     assert mean[0] > mean[1] > mean[2], mean
-    assert r.object is not None and np.allclose(np.array(r.object.matrix_world), np.eye(4))
+    # The asset's origin is the sphere's (its surface stays in world coordinates, as sent).
+    mw = np.array(r.object.matrix_world)
+    assert np.allclose(mw[:3, 3], np.array(ball.matrix_world.translation)) and np.allclose(mw[:3, :3], np.eye(3))
+    assert np.allclose(world_triangles(r.object)[0].min(0), lo, atol=1e-3)
 
 
 def fit_scene_or_fail(fit_session, scene, backend):
