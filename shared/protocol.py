@@ -37,7 +37,7 @@ from .methods import METHODS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -54,6 +54,8 @@ MIN_FACES = 100                 # smallest Submit.max_faces other than 0
 TEXTURE_KINDS = ("albedo", "normal", "roughness")
 MAX_STRING = 4096
 MAX_NAME = 256
+MAX_RUN_JSON = 16 << 20         # ModelFile / StoreModel: a run's run.json (its cameras included)
+MAX_MODEL_BYTES = 1 << 31       # ModelFile / StoreModel: a run's model.pt (the wire's cap for one array)
 
 
 
@@ -582,6 +584,69 @@ class RenderJob(Message):
         if pixels > MAX_RENDER_PIXELS:
             raise ProtocolError(f"render_job.sizes: {pixels} pixels in all is more than the {MAX_RENDER_PIXELS} "
                                 "allowed in one job; send the views in several jobs")
+
+
+@dataclass
+class MeshJob(Message):
+    """Mesh a field fitted earlier again (the model fit job ``fit_job_id`` saved, or one given
+    back with StoreModel), with other mesh settings: answered like a fit's end (TextureResult*
+    where textured, one MeshResult, then Done).  Settings as in Submit; 0 = the fit's own."""
+
+    TYPE: ClassVar[str] = "mesh_job"
+    fit_job_id: str = spec(Str(64))
+    mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)
+    mesh_opacity: float = spec(Float(0.0, 0.99), default=0.0)
+    texture_size: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
+    max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
+    name: str = spec(Str(MAX_NAME), default="")
+
+    def check(self):
+        if 0 < self.max_faces < MIN_FACES:
+            raise ProtocolError(f"mesh_job.max_faces: {self.max_faces} is not 0 (the backend's default) or at "
+                                f"least {MIN_FACES}")
+        if 0 < self.texture_size < MIN_TEXTURE_SIDE and self.texture_size != TEXTURE_AUTO:
+            raise ProtocolError(f"mesh_job.texture_size: {self.texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
+                                f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+
+
+@dataclass
+class FetchModel(Message):
+    """Ask for the fitted model of fit job ``fit_job_id`` (to keep it beside a .blend): answered
+    with ModelFile, or Error(code="unknown_job") when this backend has no model for it."""
+
+    TYPE: ClassVar[str] = "fetch_model"
+    fit_job_id: str = spec(Str(64))
+
+
+@dataclass
+class ModelFile(Message):
+    """A fitted model as the backend saves it (backend/fitting/runs.py): the UTF-8 bytes of
+    run.json and the bytes of model.pt (tensors only; loaded with weights_only, never unpickled),
+    as uint8 arrays (frames, not the header).  The reply to FetchModel; the same two travel back
+    in StoreModel."""
+
+    TYPE: ClassVar[str] = "model_file"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"J": MAX_RUN_JSON, "B": MAX_MODEL_BYTES}
+    run_json: np.ndarray = spec(Array(("uint8",), ("J",)))
+    weights: np.ndarray = spec(Array(("uint8",), ("B",)))
+    fit_job_id: str = spec(Str(64), default="")
+
+
+@dataclass
+class StoreModel(Message):
+    """Give the backend a model kept elsewhere (a ModelFile's run_json and weights), for
+    RenderJob and MeshJob after its own copy expired or on another backend: answered with
+    Ack(request="store_model", job_id=the id to use as fit_job_id), or Error(code="bad_model")."""
+
+    TYPE: ClassVar[str] = "store_model"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"J": MAX_RUN_JSON, "B": MAX_MODEL_BYTES}
+    run_json: np.ndarray = spec(Array(("uint8",), ("J",)))
+    weights: np.ndarray = spec(Array(("uint8",), ("B",)))
+    name: str = spec(Str(MAX_NAME), default="")
+
+    def check(self):
+        if self.weights.size < 4 or self.run_json.size < 2:
+            raise ProtocolError("store_model: run_json and weights must not be empty")
 
 
 @dataclass

@@ -112,11 +112,14 @@ def signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", a - origin, np.cross(b - origin, c - origin)).sum() / 6.0)
 
 
-def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quadric-error decimation (fast-simplification) down to about ``target_faces`` triangles.
+def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int, at_most: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric-error decimation (fast-simplification) down to about ``target_faces`` triangles;
+    with ``at_most``, never more than that (a face budget: the asks of max_faces and MAX_FACES).
 
     A watertight input stays watertight where it can: when the collapse order would break that (it
-    can pinch thin parts), the target is relaxed up to twice over.  Past that the face budget wins
+    can pinch thin parts), the target is relaxed up to twice over (with ``at_most``: down to half
+    of it, in the same steps).  Past that the face budget wins
     (a detailed mesh of many thin parts, e.g. a radiance field's, may not survive any decimation
     watertight, and an unusably heavy asset is worse than a few open seams): the mesh decimated to
     the target is returned, open.  Positions are not snapped: the surface moves by the collapses'
@@ -139,14 +142,19 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[n
         return out_v.astype(np.float32), out_f
 
     first = simplify(target_faces)
+    for _ in range(4 if at_most else 0):      # the simplifier lands near its target, sometimes above
+        if len(first[1]) <= target_faces:
+            break
+        first = simplify(max(4, int(target_faces * target_faces / len(first[1]) * 0.98)))
     if not closed or is_watertight(first[1]):
         return first
-    target = int(target_faces * 1.25) + 1
-    while target <= 2 * target_faces and target < len(faces):
+    step = 0.8 if at_most else 1.25
+    target = int(target_faces * step) + (0 if at_most else 1)
+    while (target >= target_faces // 2 if at_most else target <= 2 * target_faces) and 4 <= target < len(faces):
         out_v, out_f = simplify(target)
-        if len(out_f) and is_watertight(out_f):
+        if len(out_f) and is_watertight(out_f) and (not at_most or len(out_f) <= target_faces):
             return out_v, out_f
-        target = int(target * 1.25) + 1
+        target = int(target * step) + (0 if at_most else 1)
     return first if len(first[1]) else (verts, faces)
 
 

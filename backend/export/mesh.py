@@ -207,7 +207,7 @@ def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None =
         min_component: connected parts whose surface area is below this share of the largest
             part's are dropped (floaters); 0 keeps everything.
         chunk: points per field evaluation.
-        decimate_to: if set, quadric decimation to about this many faces (closed stays closed).
+        decimate_to: if set, quadric decimation to at most this many faces (closed stays closed where it can).
         device: where marching cubes runs (default: the model's device).
         block: 0 evaluates the field at every grid point; >= 2 evaluates coarse to fine with
             blocks of that many cells (:func:`evaluate_grid_sparse`); None: 4 for "sdf" (blocks
@@ -259,7 +259,7 @@ def extract_mesh(model, mesh_resolution: int, mesh_opacity: float | str | None =
         if facts is not None:
             facts["unseen"] = closed
     if decimate_to is not None:
-        verts, faces = decimate(verts, faces, int(decimate_to))
+        verts, faces = decimate(verts, faces, int(decimate_to), at_most=True)
     if not len(faces):
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32)
     normals = vertex_normals(verts, faces)

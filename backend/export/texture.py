@@ -392,7 +392,8 @@ def texture_mesh(model, vertices: np.ndarray, faces: np.ndarray, texture_size: i
     if max_faces is not None and len(faces) > max_faces:
         from fit_implicit.backend.export.cleanup import decimate
 
-        vertices, faces = decimate(np.asarray(vertices, np.float32), np.asarray(faces, np.int64), int(max_faces))
+        vertices, faces = decimate(np.asarray(vertices, np.float32), np.asarray(faces, np.int64), int(max_faces),
+                                   at_most=True)
     if texture_size == TEXTURE_AUTO:
         if views is None or not len(views.intrinsics):
             raise ValueError("texture size 'auto' needs the training cameras")

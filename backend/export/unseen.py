@@ -249,6 +249,12 @@ def close_unseen(verts: np.ndarray, faces: np.ndarray, views, device="cpu", min_
     return out_verts.astype(verts.dtype), out_faces, facts
 
 
+def summary_entries(facts: dict) -> dict:
+    """:func:`close_unseen`'s facts as flat entries of a job's summary (Done.summary holds scalars)."""
+    return {"unseen_closed": facts["regions"], "unseen_kept": facts["kept_regions"],
+            "unseen_area_share": facts["area_share"], "unseen_seconds": facts["seconds"]}
+
+
 def _without_pinches(faces: np.ndarray, members: np.ndarray, vertex_count: int, rounds: int = 8) -> np.ndarray:
     """Grow a region (face indices) over the faces around the vertices where its rim would
     pinch (two arcs of the rim meeting at one vertex), so that each hole has one simple rim."""
@@ -280,4 +286,5 @@ def _cap_pixels(verts: np.ndarray, base: np.ndarray, caps: list[np.ndarray], vie
     return counts.cpu().tolist()
 
 
-__all__ = ["Views", "cap", "close_unseen", "open_edges", "pinches", "rim_loops", "seen_faces", "visible_points"]
+__all__ = ["Views", "cap", "close_unseen", "open_edges", "pinches", "rim_loops", "seen_faces", "summary_entries",
+           "visible_points"]

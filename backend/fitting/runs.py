@@ -80,6 +80,37 @@ def is_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / RUN_FILE).is_file() and (Path(run_dir) / WEIGHTS_FILE).is_file()
 
 
+def read_run_files(run_dir: str | Path) -> tuple[bytes, bytes]:
+    """The bytes of a run's run.json and model.pt, as they travel (shared/protocol.py ModelFile)."""
+    run_dir = Path(run_dir)
+    if not is_run(run_dir):
+        raise ValueError(f"{run_dir}: not a run folder (needs {RUN_FILE} and {WEIGHTS_FILE})")
+    return (run_dir / RUN_FILE).read_bytes(), (run_dir / WEIGHTS_FILE).read_bytes()
+
+
+def check_run_files(run_json: bytes, weights: bytes) -> dict:
+    """Check a run that arrived as bytes before it is written anywhere: run.json an object of a
+    readable format naming a known method, model.pt a torch archive (a zip; its tensors are only
+    ever loaded with weights_only).  Returns the parsed run.json; raises ValueError saying what
+    is wrong."""
+    from fit_implicit.shared.methods import METHODS
+
+    try:
+        doc = json.loads(bytes(run_json).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"run.json is not JSON text ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"run.json is not a run of a readable format ({', '.join(map(str, READABLE_FORMATS))})")
+    if doc.get("method") not in METHODS or not isinstance(doc.get("config"), dict):
+        raise ValueError(f"run.json names no known method ({', '.join(METHODS)}) or has no config")
+    aabb = np.asarray(doc.get("aabb", []), dtype=np.float64) if isinstance(doc.get("aabb"), list) else None
+    if aabb is None or aabb.shape != (2, 3) or not np.isfinite(aabb).all() or not (aabb[1] > aabb[0]).all():
+        raise ValueError("run.json has no valid 'aabb' ([[min x, y, z], [max x, y, z]])")
+    if bytes(weights[:4]) != b"PK\x03\x04":
+        raise ValueError("model.pt is not a torch archive")
+    return doc
+
+
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> FittedField:
     """Load a run written by :func:`save_run` (or by a format-1 backend) onto ``device``
     (default: CUDA if available).  Raises ValueError saying what is wrong with the folder."""

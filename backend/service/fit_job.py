@@ -131,7 +131,7 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.iso import model_opacity
     from fit_implicit.backend.export.mesh import extract_mesh
-    from fit_implicit.backend.export.unseen import Views
+    from fit_implicit.backend.export.unseen import Views, summary_entries
     from fit_implicit.backend.fitting import data
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.loop import Cancelled, fit
@@ -196,7 +196,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         "preset": submit.preset,
         "resumed_from_step": int(meta.get("resumed_from_step", 0)),   # 0: trained from the start
         **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
-        **({"unseen_closed": mesh_facts["unseen"]} if "unseen" in mesh_facts else {}),   # export/unseen.py
+        **(summary_entries(mesh_facts["unseen"]) if "unseen" in mesh_facts else {}),   # export/unseen.py
         **assets,
     }
 

@@ -267,6 +267,31 @@ class JobQueue:
             log.info("found %d job folders in %s: %d unfinished jobs re-queued", len(found), self.runs_dir, requeued)
         return requeued, len(self._kept)
 
+    def store_model(self, run_json: bytes, weights: bytes, name: str = "") -> str:
+        """Keep a model given back by a client (StoreModel) as the folder of an ended job, so that
+        RenderJob and MeshJob find it under the returned id; it expires like any ended job.
+        Raises ValueError (not a run: backend/fitting/runs.py check_run_files) or OSError."""
+        from fit_implicit.backend.fitting.runs import RUN_FILE, WEIGHTS_FILE, check_run_files
+
+        if self.runs_dir is None:
+            raise ValueError("this backend keeps no job folders (started without --runs-dir), so it cannot keep models")
+        check_run_files(run_json, weights)
+        job_id = uuid.uuid4().hex[:12]
+        folder = paths.job_folder(self.runs_dir, job_id)
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            checkpoint.atomic_write_bytes(folder / WEIGHTS_FILE, bytes(weights))
+            checkpoint.atomic_write_bytes(folder / RUN_FILE, bytes(run_json))
+            checkpoint.write_job_record(folder, id=job_id, state=JobState.DONE.value, created_wall=time.time(),
+                                        ended_wall=time.time(), name=name[:256], message="model given back")
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        with self._cond:
+            self._kept[job_id] = time.time()
+        log.info("job %s: a model given back (%.1f MB) kept", job_id, len(weights) / 2**20)
+        return job_id
+
     def submit(self, client: bytes, submit: protocol.Submit) -> tuple[Job, int]:
         """Queue a job.  Returns it and its position (jobs ahead of it, the running one included).
 

@@ -1,4 +1,5 @@
-"""Renders back: a RenderJob renders views of a model a fit job saved in its folder.
+"""Jobs on a model a fit job saved in its folder: a RenderJob renders views of it, a MeshJob
+meshes it again with other settings.
 
 The fit job saves its model as ``<runs_dir>/<fit_job_id>/`` (backend/service/paths.py,
 backend/fitting/runs.py); this runner loads it (``load_run``), renders each camera and sends one RenderResult per
@@ -73,16 +74,53 @@ def run_render_job(msg: protocol.RenderJob, ctx: JobContext, runs_dir: str | Pat
             "seconds": round(seconds, 3), "method": str(getattr(model.config, "method", ""))}
 
 
+def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | None) -> dict:
+    """Load the fit job's model, mesh it with the job's settings (those left 0: the fit's) and
+    send the assets as a fit does (backend/service/fit_job.py send_mesh_assets); returns the Done
+    summary.  What no training camera saw is closed flat when the run keeps its cameras."""
+    from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.unseen import Views, summary_entries
+    from fit_implicit.backend.fitting.runs import load_run
+    from fit_implicit.backend.service.fit_job import configure_torch, send_mesh_assets
+
+    folder = model_folder(runs_dir, msg.fit_job_id)
+    configure_torch()
+    ctx.progress("mesh", force=True)
+    start = time.monotonic()
+    model = load_run(folder, ctx.device)
+    views = Views.of_run(model.meta)
+    if msg.texture_size == protocol.TEXTURE_AUTO and views is None:
+        raise RenderJobError(f"fit job {msg.fit_job_id}: its run keeps no cameras to choose a texture size "
+                             "from; ask for a size")
+    cfg = model.config.mesh
+    facts: dict = {}
+    verts, faces, colors = extract_mesh(
+        model, msg.mesh_resolution or cfg.mesh_resolution, msg.mesh_opacity or None, facts=facts,
+        views=views if cfg.mesh_close_unseen else None,
+        decimate_to=msg.max_faces if msg.max_faces and not msg.texture_size else None)
+    ctx.check_cancelled()
+    summary = send_mesh_assets(model, verts, faces, colors, msg.texture_size, ctx, views=views,
+                               max_faces=msg.max_faces or None)
+    seconds = time.monotonic() - start
+    log.info("job %s: meshed fit job %s again in %.2f s (%d faces)", ctx.job_id, msg.fit_job_id, seconds,
+             summary.get("faces", 0))
+    return {**summary, "fit_job_id": msg.fit_job_id, "seconds": round(seconds, 3),
+            "method": str(getattr(model.config, "method", "")),
+            **(summary_entries(facts["unseen"]) if "unseen" in facts else {})}
+
+
 Runner = Callable[[Any, JobContext], Mapping[str, Any]]
 
 
 def with_render_jobs(fit_runner: Runner, runs_dir: Callable[[], str | Path | None]) -> Runner:
-    """A job runner that runs RenderJob messages here and everything else with ``fit_runner``.
+    """A job runner that runs RenderJob and MeshJob messages here and everything else with ``fit_runner``.
     ``runs_dir()`` gives the job folders' root when a render job starts."""
 
     def runner(message: Any, ctx: JobContext) -> Mapping[str, Any]:
         if isinstance(message, protocol.RenderJob):
             return run_render_job(message, ctx, runs_dir())
+        if isinstance(message, protocol.MeshJob):
+            return run_mesh_job(message, ctx, runs_dir())
         return fit_runner(message, ctx)
 
     runner.fit_runner = fit_runner     # for introspection in tests and logs

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import zmq
 
 from fit_implicit.shared import protocol, wire
@@ -226,6 +227,9 @@ class Server:
             protocol.Attach: self._on_attach,
             protocol.FreeMemory: self._on_free_memory,
             protocol.RenderJob: self._on_render_job,
+            protocol.MeshJob: self._on_render_job,
+            protocol.FetchModel: self._on_fetch_model,
+            protocol.StoreModel: self._on_store_model,
         }
 
     def bind(self) -> str:
@@ -447,9 +451,10 @@ class Server:
                                           "free disk space or pick another --runs-dir")
         return protocol.Accepted(job_id=job.id, position=position)
 
-    def _on_render_job(self, identity: bytes, msg: protocol.RenderJob) -> protocol.Message:
-        """Queue renders of a fit job's saved model (backend/service/render_job.py); the model itself is
-        looked for when the job runs, so renders may be queued behind the fit that makes it."""
+    def _on_render_job(self, identity: bytes, msg: protocol.RenderJob | protocol.MeshJob) -> protocol.Message:
+        """Queue renders (RenderJob) or a new mesh (MeshJob) of a fit job's saved model
+        (backend/service/render_job.py); the model itself is looked for when the job runs, so these
+        may be queued behind the fit that makes it."""
         if self.config.runs_dir is None:
             return protocol.Error(code="no_models", in_reply_to=msg.TYPE,
                                   message="this backend keeps no job folders, so it has no fitted models to render")
@@ -457,6 +462,29 @@ class Server:
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
                                   message=f"{msg.fit_job_id[:64]!r} is not a job id")
         return self._on_submit(identity, msg)
+
+    def _on_fetch_model(self, identity: bytes, msg: protocol.FetchModel) -> protocol.Message:
+        """Send a fit job's saved model (run.json and model.pt as they are on disk)."""
+        from fit_implicit.backend.fitting.runs import read_run_files
+        from fit_implicit.backend.service.render_job import RenderJobError, model_folder
+
+        try:
+            run_json, weights = read_run_files(model_folder(self.config.runs_dir, msg.fit_job_id))
+        except (RenderJobError, ValueError, OSError) as exc:
+            return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE, message=str(exc))
+        return protocol.ModelFile(fit_job_id=msg.fit_job_id, run_json=np.frombuffer(run_json, np.uint8),
+                                  weights=np.frombuffer(weights, np.uint8))
+
+    def _on_store_model(self, identity: bytes, msg: protocol.StoreModel) -> protocol.Message:
+        """Keep a model a client gives back; its new id serves RenderJob and MeshJob."""
+        try:
+            job_id = self.jobs.store_model(msg.run_json.tobytes(), msg.weights.tobytes(), msg.name)
+        except ValueError as exc:
+            return protocol.Error(code="bad_model", in_reply_to=msg.TYPE, message=str(exc))
+        except OSError as exc:
+            return protocol.Error(code="storage", in_reply_to=msg.TYPE,
+                                  message=f"the backend could not store the model ({exc.strerror or exc})")
+        return protocol.Ack(request="store_model", job_id=job_id)
 
     def _on_attach(self, identity: bytes, msg: protocol.Attach) -> protocol.Message | None:
         """Point the job's messages at this client and resend what it already produced."""

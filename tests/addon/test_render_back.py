@@ -90,6 +90,49 @@ def test_render_job_errors_are_clear(fitted):
         assert isinstance(messages[-1], protocol.Done)
 
 
+@pytest.mark.slow   # shares the fit
+def test_a_model_kept_elsewhere_comes_back_and_is_meshed_again(fitted):
+    """FetchModel gives the fitted model's files; StoreModel gives them back (after the backend's
+    copy expired, or to another backend) under a new id that renders exactly as the original;
+    MeshJob meshes a model again with other settings, in the scene's place."""
+    backend, job_id = fitted
+    k, poses = held_out_cameras(1)
+    sizes = np.array([[SIZE, SIZE]], np.int32)
+    with RawPeer(backend.address) as peer:
+        peer.send(protocol.FetchModel(fit_job_id=job_id))
+        model = peer.recv(timeout=60)
+        assert isinstance(model, protocol.ModelFile) and model.fit_job_id == job_id, model
+        assert model.weights[:4].tobytes() == b"PK\x03\x04" and b'"method"' in model.run_json.tobytes()
+        peer.send(protocol.StoreModel(run_json=model.run_json, weights=model.weights, name="kept"))
+        ack = peer.recv(timeout=60)
+        assert isinstance(ack, protocol.Ack) and ack.request == "store_model" and ack.job_id != job_id, ack
+        _, original = render_job(peer, job_id, k, poses, sizes)
+        _, restored = render_job(peer, ack.job_id, k, poses, sizes)
+        images = [[m.image for m in msgs if isinstance(m, protocol.RenderResult)] for msgs in (original, restored)]
+        assert len(images[0]) == 1 and np.array_equal(images[0][0], images[1][0])
+        # Meshed again, coarser and capped: vertex colours, in the scene's place, at most 300 faces.
+        peer.send(protocol.MeshJob(fit_job_id=ack.job_id, mesh_resolution=24, max_faces=300))
+        assert isinstance(peer.recv(timeout=30), protocol.Accepted)
+        messages = peer.recv_until(protocol.JOB_END_TYPES, timeout=300)
+        assert isinstance(messages[-1], protocol.Done), messages[-1]
+        mesh = [m for m in messages if isinstance(m, protocol.MeshResult)][0]
+        assert 50 < len(mesh.faces) <= 300 and messages[-1].summary["faces"] == len(mesh.faces)
+        lo = np.min([sp.center - sp.radius for sp in synthetic.spheres()], axis=0)
+        hi = np.max([sp.center + sp.radius for sp in synthetic.spheres()], axis=0)
+        assert np.allclose(mesh.vertices.min(0), lo, atol=0.6) and np.allclose(mesh.vertices.max(0), hi, atol=0.6)
+        # Bad requests: clear errors, and the backend goes on.
+        peer.send(protocol.FetchModel(fit_job_id="0123456789ab"))
+        err = peer.recv(timeout=30)
+        assert isinstance(err, protocol.Error) and err.code == "unknown_job" and "has no fitted model" in err.message
+        peer.send(protocol.StoreModel(run_json=np.frombuffer(b'{"format": 2}', np.uint8),
+                                      weights=model.weights))
+        err = peer.recv(timeout=30)
+        assert isinstance(err, protocol.Error) and err.code == "bad_model" and "names no known method" in err.message
+        peer.send(protocol.StoreModel(run_json=model.run_json, weights=np.frombuffer(b"\x80\x04pickle", np.uint8)))
+        err = peer.recv(timeout=30)
+        assert isinstance(err, protocol.Error) and err.code == "bad_model" and "not a torch archive" in err.message
+
+
 @pytest.mark.parametrize("change,text", [
     (dict(sizes=np.array([[0, 8]], np.int32)), "sizes must be in"),
     (dict(poses=np.eye(4)[None] * 2), "last row"),
