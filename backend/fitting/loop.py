@@ -8,6 +8,7 @@ schedule; the loop owns the clock (steps or a time budget), progress, previews, 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Callable
@@ -23,6 +24,8 @@ from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
 from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase
 from fit_implicit.backend.render.image import to_rgba8
+
+log = logging.getLogger(__name__)
 
 PREVIEW_SHARE = 0.1     # most of the wall time previews may take; the interval grows to keep it
 
@@ -46,6 +49,11 @@ class Callbacks:
         """Called after every step; ``state()`` returns the training state to save (only call it
         when a checkpoint is due): :meth:`TrainerBase.state_dict` plus ``step`` and ``elapsed`` (s).
         ``fit(..., resume=that dict)`` carries on from it."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint's state does not fit the trainer this fit builds (another file's, another
+    config's, or damaged inside): :func:`fit` starts over instead."""
 
 
 class Cancelled(Exception):
@@ -78,7 +86,12 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     cb = callbacks or Callbacks()
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    return _train(make_trainer(data, cfg), data, cfg, cb, resume)
+    try:
+        return _train(make_trainer(data, cfg), data, cfg, cb, resume)
+    except ResumeError as exc:     # a checkpoint that reads but does not fit: start over, fresh
+        log.warning("starting over: %s", exc)
+        torch.manual_seed(cfg.seed)
+        return _train(make_trainer(data, cfg), data, cfg, cb, None)
 
 
 def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None
@@ -89,8 +102,11 @@ def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callback
     preview_cam = _preview_camera(data, cfg.preview_size)
     first, offset = 0, 0.0
     if resume is not None:
-        trainer.load_state_dict(resume)
-        first, offset = int(resume["step"]), float(resume["elapsed"])
+        try:
+            trainer.load_state_dict(resume)
+            first, offset = int(resume["step"]), float(resume["elapsed"])
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            raise ResumeError(f"the checkpoint does not fit this fit ({type(exc).__name__}: {exc})") from exc
         model.meta["resumed_from_step"] = first
 
     start = time.perf_counter() - offset

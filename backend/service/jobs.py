@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import enum
 import gc
+import json
 import logging
 import math
 import queue
@@ -245,8 +246,7 @@ class JobQueue:
             try:
                 record = checkpoint.read_job_record(entry)
             except checkpoint.CheckpointError as exc:
-                log.warning("ignoring %s: %s", entry, exc)
-                continue
+                record = _salvage(entry, exc)
             found.append((float(record.get("created_wall") or 0.0), entry.name, record))
         requeued = 0
         with self._cond:
@@ -604,6 +604,29 @@ def describe_failure(exc: BaseException) -> str:
         return "out of memory (RAM): lower the preset, or send fewer or smaller images."
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text[: protocol.MAX_STRING]
+
+
+def _salvage(folder: Path, problem: Exception) -> dict:
+    """A job folder whose job.json cannot be read: nothing in it is lost or left forever.  Its
+    Submit intact: the job is queued again; a fitted model: kept as a finished job; anything else:
+    an ended job, so the folder expires like one.  A new job.json says which."""
+    now, when = time.time(), folder.stat().st_mtime
+    try:
+        checkpoint.load_submit(folder)
+        record = {"state": JobState.QUEUED.value, "created_wall": when}
+        how = "its Submit is intact: queued again"
+    except (checkpoint.CheckpointError, OSError):
+        done = (folder / "run.json").is_file() and (folder / "model.pt").is_file()   # fitting/runs.py is_run
+        record = {"state": (JobState.DONE if done else JobState.FAILED).value, "created_wall": when,
+                  "ended_wall": now, "message": "job.json was damaged" + ("" if done else "; the job is lost")}
+        how = "its fitted model is kept" if done else "nothing to resume: it ends and expires like any ended job"
+    log.warning("%s: %s; %s", folder, problem, how)
+    record.update(format=checkpoint.FORMAT, id=folder.name)
+    try:
+        checkpoint.atomic_write_bytes(folder / checkpoint.JOB_FILE, json.dumps(record).encode())
+    except OSError as exc:
+        log.error("%s: could not rewrite job.json: %s", folder, exc)
+    return record
 
 
 def clean_summary(summary: Mapping[str, Any]) -> dict:

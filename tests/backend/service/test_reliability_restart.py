@@ -201,3 +201,43 @@ def test_kill_minus_9_then_restart_resumes_from_the_last_checkpoint(tmp_path):
     from fit_implicit.backend.fitting.runs import load_run  # later jobs load the fitted model from there
     assert load_run(folder, "cpu").meta["resumed_from_step"] == saved["step"]
     assert json.loads((folder / "job.json").read_text())["state"] == "done"
+
+
+# ---- damaged files: nothing lost, nothing left forever ------------------------------------------------------
+def test_a_damaged_job_record_is_salvaged_on_restart(tmp_path):
+    """job.json cut short: a job whose Submit is intact is queued again (and runs); a folder with
+    a fitted model is kept; anything else ends, so its folder expires like any ended job."""
+    from fit_implicit.backend.service import jobs
+    from fit_implicit.backend.service.outbox import Outbox
+
+    intact, fitted, empty = (tmp_path / name for name in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"))
+    for folder in (intact, fitted, empty):
+        folder.mkdir()
+        (folder / "job.json").write_bytes(b'{"format": 1, "id": "tr')          # truncated by a crash
+    checkpoint.save_submit(intact, make_submit(n=2, size=8, name="intact"))
+    (fitted / "run.json").write_text("{}")
+    (fitted / "model.pt").write_bytes(b"PK\x03\x04")
+    queue = jobs.JobQueue(lambda msg, ctx: {}, Outbox(), device="cpu", runs_dir=tmp_path, keep_seconds=3600)
+    requeued, kept = queue.restore()
+    assert (requeued, kept) == (1, 2)
+    assert [job.id for job in queue.waiting()] == ["aaaaaaaaaaaa"]
+    states = {f.name: checkpoint.read_job_record(f)["state"] for f in (intact, fitted, empty)}
+    assert states == {"aaaaaaaaaaaa": "queued", "bbbbbbbbbbbb": "done", "cccccccccccc": "failed"}
+    assert sorted(queue.expire(now=time.time() + 7200)) == ["bbbbbbbbbbbb", "cccccccccccc"]
+    assert not fitted.exists() and not empty.exists() and intact.exists()
+
+
+def test_a_checkpoint_that_reads_but_does_not_fit_starts_the_fit_over(tmp_path):
+    """A checkpoint of another fit (or damaged inside) is not a crash: the fit starts over."""
+    import torch
+
+    import synthetic
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.data import load_transforms
+    from fit_implicit.backend.fitting.loop import fit
+
+    data = load_transforms(synthetic.write_transforms(tmp_path / "data", count=4, size=12).parent)
+    cfg = make_config("nerf", "draft", device="cpu", steps=3)
+    wrong = {"step": 2, "elapsed": 1.0, "field": {"nope": torch.zeros(1)}, "rays": 64}
+    model = fit(data, cfg, resume=wrong)
+    assert model.meta["steps"] == 3 and "resumed_from_step" not in model.meta
