@@ -119,6 +119,9 @@ class JobClient:
             upload finished (e.g. it dropped a message larger than its limit).
         server_public_key, client_public_key, client_secret_key: Z85 CurveZMQ keys (all three or
             none); needed for a backend that requires CurveZMQ.
+        token: this client's secret for the backend (shared/protocol.py Hello): the job belongs to
+            it, and only a client with the same token can attach to it later ("": none, the job
+            belongs to this connection only).
 
     Attributes (read them from the thread that calls poll()):
         finished: True once poll() has returned the job's Done, Failed or Cancelled.
@@ -129,8 +132,10 @@ class JobClient:
 
     def __init__(self, address: str, *, heartbeat_interval: float = 1.0, dead_after: float = 4.0,
                  accept_timeout: float = 60.0, server_public_key: str | bytes | None = None,
-                 client_public_key: str | bytes | None = None, client_secret_key: str | bytes | None = None):
+                 client_public_key: str | bytes | None = None, client_secret_key: str | bytes | None = None,
+                 token: str = ""):
         self.address = address
+        self.token = token
         self.curve = curve_keys(server_public_key, client_public_key, client_secret_key)
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
@@ -254,7 +259,7 @@ class _Session:
 
     def run(self) -> None:
         c = self.c
-        self.send(protocol.Hello(client=CLIENT_NAME))
+        self.send(protocol.Hello(client=CLIENT_NAME, token=c.token))
         next_ping = time.monotonic()
         while self.state != "ended":
             now = time.monotonic()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import bpy
 import numpy as np
 
-from . import capture, dataset_io, importer, running
+from . import capture, dataset_io, importer, ownership, running
 from ._shared import cameras, protocol
 
 
@@ -157,7 +157,8 @@ class FitSession:
         # CurveZMQ keys of the default client and probe; None: the add-on preferences' (at begin()).
         self.connection = connection
         # Looked up when called (not at import) so that tests can swap the module's defaults.
-        self.client_factory = client_factory or (lambda a: default_client_factory(a, **self.keys()))
+        self.client_factory = client_factory or (
+            lambda a: default_client_factory(a, token=ownership.scene_token(scene), **self.keys()))
         self.probe = (lambda a: default_probe(a, **self.keys())) if probe is True else (probe or None)
         self.on_change = on_change
         self.state = PanelState()
@@ -563,7 +564,7 @@ class FitSession:
             "steps": summary.get("steps"), "train_seconds": summary.get("seconds"),
             "train_psnr": summary.get("psnr"), "device": summary.get("device"),
             "faces": summary.get("faces"), "textures": summary.get("textures"),
-            "seconds_total": round(r.timings.get("total", 0.0), 1),
+            "seconds_total": round(r.timings.get("total", 0.0), 3),
             "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
             "fitted_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
@@ -646,6 +647,8 @@ class FitSession:
             self._folder = None
         running.remove(self.scene, self)
         self._update(status=message, running=False, progress=1.0 if status == "done" else self.state.progress)
+        if r.object is not None:
+            push_undo_step("Fit Implicit import")
 
     # ---- helpers ----------------------------------------------------------------------------
     def _cancelled_text(self, detail: str = "") -> str:
@@ -681,6 +684,21 @@ class FitSession:
 # Photo cameras, live preview and plot images
 # --------------------------------------------------------------------------------------------
 PLOT_IMAGE = "Fit Implicit Plot"
+
+
+def push_undo_step(message: str) -> bool:
+    """Make what a fit added to the scene (the imported mesh, its origin, materials and tags) one
+    step of Blender's undo history, so that Ctrl+Z takes it away.  The Fit operator cannot carry
+    the UNDO option (it is modal and the scene changes long after it starts), so the session
+    pushes the step itself once the import is complete.  Skipped where there is no window or the
+    push is not allowed (Blender started with --background); True when a step was pushed."""
+    if getattr(bpy.context, "window", None) is None or not bpy.ops.ed.undo_push.poll():
+        return False
+    try:
+        bpy.ops.ed.undo_push(message=message)
+    except RuntimeError:
+        return False
+    return True
 
 
 def photo_image_problem(camera_object) -> str | None:

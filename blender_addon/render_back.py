@@ -19,7 +19,7 @@ from pathlib import Path
 import bpy
 import numpy as np
 
-from . import capture
+from . import capture, ownership
 from ._shared import protocol
 
 IMAGE_NAME = "Fit Implicit Render"
@@ -92,7 +92,8 @@ class RenderBackSession:
         self.frames = [int(f) for f in (frames if frames is not None else [scene.frame_current])]
         self.prefix = prefix if prefix is not None else f"{bpy.path.clean_name(camera_object.name)}_"
         self.connection = connection
-        self.client_factory = client_factory or (lambda a: _render_client(a, **self.connection))
+        self.client_factory = client_factory or (
+            lambda a: _render_client(a, token=ownership.scene_token(scene), **self.connection))
         self.result = RenderBackResult(frames=list(self.frames))
         self.client = None
         self._received: dict[int, str] = {}

@@ -269,11 +269,19 @@ def decode_message(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Me
 # ---- handshake and heartbeat ----------------------------------------------------------------
 @dataclass
 class Hello(Message):
+    """The handshake.  ``token``: the client's secret (16-64 hex digits; "" for none): the jobs
+    it submits are its own, and only a connection that says the same token may see their ids
+    (Status, Pong), attach to them, cancel them, render, mesh or fetch their models.  A client
+    without a token owns its jobs through its one connection only."""
+
     TYPE: ClassVar[str] = "hello"
     client: str = spec(Str(MAX_NAME), default="")
     protocol: int = spec(Int(0, 2**31), default=PROTOCOL_VERSION)
+    token: str = spec(Str(64), default="")
 
     def check(self):
+        if self.token and (len(self.token) < 16 or any(c not in "0123456789abcdef" for c in self.token)):
+            raise ProtocolError("hello.token: expected 16 to 64 lowercase hexadecimal digits")
         if self.protocol != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version mismatch: client speaks {self.protocol}, backend speaks {PROTOCOL_VERSION}",

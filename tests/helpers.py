@@ -189,13 +189,20 @@ class BackendProcess:
 # --------------------------------------------------------------------------------------------
 # A bare client socket
 # --------------------------------------------------------------------------------------------
+#: The token of "one user" in tests that are not about ownership (tests/backend/service/test_ownership.py is).
+TEST_TOKEN = "5e1f" * 8
+
+
 class RawPeer:
     """A DEALER socket connected to ``address`` for hand-made frames.  Use as a context manager."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, token: str = ""):
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
+        if token:       # say who it is (shared/protocol.py Hello.token): the jobs of that token are its own
+            reply = self.request(protocol.Hello(client="test peer", token=token), timeout=10)
+            assert isinstance(reply, protocol.Welcome), reply
 
     def send(self, message_or_frames) -> None:
         frames = message_or_frames.to_frames() if isinstance(message_or_frames, protocol.Message) else message_or_frames

@@ -255,8 +255,9 @@ class JobQueue:
                 if record.get("state") in (JobState.QUEUED.value, JobState.RUNNING.value):
                     # Results of an unfinished job are made again when it runs: drop partial ones.
                     shutil.rmtree(folder / checkpoint.RESULTS_DIR, ignore_errors=True)
-                    job = Job(id=job_id, client=None, submit=None, owner=b"restored:" + job_id.encode(),
-                              folder=folder)
+                    owner = _owner_bytes(record.get("owner"))
+                    job = Job(id=job_id, client=None, submit=None, folder=folder,
+                              owner=b"\0unowned:" + job_id.encode() if owner is None else owner)
                     self._waiting.append(job)
                     requeued += 1
                 else:
@@ -267,7 +268,7 @@ class JobQueue:
             log.info("found %d job folders in %s: %d unfinished jobs re-queued", len(found), self.runs_dir, requeued)
         return requeued, len(self._kept)
 
-    def store_model(self, run_json: bytes, weights: bytes, name: str = "") -> str:
+    def store_model(self, run_json: bytes, weights: bytes, name: str = "", owner: bytes = b"") -> str:
         """Keep a model given back by a client (StoreModel) as the folder of an ended job, so that
         RenderJob and MeshJob find it under the returned id; it expires like any ended job.
         Raises ValueError (not a run: backend/fitting/runs.py check_run_files) or OSError."""
@@ -283,7 +284,8 @@ class JobQueue:
             checkpoint.atomic_write_bytes(folder / WEIGHTS_FILE, bytes(weights))
             checkpoint.atomic_write_bytes(folder / RUN_FILE, bytes(run_json))
             checkpoint.write_job_record(folder, id=job_id, state=JobState.DONE.value, created_wall=time.time(),
-                                        ended_wall=time.time(), name=name[:256], message="model given back")
+                                        ended_wall=time.time(), name=name[:256], message="model given back",
+                                        owner=owner.hex())
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -292,8 +294,25 @@ class JobQueue:
         log.info("job %s: a model given back (%.1f MB) kept", job_id, len(weights) / 2**20)
         return job_id
 
-    def submit(self, client: bytes, submit: protocol.Submit) -> tuple[Job, int]:
-        """Queue a job.  Returns it and its position (jobs ahead of it, the running one included).
+    def owner_of(self, job_id: str) -> bytes | None:
+        """Who owns a job (the owner key it was submitted with, see the server's Hello handling):
+        None when there is no such job here, b"" for a job folder of an older backend that did
+        not record one (anybody may use it)."""
+        with self._cond:
+            for job in (*self._waiting, self._running, *self._ended.values()):
+                if job is not None and job.id == job_id:
+                    return job.owner
+        if self.runs_dir is None or not paths.is_job_id(job_id):
+            return None
+        folder = paths.job_folder(self.runs_dir, job_id)
+        try:
+            return _owner_bytes(checkpoint.read_job_record(folder).get("owner"))
+        except checkpoint.CheckpointError:
+            return None
+
+    def submit(self, client: bytes, submit: protocol.Submit, owner: bytes | None = None) -> tuple[Job, int]:
+        """Queue a job for ``owner`` (default: the connection ``client``).  Returns it and its
+        position (jobs ahead of it, the running one included).
 
         Raises QueueFull, ShuttingDown, or OSError if its folder cannot be written.
         """
@@ -307,7 +326,7 @@ class JobQueue:
             if self._waiting and held + _nbytes(submit) > self.max_queued_bytes:
                 raise QueueFull(f"queue full: the {len(self._waiting)} waiting jobs already hold "
                                 f"{held / 2**30:.1f} GiB of images; try again when they have run")
-        job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=client)
+        job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=owner or client)
         # Written before it is queued: a kill from now on loses nothing.  Render jobs (RenderJob,
         # backend/service/render_job.py) are short and read another job's folder: they keep none.
         if self.runs_dir is not None and isinstance(submit, protocol.Submit):
@@ -316,7 +335,7 @@ class JobQueue:
                 job.folder.mkdir(parents=True, exist_ok=False)
                 checkpoint.save_submit(job.folder, submit)
                 checkpoint.write_job_record(job.folder, id=job.id, state=JobState.QUEUED.value,
-                                            created_wall=time.time(), name=submit.name[:256])
+                                            created_wall=time.time(), name=submit.name[:256], owner=job.owner.hex())
             except OSError:
                 shutil.rmtree(job.folder, ignore_errors=True)
                 raise
@@ -604,6 +623,17 @@ def describe_failure(exc: BaseException) -> str:
         return "out of memory (RAM): lower the preset, or send fewer or smaller images."
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text[: protocol.MAX_STRING]
+
+
+def _owner_bytes(value: Any) -> bytes | None:
+    """A job record's "owner" (hex) as bytes: b"" when the record has none (an older backend's:
+    anybody may use the job), None when it is not hex (nobody may)."""
+    if value is None:
+        return b""
+    try:
+        return bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _salvage(folder: Path, problem: Exception) -> dict:

@@ -215,6 +215,7 @@ class Server:
         self._auth = None
         self.endpoint = ""
         self._last_seen: dict[bytes, float] = {}
+        self._owner_keys: dict[bytes, bytes] = {}          # connection -> owner key (from its Hello's token)
         self._preview_credit: dict[bytes, int] = {}          # previews a client may still get (flow control)
         self._backlog: dict[bytes, collections.deque] = {}   # messages waiting for a full pipe, per client
         self.previews_held_back = 0
@@ -427,19 +428,40 @@ class Server:
                 del self._backlog[identity]
 
     # ---- handlers: (identity, message) -> reply or None ------------------------------------
+    def _owner(self, identity: bytes) -> bytes:
+        """The owner key of a connection: from its Hello's token (the same for every connection
+        that says it), else the connection itself."""
+        return self._owner_keys.get(identity) or b"i:" + identity
+
+    def _foreign(self, identity: bytes, job_id: str) -> bool:
+        """True when ``job_id`` is a job of this backend that this connection does not own; its
+        requests are answered as for a job that does not exist (the id is not confirmed)."""
+        owner = self.jobs.owner_of(job_id)
+        return owner is not None and owner != b"" and owner != self._owner(identity)
+
+    @staticmethod
+    def _no_job(msg: protocol.Message, job_id: str) -> protocol.Error:
+        return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
+                              message=f"no job {job_id[:64]!r} on this backend (it never existed, its results "
+                                      "expired, or it belongs to another client)")
+
     def _on_hello(self, identity: bytes, msg: protocol.Hello) -> protocol.Message:
         log.info("hello from %s (%s)", identity.hex(), msg.client or "unnamed client")
+        if msg.token:
+            import hashlib
+            self._owner_keys[identity] = b"t:" + hashlib.sha256(msg.token.encode()).digest()
         return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, server=f"fit-implicit backend {__version__}",
                                 device=self.config.device, methods=",".join(protocol.METHODS))
 
     def _on_ping(self, identity: bytes, msg: protocol.Ping) -> protocol.Message:
         running = self.jobs.running()
+        mine = running is not None and running.owner == self._owner(identity)
         return protocol.Pong(seq=msg.seq, state="busy" if running else "idle",
-                             running_job=running.id if running else "", queued=len(self.jobs.waiting()))
+                             running_job=running.id if mine else "", queued=len(self.jobs.waiting()))
 
     def _on_submit(self, identity: bytes, msg: protocol.Submit) -> protocol.Message:
         try:
-            job, position = self.jobs.submit(identity, msg)
+            job, position = self.jobs.submit(identity, msg, owner=self._owner(identity))
         except QueueFull as exc:
             return protocol.Error(code="queue_full", message=str(exc), in_reply_to=msg.TYPE)
         except ShuttingDown as exc:
@@ -461,6 +483,8 @@ class Server:
         if not paths.is_job_id(msg.fit_job_id):
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
                                   message=f"{msg.fit_job_id[:64]!r} is not a job id")
+        if self._foreign(identity, msg.fit_job_id):
+            return self._no_job(msg, msg.fit_job_id)
         return self._on_submit(identity, msg)
 
     def _on_fetch_model(self, identity: bytes, msg: protocol.FetchModel) -> protocol.Message:
@@ -468,6 +492,8 @@ class Server:
         from fit_implicit.backend.fitting.runs import read_run_files
         from fit_implicit.backend.service.render_job import RenderJobError, model_folder
 
+        if self._foreign(identity, msg.fit_job_id):
+            return self._no_job(msg, msg.fit_job_id)
         try:
             run_json, weights = read_run_files(model_folder(self.config.runs_dir, msg.fit_job_id))
         except (RenderJobError, ValueError, OSError) as exc:
@@ -478,7 +504,8 @@ class Server:
     def _on_store_model(self, identity: bytes, msg: protocol.StoreModel) -> protocol.Message:
         """Keep a model a client gives back; its new id serves RenderJob and MeshJob."""
         try:
-            job_id = self.jobs.store_model(msg.run_json.tobytes(), msg.weights.tobytes(), msg.name)
+            job_id = self.jobs.store_model(msg.run_json.tobytes(), msg.weights.tobytes(), msg.name,
+                                           owner=self._owner(identity))
         except ValueError as exc:
             return protocol.Error(code="bad_model", in_reply_to=msg.TYPE, message=str(exc))
         except OSError as exc:
@@ -488,6 +515,8 @@ class Server:
 
     def _on_attach(self, identity: bytes, msg: protocol.Attach) -> protocol.Message | None:
         """Point the job's messages at this client and resend what it already produced."""
+        if self._foreign(identity, msg.job_id):
+            return self._no_job(msg, msg.job_id)
         try:
             job, state, position, stored = self.jobs.attach(msg.job_id, identity)
         except UnknownJob as exc:
@@ -498,6 +527,8 @@ class Server:
         return None
 
     def _on_cancel(self, identity: bytes, msg: protocol.Cancel) -> protocol.Message | None:
+        if self._foreign(identity, msg.job_id):
+            return self._no_job(msg, msg.job_id)
         job, removed = self.jobs.cancel(msg.job_id)
         if job is None:
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
@@ -508,14 +539,17 @@ class Server:
         return None
 
     def _on_status(self, identity: bytes, msg: protocol.Status) -> protocol.Message:
-        running = self.jobs.running()
+        running, me = self.jobs.running(), self._owner(identity)
         ids, size = [], 0
         for job in self.jobs.waiting():
+            if job.owner != me:         # other clients' job ids are theirs
+                continue
             size += len(job.id) + 1
             if size > protocol.MAX_STRING:
                 break
             ids.append(job.id)
-        return protocol.StatusReply(state="busy" if running else "idle", running_job=running.id if running else "",
+        return protocol.StatusReply(state="busy" if running else "idle",
+                                    running_job=running.id if running is not None and running.owner == me else "",
                                     queued_jobs=",".join(ids), device=self.config.device)
 
     def _on_free_memory(self, identity: bytes, msg: protocol.FreeMemory) -> protocol.Message:
@@ -543,6 +577,7 @@ class Server:
         for identity, seen in list(self._last_seen.items()):
             if identity not in with_jobs and now - seen > max(timeout, 600.0):
                 del self._last_seen[identity]
+                self._owner_keys.pop(identity, None)
                 self._preview_credit.pop(identity, None)
                 self._backlog.pop(identity, None)   # gone for 10 minutes: it can Attach to get results
 

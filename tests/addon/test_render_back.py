@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import synthetic
-from helpers import BackendProcess, RawPeer, make_submit
+from helpers import TEST_TOKEN, BackendProcess, RawPeer, make_submit
 from fit_implicit.backend.fitting.metrics import psnr_white
 from fit_implicit.shared import cameras, protocol
 
@@ -32,7 +32,7 @@ def fitted(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     backend = BackendProcess(fake=False, args=["--runs-dir", str(runs), "--client-timeout", "0"], startup_timeout=60)
     try:
-        with RawPeer(backend.address) as peer:
+        with RawPeer(backend.address, token=TEST_TOKEN) as peer:
             peer.send(make_submit(n=16, size=SIZE, steps=120, mesh_resolution=16, name="render-back"))
             reply = peer.recv(timeout=30)
             assert isinstance(reply, protocol.Accepted), reply
@@ -61,7 +61,7 @@ def test_render_job_matches_the_analytic_scene(fitted):
     k, poses = held_out_cameras()
     sizes = np.array([[SIZE, SIZE], [SIZE, SIZE], [2 * SIZE, SIZE]], np.int32)   # a wide one too
     k[2] = cameras.intrinsics_from_fov(0.7, 2 * SIZE, SIZE)
-    with RawPeer(backend.address) as peer:
+    with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         accepted, messages = render_job(peer, job_id, k, poses, sizes)
     assert isinstance(messages[-1], protocol.Done), messages[-1]
     renders = [m for m in messages if isinstance(m, protocol.RenderResult)]
@@ -79,7 +79,7 @@ def test_render_job_errors_are_clear(fitted):
     backend, job_id = fitted
     k, poses = held_out_cameras(1)
     sizes = np.array([[8, 8]], np.int32)
-    with RawPeer(backend.address) as peer:
+    with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         reply, _ = render_job(peer, "../../etc", k, poses, sizes)
         assert isinstance(reply, protocol.Error) and "not a job id" in reply.message
         _, messages = render_job(peer, "0123456789ab", k, poses, sizes)
@@ -98,7 +98,7 @@ def test_a_model_kept_elsewhere_comes_back_and_is_meshed_again(fitted):
     backend, job_id = fitted
     k, poses = held_out_cameras(1)
     sizes = np.array([[SIZE, SIZE]], np.int32)
-    with RawPeer(backend.address) as peer:
+    with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         peer.send(protocol.FetchModel(fit_job_id=job_id))
         model = peer.recv(timeout=60)
         assert isinstance(model, protocol.ModelFile) and model.fit_job_id == job_id, model
@@ -178,6 +178,8 @@ def test_render_with_field_operator_writes_pngs_and_a_sequence(fitted, tmp_path)
             cam.keyframe_insert("rotation_euler", frame=frame)
         scene.frame_set(1)
         scene[render_back.SCENE_JOB_KEY] = job_id          # as the Fit operator leaves it
+        from fit_implicit.blender_addon import ownership
+        scene[ownership.TOKEN_KEY] = TEST_TOKEN             # the token the fit was made with
         out = tmp_path / "renders"
         assert bpy.ops.implicit.render_back(address=backend.address, directory=str(out), timeout=300) == {"FINISHED"}
         assert (out / "Shot_0001.png").is_file()

@@ -29,7 +29,14 @@ def small_submit(n: int = 3, size: int = 8, m: int = 1, **kw) -> protocol.Submit
 def examples() -> dict[str, protocol.Message]:
     img = np.arange(6 * 5 * 4, dtype=np.uint8).reshape(6, 5, 4)
     return {m.TYPE: m for m in [
-        protocol.Hello(client="test"),
+        protocol.Hello(client="test", token="0123456789abcdef0123456789abcdef"),
+        protocol.MeshJob(fit_job_id="0123456789ab", mesh_resolution=128, texture_size=protocol.TEXTURE_AUTO,
+                         max_faces=5000),
+        protocol.FetchModel(fit_job_id="0123456789ab"),
+        protocol.ModelFile(run_json=np.frombuffer(b'{"format": 2}', np.uint8), weights=np.arange(9, dtype=np.uint8),
+                           fit_job_id="0123456789ab"),
+        protocol.StoreModel(run_json=np.frombuffer(b'{"format": 2}', np.uint8), weights=np.arange(9, dtype=np.uint8),
+                            name="kept"),
         protocol.Welcome(server="s", device="cpu"),
         protocol.Ping(seq=7),
         protocol.Pong(seq=7, state="busy", running_job="abc", queued=2),

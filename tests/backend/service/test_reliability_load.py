@@ -16,7 +16,7 @@ import zmq
 
 from fit_implicit.backend.service.server import PREVIEW_CREDIT, Server, ServerConfig
 from fit_implicit.blender_addon.client import JobClient
-from helpers import RawPeer, make_submit
+from helpers import TEST_TOKEN, RawPeer, make_submit
 from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(180)
@@ -100,7 +100,7 @@ def flood_server(tmp_path):
 
 def test_control_messages_are_answered_within_a_second_while_previews_stream(flood_server):
     server, address = flood_server
-    client = JobClient(address, heartbeat_interval=0.25, dead_after=3.0)   # reads in its own thread
+    client = JobClient(address, heartbeat_interval=0.25, dead_after=3.0, token=TEST_TOKEN)   # reads in its own thread
     client.start(make_submit(preview_size=1024))
     received = {"preview": 0, "bytes": 0}
 
@@ -115,7 +115,7 @@ def test_control_messages_are_answered_within_a_second_while_previews_stream(flo
         assert time.monotonic() < deadline and not client.finished, client.error
         time.sleep(0.05)
     status_times = []
-    with RawPeer(address) as other:
+    with RawPeer(address, token=TEST_TOKEN) as other:
         for _ in range(20):
             t = time.monotonic()
             reply = other.request(protocol.Status(), timeout=5)

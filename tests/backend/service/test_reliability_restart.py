@@ -14,12 +14,12 @@ import pytest
 
 from fit_implicit.backend.service import checkpoint
 from fit_implicit.blender_addon.client import JobClient
-from helpers import BackendProcess, RawPeer, make_submit
+from helpers import TEST_TOKEN, BackendProcess, RawPeer, make_submit
 from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(300)
 
-FAST = dict(heartbeat_interval=0.25, dead_after=2.0)
+FAST = dict(heartbeat_interval=0.25, dead_after=2.0, token=TEST_TOKEN)   # one user's clients
 TETRAHEDRON = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)   # helpers.fake_runner's mesh
 
 
@@ -35,7 +35,7 @@ def poll_until(client: JobClient, stop, timeout: float = 30.0) -> list:
 
 
 def status(address: str) -> protocol.StatusReply:
-    with RawPeer(address) as peer:
+    with RawPeer(address, token=TEST_TOKEN) as peer:
         return peer.request(protocol.Status())
 
 
@@ -151,7 +151,7 @@ def test_kill_minus_9_then_restart_resumes_from_the_last_checkpoint(tmp_path):
     args = ["--runs-dir", str(tmp_path), "--checkpoint-seconds", str(interval)]
     backend = BackendProcess(fake=False, args=args)
     try:
-        client = JobClient(backend.address, heartbeat_interval=0.25, dead_after=10.0)
+        client = JobClient(backend.address, heartbeat_interval=0.25, dead_after=10.0, token=TEST_TOKEN)
         client.start(make_submit(n=6, size=24, steps=STEPS, mesh_resolution=24))
         progress = []
         while not (progress and progress[-1].elapsed >= 3.5 * interval and progress[-1].step >= 4

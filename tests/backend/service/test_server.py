@@ -15,12 +15,12 @@ import pytest
 
 from fit_implicit.backend.service.server import ConfigError, check_bind_address, resolve_device
 from fit_implicit.blender_addon.client import BackendError, JobClient, probe
-from helpers import REPO, RawPeer, make_submit
+from helpers import REPO, TEST_TOKEN, RawPeer, make_submit
 from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(120)   # a hang fails the test instead of the run
 
-FAST = dict(heartbeat_interval=0.25, dead_after=2.0)
+FAST = dict(heartbeat_interval=0.25, dead_after=2.0, token=TEST_TOKEN)   # one user's clients
 
 
 def run_job(address: str, submit: protocol.Submit, timeout: float = 20.0, **kw) -> tuple[JobClient, list]:
@@ -136,7 +136,7 @@ def test_ping_is_answered_promptly_while_a_job_runs(fake_backend):
     client = JobClient(fake_backend.address, **FAST)
     client.start(make_submit(steps=100_000))
     wait_for(client, protocol.Progress)
-    with RawPeer(fake_backend.address) as peer:
+    with RawPeer(fake_backend.address, token=TEST_TOKEN) as peer:
         for seq in range(5):
             start = time.monotonic()
             pong = peer.request(protocol.Ping(seq=seq))

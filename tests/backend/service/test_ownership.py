@@ -1,0 +1,81 @@
+"""Nobody takes another's job (issue 14): a job belongs to the token its client said in Hello;
+other clients are not told its id (Status, Pong) and are answered as if it did not exist when
+they attach to it, cancel it, render, mesh or fetch its model.  The owner, on a new connection
+with the same token, can do all of it.  Real backend subprocess (the fake runner), real ZeroMQ."""
+import time
+
+import numpy as np
+import pytest
+
+from fit_implicit.blender_addon.client import JobClient
+from fit_implicit.shared import protocol
+from helpers import RawPeer, make_submit
+
+pytestmark = pytest.mark.timeout(120)
+
+OWNER, OTHER = "a" * 32, "b" * 32
+
+
+def hello(peer: RawPeer, token: str = "") -> None:
+    assert isinstance(peer.request(protocol.Hello(client="test", token=token)), protocol.Welcome)
+
+
+def test_only_the_owner_sees_and_touches_its_job(fake_backend):
+    with RawPeer(fake_backend.address) as owner, RawPeer(fake_backend.address) as other, \
+            RawPeer(fake_backend.address) as anonymous:
+        hello(owner, OWNER)
+        hello(other, OTHER)
+        owner.send(make_submit(n=2, size=8, steps=200))          # 200 fake steps: running a while
+        job_id = owner.recv(timeout=10).job_id
+        time.sleep(0.3)
+        # Other clients learn that the backend is busy, not whose job or which.
+        for peer in (other, anonymous):
+            status = peer.request(protocol.Status())
+            assert status.state == "busy" and status.running_job == "" and status.queued_jobs == ""
+            pong = peer.request(protocol.Ping(seq=1))
+            assert pong.state == "busy" and pong.running_job == ""
+        with RawPeer(fake_backend.address) as look:          # the owner's token on another connection
+            hello(look, OWNER)
+            assert look.request(protocol.Status()).running_job == job_id
+        # Their requests on it are answered as for a job that does not exist.
+        k = np.array([[10.0, 10, 4, 4]])
+        for msg in (protocol.Attach(job_id=job_id), protocol.Cancel(job_id=job_id),
+                    protocol.RenderJob(fit_job_id=job_id, intrinsics=k, poses=np.eye(4)[None],
+                                       sizes=np.array([[8, 8]], np.int32)),
+                    protocol.MeshJob(fit_job_id=job_id), protocol.FetchModel(fit_job_id=job_id)):
+            for peer in (other, anonymous):
+                reply = peer.request(msg)
+                assert isinstance(reply, protocol.Error) and reply.code == "unknown_job", (msg.TYPE, reply)
+                assert "belongs to another client" in reply.message and job_id in reply.message
+        # The owner's job went on untouched; the owner, on a NEW connection with its token, attaches.
+        with RawPeer(fake_backend.address) as again:
+            hello(again, OWNER)
+            attached = again.request(protocol.Attach(job_id=job_id))
+            assert isinstance(attached, protocol.Attached) and attached.state == "running"
+            end = again.recv_until(protocol.JOB_END_TYPES, timeout=60)[-1]
+            assert isinstance(end, protocol.Done)
+
+
+def test_a_job_without_a_token_belongs_to_its_connection(fake_backend):
+    with RawPeer(fake_backend.address) as first, RawPeer(fake_backend.address) as second:
+        first.send(make_submit(n=2, size=8, steps=5))
+        job_id = first.recv(timeout=10).job_id
+        first.recv_until(protocol.JOB_END_TYPES, timeout=30)
+        reply = second.request(protocol.Attach(job_id=job_id))
+        assert isinstance(reply, protocol.Error) and reply.code == "unknown_job"
+        assert isinstance(first.request(protocol.Attach(job_id=job_id)), protocol.Attached)
+
+
+def test_the_add_on_client_says_its_token(fake_backend):
+    client = JobClient(fake_backend.address, token=OWNER)
+    client.start(make_submit(n=2, size=8, steps=5))
+    client.wait(30)
+    client.close()
+    assert client.finished and client.error is None
+    with RawPeer(fake_backend.address) as owner, RawPeer(fake_backend.address) as other:
+        hello(owner, OWNER)
+        hello(other, OTHER)
+        assert isinstance(owner.request(protocol.Attach(job_id=client.job_id)), protocol.Attached)
+        assert isinstance(other.request(protocol.Attach(job_id=client.job_id)), protocol.Error)
+    with pytest.raises(protocol.ProtocolError, match="hello.token: expected 16 to 64 lowercase hexadecimal"):
+        protocol.Hello(token="not hex at all!!").validate()
