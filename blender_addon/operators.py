@@ -20,13 +20,20 @@ def _session_module():
     return fit_session
 
 
+def face_limit(max_faces: int) -> int:
+    """The Max Faces setting as the Submit takes it: 0 (the backend's default) or at least
+    protocol.MIN_FACES; the smaller limits the panel lets through are raised to that."""
+    from ._shared import protocol
+    return 0 if max_faces <= 0 else max(max_faces, protocol.MIN_FACES)
+
+
 def _settings_from_scene(scene):
     fs = _session_module()
     p = scene.implicit
     from .capture import fit_settings_from_props
     return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_count,
                           mesh_resolution=p.mesh_resolution, mesh_opacity=p.mesh_opacity,
-                          texture_size=int(p.texture_size),
+                          texture_size=int(p.texture_size), max_faces=face_limit(p.max_faces),
                           smooth=p.smooth_shading, preview_size=p.preview_size, show_preview=p.show_preview,
                           **fit_settings_from_props(p))
 

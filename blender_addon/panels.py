@@ -6,6 +6,7 @@ import bpy
 
 from . import running
 from .preferences import backend_address
+from .presets import IMPLICIT_MT_fit_presets, IMPLICIT_OT_fit_preset_add
 
 STATUS_ICONS = {"idle": "CHECKMARK", "busy": "SORTTIME", "connecting": "URL",
                 "not running": "CANCEL", "version mismatch": "ERROR", "refused": "LOCKED",
@@ -42,12 +43,20 @@ def backend_line(address: str, context=None) -> tuple[str, str]:
     return snap.line, STATUS_ICONS.get(snap.state, "QUESTION")
 
 
-class VIEW3D_PT_implicit(bpy.types.Panel):
-    bl_label = "Fit Implicit"
-    bl_idname = "VIEW3D_PT_implicit"
+class _SidebarPanel:
+    """Where every panel of the add-on lives: the "Implicit" tab of the 3D View's sidebar."""
+
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "Implicit"
+
+
+class VIEW3D_PT_implicit(_SidebarPanel, bpy.types.Panel):
+    """The backend's status, Fit / Cancel and the running fit's progress; the settings are in
+    the sub-panels below."""
+
+    bl_label = "Fit Implicit"
+    bl_idname = "VIEW3D_PT_implicit"
 
     def draw(self, context):
         layout = self.layout
@@ -55,41 +64,36 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         busy = running.active_session(context.scene) is not None
         address = backend_address(context, None)
 
-        box = layout.box()
         text, icon = backend_line(address, context)
-        row = box.row()
-        row.label(text=text, icon=icon)
+        layout.label(text=text, icon=icon)
         snap, problem = backend_snapshot(address, context)
         from . import status
         why = problem or (snap.detail if snap is not None and snap.state in status.KEY_STATES else "")
         for line in textwrap.wrap(why[:1].upper() + why[1:], 60):
-            box.label(text=line)
-        row = box.row(align=True)
-        row.operator("implicit.backend_start", text="Start", icon="PLAY")
-        row.operator("implicit.backend_stop", text="Stop", icon="PAUSE")
-        row.operator("implicit.free_memory", text="Free GPU", icon="TRASH")
-        row.operator("implicit.backend_log", text="", icon="TEXT")
+            layout.label(text=line)
 
-        col = layout.column()
-        col.enabled = not busy
-        col.prop(props, "address", text="Address")
-        if not props.address.strip():
-            col.label(text=f"Using {address}", icon="URL")
-        col.prop(props, "method")
-        col.prop(props, "preset")
-        col.prop(props, "seconds")
-        col.prop(props, "ring_count")
-        col.prop(props, "mesh_resolution")
-        if props.method == "nerf":      # surface fields mesh their own zero level
-            col.prop(props, "mesh_opacity")     # 0: Auto (see its description)
-        col.prop(props, "texture_size")
-        col.prop(props, "smooth_shading")
-        row = col.row(align=True)
-        row.prop(props, "preview_size")
-        row.prop(props, "show_preview", text="", icon="IMAGE_DATA")
+        if busy:
+            layout.operator("implicit.cancel", icon="CANCEL")
+        else:
+            layout.operator("implicit.fit", icon="PLAY")
+
+        if busy or props.status:
+            draw_progress(layout.box(), props)
+
+
+class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
+    """Which cameras the fit renders, the render passes, and datasets in and out."""
+
+    bl_label = "Capture"
+    bl_idname = "VIEW3D_PT_implicit_capture"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.implicit
+        layout.enabled = running.active_session(context.scene) is None
 
         box = layout.box()
-        box.enabled = not busy
         box.label(text="Cameras & Datasets", icon="OUTLINER_OB_CAMERA")
         row = box.row(align=True)
         row.prop(props, "rig_views", text="Views")
@@ -105,13 +109,6 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
             box.prop(props, "capture_camera", text="")
             box.label(text=f"Frames {sc.frame_start}-{sc.frame_end}, step {sc.frame_step}", icon="TIME")
         row = box.row(align=True)
-        row.prop(props, "render_passes", text="Passes")
-        row.prop(props, "resume_renders", text="", icon="FILE_REFRESH")
-        from .capture import lighting_note
-        note = lighting_note(context.scene, props)
-        if note:
-            box.label(text=note, icon="INFO")
-        row = box.row(align=True)
         row.operator("implicit.import_transforms", text="Import", icon="IMPORT")
         row.operator("implicit.export_dataset", text="Export", icon="EXPORT")
         box.operator("implicit.import_colmap", text="Import COLMAP", icon="IMPORT")
@@ -119,13 +116,88 @@ class VIEW3D_PT_implicit(bpy.types.Panel):
         row.operator("implicit.render_back", text="Render with Field", icon="RENDER_STILL").animation = False
         row.operator("implicit.render_back", text="Animation", icon="RENDER_ANIMATION").animation = True
 
-        if busy:
-            layout.operator("implicit.cancel", icon="CANCEL")
-        else:
-            layout.operator("implicit.fit", icon="PLAY")
+        layout.prop(props, "render_passes", text="Passes")
+        from .capture import lighting_note
+        note = lighting_note(context.scene, props)
+        if note:
+            layout.label(text=note, icon="INFO")
+        row = layout.row(align=True)
+        row.prop(props, "resume_renders", icon="FILE_REFRESH")
+        row.operator("implicit.clear_cache", icon="TRASH")
 
-        if busy or props.status:
-            draw_progress(layout.box(), props)
+
+class VIEW3D_PT_implicit_field(_SidebarPanel, bpy.types.Panel):
+    """What is fitted, for how long, and the live previews; the presets of all fit settings."""
+
+    bl_label = "Field"
+    bl_idname = "VIEW3D_PT_implicit_field"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.implicit
+        layout.enabled = running.active_session(context.scene) is None
+
+        row = layout.row(align=True)        # Blender's usual preset row: menu, add, remove
+        row.menu(IMPLICIT_MT_fit_presets.bl_idname, text=IMPLICIT_MT_fit_presets.bl_label)
+        row.operator(IMPLICIT_OT_fit_preset_add.bl_idname, text="", icon="ADD")
+        row.operator(IMPLICIT_OT_fit_preset_add.bl_idname, text="", icon="REMOVE").remove_active = True
+
+        col = layout.column()
+        col.prop(props, "method")
+        col.prop(props, "preset")
+        col.prop(props, "seconds")
+        col.prop(props, "ring_count")
+        row = col.row(align=True)
+        row.prop(props, "preview_size")
+        row.prop(props, "show_preview", text="", icon="IMAGE_DATA")
+
+
+class VIEW3D_PT_implicit_mesh(_SidebarPanel, bpy.types.Panel):
+    """The mesh and textures the fit brings back."""
+
+    bl_label = "Mesh & Textures"
+    bl_idname = "VIEW3D_PT_implicit_mesh"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.implicit
+        layout.enabled = running.active_session(context.scene) is None
+
+        col = layout.column()
+        col.prop(props, "mesh_resolution")
+        if props.method == "nerf":      # surface fields mesh their own zero level
+            col.prop(props, "mesh_opacity")     # 0: Auto (see its description)
+        col.prop(props, "max_faces")            # 0: Auto (see its description)
+        col.prop(props, "texture_size")
+        col.prop(props, "smooth_shading")
+
+
+class VIEW3D_PT_implicit_backend(_SidebarPanel, bpy.types.Panel):
+    """Where the backend is, and the local one's controls."""
+
+    bl_label = "Backend"
+    bl_idname = "VIEW3D_PT_implicit_backend"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.implicit
+        address = backend_address(context, None)
+
+        col = layout.column()
+        col.enabled = running.active_session(context.scene) is None
+        col.prop(props, "address", text="Address")
+        if not props.address.strip():
+            col.label(text=f"Using {address}", icon="URL")
+        row = layout.row(align=True)
+        row.operator("implicit.backend_start", text="Start", icon="PLAY")
+        row.operator("implicit.backend_stop", text="Stop", icon="PAUSE")
+        row.operator("implicit.free_memory", text="Free GPU", icon="TRASH")
+        row.operator("implicit.backend_log", text="", icon="TEXT")
 
 
 def draw_progress(box, props):
@@ -146,7 +218,9 @@ def draw_progress(box, props):
         box.label(text=f"About {_clock(props.eta)} left", icon="PREVIEW_RANGE")
 
 
-CLASSES = (VIEW3D_PT_implicit,)
+# Parent first; Blender shows the sub-panels in this order.
+CLASSES = (VIEW3D_PT_implicit, VIEW3D_PT_implicit_capture, VIEW3D_PT_implicit_field,
+           VIEW3D_PT_implicit_mesh, VIEW3D_PT_implicit_backend)
 
 
 # --------------------------------------------------------------------------------------------

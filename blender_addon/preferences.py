@@ -50,7 +50,8 @@ class ImplicitPreferences(bpy.types.AddonPreferences):
         description="Start a local backend when Fit Implicit finds none running at a 127.0.0.1 address",
         default=True,
     )
-    device: bpy.props.EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO")
+    device: bpy.props.EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO",
+                                   description="Where a backend started from Blender trains")
     gpu_index: bpy.props.IntProperty(name="GPU", description="CUDA device index (cuda:N)", default=0,
                                      min=0, max=63)
     use_curve: bpy.props.BoolProperty(

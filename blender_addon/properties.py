@@ -15,8 +15,12 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Backend address for this scene; empty: use the add-on preferences",
         default="",
     )
-    preset: bpy.props.EnumProperty(name="Quality", items=PRESET_ITEMS, default="standard")
-    method: bpy.props.EnumProperty(name="Field", items=METHOD_ITEMS, default="sdf")
+    preset: bpy.props.EnumProperty(
+        name="Quality", items=PRESET_ITEMS, default="standard",
+        description="How long and how finely the field trains (steps, grid sizes, mesh resolution)")
+    method: bpy.props.EnumProperty(
+        name="Field", items=METHOD_ITEMS, default="sdf",
+        description="The kind of neural field fitted to the views")
     seconds: bpy.props.FloatProperty(
         name="Training Time",
         description="Training time budget in seconds; 0: the preset's default number of steps",
@@ -32,6 +36,13 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Marching cubes grid size along the longest side; 0: the preset's default",
         default=0, min=0, max=1024,
     )
+    max_faces: bpy.props.IntProperty(
+        name="Max Faces",
+        description="Most triangles of the imported mesh: the backend decimates larger meshes (a limit under "
+                    f"{protocol.MIN_FACES} is raised to {protocol.MIN_FACES}). "
+                    "0: Auto, the backend's default (200,000 when textured)",
+        default=0, min=0, max=protocol.MAX_VERTICES, soft_max=2_000_000,
+    )
     mesh_opacity: bpy.props.FloatProperty(
         name="Surface Level",
         description="Radiance fields: the opacity a ray gains crossing one voxel where the mesh surface lies "
@@ -39,7 +50,9 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
                     "0: Auto, chosen per field by matching the field's own renders",
         default=0.0, min=0.0, max=0.99, step=5, precision=2,
     )
-    smooth_shading: bpy.props.BoolProperty(name="Smooth Shading", default=True)
+    smooth_shading: bpy.props.BoolProperty(
+        name="Smooth Shading", default=True,
+        description="Shade the imported mesh smooth; off: flat faces")
     texture_size: bpy.props.EnumProperty(
         name="Textures",
         description="Bake UV textures (base colour, normal map, roughness) from the field at this size; "
@@ -61,7 +74,7 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     rig_views: bpy.props.IntProperty(name="Rig Views", description="Cameras of the rig", default=24,
                                      min=1, max=1000)
     rig_shape: bpy.props.EnumProperty(
-        name="Rig Shape", default="HEMISPHERE",
+        name="Rig Shape", default="HEMISPHERE", description="Where the rig's cameras sit around the selection",
         items=(("HEMISPHERE", "Hemisphere", "Views from above only"),
                ("SPHERE", "Sphere", "Views from every side")))
     rig_holdout: bpy.props.FloatProperty(
@@ -69,14 +82,17 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         default=0.1, min=0.0, max=0.9, subtype="FACTOR")
     # ---- capture (blender_addon/capture.py) ----------------------------------------------
     capture_source: bpy.props.EnumProperty(
-        name="Camera Source", default="SCENE",
+        name="Camera Source", default="SCENE", description="Which cameras the fit renders its views from",
         items=(("SCENE", "Scene Cameras", "The scene's cameras (a ring around the selection if there are none)"),
                ("SELECTED", "Selected Cameras", "Only the selected cameras"),
                ("COLLECTION", "Collection", "Every camera of a collection"),
                ("ANIMATION", "Animated Camera", "One view per frame of the scene's frame range")))
-    capture_collection: bpy.props.PointerProperty(type=bpy.types.Collection, name="Camera Collection")
+    capture_collection: bpy.props.PointerProperty(
+        type=bpy.types.Collection, name="Camera Collection",
+        description="The collection whose cameras are rendered (Camera Source: Collection)")
     capture_camera: bpy.props.PointerProperty(
-        type=bpy.types.Object, name="Animated Camera", description="Default: the scene camera",
+        type=bpy.types.Object, name="Animated Camera",
+        description="The camera rendered at every frame (Camera Source: Animated Camera); empty: the scene camera",
         poll=lambda _self, ob: ob.type == "CAMERA")
     render_passes: bpy.props.EnumProperty(
         name="Render Passes", default="AUTO",
@@ -85,18 +101,25 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         items=(("AUTO", "Auto", "For surface fits (SDF, occupancy)"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
     resume_renders: bpy.props.BoolProperty(
         name="Resume Renders", default=True,
-        description="Keep rendered views in a cache and reuse those whose camera and scene did not change")
+        description="Keep rendered views in a cache and reuse those whose camera and scene did not change "
+                    "(Clear Cache deletes them)")
 
     # ---- job state (written by the running fit, read by the panel) ------------------------
-    status: bpy.props.StringProperty(name="Status", default="")
-    progress: bpy.props.FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
-    step: bpy.props.IntProperty(name="Step", default=0, min=0)
-    loss: bpy.props.FloatProperty(name="Loss", default=0.0, precision=5)
-    psnr: bpy.props.FloatProperty(name="PSNR", default=0.0, precision=2)
-    elapsed: bpy.props.FloatProperty(name="Elapsed", default=0.0, min=0.0, unit="TIME_ABSOLUTE")
-    eta: bpy.props.FloatProperty(name="ETA", default=0.0, min=0.0, unit="TIME_ABSOLUTE")
-    total_steps: bpy.props.IntProperty(name="Total Steps", default=0, min=0)
-    running: bpy.props.BoolProperty(name="Running", default=False)
+    status: bpy.props.StringProperty(name="Status", default="", description="What the fit is doing, or how it ended")
+    progress: bpy.props.FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR",
+                                      description="Share of the current stage done")
+    step: bpy.props.IntProperty(name="Step", default=0, min=0, description="Training steps done")
+    loss: bpy.props.FloatProperty(name="Loss", default=0.0, precision=5,
+                                  description="Training loss at the last step (lower is better)")
+    psnr: bpy.props.FloatProperty(name="PSNR", default=0.0, precision=2,
+                                  description="How closely the field matches the views, in dB (higher is better)")
+    elapsed: bpy.props.FloatProperty(name="Elapsed", default=0.0, min=0.0, unit="TIME_ABSOLUTE",
+                                     description="Training time so far")
+    eta: bpy.props.FloatProperty(name="ETA", default=0.0, min=0.0, unit="TIME_ABSOLUTE",
+                                 description="Estimated training time left")
+    total_steps: bpy.props.IntProperty(name="Total Steps", default=0, min=0,
+                                       description="Training steps of the whole fit")
+    running: bpy.props.BoolProperty(name="Running", default=False, description="A fit is running in this scene")
 
 
 @bpy.app.handlers.persistent

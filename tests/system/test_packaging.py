@@ -59,7 +59,7 @@ def test_zip_validates_and_holds_everything(built):
     assert manifest["id"] == "fit_implicit" and manifest["version"] == "0.1.0"
     assert manifest["blender_version_min"] == "4.2.0" and manifest["type"] == "add-on"
     assert manifest["license"] == ["SPDX:GPL-3.0-or-later"]
-    assert set(manifest["permissions"]) == {"network", "files"}
+    assert set(manifest["permissions"]) == {"network", "files", "clipboard"}
     if no_wheels:
         pytest.skip(no_wheels)
     wheels = sorted(n for n in names if n.startswith("wheels/"))
