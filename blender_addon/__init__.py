@@ -5,7 +5,7 @@ Scripts can call :func:`blender_addon.fit_session.fit_scene` (installed: ``bl_ex
 """
 import bpy
 
-from . import operators, panels, preferences, presets, properties, render_back, render_cache
+from . import operators, panels, preferences, presets, properties, render_back, render_cache, saved_fields
 
 classes = (
     preferences.ImplicitPreferences,
@@ -17,6 +17,7 @@ classes = (
     operators.IMPLICIT_OT_import_transforms,
     operators.IMPLICIT_OT_import_colmap,
     *render_back.CLASSES,
+    *saved_fields.CLASSES,
     *render_cache.CLASSES,
     *presets.CLASSES,
     *operators.BACKEND_CLASSES,

@@ -107,6 +107,35 @@ def probe(address: str, timeout: float = 2.0, *, server_public_key: str | bytes 
     return reply
 
 
+def exchange(address: str, message: protocol.Message, *, token: str = "", timeout: float = 120.0,
+             server_public_key: str | bytes | None = None, client_public_key: str | bytes | None = None,
+             client_secret_key: str | bytes | None = None) -> protocol.Message:
+    """One request and its reply, after the handshake (Hello with ``token``): for requests that
+    are not jobs (FetchModel, StoreModel).  Raises BackendError: nothing answered within
+    ``timeout`` s, a malformed reply, or the backend's Error (its code kept)."""
+    curve = curve_keys(server_public_key, client_public_key, client_secret_key)
+    sock, events = _connect(address, curve, watch=True)
+    try:
+        replies = []
+        for msg in (protocol.Hello(client=CLIENT_NAME, token=token), message):
+            sock.send_multipart(msg.validate().to_frames(), copy=False)
+            if not _wait_for_reply(sock, events, address, curve, timeout):
+                raise BackendError(f"no backend answered at {address} within {timeout:g} s — is it running?"
+                                   + _curve_hint(curve), UNREACHABLE)
+            try:
+                replies.append(protocol.decode_message(sock.recv_multipart(copy=False)))
+            except protocol.WireError as exc:
+                raise BackendError(*_decode_failure(address, exc)) from exc
+            if isinstance(replies[-1], protocol.Error):
+                error = replies[-1]
+                raise BackendError(f"the backend at {address} refused the request: {error.message}", error.code)
+    finally:
+        sock.disable_monitor()
+        events.close(linger=0)
+        sock.close(linger=0)
+    return replies[-1]
+
+
 class JobClient:
     """One job on one backend.
 

@@ -115,6 +115,9 @@ class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
         row = box.row(align=True)
         row.operator("implicit.render_back", text="Render with Field", icon="RENDER_STILL").animation = False
         row.operator("implicit.render_back", text="Animation", icon="RENDER_ANIMATION").animation = True
+        row = box.row(align=True)      # the fitted field beside the .blend (saved_fields.py)
+        row.operator("implicit.save_field", text="Save Field", icon="FILE_TICK")
+        row.operator("implicit.restore_field", text="Give Field Back", icon="FILE_REFRESH")
 
         layout.prop(props, "render_passes", text="Passes")
         from .capture import lighting_note

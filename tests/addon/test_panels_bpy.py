@@ -136,3 +136,5 @@ def test_a_saved_preset_brings_the_fit_settings_back(addon, tmp_path, monkeypatc
     assert bpy.types.IMPLICIT_MT_fit_presets.bl_label == "Glossy Test"
     assert bpy.ops.implicit.fit_preset_add(remove_active=True) == {"FINISHED"}
     assert not list(folder.glob("*.py"))
+    for name in (*PRESET_SETTINGS, "address"):   # the scene as it was, for the tests after this one
+        props.property_unset(name)

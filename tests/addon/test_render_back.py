@@ -202,3 +202,42 @@ def test_render_with_field_operator_writes_pngs_and_a_sequence(fitted, tmp_path)
             bpy.ops.implicit.render_back(address=backend.address, directory=str(out))
     finally:
         blender_addon.unregister()
+
+
+@pytest.mark.slow   # shares the fit
+@pytest.mark.blender
+def test_a_field_saved_beside_the_blend_is_given_back_and_renders(fitted, tmp_path):
+    """Save Field fetches the fit's model into a folder (a run folder the command line reads
+    too); Give Field Back hands it to the backend again under a new id that renders as the
+    original; another .blend's token gets neither."""
+    pytest.importorskip("bpy")
+    import bpy
+
+    from fit_implicit import blender_addon
+    from bpy_helpers import fresh_scene
+    from fit_implicit.backend.fitting.runs import load_run
+    from fit_implicit.blender_addon import ownership, saved_fields
+    backend, job_id = fitted
+    blender_addon.register()
+    try:
+        scene = fresh_scene(width=SIZE, height=SIZE)
+        scene[saved_fields.JOB_KEY], scene[ownership.TOKEN_KEY] = job_id, TEST_TOKEN    # as the Fit operator leaves them
+        folder = tmp_path / "field"
+        assert bpy.ops.implicit.save_field(address=backend.address, directory=str(folder)) == {"FINISHED"}
+        assert load_run(folder, device="cpu").method == "nerf" and scene[saved_fields.FIELD_KEY] == str(folder)
+        assert bpy.ops.implicit.restore_field(address=backend.address) == {"FINISHED"}
+        new_id = scene[saved_fields.JOB_KEY]
+        assert new_id != job_id
+        k, poses = held_out_cameras(1)
+        sizes = np.array([[SIZE, SIZE]], np.int32)
+        with RawPeer(backend.address, token=TEST_TOKEN) as peer:
+            images = [[m.image for m in render_job(peer, j, k, poses, sizes)[1] if isinstance(m, protocol.RenderResult)]
+                      for j in (job_id, new_id)]
+        assert np.array_equal(images[0][0], images[1][0])
+        # Another file (another token) cannot fetch this fit.
+        scene[ownership.TOKEN_KEY] = "c" * 32
+        with pytest.raises(RuntimeError, match="belongs to another client"):
+            bpy.ops.implicit.save_field(address=backend.address, directory=str(tmp_path / "stolen"), fit_job=job_id)
+        assert not (tmp_path / "stolen" / "model.pt").exists()
+    finally:
+        blender_addon.unregister()

@@ -1,0 +1,155 @@
+"""Fitted fields kept beside the .blend: the backend's model of a fit (run.json + model.pt, as
+backend/fitting/runs.py writes them) fetched into a folder, and given back to a backend later
+(after its cache expired, after a restart, or to another machine) for Render with Field.
+
+A saved folder is also a run folder for the command line: ``fit-implicit render|mesh|eval``
+read it as they are.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import bpy
+import numpy as np
+
+from . import ownership
+from ._shared import protocol
+
+RUN_FILE, WEIGHTS_FILE = "run.json", "model.pt"     # the names backend/fitting/runs.py gives them
+FIELD_KEY = "implicit_field"                        # on the scene: the folder of its last saved field
+JOB_KEY = "implicit_fit_job"                        # on the scene: the fit Render with Field uses
+
+
+def default_folder(job_id: str) -> str:
+    """``//fit_implicit_fields/<job id>`` next to a saved .blend, else in the temp folder."""
+    base = bpy.path.abspath("//") if bpy.data.filepath else os.path.join(bpy.app.tempdir or "/tmp", "")
+    return os.path.join(base, "fit_implicit_fields", job_id)
+
+
+def save_field(scene, address: str, job_id: str, folder: str | os.PathLike, connection: dict,
+               timeout: float = 300.0) -> Path:
+    """Fetch fit job ``job_id``'s model from the backend into ``folder``; remembered on the scene."""
+    from .client import exchange
+
+    reply = exchange(address, protocol.FetchModel(fit_job_id=job_id), token=ownership.scene_token(scene),
+                     timeout=timeout, **connection)
+    if not isinstance(reply, protocol.ModelFile):
+        raise RuntimeError(f"the backend answered {reply.TYPE!r} instead of the model")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS_FILE).write_bytes(reply.weights.tobytes())
+    (out / RUN_FILE).write_bytes(reply.run_json.tobytes())
+    scene[FIELD_KEY] = str(out)
+    return out
+
+
+def restore_field(scene, address: str, folder: str | os.PathLike, connection: dict, timeout: float = 300.0) -> str:
+    """Give a saved field back to the backend; its new fit job id becomes the scene's (Render
+    with Field uses it).  Returns that id."""
+    from .client import exchange
+
+    src = Path(folder)
+    missing = [name for name in (RUN_FILE, WEIGHTS_FILE) if not (src / name).is_file()]
+    if missing:
+        raise RuntimeError(f"{src} holds no saved field ({' and '.join(missing)} missing)")
+    message = protocol.StoreModel(run_json=np.frombuffer((src / RUN_FILE).read_bytes(), np.uint8),
+                                  weights=np.frombuffer((src / WEIGHTS_FILE).read_bytes(), np.uint8),
+                                  name=src.name[: protocol.MAX_NAME])
+    reply = exchange(address, message, token=ownership.scene_token(scene), timeout=timeout, **connection)
+    if not isinstance(reply, protocol.Ack) or not reply.job_id:
+        raise RuntimeError(f"the backend answered {reply.TYPE!r} instead of the field's new id")
+    scene[JOB_KEY] = reply.job_id
+    scene[FIELD_KEY] = str(src)
+    return reply.job_id
+
+
+# --------------------------------------------------------------------------------------------
+# Operators (blocking: a fetch or a give-back is one request; a model of 100-200 MB takes seconds)
+# --------------------------------------------------------------------------------------------
+def _address_and_keys(op, context) -> tuple[str, dict]:
+    from .preferences import backend_address, connection_kwargs
+
+    return op.address.strip() or backend_address(context, context.scene), connection_kwargs(context)
+
+
+class IMPLICIT_OT_save_field(bpy.types.Operator):
+    """Fetch the last fit's field from the backend into a folder beside the .blend, so that it can
+    be rendered again after the backend's cache expired (Give Field Back), or used from the
+    command line (fit-implicit render | mesh | eval read the folder)"""
+
+    bl_idname = "implicit.save_field"
+    bl_label = "Save Field"
+    bl_options = {"REGISTER"}
+
+    directory: bpy.props.StringProperty(name="Folder", subtype="DIR_PATH", default="", options={"SKIP_SAVE"},
+                                        description="Where run.json and model.pt go; empty: "
+                                                    "fit_implicit_fields/<job id> next to the .blend")
+    fit_job: bpy.props.StringProperty(name="Fit Job", default="", options={"SKIP_SAVE"},
+                                      description="Job id of the fit to save; empty: the last finished fit")
+    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
+                                      description="Backend address; empty: the scene's or the preferences'")
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None
+
+    def execute(self, context):
+        from .client import BackendError
+        from .preferences import KeyProblem
+
+        scene = context.scene
+        job_id = self.fit_job.strip() or str(scene.get(JOB_KEY, ""))
+        if not job_id:
+            self.report({"ERROR"}, "No finished fit to save: fit first (or give its job id)")
+            return {"CANCELLED"}
+        folder = bpy.path.abspath(self.directory) if self.directory else default_folder(job_id)
+        try:
+            address, keys = _address_and_keys(self, context)
+            out = save_field(scene, address, job_id, folder, keys)
+        except (BackendError, KeyProblem, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"The field was not saved: {exc}")
+            return {"CANCELLED"}
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        self.report({"INFO"}, f"Saved the field of fit {job_id} ({size:.1f} MB) in {out}")
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_restore_field(bpy.types.Operator):
+    """Give a saved field back to the backend (after its cache expired, after a restart, or to
+    another backend): Render with Field then renders it"""
+
+    bl_idname = "implicit.restore_field"
+    bl_label = "Give Field Back"
+    bl_options = {"REGISTER"}
+
+    directory: bpy.props.StringProperty(name="Folder", subtype="DIR_PATH", default="", options={"SKIP_SAVE"},
+                                        description="Folder of a saved field (run.json, model.pt); empty: the "
+                                                    "scene's last saved field")
+    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
+                                      description="Backend address; empty: the scene's or the preferences'")
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None
+
+    def execute(self, context):
+        from .client import BackendError
+        from .preferences import KeyProblem
+
+        scene = context.scene
+        folder = bpy.path.abspath(self.directory) if self.directory else str(scene.get(FIELD_KEY, ""))
+        if not folder:
+            self.report({"ERROR"}, "No saved field: save one first (Save Field), or choose its folder")
+            return {"CANCELLED"}
+        try:
+            address, keys = _address_and_keys(self, context)
+            job_id = restore_field(scene, address, folder, keys)
+        except (BackendError, KeyProblem, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"The field was not given back: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"The backend has the field of {folder} again, as fit {job_id}")
+        return {"FINISHED"}
+
+
+CLASSES = (IMPLICIT_OT_save_field, IMPLICIT_OT_restore_field)
