@@ -57,6 +57,9 @@ def local_bind(address: str) -> str:
     return address
 
 
+MISSING_MODULE = re.compile(r"No module named '?([\w.]+)'?")
+
+
 class LocalBackend:
     """One ``fit-implicit serve`` child process.
 
@@ -163,6 +166,12 @@ class LocalBackend:
     def exit_text(self) -> str:
         tail = self.log_tail(600).strip()
         last = tail.splitlines()[-1] if tail else "no output"
+        missing = MISSING_MODULE.search(last)
+        if missing:     # the usual first-run problem: a Python without the backend (or torch, pyzmq)
+            what = "Fit Implicit backend" if missing.group(1).startswith("fit_implicit") else missing.group(1)
+            return (f"the backend Python {self.python} has no {what} installed: set Backend Python in the add-on "
+                    "preferences to the Python of the environment where you installed the backend (pip install "
+                    f"-e '.[server]' there; README, 'The backend on its own') (full log: {self.log_path})")
         return (f"the backend exited (code {self.returncode}) before it was ready: {last} "
                 f"(full log: {self.log_path})")
 

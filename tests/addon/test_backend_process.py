@@ -137,6 +137,20 @@ def test_start_errors_are_clear(tmp_path):
         proc.start()
 
 
+def test_a_python_without_the_backend_gets_one_sentence_saying_what_to_do(tmp_path):
+    """A fresh install: the preferences point at (or default to) a Python that lacks the backend."""
+    import subprocess
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    python = tmp_path / "bare" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    proc = backend_process.LocalBackend(str(python), "tcp://127.0.0.1:5599", log_path=str(tmp_path / "b.log"))
+    proc.start()
+    with pytest.raises(backend_process.BackendProcessError) as info:
+        proc.wait_ready(timeout=60)
+    text = str(info.value)
+    assert f"the backend Python {python} has no Fit Implicit backend installed" in text, text
+    assert "set Backend Python in the add-on preferences" in text and "Traceback" not in text, text
+
+
 def test_port_in_use_reports_the_backends_own_reason(fake_backend, tmp_path):
     proc = backend_process.LocalBackend(sys.executable, fake_backend.address, device="cpu",
                                         log_path=str(tmp_path / "b.log"), source_dirs=[str(REPO)])
