@@ -40,7 +40,7 @@ class FitError(Exception):
 @dataclass
 class FitSettings:
     method: str = "nerf"
-    preset: str = "standard"              # draft | standard | high
+    preset: str = "standard"              # draft | standard | high; "": the backend's device decides (see CPU_NOTE)
     seconds: float = 0.0                  # training time budget; 0: the preset's step count
     steps: int = 0                        # 0: the preset's default
     mesh_resolution: int = 0              # 0: the preset's default
@@ -70,6 +70,9 @@ class FitSettings:
     passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on for sdf/occupancy
     cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
 
+
+CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (choose Standard in Field to train "
+            "the full recipe, hours on a CPU)")
 
 #: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
 ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
@@ -116,6 +119,7 @@ class FitResult:
     previews: int = 0
     timings: dict = field(default_factory=dict)           # stage -> seconds (client wall clock)
     asset_renders: list = field(default_factory=list)     # the imported asset rendered at the eval cameras (H,W,4) uint8
+    notes: list = field(default_factory=list)             # what the session chose for the user (e.g. CPU_NOTE)
 
 
 def default_client_factory(address: str, **keys):
@@ -406,6 +410,11 @@ class FitSession:
                 raise FitError(_capitalised(str(exc).rstrip(".") + "."), code="keys") from None
             raise FitError(backend_error_text(self.address, str(exc), code),
                            code=code if code in (UNREACHABLE, VERSION_MISMATCH) else "backend") from None
+        if not self.settings.preset:    # not chosen: what the backend's device can do in minutes
+            cpu = str(getattr(welcome, "device", "") or "").startswith("cpu")
+            self.settings.preset = "draft" if cpu else "standard"
+            if cpu:
+                self.result.notes.append(CPU_NOTE)
         methods = [m for m in str(getattr(welcome, "methods", "") or "").split(",") if m]
         if methods and self.settings.method not in methods:
             raise FitError(f"The backend at {self.address} cannot fit '{self.settings.method}' "
@@ -444,7 +453,7 @@ class FitSession:
         self.result.renders = [None] * m
         submit = capture.build_submit(
             images, plan.intrinsics, plan.poses, plan.aabb, name=s.name or self.scene.name,
-            method=s.method, preset=s.preset, steps=s.steps, seconds=s.seconds,
+            method=s.method, preset=s.preset or "standard", steps=s.steps, seconds=s.seconds,
             mesh_resolution=s.mesh_resolution, mesh_opacity=s.mesh_opacity, preview_size=s.preview_size,
             preview_interval=s.preview_interval, eval_intrinsics=plan.eval_intrinsics if m else None,
             eval_poses=plan.eval_poses if m else None,

@@ -31,7 +31,9 @@ def _settings_from_scene(scene):
     fs = _session_module()
     p = scene.implicit
     from .capture import fit_settings_from_props
-    return fs.FitSettings(method=p.method, preset=p.preset, seconds=p.seconds, ring_count=p.ring_count,
+    # A quality never chosen is the backend's to pick (draft on a CPU: FitSession._check_backend).
+    preset = p.preset if p.is_property_set("preset") else ""
+    return fs.FitSettings(method=p.method, preset=preset, seconds=p.seconds, ring_count=p.ring_count,
                           mesh_resolution=p.mesh_resolution, mesh_opacity=p.mesh_opacity,
                           texture_size=int(p.texture_size), max_faces=face_limit(p.max_faces),
                           smooth=p.smooth_shading, preview_size=p.preview_size, show_preview=p.show_preview,
@@ -150,6 +152,8 @@ class IMPLICIT_OT_fit(bpy.types.Operator):
         session = fs.FitSession(scene, address, _settings_from_scene(scene),
                                 view_layer=context.view_layer, on_change=on_change)
         session.begin()   # raises FitError with a message for the user
+        for note in session.result.notes:
+            self.report({"INFO"}, note)
         return session
 
     # ---- blocking path: scripts, background mode ---------------------------------------------

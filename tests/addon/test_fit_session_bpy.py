@@ -273,6 +273,25 @@ def test_operator_blocking_path(fs, protocol, monkeypatch):
     assert bpy.ops.implicit.cancel.poll() is False
 
 
+def test_a_quality_never_chosen_follows_the_backends_device(fs, protocol, monkeypatch):
+    """Quality left as it came: a CPU backend trains the draft preset (and the operator says
+    so), a GPU one the standard preset; a chosen quality is kept whatever the device."""
+    import bpy
+    clients = []
+    monkeypatch.setattr(fs, "default_client_factory",
+                        lambda a, **kw: clients.append(FakeClient(a, _job_messages(protocol))) or clients[-1])
+    for device, chosen, expected in (("cpu", None, "draft"), ("cuda:0", None, "standard"), ("cpu", "high", "high")):
+        scene = _scene()
+        scene.implicit.property_unset("preset")
+        if chosen:
+            scene.implicit.preset = chosen
+        monkeypatch.setattr(fs, "default_probe", lambda a, device=device, **kw: protocol.Welcome(device=device))
+        assert bpy.ops.implicit.fit(address="tcp://10.0.0.1:7") == {"FINISHED"}
+        assert clients[-1].submit.preset == expected, (device, chosen)
+        assert bpy.data.objects["Implicit Mesh"]["implicit_preset"] == expected
+        bpy.data.objects.remove(bpy.data.objects["Implicit Mesh"])
+
+
 # --------------------------------------------------------------------------------------------
 # The interactive pieces, called directly (the bpy module has no event loop and no UI)
 # --------------------------------------------------------------------------------------------
