@@ -5,10 +5,11 @@ Scripts can call :func:`blender_addon.fit_session.fit_scene` (installed: ``bl_ex
 """
 import bpy
 
-from . import operators, panels, preferences, presets, properties, render_back, render_cache, saved_fields
+from . import operators, panels, preferences, presets, properties, render_back, render_cache, results, saved_fields
 
 classes = (
     preferences.ImplicitPreferences,
+    *results.CLASSES,             # its PropertyGroup before the scene settings that hold a list of it
     properties.ImplicitSceneSettings,
     operators.IMPLICIT_OT_fit,
     operators.IMPLICIT_OT_cancel,

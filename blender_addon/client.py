@@ -193,6 +193,9 @@ class JobClient:
             submit.validate()
         except protocol.ProtocolError as exc:
             raise BackendError(f"the job is not valid: {exc}", INVALID_JOB) from exc
+        if not isinstance(submit, protocol.Submit):     # RenderJob, MeshJob: small, no images
+            self._launch(submit)
+            return
         size = sum(a.nbytes for a in (submit.images, submit.intrinsics, submit.poses, submit.aabb,
                                       submit.eval_intrinsics, submit.eval_poses, submit.eval_sizes))
         if size > MAX_MESSAGE_BYTES:

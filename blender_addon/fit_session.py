@@ -645,6 +645,11 @@ class FitSession:
         r = self.result
         r.status, r.message = status, message
         r.timings["total"] = time.monotonic() - self._t0
+        if status == "done" and r.job_id and getattr(self.scene, "implicit", None) is not None:
+            from . import results    # the fit joins this file's Results list
+            results.record(self.scene, r.job_id, r.object.name if r.object is not None else (self.settings.name or
+                           self.scene.name), self.settings.method, self.settings.preset, r.summary.get("psnr"),
+                           asset=r.object)
         self._rendered = []
         if self.client is not None:
             try:

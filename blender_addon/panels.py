@@ -203,6 +203,35 @@ class VIEW3D_PT_implicit_backend(_SidebarPanel, bpy.types.Panel):
         row.operator("implicit.backend_log", text="", icon="TEXT")
 
 
+class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
+    """The fits of this file (blender_addon/results.py) and what can be done with one later."""
+
+    bl_label = "Results"
+    bl_idname = "VIEW3D_PT_implicit_results"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        from .results import selected
+        layout = self.layout
+        props = context.scene.implicit
+        layout.template_list("IMPLICIT_UL_results", "", props, "results", props, "results_index", rows=3)
+        entry = selected(context.scene)
+        col = layout.column(align=True)
+        col.enabled = entry is not None and running.active_session(context.scene) is None
+        row = col.row(align=True)
+        row.operator("implicit.result_render", text="Render This", icon="RENDER_STILL")
+        row.operator("implicit.result_remesh", text="Re-mesh", icon="MOD_REMESH")
+        row = col.row(align=True)
+        op = row.operator("implicit.save_field", text="Save Field", icon="FILE_TICK")
+        op.fit_job = entry.job_id if entry is not None else ""
+        row.operator("implicit.result_forget", text="Forget", icon="X")
+        if entry is not None:
+            layout.label(text=f"{entry.created}  job {entry.job_id}", icon="TIME")
+            if entry.field_folder:
+                layout.label(text=f"Saved: {entry.field_folder}", icon="FILE_FOLDER")
+
+
 def draw_progress(box, props):
     box.progress(text=props.status or "…", factor=props.progress, type="BAR")
     if not props.step:
@@ -223,7 +252,7 @@ def draw_progress(box, props):
 
 # Parent first; Blender shows the sub-panels in this order.
 CLASSES = (VIEW3D_PT_implicit, VIEW3D_PT_implicit_capture, VIEW3D_PT_implicit_field,
-           VIEW3D_PT_implicit_mesh, VIEW3D_PT_implicit_backend)
+           VIEW3D_PT_implicit_mesh, VIEW3D_PT_implicit_results, VIEW3D_PT_implicit_backend)
 
 
 # --------------------------------------------------------------------------------------------

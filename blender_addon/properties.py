@@ -1,6 +1,7 @@
 """Per-scene fit settings and the state of the running job (``scene.implicit``)."""
 import bpy
 
+from . import results
 from ._shared import methods, protocol
 
 # Names, titles and descriptions from shared/methods.py, in its order (the recommended method first).
@@ -120,6 +121,11 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     total_steps: bpy.props.IntProperty(name="Total Steps", default=0, min=0,
                                        description="Training steps of the whole fit")
     running: bpy.props.BoolProperty(name="Running", default=False, description="A fit is running in this scene")
+
+    # ---- the fits of this file (blender_addon/results.py) ------------------------------------
+    results: bpy.props.CollectionProperty(type=results.ImplicitResult, name="Fits",
+                                          description="The fits of this file, newest last")
+    results_index: bpy.props.IntProperty(name="Selected Fit", default=-1, description="The fit the buttons act on")
 
 
 @bpy.app.handlers.persistent

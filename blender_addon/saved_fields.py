@@ -41,6 +41,9 @@ def save_field(scene, address: str, job_id: str, folder: str | os.PathLike, conn
     (out / WEIGHTS_FILE).write_bytes(reply.weights.tobytes())
     (out / RUN_FILE).write_bytes(reply.run_json.tobytes())
     scene[FIELD_KEY] = str(out)
+    for entry in scene.implicit.results:        # the fit's line in the Results list knows it is kept
+        if entry.job_id == job_id:
+            entry.field_folder = str(out)
     return out
 
 
@@ -61,6 +64,9 @@ def restore_field(scene, address: str, folder: str | os.PathLike, connection: di
         raise RuntimeError(f"the backend answered {reply.TYPE!r} instead of the field's new id")
     scene[JOB_KEY] = reply.job_id
     scene[FIELD_KEY] = str(src)
+    for entry in scene.implicit.results:        # the backend knows that fit under its new id now
+        if entry.field_folder and bpy.path.abspath(entry.field_folder) == str(src):
+            entry.job_id = reply.job_id
     return reply.job_id
 
 

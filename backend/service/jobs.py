@@ -606,11 +606,13 @@ def _first_line(exc: BaseException) -> str:
 def failed_message(job_id: str, exc: BaseException, text: str) -> protocol.Failed:
     """The Failed of a job that raised ``exc`` (``text``: :func:`describe_failure`): a GPU out of
     memory carries code "out_of_memory" and, as ``detail``, the error's own words without the
-    advice, so that a client can give its own (shared/protocol.py Failed)."""
+    advice, so that a client can give its own (shared/protocol.py Failed); an exception with a
+    ``code`` (render_job.py RenderJobError: "unknown_job") passes it on."""
     if is_out_of_memory(exc):
         return protocol.Failed(job_id=job_id, message=text, code="out_of_memory",
                                detail=_first_line(exc) or "GPU out of memory")
-    return protocol.Failed(job_id=job_id, message=text)
+    code = getattr(exc, "code", "")
+    return protocol.Failed(job_id=job_id, message=text, code=code[:64] if isinstance(code, str) else "")
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class RenderJobError(ValueError):
-    """The render job cannot run; the text tells the user why."""
+    """The render or mesh job cannot run; the text tells the user why.  ``code``: the Failed's code
+    (shared/protocol.py), "unknown_job" when the fit has no model here."""
+
+    def __init__(self, message: str, code: str = "no_model"):
+        super().__init__(message)
+        self.code = code
 
 
 def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
@@ -43,7 +48,7 @@ def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
         raise RenderJobError(f"fit job {fit_job_id[:64]!r}: {exc}") from None
     if not is_run(folder):
         raise RenderJobError(f"fit job {fit_job_id} has no fitted model on this backend: it has not finished, "
-                             "it failed or was cancelled, or its results expired; fit again")
+                             "it failed or was cancelled, or its results expired; fit again", "unknown_job")
     return folder
 
 

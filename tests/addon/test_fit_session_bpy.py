@@ -156,6 +156,8 @@ def test_session_runs_tick_by_tick(fs, protocol):
     assert ob["implicit_steps"] == 100 and ob["implicit_train_psnr"] == 31.0 and ob["implicit_sources"] == "Object"
     assert json.loads(ob["implicit_settings"])["preset"] == "draft" and ob["implicit_seconds_total"] >= 0
     assert ob["implicit_heldout_views"] == 1
+    entry = scene.implicit.results[scene.implicit.results_index]       # the fit joined the Results list
+    assert (entry.job_id, entry.method, entry.preset, entry.asset) == ("j1", "nerf", "draft", ob) and entry.psnr == 31.0
     assert r.renders[0].shape == (24, 32, 4)
     assert {"prepare", "render", "upload", "train", "mesh", "import", "total"} <= set(r.timings)
     assert not p.running and p.progress == 1.0

@@ -241,3 +241,39 @@ def test_a_field_saved_beside_the_blend_is_given_back_and_renders(fitted, tmp_pa
         assert not (tmp_path / "stolen" / "model.pt").exists()
     finally:
         blender_addon.unregister()
+
+
+@pytest.mark.slow   # shares the fit
+@pytest.mark.blender
+def test_the_results_list_remeshes_a_fit_even_after_the_backend_lost_it(fitted, tmp_path):
+    """Results: Re-mesh asks the backend for a new mesh of a past fit with the panel's mesh
+    settings and imports it at the fit's asset's place; when the backend no longer knows the fit,
+    its saved field is given back first; Forget (with Delete Field) removes the entry and the folder."""
+    pytest.importorskip("bpy")
+    import bpy
+
+    from fit_implicit import blender_addon
+    from bpy_helpers import fresh_scene
+    from fit_implicit.blender_addon import ownership, results
+    backend, job_id = fitted
+    blender_addon.register()
+    try:
+        scene = fresh_scene(width=SIZE, height=SIZE)
+        scene[ownership.TOKEN_KEY] = TEST_TOKEN
+        results.record(scene, job_id, "Spheres", "nerf", "draft", 25.0)
+        props = scene.implicit
+        props.mesh_resolution, props.texture_size, props.max_faces = 24, "0", 300
+        assert bpy.ops.implicit.result_remesh(address=backend.address) == {"FINISHED"}
+        ob = bpy.data.objects["Spheres Remesh"]
+        assert 50 < len(ob.data.polygons) <= 300 and ob["implicit_remeshed_from"] == job_id
+        entry = props.results[0]
+        folder = tmp_path / "field"
+        assert bpy.ops.implicit.save_field(address=backend.address, fit_job=job_id, directory=str(folder)) == {"FINISHED"}
+        assert entry.field_folder == str(folder)
+        entry.job_id = "0123456789ab"            # as if the backend's cache had expired
+        assert bpy.ops.implicit.result_remesh(address=backend.address) == {"FINISHED"}
+        assert entry.job_id not in ("0123456789ab", job_id) and "Spheres Remesh.001" in bpy.data.objects
+        assert bpy.ops.implicit.result_forget(delete_field=True) == {"FINISHED"}
+        assert len(props.results) == 0 and not folder.exists()
+    finally:
+        blender_addon.unregister()
