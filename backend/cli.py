@@ -307,13 +307,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.main(args) or 0
 
 
+_HELP = argparse.ArgumentDefaultsHelpFormatter    # --help shows every option's default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fit_implicit.shared.methods import METHOD_INFO, METHODS, PRESET_INFO, PRESETS
 
     p = argparse.ArgumentParser(prog="fit-implicit", description="Fit Implicit backend")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="train a field on a transforms.json dataset")
+    f = sub.add_parser("fit", formatter_class=_HELP, help="train a field on a transforms.json dataset")
     f.add_argument("data", help="folder with transforms_train.json / transforms.json, or the file; or a COLMAP "
                                 "project (a text or binary model in it or in sparse/0, photos in images/)")
     f.add_argument("--out", required=True, help="run folder to write (model.pt, run.json)")
@@ -342,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time limit of the held-out evaluation after the fit (0: every held-out view)")
     f.set_defaults(func=cmd_fit)
 
-    e = sub.add_parser("eval", help="render a dataset's cameras and score them (PSNR, SSIM on white)")
+    e = sub.add_parser("eval", formatter_class=_HELP, help="render a dataset's cameras and score them (PSNR, SSIM on white)")
     e.add_argument("run", help="run folder written by fit")
     e.add_argument("--cameras", required=True,
                    help="transforms file with images, e.g. the dataset's transforms_test.json, or a COLMAP project")
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("render", help="render the cameras of a transforms file")
+    r = sub.add_parser("render", formatter_class=_HELP, help="render the cameras of a transforms file")
     r.add_argument("run", help="run folder written by fit")
     r.add_argument("--cameras", required=True, help="transforms file (or folder holding one)")
     r.add_argument("--out", required=True, help="folder for one RGBA image per frame")
@@ -361,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_render)
 
-    m = sub.add_parser("mesh", help="extract a textured mesh (.glb, .obj, .ply) in world units")
+    m = sub.add_parser("mesh", formatter_class=_HELP, help="extract a textured mesh (.glb, .obj, .ply) in world units")
     m.add_argument("run", help="run folder written by fit")
     m.add_argument("--out", required=True, help="mesh file; the suffix picks the format")
     m.add_argument("--mesh-resolution", type=int, default=0,
@@ -379,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 
-    s = sub.add_parser("serve", help="serve jobs over ZeroMQ (needs pyzmq)")
+    s = sub.add_parser("serve", formatter_class=_HELP, help="serve jobs over ZeroMQ (needs pyzmq)")
     serve_options.add_arguments(s)      # --bind, --device, --max-queue, ... (no pyzmq needed)
     s.set_defaults(func=cmd_serve)
     return p

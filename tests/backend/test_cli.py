@@ -111,6 +111,11 @@ def test_mesh_opacity_option(run):
         assert proc.returncode == 2 and message in proc.stderr, (value, proc.stderr[-500:])
 
 
+def test_help_shows_the_defaults():
+    text = _cli("mesh", "--help").stdout
+    assert "(default: auto)" in text and "(default: 0)" in text          # --texture-size, --mesh-resolution
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fit_implicit.backend", "fit", tmp_path, "--out", tmp_path / "run"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
