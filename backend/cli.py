@@ -48,10 +48,15 @@ def _prepare_out(args: argparse.Namespace) -> dict | None:
             if name in RESUMED_ARGS:
                 setattr(args, name, value)
         return load_checkpoint(out, _device_name(args.device))
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        what = "a run" if is_run(out) else ("an interrupted fit (carry on with --resume)" if saved.is_file()
-                                            else "files")
-        raise ValueError(f"{out} already holds {what}: pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: --out names the run's folder")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            what = "a run" if is_run(out) else ("an interrupted fit (carry on with --resume)" if saved.is_file()
+                                                else "files")
+            raise ValueError(f"{out} already holds {what}: pass --overwrite to replace it, or choose another --out")
+        for name in (CHECKPOINT_FILE, ARGS_FILE, "eval.json"):   # nothing of the old fit may be resumed later
+            (out / name).unlink(missing_ok=True)
     return None
 
 
@@ -107,6 +112,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     data = load_dataset(args.data, downscale=args.downscale)
+    origin = provenance(args.data, sys.argv, _device_name(args.device), skip=out)    # before training: it reads files
     for note in data.notes:
         _print(f"note: {note}")
     train, held = split_holdout(data, args.holdout) if args.holdout else (data, None)
@@ -144,7 +150,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _print(f"warning: the {cfg.seconds:g} s budget stopped the fit at step {steps} of the {cfg.preset} preset's "
                f"{cfg.steps} ({100 * steps / cfg.steps:.0f}%): the field is undertrained; give more --seconds, or "
                f"--steps to train a fixed number")
-    model.meta["provenance"] = provenance(args.data, sys.argv, cfg.device)
+    model.meta["provenance"] = origin
     save_run(model, out)            # before the evaluation: stopping that loses nothing
     remove_checkpoint(out)
     (out / ARGS_FILE).unlink(missing_ok=True)

@@ -557,6 +557,10 @@ class FitSession:
         centre for several objects or photos) and, as custom properties, how it was made."""
         plan, s, r = self.plan, self.settings, self.result
         targets = plan.targets if plan is not None else []
+        try:
+            targets = [t for t in targets if t.name in self.scene.objects]     # deleted during the fit: gone
+        except ReferenceError:
+            targets = []
         if len(targets) == 1:
             origin = targets[0].matrix_world.translation
         elif plan is not None:

@@ -22,9 +22,20 @@ JOB_KEY = "implicit_fit_job"                        # on the scene: the fit Rend
 
 
 def default_folder(job_id: str) -> str:
-    """``//fit_implicit_fields/<job id>`` next to a saved .blend, else in the temp folder."""
-    base = bpy.path.abspath("//") if bpy.data.filepath else os.path.join(bpy.app.tempdir or "/tmp", "")
-    return os.path.join(base, "fit_implicit_fields", job_id)
+    """``//fit_implicit_fields/<job id>`` next to the saved .blend (an unsaved file has no place
+    that outlives Blender: RuntimeError)."""
+    if not bpy.data.filepath:
+        raise RuntimeError("save the .blend first (the field is kept beside it), or choose a folder")
+    return os.path.join(bpy.path.abspath("//"), "fit_implicit_fields", job_id)
+
+
+def _remembered(path: Path) -> str:
+    """How a folder is stored in the file: relative to the .blend where it can be (the project
+    may move), else absolute."""
+    try:
+        return bpy.path.relpath(str(path)) if bpy.data.filepath else str(path)
+    except ValueError:          # another drive (Windows)
+        return str(path)
 
 
 def save_field(scene, address: str, job_id: str, folder: str | os.PathLike, connection: dict,
@@ -40,10 +51,10 @@ def save_field(scene, address: str, job_id: str, folder: str | os.PathLike, conn
     out.mkdir(parents=True, exist_ok=True)
     (out / WEIGHTS_FILE).write_bytes(reply.weights.tobytes())
     (out / RUN_FILE).write_bytes(reply.run_json.tobytes())
-    scene[FIELD_KEY] = str(out)
+    scene[FIELD_KEY] = _remembered(out)
     for entry in scene.implicit.results:        # the fit's line in the Results list knows it is kept
         if entry.job_id == job_id:
-            entry.field_folder = str(out)
+            entry.field_folder = _remembered(out)
     return out
 
 
@@ -52,7 +63,7 @@ def restore_field(scene, address: str, folder: str | os.PathLike, connection: di
     with Field uses it).  Returns that id."""
     from .client import exchange
 
-    src = Path(folder)
+    src = Path(bpy.path.abspath(str(folder)))
     missing = [name for name in (RUN_FILE, WEIGHTS_FILE) if not (src / name).is_file()]
     if missing:
         raise RuntimeError(f"{src} holds no saved field ({' and '.join(missing)} missing)")
@@ -63,7 +74,7 @@ def restore_field(scene, address: str, folder: str | os.PathLike, connection: di
     if not isinstance(reply, protocol.Ack) or not reply.job_id:
         raise RuntimeError(f"the backend answered {reply.TYPE!r} instead of the field's new id")
     scene[JOB_KEY] = reply.job_id
-    scene[FIELD_KEY] = str(src)
+    scene[FIELD_KEY] = _remembered(src)
     for entry in scene.implicit.results:        # the backend knows that fit under its new id now
         if entry.field_folder and bpy.path.abspath(entry.field_folder) == str(src):
             entry.job_id = reply.job_id
@@ -109,11 +120,11 @@ class IMPLICIT_OT_save_field(bpy.types.Operator):
         if not job_id:
             self.report({"ERROR"}, "No finished fit to save: fit first (or give its job id)")
             return {"CANCELLED"}
-        folder = bpy.path.abspath(self.directory) if self.directory else default_folder(job_id)
         try:
+            folder = bpy.path.abspath(self.directory) if self.directory else default_folder(job_id)
             address, keys = _address_and_keys(self, context)
             out = save_field(scene, address, job_id, folder, keys)
-        except (BackendError, KeyProblem, RuntimeError, OSError) as exc:
+        except (BackendError, KeyProblem, RuntimeError, OSError, ValueError) as exc:
             self.report({"ERROR"}, f"The field was not saved: {exc}")
             return {"CANCELLED"}
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
@@ -151,7 +162,7 @@ class IMPLICIT_OT_restore_field(bpy.types.Operator):
         try:
             address, keys = _address_and_keys(self, context)
             job_id = restore_field(scene, address, folder, keys)
-        except (BackendError, KeyProblem, RuntimeError, OSError) as exc:
+        except (BackendError, KeyProblem, RuntimeError, OSError, ValueError) as exc:
             self.report({"ERROR"}, f"The field was not given back: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"The backend has the field of {folder} again, as fit {job_id}")

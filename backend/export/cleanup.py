@@ -142,10 +142,12 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int, at_most: b
         return out_v.astype(np.float32), out_f
 
     first = simplify(target_faces)
-    for _ in range(4 if at_most else 0):      # the simplifier lands near its target, sometimes above
-        if len(first[1]) <= target_faces:
+    ask = target_faces
+    for _ in range(8 if at_most else 0):      # the simplifier lands near its target, sometimes above
+        if len(first[1]) <= target_faces or ask <= 4:
             break
-        first = simplify(max(4, int(target_faces * target_faces / len(first[1]) * 0.98)))
+        ask = max(4, min(int(ask * target_faces / len(first[1]) * 0.98), ask - 1))
+        first = simplify(ask)
     if not closed or is_watertight(first[1]):
         return first
     step = 0.8 if at_most else 1.25

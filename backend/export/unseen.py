@@ -40,6 +40,8 @@ DEPTH_PIXELS = 2.0          # pixel footprints a point may lie behind the z-buff
 MIN_SHARE = 0.002           # unseen regions below this share of the surface area are left as they are
 CAP_PIXELS = 1e-3           # a cap seen on more than this share of the object's pixels (all views) is dropped
 MAX_SIDE = 512              # views are drawn at most this many pixels a side (faces below a pixel: vertex test)
+GUARD_SIDE = 160            # ... and at most this many for the guard: the caps' fan triangles are large, and
+                            # the raster tests each against its whole box (CAP_PIXELS is a share: size-free)
 
 
 @dataclass
@@ -144,14 +146,31 @@ def pinches(faces: np.ndarray) -> np.ndarray:
 
 def rim_loops(faces: np.ndarray) -> list[np.ndarray] | None:
     """The holes of an edge-manifold mesh as loops of vertex indices, each in the order the
-    kept faces traverse its edges.  None when a rim vertex starts two open edges (a pinch:
-    no single loop through it)."""
-    open_edges_ = open_edges(faces)
-    if not len(open_edges_):
+    kept faces traverse its edges (:func:`chain_loops`: None at a pinch)."""
+    return chain_loops(open_edges(faces))
+
+
+def region_rim(faces: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(K, 2) the open edges the rest of a closed mesh has once the faces ``members`` are cut out,
+    as the kept faces traverse them: the region's edges (a, b) whose twin (b, a) is not the
+    region's, turned round.  Reads only the region's faces (fast on big meshes)."""
+    d = faces[members][:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2).astype(np.int64)
+    if not len(d):
+        return np.zeros((0, 2), np.int64)
+    n = int(d.max()) + 1
+    border = d[~np.isin(d[:, 1] * n + d[:, 0], d[:, 0] * n + d[:, 1])]
+    return border[:, ::-1]
+
+
+def chain_loops(edges: np.ndarray) -> list[np.ndarray] | None:
+    """Directed open edges -> loops of vertex indices; None when a vertex starts two of them (a
+    pinch) or a chain does not close."""
+    if not len(edges):
         return []
-    if len(pinches(faces)):
+    starts, counts = np.unique(edges[:, 0], return_counts=True)
+    if (counts > 1).any():
         return None
-    nxt = dict(zip(open_edges_[:, 0].tolist(), open_edges_[:, 1].tolist()))
+    nxt = dict(zip(edges[:, 0].tolist(), edges[:, 1].tolist()))
     loops, done = [], set()
     for a in nxt:
         if a in done:
@@ -208,13 +227,8 @@ def close_unseen(verts: np.ndarray, faces: np.ndarray, views, device="cpu", min_
     n = len(verts)
     for r in big:
         members = _without_pinches(faces, unseen[labels == r], n)
-        keep = np.ones(len(faces), bool)
-        keep[members] = False
-        loops = rim_loops(faces[keep])
-        # The loops of this region only: those through vertices of its faces.
-        region_verts = np.zeros(n, bool)
-        region_verts[faces[members].reshape(-1)] = True
-        loops = None if loops is None else [lp for lp in loops if region_verts[lp].all()]
+        members = members[~removed[members]]          # regions stay apart (growth may reach another)
+        loops = chain_loops(region_rim(faces, members)) if len(members) else None
         if not loops:
             facts["kept_regions"] += 1
             continue
@@ -230,14 +244,18 @@ def close_unseen(verts: np.ndarray, faces: np.ndarray, views, device="cpu", min_
         facts["seconds"] = round(time.perf_counter() - start, 3)
         return verts, faces, facts
     all_verts = np.concatenate(new_verts)
-    base = faces[~removed]
-    # The guard: draw the candidate and drop every cap a view sees.
-    visible = _cap_pixels(all_verts, base, caps, views, device)
-    object_pixels = visible[-1]
-    ok = [k for k in range(len(caps)) if visible[k] <= CAP_PIXELS * object_pixels]
-    for k in range(len(caps)):
-        if k not in ok:
+    # The guard: draw the candidate and drop every cap a view sees; again, until none is dropped
+    # (a dropped cap's region comes back and may uncover another cap).
+    ok = list(range(len(caps)))
+    for _ in range(4):
+        base = faces[~removed]
+        visible = _cap_pixels(all_verts, base, [caps[k] for k in ok], views.at_most(GUARD_SIDE), device)
+        still = [k for k, v in zip(ok, visible[:-1]) if v <= CAP_PIXELS * visible[-1]]
+        for k in set(ok) - set(still):
             removed[cap_of[k][1]] = False
+        if len(still) == len(ok):
+            break
+        ok = still
     out_faces = np.concatenate([faces[~removed]] + [caps[k] for k in ok]).astype(faces.dtype)
     out_verts, out_faces, _ = compact(all_verts, out_faces)
     replaced = sum(float(area[cap_of[k][1]].sum()) for k in ok)
@@ -259,9 +277,8 @@ def _without_pinches(faces: np.ndarray, members: np.ndarray, vertex_count: int, 
     """Grow a region (face indices) over the faces around the vertices where its rim would
     pinch (two arcs of the rim meeting at one vertex), so that each hole has one simple rim."""
     for _ in range(rounds):
-        keep = np.ones(len(faces), bool)
-        keep[members] = False
-        bad = pinches(faces[keep])
+        starts, counts = np.unique(region_rim(faces, members)[:, 0], return_counts=True)
+        bad = starts[counts > 1]
         if not len(bad):
             break
         at = np.zeros(vertex_count, bool)
@@ -286,5 +303,5 @@ def _cap_pixels(verts: np.ndarray, base: np.ndarray, caps: list[np.ndarray], vie
     return counts.cpu().tolist()
 
 
-__all__ = ["Views", "cap", "close_unseen", "open_edges", "pinches", "rim_loops", "seen_faces", "summary_entries",
-           "visible_points"]
+__all__ = ["Views", "cap", "chain_loops", "close_unseen", "open_edges", "pinches", "region_rim", "rim_loops",
+           "seen_faces", "summary_entries", "visible_points"]

@@ -221,6 +221,8 @@ def read_image(path: Path, downscale: int = 1) -> np.ndarray:
 
         px = read_exr(path)
         d = int(downscale)
+        if px.shape[0] < d or px.shape[1] < d:
+            raise ValueError(f"{path}: {px.shape[1]}x{px.shape[0]} pixels cannot be shrunk {d} times")
         if d > 1:
             h, w = px.shape[0] // d * d, px.shape[1] // d * d
             px = px[:h, :w].reshape(h // d, d, w // d, d, 4).mean((1, 3))

@@ -33,21 +33,35 @@ WEIGHTS_FILE = "model.pt"
 RUN_FILE = "run.json"
 
 
-def dataset_digest(path: str | Path) -> str:
+DIGEST_MAX_BYTES = 8 << 30     # a dataset larger than this is not hashed (the digest says so)
+
+
+def dataset_digest(path: str | Path, skip: str | Path | None = None) -> str:
     """SHA-256 over a dataset's transforms files and every file beside them, in path order
-    (names and bytes): two fits with the same digest saw the same data."""
+    (names and bytes): two fits with the same digest saw the same data.  ``skip``: a folder left
+    out (a run folder inside the dataset).  Files that cannot be read are named, not hashed;
+    past DIGEST_MAX_BYTES the digest is "too large" (hashing would hold the fit up)."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
-    h = hashlib.sha256()
+    skip_dir = Path(skip).resolve() if skip is not None else None
+    h, total = hashlib.sha256(), 0
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        if skip_dir is not None and skip_dir in f.resolve().parents:
+            continue
         h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        try:
+            total += f.stat().st_size
+            if total > DIGEST_MAX_BYTES:
+                return f"too large (over {DIGEST_MAX_BYTES >> 30} GiB)"
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            h.update(b"unreadable\0")
     return h.hexdigest()
 
 
-def provenance(data_path: str | Path, argv: list[str], device: str) -> dict:
+def provenance(data_path: str | Path, argv: list[str], device: str, skip: str | Path | None = None) -> dict:
     """Where a fit came from, for its run.json: the command line, the dataset's path and digest,
     the versions of what trained it and the device."""
     import platform
@@ -59,7 +73,7 @@ def provenance(data_path: str | Path, argv: list[str], device: str) -> dict:
         version = None
     dev = torch.device(device)
     return {"command": list(map(str, argv)), "dataset": str(Path(data_path).resolve()),
-            "dataset_sha256": dataset_digest(data_path), "fit_implicit": version, "torch": torch.__version__,
+            "dataset_sha256": dataset_digest(data_path, skip), "fit_implicit": version, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"}
 
@@ -97,8 +111,8 @@ def check_run_files(run_json: bytes, weights: bytes) -> dict:
 
     try:
         doc = json.loads(bytes(run_json).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"run.json is not JSON text ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"run.json is not JSON text ({type(exc).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") not in READABLE_FORMATS:
         raise ValueError(f"run.json is not a run of a readable format ({', '.join(map(str, READABLE_FORMATS))})")
     if doc.get("method") not in METHODS or not isinstance(doc.get("config"), dict):
@@ -108,6 +122,14 @@ def check_run_files(run_json: bytes, weights: bytes) -> dict:
         raise ValueError("run.json has no valid 'aabb' ([[min x, y, z], [max x, y, z]])")
     if bytes(weights[:4]) != b"PK\x03\x04":
         raise ValueError("model.pt is not a torch archive")
+    meta = doc.get("meta", {})
+    cams = meta.get("cameras") if isinstance(meta, dict) else None
+    if cams is not None:     # the training cameras meshing reads (export/unseen.py Views.of_run)
+        from fit_implicit.shared.protocol import MAX_IMAGES
+
+        k = cams.get("intrinsics") if isinstance(cams, dict) else None
+        if not isinstance(k, list) or len(k) > MAX_IMAGES:
+            raise ValueError(f"run.json: meta.cameras must hold at most {MAX_IMAGES} cameras")
     return doc
 
 

@@ -20,8 +20,11 @@ def exr_size(path) -> tuple[int, int]:
     """(width, height) of an .exr file, from its header."""
     import OpenEXR
 
-    with OpenEXR.File(str(path), header_only=True) as f:
-        lo, hi = f.header()["dataWindow"]
+    try:
+        with OpenEXR.File(str(path), header_only=True) as f:
+            lo, hi = f.header()["dataWindow"]
+    except Exception as exc:  # noqa: BLE001 - OpenEXR raises RuntimeError and others for a bad file
+        raise ValueError(f"{path}: not a readable OpenEXR file ({exc})") from None
     return int(hi[0] - lo[0] + 1), int(hi[1] - lo[1] + 1)
 
 
@@ -32,8 +35,12 @@ def read_exr(path) -> np.ndarray:
     ValueError naming the channels it has otherwise."""
     import OpenEXR
 
-    with OpenEXR.File(str(path)) as f:
-        channels = {k: np.asarray(v.pixels, np.float32) for k, v in f.channels().items()}
+    try:
+        with OpenEXR.File(str(path)) as f:
+            channels = {k: np.nan_to_num(np.asarray(v.pixels, np.float32), nan=0.0, posinf=1e4, neginf=0.0)
+                        for k, v in f.channels().items()}
+    except Exception as exc:  # noqa: BLE001 - OpenEXR raises RuntimeError and others for a bad file
+        raise ValueError(f"{path}: not a readable OpenEXR file ({exc})") from None
     for name in sorted(channels, key=lambda k: (k.count("."), k)):
         tail = name.rsplit(".", 1)[-1]
         if tail in ("RGBA", "RGB"):

@@ -225,6 +225,9 @@ class JobQueue:
         self._ended: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._history = history
         self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()   # id -> wall end time
+        # Models given back (StoreModel): their own expiry and caps, so that they never push
+        # other clients' results out (id -> (owner, wall time)).
+        self._models: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="job-worker", daemon=True)
 
@@ -255,11 +258,12 @@ class JobQueue:
                 if record.get("state") in (JobState.QUEUED.value, JobState.RUNNING.value):
                     # Results of an unfinished job are made again when it runs: drop partial ones.
                     shutil.rmtree(folder / checkpoint.RESULTS_DIR, ignore_errors=True)
-                    owner = _owner_bytes(record.get("owner"))
                     job = Job(id=job_id, client=None, submit=None, folder=folder,
-                              owner=b"\0unowned:" + job_id.encode() if owner is None else owner)
+                              owner=_owner_bytes(record.get("owner")))
                     self._waiting.append(job)
                     requeued += 1
+                elif record.get("kind") == "stored_model":
+                    self._models[job_id] = (_owner_bytes(record.get("owner")), float(record.get("ended_wall") or 0.0))
                 else:
                     self._kept[job_id] = float(record.get("ended_wall") or time.time())
             self._kept = collections.OrderedDict(sorted(self._kept.items(), key=lambda kv: kv[1]))   # oldest first
@@ -277,6 +281,13 @@ class JobQueue:
         if self.runs_dir is None:
             raise ValueError("this backend keeps no job folders (started without --runs-dir), so it cannot keep models")
         check_run_files(run_json, weights)
+        with self._cond:
+            mine = sum(1 for who, _ in self._models.values() if who == owner)
+            if mine >= MAX_MODELS_PER_OWNER or len(self._models) >= MAX_MODELS:
+                raise ValueError(f"this backend already keeps {mine if mine >= MAX_MODELS_PER_OWNER else len(self._models)} "
+                                 f"models given back ({'yours' if mine >= MAX_MODELS_PER_OWNER else 'in all'}; at most "
+                                 f"{MAX_MODELS_PER_OWNER} a client, {MAX_MODELS} in all, each for "
+                                 f"{self.keep_seconds / 3600:g} h); try again later")
         job_id = uuid.uuid4().hex[:12]
         folder = paths.job_folder(self.runs_dir, job_id)
         try:
@@ -285,14 +296,20 @@ class JobQueue:
             checkpoint.atomic_write_bytes(folder / RUN_FILE, bytes(run_json))
             checkpoint.write_job_record(folder, id=job_id, state=JobState.DONE.value, created_wall=time.time(),
                                         ended_wall=time.time(), name=name[:256], message="model given back",
-                                        owner=owner.hex())
+                                        owner=owner.hex(), kind="stored_model")
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         with self._cond:
-            self._kept[job_id] = time.time()
+            self._models[job_id] = (owner, time.time())
         log.info("job %s: a model given back (%.1f MB) kept", job_id, len(weights) / 2**20)
         return job_id
+
+    def unknown_text(self, job_id: str) -> str:
+        """What a client hears about a job this backend does not have, or another client's (the
+        same words, so that they tell nothing apart)."""
+        keep = f"; results are kept for {self.keep_seconds / 3600:g} h after a job ends" if self.runs_dir else ""
+        return f"no job {job_id[:64]!r} on this backend (it never existed or its results expired{keep})"
 
     def owner_of(self, job_id: str) -> bytes | None:
         """Who owns a job (the owner key it was submitted with, see the server's Hello handling):
@@ -365,8 +382,7 @@ class JobQueue:
             return job, job.state, position, stored
         folder = None if self.runs_dir is None else paths.job_folder(self.runs_dir, job_id)
         if folder is None or job_id not in self._kept or not folder.is_dir():
-            keep = f"; results are kept for {self.keep_seconds / 3600:g} h after a job ends" if self.runs_dir else ""
-            raise UnknownJob(f"no job {job_id!r} on this backend (it never existed or its results expired{keep})")
+            raise UnknownJob(self.unknown_text(job_id))
         state = JobState(checkpoint.read_job_record(folder).get("state", JobState.FAILED.value))
         log.info("job %s: client %s fetched its results (%s)", job_id, client.hex(), state.value)
         return None, state, 0, self._stored(folder)
@@ -412,6 +428,8 @@ class JobQueue:
                     break
                 self._kept.popitem(last=False)
                 gone.append(job_id)
+            while self._models and now - next(iter(self._models.values()))[1] > self.keep_seconds:
+                gone.append(self._models.popitem(last=False)[0])
         for job_id in gone:
             if self.runs_dir is not None:
                 shutil.rmtree(paths.job_folder(self.runs_dir, job_id), ignore_errors=True)
@@ -627,15 +645,20 @@ def describe_failure(exc: BaseException) -> str:
     return text[: protocol.MAX_STRING]
 
 
-def _owner_bytes(value: Any) -> bytes | None:
+NOBODY = b"\0"      # an owner key no client has (server.py keys start with "t:" or "i:")
+MAX_MODELS_PER_OWNER = 16   # models given back (StoreModel) one client may have kept at once
+MAX_MODELS = 256            # ... all clients together
+
+
+def _owner_bytes(value: Any) -> bytes:
     """A job record's "owner" (hex) as bytes: b"" when the record has none (an older backend's:
-    anybody may use the job), None when it is not hex (nobody may)."""
+    anybody may use the job), NOBODY when it is not hex."""
     if value is None:
         return b""
     try:
-        return bytes.fromhex(value) if isinstance(value, str) else None
+        return bytes.fromhex(value) if isinstance(value, str) else NOBODY
     except ValueError:
-        return None
+        return NOBODY
 
 
 def _salvage(folder: Path, problem: Exception) -> dict:
@@ -652,8 +675,8 @@ def _salvage(folder: Path, problem: Exception) -> dict:
         record = {"state": (JobState.DONE if done else JobState.FAILED).value, "created_wall": when,
                   "ended_wall": now, "message": "job.json was damaged" + ("" if done else "; the job is lost")}
         how = "its fitted model is kept" if done else "nothing to resume: it ends and expires like any ended job"
-    log.warning("%s: %s; %s", folder, problem, how)
-    record.update(format=checkpoint.FORMAT, id=folder.name)
+    log.warning("%s: %s; %s (nobody may reattach: its owner is not known)", folder, problem, how)
+    record.update(format=checkpoint.FORMAT, id=folder.name, owner=NOBODY.hex())
     try:
         checkpoint.atomic_write_bytes(folder / checkpoint.JOB_FILE, json.dumps(record).encode())
     except OSError as exc:

@@ -47,9 +47,15 @@ def model_folder(runs_dir: str | Path | None, fit_job_id: str) -> Path:
     except paths.PathError as exc:
         raise RenderJobError(f"fit job {fit_job_id[:64]!r}: {exc}") from None
     if not is_run(folder):
-        raise RenderJobError(f"fit job {fit_job_id} has no fitted model on this backend: it has not finished, "
-                             "it failed or was cancelled, or its results expired; fit again", "unknown_job")
+        raise RenderJobError(no_model_text(fit_job_id), "unknown_job")
     return folder
+
+
+def no_model_text(fit_job_id: str) -> str:
+    """What a client hears about a fit this backend has no model of, or one of another client's
+    (the same words, so that they tell nothing apart)."""
+    return (f"fit job {fit_job_id[:64]} has no fitted model on this backend: it has not finished, it failed or "
+            "was cancelled, or its results expired; fit again")
 
 
 def run_render_job(msg: protocol.RenderJob, ctx: JobContext, runs_dir: str | Path | None) -> dict:

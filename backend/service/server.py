@@ -439,11 +439,14 @@ class Server:
         owner = self.jobs.owner_of(job_id)
         return owner is not None and owner != b"" and owner != self._owner(identity)
 
-    @staticmethod
-    def _no_job(msg: protocol.Message, job_id: str) -> protocol.Error:
-        return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
-                              message=f"no job {job_id[:64]!r} on this backend (it never existed, its results "
-                                      "expired, or it belongs to another client)")
+    def _no_job(self, msg: protocol.Message, job_id: str) -> protocol.Error:
+        """The answer to a request on a job this connection may not see: word for word what a job
+        that does not exist gets (attach/cancel: jobs.py unknown_text; models: render_job.py)."""
+        from fit_implicit.backend.service.render_job import no_model_text
+
+        text = no_model_text(job_id) if isinstance(msg, (protocol.RenderJob, protocol.MeshJob, protocol.FetchModel)) \
+            else self.jobs.unknown_text(job_id)
+        return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE, message=text)
 
     def _on_hello(self, identity: bytes, msg: protocol.Hello) -> protocol.Message:
         log.info("hello from %s (%s)", identity.hex(), msg.client or "unnamed client")
@@ -483,8 +486,8 @@ class Server:
         if not paths.is_job_id(msg.fit_job_id):
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
                                   message=f"{msg.fit_job_id[:64]!r} is not a job id")
-        if self._foreign(identity, msg.fit_job_id):
-            return self._no_job(msg, msg.fit_job_id)
+        if self._foreign(identity, msg.fit_job_id) or self.jobs.owner_of(msg.fit_job_id) is None:
+            return self._no_job(msg, msg.fit_job_id)     # neither queued, running nor kept here
         return self._on_submit(identity, msg)
 
     def _on_fetch_model(self, identity: bytes, msg: protocol.FetchModel) -> protocol.Message:
@@ -531,8 +534,7 @@ class Server:
             return self._no_job(msg, msg.job_id)
         job, removed = self.jobs.cancel(msg.job_id)
         if job is None:
-            return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE,
-                                  message=f"no job {msg.job_id[:64]!r} on this backend")
+            return self._no_job(msg, msg.job_id)
         self._send(identity, protocol.Ack(request="cancel", job_id=job.id))
         if removed and job.client is not None:   # it never ran: nothing of it is in the outbox, so it ends here
             self._send(job.client, protocol.Cancelled(job_id=job.id))

@@ -82,9 +82,9 @@ def test_render_job_errors_are_clear(fitted):
     with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         reply, _ = render_job(peer, "../../etc", k, poses, sizes)
         assert isinstance(reply, protocol.Error) and "not a job id" in reply.message
-        _, messages = render_job(peer, "0123456789ab", k, poses, sizes)
-        assert isinstance(messages[-1], protocol.Failed)
-        assert "fit job 0123456789ab has no fitted model" in messages[-1].message
+        reply, _ = render_job(peer, "0123456789ab", k, poses, sizes)
+        assert isinstance(reply, protocol.Error) and reply.code == "unknown_job"
+        assert "fit job 0123456789ab has no fitted model" in reply.message
         # The backend still serves renders after a failure.
         _, messages = render_job(peer, job_id, k, poses, sizes)
         assert isinstance(messages[-1], protocol.Done)
@@ -236,7 +236,7 @@ def test_a_field_saved_beside_the_blend_is_given_back_and_renders(fitted, tmp_pa
         assert np.array_equal(images[0][0], images[1][0])
         # Another file (another token) cannot fetch this fit.
         scene[ownership.TOKEN_KEY] = "c" * 32
-        with pytest.raises(RuntimeError, match="belongs to another client"):
+        with pytest.raises(RuntimeError, match="has no fitted model on this backend"):
             bpy.ops.implicit.save_field(address=backend.address, directory=str(tmp_path / "stolen"), fit_job=job_id)
         assert not (tmp_path / "stolen" / "model.pt").exists()
     finally:

@@ -37,16 +37,20 @@ def test_only_the_owner_sees_and_touches_its_job(fake_backend):
         with RawPeer(fake_backend.address) as look:          # the owner's token on another connection
             hello(look, OWNER)
             assert look.request(protocol.Status()).running_job == job_id
-        # Their requests on it are answered as for a job that does not exist.
+        # Their requests on it are answered word for word as for a job that does not exist.
         k = np.array([[10.0, 10, 4, 4]])
-        for msg in (protocol.Attach(job_id=job_id), protocol.Cancel(job_id=job_id),
-                    protocol.RenderJob(fit_job_id=job_id, intrinsics=k, poses=np.eye(4)[None],
+        nowhere = "0123456789ab"
+
+        def requests(jid):
+            return (protocol.Attach(job_id=jid), protocol.Cancel(job_id=jid),
+                    protocol.RenderJob(fit_job_id=jid, intrinsics=k, poses=np.eye(4)[None],
                                        sizes=np.array([[8, 8]], np.int32)),
-                    protocol.MeshJob(fit_job_id=job_id), protocol.FetchModel(fit_job_id=job_id)):
+                    protocol.MeshJob(fit_job_id=jid), protocol.FetchModel(fit_job_id=jid))
+        for msg, absent in zip(requests(job_id), requests(nowhere)):
             for peer in (other, anonymous):
-                reply = peer.request(msg)
+                reply, unknown = peer.request(msg), peer.request(absent)
                 assert isinstance(reply, protocol.Error) and reply.code == "unknown_job", (msg.TYPE, reply)
-                assert "belongs to another client" in reply.message and job_id in reply.message
+                assert (reply.code, reply.message) == (unknown.code, unknown.message.replace(nowhere, job_id))
         # The owner's job went on untouched; the owner, on a NEW connection with its token, attaches.
         with RawPeer(fake_backend.address) as again:
             hello(again, OWNER)
@@ -79,3 +83,26 @@ def test_the_add_on_client_says_its_token(fake_backend):
         assert isinstance(other.request(protocol.Attach(job_id=client.job_id)), protocol.Error)
     with pytest.raises(protocol.ProtocolError, match="hello.token: expected 16 to 64 lowercase hexadecimal"):
         protocol.Hello(token="not hex at all!!").validate()
+
+
+def test_models_given_back_have_their_own_caps_and_never_push_out_others_results(tmp_path):
+    """StoreModel: at most MAX_MODELS_PER_OWNER kept a client (then a clear refusal), and they
+    expire on their own clock without counting against the kept results of fits."""
+    import json
+
+    from fit_implicit.backend.service import checkpoint, jobs
+    from fit_implicit.backend.service.outbox import Outbox
+
+    queue = jobs.JobQueue(lambda msg, ctx: {}, Outbox(), device="cpu", runs_dir=tmp_path, keep_seconds=3600, max_kept=1)
+    run = json.dumps({"format": 2, "method": "nerf", "config": {}, "aabb": [[0, 0, 0], [1, 1, 1]]}).encode()
+    weights = b"PK\x03\x04" + bytes(60)
+    ids = [queue.store_model(run, weights, owner=b"t:me") for _ in range(jobs.MAX_MODELS_PER_OWNER)]
+    with pytest.raises(ValueError, match=f"already keeps {jobs.MAX_MODELS_PER_OWNER} models given back .yours"):
+        queue.store_model(run, weights, owner=b"t:me")
+    other = queue.store_model(run, weights, owner=b"t:you")           # another client still may
+    assert queue.owner_of(other) == b"t:you" and queue.owner_of(ids[0]) == b"t:me"
+    assert queue.expire() == [] and all((tmp_path / i / "model.pt").is_file() for i in ids)   # max_kept=1 spares them
+    assert checkpoint.read_job_record(tmp_path / other)["kind"] == "stored_model"
+    assert sorted(queue.expire(now=time.time() + 7200)) == sorted(ids + [other])
+    with pytest.raises(ValueError, match="not a torch archive"):
+        queue.store_model(run, b"\x80\x04pickle", owner=b"t:me")
