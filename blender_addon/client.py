@@ -349,7 +349,8 @@ class _Session:
                 self.state = "accepted"
                 c._inbox.put(m)
         elif isinstance(m, protocol.Error):
-            if m.in_reply_to in ("hello", "submit", "attach", "") and self.state in ("hello", "submitted"):
+            refused = m.in_reply_to in ("hello", "submit", "render_job", "mesh_job", "attach", "")
+            if refused and self.state in ("hello", "submitted"):
                 self.fail(*_refusal(c.address, m))
             else:   # e.g. a late Cancel of a job that already ended: not the job's end
                 log.warning("backend error (%s) in reply to %s: %s", m.code, m.in_reply_to or "?", m.message)

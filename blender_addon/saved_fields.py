@@ -90,80 +90,79 @@ def _address_and_keys(op, context) -> tuple[str, dict]:
     return op.address.strip() or backend_address(context, context.scene), connection_kwargs(context)
 
 
-class IMPLICIT_OT_save_field(bpy.types.Operator):
+class _FieldOperator:
+    """What both operators share: the backend address option, and the errors a user reads."""
+
+    bl_options = {"REGISTER"}
+    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
+                                      description="Backend address; empty: the scene's or the preferences'")
+
+    @classmethod
+    def poll(cls, context):
+        return context.scene is not None
+
+    def guarded(self, context, failure: str, action):
+        """``action(address, keys)``, or None after reporting why it failed (``failure``: the sentence's start)."""
+        from .client import BackendError
+        from .preferences import KeyProblem
+
+        try:
+            return action(*_address_and_keys(self, context))
+        except (BackendError, KeyProblem, RuntimeError, OSError, ValueError) as exc:
+            self.report({"ERROR"}, f"{failure}: {exc}")
+            return None
+
+
+class IMPLICIT_OT_save_field(_FieldOperator, bpy.types.Operator):
     """Fetch the last fit's field from the backend into a folder beside the .blend, so that it can
     be rendered again after the backend's cache expired (Give Field Back), or used from the
     command line (fit-implicit render | mesh | eval read the folder)"""
 
     bl_idname = "implicit.save_field"
     bl_label = "Save Field"
-    bl_options = {"REGISTER"}
 
     directory: bpy.props.StringProperty(name="Folder", subtype="DIR_PATH", default="", options={"SKIP_SAVE"},
                                         description="Where run.json and model.pt go; empty: "
                                                     "fit_implicit_fields/<job id> next to the .blend")
     fit_job: bpy.props.StringProperty(name="Fit Job", default="", options={"SKIP_SAVE"},
                                       description="Job id of the fit to save; empty: the last finished fit")
-    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
-                                      description="Backend address; empty: the scene's or the preferences'")
-
-    @classmethod
-    def poll(cls, context):
-        return context.scene is not None
 
     def execute(self, context):
-        from .client import BackendError
-        from .preferences import KeyProblem
-
         scene = context.scene
         job_id = self.fit_job.strip() or str(scene.get(JOB_KEY, ""))
         if not job_id:
             self.report({"ERROR"}, "No finished fit to save: fit first (or give its job id)")
             return {"CANCELLED"}
-        try:
-            folder = bpy.path.abspath(self.directory) if self.directory else default_folder(job_id)
-            address, keys = _address_and_keys(self, context)
-            out = save_field(scene, address, job_id, folder, keys)
-        except (BackendError, KeyProblem, RuntimeError, OSError, ValueError) as exc:
-            self.report({"ERROR"}, f"The field was not saved: {exc}")
+        out = self.guarded(context, "The field was not saved", lambda address, keys: save_field(
+            scene, address, job_id, bpy.path.abspath(self.directory) if self.directory else default_folder(job_id),
+            keys))
+        if out is None:
             return {"CANCELLED"}
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         self.report({"INFO"}, f"Saved the field of fit {job_id} ({size:.1f} MB) in {out}")
         return {"FINISHED"}
 
 
-class IMPLICIT_OT_restore_field(bpy.types.Operator):
+class IMPLICIT_OT_restore_field(_FieldOperator, bpy.types.Operator):
     """Give a saved field back to the backend (after its cache expired, after a restart, or to
     another backend): Render with Field then renders it"""
 
     bl_idname = "implicit.restore_field"
     bl_label = "Give Field Back"
-    bl_options = {"REGISTER"}
 
     directory: bpy.props.StringProperty(name="Folder", subtype="DIR_PATH", default="", options={"SKIP_SAVE"},
                                         description="Folder of a saved field (run.json, model.pt); empty: the "
                                                     "scene's last saved field")
-    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
-                                      description="Backend address; empty: the scene's or the preferences'")
-
-    @classmethod
-    def poll(cls, context):
-        return context.scene is not None
 
     def execute(self, context):
-        from .client import BackendError
-        from .preferences import KeyProblem
-
         scene = context.scene
         folder = bpy.path.abspath(self.directory) if self.directory else str(scene.get(FIELD_KEY, ""))
         if not folder:
             self.report({"ERROR"}, "No saved field: save one first (Save Field), or choose its folder")
             return {"CANCELLED"}
-        try:
-            address, keys = _address_and_keys(self, context)
-            job_id = restore_field(scene, address, folder, keys)
-        except (BackendError, KeyProblem, RuntimeError, OSError, ValueError) as exc:
-            self.report({"ERROR"}, f"The field was not given back: {exc}")
+        job_id = self.guarded(context, "The field was not given back",
+                              lambda address, keys: restore_field(scene, address, folder, keys))
+        if job_id is None:
             return {"CANCELLED"}
         self.report({"INFO"}, f"The backend has the field of {folder} again, as fit {job_id}")
         return {"FINISHED"}
