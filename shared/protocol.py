@@ -386,12 +386,7 @@ class Submit(Message):
             raise ProtocolError(f"submit.eval_sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
-        if 0 < self.max_faces < MIN_FACES:
-            raise ProtocolError(f"submit.max_faces: {self.max_faces} is not 0 (the backend's default) or at "
-                                f"least {MIN_FACES}")
-        if 0 < self.texture_size < MIN_TEXTURE_SIDE and self.texture_size != TEXTURE_AUTO:
-            raise ProtocolError(f"submit.texture_size: {self.texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
-                                f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+        check_mesh_settings("submit", self.max_faces, self.texture_size)
 
 
 NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit
@@ -594,6 +589,15 @@ class RenderJob(Message):
                                 "allowed in one job; send the views in several jobs")
 
 
+def check_mesh_settings(where: str, max_faces: int, texture_size: int) -> None:
+    """The values between the Int ranges' ends that Submit and MeshJob refuse alike."""
+    if 0 < max_faces < MIN_FACES:
+        raise ProtocolError(f"{where}.max_faces: {max_faces} is not 0 (the backend's default) or at least {MIN_FACES}")
+    if 0 < texture_size < MIN_TEXTURE_SIDE and texture_size != TEXTURE_AUTO:
+        raise ProtocolError(f"{where}.texture_size: {texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
+                            f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+
+
 @dataclass
 class MeshJob(Message):
     """Mesh a field fitted earlier again (the model fit job ``fit_job_id`` saved, or one given
@@ -609,12 +613,7 @@ class MeshJob(Message):
     name: str = spec(Str(MAX_NAME), default="")
 
     def check(self):
-        if 0 < self.max_faces < MIN_FACES:
-            raise ProtocolError(f"mesh_job.max_faces: {self.max_faces} is not 0 (the backend's default) or at "
-                                f"least {MIN_FACES}")
-        if 0 < self.texture_size < MIN_TEXTURE_SIDE and self.texture_size != TEXTURE_AUTO:
-            raise ProtocolError(f"mesh_job.texture_size: {self.texture_size} is not 0 (no textures), {TEXTURE_AUTO} "
-                                f"(chosen from the cameras) or in [{MIN_TEXTURE_SIDE}, {MAX_TEXTURE_SIDE}]")
+        check_mesh_settings("mesh_job", self.max_faces, self.texture_size)
 
 
 @dataclass

@@ -138,12 +138,6 @@ def open_edges(faces: np.ndarray) -> np.ndarray:
     return directed[~np.isin(directed[:, 1] * n + directed[:, 0], key)]
 
 
-def pinches(faces: np.ndarray) -> np.ndarray:
-    """Vertices that start more than one open edge: two holes (or two arcs of one) touch there."""
-    starts, counts = np.unique(open_edges(faces)[:, 0], return_counts=True)
-    return starts[counts > 1]
-
-
 def rim_loops(faces: np.ndarray) -> list[np.ndarray] | None:
     """The holes of an edge-manifold mesh as loops of vertex indices, each in the order the
     kept faces traverse its edges (:func:`chain_loops`: None at a pinch)."""
@@ -303,5 +297,5 @@ def _cap_pixels(verts: np.ndarray, base: np.ndarray, caps: list[np.ndarray], vie
     return counts.cpu().tolist()
 
 
-__all__ = ["Views", "cap", "chain_loops", "close_unseen", "open_edges", "pinches", "region_rim", "rim_loops",
+__all__ = ["Views", "cap", "chain_loops", "close_unseen", "open_edges", "region_rim", "rim_loops",
            "seen_faces", "summary_entries", "visible_points"]
