@@ -131,13 +131,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     class Printer(Callbacks):
         last_checkpoint = time.monotonic()
+        told = False
 
         def on_progress(self, info: dict) -> None:
             progress.update(info)
 
         def on_checkpoint(self, step: int, state) -> None:
             if args.checkpoint_every > 0 and time.monotonic() - self.last_checkpoint >= args.checkpoint_every:
-                save_checkpoint(out, state())
+                try:
+                    save_checkpoint(out, state())
+                except Exception as exc:   # noqa: BLE001 - a full disk (torch: RuntimeError) must not end the fit
+                    if not self.told:
+                        _print(f"warning: could not write a checkpoint ({type(exc).__name__}: {exc}); "
+                               "training goes on without them")
+                    self.told = True
                 self.last_checkpoint = time.monotonic()
 
     try:

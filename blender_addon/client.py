@@ -348,6 +348,10 @@ class _Session:
             if self.state == "submitted" and m.job_id == c.job_id:
                 self.state = "accepted"
                 c._inbox.put(m)
+        elif isinstance(m, protocol.Error) and m.code == "job_taken" and self.state == "accepted":
+            # another connection of ours attached to the job: it goes on there, so no Cancel from here
+            c._inbox.put(protocol.Failed(job_id=c.job_id or "", message=m.message, code=m.code))
+            self.state = "ended"
         elif isinstance(m, protocol.Error):
             refused = m.in_reply_to in ("hello", "submit", "render_job", "mesh_job", "attach", "")
             if refused and self.state in ("hello", "submitted"):

@@ -507,6 +507,9 @@ class FitSession:
         elif isinstance(msg, protocol.Progress):
             r.last_progress = msg
             self._timing(msg.stage)
+            if msg.note and msg.note not in r.notes:     # said once by the backend (e.g. checkpoints failing)
+                r.notes.append(msg.note)
+                print(f"Fit Implicit: backend note: {msg.note}")
             if msg.stage == "train":
                 self.history.add(msg.step, msg.loss, msg.psnr)
                 self._update(status=progress_text(msg), progress=msg.fraction, step=msg.step,
@@ -647,6 +650,9 @@ class FitSession:
         except Exception:   # the plot is a nicety: never let it hide the result
             traceback.print_exc()
         r = self.result
+        told = [n for n in r.notes if n != CPU_NOTE]
+        if told and status in ("done", "failed"):
+            message = f"{message} (Backend: {'; '.join(told)})"
         r.status, r.message = status, message
         r.timings["total"] = time.monotonic() - self._t0
         if status == "done" and r.job_id and getattr(self.scene, "implicit", None) is not None:

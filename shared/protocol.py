@@ -26,6 +26,7 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
@@ -476,6 +477,7 @@ class Progress(Message):
     elapsed: float = spec(Float(0.0), default=0.0)
     eta: float = spec(Float(0.0), default=0.0)
     fraction: float = spec(Float(0.0, 1.0), default=0.0)
+    note: str = spec(Str(), default="")              # something the user should know, said once (e.g. no checkpoints)
 
 
 @dataclass
@@ -758,10 +760,23 @@ class Error(Message):
 JOB_END_TYPES = (Done, Failed, Cancelled)
 
 
-def error_for(exc: Exception, in_reply_to: str = "") -> Error:
-    """The Error reply for a rejected message; the text is truncated to fit the protocol."""
+def error_for(exc: Exception, frames: Sequence | None = None) -> Error:
+    """The Error reply for a rejected message (``frames``: the message as received, to name
+    its type if its header says one); the text is truncated to fit the protocol."""
     code = getattr(exc, "code", "bad_message")
-    return Error(code=str(code)[:64], message=str(exc)[:MAX_STRING], in_reply_to=in_reply_to[:64])
+    return Error(code=str(code)[:64], message=str(exc)[:MAX_STRING], in_reply_to=peek_type(frames or [])[:64])
+
+
+def peek_type(frames: Sequence) -> str:
+    """The 'type' a message's header names, if it can be read ("" otherwise)."""
+    try:
+        head = bytes(getattr(frames[0], "buffer", frames[0]))
+        if len(head) <= 65536:
+            kind = json.loads(head).get("type")
+            return kind[:64] if isinstance(kind, str) else ""
+    except Exception:   # noqa: BLE001 - it is already known to be malformed
+        pass
+    return ""
 
 
 def message_types() -> dict[str, type[Message]]:

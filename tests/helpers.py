@@ -7,6 +7,7 @@
 * :func:`fake_runner` - a job runner that needs no torch: timed fake steps, a tetrahedron mesh,
   flat renders.  ``Submit.name`` picks a behaviour (see :data:`FAKE_STEP_SECONDS`).
 * :class:`RawPeer` - a bare DEALER socket to send arbitrary frames and read decoded replies.
+* :class:`RawZmtp` - a raw TCP connection speaking ZMTP by hand (stalled and oversized messages).
 * :class:`KeepSubmit` - stands in for the add-on's JobClient: keeps the Submit it was started with
   (no backend needed to check what would be sent).
 """
@@ -118,11 +119,13 @@ class BackendProcess:
         fake: run the real server with :func:`fake_runner` instead of the trainer (no torch).
         args: extra command-line options (e.g. ["--max-queue", "1"]).
         startup_timeout: seconds to wait for the "backend listening on ..." line.
+        preexec_fn: run in the child before the backend starts (e.g. a lower open-file limit).
     Attributes:
         address: ``tcp://127.0.0.1:PORT``.  proc: the Popen.  log_path: its stderr (the log).
     """
 
-    def __init__(self, *, fake: bool = True, args: list[str] = (), startup_timeout: float = 30.0):
+    def __init__(self, *, fake: bool = True, args: list[str] = (), startup_timeout: float = 30.0,
+                 preexec_fn=None):
         # Each backend gets its own job folders (unless the test names some): no job of another
         # test resumes here.
         self.runs_dir = None if "--runs-dir" in args else tempfile.mkdtemp(prefix="backend-runs-")
@@ -137,7 +140,8 @@ class BackendProcess:
         env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
         fd, self.log_path = tempfile.mkstemp(prefix="backend-", suffix=".log")
         self._log = os.fdopen(fd, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     preexec_fn=preexec_fn)
         self.address = self._wait_for_address(startup_timeout)
 
     def _wait_for_address(self, timeout: float) -> str:
@@ -196,9 +200,11 @@ TEST_TOKEN = "5e1f" * 8
 class RawPeer:
     """A DEALER socket connected to ``address`` for hand-made frames.  Use as a context manager."""
 
-    def __init__(self, address: str, token: str = ""):
+    def __init__(self, address: str, token: str = "", curve: tuple | None = None):
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:       # (server public key, client public key, client secret key)
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
         self.sock.connect(address)
         if token:       # say who it is (shared/protocol.py Hello.token): the jobs of that token are its own
             reply = self.request(protocol.Hello(client="test peer", token=token), timeout=10)
@@ -234,6 +240,63 @@ class RawPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RawZmtp:
+    """A TCP connection that speaks just enough ZMTP 3.0 (NULL security, a DEALER) to send a
+    message by hand and stop anywhere in it: what a stalled or hostile client does and a libzmq
+    socket never would."""
+
+    def __init__(self, address: str):
+        import socket
+        import struct
+
+        self._struct = struct
+        host, port = address[len("tcp://"):].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + bytes(32))
+        got = b""
+        while len(got) < 64:                       # the backend's greeting
+            chunk = self.sock.recv(64 - len(got))
+            if not chunk:
+                raise ConnectionError("the backend closed the connection during the greeting")
+            got += chunk
+        body = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+        self.sock.sendall(b"\x04" + bytes([len(body)]) + body)
+
+    def frame_header(self, size: int, more: bool) -> bytes:
+        """The header of a frame of ``size`` bytes (its data follows)."""
+        return bytes([(1 if more else 0) | 2]) + self._struct.pack(">Q", size)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def is_closed(self, timeout: float) -> bool:
+        """True once the backend has closed the connection (within ``timeout`` seconds)."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except OSError:          # reset
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (``VmHWM``: its peak so far), in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise KeyError(field)
 
 
 class KeepSubmit:

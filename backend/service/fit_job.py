@@ -44,6 +44,7 @@ class _TrainCallbacks:
         self._previews = previews
         self.last: dict[str, Any] = {}
         self._last_checkpoint = time.monotonic()
+        self._told_checkpoint = False      # a failed checkpoint is told to the client once
 
     def on_progress(self, info: dict) -> None:
         self.last = dict(info)
@@ -70,8 +71,12 @@ class _TrainCallbacks:
         try:
             took = save_checkpoint(ctx.folder, state())
             log.info("job %s: checkpoint at step %d (%.2f s)", ctx.job_id, step, took)
-        except OSError as exc:   # a full disk must not fail the fit
-            log.error("job %s: could not write a checkpoint: %s", ctx.job_id, exc)
+        except Exception as exc:   # noqa: BLE001 - a full disk (torch says RuntimeError) must not fail the fit
+            log.error("job %s: could not write a checkpoint: %s: %s", ctx.job_id, type(exc).__name__, exc)
+            if not self._told_checkpoint:
+                self._told_checkpoint = True
+                ctx.note(f"could not write a training checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "training goes on, but a backend restart would start this fit over")
         self._last_checkpoint = time.monotonic()
 
 
@@ -157,8 +162,13 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
             raise JobCancelled() from exc
         if ctx.folder is not None:   # later jobs (renders back) load it from here
             from fit_implicit.backend.service.checkpoint import remove_checkpoint
-            save_run(model, ctx.folder)
-            remove_checkpoint(ctx.folder)
+            try:
+                save_run(model, ctx.folder)
+                remove_checkpoint(ctx.folder)
+            except Exception as exc:   # noqa: BLE001 - a full disk: the mesh and renders still come back
+                log.error("job %s: could not save the fitted model: %s: %s", ctx.job_id, type(exc).__name__, exc)
+                ctx.note(f"could not save the fitted field ({type(exc).__name__}: {str(exc)[:200]}); the mesh "
+                         "and renders still come back, but Render with Field and Re-mesh will not find it")
     fit_seconds = time.monotonic() - start
     refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
     refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None

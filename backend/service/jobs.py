@@ -93,6 +93,7 @@ class Job:
     summary: str = ""                      # one line for logs: how it ended
     stored: int = 0                        # results written to its folder so far
     lock: threading.Lock = field(default_factory=threading.Lock)   # client + stored results together
+    nbytes: int = 0                        # what its Submit holds (every array): memory, or disk once stored
 
     def deliver(self, message: protocol.Message) -> bytes | None:
         """Store a result in the job's folder and return who it goes to, as one step (so that a
@@ -138,17 +139,21 @@ class JobContext:
 
     def progress(self, stage: str = "train", *, step: int = 0, total_steps: int = 0, loss: float = 0.0,
                  psnr: float = 0.0, elapsed: float = 0.0, eta: float = 0.0, fraction: float = 0.0,
-                 force: bool = False) -> None:
+                 force: bool = False, note: str = "") -> None:
         values = dict(stage=stage, step=_count(step), total_steps=_count(total_steps), loss=_finite(loss),
                       psnr=_finite(psnr), elapsed=max(0.0, _finite(elapsed)), eta=max(0.0, _finite(eta)),
                       fraction=min(1.0, max(0.0, _finite(fraction))))
         self.last_progress = values
         now = time.monotonic()
         last_step = values["total_steps"] > 0 and values["step"] >= values["total_steps"]
-        if not (force or last_step or now - self._last_progress >= self._interval):
+        if not (note or force or last_step or now - self._last_progress >= self._interval):
             return
         self._last_progress = now
-        self._put(protocol.Progress(job_id=self.job_id, **values).validate())
+        self._put(protocol.Progress(job_id=self.job_id, note=note[:protocol.MAX_STRING], **values).validate())
+
+    def note(self, text: str) -> None:
+        """Tell the client something once (a Progress carrying ``note``, with the last numbers)."""
+        self.progress(**{**(self.last_progress or {}), "note": text})
 
     def preview(self, image: np.ndarray, step: int = 0) -> None:
         """``image``: (h, w, 4) or (h, w, 3) uint8 sRGB, straight alpha, top row first."""
@@ -339,11 +344,19 @@ class JobQueue:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"queue full: {len(self._waiting)} jobs are already waiting "
                                 f"(the backend was started with --max-queue {self.max_queue}); try again later")
-            held = sum(_nbytes(job.submit) for job in self._waiting)
-            if self._waiting and held + _nbytes(submit) > self.max_queued_bytes:
+            size, who = _nbytes(submit), owner or client
+            held = sum(job.nbytes for job in self._waiting)
+            if self._waiting and held + size > self.max_queued_bytes:
                 raise QueueFull(f"queue full: the {len(self._waiting)} waiting jobs already hold "
-                                f"{held / 2**30:.1f} GiB of images; try again when they have run")
-        job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=owner or client)
+                                f"{held / 2**30:.1f} GiB of images and passes (at most "
+                                f"{self.max_queued_bytes / 2**30:.1f} GiB); try again when they have run")
+            mine = [job.nbytes for job in self._waiting if job.owner == who]
+            share = self.max_queued_bytes // 2
+            if mine and sum(mine) + size > share:
+                raise QueueFull(f"queue full for this client: your {len(mine)} waiting jobs already hold "
+                                f"{sum(mine) / 2**30:.1f} GiB of images and passes, and one client may queue at most "
+                                f"{share / 2**30:.1f} GiB; try again when one has run")
+        job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=who, nbytes=size)
         # Written before it is queued: a kill from now on loses nothing.  Render jobs (RenderJob,
         # backend/service/render_job.py) are short and read another job's folder: they keep none.
         if self.runs_dir is not None and isinstance(submit, protocol.Submit):
@@ -356,6 +369,7 @@ class JobQueue:
             except OSError:
                 shutil.rmtree(job.folder, ignore_errors=True)
                 raise
+            job.submit = None      # on disk now: read again when it runs, so waiting jobs hold no memory
         with self._cond:
             self._waiting.append(job)
             position = self._position(job)
@@ -700,9 +714,11 @@ def clean_summary(summary: Mapping[str, Any]) -> dict:
     return out
 
 
-def _nbytes(submit: protocol.Submit | None) -> int:
-    images = getattr(submit, "images", None)    # RenderJob: no images
-    return 0 if images is None else int(images.nbytes)
+def _nbytes(message: protocol.Message | None) -> int:
+    """Bytes of every array a job's message carries (images, passes, cameras, ...)."""
+    if message is None:
+        return 0
+    return sum(int(v.nbytes) for v in vars(message).values() if isinstance(v, np.ndarray))
 
 
 def _finite(x: Any) -> float:

@@ -11,6 +11,7 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_CLIENT_TIMEOUT = 0.0                  # jobs outlive their client (it may reattach)
 DEFAULT_CHECKPOINT_SECONDS = 60.0
 DEFAULT_KEEP_HOURS = 24.0
+DEFAULT_STALL_SECONDS = 60.0                  # an unfinished message with no new byte this long is dropped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"jobs that may wait behind the running one (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
                         help=f"largest message accepted, in MiB (default {DEFAULT_MAX_MESSAGE_MB})")
+    parser.add_argument("--stall-seconds", type=float, default=DEFAULT_STALL_SECONDS,
+                        help="drop a connection whose unfinished message has had no new byte for this many "
+                             f"seconds (Linux; default {DEFAULT_STALL_SECONDS:g})")
+    parser.add_argument("--max-clients", type=int, default=0,
+                        help="connections served at once; more get a too_many_clients error (default 0: as many "
+                             "as the open-file limit allows, which the backend raises to its hard limit)")
     parser.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                         help="cancel the jobs of a client not heard from for this many seconds "
                              f"(0: never, the job keeps running and its results wait for the client to "

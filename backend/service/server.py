@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import ipaddress
-import json
 import logging
 import re
 import signal
@@ -37,6 +37,8 @@ from fit_implicit.shared import protocol, wire
 
 from fit_implicit.backend import __version__
 from fit_implicit.backend.service import paths, security, options as serve_options
+from fit_implicit.backend.service.connections import Connections, connection_limit, raise_fd_limit
+from fit_implicit.backend.service.intake import LARGE_BYTES, Intake
 from fit_implicit.backend.service.jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
 from fit_implicit.backend.service.outbox import Outbox
 from fit_implicit.backend.service.options import DEFAULT_BIND, add_arguments
@@ -71,6 +73,8 @@ class ServerConfig:
     checkpoint_interval: float = serve_options.DEFAULT_CHECKPOINT_SECONDS   # 0: no training checkpoints
     keep_seconds: float = serve_options.DEFAULT_KEEP_HOURS * 3600.0        # ended jobs' results kept this long
     warm_up: bool = False                     # a tiny fit on the worker before the first job (CUDA only)
+    stall_seconds: float = serve_options.DEFAULT_STALL_SECONDS   # an unfinished message silent this long: dropped
+    max_clients: int = 0                      # connections served at once (0: as the open-file limit allows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +118,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         else max(0.0, float(timeout)), runs_dir=runs_dir,
                         checkpoint_interval=serve_options.DEFAULT_CHECKPOINT_SECONDS if every is None else float(every),
                         keep_seconds=3600.0 * (serve_options.DEFAULT_KEEP_HOURS if keep is None else float(keep)),
-                        warm_up=bool(getattr(args, "warm_up", True)))
+                        warm_up=bool(getattr(args, "warm_up", True)),
+                        stall_seconds=float(getattr(args, "stall_seconds", None) or serve_options.DEFAULT_STALL_SECONDS),
+                        max_clients=max(0, int(getattr(args, "max_clients", None) or 0)))
 
 
 def check_bind_address(address: str, curve: bool = False) -> str:
@@ -204,6 +210,11 @@ class Server:
             max_array_bytes=min(wire.DEFAULT_LIMITS.max_array_bytes, config.max_message_bytes),
         )
         self.outbox = Outbox()
+        self.connections = Connections(config.max_message_bytes, stall_seconds=config.stall_seconds)
+        # Submit and StoreModel only touch the job queue (its own lock): large ones run on the intake thread.
+        self.intake = Intake(self.outbox, self.limits, {protocol.Submit: self._on_submit,
+                                                        protocol.StoreModel: self._on_store_model},
+                             max_bytes=2 * config.max_message_bytes)
         self.jobs = JobQueue(runner, self.outbox, device=config.device, max_queue=config.max_queue,
                              max_queued_bytes=config.max_queued_bytes, runs_dir=config.runs_dir,
                              checkpoint_interval=config.checkpoint_interval, keep_seconds=config.keep_seconds,
@@ -216,6 +227,7 @@ class Server:
         self.endpoint = ""
         self._last_seen: dict[bytes, float] = {}
         self._owner_keys: dict[bytes, bytes] = {}          # connection -> owner key (from its Hello's token)
+        self._keys_of: dict[bytes, str] = {}                # connection -> its CurveZMQ public key (Z85)
         self._preview_credit: dict[bytes, int] = {}          # previews a client may still get (flow control)
         self._backlog: dict[bytes, collections.deque] = {}   # messages waiting for a full pipe, per client
         self.previews_held_back = 0
@@ -236,12 +248,14 @@ class Server:
     def bind(self) -> str:
         """Create and bind the socket; returns the real endpoint (with the chosen port)."""
         sock = self._context.socket(zmq.ROUTER)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED   # connections.py
         if self.config.curve is not None:
             self._auth = security.start_authenticator(self._context, self.config.curve)
             security.make_curve_server(sock, self.config.curve)
-            self._monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            events |= zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        self._monitor = sock.get_monitor_socket(events)
+        self.connections.max_connections = connection_limit(self.config.max_clients, raise_fd_limit())
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
@@ -288,6 +302,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        self.intake.stop()
         if self._socket is not None:
             self._stop_security(self._socket)
             self._socket.close()
@@ -307,15 +322,22 @@ class Server:
             self._auth.stop()
             self._auth = None
 
-    def _log_refused_connections(self) -> None:
-        """Log CurveZMQ handshakes that failed (no CURVE, wrong server key, key not allowed)."""
+    def _read_monitor(self) -> None:
+        """Connections opened and closed (connections.py); CurveZMQ handshakes that failed (no
+        CURVE, wrong server key, key not allowed) are logged."""
         from zmq.utils.monitor import recv_monitor_message
 
-        for _ in range(100):
+        for _ in range(10000):
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.connections.accepted(int(event["value"]))
+                continue
+            if event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self.connections.closed(int(event["value"]))
+                continue
             reason = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (key not allowed)",
                       zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CurveZMQ client or protocol error",
                       }.get(event["event"], "handshake failed")
@@ -325,9 +347,9 @@ class Server:
 
     # ---- one turn of the loop ----------------------------------------------------------------
     def _turn(self, poller: zmq.Poller) -> None:
-        busy = self.jobs.busy() or self.outbox.pending()
+        busy = self.jobs.busy() or self.outbox.pending() or self.intake.busy() or self.connections.busy()
         if self._monitor is not None:
-            self._log_refused_connections()
+            self._read_monitor()
         if poller.poll(self.config.poll_ms if busy else self.config.idle_poll_ms):
             for _ in range(100):   # then let the outbox have its turn
                 try:
@@ -335,6 +357,11 @@ class Server:
                 except zmq.Again:
                     break
                 self._handle(frames)
+        if self._monitor is not None:
+            self._read_monitor()
+        self.connections.check()
+        for identity, message in self.intake.handed_back():
+            self._reply(identity, message)
         self._flush_backlogs()
         for identity, message in self.outbox.drain():
             self._send(identity, message)
@@ -344,12 +371,28 @@ class Server:
         self._last_seen[identity] = time.monotonic()
         self._preview_credit[identity] = PREVIEW_CREDIT
         body = frames[1:]
+        if self.config.curve is not None and identity not in self._keys_of:
+            self._keys_of[identity] = _user_id(frames[-1])      # the client's CurveZMQ public key (ZAP User-Id)
+        nbytes = sum(len(f) for f in body)
+        if not self.connections.received(_source_fd(frames[0]), identity, nbytes, len(body)):
+            self._send(identity, protocol.Error(code="too_many_clients", in_reply_to=protocol.peek_type(body),
+                                                message=self.connections.refusal_text()))
+            return
+        if nbytes > LARGE_BYTES:     # checked and stored on the intake thread (intake.py)
+            if not self.intake.offer(identity, body, nbytes):
+                self._send(identity, protocol.Error(
+                    code="busy", in_reply_to=protocol.peek_type(body),
+                    message="the backend is still storing other uploads; send this again in a few seconds"))
+            return
         try:
             message = protocol.decode_message(body, self.limits)
         except Exception as exc:   # noqa: BLE001 - WireError/ProtocolError, or anything unforeseen
             log.info("rejected a message from %s: %s", identity.hex(), exc)
-            self._send(identity, protocol.error_for(exc, _peek_type(body)))
+            self._send(identity, protocol.error_for(exc, body))
             return
+        self._reply(identity, message)
+
+    def _reply(self, identity: bytes, message: protocol.Message) -> None:
         handler = self._handlers.get(type(message))
         try:
             if handler is None:
@@ -430,8 +473,13 @@ class Server:
     # ---- handlers: (identity, message) -> reply or None ------------------------------------
     def _owner(self, identity: bytes) -> bytes:
         """The owner key of a connection: from its Hello's token (the same for every connection
-        that says it), else the connection itself."""
-        return self._owner_keys.get(identity) or b"i:" + identity
+        that says it, and with CurveZMQ the same key pair), else its CurveZMQ key, else the
+        connection itself."""
+        owner = self._owner_keys.get(identity)
+        if owner:
+            return owner
+        key = self._keys_of.get(identity)
+        return b"k:" + hashlib.sha256(key.encode()).digest() if key else b"i:" + identity
 
     def _foreign(self, identity: bytes, job_id: str) -> bool:
         """True when ``job_id`` is a job of this backend that this connection does not own; its
@@ -450,9 +498,9 @@ class Server:
 
     def _on_hello(self, identity: bytes, msg: protocol.Hello) -> protocol.Message:
         log.info("hello from %s (%s)", identity.hex(), msg.client or "unnamed client")
-        if msg.token:
-            import hashlib
-            self._owner_keys[identity] = b"t:" + hashlib.sha256(msg.token.encode()).digest()
+        if msg.token:     # with CurveZMQ the token counts only with the same key: a stolen token alone is not enough
+            key = self._keys_of.get(identity, "")
+            self._owner_keys[identity] = b"t:" + hashlib.sha256(f"{key}\n{msg.token}".encode()).digest()
         return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, server=f"fit-implicit backend {__version__}",
                                 device=self.config.device, methods=",".join(protocol.METHODS))
 
@@ -520,10 +568,17 @@ class Server:
         """Point the job's messages at this client and resend what it already produced."""
         if self._foreign(identity, msg.job_id):
             return self._no_job(msg, msg.job_id)
+        live = [j for j in (self.jobs.running(), *self.jobs.waiting()) if j is not None and j.id == msg.job_id]
+        before = live[0].client if live else None
         try:
             job, state, position, stored = self.jobs.attach(msg.job_id, identity)
         except UnknownJob as exc:
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE, message=str(exc))
+        if before is not None and before != identity:    # the connection that followed it is told at once
+            self._send(before, protocol.Error(
+                code="job_taken", in_reply_to="attach",
+                message=f"job {msg.job_id} is now followed by another connection of the same client (it attached, "
+                        "e.g. another Blender session); this one gets none of its messages any more"))
         self._send(identity, protocol.Attached(job_id=msg.job_id, state=state.value, position=position))
         for message in stored:
             self._send(identity, message)
@@ -580,6 +635,7 @@ class Server:
             if identity not in with_jobs and now - seen > max(timeout, 600.0):
                 del self._last_seen[identity]
                 self._owner_keys.pop(identity, None)
+                self._keys_of.pop(identity, None)
                 self._preview_credit.pop(identity, None)
                 self._backlog.pop(identity, None)   # gone for 10 minutes: it can Attach to get results
 
@@ -599,16 +655,20 @@ class Server:
         self._turn(poller)   # the worker's last messages
 
 
-def _peek_type(frames: list) -> str:
-    """The 'type' of a rejected message, if its header says one (for Error.in_reply_to)."""
+def _user_id(frame) -> str:
+    """The ZAP User-Id of a message (the client's public key with CurveZMQ), or ""."""
     try:
-        head = bytes(getattr(frames[0], "buffer", frames[0]))
-        if len(head) <= 65536:
-            kind = json.loads(head).get("type")
-            return kind[:64] if isinstance(kind, str) else ""
-    except Exception:   # noqa: BLE001 - it is already known to be malformed
-        pass
-    return ""
+        return str(frame.get("User-Id") or "")[:64]
+    except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
+        return ""
+
+
+def _source_fd(frame) -> int:
+    """The descriptor of the connection a message came in on (-1: unknown)."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return -1
 
 
 # --------------------------------------------------------------------------------------------

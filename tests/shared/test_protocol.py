@@ -131,8 +131,9 @@ def test_unknown_header_keys_are_ignored():
 
 
 def test_error_for_fits_the_protocol():
-    err = protocol.error_for(ProtocolError("x" * 10_000, code="version_mismatch"), "hello")
+    err = protocol.error_for(ProtocolError("x" * 10_000, code="version_mismatch"), protocol.Hello().to_frames())
     assert err.validate().code == "version_mismatch" and len(err.message) == protocol.MAX_STRING
+    assert err.in_reply_to == "hello"
 
 
 # ---- malformed headers and fields -----------------------------------------------------------

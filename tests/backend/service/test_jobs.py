@@ -204,6 +204,31 @@ def test_clean_summary():
     assert summary == {"b": None, "c": "(1, 2)"}
 
 
+def test_one_client_may_fill_half_the_queue_by_bytes_and_passes_count(tmp_path):
+    outbox = Outbox()
+    one = make_submit()
+    size = sum(v.nbytes for v in vars(one).values() if isinstance(v, np.ndarray))
+    with_passes = make_submit()
+    with_passes.depth = np.ones((4, 16, 16), np.float32)     # a scene-mode pass: 4 KiB more
+    jobs = JobQueue(fake_runner, outbox, device="cpu", max_queue=8, max_queued_bytes=4 * size + 8192,
+                    runs_dir=tmp_path)
+    jobs.start()
+    try:
+        jobs.submit(CLIENT, make_submit(steps=100_000))     # running: not counted
+        while jobs.running() is None:
+            time.sleep(0.005)
+        first, _ = jobs.submit(CLIENT, with_passes)           # the first waiting job of a client always fits
+        assert first.nbytes == size + 4096 and first.submit is None     # counted with its pass; held on disk only
+        jobs.submit(CLIENT, one)
+        with pytest.raises(QueueFull, match="one client may queue at most"):
+            jobs.submit(CLIENT, one)                          # over half the bound for this client
+        jobs.submit(b"someone-else", one)                     # the others still get in
+        jobs.submit(b"someone-else", one)
+    finally:
+        jobs.stop()
+        jobs.join(5.0)
+
+
 def test_waiting_jobs_are_capped_by_bytes_too():
     outbox = Outbox()
     jobs = JobQueue(fake_runner, outbox, device="cpu", max_queue=8, max_queued_bytes=5000)

@@ -106,3 +106,25 @@ def test_models_given_back_have_their_own_caps_and_never_push_out_others_results
     assert sorted(queue.expire(now=time.time() + 7200)) == sorted(ids + [other])
     with pytest.raises(ValueError, match="not a torch archive"):
         queue.store_model(run, b"\x80\x04pickle", owner=b"t:me")
+
+
+def test_the_add_on_client_is_told_at_once_when_another_connection_takes_its_job(fake_backend):
+    """The same owner attaching from elsewhere (another Blender session) takes the job's messages:
+    the add-on's client that followed it ends at once with the reason, and does not cancel it."""
+    client = JobClient(fake_backend.address, token=OWNER)
+    client.start(make_submit(n=2, size=8, steps=600))           # 6 s of fake training
+    deadline = time.monotonic() + 10
+    while client.job_id is None and time.monotonic() < deadline:
+        client.poll()
+        time.sleep(0.02)
+    with RawPeer(fake_backend.address) as elsewhere:
+        hello(elsewhere, OWNER)
+        t = time.monotonic()
+        assert isinstance(elsewhere.request(protocol.Attach(job_id=client.job_id)), protocol.Attached)
+        ends = client.wait(5)
+        told = time.monotonic() - t
+        assert client.finished and client.error_code == "job_taken" and "another connection" in client.error, ends
+        assert told < 1.0, told
+        client.close()
+        done = elsewhere.recv_until(protocol.JOB_END_TYPES, timeout=30)    # the job went on, here
+        assert isinstance(done[-1], protocol.Done)

@@ -73,6 +73,40 @@ def test_gpu_out_of_memory_fails_the_job_clearly_and_the_next_job_is_served(real
     assert first.state is JobState.FAILED and second.state is JobState.DONE
 
 
+# ---- a disk that fills up --------------------------------------------------------------------------
+def test_a_checkpoint_that_cannot_be_written_is_told_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """torch.save on a full disk raises RuntimeError, not OSError (issue 14): here torch.save
+    raises what torch 2.x says then.  The fit must end Done, the client told once."""
+    outbox = Outbox()
+    from fit_implicit.backend.service.fit_job import run_fit_job
+
+    jobs = JobQueue(run_fit_job, outbox,
+                    device="cpu", runs_dir=tmp_path, checkpoint_interval=1e-6)
+    tries = {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        tries["n"] += 1
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    jobs.start()
+    try:
+        job, _ = jobs.submit(b"a", make_submit(steps=12))
+        messages = run_until(outbox, ended(job.id))
+    finally:
+        jobs.stop()
+        jobs.join(30)
+    assert isinstance(messages[-1], protocol.Done) and messages[-1].summary["steps"] == 12
+    notes = [m.note for m in messages if isinstance(m, protocol.Progress) and m.note]
+    assert tries["n"] >= 3 and len(notes) == 2, (tries, notes)
+    assert "could not write a training checkpoint (RuntimeError" in notes[0] and "training goes on" in notes[0]
+    assert "could not save the fitted field (RuntimeError" in notes[1] and "the mesh and renders still come back" in notes[1]
+    assert any(isinstance(m, protocol.MeshResult) for m in messages)
+    assert not (tmp_path / job.id / "checkpoint.pt").exists()
+    assert "could not write a checkpoint" in caplog.text
+
+
 # ---- cancel latency ------------------------------------------------------------------------------
 def cancel_latency(jobs, outbox, job, when) -> tuple[float, list]:
     """Cancel ``job`` once a message satisfies ``when``; seconds from cancel to its Cancelled."""
@@ -100,8 +134,9 @@ def test_cancel_stops_training_meshing_and_renders_within_a_second(real_queue):
     latencies["mesh"], _ = cancel_latency(
         jobs, outbox, job, lambda m: isinstance(m, protocol.Progress) and m.stage == "mesh")
     # Eval renders: 512x512 views (16 chunks of rays each), cancelled while the first one renders.
-    job, _ = jobs.submit(b"a", make_submit(steps=3, eval_count=2, size=16))
-    job.submit.eval_sizes[:] = 512
+    submit = make_submit(steps=3, eval_count=2, size=16)
+    submit.eval_sizes[:] = 512
+    job, _ = jobs.submit(b"a", submit)
     latencies["render"], _ = cancel_latency(
         jobs, outbox, job, lambda m: isinstance(m, protocol.Progress) and m.stage == "render")
     print("cancel -> Cancelled and worker idle, seconds:", {k: round(v, 3) for k, v in latencies.items()})

@@ -15,7 +15,7 @@ import zmq
 from fit_implicit.backend.service import security
 from fit_implicit.backend.service.server import ConfigError, config_from_args
 from fit_implicit.blender_addon.client import BackendError, JobClient, probe
-from helpers import REPO, make_submit
+from helpers import REPO, RawPeer, make_submit
 from fit_implicit.shared import protocol
 
 
@@ -141,3 +141,34 @@ def test_an_unclear_curve_failure_is_named_by_asking_plainly(backend_factory, cu
     assert client.clarify(unclear, plain.address, None) == unclear         # no keys: nothing to clarify
     refused = (client.REFUSED, "refused this client's CurveZMQ key")
     assert client.clarify(refused, plain.address, curve) == refused        # only the unclear one is re-asked
+
+
+def test_with_curve_a_job_belongs_to_its_key_and_token(backend_factory, keys):
+    """Ownership (issue 14) with CurveZMQ: the token counts only together with the key pair it was
+    said with; a reconnect with the same key (and token) still attaches, and so does one with
+    the same key and no token at all."""
+    keys_dir, server_public, a_public, a_secret = keys
+    b_public, b_secret = zmq.curve_keypair()
+    with open(keys_dir / "authorized_keys", "a") as f:
+        f.write(b_public.decode() + "\n")
+    backend = backend_factory(fake=True, args=["--curve", "--keys-dir", str(keys_dir)])
+    token = "c0ffee" * 6
+    a, b = (server_public, a_public, a_secret), (server_public, b_public, b_secret)
+    with RawPeer(backend.address, token=token, curve=a) as owner:
+        accepted = owner.request(make_submit(steps=400), timeout=10)
+        assert isinstance(accepted, protocol.Accepted)
+        job = accepted.job_id
+    with RawPeer(backend.address, token=token, curve=b) as thief:       # the token, another key
+        reply = thief.request(protocol.Attach(job_id=job))
+        assert isinstance(reply, protocol.Error) and reply.code == "unknown_job"
+        assert thief.request(protocol.Status()).queued_jobs == "" and thief.request(protocol.Ping(seq=1)).running_job == ""
+    with RawPeer(backend.address, token=token, curve=a) as again:       # the same add-on reconnects
+        assert isinstance(again.request(protocol.Attach(job_id=job)), protocol.Attached)
+    with RawPeer(backend.address, curve=a) as keyonly:                  # same key, no token: its own jobs only
+        reply = keyonly.request(protocol.Attach(job_id=job))
+        assert isinstance(reply, protocol.Error)                       # the job was submitted with a token
+        own = keyonly.request(make_submit(steps=2), timeout=10)
+    with RawPeer(backend.address, curve=a) as keyonly_again:
+        assert isinstance(keyonly_again.request(protocol.Attach(job_id=own.job_id)), protocol.Attached)
+    with RawPeer(backend.address, curve=b) as other_key:
+        assert isinstance(other_key.request(protocol.Attach(job_id=own.job_id)), protocol.Error)
