@@ -122,7 +122,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     (out / ARGS_FILE).write_text(json.dumps({k: getattr(args, k) for k in RESUMED_ARGS}, indent=1))
     _print(f"data: {len(train)} training views"
            + (f", {len(held)} held out" if held is not None else "")
-           + f", {data.width}x{data.height}, box {np.round(data.aabb, 3).tolist()} "
+           + (f", {data.width}x{data.height}" if data.uniform else
+              f", sizes from {data.sizes.min(0)[0]}x{data.sizes.min(0)[1]} to {data.width}x{data.height}")
+           + f", box {np.round(data.aabb, 3).tolist()} "
            f"(loaded in {time.perf_counter() - t0:.1f} s)")
     _print(f"fit: method {cfg.method}, preset {cfg.preset}, {cfg.steps} steps"
            + (f" or {cfg.seconds:g} s" if cfg.seconds else "") + f", device {cfg.device}"
@@ -183,9 +185,9 @@ def _evaluate(model, data, seconds: float = 0.0, renders: Path | None = None) ->
         if i and seconds and time.perf_counter() - start > seconds:     # at least one view
             _print(f"evaluation stopped by its {seconds:g} s budget after {i} of {len(data)} views")
             break
-        img = to_rgba8(model.render(data.intrinsics[i], data.poses[i], data.width, data.height))
-        psnrs.append(psnr_white(img, data.images[i]))
-        ssims.append(ssim_white(img, data.images[i]))
+        img = to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i)))
+        psnrs.append(psnr_white(img, data.image(i)))
+        ssims.append(ssim_white(img, data.image(i)))
         if renders is not None:
             renders.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img, "RGBA").save(renders / f"{data.names[i]}.png")

@@ -787,7 +787,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
                  eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
-                 lens_models=None, distortion=None) -> "protocol.Submit":
+                 lens_models=None, distortion=None, image_sizes=None) -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -804,6 +804,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         max_faces: most triangles of the mesh; 0: the backend's default.
         lens_models / distortion: None (pinhole), or (N,) int32 shared.cameras lens codes and
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
+        image_sizes: None (all images W x H), or (N, 2) int (width, height) of photos of
+            different sizes, each top-left in its slot (protocol.pad_images).
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -834,4 +836,6 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
     if lens_models is not None:
         msg.lens_models = np.ascontiguousarray(lens_models, dtype=np.int32).reshape(-1)
         msg.distortion = np.ascontiguousarray(distortion, dtype=np.float64).reshape(-1, 6)
+    if image_sizes is not None and len(image_sizes):
+        msg.image_sizes = np.ascontiguousarray(image_sizes, dtype=np.int64).reshape(-1, 2)
     return msg.validate()

@@ -33,7 +33,7 @@ import numpy as np
 from mathutils import Matrix
 
 from . import capture
-from ._shared import cameras, colmap, transforms
+from ._shared import cameras, colmap, protocol, transforms
 from .importer import ensure_collection
 
 IMPORT_COLLECTION = "Implicit Dataset"
@@ -229,12 +229,14 @@ def import_transforms(scene, path: str, *, collection_name: str = IMPORT_COLLECT
 
 
 def import_colmap(scene, path: str, *, image_dir: str | None = None, collection_name: str = IMPORT_COLLECTION,
-                  backgrounds: bool = True, set_resolution: bool = True) -> tuple[list, list[str]]:
+                  backgrounds: bool = True, set_resolution: bool = True, points: bool = True) -> tuple[list, list[str]]:
     """Cameras (and background images) from a COLMAP model (cameras + images, .txt or .bin, in
     ``path``, or in its sparse/0); images from ``image_dir`` or the model's images/ folder.
-    Cameras are named after the image files, in name order.  See :func:`create_cameras`."""
+    Cameras are named after the image files, in name order.  See :func:`create_cameras`.
+    ``points``: the model's sparse points3D too, as a point cloud object (:func:`import_points`)."""
     try:
         folder, cams, images = colmap.read_model(path)
+        cloud = colmap.read_points(folder) if points else None
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
     views = []
@@ -246,8 +248,36 @@ def import_colmap(scene, path: str, *, image_dir: str | None = None, collection_
                           distortion=cam.distortion,
                           props={"colmap_model": cam.model, "colmap_image_id": im.image_id,
                                  "colmap_camera_id": im.camera_id}))
-    return create_cameras(scene, views, collection_name=collection_name, backgrounds=backgrounds,
-                          set_resolution=set_resolution)
+    created, warnings = create_cameras(scene, views, collection_name=collection_name, backgrounds=backgrounds,
+                                       set_resolution=set_resolution)
+    if cloud is not None and len(cloud[0]):
+        import_points(scene, *cloud, collection_name=collection_name)
+    return created, warnings
+
+
+POINTS_ERROR = "implicit_reprojection_error"     # the per-point attribute of an imported point cloud
+
+
+def import_points(scene, xyz: np.ndarray, rgb: np.ndarray, error: np.ndarray | None = None, *,
+                  name: str = "COLMAP Points", collection_name: str = IMPORT_COLLECTION):
+    """A point cloud object (a mesh of vertices only) in the cameras' world frame: colour
+    attribute "Col" (sRGB bytes, the photos' colours) and, when given, the reprojection error in
+    pixels as a float attribute; shown as points in the viewport.  Returns the object."""
+    from .importer import ensure_collection
+
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(xyz))
+    mesh.vertices.foreach_set("co", np.ascontiguousarray(xyz, np.float32).reshape(-1))
+    col = mesh.color_attributes.new("Col", "BYTE_COLOR", "POINT")
+    rgba = np.concatenate([np.asarray(rgb, np.float32) / 255.0, np.ones((len(xyz), 1), np.float32)], axis=1)
+    col.data.foreach_set("color_srgb", rgba.reshape(-1))
+    if error is not None:
+        att = mesh.attributes.new(POINTS_ERROR, "FLOAT", "POINT")
+        att.data.foreach_set("value", np.asarray(error, np.float32))
+    mesh.update()
+    ob = bpy.data.objects.new(name, mesh)
+    ensure_collection(scene, collection_name).objects.link(ob)
+    return ob
 
 
 def create_cameras(scene, views: list[View], *, collection_name: str = IMPORT_COLLECTION,
@@ -297,6 +327,12 @@ def create_cameras(scene, views: list[View], *, collection_name: str = IMPORT_CO
             data[key] = value if isinstance(value, (int, float, str)) else str(value)
         for key, value in zip(("fl_x", "fl_y", "cx", "cy"), ki):
             data[f"implicit_{key}"] = float(value)
+        # The photo's own camera, exactly (Blender has one resolution a scene, so a photo of another
+        # size or shape is drawn approximately); photo_views uses it while the lens is as built.
+        data["implicit_photo_k"] = [float(x) for x in v.intrinsics]
+        data["implicit_photo_size"] = [int(v.width), int(v.height)]
+        data["implicit_built_k"] = [float(x) for x in kk]
+        data["implicit_built_size"] = [int(w0), int(h0)]
         data["implicit_lens_model"] = cameras.LENS_MODELS[v.lens_model]
         data["implicit_distortion"] = [float(c) for c in v.distortion]
         if v.mask is not None:
@@ -360,6 +396,20 @@ def _read_rgba(path: str) -> np.ndarray:
         bpy.data.images.remove(img)
 
 
+def _photo_intrinsics(ob, scene, w: int, h: int, render_w: int, render_h: int) -> np.ndarray:
+    """fx, fy, cx, cy of a camera's photo of w x h: the dataset's own where the camera was imported
+    with it and its lens not changed since, else the Blender camera's rescaled to the photo."""
+    from . import capture
+
+    k = capture.camera_intrinsics(ob, scene)
+    own, size, built = (ob.data.get(key) for key in ("implicit_photo_k", "implicit_photo_size", "implicit_built_k"))
+    if own is not None and size is not None and built is not None and list(size) == [w, h] \
+            and (render_w, render_h) == tuple(ob.data.get("implicit_built_size", (render_w, render_h))) \
+            and np.allclose(k, list(built), rtol=1e-5, atol=1e-4):
+        return np.array(list(own), np.float64)
+    return k * np.array([w / render_w, h / render_h, w / render_w, h / render_h])
+
+
 def photo_views(camera_objects, scene) -> dict:
     """The photos of imported cameras as fit inputs.
 
@@ -367,9 +417,10 @@ def photo_views(camera_objects, scene) -> dict:
     grey value).  Intrinsics are the cameras' Blender intrinsics rescaled to the photo size.
     Returns:
         {"images": (N, H, W, 4) uint8 sRGB RGBA, "intrinsics": (N, 4), "poses": (N, 4, 4),
-        "lens_models": (N,) int32, "distortion": (N, 6) float64}
+        "lens_models": (N,) int32, "distortion": (N, 6) float64, "image_sizes": (N, 2) int64 or
+        empty when all photos share one size (shared/protocol.py Submit.image_sizes)}
     Raises:
-        DatasetError naming the camera whose photo is missing or has another size.
+        DatasetError naming the camera whose photo or mask is missing, or whose mask has another size.
     """
     from . import capture
 
@@ -382,9 +433,6 @@ def photo_views(camera_objects, scene) -> dict:
                                + ": re-import the dataset or remove the camera.")
         rgba = _read_rgba(str(path))
         h, w = rgba.shape[:2]
-        if images and rgba.shape != images[0].shape:
-            raise DatasetError(f"The photo of camera '{ob.name}' is {w} x {h}, the first one "
-                               f"{images[0].shape[1]} x {images[0].shape[0]}: all photos must share one size.")
         mask = ob.data.get("implicit_mask")
         if mask:
             if not os.path.isfile(str(mask)):
@@ -395,13 +443,14 @@ def photo_views(camera_objects, scene) -> dict:
                                    f"its photo {w} x {h}.")
             rgba[..., 3] = m[..., 3] if (m[..., 3] < 255).any() else m[..., 0]
         images.append(rgba)
-        k = capture.camera_intrinsics(ob, scene)
-        ks.append(k * np.array([w / render_w, h / render_h, w / render_w, h / render_h]))
+        ks.append(_photo_intrinsics(ob, scene, w, h, render_w, render_h))
         poses.append(capture.camera_pose(ob))
         code, coeffs = camera_lens(ob)
         models.append(code)
         dists.append(coeffs)
     if not images:
         raise DatasetError("No cameras with photos to fit.")
-    return {"images": np.stack(images), "intrinsics": np.stack(ks), "poses": np.stack(poses),
-            "lens_models": np.array(models, np.int32), "distortion": np.stack(dists)}
+    stacked, sizes = protocol.pad_images(images)     # photos of different sizes: each top-left, padded
+    return {"images": stacked, "intrinsics": np.stack(ks), "poses": np.stack(poses),
+            "lens_models": np.array(models, np.int32), "distortion": np.stack(dists),
+            "image_sizes": sizes if (sizes != sizes[0]).any() else np.zeros((0, 2), np.int64)}

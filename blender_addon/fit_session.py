@@ -297,7 +297,10 @@ class FitSession:
         r.intrinsics, r.poses, r.aabb = self.plan.intrinsics, self.plan.poses, self.plan.aabb
         self._stage = "render"
         running.add(self.scene, self)
-        self._update(status=f"Sending {len(cams)} photos of {w} x {h}", progress=0.0, running=True,
+        sizes = photos["image_sizes"]
+        self._update(status=f"Sending {len(cams)} photos of {w} x {h}" if not len(sizes) else
+                     f"Sending {len(cams)} photos of {len(np.unique(sizes, axis=0))} sizes, up to {w} x {h}",
+                     progress=0.0, running=True,
                      step=0, loss=0.0, psnr=0.0, elapsed=0.0)
         return True
 
@@ -459,7 +462,7 @@ class FitSession:
             eval_poses=plan.eval_poses if m else None,
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
             texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
-            distortion=photos["distortion"] if photos else None)
+            distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None)
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)

@@ -426,6 +426,9 @@ class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
     image_dir: bpy.props.StringProperty(
         name="Images", subtype="DIR_PATH", options={"SKIP_SAVE"},
         description="Folder of the photos; empty: images/ next to the model")
+    points: bpy.props.BoolProperty(
+        name="Sparse Points", default=True,
+        description="Import the model's points3D as a point cloud object (colours and reprojection error)")
 
     def execute(self, context):
         from . import dataset_io
@@ -434,7 +437,7 @@ class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
             lambda: dataset_io.import_colmap(
                 context.scene, bpy.path.abspath(self.directory),
                 image_dir=bpy.path.abspath(self.image_dir) if self.image_dir else None,
-                backgrounds=self.backgrounds, set_resolution=self.set_resolution))
+                backgrounds=self.backgrounds, set_resolution=self.set_resolution, points=self.points))
 
 
 # --------------------------------------------------------------------------------------------

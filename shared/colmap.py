@@ -270,6 +270,64 @@ def read_images_bin(path: str | Path) -> list[ColmapImage]:
     return sorted(out, key=lambda im: im.name)
 
 
+MAX_POINTS = 50_000_000     # points3D of a large reconstruction stay below
+
+
+def read_points(folder: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The sparse points of a model folder (points3D.txt or .bin; None if it has none):
+    ``(xyz (P, 3) float64 in the model's world frame, rgb (P, 3) uint8, error (P,) float64)``,
+    the reprojection error in pixels.  Raises ValueError naming the file and what is wrong."""
+    folder = Path(folder)
+    if (folder / "points3D.txt").is_file():
+        return _points_txt(folder / "points3D.txt")
+    if (folder / "points3D.bin").is_file():
+        return _points_bin(folder / "points3D.bin")
+    return None
+
+
+def _points_txt(path: Path):
+    xyz, rgb, err = [], [], []
+    for number, line in _lines(path):
+        if not line:
+            continue
+        tokens = line.split()
+        if len(tokens) < 8 or (len(tokens) - 8) % 2:
+            raise ValueError(f"{path}:{number}: expected POINT3D_ID X Y Z R G B ERROR and (IMAGE_ID, POINT2D_IDX) "
+                             f"pairs, got {len(tokens)} values")
+        try:
+            x, y, z, e = float(tokens[1]), float(tokens[2]), float(tokens[3]), float(tokens[7])
+            r, g, b = (int(t) for t in tokens[4:7])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: not numbers") from None
+        if not all(np.isfinite([x, y, z])) or not all(0 <= c <= 255 for c in (r, g, b)):
+            raise ValueError(f"{path}:{number}: a NaN or infinite position, or a colour outside 0-255")
+        if len(xyz) >= MAX_POINTS:
+            raise ValueError(f"{path}: more than {MAX_POINTS} points")
+        xyz.append((x, y, z))
+        rgb.append((r, g, b))
+        err.append(e)
+    return (np.array(xyz, np.float64).reshape(-1, 3), np.array(rgb, np.uint8).reshape(-1, 3),
+            np.array(err, np.float64))
+
+
+def _points_bin(path: Path):
+    r = _Reader(path)
+    n = r.count(8 + 24 + 3 + 8 + 8)
+    if n > MAX_POINTS:
+        raise ValueError(f"{path}: {n} points, more than the {MAX_POINTS} allowed")
+    xyz, rgb, err = np.empty((n, 3)), np.empty((n, 3), np.uint8), np.empty(n)
+    for i in range(n):
+        values = r.take("Q3d3BdQ")
+        xyz[i], rgb[i], err[i] = values[1:4], values[4:7], values[7]
+        track = values[8]
+        if track * 8 > len(r.data) - r.at:
+            raise ValueError(f"{path}: point {values[0]} says a track of {track}, more than the file holds")
+        r.at += 8 * track                    # (image id, point2D index) pairs: not needed
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{path}: a point with a NaN or infinite position")
+    return xyz, rgb, err
+
+
 def find_model(path: str | Path) -> Path:
     """The folder holding cameras.txt and images.txt: ``path`` itself, the folder of a file given,
     or COLMAP's usual ``sparse/0`` / ``sparse`` / ``colmap/sparse/0`` below it."""

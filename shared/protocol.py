@@ -330,6 +330,7 @@ class Submit(Message):
     TYPE: ClassVar[str] = "submit"
     DIM_CAPS: ClassVar[Mapping[str, int]] = {
         "N": MAX_IMAGES, "H": MAX_IMAGE_SIDE, "W": MAX_IMAGE_SIDE, "M": MAX_EVAL_CAMERAS, "L": MAX_IMAGES,
+        "S": MAX_IMAGES,
     }
     images: np.ndarray = spec(Array(("uint8",), ("N", "H", "W", (3, 4))))
     intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("N", 4)))
@@ -371,6 +372,9 @@ class Submit(Message):
     # (k1, k2, k3, k4, p1, p2) (see shared.cameras.distort).  Training bends rays through it.
     lens_models: np.ndarray = spec(Array(("uint8", "int32", "int64"), ("L",)), default_factory=_empty((0,), np.int32))
     distortion: np.ndarray = spec(Array(("float64", "float32"), ("L", 6)), default_factory=_empty((0, 6), np.float64))
+    # Photos of different sizes (pad_images): empty (every image is W x H), or image_sizes[i] =
+    # (width, height) of image i, stored top-left in its W x H slot; the rest is padding.
+    image_sizes: np.ndarray = spec(Array(("int32", "int64"), ("S", 2)), default_factory=_empty((0, 2), np.int32))
 
     def check(self):
         n = self.images.shape[0]
@@ -381,6 +385,11 @@ class Submit(Message):
                                 "are empty (at least 1x1 is needed)")
         check_cameras("submit", self.intrinsics, self.poses)
         check_cameras("submit.eval", self.eval_intrinsics, self.eval_poses)
+        sizes = self.image_sizes
+        if len(sizes) and (len(sizes) != n or sizes.min() < 1 or (sizes[:, 0] > self.images.shape[2]).any()
+                           or (sizes[:, 1] > self.images.shape[1]).any()):
+            raise ProtocolError(f"submit.image_sizes: expected none or {n} rows of (width, height) within the "
+                                f"images' {self.images.shape[2]}x{self.images.shape[1]}")
         if np.any(self.aabb[1] <= self.aabb[0]):
             raise ProtocolError("submit.aabb: every max must be larger than its min")
         if self.eval_sizes.size and (self.eval_sizes.min() < 1 or self.eval_sizes.max() > MAX_IMAGE_SIDE):
@@ -388,6 +397,19 @@ class Submit(Message):
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
         check_mesh_settings("submit", self.max_faces, self.texture_size)
+
+
+def pad_images(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (or passes) of possibly different sizes in one block, each top-left, zero-padded to
+    the largest; returns it and the (N, 2) int64 ``width, height`` of each (Submit.image_sizes)."""
+    sizes = np.array([[a.shape[1], a.shape[0]] for a in arrays], np.int64)
+    if (sizes == sizes[0]).all():
+        return np.stack(arrays), sizes
+    out = np.zeros((len(arrays), int(sizes[:, 1].max()), int(sizes[:, 0].max())) + arrays[0].shape[2:],
+                   arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, :a.shape[0], :a.shape[1]] = a
+    return out, sizes
 
 
 NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submit

@@ -113,3 +113,25 @@ def write_binary_model(folder: Path) -> Path:
         records.append(rec)
     (model / "images.bin").write_bytes(struct.pack("<Q", len(records)) + b"".join(records))
     return model
+
+
+#: Sparse points of the model: (id, xyz, rgb, error) and their tracks (image id, point2D index).
+POINTS = [(1, (0.5, -0.25, 2.0), (255, 0, 0), 0.4, [(1, 0), (2, 3)]),
+          (7, (-1.0, 0.75, 3.5), (0, 128, 255), 1.25, [(3, 1)]),
+          (9, (2.0, 2.0, -0.5), (10, 20, 30), 0.0, [])]
+
+
+def write_points(model: Path, binary: bool = False) -> None:
+    """points3D.txt (or .bin, little-endian as COLMAP writes it) of POINTS into the model folder."""
+    import struct
+    if not binary:
+        lines = ["# 3D point list with one line of data per point:"]
+        for pid, xyz, rgb, err, track in POINTS:
+            lines.append(" ".join(map(str, [pid, *xyz, *rgb, err, *[v for pair in track for v in pair]])))
+        (Path(model) / "points3D.txt").write_text("\n".join(lines) + "\n")
+        return
+    out = struct.pack("<Q", len(POINTS))
+    for pid, xyz, rgb, err, track in POINTS:
+        out += struct.pack("<Q3d3BdQ", pid, *xyz, *rgb, err, len(track))
+        out += b"".join(struct.pack("<ii", *pair) for pair in track)
+    (Path(model) / "points3D.bin").write_bytes(out)

@@ -88,16 +88,19 @@ def make_scene(count: int = 20, size: int = 48):
 
 
 def write_transforms(folder: Path, count: int = 12, size: int = 32, fov: float = 0.7,
-                     with_aabb: bool = True) -> Path:
-    """A NeRF-style dataset on disk: PNGs + transforms.json (camera_angle_x, no extensions)."""
+                     with_aabb: bool = True, sizes: list | None = None) -> Path:
+    """A NeRF-style dataset on disk: PNGs + transforms.json (camera_angle_x, no extensions).
+    ``sizes``: (width, height) of each photo, cycled over the frames (default: size x size)."""
     from PIL import Image
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    ks, poses = camera_rig(count, size, fov)
+    _, poses = camera_rig(count, size, fov)
     frames = []
-    for i, (k, p) in enumerate(zip(ks, poses)):
-        Image.fromarray(render(k, p, size, size)).save(folder / "images" / f"r_{i}.png")
+    for i, p in enumerate(poses):
+        w, h = sizes[i % len(sizes)] if sizes else (size, size)
+        k = cameras.intrinsics_from_fov(fov, w, h)       # camera_angle_x is across the width
+        Image.fromarray(render(k, p, w, h)).save(folder / "images" / f"r_{i}.png")
         frames.append({"file_path": f"./images/r_{i}", "transform_matrix": p.tolist()})
     doc = {"camera_angle_x": fov, "frames": frames}
     if with_aabb:

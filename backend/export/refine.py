@@ -81,12 +81,13 @@ def view_samples(mesh, data, device: torch.device, target: str = "auto") -> tupl
     uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
     all_uv, all_rgb = [], []
     for i in range(len(data)):
-        frags = rasterize(verts, faces, data.intrinsics[i], data.poses[i], data.width, data.height)
-        rgba = torch.as_tensor(data.images[i], device=device)
+        w, h = data.size(i)
+        frags = rasterize(verts, faces, data.intrinsics[i], data.poses[i], w, h)
+        rgba = torch.as_tensor(data.images[i, :h, :w], device=device)
         keep = frags.mask & (rgba[..., 3] >= 128)
         if not keep.any():
             continue
-        colour = torch.as_tensor(passes["albedo"][i], device=device) if use_albedo else rgba[..., :3]
+        colour = torch.as_tensor(passes["albedo"][i, :h, :w], device=device) if use_albedo else rgba[..., :3]
         uv = interpolate(uvs, verts, faces, frags, data.intrinsics[i], data.poses[i])
         all_uv.append(uv[keep[frags.mask]])
         all_rgb.append(colour[keep].float() / 255.0)
@@ -217,15 +218,16 @@ def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, devic
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(data)) for _ in range(steps // max(len(data), 1) + 1)])[:steps]
     losses = []
-    pixels = data.width * data.height
+    pixels = float(np.mean(np.prod(data.sizes, axis=1)))     # the loss per pixel of an average view
     passes = getattr(data, "passes", {}) or {}
     albedo_pass = passes.get("albedo") if "albedo" in passes and len(passes["albedo"]) else None
     for i in order:
-        photo = torch.as_tensor(data.images[i], device=dev).float() / 255.0
-        colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i], device=dev).float() / 255.0
+        w, h = data.size(i)
+        photo = torch.as_tensor(data.images[i, :h, :w], device=dev).float() / 255.0
+        colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i, :h, :w], device=dev).float() / 255.0
         target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if photo.shape[-1] == 4 else colour
         verts = base + offsets[weld]
-        image = draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], data.width, data.height)
+        image = draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h)
         loss = ((image - target) ** 2).sum() / pixels
         smooth = (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
         total = loss + smooth

@@ -46,18 +46,27 @@ GUARD_SIDE = 160            # ... and at most this many for the guard: the caps'
 
 @dataclass
 class Views:
-    """Pinhole cameras sharing one image size (the attributes PosedImages has)."""
+    """Pinhole cameras (the attributes PosedImages has): images of ``width`` x ``height``, or
+    each its own size (``sizes``)."""
 
     intrinsics: np.ndarray      # (N, 4) fx, fy, cx, cy in pixels
     poses: np.ndarray           # (N, 4, 4) camera-to-world, Blender convention
-    width: int
+    width: int                  # the largest
     height: int
+    sizes: np.ndarray | None = None     # (N, 2) int width, height of each (None: all width x height)
 
     @classmethod
     def of(cls, data) -> "Views":
         """The cameras of ``data`` (PosedImages or Views) without its images."""
+        sizes = getattr(data, "sizes", None)
         return cls(np.asarray(data.intrinsics, np.float64), np.asarray(data.poses, np.float64),
-                   int(data.width), int(data.height))
+                   int(data.width), int(data.height), None if sizes is None else np.asarray(sizes, np.int64))
+
+    def size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of view ``i``."""
+        if self.sizes is None:
+            return self.width, self.height
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
 
     @classmethod
     def of_run(cls, meta: dict) -> "Views | None":
@@ -68,7 +77,8 @@ class Views:
         k, poses = np.asarray(cams["intrinsics"], np.float64), np.asarray(cams["poses"], np.float64)
         if k.ndim != 2 or k.shape[1:] != (4,) or poses.shape != (len(k), 4, 4):
             return None
-        return cls(k, poses, int(meta["width"]), int(meta["height"]))
+        sizes = np.asarray(cams.get("sizes") or [], np.int64)
+        return cls(k, poses, int(meta["width"]), int(meta["height"]), sizes if sizes.shape == (len(k), 2) else None)
 
     def __len__(self) -> int:
         return len(self.intrinsics)
@@ -80,7 +90,8 @@ class Views:
             return self
         width, height = max(1, round(self.width * scale)), max(1, round(self.height * scale))
         k = self.intrinsics * np.array([width / self.width, height / self.height] * 2)
-        return Views(k, self.poses, width, height)
+        sizes = None if self.sizes is None else np.maximum(1, np.floor(self.sizes * [width / self.width, height / self.height]))
+        return Views(k, self.poses, width, height, None if sizes is None else sizes.astype(np.int64))
 
 
 def _tensors(verts, faces, device):
@@ -99,7 +110,7 @@ def visible_points(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, vie
     p = torch.as_tensor(np.asarray(points, np.float32), device=dev)
     seen = torch.zeros(len(p), dtype=torch.bool, device=dev)
     for i in range(len(views)):
-        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], views.width, views.height)
+        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], *views.size(i))
         seen |= _in_front(p, frags.depth, views.intrinsics[i], views.poses[i], depth_pixels)
     return seen.cpu().numpy()
 
@@ -123,7 +134,7 @@ def seen_faces(verts: np.ndarray, faces: np.ndarray, views, device="cpu",
     v, f = _tensors(verts, faces, dev)
     seen = torch.zeros(len(f), dtype=torch.bool, device=dev)
     for i in range(len(views)):
-        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], views.width, views.height)
+        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], *views.size(i))
         seen[frags.face[frags.mask]] = True
         seen |= _in_front(v, frags.depth, views.intrinsics[i], views.poses[i], depth_pixels)[f].all(-1)
     return seen.cpu().numpy()
@@ -290,7 +301,7 @@ def _cap_pixels(verts: np.ndarray, base: np.ndarray, caps: list[np.ndarray], vie
     owner_t = torch.as_tensor(owner, device=dev)
     counts = torch.zeros(len(caps) + 1, dtype=torch.long, device=dev)
     for i in range(len(views)):
-        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], views.width, views.height)
+        frags = rasterize(v, f, views.intrinsics[i], views.poses[i], *views.size(i))
         who = owner_t[frags.face[frags.mask]]
         counts[:-1] += torch.bincount(who[who >= 0], minlength=len(caps))[:len(caps)]
         counts[-1] += int(frags.mask.sum())

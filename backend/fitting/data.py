@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fit_implicit.shared import cameras, transforms
-from fit_implicit.shared.protocol import NO_ROUGHNESS, PASS_DTYPES, PASS_NAMES
+from fit_implicit.shared.protocol import NO_ROUGHNESS, PASS_DTYPES, PASS_NAMES, pad_images
 
 from fit_implicit.backend.fitting import lens
 
@@ -29,7 +29,8 @@ class PosedImages:
     """Images with their cameras, all in one world frame.
 
     Attributes:
-        images: (N, H, W, 4) uint8 sRGB RGBA, straight alpha, top row first.
+        images: (N, H, W, 4) uint8 sRGB RGBA, straight alpha, top row first.  Photos of different
+            sizes are stored top-left in one (N, H, W) block of the largest size (see ``sizes``).
         intrinsics: (N, 4) float64 ``fx, fy, cx, cy`` in pixels (OpenCV pixel frame).
         poses: (N, 4, 4) float64 camera-to-world, Blender camera convention.
         aabb: (2, 3) float64 world box (min row, max row) holding the object.
@@ -39,6 +40,8 @@ class PosedImages:
             float32, "roughness" (N, H, W) float32.  Masks are the images' alpha channel.
         lens_models: None (pinhole cameras) or (N,) int64 shared.cameras lens model codes, with
         distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.fitting.lens).
+        sizes: (N, 2) int64 ``width, height`` of each image (None: all are W x H); the pixels
+            beyond an image's own size are padding that nothing samples or scores.
     """
 
     images: np.ndarray
@@ -50,6 +53,7 @@ class PosedImages:
     lens_models: np.ndarray | None = None
     distortion: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)     # what the reader could not use, said once
+    sizes: np.ndarray | None = None
 
     def __post_init__(self):
         images = np.asarray(self.images)
@@ -77,9 +81,29 @@ class PosedImages:
         self.names = [str(s) for s in self.names]
         self.lens_models, self.distortion = _check_lenses(self.lens_models, self.distortion, n)
         self.passes = {k: _check_pass(k, v, images.shape[:3]) for k, v in dict(self.passes).items()}
+        full = np.array([images.shape[2], images.shape[1]], np.int64)
+        sizes = np.tile(full, (n, 1)) if self.sizes is None else np.asarray(self.sizes, dtype=np.int64)
+        if sizes.shape != (n, 2) or (sizes < 1).any() or (sizes > full).any():
+            raise ValueError(f"sizes must be ({n}, 2) widths and heights within {full[0]}x{full[1]}, "
+                             f"got {sizes.tolist() if sizes.size <= 8 else sizes.shape}")
+        self.sizes = sizes
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def uniform(self) -> bool:
+        """True when every image has the full W x H."""
+        return bool((self.sizes == [self.width, self.height]).all())
+
+    def size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``i``."""
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` at its own size, (h, w, 4) uint8 (a view)."""
+        w, h = self.size(i)
+        return self.images[i, :h, :w]
 
     @property
     def height(self) -> int:
@@ -94,7 +118,8 @@ class PosedImages:
         return PosedImages(self.images[idx], self.intrinsics[idx], self.poses[idx], self.aabb.copy(),
                            [self.names[i] for i in idx], {k: v[idx] for k, v in self.passes.items()},
                            **({} if self.lens_models is None else
-                              {"lens_models": self.lens_models[idx], "distortion": self.distortion[idx]}))
+                              {"lens_models": self.lens_models[idx], "distortion": self.distortion[idx]}),
+                           sizes=self.sizes[idx])
 
 
 def _check_lenses(models, distortion, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -342,7 +367,7 @@ def _frame_passes(file: Path, frames: list, images: list, downscale: int) -> dic
             if path is None:
                 raise ValueError(f"{file}: {kind} pass file {f.meta[key]!r} of frame {f.name!r} not found")
             arrays.append(read_pass(kind, path, f.meta, (img.shape[1], img.shape[0]), downscale))
-        out[kind] = np.stack(arrays)
+        out[kind] = pad_images(arrays)[0]
     return out
 
 
@@ -370,9 +395,6 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
             if mask is None:
                 raise ValueError(f"{file}: mask {f.meta['mask_path']!r} of frame {f.name!r} not found")
             img[..., 3] = transforms.read_mask(mask, image_size(f.image_path), int(downscale))
-        if images and img.shape != images[0].shape:
-            raise ValueError(f"{f.image_path}: size {img.shape[1]}x{img.shape[0]} differs from the first "
-                             f"image's {images[0].shape[1]}x{images[0].shape[0]}; all images must share one size")
         images.append(img)
         h, w = img.shape[:2]
         full = image_size(f.image_path)
@@ -381,7 +403,8 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
         intrinsics.append(k)
     intrinsics = np.stack(intrinsics)
     poses = np.stack([f.c2w for f in frames])
-    h, w = images[0].shape[:2]
+    stacked, sizes = pad_images(images)
+    w, h = sizes.max(0)
     if "aabb" in doc:
         aabb = np.asarray(doc["aabb"], dtype=np.float64)
         if aabb.shape != (2, 3):
@@ -390,10 +413,10 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
         aabb = ngp_box(doc, file)
     else:
         aabb = estimate_aabb(intrinsics, poses, w, h)
-    return PosedImages(np.stack(images), intrinsics, poses, aabb, [f.name for f in frames],
+    return PosedImages(stacked, intrinsics, poses, aabb, [f.name for f in frames],
                        passes=_frame_passes(file, frames, images, int(downscale)),
                        lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]),
-                       notes=_unused_keys(doc, file))
+                       notes=_unused_keys(doc, file), sizes=sizes)
 
 
 def ngp_box(doc: dict, file: Path) -> np.ndarray:
@@ -431,7 +454,7 @@ def _unused_keys(doc: dict, file: Path) -> list[str]:
 def load_colmap(path: str | Path, downscale: int = 1, image_dir: str | Path | None = None) -> PosedImages:
     """Load a COLMAP reconstruction (text or binary model: shared/colmap.py) with its photos
     (``image_dir``, or images/ next to the model).  Lens distortion is kept; the box is
-    :func:`estimate_aabb`'s.  All photos must share one size."""
+    :func:`estimate_aabb`'s.  Photos may differ in size (each camera's own)."""
     from fit_implicit.shared import colmap
 
     if int(downscale) != downscale or downscale < 1:
@@ -445,19 +468,17 @@ def load_colmap(path: str | Path, downscale: int = 1, image_dir: str | Path | No
                              + (f" and in {image_dir}" if image_dir else "") + ")")
         cam = cams[view.camera_id]
         img = read_image(file, int(downscale))
-        if images and img.shape != images[0].shape:
-            raise ValueError(f"{file}: size {img.shape[1]}x{img.shape[0]} differs from the first photo's "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}; all photos must share one size")
         h, w = img.shape[:2]
         images.append(img)
         intrinsics.append(cam.intrinsics * np.array([w / cam.width, h / cam.height] * 2))
         lens_models.append(cam.lens_model)
         distortion.append(cam.distortion)
     intrinsics, poses = np.stack(intrinsics), np.stack([v.c2w for v in views])
-    h, w = images[0].shape[:2]
-    return PosedImages(np.stack(images), intrinsics, poses, estimate_aabb(intrinsics, poses, w, h),
+    stacked, sizes = pad_images(images)
+    w, h = sizes.max(0)
+    return PosedImages(stacked, intrinsics, poses, estimate_aabb(intrinsics, poses, int(w), int(h)),
                        [Path(v.name).stem for v in views], lens_models=np.array(lens_models),
-                       distortion=np.stack(distortion))
+                       distortion=np.stack(distortion), sizes=sizes)
 
 
 def load_dataset(path: str | Path, downscale: int = 1) -> PosedImages:
@@ -509,8 +530,9 @@ def from_submit(msg: Any) -> PosedImages:
         value = getattr(msg, kind)
         if value.shape[0]:
             passes[kind] = np.array(value, dtype=PASS_DTYPES[kind], copy=True)
+    sizes = np.asarray(msg.image_sizes, np.int64) if len(getattr(msg, "image_sizes", ())) else None
     return PosedImages(np.array(msg.images, copy=True), msg.intrinsics, msg.poses, msg.aabb,
-                       [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows)
+                       [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows, sizes=sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,6 +569,14 @@ class RaySampler:
         self.intrinsics = torch.tensor(data.intrinsics, dtype=torch.float32, device=self.device)  # (N,4)
         self.poses = torch.tensor(data.poses, dtype=torch.float32, device=self.device)            # (N,4,4)
         self.n, self.h, self.w = data.images.shape[:3]
+        # Photos of different sizes: each pixel of each photo equally likely, none of the padding.
+        self.uniform = data.uniform
+        sizes = torch.as_tensor(data.sizes, device=self.device)
+        self.widths = sizes[:, 0]
+        counts = sizes[:, 0] * sizes[:, 1]
+        self.ends = torch.cumsum(counts, 0)          # (N,) pixels up to each image's end
+        self.starts = self.ends - counts
+        self.pixels = int(data.sizes.prod(1).sum())
         self.lens_models = self.distortion = None                                         # pinholes
         if data.lens_models is not None:
             self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
@@ -597,10 +627,16 @@ class RaySampler:
 
     def _draw(self, count: int, generator: torch.Generator | None):
         """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""
-        flat = torch.randint(0, self.n * self.h * self.w, (count,), device=self.device, generator=generator)
-        img = flat // (self.h * self.w)
-        pix = flat % (self.h * self.w)
-        y, x = pix // self.w, pix % self.w
+        if self.uniform:
+            flat = torch.randint(0, self.n * self.h * self.w, (count,), device=self.device, generator=generator)
+            img = flat // (self.h * self.w)
+            pix = flat % (self.h * self.w)
+            y, x = pix // self.w, pix % self.w
+        else:
+            flat = torch.randint(0, self.pixels, (count,), device=self.device, generator=generator)
+            img = torch.searchsorted(self.ends, flat, right=True)
+            pix = flat - self.starts[img]
+            y, x = pix // self.widths[img], pix % self.widths[img]
         u, v = x.float() + 0.5, y.float() + 0.5
         if self.lens_models is not None:   # distorted photos: each pixel's ray bends through the lens
             u, v = lens.undistort_pixels(self.intrinsics[img], u, v, self.lens_models[img], self.distortion[img])

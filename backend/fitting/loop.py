@@ -171,7 +171,8 @@ def _preview_camera(data: PosedImages, size: int):
     """(intrinsics, c2w, width, height) of the first camera scaled to longest side ``size``."""
     if size <= 0:
         return None
-    s = size / max(data.width, data.height)
-    w, h = max(1, round(data.width * s)), max(1, round(data.height * s))
-    k = data.intrinsics[0] * np.array([w / data.width, h / data.height, w / data.width, h / data.height])
+    width, height = data.size(0)
+    s = size / max(width, height)
+    w, h = max(1, round(width * s)), max(1, round(height * s))
+    k = data.intrinsics[0] * np.array([w / width, h / height, w / width, h / height])
     return k, data.poses[0], w, h

@@ -32,8 +32,8 @@ def ssim_white(pred: np.ndarray, target: np.ndarray) -> float:
 def evaluate(model, data) -> list[float]:
     """:func:`psnr_white` of each view of ``data`` (a PosedImages) rendered by ``model`` (a
     FittedField) against the view's image."""
-    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], data.width, data.height)),
-                       data.images[i]) for i in range(len(data))]
+    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i))),
+                       data.image(i)) for i in range(len(data))]
 
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -79,7 +79,7 @@ class SurfaceTrainer(TrainerBase):
 
     def __init__(self, data: PosedImages, cfg: FitConfig):
         self.passes = data_passes(data)
-        self.masks = bool((data.images[..., 3] < 255).any())
+        self.masks = any(bool((data.image(i)[..., 3] < 255).any()) for i in range(len(data)))
         super().__init__(data, cfg, {"lighting_baked": "albedo" not in self.passes,
                                      "roughness": "roughness" in self.passes,
                                      "passes": list(self.passes), "masks": self.masks})

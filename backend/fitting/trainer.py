@@ -122,6 +122,8 @@ class TrainerBase:
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
         # The training cameras travel with the run: meshing closes what none of them saw (export/unseen.py).
         cameras = {"intrinsics": np.asarray(data.intrinsics).tolist(), "poses": np.asarray(data.poses).tolist()}
+        if not data.uniform:
+            cameras["sizes"] = np.asarray(data.sizes).tolist()
         meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras, **(meta or {})}
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
         self.sampler = RaySampler(data, self.device)

@@ -14,7 +14,8 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 def _imported():
     import bpy
     from fit_implicit.blender_addon import dataset_io
-    return sorted(bpy.data.collections[dataset_io.IMPORT_COLLECTION].objects, key=lambda o: o.name)
+    return sorted((ob for ob in bpy.data.collections[dataset_io.IMPORT_COLLECTION].objects if ob.type == "CAMERA"),
+                  key=lambda o: o.name)
 
 
 def test_colmap_import_matches_the_hand_made_model(tmp_path, addon):
@@ -41,6 +42,31 @@ def test_colmap_import_matches_the_hand_made_model(tmp_path, addon):
     assert views["images"].shape == (6, 48, 64, 4) and views["images"].dtype == np.uint8
     assert views["images"][2, 10, 5].tolist() == [80, 20, 0, 255]        # image c: red 40*2, green 4*x
     assert np.allclose(views["intrinsics"], k) and views["lens_models"].tolist() == [0, 0, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_sparse_points_come_in_as_a_point_cloud_in_the_cameras_frame(tmp_path, addon, binary):
+    import bpy
+    from fit_implicit.blender_addon import dataset_io
+    model = colmap_model.write_binary_model(tmp_path) if binary else colmap_model.write_model(tmp_path)
+    colmap_model.write_points(model, binary=binary)
+    fresh_scene()
+    assert bpy.ops.implicit.import_colmap(directory=str(tmp_path)) == {"FINISHED"}
+    ob = bpy.data.objects["COLMAP Points"]
+    assert ob.users_collection[0].name == dataset_io.IMPORT_COLLECTION and len(_imported()) == 6
+    co = np.empty(3 * len(ob.data.vertices), np.float32)
+    ob.data.vertices.foreach_get("co", co)
+    assert np.allclose(co.reshape(-1, 3), [p[1] for p in colmap_model.POINTS]) and ob.matrix_world == ob.matrix_world.Identity(4)
+    rgba = np.empty(4 * 3, np.float32)
+    ob.data.color_attributes["Col"].data.foreach_get("color_srgb", rgba)
+    assert np.allclose(rgba.reshape(-1, 4)[:, :3] * 255, [p[2] for p in colmap_model.POINTS], atol=0.5)
+    err = np.empty(3, np.float32)
+    ob.data.attributes[dataset_io.POINTS_ERROR].data.foreach_get("value", err)
+    assert np.allclose(err, [p[3] for p in colmap_model.POINTS])
+    # ... and not when asked not to
+    fresh_scene()
+    assert bpy.ops.implicit.import_colmap(directory=str(tmp_path), points=False) == {"FINISHED"}
+    assert "COLMAP Points" not in bpy.data.objects
 
 
 def test_colmap_errors_reach_the_user(tmp_path, addon):
@@ -95,6 +121,34 @@ def test_transforms_lens_models_masks_and_per_frame_intrinsics(tmp_path, addon):
     views = dataset_io.photo_views(cams, scene)
     assert np.array_equal(views["images"][..., 3], np.stack(masks))          # masks became alpha
     assert views["distortion"].shape == (3, 6) and views["lens_models"].tolist() == [1, 2, 0]
+
+
+def test_photos_of_different_sizes_and_shapes_are_fitted_with_their_own_cameras(tmp_path, addon):
+    """A landscape and a portrait photo (issue 13): Blender has one resolution a scene, so the
+    cameras are drawn approximately, but the fit gets each photo at its size with its own
+    fx, fy, cx, cy, and a Submit that says the sizes."""
+    import bpy
+    from fit_implicit.blender_addon import capture, dataset_io
+    scene = fresh_scene()
+    _write_photo(tmp_path / "wide.png", np.full((20, 30, 3), 90))
+    _write_photo(tmp_path / "tall.png", np.full((30, 20, 3), 160))
+    frames = [{"file_path": "wide.png", "transform_matrix": np.eye(4).tolist(),
+               "fl_x": 40.0, "fl_y": 40.0, "cx": 15.0, "cy": 10.0, "w": 30, "h": 20},
+              {"file_path": "tall.png", "transform_matrix": np.eye(4).tolist(),
+               "fl_x": 42.0, "fl_y": 42.0, "cx": 10.5, "cy": 14.0, "w": 20, "h": 30}]
+    (tmp_path / "transforms.json").write_text(json.dumps({"frames": frames}))
+    assert bpy.ops.implicit.import_transforms(filepath=str(tmp_path / "transforms.json")) == {"FINISHED"}
+    cams = [bpy.data.objects["wide"], bpy.data.objects["tall"]]
+    views = dataset_io.photo_views(cams, scene)
+    assert views["images"].shape == (2, 30, 30, 4) and views["image_sizes"].tolist() == [[30, 20], [20, 30]]
+    assert np.allclose(views["intrinsics"], [[40, 40, 15, 10], [42, 42, 10.5, 14]], rtol=1e-6)
+    assert (views["images"][0, :20, :30, 0] == 90).all() and (views["images"][0, 20:] == 0).all()
+    submit = capture.build_submit(views["images"], views["intrinsics"], np.stack([np.eye(4)] * 2),
+                                  [[-1, -1, -1], [1, 1, 1]], image_sizes=views["image_sizes"])
+    assert submit.image_sizes.tolist() == [[30, 20], [20, 30]]
+    cams[1].data.lens *= 1.5                       # the artist changed a lens: Blender's camera wins
+    k = dataset_io.photo_views(cams, scene)["intrinsics"][1]
+    assert abs(k[0] - 42.0) > 5.0, k
 
 
 def test_instant_ngp_fisheye_flag_and_unsupported_model(tmp_path, addon):

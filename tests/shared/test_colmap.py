@@ -103,3 +103,27 @@ def test_find_image_stays_inside_the_dataset(tmp_path):
     assert colmap.find_image(model, "../secret.png") is None
     assert colmap.find_image(model, str(tmp_path / "secret.png")) is None
     assert colmap.find_image(model, "zzz.png") is None
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_sparse_points_read_in_both_encodings(tmp_path, binary):
+    colmap_model.write_points(tmp_path, binary=binary)
+    xyz, rgb, err = colmap.read_points(tmp_path)
+    assert np.array_equal(xyz, [p[1] for p in colmap_model.POINTS]) and xyz.dtype == np.float64
+    assert np.array_equal(rgb, [p[2] for p in colmap_model.POINTS]) and rgb.dtype == np.uint8
+    assert np.array_equal(err, [p[3] for p in colmap_model.POINTS])
+    assert colmap.read_points(tmp_path / "nowhere") is None
+
+
+def test_bad_sparse_points_get_clear_errors(tmp_path):
+    colmap_model.write_points(tmp_path, binary=True)
+    data = (tmp_path / "points3D.bin").read_bytes()
+    (tmp_path / "points3D.bin").write_bytes(data[:-5])
+    with pytest.raises(ValueError, match=r"points3D.bin: .*(truncated|more than the file holds)"):
+        colmap.read_points(tmp_path)
+    (tmp_path / "points3D.bin").unlink()
+    for line, want in [("1 0 0 nan 1 2 3 0.5", "NaN or infinite"), ("1 0 0 0 1 2 300 0.5", "outside 0-255"),
+                       ("1 0 0 0 1 2 3 0.5 7", "pairs"), ("1 a 0 0 1 2 3 0.5", "not numbers")]:
+        (tmp_path / "points3D.txt").write_text(line + "\n")
+        with pytest.raises(ValueError, match=f"points3D.txt:1: .*{want}"):
+            colmap.read_points(tmp_path)

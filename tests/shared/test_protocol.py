@@ -397,3 +397,18 @@ def test_images_of_zero_pixels_are_rejected(height, width):
     submit.images = np.zeros((3, height, width, 4), np.uint8)
     with pytest.raises(ProtocolError, match=rf"submit\.images: images of {width}x{height} pixels are empty"):
         submit.validate()
+
+
+def test_photos_of_different_sizes_travel_padded_with_their_sizes():
+    wide, tall = np.full((4, 8, 4), 7, np.uint8), np.full((8, 3, 4), 9, np.uint8)
+    images, sizes = protocol.pad_images([wide, tall])
+    assert images.shape == (2, 8, 8, 4) and sizes.tolist() == [[8, 4], [3, 8]]
+    assert (images[0, 4:] == 0).all() and (images[1, :, 3:] == 0).all() and (images[1, :, :3] == 9).all()
+    submit = small_submit(n=2, size=8, image_sizes=sizes)
+    back = decode_message(submit.to_frames())
+    assert back.image_sizes.tolist() == [[8, 4], [3, 8]]
+    from fit_implicit.backend.fitting.data import from_submit
+    assert from_submit(back).image(1).shape == (8, 3, 4)
+    for bad in ([[8, 4]], [[9, 4], [3, 8]], [[8, 0], [3, 8]]):       # a row per image, within W x H, >= 1
+        with pytest.raises(ProtocolError, match="submit.image_sizes"):
+            small_submit(n=2, size=8, image_sizes=np.array(bad)).validate()

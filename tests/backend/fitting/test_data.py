@@ -175,6 +175,50 @@ def test_ray_sampler_colours_match_projected_pixels():
         assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)
 
 
+def test_photos_of_different_sizes_load_and_only_their_own_pixels_are_drawn(tmp_path):
+    """Landscape, portrait and small photos in one capture (issue 13): each keeps its size; rays
+    come through its own pixel centres, every pixel equally likely, never from the padding."""
+    import synthetic
+
+    sizes = [(32, 24), (24, 32), (16, 12)]
+    data = load_transforms(synthetic.write_transforms(tmp_path / "mixed", count=6, sizes=sizes))
+    assert data.sizes.tolist() == [list(s) for s in sizes * 2] and data.images.shape == (6, 32, 32, 4) and not data.uniform
+    assert data.image(1).shape == (32, 24, 4) and data.image(2).shape == (12, 16, 4)
+    assert np.allclose(data.intrinsics[1], cameras.intrinsics_from_fov(0.7, 24, 32))
+    assert (data.images[2, 12:] == 0).all() and (data.images[2, :, 16:] == 0).all()     # padding
+    sampler = RaySampler(data, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    img, y, x, o, d, rgba = sampler._draw(60_000, gen)
+    w, h = torch.as_tensor(data.sizes[:, 0])[img], torch.as_tensor(data.sizes[:, 1])[img]
+    assert bool(((x < w) & (y < h)).all())
+    share = np.bincount(img.numpy(), minlength=6) / 60_000
+    pixels = data.sizes.prod(1) / data.sizes.prod(1).sum()
+    assert np.allclose(share, pixels, atol=0.01), (share, pixels)
+    for i in range(0, 60_000, 6007):              # through the centre of the drawn pixel of that camera
+        cam = int(img[i])
+        uv, _ = cameras.project((o[i].double().numpy() + 2.0 * d[i].double().numpy())[None],
+                                data.intrinsics[cam], data.poses[cam])
+        assert np.allclose(uv[0], [float(x[i]) + 0.5, float(y[i]) + 0.5], atol=1e-3)
+        assert np.allclose(rgba[i].numpy() * 255, data.images[cam, int(y[i]), int(x[i])], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["nerf", "sdf"])
+def test_a_fit_trains_on_photos_of_different_sizes_and_keeps_each_cameras_size(tmp_path, method):
+    import synthetic
+    from fit_implicit.backend.export.unseen import Views
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import fit
+
+    data = load_transforms(synthetic.write_transforms(tmp_path / "mixed", count=6, sizes=[(24, 16), (12, 20)]))
+    for i in range(len(data)):
+        data.image(i)[..., 3] = 255                   # opaque photos: only the padding is transparent
+    model = fit(data, make_config(method, "draft", device="cpu", steps=8, preview_size=16, seed=0))
+    views = Views.of_run(model.meta)
+    assert views.size(0) == (24, 16) and views.size(1) == (12, 20) and views.at_most(12).size(1) == (6, 10)
+    if method == "sdf":
+        assert model.meta["masks"] is False          # the padding is not a mask
+
+
 def test_colmap_projects_load_for_the_command_line(tmp_path):
     """``fit`` and ``eval`` read a COLMAP project (binary model, COLMAP's default, or text) with
     its photos: cameras, distortion and pixels as the model and the files say."""
