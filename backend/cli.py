@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default: standard on a GPU, draft on a CPU)")
     f.add_argument("--seconds", type=float, default=0.0, help="wall-clock budget (0: none)")
     f.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
-    f.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    f.add_argument("--device", default=None,
+                   help="cpu | cuda | cuda:N | mps (default: cuda if available, else mps if available, else cpu)")
     f.add_argument("--holdout", type=int, default=0,
                    help="hold out every K-th view (0, K, 2K, ...) and report its PSNR")
     f.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
@@ -404,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.platform == "darwin":    # an operation Apple's GPU (MPS) lacks runs on the CPU instead of failing
+        os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

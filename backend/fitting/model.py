@@ -40,10 +40,18 @@ def build_field(cfg: Any) -> NerfField | SurfaceField:
     return FIELDS[cfg.method](cfg.field)
 
 
+def mps_available() -> bool:
+    """True on Apple silicon with a PyTorch that drives its GPU (MPS).  Operations MPS lacks run on
+    the CPU where ``PYTORCH_ENABLE_MPS_FALLBACK=1`` is set before torch loads (the command line
+    sets it on macOS: backend/cli.py)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """The given device, or CUDA if available, else the CPU."""
+    """The given device, or CUDA if available, else Apple's GPU (MPS) if available, else the CPU."""
     if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but PyTorch sees no CUDA device")

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", default=DEFAULT_BIND,
                         help=f"ZeroMQ address to listen on; port 0 picks a free port (default {DEFAULT_BIND})")
     parser.add_argument("--device", default=None,
-                        help="cpu | cuda | cuda:N: where to train (default: cuda if available, else cpu)")
+                        help="cpu | cuda | cuda:N | mps: where to train (default: cuda if available, else Apple's GPU "
+                             "(mps) if available, else cpu)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"jobs that may wait behind the running one (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,

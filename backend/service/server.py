@@ -163,16 +163,23 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve_device(requested: str | None) -> str:
-    """None -> "cuda" if available else "cpu"; "cpu"; "cuda" or "cuda:N" if available."""
+    """None -> "cuda" if available, else "mps" (Apple silicon) if available, else "cpu"; "cpu";
+    "cuda" or "cuda:N" if available; "mps" if available."""
     requested = (requested or "").strip().lower() or None
     if requested == "cpu":
         return "cpu"
-    if requested is not None and not re.fullmatch(r"cuda(:\d+)?", requested):
-        raise ConfigError(f"--device {requested!r} is not one of cpu, cuda, cuda:N")
+    if requested is not None and not re.fullmatch(r"cuda(:\d+)?|mps", requested):
+        raise ConfigError(f"--device {requested!r} is not one of cpu, cuda, cuda:N, mps")
     import torch  # only when we must look for a GPU
 
+    from fit_implicit.backend.fitting.model import mps_available
     if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    if requested == "mps":
+        if not mps_available():
+            raise ConfigError("--device mps was asked for, but PyTorch sees no Apple GPU (macOS 12.3+ on Apple "
+                              "silicon); use --device cpu")
+        return "mps"
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} was asked for, but CUDA is not available to torch "
                           f"{torch.__version__} on this machine; use --device cpu")

@@ -272,11 +272,23 @@ def test_loopback_binds_are_accepted():
         check_bind_address("tcp://127.0.0.1:99999")
 
 
-def test_devices_are_checked():
+def test_devices_are_checked(monkeypatch):
+    import torch
+
     assert resolve_device("cpu") == "cpu" and resolve_device(" CPU ") == "cpu"
-    for bad in ("gpu", "cuda:x", "mps"):
-        with pytest.raises(ConfigError, match="not one of cpu, cuda, cuda:N"):
+    for bad in ("gpu", "cuda:x", "metal"):
+        with pytest.raises(ConfigError, match="not one of cpu, cuda, cuda:N, mps"):
             resolve_device(bad)
+    if not torch.backends.mps.is_available():       # this machine: no Apple GPU
+        with pytest.raises(ConfigError, match="no Apple GPU"):
+            resolve_device("mps")
+    # Apple silicon cannot run here: its availability is the one thing stood in for (torch's own
+    # check); what follows is the choice the backend makes on such a Mac without a --device.
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "mps" and resolve_device("mps") == "mps"
+    from fit_implicit.backend.fitting.model import pick_device
+    assert pick_device(None).type == "mps"
 
 
 def test_the_cli_refuses_a_remote_bind_with_a_clear_message(tmp_path):
