@@ -159,6 +159,21 @@ def train_psnr(mse: float) -> float:
     return psnr(max(mse, 1e-10))
 
 
+LONG_FIT_SECONDS = 600.0     # a fit expected to run longer than this is announced (long_fit_text)
+
+
+def long_fit_text(info: dict, preset: str, after: float = 5.0, longer_than: float = LONG_FIT_SECONDS) -> str:
+    """One sentence for the user once a fit has run ``after`` seconds (the step rate has settled)
+    when it will run ``longer_than`` more seconds; "" otherwise.  ``info``: an on_progress dict."""
+    elapsed, eta = float(info.get("elapsed", 0.0)), float(info.get("eta", 0.0))
+    if elapsed < after or eta <= longer_than:
+        return ""
+    rate = info.get("step", 0) / max(elapsed, 1e-9)
+    return (f"at {rate:.0f} steps/s this fit takes about {(elapsed + eta) / 60:.0f} minutes in all "
+            f"({eta / 60:.0f} more); a time budget or {'the draft preset' if preset != 'draft' else 'fewer steps'} "
+            "shortens it")
+
+
 def _progress(step: int, cfg: FitConfig, trainer: TrainerBase, loss: float, mse: float, elapsed: float,
               fraction: float) -> dict:
     eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else 0.0

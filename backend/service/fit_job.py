@@ -39,18 +39,24 @@ class _TrainCallbacks:
     """Fit-loop callbacks (backend/fitting/loop.py, Callbacks) that forward to the job context
     (worker thread)."""
 
-    def __init__(self, ctx: JobContext, previews: bool):
+    def __init__(self, ctx: JobContext, previews: bool, preset: str = ""):
         self._ctx = ctx
         self._previews = previews
+        self._preset = preset
+        self._told_length = False          # the fit's expected length is said once, after 5 s
         self.last: dict[str, Any] = {}
         self._last_checkpoint = time.monotonic()
         self._told_checkpoint = False      # a failed checkpoint is told to the client once
 
     def on_progress(self, info: dict) -> None:
+        from fit_implicit.backend.fitting.loop import long_fit_text
+
         self.last = dict(info)
-        self._ctx.progress("train", **{k: info[k] for k in
-                                       ("step", "total_steps", "loss", "psnr", "elapsed", "eta", "fraction")
-                                       if k in info})
+        note = "" if self._told_length else long_fit_text(info, self._preset)
+        self._told_length = self._told_length or bool(note) or float(info.get("elapsed", 0.0)) >= 5.0
+        self._ctx.progress("train", note=note, **{k: info[k] for k in
+                                                  ("step", "total_steps", "loss", "psnr", "elapsed", "eta", "fraction")
+                                                  if k in info})
 
     def on_preview(self, step: int, image: np.ndarray) -> None:
         if self._previews:
@@ -151,7 +157,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         overrides["mesh_opacity"] = submit.mesh_opacity
     cfg = make_config(method=submit.method, preset=submit.preset, device=ctx.device, steps=submit.steps,
                       seconds=submit.seconds, **overrides)
-    callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0)
+    callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0, preset=cfg.preset)
     ctx.progress("train", force=True)
     start = time.monotonic()
     model = _saved_model(ctx)   # a backend restarted after training ended: no need to train again

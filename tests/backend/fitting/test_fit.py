@@ -199,3 +199,14 @@ def test_to_rgba8_unpremultiplies():
 
     img = np.array([[[0.25, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.6, 1.0]]], np.float32)
     assert to_rgba8(img).tolist() == [[[128, 0, 255, 128], [0, 0, 0, 0], [51, 102, 153, 255]]]
+
+
+def test_a_long_fit_is_announced_once_its_step_rate_has_settled():
+    from fit_implicit.backend.fitting.loop import long_fit_text
+
+    info = {"step": 500, "elapsed": 10.0, "eta": 1190.0}          # 50 steps/s, 20 minutes in all
+    text = long_fit_text(info, "standard")
+    assert text.startswith("at 50 steps/s this fit takes about 20 minutes in all (20 more)") and "draft preset" in text
+    assert long_fit_text({**info, "elapsed": 2.0}, "standard") == ""      # too early to tell
+    assert long_fit_text({**info, "eta": 300.0}, "standard") == ""        # short: nothing to say
+    assert "fewer steps" in long_fit_text(info, "draft")
