@@ -95,6 +95,7 @@ class PanelState:
     eta: float = 0.0
     total_steps: int = 0
     running: bool = False
+    note: str = ""                   # what the backend said the user should know (Progress.note)
 
 
 @dataclass
@@ -248,7 +249,7 @@ class FitSession:
         self._stage = "render"
         self._timing("render")
         running.add(self.scene, self)
-        self._update(status=f"Rendering {len(self._views)} views", progress=0.0, running=True,
+        self._update(status=f"Rendering {len(self._views)} views", progress=0.0, running=True, note="",
                      step=0, loss=0.0, psnr=0.0, elapsed=0.0)
 
     def _begin_photos(self) -> bool:
@@ -300,7 +301,7 @@ class FitSession:
         sizes = photos["image_sizes"]
         self._update(status=f"Sending {len(cams)} photos of {w} x {h}" if not len(sizes) else
                      f"Sending {len(cams)} photos of {len(np.unique(sizes, axis=0))} sizes, up to {w} x {h}",
-                     progress=0.0, running=True,
+                     progress=0.0, running=True, note="",
                      step=0, loss=0.0, psnr=0.0, elapsed=0.0)
         return True
 
@@ -513,6 +514,7 @@ class FitSession:
             if msg.note and msg.note not in r.notes:     # said once by the backend (e.g. checkpoints failing)
                 r.notes.append(msg.note)
                 print(f"Fit Implicit: backend note: {msg.note}")
+                self._update(note="; ".join(n for n in r.notes if n != CPU_NOTE))
             if msg.stage == "train":
                 self.history.add(msg.step, msg.loss, msg.psnr)
                 self._update(status=progress_text(msg), progress=msg.fraction, step=msg.step,

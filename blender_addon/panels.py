@@ -248,6 +248,8 @@ def draw_progress(box, props):
     row.label(text=f"PSNR {props.psnr:.2f} dB", icon="KEYTYPE_BREAKDOWN_VEC")  # blue curve
     if props.running and props.eta > 0:
         box.label(text=f"About {_clock(props.eta)} left", icon="PREVIEW_RANGE")
+    for i, line in enumerate(textwrap.wrap(props.note, 60)[:4]):
+        box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
 
 
 # Parent first; Blender shows the sub-panels in this order.

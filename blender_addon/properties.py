@@ -121,6 +121,9 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     total_steps: bpy.props.IntProperty(name="Total Steps", default=0, min=0,
                                        description="Training steps of the whole fit")
     running: bpy.props.BoolProperty(name="Running", default=False, description="A fit is running in this scene")
+    note: bpy.props.StringProperty(name="Note", default="",
+                                   description="What the backend said about this fit (e.g. how long it takes, "
+                                               "or that its checkpoints cannot be written)")
 
     # ---- the fits of this file (blender_addon/results.py) ------------------------------------
     results: bpy.props.CollectionProperty(type=results.ImplicitResult, name="Fits",

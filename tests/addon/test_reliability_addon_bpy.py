@@ -131,3 +131,30 @@ def test_malformed_results_fail_clearly_and_leave_the_scene_untouched(fs, case):
     assert r.object is None and r.mesh is None
     assert _data_counts() == before and {ob.name for ob in scene.objects} == objects_before
     assert box[0].closed   # the job was let go of (the real client cancels it on the backend)
+
+
+def test_what_the_backend_says_about_a_fit_is_shown_and_kept_in_the_report(fs):
+    """Progress.note (issue 14: checkpoints that cannot be written; issue 13: a long fit): in the
+    panel while the fit runs, in the final report, once each."""
+    from fit_implicit.shared import protocol
+
+    scene = _scene()
+    said = "could not write a training checkpoint (RuntimeError: disk full); training goes on"
+    box = []
+    session = fs.FitSession(scene, "tcp://127.0.0.1:1", fs.FitSettings(preview_size=0, import_mesh=False),
+                            probe=lambda a: protocol.Welcome(),
+                            client_factory=lambda a: box.append(ScriptedClient(a, [
+                                protocol.Accepted(job_id="j1"),
+                                protocol.Progress(job_id="j1", step=5, total_steps=10, note=said),
+                                protocol.Progress(job_id="j1", step=9, total_steps=10, note=said),
+                                protocol.Progress(job_id="j1", step=10, total_steps=10)])) or box[-1])
+    session.begin()
+    deadline = time.monotonic() + 30
+    while not box or box[0].messages:
+        session.tick()
+        assert time.monotonic() < deadline
+    assert scene.implicit.note == said and session.result.notes.count(said) == 1
+    box[0].messages.append(protocol.Done(job_id="j1", summary={"steps": 10}))
+    while not session.tick():
+        assert time.monotonic() < deadline
+    assert session.result.status == "done" and f"(Backend: {said})" in session.result.message, session.result.message
