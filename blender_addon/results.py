@@ -16,7 +16,15 @@ import bpy
 from . import ownership, saved_fields
 from ._shared import protocol
 
-MESH_TIMEOUT = 1800.0       # seconds a blocking re-mesh may take
+MESH_TIMEOUT = 1800.0       # seconds a re-mesh may take
+
+
+def _failures() -> tuple:
+    """What starting or running a re-mesh may raise, each with a text for the user."""
+    from .client import BackendError
+    from .preferences import KeyProblem
+
+    return BackendError, KeyProblem, RuntimeError, OSError, protocol.ProtocolError
 
 
 class ImplicitResult(bpy.types.PropertyGroup):
@@ -91,7 +99,8 @@ class IMPLICIT_OT_result_render(_ResultOperator, bpy.types.Operator):
 
 class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
     """Mesh the selected fit again on the backend with the Mesh & Textures settings (resolution,
-    surface level, textures, max faces) and import the new mesh beside the old one (blocking)"""
+    surface level, textures, max faces) and import the new mesh beside the old one; Blender stays
+    responsive meanwhile (Esc cancels)"""
 
     bl_idname = "implicit.result_remesh"
     bl_label = "Re-mesh"
@@ -100,24 +109,70 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
     timeout: bpy.props.FloatProperty(name="Timeout", default=MESH_TIMEOUT, min=1.0, options={"SKIP_SAVE"},
                                      description="Give up after this many seconds")
 
-    def execute(self, context):
-        from .client import BackendError
-        from .preferences import KeyProblem
+    _session = None
+    _timer = None
 
+    def _new_session(self, context) -> "RemeshSession":
         scene, entry, props = context.scene, selected(context.scene), context.scene.implicit
+        address, keys = _backend(self, context)
+        job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
+                               mesh_opacity=round(float(props.mesh_opacity), 4),
+                               texture_size=int(props.texture_size),
+                               max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
+                               name=(entry.label or "remesh")[: protocol.MAX_NAME])
+        session = RemeshSession(scene, address, keys, entry, job, self.timeout)
+        session.start()
+        return session
+
+    def _report(self, session: "RemeshSession") -> set:
+        if session.object is not None:
+            self.report({"INFO"}, f"Imported {session.object.name}: {len(session.object.data.polygons)} faces")
+            return {"FINISHED"}
+        self.report({"WARNING"} if session.cancelled else {"ERROR"}, f"Re-mesh failed: {session.error}")
+        return {"CANCELLED"}
+
+    def execute(self, context):     # scripts and background mode: wait here
         try:
-            address, keys = _backend(self, context)
-            job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
-                                   mesh_opacity=round(float(props.mesh_opacity), 4),
-                                   texture_size=int(props.texture_size),
-                                   max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
-                                   name=(entry.label or "remesh")[: protocol.MAX_NAME])
-            ob = remesh(scene, address, keys, entry, job, self.timeout)
-        except (BackendError, KeyProblem, RuntimeError, OSError, protocol.ProtocolError) as exc:
+            session = self._new_session(context)
+            session.run()
+        except _failures() as exc:
             self.report({"ERROR"}, f"Re-mesh failed: {exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Imported {ob.name}: {len(ob.data.polygons)} faces")
-        return {"FINISHED"}
+        return self._report(session)
+
+    def invoke(self, context, event):
+        try:
+            self._session = self._new_session(context)
+        except _failures() as exc:
+            self.report({"ERROR"}, f"Re-mesh failed: {exc}")
+            return {"CANCELLED"}
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.1, window=context.window)
+        wm.modal_handler_add(self)
+        self.report({"INFO"}, "Re-meshing on the backend (Esc cancels)")
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        if event.type == "ESC" and event.value == "PRESS":
+            self._session.cancel()
+            return {"RUNNING_MODAL"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            if not self._session.tick():
+                return {"PASS_THROUGH"}
+        except _failures() as exc:
+            self._session.error = str(exc)
+        context.window_manager.event_timer_remove(self._timer)
+        self._timer = None
+        self._session.close()
+        return self._report(self._session)
+
+    def cancel(self, context):
+        if self._timer is not None:
+            context.window_manager.event_timer_remove(self._timer)
+        if self._session is not None:
+            self._session.close()
 
 
 class IMPLICIT_OT_result_forget(_ResultOperator, bpy.types.Operator):
@@ -142,38 +197,89 @@ class IMPLICIT_OT_result_forget(_ResultOperator, bpy.types.Operator):
         return {"FINISHED"}
 
 
-def remesh(scene, address: str, keys: dict, entry: ImplicitResult, job: protocol.MeshJob, timeout: float):
-    """Run ``job`` and import its mesh (placed and tagged like the fit's own asset).  A backend
-    that no longer has the fit gets its saved field back first."""
-    from . import importer
-    from .client import BackendError, JobClient
+class RemeshSession:
+    """One MeshJob of a listed fit, polled without blocking (:meth:`tick`), its mesh imported and
+    placed and tagged like the fit's own asset.  A backend that no longer has the fit gets its
+    saved field back first (once).  After the end: ``object`` (the import) or ``error``."""
 
-    def run(message):
-        client = JobClient(address, token=ownership.scene_token(scene), dead_after=30.0, **keys)
-        client.start(message)
-        messages = client.wait(timeout)
-        client.close()
-        return client, messages
+    def __init__(self, scene, address: str, keys: dict, entry: ImplicitResult, job: protocol.MeshJob,
+                 timeout: float):
+        self.scene, self.address, self.keys, self.entry, self.job = scene, address, keys, entry, job
+        self.timeout = timeout
+        self.client = None
+        self.messages: list = []
+        self.object = None
+        self.error = ""
+        self.cancelled = False
+        self._restored = False
+        self._deadline = 0.0
 
-    client, messages = run(job)
-    if client.error_code == "unknown_job" and entry.field_folder:
-        job.fit_job_id = entry.job_id = saved_fields.restore_field(scene, address, bpy.path.abspath(entry.field_folder),
-                                                                   keys)
-        client, messages = run(job)
-    if client.error is not None or not client.finished:
-        raise BackendError(client.error or f"no answer within {timeout:g} s", client.error_code or "timeout")
-    textures = {m.kind: m.image for m in messages if isinstance(m, protocol.TextureResult)}
-    mesh = next(m for m in messages if isinstance(m, protocol.MeshResult))
-    ob = importer.import_mesh(scene, mesh.vertices, mesh.faces, mesh.colors, name=f"{entry.label or 'Implicit'} Remesh",
-                              uvs=mesh.uvs, textures=textures)
-    if entry.asset is not None:
-        importer.place_origin(ob, entry.asset.matrix_world.translation)
-    done = messages[-1]
-    importer.tag_asset(ob, {"job_id": entry.job_id, "method": entry.method, "preset": entry.preset,
-                            "remeshed_from": entry.job_id, "faces": len(mesh.faces),
-                            "mesh_resolution": job.mesh_resolution, "textures": done.summary.get("textures"),
-                            "fitted_at": entry.created})
-    return ob
+    def start(self) -> None:
+        from .client import JobClient
+
+        self.client = JobClient(self.address, token=ownership.scene_token(self.scene), dead_after=30.0, **self.keys)
+        self.client.start(self.job)
+        self.messages = []
+        self._deadline = time.monotonic() + self.timeout
+
+    def tick(self) -> bool:
+        """Take what arrived; True once the job ended (then ``object`` or ``error`` says how)."""
+        from .client import BackendError
+
+        self.messages += self.client.poll()
+        if not self.client.finished:
+            if time.monotonic() > self._deadline:
+                self.client.cancel()
+                self.error = f"no answer within {self.timeout:g} s"
+                return True
+            return False
+        self.client.close()
+        if self.client.error_code == "unknown_job" and self.entry.field_folder and not self._restored:
+            self._restored = True
+            self.job.fit_job_id = self.entry.job_id = saved_fields.restore_field(
+                self.scene, self.address, bpy.path.abspath(self.entry.field_folder), self.keys)
+            self.start()
+            return False
+        if any(isinstance(m, protocol.Cancelled) for m in self.messages):
+            self.cancelled, self.error = True, "cancelled"
+            return True
+        if self.client.error is not None:
+            self.error = self.client.error
+            return True
+        if not any(isinstance(m, protocol.MeshResult) for m in self.messages):
+            raise BackendError("the backend ended the job without a mesh", "no_mesh")
+        self.object = self._import()
+        return True
+
+    def run(self) -> None:
+        while not self.tick():
+            time.sleep(0.05)
+
+    def cancel(self) -> None:
+        if self.client is not None:
+            self.client.cancel()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def _import(self):
+        from . import importer
+
+        entry, job, messages = self.entry, self.job, self.messages
+        textures = {m.kind: m.image for m in messages if isinstance(m, protocol.TextureResult)}
+        mesh = next(m for m in messages if isinstance(m, protocol.MeshResult))
+        ob = importer.import_mesh(self.scene, mesh.vertices, mesh.faces, mesh.colors,
+                                  name=f"{entry.label or 'Implicit'} Remesh", uvs=mesh.uvs, textures=textures)
+        if entry.asset is not None:
+            importer.place_origin(ob, entry.asset.matrix_world.translation)
+        done = next((m for m in messages if isinstance(m, protocol.Done)), None)
+        importer.tag_asset(ob, {"job_id": entry.job_id, "method": entry.method, "preset": entry.preset,
+                                "remeshed_from": entry.job_id, "faces": len(mesh.faces),
+                                "mesh_resolution": job.mesh_resolution,
+                                "textures": done.summary.get("textures") if done is not None else None,
+                                "fitted_at": entry.created})
+        return ob
 
 
 CLASSES = (ImplicitResult, IMPLICIT_UL_results, IMPLICIT_OT_result_render, IMPLICIT_OT_result_remesh,

@@ -266,6 +266,23 @@ def test_the_results_list_remeshes_a_fit_even_after_the_backend_lost_it(fitted, 
         assert bpy.ops.implicit.result_remesh(address=backend.address) == {"FINISHED"}
         ob = bpy.data.objects["Spheres Remesh"]
         assert 50 < len(ob.data.polygons) <= 300 and ob["implicit_remeshed_from"] == job_id
+        # The panel's button does not block Blender: the modal operator ticks a RemeshSession.
+        import time
+        from fit_implicit.blender_addon.preferences import connection_kwargs
+        job = protocol.MeshJob(fit_job_id=job_id, mesh_resolution=24, max_faces=300, name="tick")
+        session = results.RemeshSession(scene, backend.address, connection_kwargs(bpy.context), props.results[0],
+                                        job, timeout=60)
+        session.start()
+        ticks, longest = 0, 0.0
+        while True:
+            t = time.monotonic()
+            done = session.tick()
+            longest, ticks = max(longest, time.monotonic() - t), ticks + 1
+            if done:
+                break
+            time.sleep(0.02)
+        session.close()
+        assert session.object is not None and ticks > 1 and longest < 0.5, (ticks, longest, session.error)
         entry = props.results[0]
         folder = tmp_path / "field"
         assert bpy.ops.implicit.save_field(address=backend.address, fit_job=job_id, directory=str(folder)) == {"FINISHED"}
