@@ -47,43 +47,31 @@ def main(path=None):
         d.text((x, y + 5), text, font=FONT, fill=color)
         y += ROW - 4
 
-    def buttons(names):
-        nonlocal y
-        bw = (W - 24) // len(names)
-        for i, name in enumerate(names):
-            d.rounded_rectangle([12 + i * bw, y, 12 + (i + 1) * bw - 2, y + ROW - 6], 4, fill=BUTTON)
-            d.text((12 + i * bw + 8, y + 4), name, font=FONT, fill=TEXT)
-        y += ROW
-
-    def field(name, value):
-        nonlocal y
-        d.text((16, y + 4), name, font=FONT, fill=DIM)
-        d.rounded_rectangle([150, y, W - 12, y + ROW - 6], 4, fill=FIELD)
-        d.text((158, y + 4), value, font=FONT, fill=TEXT)
-        y += ROW
-
-    d.rectangle([8, y - 2, W - 8, y + 2 * ROW + 2], outline=PANEL)
-    label("Backend busy (job 1 of 1)", color=(140, 200, 140))
-    buttons(["Start", "Stop", "Free GPU", "Log"])
-    y += 6
-    for name, value in (("Address", ""), ("Quality", "Draft"), ("Training Time", "60 s"),
-                        ("Ring Cameras", "24"), ("Mesh Resolution", "0"), ("Preview Size", "128")):
-        field(name, value)
-    label("Using tcp://127.0.0.1:5599", color=DIM)
+    # VIEW3D_PT_implicit: the backend's status line, Cancel Fit, the progress box
+    label("Backend busy (job 1 of 1) at tcp://127.0.0.1:5599", color=(140, 200, 140))
     y += 4
     d.rounded_rectangle([12, y, W - 12, y + ROW - 4], 4, fill=BUTTON)
     d.text((W // 2 - 40, y + 4), "Cancel Fit", font=FONT, fill=TEXT)
     y += ROW + 4
+    top = y
+    y += 6
     frac = 0.6
-    d.rounded_rectangle([12, y, W - 12, y + ROW - 6], 4, fill=FIELD)
-    d.rounded_rectangle([12, y, 12 + int((W - 24) * frac), y + ROW - 6], 4, fill=ACCENT)
-    d.text((20, y + 4), f"Training step 240/400: PSNR {psnr[-1]:.2f} dB", font=FONT, fill=TEXT)
+    d.rounded_rectangle([16, y, W - 16, y + ROW - 6], 4, fill=FIELD)
+    d.rounded_rectangle([16, y, 16 + int((W - 32) * frac), y + ROW - 6], 4, fill=ACCENT)
+    d.text((24, y + 4), f"Training step 240/400: PSNR {psnr[-1]:.2f} dB", font=FONT, fill=TEXT)
     y += ROW
     img.paste(plot_img, (12, y), plot_img)
     y += 118
-    label(f"Step 240 / 400            Loss {loss[-1]:.4f}")
-    label("Elapsed 36 s                 PSNR %.2f dB" % psnr[-1])
-    label("About 24 s left", color=DIM)
+    label(f"Step 240 / 400            Loss {loss[-1]:.4f}", x=20)
+    label("Elapsed 36 s                 PSNR %.2f dB" % psnr[-1], x=20)
+    label("About 24 s left", x=20, color=DIM)
+    d.rectangle([8, top, W - 8, y + 2], outline=PANEL)
+    y += 10
+    # the sub-panels (blender_addon/panels.py CLASSES), closed
+    for name in ("Capture", "Field", "Mesh & Textures", "Results", "Backend"):
+        d.rectangle([4, y, W - 4, y + ROW - 2], fill=PANEL)
+        d.text((12, y + 5), f">  {name}", font=FONT, fill=TEXT)
+        y += ROW + 2
     img = img.crop((0, 0, W, y + 8))
     out = ROOT / "docs" / "images" / "panel.png"
     img.save(out)
