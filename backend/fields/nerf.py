@@ -60,10 +60,17 @@ class NerfField(nn.Module):
     def density(self, x: torch.Tensor) -> torch.Tensor:
         return self._geometry(x)[0]
 
+    def geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigma (N,), features (N, geo_features))``: the first half of :meth:`forward`."""
+        return self._geometry(x)
+
+    def color(self, geo: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """rgb (N, 3) from :meth:`geometry`'s features and directions: the second half."""
+        return torch.sigmoid(self.color_net(torch.cat([geo, sh_encode(d)], dim=-1)))
+
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma, geo = self._geometry(x)
-        rgb = torch.sigmoid(self.color_net(torch.cat([geo, sh_encode(d)], dim=-1)))
-        return sigma, rgb
+        return sigma, self.color(geo, d)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split by optimiser treatment: hash tables vs. MLP weights."""

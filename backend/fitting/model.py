@@ -128,8 +128,9 @@ class FittedField:
             out = render_rays(self.field, self.occupancy.occupied, o, dirs, self.box, self.step_size,
                               self.max_steps, jitter)
         else:
+            split = (self.field.geometry, self.field.color) if hasattr(self.field, "color") else None
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,
-                                        self.render_step_size, self.render_max_steps)
+                                        self.render_step_size, self.render_max_steps, split=split)
         out.depth = out.depth * self.scale
         return out
 

@@ -130,15 +130,17 @@ def sample_grid(t_near: torch.Tensor, step: float, first: int, count: int,
     return t_near[:, None] + (k[None, :] + offset) * step
 
 
-def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far):
-    """Mask candidates (beyond t_far or in empty cells), query the field on the rest.
+def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far, positions_only: bool = False):
+    """Mask candidates (beyond t_far or in empty cells), query the field on the rest
+    (``positions_only``: ``field_fn(x)``, e.g. a geometry pass, else ``field_fn(x, d)``).
 
-    Returns sigma (R, K) dense with zeros, rgb (M, 3) of the valid ones, mask (R, K), ray id (M,).
+    Returns sigma (R, K) dense with zeros, rgb (M, 3) (or the field's second output) of the valid
+    ones, mask (R, K), ray id (M,).
     """
     x = origins[:, None, :] + t[..., None] * dirs[:, None, :]                 # (R, K, 3)
     mask = (t < t_far[:, None]) & occupied_fn(x)
     ray = mask.nonzero()[:, 0]
-    sig, rgb = field_fn(x[mask], dirs[ray])
+    sig, rgb = field_fn(x[mask]) if positions_only else field_fn(x[mask], dirs[ray])
     dense = torch.zeros_like(t).masked_scatter(mask, sig.to(t.dtype))
     return dense, rgb, mask, ray
 
@@ -462,11 +464,15 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
 @torch.no_grad()
 def render_rays_segmented(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tensor,
                           dirs: torch.Tensor, aabb: torch.Tensor, step: float, max_steps: int,
-                          segment: int = 64, min_transmittance: float = 1e-4) -> RayOutput:
+                          segment: int = 64, min_transmittance: float = 1e-4,
+                          split: tuple[Callable, Callable] | None = None, min_weight: float = 1e-4) -> RayOutput:
     """Render rays ``segment`` samples at a time, dropping rays once they are opaque (inference).
 
     Same arguments and result as :func:`render_rays` (no jitter); gives the same values up to
-    the contribution of samples behind ``min_transmittance``.
+    the contribution of samples behind ``min_transmittance``.  ``split``: the field as
+    ``(geometry(x) -> (sigma, features), colour(features, d) -> rgb)``; then colour is evaluated
+    only for samples whose weight is at least ``min_weight`` (their colour changes a pixel by
+    less than that; opacity and depth are exact).
     """
     r = origins.shape[0]
     t_near, t_far, hit = ray_aabb(origins, dirs, aabb)
@@ -479,11 +485,20 @@ def render_rays_segmented(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: t
         count = min(segment, max_steps - first)
         o, d, tn, tf = origins[active], dirs[active], t_near[active], t_far[active]
         t = sample_grid(tn, step, first, count)
-        sigma, rgb, mask, ray = _query(field_fn, occupied_fn, o, d, t, tf)
+        if split is None:
+            sigma, rgb, mask, ray = _query(field_fn, occupied_fn, o, d, t, tf)
+        else:
+            sigma, features, mask, ray = _query(split[0], occupied_fn, o, d, t, tf, positions_only=True)
         if ray.numel():
             weights, after = composite(sigma, step, optical[active])
             w = weights[mask]
-            color.index_add_(0, active, torch.zeros_like(o).index_add_(0, ray, w[:, None] * rgb.to(w.dtype)))
+            if split is not None:       # colour only where it shows
+                keep = (w >= min_weight).nonzero()[:, 0]
+                w, ray_c = w[keep], ray[keep]
+                rgb = split[1](features[keep], d[ray_c]) if keep.numel() else w.new_zeros(0, 3)
+            else:
+                ray_c = ray
+            color.index_add_(0, active, torch.zeros_like(o).index_add_(0, ray_c, w[:, None] * rgb.to(w.dtype)))
             opacity.index_add_(0, active, weights.sum(-1))
             depth.index_add_(0, active, (weights * t).sum(-1))
             optical[active] = after

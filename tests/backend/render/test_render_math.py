@@ -122,6 +122,29 @@ def test_segmented_rendering_equals_single_pass():
     assert torch.allclose(c.opacity, full.opacity, atol=1e-3) and c.samples < full.samples
 
 
+def test_colour_only_where_it_shows_changes_pixels_by_less_than_a_level():
+    """render_rays_segmented(split=...): colour is asked only for samples of weight >= min_weight;
+    opacity and depth stay exact, colour moves by less than one 8-bit level."""
+    torch.manual_seed(2)
+    o = torch.randn(256, 3) * 0.3 + torch.tensor([0.0, 0.0, -2.5])
+    d = torch.nn.functional.normalize(torch.randn(256, 3) * 0.2 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
+    field = _ball_field(3.0, 0.6)
+    asked = []
+
+    def geometry(x):
+        sigma, _ = field(x, None)
+        return sigma, x                               # the features: the position
+
+    def colour(x, dirs):
+        asked.append(len(x))
+        return field(x, dirs)[1]
+
+    whole = render_rays_segmented(field, _everywhere, o, d, BOX, 0.01, 400, segment=37)
+    split = render_rays_segmented(field, _everywhere, o, d, BOX, 0.01, 400, segment=37, split=(geometry, colour))
+    assert torch.equal(whole.opacity, split.opacity) and torch.equal(whole.depth, split.depth)
+    assert (whole.rgb - split.rgb).abs().max() < 1.0 / 255 and sum(asked) < whole.samples
+
+
 def test_occupancy_mask_culls_samples():
     o, d = torch.tensor([[0.0, 0.0, -3.0]]), torch.tensor([[0.0, 0.0, 1.0]])
     out = render_rays(_ball_field(2.0), lambda x: x[..., 2] > 0, o, d, BOX, 1e-3, 4000)
