@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         fine = {}
         for n in [int(v) for v in args.eval_march_steps.split(",") if v]:  # same field, other quadrature
             model.render_step_size, model.render_max_steps = 2.0 * 3.0 ** 0.5 / n, n
+            if model.is_surface:    # surface fields render with their training step (FittedField.trace_surface)
+                model.step_size, model.max_steps = model.render_step_size, n
             fine[n] = round(float(np.mean(evaluate(model, held))), 3)
         steps = int(model.meta["steps"])
         train_s = float(model.meta["seconds"])

@@ -213,20 +213,35 @@ _RADIANCE_PRESETS: dict[str, dict[str, Any]] = {
 # Surface fields (fitting/surface_trainer.py): surface samples cost 5 field evaluations
 # (finite-difference gradients), so fewer of them.  (The surface figures of docs/benchmarks.md
 # were measured with 1024 steps along the diagonal.)  Thin parts (lego, H200, 2,000 steps,
-# docs/benchmarks.md "Why the SDF stalled on lego"): no curvature term (22.85 -> 25.98 dB), NeuS's
+# docs/benchmarks.md "SDF on lego: the recipe for thin parts"): no curvature term (22.85 -> 25.98 dB), NeuS's
 # slope annealed over the whole fit (26.65) and a lighter eikonal term (27.46); 8 of the 16 hash
 # levels from the start (2,500 steps: 27.53 -> 28.20 / 28.23 dB; 120 s: 28.34 -> 28.88 dB).
 _SURFACE_THIN = dict(curvature_weight=0.0, cos_anneal_share=1.0, eikonal_weight=0.02, start_levels=8)
+# SDF only, then (lego, H200, 2,500 steps, variants sharing the GPU, issue 12 item 2; baseline
+# 28.26 dB; docs/benchmarks.md "SDF on lego: the recipe for thin parts"): no BCE mask term (29.86;
+# 0.02: 29.52; 0.5: 26.00; the colour term on random backgrounds supervises the opacity too), twice
+# the samples and rays a step (29.18, at ~15% fewer steps/s), eikonal 0.005 (28.65; 0.002: 27.56),
+# 12 levels from the start (28.52; all 16: 23.49); together 31.46 dB (mask weight 0.02: 31.10).
+# No help: tf32 off (28.22), variance_lr 1e-2 or 3e-4 (27.35, 27.79), a sharpness floor rising to
+# inv_s 2000 (27.76; learnt, it ends near 1000).  Occupancy fields keep _SURFACE_THIN (not measured).
+_SDF_THIN = dict(_SURFACE_THIN, eikonal_weight=0.005, start_levels=12, mask_weight=0.0,
+                 target_samples=1 << 19, max_rays=1 << 16)
+_SURFACE_DRAFT = dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
+                      occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256)
+_SURFACE_FULL = dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
+                     march_steps=1024, render_march_steps=0)
 _SURFACE_PRESETS: dict[str, dict[str, Any]] = {
-    "draft": dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
-                  occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256),
-    "standard": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
-                     march_steps=1024, render_march_steps=0, **_SURFACE_THIN),
-    "high": dict(target_samples=1 << 18, max_rays=1 << 15, occupancy_decay=0.5, occupancy_warmup=0,
-                 march_steps=1024, render_march_steps=0, **_SURFACE_THIN),
+    "draft": _SURFACE_DRAFT,
+    "standard": dict(_SURFACE_FULL, **_SURFACE_THIN),
+    "high": dict(_SURFACE_FULL, **_SURFACE_THIN),
+}
+_SDF_PRESETS: dict[str, dict[str, Any]] = {
+    "draft": _SURFACE_DRAFT,
+    "standard": dict(_SURFACE_FULL, **_SDF_THIN),
+    "high": dict(_SURFACE_FULL, **_SDF_THIN),
 }
 METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "nerf": _RADIANCE_PRESETS, "sdf": _SURFACE_PRESETS, "occupancy": _SURFACE_PRESETS}
+    "nerf": _RADIANCE_PRESETS, "sdf": _SDF_PRESETS, "occupancy": _SURFACE_PRESETS}
 
 
 def preset_values(method: str, preset: str) -> dict[str, Any]:
