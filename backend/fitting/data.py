@@ -482,10 +482,17 @@ def load_colmap(path: str | Path, downscale: int = 1, image_dir: str | Path | No
 
 
 def load_dataset(path: str | Path, downscale: int = 1) -> PosedImages:
-    """A transforms.json dataset (:func:`load_transforms`) or, where there is none, a COLMAP
-    reconstruction (:func:`load_colmap`): what the command line's ``fit`` and ``eval`` read."""
+    """A transforms.json dataset (:func:`load_transforms`), a COLMAP reconstruction
+    (:func:`load_colmap`), or an LLFF or IDR/NeuS capture (shared/layouts.py,
+    :func:`load_layout`): what the command line's ``fit`` and ``eval`` read."""
+    from fit_implicit.shared import layouts
+
     if Path(path).is_file() and Path(path).suffix.lower() in (".txt", ".bin"):    # cameras.bin, images.txt, ...
         return load_colmap(path, downscale)
+    if layouts.is_llff(path):
+        return load_layout(layouts.read_llff(path), downscale)
+    if layouts.is_idr(path):
+        return load_layout(layouts.read_idr(path), downscale)
     try:
         transforms.find(path, TRANSFORMS_NAMES)
     except ValueError as missing:
@@ -494,9 +501,28 @@ def load_dataset(path: str | Path, downscale: int = 1) -> PosedImages:
         try:
             colmap.find_model(path)
         except ValueError:
-            raise missing from None
+            raise ValueError(f"{missing} (nor a COLMAP model, LLFF's {layouts.LLFF_FILE} or IDR's "
+                             f"{layouts.IDR_FILE})") from None
         return load_colmap(path, downscale)
     return load_transforms(path, downscale)
+
+
+def load_layout(layout, downscale: int = 1) -> PosedImages:
+    """PosedImages of an LLFF or IDR/NeuS capture read by shared/layouts.py (masks become alpha)."""
+    if int(downscale) != downscale or downscale < 1:
+        raise ValueError(f"downscale must be a positive integer, got {downscale}")
+    images, ks = [], []
+    for v in layout.views:
+        img = read_image(v.image, int(downscale))
+        if v.mask is not None:
+            img[..., 3] = transforms.read_mask(v.mask, image_size(v.image), int(downscale))
+        base = v.size or image_size(v.image)        # the size the layout's intrinsics are for
+        h, w = img.shape[:2]
+        images.append(img)
+        ks.append(v.intrinsics * np.array([w / base[0], h / base[1], w / base[0], h / base[1]]))
+    stacked, sizes = pad_images(images)
+    return PosedImages(stacked, np.stack(ks), np.stack([v.c2w for v in layout.views]), layout.aabb,
+                       [v.name for v in layout.views], sizes=sizes, notes=list(layout.notes))
 
 
 def estimate_aabb(intrinsics: np.ndarray, poses: np.ndarray, width: int, height: int) -> np.ndarray:
