@@ -97,11 +97,17 @@ class Intake:
         if handler is None:
             self._back.append((identity, message))
             return
-        try:
-            reply = handler(identity, message)
-        except Exception as exc:   # noqa: BLE001 - a bug here must not stop the server
-            log.exception("error while handling %s from %s", message.TYPE, identity.hex())
-            reply = protocol.Error(code="internal_error", in_reply_to=message.TYPE,
-                                   message=f"internal backend error while handling {message.TYPE}: {exc}"[:4000])
+        reply = call_handler(handler, identity, message)
         if reply is not None:
             self._outbox.put(identity, reply)
+
+
+def call_handler(handler: Handler, identity: bytes, message) -> "protocol.Message | None":
+    """``handler(identity, message)``; an exception becomes an internal_error reply (logged):
+    a bug in one handler must not stop the server."""
+    try:
+        return handler(identity, message)
+    except Exception as exc:   # noqa: BLE001
+        log.exception("error while handling %s from %s", message.TYPE, identity.hex())
+        return protocol.Error(code="internal_error", in_reply_to=message.TYPE,
+                              message=f"internal backend error while handling {message.TYPE}: {exc}"[:4000])

@@ -38,7 +38,7 @@ from fit_implicit.shared import protocol, wire
 from fit_implicit.backend import __version__
 from fit_implicit.backend.service import paths, security, options as serve_options
 from fit_implicit.backend.service.connections import Connections, connection_limit, raise_fd_limit
-from fit_implicit.backend.service.intake import LARGE_BYTES, Intake
+from fit_implicit.backend.service.intake import LARGE_BYTES, Intake, call_handler
 from fit_implicit.backend.service.jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
 from fit_implicit.backend.service.outbox import Outbox
 from fit_implicit.backend.service.options import DEFAULT_BIND, add_arguments
@@ -401,16 +401,11 @@ class Server:
 
     def _reply(self, identity: bytes, message: protocol.Message) -> None:
         handler = self._handlers.get(type(message))
-        try:
-            if handler is None:
-                reply = protocol.Error(code="unexpected_message", in_reply_to=message.TYPE,
-                                       message=f"the backend does not accept {message.TYPE!r} messages")
-            else:
-                reply = handler(identity, message)
-        except Exception as exc:   # noqa: BLE001 - a bug here must not stop the server
-            log.exception("error while handling %s from %s", message.TYPE, identity.hex())
-            reply = protocol.Error(code="internal_error", in_reply_to=message.TYPE,
-                                   message=f"internal backend error while handling {message.TYPE}: {exc}"[:4000])
+        if handler is None:
+            reply = protocol.Error(code="unexpected_message", in_reply_to=message.TYPE,
+                                   message=f"the backend does not accept {message.TYPE!r} messages")
+        else:
+            reply = call_handler(handler, identity, message)
         if reply is not None:
             self._send(identity, reply)
 

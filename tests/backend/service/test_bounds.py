@@ -165,13 +165,20 @@ def test_the_descriptor_limit_is_raised_and_clients_past_it_are_refused_clearly(
             peer = RawPeer(backend.address)
             peer.sock.setsockopt(zmq.RECONNECT_IVL, 60_000)
             idle.append(peer)
-        idle[-1].request(protocol.Ping(seq=1))                 # all 383 are connected by now
+        for peer in idle[1:]:                                  # all 383 connected and served
+            peer.send(protocol.Ping(seq=1))
+        assert all(isinstance(peer.recv(10), protocol.Pong) for peer in idle[1:])
         with RawPeer(backend.address) as one_more:             # the 384th: still served
             assert isinstance(one_more.request(protocol.Ping(seq=2)), protocol.Pong)
-        time.sleep(0.5)
-        last = RawPeer(backend.address)
+        deadline = time.monotonic() + 10                       # its place is free once the backend saw it go
+        while True:
+            last = RawPeer(backend.address)
+            if isinstance(last.request(protocol.Ping(seq=3)), protocol.Pong):
+                break
+            last.close()
+            assert time.monotonic() < deadline, "the 384th place never came free"
+            time.sleep(0.2)
         extra = RawPeer(backend.address)
-        assert isinstance(last.request(protocol.Ping(seq=3)), protocol.Pong)
         reply = extra.request(protocol.Hello(client="one too many"))
         assert isinstance(reply, protocol.Error) and reply.code == "too_many_clients", reply
         assert "already serves 384 connections" in reply.message and "ulimit -n" in reply.message
