@@ -17,6 +17,7 @@ classes = (
     operators.IMPLICIT_OT_export_dataset,
     operators.IMPLICIT_OT_import_transforms,
     operators.IMPLICIT_OT_import_colmap,
+    operators.IMPLICIT_OT_import_capture,
     *render_back.CLASSES,
     *saved_fields.CLASSES,
     *render_cache.CLASSES,

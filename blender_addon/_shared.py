@@ -10,8 +10,10 @@ Inside a built extension, ``build_addon.py`` vendors the ``shared`` package as
 import importlib.util
 
 if importlib.util.find_spec(f"{__package__}.shared") is not None:
-    from .shared import cameras, color, colmap, methods, protocol, quality, transforms, wire  # vendored copy (built extension)
+    from .shared import (cameras, color, colmap, layouts, methods, protocol, quality,  # vendored copy (built extension)
+                         transforms, wire)
 else:
-    from fit_implicit.shared import cameras, color, colmap, methods, protocol, quality, transforms, wire  # development checkout
+    from fit_implicit.shared import (cameras, color, colmap, layouts, methods, protocol, quality,  # development checkout
+                                     transforms, wire)
 
-__all__ = ["cameras", "color", "colmap", "methods", "protocol", "quality", "transforms", "wire"]
+__all__ = ["cameras", "color", "colmap", "layouts", "methods", "protocol", "quality", "transforms", "wire"]

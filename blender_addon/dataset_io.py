@@ -33,7 +33,7 @@ import numpy as np
 from mathutils import Matrix
 
 from . import capture
-from ._shared import cameras, colmap, protocol, transforms
+from ._shared import cameras, colmap, layouts, protocol, transforms
 from .importer import ensure_collection
 
 IMPORT_COLLECTION = "Implicit Dataset"
@@ -253,6 +253,34 @@ def import_colmap(scene, path: str, *, image_dir: str | None = None, collection_
     if cloud is not None and len(cloud[0]):
         import_points(scene, *cloud, collection_name=collection_name)
     return created, warnings
+
+
+def import_capture(scene, path: str, *, collection_name: str = IMPORT_COLLECTION, backgrounds: bool = True,
+                   set_resolution: bool = True) -> tuple[list, list[str]]:
+    """Cameras (and background images) of an LLFF capture (poses_bounds.npy with images_N/) or
+    an IDR/NeuS one (cameras_sphere.npz with image(s)_N/ and masks), read by shared/layouts.py:
+    ``path`` is the capture's folder or one of its photo folders.  See :func:`create_cameras`."""
+    try:
+        if layouts.is_llff(path):
+            layout = layouts.read_llff(path)
+        elif layouts.is_idr(path):
+            layout = layouts.read_idr(path)
+        else:
+            raise ValueError(f"{path}: neither an LLFF capture ({layouts.LLFF_FILE}) nor an IDR/NeuS one "
+                             f"({layouts.IDR_FILE})")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    views = []
+    for v in layout.views:
+        size = _image_size(v.image)
+        if size is None:
+            raise DatasetError(f"Could not read the image {v.image}")
+        k = v.intrinsics if v.size is None else v.intrinsics * np.array([size[0] / v.size[0], size[1] / v.size[1]] * 2)
+        views.append(View(name=v.name, c2w=v.c2w, intrinsics=k, width=size[0], height=size[1], image=v.image,
+                          mask=v.mask))
+    created, warnings = create_cameras(scene, views, collection_name=collection_name, backgrounds=backgrounds,
+                                       set_resolution=set_resolution)
+    return created, list(layout.notes) + warnings
 
 
 POINTS_ERROR = "implicit_reprojection_error"     # the per-point attribute of an imported point cloud

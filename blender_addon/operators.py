@@ -440,6 +440,25 @@ class IMPLICIT_OT_import_colmap(_CameraImport, bpy.types.Operator):
                 backgrounds=self.backgrounds, set_resolution=self.set_resolution, points=self.points))
 
 
+class IMPLICIT_OT_import_capture(_CameraImport, bpy.types.Operator):
+    """Import an LLFF capture (poses_bounds.npy with images_N) or an IDR/NeuS one (cameras_sphere.npz
+    with images and masks) as cameras with background images"""
+
+    bl_idname = "implicit.import_capture"
+    bl_label = "Import LLFF / NeuS Capture"
+
+    directory: bpy.props.StringProperty(
+        name="Capture Folder", subtype="DIR_PATH", options={"SKIP_SAVE"},
+        description="Folder with poses_bounds.npy or cameras_sphere.npz (or one of its images_N folders)")
+
+    def execute(self, context):
+        from . import dataset_io
+        return _import_cameras(
+            self, self.directory, "Choose the folder of an LLFF or IDR/NeuS capture",
+            lambda: dataset_io.import_capture(context.scene, bpy.path.abspath(self.directory),
+                                              backgrounds=self.backgrounds, set_resolution=self.set_resolution))
+
+
 # --------------------------------------------------------------------------------------------
 # The backend: start, stop, free GPU memory, log
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
         row = box.row(align=True)
         row.operator("implicit.import_transforms", text="Import", icon="IMPORT")
         row.operator("implicit.export_dataset", text="Export", icon="EXPORT")
-        box.operator("implicit.import_colmap", text="Import COLMAP", icon="IMPORT")
+        row = box.row(align=True)
+        row.operator("implicit.import_colmap", text="COLMAP", icon="IMPORT")
+        row.operator("implicit.import_capture", text="LLFF / NeuS", icon="IMPORT")
         row = box.row(align=True)
         row.operator("implicit.render_back", text="Render with Field", icon="RENDER_STILL").animation = False
         row.operator("implicit.render_back", text="Animation", icon="RENDER_ANIMATION").animation = True

@@ -178,3 +178,25 @@ def test_photo_views_name_the_camera_without_a_photo(tmp_path, addon):
     (tmp_path / "a.png").unlink()
     with pytest.raises(dataset_io.DatasetError, match="Camera 'a' has no photo"):
         dataset_io.photo_views(created, scene)
+
+
+@pytest.mark.parametrize("kind", ["llff", "idr"])
+def test_llff_and_neus_captures_come_in_as_cameras_whose_photos_fit_exactly(tmp_path, addon, kind):
+    """Issue 15 (any layout): the add-on's import of the two layouts, photos and masks back as fit inputs
+    with the capture's own cameras."""
+    import bpy
+    from capture_files import write_idr, write_llff
+    from fit_implicit.blender_addon import capture, dataset_io
+    ks, poses = (write_llff if kind == "llff" else write_idr)(tmp_path / "cap")
+    scene = fresh_scene()
+    assert bpy.ops.implicit.import_capture(directory=str(tmp_path / "cap")) == {"FINISHED"}
+    cams = _imported()
+    assert len(cams) == 6 and (scene.render.resolution_x, scene.render.resolution_y) == (40, 30)
+    k, c2w = capture.camera_arrays(cams, scene)
+    assert np.allclose(k, ks, rtol=1e-5) and np.allclose(c2w, poses, atol=1e-5)
+    views = dataset_io.photo_views(cams, scene)
+    assert views["images"].shape == (6, 30, 40, 4) and np.allclose(views["intrinsics"], ks, rtol=1e-5)
+    if kind == "idr":                     # masks became alpha
+        assert (views["images"][..., 3] < 255).any() and (views["images"][..., 3] > 0).any()
+    with pytest.raises(RuntimeError, match="neither an LLFF capture"):
+        bpy.ops.implicit.import_capture(directory=str(tmp_path))
