@@ -614,18 +614,19 @@ class RaySampler:
             t = torch.from_numpy(np.ascontiguousarray(value))
             self.passes[kind] = (t.half() if kind in ("normal", "roughness") else t).to(self.device)
 
-    def sample(self, count: int, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, count: int, generator: torch.Generator | None = None, with_photo: bool = False) -> tuple:
         """``count`` rays through random pixel centres.
 
         Returns:
             origins (count, 3) float32 world, directions (count, 3) float32 unit,
-            rgba (count, 4) float32 in [0, 1] (sRGB, straight alpha).
+            rgba (count, 4) float32 in [0, 1] (sRGB, straight alpha); with ``with_photo``, also
+            the index (count,) int64 of each ray's photo.
         """
-        return self._draw(count, generator)[3:]
+        img, _, _, o, d, rgba = self._draw(count, generator)
+        return (o, d, rgba, img) if with_photo else (o, d, rgba)
 
-    def sample_passes(self, count: int, generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def sample_passes(self, count: int, generator: torch.Generator | None = None, with_photo: bool = False
+                      ) -> tuple:
         """Like :meth:`sample`, plus the passes the data has at the same pixels.
 
         Returns:
@@ -649,7 +650,7 @@ class RaySampler:
             out["depth"] = (z / cos).unsqueeze(-1)
         if "roughness" in self.passes:
             out["roughness"] = self.passes["roughness"][img, y, x].float().unsqueeze(-1)
-        return o, d, rgba, out
+        return (o, d, rgba, out, img) if with_photo else (o, d, rgba, out)
 
     def _draw(self, count: int, generator: torch.Generator | None):
         """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""

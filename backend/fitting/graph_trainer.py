@@ -37,7 +37,8 @@ MAX_AHEAD = 2           # steps the host may queue ahead of the GPU
 def available(cfg, device: torch.device) -> bool:
     """Whether :class:`GraphTrainer` can run this config on ``device``."""
     return (device.type == "cuda" and cfg.method == "nerf" and cfg.train.cuda_graphs
-            and volume.triton is not None and cfg.train.target_samples > 0)
+            and volume.triton is not None and cfg.train.target_samples > 0
+            and not cfg.train.appearance)      # per-photo appearance: the eager step only (not yet in the graph)
 
 
 class GraphTrainer(Trainer):

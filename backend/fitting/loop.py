@@ -150,6 +150,8 @@ def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callback
                        "first_step_s": round(first_step_s or 0.0, 3),
                        "train_psnr": round(train_psnr(mse_last), 3) if mse_last is not None else None})
     trainer.finish()
+    if getattr(trainer, "appearance", None) is not None:      # each photo's exposure and white balance
+        model.meta["appearance"] = trainer.appearance.summary()
     model.field.eval()
     return model
 

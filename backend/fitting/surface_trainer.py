@@ -135,13 +135,15 @@ class SurfaceTrainer(TrainerBase):
         samples shaded."""
         tc, model = self.cfg.train, self.model
         if self.passes:
-            origins, dirs, rgba, passes = self.sampler.sample_passes(self.rays)
+            origins, dirs, rgba, passes, photo = self.sampler.sample_passes(self.rays, with_photo=True)
         else:
-            (origins, dirs, rgba), passes = self.sampler.sample(self.rays), {}
+            (origins, dirs, rgba, photo), passes = self.sample(), {}
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
         out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes,
                                   roughness="roughness" in passes)
-        loss, mse, alpha = colour_loss(out.rgb, out.opacity, rgba, tc.loss)
+        rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
+        loss, mse, alpha = colour_loss(rgb, out.opacity, rgba, tc.loss)
+        loss = loss + penalty
         if self.masks and tc.mask_weight > 0:
             opacity = out.opacity.clamp(1e-3, 1.0 - 1e-3)
             loss = loss + tc.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])

@@ -44,6 +44,9 @@ class TrainConfig:
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
+    appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
+    appearance_lr: float = 1e-2     # Adam learning rate of those
+    appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -52,7 +55,7 @@ class TrainConfig:
         for name in ("batch_rays", "max_rays"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("target_samples", "warmup_steps"):
+        for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
@@ -128,12 +131,30 @@ class TrainerBase:
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
         self.sampler = RaySampler(data, self.device)
         self.rays = cfg.train.batch_rays
+        self.appearance = None               # per-photo exposure and white balance (appearance.py)
+        if cfg.train.appearance:
+            from fit_implicit.backend.fitting.appearance import Appearance
+            self.appearance = Appearance(len(data)).to(self.device)
+
+    def sample(self) -> tuple:
+        """(origins, dirs, rgba, photo index or None) of this step's rays."""
+        if self.appearance is None:
+            return (*self.sampler.sample(self.rays), None)
+        return self.sampler.sample(self.rays, with_photo=True)
+
+    def as_photographed(self, rgb: torch.Tensor, opacity: torch.Tensor, photo) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rendered colour as each ray's photo saw it, the appearance penalty) (appearance.py)."""
+        if self.appearance is None:
+            return rgb, torch.zeros((), device=rgb.device)
+        return self.appearance(rgb, opacity, photo), self.cfg.train.appearance_weight * self.appearance.penalty()
 
     def adam(self, extra: list[dict] = (), lrs: list | None = None, **kwargs) -> torch.optim.Adam:
         """Adam over the field's hash tables and MLPs (+ ``extra`` groups); ``lrs`` replace the
         two base learning rates (the graph trainer passes device tensors).  Sets ``base_lrs``."""
         tc, groups = self.cfg.train, self.model.field.param_groups()
         grid_lr, mlp_lr = lrs if lrs is not None else (tc.grid_lr, tc.mlp_lr)
+        if self.appearance is not None:
+            extra = [*extra, {"params": list(self.appearance.parameters()), "lr": tc.appearance_lr, "weight_decay": 0.0}]
         optimizer = torch.optim.Adam([
             {"params": groups["grid"], "lr": grid_lr, "eps": tc.grid_eps, "weight_decay": 0.0},
             {"params": groups["mlp"], "lr": mlp_lr, "eps": tc.mlp_eps, "weight_decay": tc.mlp_weight_decay},
@@ -150,6 +171,8 @@ class TrainerBase:
                  "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.appearance is not None:
+            state["appearance"] = self.appearance.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -157,6 +180,8 @@ class TrainerBase:
         self.model.field.load_state_dict(state["field"])
         self.model.occupancy.load_state_dict(state["occupancy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.appearance is not None:
+            self.appearance.load_state_dict(state["appearance"])
         self.rays = int(state["rays"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -193,10 +218,12 @@ class Trainer(TrainerBase):
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimisation step.  Returns (loss, mse) as 0-d tensors (not synchronised) and
         the number of field samples it took."""
-        origins, dirs, rgba = self.sampler.sample(self.rays)
+        origins, dirs, rgba, photo = self.sample()
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
         out = self.model.trace(origins, dirs, jitter)
-        loss, mse, _ = colour_loss(out.rgb, out.opacity, rgba, self.cfg.train.loss)
+        rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
+        loss, mse, _ = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
+        loss = loss + penalty
         if loss.requires_grad:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
