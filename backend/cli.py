@@ -104,7 +104,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.data import load_dataset, split_holdout
-    from fit_implicit.backend.fitting.loop import Callbacks, fit, long_fit_text
+    from fit_implicit.backend.fitting.loop import Callbacks, LongFitNotice, fit
     from fit_implicit.backend.fitting.runs import provenance, save_run
     from fit_implicit.backend.service.checkpoint import remove_checkpoint, save_checkpoint
 
@@ -135,15 +135,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     class Printer(Callbacks):
         last_checkpoint = time.monotonic()
         told = False
-        told_length = False
+        length_notice = LongFitNotice(cfg.preset)
 
         def on_progress(self, info: dict) -> None:
             progress.update(info)
-            if not self.told_length:
-                note = long_fit_text(info, cfg.preset)
-                if note:
-                    _print(f"note: {note} (--seconds)")
-                self.told_length = bool(note) or float(info.get("elapsed", 0.0)) >= 5.0
+            note = self.length_notice(info)
+            if note:
+                _print(f"note: {note} (--seconds)")
 
         def on_checkpoint(self, step: int, state) -> None:
             if args.checkpoint_every > 0 and time.monotonic() - self.last_checkpoint >= args.checkpoint_every:

@@ -261,15 +261,12 @@ def import_capture(scene, path: str, *, collection_name: str = IMPORT_COLLECTION
     an IDR/NeuS one (cameras_sphere.npz with image(s)_N/ and masks), read by shared/layouts.py:
     ``path`` is the capture's folder or one of its photo folders.  See :func:`create_cameras`."""
     try:
-        if layouts.is_llff(path):
-            layout = layouts.read_llff(path)
-        elif layouts.is_idr(path):
-            layout = layouts.read_idr(path)
-        else:
-            raise ValueError(f"{path}: neither an LLFF capture ({layouts.LLFF_FILE}) nor an IDR/NeuS one "
-                             f"({layouts.IDR_FILE})")
+        layout = layouts.read(path)
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
+    if layout is None:
+        raise DatasetError(f"{path}: neither an LLFF capture ({layouts.LLFF_FILE}) nor an IDR/NeuS one "
+                           f"({layouts.IDR_FILE})")
     views = []
     for v in layout.views:
         size = _image_size(v.image)

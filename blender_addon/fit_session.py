@@ -655,9 +655,8 @@ class FitSession:
         except Exception:   # the plot is a nicety: never let it hide the result
             traceback.print_exc()
         r = self.result
-        told = [n for n in r.notes if n != CPU_NOTE]
-        if told and status in ("done", "failed"):
-            message = f"{message} (Backend: {'; '.join(told)})"
+        if self.state.note and status in ("done", "failed"):      # what the backend said along the way
+            message = f"{message} (Backend: {self.state.note})"
         r.status, r.message = status, message
         r.timings["total"] = time.monotonic() - self._t0
         if status == "done" and r.job_id and getattr(self.scene, "implicit", None) is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import bpy
 import numpy as np
 
-from . import capture, ownership
+from . import capture, modal, ownership
 from ._shared import protocol
 
 IMAGE_NAME = "Fit Implicit Render"
@@ -300,11 +300,7 @@ class IMPLICIT_OT_render_back(bpy.types.Operator):
         except (RenderBackError, capture.CaptureError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.1, window=context.window)
-        wm.modal_handler_add(self)
-        self.report({"INFO"}, "Rendering with the field (Esc cancels)")
-        return {"RUNNING_MODAL"}
+        return modal.start(self, context, "Rendering with the field (Esc cancels)")
 
     def modal(self, context, event):
         if event.type == "ESC" and event.value == "PRESS":
@@ -312,17 +308,13 @@ class IMPLICIT_OT_render_back(bpy.types.Operator):
             return {"RUNNING_MODAL"}
         if event.type != "TIMER" or not self._session.tick():
             return {"PASS_THROUGH"}
-        context.window_manager.event_timer_remove(self._timer)
-        self._session.close()
+        modal.stop(self, context)
         r = self._session.result
         _show_in_image_editor(context, r.image, len(r.files), r.frames[0] if r.frames else 1)
         return self._report(self._session.result)
 
     def cancel(self, context):
-        if self._timer is not None:
-            context.window_manager.event_timer_remove(self._timer)
-        if self._session is not None:
-            self._session.close()
+        modal.stop(self, context)
 
 
 def _show_in_image_editor(context, image, count: int, first_frame: int) -> None:

@@ -13,7 +13,7 @@ import time
 
 import bpy
 
-from . import ownership, saved_fields
+from . import modal, ownership, saved_fields
 from ._shared import protocol
 
 MESH_TIMEOUT = 1800.0       # seconds a re-mesh may take
@@ -146,11 +146,7 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
         except _failures() as exc:
             self.report({"ERROR"}, f"Re-mesh failed: {exc}")
             return {"CANCELLED"}
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.1, window=context.window)
-        wm.modal_handler_add(self)
-        self.report({"INFO"}, "Re-meshing on the backend (Esc cancels)")
-        return {"RUNNING_MODAL"}
+        return modal.start(self, context, "Re-meshing on the backend (Esc cancels)")
 
     def modal(self, context, event):
         if event.type == "ESC" and event.value == "PRESS":
@@ -163,16 +159,11 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
                 return {"PASS_THROUGH"}
         except _failures() as exc:
             self._session.error = str(exc)
-        context.window_manager.event_timer_remove(self._timer)
-        self._timer = None
-        self._session.close()
+        modal.stop(self, context)
         return self._report(self._session)
 
     def cancel(self, context):
-        if self._timer is not None:
-            context.window_manager.event_timer_remove(self._timer)
-        if self._session is not None:
-            self._session.close()
+        modal.stop(self, context)
 
 
 class IMPLICIT_OT_result_forget(_ResultOperator, bpy.types.Operator):

@@ -81,20 +81,16 @@ def _locate(path: str | Path, marker: str) -> tuple[Path, Path | None]:
     raise ValueError(f"{path}: no {marker} here")
 
 
-def is_llff(path: str | Path) -> bool:
-    try:
-        _locate(path, LLFF_FILE)
-        return True
-    except ValueError:
-        return False
-
-
-def is_idr(path: str | Path) -> bool:
-    try:
-        _locate(path, IDR_FILE)
-        return True
-    except ValueError:
-        return False
+def read(path: str | Path) -> Layout | None:
+    """The LLFF or IDR/NeuS capture at ``path`` (:func:`read_llff`, :func:`read_idr`), or None
+    when it is neither.  Raises ValueError when it is one but cannot be read."""
+    for marker, reader in ((LLFF_FILE, read_llff), (IDR_FILE, read_idr)):
+        try:
+            _locate(path, marker)
+        except ValueError:
+            continue
+        return reader(path)
+    return None
 
 
 def read_llff(path: str | Path) -> Layout:

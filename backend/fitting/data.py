@@ -489,10 +489,9 @@ def load_dataset(path: str | Path, downscale: int = 1) -> PosedImages:
 
     if Path(path).is_file() and Path(path).suffix.lower() in (".txt", ".bin"):    # cameras.bin, images.txt, ...
         return load_colmap(path, downscale)
-    if layouts.is_llff(path):
-        return load_layout(layouts.read_llff(path), downscale)
-    if layouts.is_idr(path):
-        return load_layout(layouts.read_idr(path), downscale)
+    layout = layouts.read(path)
+    if layout is not None:
+        return load_layout(layout, downscale)
     try:
         transforms.find(path, TRANSFORMS_NAMES)
     except ValueError as missing:

@@ -176,6 +176,21 @@ def long_fit_text(info: dict, preset: str, after: float = 5.0, longer_than: floa
             "shortens it")
 
 
+class LongFitNotice:
+    """:func:`long_fit_text` said at most once per fit: decided at the first progress after
+    ``after`` seconds (the CLI prints it, the backend sends it as Progress.note)."""
+
+    def __init__(self, preset: str, after: float = 5.0):
+        self.preset, self.after, self.decided = preset, after, False
+
+    def __call__(self, info: dict) -> str:
+        if self.decided:
+            return ""
+        text = long_fit_text(info, self.preset, self.after)
+        self.decided = bool(text) or float(info.get("elapsed", 0.0)) >= self.after
+        return text
+
+
 def _progress(step: int, cfg: FitConfig, trainer: TrainerBase, loss: float, mse: float, elapsed: float,
               fraction: float) -> dict:
     eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else 0.0

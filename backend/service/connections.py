@@ -117,19 +117,14 @@ class Connections:
     """The server's view of its TCP connections (used from the server's loop thread only)."""
 
     def __init__(self, max_message_bytes: int, *, max_connections: int = 0, stall_seconds: float = 60.0,
-                 max_pending_bytes: int = 0, info=tcp_info, close=close_connection):
+                 max_pending_bytes: int = 0):
         self.max_message_bytes = max_message_bytes
         self.max_connections = max_connections            # 0: no limit
         self.stall_seconds = stall_seconds
         self.max_pending_bytes = max_pending_bytes or 2 * max_message_bytes
-        self._info, self._close = info, close
         self._open: dict[int, Connection] = {}
         self._last_scan = 0.0
         self._last_watch = 0.0
-        self.dropped: dict[str, int] = {"too_big": 0, "stalled": 0, "pending": 0, "refused": 0}
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     # ---- events ---------------------------------------------------------------------------
     def accepted(self, fd: int) -> None:
@@ -181,7 +176,7 @@ class Connections:
                 if (conn.refused_at and now - conn.refused_at > REFUSE_AFTER) or now - conn.accepted > IDLE_REFUSED:
                     drop.append((fd, "refused"))
                 continue
-            info = self._info(fd)
+            info = tcp_info(fd)
             if info is None:
                 conn.watch = False
                 continue
@@ -203,7 +198,6 @@ class Connections:
             total -= size
         for fd, reason in drop:
             conn = self._open.pop(fd)
-            self.dropped[reason] += 1
             if reason != "refused":
                 log.warning("dropped a connection (fd %d) %s: %s", fd, ", ".join(i.hex() for i in conn.identities)
                             or "before its first message", {
@@ -213,7 +207,7 @@ class Connections:
                                 "pending": f"unfinished messages of all clients held over "
                                            f"{self.max_pending_bytes >> 20} MiB; this was the largest "
                                            f"({conn.pending >> 20} MiB)"}[reason])
-            self._close(fd)
+            close_connection(fd)
         return drop
 
 

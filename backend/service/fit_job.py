@@ -39,21 +39,17 @@ class _TrainCallbacks:
     """Fit-loop callbacks (backend/fitting/loop.py, Callbacks) that forward to the job context
     (worker thread)."""
 
-    def __init__(self, ctx: JobContext, previews: bool, preset: str = ""):
+    def __init__(self, ctx: JobContext, previews: bool, length_notice=None):
         self._ctx = ctx
         self._previews = previews
-        self._preset = preset
-        self._told_length = False          # the fit's expected length is said once, after 5 s
+        self._length_notice = length_notice    # loop.LongFitNotice: a long fit's length, said once
         self.last: dict[str, Any] = {}
         self._last_checkpoint = time.monotonic()
         self._told_checkpoint = False      # a failed checkpoint is told to the client once
 
     def on_progress(self, info: dict) -> None:
-        from fit_implicit.backend.fitting.loop import long_fit_text
-
         self.last = dict(info)
-        note = "" if self._told_length else long_fit_text(info, self._preset)
-        self._told_length = self._told_length or bool(note) or float(info.get("elapsed", 0.0)) >= 5.0
+        note = self._length_notice(info) if self._length_notice is not None else ""
         self._ctx.progress("train", note=note, **{k: info[k] for k in
                                                   ("step", "total_steps", "loss", "psnr", "elapsed", "eta", "fraction")
                                                   if k in info})
@@ -145,7 +141,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.unseen import Views, summary_entries
     from fit_implicit.backend.fitting import data
     from fit_implicit.backend.fitting.config import make_config
-    from fit_implicit.backend.fitting.loop import Cancelled, fit
+    from fit_implicit.backend.fitting.loop import Cancelled, LongFitNotice, fit
     from fit_implicit.backend.fitting.runs import save_run
     from fit_implicit.backend.render.image import to_rgba8
 
@@ -157,7 +153,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         overrides["mesh_opacity"] = submit.mesh_opacity
     cfg = make_config(method=submit.method, preset=submit.preset, device=ctx.device, steps=submit.steps,
                       seconds=submit.seconds, **overrides)
-    callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0, preset=cfg.preset)
+    callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0, length_notice=LongFitNotice(cfg.preset))
     ctx.progress("train", force=True)
     start = time.monotonic()
     model = _saved_model(ctx)   # a backend restarted after training ended: no need to train again

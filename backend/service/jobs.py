@@ -378,9 +378,11 @@ class JobQueue:
                  f"{len(submit.images)} images" if hasattr(submit, "images") else submit.TYPE)
         return job, position
 
-    def attach(self, job_id: str, client: bytes) -> tuple[Job | None, JobState, int, list[protocol.Message]]:
+    def attach(self, job_id: str, client: bytes
+               ) -> tuple[Job | None, JobState, int, list[protocol.Message], bytes | None]:
         """Send the job's future messages to ``client``; returns ``(job or None if it ended,
-        state, position, stored results to resend)``.  Raises UnknownJob."""
+        state, position, stored results to resend, the connection it was sent to until now)``.
+        Raises UnknownJob."""
         if not paths.is_job_id(job_id):
             raise UnknownJob(f"{job_id[:64]!r} is not a job id of this backend")
         with self._cond:
@@ -390,16 +392,16 @@ class JobQueue:
             position = self._position(job) if job is not None and job.state is JobState.QUEUED else 0
         if job is not None:
             with job.lock:
-                job.client = client
+                before, job.client = job.client, client
                 stored = self._stored(job.folder)
             log.info("job %s: client %s attached (%s)", job_id, client.hex(), job.state.value)
-            return job, job.state, position, stored
+            return job, job.state, position, stored, before
         folder = None if self.runs_dir is None else paths.job_folder(self.runs_dir, job_id)
         if folder is None or job_id not in self._kept or not folder.is_dir():
             raise UnknownJob(self.unknown_text(job_id))
         state = JobState(checkpoint.read_job_record(folder).get("state", JobState.FAILED.value))
         log.info("job %s: client %s fetched its results (%s)", job_id, client.hex(), state.value)
-        return None, state, 0, self._stored(folder)
+        return None, state, 0, self._stored(folder), None
 
     def cancel(self, job_id: str) -> tuple[Job | None, bool]:
         """Ask a job to stop.  Returns ``(job or None if unknown, removed_from_queue)``.

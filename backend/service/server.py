@@ -355,8 +355,6 @@ class Server:
     # ---- one turn of the loop ----------------------------------------------------------------
     def _turn(self, poller: zmq.Poller) -> None:
         busy = self.jobs.busy() or self.outbox.pending() or self.intake.busy() or self.connections.busy()
-        if self._monitor is not None:
-            self._read_monitor()
         if poller.poll(self.config.poll_ms if busy else self.config.idle_poll_ms):
             for _ in range(100):   # then let the outbox have its turn
                 try:
@@ -364,7 +362,7 @@ class Server:
                 except zmq.Again:
                     break
                 self._handle(frames)
-        if self._monitor is not None:
+        if self._monitor is not None:      # its events wake the poll too
             self._read_monitor()
         self.connections.check()
         for identity, message in self.intake.handed_back():
@@ -570,10 +568,8 @@ class Server:
         """Point the job's messages at this client and resend what it already produced."""
         if self._foreign(identity, msg.job_id):
             return self._no_job(msg, msg.job_id)
-        live = [j for j in (self.jobs.running(), *self.jobs.waiting()) if j is not None and j.id == msg.job_id]
-        before = live[0].client if live else None
         try:
-            job, state, position, stored = self.jobs.attach(msg.job_id, identity)
+            job, state, position, stored, before = self.jobs.attach(msg.job_id, identity)
         except UnknownJob as exc:
             return protocol.Error(code="unknown_job", in_reply_to=msg.TYPE, message=str(exc))
         if before is not None and before != identity:    # the connection that followed it is told at once
