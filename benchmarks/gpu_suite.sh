@@ -13,7 +13,8 @@
 # benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
 # texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here;
 # MESH_SPECS="nerf:60" picks fits, MESH_ARGS adds lego_mesh.py fit options).
-# "lego_sdf" (not in the default) times the SDF on lego (SDF_BUDGETS, default 120 s).
+# "lego_sdf" (not in the default) times the SDF on lego (SDF_BUDGETS, default 120 s);
+# "captures" (not in the default) scores real captures (CAPTURE_SPECS; see there).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
@@ -59,6 +60,17 @@ if want lego_sdf; then     # not in the default: the SDF at a fixed time (issue 
     echo "== lego, SDF: held-out PSNR against training time (benchmarks/lego.py --method sdf, budgets ${SDF_BUDGETS:-120} s)"
     python3 benchmarks/lego.py --data .data/lego --method sdf --budgets "${SDF_BUDGETS:-120}" --out "$OUT/bench_lego_sdf.json" \
         || status=1
+fi
+if want captures; then      # not in the default: real captures (issue 15), each with and without the background model
+    # CAPTURE_SPECS: folder under .data:method:budgets:background (auto|on|off), space-separated;
+    # carry the folders (".data/llff_flower", ".data/dtu_scan24": lego and both pass the 64 MiB carry).
+    for spec in ${CAPTURE_SPECS:-llff_flower/images_8:nerf:60,180:on llff_flower/images_8:nerf:60:off}; do
+        IFS=: read -r folder method budgets bg <<< "$spec"
+        name="$(echo "$folder" | tr / _)_${method}_$bg"
+        echo "== capture $folder, $method, background $bg: held-out PSNR (benchmarks/lego.py, budgets $budgets s)"
+        python3 benchmarks/lego.py --data ".data/$folder" --method "$method" --budgets "$budgets" --set "background=$bg" \
+            --out "$OUT/bench_$name.json" || status=1
+    done
 fi
 if want mesh; then
     echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"

@@ -2,7 +2,10 @@
 
     python benchmarks/lego.py [--data ../shared/data/lego] [--budgets 5,10,20,30,60] [--out runs/bench.json]
 
-Holds out every 8th of the 80 views (10 views), trains one fresh field per budget (the clock
+``--data`` may also name any capture the fit reads (a transforms.json folder, an LLFF folder such
+as ``llff_flower/images_8``, an IDR/NeuS folder such as ``dtu_scan24``): the same figures for it,
+under its folder's name.  Holds out every 8th view (0, 8, 16, ...: NeRF's LLFF convention; on
+lego 10 of the 80 views), trains one fresh field per budget (the clock
 runs from the first step, data already on the device, no previews), and reports for each:
 held-out PSNR (white background, 8-bit, docs/benchmarks.md conventions), steps, steps/s,
 samples/s, peak GPU memory, and the warm-up time (model build + first step, which includes any
@@ -24,10 +27,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
+from fit_implicit.backend.fitting.data import load_layout, load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
 from fit_implicit.backend.fitting.loop import Callbacks, fit  # noqa: E402
 from fit_implicit.backend.fitting.metrics import evaluate  # noqa: E402
+from fit_implicit.shared import layouts  # noqa: E402
 
 
 class Meter(Callbacks):
@@ -75,7 +79,11 @@ def main(argv=None) -> int:
         from fit_implicit.backend.render import volume as render
         render.PACKED = False
     overrides = FitConfig.for_method(args.method).parse(args.set)
-    data = load_transforms(args.data, downscale=args.downscale)
+    layout = layouts.read(args.data)
+    if layout is not None:
+        data, scene = load_layout(layout, downscale=args.downscale), layout.folder.name
+    else:
+        data, scene = load_transforms(args.data, downscale=args.downscale), Path(args.data).resolve().name
     train, held = split_holdout(data, args.holdout)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
@@ -115,19 +123,19 @@ def main(argv=None) -> int:
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None,
             "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
             "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
-            "inv_s": model.meta.get("inv_s"),
+            "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    doc = {"scene": "lego", "method": args.method, "device": device_name, "torch": torch.__version__, "commit": commit(),
+    doc = {"scene": scene, "method": args.method, "device": device_name, "torch": torch.__version__, "commit": commit(),
            "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": overrides,
            "holdout_every": args.holdout, "downscale": args.downscale, "results": rows}
     # Write the record, then print the table: alike in shape to benchmarks/surface_scene.py's
     # report (a deliberate repeat: each script reports its own figures).
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(f"\nlego, {args.method}, on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
+    print(f"\n{scene}, {args.method}, on {device_name} ({doc['commit']}, preset {args.preset}, {overrides or 'defaults'})")
     print(f"{'budget s':>8} {'PSNR dB':>8} {'steps':>7} {'steps/s':>8} {'Msamples/s':>10} {'peak GB':>8} {'train GB':>8} {'warm-up s':>9}")
     for r in rows:
         ms = f"{r['samples_per_s'] / 1e6:.1f}" if r["samples_per_s"] else "-"

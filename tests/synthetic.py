@@ -59,11 +59,31 @@ def trace(origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rgb, np.isfinite(best)
 
 
-def render(intrinsics: np.ndarray, c2w: np.ndarray, width: int, height: int, ss: int = 3) -> np.ndarray:
-    """(H, W, 4) uint8 straight-alpha RGBA, ``ss`` x ``ss`` supersampled."""
+ROOM_RADIUS = 9.0 * SCALE     # the walls of the room of render(..., room=True)
+
+
+def room_colour(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """The colour (..., 3) where rays meet the inside of a patterned sphere of radius
+    ROOM_RADIUS around the scene (a room far behind the object: parallax, no alpha)."""
+    oc = origins - CENTER
+    b = np.sum(oc * dirs, -1)
+    c = np.sum(oc * oc, -1) - ROOM_RADIUS ** 2
+    p = (origins + (-b + np.sqrt(np.maximum(b * b - c, 0.0)))[..., None] * dirs - CENTER) / ROOM_RADIUS
+    lon, lat = np.arctan2(p[..., 1], p[..., 0]), np.arcsin(np.clip(p[..., 2], -1.0, 1.0))
+    checks = (np.floor(lon * 4.0 / np.pi) + np.floor(lat * 4.0 / np.pi)) % 2
+    base = np.stack([0.3 + 0.3 * np.cos(lon), 0.5 + 0.2 * np.sin(2.0 * lat), np.full_like(lat, 0.55)], -1)
+    return base * (0.6 + 0.4 * checks[..., None])
+
+
+def render(intrinsics: np.ndarray, c2w: np.ndarray, width: int, height: int, ss: int = 3,
+           room: bool = False) -> np.ndarray:
+    """(H, W, 4) uint8 straight-alpha RGBA, ``ss`` x ``ss`` supersampled; ``room``: the
+    room of :func:`room_colour` behind the spheres (every pixel opaque)."""
     k = intrinsics * np.array([ss, ss, ss, ss])
     o, d = cameras.pixel_rays(k, c2w, width * ss, height * ss)
     rgb, hit = trace(o, d)
+    if room:
+        rgb, hit = np.where(hit[..., None], rgb, room_colour(o, d)), np.ones_like(hit)
     a = hit.astype(np.float64)
     prem = (rgb * a[..., None]).reshape(height, ss, width, ss, 3).mean((1, 3))
     alpha = a.reshape(height, ss, width, ss).mean((1, 3))

@@ -12,6 +12,7 @@ each defined next to the class it configures:
 ``cfg.march``           MarchConfig                            render/volume.py
 ``cfg.mesh``            MeshConfig                             export/mesh.py
 ``cfg.refine``          RefineConfig                           export/refine.py
+``cfg.outside``         BackgroundConfig                       fields/background.py
 ======================  ====================================  ===================================
 
 Which field and trainer configs a fit has depends on its method (:data:`METHOD_CONFIGS`).
@@ -29,6 +30,7 @@ from typing import Any
 
 from fit_implicit.backend.export.mesh import MeshConfig
 from fit_implicit.backend.export.refine import RefineConfig
+from fit_implicit.backend.fields.background import BackgroundConfig
 from fit_implicit.backend.fields.layers import FieldConfig
 from fit_implicit.backend.fields.nerf import NerfFieldConfig
 from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
@@ -45,7 +47,7 @@ METHOD_CONFIGS: dict[str, tuple[type[FieldConfig], type[TrainConfig]]] = {
     "sdf": (SurfaceFieldConfig, SurfaceTrainConfig),
     "occupancy": (SurfaceFieldConfig, SurfaceTrainConfig),
 }
-GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine")
+GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside")
 
 
 @dataclass
@@ -67,6 +69,7 @@ class FitConfig:
     march: MarchConfig = dataclasses.field(default_factory=MarchConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
+    outside: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "FitConfig":

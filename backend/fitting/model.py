@@ -14,11 +14,12 @@ import torch
 
 from fit_implicit.shared import cameras
 
+from fit_implicit.backend.fields.background import BackgroundField, start_distances
 from fit_implicit.backend.fields.nerf import NerfField
 from fit_implicit.backend.fields.occfield import OccField
 from fit_implicit.backend.fields.sdf import SdfField, SurfaceField
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
-from fit_implicit.backend.render.volume import RayOutput, render_rays, render_rays_segmented
+from fit_implicit.backend.render.volume import RayOutput, ray_aabb, render_rays, render_rays_segmented
 from fit_implicit.backend.render.surface import SurfaceOutput, render_surface
 
 #: The field class of each method (its config class is in fitting/config.py, METHOD_CONFIGS).
@@ -69,12 +70,14 @@ class FittedField:
         aabb: (2, 3) float64 world box.  config: the FitConfig it was trained with.
         meta: JSON-able facts about the run (training size, steps, time, PSNR, ...);
             ``meta["lighting_baked"]`` is True unless an albedo pass supervised the albedo;
-            ``meta["roughness"]`` is True when a roughness pass supervised the roughness head.
+            ``meta["roughness"]`` is True when a roughness pass supervised the roughness head;
+            ``meta["background"]`` is True when the fit modelled what lies outside the box.
+        background: that model (fields/background.py), or None: rays leaving the box are empty.
     """
 
     def __init__(self, field: NerfField | SurfaceField, occupancy: OccupancyGrid, aabb: np.ndarray,
-                 config: Any, meta: dict | None = None):
-        self.field, self.occupancy, self.config = field, occupancy, config
+                 config: Any, meta: dict | None = None, background: BackgroundField | None = None):
+        self.field, self.occupancy, self.config, self.background = field, occupancy, config, background
         self.meta = dict(meta or {})
         self.meta.setdefault("lighting_baked", True)
         self.aabb = np.asarray(aabb, dtype=np.float64)
@@ -91,10 +94,12 @@ class FittedField:
     @classmethod
     def build(cls, cfg: Any, aabb: np.ndarray, meta: dict | None = None,
               device: str | torch.device | None = None) -> "FittedField":
-        """The untrained model a FitConfig describes (field and occupancy grid) over the world
-        box ``aabb``, on ``device`` (default: ``cfg.device``)."""
+        """The untrained model a FitConfig describes (field and occupancy grid, and a background
+        model where ``meta["background"]``) over the world box ``aabb``, on ``device`` (default:
+        ``cfg.device``)."""
         dev = pick_device(cfg.device if device is None else device)
-        return cls(build_field(cfg).to(dev), cfg.occupancy.build().to(dev), aabb, cfg, meta)
+        background = cfg.outside.build().to(dev) if (meta or {}).get("background") else None
+        return cls(build_field(cfg).to(dev), cfg.occupancy.build().to(dev), aabb, cfg, meta, background)
 
     @property
     def method(self) -> str:
@@ -113,15 +118,16 @@ class FittedField:
 
     # ---- rendering -------------------------------------------------------------------------
     def trace(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
-              differentiable: bool = True) -> RayOutput:
+              differentiable: bool = True, background: bool = True) -> RayOutput:
         """Render world rays; origins (R, 3), dirs (R, 3) unit, float32 on the model's device.
 
         ``depth`` comes back in world units.  ``differentiable=False`` renders without
-        gradients (radiance fields: in segments with early ray termination).
+        gradients (radiance fields: in segments with early ray termination).  ``background``:
+        the background model's light behind the box is added (where the fit has one).
         """
         if self.is_surface:
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-                out = self.trace_surface(origins, dirs, jitter)
+                out = self.trace_surface(origins, dirs, jitter, background=background)
             return RayOutput(out.rgb, out.opacity, out.depth, out.samples)
         o = self.to_normalised(origins)
         if differentiable:
@@ -131,12 +137,32 @@ class FittedField:
             split = (self.field.geometry, self.field.color) if hasattr(self.field, "color") else None
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,
                                         self.render_step_size, self.render_max_steps, split=split)
+        if background:
+            self._behind(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
         return out
 
+    def _behind(self, o: torch.Tensor, dirs: torch.Tensor, out, jitter: torch.Tensor | None) -> None:
+        """Composite the background model's light behind ``out`` (a RayOutput or SurfaceOutput,
+        depth still normalised), in place; nothing without a background model.  ``o``
+        normalised origins.  (The surface's normals, albedo and roughness stay the foreground's.)"""
+        if self.background is None:
+            return
+        _, t_far, hit = ray_aabb(o, dirs, self.box)
+        rgb, opacity, depth, samples = self.background.render(o, dirs, start_distances(o, dirs, t_far, hit), jitter)
+        rest = 1.0 - out.opacity
+        if hasattr(out, "extras"):      # a surface's masks judge the object alone (surface_trainer.py)
+            out.extras["foreground_opacity"] = out.opacity
+        out.rgb = out.rgb + rest[:, None] * rgb
+        out.depth = out.depth + rest * depth
+        out.opacity = out.opacity + rest * opacity
+        out.samples = out.samples + samples
+
     def trace_surface(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
-                      normals: bool = False, albedo: bool = False, roughness: bool = False) -> SurfaceOutput:
-        """Render world rays through a surface field (see :func:`render_surface`).
+                      normals: bool = False, albedo: bool = False, roughness: bool = False,
+                      background: bool = True) -> SurfaceOutput:
+        """Render world rays through a surface field (see :func:`render_surface`), with the
+        background model's light behind the box where the fit has one and ``background``.
 
         ``normals``/``albedo``/``roughness`` add composited world normals, albedo and roughness;
         ``extras`` carries the per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value
@@ -157,10 +183,23 @@ class FittedField:
                 out["roughness"] = field.roughness(feat, x)
             return out
 
-        out = render_surface(sample_fn, self.occupancy.occupied, self.to_normalised(origins), dirs, self.box,
+        o = self.to_normalised(origins)
+        out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box,
                              step, self.max_steps, jitter, stop_fn=lambda x: field.deep_inside(field.value(x), step))
+        if background:
+            self._behind(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
         return out
+
+    def environment(self, height: int = 512) -> torch.Tensor:
+        """The background model seen from the box's centre as an equirectangular image for
+        Blender's World: (height, 2 height, 3) float32 sRGB (fields/background.py).  Raises
+        ValueError when the fit has no background model."""
+        if self.background is None:
+            raise ValueError("this fit has no background model (setting background: auto, on or off)")
+        if not 1 <= int(height) <= 8192:
+            raise ValueError(f"environment height must be in [1, 8192], got {height}")
+        return self.background.environment(int(height), self.box)
 
     @torch.no_grad()
     def update_occupancy(self, fraction: float) -> None:
@@ -296,6 +335,6 @@ class FittedField:
         v = n if look is None else torch.nn.functional.normalize(look, dim=-1, eps=1e-12)
         with torch.no_grad():           # a short ray from just outside, looking against the normal
             origin = x_world + v * (ALBEDO_RAY_START * self.scale)
-            out = self.trace(origin, -v, differentiable=False)
+            out = self.trace(origin, -v, differentiable=False, background=False)
             rgb = out.rgb / out.opacity.clamp_min(1e-6)[:, None]
         return rgb, n.detach(), None

@@ -82,8 +82,10 @@ def save_run(model: FittedField, run_dir: str | Path) -> None:
     """Write ``run_dir/model.pt`` and ``run_dir/run.json``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "field": model.field.state_dict(), "occupancy": model.occupancy.state_dict()},
-               run_dir / WEIGHTS_FILE)
+    state = {"format": FORMAT, "field": model.field.state_dict(), "occupancy": model.occupancy.state_dict()}
+    if model.background is not None:
+        state["background"] = model.background.state_dict()
+    torch.save(state, run_dir / WEIGHTS_FILE)
     doc = {"format": FORMAT, "method": model.config.method, "aabb": model.aabb.tolist(),
            "config": model.config.to_dict(), "meta": model.meta}
     (run_dir / RUN_FILE).write_text(json.dumps(doc, indent=2))
@@ -160,4 +162,11 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> F
     occupancy.load_state_dict(state["occupancy"])
     if isinstance(field, SurfaceField):
         field.restore_active_levels()
-    return FittedField(field, occupancy, np.asarray(doc["aabb"]), cfg, doc.get("meta", {}))
+    background = None
+    if "background" in state:       # the fit modelled what lies outside its box (fields/background.py)
+        background = cfg.outside.build().to(dev)
+        try:
+            background.load_state_dict(state["background"])
+        except RuntimeError as exc:
+            raise ValueError(f"{run_dir}: the background weights do not fit its settings ({exc})") from None
+    return FittedField(field, occupancy, np.asarray(doc["aabb"]), cfg, doc.get("meta", {}), background)

@@ -145,7 +145,7 @@ class SurfaceTrainer(TrainerBase):
         loss, mse, alpha = colour_loss(rgb, out.opacity, rgba, tc.loss)
         loss = loss + penalty
         if self.masks and tc.mask_weight > 0:
-            opacity = out.opacity.clamp(1e-3, 1.0 - 1e-3)
+            opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
             loss = loss + tc.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
         loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
         if loss.requires_grad:

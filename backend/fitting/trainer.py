@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fit_implicit.backend.fields.background import OPAQUE_ALPHA
 from fit_implicit.backend.fitting.data import PosedImages, RaySampler
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 
@@ -114,6 +115,18 @@ def colour_loss(rgb: torch.Tensor, opacity: torch.Tensor, rgba: torch.Tensor, lo
     return value, mse, alpha
 
 
+def models_background(data: PosedImages, cfg: FitConfig) -> bool:
+    """Whether a fit of ``data`` models what lies outside its box (``cfg.outside``, setting
+    ``background``; fields/background.py): auto = the photos have no alpha or a camera stands in the box."""
+    if cfg.outside.background != "auto":
+        return cfg.outside.background == "on"
+    alpha = min(int(data.image(i)[..., 3].min()) for i in range(len(data)))
+    lo, hi = data.aabb
+    origins = data.poses[:, :3, 3]
+    inside = bool(((origins > lo) & (origins < hi)).all(axis=1).any())
+    return cfg.outside.wanted(alpha >= OPAQUE_ALPHA, inside)
+
+
 class TrainerBase:
     """What every trainer has: ``cfg``, ``device``, ``model`` (field + occupancy grid),
     ``sampler``, ``optimizer``, ``base_lrs`` and ``rays`` (rays per step); checkpoint state
@@ -127,7 +140,8 @@ class TrainerBase:
         cameras = {"intrinsics": np.asarray(data.intrinsics).tolist(), "poses": np.asarray(data.poses).tolist()}
         if not data.uniform:
             cameras["sizes"] = np.asarray(data.sizes).tolist()
-        meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras, **(meta or {})}
+        meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras,
+                "background": models_background(data, cfg), **(meta or {})}
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
         self.sampler = RaySampler(data, self.device)
         self.rays = cfg.train.batch_rays
@@ -152,6 +166,9 @@ class TrainerBase:
         """Adam over the field's hash tables and MLPs (+ ``extra`` groups); ``lrs`` replace the
         two base learning rates (the graph trainer passes device tensors).  Sets ``base_lrs``."""
         tc, groups = self.cfg.train, self.model.field.param_groups()
+        if self.model.background is not None:       # trained at the field's rates
+            outside = self.model.background.param_groups()
+            groups = {"grid": groups["grid"] + outside["grid"], "mlp": groups["mlp"] + outside["mlp"]}
         grid_lr, mlp_lr = lrs if lrs is not None else (tc.grid_lr, tc.mlp_lr)
         if self.appearance is not None:
             extra = [*extra, {"params": list(self.appearance.parameters()), "lr": tc.appearance_lr, "weight_decay": 0.0}]
@@ -173,6 +190,8 @@ class TrainerBase:
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         if self.appearance is not None:
             state["appearance"] = self.appearance.state_dict()
+        if self.model.background is not None:
+            state["background"] = self.model.background.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,6 +201,8 @@ class TrainerBase:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.appearance is not None:
             self.appearance.load_state_dict(state["appearance"])
+        if self.model.background is not None:
+            self.model.background.load_state_dict(state["background"])
         self.rays = int(state["rays"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
