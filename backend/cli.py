@@ -271,6 +271,19 @@ def _texture_size_arg(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"must be a number of texels or 'auto', got {text!r}") from None
 
 
+def _environment_height_arg(text: str) -> int | str:
+    """--environment-height: "auto" or a number of pixels in [0, 8192]."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 8192:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number of pixels in [0, 8192] (0: none), got {text!r}")
+    return value
+
+
 OBJ_COLOUR_NOTE = ("note: Blender's OBJ importer reads every texture as sRGB (an .mtl cannot say otherwise): "
                    "set the normal and roughness images to Non-Color after importing, or write .glb, which "
                    "carries it")
@@ -318,7 +331,24 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     else:
         path = write_mesh(args.out, verts, faces, colors)
         _print(f"vertex colours -> {path}")
+    _write_environment(model, path, args.environment_height)
     return 0
+
+
+def _write_environment(model, mesh_path: Path, height: int | str) -> Path | None:
+    """A fit that modelled its background (fields/background.py): write it beside the mesh
+    (export/environment.py: ``<stem>_environment.png``, equirectangular, for Blender's World);
+    nothing for other fits or ``height`` 0; "auto": the height for the model's device."""
+    from fit_implicit.backend.export.environment import environment_height, write_environment
+
+    if getattr(model, "background", None) is None or height == 0:
+        return None
+    height = environment_height(None, str(model.device)) if height == "auto" else int(height)
+    t0 = time.perf_counter()
+    path = write_environment(model, mesh_path, height)
+    _print(f"environment: the background, {2 * height}x{height} equirectangular (Blender: World > "
+           f"Environment Texture), {time.perf_counter() - t0:.1f} s -> {path}")
+    return path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -400,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default): about one texel per pixel of the closest training camera")
     m.add_argument("--keep-unseen", action="store_true",
                    help="keep the surface where no training camera looked as fitted (default: closed flat)")
+    m.add_argument("--environment-height", type=_environment_height_arg, default="auto",
+                   help="fits that modelled the background: also write it beside the mesh as <stem>_environment.png, "
+                        "an equirectangular image this many pixels high and twice as wide, for Blender's World "
+                        "(0: not written; auto: 512 on a GPU, 256 on the CPU)")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

@@ -5,7 +5,7 @@ Scripts can call :func:`blender_addon.fit_session.fit_scene` (installed: ``bl_ex
 """
 import bpy
 
-from . import operators, panels, preferences, presets, properties, render_back, render_cache, results, saved_fields
+from . import operators, panels, preferences, presets, properties, render_back, render_cache, results, saved_fields, world
 
 classes = (
     preferences.ImplicitPreferences,
@@ -20,6 +20,7 @@ classes = (
     operators.IMPLICIT_OT_import_capture,
     *render_back.CLASSES,
     *saved_fields.CLASSES,
+    *world.CLASSES,
     *render_cache.CLASSES,
     *presets.CLASSES,
     *operators.BACKEND_CLASSES,

@@ -108,6 +108,8 @@ class FitResult:
     summary: dict = field(default_factory=dict)           # Done.summary from the backend
     renders: list = field(default_factory=list)           # eval renders: (H,W,4) uint8 sRGB RGBA or None, by index
     textures: dict = field(default_factory=dict)          # baked UV textures: kind -> (H,W,C) uint8 (TextureResult)
+    environment: np.ndarray | None = None                 # the background: (H,2H,3) uint8 sRGB (EnvironmentResult)
+    environment_image: Any = None                         # the packed bpy Image made of it (world.py uses it)
     eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
     images: np.ndarray | None = None                      # (N,H,W,4) uint8 training views sent
     intrinsics: np.ndarray | None = None                  # (N,4) float64
@@ -522,7 +524,8 @@ class FitSession:
                              total_steps=msg.total_steps)
             else:   # mesh / render / queued carry no training numbers: keep the last ones
                 self._update(status=progress_text(msg), progress=msg.fraction)
-        elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult)) and not self._valid_result(msg):
+        elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult, protocol.EnvironmentResult)) \
+                and not self._valid_result(msg):
             return
         elif isinstance(msg, protocol.TextureResult):
             r.textures[msg.kind] = msg.image     # arrives before its MeshResult
@@ -535,6 +538,10 @@ class FitSession:
                                                 smooth=self.settings.smooth, uvs=msg.uvs, textures=r.textures)
                 r.timings["import"] = r.timings.get("import", 0.0) + time.monotonic() - t
             self._update(status=f"Mesh received: {len(msg.vertices)} vertices, {len(msg.faces)} faces")
+        elif isinstance(msg, protocol.EnvironmentResult):     # after the mesh: named after the asset
+            r.environment = msg.image
+            owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
+            r.environment_image = importer.texture_image(f"{owner} Environment", msg.image, "sRGB")
         elif isinstance(msg, protocol.RenderResult):
             if msg.index >= len(r.renders):
                 r.renders.extend([None] * (msg.index + 1 - len(r.renders)))
@@ -585,6 +592,7 @@ class FitSession:
             "steps": summary.get("steps"), "train_seconds": summary.get("seconds"),
             "train_psnr": summary.get("psnr"), "device": summary.get("device"),
             "faces": summary.get("faces"), "textures": summary.get("textures"),
+            "environment": r.environment_image.name if r.environment_image is not None else None,   # world.py
             "seconds_total": round(r.timings.get("total", 0.0), 3),
             "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
             "fitted_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -663,7 +671,7 @@ class FitSession:
             from . import results    # the fit joins this file's Results list
             results.record(self.scene, r.job_id, r.object.name if r.object is not None else (self.settings.name or
                            self.scene.name), self.settings.method, self.settings.preset, r.summary.get("psnr"),
-                           asset=r.object)
+                           asset=r.object, environment=r.environment_image)
         self._rendered = []
         if self.client is not None:
             try:
@@ -830,6 +838,7 @@ def progress_text(p) -> str:
         return f"Training step {p.step}{total}: loss {p.loss:.4f}, PSNR {p.psnr:.2f} dB{eta}"
     return {"mesh": "Extracting the mesh…", "render": "Rendering evaluation views…",
             "texture": "Baking textures…", "refine": "Refining the mesh against the views…",
+            "environment": "Rendering the background as an environment image…",
             "queued": "Queued…"}.get(p.stage, f"{p.stage.capitalize()}…")
 
 
@@ -838,16 +847,18 @@ def done_text(r: FitResult, s: FitSettings, psnr: float = 0.0) -> str:
     psnr = r.summary.get("psnr", psnr)
     if isinstance(psnr, (int, float)) and not isinstance(psnr, bool) and psnr > 0:
         text += f" (PSNR {psnr:.2f} dB)"
+    background = (f" Its background is the image '{r.environment_image.name}' (Results > Use Background as World)."
+                  if r.environment_image is not None else "")
     if r.object is not None:
         from .asset_check import check_text
         check = check_text(r.summary)
-        return text + f": imported '{r.object.name}'." + (f" {check}" if check else "")
+        return text + f": imported '{r.object.name}'." + (f" {check}" if check else "") + background
     if r.mesh is not None and not len(r.mesh[1]):
         return text + (", but the mesh is empty: nothing dense enough was found. "
-                       "Train longer, or check that the cameras see the object.")
+                       "Train longer, or check that the cameras see the object.") + background
     if r.mesh is not None:
-        return text + f": mesh of {len(r.mesh[0])} vertices (not imported)."
-    return text + (", but no mesh came back." if s.import_mesh else ".")
+        return text + f": mesh of {len(r.mesh[0])} vertices (not imported)." + background
+    return text + (", but no mesh came back." if s.import_mesh else ".") + background
 
 
 # --------------------------------------------------------------------------------------------

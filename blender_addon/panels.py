@@ -228,10 +228,13 @@ class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
         op = row.operator("implicit.save_field", text="Save Field", icon="FILE_TICK")
         op.fit_job = entry.job_id if entry is not None else ""
         row.operator("implicit.result_forget", text="Forget", icon="X")
+        col.operator("implicit.use_environment", icon="WORLD")     # greyed out, saying why, without a background
         if entry is not None:
             layout.label(text=f"{entry.created}  job {entry.job_id}", icon="TIME")
             if entry.field_folder:
                 layout.label(text=f"Saved: {entry.field_folder}", icon="FILE_FOLDER")
+            if entry.environment is not None:
+                layout.label(text=f"Background: {entry.environment.name}", icon="IMAGE_DATA")
 
 
 def draw_progress(box, props):

@@ -1,6 +1,7 @@
 """The fits of this .blend (``scene.implicit.results``), newest last, and what can be done with
 one later: render it (Render with Field), mesh it again with the panel's mesh settings (a
-MeshJob on the backend), keep its field beside the .blend (Save Field), forget it.
+MeshJob on the backend), keep its field beside the .blend (Save Field), use the background it
+modelled as the World (world.py), forget it.
 
 An entry is written when a fit ends well (:func:`record`, called by fit_session.py).  A fit the
 backend no longer has (its cache expired, another backend) comes back from its saved field:
@@ -39,16 +40,22 @@ class ImplicitResult(bpy.types.PropertyGroup):
     field_folder: bpy.props.StringProperty(name="Saved Field", subtype="DIR_PATH",
                                            description="Where Save Field put its field; empty: not saved")
     asset: bpy.props.PointerProperty(type=bpy.types.Object, name="Asset", description="The mesh it imported")
+    environment: bpy.props.PointerProperty(type=bpy.types.Image, name="Background",
+                                           description="The background it modelled, as an equirectangular image "
+                                                       "(world.py); none when it modelled none")
 
 
-def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float | None, asset=None) -> None:
-    """Add a finished fit to the scene's list (one entry per job id) and select it."""
+def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float | None, asset=None,
+           environment=None) -> None:
+    """Add a finished fit to the scene's list (one entry per job id) and select it.  ``asset``:
+    the Object it imported; ``environment``: the Image of its background (world.py)."""
     results = scene.implicit.results
     entry = next((r for r in results if r.job_id == job_id), None) or results.add()
     entry.job_id, entry.label, entry.method, entry.preset = job_id, label[:200], method, preset
     entry.psnr = float(psnr or 0.0)
     entry.created = time.strftime("%Y-%m-%d %H:%M")
     entry.asset = asset
+    entry.environment = environment
     scene.implicit.results_index = list(results).index(entry)
 
 

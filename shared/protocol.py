@@ -14,7 +14,8 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
     Hello            -> Welcome | Error(version_mismatch)
     Ping             -> Pong                     (heartbeat, answered even while training)
     Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, RenderResult*,
-                        and exactly one of Done | Failed | Cancelled
+                        EnvironmentResult? (fits that modelled the background), and exactly one of
+                        Done | Failed | Cancelled
     Cancel           -> Ack, then Cancelled (or Done/Failed if it had already ended)
     Status           -> StatusReply
     Attach           -> Attached, then the job's stored results and what follows (or Error unknown_job)
@@ -38,7 +39,7 @@ from .methods import METHODS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5            # 5: EnvironmentResult
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -49,6 +50,7 @@ MAX_SECONDS = 7 * 24 * 3600.0
 MAX_MESH_RESOLUTION = 1024
 MAX_VERTICES = 20_000_000
 MAX_TEXTURE_SIDE = 8192
+MAX_ENVIRONMENT_HEIGHT = 4096   # EnvironmentResult: rows of the equirectangular image (twice as many columns)
 MIN_TEXTURE_SIDE = 16
 TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the cameras' footprint
 MIN_FACES = 100                 # smallest Submit.max_faces other than 0
@@ -583,6 +585,32 @@ class RenderResult(Message):
     image: np.ndarray = spec(Array(("uint8",), ("H", "W", 4)))     # sRGB RGBA, top row first
 
 
+@dataclass
+class EnvironmentResult(Message):
+    """The background a fit modelled (what lies outside its box, backend/fields/background.py),
+    seen from the box's centre, as an equirectangular image for Blender's World; sent once after
+    the fit's other results, before Done, and only by fits that modelled the background.
+
+    ``image`` (H, W, 3) uint8 sRGB, W = 2 H, top row first: row i looks at elevation
+    pi/2 - pi (i + 0.5) / H (the top row straight up, +Z), column j at azimuth
+    atan2(y, x) = pi - 2 pi (j + 0.5) / W: the left edge looks down -X, a quarter across +Y, the
+    middle +X, three quarters -Y.  That is how Blender's Environment Texture node (equirectangular)
+    maps an image onto the World (checked with Cycles: tests/addon/test_environment_bpy.py)."""
+
+    TYPE: ClassVar[str] = "environment"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"H": MAX_ENVIRONMENT_HEIGHT, "W": 2 * MAX_ENVIRONMENT_HEIGHT}
+    job_id: str = spec(Str(MAX_NAME))
+    image: np.ndarray = spec(Array(("uint8",), ("H", "W", 3)))
+
+    def check(self):
+        h, w = self.image.shape[:2]
+        if h < 1:
+            raise ProtocolError("environment.image: the image is empty")
+        if w != 2 * h:
+            raise ProtocolError(f"environment.image: an equirectangular image is twice as wide as it is high, "
+                                f"got {w}x{h}")
+
+
 MAX_RENDER_PIXELS = 1 << 32     # all views of one RenderJob together
 
 
@@ -728,8 +756,9 @@ class Cancel(JobRef):
 @dataclass
 class Attach(JobRef):
     """Reattach to a job by id (after a disconnect or a backend restart): the backend answers
-    Attached, resends the job's stored results (MeshResult, RenderResult*, then its end if it
-    ended) and sends what follows to this client.  Results are kept until an expiry (--keep-hours)."""
+    Attached, resends the job's stored results (TextureResult*, MeshResult, RenderResult*,
+    EnvironmentResult, then its end if it ended) and sends what follows to this client.  Results
+    are kept until an expiry (--keep-hours)."""
 
     TYPE: ClassVar[str] = "attach"
 

@@ -8,9 +8,10 @@
     checkpoint.pt    training state every N seconds (weights, occupancy, optimiser, step,
                      elapsed, RNG); torch.load(weights_only=True); removed once the model is saved
     model.pt, run.json   the fitted model (FittedField.save), for later jobs (renders back)
-    results/NNN.msg  the job's results (MeshResult, TextureResult, RenderResult, then its end), in wire
-                     format, so that a client that reattaches gets them again (decoded with
-                     protocol.decode_message: the same checks as anything received)
+    results/NNN.msg  the job's results (MeshResult, TextureResult, RenderResult, EnvironmentResult,
+                     then its end), in wire format, so that a client that reattaches gets them
+                     again (decoded with protocol.decode_message: the same checks as anything
+                     received)
 
 Every file is written atomically: a temporary file in the same folder, flushed and fsync-ed,
 then ``os.replace``-d over the old one (and the folder fsync-ed), so a kill at any moment leaves
@@ -39,7 +40,7 @@ SUBMIT_JSON, SUBMIT_NPZ = "submit.json", "submit.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_DIR = "results"
 FORMAT = 1
-STORED_TYPES = ("mesh", "texture", "render", "done", "failed", "cancelled")   # results and job ends
+STORED_TYPES = ("mesh", "texture", "render", "environment", "done", "failed", "cancelled")   # results and job ends
 
 
 class CheckpointError(ValueError):

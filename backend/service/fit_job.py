@@ -1,4 +1,5 @@
-"""The real job runner: Submit -> fit -> mesh -> eval renders, reported through a JobContext.
+"""The real job runner: Submit -> fit -> mesh -> eval renders -> the background as an environment
+image (fits that modelled it), reported through a JobContext.
 
 This is the one place where the wire protocol meets the trainer (backend.fitting.data / train / model /
 export.mesh).  Torch and the trainer are imported on first use, so the server
@@ -136,6 +137,7 @@ def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
 
 def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
+    from fit_implicit.backend.export.environment import environment_height
     from fit_implicit.backend.export.iso import model_opacity
     from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.export.unseen import Views, summary_entries
@@ -195,6 +197,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         rgba = model.render(np.asarray(submit.eval_intrinsics[i], np.float64),
                             np.asarray(submit.eval_poses[i], np.float64), width, height)
         ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
+    environment = send_environment(model, ctx, environment_height(submit.intrinsics, str(cfg.device)))
 
     meta = getattr(model, "meta", {})
     return {
@@ -210,7 +213,26 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
         **(summary_entries(mesh_facts["unseen"]) if "unseen" in mesh_facts else {}),   # export/unseen.py
         **assets,
+        **environment,
     }
+
+
+# ---- the background as an environment image ---------------------------------------------------------
+def send_environment(model, ctx: JobContext, height: int) -> dict:
+    """For a model with a background (FittedField.background), render it as an equirectangular
+    image ``height`` x 2 ``height`` (backend/export/environment.py) and send it as an
+    EnvironmentResult; returns summary entries (none without a background)."""
+    from fit_implicit.backend.export.environment import environment_image
+
+    if getattr(model, "background", None) is None:
+        return {}
+    ctx.check_cancelled()
+    ctx.progress("environment", force=True)
+    start = time.monotonic()
+    image = environment_image(model, height)
+    ctx.send(protocol.EnvironmentResult(job_id=ctx.job_id, image=image))
+    return {"environment_height": int(image.shape[0]), "environment_width": int(image.shape[1]),
+            "environment_seconds": round(time.monotonic() - start, 3)}
 
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------

@@ -51,6 +51,7 @@ def examples() -> dict[str, protocol.Message]:
         protocol.RenderJob(fit_job_id="0123456789ab", intrinsics=np.array([[20.0, 20, 8, 6]]),
                            poses=np.eye(4)[None], sizes=np.array([[16, 12]], np.int32)),
         protocol.TextureResult(job_id="abc", kind="albedo", image=img[..., :3].copy(), lighting_baked=False),
+        protocol.EnvironmentResult(job_id="abc", image=np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)),
         protocol.Done(job_id="abc", summary={"steps": 10, "psnr": 21.5, "device": "cpu", "ok": True, "x": None}),
         protocol.Failed(job_id="abc", message="boom"),
         protocol.Cancelled(job_id="abc"),

@@ -1,0 +1,95 @@
+"""The background a fit modelled, as the scene's World.
+
+A fit of photos whose background is not transparent also models what lies outside its box
+(backend/fields/background.py) and sends it as an equirectangular image
+(shared.protocol.EnvironmentResult); the session keeps it as a packed image, on the fit's
+Results entry and named on its asset (``implicit_environment``).  *Use Background as World*
+puts that image on an Environment Texture node -> Background -> World Output in the World
+"Fit Implicit Environment" (made once, then reused) and makes it the scene's World.
+
+The image's columns follow the Environment Texture node's own mapping, so nothing here turns or
+mirrors it (checked by rendering: tests/addon/test_environment_bpy.py).
+"""
+from __future__ import annotations
+
+import bpy
+
+from .results import selected
+
+WORLD_NAME = "Fit Implicit Environment"
+NODE_NAME = "Implicit Environment"          # the Environment Texture node of that World
+ASSET_PROPERTY = "implicit_environment"     # an imported asset's custom property: its environment image's name
+NO_FIT = "Select a fit in the Results list first"
+NO_ENVIRONMENT = ("The selected fit has no background to use: only fits of photos without transparency "
+                  "(a room, a garden, the sky around the object) model what lies outside the box")
+
+
+def environment_of(entry):
+    """The environment Image of a Results entry (results.ImplicitResult): its own, else the one
+    its asset names; None when the fit modelled no background (or the image is gone)."""
+    if entry is None:
+        return None
+    if entry.environment is not None:
+        return entry.environment
+    name = entry.asset.get(ASSET_PROPERTY) if entry.asset is not None else None
+    return bpy.data.images.get(name) if isinstance(name, str) else None
+
+
+def use_as_world(scene, image, name: str = WORLD_NAME):
+    """Make ``image`` (equirectangular) the World of ``scene`` through the World ``name``: reused
+    when it exists (its Environment Texture node gets the image; the rest of its nodes, e.g. a
+    changed strength, stay), else made with Environment Texture -> Background -> World Output.
+    Returns the World."""
+    world = bpy.data.worlds.get(name)
+    if world is None or world.library is not None:
+        world = bpy.data.worlds.new(name)
+    if world.node_tree is None:          # 4.2: no node tree until use_nodes (deprecated in 5.0)
+        world.use_nodes = True
+    tree = world.node_tree
+    node = tree.nodes.get(NODE_NAME)
+    if node is None or node.bl_idname != "ShaderNodeTexEnvironment":
+        tree.nodes.clear()
+        node = tree.nodes.new("ShaderNodeTexEnvironment")
+        node.name = node.label = NODE_NAME
+        background = tree.nodes.new("ShaderNodeBackground")
+        output = tree.nodes.new("ShaderNodeOutputWorld")
+        node.location, background.location, output.location = (-350.0, 0.0), (0.0, 0.0), (250.0, 0.0)
+        tree.links.new(node.outputs["Color"], background.inputs["Color"])
+        tree.links.new(background.outputs["Background"], output.inputs["Surface"])
+    node.projection = "EQUIRECTANGULAR"
+    node.image = image
+    scene.world = world
+    return world
+
+
+class IMPLICIT_OT_use_environment(bpy.types.Operator):
+    """Make the background the selected fit modelled (what its photos showed around the object) the
+    scene's World: its environment image on an Environment Texture node, in the World "Fit
+    Implicit Environment\""""
+
+    bl_idname = "implicit.use_environment"
+    bl_label = "Use Background as World"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        scene = context.scene
+        entry = selected(scene) if scene is not None else None
+        if entry is None:
+            cls.poll_message_set(NO_FIT)
+            return False
+        if environment_of(entry) is None:
+            cls.poll_message_set(NO_ENVIRONMENT)
+            return False
+        return True
+
+    def execute(self, context):
+        entry = selected(context.scene)
+        image = environment_of(entry)
+        world = use_as_world(context.scene, image)
+        self.report({"INFO"}, f"The World is now '{world.name}', the background of {entry.label or entry.job_id} "
+                              f"({image.size[0]} x {image.size[1]})")
+        return {"FINISHED"}
+
+
+CLASSES = (IMPLICIT_OT_use_environment,)

@@ -1,0 +1,118 @@
+"""A fit of opaque photos models its background (backend/fields/background.py): the job sends it
+as an EnvironmentResult before Done, stores it for a client that reattaches, and
+``fit-implicit mesh`` writes it beside the mesh.  Real training on the CPU, tiny sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fit_implicit.backend.service import checkpoint
+from fit_implicit.backend.service.jobs import JobQueue
+from fit_implicit.backend.service.outbox import Outbox
+from helpers import make_submit
+from fit_implicit.shared import protocol
+
+pytestmark = pytest.mark.timeout(300)
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch):
+    """Smaller batches and tables than the draft preset's: seconds a fit on two busy cores."""
+    from fit_implicit.backend.fitting import config
+
+    make_config = config.make_config
+    monkeypatch.setattr(config, "make_config", lambda *a, **kw: make_config(
+        *a, **{**kw, "target_samples": 1 << 12, "batch_rays": 256, "max_rays": 1 << 11, "occupancy_warmup": 4,
+               "background_log2_table": 12, "background_samples": 8}))
+
+
+def opaque_submit(**settings) -> protocol.Submit:
+    """make_submit's spheres in front of a grey-blue wall: every pixel opaque, so the fit
+    (background: auto) models what lies outside its box."""
+    sub = make_submit(**settings)
+    rgba = sub.images.astype(np.float32) / 255.0
+    wall = np.float32([0.35, 0.45, 0.6])
+    rgb = rgba[..., :3] * rgba[..., 3:] + wall * (1.0 - rgba[..., 3:])
+    sub.images = np.concatenate([(rgb * 255.0 + 0.5).astype(np.uint8),
+                                 np.full(rgba.shape[:3] + (1,), 255, np.uint8)], axis=-1)
+    return sub.validate()
+
+
+def run_job(tmp_path, submit: protocol.Submit) -> tuple[list, object]:
+    from fit_implicit.backend.service.fit_job import run_fit_job
+
+    outbox = Outbox()
+    jobs = JobQueue(run_fit_job, outbox, device="cpu", runs_dir=tmp_path, checkpoint_interval=0)
+    jobs.start()
+    try:
+        job, _ = jobs.submit(b"a", submit)
+        messages = []
+        while not any(isinstance(m, protocol.JOB_END_TYPES) for m in messages):
+            messages += [m for _, m in outbox.drain()]
+            jobs.join(0.01)
+    finally:
+        jobs.stop()
+        jobs.join(30)
+    return messages, job
+
+
+def test_a_fit_of_opaque_photos_sends_its_background_as_an_environment_image(tmp_path, capsys, monkeypatch):
+    from fit_implicit.backend import cli
+    from fit_implicit.backend.export import mesh
+    from fit_implicit.backend.export.environment import environment_height
+
+    submit = opaque_submit(steps=40, texture_size=0, mesh_opacity=0.3)     # a fixed level: no search
+    messages, job = run_job(tmp_path / "runs", submit)
+    done = messages[-1]
+    assert isinstance(done, protocol.Done), messages[-1]
+    environments = [m for m in messages if isinstance(m, protocol.EnvironmentResult)]
+    assert len(environments) == 1
+    image = environments[0].image
+    height = environment_height(submit.intrinsics, "cpu")      # 69 rows for these 16-pixel photos
+    assert image.shape == (height, 2 * height, 3) and image.dtype == np.uint8
+    kinds = [m.TYPE for m in messages if m.TYPE in checkpoint.STORED_TYPES]
+    assert kinds[-2:] == ["environment", "done"]            # after the mesh, before Done
+    assert done.summary["environment_height"] == height and done.summary["environment_width"] == 2 * height
+    # What it shows all around is the wall it learnt: not black, bluer than it is red, as the wall.
+    mean = image.reshape(-1, 3).mean(0)
+    assert mean.min() > 15 and mean[0] < mean[1] < mean[2], mean
+    # Kept for a client that reattaches.
+    stored = checkpoint.stored_messages(tmp_path / "runs" / job.id)
+    assert [m.TYPE for m in stored][-2:] == ["environment", "done"]
+    np.testing.assert_array_equal(stored[-2].image, image)
+
+    # fit-implicit mesh writes it beside the mesh, as the job sent it (the same height).  40 steps
+    # leave no surface to mesh: a tetrahedron stands in for the marching cubes' mesh.
+    tetrahedron = (np.float32([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+                   np.int32([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]), np.full((4, 3), 0.5, np.float32))
+    monkeypatch.setattr(mesh, "extract_mesh", lambda *a, **kw: tetrahedron)
+    out = tmp_path / "asset" / "room.ply"
+    assert cli.main(["mesh", str(tmp_path / "runs" / job.id), "--out", str(out), "--texture-size", "0",
+                     "--mesh-resolution", "16", "--environment-height", str(height), "--device", "cpu"]) == 0
+    written = np.asarray(Image.open(tmp_path / "asset" / "room_environment.png"))
+    assert written.shape == image.shape
+    assert np.abs(written.astype(int) - image.astype(int)).max() <= 1
+    assert (out.is_file() and f"environment: the background, {2 * height}x{height} equirectangular"
+            in capsys.readouterr().out)
+
+
+def test_a_fit_of_transparent_photos_sends_no_environment(tmp_path):
+    messages, _ = run_job(tmp_path, make_submit(steps=6, texture_size=0, mesh_opacity=0.3))
+    assert isinstance(messages[-1], protocol.Done)
+    assert not any(isinstance(m, protocol.EnvironmentResult) for m in messages)
+    assert "environment_height" not in messages[-1].summary
+
+
+def test_the_environment_height_follows_the_device_and_the_photos():
+    from fit_implicit.backend.export.environment import environment_height
+
+    def k(fy):
+        return np.array([[fy, fy, 8.0, 8.0]])
+
+    assert environment_height(k(1111.0), "cuda:0") == 512 and environment_height(k(1111.0), "cpu") == 256
+    assert environment_height(k(50.0), "cuda") == 158              # ceil(pi * 50): a row per photo pixel
+    assert environment_height(k(1.0), "cuda") == 16                # never fewer
+    assert environment_height(None, "cpu") == 256 and environment_height(None, "mps") == 512
