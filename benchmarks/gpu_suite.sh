@@ -62,13 +62,15 @@ if want lego_sdf; then     # not in the default: the SDF at a fixed time (issue 
         || status=1
 fi
 if want captures; then      # not in the default: real captures (issue 15), each with and without the background model
-    # CAPTURE_SPECS: folder under .data:method:budgets:background (auto|on|off), space-separated;
-    # carry the folders (".data/llff_flower", ".data/dtu_scan24": lego and both pass the 64 MiB carry).
-    for spec in ${CAPTURE_SPECS:-llff_flower/images_8:nerf:60,180:on llff_flower/images_8:nerf:60:off}; do
-        IFS=: read -r folder method budgets bg <<< "$spec"
-        name="$(echo "$folder" | tr / _)_${method}_$bg"
-        echo "== capture $folder, $method, background $bg: held-out PSNR (benchmarks/lego.py, budgets $budgets s)"
-        python3 benchmarks/lego.py --data ".data/$folder" --method "$method" --budgets "$budgets" --set "background=$bg" \
+    # CAPTURE_SPECS: folder under .data:method:budgets:background (auto|on|off)[:NAME=VALUE,...],
+    # space-separated; carry the folders (".data/llff_flower", ".data/dtu_scan24": lego and both
+    # pass the 64 MiB carry).
+    for spec in ${CAPTURE_SPECS:-llff_flower/images_8:nerf:60,180:auto llff_flower/images_8:nerf:60:on:camera_refine=off llff_flower/images_8:nerf:60:off}; do
+        IFS=: read -r folder method budgets bg extra <<< "$spec"
+        sets=(--set "background=$bg"); for kv in ${extra//,/ }; do sets+=(--set "$kv"); done
+        name="$(echo "$folder" | tr / _)_${method}_$bg${extra:+_${extra//[=,]/_}}"
+        echo "== capture $folder, $method, background $bg ${extra}: held-out PSNR (benchmarks/lego.py, budgets $budgets s)"
+        python3 benchmarks/lego.py --data ".data/$folder" --method "$method" --budgets "$budgets" "${sets[@]}" \
             --out "$OUT/bench_$name.json" || status=1
     done
 fi

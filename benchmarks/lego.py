@@ -124,6 +124,7 @@ def main(argv=None) -> int:
             "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
             "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
             "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
+            "camera_moved_deg": (model.meta.get("camera_refine") or {}).get("mean_rotation_deg"),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

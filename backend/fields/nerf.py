@@ -52,9 +52,22 @@ class NerfField(nn.Module):
         self.encoding = cfg.grid.build()
         self.density_net = mlp([self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
         self.color_net = mlp([cfg.geo_features + 16] + [cfg.hidden] * cfg.color_layers + [3])
+        self.level_weights: torch.Tensor | None = None      # (L*F,) while levels fade in; None = all in
+
+    def set_level_weights(self, weights: torch.Tensor | None) -> None:
+        """Scale each hash level's features ((L,) weights in [0, 1], coarse first), or None:
+        every level in full.  Camera refinement fades the levels in (fitting/camera_refine.py)."""
+        if weights is None or bool((weights >= 1.0).all()):
+            self.level_weights = None
+            return
+        f = self.cfg.grid.features
+        self.level_weights = weights.to(self.encoding.table.device).repeat_interleave(f)
 
     def _geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.density_net(self.encoding((x + 1.0) * 0.5))
+        enc = self.encoding((x + 1.0) * 0.5)
+        if self.level_weights is not None:
+            enc = enc * self.level_weights
+        h = self.density_net(enc)
         return trunc_exp(h[:, 0] + self.cfg.density_bias), h[:, 1:]
 
     def density(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.metrics import psnr
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
-from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase, models_background
+from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase, models_background, refines_cameras
 from fit_implicit.backend.render.image import to_rgba8
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def make_trainer(data: PosedImages, cfg: FitConfig) -> TrainerBase:
     fields with steps replayed from CUDA graphs where they can run, else eagerly."""
     if cfg.method != "nerf":
         return SurfaceTrainer(data, cfg)
-    if graph_trainer.available(cfg, pick_device(cfg.device)) and not models_background(data, cfg):
+    if (graph_trainer.available(cfg, pick_device(cfg.device)) and not models_background(data, cfg)
+            and not refines_cameras(data, cfg)):
         return graph_trainer.GraphTrainer(data, cfg)
     return Trainer(data, cfg)
 
@@ -152,6 +153,10 @@ def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callback
     trainer.finish()
     if getattr(trainer, "appearance", None) is not None:      # each photo's exposure and white balance
         model.meta["appearance"] = trainer.appearance.summary()
+    if getattr(trainer, "cameras", None) is not None:         # how far each photo's camera moved
+        model.meta["camera_refine"] = trainer.cameras.summary(trainer.poses)
+        if hasattr(model.field, "set_level_weights"):
+            model.field.set_level_weights(None)                # every hash level in full from here on
     model.field.eval()
     return model
 

@@ -136,6 +136,7 @@ class SurfaceTrainer(TrainerBase):
         tc, model = self.cfg.train, self.model
         if self.passes:
             origins, dirs, rgba, passes, photo = self.sampler.sample_passes(self.rays, with_photo=True)
+            origins, dirs = self.corrected(photo, origins, dirs)
         else:
             (origins, dirs, rgba, photo), passes = self.sample(), {}
         jitter = torch.rand(origins.shape[0], 1, device=self.device)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
     from fit_implicit.backend.fitting.config import FitConfig
 
 LOSSES = ("mse", "smooth_l1")
+CAMERA_REFINE_MODES = ("on", "off")
 MLP_PRECISIONS = ("float32", "bfloat16")
 
 
@@ -48,15 +49,24 @@ class TrainConfig:
     appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
+    camera_refine: str = "off"      # on | off: correct each photo's pose while fitting (fitting/camera_refine.py)
+    camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
+    camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
+    camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
+        if self.camera_refine not in CAMERA_REFINE_MODES:
+            raise ValueError(f"camera_refine {self.camera_refine!r} is not one of {', '.join(CAMERA_REFINE_MODES)}")
+        if not 0 < self.camera_anneal_share <= 1:
+            raise ValueError(f"camera_anneal_share must be in (0, 1], got {self.camera_anneal_share}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         for name in ("batch_rays", "max_rays"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight"):
+        for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight", "camera_lr",
+                     "camera_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
@@ -127,6 +137,15 @@ def models_background(data: PosedImages, cfg: FitConfig) -> bool:
     return cfg.outside.wanted(alpha >= OPAQUE_ALPHA, inside)
 
 
+def refines_cameras(data: PosedImages, cfg: FitConfig) -> bool:
+    """Whether a fit of ``data`` corrects its photos' poses (setting ``camera_refine``; never for
+    fewer than 3 photos: nothing would hold the frame).  Off by default: on a forward-facing
+    capture (llff_flower) the cameras drift together in ways a field of another depth explains
+    as well (a growing spread, a toe-in), and held-out views fall from 17.6 to 14.8 dB (CPU,
+    300 steps; docs/benchmarks.md)."""
+    return bool(cfg.train.camera_refine == "on" and len(data) >= 3)
+
+
 class TrainerBase:
     """What every trainer has: ``cfg``, ``device``, ``model`` (field + occupancy grid),
     ``sampler``, ``optimizer``, ``base_lrs`` and ``rays`` (rays per step); checkpoint state
@@ -149,18 +168,45 @@ class TrainerBase:
         if cfg.train.appearance:
             from fit_implicit.backend.fitting.appearance import Appearance
             self.appearance = Appearance(len(data)).to(self.device)
+        self.cameras = None                  # per-photo pose corrections (camera_refine.py)
+        if refines_cameras(data, cfg):
+            from fit_implicit.backend.fitting.camera_refine import CameraRefiner
+            self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale).to(self.device)
+            self.poses = np.asarray(data.poses)
 
     def sample(self) -> tuple:
-        """(origins, dirs, rgba, photo index or None) of this step's rays."""
-        if self.appearance is None:
+        """(origins, dirs, rgba, photo index or None) of this step's rays (from the corrected
+        cameras where poses are refined)."""
+        if self.appearance is None and self.cameras is None:
             return (*self.sampler.sample(self.rays), None)
-        return self.sampler.sample(self.rays, with_photo=True)
+        o, d, rgba, photo = self.sampler.sample(self.rays, with_photo=True)
+        return (*self.corrected(photo, o, d), rgba, photo)
+
+    def corrected(self, photo: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor) -> tuple:
+        """The rays as the refined cameras shoot them (unchanged without refinement)."""
+        return (origins, dirs) if self.cameras is None else self.cameras(photo, origins, dirs)
+
+    def anneal_levels(self, fraction: float) -> None:
+        """While poses are refined a radiance field's hash levels fade in over the first
+        ``camera_anneal_share`` of the fit (camera_refine.py)."""
+        field = self.model.field
+        if self.cameras is None or not hasattr(field, "set_level_weights"):
+            return
+        from fit_implicit.backend.fitting.camera_refine import level_fade
+        levels = self.cfg.field.grid.levels
+        field.set_level_weights(level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0,
+                                           levels))
 
     def as_photographed(self, rgb: torch.Tensor, opacity: torch.Tensor, photo) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rendered colour as each ray's photo saw it, the appearance penalty) (appearance.py)."""
+        """(rendered colour as each ray's photo saw it, the penalties of the per-photo terms:
+        appearance (appearance.py) and pose corrections (camera_refine.py))."""
+        tc = self.cfg.train
+        penalty = torch.zeros((), device=rgb.device)
+        if self.cameras is not None and tc.camera_weight > 0:
+            penalty = penalty + tc.camera_weight * self.cameras.penalty()
         if self.appearance is None:
-            return rgb, torch.zeros((), device=rgb.device)
-        return self.appearance(rgb, opacity, photo), self.cfg.train.appearance_weight * self.appearance.penalty()
+            return rgb, penalty
+        return self.appearance(rgb, opacity, photo), penalty + tc.appearance_weight * self.appearance.penalty()
 
     def adam(self, extra: list[dict] = (), lrs: list | None = None, **kwargs) -> torch.optim.Adam:
         """Adam over the field's hash tables and MLPs (+ ``extra`` groups); ``lrs`` replace the
@@ -172,6 +218,8 @@ class TrainerBase:
         grid_lr, mlp_lr = lrs if lrs is not None else (tc.grid_lr, tc.mlp_lr)
         if self.appearance is not None:
             extra = [*extra, {"params": list(self.appearance.parameters()), "lr": tc.appearance_lr, "weight_decay": 0.0}]
+        if self.cameras is not None:
+            extra = [*extra, {"params": list(self.cameras.parameters()), "lr": tc.camera_lr, "weight_decay": 0.0}]
         optimizer = torch.optim.Adam([
             {"params": groups["grid"], "lr": grid_lr, "eps": tc.grid_eps, "weight_decay": 0.0},
             {"params": groups["mlp"], "lr": mlp_lr, "eps": tc.mlp_eps, "weight_decay": tc.mlp_weight_decay},
@@ -192,6 +240,8 @@ class TrainerBase:
             state["appearance"] = self.appearance.state_dict()
         if self.model.background is not None:
             state["background"] = self.model.background.state_dict()
+        if self.cameras is not None:
+            state["cameras"] = self.cameras.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -203,6 +253,8 @@ class TrainerBase:
             self.appearance.load_state_dict(state["appearance"])
         if self.model.background is not None:
             self.model.background.load_state_dict(state["background"])
+        if self.cameras is not None:
+            self.cameras.load_state_dict(state["cameras"])
         self.rays = int(state["rays"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -221,6 +273,7 @@ class Trainer(TrainerBase):
     def update_step(self, step: int, fraction: float) -> None:
         """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
         self.set_lr(self.cfg.train.lr_factor(step, fraction))
+        self.anneal_levels(fraction)
         share = self.cfg.occupancy.update_due(step)
         if share is not None:
             self.model.field.eval()

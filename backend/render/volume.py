@@ -84,7 +84,10 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor
     Returns:
         t_near (R,) float32 clamped at 0 (rays starting inside begin at their origin),
         t_far (R,) float32, hit (R,) bool (the box is ahead of the origin and met with t_far > t_near).
+        The distances carry no gradient: they place the samples, and a ray that moves (a refined
+        camera, fitting/camera_refine.py) moves its samples' points, not where they sit along it.
     """
+    origins, dirs = origins.detach(), dirs.detach()
     tiny = 1e-12
     safe = torch.where(dirs.abs() < tiny, torch.full_like(dirs, tiny), dirs)
     inv = 1.0 / safe
@@ -438,7 +441,7 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
     r = origins.shape[0]
     t_near, t_far, hit = ray_aabb(origins, dirs, aabb)
     t_far = torch.where(hit, t_far, t_near)
-    span = float((t_far - t_near).max()) if r else 0.0
+    span = float((t_far - t_near).detach().max()) if r else 0.0
     count = min(max_steps, int(span / step) + 1)
     zeros = origins.new_zeros(r)
     if r == 0 or span <= 0.0:
@@ -449,6 +452,8 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
         t, x, ray, counts = march_packed(origins, dirs, t_near, t_far, offset, step, count, *grid)
         if t.shape[0] == 0:
             return RayOutput(origins.new_zeros(r, 3), zeros, zeros, 0)
+        if origins.requires_grad or dirs.requires_grad:     # refined cameras: positions carry the gradient
+            x = origins[ray] + t[:, None] * dirs[ray]
         sig, rgb = field_fn(x, dirs[ray])
         w = composite_packed(sig.to(t.dtype), step, ray, counts)
         color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))

@@ -1,0 +1,110 @@
+"""Camera refinement (issue 15, item 2): each training photo's pose corrected while the field is
+fitted, as iNeRF and BARF do, for poses from COLMAP, a phone or a tracker that are close but not
+exact.
+
+Each photo has a correction in the WORLD frame: a rotation (a rotation vector, radians) about
+its own camera centre and a shift of that centre (in units of the box's half-size, so one
+learning rate suits every scene); rays move as the camera does: ``d' = R d``, ``o' = o + t``.
+The corrections are kept free of what moves ALL the cameras together: their mean (a rotation
+about the cameras' centroid, a shift) and a growth of their spread about the centroid (a scale):
+the field could follow any of those instead, and removing them keeps the refined cameras, the
+field and its mesh in the capture's own frame and scale (the frame the artist's scene and the
+imported cameras are in).
+
+Coarse to fine (BARF's remedy for poses that would lock onto high frequencies too early, here on
+a hash grid): while poses are refined the radiance field's hash levels are faded in over the
+first ``camera_anneal_share`` of the fit (NerfField.set_level_weights); surface fields bring
+their levels in on their own schedule already (fitting/surface_trainer.py, ``start_levels``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def rotation_matrices(w: torch.Tensor) -> torch.Tensor:
+    """(K, 3) rotation vectors -> (K, 3, 3) rotation matrices (Rodrigues; exact near zero)."""
+    theta2 = (w * w).sum(-1, keepdim=True)[..., None]                        # (K, 1, 1)
+    theta = theta2.clamp_min(1e-12).sqrt()
+    small = theta2 < 1e-8
+    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2.clamp_min(1e-12))
+    x, y, z = w.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
+    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand_as(k)
+    return eye + a * k + b * (k @ k)
+
+
+class CameraRefiner(nn.Module):
+    """Per-photo pose corrections.  ``forward(photo, origins, dirs)`` -> the rays of the
+    corrected cameras (world units; ``scale`` = the box's half-size in world units)."""
+
+    def __init__(self, count: int, centres: np.ndarray, scale: float):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(int(count), 6))               # rotation vector, shift / scale
+        self.scale = float(scale)
+        self.register_buffer("centres", torch.as_tensor(np.asarray(centres), dtype=torch.float32))
+        spread = (self.centres - self.centres.mean(0)) / self.scale          # (N, 3) box half-sizes
+        self.spread = spread if float((spread * spread).sum()) > 1e-12 else None
+
+    def corrections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rotation vectors (N, 3), world shifts (N, 3)) without the part that moves all the
+        cameras together: mean-free, and the shifts without a growth of the cameras' spread about
+        their centroid (which a field of another depth explains as well: the scale of a capture
+        is the poses', not the photos')."""
+        d = self.delta - self.delta.mean(0, keepdim=True)
+        shift = d[:, 3:]
+        spread = self.spread
+        if spread is not None:
+            grow = (shift * spread).sum() / (spread * spread).sum()
+            shift = shift - grow * spread
+        return d[:, :3], shift * self.scale
+
+    def penalty(self) -> torch.Tensor:
+        """Mean square of the corrections (radians; box half-sizes)."""
+        w, t = self.corrections()
+        return (w * w).mean() + (t * t).mean() / (self.scale * self.scale)
+
+    def forward(self, photo: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        w, t = self.corrections()
+        rot = rotation_matrices(w)[photo]                                    # (R, 3, 3)
+        centre = self.centres[photo]
+        # A rotation about the camera's centre moves an origin off the centre (a lens-shifted
+        # or distorted ray starts there too) with it; then the centre shifts.
+        o = centre + (rot @ (origins - centre)[..., None])[..., 0] + t[photo]
+        d = (rot @ dirs[..., None])[..., 0]
+        return o, d
+
+    @torch.no_grad()
+    def refined_poses(self, poses: np.ndarray) -> np.ndarray:
+        """(N, 4, 4) camera-to-world poses with the corrections applied (float64)."""
+        w, t = self.corrections()
+        rot = rotation_matrices(w).double().cpu().numpy()
+        out = np.array(poses, dtype=np.float64, copy=True)
+        out[:, :3, :3] = rot @ out[:, :3, :3]
+        out[:, :3, 3] = out[:, :3, 3] + t.double().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def summary(self, poses: np.ndarray) -> dict:
+        """How far each camera moved: rotation in degrees and shift in world units, per photo
+        and as mean / largest (JSON-able, for run.json and the job's report)."""
+        w, t = self.corrections()
+        degrees = (w.norm(dim=-1) * 180.0 / math.pi).cpu().numpy()
+        shifts = t.norm(dim=-1).cpu().numpy()
+        return {"rotation_deg": [round(float(v), 4) for v in degrees], "shift": [round(float(v), 6) for v in shifts],
+                "mean_rotation_deg": round(float(degrees.mean()), 4), "max_rotation_deg": round(float(degrees.max()), 4),
+                "mean_shift": round(float(shifts.mean()), 6), "max_shift": round(float(shifts.max()), 6),
+                "poses": self.refined_poses(poses).tolist()}
+
+
+def level_fade(active: float, levels: int) -> torch.Tensor:
+    """(levels,) weights of the hash levels when ``active`` of them are in (BARF's window:
+    level l is off below l, fades in over [l, l + 1] with a half cosine, then stays at 1)."""
+    x = (active - torch.arange(levels, dtype=torch.float32)).clamp(0.0, 1.0)
+    return 0.5 * (1.0 - torch.cos(math.pi * x))

@@ -1,0 +1,95 @@
+"""Camera refinement (issue 15, item 2; backend/fitting/camera_refine.py): each photo's pose is
+corrected while the field is fitted, the corrections stay in the capture's frame, and a known
+perturbation is undone."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import synthetic
+from fit_implicit.backend.fitting.camera_refine import CameraRefiner, level_fade, rotation_matrices
+from fit_implicit.backend.fitting.config import make_config
+from fit_implicit.backend.fitting.data import PosedImages
+from fit_implicit.backend.fitting.loop import fit
+from fit_implicit.backend.fitting.metrics import evaluate
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Degrees between the rotations of two stacks of poses."""
+    rel = a[:, :3, :3] @ np.transpose(b[:, :3, :3], (0, 2, 1))
+    return np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def test_rotation_vectors_become_rotations():
+    r = rotation_matrices(torch.tensor([[0.0, 0.0, math.pi / 2], [1e-9, 0.0, 0.0], [0.3, -0.2, 0.5]],
+                                       dtype=torch.float64))
+    assert torch.allclose(r[0] @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+                          torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(r[1], torch.eye(3, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(r[2] @ r[2].T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert math.degrees(math.acos((float(torch.trace(r[2])) - 1) / 2)) == pytest.approx(
+        math.degrees(math.sqrt(0.3 ** 2 + 0.2 ** 2 + 0.5 ** 2)), rel=1e-9)
+
+
+def test_what_moves_every_camera_together_is_not_a_correction():
+    """A common rotation or shift, or a growth of the cameras' spread, is what the field could
+    follow instead: the corrections leave it out, so the capture keeps its frame and scale."""
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    refiner = CameraRefiner(4, centres, scale=2.0)
+    with torch.no_grad():
+        spread = torch.tensor(centres - centres.mean(0), dtype=torch.float32) / 2.0
+        refiner.delta[:, :3] = torch.tensor([0.1, -0.2, 0.05])
+        refiner.delta[:, 3:] = torch.tensor([0.3, 0.0, -0.1]) + 0.25 * spread
+    w, t = refiner.corrections()
+    assert float(w.detach().abs().max()) < 1e-6 and float(t.detach().abs().max()) < 1e-6
+    photo = torch.tensor([0, 3])
+    o = torch.tensor(centres[[0, 3]], dtype=torch.float32)
+    d = torch.nn.functional.normalize(torch.tensor([[0.0, 0.0, -1.0], [1.0, 1.0, 0.0]]), dim=-1)
+    o2, d2 = refiner(photo, o, d)
+    assert torch.allclose(o2, o, atol=1e-5) and torch.allclose(d2, d, atol=1e-6)
+
+
+def test_hash_levels_fade_in_coarse_first():
+    w = level_fade(2.5, 4)
+    assert w.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert level_fade(5.0, 4).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow   # one 300-step fit on the CPU with gradients through the rays, ~80 s
+def test_a_known_perturbation_of_the_cameras_is_undone():
+    """12 training photos whose poses are rotated by 3 degrees a rotation axis (4.0 degrees on
+    average) and shifted by 0.09 world units (3 % of the box's half-size), mean-free.  Measured 2026-12-04 (2
+    cores, draft, 300 steps, camera_lr 3e-3): rotation error 4.02 -> 2.36 degrees; held out 20.3
+    dB (15.4 dB for the same photos fitted without refinement, 400 steps).  The shifts are not
+    recovered (0.09 -> 0.18 world units): along a ring of cameras a shift towards the object
+    trades against the field's depth in so short a fit."""
+    n, size = 16, 24
+    ks, poses = synthetic.camera_rig(n, size)
+    images = np.stack([synthetic.render(k, p, size, size, ss=2) for k, p in zip(ks, poses)])
+    held = np.arange(n) % 4 == 0
+    true = poses[~held]
+    rng = np.random.default_rng(1)
+    w = rng.normal(0.0, np.radians(3.0), (len(true), 3))
+    w -= w.mean(0)
+    shift = rng.normal(0.0, 0.03 * synthetic.SCALE, (len(true), 3))
+    shift -= shift.mean(0)
+    noisy = true.copy()
+    noisy[:, :3, :3] = rotation_matrices(torch.tensor(w)).numpy() @ true[:, :3, :3]
+    noisy[:, :3, 3] += shift
+    train = PosedImages(images[~held], ks[~held], noisy, synthetic.aabb(), [f"t{i}" for i in range(len(true))])
+    test = PosedImages(images[held], ks[held], poses[held], synthetic.aabb(), [f"h{i}" for i in range(int(held.sum()))])
+    cfg = make_config("nerf", "draft", device="cpu", steps=300, preview_size=0, seed=0, camera_refine="on",
+                      camera_lr=3e-3)
+    model = fit(train, cfg)
+    report = model.meta["camera_refine"]
+    refined = np.array(report["poses"])
+    before, after = float(_angles(noisy, true).mean()), float(_angles(refined, true).mean())
+    held_psnr = float(np.mean(evaluate(model, test)))
+    print(f"rotation error {before:.2f} -> {after:.2f} degrees; held out {held_psnr:.2f} dB; "
+          f"moved {report['mean_rotation_deg']:.2f} degrees on average")
+    assert after < 0.7 * before
+    assert held_psnr > 18.0
+    assert len(report["rotation_deg"]) == len(true) and report["max_rotation_deg"] >= report["mean_rotation_deg"]
