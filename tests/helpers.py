@@ -317,3 +317,17 @@ class KeepSubmit:
 
     def close(self) -> None:
         self.finished = True
+
+
+def zmq_round_trip(message: protocol.Message, name: str) -> protocol.Message:
+    """``message`` sent over a real ZeroMQ PAIR (inproc://NAME) and decoded on the other side."""
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind(f"inproc://{name}")
+        b.connect(f"inproc://{name}")
+        a.send_multipart(message.to_frames(), copy=False)
+        return protocol.decode_message(b.recv_multipart(copy=False))
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fit_implicit.backend.fields.background import start_distances
 from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.trainer import Trainer
 from fit_implicit.backend.render import volume
@@ -88,6 +89,8 @@ class GraphTrainer(Trainer):
         want = self.capacity / max(samples / kept, 1e-3)        # rays that fill the slots
         if self.prepass and marched_rays >= 1:                  # ... and the pre-pass's
             want = min(want, self.prepass / max(marched / marched_rays, 1e-3))
+        if self.model.background is not None:                   # ... and as many background samples
+            want = min(want, self.capacity / self.model.background.samples)
         cap = _pow2_at_least(max(self.cfg.train.max_rays, MIN_RAYS))
         # Hysteresis: a new ray count means a new capture (tens of ms), so only for a big change.
         if want > 1.5 * self.rays or want < self.rays / 4:
@@ -99,8 +102,8 @@ class GraphTrainer(Trainer):
         tc, model, dev = self.cfg.train, self.model, self.device
         origins, dirs, rgba = self.sampler.sample(rays)
         o = (origins - self.center) * self.inv_scale
-        t_near, t_far, hit = ray_aabb(o, dirs, model.box)
-        t_far = torch.where(hit, t_far, t_near)
+        t_near, box_exit, hit = ray_aabb(o, dirs, model.box)
+        t_far = torch.where(hit, box_exit, t_near)
         jitter = torch.rand(rays, device=dev)
         bits, res = model.occupancy.march_bits()
         half = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.mlp_precision == "bfloat16")
@@ -122,6 +125,12 @@ class GraphTrainer(Trainer):
         into, rows = scatter_index(s), rays + s.ray.shape[0]
         color = origins.new_zeros(rows, 3).index_add(0, into, w[:, None] * rgb.float())[:rays]
         opacity = origins.new_zeros(rows).index_add(0, into, w)[:rays]
+        if model.background is not None:    # what lies outside the box, behind it (fields/background.py)
+            with half:
+                out_rgb, out_opacity, _, _ = model.background.render(o, dirs, start_distances(o, dirs, box_exit, hit),
+                                                                     jitter[:, None])
+            color = color + (1.0 - opacity[:, None]) * out_rgb.float()
+            opacity = opacity + (1.0 - opacity) * out_opacity.float()
         bg = torch.rand(rays, 3, device=dev)
         pred = color + (1.0 - opacity[:, None]) * bg
         alpha = rgba[:, 3:]

@@ -22,7 +22,7 @@ from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.metrics import psnr
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
-from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase, models_background, refines_cameras
+from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase, refines_cameras
 from fit_implicit.backend.render.image import to_rgba8
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def make_trainer(data: PosedImages, cfg: FitConfig) -> TrainerBase:
     fields with steps replayed from CUDA graphs where they can run, else eagerly."""
     if cfg.method != "nerf":
         return SurfaceTrainer(data, cfg)
-    if (graph_trainer.available(cfg, pick_device(cfg.device)) and not models_background(data, cfg)
-            and not refines_cameras(data, cfg)):
+    if graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
         return graph_trainer.GraphTrainer(data, cfg)
     return Trainer(data, cfg)
 

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zmq
 
 from fit_implicit.shared import protocol
 from fit_implicit.shared.protocol import WireError, decode_message
+from helpers import zmq_round_trip
 
 
 def test_an_environment_round_trips_through_zmq():
     image = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
     message = protocol.EnvironmentResult(job_id="j", image=image).validate()
-    ctx = zmq.Context.instance()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://environment")
-        b.connect("inproc://environment")
-        a.send_multipart(message.to_frames(), copy=False)
-        got = decode_message(b.recv_multipart(copy=False))
-    finally:
-        a.close(linger=0)
-        b.close(linger=0)
+    got = zmq_round_trip(message, "environment")
     assert isinstance(got, protocol.EnvironmentResult) and got.job_id == "j"
     np.testing.assert_array_equal(got.image, image)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zmq
 
 from fit_implicit.shared import protocol
 from fit_implicit.shared.protocol import WireError, decode_message
+from helpers import zmq_round_trip
 
 
 def textured_mesh(**kw) -> protocol.MeshResult:
@@ -32,16 +32,7 @@ def refused(message: protocol.Message, *needles: str) -> None:
 
 def test_textured_mesh_round_trips_through_zmq():
     message = textured_mesh().validate()
-    ctx = zmq.Context.instance()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://textures")
-        b.connect("inproc://textures")
-        a.send_multipart(message.to_frames(), copy=False)
-        got = decode_message(b.recv_multipart(copy=False))
-    finally:
-        a.close(linger=0)
-        b.close(linger=0)
+    got = zmq_round_trip(message, "textures")
     assert isinstance(got, protocol.MeshResult)
     np.testing.assert_array_equal(got.uvs, message.uvs)
     np.testing.assert_array_equal(got.normals, message.normals)
