@@ -218,6 +218,25 @@ def target_objects(view_layer, selected_only: bool) -> list:
     return [ob for ob in obs if ob.visible_get(view_layer=view_layer)]
 
 
+def box_empty(view_layer):
+    """The selected Empty drawn as a cube (Add > Empty > Cube), or None: the box an artist sets
+    for a photo fit (what is meshed; the background model takes what lies outside it)."""
+    for ob in view_layer.objects:
+        if ob.type == "EMPTY" and ob.empty_display_type == "CUBE" and ob.select_get(view_layer=view_layer):
+            return ob
+    return None
+
+
+def empty_box(ob) -> np.ndarray:
+    """(2, 3) float64 world min/max of a cube Empty as drawn (its display size, moved, turned and
+    scaled by its world matrix)."""
+    s = float(ob.empty_display_size)
+    corners = np.array([[x, y, z] for x in (-s, s) for y in (-s, s) for z in (-s, s)], dtype=np.float64)
+    m = np.array(ob.matrix_world, dtype=np.float64)
+    pts = corners @ m[:3, :3].T + m[:3, 3]
+    return np.stack([pts.min(axis=0), pts.max(axis=0)])
+
+
 def world_bbox(objects, depsgraph) -> np.ndarray:
     """(2, 3) float64 world min/max over the evaluated bounding boxes of ``objects``."""
     corners = []

@@ -328,16 +328,20 @@ class FitSession:
         return [ob for ob, _ in keep], [f for _, f in keep]
 
     def _photo_aabb(self, photos: dict, width: int, height: int) -> np.ndarray:
-        """(2, 3) world box of a photo fit: the padded box of the selected meshes, else the
-        region the cameras look at (shared/cameras.py looked_at_aabb)."""
+        """(2, 3) world box of a photo fit: a selected cube Empty's box as drawn, else the padded
+        box of the selected meshes, else the region the cameras look at (shared/cameras.py
+        looked_at_aabb)."""
+        empty = capture.box_empty(self.view_layer)
+        if empty is not None:
+            return capture.empty_box(empty)
         selected = capture.target_objects(self.view_layer, selected_only=True)
         if selected:
             return capture.padded_aabb(capture.world_bbox(selected, self.view_layer.depsgraph))
         try:
             return cameras.looked_at_aabb(photos["intrinsics"], photos["poses"], width, height)
         except ValueError as exc:
-            raise FitError(f"Cannot tell where the photographed object is: {exc}. Select a mesh (e.g. a cube) "
-                           "around the object: its box bounds the fit.") from None
+            raise FitError(f"Cannot tell where the photographed object is: {exc}. Select a cube Empty "
+                           "(Add > Empty > Cube) or a mesh around the object: its box bounds the fit.") from None
 
     def tick(self) -> bool:
         """Advance the fit a little (one render, or drain the backend's messages).

@@ -105,6 +105,31 @@ def test_photo_aabb_from_cameras_holds_the_scene():
         cameras.looked_at_aabb(ks[:1], poses[:1], SIZE, SIZE)
 
 
+def test_a_selected_cube_empty_sets_the_box(tmp_path):
+    """The artist's box for a photo fit (issue 15): a cube Empty, moved, turned and scaled, is
+    the box as drawn, whatever meshes or cameras say."""
+    import math
+
+    import bpy
+    from fit_implicit.blender_addon import fit_session
+    scene, _ = _import(tmp_path)
+    empty = bpy.data.objects.new("Box", None)
+    empty.empty_display_type = "CUBE"
+    empty.empty_display_size = 0.5
+    scene.collection.objects.link(empty)
+    empty.location, empty.scale, empty.rotation_euler = (1.0, 2.0, 3.0), (2.0, 1.0, 1.0), (0.0, 0.0, math.pi / 2)
+    bpy.context.view_layer.update()
+    session = fit_session.FitSession(scene, "tcp://127.0.0.1:9", probe=False)
+    empty.select_set(False)
+    cams_box = session._photo_aabb({"intrinsics": synthetic.camera_rig(VIEWS, SIZE)[0],
+                                   "poses": synthetic.camera_rig(VIEWS, SIZE)[1]}, SIZE, SIZE)
+    assert np.allclose(0.5 * (cams_box[0] + cams_box[1]), synthetic.CENTER, atol=1e-6)
+    empty.select_set(True)
+    box = session._photo_aabb({}, SIZE, SIZE)
+    # turned a quarter about Z: its long (x, 2 x 0.5) side lies along Y
+    assert np.allclose(box, [[0.5, 1.0, 2.5], [1.5, 3.0, 3.5]], atol=1e-6), box
+
+
 def test_missing_photo_names_the_camera(tmp_path):
     from fit_implicit.blender_addon import fit_session
     scene, cams = _import(tmp_path)
