@@ -26,6 +26,7 @@ from torch import nn
 
 from fit_implicit.backend.fields.hashgrid import HashGridConfig
 from fit_implicit.backend.fields.nerf import NerfField, NerfFieldConfig
+from fit_implicit.backend.render.volume import composite, ray_aabb
 
 BACKGROUND_MODES = ("auto", "on", "off")
 DEPTH_CAP = 100.0          # normalised units: the depth a background sample at infinity counts as
@@ -48,13 +49,6 @@ class BackgroundConfig:
             raise ValueError(f"background_samples must be in [1, 256], got {self.background_samples}")
         if not 10 <= int(self.background_log2_table) <= 24:
             raise ValueError(f"background_log2_table must be in [10, 24], got {self.background_log2_table}")
-
-    def wanted(self, opaque: bool, cameras_inside: bool) -> bool:
-        """Whether a fit models the background: ``on``/``off`` as set; ``auto`` when the photos
-        have no alpha (``opaque``) or a camera stands inside the box."""
-        if self.background != "auto":
-            return self.background == "on"
-        return bool(opaque or cameras_inside)
 
     def build(self) -> "BackgroundField":
         grid = HashGridConfig(levels=12, features=2, log2_table=int(self.background_log2_table),
@@ -107,9 +101,7 @@ class BackgroundField(nn.Module):
         ends = torch.cat([c[:, 1:], limit[:, None, :]], dim=1)
         deltas = (ends - c).norm(dim=-1)                                       # (R, N) contracted lengths
         sigma, rgb = self.field(0.5 * c.reshape(-1, 3), dirs[:, None, :].expand(r, n, 3).reshape(-1, 3))
-        tau = sigma.reshape(r, n) * deltas
-        before = tau.cumsum(-1) - tau
-        w = torch.exp(-before) * (1.0 - torch.exp(-tau))                      # (R, N)
+        w, _ = composite(sigma.reshape(r, n), deltas)                          # (R, N)
         out_rgb = (w[..., None] * rgb.reshape(r, n, 3)).sum(1)
         depth = (w * t.clamp_max(DEPTH_CAP)).sum(1)
         return out_rgb, w.sum(1), depth, r * n
@@ -132,7 +124,6 @@ class BackgroundField(nn.Module):
         out = []
         for d in dirs.split(1 << 14):
             o = centre.expand(d.shape[0], 3)
-            t_far = ((torch.where(d > 0, box[1], box[0]) - o) / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
-                     ).amin(-1).clamp_min(0.0)
-            out.append(self.render(o, d, t_far)[0])
+            _, t_far, hit = ray_aabb(o, d, box)
+            out.append(self.render(o, d, start_distances(o, d, t_far, hit))[0])
         return torch.cat(out).clamp(0.0, 1.0).reshape(h, w, 3)

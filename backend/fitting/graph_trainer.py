@@ -23,11 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fit_implicit.backend.fields.background import start_distances
 from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.trainer import Trainer
 from fit_implicit.backend.render import volume
-from fit_implicit.backend.render.volume import (composite_fixed, march_fixed, ray_aabb, scatter_index,
+from fit_implicit.backend.render.volume import (RayOutput, composite_fixed, march_fixed, ray_aabb, scatter_index,
                                                 terminate_fixed, transmittance_fixed)
 
 MIN_RAYS = 1 << 10
@@ -102,8 +101,8 @@ class GraphTrainer(Trainer):
         tc, model, dev = self.cfg.train, self.model, self.device
         origins, dirs, rgba = self.sampler.sample(rays)
         o = (origins - self.center) * self.inv_scale
-        t_near, box_exit, hit = ray_aabb(o, dirs, model.box)
-        t_far = torch.where(hit, box_exit, t_near)
+        t_near, t_far, hit = ray_aabb(o, dirs, model.box)
+        t_far = torch.where(hit, t_far, t_near)
         jitter = torch.rand(rays, device=dev)
         bits, res = model.occupancy.march_bits()
         half = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.mlp_precision == "bfloat16")
@@ -126,11 +125,10 @@ class GraphTrainer(Trainer):
         color = origins.new_zeros(rows, 3).index_add(0, into, w[:, None] * rgb.float())[:rays]
         opacity = origins.new_zeros(rows).index_add(0, into, w)[:rays]
         if model.background is not None:    # what lies outside the box, behind it (fields/background.py)
+            behind = RayOutput(color, opacity, torch.zeros_like(opacity), 0)
             with half:
-                out_rgb, out_opacity, _, _ = model.background.render(o, dirs, start_distances(o, dirs, box_exit, hit),
-                                                                     jitter[:, None])
-            color = color + (1.0 - opacity[:, None]) * out_rgb.float()
-            opacity = opacity + (1.0 - opacity) * out_opacity.float()
+                model.composite_background(o, dirs, behind, jitter[:, None])
+            color, opacity = behind.rgb.float(), behind.opacity.float()
         bg = torch.rand(rays, 3, device=dev)
         pred = color + (1.0 - opacity[:, None]) * bg
         alpha = rgba[:, 3:]

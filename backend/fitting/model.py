@@ -138,11 +138,11 @@ class FittedField:
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,
                                         self.render_step_size, self.render_max_steps, split=split)
         if background:
-            self._behind(o, dirs, out, jitter)
+            self.composite_background(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
         return out
 
-    def _behind(self, o: torch.Tensor, dirs: torch.Tensor, out, jitter: torch.Tensor | None) -> None:
+    def composite_background(self, o: torch.Tensor, dirs: torch.Tensor, out, jitter: torch.Tensor | None) -> None:
         """Composite the background model's light behind ``out`` (a RayOutput or SurfaceOutput,
         depth still normalised), in place; nothing without a background model.  ``o``
         normalised origins.  (The surface's normals, albedo and roughness stay the foreground's.)"""
@@ -187,7 +187,7 @@ class FittedField:
         out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box,
                              step, self.max_steps, jitter, stop_fn=lambda x: field.deep_inside(field.value(x), step))
         if background:
-            self._behind(o, dirs, out, jitter)
+            self.composite_background(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
         return out
 

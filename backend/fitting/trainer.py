@@ -130,11 +130,11 @@ def models_background(data: PosedImages, cfg: FitConfig) -> bool:
     ``background``; fields/background.py): auto = the photos have no alpha or a camera stands in the box."""
     if cfg.outside.background != "auto":
         return cfg.outside.background == "on"
-    alpha = min(int(data.image(i)[..., 3].min()) for i in range(len(data)))
+    if min(int(data.image(i)[..., 3].min()) for i in range(len(data))) >= OPAQUE_ALPHA:
+        return True                                         # no alpha: the background is in the photos
     lo, hi = data.aabb
     origins = data.poses[:, :3, 3]
-    inside = bool(((origins > lo) & (origins < hi)).all(axis=1).any())
-    return cfg.outside.wanted(alpha >= OPAQUE_ALPHA, inside)
+    return bool(((origins > lo) & (origins < hi)).all(axis=1).any())
 
 
 def refines_cameras(data: PosedImages, cfg: FitConfig) -> bool:
