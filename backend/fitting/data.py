@@ -132,6 +132,9 @@ def _check_lenses(models, distortion, n: int) -> tuple[np.ndarray | None, np.nda
         raise ValueError(f"lens_models must be ({n},) and distortion ({n}, 6), got {models.shape} and {distortion.shape}")
     if not np.isfinite(distortion).all() or models.min(initial=0) < 0 or models.max(initial=0) > 2:
         raise ValueError("lens models must be codes 0..2 with finite distortion coefficients")
+    # OPENCV with every coefficient zero is a pinhole (what Blender's datasets write: nothing to
+    # undistort, and the mesh refinement's pinhole rasteriser may use those views)
+    models = np.where((models == cameras.OPENCV) & ~distortion.any(axis=1), cameras.PINHOLE, models)
     if not models.any():
         return None, None
     return models, distortion

@@ -173,6 +173,21 @@ def test_load_transforms_reads_lens_and_masks(tmp_path):
         load_transforms(tmp_path)
 
 
+def test_opencv_cameras_without_coefficients_are_pinholes():
+    """Blender's datasets say camera_model OPENCV with every coefficient zero: nothing is bent,
+    and the mesh refinement (a pinhole rasteriser) may use those views."""
+    from fit_implicit.backend.fitting.data import PosedImages
+    k, poses = _rig(3, 16)
+    images = np.zeros((3, 16, 16, 4), np.uint8)
+    dist = np.stack([np.zeros(6), LENS[1], np.zeros(6)])
+    plain = PosedImages(images, np.stack([k] * 3), poses, synthetic.aabb(), list("abc"),
+                        lens_models=np.array([1, 1, 1]), distortion=np.zeros((3, 6)))
+    assert plain.lens_models is None and plain.distortion is None
+    mixed = PosedImages(images, np.stack([k] * 3), poses, synthetic.aabb(), list("abc"),
+                        lens_models=np.array([1, 1, 2]), distortion=dist)
+    assert mixed.lens_models.tolist() == [0, 1, 2]     # a fisheye stays one, whatever its coefficients
+
+
 def test_ray_sampler_bends_rays_through_the_lens():
     from fit_implicit.backend.fitting.data import PosedImages, RaySampler
     k, poses = _rig(2, 16)
