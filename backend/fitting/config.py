@@ -227,7 +227,9 @@ _SURFACE_THIN = dict(curvature_weight=0.0, cos_anneal_share=1.0, eikonal_weight=
 # 12 levels from the start (28.52; all 16: 23.49); together 31.46 dB (mask weight 0.02: 31.10).
 # No help: tf32 off (28.22), variance_lr 1e-2 or 3e-4 (27.35, 27.79), a sharpness floor rising to
 # inv_s 2000 (27.76; learnt, it ends near 1000).  Occupancy fields keep _SURFACE_THIN (not measured).
-_SDF_THIN = dict(_SURFACE_THIN, eikonal_weight=0.005, start_levels=12, mask_weight=0.0,
+# The mask term: auto (-1), i.e. off on photos as above, on (0.1) with Blender's passes, where the
+# still life diverged without it (surface_trainer.py MASK_WEIGHT_WITH_PASSES).
+_SDF_THIN = dict(_SURFACE_THIN, eikonal_weight=0.005, start_levels=12, mask_weight=-1.0,
                  target_samples=1 << 19, max_rays=1 << 16)
 _SURFACE_DRAFT = dict(steps=300, target_samples=1 << 12, batch_rays=512, max_rays=1 << 11, occupancy_decay=0.5,
                       occupancy_warmup=0, occupancy_every=32, warmup_steps=50, level_every=20, eikonal_points=256)

@@ -33,6 +33,11 @@ if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
     from fit_implicit.backend.fitting.config import FitConfig
 
 MIN_RAYS = 64           # floor of the adaptive ray count
+# mask_weight -1 (the sdf presets): the BCE mask term on with Blender's passes, off without.  Measured
+# (H200, docs/benchmarks.md "Own scene"): on the still life (scene mode, passes) the preset without it
+# diverged in one of two runs (held out 10.9 dB at 120 s) and 0.1 gave 36.3 dB at 1,500 steps (0: 35.0)
+# and 37.1 dB at 120 s; on lego (photos only) any mask term costs (0.02: -0.4 dB).
+MASK_WEIGHT_WITH_PASSES = 0.1
 
 
 @dataclass
@@ -47,7 +52,8 @@ class SurfaceTrainConfig(TrainConfig):
     eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
     eikonal_points: int = 1024      # random points in the box per step for the eikonal term
     curvature_weight: float = 5e-4  # mean |laplacian| (finite differences) on the samples
-    mask_weight: float = 0.1        # BCE of opacity against alpha, where the images have masks
+    mask_weight: float = 0.1        # BCE of opacity against alpha, where the images have masks; -1: auto
+    #                                 (MASK_WEIGHT_WITH_PASSES with Blender's passes, else 0)
     albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
     normal_weight: float = 0.05     # 1 - cos of rendered vs the "normal" pass, where given
     depth_weight: float = 0.1       # L1 of rendered vs the "depth" pass (normalised units), where given
@@ -57,8 +63,10 @@ class SurfaceTrainConfig(TrainConfig):
         super().validate()
         if not 0.0 < self.cos_anneal_share <= 1.0:
             raise ValueError(f"cos_anneal_share must be in (0, 1], got {self.cos_anneal_share}")
+        if not (self.mask_weight >= 0 or self.mask_weight == -1):
+            raise ValueError(f"mask_weight must not be negative (or -1: auto), got {self.mask_weight}")
         for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
-                     "mask_weight", "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
+                     "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
                      "variance_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -89,6 +97,8 @@ class SurfaceTrainer(TrainerBase):
                     "weight_decay": 0.0}
         self.optimizer = self.adam([variance])
         self.model.field.set_active_levels(cfg.train.start_levels)
+        weight = cfg.train.mask_weight
+        self.mask_weight = weight if weight >= 0 else (MASK_WEIGHT_WITH_PASSES if self.passes else 0.0)
 
     # ---- the fit loop's hooks (fitting/loop.py) -----------------------------------------------------
     def preview_ready(self, step: int) -> bool:
@@ -145,9 +155,9 @@ class SurfaceTrainer(TrainerBase):
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, alpha = colour_loss(rgb, out.opacity, rgba, tc.loss)
         loss = loss + penalty
-        if self.masks and tc.mask_weight > 0:
+        if self.masks and self.mask_weight > 0:
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
-            loss = loss + tc.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
+            loss = loss + self.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
         loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
         if loss.requires_grad:
             self.optimizer.zero_grad(set_to_none=True)

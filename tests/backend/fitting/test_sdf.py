@@ -139,9 +139,25 @@ def test_surface_settings_out_of_range_are_named():
     data = shape_scene(sphere_sdf, count=2, size=8)
     for key, value, words in (("start_levels", 0, "start_levels must be in"),
                               ("eikonal_weight", -1.0, "eikonal_weight must not be negative"),
+                              ("mask_weight", -0.5, r"mask_weight must not be negative \(or -1: auto\)"),
                               ("init_radius", 1.5, "init_radius must be in")):
         with pytest.raises(ValueError, match=words):     # refused by make_config, before any fit
             fit(data, make_config("sdf", "draft", device="cpu", preview_size=0, **{key: value}))
+
+
+def test_the_sdf_presets_mask_term_is_on_with_blenders_passes_only():
+    """mask_weight -1 (the sdf presets): the BCE mask term at MASK_WEIGHT_WITH_PASSES where the
+    data has passes (scene mode), off on photos; a number set by the user is kept as it is."""
+    from fit_implicit.backend.fitting.surface_trainer import MASK_WEIGHT_WITH_PASSES, SurfaceTrainer
+
+    photos = shape_scene(torus_sdf, count=2, size=8)
+    scene = shape_scene(torus_sdf, count=2, size=8, passes=("albedo", "depth"))
+    assert make_config("sdf", "standard", device="cpu").train.mask_weight == -1
+    for data, preset_weight in ((photos, 0.0), (scene, MASK_WEIGHT_WITH_PASSES)):
+        auto = make_config("sdf", "draft", device="cpu", preview_size=0, mask_weight=-1)
+        assert SurfaceTrainer(data, auto).mask_weight == preset_weight
+        chosen = make_config("sdf", "draft", device="cpu", preview_size=0, mask_weight=0.3)
+        assert SurfaceTrainer(data, chosen).mask_weight == 0.3
 
 
 def test_supervision_passes_reach_the_losses():
