@@ -13,8 +13,10 @@
 # benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
 # texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here;
 # MESH_SPECS="nerf:60" picks fits, MESH_ARGS adds lego_mesh.py fit options).
-# "lego_sdf" (not in the default) times the SDF on lego (SDF_BUDGETS, default 120 s);
+# "lego_sdf" (not in the default) times the SDF on lego (SDF_BUDGETS, default 120 s; SDF_ARGS adds
+# lego.py options, e.g. "--set max_rays=131072");
 # "captures" (not in the default) scores real captures (CAPTURE_SPECS; see there).
+# "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; SCENE_ARGS).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
@@ -58,8 +60,8 @@ if want lego; then
 fi
 if want lego_sdf; then     # not in the default: the SDF at a fixed time (issue 12's 34 dB target)
     echo "== lego, SDF: held-out PSNR against training time (benchmarks/lego.py --method sdf, budgets ${SDF_BUDGETS:-120} s)"
-    python3 benchmarks/lego.py --data .data/lego --method sdf --budgets "${SDF_BUDGETS:-120}" --out "$OUT/bench_lego_sdf.json" \
-        || status=1
+    python3 benchmarks/lego.py --data .data/lego --method sdf --budgets "${SDF_BUDGETS:-120}" ${SDF_ARGS:-} \
+        --out "$OUT/bench_lego_sdf.json" || status=1
 fi
 if want captures; then      # not in the default: real captures (issue 15), each with and without the background model
     # CAPTURE_SPECS: folder under .data:method:budgets:background (auto|on|off)[:NAME=VALUE,...],
@@ -81,6 +83,22 @@ if want mesh; then
         python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
             --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
         glb="$OUT/mesh_$1/lego.glb"       # files come back up to 16 MB: split, join with cat here
+        if [[ -f "$glb" && $(stat -c %s "$glb") -gt 15000000 ]]; then
+            split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
+        fi
+    done
+fi
+if want scene; then     # not in the default: issue 12's own scene (thin parts, holes, letters) with Blender's passes
+    # .data/still_life: rendered on a machine with bpy (the device has none):
+    #   python benchmarks/surface_scene.py --scene still_life --out .data/still_life
+    # carry ".data/still_life"; then, here, relight the .glb in Cycles (benchmarks/relight.py).
+    echo "== own scene (still life): textured mesh, Chamfer/F-score (benchmarks/lego_mesh.py fit --passes --gt)"
+    for spec in ${SCENE_SPECS:-sdf:120}; do      # method:seconds
+        set -- ${spec/:/ }
+        python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/scene_$1" --method "$1" --seconds "$2" \
+            --passes --gt .data/still_life/ground_truth.ply --mesh-resolution 512 --texture-size 2048 \
+            --no-field-renders ${SCENE_ARGS:-} || status=1
+        glb="$OUT/scene_$1/lego.glb"     # as in the mesh section: split for the trip back
         if [[ -f "$glb" && $(stat -c %s "$glb") -gt 15000000 ]]; then
             split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
         fi

@@ -1,14 +1,19 @@
-"""The evaluation scene of the surfaces issue (issue 4): known geometry, textured materials,
+"""The evaluation scenes of the surfaces issues (4 and 12): known geometry, textured materials,
 two light setups, cameras on a sphere, a transforms.json dataset WITH passes.
 
-    python benchmarks/surface_scene.py --out out/surface [--views 100] [--holdout 10] [--size 256]
-                                       [--samples 64]
+    python benchmarks/surface_scene.py --out out/surface [--scene shapes|still_life] [--views 100]
+                                       [--holdout 10] [--size 256] [--samples 64]
 
 Builds, with the bpy wheel (Cycles on the CPU):
-- "Ground Truth" collection: a UV sphere, a torus and a bevelled cube under one parent empty
-  that offsets them to (1.5, -0.8, 0.6) and scales them by 1.3 (nothing sits at the origin at
-  unit scale); procedural textures with clear colour variation (checker, noise, waves) and
-  varying roughness (noise-driven on the sphere, constants elsewhere).
+- "Ground Truth" collection, under one parent empty that offsets everything to (1.5, -0.8, 0.6)
+  and scales it by 1.3 (nothing sits at the origin at unit scale):
+  - ``shapes`` (issue 4): a UV sphere, a torus and a bevelled cube; procedural textures with
+    clear colour variation (checker, noise, waves) and varying roughness (noise-driven on the
+    sphere, constants elsewhere);
+  - ``still_life`` (issue 12: thin parts, holes, sharp edges, text-like texture detail): a plain,
+    textureless pedestal; on it a small table (a thin top on four legs 0.036 across), a box
+    printed with lines of letters (an image texture) and a thin antenna, a plate with three
+    round holes through it, a thin upright ring and a four-sided pyramid with unbevelled edges.
 - "Training Lights" (a sun + a grey world, used for every render here) and "Novel Lights" (a warm
   area light from the other side + a dim blue world, hidden; benchmarks/relight.py uses it).
 - ``views + holdout`` cameras on a Fibonacci sphere (blender_addon.rig), ``holdout`` of them
@@ -102,6 +107,56 @@ def wave_material():
     return mat
 
 
+def plain_material(name: str, rgb, roughness: float):
+    """A Principled material of one colour (no texture at all)."""
+    mat, _, bsdf = _principled(name)
+    bsdf.inputs["Base Color"].default_value = (*rgb, 1.0)
+    bsdf.inputs["Roughness"].default_value = roughness
+    return mat
+
+
+def letters_image(width: int = 1024, height: int = 512) -> np.ndarray:
+    """(height, width, 4) uint8: dark lines of letters and digits on a cream ground, large to
+    small (the smallest strokes are about a pixel of a 256-pixel view of the still life)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGBA", (width, height), (235, 225, 200, 255))
+    draw = ImageDraw.Draw(img)
+    lines = [("FIT IMPLICIT", 96, (20, 30, 90)), ("NEURAL FIELDS 2026", 56, (120, 20, 20)),
+             ("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 40, (10, 10, 10)), ("0123456789 0123456789", 32, (10, 60, 20)),
+             ("the quick brown fox jumps over the lazy dog", 24, (10, 10, 10))]
+    y, i = 16, 0
+    while y + lines[i % len(lines)][1] < height:        # the lines again, until the image is full
+        text, size, colour = lines[i % len(lines)]
+        try:
+            font = ImageFont.load_default(size=size)     # Pillow's own FreeType font
+        except (TypeError, OSError, ImportError):        # no FreeType: the small bitmap font
+            font = ImageFont.load_default()
+        draw.text((24, y), text, fill=(*colour, 255), font=font)
+        y, i = y + int(size * 1.35), i + 1
+    return np.asarray(img)
+
+
+def letters_material(out_dir: Path):
+    """Principled, base colour from :func:`letters_image` (written to ``out_dir/letters.png``
+    and packed into the .blend), mapped onto every face of a box by its generated coordinates."""
+    import bpy
+    from PIL import Image
+
+    path = out_dir / "letters.png"
+    Image.fromarray(letters_image(), "RGBA").save(path)
+    image = bpy.data.images.load(str(path.resolve()))
+    image.pack()
+    mat, tree, bsdf = _principled("Letters")
+    coords = tree.nodes.new("ShaderNodeTexCoord")
+    tex = tree.nodes.new("ShaderNodeTexImage")
+    tex.image, tex.projection, tex.interpolation = image, "BOX", "Cubic"
+    tree.links.new(coords.outputs["Generated"], tex.inputs["Vector"])
+    tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    bsdf.inputs["Roughness"].default_value = 0.5
+    return mat
+
+
 # --------------------------------------------------------------------------------------------
 # Scene
 # --------------------------------------------------------------------------------------------
@@ -134,8 +189,9 @@ def _light(collection, name, kind, location, energy, color=(1.0, 1.0, 1.0), size
     return ob
 
 
-def build_scene(size: int, samples: int):
-    """A fresh scene with the ground-truth objects, both light setups (training active)."""
+def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | None = None):
+    """A fresh scene with the ground-truth objects of ``which`` ("shapes" or "still_life"; the
+    latter writes its letters texture into ``out_dir``), both light setups (training active)."""
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -167,15 +223,18 @@ def build_scene(size: int, samples: int):
             poly.use_smooth = smooth
         return ob
 
-    add(bpy.ops.mesh.primitive_uv_sphere_add, "Sphere", noise_material(), True,
-        radius=0.45, segments=96, ring_count=48, location=(0.45, -0.35, 0.1))
-    add(bpy.ops.mesh.primitive_torus_add, "Torus", wave_material(), True, major_radius=0.45,
-        minor_radius=0.15, major_segments=96, minor_segments=32, location=(-0.45, 0.3, 0.05),
-        rotation=(math.radians(60.0), 0.0, math.radians(20.0)))
-    cube = add(bpy.ops.mesh.primitive_cube_add, "Cube", checker_material(), False, size=0.6,
-               location=(0.05, 0.45, -0.2), rotation=(0.0, 0.0, math.radians(30.0)))
-    bevel = cube.modifiers.new("Bevel", "BEVEL")
-    bevel.width, bevel.segments = 0.04, 3
+    if which == "still_life":
+        still_life(add, scene, out_dir or Path(tempfile.mkdtemp(prefix="still_life_")))
+    else:
+        add(bpy.ops.mesh.primitive_uv_sphere_add, "Sphere", noise_material(), True,
+            radius=0.45, segments=96, ring_count=48, location=(0.45, -0.35, 0.1))
+        add(bpy.ops.mesh.primitive_torus_add, "Torus", wave_material(), True, major_radius=0.45,
+            minor_radius=0.15, major_segments=96, minor_segments=32, location=(-0.45, 0.3, 0.05),
+            rotation=(math.radians(60.0), 0.0, math.radians(20.0)))
+        cube = add(bpy.ops.mesh.primitive_cube_add, "Cube", checker_material(), False, size=0.6,
+                   location=(0.05, 0.45, -0.2), rotation=(0.0, 0.0, math.radians(30.0)))
+        bevel = cube.modifiers.new("Bevel", "BEVEL")
+        bevel.width, bevel.segments = 0.04, 3
 
     train = bpy.data.collections.new(TRAIN_LIGHTS)
     novel = bpy.data.collections.new(NOVEL_LIGHTS)
@@ -192,6 +251,55 @@ def build_scene(size: int, samples: int):
     use_lighting(scene, "training")
     bpy.context.view_layer.update()
     return scene
+
+
+def still_life(add, scene, out_dir: Path) -> None:
+    """The still life's objects (see the module doc), in the root's frame (before its scale
+    1.3): the pedestal's top at z = -0.5, everything else standing on it or on the table."""
+    import bpy
+
+    top = -0.5
+    add(bpy.ops.mesh.primitive_cylinder_add, "Pedestal", plain_material("Plaster", (0.72, 0.72, 0.7), 0.9), False,
+        radius=0.75, depth=0.12, vertices=128, location=(0.0, 0.0, top - 0.06))
+    # the table: a 0.025-thick top on four legs of radius 0.018 (0.036 * 1.3 = 0.047 across in the world)
+    wood = wave_material()
+    plate = add(bpy.ops.mesh.primitive_cube_add, "Table Top", wood, False, size=1.0,
+                location=(0.1, -0.1, -0.05))
+    plate.scale = (0.6, 0.4, 0.025)
+    for i, (dx, dy) in enumerate([(-1, -1), (-1, 1), (1, -1), (1, 1)]):
+        add(bpy.ops.mesh.primitive_cylinder_add, f"Table Leg {i}", wood, True, radius=0.018, depth=0.4375,
+            vertices=24, location=(0.1 + 0.26 * dx, -0.1 + 0.16 * dy, top + 0.4375 / 2))
+    # the printed box on the table, with a thin antenna (radius 0.012) on its top
+    box_bottom = -0.05 + 0.0125
+    box = add(bpy.ops.mesh.primitive_cube_add, "Letters Box", letters_material(out_dir), False, size=1.0,
+              location=(0.12, -0.1, box_bottom + 0.08), rotation=(0.0, 0.0, math.radians(15.0)))
+    box.scale = (0.34, 0.2, 0.16)
+    add(bpy.ops.mesh.primitive_cylinder_add, "Antenna", plain_material("Steel", (0.55, 0.57, 0.6), 0.3), True,
+        radius=0.012, depth=0.3, vertices=16, location=(0.22, -0.1, box_bottom + 0.16 + 0.15))
+    # an upright plate (0.04 thick) with three round holes through it (boolean cutters, not rendered)
+    holed = add(bpy.ops.mesh.primitive_cube_add, "Holed Plate", checker_material(), False, size=1.0,
+                location=(-0.3, 0.35, top + 0.18))
+    holed.scale = (0.5, 0.04, 0.36)
+    cutters = bpy.data.collections.new("Cutters")
+    scene.collection.children.link(cutters)
+    cutters.hide_render = cutters.hide_viewport = True
+    for i, x in enumerate((-0.44, -0.3, -0.16)):
+        bpy.ops.mesh.primitive_cylinder_add(radius=0.05, depth=0.3, vertices=48, location=(x, 0.35, top + 0.18),
+                                            rotation=(math.radians(90.0), 0.0, 0.0))
+        cutter = bpy.context.object
+        cutter.name = f"Hole Cutter {i}"
+        for coll in list(cutter.users_collection):
+            coll.objects.unlink(cutter)
+        cutters.objects.link(cutter)
+        cutter.parent = holed.parent
+        boolean = holed.modifiers.new(f"Hole {i}", "BOOLEAN")
+        boolean.operation, boolean.object = "DIFFERENCE", cutter
+    # a thin upright ring (tube radius 0.015) and a four-sided pyramid
+    add(bpy.ops.mesh.primitive_torus_add, "Ring", plain_material("Brass", (0.8, 0.55, 0.15), 0.25), True,
+        major_radius=0.18, minor_radius=0.015, major_segments=96, minor_segments=16,
+        location=(-0.42, -0.32, top + 0.195), rotation=(math.radians(90.0), 0.0, math.radians(25.0)))
+    add(bpy.ops.mesh.primitive_cone_add, "Pyramid", noise_material(), False, vertices=4, radius1=0.2,
+        radius2=0.0, depth=0.3, location=(0.45, 0.3, top + 0.15), rotation=(0.0, 0.0, math.radians(10.0)))
 
 
 def use_lighting(scene, which: str) -> None:
@@ -277,6 +385,8 @@ def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="dataset folder to write")
+    ap.add_argument("--scene", choices=("shapes", "still_life"), default="shapes",
+                    help="which objects: shapes (issue 4) or still_life (issue 12: thin parts, holes, letters)")
     ap.add_argument("--views", type=int, default=100, help="training views")
     ap.add_argument("--holdout", type=int, default=10, help="held-out views")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
@@ -289,7 +399,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scene = build_scene(args.size, args.samples)
+    scene = build_scene(args.size, args.samples, args.scene, out)
     view_layer = bpy.context.view_layer
     total = args.views + args.holdout
     cams = rig.add_camera_rig(scene, view_layer, count=total, hemisphere=False,
@@ -301,7 +411,7 @@ def main(argv=None) -> int:
     lo, hi = verts.min(0), verts.max(0)
     info.update(ground_truth={"vertices": len(verts), "triangles": len(faces), "bbox": [lo.tolist(), hi.tolist()],
                               "diagonal": float(np.linalg.norm(hi - lo))},
-                size=args.size, samples=args.samples, lights={"training": TRAIN_LIGHTS, "novel": NOVEL_LIGHTS})
+                scene=args.scene, size=args.size, samples=args.samples, lights={"training": TRAIN_LIGHTS, "novel": NOVEL_LIGHTS})
     (out / "scene.json").write_text(json.dumps(info, indent=1))
     bpy.ops.wm.save_as_mainfile(filepath=str((out / "scene.blend").resolve()))
     mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix in (".png", ".json")) / 2**20

@@ -159,7 +159,7 @@ def test_fit_then_score_end_to_end(scene, tmp_path):
 
     r = run("score", "--run", str(out), "--data", str(scene), "--samples", "8")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "nerf2mesh" in r.stdout and "28 dB" in r.stdout
+    assert "nerf2mesh" in r.stdout and "target >= 29 dB" in r.stdout     # issue 12: 29 dB from a surface field
     score = json.loads((out / lm.SCORE_JSON).read_text())
     # Bounds for a 20 s draft fit on 64^2 images (measured: 19.8 dB mean, silhouette IoU
     # 0.81 / 0.87; the field's own volume rendering 20.5 dB).  An empty (all white) render
