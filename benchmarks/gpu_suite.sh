@@ -17,6 +17,7 @@
 # lego.py options, e.g. "--set max_rays=131072");
 # "captures" (not in the default) scores real captures (CAPTURE_SPECS; see there).
 # "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; SCENE_ARGS).
+# "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
@@ -74,6 +75,14 @@ if want captures; then      # not in the default: real captures (issue 15), each
         echo "== capture $folder, $method, background $bg ${extra}: held-out PSNR (benchmarks/lego.py, budgets $budgets s)"
         python3 benchmarks/lego.py --data ".data/$folder" --method "$method" --budgets "$budgets" "${sets[@]}" \
             --out "$OUT/bench_$name.json" || status=1
+    done
+fi
+if want poses; then      # not in the default: BARF's protocol on lego (issue 15): perturbed cameras refined while fitting
+    for spec in ${POSE_SPECS:-0.15:180 0.05:180}; do     # sigma:budgets
+        IFS=: read -r sigma budgets <<< "$spec"
+        echo "== lego, cameras perturbed by sigma $sigma, refined (benchmarks/lego.py --pose-noise, budgets $budgets s)"
+        python3 benchmarks/lego.py --data .data/lego --budgets "$budgets" --pose-noise "$sigma" --set camera_refine=on \
+            ${POSE_ARGS:-} --out "$OUT/bench_poses_$sigma.json" || status=1
     done
 fi
 if want mesh; then
