@@ -49,7 +49,8 @@ class CameraRefiner(nn.Module):
         self.scale = float(scale)
         self.register_buffer("centres", torch.as_tensor(np.asarray(centres), dtype=torch.float32))
         spread = (self.centres - self.centres.mean(0)) / self.scale          # (N, 3) box half-sizes
-        self.spread = spread if float((spread * spread).sum()) > 1e-12 else None
+        self.has_spread = float((spread * spread).sum()) > 1e-12
+        self.register_buffer("spread", spread, persistent=False)            # moves with .to(device)
 
     def corrections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rotation vectors (N, 3), world shifts (N, 3)) without the part that moves all the
@@ -59,7 +60,7 @@ class CameraRefiner(nn.Module):
         d = self.delta - self.delta.mean(0, keepdim=True)
         shift = d[:, 3:]
         spread = self.spread
-        if spread is not None:
+        if self.has_spread:
             grow = (shift * spread).sum() / (spread * spread).sum()
             shift = shift - grow * spread
         return d[:, :3], shift * self.scale

@@ -93,3 +93,14 @@ def test_a_known_perturbation_of_the_cameras_is_undone():
     assert after < 0.7 * before
     assert held_psnr > 18.0
     assert len(report["rotation_deg"]) == len(true) and report["max_rotation_deg"] >= report["mean_rotation_deg"]
+
+
+def test_every_tensor_of_the_refiner_moves_with_it():
+    """.to() carries all the refiner's tensors (on an H200 the spread once stayed on the CPU and
+    the first step failed: cuda:0 and cpu); checked here with a dtype, which moves the same way."""
+    _, poses = synthetic.camera_rig(5, 8)
+    refiner = CameraRefiner(5, poses[:, :3, 3], 2.0).to(torch.float64)
+    assert {t.dtype for t in (refiner.delta, refiner.centres, refiner.spread)} == {torch.float64}
+    w, t = refiner.corrections()
+    assert w.dtype == t.dtype == torch.float64
+    assert "spread" not in refiner.state_dict()      # derived from the centres: checkpoints keep their keys
