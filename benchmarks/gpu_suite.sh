@@ -46,6 +46,8 @@ echo "commit ${FIT_IMPLICIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} (
 
 status=0
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# Files come back up to 16 MB: a larger one is split into parts (join them with cat here).
+split_large() { if [[ -f "$1" && $(stat -c %s "$1") -gt 15000000 ]]; then split -b 15000000 -d "$1" "$1.part" && rm "$1"; fi; }
 if want kernels; then
     echo "== kernels against their references (benchmarks/check_kernels.py)"
     python3 benchmarks/check_kernels.py --device cuda || status=1
@@ -91,10 +93,7 @@ if want mesh; then
         set -- ${spec/:/ }
         python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
             --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
-        glb="$OUT/mesh_$1/lego.glb"       # files come back up to 16 MB: split, join with cat here
-        if [[ -f "$glb" && $(stat -c %s "$glb") -gt 15000000 ]]; then
-            split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
-        fi
+        split_large "$OUT/mesh_$1/lego.glb"
     done
 fi
 if want scene; then     # not in the default: issue 12's own scene (thin parts, holes, letters) with Blender's passes
@@ -107,10 +106,7 @@ if want scene; then     # not in the default: issue 12's own scene (thin parts, 
         python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/scene_$1" --method "$1" --seconds "$2" \
             --passes --gt .data/still_life/ground_truth.ply --mesh-resolution 512 --texture-size 2048 \
             --no-field-renders ${SCENE_ARGS:-} || status=1
-        glb="$OUT/scene_$1/lego.glb"     # as in the mesh section: split for the trip back
-        if [[ -f "$glb" && $(stat -c %s "$glb") -gt 15000000 ]]; then
-            split -b 15000000 -d "$glb" "$glb.part" && rm "$glb"
-        fi
+        split_large "$OUT/scene_$1/lego.glb"
     done
 fi
 if want sweep; then

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -328,14 +329,20 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     return info
 
 
-def surface_scores(gt_path: str, verts, faces, views) -> dict:
-    """Chamfer distance (% of the ground truth's box diagonal) and F-score at 1 % of it, over
-    everything and over what ``views`` (the training views) see: backend/fitting/metrics.py."""
+@functools.lru_cache(maxsize=2)
+def _ground_truth(path: str):
     from surface_fit import read_mesh       # benchmarks/surface_fit.py
 
+    return read_mesh(path)
+
+
+def surface_scores(gt_path: str, verts, faces, views) -> dict:
+    """Chamfer distance (% of the ground truth's box diagonal) and F-score at 1 % of it, over
+    everything and over what ``views`` (the training views) see: backend/fitting/metrics.py.
+    The ground truth is read once for every mesh scored against it."""
     from fit_implicit.backend.fitting import metrics
 
-    gt_v, gt_f = read_mesh(gt_path)
+    gt_v, gt_f = _ground_truth(str(gt_path))
     diag = float(np.linalg.norm(gt_v.max(0) - gt_v.min(0)))
     s = metrics.chamfer(gt_v, gt_f, np.asarray(verts, np.float64), np.asarray(faces), views=views)
     row = {"chamfer_pct_diag": round(100 * s["chamfer"] / diag, 4), "fscore_1pct": round(s["fscore"], 4),
