@@ -16,7 +16,8 @@
 # "lego_sdf" (not in the default) times the SDF on lego (SDF_BUDGETS, default 120 s; SDF_ARGS adds
 # lego.py options, e.g. "--set max_rays=131072");
 # "captures" (not in the default) scores real captures (CAPTURE_SPECS; see there).
-# "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; SCENE_ARGS).
+# "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; "sdf:120:photos"
+# without the passes; SCENE_ARGS).
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
@@ -101,12 +102,13 @@ if want scene; then     # not in the default: issue 12's own scene (thin parts, 
     #   python benchmarks/surface_scene.py --scene still_life --out .data/still_life
     # carry ".data/still_life"; then, here, relight the .glb in Cycles (benchmarks/relight.py).
     echo "== own scene (still life): textured mesh, Chamfer/F-score (benchmarks/lego_mesh.py fit --passes --gt)"
-    for spec in ${SCENE_SPECS:-sdf:120}; do      # method:seconds
-        set -- ${spec/:/ }
-        python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/scene_$1" --method "$1" --seconds "$2" \
-            --passes --gt .data/still_life/ground_truth.ply --mesh-resolution 512 --texture-size 2048 \
-            --no-field-renders ${SCENE_ARGS:-} || status=1
-        split_large "$OUT/scene_$1/lego.glb"
+    for spec in ${SCENE_SPECS:-sdf:120}; do      # method:seconds[:photos]  (photos: the beauty renders alone,
+        IFS=: read -r method seconds mode <<< "$spec"   # no passes: the "radiance baked into base colour" baseline)
+        name="scene_$method${mode:+_$mode}"; passes=(--passes); [[ "$mode" == photos ]] && passes=()
+        python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/$name" --method "$method" \
+            --seconds "$seconds" "${passes[@]}" --gt .data/still_life/ground_truth.ply --mesh-resolution 512 \
+            --texture-size 2048 --no-field-renders ${SCENE_ARGS:-} || status=1
+        split_large "$OUT/$name/lego.glb"
     done
 fi
 if want sweep; then
