@@ -25,7 +25,9 @@ def test_only_the_owner_sees_and_touches_its_job(fake_backend):
             RawPeer(fake_backend.address) as anonymous:
         hello(owner, OWNER)
         hello(other, OTHER)
-        owner.send(make_submit(n=2, size=8, steps=200))          # 200 fake steps: running a while
+        # 6,000 fake steps (60 s): still running when the owner attaches at the end, however slow
+        # this machine is; the owner cancels it there, so the test does not wait it out.
+        owner.send(make_submit(n=2, size=8, steps=6000))
         job_id = owner.recv(timeout=10).job_id
         time.sleep(0.3)
         # Other clients learn that the backend is busy, not whose job or which.
@@ -51,13 +53,15 @@ def test_only_the_owner_sees_and_touches_its_job(fake_backend):
                 reply, unknown = peer.request(msg), peer.request(absent)
                 assert isinstance(reply, protocol.Error) and reply.code == "unknown_job", (msg.TYPE, reply)
                 assert (reply.code, reply.message) == (unknown.code, unknown.message.replace(nowhere, job_id))
-        # The owner's job went on untouched; the owner, on a NEW connection with its token, attaches.
+        # The owner's job went on untouched; the owner, on a NEW connection with its token, attaches
+        # and cancels it.
         with RawPeer(fake_backend.address) as again:
             hello(again, OWNER)
             attached = again.request(protocol.Attach(job_id=job_id))
             assert isinstance(attached, protocol.Attached) and attached.state == "running"
-            end = again.recv_until(protocol.JOB_END_TYPES, timeout=60)[-1]
-            assert isinstance(end, protocol.Done)
+            again.send(protocol.Cancel(job_id=job_id))
+            end = again.recv_until(protocol.JOB_END_TYPES, timeout=30)[-1]
+            assert isinstance(end, protocol.Cancelled), end
 
 
 def test_a_job_without_a_token_belongs_to_its_connection(fake_backend):
