@@ -18,6 +18,8 @@
 # "captures" (not in the default) scores real captures (CAPTURE_SPECS; see there).
 # "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; "sdf:120:photos"
 # without the passes; SCENE_ARGS).
+# "profile" (not in the default) times and profiles training steps on lego (benchmarks/profile_step.py,
+# PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072").
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
@@ -78,6 +80,12 @@ if want captures; then      # not in the default: real captures (issue 15), each
         echo "== capture $folder, $method, background $bg ${extra}: held-out PSNR (benchmarks/lego.py, budgets $budgets s)"
         python3 benchmarks/lego.py --data ".data/$folder" --method "$method" --budgets "$budgets" "${sets[@]}" \
             --out "$OUT/bench_$name.json" || status=1
+    done
+fi
+if want profile; then    # not in the default: where a step's time goes, and how busy the GPU is
+    for method in ${PROFILE_METHODS:-sdf}; do
+        echo "== profile: lego, $method (benchmarks/profile_step.py)"
+        python3 benchmarks/profile_step.py --data .data/lego --method "$method" --triton-only ${PROFILE_ARGS:-} || status=1
     done
 fi
 if want poses; then      # not in the default: BARF's protocol on lego (issue 15): perturbed cameras refined while fitting
