@@ -10,6 +10,14 @@ Two steps, each off at 0 steps:
   per-vertex offsets (one per welded vertex, so UV seams do not tear) and the texels; a Laplacian
   term keeps the offsets smooth and each offset stays within ``MAX_OFFSET`` of the mesh's
   bounding-box diagonal, so the asset keeps its place and scale.
+  Where the views carry Blender's other passes (scene mode), the same steps also fit what a
+  relit asset needs beyond its base colour: the **normal map** (tangent-space texels, read on the
+  moving mesh's smooth normals and UV tangents as Blender shades them) against the ``normal``
+  pass (1 - cos, weight ``mesh_refine_normal_weight``), and the **roughness** texels against the
+  ``roughness`` pass (squared error where it has a value).  Each view's pixels count where the
+  mask is whole (alpha >= ``SOLID``), so outline pixels that mix in the background do not.
+  Afterwards every texture's texels off the charts are grown again from the charts
+  (export/texture.py ``dilate``), so chart borders do not show the bake's old padding.
 * **The texture alone** (:func:`refine_textures`, ``texture_refine_steps``), described below.
 
 The bake (export/texture.py) asks the field what colour each texel has.  What the imported asset
@@ -31,12 +39,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fit_implicit.backend.export.texture import BakedTextures, UVMesh, smooth_normals, uv_tangents
-from fit_implicit.backend.render.raster import antialias, interpolate, project, rasterize, sample_texture
+from fit_implicit.backend.export.texture import (DEFAULT_PADDING, BakedTextures, UVMesh, dilate, smooth_normals,
+                                                 uv_tangents)
+from fit_implicit.backend.render.raster import (Fragments, antialias, face_adjacency, interpolate, project, rasterize,
+                                                sample_texture)
 
 BATCH = 1 << 16          # (view, pixel) samples a step
 MAX_SAMPLES = 1 << 27    # samples kept in memory at most (a random subset beyond it)
 MAX_OFFSET = 0.02        # furthest a vertex moves, as a share of the mesh's bounding-box diagonal
+SOLID = 250              # alpha (of 255) from which a pixel is all surface, for the normal and roughness terms
 
 
 @dataclass
@@ -47,6 +58,7 @@ class RefineConfig:
     mesh_refine_steps: int = 0          # steps moving the vertices and the texels together; 0 = keep the mesh
     mesh_refine_lr: float = 1e-3        # Adam learning rate of the vertex offsets, share of the bbox diagonal
     mesh_refine_smooth: float = 4.0     # Laplacian weight: a one-edge-long spike costs this many pixels' error
+    mesh_refine_normal_weight: float = 1.0  # normal map and shading vs the normal pass (1 - cos), where given; 0 = off
     texture_refine_steps: int = 0       # then Adam steps on the texels alone; 0 = keep the bake
     texture_refine_lr: float = 0.02     # Adam learning rate of the texels (sRGB units)
 
@@ -58,8 +70,9 @@ class RefineConfig:
         for name in ("mesh_refine_lr", "texture_refine_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.mesh_refine_smooth < 0:
-            raise ValueError(f"mesh_refine_smooth must not be negative, got {self.mesh_refine_smooth}")
+        for name in ("mesh_refine_smooth", "mesh_refine_normal_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
 def view_samples(mesh, data, device: torch.device, target: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +159,12 @@ def refine_textures(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig,
         return mesh, baked, {"refine_skipped": "lens distortion"}
     dev = torch.device(device)
     facts: dict = {}
-    albedo = baked.albedo
     timings = dict(baked.timings)
     if cfg.mesh_refine_steps > 0 and len(mesh.faces):
-        mesh, albedo, moved = refine_mesh(mesh, albedo, data, cfg, dev)
+        mesh, baked, moved = refine_mesh(mesh, baked, data, cfg, dev)
         facts.update({f"mesh_refine_{k}": v for k, v in moved.items()})
         timings["refine_mesh"] = moved["seconds"]
+    albedo = baked.albedo
     if cfg.texture_refine_steps > 0:
         uv, rgb = view_samples(mesh, data, dev)
         albedo, tex = refine_albedo(albedo, uv, rgb, cfg.texture_refine_steps, cfg.texture_refine_lr)
@@ -184,60 +197,142 @@ def draw(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture
          width: int, height: int) -> torch.Tensor:
     """The textured mesh unlit on white, (H, W, 3), differentiable in the vertices (through the
     UVs each pixel reads and through the outline) and in the texels."""
+    return _draw(vertices, faces, uvs, texture, intrinsics, c2w, width, height)[0]
+
+
+def _draw(vertices, faces, uvs, texture, intrinsics, c2w, width: int, height: int, adjacency=None):
+    """:func:`draw`, and what it found on the way: the fragments and the UVs (K, 2) of the K
+    pixels that see the mesh (row order).  ``adjacency``: render/raster.py ``face_adjacency`` of
+    the welded faces (found from the vertices' positions when not given)."""
     frags = rasterize(vertices.detach(), faces, intrinsics, c2w, width, height)
     image = torch.ones((height * width, 3), dtype=texture.dtype, device=texture.device)
     seen = frags.mask
+    uv = None
     if seen.any():
         uv = interpolate(uvs, vertices, faces, frags, intrinsics, c2w)
         image = image.index_put((torch.nonzero(seen.reshape(-1)).squeeze(1),), sample_texture(texture, uv))
     pix, _ = project(vertices, intrinsics, c2w)
-    return antialias(image.reshape(height, width, 3), frags, pix, faces)
+    return antialias(image.reshape(height, width, 3), frags, pix, faces, adjacency=adjacency), frags, uv
 
 
-def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, device: torch.device,
-                seed: int = 0) -> tuple[UVMesh, np.ndarray, dict]:
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Differentiable :func:`export.texture.smooth_normals`: (V, 3) unit normals, face normals
+    weighted by the corner angle (Blender's smooth shading); (0, 0, 1) where a vertex has none."""
+    p = vertices[faces]                                                          # (F, 3, 3)
+    fn = torch.nn.functional.normalize(torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]), dim=-1, eps=1e-20)
+    out = torch.zeros_like(vertices)
+    for i in range(3):
+        a, b = p[:, (i + 1) % 3] - p[:, i], p[:, (i + 2) % 3] - p[:, i]
+        angle = torch.atan2(torch.linalg.cross(a, b).norm(dim=-1), (a * b).sum(-1))     # smooth where acos is not
+        out = out.index_add(0, faces[:, i], fn * angle[:, None])
+    norm = out.norm(dim=-1, keepdim=True)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=out.dtype, device=out.device)
+    return torch.where(norm > 1e-20, out / norm.clamp_min(1e-30), up)
+
+
+def shading_normals(normal_map: torch.Tensor, uv: torch.Tensor, normals: torch.Tensor, tangents: torch.Tensor,
+                    vertices: torch.Tensor, faces: torch.Tensor, frags, intrinsics, c2w) -> torch.Tensor:
+    """World normals (K, 3) a renderer shades the K seen pixels with: the tangent-space
+    ``normal_map`` (S, S, 3) in [-1, 1] read at ``uv`` (K, 2), in the frame of the interpolated
+    vertex ``normals`` (V, 3) and ``tangents`` (V, 4) (export/texture.py's conventions, as the
+    bake writes them).  Differentiable in the texels, the normals and the vertex positions."""
+    n = torch.nn.functional.normalize(interpolate(normals, vertices, faces, frags, intrinsics, c2w), dim=-1, eps=1e-12)
+    tw = interpolate(tangents, vertices, faces, frags, intrinsics, c2w)
+    t = tw[:, :3] - n * (n * tw[:, :3]).sum(-1, keepdim=True)
+    t = torch.nn.functional.normalize(t, dim=-1, eps=1e-12)
+    sign = torch.where(tw[:, 3:] < 0, -1.0, 1.0)
+    b = sign * torch.linalg.cross(n, t)
+    local = torch.nn.functional.normalize(sample_texture(normal_map, uv), dim=-1, eps=1e-12)
+    world = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
+    return torch.nn.functional.normalize(world, dim=-1, eps=1e-12)
+
+
+def _pass(data, name: str) -> np.ndarray | None:
+    passes = getattr(data, "passes", {}) or {}
+    value = passes.get(name)
+    return value if value is not None and len(value) else None
+
+
+def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, device: torch.device,
+                seed: int = 0) -> tuple[UVMesh, BakedTextures, dict]:
     """Move the vertices and the texels so that the textured mesh drawn from each training view
-    of ``data`` matches its photo on white (see the module doc).  Returns the moved mesh (normals
-    and tangents recomputed), the texture (uint8) and facts: "steps", "seconds", "loss_before",
-    "loss_after" (mean of the first and last tenth of the steps), "offset_max" (share of the
-    bounding-box diagonal)."""
+    of ``data`` matches its photo on white, and (where the views have those passes) its normal
+    map and roughness match Blender's normal and roughness passes (see the module doc).  Returns
+    the moved mesh (normals and tangents recomputed), the textures (uint8) and facts: "steps",
+    "seconds", "loss_before", "loss_after" (mean of the first and last tenth of the steps),
+    "offset_max" (share of the bounding-box diagonal); with the normal pass "normal_deg_before" /
+    "normal_deg_after" (mean angle to the pass over the first and last tenth of the steps), with
+    the roughness pass "roughness_mse_before" / "roughness_mse_after"."""
     start = time.perf_counter()
     dev = torch.device(device)
     base = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=dev)
     faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)
     uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=dev)
     weld, wf, pairs, count = _welded(mesh, dev)
+    adjacency = face_adjacency(wf)
     diag = float(torch.linalg.norm(base.amax(0) - base.amin(0))) or 1.0
     edge = float(torch.linalg.norm(base[faces[:, 0]] - base[faces[:, 1]], dim=-1).mean()) or diag
     offsets = torch.zeros((int(weld.max()) + 1, 3), device=dev, requires_grad=True)
-    tex = torch.as_tensor(albedo[..., :3], device=dev).float().div(255.0).requires_grad_(True)
+    tex = torch.as_tensor(baked.albedo[..., :3], device=dev).float().div(255.0).requires_grad_(True)
+    texels = [tex]
+    normal_pass = _pass(data, "normal") if cfg.mesh_refine_normal_weight > 0 and baked.normal is not None else None
+    rough_pass = _pass(data, "roughness") if baked.roughness is not None else None
+    nmap = rough = None
+    if normal_pass is not None:
+        nmap = torch.as_tensor(baked.normal[..., :3], device=dev).float().div(127.5).sub(1.0).requires_grad_(True)
+        texels.append(nmap)
+        tangents = torch.as_tensor(np.asarray(mesh.tangents, np.float32), device=dev)
+        welded_base = base[_weld_rows(weld)]
+    if rough_pass is not None:
+        rough = torch.as_tensor(baked.roughness[..., :1], device=dev).float().div(255.0).requires_grad_(True)
+        texels.append(rough)
     steps = int(cfg.mesh_refine_steps)
     opt = torch.optim.Adam([{"params": [offsets], "lr": cfg.mesh_refine_lr * diag},
-                            {"params": [tex], "lr": cfg.texture_refine_lr}], betas=(0.9, 0.99))
+                            {"params": texels, "lr": cfg.texture_refine_lr}], betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * i / max(steps, 1))))
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(data)) for _ in range(steps // max(len(data), 1) + 1)])[:steps]
-    losses = []
+    losses, angles, rough_errors, seen_views = [], [], [], 0
     pixels = float(np.mean(np.prod(data.sizes, axis=1)))     # the loss per pixel of an average view
-    passes = getattr(data, "passes", {}) or {}
-    albedo_pass = passes.get("albedo") if "albedo" in passes and len(passes["albedo"]) else None
+    albedo_pass = _pass(data, "albedo")
     for i in order:
         w, h = data.size(i)
         photo = torch.as_tensor(data.images[i, :h, :w], device=dev).float() / 255.0
         colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i, :h, :w], device=dev).float() / 255.0
         target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if photo.shape[-1] == 4 else colour
         verts = base + offsets[weld]
-        image = draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h)
+        image, frags, uv = _draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h, adjacency)
         loss = ((image - target) ** 2).sum() / pixels
-        smooth = (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
-        total = loss + smooth
+        seen_views += uv is not None
+        total = loss + (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
+        if uv is not None and (nmap is not None or rough is not None):
+            seen = frags.mask
+            solid = (photo[..., 3] >= SOLID / 255.0 if photo.shape[-1] == 4 else torch.ones_like(seen))[seen]
+            if nmap is not None:
+                want = torch.as_tensor(normal_pass[i, :h, :w], device=dev).float()[seen]
+                has = solid & (want.norm(dim=-1) > 0.5)
+                if bool(has.any()):
+                    vn = vertex_normals(welded_base + offsets, wf)[weld]
+                    got = shading_normals(nmap, uv[has], vn, tangents, verts, faces, _only(frags, seen, has),
+                                          data.intrinsics[i], data.poses[i])
+                    cos = (got * torch.nn.functional.normalize(want[has], dim=-1)).sum(-1).clamp(-1.0, 1.0)
+                    total = total + cfg.mesh_refine_normal_weight * (1.0 - cos).sum() / pixels
+                    angles.append(float(torch.rad2deg(torch.acos(cos.detach())).mean()))
+            if rough is not None:
+                want = torch.as_tensor(rough_pass[i, :h, :w], device=dev).float()[seen]
+                has = solid & (want >= 0)
+                if bool(has.any()):
+                    err = ((sample_texture(rough, uv[has])[:, 0] - want[has]) ** 2)
+                    total = total + err.sum() / pixels
+                    rough_errors.append(float(err.detach().mean()))
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(total):
             total.backward()
             opt.step()
         sched.step()
         with torch.no_grad():
-            tex.clamp_(0.0, 1.0)
+            for t in texels:
+                t.clamp_(-1.0 if t is nmap else 0.0, 1.0)
             norm = offsets.norm(dim=-1, keepdim=True)
             offsets.mul_((MAX_OFFSET * diag / norm.clamp_min(1e-12)).clamp(max=1.0))
         losses.append(float(loss.detach()) / 3.0)
@@ -246,14 +341,47 @@ def refine_mesh(mesh: UVMesh, albedo: np.ndarray, data, cfg: RefineConfig, devic
     welded = np.zeros((len(offsets), 3), np.float32)
     welded[weld.cpu().numpy()] = moved
     normals = smooth_normals(welded, wf.cpu().numpy())[weld.cpu().numpy()]
-    tangents = uv_tangents(moved, np.asarray(mesh.faces), np.asarray(mesh.uvs), normals)
+    tangents_out = uv_tangents(moved, np.asarray(mesh.faces), np.asarray(mesh.uvs), normals)
     out_mesh = UVMesh(moved.astype(np.float32), mesh.faces, mesh.uvs, mesh.source, normals.astype(np.float32),
-                      tangents)
-    out = np.array(albedo, copy=True)
-    out[..., :3] = (tex.detach().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-    tenth = max(1, len(losses) // 10)
+                      tangents_out)
+    covered = torch.as_tensor(baked.coverage, device=dev)
+
+    def texture_out(t: torch.Tensor, old: np.ndarray, encode) -> np.ndarray:
+        """The refined texels, grown again from the charts as the bake grew them (the padding
+        follows them), as uint8; the old texture where no view saw the mesh."""
+        if not seen_views:
+            return old
+        grown = dilate(t.detach(), covered, DEFAULT_PADDING) if bool(covered.any()) else t.detach()
+        out = np.array(old, copy=True)
+        out[..., :grown.shape[-1]] = (encode(grown).clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+        return out
+
+    albedo = texture_out(tex, baked.albedo, lambda t: t)
+    normal = baked.normal if nmap is None else texture_out(
+        nmap, baked.normal, lambda t: torch.nn.functional.normalize(t, dim=-1, eps=1e-12) * 0.5 + 0.5)
+    roughness = baked.roughness if rough is None else texture_out(rough, baked.roughness, lambda t: t)
+
+    def ends(values: list[float], name: str, digits: int) -> dict:
+        k = max(1, len(values) // 10)
+        return {f"{name}_before": round(float(np.mean(values[:k])), digits),
+                f"{name}_after": round(float(np.mean(values[-k:])), digits)} if values else {}
+
     facts = {"steps": steps, "seconds": round(time.perf_counter() - start, 3),
-             "loss_before": round(float(np.mean(losses[:tenth])), 6) if losses else None,
-             "loss_after": round(float(np.mean(losses[-tenth:])), 6) if losses else None,
-             "offset_max": round(float(offsets.detach().norm(dim=-1).max()) / diag, 5) if len(offsets) else 0.0}
-    return out_mesh, out, facts
+             "loss_before": None, "loss_after": None, **ends(losses, "loss", 6),
+             "offset_max": round(float(offsets.detach().norm(dim=-1).max()) / diag, 5) if len(offsets) else 0.0,
+             **ends(angles, "normal_deg", 3), **ends(rough_errors, "roughness_mse", 6)}
+    return out_mesh, BakedTextures(albedo, normal, roughness, baked.coverage, baked.timings), facts
+
+
+def _weld_rows(weld: torch.Tensor) -> torch.Tensor:
+    """(N,) for each welded vertex, one of its UV vertices (where its base position is read)."""
+    rows = torch.empty(int(weld.max()) + 1, dtype=torch.long, device=weld.device)
+    rows[weld] = torch.arange(len(weld), device=weld.device)
+    return rows
+
+
+def _only(frags, seen: torch.Tensor, keep: torch.Tensor):
+    """The fragments reduced to the seen pixels where ``keep`` (a mask over the seen pixels) holds."""
+    mask = torch.zeros_like(seen)
+    mask[seen] = keep
+    return Fragments(torch.where(mask, frags.face, torch.full_like(frags.face, -1)), frags.depth)

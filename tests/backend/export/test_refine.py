@@ -145,9 +145,9 @@ def test_mesh_refinement_moves_a_too_small_sphere_onto_the_views():
 
     moved, refined, facts = refine_textures(mesh, baked, train, RefineConfig(mesh_refine_steps=200))
     before, after = held_psnr(mesh, baked.albedo), held_psnr(moved, refined.albedo)
-    assert after > before + 6.0, (before, after)          # measured 17.5 -> 26.8 dB
+    assert after > before + 5.0, (before, after)          # measured 24.6 -> 31.0 dB
     radius = np.linalg.norm(moved.vertices - CENTER, axis=1) / SCALE
-    assert abs(radius.mean() - 0.6) < 0.012 and radius.std() < 0.01, (radius.mean(), radius.std())
+    assert abs(radius.mean() - 0.6) < 0.005 and radius.std() < 0.01, (radius.mean(), radius.std())
     assert np.abs(moved.vertices.mean(0) - CENTER).max() < 0.01 * SCALE        # same place
     assert np.isfinite(moved.vertices).all() and np.isfinite(moved.normals).all()
     assert facts["mesh_refine_offset_max"] <= 0.02 + 1e-6 and facts["mesh_refine_loss_after"] < facts["mesh_refine_loss_before"]
@@ -165,3 +165,69 @@ def test_mesh_refinement_of_an_unseen_or_degenerate_mesh_is_harmless(scene):
     bad = tx.UVMesh(mesh.vertices, flat, mesh.uvs, mesh.source, mesh.normals, mesh.tangents)
     moved, _, _ = refine_textures(bad, baked, train, RefineConfig(mesh_refine_steps=5))
     assert np.isfinite(moved.vertices).all()
+
+
+def test_scene_mode_refines_the_normal_map_and_roughness_against_the_passes():
+    """Blender's normal and roughness passes (scene mode) correct what the bake got wrong: a field
+    whose normals lean 25 degrees off and whose roughness is one grey gives, after refining, a
+    normal map whose shading normals (as Blender reads them: smooth vertex normals, UV tangents)
+    and a roughness texture that match held-out views' passes; the mesh stays where it was."""
+    from fit_implicit.backend.export.refine import shading_normals
+    from fit_implicit.backend.render.raster import rasterize, interpolate
+    from shapes import two_roughnesses
+
+    data = shape_scene(sphere_sdf, two_colours, count=12, size=64, passes=("albedo", "normal", "roughness"))
+    train, held = split_holdout(data, 4)
+    verts, faces = sphere_mesh(radius=0.6 * SCALE, n=40)
+    mesh = tx.unwrap(verts + CENTER.astype(np.float32), faces, size=128, padding=2, piece_faces=400)
+    lean = np.float32([np.sin(np.radians(25.0)), 0.0, 0.0])
+
+    class LeaningBall(ShiftedBall):
+        shift = 0.0
+
+        def surface_attributes(self, points, normals=None):
+            out = super().surface_attributes(points, normals)
+            n = out["normal"] * np.cos(np.radians(25.0)) + lean
+            out["normal"] = (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)
+            out["roughness"] = np.full(len(points), 0.5, np.float32)
+            return out
+
+    baked = tx.bake(LeaningBall(), mesh, 128, padding=2)
+
+    def held_errors(m, textures):
+        """Mean angle (degrees) of the shading normals to the normal pass, roughness MSE, over the
+        held-out views' whole-surface pixels."""
+        nmap = torch.as_tensor(tx.decode_normal_map(textures.normal))
+        rough = torch.as_tensor(textures.roughness[..., :1]).float() / 255.0
+        v, f = torch.as_tensor(m.vertices), torch.as_tensor(np.asarray(m.faces, np.int64))
+        angles, errs = [], []
+        for i in range(len(held)):
+            k, pose = held.intrinsics[i], held.poses[i]
+            frags = rasterize(v, f, k, pose, held.width, held.height)
+            seen = frags.mask
+            solid = (torch.as_tensor(held.images[i][..., 3]) == 255)[seen]
+            uv = interpolate(torch.as_tensor(m.uvs), v, f, frags, k, pose)
+            got = shading_normals(nmap, uv, torch.as_tensor(m.normals), torch.as_tensor(m.tangents), v, f, frags, k, pose)
+            want = torch.as_tensor(held.passes["normal"][i])[seen]
+            cos = (got * want).sum(-1)[solid].clamp(-1, 1)
+            angles.append(torch.rad2deg(torch.acos(cos)))
+            errs.append((tx_read(rough, uv)[solid] - torch.as_tensor(held.passes["roughness"][i])[seen][solid]) ** 2)
+        return float(torch.cat(angles).mean()), float(torch.cat(errs).mean())
+
+    def tx_read(texture, uv):
+        return sample_texture(texture, uv)[:, 0]
+
+    moved, refined, facts = refine_textures(mesh, baked, train, RefineConfig(mesh_refine_steps=150))
+    deg_before, mse_before = held_errors(mesh, baked)
+    deg_after, mse_after = held_errors(moved, refined)
+    assert deg_before > 20.0 and deg_after < 8.0, (deg_before, deg_after)
+    assert mse_before > 0.05 and mse_after < 0.01, (mse_before, mse_after)     # 0.2 / 0.8 against a 0.5 bake
+    assert facts["mesh_refine_normal_deg_after"] < facts["mesh_refine_normal_deg_before"]
+    assert facts["mesh_refine_roughness_mse_after"] < facts["mesh_refine_roughness_mse_before"]
+    radius = np.linalg.norm(moved.vertices - CENTER, axis=1) / SCALE
+    assert abs(radius.mean() - 0.6) < 0.005 and np.abs(moved.vertices.mean(0) - CENTER).max() < 0.01 * SCALE
+    assert refined.normal.shape == baked.normal.shape and refined.roughness.shape == baked.roughness.shape
+    assert two_roughnesses(np.array([CENTER + [0, 0, 1.0]]))[0] == 0.2     # the pass this test reads
+    # off: the normal map stays the bake's
+    _, kept, _ = refine_textures(mesh, baked, train, RefineConfig(mesh_refine_steps=5, mesh_refine_normal_weight=0.0))
+    assert np.array_equal(kept.normal, baked.normal)
