@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fit_implicit.backend.fitting import metrics  # noqa: E402
 
 ASSET_COLLECTION = "Relight Asset"
+NOISE_FLOOR = "ground truth, seed + 1"     # --noise-floor's row
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,9 +151,11 @@ def render_set(scene, cams, folder: str) -> list[np.ndarray]:
 
 
 def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int, out: Path | None,
-             albedo_from: dict[str, Path] | None = None) -> dict:
+             albedo_from: dict[str, Path] | None = None, noise_floor: bool = False) -> dict:
     """PSNR of every asset against the ground truth under both light setups.  ``albedo_from``
-    maps asset labels to a dataset whose albedo pass recolours that asset (projected_albedo)."""
+    maps asset labels to a dataset whose albedo pass recolours that asset (projected_albedo).
+    ``noise_floor``: also the ground truth rendered with another Cycles seed against itself, the
+    most any asset can score at these samples (results["noise_floor"])."""
     import bpy
 
     import surface_scene as ss
@@ -174,6 +177,11 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
         ss.use_lighting(scene, light)
         gt_coll.hide_render = False
         renders[("ground truth", light)] = render_set(scene, cams, work)
+        if noise_floor:
+            seed = scene.cycles.seed
+            scene.cycles.seed = seed + 1
+            renders[(NOISE_FLOOR, light)] = render_set(scene, cams, work)
+            scene.cycles.seed = seed
         gt_coll.hide_render = True
         for label, path in assets.items():
             objects = import_asset(scene, path)
@@ -182,12 +190,15 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
             renders[(label, light)] = render_set(scene, cams, work)
             remove_asset()
         gt_coll.hide_render = False
-    for label in assets:
+    for label in ([NOISE_FLOOR] if noise_floor else []) + list(assets):
         row = {}
         for light in ("novel", "training"):
             values = [psnr(a, b) for a, b in zip(renders[(label, light)], renders[("ground truth", light)])]
             row[light] = float(np.mean(values))
-        results["assets"][label] = row
+        if label == NOISE_FLOOR:
+            results["noise_floor"] = row
+        else:
+            results["assets"][label] = row
     if out is not None:
         from PIL import Image
 
@@ -203,7 +214,10 @@ def print_table(results: dict) -> None:
     print(f"\nrelighting PSNR (dB), {results['cameras']} held-out cameras at {results['size']}^2, "
           f"{results['samples']} samples")
     print(f"{'asset':<24}{'novel light':>14}{'training light':>16}")
-    for label, row in results["assets"].items():
+    rows = list(results["assets"].items())
+    if "noise_floor" in results:
+        rows.append((NOISE_FLOOR, results["noise_floor"]))
+    for label, row in rows:
         print(f"{label:<24}{row['novel']:>14.2f}{row['training']:>16.2f}")
 
 
@@ -240,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--out", default=None, help="folder for the comparison images and relight.json")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also render the ground truth with another Cycles seed: what a perfect asset would score")
     ap.add_argument("--albedo-from", action="append", default=[], metavar="LABEL=DATASET",
                     help="recolour asset LABEL with the albedo pass of a dataset (transforms file)")
     ap.add_argument("--tiny", action="store_true", help="run the whole chain small on the CPU")
@@ -263,7 +279,7 @@ def main(argv=None) -> int:
             ap.error(f"--albedo-from names unknown assets: {', '.join(sorted(unknown))}")
         results = evaluate(Path(args.scene).resolve(), assets, args.size, args.samples,
                            Path(args.out) if args.out else None,
-                           {k: Path(v).resolve() for k, v in albedo_from.items()})
+                           {k: Path(v).resolve() for k, v in albedo_from.items()}, args.noise_floor)
     print_table(results)
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
