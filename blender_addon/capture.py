@@ -179,7 +179,9 @@ def fit_settings_from_props(props) -> dict:
             "source_collection": coll.name if coll is not None else "",
             "source_camera": cam.name if cam is not None else "",
             "passes": {"ON": True, "OFF": False}.get(getattr(props, "render_passes", "AUTO")),
-            "cache_dir": "" if getattr(props, "resume_renders", True) else None}
+            "cache_dir": "" if getattr(props, "resume_renders", True) else None,
+            "background": getattr(props, "background", "auto"), "camera_refine": getattr(props, "camera_refine", "off"),
+            "appearance": bool(getattr(props, "appearance", False))}
 
 
 def passes_by_default(scene, method: str) -> bool:
@@ -806,7 +808,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  preview_size: int = 128,
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
                  eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
-                 lens_models=None, distortion=None, image_sizes=None) -> "protocol.Submit":
+                 lens_models=None, distortion=None, image_sizes=None, background: str = "auto",
+                 camera_refine: str = "off", appearance: bool = False) -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -825,6 +828,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
             (N, 6) float64 k1 k2 k3 k4 p1 p2 of the images (photos of imported cameras).
         image_sizes: None (all images W x H), or (N, 2) int (width, height) of photos of
             different sizes, each top-left in its slot (protocol.pad_images).
+        background / camera_refine / appearance: photo captures' settings (protocol.Submit).
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -842,6 +846,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
+        background=background, camera_refine=camera_refine, appearance=bool(appearance),
     )
     passes = passes or {}
     if "albedo" in passes:

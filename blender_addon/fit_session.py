@@ -69,6 +69,10 @@ class FitSettings:
     frame_range: tuple | None = None      # ANIMATION: (start, end, step); None: the scene's
     passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on for sdf/occupancy
     cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
+    # Photo captures (protocol.Submit, shared/methods.py)
+    background: str = "auto"              # auto | on | off: the background model outside the box
+    camera_refine: str = "off"            # off | on: each photo's pose refined; the cameras come back
+    appearance: bool = False              # each photo's exposure and white balance learnt
 
 
 CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (choose Standard in Field to train "
@@ -76,7 +80,7 @@ CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (cho
 
 #: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
 ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
-                  "max_faces", "ring_count", "source", "passes")
+                  "max_faces", "ring_count", "source", "passes", "background", "camera_refine", "appearance")
 
 
 @dataclass
@@ -110,6 +114,8 @@ class FitResult:
     textures: dict = field(default_factory=dict)          # baked UV textures: kind -> (H,W,C) uint8 (TextureResult)
     environment: np.ndarray | None = None                 # the background: (H,2H,3) uint8 sRGB (EnvironmentResult)
     environment_image: Any = None                         # the packed bpy Image made of it (world.py uses it)
+    refined_cameras: Any = None                           # the bpy Collection of refined cameras (refined_cameras.py)
+    camera_moves: tuple | None = None                     # (moved_deg (N,), moved (N,)) of CamerasResult
     eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
     images: np.ndarray | None = None                      # (N,H,W,4) uint8 training views sent
     intrinsics: np.ndarray | None = None                  # (N,4) float64
@@ -469,7 +475,8 @@ class FitSession:
             eval_poses=plan.eval_poses if m else None,
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
             texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
-            distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None)
+            distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None,
+            background=s.background, camera_refine=s.camera_refine, appearance=s.appearance)
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)
@@ -528,8 +535,8 @@ class FitSession:
                              total_steps=msg.total_steps)
             else:   # mesh / render / queued carry no training numbers: keep the last ones
                 self._update(status=progress_text(msg), progress=msg.fraction)
-        elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult, protocol.EnvironmentResult)) \
-                and not self._valid_result(msg):
+        elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult, protocol.EnvironmentResult,
+                              protocol.CamerasResult)) and not self._valid_result(msg):
             return
         elif isinstance(msg, protocol.TextureResult):
             r.textures[msg.kind] = msg.image     # arrives before its MeshResult
@@ -542,6 +549,15 @@ class FitSession:
                                                 smooth=self.settings.smooth, uvs=msg.uvs, textures=r.textures)
                 r.timings["import"] = r.timings.get("import", 0.0) + time.monotonic() - t
             self._update(status=f"Mesh received: {len(msg.vertices)} vertices, {len(msg.faces)} faces")
+        elif isinstance(msg, protocol.CamerasResult):         # after the mesh: named after the asset
+            from .refined_cameras import add_refined_cameras
+            owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
+            try:
+                r.refined_cameras = add_refined_cameras(self.scene, r.camera_names, msg.poses, msg.moved_deg,
+                                                        msg.moved, owner)
+                r.camera_moves = (msg.moved_deg, msg.moved)
+            except ValueError as exc:     # not the cameras this session sent: say so, keep the rest
+                r.notes.append(f"refined cameras not imported: {exc}")
         elif isinstance(msg, protocol.EnvironmentResult):     # after the mesh: named after the asset
             r.environment = msg.image
             owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
@@ -853,6 +869,9 @@ def done_text(r: FitResult, s: FitSettings, psnr: float = 0.0) -> str:
         text += f" (PSNR {psnr:.2f} dB)"
     background = (f" Its background is the image '{r.environment_image.name}' (Results > Use Background as World)."
                   if r.environment_image is not None else "")
+    if r.refined_cameras is not None and r.camera_moves is not None:
+        from .refined_cameras import moved_text
+        background += " " + moved_text(*r.camera_moves, r.refined_cameras)
     if r.object is not None:
         from .asset_check import check_text
         check = check_text(r.summary)

@@ -121,6 +121,10 @@ class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
         row.operator("implicit.save_field", text="Save Field", icon="FILE_TICK")
         row.operator("implicit.restore_field", text="Give Field Back", icon="FILE_REFRESH")
 
+        col = layout.column(heading="Photos", align=True)
+        col.prop(props, "background")
+        col.prop(props, "camera_refine")
+        col.prop(props, "appearance")
         layout.prop(props, "render_passes", text="Passes")
         from .capture import lighting_note
         note = lighting_note(context.scene, props)

@@ -100,6 +100,22 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Also render albedo, normal, depth and roughness passes (Cycles) so that the albedo carries "
                     "no lighting and the asset gets a roughness texture",
         items=(("AUTO", "Auto", "For surface fits (SDF, occupancy)"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
+    # Photo captures (shared/methods.py; Submit fields of the same names)
+    background: bpy.props.EnumProperty(
+        name="Background", default="auto",
+        description="Model what lies outside the box (walls, sky) as a coarse field of its own, so it does not "
+                    "end up in the object's mesh; it comes back as an image for the World",
+        items=(("auto", "Auto", "For photos without alpha, or a camera inside the box"),
+               ("on", "On", "Always"), ("off", "Off", "Never: rays that leave the box see nothing")))
+    camera_refine: bpy.props.EnumProperty(
+        name="Refine Cameras", default="off",
+        description="Correct each photo's pose while fitting (poses from COLMAP or a phone are close, not exact); "
+                    "the refined cameras come back beside the originals. Not for forward-facing captures",
+        items=(("off", "Off", "Take the poses as exact"), ("on", "On", "Refine each photo's pose")))
+    appearance: bpy.props.BoolProperty(
+        name="Per-photo Exposure", default=False,
+        description="Learn each photo's exposure and white balance, so that photos shot with different settings "
+                    "do not leave blotches in the colours")
     resume_renders: bpy.props.BoolProperty(
         name="Resume Renders", default=True,
         description="Keep rendered views in a cache and reuse those whose camera and scene did not change "

@@ -18,3 +18,9 @@ PRESET_INFO = {
     "standard": ("Standard", "Balanced quality and time"),
     "high": ("High", "Slow: fine detail"),
 }
+
+# Photo captures (issue 15), Submit's settings of the same names: the background model outside the
+# box (auto: on for photos without alpha or a camera inside the box), each photo's pose refined
+# while fitting.
+BACKGROUND_MODES = ("auto", "on", "off")
+CAMERA_REFINE_MODES = ("off", "on")

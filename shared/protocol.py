@@ -14,7 +14,8 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
     Hello            -> Welcome | Error(version_mismatch)
     Ping             -> Pong                     (heartbeat, answered even while training)
     Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, RenderResult*,
-                        EnvironmentResult? (fits that modelled the background), and exactly one of
+                        CamerasResult? (fits that refined the cameras), EnvironmentResult? (fits that
+                        modelled the background), and exactly one of
                         Done | Failed | Cancelled
     Cancel           -> Ack, then Cancelled (or Done/Failed if it had already ended)
     Status           -> StatusReply
@@ -35,11 +36,11 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from . import wire
-from .methods import METHODS, PRESETS
+from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, METHODS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 5            # 5: EnvironmentResult
+PROTOCOL_VERSION = 6            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -377,6 +378,12 @@ class Submit(Message):
     # Photos of different sizes (pad_images): empty (every image is W x H), or image_sizes[i] =
     # (width, height) of image i, stored top-left in its W x H slot; the rest is padding.
     image_sizes: np.ndarray = spec(Array(("int32", "int64"), ("S", 2)), default_factory=_empty((0, 2), np.int32))
+    # Photo captures (shared/methods.py): the background model outside the box (auto: photos
+    # without alpha, or a camera inside the box); each photo's pose refined while fitting (the
+    # refined cameras come back as a CamerasResult); each photo's exposure and white balance learnt.
+    background: str = spec(Str(8, BACKGROUND_MODES), default="auto")
+    camera_refine: str = spec(Str(8, CAMERA_REFINE_MODES), default="off")
+    appearance: bool = spec(Bool(), default=False)
 
     def check(self):
         n = self.images.shape[0]
@@ -609,6 +616,29 @@ class EnvironmentResult(Message):
         if w != 2 * h:
             raise ProtocolError(f"environment.image: an equirectangular image is twice as wide as it is high, "
                                 f"got {w}x{h}")
+
+
+@dataclass
+class CamerasResult(Message):
+    """The training cameras as the fit refined them (Submit.camera_refine "on"), sent once after
+    the mesh, before Done.  ``poses[i]`` is the Submit's camera i, camera-to-world in the same
+    world frame and convention as Submit.poses (the refinement keeps the capture's frame and
+    scale: backend/fitting/camera_refine.py); ``moved_deg[i]`` how far it turned (degrees) and
+    ``moved[i]`` how far its centre moved (world units)."""
+
+    TYPE: ClassVar[str] = "cameras"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"N": MAX_IMAGES}
+    job_id: str = spec(Str(MAX_NAME))
+    poses: np.ndarray = spec(Array(("float64", "float32"), ("N", 4, 4)))
+    moved_deg: np.ndarray = spec(Array(("float64", "float32"), ("N",)))
+    moved: np.ndarray = spec(Array(("float64", "float32"), ("N",)))
+
+    def check(self):
+        if len(self.poses) < 1:
+            raise ProtocolError("cameras.poses: at least one camera is needed")
+        check_cameras("cameras", np.zeros((0, 4)), self.poses)
+        if np.any(self.moved_deg < 0) or np.any(self.moved_deg > 180) or np.any(self.moved < 0):
+            raise ProtocolError("cameras.moved_deg / moved: expected angles in [0, 180] degrees and distances >= 0")
 
 
 MAX_RENDER_PIXELS = 1 << 32     # all views of one RenderJob together

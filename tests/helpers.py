@@ -319,6 +319,20 @@ class KeepSubmit:
         self.finished = True
 
 
+class Replay(KeepSubmit):
+    """A JobClient stand-in that keeps its Submit and answers with ``batches`` of messages, one
+    batch a poll (the job id: ``job_id``)."""
+
+    def __init__(self, address, batches, job_id: str = "job1"):
+        super().__init__(address)
+        self.batches, self.job_id = [list(b) for b in batches], job_id
+
+    def poll(self):
+        out = self.batches.pop(0) if self.batches else []
+        self.finished = not self.batches
+        return out
+
+
 def zmq_round_trip(message: protocol.Message, name: str) -> protocol.Message:
     """``message`` sent over a real ZeroMQ PAIR (inproc://NAME) and decoded on the other side."""
     ctx = zmq.Context.instance()

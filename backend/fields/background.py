@@ -27,8 +27,8 @@ from torch import nn
 from fit_implicit.backend.fields.hashgrid import HashGridConfig
 from fit_implicit.backend.fields.nerf import NerfField, NerfFieldConfig
 from fit_implicit.backend.render.volume import composite, ray_aabb
+from fit_implicit.shared.methods import BACKGROUND_MODES
 
-BACKGROUND_MODES = ("auto", "on", "off")
 DEPTH_CAP = 100.0          # normalised units: the depth a background sample at infinity counts as
 OPAQUE_ALPHA = 250         # photos whose every pixel has at least this alpha (of 255) have no alpha
 

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from fit_implicit.backend.fields.background import OPAQUE_ALPHA
 from fit_implicit.backend.fitting.data import PosedImages, RaySampler
 from fit_implicit.backend.fitting.model import FittedField, pick_device
+from fit_implicit.shared.methods import CAMERA_REFINE_MODES
 
 if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
     from fit_implicit.backend.fitting.config import FitConfig
 
 LOSSES = ("mse", "smooth_l1")
-CAMERA_REFINE_MODES = ("on", "off")
 MLP_PRECISIONS = ("float32", "bfloat16")
 
 

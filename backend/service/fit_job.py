@@ -1,4 +1,4 @@
-"""The real job runner: Submit -> fit -> mesh -> eval renders -> the background as an environment
+"""The real job runner: Submit -> fit -> mesh -> eval renders -> refined cameras -> the background as an environment
 image (fits that modelled it), reported through a JobContext.
 
 This is the one place where the wire protocol meets the trainer (backend.fitting.data / train / model /
@@ -148,7 +148,9 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.render.image import to_rgba8
 
     posed = data.from_submit(submit)
-    overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval}
+    overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval,
+                                 "background": submit.background, "camera_refine": submit.camera_refine,
+                                 "appearance": submit.appearance}
     if submit.mesh_resolution > 0:
         overrides["mesh_resolution"] = submit.mesh_resolution
     if submit.mesh_opacity > 0:
@@ -197,6 +199,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         rgba = model.render(np.asarray(submit.eval_intrinsics[i], np.float64),
                             np.asarray(submit.eval_poses[i], np.float64), width, height)
         ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
+    cameras = send_cameras(model, ctx)
     environment = send_environment(model, ctx, environment_height(submit.intrinsics, str(cfg.device)))
 
     meta = getattr(model, "meta", {})
@@ -213,8 +216,24 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
         **(summary_entries(mesh_facts["unseen"]) if "unseen" in mesh_facts else {}),   # export/unseen.py
         **assets,
+        **cameras,
         **environment,
     }
+
+
+def send_cameras(model, ctx: JobContext) -> dict:
+    """The training cameras as the fit refined them (fitting/camera_refine.py; in the fit's meta,
+    so a model loaded from its folder has them too) as a CamerasResult; returns summary entries
+    (none when the fit did not refine them)."""
+    moved = (getattr(model, "meta", None) or {}).get("camera_refine")
+    if not moved:
+        return {}
+    poses = np.asarray(moved["poses"], np.float64)
+    ctx.send(protocol.CamerasResult(job_id=ctx.job_id, poses=poses, moved_deg=np.asarray(moved["rotation_deg"], np.float64),
+                                    moved=np.asarray(moved["shift"], np.float64)))
+    return {"cameras_refined": int(len(poses)), "camera_mean_rotation_deg": moved["mean_rotation_deg"],
+            "camera_max_rotation_deg": moved["max_rotation_deg"], "camera_mean_shift": moved["mean_shift"],
+            "camera_max_shift": moved["max_shift"]}
 
 
 # ---- the background as an environment image ---------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bpy_helpers import add_camera, add_plane, emission_material, fresh_scene, requires_bpy
-from helpers import KeepSubmit
+from helpers import Replay
 
 pytestmark = [requires_bpy, pytest.mark.blender]
 
@@ -35,19 +35,6 @@ def axis_image(height: int) -> np.ndarray:
     for (a, s), colour in AXIS_COLOURS.items():
         image[(axis == a) & (sign == s)] = colour
     return image
-
-
-class Replay(KeepSubmit):
-    """A JobClient stand-in that answers with ``batches`` of messages, one batch a poll."""
-
-    def __init__(self, address, batches):
-        super().__init__(address)
-        self.batches, self.job_id = [list(b) for b in batches], "env1"
-
-    def poll(self):
-        out = self.batches.pop(0) if self.batches else []
-        self.finished = not self.batches
-        return out
 
 
 def job_with_background(protocol, environment: np.ndarray) -> list:
@@ -89,7 +76,7 @@ def test_the_background_becomes_the_world_and_each_direction_sees_its_colour(mod
     add_plane(scene, "Object", size=1.0, material=emission_material("Grey", (0.5, 0.5, 0.5)))
     add_camera(scene, "Cam", location=(0, -4, 4), rotation=(0.785398, 0, 0))
     environment = axis_image(32)
-    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: Replay(a, job_with_background(protocol, environment)),
+    r = fs.fit_scene(scene, ADDRESS, client_factory=lambda a: Replay(a, job_with_background(protocol, environment), "env1"),
                      probe=lambda a: protocol.Welcome(), name="Room", cameras=["Cam"], check_asset=False)
 
     # The image: packed, sRGB, named after the asset, the pixels as sent; recorded on the asset and the fit.

@@ -52,6 +52,8 @@ def examples() -> dict[str, protocol.Message]:
                            poses=np.eye(4)[None], sizes=np.array([[16, 12]], np.int32)),
         protocol.TextureResult(job_id="abc", kind="albedo", image=img[..., :3].copy(), lighting_baked=False),
         protocol.EnvironmentResult(job_id="abc", image=np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)),
+        protocol.CamerasResult(job_id="abc", poses=ring_cameras(2, 8)[1], moved_deg=np.array([0.5, 1.5]),
+                               moved=np.array([0.0, 0.02])),
         protocol.Done(job_id="abc", summary={"steps": 10, "psnr": 21.5, "device": "cpu", "ok": True, "x": None}),
         protocol.Failed(job_id="abc", message="boom"),
         protocol.Cancelled(job_id="abc"),
@@ -413,3 +415,23 @@ def test_photos_of_different_sizes_travel_padded_with_their_sizes():
     for bad in ([[8, 4]], [[9, 4], [3, 8]], [[8, 0], [3, 8]]):       # a row per image, within W x H, >= 1
         with pytest.raises(ProtocolError, match="submit.image_sizes"):
             small_submit(n=2, size=8, image_sizes=np.array(bad)).validate()
+
+
+def test_refined_cameras_must_be_rigid_and_say_how_far_they_moved():
+    poses = ring_cameras(2, 8)[1]
+
+    def cams(**kw):
+        values = dict(job_id="abc", poses=poses, moved_deg=np.array([0.5, 1.5]), moved=np.array([0.0, 0.02]))
+        return protocol.CamerasResult(**{**values, **kw}).validate()
+
+    cams()
+    scaled = poses.copy()
+    scaled[0, :3, :3] *= 2.0
+    with pytest.raises(protocol.ProtocolError, match="cameras.poses: rotations must be orthonormal"):
+        cams(poses=scaled)
+    with pytest.raises(protocol.ProtocolError, match="cameras.moved_deg"):
+        cams(moved_deg=np.array([0.5]))
+    with pytest.raises(protocol.ProtocolError, match="expected angles in"):
+        cams(moved=np.array([0.0, -1.0]))
+    with pytest.raises(protocol.ProtocolError, match="at least one camera"):
+        cams(poses=poses[:0], moved_deg=np.zeros(0), moved=np.zeros(0))

@@ -1,6 +1,8 @@
-"""A fit of opaque photos models its background (backend/fields/background.py): the job sends it
-as an EnvironmentResult before Done, stores it for a client that reattaches, and
-``fit-implicit mesh`` writes it beside the mesh.  Real training on the CPU, tiny sizes."""
+"""Photo captures through the fit job (issue 15).  A fit of opaque photos models its background
+(backend/fields/background.py): the job sends it as an EnvironmentResult before Done, stores it
+for a client that reattaches, and ``fit-implicit mesh`` writes it beside the mesh.  A fit with
+``camera_refine`` on sends the refined cameras as a CamerasResult.  Real training on the CPU,
+tiny sizes."""
 from __future__ import annotations
 
 import numpy as np
@@ -116,3 +118,39 @@ def test_the_environment_height_follows_the_device_and_the_photos():
     assert environment_height(k(50.0), "cuda") == 158              # ceil(pi * 50): a row per photo pixel
     assert environment_height(k(1.0), "cuda") == 16                # never fewer
     assert environment_height(None, "cpu") == 256 and environment_height(None, "mps") == 512
+
+
+def test_a_fit_that_refines_its_cameras_sends_them_back_in_the_capture_frame(tmp_path):
+    """Submit.camera_refine "on" (and the other photo settings) reach the fit; the refined poses
+    come back in the Submit's order and frame, rigid, each near its original, with how far it
+    moved; they are stored for a client that reattaches and counted in Done's summary."""
+    submit = make_submit(n=5, steps=30, texture_size=0, mesh_opacity=0.3, camera_refine="on", background="off",
+                         appearance=True)
+    messages, job = run_job(tmp_path, submit)
+    done = messages[-1]
+    assert isinstance(done, protocol.Done), done
+    cams = [m for m in messages if isinstance(m, protocol.CamerasResult)]
+    assert len(cams) == 1 and cams[0].poses.shape == (5, 4, 4)
+    got = cams[0]
+    assert not any(isinstance(m, protocol.EnvironmentResult) for m in messages)     # background off
+    # rigid, in the capture's frame: each camera within a few degrees and a small shift of its own
+    rel = np.einsum("nji,njk->nik", submit.poses[:, :3, :3], got.poses[:, :3, :3])
+    angles = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    np.testing.assert_allclose(angles, got.moved_deg, atol=0.01)      # float32 rotations: arccos near 1
+    assert angles.max() < 5.0 and np.linalg.norm(got.poses[:, :3, 3] - submit.poses[:, :3, 3], axis=1).max() < 0.2
+    np.testing.assert_allclose(np.linalg.norm(got.poses[:, :3, 3] - submit.poses[:, :3, 3], axis=1), got.moved,
+                               atol=1e-5)
+    assert angles.max() > 0.0        # it did refine something
+    assert done.summary["cameras_refined"] == 5 and done.summary["camera_max_rotation_deg"] == pytest.approx(
+        angles.max(), abs=0.01)
+    stored = [m.TYPE for m in checkpoint.stored_messages(tmp_path / job.id)]
+    assert stored[-2:] == ["cameras", "done"]
+
+
+def test_photo_settings_are_checked_on_the_wire():
+    with pytest.raises(protocol.ProtocolError, match="submit.camera_refine: 'maybe' is not one of off, on"):
+        make_submit(camera_refine="maybe")
+    with pytest.raises(protocol.ProtocolError, match="submit.background: 'sky' is not one of auto, on, off"):
+        make_submit(background="sky")
+    with pytest.raises(protocol.ProtocolError, match="submit.appearance: expected true or false"):
+        make_submit(appearance=1)
