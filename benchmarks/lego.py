@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-march-steps", default="",
                     help="also score the held-out views rendered with these numbers of steps along the box "
                          "diagonal (comma-separated)")
+    ap.add_argument("--eval-supersample", default="",
+                    help="also score the held-out views rendered with s x s rays a pixel, averaged "
+                         "(comma-separated s; photos' pixels are area averages)")
     ap.add_argument("--pose-noise", type=float, default=0.0, metavar="SIGMA",
                     help="perturb the training cameras (radians and scene units per component; BARF: 0.15)")
     ap.add_argument("--pose-noise-seed", type=int, default=0)
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
             if model.is_surface:    # surface fields render with their training step (FittedField.trace_surface)
                 model.step_size, model.max_steps = model.render_step_size, n
             fine[n] = round(float(np.mean(evaluate(model, held))), 3)
+        smooth = {s: round(float(np.mean(evaluate(model, held, supersample=s))), 3)
+                  for s in [int(v) for v in args.eval_supersample.split(",") if v]}
         cams = {}
         if args.pose_noise > 0:     # the cameras as fitted against the true ones, and held-out views in the fit's frame
             refined = (model.meta.get("camera_refine") or {}).get("poses")
@@ -142,6 +147,7 @@ def main(argv=None) -> int:
         row = {
             "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
             "render_march_steps": cfg.march.max_steps(rendering=True), "psnr_by_render_steps": fine,
+            "psnr_by_supersample": smooth,
             "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),
             "samples_per_s": round(samples / max(train_s, 1e-9)) if samples else None,
             "warmup_s": model.meta.get("first_step_s"), "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),

@@ -590,8 +590,9 @@ class RaySampler:
     The images live on the device as uint8 (4 bytes a pixel); nothing per-pixel is precomputed.
     """
 
-    def __init__(self, data: PosedImages, device: torch.device | str):
+    def __init__(self, data: PosedImages, device: torch.device | str, jitter: bool = False):
         self.device = torch.device(device)
+        self.jitter = bool(jitter)      # rays through a random point of their pixel (else its centre)
         self.images = torch.from_numpy(data.images).to(self.device)                      # (N,H,W,4) u8
         # (copies: arrays from the wire are read-only views of the received frames)
         self.intrinsics = torch.tensor(data.intrinsics, dtype=torch.float32, device=self.device)  # (N,4)
@@ -617,7 +618,7 @@ class RaySampler:
             self.passes[kind] = (t.half() if kind in ("normal", "roughness") else t).to(self.device)
 
     def sample(self, count: int, generator: torch.Generator | None = None, with_photo: bool = False) -> tuple:
-        """``count`` rays through random pixel centres.
+        """``count`` rays through random pixels (their centres, or random points of them with ``jitter``).
 
         Returns:
             origins (count, 3) float32 world, directions (count, 3) float32 unit,
@@ -666,7 +667,11 @@ class RaySampler:
             img = torch.searchsorted(self.ends, flat, right=True)
             pix = flat - self.starts[img]
             y, x = pix // self.widths[img], pix % self.widths[img]
-        u, v = x.float() + 0.5, y.float() + 0.5
+        if self.jitter:     # a photo's pixel is an average over its area: any point of it
+            u = x.float() + torch.rand(count, device=self.device, generator=generator)
+            v = y.float() + torch.rand(count, device=self.device, generator=generator)
+        else:
+            u, v = x.float() + 0.5, y.float() + 0.5
         if self.lens_models is not None:   # distorted photos: each pixel's ray bends through the lens
             u, v = lens.undistort_pixels(self.intrinsics[img], u, v, self.lens_models[img], self.distortion[img])
         o, d = camera_rays(self.intrinsics[img], self.poses[img], u, v)

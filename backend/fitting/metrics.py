@@ -29,10 +29,10 @@ def ssim_white(pred: np.ndarray, target: np.ndarray) -> float:
                                        use_sample_covariance=False))
 
 
-def evaluate(model, data) -> list[float]:
+def evaluate(model, data, supersample: int = 1) -> list[float]:
     """:func:`psnr_white` of each view of ``data`` (a PosedImages) rendered by ``model`` (a
-    FittedField) against the view's image."""
-    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i))),
+    FittedField, ``supersample`` x ``supersample`` rays a pixel) against the view's image."""
+    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i), supersample=supersample)),
                        data.image(i)) for i in range(len(data))]
 
 

@@ -220,18 +220,25 @@ class FittedField:
         self.occupancy.update(pseudo_density, self.step_size, fraction=fraction)
 
     @torch.no_grad()
-    def render(self, intrinsics, c2w, width: int, height: int) -> np.ndarray:
+    def render(self, intrinsics, c2w, width: int, height: int, supersample: int = 1) -> np.ndarray:
         """Render a view.
 
         Args:
             intrinsics: (4,) fx, fy, cx, cy in pixels (OpenCV pixel frame).
             c2w: (4, 4) camera-to-world, Blender convention.
+            supersample: s >= 1: s x s rays a pixel, on a regular grid, averaged (a box filter:
+                anti-aliased outlines, as a photo's pixel sees an area; s^2 times the work).
         Returns:
             (H, W, 4) float32: premultiplied rgb (sRGB) and alpha, in [0, 1].
         """
-        width, height = int(width), int(height)
+        width, height, s = int(width), int(height), int(supersample)
         if width < 1 or height < 1:
             raise ValueError(f"image size must be positive, got {width}x{height}")
+        if not 1 <= s <= 16:
+            raise ValueError(f"supersample must be in [1, 16], got {supersample}")
+        if s > 1:       # the same camera at s times the resolution, then each s x s block averaged
+            fine = self.render(np.asarray(intrinsics, np.float64) * s, c2w, width * s, height * s)
+            return fine.reshape(height, s, width, s, 4).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
         o, d = cameras.pixel_rays(np.asarray(intrinsics, np.float64), np.asarray(c2w, np.float64), width, height)
         o = torch.from_numpy(o.reshape(-1, 3)).float().to(self.device)
         d = torch.from_numpy(d.reshape(-1, 3)).float().to(self.device)

@@ -46,6 +46,7 @@ class TrainConfig:
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
+    pixel_jitter: bool = False      # training rays through a random point of their pixel, not its centre
     appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
@@ -162,7 +163,7 @@ class TrainerBase:
         meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras,
                 "background": models_background(data, cfg), **(meta or {})}
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
-        self.sampler = RaySampler(data, self.device)
+        self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter)
         self.rays = cfg.train.batch_rays
         self.appearance = None               # per-photo exposure and white balance (appearance.py)
         if cfg.train.appearance:

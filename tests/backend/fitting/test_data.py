@@ -175,6 +175,24 @@ def test_ray_sampler_colours_match_projected_pixels():
         assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)
 
 
+def test_jittered_rays_pass_anywhere_through_the_pixel_whose_colour_they_carry():
+    """RaySampler(jitter=True) (setting pixel_jitter): each ray crosses the image inside the
+    pixel whose colour it carries, at a random point of it, not its centre."""
+    poses, k = _rig(n=4, size=(20, 16))
+    images = np.random.default_rng(2).integers(0, 256, (4, 16, 20, 4), dtype=np.uint8)
+    data = PosedImages(images, np.repeat(k[None], 4, 0), poses, [[0, 1, 2], [2, 3, 4]], list("abcd"))
+    o, d, rgba, photo = RaySampler(data, "cpu", jitter=True).sample(256, torch.Generator().manual_seed(0),
+                                                                    with_photo=True)
+    offsets = []
+    for oi, di, ci, cam in zip(o.numpy().astype(np.float64), d.numpy().astype(np.float64), rgba.numpy(), photo.numpy()):
+        uv, _ = cameras.project((oi + 2.0 * di)[None], k, poses[cam])
+        col, row = np.floor(uv[0]).astype(int)
+        assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)
+        offsets.append(uv[0] - np.floor(uv[0]))
+    offsets = np.array(offsets)
+    assert offsets.min() < 0.1 and offsets.max() > 0.9 and abs(offsets.mean() - 0.5) < 0.05   # all over the pixel
+
+
 def test_photos_of_different_sizes_load_and_only_their_own_pixels_are_drawn(tmp_path):
     """Landscape, portrait and small photos in one capture (issue 13): each keeps its size; rays
     come through its own pixel centres, every pixel equally likely, never from the padding."""

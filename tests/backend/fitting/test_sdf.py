@@ -238,3 +238,21 @@ def test_a_fit_resumed_from_a_checkpoint_ends_where_the_whole_fit_ends(method):
     assert resumed.meta["resumed_from_step"] == 8 and resumed.meta["steps"] == 20
     for (name, a), b in zip(whole.field.state_dict().items(), resumed.field.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+@pytest.mark.slow   # shares the torus fit
+def test_a_supersampled_render_averages_rays_spread_evenly_over_each_pixel(torus_model):
+    """FittedField.render(supersample=2) is the mean of four renders whose rays pass a quarter
+    pixel off each pixel's centre (the photo's pixel seen as an area); 1 is the plain render."""
+    data = shape_scene(torus_sdf, count=4, size=16)
+    k, pose = data.intrinsics[1], data.poses[1]
+    plain = torus_model.render(k, pose, 16, 16)
+    np.testing.assert_array_equal(torus_model.render(k, pose, 16, 16, supersample=1), plain)
+    smooth = torus_model.render(k, pose, 16, 16, supersample=2)
+    # a ray through (x + 0.5 + dx) is the centre ray of a camera whose principal point moved by -dx
+    quarters = [torus_model.render(k - np.array([0, 0, dx, dy]), pose, 16, 16)
+                for dx in (-0.25, 0.25) for dy in (-0.25, 0.25)]
+    np.testing.assert_allclose(smooth, np.mean(quarters, axis=0), atol=2e-3)
+    assert np.abs(smooth - plain).max() > 0.05          # the outline differs from one ray a pixel
+    with pytest.raises(ValueError, match="supersample must be in"):
+        torus_model.render(k, pose, 8, 8, supersample=0)
