@@ -125,14 +125,14 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         scores = evaluate(model, held)
         eval_s = time.perf_counter() - t1
+        smooth = {s: round(float(np.mean(evaluate(model, held, supersample=s))), 3)    # (before the
+                  for s in [int(v) for v in args.eval_supersample.split(",") if v]}      # quadrature changes)
         fine = {}
         for n in [int(v) for v in args.eval_march_steps.split(",") if v]:  # same field, other quadrature
             model.render_step_size, model.render_max_steps = 2.0 * 3.0 ** 0.5 / n, n
             if model.is_surface:    # surface fields render with their training step (FittedField.trace_surface)
                 model.step_size, model.max_steps = model.render_step_size, n
             fine[n] = round(float(np.mean(evaluate(model, held))), 3)
-        smooth = {s: round(float(np.mean(evaluate(model, held, supersample=s))), 3)
-                  for s in [int(v) for v in args.eval_supersample.split(",") if v]}
         cams = {}
         if args.pose_noise > 0:     # the cameras as fitted against the true ones, and held-out views in the fit's frame
             refined = (model.meta.get("camera_refine") or {}).get("poses")

@@ -6,8 +6,9 @@ validated with :func:`protocol.decode_message` and put on a queue that the calle
 :meth:`JobClient.poll` (from a modal operator's timer or ``bpy.app.timers`` in Blender, or with
 the blocking :meth:`JobClient.wait` in scripts and tests).
 
-What :meth:`JobClient.poll` returns: Welcome, Accepted, Progress, Preview, MeshResult,
-RenderResult, Ack, then exactly one Done, Failed or Cancelled, after which nothing more comes.
+What :meth:`JobClient.poll` returns: Welcome, Accepted, Progress, Preview, TextureResult, MeshResult,
+RenderResult, CamerasResult, EnvironmentResult, Ack, then exactly one Done, Failed or Cancelled, after
+which nothing more comes.
 Only the newest Progress and the newest Preview wait in the queue (older ones are dropped when a
 newer one arrives), so a caller that polls rarely holds a bounded number of messages.
 

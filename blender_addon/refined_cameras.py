@@ -20,20 +20,27 @@ SUFFIX = "Refined Cameras"
 
 
 def add_refined_cameras(scene, names: list[str], poses: np.ndarray, moved_deg: np.ndarray, moved: np.ndarray,
-                        title: str):
+                        title: str, intrinsics: np.ndarray | None = None, size: tuple[int, int] | None = None):
     """New cameras at ``poses`` (N, 4, 4) camera-to-world (Blender's camera convention), copies of
-    the camera objects ``names`` (N) where they still exist, in a new collection "<title> Refined
-    Cameras" linked to ``scene``; returns that collection."""
+    the camera objects ``names`` (N) where they still exist (else cameras built from the sent
+    ``intrinsics`` (N, 4) of images ``size`` (width, height)), in a new collection "<title>
+    Refined Cameras" linked to ``scene``; returns that collection."""
+    from ._shared import cameras
+
     if len(names) != len(poses):
         raise ValueError(f"{len(poses)} refined cameras came back for {len(names)} training cameras")
     coll = bpy.data.collections.new(f"{title} {SUFFIX}")
     scene.collection.children.link(coll)
-    for name, pose, deg, dist in zip(names, np.asarray(poses, np.float64), moved_deg, moved):
+    for i, (name, pose, deg, dist) in enumerate(zip(names, np.asarray(poses, np.float64), moved_deg, moved)):
         source = bpy.data.objects.get(name)
         if source is not None and source.type == "CAMERA":
             data = source.data.copy()
-        else:
+        else:       # the camera is gone: one from the intrinsics the fit was sent
             data = bpy.data.cameras.new(f"{name} refined")
+            if intrinsics is not None and size is not None:
+                bc = cameras.blender_camera_from_intrinsics(np.asarray(intrinsics[i], np.float64), *size)
+                data.sensor_width, data.sensor_height, data.sensor_fit = bc.sensor_width, bc.sensor_height, bc.sensor_fit
+                data.lens, data.shift_x, data.shift_y = bc.lens, bc.shift_x, bc.shift_y
         ob = bpy.data.objects.new(f"{name} refined", data)
         ob.matrix_world = Matrix(pose.tolist())
         ob.hide_render = True

@@ -6,7 +6,8 @@ Two steps, each off at 0 steps:
   the textured mesh from one training camera (backend/render/raster.py: z-buffer, perspective-
   correct UVs, bilinear texels, and the anti-aliasing pass that gives the outline a gradient),
   composites it on white and compares it with the photo on white, every pixel (with Blender's
-  albedo pass in place of the photo where the views have one, as for the texture below).  Adam moves
+  albedo pass in place of the photo where the views have one, as for the texture below; against
+  a photo without a mask only the pixels inside the mesh's outline count).  Adam moves
   per-vertex offsets (one per welded vertex, so UV seams do not tear) and the texels; a Laplacian
   term keeps the offsets smooth and each offset stays within ``MAX_OFFSET`` of the mesh's
   bounding-box diagonal, so the asset keeps its place and scale.
@@ -200,12 +201,16 @@ def draw(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, texture
     return _draw(vertices, faces, uvs, texture, intrinsics, c2w, width, height)[0]
 
 
-def _draw(vertices, faces, uvs, texture, intrinsics, c2w, width: int, height: int, adjacency=None):
+def _draw(vertices, faces, uvs, texture, intrinsics, c2w, width: int, height: int, adjacency=None, background=None):
     """:func:`draw`, and what it found on the way: the fragments and the UVs (K, 2) of the K
     pixels that see the mesh (row order).  ``adjacency``: render/raster.py ``face_adjacency`` of
-    the welded faces (found from the vertices' positions when not given)."""
+    the welded faces (found from the vertices' positions when not given); ``background`` (H, W, 3)
+    what the mesh is drawn over (default white)."""
     frags = rasterize(vertices.detach(), faces, intrinsics, c2w, width, height)
-    image = torch.ones((height * width, 3), dtype=texture.dtype, device=texture.device)
+    if background is None:
+        image = torch.ones((height * width, 3), dtype=texture.dtype, device=texture.device)
+    else:
+        image = background.reshape(height * width, 3).to(texture.dtype)
     seen = frags.mask
     uv = None
     if seen.any():
@@ -219,7 +224,12 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Differentiable :func:`export.texture.smooth_normals`: (V, 3) unit normals, face normals
     weighted by the corner angle (Blender's smooth shading); (0, 0, 1) where a vertex has none."""
     p = vertices[faces]                                                          # (F, 3, 3)
-    fn = torch.nn.functional.normalize(torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]), dim=-1, eps=1e-20)
+    cross = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    area2 = cross.norm(dim=-1, keepdim=True)
+    # a (nearly) flat triangle has no normal to speak of: it adds nothing, and gives no gradient
+    # (1 / its area would send the optimiser's moments to infinity)
+    flat = area2 <= 1e-10 * (p.detach() - p.detach().mean(1, keepdim=True)).square().sum((1, 2)).mean()
+    fn = torch.where(flat, 0.0, cross / torch.where(flat, 1.0, area2))
     out = torch.zeros_like(vertices)
     for i in range(3):
         a, b = p[:, (i + 1) % 3] - p[:, i], p[:, (i + 2) % 3] - p[:, i]
@@ -299,10 +309,19 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
         w, h = data.size(i)
         photo = torch.as_tensor(data.images[i, :h, :w], device=dev).float() / 255.0
         colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i, :h, :w], device=dev).float() / 255.0
-        target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if photo.shape[-1] == 4 else colour
+        # Photos with a mask: the mesh over white against the view on white.  Opaque photos (a
+        # room, a wall behind the object): the mesh over the photo itself, and only the pixels
+        # the mesh covers count, less its outline (whose photo pixels mix the object with the wall
+        # behind, which nothing shows alone: drawn over them, the mesh shrank by 2 %).
+        masked = photo.shape[-1] == 4 and bool((photo[..., 3] < 1.0).any())
+        target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if masked else colour
         verts = base + offsets[weld]
-        image, frags, uv = _draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h, adjacency)
-        loss = ((image - target) ** 2).sum() / pixels
+        image, frags, uv = _draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h, adjacency,
+                                 background=None if masked else colour)
+        err = (image - target) ** 2
+        if not masked:      # the photo's outline pixels mix in the object: no background to compare them with
+            err = err * _off_outline(frags.mask)[..., None]
+        loss = err.sum() / pixels
         seen_views += uv is not None
         total = loss + (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
         if uv is not None and (nmap is not None or rough is not None):
@@ -371,6 +390,14 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
              "offset_max": round(float(offsets.detach().norm(dim=-1).max()) / diag, 5) if len(offsets) else 0.0,
              **ends(angles, "normal_deg", 3), **ends(rough_errors, "roughness_mse", 6)}
     return out_mesh, BakedTextures(albedo, normal, roughness, baked.coverage, baked.timings), facts
+
+
+def _off_outline(mask: torch.Tensor) -> torch.Tensor:
+    """(H, W) float: 1 where a pixel and its 8 neighbours all see the mesh or all do not, else 0."""
+    m = mask.float()[None, None]
+    grown = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+    shrunk = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    return (grown == shrunk)[0, 0].float()
 
 
 def _weld_rows(weld: torch.Tensor) -> torch.Tensor:

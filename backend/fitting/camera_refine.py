@@ -96,7 +96,9 @@ class CameraRefiner(nn.Module):
         """How far each camera moved: rotation in degrees and shift in world units, per photo
         and as mean / largest (JSON-able, for run.json and the job's report)."""
         w, t = self.corrections()
-        degrees = (w.norm(dim=-1) * 180.0 / math.pi).cpu().numpy()
+        # the angle of each rotation (a rotation vector's length may pass pi: the same turn the other way)
+        turn = w.norm(dim=-1).double().remainder(2.0 * math.pi)
+        degrees = (torch.minimum(turn, 2.0 * math.pi - turn) * 180.0 / math.pi).cpu().numpy()
         shifts = t.norm(dim=-1).cpu().numpy()
         return {"rotation_deg": [round(float(v), 4) for v in degrees], "shift": [round(float(v), 6) for v in shifts],
                 "mean_rotation_deg": round(float(degrees.mean()), 4), "max_rotation_deg": round(float(degrees.max()), 4),

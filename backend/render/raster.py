@@ -11,8 +11,8 @@ Two steps, as in nvdiffrast:
   reach the vertex positions and the attributes.  :func:`sample_texture` reads a texture at
   interpolated UVs bilinearly: gradients reach the texels.
 
-Silhouettes have no gradient (no antialiasing pass): a vertex moves the inside of its triangles,
-not where their outline cuts a pixel.
+Silhouettes get their gradient from :func:`antialias` (after nvdiffrast's antialias op): the
+colour of the pixels an outline crosses blends by where it crosses, so a vertex moves the outline.
 
 Conventions: the OpenCV pixel frame of shared/cameras.py (x right, y down, pixel (r, c) has its
 centre at (c + 0.5, r + 0.5)), intrinsics ``(fx, fy, cx, cy)``, poses camera-to-world in
@@ -28,6 +28,7 @@ import torch
 RASTER_CHUNK = 1 << 24      # candidate (triangle, pixel) pairs tested at once
 NEAR = 1e-4                 # world units: nearest depth a drawn vertex may have
 OUTLINE_HOPS = 8            # antialias: triangles walked from a pixel centre to the outline at most
+EXIT_TOLERANCE = 1e-3       # antialias: pixels past where the walk came in that a triangle's exit must lie
 
 
 @dataclass
@@ -226,15 +227,19 @@ def _exit(pix: torch.Tensor, tri: torch.Tensor, centre: torch.Tensor, step: torc
           entry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the line from each pixel centre (K, 2) in direction ``step`` (K,) (+1 / -1) along axis
     ``along`` leaves triangle ``tri`` (K, 3) of the projected vertices ``pix``: the distance t
-    (K,) in pixels (differentiable; inf if it never does past ``entry``) and which edge (K,),
-    edge k running from corner k to corner k + 1."""
+    (K,) in pixels (differentiable; inf if it does not leave it past ``entry``) and which edge
+    (K,), edge k running from corner k to corner k + 1.  A line crosses a triangle's outline
+    twice at most, and it leaves at the farther crossing: that one, however the nearer one
+    (where it came in, or a centre a hair outside) rounds."""
     a, b = pix[tri], pix[tri[:, [1, 2, 0]]]                                      # (K, 3, 2) edges a -> b
     da = b[..., across] - a[..., across]
     s = (centre[:, None, across] - a[..., across]) / torch.where(da.abs() > 1e-12, da, torch.ones_like(da))
     crossing = a[..., along] + s * (b[..., along] - a[..., along])
     t = (crossing - centre[:, None, along]) * step[:, None]
-    valid = (da.abs() > 1e-12) & (s >= 0) & (s <= 1) & (t > entry[:, None] + 1e-6)
-    return torch.where(valid, t, torch.full_like(t, torch.inf)).min(1)
+    valid = (da.abs() > 1e-12) & (s >= 0) & (s <= 1)
+    t, edge = torch.where(valid, t, torch.full_like(t, -torch.inf)).max(1)
+    ahead = t > entry + EXIT_TOLERANCE
+    return torch.where(ahead, t, torch.full_like(t, torch.inf)), edge
 
 
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
@@ -249,7 +254,8 @@ def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
     e = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).reshape(-1, 2)   # half-edge 3 f + k
     key = e.amin(1) * (int(faces.max()) + 1) + e.amax(1)
     order = torch.argsort(key, stable=True)
-    pair = key[order][1:] == key[order][:-1]
+    proper = (e[:, 0] != e[:, 1])[order]                 # an edge of one vertex joins nothing
+    pair = (key[order][1:] == key[order][:-1]) & proper[1:] & proper[:-1] & (order[1:] // 3 != order[:-1] // 3)
     a, b = order[:-1][pair], order[1:][pair]
     adj[a] = b // 3
     adj[b] = a // 3
@@ -315,7 +321,7 @@ def antialias(image: torch.Tensor, fragments: Fragments, pix: torch.Tensor, face
         # Walk from the near pixel's triangle along the segment, across inner edges, to the
         # outline (at most OUTLINE_HOPS triangles; beyond that the pair keeps its hard edge).
         current = face.reshape(-1)[near]
-        entry = torch.full_like(step, -2e-6)           # the first triangle holds the centre: t >= 0
+        entry = torch.full_like(step, -EXIT_TOLERANCE)     # the first triangle holds the centre: t >= 0
         t = torch.full_like(step, torch.inf)
         keep = torch.zeros_like(step, dtype=torch.bool)
         todo = torch.arange(len(near), device=near.device)

@@ -8,6 +8,7 @@ starts fast and tests can run it with a fake runner and no torch at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -176,6 +177,9 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
                 ctx.note(f"could not save the fitted field ({type(exc).__name__}: {str(exc)[:200]}); the mesh "
                          "and renders still come back, but Render with Field and Re-mesh will not find it")
     fit_seconds = time.monotonic() - start
+    refined = (getattr(model, "meta", None) or {}).get("camera_refine")
+    if refined:     # the cameras as the fit corrected them: the mesh is refined against those
+        posed = dataclasses.replace(posed, poses=np.asarray(refined["poses"], np.float64))
     refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
     refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None
     views = Views.of(posed)     # the cameras, not the images: unseen regions, texture size

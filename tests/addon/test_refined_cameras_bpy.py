@@ -3,7 +3,7 @@ settings reach the Submit, and a job that sends a CamerasResult leaves copies of
 cameras at the refined poses beside the originals, in their own collection, disabled for
 rendering (the next fit trains on the originals only), each saying how far it moved; the report
 says so.  The backend is replayed (the fit's own refinement is tested in
-tests/backend/service/test_fit_job_cameras.py)."""
+tests/backend/service/test_fit_job_photos.py)."""
 import math
 
 import numpy as np
