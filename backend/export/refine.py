@@ -246,8 +246,8 @@ def shading_normals(normal_map: torch.Tensor, uv: torch.Tensor, normals: torch.T
     ``normal_map`` (S, S, 3) in [-1, 1] read at ``uv`` (K, 2), in the frame of the interpolated
     vertex ``normals`` (V, 3) and ``tangents`` (V, 4) (export/texture.py's conventions, as the
     bake writes them).  Differentiable in the texels, the normals and the vertex positions."""
-    n = torch.nn.functional.normalize(interpolate(normals, vertices, faces, frags, intrinsics, c2w), dim=-1, eps=1e-12)
-    tw = interpolate(tangents, vertices, faces, frags, intrinsics, c2w)
+    frame = interpolate(torch.cat([normals, tangents], dim=-1), vertices, faces, frags, intrinsics, c2w)  # one pass
+    n, tw = torch.nn.functional.normalize(frame[:, :3], dim=-1, eps=1e-12), frame[:, 3:]
     t = tw[:, :3] - n * (n * tw[:, :3]).sum(-1, keepdim=True)
     t = torch.nn.functional.normalize(t, dim=-1, eps=1e-12)
     sign = torch.where(tw[:, 3:] < 0, -1.0, 1.0)
@@ -279,6 +279,7 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
     faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)
     uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=dev)
     weld, wf, pairs, count = _welded(mesh, dev)
+    rows = _weld_rows(weld)             # one UV vertex of each welded vertex
     adjacency = face_adjacency(wf)
     diag = float(torch.linalg.norm(base.amax(0) - base.amin(0))) or 1.0
     edge = float(torch.linalg.norm(base[faces[:, 0]] - base[faces[:, 1]], dim=-1).mean()) or diag
@@ -292,7 +293,7 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
         nmap = torch.as_tensor(baked.normal[..., :3], device=dev).float().div(127.5).sub(1.0).requires_grad_(True)
         texels.append(nmap)
         tangents = torch.as_tensor(np.asarray(mesh.tangents, np.float32), device=dev)
-        welded_base = base[_weld_rows(weld)]
+        welded_base = base[rows]
     if rough_pass is not None:
         rough = torch.as_tensor(baked.roughness[..., :1], device=dev).float().div(255.0).requires_grad_(True)
         texels.append(rough)
@@ -357,8 +358,7 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
         losses.append(float(loss.detach()) / 3.0)
     with torch.no_grad():
         moved = (base + offsets[weld]).cpu().numpy()
-    welded = np.zeros((len(offsets), 3), np.float32)
-    welded[weld.cpu().numpy()] = moved
+    welded = moved[rows.cpu().numpy()]
     normals = smooth_normals(welded, wf.cpu().numpy())[weld.cpu().numpy()]
     tangents_out = uv_tangents(moved, np.asarray(mesh.faces), np.asarray(mesh.uvs), normals)
     out_mesh = UVMesh(moved.astype(np.float32), mesh.faces, mesh.uvs, mesh.source, normals.astype(np.float32),

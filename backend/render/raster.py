@@ -322,8 +322,7 @@ def antialias(image: torch.Tensor, fragments: Fragments, pix: torch.Tensor, face
         # outline (at most OUTLINE_HOPS triangles; beyond that the pair keeps its hard edge).
         current = face.reshape(-1)[near]
         entry = torch.full_like(step, -EXIT_TOLERANCE)     # the first triangle holds the centre: t >= 0
-        t = torch.full_like(step, torch.inf)
-        keep = torch.zeros_like(step, dtype=torch.bool)
+        t = torch.full_like(step, torch.inf)          # stays inf where no outline was found
         todo = torch.arange(len(near), device=near.device)
         for _ in range(OUTLINE_HOPS):
             t_exit, edge = _exit(pix, faces[current], centre[todo], step[todo], along, across, entry)
@@ -332,12 +331,11 @@ def antialias(image: torch.Tensor, fragments: Fragments, pix: torch.Tensor, face
             inside = torch.isfinite(t_exit) & (t_exit <= 1.0)
             found = inside & outline
             t = t.index_put((todo[found],), t_exit[found])
-            keep[todo[found]] = True
             go = inside & ~outline
             todo, current, entry = todo[go], nxt[go], t_exit[go].detach()
             if not len(todo):
                 break
-        t = torch.where(keep, t, torch.zeros_like(t))
+        keep = torch.isfinite(t)
         t, near, far = t[keep], near[keep], far[keep]
         spill = t > 0.5                                                         # covers part of far
         target = torch.where(spill, far, near)
