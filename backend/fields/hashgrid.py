@@ -7,6 +7,14 @@ spatial hash ``(x*1) ^ (y*2654435761) ^ (z*805459861) mod T``.  All levels live 
 parameter table and are looked up with one gather that also blends the 8 corners trilinearly
 (``embedding_bag`` forward, ``index_add_`` backward).
 
+Gradients with respect to the points (camera refinement moves them, fitting/camera_refine.py)
+jump at every cell face with trilinear weights: the derivative of a level's feature is the
+difference of its corners' features, which changes from one cell to the next.  With
+``smooth_grad`` the weights keep their trilinear values but their derivative is that of the
+half-cosine ``(1 - cos(pi t)) / 2`` of the fraction ``t`` (a straight-through estimator, after
+Heo et al. 2023's smooth interpolation weighting): it falls to zero at the faces, so the points'
+gradient is continuous across cells, with the same mean over a cell as the trilinear one.
+
 :func:`hashgrid_encode_reference` is the plain-indexing reference.  A fused kernel (Triton) can
 replace :func:`hashgrid_encode` behind :class:`HashGrid` as long as it keeps the signature and
 a test shows that it agrees with the reference.
@@ -47,8 +55,8 @@ def level_layout(levels: int, log2_table: int, base_res: int, max_res: int
     return torch.tensor(res, dtype=torch.int64), offsets, torch.tensor([r ** 3 <= table for r in res])
 
 
-def corner_lookup(x: torch.Tensor, resolutions: torch.Tensor, offsets: torch.Tensor, n_dense: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def corner_lookup(x: torch.Tensor, resolutions: torch.Tensor, offsets: torch.Tensor, n_dense: int,
+                  smooth_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows and trilinear weights of the 8 cell corners around each point, at every level.
 
     Level l has grid points 0..res_l-1 a side at ``x * (res_l - 1)``; the cell is clamped so that
@@ -59,6 +67,7 @@ def corner_lookup(x: torch.Tensor, resolutions: torch.Tensor, offsets: torch.Ten
         x: (N, 3) float32 points in [0, 1]^3 (clamped).
         resolutions: (L,) int64 and offsets: (L+1,) int64 from :func:`level_layout`, on x's device.
         n_dense: number of densely indexed levels (a prefix).
+        smooth_grad: the weights' gradient with respect to x is the half-cosine's (module doc).
     Returns:
         rows (N, L, 8) int64 into the shared table, weights (N, L, 8) float32 (summing to 1),
         both non-contiguous views.  Corner c is (c & 1, (c >> 1) & 1, (c >> 2) & 1) cells along
@@ -70,6 +79,9 @@ def corner_lookup(x: torch.Tensor, resolutions: torch.Tensor, offsets: torch.Ten
     pos = x.clamp(0.0, 1.0).t()[:, None, :] * (res - 1).to(x.dtype)[None, :, None]  # (3, L, N)
     cell = torch.minimum(pos.floor().long(), (res - 2)[None, :, None])              # (3, L, N)
     frac = pos - cell.to(x.dtype)
+    if smooth_grad and frac.requires_grad:
+        eased = 0.5 * (1.0 - torch.cos(math.pi * frac))
+        frac = frac.detach() + (eased - eased.detach())      # trilinear values, half-cosine slope
     wa = torch.stack([1.0 - frac, frac], dim=1)                                     # (3, 2, L, N)
     ends = cell[:, None] + torch.arange(2, device=x.device)[None, :, None, None]    # (3, 2, L, N)
     # Per-axis terms broadcast to (z, y, x, L, N): corner c = 4z + 2y + x.
@@ -104,7 +116,8 @@ class _GatherBlend(torch.autograd.Function):
 
 
 def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Tensor,
-                    offsets: torch.Tensor, dense: torch.Tensor, n_dense: int | None = None) -> torch.Tensor:
+                    offsets: torch.Tensor, dense: torch.Tensor, n_dense: int | None = None,
+                    smooth_grad: bool = False) -> torch.Tensor:
     """Encode points with all levels at once (one fused gather-and-blend).
 
     Args:
@@ -113,6 +126,7 @@ def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Ten
         resolutions: (L,) int64, offsets: (L+1,) int64, dense: (L,) bool from
             :func:`level_layout`, on x's device.
         n_dense: ``int(dense.sum())`` if the caller knows it (saves a device sync).
+        smooth_grad: x's gradient through half-cosine weights (module doc).
     Returns:
         (N, L*F) float32 features, level-major (level 0's F features first).
 
@@ -121,7 +135,7 @@ def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Ten
     """
     nd = int(dense.sum()) if n_dense is None else n_dense
     if x.requires_grad:
-        return hashgrid_encode_reference(x, table, resolutions, offsets, dense, nd)
+        return hashgrid_encode_reference(x, table, resolutions, offsets, dense, nd, smooth_grad)
     if x.device.type == "cpu" and x.shape[0] > CPU_CHUNK:
         return torch.cat([hashgrid_encode(p, table, resolutions, offsets, dense, nd) for p in x.split(CPU_CHUNK)])
     rows, weights = corner_lookup(x, resolutions, offsets, nd)
@@ -131,11 +145,11 @@ def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Ten
 
 
 def hashgrid_encode_reference(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Tensor,
-                              offsets: torch.Tensor, dense: torch.Tensor, n_dense: int | None = None
-                              ) -> torch.Tensor:
+                              offsets: torch.Tensor, dense: torch.Tensor, n_dense: int | None = None,
+                              smooth_grad: bool = False) -> torch.Tensor:
     """Same as :func:`hashgrid_encode`, written with plain indexing (autograd for x and table)."""
     nd = int(dense.sum()) if n_dense is None else n_dense
-    rows, weights = corner_lookup(x, resolutions, offsets, nd)
+    rows, weights = corner_lookup(x, resolutions, offsets, nd, smooth_grad)
     return (weights[..., None] * table[rows]).sum(2).reshape(x.shape[0], -1)
 
 
@@ -186,6 +200,8 @@ class HashGrid(nn.Module):
 
     #: Use the fused Triton kernels on CUDA tensors (set False to force the PyTorch path).
     use_triton: bool = True
+    #: Points' gradients through half-cosine weights (module doc; set while cameras are refined).
+    smooth_grad: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and not x.requires_grad and x.is_cuda and self.features <= 2:
@@ -193,4 +209,5 @@ class HashGrid(nn.Module):
             if hashgrid_triton.AVAILABLE:
                 return hashgrid_triton.hashgrid_encode_triton(x, self.table, self.resolutions,
                                                               self.offsets, self.dense)
-        return hashgrid_encode(x, self.table, self.resolutions, self.offsets, self.dense, self.n_dense)
+        return hashgrid_encode(x, self.table, self.resolutions, self.offsets, self.dense, self.n_dense,
+                               self.smooth_grad)

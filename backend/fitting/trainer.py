@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fit_implicit.backend.fields.background import OPAQUE_ALPHA
+from fit_implicit.backend.fields.hashgrid import HashGrid
 from fit_implicit.backend.fitting.data import PosedImages, RaySampler
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.shared.methods import CAMERA_REFINE_MODES
@@ -54,6 +55,7 @@ class TrainConfig:
     camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
+    camera_smooth_grad: bool = True   # while poses are refined: points' gradients through half-cosine hash weights (fields/hashgrid.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -174,6 +176,9 @@ class TrainerBase:
             from fit_implicit.backend.fitting.camera_refine import CameraRefiner
             self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale).to(self.device)
             self.poses = np.asarray(data.poses)
+            for part in (self.model.field, self.model.background):   # the background has hash grids too
+                for grid in (m for m in (part.modules() if part is not None else ()) if isinstance(m, HashGrid)):
+                    grid.smooth_grad = bool(cfg.train.camera_smooth_grad)
 
     def sample(self) -> tuple:
         """(origins, dirs, rgba, photo index or None) of this step's rays (from the corrected

@@ -147,3 +147,30 @@ def test_spherical_harmonics_are_orthonormal():
     y = sh_encode(d)
     gram = (y.T @ y) / d.shape[0] * 4 * math.pi
     assert torch.allclose(gram, torch.eye(16, dtype=torch.float64), atol=0.02)
+
+
+def test_smooth_grad_keeps_values_and_makes_the_points_gradient_continuous():
+    """Camera refinement's hash weights (fields/hashgrid.py ``smooth_grad``): the same features, but
+    the gradient with respect to x falls to zero at every cell face (trilinear: it jumps there) and
+    keeps the trilinear gradient's mean over a cell."""
+    torch.manual_seed(1)
+    res, off, dense = level_layout(levels=1, log2_table=12, base_res=5, max_res=5)   # cells 0.25 wide
+    table = torch.randn(int(off[-1]), 2)
+
+    def grad_x(points, smooth):
+        x = points.clone().requires_grad_(True)
+        hashgrid_encode(x, table, res, off, dense, smooth_grad=smooth)[:, 0].sum().backward()
+        return x.grad[:, 0]
+
+    face, eps = 0.5, 1e-4                           # x crosses the face between cells 1 and 2
+    pts = torch.tensor([[face - eps, 0.3, 0.6], [face + eps, 0.3, 0.6]])
+    plain, smooth = grad_x(pts, False), grad_x(pts, True)
+    assert abs(plain[0] - plain[1]) > 0.1                                    # trilinear: a jump at the face
+    assert smooth.abs().max() < 1e-2 * plain.abs().max()                     # smooth: ~0 on both sides
+    xs = torch.tensor([[v, 0.3, 0.6] for v in torch.linspace(0.25, 0.5, 2001)[1:-1].tolist()])
+    assert torch.allclose(hashgrid_encode(xs, table, res, off, dense, smooth_grad=True),
+                          hashgrid_encode(xs, table, res, off, dense))
+    # mean slope over one cell: the same (the features' change across the cell), within quadrature error
+    assert torch.allclose(grad_x(xs, True).mean(), grad_x(xs, False).mean(), rtol=1e-3, atol=1e-5)
+    grid = HashGrid(levels=1, features=2, log2_table=12, base_res=5, max_res=5)
+    assert not grid.smooth_grad                                              # off unless cameras are refined

@@ -93,6 +93,7 @@ def test_a_known_perturbation_of_the_cameras_is_undone():
     assert after < 0.7 * before
     assert held_psnr > 18.0
     assert len(report["rotation_deg"]) == len(true) and report["max_rotation_deg"] >= report["mean_rotation_deg"]
+    assert model.field.encoding.smooth_grad            # the poses' gradients came through half-cosine weights
 
 
 def test_every_tensor_of_the_refiner_moves_with_it():
