@@ -24,7 +24,7 @@
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
-# '' = the defaults), SWEEP_METHOD (default sdf), SWEEP_STEPS (default 3000), SWEEP_ARGS,
+# '' = the defaults; a --option=VALUE token is passed to lego.py, e.g. --pose-noise=0.05), SWEEP_METHOD (default sdf), SWEEP_STEPS (default 3000), SWEEP_ARGS,
 # SWEEP_PARALLEL (variants at a time, default 4; the others wait for the next wave).
 set -uo pipefail
 BUDGETS="${1:-10,60}"
@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # The project's import names without installing it: fit_implicit/{backend,shared,blender_addon}.
-SITE=/tmp/gpu_suite_site
+SITE="${GPU_SUITE_SITE:-/tmp/gpu_suite_site}"   # another folder lets two suites run side by side
 rm -rf "$SITE" && mkdir -p "$SITE/fit_implicit"
 for d in backend shared blender_addon; do ln -s "$PWD/$d" "$SITE/fit_implicit/$d"; done
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -128,7 +128,8 @@ if want sweep; then
     parallel=${SWEEP_PARALLEL:-4}
     for ((w = 0; w < ${#variants[@]}; w += parallel)); do
         for ((i = w; i < w + parallel && i < ${#variants[@]}; i++)); do
-            sets=(); for kv in ${variants[$i]}; do sets+=(--set "$kv"); done
+            # NAME=VALUE tokens are settings; --option=VALUE tokens go to lego.py as they are
+            sets=(); for kv in ${variants[$i]}; do if [[ $kv == --* ]]; then sets+=("$kv"); else sets+=(--set "$kv"); fi; done
             python3 benchmarks/lego.py --data .data/lego --method "${SWEEP_METHOD:-sdf}" --steps "${SWEEP_STEPS:-3000}" \
                 "${sets[@]}" ${SWEEP_ARGS:-} --out "$OUT/sweep_$i.json" > "$OUT/sweep_$i.log" 2>&1 &
         done
@@ -152,8 +153,10 @@ for i in range(n):
 print(f"{'#':>2} {'PSNR':>6} {'steps/s':>7} {'inv_s':>8}  settings")
 for i, d in enumerate(docs):
     r = (d or {}).get("results", [{}])[0] if d else {}
+    poses = (f"rotation {r['pose_error_before']['rotation_deg']} -> {r['pose_error']['rotation_deg']} deg "
+             f"(worst {r['pose_error']['max_rotation_deg']}), aligned {r.get('psnr_aligned')} dB") if "pose_error" in r else ""
     print(f"{i:>2} {r.get('psnr', float('nan')):>6} {r.get('steps_per_s', '-'):>7} {r.get('inv_s', '-'):>8}  "
-          f"{(d or {}).get('overrides', 'FAILED')} {r.get('psnr_by_render_steps', '')}")
+          f"{(d or {}).get('overrides', 'FAILED')} {r.get('psnr_by_render_steps', '')} {r.get('psnr_by_supersample') or ''} {poses}")
 PY
 fi
 
