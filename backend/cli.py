@@ -1,4 +1,4 @@
-"""Command line: ``fit-implicit {fit,eval,render,mesh,serve} ...``.
+"""Command line: ``fit-implicit {fit,fit-points,eval,render,mesh,serve} ...``.
 
 fit, render and mesh need only torch, numpy, scikit-image and Pillow (never pyzmq or bpy);
 ``serve`` imports :mod:`backend.service.server` (pyzmq) when it runs.
@@ -173,6 +173,77 @@ def cmd_fit(args: argparse.Namespace) -> int:
         scores = _evaluate(model, held, args.eval_seconds)
         model.meta.update(holdout_psnr=scores["psnr"], holdout_ssim=scores["ssim"], holdout_views=scores["views"])
         save_run(model, out)
+    return 0
+
+
+def cmd_fit_points(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fit_implicit.backend.export.files import write_mesh
+    from fit_implicit.backend.export.mesh import MAX_RESOLUTION, extract_mesh
+    from fit_implicit.backend.fitting.config import make_config
+    from fit_implicit.backend.fitting.loop import Callbacks
+    from fit_implicit.backend.fitting.point_files import read_points
+    from fit_implicit.backend.fitting.points_trainer import POINTS_PRESETS, fit_points
+    from fit_implicit.backend.fitting.runs import is_run, provenance, save_run
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists: pass --overwrite to replace it")
+    if args.run and Path(args.run).exists() and any(Path(args.run).iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.run} already holds {'a run' if is_run(args.run) else 'files'}: pass --overwrite")
+    _auto_preset(args)
+    settings = _overrides(args.set, "sdf")
+    if args.detail is not None:
+        settings["points_detail"] = args.detail
+    cfg = make_config("sdf", args.preset, device=args.device, steps=args.steps, seconds=args.seconds, seed=args.seed,
+                      preview_size=0, **{**POINTS_PRESETS[args.preset], **settings})
+    t0 = time.perf_counter()
+    cloud = read_points(args.file, mesh_samples=cfg.points.points_mesh_samples, seed=args.seed)
+    facts = cloud.facts
+    _print(f"points: {len(cloud):,} from {Path(args.file).name}"
+           + (f" (a mesh of {facts['mesh_faces']:,} triangles, sampled)" if "mesh_faces" in facts else "")
+           + (", with normals" if cloud.normals is not None else ", no normals (sign-agnostic)")
+           + (", with colours" if cloud.colors is not None else "")
+           + (f"; {facts['non_finite_dropped']:,} rows with NaN or infinite coordinates dropped"
+              if "non_finite_dropped" in facts else "")
+           + f" (read in {time.perf_counter() - t0:.1f} s)")
+    if "normals_ignored" in facts:
+        _print(f"note: normals ignored: {facts['normals_ignored']}")
+    _print(f"fit: signed distance to points, preset {cfg.preset}, {cfg.steps} steps"
+           + (f" or {cfg.seconds:g} s" if cfg.seconds else "") + f", device {cfg.device}, "
+           f"detail {cfg.points.points_detail:g}")
+    progress = _Progress(args.log_every)
+
+    class Printer(Callbacks):
+        def on_progress(self, info: dict) -> None:
+            progress.update(info)
+
+    try:
+        model = fit_points(cloud, cfg, Printer())
+    finally:
+        progress.close()
+    done = model.meta["points"]
+    _print(f"trained {model.meta['steps']} steps in {model.meta['seconds']:.1f} s on {done['points_used']:,} points"
+           + (f" ({done['outliers_removed']:,} outliers removed)" if done.get("outliers_removed") else "")
+           + f"; the surface passes {done['mean_distance']:.4g} from them on average (world units)")
+    if args.run:
+        model.meta["provenance"] = provenance(args.file, sys.argv, str(cfg.device), single_file=True)
+        save_run(model, args.run)
+        _print(f"saved {args.run}")
+    side = float((model.aabb[1] - model.aabb[0]).max())
+    resolution = (int(np.ceil(side / args.voxel_size)) + 1 if args.voxel_size
+                  else args.mesh_resolution or cfg.mesh.mesh_resolution)
+    if not 2 <= resolution <= MAX_RESOLUTION:
+        raise ValueError(f"a voxel size of {args.voxel_size:g} needs {resolution} voxels along the box's {side:.4g} "
+                         f"units: at most {MAX_RESOLUTION}; give a larger --voxel-size")
+    t1 = time.perf_counter()
+    verts, faces, colors = extract_mesh(model, resolution)
+    if not len(faces):
+        raise ValueError("the fitted field has no surface: nothing to export")
+    path = write_mesh(out, verts, faces, colors)
+    _print(f"mesh: {len(verts):,} vertices, {len(faces):,} triangles at resolution {resolution} "
+           f"({time.perf_counter() - t1:.1f} s) -> {path}")
     return 0
 
 
@@ -395,6 +466,32 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-seconds", type=float, default=0.0,
                    help="time limit of the held-out evaluation after the fit (0: every held-out view)")
     f.set_defaults(func=cmd_fit)
+
+    fp = sub.add_parser("fit-points", formatter_class=_HELP,
+                        help="fit a signed distance field to a point cloud, scan or mesh; write a clean, closed mesh")
+    fp.add_argument("file", help="points: .ply, .xyz/.txt/.pts/.csv, .las/.laz, .e57 (with pye57); or a mesh "
+                                 "(.ply with faces, .obj, .stl, .off, .glb), whose surface is sampled")
+    fp.add_argument("--out", required=True, help="mesh file to write, in the points' frame and units; the suffix "
+                                                 "picks the format (.ply, .obj, .glb)")
+    fp.add_argument("--run", default=None, help="also keep the fitted field in this run folder (for `mesh`)")
+    fp.add_argument("--preset", default=None, choices=PRESETS,
+                    help="field size and steps (default: standard on a GPU, draft on a CPU)")
+    fp.add_argument("--detail", type=float, default=None,
+                    help="0 = fill holes smoothly .. 1 = keep every detail (setting points_detail, default 0.5)")
+    fp.add_argument("--voxel-size", type=float, default=0.0,
+                    help="mesh resolution as a voxel size in the points' units, as Blender's Voxel Remesh "
+                         "(0: --mesh-resolution)")
+    fp.add_argument("--mesh-resolution", type=int, default=0,
+                    help="marching-cubes grid along the longest side (0: the preset's mesh_resolution)")
+    fp.add_argument("--seconds", type=float, default=0.0, help="wall-clock budget (0: none)")
+    fp.add_argument("--steps", type=int, default=0, help="training steps (0: the preset's)")
+    fp.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the fastest there is)")
+    fp.add_argument("--seed", type=int, default=0)
+    fp.add_argument("--log-every", type=float, default=1.0, help="seconds between progress lines")
+    fp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="any setting by name, e.g. --set points_orientation=unoriented (repeatable)")
+    fp.add_argument("--overwrite", action="store_true", help="replace --out (and --run)")
+    fp.set_defaults(func=cmd_fit_points)
 
     e = sub.add_parser("eval", formatter_class=_HELP, help="render a dataset's cameras and score them (PSNR, SSIM on white)")
     e.add_argument("run", help="run folder written by fit")

@@ -13,6 +13,7 @@ each defined next to the class it configures:
 ``cfg.mesh``            MeshConfig                             export/mesh.py
 ``cfg.refine``          RefineConfig                           export/refine.py
 ``cfg.outside``         BackgroundConfig                       fields/background.py
+``cfg.points``          PointsConfig (fits to points only)     fitting/points_trainer.py
 ======================  ====================================  ===================================
 
 Which field and trainer configs a fit has depends on its method (:data:`METHOD_CONFIGS`).
@@ -35,6 +36,7 @@ from fit_implicit.backend.fields.layers import FieldConfig
 from fit_implicit.backend.fields.nerf import NerfFieldConfig
 from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
 from fit_implicit.backend.fitting.model import pick_device
+from fit_implicit.backend.fitting.points_trainer import PointsConfig
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainConfig
 from fit_implicit.backend.fitting.trainer import RadianceTrainConfig, TrainConfig
 from fit_implicit.backend.render.occupancy_grid import OccupancyConfig
@@ -47,7 +49,7 @@ METHOD_CONFIGS: dict[str, tuple[type[FieldConfig], type[TrainConfig]]] = {
     "sdf": (SurfaceFieldConfig, SurfaceTrainConfig),
     "occupancy": (SurfaceFieldConfig, SurfaceTrainConfig),
 }
-GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside")
+GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside", "points")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class FitConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
     outside: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
+    points: PointsConfig = dataclasses.field(default_factory=PointsConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "FitConfig":

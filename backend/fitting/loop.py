@@ -87,16 +87,18 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     cfg.validate()
     torch.manual_seed(cfg.seed)
     try:
-        return _train(make_trainer(data, cfg), data, cfg, cb, resume)
+        return train(make_trainer(data, cfg), data, cfg, cb, resume)
     except ResumeError as exc:     # a checkpoint that reads but does not fit: start over, fresh
         log.warning("starting over: %s", exc)
         torch.manual_seed(cfg.seed)
-        return _train(make_trainer(data, cfg), data, cfg, cb, None)
+        return train(make_trainer(data, cfg), data, cfg, cb, None)
 
 
-def _train(trainer: TrainerBase, data: PosedImages, cfg: FitConfig, cb: Callbacks, resume: dict | None
-           ) -> FittedField:
-    """The fit loop of :func:`fit`."""
+def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Callbacks, resume: dict | None
+          ) -> FittedField:
+    """The fit loop of :func:`fit` (and of fits to points, fitting/points_trainer.py: ``data``
+    None, no previews), for any trainer with TrainerBase's hooks: ``model``, ``device``,
+    ``rays``, ``update_step``, ``step``, ``preview_ready``, ``finish`` and the state dicts."""
     model = trainer.model
     checkpoint = getattr(cb, "on_checkpoint", None)
     preview_cam = _preview_camera(data, cfg.preview_size)
@@ -203,9 +205,9 @@ def _progress(step: int, cfg: FitConfig, trainer: TrainerBase, loss: float, mse:
             "occupied": trainer.model.occupancy.occupied_fraction}
 
 
-def _preview_camera(data: PosedImages, size: int):
+def _preview_camera(data: PosedImages | None, size: int):
     """(intrinsics, c2w, width, height) of the first camera scaled to longest side ``size``."""
-    if size <= 0:
+    if size <= 0 or data is None:
         return None
     width, height = data.size(0)
     s = size / max(width, height)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fit_implicit.backend.fitting.point_cloud import mesh_surface_points
 from fit_implicit.backend.render.image import to_rgba8
 from fit_implicit.shared.quality import on_white, psnr, psnr_white  # noqa: F401 - re-exported
 
@@ -38,18 +39,7 @@ def evaluate(model, data, supersample: int = 1) -> list[float]:
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """``count`` points (count, 3) uniformly by area on a triangle mesh (V,3) / (F,3)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    if len(f) == 0:
-        raise ValueError("the mesh has no faces")
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    rng = np.random.default_rng(seed)
-    tri = rng.choice(len(f), size=count, p=area / area.sum())
-    r1, r2 = rng.random(count), rng.random(count)
-    s = np.sqrt(r1)
-    u, w = 1.0 - s, s * r2
-    return a[tri] * u[:, None] + b[tri] * (s - w)[:, None] + c[tri] * w[:, None]
+    return mesh_surface_points(vertices, faces, count, seed)[0]
 
 
 def chamfer(ref_vertices, ref_faces, vertices, faces, samples: int = 200_000,

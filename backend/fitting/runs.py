@@ -61,9 +61,23 @@ def dataset_digest(path: str | Path, skip: str | Path | None = None) -> str:
     return h.hexdigest()
 
 
-def provenance(data_path: str | Path, argv: list[str], device: str, skip: str | Path | None = None) -> dict:
-    """Where a fit came from, for its run.json: the command line, the dataset's path and digest,
-    the versions of what trained it and the device."""
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of one file's bytes ("too large" past DIGEST_MAX_BYTES)."""
+    path = Path(path)
+    if path.stat().st_size > DIGEST_MAX_BYTES:
+        return f"too large (over {DIGEST_MAX_BYTES >> 30} GiB)"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(data_path: str | Path, argv: list[str], device: str, skip: str | Path | None = None,
+               single_file: bool = False) -> dict:
+    """Where a fit came from, for its run.json: the command line, the dataset's path and digest
+    (``single_file``: of that file alone, as for a point cloud; else of its folder), the versions
+    of what trained it and the device."""
     import platform
     from importlib import metadata
 
@@ -73,7 +87,7 @@ def provenance(data_path: str | Path, argv: list[str], device: str, skip: str | 
         version = None
     dev = torch.device(device)
     return {"command": list(map(str, argv)), "dataset": str(Path(data_path).resolve()),
-            "dataset_sha256": dataset_digest(data_path, skip), "fit_implicit": version, "torch": torch.__version__,
+            "dataset_sha256": file_digest(data_path) if single_file else dataset_digest(data_path, skip), "fit_implicit": version, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"}
 

@@ -1,0 +1,160 @@
+"""Point clouds to fit a surface to (issue 16): :class:`PointCloud`, its checks and caps, a mesh's
+surface as points, and the clean-up a scan needs before fitting (statistical outlier removal).
+
+Every cloud that reaches a fit went through :func:`make_cloud`: finite points only (rows with a
+NaN or an infinity are dropped and counted, as scanners write them for missed returns), at least
+:data:`MIN_POINTS`, at most :data:`MAX_POINTS`, spread over a box that is not a point.  Normals,
+where given, are unit vectors (rows of zero length or non-finite ones make the whole set unusable:
+a fit then treats the cloud as unoriented).  Reading files is fitting/point_files.py's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MIN_POINTS = 16                 # fewer cannot pin a surface down
+MAX_POINTS = 50_000_000         # ~1.2 GB as float64 xyz: far beyond a scan a fit needs (fits subsample)
+NORMAL_DROP_SHARE = 0.01        # more unusable normals than this share: the cloud counts as unoriented
+
+
+@dataclass
+class PointCloud:
+    """Points in world units.
+
+    Attributes:
+        points: (N, 3) float64.  normals: (N, 3) float32 unit vectors, or None (unoriented).
+        colors: (N, 3) uint8 sRGB, or None.  facts: what reading and cleaning did (JSON-able:
+        counts dropped, whether normals came from a mesh's faces, ...).
+    """
+
+    points: np.ndarray
+    normals: np.ndarray | None = None
+    colors: np.ndarray | None = None
+    facts: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    @property
+    def aabb(self) -> np.ndarray:
+        """(2, 3) float64: the points' bounding box."""
+        return np.stack([self.points.min(0), self.points.max(0)])
+
+    def subset(self, keep: np.ndarray) -> "PointCloud":
+        """The points where ``keep`` (bool mask or indices) selects, with their normals and colours."""
+        return PointCloud(self.points[keep], None if self.normals is None else self.normals[keep],
+                          None if self.colors is None else self.colors[keep], dict(self.facts))
+
+
+def make_cloud(points, normals=None, colors=None, facts: dict | None = None) -> PointCloud:
+    """A checked :class:`PointCloud` (see the module doc); raises ValueError saying what is wrong.
+
+    Args:
+        points: (N, 3) numbers.  normals: (N, 3) or None.  colors: (N, 3) or (N, 4) numbers, 0-255
+            integers or floats in [0, 1], or None.
+    """
+    facts = dict(facts or {})
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points must be an (N, 3) array of x, y, z, got shape {pts.shape}")
+    if not np.issubdtype(pts.dtype, np.number):
+        raise ValueError(f"points must be numbers, got {pts.dtype}")
+    if len(pts) > MAX_POINTS:
+        raise ValueError(f"{len(pts):,} points is over the cap of {MAX_POINTS:,}: thin the cloud first "
+                         f"(e.g. a voxel-grid downsample)")
+    pts = pts.astype(np.float64, copy=False)
+    finite = np.isfinite(pts).all(axis=1)
+    dropped = int(len(pts) - finite.sum())
+    if dropped:
+        facts["non_finite_dropped"] = dropped
+    if finite.sum() < MIN_POINTS:
+        what = f"{int(finite.sum())} finite point{'s' if finite.sum() != 1 else ''}"
+        raise ValueError(f"need at least {MIN_POINTS} points to fit a surface, got {what}"
+                         + (f" ({dropped} with NaN or infinite coordinates)" if dropped else ""))
+    nrm = None
+    if normals is not None:
+        nrm = np.asarray(normals, dtype=np.float64)
+        if nrm.shape != pts.shape:
+            raise ValueError(f"normals must match the points' shape {pts.shape}, got {nrm.shape}")
+        nrm = nrm[finite]
+        length = np.linalg.norm(nrm, axis=1)
+        bad = ~np.isfinite(length) | (length < 1e-8)
+        if bad.mean() > NORMAL_DROP_SHARE:
+            facts["normals_ignored"] = f"{int(bad.sum())} of {len(nrm)} normals are zero or not finite"
+            nrm = None
+        else:
+            nrm = np.where(bad[:, None], 0.0, nrm / np.where(bad, 1.0, length)[:, None]).astype(np.float32)
+    col = None
+    if colors is not None:
+        col = np.asarray(colors)
+        if col.ndim != 2 or col.shape[0] != len(pts) or col.shape[1] not in (3, 4):
+            raise ValueError(f"colours must be (N, 3) or (N, 4) for {len(pts)} points, got {col.shape}")
+        col = col[finite, :3]
+        if np.issubdtype(col.dtype, np.floating):
+            col = np.nan_to_num(col, nan=0.0)
+            col = col * 255.0 if col.size and col.max() <= 1.0 else col
+        col = np.clip(np.rint(col), 0, 255).astype(np.uint8)
+    pts = pts[finite]
+    extent = float(np.max(pts.max(0) - pts.min(0)))
+    if not extent > 0.0:
+        raise ValueError(f"all {len(pts)} points are at one place {pts[0].tolist()}: no surface to fit")
+    return PointCloud(pts, nrm, col, facts)
+
+
+def spacing(cloud: PointCloud, sample: int = 20000, seed: int = 0) -> float:
+    """The cloud's typical point spacing: the median distance from a point to its nearest
+    neighbour (over at most ``sample`` points), world units."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(cloud), size=min(sample, len(cloud)), replace=False)
+    dist, _ = cKDTree(cloud.points).query(cloud.points[idx], k=2, workers=-1)
+    d = dist[:, 1]
+    d = d[d > 0]
+    return float(np.median(d)) if len(d) else float(np.max(cloud.aabb[1] - cloud.aabb[0])) * 1e-3
+
+
+def remove_outliers(cloud: PointCloud, neighbours: int, std_ratio: float) -> PointCloud:
+    """Statistical outlier removal: a point whose mean distance to its ``neighbours`` nearest
+    points is more than ``std_ratio`` standard deviations above the mean of that distance over
+    the cloud is dropped (as Open3D's and PCL's filters of that name).  ``std_ratio`` 0: keep all.
+    The count dropped goes to ``facts["outliers_removed"]``."""
+    if std_ratio <= 0 or len(cloud) <= neighbours + 1:
+        return cloud
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(cloud.points).query(cloud.points, k=neighbours + 1, workers=-1)
+    mean = dist[:, 1:].mean(axis=1)
+    keep = mean <= mean.mean() + std_ratio * mean.std()
+    out = cloud.subset(keep)
+    out.facts["outliers_removed"] = int(len(cloud) - keep.sum())
+    return out
+
+
+def mesh_surface_points(vertices, faces, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` points spread uniformly (by area) over a triangle mesh, with the normals of their
+    faces (right-handed: counter-clockwise seen from outside) and the faces they lie on.
+
+    Returns: points (count, 3) float64, normals (count, 3) float32, face index (count,) int64.
+    Raises ValueError for a mesh without faces or of zero area."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if f.ndim != 2 or f.shape[1] != 3 or not len(f):
+        raise ValueError(f"the mesh has no triangles (faces {f.shape})")
+    if f.min() < 0 or f.max() >= len(v):
+        raise ValueError(f"the mesh's faces index vertices 0..{f.max()} but it has {len(v)}")
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    cross = np.cross(b - a, c - a)
+    area = 0.5 * np.linalg.norm(cross, axis=1)
+    area = np.where(np.isfinite(area), area, 0.0)
+    if not area.sum() > 0:
+        raise ValueError("the mesh's triangles have no area: no surface to sample")
+    rng = np.random.default_rng(seed)
+    face = rng.choice(len(f), size=int(count), p=area / area.sum())
+    r1, r2 = rng.random(count), rng.random(count)
+    s = np.sqrt(r1)
+    u, w = 1.0 - s, s * r2                                  # uniform over each triangle
+    pts = a[face] * u[:, None] + b[face] * (s * (1.0 - r2))[:, None] + c[face] * w[:, None]
+    normals = cross[face] / np.maximum(2.0 * area[face], 1e-30)[:, None]
+    return pts, normals.astype(np.float32), face
