@@ -181,10 +181,9 @@ def cmd_fit_points(args: argparse.Namespace) -> int:
 
     from fit_implicit.backend.export.files import write_mesh
     from fit_implicit.backend.export.mesh import MAX_RESOLUTION, extract_mesh
-    from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.loop import Callbacks
     from fit_implicit.backend.fitting.point_files import read_points
-    from fit_implicit.backend.fitting.points_trainer import POINTS_PRESETS, fit_points
+    from fit_implicit.backend.fitting.points_fit import fit_points, points_config
     from fit_implicit.backend.fitting.runs import is_run, provenance, save_run
 
     out = Path(args.out)
@@ -196,8 +195,8 @@ def cmd_fit_points(args: argparse.Namespace) -> int:
     settings = _overrides(args.set, "sdf")
     if args.detail is not None:
         settings["points_detail"] = args.detail
-    cfg = make_config("sdf", args.preset, device=args.device, steps=args.steps, seconds=args.seconds, seed=args.seed,
-                      preview_size=0, **{**POINTS_PRESETS[args.preset], **settings})
+    cfg = points_config(args.preset, device=args.device, steps=args.steps, seconds=args.seconds, seed=args.seed,
+                        **settings)
     t0 = time.perf_counter()
     cloud = read_points(args.file, mesh_samples=cfg.points.points_mesh_samples, seed=args.seed)
     facts = cloud.facts

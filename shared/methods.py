@@ -24,3 +24,8 @@ PRESET_INFO = {
 # while fitting.
 BACKGROUND_MODES = ("auto", "on", "off")
 CAMERA_REFINE_MODES = ("off", "on")
+
+# Fits to points (issue 16), PointsJob.orientation and the setting points_orientation: use the
+# points' normals where given (auto), require them (oriented), or ignore them (unoriented: SAL's
+# sign-agnostic fit).
+POINTS_ORIENTATIONS = ("auto", "oriented", "unoriented")

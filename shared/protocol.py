@@ -23,6 +23,8 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
     FreeMemory       -> Ack | Error(busy)       (empty the GPU memory cache between jobs)
     RenderJob        -> Accepted, then Progress*, RenderResult* (one per camera), and one of
                         Done | Failed | Cancelled   (renders of the model a fit job saved)
+    PointsJob        -> Accepted, then Progress*, MeshResult, and one of Done | Failed | Cancelled
+                        (a signed distance field fitted to points or to a mesh's surface)
     anything invalid -> Error
 """
 from __future__ import annotations
@@ -36,11 +38,12 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from . import wire
-from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, METHODS, PRESETS
+from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, METHODS, POINTS_ORIENTATIONS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 6            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult
+PROTOCOL_VERSION = 7            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
+                                # 7: PointsJob
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -51,6 +54,7 @@ MAX_SECONDS = 7 * 24 * 3600.0
 MAX_MESH_RESOLUTION = 1024
 MAX_VERTICES = 20_000_000
 MAX_TEXTURE_SIDE = 8192
+MAX_POINTS = 50_000_000         # PointsJob.points (backend/fitting/point_cloud.py has the same cap)
 MAX_ENVIRONMENT_HEIGHT = 4096   # EnvironmentResult: rows of the equirectangular image (twice as many columns)
 MIN_TEXTURE_SIDE = 16
 TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the cameras' footprint
@@ -669,6 +673,55 @@ class RenderJob(Message):
         if pixels > MAX_RENDER_PIXELS:
             raise ProtocolError(f"render_job.sizes: {pixels} pixels in all is more than the {MAX_RENDER_PIXELS} "
                                 "allowed in one job; send the views in several jobs")
+
+
+@dataclass
+class PointsJob(Message):
+    """Fit a signed distance field to points (a scan, a point cloud) or to a mesh's surface, and
+    send back a clean, closed mesh in the same frame and units (issue 16; backend/service/points_job.py).
+
+    Either ``points`` (P, 3) (with optional ``normals``, one unit vector a point, and ``colors``,
+    sRGB 0-255) or a mesh, ``vertices`` (V, 3) and ``faces`` (F, 3) triangles, whose surface the
+    backend samples; never both.  ``detail``: 0 fills holes smoothly .. 1 keeps every detail;
+    ``orientation``: auto (use the normals where given; a mesh's where its winding is
+    consistent), oriented, unoriented (sign-agnostic).  ``mesh_resolution``: marching-cubes grid
+    along the longest side (0: the preset's); ``max_faces``: decimate to at most this many (0: no).
+    """
+
+    TYPE: ClassVar[str] = "points_job"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"P": MAX_POINTS, "PN": MAX_POINTS, "PC": MAX_POINTS,
+                                             "V": MAX_VERTICES, "F": 2 * MAX_VERTICES}
+    points: np.ndarray = spec(Array(("float32", "float64"), ("P", 3), finite=False),   # NaN rows: dropped, counted
+                              default_factory=_empty((0, 3), np.float32))
+    normals: np.ndarray = spec(Array(("float32", "float64"), ("PN", 3), finite=False),
+                               default_factory=_empty((0, 3), np.float32))
+    colors: np.ndarray = spec(Array(("uint8",), ("PC", 3)), default_factory=_empty((0, 3), np.uint8))
+    vertices: np.ndarray = spec(Array(("float32", "float64"), ("V", 3)), default_factory=_empty((0, 3), np.float32))
+    faces: np.ndarray = spec(Array(("int32", "int64"), ("F", 3)), default_factory=_empty((0, 3), np.int32))
+    name: str = spec(Str(MAX_NAME), default="")
+    preset: str = spec(Str(32, PRESETS), default="standard")
+    steps: int = spec(Int(0, MAX_STEPS), default=0)
+    seconds: float = spec(Float(0.0, MAX_SECONDS), default=0.0)
+    detail: float = spec(Float(0.0, 1.0), default=0.5)
+    orientation: str = spec(Str(16, POINTS_ORIENTATIONS), default="auto")
+    mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)
+    max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
+
+    def check(self):
+        has_points, has_mesh = len(self.points) > 0, len(self.vertices) > 0 or len(self.faces) > 0
+        if has_points == has_mesh:
+            raise ProtocolError("points_job: send either points or a mesh (vertices and faces), "
+                                + ("not both" if has_points else "got neither"))
+        for name in ("normals", "colors"):
+            rows = len(getattr(self, name))
+            if rows not in (0, len(self.points)):
+                raise ProtocolError(f"points_job.{name}: {rows} rows for {len(self.points)} points (send none or one a point)")
+        if has_mesh:
+            if not len(self.faces):
+                raise ProtocolError("points_job.faces: the mesh has no faces")
+            if self.faces.min() < 0 or self.faces.max() >= len(self.vertices):
+                raise ProtocolError(f"points_job.faces: indices must be in [0, {len(self.vertices)})")
+        check_mesh_settings("points_job", self.max_faces, 0)
 
 
 def check_mesh_settings(where: str, max_faces: int, texture_size: int) -> None:

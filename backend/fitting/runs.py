@@ -87,7 +87,8 @@ def provenance(data_path: str | Path, argv: list[str], device: str, skip: str | 
         version = None
     dev = torch.device(device)
     return {"command": list(map(str, argv)), "dataset": str(Path(data_path).resolve()),
-            "dataset_sha256": file_digest(data_path) if single_file else dataset_digest(data_path, skip), "fit_implicit": version, "torch": torch.__version__,
+            "dataset_sha256": file_digest(data_path) if single_file else dataset_digest(data_path, skip),
+            "fit_implicit": version, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"}
 

@@ -104,8 +104,12 @@ def read_job_record(folder: Path) -> dict:
 
 
 # ---- the Submit -----------------------------------------------------------------------------------
-def save_submit(folder: Path, submit: protocol.Submit) -> None:
-    arrays, scalars = {}, {}
+#: The job messages a job folder keeps (Submit, or PointsJob: a fit to points), by their TYPE.
+JOB_MESSAGES = {protocol.Submit.TYPE: protocol.Submit, protocol.PointsJob.TYPE: protocol.PointsJob}
+
+
+def save_submit(folder: Path, submit: protocol.Submit | protocol.PointsJob) -> None:
+    arrays, scalars = {}, {"_type": submit.TYPE}
     for f in dataclasses.fields(submit):
         value = getattr(submit, f.name)
         (arrays if isinstance(value, np.ndarray) else scalars)[f.name] = value
@@ -113,8 +117,8 @@ def save_submit(folder: Path, submit: protocol.Submit) -> None:
     atomic_write_bytes(folder / SUBMIT_JSON, json.dumps(scalars).encode())
 
 
-def load_submit(folder: Path) -> protocol.Submit:
-    """The saved Submit, checked like one received from the wire.  Raises CheckpointError."""
+def load_submit(folder: Path) -> protocol.Submit | protocol.PointsJob:
+    """The saved job message, checked like one received from the wire.  Raises CheckpointError."""
     try:
         scalars = json.loads((folder / SUBMIT_JSON).read_bytes()[: 1 << 20])
         with np.load(folder / SUBMIT_NPZ, allow_pickle=False) as npz:
@@ -123,10 +127,13 @@ def load_submit(folder: Path) -> protocol.Submit:
         raise CheckpointError(f"{folder}: the saved job cannot be read ({exc})") from exc
     if not isinstance(scalars, dict):
         raise CheckpointError(f"{folder / SUBMIT_JSON}: not an object")
-    names = {f.name for f in dataclasses.fields(protocol.Submit)}
+    cls = JOB_MESSAGES.get(scalars.get("_type", protocol.Submit.TYPE))    # folders of before PointsJob: Submit
+    if cls is None:
+        raise CheckpointError(f"{folder / SUBMIT_JSON}: unknown job type {str(scalars.get('_type'))[:64]!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in {**scalars, **arrays}.items() if k in names}
     try:
-        return protocol.Submit(**values).validate()
+        return cls(**values).validate()
     except (TypeError, protocol.ProtocolError) as exc:
         raise CheckpointError(f"{folder}: the saved job is not valid: {exc}") from exc
 

@@ -37,7 +37,7 @@ def configure_torch() -> None:
     _torch_configured = True
 
 
-class _TrainCallbacks:
+class TrainCallbacks:
     """Fit-loop callbacks (backend/fitting/loop.py, Callbacks) that forward to the job context
     (worker thread)."""
 
@@ -84,7 +84,7 @@ class _TrainCallbacks:
         self._last_checkpoint = time.monotonic()
 
 
-def _resume_state(ctx: JobContext, device: str) -> dict | None:
+def resume_state(ctx: JobContext, device: str) -> dict | None:
     """The job's last training checkpoint, if it has one that can be read."""
     from fit_implicit.backend.service.checkpoint import CheckpointError, load_checkpoint
     if ctx.folder is None:
@@ -100,7 +100,7 @@ def _resume_state(ctx: JobContext, device: str) -> dict | None:
 
 
 @contextlib.contextmanager
-def _cancellable(ctx: JobContext):
+def cancellable(ctx: JobContext):
     """While the job runs, every torch module call in its thread checks for a cancel: training
     steps, occupancy updates, previews, meshing, baking and renders all call the field in chunks,
     so a cancel stops any of them within one chunk, not one whole stage."""
@@ -119,7 +119,7 @@ def _cancellable(ctx: JobContext):
         handle.remove()
 
 
-def _saved_model(ctx: JobContext):
+def saved_model(ctx: JobContext):
     from fit_implicit.backend.fitting.runs import RUN_FILE, load_run
     if ctx.folder is None or not (ctx.folder / RUN_FILE).is_file():
         return None
@@ -133,7 +133,7 @@ def _saved_model(ctx: JobContext):
 def run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     """Fit ``submit`` and send its results; returns the Done summary.  See jobs.JobRunner."""
     configure_torch()
-    with _cancellable(ctx):
+    with cancellable(ctx):
         return _run_fit_job(submit, ctx)
 
 
@@ -145,7 +145,6 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.fitting import data
     from fit_implicit.backend.fitting.config import make_config
     from fit_implicit.backend.fitting.loop import Cancelled, LongFitNotice, fit
-    from fit_implicit.backend.fitting.runs import save_run
     from fit_implicit.backend.render.image import to_rgba8
 
     posed = data.from_submit(submit)
@@ -158,24 +157,16 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         overrides["mesh_opacity"] = submit.mesh_opacity
     cfg = make_config(method=submit.method, preset=submit.preset, device=ctx.device, steps=submit.steps,
                       seconds=submit.seconds, **overrides)
-    callbacks = _TrainCallbacks(ctx, previews=submit.preview_size > 0, length_notice=LongFitNotice(cfg.preset))
+    callbacks = TrainCallbacks(ctx, previews=submit.preview_size > 0, length_notice=LongFitNotice(cfg.preset))
     ctx.progress("train", force=True)
     start = time.monotonic()
-    model = _saved_model(ctx)   # a backend restarted after training ended: no need to train again
+    model = saved_model(ctx)   # a backend restarted after training ended: no need to train again
     if model is None:
         try:
-            model = fit(posed, cfg, callbacks, resume=_resume_state(ctx, str(cfg.device)))
+            model = fit(posed, cfg, callbacks, resume=resume_state(ctx, str(cfg.device)))
         except Cancelled as exc:
             raise JobCancelled() from exc
-        if ctx.folder is not None:   # later jobs (renders back) load it from here
-            from fit_implicit.backend.service.checkpoint import remove_checkpoint
-            try:
-                save_run(model, ctx.folder)
-                remove_checkpoint(ctx.folder)
-            except Exception as exc:   # noqa: BLE001 - a full disk: the mesh and renders still come back
-                log.error("job %s: could not save the fitted model: %s: %s", ctx.job_id, type(exc).__name__, exc)
-                ctx.note(f"could not save the fitted field ({type(exc).__name__}: {str(exc)[:200]}); the mesh "
-                         "and renders still come back, but Render with Field and Re-mesh will not find it")
+        save_model(model, ctx)
     fit_seconds = time.monotonic() - start
     refined = (getattr(model, "meta", None) or {}).get("camera_refine")
     if refined:     # the cameras as the fit corrected them: the mesh is refined against those
@@ -223,6 +214,22 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         **cameras,
         **environment,
     }
+
+
+def save_model(model, ctx: JobContext) -> None:
+    """Keep the fitted model in the job's folder (later jobs, renders and re-meshing, load it from
+    there) and drop the training checkpoint; a failure is told to the client, not raised."""
+    if ctx.folder is None:
+        return
+    from fit_implicit.backend.fitting.runs import save_run
+    from fit_implicit.backend.service.checkpoint import remove_checkpoint
+    try:
+        save_run(model, ctx.folder)
+        remove_checkpoint(ctx.folder)
+    except Exception as exc:   # noqa: BLE001 - a full disk: the mesh and renders still come back
+        log.error("job %s: could not save the fitted model: %s: %s", ctx.job_id, type(exc).__name__, exc)
+        ctx.note(f"could not save the fitted field ({type(exc).__name__}: {str(exc)[:200]}); the mesh "
+                 "and renders still come back, but Render with Field and Re-mesh will not find it")
 
 
 def send_cameras(model, ctx: JobContext) -> dict:

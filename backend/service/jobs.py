@@ -359,7 +359,7 @@ class JobQueue:
         job = Job(id=uuid.uuid4().hex[:12], client=client, submit=submit, owner=who, nbytes=size)
         # Written before it is queued: a kill from now on loses nothing.  Render jobs (RenderJob,
         # backend/service/render_job.py) are short and read another job's folder: they keep none.
-        if self.runs_dir is not None and isinstance(submit, protocol.Submit):
+        if self.runs_dir is not None and isinstance(submit, (protocol.Submit, protocol.PointsJob)):
             job.folder = paths.job_folder(self.runs_dir, job.id)
             try:
                 job.folder.mkdir(parents=True, exist_ok=False)

@@ -124,7 +124,8 @@ Runner = Callable[[Any, JobContext], Mapping[str, Any]]
 
 
 def with_render_jobs(fit_runner: Runner, runs_dir: Callable[[], str | Path | None]) -> Runner:
-    """A job runner that runs RenderJob and MeshJob messages here and everything else with ``fit_runner``.
+    """A job runner that runs RenderJob and MeshJob messages here, PointsJob in points_job.py and
+    everything else (Submit) with ``fit_runner``.
     ``runs_dir()`` gives the job folders' root when a render job starts."""
 
     def runner(message: Any, ctx: JobContext) -> Mapping[str, Any]:
@@ -132,6 +133,9 @@ def with_render_jobs(fit_runner: Runner, runs_dir: Callable[[], str | Path | Non
             return run_render_job(message, ctx, runs_dir())
         if isinstance(message, protocol.MeshJob):
             return run_mesh_job(message, ctx, runs_dir())
+        if isinstance(message, protocol.PointsJob):    # a fit to points (points_job.py)
+            from fit_implicit.backend.service.points_job import run_points_job
+            return run_points_job(message, ctx)
         return fit_runner(message, ctx)
 
     runner.fit_runner = fit_runner     # for introspection in tests and logs

@@ -220,6 +220,7 @@ class Server:
         self.connections = Connections(config.max_message_bytes, stall_seconds=config.stall_seconds)
         # Submit and StoreModel only touch the job queue (its own lock): large ones run on the intake thread.
         self.intake = Intake(self.outbox, self.limits, {protocol.Submit: self._on_submit,
+                                                        protocol.PointsJob: self._on_submit,
                                                         protocol.StoreModel: self._on_store_model},
                              max_bytes=2 * config.max_message_bytes)
         self.jobs = JobQueue(runner, self.outbox, device=config.device, max_queue=config.max_queue,
@@ -242,6 +243,7 @@ class Server:
             protocol.Hello: self._on_hello,
             protocol.Ping: self._on_ping,
             protocol.Submit: self._on_submit,
+            protocol.PointsJob: self._on_submit,
             protocol.Cancel: self._on_cancel,
             protocol.Status: self._on_status,
             protocol.Attach: self._on_attach,

@@ -33,6 +33,9 @@ def examples() -> dict[str, protocol.Message]:
         protocol.MeshJob(fit_job_id="0123456789ab", mesh_resolution=128, texture_size=protocol.TEXTURE_AUTO,
                          max_faces=5000),
         protocol.FetchModel(fit_job_id="0123456789ab"),
+        protocol.PointsJob(points=np.arange(60, dtype=np.float32).reshape(20, 3),
+                           normals=np.tile(np.float32([0, 0, 1]), (20, 1)), colors=np.full((20, 3), 7, np.uint8),
+                           name="scan", preset="draft", detail=0.25, orientation="oriented", max_faces=1000),
         protocol.ModelFile(run_json=np.frombuffer(b'{"format": 2}', np.uint8), weights=np.arange(9, dtype=np.uint8),
                            fit_job_id="0123456789ab"),
         protocol.StoreModel(run_json=np.frombuffer(b'{"format": 2}', np.uint8), weights=np.arange(9, dtype=np.uint8),
@@ -252,8 +255,23 @@ def test_wrong_protocol_version_names_both(version):
 
 
 def test_hello_with_another_protocol_names_both():
-    rejects(protocol.Hello(protocol=7).to_frames(), "client speaks 7", f"backend speaks {PROTOCOL_VERSION}",
+    rejects(protocol.Hello(protocol=PROTOCOL_VERSION + 1).to_frames(), f"client speaks {PROTOCOL_VERSION + 1}",
+            f"backend speaks {PROTOCOL_VERSION}",
             code="version_mismatch")
+
+
+def test_points_job_takes_points_or_a_mesh_and_matching_rows():
+    pts = np.zeros((4, 3), np.float32)
+    tri = np.array([[0, 1, 2]], np.int32)
+    rejects(protocol.PointsJob().to_frames(), "either points or a mesh", "got neither")
+    rejects(protocol.PointsJob(points=pts, vertices=pts, faces=tri).to_frames(), "not both")
+    rejects(protocol.PointsJob(points=pts, colors=np.zeros((3, 3), np.uint8)).to_frames(), "3 rows for 4 points")
+    rejects(protocol.PointsJob(vertices=pts, faces=tri + 2).to_frames(), "points_job.faces", "indices")
+    rejects(protocol.PointsJob(vertices=pts).to_frames(), "the mesh has no faces")
+    rejects(protocol.PointsJob(points=pts, orientation="sideways").to_frames(), "points_job.orientation")
+    rejects(protocol.PointsJob(points=pts, detail=1.5).to_frames(), "points_job.detail")
+    nan = protocol.PointsJob(points=np.full((4, 3), np.nan, np.float32)).validate()    # NaN rows: the backend drops them
+    assert np.isnan(nan.points).all()
 
 
 def test_zero_images():

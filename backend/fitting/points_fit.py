@@ -1,0 +1,46 @@
+"""A fit to points, start to end (issue 16): its config (:func:`points_config`) and
+:func:`fit_points`, which runs fitting/points_trainer.py's trainer through the fit loop
+(fitting/loop.py ``train``).
+"""
+from __future__ import annotations
+
+import torch
+
+from fit_implicit.backend.fitting.config import FitConfig, make_config
+from fit_implicit.backend.fitting.loop import Callbacks, ResumeError, train
+from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.fitting.point_cloud import PointCloud
+from fit_implicit.backend.fitting.points_trainer import PointsTrainer
+
+# A fit to points takes the SDF presets' field sizes and mesh resolution, with its own step counts
+# (a step here costs a fraction of a step against photos).
+POINTS_STEPS = {"draft": 600, "standard": 4000, "high": 10000}
+
+
+def points_config(preset: str, device: str | None = None, steps: int = 0, seconds: float = 0.0,
+                  **overrides) -> FitConfig:
+    """The FitConfig of a fit to points: an "sdf" config of ``preset`` with this module's step
+    counts (``steps`` 0: the preset's), no previews, and any setting by name in ``overrides``."""
+    if preset not in POINTS_STEPS:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(POINTS_STEPS)}")
+    return make_config("sdf", preset, device=device, steps=steps or POINTS_STEPS[preset], seconds=seconds,
+                       **{"preview_size": 0, **overrides})
+
+
+def fit_points(cloud: PointCloud, cfg: FitConfig, callbacks: Callbacks | None = None,
+               resume: dict | None = None) -> FittedField:
+    """Fit an SDF to ``cloud`` for ``cfg.steps`` steps or ``cfg.seconds`` seconds (``cfg``: an
+    "sdf" FitConfig; its ``points`` settings and the field's size decide the fit).  Returns the
+    fitted model (world frame: the cloud's), with ``meta["points"]``: what was done to the cloud,
+    and ``mean_distance``, how far the surface passes from its points (world units)."""
+    if cfg.method != "sdf":
+        raise ValueError(f"a fit to points trains a signed distance field (method sdf), not {cfg.method!r}")
+    cfg.preview_size = 0
+    cfg.validate()
+    cb = callbacks or Callbacks()
+    torch.manual_seed(cfg.seed)
+    try:
+        return train(PointsTrainer(cloud, cfg), None, cfg, cb, resume)
+    except ResumeError:
+        torch.manual_seed(cfg.seed)
+        return train(PointsTrainer(cloud, cfg), None, cfg, cb, None)
