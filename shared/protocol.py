@@ -706,6 +706,7 @@ class PointsJob(Message):
     orientation: str = spec(Str(16, POINTS_ORIENTATIONS), default="auto")
     mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)
     max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
+    mesh_samples: int = spec(Int(0, MAX_POINTS), default=0)        # points sampled on a sent mesh; 0: the backend's
 
     def check(self):
         has_points, has_mesh = len(self.points) > 0, len(self.vertices) > 0 or len(self.faces) > 0

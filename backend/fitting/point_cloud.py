@@ -179,7 +179,7 @@ def estimate_normals(cloud: PointCloud, neighbours: int = 16) -> PointCloud:
 
 
 def winding_numbers(points: np.ndarray, normals: np.ndarray, queries: np.ndarray, neighbours: int = 12,
-                    max_points: int = 8000, device: str = "cpu", seed: int = 0) -> np.ndarray:
+                    max_points: int = 5000, device: str = "cpu", seed: int = 0) -> np.ndarray:
     """The generalised winding number of an oriented point cloud at ``queries`` (Barill et al.
     2018's dipole sum): about 1 inside the surface the points sample, 0 outside, and robust to
     holes in the sampling.  Each point stands for a disc of area pi d^2 / k, d the distance to its

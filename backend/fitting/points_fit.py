@@ -13,18 +13,21 @@ from fit_implicit.backend.fitting.point_cloud import PointCloud
 from fit_implicit.backend.fitting.points_trainer import PointsTrainer
 
 # A fit to points takes the SDF presets' field sizes and mesh resolution, with its own step counts
-# (a step here costs a fraction of a step against photos).
-POINTS_STEPS = {"draft": 600, "standard": 4000, "high": 10000}
+# (a step here costs a fraction of a step against photos) and, for the draft (the CPU's preset),
+# a quarter of the points a step.
+POINTS_PRESETS = {"draft": dict(steps=600, points_batch=2048, points_space_batch=2048),
+                  "standard": dict(steps=4000), "high": dict(steps=10000)}
 
 
 def points_config(preset: str, device: str | None = None, steps: int = 0, seconds: float = 0.0,
                   **overrides) -> FitConfig:
     """The FitConfig of a fit to points: an "sdf" config of ``preset`` with this module's step
-    counts (``steps`` 0: the preset's), no previews, and any setting by name in ``overrides``."""
-    if preset not in POINTS_STEPS:
-        raise ValueError(f"preset {preset!r} is not one of {', '.join(POINTS_STEPS)}")
-    return make_config("sdf", preset, device=device, steps=steps or POINTS_STEPS[preset], seconds=seconds,
-                       **{"preview_size": 0, **overrides})
+    counts and batches (``steps`` 0: the preset's), no previews, and any setting by name in
+    ``overrides``."""
+    if preset not in POINTS_PRESETS:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(POINTS_PRESETS)}")
+    values = {"preview_size": 0, **POINTS_PRESETS[preset], **overrides, **({"steps": steps} if steps else {})}
+    return make_config("sdf", preset, device=device, seconds=seconds, **values)
 
 
 def fit_points(cloud: PointCloud, cfg: FitConfig, callbacks: Callbacks | None = None,

@@ -161,7 +161,7 @@ class PointsTrainer:
             side = np.einsum("ij,ij->i", near - p[nn], cloud.normals[nn])
             dist = np.where(side < 0, -dist, dist)
         box = ((m.aabb - m.center) / m.scale).astype(np.float64)
-        uniform = box[0] + (box[1] - box[0]) * rng.random((count // 8, 3))
+        uniform = box[0] + (box[1] - box[0]) * rng.random((count // 16, 3))
         udist = tree.query(uniform, workers=-1)[0]
         if self.oriented:       # inside or out, whatever the holes: the winding number's sign
             inside = winding_numbers(p, cloud.normals, uniform, k, device=str(self.device), seed=self.cfg.seed) > 0.5

@@ -42,6 +42,8 @@ def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     from fit_implicit.backend.fitting.points_fit import fit_points, points_config
 
     overrides = {"points_detail": job.detail, "points_orientation": job.orientation}
+    if job.mesh_samples > 0:
+        overrides["points_mesh_samples"] = job.mesh_samples
     if job.mesh_resolution > 0:
         overrides["mesh_resolution"] = job.mesh_resolution
     cfg = points_config(job.preset, device=ctx.device, steps=job.steps, seconds=job.seconds, **overrides)

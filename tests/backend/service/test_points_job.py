@@ -15,7 +15,7 @@ CORNERS = np.array([[x, y, z] for z in (0, 1) for y in (0, 1) for x in (0, 1)], 
 BOX_V = LO + CORNERS * (HI - LO)
 BOX_F = np.array([[0, 2, 1], [1, 2, 3], [4, 5, 6], [5, 7, 6], [0, 1, 4], [1, 5, 4],
                   [2, 6, 3], [3, 6, 7], [0, 4, 2], [2, 4, 6], [1, 3, 5], [3, 7, 5]], dtype=np.int32)
-SMALL = dict(preset="draft", steps=150, mesh_resolution=64)
+SMALL = dict(preset="draft", steps=150, mesh_resolution=64, mesh_samples=20000)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def test_a_mesh_comes_back_clean_at_its_place_and_the_model_stays(backend):
         got = _run(peer, protocol.PointsJob(vertices=BOX_V.astype(np.float32), faces=BOX_F, name="box", **SMALL))
         assert isinstance(got[-1], protocol.Done), got[-1]
         mesh = next(m for m in got if isinstance(m, protocol.MeshResult))
-        assert np.allclose(mesh.vertices.min(0), LO, atol=0.05) and np.allclose(mesh.vertices.max(0), HI, atol=0.05)
+        lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
+        assert np.allclose((lo + hi) / 2, (LO + HI) / 2, atol=0.02)       # the sender's place ...
+        assert np.allclose(hi - lo, HI - LO, atol=0.15)                   # ... and size (a box's corners come out round)
         summary = got[-1].summary
         assert summary["method"] == "points" and summary["oriented"] and summary["faces"] == len(mesh.faces)
         assert any(isinstance(m, protocol.Progress) for m in got)
