@@ -21,6 +21,8 @@
 # "profile" (not in the default) times and profiles training steps on lego (benchmarks/profile_step.py,
 # PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072").
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
+# "points" (not in the default) fits SDFs to scanned analytic shapes (POINTS_PRESET, POINTS_ARGS; Open3D's
+# screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
@@ -95,6 +97,11 @@ if want poses; then      # not in the default: BARF's protocol on lego (issue 15
         python3 benchmarks/lego.py --data .data/lego --budgets "$budgets" --pose-noise "$sigma" --set camera_refine=on \
             ${POSE_ARGS:-} --out "$OUT/bench_poses_$sigma.json" || status=1
     done
+fi
+if want points; then      # not in the default: surfaces from scans (issue 16); screened Poisson runs on the CPU here, not there
+    echo "== surfaces from points: analytic scans (benchmarks/points_vs_poisson.py --no-poisson, preset ${POINTS_PRESET:-standard})"
+    python3 benchmarks/points_vs_poisson.py --device cuda --no-poisson --preset "${POINTS_PRESET:-standard}" ${POINTS_ARGS:-} \
+        --out "$OUT/bench_points.json" || status=1
 fi
 if want mesh; then
     echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"

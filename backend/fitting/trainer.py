@@ -55,7 +55,8 @@ class TrainConfig:
     camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
-    camera_smooth_grad: bool = True   # while poses are refined: points' gradients through half-cosine hash weights (fields/hashgrid.py)
+    camera_smooth_grad: bool = True   # while poses are refined: the points' gradients through half-cosine
+                                      # hash weights (fields/hashgrid.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -144,7 +144,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.unseen import Views, summary_entries
     from fit_implicit.backend.fitting import data
     from fit_implicit.backend.fitting.config import make_config
-    from fit_implicit.backend.fitting.loop import Cancelled, LongFitNotice, fit
+    from fit_implicit.backend.fitting.loop import LongFitNotice, fit
     from fit_implicit.backend.render.image import to_rgba8
 
     posed = data.from_submit(submit)
@@ -160,13 +160,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     callbacks = TrainCallbacks(ctx, previews=submit.preview_size > 0, length_notice=LongFitNotice(cfg.preset))
     ctx.progress("train", force=True)
     start = time.monotonic()
-    model = saved_model(ctx)   # a backend restarted after training ended: no need to train again
-    if model is None:
-        try:
-            model = fit(posed, cfg, callbacks, resume=resume_state(ctx, str(cfg.device)))
-        except Cancelled as exc:
-            raise JobCancelled() from exc
-        save_model(model, ctx)
+    model = trained_model(ctx, str(cfg.device), lambda resume, data=posed: fit(data, cfg, callbacks, resume=resume))
     fit_seconds = time.monotonic() - start
     refined = (getattr(model, "meta", None) or {}).get("camera_refine")
     if refined:     # the cameras as the fit corrected them: the mesh is refined against those
@@ -214,6 +208,22 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         **cameras,
         **environment,
     }
+
+
+def trained_model(ctx: JobContext, device: str, train: Callable[[dict | None], Any]):
+    """The job's fitted model: the one its folder holds (a backend restarted after training
+    ended need not train again), else ``train(resume)`` from the job's last checkpoint (or None),
+    then kept in the folder.  A cancel during training raises JobCancelled."""
+    from fit_implicit.backend.fitting.loop import Cancelled
+
+    model = saved_model(ctx)
+    if model is None:
+        try:
+            model = train(resume_state(ctx, device))
+        except Cancelled as exc:
+            raise JobCancelled() from exc
+        save_model(model, ctx)
+    return model
 
 
 def save_model(model, ctx: JobContext) -> None:

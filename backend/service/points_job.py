@@ -13,9 +13,9 @@ import time
 
 from fit_implicit.shared import protocol
 
-from fit_implicit.backend.service.fit_job import (TrainCallbacks, cancellable, configure_torch, resume_state, save_model,
-                                                 saved_model, send_mesh_assets)
-from fit_implicit.backend.service.jobs import JobCancelled, JobContext
+from fit_implicit.backend.service.fit_job import (TrainCallbacks, cancellable, configure_torch, send_mesh_assets,
+                                                 trained_model)
+from fit_implicit.backend.service.jobs import JobContext
 
 
 def cloud_of(job: protocol.PointsJob, samples: int, seed: int = 0):
@@ -38,7 +38,6 @@ def run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
 
 def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.mesh import extract_mesh
-    from fit_implicit.backend.fitting.loop import Cancelled
     from fit_implicit.backend.fitting.points_fit import fit_points, points_config
 
     overrides = {"points_detail": job.detail, "points_orientation": job.orientation}
@@ -49,15 +48,9 @@ def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     cfg = points_config(job.preset, device=ctx.device, steps=job.steps, seconds=job.seconds, **overrides)
     ctx.progress("train", force=True)
     start = time.monotonic()
-    model = saved_model(ctx)          # a backend restarted after training ended: no need to train again
     callbacks = TrainCallbacks(ctx, previews=False)
-    if model is None:
-        cloud = cloud_of(job, cfg.points.points_mesh_samples)
-        try:
-            model = fit_points(cloud, cfg, callbacks, resume=resume_state(ctx, str(cfg.device)))
-        except Cancelled as exc:
-            raise JobCancelled() from exc
-        save_model(model, ctx)
+    model = trained_model(ctx, str(cfg.device), lambda resume: fit_points(
+        cloud_of(job, cfg.points.points_mesh_samples), cfg, callbacks, resume=resume))
     fit_seconds = time.monotonic() - start
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)

@@ -110,7 +110,7 @@ def test_fit_points_command_cleans_a_scan_with_outliers_into_a_coloured_closed_m
     print(f"chamfer {c:.3f} % F {fs:.3f}")
     assert c < 0.5 and fs > 0.95 and _closed(faces)
     model = load_run(tmp_path / "run", device="cpu")
-    assert model.meta["points"]["outliers_removed"] > 0.04 * len(pts)
+    assert model.meta["points"]["outliers_removed"] > 0.04 * len(pts)        # the 5 %, and some sparse surface
     colours = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
     top, bottom = verts[:, 2] > centre[2] + 0.2, verts[:, 2] < centre[2] - 0.2
     assert colours[top, 0].mean() > 0.7 and colours[top, 2].mean() < 0.3
