@@ -387,6 +387,9 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         auto = args.texture_size == "auto"
         if auto and Views.of_run(model.meta) is None:
+            if model.meta.get("source") == "points":
+                raise ValueError("--texture-size auto needs training cameras, and a fit to points has none: give a "
+                                 "size, or 0 for vertex colours")
             raise ValueError("--texture-size auto needs the training cameras, which this run does not keep "
                              "(fitted before they were saved): give a size")
         size = TEXTURE_AUTO if auto else check_size(int(args.texture_size))

@@ -12,6 +12,7 @@ classes = (
     *results.CLASSES,             # its PropertyGroup before the scene settings that hold a list of it
     properties.ImplicitSceneSettings,
     operators.IMPLICIT_OT_fit,
+    operators.IMPLICIT_OT_fit_points,
     operators.IMPLICIT_OT_cancel,
     operators.IMPLICIT_OT_add_camera_rig,
     operators.IMPLICIT_OT_export_dataset,

@@ -263,6 +263,82 @@ class IMPLICIT_OT_fit(bpy.types.Operator):
             self._session.close()
 
 
+class IMPLICIT_OT_fit_points(bpy.types.Operator):
+    """Fit a signed distance field to the active object's points or surface and import a clean, closed mesh with
+    its transform"""
+
+    bl_idname = "implicit.fit_points"
+    bl_label = "Fit SDF to Points"
+    bl_options = {"REGISTER", "UNDO"}
+
+    address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
+                                      description="Backend address; empty: the scene's or the preferences'")
+    timeout: bpy.props.FloatProperty(name="Timeout", default=0.0, min=0.0, options={"SKIP_SAVE"},
+                                     description="Blocking mode only: give up after this many seconds (0: never)")
+
+    _fit = None
+    _timer = None
+
+    @staticmethod
+    def _module():
+        from . import points_fit     # numpy and the client load on first use
+        return points_fit
+
+    @classmethod
+    def poll(cls, context):
+        ob = context.active_object
+        if ob is None or ob.type not in ("MESH", "POINTCLOUD"):
+            cls.poll_message_set("Select a mesh or point-cloud object")
+            return False
+        return True
+
+    def _new_fit(self, context):
+        from .client import BackendError
+
+        pf = self._module()
+        try:
+            return pf.PointsFit(context, context.active_object, self.address.strip() or backend_address(context))
+        except (pf.PointsFitError, BackendError, KeyProblem) as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
+
+    def _end(self, fit) -> set:
+        if fit.error:
+            self.report({"ERROR"}, f"Fit SDF to Points: {fit.error}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, fit.status)
+        return {"FINISHED"}
+
+    def execute(self, context):
+        fit = self._new_fit(context)
+        if fit is None:
+            return {"CANCELLED"}
+        fit.run(self.timeout or None)
+        return self._end(fit)
+
+    def invoke(self, context, event):
+        self._fit = self._new_fit(context)
+        if self._fit is None:
+            return {"CANCELLED"}
+        self._fit.start()
+        self._timer = context.window_manager.event_timer_add(0.2, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        context.workspace.status_text_set(self._fit.status)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        if event.type == "ESC":
+            self._fit.cancel()
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        done = self._fit.tick()
+        context.workspace.status_text_set(None if done else self._fit.status)
+        if not done:
+            return {"RUNNING_MODAL"}
+        context.window_manager.event_timer_remove(self._timer)
+        return self._end(self._fit)
+
+
 class IMPLICIT_OT_cancel(bpy.types.Operator):
     """Cancel the running fit"""
 

@@ -184,6 +184,24 @@ class VIEW3D_PT_implicit_mesh(_SidebarPanel, bpy.types.Panel):
         col.prop(props, "smooth_shading")
 
 
+class VIEW3D_PT_implicit_points(_SidebarPanel, bpy.types.Panel):
+    """Fit SDF to Points: a scan, a point cloud or a broken mesh -> a clean, closed mesh on top of it."""
+
+    bl_label = "Points & Scans"
+    bl_idname = "VIEW3D_PT_implicit_points"
+    bl_parent_id = VIEW3D_PT_implicit.bl_idname
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = context.scene.implicit
+        col = layout.column()
+        col.prop(props, "points_detail", slider=True, text="Fill Holes / Keep Detail")
+        col.prop(props, "points_voxel_size")
+        col.prop(props, "preset")
+        layout.operator("implicit.fit_points", icon="OUTLINER_OB_POINTCLOUD")
+
+
 class VIEW3D_PT_implicit_backend(_SidebarPanel, bpy.types.Panel):
     """Where the backend is, and the local one's controls."""
 
@@ -263,7 +281,7 @@ def draw_progress(box, props):
 
 # Parent first; Blender shows the sub-panels in this order.
 CLASSES = (VIEW3D_PT_implicit, VIEW3D_PT_implicit_capture, VIEW3D_PT_implicit_field,
-           VIEW3D_PT_implicit_mesh, VIEW3D_PT_implicit_results, VIEW3D_PT_implicit_backend)
+           VIEW3D_PT_implicit_mesh, VIEW3D_PT_implicit_points, VIEW3D_PT_implicit_results, VIEW3D_PT_implicit_backend)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,16 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         description="Training time budget in seconds; 0: the preset's default number of steps",
         default=0.0, min=0.0, soft_max=3600.0, unit="TIME_ABSOLUTE",
     )
+    # Fit SDF to Points (blender_addon/points_fit.py): the backend's setting of the same name, and the
+    # mesh's resolution as a voxel size
+    points_detail: bpy.props.FloatProperty(
+        name="Detail", default=0.5, min=0.0, max=1.0,
+        description="Fit SDF to Points: 0 fills holes in the scan smoothly, 1 keeps every detail (finer grid levels, "
+                    "no smoothing)")
+    points_voxel_size: bpy.props.FloatProperty(
+        name="Voxel Size", default=0.0, min=0.0, soft_max=1.0, unit="LENGTH", precision=4,
+        description="Fit SDF to Points: size of the mesh's voxels in the object's own units, as Voxel Remesh "
+                    "(smaller: finer mesh); 0: the quality preset's resolution")
     ring_count: bpy.props.IntProperty(
         name="Ring Cameras",
         description="Cameras placed around the selection when the scene has none",

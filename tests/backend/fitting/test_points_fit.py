@@ -115,6 +115,12 @@ def test_fit_points_command_cleans_a_scan_with_outliers_into_a_coloured_closed_m
     top, bottom = verts[:, 2] > centre[2] + 0.2, verts[:, 2] < centre[2] - 0.2
     assert colours[top, 0].mean() > 0.7 and colours[top, 2].mean() < 0.3
     assert colours[bottom, 2].mean() > 0.7 and colours[bottom, 0].mean() < 0.3
+    # the kept field meshes again with `mesh`; its default textures need cameras, which it has not
+    again = [sys.executable, "-m", "fit_implicit.backend.cli", "mesh", str(tmp_path / "run"), "--device", "cpu",
+             "--mesh-resolution", "48", "--out"]
+    told = subprocess.run(again + [str(tmp_path / "a.ply")], capture_output=True, text=True, timeout=300)
+    assert told.returncode == 2 and "a fit to points has none" in told.stderr
+    assert subprocess.run(again + [str(tmp_path / "b.ply"), "--texture-size", "0"], timeout=300).returncode == 0
 
 
 def test_bad_settings_and_clouds_are_refused_clearly():
