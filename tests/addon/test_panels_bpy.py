@@ -15,8 +15,8 @@ pytestmark = [requires_bpy, pytest.mark.blender]
 
 PARENT = "VIEW3D_PT_implicit"
 SUB_PANELS = {"VIEW3D_PT_implicit_capture": "Capture", "VIEW3D_PT_implicit_field": "Field",
-              "VIEW3D_PT_implicit_mesh": "Mesh & Textures", "VIEW3D_PT_implicit_results": "Results",
-              "VIEW3D_PT_implicit_backend": "Backend"}
+              "VIEW3D_PT_implicit_mesh": "Mesh & Textures", "VIEW3D_PT_implicit_points": "Points & Scans",
+              "VIEW3D_PT_implicit_results": "Results", "VIEW3D_PT_implicit_backend": "Backend"}
 
 # What the single panel drew before it was split: all of it must still be drawn somewhere.
 DRAWN_BEFORE = {"address", "method", "preset", "seconds", "ring_count", "mesh_resolution", "mesh_opacity",
