@@ -83,15 +83,22 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
     ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
     Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
     """
-    cb = callbacks or Callbacks()
     cfg.validate()
+    return train_fresh(lambda: make_trainer(data, cfg), data, cfg, callbacks, resume)
+
+
+def train_fresh(build: Callable[[], TrainerBase], data: PosedImages | None, cfg: FitConfig,
+                callbacks: Callbacks | None, resume: dict | None) -> FittedField:
+    """:func:`train` a trainer ``build()`` makes after seeding torch with ``cfg.seed``; a
+    checkpoint that reads but does not fit (:class:`ResumeError`) starts over with a new one."""
+    cb = callbacks or Callbacks()
     torch.manual_seed(cfg.seed)
     try:
-        return train(make_trainer(data, cfg), data, cfg, cb, resume)
+        return train(build(), data, cfg, cb, resume)
     except ResumeError as exc:     # a checkpoint that reads but does not fit: start over, fresh
         log.warning("starting over: %s", exc)
         torch.manual_seed(cfg.seed)
-        return train(make_trainer(data, cfg), data, cfg, cb, None)
+        return train(build(), data, cfg, cb, None)
 
 
 def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Callbacks, resume: dict | None

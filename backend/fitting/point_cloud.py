@@ -102,19 +102,6 @@ def make_cloud(points, normals=None, colors=None, facts: dict | None = None) -> 
     return PointCloud(pts, nrm, col, facts)
 
 
-def spacing(cloud: PointCloud, sample: int = 20000, seed: int = 0) -> float:
-    """The cloud's typical point spacing: the median distance from a point to its nearest
-    neighbour (over at most ``sample`` points), world units."""
-    from scipy.spatial import cKDTree
-
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(cloud), size=min(sample, len(cloud)), replace=False)
-    dist, _ = cKDTree(cloud.points).query(cloud.points[idx], k=2, workers=-1)
-    d = dist[:, 1]
-    d = d[d > 0]
-    return float(np.median(d)) if len(d) else float(np.max(cloud.aabb[1] - cloud.aabb[0])) * 1e-3
-
-
 def remove_outliers(cloud: PointCloud, neighbours: int, std_ratio: float) -> PointCloud:
     """Statistical outlier removal: a point whose mean distance to its ``neighbours`` nearest
     points lies more than ``std_ratio`` deviations above the cloud's typical value of that
@@ -168,10 +155,10 @@ def estimate_normals(cloud: PointCloud, neighbours: int = 16) -> PointCloud:
         child = order[1:]
         agree = np.where(np.einsum("ij,ij->i", normals[child], normals[parent[child]]) < 0, -1.0, 1.0)
         sign[root] = 1.0 if normals[root, 2] >= 0 else -1.0
-        relative = dict(zip(child.tolist(), agree.tolist()))
+        sign[child] = agree                          # relative to the parent, then made absolute:
         par = parent.tolist()
         for i in child.tolist():                     # parents come before their children
-            sign[i] = sign[par[i]] * relative[i]
+            sign[i] *= sign[par[i]]
     normals = normals * sign[:, None]
     out = PointCloud(p, normals.astype(np.float32), cloud.colors, dict(cloud.facts))
     out.facts["normals"] = f"estimated (PCA of {k} neighbours, oriented along a spanning tree)"

@@ -1,13 +1,11 @@
 """A fit to points, start to end (issue 16): its config (:func:`points_config`) and
 :func:`fit_points`, which runs fitting/points_trainer.py's trainer through the fit loop
-(fitting/loop.py ``train``).
+(fitting/loop.py ``train_fresh``).
 """
 from __future__ import annotations
 
-import torch
-
 from fit_implicit.backend.fitting.config import FitConfig, make_config
-from fit_implicit.backend.fitting.loop import Callbacks, ResumeError, train
+from fit_implicit.backend.fitting.loop import Callbacks, train_fresh
 from fit_implicit.backend.fitting.model import FittedField
 from fit_implicit.backend.fitting.point_cloud import PointCloud
 from fit_implicit.backend.fitting.points_trainer import PointsTrainer
@@ -40,10 +38,4 @@ def fit_points(cloud: PointCloud, cfg: FitConfig, callbacks: Callbacks | None = 
         raise ValueError(f"a fit to points trains a signed distance field (method sdf), not {cfg.method!r}")
     cfg.preview_size = 0
     cfg.validate()
-    cb = callbacks or Callbacks()
-    torch.manual_seed(cfg.seed)
-    try:
-        return train(PointsTrainer(cloud, cfg), None, cfg, cb, resume)
-    except ResumeError:
-        torch.manual_seed(cfg.seed)
-        return train(PointsTrainer(cloud, cfg), None, cfg, cb, None)
+    return train_fresh(lambda: PointsTrainer(cloud, cfg), None, cfg, callbacks, resume)

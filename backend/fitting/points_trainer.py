@@ -43,8 +43,7 @@ import numpy as np
 import torch
 
 from fit_implicit.backend.fitting.model import FittedField, pick_device
-from fit_implicit.backend.fitting.point_cloud import (PointCloud, estimate_normals, remove_outliers, spacing,
-                                                     winding_numbers)
+from fit_implicit.backend.fitting.point_cloud import PointCloud, estimate_normals, remove_outliers, winding_numbers
 from fit_implicit.shared.methods import POINTS_ORIENTATIONS as ORIENTATIONS
 
 if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
@@ -124,8 +123,7 @@ class PointsTrainer:
         pad = float(pc.points_padding) * float(np.max(hi - lo))
         aabb = np.stack([lo - pad, hi + pad])
         self.has_colors = cloud.colors is not None
-        facts.update(points_used=len(cloud), oriented=self.oriented, colors=self.has_colors,
-                     spacing=spacing(cloud))
+        facts.update(points_used=len(cloud), oriented=self.oriented, colors=self.has_colors)
         meta = {"source": "points", "points": facts, "lighting_baked": False, "views": 0}
         self.model = FittedField.build(cfg, aabb, meta, self.device)
         self.model.field.set_active_levels(max(1, final_levels(cfg.field.grid.levels, pc.points_detail) // 2))
@@ -150,8 +148,10 @@ class PointsTrainer:
         p = (cloud.points - m.center) / m.scale
         tree = cKDTree(p)
         k = int(min(self.cfg.points.points_outlier_k, len(p) - 1))
-        local = tree.query(p, k=k + 1, workers=-1)[0][:, -1]
-        local = np.clip(local, 1e-4, SIGMA_CAP * np.median(local))
+        near_dist = tree.query(p, k=k + 1, workers=-1)[0]
+        nearest = near_dist[:, 1][near_dist[:, 1] > 0]            # the typical spacing, world units (meta)
+        m.meta["points"]["spacing"] = float(np.median(nearest)) * m.scale if len(nearest) else 0.0
+        local = np.clip(near_dist[:, -1], 1e-4, SIGMA_CAP * np.median(near_dist[:, -1]))
         count = int(min(max(2 * len(p), 1 << 18), 1 << 22))
         idx = rng.integers(0, len(p), count)
         sigma = local[idx] * np.where(rng.random(count) < FAR_SHARE, 10.0, 1.0)
