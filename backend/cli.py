@@ -1,4 +1,4 @@
-"""Command line: ``fit-implicit {fit,fit-points,eval,render,mesh,serve} ...``.
+"""Command line: ``fit-implicit {fit,fit-points,fit-image,eval,render,mesh,serve} ...``.
 
 fit, render and mesh need only torch, numpy, scikit-image and Pillow (never pyzmq or bpy);
 ``serve`` imports :mod:`backend.service.server` (pyzmq) when it runs.
@@ -246,6 +246,64 @@ def cmd_fit_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_image(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from fit_implicit.backend.fitting.data import read_image
+    from fit_implicit.backend.fitting.image_fit import ImageFitConfig, fit_image, image_config, render_image
+    from fit_implicit.backend.fitting.model import pick_device
+    from fit_implicit.shared.methods import ENCODINGS
+
+    names = list(ENCODINGS) if args.encoding == "all" else [e.strip() for e in args.encoding.split(",") if e.strip()]
+    unknown = [e for e in names if e not in ENCODINGS]
+    if unknown or not names:
+        raise ValueError(f"--encoding {args.encoding!r}: give 'all' or names from {', '.join(ENCODINGS)}")
+    image = read_image(Path(args.image), args.downscale)
+    height, width = image.shape[:2]
+    size = (width, height)
+    if args.size:
+        try:
+            size = tuple(int(v) for v in args.size.lower().split("x"))
+            assert len(size) == 2
+        except (ValueError, AssertionError):
+            raise ValueError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    settings = ImageFitConfig().parse(args.set)
+    device = str(pick_device(args.device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _print(f"image: {width}x{height} from {Path(args.image).name}; device {device}; "
+           f"{args.steps} steps" + (f" or {args.seconds:g} s" if args.seconds else "") + " per encoding")
+    summary, rows = {}, []
+    for name in names:
+        cfg = image_config(width, height, name, steps=args.steps, seconds=args.seconds, device=device,
+                           seed=args.seed, **settings)
+        fit = fit_image(image, cfg)
+        reached = next(((s, t) for s, t, p in fit.curve if p >= args.target_psnr), None)
+        path = out / f"{Path(args.image).stem}_{name}.png"
+        picture = render_image(fit.model, *size)
+        Image.fromarray((picture.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)).save(path)
+        summary[name] = {"psnr": fit.psnr, "steps": fit.steps, "seconds": fit.seconds,
+                         "parameters": sum(p.numel() for p in fit.model.parameters()),
+                         "target_psnr": args.target_psnr,
+                         "target_step": reached[0] if reached else None,
+                         "target_seconds": reached[1] if reached else None, "image": path.name}
+        rows += [(name, s, round(t, 4), round(p, 3)) for s, t, p in fit.curve]
+        _print(f"{name:>10}: {fit.psnr:6.2f} dB after {fit.steps} steps, {fit.seconds:.1f} s; "
+               + (f"{args.target_psnr:g} dB at step {reached[0]} ({reached[1]:.1f} s)" if reached
+                  else f"{args.target_psnr:g} dB not reached") + f" -> {path}")
+    with open(out / "curves.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["encoding", "step", "seconds", "psnr"])
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps({"image": str(args.image), "width": width, "height": height,
+                                                  "device": device, "encodings": summary}, indent=1))
+    _print(f"curves (PSNR against steps and seconds) -> {out / 'curves.csv'}")
+    return 0
+
+
 def _evaluate(model, data, seconds: float = 0.0, renders: Path | None = None) -> dict:
     """Render every view of ``data`` and score it on white (PSNR and SSIM), printing each;
     stop after ``seconds`` (0: no limit) and say how many views it scored."""
@@ -434,7 +492,7 @@ _HELP = argparse.ArgumentDefaultsHelpFormatter    # --help shows every option's 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fit_implicit.shared.methods import METHOD_INFO, METHODS, PRESET_INFO, PRESETS
+    from fit_implicit.shared.methods import ENCODINGS, METHOD_INFO, METHODS, PRESET_INFO, PRESETS
 
     p = argparse.ArgumentParser(prog="fit-implicit", description="Fit Implicit backend")
     sub = p.add_subparsers(dest="command", required=True)
@@ -494,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any setting by name, e.g. --set points_orientation=unoriented (repeatable)")
     fp.add_argument("--overwrite", action="store_true", help="replace --out (and --run)")
     fp.set_defaults(func=cmd_fit_points)
+
+    fi = sub.add_parser("fit-image", formatter_class=_HELP,
+                        help="fit a 2D image with each encoding (hash grid, Fourier features, positional, SIREN): "
+                             "PSNR against steps and time, reconstructions at any size")
+    fi.add_argument("image", help="image file (.png, .jpg, .exr, ...); alpha is ignored")
+    fi.add_argument("--out", required=True, help="folder for the reconstructions, curves.csv and summary.json")
+    fi.add_argument("--encoding", default="all",
+                    help="all, or a comma-separated list of: " + ", ".join(ENCODINGS))
+    fi.add_argument("--steps", type=int, default=2000, help="training steps per encoding")
+    fi.add_argument("--seconds", type=float, default=0.0, help="training time per encoding (0: none)")
+    fi.add_argument("--size", default="", help="reconstruction size WIDTHxHEIGHT (default: the image's)")
+    fi.add_argument("--target-psnr", type=float, default=40.0, help="report when each encoding first reaches this")
+    fi.add_argument("--downscale", type=int, default=1, help="shrink the image by this integer factor first")
+    fi.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: the fastest there is)")
+    fi.add_argument("--seed", type=int, default=0)
+    fi.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="any setting by name (backend/fitting/image_fit.py, fields/encodings.py), e.g. "
+                         "--set fourier_scale=20 (repeatable)")
+    fi.set_defaults(func=cmd_fit_image)
 
     e = sub.add_parser("eval", formatter_class=_HELP, help="render a dataset's cameras and score them (PSNR, SSIM on white)")
     e.add_argument("run", help="run folder written by fit")

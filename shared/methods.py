@@ -29,3 +29,13 @@ CAMERA_REFINE_MODES = ("off", "on")
 # points' normals where given (auto), require them (oriented), or ignore them (unoriented: SAL's
 # sign-agnostic fit).
 POINTS_ORIENTATIONS = ("auto", "oriented", "unoriented")
+
+# Encodings of positions (issue 16), the setting ``encoding`` of every field
+# (backend/fields/encodings.py says which to pick); the first is the default.
+ENCODINGS = ("hashgrid", "fourier", "positional", "siren")
+ENCODING_INFO = {
+    "hashgrid": ("Hash Grid", "Multiresolution hash grid (instant-ngp): fastest to a sharp result"),
+    "fourier": ("Fourier Features", "Gaussian Fourier features: smooth, few parameters; scale sets the detail"),
+    "positional": ("Positional", "NeRF's positional encoding: sines and cosines of octaves"),
+    "siren": ("SIREN", "Sine layers: smooth, with exact derivatives; slower to train"),
+}

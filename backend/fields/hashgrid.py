@@ -198,6 +198,19 @@ class HashGrid(nn.Module):
     def out_dim(self) -> int:
         return self.levels * self.features
 
+    @property
+    def level_width(self) -> int:
+        """Features per level (the encodings' common interface, fields/encodings.py)."""
+        return self.features
+
+    def detail(self, level: int) -> float:
+        """The cell size of ``level`` (0-based) in units of [0, 1]."""
+        return 1.0 / (int(self.resolutions[level]) - 1)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The table trains with the grid's optimiser treatment; there is no MLP here."""
+        return {"grid": [self.table], "mlp": []}
+
     #: Use the fused Triton kernels on CUDA tensors (set False to force the PyTorch path).
     use_triton: bool = True
     #: Points' gradients through half-cosine weights (module doc; set while cameras are refined).

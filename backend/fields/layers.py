@@ -1,4 +1,4 @@
-"""Building blocks the fields share: the settings of a hash grid + MLP field, the MLP, and the
+"""Building blocks the fields share: the settings of an encoding + MLP field, the MLP, and the
 spherical-harmonics encoding of view directions."""
 from __future__ import annotations
 
@@ -7,23 +7,39 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fit_implicit.backend.fields.encodings import SpectralConfig, build_encoding, encoding_levels
 from fit_implicit.backend.fields.hashgrid import HashGridConfig
+from fit_implicit.shared.methods import ENCODINGS
 
 
 @dataclass
 class FieldConfig:
-    """What every field has: a hash-grid encoding and MLPs of one width."""
+    """What every field has: an encoding of positions (fields/encodings.py) and MLPs of one width."""
 
+    encoding: str = "hashgrid"  # hashgrid | fourier | positional | siren (fields/encodings.py: which to pick)
     grid: HashGridConfig = field(default_factory=HashGridConfig)
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
     hidden: int = 64            # MLP width
     geo_features: int = 15      # geometry features from the density/geometry MLP to the colour heads
     color_layers: int = 2       # hidden layers of the colour MLP
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.grid.validate()
+        self.spectral.validate()
         if int(self.hidden) < 1:
             raise ValueError(f"hidden must be at least 1, got {self.hidden}")
+
+    def build_encoding(self) -> nn.Module:
+        """The encoding module (fields/encodings.py) these settings describe."""
+        return build_encoding(self.encoding, self.grid, self.spectral)
+
+    @property
+    def all_levels(self) -> int:
+        """The encoding's coarse-to-fine bands (hash levels for the hash grid)."""
+        return encoding_levels(self.encoding, self.grid, self.spectral)
 
 
 def sh_encode(d: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Radiance field: hash grid -> density MLP (+ geometry features) -> colour MLP with view direction.
+"""Radiance field: encoding (hash grid by default) -> density MLP (+ geometry features) -> colour MLP with view direction.
 
 Works in the trainer's NORMALISED frame: positions in [-1, 1]^3 (the scene box scaled to fit),
 densities per unit of normalised length.  Directions are unit vectors (normalising by a uniform
@@ -49,19 +49,19 @@ class NerfField(nn.Module):
     def __init__(self, cfg: NerfFieldConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or NerfFieldConfig()
-        self.encoding = cfg.grid.build()
+        self.encoding = cfg.build_encoding()
         self.density_net = mlp([self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
         self.color_net = mlp([cfg.geo_features + 16] + [cfg.hidden] * cfg.color_layers + [3])
         self.level_weights: torch.Tensor | None = None      # (L*F,) while levels fade in; None = all in
 
     def set_level_weights(self, weights: torch.Tensor | None) -> None:
-        """Scale each hash level's features ((L,) weights in [0, 1], coarse first), or None:
+        """Scale each encoding level's features ((L,) weights in [0, 1], coarse first), or None:
         every level in full.  Camera refinement fades the levels in (fitting/camera_refine.py)."""
         if weights is None or bool((weights >= 1.0).all()):
             self.level_weights = None
             return
-        f = self.cfg.grid.features
-        self.level_weights = weights.to(self.encoding.table.device).repeat_interleave(f)
+        device = self.density_net[0].weight.device
+        self.level_weights = weights.to(device).repeat_interleave(self.encoding.level_width)
 
     def _geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encoding((x + 1.0) * 0.5)
@@ -87,5 +87,6 @@ class NerfField(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split by optimiser treatment: hash tables vs. MLP weights."""
-        return {"grid": [self.encoding.table],
-                "mlp": list(self.density_net.parameters()) + list(self.color_net.parameters())}
+        enc = self.encoding.param_groups()
+        return {"grid": enc["grid"],
+                "mlp": enc["mlp"] + list(self.density_net.parameters()) + list(self.color_net.parameters())}

@@ -1,9 +1,10 @@
-"""Surface fields on a hash grid: the shared geometry network and the signed distance field.
+"""Surface fields on an encoding (the hash grid by default): the shared geometry network and the
+signed distance field.
 
 Both work in the trainer's NORMALISED frame (positions in [-1, 1]^3, distances in normalised
 units).  :class:`SurfaceField` holds what the SDF and the occupancy field share:
 
-* geometry network: ``value = |x| - init_radius + MLP([x, hashgrid(x)])[0]`` and geometry
+* geometry network: ``value = |x| - init_radius + MLP([x, encoding(x)])[0]`` and geometry
   features ``MLP(...)[1:]`` (softplus activations).  Geometric initialisation: the MLP's value
   output starts at exactly zero, so the field starts as a sphere with unit gradients everywhere
   (SAL / IGR get there with a wide MLP's initial weights; a 64-wide one only roughly does); far
@@ -62,14 +63,14 @@ class SurfaceField(nn.Module):
     def __init__(self, cfg: SurfaceFieldConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or SurfaceFieldConfig()
-        self.encoding = cfg.grid.build()
+        self.encoding = cfg.build_encoding()
         self.geometry_net = mlp([3 + self.encoding.out_dim, cfg.hidden, 1 + cfg.geo_features])
         self.color_net = mlp([cfg.geo_features + 3 + 16] + [cfg.hidden] * cfg.color_layers + [3])
         self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
         with torch.random.fork_rng(devices=[]):     # built on the CPU: later draws stay as they were
             self.roughness_net = mlp([cfg.geo_features + 3, cfg.hidden, 1])
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
-        self.set_active_levels(cfg.grid.levels)
+        self.set_active_levels(self.encoding.levels)
         self._geometric_init()
 
     # ---- set-up --------------------------------------------------------------------------
@@ -86,18 +87,18 @@ class SurfaceField(nn.Module):
 
     @torch.no_grad()
     def set_active_levels(self, count: int) -> None:
-        """Use only the ``count`` coarsest hash levels (the others read zero).  Also sets
-        ``fd_step``, the finite-difference step: the cell size (normalised units) of the finest
-        active level."""
-        count = max(1, min(int(count), self.cfg.grid.levels))
+        """Use only the ``count`` coarsest encoding levels (the others read zero).  Also sets
+        ``fd_step``, the finite-difference step: the finest active level's detail (the cell size
+        of a hash level; fields/encodings.py), in normalised units."""
+        count = max(1, min(int(count), self.encoding.levels))
         self.active_levels = count
         self.level_mask.zero_()
-        self.level_mask[: count * self.cfg.grid.features] = 1.0
-        self.fd_step = 2.0 / (int(self.encoding.resolutions[count - 1]) - 1)
+        self.level_mask[: count * self.encoding.level_width] = 1.0
+        self.fd_step = 2.0 * self.encoding.detail(count - 1)
 
     def restore_active_levels(self) -> None:
         """Re-derive ``active_levels`` from the ``level_mask`` buffer (after load_state_dict)."""
-        self.set_active_levels(round(float(self.level_mask.sum())) // self.cfg.grid.features)
+        self.set_active_levels(round(float(self.level_mask.sum())) // self.encoding.level_width)
 
     # ---- geometry ------------------------------------------------------------------------
     def geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +166,9 @@ class SurfaceField(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimiser treatment: hash tables, MLP weights, scalar extras."""
-        return {"grid": [self.encoding.table],
-                "mlp": [*self.geometry_net.parameters(), *self.color_net.parameters(),
+        enc = self.encoding.param_groups()
+        return {"grid": enc["grid"],
+                "mlp": [*enc["mlp"], *self.geometry_net.parameters(), *self.color_net.parameters(),
                         *self.albedo_net.parameters(), *self.roughness_net.parameters()],
                 "extra": []}
 

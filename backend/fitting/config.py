@@ -5,7 +5,9 @@ each defined next to the class it configures:
 
 ======================  ====================================  ===================================
 ``cfg.field``           NerfFieldConfig / SurfaceFieldConfig   fields/nerf.py, fields/sdf.py (its
-                        (``cfg.field.grid``: HashGridConfig)   ``grid``: fields/hashgrid.py)
+                        (``cfg.field.grid``: HashGridConfig,   ``grid``: fields/hashgrid.py,
+                        ``cfg.field.spectral``:                ``spectral``: fields/encodings.py)
+                        SpectralConfig)
 ``cfg.train``           RadianceTrainConfig /                  fitting/trainer.py,
                         SurfaceTrainConfig                     fitting/surface_trainer.py
 ``cfg.occupancy``       OccupancyConfig                        render/occupancy_grid.py
@@ -24,7 +26,6 @@ The method and preset names are defined once, in shared/methods.py.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from fit_implicit.backend.fields.nerf import NerfFieldConfig
 from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
 from fit_implicit.backend.fitting.model import pick_device
 from fit_implicit.backend.fitting.points_trainer import PointsConfig
+from fit_implicit.backend.fitting.settings import NamedSettings
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainConfig
 from fit_implicit.backend.fitting.trainer import RadianceTrainConfig, TrainConfig
 from fit_implicit.backend.render.occupancy_grid import OccupancyConfig
@@ -53,8 +55,9 @@ GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside", "
 
 
 @dataclass
-class FitConfig:
-    """The fit loop's settings and the parts' configs (see the module doc)."""
+class FitConfig(NamedSettings):
+    """The fit loop's settings and the parts' configs (see the module doc); settings by name
+    through :class:`NamedSettings` (fitting/settings.py)."""
 
     method: str = "nerf"            # kind of field: nerf | sdf | occupancy (shared/methods.py)
     preset: str = "standard"        # preset the values came from (shared/methods.py)
@@ -82,65 +85,8 @@ class FitConfig:
         field_cls, train_cls = METHOD_CONFIGS[method]
         return cls(method=method, field=field_cls(), train=train_cls())
 
-    # ---- settings by name ---------------------------------------------------------------------
-    def settings(self) -> dict[str, tuple[Any, Any]]:
-        """Every setting's name -> (the config object holding it, its current value)."""
-        out: dict[str, tuple[Any, Any]] = {}
-
-        def walk(obj) -> None:
-            for f in dataclasses.fields(obj):
-                value = getattr(obj, f.name)
-                if dataclasses.is_dataclass(value):
-                    walk(value)
-                elif f.name in out:     # guarded by a test: names are unique
-                    raise AssertionError(f"setting {f.name!r} is defined twice")
-                else:
-                    out[f.name] = (obj, value)
-
-        walk(self)
-        return out
-
-    def set(self, **values) -> "FitConfig":
-        """Set settings by name (see the module doc); raises ValueError naming unknown ones."""
-        known = self.settings()
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)} for method {self.method!r}")
-        for name, value in values.items():
-            setattr(known[name][0], name, value)
-        return self
-
-    def parse(self, pairs: list[str]) -> dict[str, Any]:
-        """``["NAME=VALUE", ...]`` (the command line's ``--set``) -> settings by name, each value
-        typed like the setting's current value.  Raises ValueError naming a bad pair."""
-        known, out = self.settings(), {}
-        for pair in pairs:
-            name, sep, text = pair.partition("=")
-            if not sep or name not in known:
-                raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
-            kind = type(known[name][1])
-            try:
-                if kind is bool:
-                    word = text.strip().lower()
-                    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                        raise ValueError
-                    out[name] = word in ("1", "true", "yes", "on")
-                elif kind is int:
-                    out[name] = int(float(text))
-                else:
-                    out[name] = kind(text)
-            except ValueError:
-                words = " (true/false, yes/no, on/off, 1/0)" if kind is bool else ""
-                raise ValueError(f"--set {pair!r}: {text!r} is not a valid {kind.__name__}{words}") from None
-        return out
-
-    def replace(self, **values) -> "FitConfig":
-        """A copy with the named settings changed."""
-        return copy.deepcopy(self).set(**values)
-
-    def flat(self) -> dict[str, Any]:
-        """Every setting by name, one level deep."""
-        return {name: value for name, (_, value) in self.settings().items()}
+    def owner(self) -> str:
+        return f"method {self.method!r}"
 
     # ---- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -182,7 +128,8 @@ class FitConfig:
         for group in GROUPS:
             getattr(self, group).validate()
         if isinstance(self.train, SurfaceTrainConfig):
-            levels = self.field.grid.levels
+            # (other encodings have fewer bands: they start with all of them when asked for more)
+            levels = self.field.grid.levels if self.field.encoding == "hashgrid" else 1 << 30
             if not 1 <= self.train.start_levels <= levels:
                 raise ValueError(f"start_levels must be in [1, levels={levels}], got {self.train.start_levels}")
         return self

@@ -126,7 +126,7 @@ class PointsTrainer:
         facts.update(points_used=len(cloud), oriented=self.oriented, colors=self.has_colors)
         meta = {"source": "points", "points": facts, "lighting_baked": False, "views": 0}
         self.model = FittedField.build(cfg, aabb, meta, self.device)
-        self.model.field.set_active_levels(max(1, final_levels(cfg.field.grid.levels, pc.points_detail) // 2))
+        self.model.field.set_active_levels(max(1, final_levels(cfg.field.all_levels, pc.points_detail) // 2))
         self._pools(cloud, rng)
         groups = self.model.field.param_groups()
         tc = cfg.train
@@ -185,7 +185,7 @@ class PointsTrainer:
         factor = self.cfg.train.lr_factor(step, fraction)
         for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = lr * factor
-        top = final_levels(self.cfg.field.grid.levels, self.cfg.points.points_detail)
+        top = final_levels(self.cfg.field.all_levels, self.cfg.points.points_detail)
         levels = max(1, top // 2) + int((top - max(1, top // 2)) * min(2.0 * fraction, 1.0))
         field = self.model.field
         if levels != field.active_levels:

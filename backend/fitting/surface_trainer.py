@@ -124,7 +124,7 @@ class SurfaceTrainer(TrainerBase):
             group["lr"] = lr * factor
         # Schedules in steps where set, else in fractions of the fit (which may be timed): every
         # level active by mid-fit, NeuS's slope annealed over cos_anneal_share of the fit.
-        all_levels = cfg.field.grid.levels
+        all_levels = cfg.field.all_levels
         new_levels = max(all_levels - tc.start_levels, 0)
         added = step // tc.level_every if tc.level_every else int(new_levels * min(2.0 * fraction, 1.0))
         levels = min(all_levels, tc.start_levels + added)

@@ -200,7 +200,7 @@ class TrainerBase:
         if self.cameras is None or not hasattr(field, "set_level_weights"):
             return
         from fit_implicit.backend.fitting.camera_refine import level_fade
-        levels = self.cfg.field.grid.levels
+        levels = self.cfg.field.all_levels
         field.set_level_weights(level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0,
                                            levels))
 
