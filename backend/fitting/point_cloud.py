@@ -102,22 +102,54 @@ def make_cloud(points, normals=None, colors=None, facts: dict | None = None) -> 
     return PointCloud(pts, nrm, col, facts)
 
 
+PLANE_TOLERANCE = 3.0      # remove_outliers: on its neighbours' plane within 3x the typical range noise
+NOISE_SAMPLE = 20000       # points whose neighbourhoods measure that noise
+
+
+def _plane_fit(points: np.ndarray, neighbours: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points ``which`` (M,) with ``neighbours`` (M, k) indices (themselves excluded): each
+    one's distance from its neighbours' least-squares plane and those neighbours' spread across it
+    (the square root of their covariance's smallest eigenvalue), both (M,) in the cloud's units."""
+    near = points[neighbours]                                          # (M, k, 3)
+    mid = near.mean(axis=1)
+    local = near - mid[:, None]
+    vals, vecs = np.linalg.eigh(np.einsum("mki,mkj->mij", local, local) / neighbours.shape[1])
+    residual = np.abs(np.einsum("mi,mi->m", points[which] - mid, vecs[:, :, 0]))
+    return residual, np.sqrt(np.maximum(vals[:, 0], 0.0))
+
+
 def remove_outliers(cloud: PointCloud, neighbours: int, std_ratio: float) -> PointCloud:
     """Statistical outlier removal: a point whose mean distance to its ``neighbours`` nearest
     points lies more than ``std_ratio`` deviations above the cloud's typical value of that
     distance is dropped (as Open3D's and PCL's filters of that name, with the median and the
     median absolute deviation (scaled to a standard deviation) in place of the mean and the
     standard deviation: the outliers themselves would inflate those).  ``std_ratio`` 0: keep all.
+
+    Sparse is not stray: where a scanner's rays graze a surface its points are far apart but still
+    on it.  A point the test flags is kept when it lies on the surface its neighbours make: they
+    spread in a plane (their least spread, the square root of their covariance's smallest
+    eigenvalue, at most PLANE_TOLERANCE times the range noise) and the point is within that
+    tolerance of their plane.  The range noise is the lower quartile of that spread over the cloud
+    (not the median: on a part thinner than a neighbourhood, a thin plate, most neighbourhoods
+    straddle both faces).
     The count dropped goes to ``facts["outliers_removed"]``."""
     if std_ratio <= 0 or len(cloud) <= neighbours + 1:
         return cloud
     from scipy.spatial import cKDTree
 
-    dist, _ = cKDTree(cloud.points).query(cloud.points, k=neighbours + 1, workers=-1)
+    p = cloud.points
+    dist, nn = cKDTree(p).query(p, k=neighbours + 1, workers=-1)
     mean = dist[:, 1:].mean(axis=1)
     centre = np.median(mean)
     spread = 1.4826 * np.median(np.abs(mean - centre))
     keep = mean <= centre + std_ratio * max(spread, 1e-12)
+    flagged = np.flatnonzero(~keep)
+    if len(flagged):
+        sample = np.random.default_rng(0).choice(len(p), min(len(p), NOISE_SAMPLE), replace=False)
+        noise = float(np.percentile(_plane_fit(p, nn[sample, 1:], sample)[1], 25))
+        residual, thickness = _plane_fit(p, nn[flagged, 1:], flagged)
+        tolerance = PLANE_TOLERANCE * max(noise, 1e-12)
+        keep[flagged[(thickness <= tolerance) & (residual <= tolerance)]] = True
     out = cloud.subset(keep)
     out.facts["outliers_removed"] = int(len(cloud) - keep.sum())
     return out
