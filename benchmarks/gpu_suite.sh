@@ -23,6 +23,8 @@
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
 # "points" (not in the default) fits SDFs to scanned analytic shapes (POINTS_PRESET, POINTS_ARGS; Open3D's
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
+# "image" (not in the default) fits a 512x512 photo with each encoding (benchmarks/image_fit.py, IMAGE_SECONDS,
+# default 10; needs .data/images/flower_512.png, which image_fit.py makes here from ../shared/data).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
@@ -102,6 +104,11 @@ if want points; then      # not in the default: surfaces from scans (issue 16); 
     echo "== surfaces from points: analytic scans (benchmarks/points_vs_poisson.py --no-poisson, preset ${POINTS_PRESET:-standard})"
     python3 benchmarks/points_vs_poisson.py --device cuda --no-poisson --preset "${POINTS_PRESET:-standard}" ${POINTS_ARGS:-} \
         --out "$OUT/bench_points.json" || status=1
+fi
+if want image; then      # not in the default: the encodings on a natural image (issue 16 item 4)
+    echo "== image fitting: each encoding on a 512x512 photo (benchmarks/image_fit.py, ${IMAGE_SECONDS:-10} s each)"
+    python3 benchmarks/image_fit.py --device cuda --image .data/images/flower_512.png --seconds "${IMAGE_SECONDS:-10}" \
+        ${IMAGE_ARGS:-} --out "$OUT/bench_image.json" || status=1
 fi
 if want mesh; then
     echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"

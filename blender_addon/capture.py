@@ -181,7 +181,7 @@ def fit_settings_from_props(props) -> dict:
             "passes": {"ON": True, "OFF": False}.get(getattr(props, "render_passes", "AUTO")),
             "cache_dir": "" if getattr(props, "resume_renders", True) else None,
             "background": getattr(props, "background", "auto"), "camera_refine": getattr(props, "camera_refine", "off"),
-            "appearance": bool(getattr(props, "appearance", False))}
+            "appearance": bool(getattr(props, "appearance", False)), "encoding": getattr(props, "encoding", "hashgrid")}
 
 
 def passes_by_default(scene, method: str) -> bool:
@@ -809,7 +809,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
                  eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
                  lens_models=None, distortion=None, image_sizes=None, background: str = "auto",
-                 camera_refine: str = "off", appearance: bool = False) -> "protocol.Submit":
+                 camera_refine: str = "off", appearance: bool = False, encoding: str = "hashgrid") -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -829,6 +829,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         image_sizes: None (all images W x H), or (N, 2) int (width, height) of photos of
             different sizes, each top-left in its slot (protocol.pad_images).
         background / camera_refine / appearance: photo captures' settings (protocol.Submit).
+        encoding: the field's encoding of positions (shared/methods.py ENCODINGS).
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -846,7 +847,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         eval_intrinsics=np.asarray(eval_intrinsics if m else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4),
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
-        background=background, camera_refine=camera_refine, appearance=bool(appearance),
+        background=background, camera_refine=camera_refine, appearance=bool(appearance), encoding=encoding,
     )
     passes = passes or {}
     if "albedo" in passes:

@@ -73,6 +73,7 @@ class FitSettings:
     background: str = "auto"              # auto | on | off: the background model outside the box
     camera_refine: str = "off"            # off | on: each photo's pose refined; the cameras come back
     appearance: bool = False              # each photo's exposure and white balance learnt
+    encoding: str = "hashgrid"            # the field's encoding of positions (shared/methods.py ENCODINGS)
 
 
 CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (choose Standard in Field to train "
@@ -80,7 +81,8 @@ CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (cho
 
 #: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
 ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
-                  "max_faces", "ring_count", "source", "passes", "background", "camera_refine", "appearance")
+                  "max_faces", "ring_count", "source", "passes", "background", "camera_refine", "appearance",
+                  "encoding")
 
 
 @dataclass
@@ -476,7 +478,7 @@ class FitSession:
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
             texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
             distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None,
-            background=s.background, camera_refine=s.camera_refine, appearance=s.appearance)
+            background=s.background, camera_refine=s.camera_refine, appearance=s.appearance, encoding=s.encoding)
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)

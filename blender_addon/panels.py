@@ -155,6 +155,7 @@ class VIEW3D_PT_implicit_field(_SidebarPanel, bpy.types.Panel):
         col = layout.column()
         col.prop(props, "method")
         col.prop(props, "preset")
+        col.prop(props, "encoding")
         col.prop(props, "seconds")
         col.prop(props, "ring_count")
         row = col.row(align=True)
@@ -199,6 +200,7 @@ class VIEW3D_PT_implicit_points(_SidebarPanel, bpy.types.Panel):
         col.prop(props, "points_detail", slider=True, text="Fill Holes / Keep Detail")
         col.prop(props, "points_voxel_size")
         col.prop(props, "preset")
+        col.prop(props, "encoding")
         layout.operator("implicit.fit_points", icon="OUTLINER_OB_POINTCLOUD")
 
 

@@ -9,7 +9,7 @@ What is sent (shared/protocol.py PointsJob), in the object's LOCAL frame:
   Cloud object: its points, with the colours of its first colour attribute on points, if any.
 Settings (``scene.implicit``): ``points_detail`` (the backend's setting of that name: 0 fills holes
 smoothly, 1 keeps every detail), ``points_voxel_size`` (the mesh's resolution as a voxel size in
-the object's local units, as Voxel Remesh; 0: the quality preset's), ``preset``, ``max_faces``.
+the object's local units, as Voxel Remesh; 0: the quality preset's), ``preset``, ``encoding``, ``max_faces``.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def points_job(ob, settings) -> protocol.PointsJob:
                                  f"'{ob.name}': at most {protocol.MAX_MESH_RESOLUTION}. Use a larger voxel size.")
         resolution = max(resolution, 8)
     job = protocol.PointsJob(name=ob.name[:protocol.MAX_NAME], preset=settings.preset, detail=settings.points_detail,
+                             encoding=getattr(settings, "encoding", "hashgrid"),
                              mesh_resolution=resolution, max_faces=max(settings.max_faces, protocol.MIN_FACES)
                              if settings.max_faces else 0, **arrays)
     try:

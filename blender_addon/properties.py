@@ -7,6 +7,7 @@ from ._shared import methods, protocol
 # Names, titles and descriptions from shared/methods.py, in its order (the recommended method first).
 METHOD_ITEMS = tuple((name, title, text) for name, (title, text) in methods.METHOD_INFO.items())
 PRESET_ITEMS = tuple((name, title, text) for name, (title, text) in methods.PRESET_INFO.items())
+ENCODING_ITEMS = tuple((name, title, text) for name, (title, text) in methods.ENCODING_INFO.items())
 
 
 class ImplicitSceneSettings(bpy.types.PropertyGroup):
@@ -22,6 +23,10 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
     method: bpy.props.EnumProperty(
         name="Field", items=METHOD_ITEMS, default="sdf",
         description="The kind of neural field fitted to the views")
+    encoding: bpy.props.EnumProperty(
+        name="Encoding", items=ENCODING_ITEMS, default="hashgrid",
+        description="How the field encodes positions (the backend's setting of the same name): the hash grid "
+                    "is the fastest to a sharp result; the others are smooth and small")
     seconds: bpy.props.FloatProperty(
         name="Training Time",
         description="Training time budget in seconds; 0: the preset's default number of steps",

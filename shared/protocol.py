@@ -38,12 +38,12 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from . import wire
-from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, METHODS, POINTS_ORIENTATIONS, PRESETS
+from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, ENCODINGS, METHODS, POINTS_ORIENTATIONS, PRESETS
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 7            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
-                                # 7: PointsJob
+PROTOCOL_VERSION = 8            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
+                                # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -388,6 +388,8 @@ class Submit(Message):
     background: str = spec(Str(8, BACKGROUND_MODES), default="auto")
     camera_refine: str = spec(Str(8, CAMERA_REFINE_MODES), default="off")
     appearance: bool = spec(Bool(), default=False)
+    # The field's encoding of positions (shared/methods.py ENCODINGS; backend/fields/encodings.py)
+    encoding: str = spec(Str(16, ENCODINGS), default="hashgrid")
 
     def check(self):
         n = self.images.shape[0]
@@ -704,6 +706,7 @@ class PointsJob(Message):
     seconds: float = spec(Float(0.0, MAX_SECONDS), default=0.0)
     detail: float = spec(Float(0.0, 1.0), default=0.5)
     orientation: str = spec(Str(16, POINTS_ORIENTATIONS), default="auto")
+    encoding: str = spec(Str(16, ENCODINGS), default="hashgrid")     # as Submit.encoding
     mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)
     max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
     mesh_samples: int = spec(Int(0, MAX_POINTS), default=0)        # points sampled on a sent mesh; 0: the backend's

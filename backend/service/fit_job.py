@@ -150,7 +150,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     posed = data.from_submit(submit)
     overrides: dict[str, Any] = {"preview_size": submit.preview_size, "preview_interval": submit.preview_interval,
                                  "background": submit.background, "camera_refine": submit.camera_refine,
-                                 "appearance": submit.appearance}
+                                 "appearance": submit.appearance, "encoding": submit.encoding}
     if submit.mesh_resolution > 0:
         overrides["mesh_resolution"] = submit.mesh_resolution
     if submit.mesh_opacity > 0:

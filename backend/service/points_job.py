@@ -40,7 +40,7 @@ def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.fitting.points_fit import fit_points, points_config
 
-    overrides = {"points_detail": job.detail, "points_orientation": job.orientation}
+    overrides = {"points_detail": job.detail, "points_orientation": job.orientation, "encoding": job.encoding}
     if job.mesh_samples > 0:
         overrides["points_mesh_samples"] = job.mesh_samples
     if job.mesh_resolution > 0:

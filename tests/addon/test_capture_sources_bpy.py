@@ -253,7 +253,8 @@ def test_panel_says_when_lighting_stays_baked_in(capture):
         capture_source="ANIMATION", capture_camera=cam, capture_collection=None, render_passes="OFF",
         resume_renders=False))
     assert kw == {"source": "ANIMATION", "source_collection": "", "source_camera": "Cam", "passes": False,
-                  "cache_dir": None, "background": "auto", "camera_refine": "off", "appearance": False}
+                  "cache_dir": None, "background": "auto", "camera_refine": "off", "appearance": False,
+                  "encoding": "hashgrid"}
 
 
 def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):

@@ -83,8 +83,9 @@ def test_what_is_sent_and_what_is_refused(addon):
     settings.points_voxel_size = 0.001
     with pytest.raises(points_fit.PointsFitError, match="larger voxel size"):
         points_fit.points_job(cube, settings)
-    settings.points_voxel_size = 0.1
-    assert points_fit.points_job(cube, settings).mesh_resolution == 25       # 2.4 units of box / 0.1 + 1
+    settings.points_voxel_size, settings.encoding = 0.1, "siren"
+    job = points_fit.points_job(cube, settings)
+    assert job.mesh_resolution == 25 and job.encoding == "siren"        # 2.4 units of box / 0.1 + 1
     cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
     with pytest.raises(points_fit.PointsFitError, match="camera object"):
         points_fit.object_points(cam)

@@ -58,9 +58,9 @@ def test_refined_cameras_land_beside_the_originals(addon):
 
     r = fit_session.fit_scene(scene, ADDRESS, client_factory=client, probe=lambda a: protocol.Welcome(),
                               name="Shot", cameras=names, check_asset=False, camera_refine="on", background="off",
-                              appearance=True)
+                              appearance=True, encoding="fourier")
     sent = clients[0].submit
-    assert (sent.camera_refine, sent.background, sent.appearance) == ("on", "off", True)
+    assert (sent.camera_refine, sent.background, sent.appearance, sent.encoding) == ("on", "off", True, "fourier")
 
     coll = r.refined_cameras
     assert coll.name == f"Shot Mesh {refined_cameras.SUFFIX}" and coll.name in scene.collection.children
@@ -78,8 +78,9 @@ def test_refined_cameras_land_beside_the_originals(addon):
 
     # The settings, as the panel holds them, reach the Submit by the same names.
     props = scene.implicit
-    props.background, props.camera_refine, props.appearance = "on", "on", True
+    props.background, props.camera_refine, props.appearance, props.encoding = "on", "on", True, "positional"
     settings = capture.fit_settings_from_props(props)
-    assert (settings["background"], settings["camera_refine"], settings["appearance"]) == ("on", "on", True)
+    assert (settings["background"], settings["camera_refine"], settings["appearance"], settings["encoding"]) == (
+        "on", "on", True, "positional")
     with pytest.raises(ValueError, match="2 refined cameras came back for 3 training cameras"):
         refined_cameras.add_refined_cameras(scene, names, refined[:2], np.zeros(2), np.zeros(2), "Wrong")

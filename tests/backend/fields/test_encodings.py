@@ -17,6 +17,7 @@ from fit_implicit.backend.fields.occfield import OccField
 from fit_implicit.backend.fields.sdf import SdfField
 from fit_implicit.backend.fitting.config import make_config
 from fit_implicit.backend.fitting.image_fit import fit_image, image_config, render_image
+from fit_implicit.shared import protocol
 from fit_implicit.shared.methods import ENCODINGS
 
 
@@ -140,3 +141,7 @@ def test_encoding_settings_out_of_range_are_refused_clearly():
         fit_image(np.zeros((5, 1, 3), np.uint8), image_config(1, 5))
     with pytest.raises(ValueError, match="unknown setting"):
         image_config(8, 8, not_a_setting=1)
+    # over the wire (Submit.encoding, PointsJob.encoding): checked where the backend decodes it
+    job = protocol.PointsJob(points=np.zeros((20, 3), np.float32), encoding="wavelets")
+    with pytest.raises(protocol.ProtocolError, match="points_job.encoding: 'wavelets' is not one of hashgrid"):
+        protocol.decode_message(job.to_frames())
