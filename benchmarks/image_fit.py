@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO / ".data" / "images" / "flower_512.png"
