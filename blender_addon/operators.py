@@ -293,13 +293,27 @@ class IMPLICIT_OT_fit_points(bpy.types.Operator):
         return True
 
     def _new_fit(self, context):
+        """The PointsFit, after starting a local backend when none answers and the preferences'
+        Auto Start allows it (as Fit Implicit does; here the wait blocks, up to 120 s); None after
+        reporting why it cannot run."""
+        from .backend_process import BackendProcessError
         from .client import BackendError
 
         pf = self._module()
+        address = self.address.strip() or backend_address(context)
         try:
-            return pf.PointsFit(context, context.active_object, self.address.strip() or backend_address(context))
+            try:
+                return pf.PointsFit(context, context.active_object, address)
+            except BackendError as exc:
+                if not _auto_start_applies(context, address, exc):
+                    raise
+                try:
+                    start_local_backend(context, address).wait_ready(timeout=120)
+                except BackendProcessError as err:
+                    raise BackendError(auto_start_failed_text(exc, err), exc.code) from None
+                return pf.PointsFit(context, context.active_object, address)
         except (pf.PointsFitError, BackendError, KeyProblem) as exc:
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, _capitalised(str(exc)))
             return None
 
     def _end(self, fit) -> set:

@@ -105,12 +105,14 @@ class PointsFit:
 
     def __init__(self, context, source, address: str):
         from . import ownership
-        from .client import JobClient
+        from .client import JobClient, probe
         from .preferences import connection_kwargs
 
         self.scene, self.source = context.scene, source
         self.job = points_job(source, context.scene.implicit)
-        self.client = JobClient(address, token=ownership.scene_token(context.scene), **connection_kwargs(context))
+        keys = connection_kwargs(context)
+        probe(address, **keys)      # BackendError (its code "unreachable": none answers) before anything is sent
+        self.client = JobClient(address, token=ownership.scene_token(context.scene), **keys)
         self.status, self.fraction = "Sending points", 0.0
         self.mesh: protocol.MeshResult | None = None
         self.result = None

@@ -218,6 +218,31 @@ def test_fit_starts_a_local_backend_on_demand(addon, tmp_path, monkeypatch):
     assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"}
 
 
+@pytest.mark.slow
+def test_fit_sdf_to_points_starts_a_local_backend_on_demand(addon, tmp_path, monkeypatch):
+    """Fit SDF to Points with no backend running and Auto Start on: the backend comes up and the job
+    reaches it (cut short by the operator's timeout; the fit itself is tested in test_points_fit_bpy.py).
+    With Auto Start off the artist is told that nothing answers."""
+    import bpy
+    from fit_implicit.blender_addon import backend_process
+    monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))
+    address = free_address()
+    _prefs(address, auto_start=False)
+    _cube_scene()
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=1.0)
+    with pytest.raises(RuntimeError, match="No backend answered at .* is it running"):
+        bpy.ops.implicit.fit_points(timeout=8.0)
+    assert backend_process.get(address) is None
+    _prefs(address, auto_start=True)
+    with pytest.raises(RuntimeError, match="Fit SDF to Points: no result within 8 s"):   # cut short, reported
+        bpy.ops.implicit.fit_points(timeout=8.0)
+    proc = backend_process.get(address)
+    assert proc is not None and proc.running, "no backend was started"
+    log = proc.log_tail(20000)
+    assert re.search(r"job \w+: running", log), log
+    assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"}
+
+
 def test_surface_level_goes_from_the_panel_into_the_submit(addon, fake_backend):
     """The radiance field's Surface Level (0: Auto) travels from the panel's property through the
     fit's settings into the Submit the backend receives; out of range it is clamped by Blender."""
