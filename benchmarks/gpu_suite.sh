@@ -21,7 +21,8 @@
 # "profile" (not in the default) times and profiles training steps on lego (benchmarks/profile_step.py,
 # PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072").
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
-# "points" (not in the default) fits SDFs to scanned analytic shapes (POINTS_PRESET, POINTS_ARGS; Open3D's
+# "points" (not in the default) fits SDFs to scanned analytic shapes and, where .data/bunny is carried, the
+# Stanford bunny's range scans (POINTS_PRESET, POINTS_CASES, POINTS_ARGS; Open3D's
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
 # "image" (not in the default) fits a 512x512 photo with each encoding (benchmarks/image_fit.py, IMAGE_SECONDS,
 # default 10; needs .data/images/flower_512.png, which image_fit.py makes here from ../shared/data).
@@ -102,8 +103,10 @@ if want poses; then      # not in the default: BARF's protocol on lego (issue 15
 fi
 if want points; then      # not in the default: surfaces from scans (issue 16); screened Poisson runs on the CPU here, not there
     echo "== surfaces from points: analytic scans (benchmarks/points_vs_poisson.py --no-poisson, preset ${POINTS_PRESET:-standard})"
-    python3 benchmarks/points_vs_poisson.py --device cuda --no-poisson --preset "${POINTS_PRESET:-standard}" ${POINTS_ARGS:-} \
-        --out "$OUT/bench_points.json" || status=1
+    cases="sphere,torus,rounded_box,thin_plate"
+    [[ -f .data/bunny/bun.conf ]] && cases="$cases,bunny"       # the real scan, when carried (point_cases.py)
+    python3 benchmarks/points_vs_poisson.py --device cuda --no-poisson --preset "${POINTS_PRESET:-standard}" \
+        --cases "${POINTS_CASES:-$cases}" ${POINTS_ARGS:-} --out "$OUT/bench_points.json" || status=1
 fi
 if want image; then      # not in the default: the encodings on a natural image (issue 16 item 4)
     echo "== image fitting: each encoding on a 512x512 photo (benchmarks/image_fit.py, ${IMAGE_SECONDS:-10} s each)"

@@ -557,7 +557,7 @@ class FitSession:
             try:
                 size = (r.images.shape[2], r.images.shape[1]) if r.images is not None else None
                 r.refined_cameras = add_refined_cameras(self.scene, r.camera_names, msg.poses, msg.moved_deg,
-                                                        msg.moved, owner, r.intrinsics, size)
+                                                        msg.moved, owner, r.intrinsics, size, msg.focal_scale)
                 r.camera_moves = (msg.moved_deg, msg.moved)
             except ValueError as exc:     # not the cameras this session sent: say so, keep the rest
                 r.notes.append(f"refined cameras not imported: {exc}")

@@ -126,7 +126,9 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         name="Refine Cameras", default="off",
         description="Correct each photo's pose while fitting (poses from COLMAP or a phone are close, not exact); "
                     "the refined cameras come back beside the originals. Not for forward-facing captures",
-        items=(("off", "Off", "Take the poses as exact"), ("on", "On", "Refine each photo's pose")))
+        items=(("off", "Off", "Take the poses as exact"), ("on", "On", "Refine each photo's pose"),
+               ("focal", "Poses and Focal Length", "Refine each photo's pose and the lens's focal length (one for "
+                                                   "all photos, as when the EXIF focal length is a little off)")))
     appearance: bpy.props.BoolProperty(
         name="Per-photo Exposure", default=False,
         description="Learn each photo's exposure and white balance, so that photos shot with different settings "

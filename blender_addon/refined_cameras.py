@@ -20,11 +20,13 @@ SUFFIX = "Refined Cameras"
 
 
 def add_refined_cameras(scene, names: list[str], poses: np.ndarray, moved_deg: np.ndarray, moved: np.ndarray,
-                        title: str, intrinsics: np.ndarray | None = None, size: tuple[int, int] | None = None):
+                        title: str, intrinsics: np.ndarray | None = None, size: tuple[int, int] | None = None,
+                        focal_scale: float = 1.0):
     """New cameras at ``poses`` (N, 4, 4) camera-to-world (Blender's camera convention), copies of
     the camera objects ``names`` (N) where they still exist (else cameras built from the sent
     ``intrinsics`` (N, 4) of images ``size`` (width, height)), in a new collection "<title>
-    Refined Cameras" linked to ``scene``; returns that collection."""
+    Refined Cameras" linked to ``scene``; returns that collection.  ``focal_scale``: the refined
+    focal length's factor (CamerasResult.focal_scale), applied to each copy's lens."""
     from ._shared import cameras
 
     if len(names) != len(poses):
@@ -41,6 +43,7 @@ def add_refined_cameras(scene, names: list[str], poses: np.ndarray, moved_deg: n
                 bc = cameras.blender_camera_from_intrinsics(np.asarray(intrinsics[i], np.float64), *size)
                 data.sensor_width, data.sensor_height, data.sensor_fit = bc.sensor_width, bc.sensor_height, bc.sensor_fit
                 data.lens, data.shift_x, data.shift_y = bc.lens, bc.shift_x, bc.shift_y
+        data.lens *= float(focal_scale)
         ob = bpy.data.objects.new(f"{name} refined", data)
         ob.matrix_world = Matrix(pose.tolist())
         ob.hide_render = True

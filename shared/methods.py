@@ -21,9 +21,9 @@ PRESET_INFO = {
 
 # Photo captures (issue 15), Submit's settings of the same names: the background model outside the
 # box (auto: on for photos without alpha or a camera inside the box), each photo's pose refined
-# while fitting.
+# while fitting (focal: and the focal length, one factor shared by every photo).
 BACKGROUND_MODES = ("auto", "on", "off")
-CAMERA_REFINE_MODES = ("off", "on")
+CAMERA_REFINE_MODES = ("off", "on", "focal")
 
 # Fits to points (issue 16), PointsJob.orientation and the setting points_orientation: use the
 # points' normals where given (auto), require them (oriented), or ignore them (unoriented: SAL's

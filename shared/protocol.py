@@ -43,7 +43,7 @@ from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
 PROTOCOL_VERSION = 8            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
-                                # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding
+                                # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding, CamerasResult.focal_scale
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -638,6 +638,8 @@ class CamerasResult(Message):
     poses: np.ndarray = spec(Array(("float64", "float32"), ("N", 4, 4)))
     moved_deg: np.ndarray = spec(Array(("float64", "float32"), ("N",)))
     moved: np.ndarray = spec(Array(("float64", "float32"), ("N",)))
+    # The focal length's factor when it was refined too (camera_refine "focal"; every photo's), else 1
+    focal_scale: float = spec(Float(0.25, 4.0), default=1.0)
 
     def check(self):
         if len(self.poses) < 1:

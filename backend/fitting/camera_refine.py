@@ -43,9 +43,17 @@ class CameraRefiner(nn.Module):
     """Per-photo pose corrections.  ``forward(photo, origins, dirs)`` -> the rays of the
     corrected cameras (world units; ``scale`` = the box's half-size in world units)."""
 
-    def __init__(self, count: int, centres: np.ndarray, scale: float):
+    def __init__(self, count: int, centres: np.ndarray, scale: float, rotations: np.ndarray | None = None):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(int(count), 6))               # rotation vector, shift / scale
+        # The focal length too (camera_refine "focal") when the cameras' rotations are given: one
+        # factor exp(log_focal) for every photo (a capture's photos share a lens far more often than
+        # not; one factor each would trade against each camera's distance).
+        self.focal = rotations is not None
+        if self.focal:
+            self.log_focal = nn.Parameter(torch.zeros(()))
+            self.register_buffer("rotations", torch.as_tensor(np.asarray(rotations), dtype=torch.float32),
+                                 persistent=False)
         self.scale = float(scale)
         self.register_buffer("centres", torch.as_tensor(np.asarray(centres), dtype=torch.float32))
         spread = (self.centres - self.centres.mean(0)) / self.scale          # (N, 3) box half-sizes
@@ -73,6 +81,12 @@ class CameraRefiner(nn.Module):
     def forward(self, photo: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         w, t = self.corrections()
+        if self.focal:      # in each camera's frame: a longer lens narrows the rays (x, y over -z)
+            cam = self.rotations[photo]                                      # (R, 3, 3) camera to world
+            local = (cam.transpose(1, 2) @ dirs[..., None])[..., 0]
+            local = torch.cat([local[:, :2] * torch.exp(-self.log_focal), local[:, 2:]], dim=-1)
+            dirs = (cam @ local[..., None])[..., 0]
+            dirs = dirs / dirs.norm(dim=-1, keepdim=True)
         rot = rotation_matrices(w)[photo]                                    # (R, 3, 3)
         centre = self.centres[photo]
         # A rotation about the camera's centre moves an origin off the centre (a lens-shifted
@@ -100,7 +114,8 @@ class CameraRefiner(nn.Module):
         turn = w.norm(dim=-1).double().remainder(2.0 * math.pi)
         degrees = (torch.minimum(turn, 2.0 * math.pi - turn) * 180.0 / math.pi).cpu().numpy()
         shifts = t.norm(dim=-1).cpu().numpy()
-        return {"rotation_deg": [round(float(v), 4) for v in degrees], "shift": [round(float(v), 6) for v in shifts],
+        focal = {"focal_scale": round(float(torch.exp(self.log_focal)), 6)} if self.focal else {}
+        return {**focal, "rotation_deg": [round(float(v), 4) for v in degrees], "shift": [round(float(v), 6) for v in shifts],
                 "mean_rotation_deg": round(float(degrees.mean()), 4), "max_rotation_deg": round(float(degrees.max()), 4),
                 "mean_shift": round(float(shifts.mean()), 6), "max_shift": round(float(shifts.max()), 6),
                 "poses": self.refined_poses(poses).tolist()}

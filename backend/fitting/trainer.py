@@ -51,7 +51,7 @@ class TrainConfig:
     appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
-    camera_refine: str = "off"      # on | off: correct each photo's pose while fitting (fitting/camera_refine.py)
+    camera_refine: str = "off"      # off | on | focal: correct each photo's pose (focal: and the focal length) while fitting (fitting/camera_refine.py)
     camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
@@ -147,7 +147,7 @@ def refines_cameras(data: PosedImages, cfg: FitConfig) -> bool:
     capture (llff_flower) the cameras drift together in ways a field of another depth explains
     as well (a growing spread, a toe-in), and held-out views fall from 17.6 to 14.8 dB (CPU,
     300 steps; docs/benchmarks.md)."""
-    return bool(cfg.train.camera_refine == "on" and len(data) >= 3)
+    return bool(cfg.train.camera_refine in ("on", "focal") and len(data) >= 3)
 
 
 class TrainerBase:
@@ -175,7 +175,9 @@ class TrainerBase:
         self.cameras = None                  # per-photo pose corrections (camera_refine.py)
         if refines_cameras(data, cfg):
             from fit_implicit.backend.fitting.camera_refine import CameraRefiner
-            self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale).to(self.device)
+            self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale,
+                                         np.asarray(data.poses)[:, :3, :3] if cfg.train.camera_refine == "focal" else None
+                                         ).to(self.device)
             self.poses = np.asarray(data.poses)
             for part in (self.model.field, self.model.background):   # the background has hash grids too
                 for grid in (m for m in (part.modules() if part is not None else ()) if isinstance(m, HashGrid)):

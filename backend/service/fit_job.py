@@ -251,10 +251,12 @@ def send_cameras(model, ctx: JobContext) -> dict:
         return {}
     poses = np.asarray(moved["poses"], np.float64)
     ctx.send(protocol.CamerasResult(job_id=ctx.job_id, poses=poses, moved_deg=np.asarray(moved["rotation_deg"], np.float64),
-                                    moved=np.asarray(moved["shift"], np.float64)))
+                                    moved=np.asarray(moved["shift"], np.float64),
+                                    focal_scale=float(moved.get("focal_scale", 1.0))))
     return {"cameras_refined": int(len(poses)), "camera_mean_rotation_deg": moved["mean_rotation_deg"],
             "camera_max_rotation_deg": moved["max_rotation_deg"], "camera_mean_shift": moved["mean_shift"],
-            "camera_max_shift": moved["max_shift"]}
+            "camera_max_shift": moved["max_shift"], **({"camera_focal_scale": moved["focal_scale"]}
+                                                       if "focal_scale" in moved else {})}
 
 
 # ---- the background as an environment image ---------------------------------------------------------

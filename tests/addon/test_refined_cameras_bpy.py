@@ -48,7 +48,7 @@ def test_refined_cameras_land_beside_the_originals(addon):
                [protocol.MeshResult(job_id="cam1", vertices=v, faces=np.array([[0, 1, 2]], np.int32),
                                     colors=np.full((3, 3), 0.5, np.float32))],
                [protocol.CamerasResult(job_id="cam1", poses=refined, moved_deg=np.array([0.5, 1.0, 2.0]),
-                                       moved=np.array([0.0, 0.01, 0.0]))],
+                                       moved=np.array([0.0, 0.01, 0.0]), focal_scale=1.1)],
                [protocol.Done(job_id="cam1", summary={"steps": 10, "cameras_refined": 3})]]
     clients = []
 
@@ -68,7 +68,8 @@ def test_refined_cameras_land_beside_the_originals(addon):
     assert [ob.name for ob in made] == ["A refined", "B refined", "C refined"]
     for ob, name, pose, deg in zip(made, names, refined, (0.5, 1.0, 2.0)):
         np.testing.assert_allclose(np.array(ob.matrix_world), pose, atol=1e-5)
-        assert ob.data.lens == scene.objects[name].data.lens and ob.data is not scene.objects[name].data
+        assert ob.data.lens == pytest.approx(scene.objects[name].data.lens * 1.1)     # the refined focal length
+        assert ob.data is not scene.objects[name].data
         assert ob.hide_render and ob["implicit_refined_from"] == name and ob["implicit_moved_deg"] == deg
     assert made[1]["implicit_moved"] == pytest.approx(0.01)
     np.testing.assert_allclose(np.array([np.array(scene.objects[n].matrix_world) for n in names]), poses, atol=1e-6)
