@@ -17,6 +17,9 @@ shift), and each row adds the camera errors before and after the fit (mean rotat
 degrees, centre error; after aligning the estimate to the true cameras by a similarity) and
 ``psnr_aligned``, the held-out views moved by that similarity into the fit's frame.  Pair it
 with ``--set camera_refine=on``; without refinement "after" is the perturbed cameras.
+``--focal-noise F``: the training cameras' focal lengths are all F (a fraction) too long; pair it
+with ``--set camera_refine=focal``; each row adds the refined ``focal_scale`` and ``focal_error``
+(the fraction still wrong).
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pose-noise", type=float, default=0.0, metavar="SIGMA",
                     help="perturb the training cameras (radians and scene units per component; BARF: 0.15)")
     ap.add_argument("--pose-noise-seed", type=int, default=0)
+    ap.add_argument("--focal-noise", type=float, default=0.0, metavar="F",
+                    help="the training cameras' focal lengths F (a fraction, e.g. 0.05) too long")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lego.json"))
     args = ap.parse_args(argv)
 
@@ -105,6 +110,12 @@ def main(argv=None) -> int:
         raise SystemExit("--pose-noise must not be negative")
     if args.pose_noise > 0:
         train = dataclasses.replace(train, poses=pose_noise.perturb(true_poses, args.pose_noise, args.pose_noise_seed))
+    if not -0.5 < args.focal_noise < 1.0:
+        raise SystemExit("--focal-noise must be in (-0.5, 1)")
+    if args.focal_noise:
+        lens = np.array(train.intrinsics, dtype=np.float64, copy=True)
+        lens[:, :2] *= 1.0 + args.focal_noise
+        train = dataclasses.replace(train, intrinsics=lens)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     rows = []
@@ -141,6 +152,10 @@ def main(argv=None) -> int:
             cams = {"pose_noise": args.pose_noise, "pose_error_before": pose_noise.errors(true_poses, train.poses),
                     "pose_error": pose_noise.errors(true_poses, estimated),
                     "psnr_aligned": round(float(np.mean(evaluate(model, dataclasses.replace(held, poses=moved)))), 3)}
+        if args.focal_noise:
+            scale = (model.meta.get("camera_refine") or {}).get("focal_scale", 1.0)
+            cams.update(focal_noise=args.focal_noise, focal_scale=scale,
+                        focal_error=round(abs((1.0 + args.focal_noise) * scale - 1.0), 5))
         steps = int(model.meta["steps"])
         train_s = float(model.meta["seconds"])
         samples = float(model.meta.get("samples", 0))
