@@ -177,10 +177,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_points(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from fit_implicit.backend.export.files import write_mesh
-    from fit_implicit.backend.export.mesh import MAX_RESOLUTION, extract_mesh
+    from fit_implicit.backend.export.mesh import extract_mesh, voxel_resolution
     from fit_implicit.backend.fitting.loop import Callbacks
     from fit_implicit.backend.fitting.point_files import read_points
     from fit_implicit.backend.fitting.points_fit import fit_points, points_config
@@ -230,12 +228,8 @@ def cmd_fit_points(args: argparse.Namespace) -> int:
         model.meta["provenance"] = provenance(args.file, sys.argv, str(cfg.device), single_file=True)
         save_run(model, args.run)
         _print(f"saved {args.run}")
-    side = float((model.aabb[1] - model.aabb[0]).max())
-    resolution = (int(np.ceil(side / args.voxel_size)) + 1 if args.voxel_size
+    resolution = (voxel_resolution(model.aabb, args.voxel_size) if args.voxel_size
                   else args.mesh_resolution or cfg.mesh.mesh_resolution)
-    if not 2 <= resolution <= MAX_RESOLUTION:
-        raise ValueError(f"a voxel size of {args.voxel_size:g} needs {resolution} voxels along the box's {side:.4g} "
-                         f"units: at most {MAX_RESOLUTION}; give a larger --voxel-size")
     t1 = time.perf_counter()
     verts, faces, colors = extract_mesh(model, resolution)
     if not len(faces):

@@ -13,14 +13,12 @@ the object's local units, as Voxel Remesh; 0: the quality preset's), ``preset``,
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
 from ._shared import protocol
 
-PADDING = 0.1                 # the backend's box margin on each side (points_padding), for the voxel size
 RESULT_SUFFIX = " SDF"
 
 
@@ -68,18 +66,11 @@ def points_job(ob, settings) -> protocol.PointsJob:
     pts = arrays.get("points", arrays.get("vertices"))
     if len(pts) < 16 and "faces" not in arrays:
         raise PointsFitError(f"'{ob.name}' has {len(pts)} points: at least 16 are needed to fit a surface.")
-    resolution = 0
-    if settings.points_voxel_size > 0 and len(pts):
-        side = float(np.max(np.nanmax(pts, 0) - np.nanmin(pts, 0))) * (1.0 + 2 * PADDING)
-        resolution = int(math.ceil(side / settings.points_voxel_size)) + 1
-        if resolution > protocol.MAX_MESH_RESOLUTION:
-            raise PointsFitError(f"A voxel size of {settings.points_voxel_size:g} needs {resolution} voxels across "
-                                 f"'{ob.name}': at most {protocol.MAX_MESH_RESOLUTION}. Use a larger voxel size.")
-        resolution = max(resolution, 8)
     job = protocol.PointsJob(name=ob.name[:protocol.MAX_NAME], preset=settings.preset, detail=settings.points_detail,
                              encoding=getattr(settings, "encoding", "hashgrid"),
-                             mesh_resolution=resolution, max_faces=max(settings.max_faces, protocol.MIN_FACES)
-                             if settings.max_faces else 0, **arrays)
+                             voxel_size=float(settings.points_voxel_size),   # the backend's box decides the resolution
+                             max_faces=max(settings.max_faces, protocol.MIN_FACES) if settings.max_faces else 0,
+                             **arrays)
     try:
         return job.validate()
     except protocol.ProtocolError as exc:

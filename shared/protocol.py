@@ -43,7 +43,8 @@ from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
 PROTOCOL_VERSION = 8            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
-                                # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding, CamerasResult.focal_scale
+                                # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding and voxel_size,
+                                #    CamerasResult.focal_scale
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -709,6 +710,10 @@ class PointsJob(Message):
     detail: float = spec(Float(0.0, 1.0), default=0.5)
     orientation: str = spec(Str(16, POINTS_ORIENTATIONS), default="auto")
     encoding: str = spec(Str(16, ENCODINGS), default="hashgrid")     # as Submit.encoding
+    # The mesh's voxels, in the points' units (as Voxel Remesh); 0: mesh_resolution.  The backend
+    # turns it into a resolution in its own box (the points and a margin) and refuses a job whose
+    # voxels are too small for MAX_MESH_RESOLUTION before fitting.
+    voxel_size: float = spec(Float(0.0, 1e9), default=0.0)
     mesh_resolution: int = spec(Int(0, MAX_MESH_RESOLUTION), default=0)
     max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
     mesh_samples: int = spec(Int(0, MAX_POINTS), default=0)        # points sampled on a sent mesh; 0: the backend's

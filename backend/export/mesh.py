@@ -64,6 +64,20 @@ class MeshConfig:
                              f"got {self.mesh_opacity}")
 
 
+
+def voxel_resolution(aabb, voxel_size: float) -> int:
+    """The mesh resolution (grid points along the box's longest side) of voxels ``voxel_size``
+    across (world units, as Blender's Voxel Remesh) in the box ``aabb`` (2, 3).  Raises ValueError
+    saying what to change when that is more than MAX_RESOLUTION."""
+    side = float(np.max(np.asarray(aabb[1], np.float64) - np.asarray(aabb[0], np.float64)))
+    if not voxel_size > 0:
+        raise ValueError(f"a voxel size must be positive, got {voxel_size:g}")
+    resolution = int(np.ceil(side / voxel_size)) + 1
+    if resolution > MAX_RESOLUTION:
+        raise ValueError(f"a voxel size of {voxel_size:g} needs {resolution} voxels along the box's {side:.4g} "
+                         f"units: at most {MAX_RESOLUTION}; give a larger voxel size")
+    return max(resolution, 8)
+
 def grid_shape(aabb: np.ndarray, resolution: int) -> tuple[int, int, int]:
     """Grid points per axis: ``resolution`` along the box's longest side, cubic cells."""
     ext = aabb[1] - aabb[0]

@@ -91,6 +91,14 @@ class PointsConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
+def cloud_box(cloud, padding: float) -> np.ndarray:
+    """(2, 3) the box a fit to ``cloud`` works in: its points' bounds, ``padding`` of their largest
+    extent added on every side (setting points_padding)."""
+    lo, hi = cloud.aabb
+    pad = float(padding) * float(np.max(hi - lo))
+    return np.stack([lo - pad, hi + pad])
+
+
 def final_levels(levels: int, detail: float) -> int:
     """Hash levels a fit reaches: half of them at detail 0, all at detail 1."""
     low = max(1, levels // 2)
@@ -119,9 +127,7 @@ class PointsTrainer:
             cloud = estimate_normals(cloud, NORMAL_NEIGHBOURS)
             facts["normals"] = cloud.facts["normals"]
         self.oriented = cloud.normals is not None and pc.points_orientation != "unoriented"
-        lo, hi = cloud.aabb
-        pad = float(pc.points_padding) * float(np.max(hi - lo))
-        aabb = np.stack([lo - pad, hi + pad])
+        aabb = cloud_box(cloud, pc.points_padding)
         self.has_colors = cloud.colors is not None
         facts.update(points_used=len(cloud), oriented=self.oriented, colors=self.has_colors)
         meta = {"source": "points", "points": facts, "lighting_baked": False, "views": 0}

@@ -51,7 +51,8 @@ class TrainConfig:
     appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
-    camera_refine: str = "off"      # off | on | focal: correct each photo's pose (focal: and the focal length) while fitting (fitting/camera_refine.py)
+    camera_refine: str = "off"      # off | on | focal: correct each photo's pose while fitting (focal: and the
+                                    # focal length, one factor for all photos; fitting/camera_refine.py)
     camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined

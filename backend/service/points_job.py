@@ -37,8 +37,9 @@ def run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
 
 
 def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
-    from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.mesh import extract_mesh, voxel_resolution
     from fit_implicit.backend.fitting.points_fit import fit_points, points_config
+    from fit_implicit.backend.fitting.points_trainer import cloud_box
 
     overrides = {"points_detail": job.detail, "points_orientation": job.orientation, "encoding": job.encoding}
     if job.mesh_samples > 0:
@@ -46,21 +47,24 @@ def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     if job.mesh_resolution > 0:
         overrides["mesh_resolution"] = job.mesh_resolution
     cfg = points_config(job.preset, device=ctx.device, steps=job.steps, seconds=job.seconds, **overrides)
+    cloud = cloud_of(job, cfg.points.points_mesh_samples)
+    if job.voxel_size > 0:      # refused now, not after the fit (the fit's box, outliers gone, is no larger)
+        voxel_resolution(cloud_box(cloud, cfg.points.points_padding), job.voxel_size)
     ctx.progress("train", force=True)
     start = time.monotonic()
     callbacks = TrainCallbacks(ctx, previews=False)
-    model = trained_model(ctx, str(cfg.device), lambda resume: fit_points(
-        cloud_of(job, cfg.points.points_mesh_samples), cfg, callbacks, resume=resume))
+    model = trained_model(ctx, str(cfg.device), lambda resume: fit_points(cloud, cfg, callbacks, resume=resume))
     fit_seconds = time.monotonic() - start
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
-    verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution, decimate_to=job.max_faces or None)
+    resolution = voxel_resolution(model.aabb, job.voxel_size) if job.voxel_size > 0 else cfg.mesh.mesh_resolution
+    verts, faces, colors = extract_mesh(model, resolution, decimate_to=job.max_faces or None)
     if not len(faces):
         raise ValueError("the field fitted to the points has no surface: nothing to send back")
     assets = send_mesh_assets(model, verts, faces, colors, 0, ctx)
     facts = model.meta.get("points", {})
     return {"steps": int(model.meta.get("steps", 0)), "seconds": round(fit_seconds, 3), "method": "points",
-            "preset": job.preset, "device": str(cfg.device),
+            "preset": job.preset, "device": str(cfg.device), "mesh_resolution": int(resolution),
             "resumed_from_step": int(model.meta.get("resumed_from_step", 0)),
             **{k: facts[k] for k in ("points_in", "points_used", "outliers_removed", "non_finite_dropped",
                                      "oriented", "mean_distance") if k in facts},

@@ -80,12 +80,9 @@ def test_what_is_sent_and_what_is_refused(addon):
     arrays = points_fit.object_points(cube)
     assert arrays["faces"].shape == (12, 3) and np.allclose(np.abs(arrays["vertices"]), 1.0)   # local frame
     settings = bpy.context.scene.implicit
-    settings.points_voxel_size = 0.001
-    with pytest.raises(points_fit.PointsFitError, match="larger voxel size"):
-        points_fit.points_job(cube, settings)
     settings.points_voxel_size, settings.encoding = 0.1, "siren"
-    job = points_fit.points_job(cube, settings)
-    assert job.mesh_resolution == 25 and job.encoding == "siren"        # 2.4 units of box / 0.1 + 1
+    job = points_fit.points_job(cube, settings)      # the backend turns the voxel size into its resolution
+    assert job.voxel_size == pytest.approx(0.1) and job.mesh_resolution == 0 and job.encoding == "siren"
     cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
     with pytest.raises(points_fit.PointsFitError, match="camera object"):
         points_fit.object_points(cam)

@@ -34,7 +34,8 @@ def _run(peer: RawPeer, job: protocol.PointsJob) -> list:
 def test_a_mesh_comes_back_clean_at_its_place_and_the_model_stays(backend):
     with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         peer.request(protocol.Hello(client="test"))
-        got = _run(peer, protocol.PointsJob(vertices=BOX_V.astype(np.float32), faces=BOX_F, name="box", **SMALL))
+        got = _run(peer, protocol.PointsJob(vertices=BOX_V.astype(np.float32), faces=BOX_F, name="box", voxel_size=0.05,
+                                            **SMALL))
         assert isinstance(got[-1], protocol.Done), got[-1]
         mesh = next(m for m in got if isinstance(m, protocol.MeshResult))
         lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
@@ -42,6 +43,7 @@ def test_a_mesh_comes_back_clean_at_its_place_and_the_model_stays(backend):
         assert np.allclose(hi - lo, HI - LO, atol=0.15)                   # ... and size (a box's corners come out round)
         summary = got[-1].summary
         assert summary["method"] == "points" and summary["oriented"] and summary["faces"] == len(mesh.faces)
+        assert summary["mesh_resolution"] in (49, 50)       # voxels of 0.05 across 2 units and a 10 % margin each side
         assert any(isinstance(m, protocol.Progress) for m in got)
         # its model is kept like a fit's: MeshJob meshes it again
         again = _run(peer, protocol.MeshJob(fit_job_id=got[-1].job_id, mesh_resolution=32))
@@ -60,4 +62,9 @@ def test_bad_points_jobs_are_refused_or_fail_with_the_reason(backend):
         nan = protocol.PointsJob(points=np.full((50, 3), np.nan, np.float32), **SMALL)
         end = _run(peer, nan)[-1]
         assert isinstance(end, protocol.Failed) and "0 finite points" in end.message
+        # voxels too small for the largest mesh: refused before any training, saying what to change
+        fine = protocol.PointsJob(vertices=BOX_V.astype(np.float32), faces=BOX_F, voxel_size=1e-4, **SMALL)
+        got = _run(peer, fine)
+        assert isinstance(got[-1], protocol.Failed) and "give a larger voxel size" in got[-1].message
+        assert not any(isinstance(m, protocol.Progress) and m.stage == "train" for m in got)
         assert isinstance(peer.request(protocol.Ping(seq=1)), protocol.Pong)         # still serving
