@@ -165,6 +165,7 @@ def stanford_bunny(folder) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     from pathlib import Path
 
     import trimesh
+    from scipy.spatial.transform import Rotation
 
     from fit_implicit.backend.fitting.point_files import read_points
 
@@ -175,10 +176,7 @@ def stanford_bunny(folder) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         if len(words) != 9 or words[0] != "bmesh" or words[1] not in BUNNY_SCANS:
             continue
         t = np.array(words[2:5], float)
-        x, y, z, w = (float(v) for v in words[5:9])
-        rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+        rot = Rotation.from_quat(np.array(words[5:9], float)).as_matrix()        # (x, y, z, w) order
         parts.append(read_points(folder / words[1]).points @ rot + t)      # rows: (R^T p)^T = p^T R
     if len(parts) != len(BUNNY_SCANS):
         raise FileNotFoundError(f"{folder}: expected bun.conf and {', '.join(BUNNY_SCANS)}")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fit_implicit.backend.fields.hashgrid import HashGrid, HashGridConfig
+from fit_implicit.backend.fields.hashgrid import HashGridConfig
 from fit_implicit.shared.methods import ENCODINGS
 
 FOURIER_BANDS = 8           # Fourier features come in this many bands, sorted by frequency
@@ -169,5 +169,5 @@ def encoding_levels(name: str, grid: HashGridConfig, spectral: SpectralConfig) -
             "positional": int(spectral.positional_frequencies), "siren": 1}[name]
 
 
-__all__ = ["SpectralConfig", "FourierFeatures", "PositionalEncoding", "Siren", "HashGrid",
+__all__ = ["SpectralConfig", "FourierFeatures", "PositionalEncoding", "Siren",
            "build_encoding", "encoding_levels", "FOURIER_BANDS", "SIREN_LR_SCALE"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from fit_implicit.backend.fields.layers import FieldConfig, mlp
 from fit_implicit.backend.fitting.settings import NamedSettings
+from fit_implicit.shared.quality import psnr
 
 MAX_PIXELS = 1 << 26        # 64 Mpx: larger images are refused (memory), or shrink them first
 # Fourier features' scale on images, in cycles per image width: the Fourier-features paper's best for
@@ -104,16 +105,14 @@ def render_image(model: ImageField, width: int, height: int, chunk: int = 1 << 1
     """The fitted image at any size: (height, width, 3) float32 sRGB in [0, 1]."""
     if width < 1 or height < 1 or width * height > MAX_PIXELS:
         raise ValueError(f"cannot render {width}x{height} pixels (1 to {MAX_PIXELS} pixels)")
-    device = next(model.net.parameters()).device
-    uv = pixel_centres(width, height, device)
-    out = torch.cat([model(part) for part in uv.split(chunk)])
-    return out.reshape(height, width, 3).float().cpu().numpy()
+    uv = pixel_centres(width, height, next(model.net.parameters()).device)
+    return predict(model, uv, chunk).reshape(height, width, 3).float().cpu().numpy()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images with values in [0, 1]."""
-    mse = float(((a - b) ** 2).mean())
-    return 10.0 * math.log10(1.0 / max(mse, 1e-20))
+@torch.no_grad()
+def predict(model: ImageField, uv: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """The model's colours (N, 3) at ``uv`` (N, 2), in chunks of ``chunk`` points."""
+    return torch.cat([model(part) for part in uv.split(chunk)])
 
 
 @dataclass
@@ -157,8 +156,7 @@ def fit_image(image: np.ndarray, cfg: ImageFitConfig) -> ImageFit:
     curve: list[tuple[int, float, float]] = []
 
     def record(step: int, seconds: float) -> None:
-        with torch.no_grad():
-            curve.append((step, seconds, psnr(torch.cat([model(p) for p in uv.split(1 << 18)]), target)))
+        curve.append((step, seconds, psnr(float(((predict(model, uv) - target) ** 2).mean()))))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -191,4 +189,4 @@ def fit_image(image: np.ndarray, cfg: ImageFitConfig) -> ImageFit:
 
 
 __all__ = ["ImageFitConfig", "image_config", "ImageField", "ImageFit", "fit_image", "render_image", "pixel_centres",
-           "psnr", "MAX_PIXELS"]
+           "predict", "MAX_PIXELS"]

@@ -106,14 +106,22 @@ PLANE_TOLERANCE = 3.0      # remove_outliers: on its neighbours' plane within 3x
 NOISE_SAMPLE = 20000       # points whose neighbourhoods measure that noise
 
 
-def _plane_fit(points: np.ndarray, neighbours: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For points ``which`` (M,) with ``neighbours`` (M, k) indices (themselves excluded): each
-    one's distance from its neighbours' least-squares plane and those neighbours' spread across it
-    (the square root of their covariance's smallest eigenvalue), both (M,) in the cloud's units."""
+def _local_pca(points: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Principal axes of each neighbourhood: ``neighbours`` (M, k) indices into ``points`` ->
+    centroids (M, 3), covariance eigenvalues (M, 3) ascending and eigenvectors (M, 3, 3) (columns;
+    the first is the normal of the neighbourhood's least-squares plane)."""
     near = points[neighbours]                                          # (M, k, 3)
     mid = near.mean(axis=1)
     local = near - mid[:, None]
     vals, vecs = np.linalg.eigh(np.einsum("mki,mkj->mij", local, local) / neighbours.shape[1])
+    return mid, vals, vecs
+
+
+def _plane_fit(points: np.ndarray, neighbours: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points ``which`` (M,) with ``neighbours`` (M, k) indices (themselves excluded): each
+    one's distance from its neighbours' least-squares plane and those neighbours' spread across it
+    (the square root of their covariance's smallest eigenvalue), both (M,) in the cloud's units."""
+    mid, vals, vecs = _local_pca(points, neighbours)
     residual = np.abs(np.einsum("mi,mi->m", points[which] - mid, vecs[:, :, 0]))
     return residual, np.sqrt(np.maximum(vals[:, 0], 0.0))
 
@@ -168,9 +176,7 @@ def estimate_normals(cloud: PointCloud, neighbours: int = 16) -> PointCloud:
     p = cloud.points
     k = int(min(neighbours, len(p) - 1))
     _, nn = cKDTree(p).query(p, k=k + 1, workers=-1)
-    local = p[nn] - p[nn].mean(axis=1, keepdims=True)
-    _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", local, local))
-    normals = vecs[:, :, 0]                                          # smallest eigenvalue's vector
+    normals = _local_pca(p, nn)[2][:, :, 0]                          # smallest eigenvalue's vector
     rows = np.repeat(np.arange(len(p)), k)
     cols = nn[:, 1:].reshape(-1)
     weight = 1.0 - np.abs(np.einsum("ij,ij->i", normals[rows], normals[cols])) + 1e-6

@@ -47,13 +47,15 @@ def _run_points_job(job: protocol.PointsJob, ctx: JobContext) -> dict:
     if job.mesh_resolution > 0:
         overrides["mesh_resolution"] = job.mesh_resolution
     cfg = points_config(job.preset, device=ctx.device, steps=job.steps, seconds=job.seconds, **overrides)
-    cloud = cloud_of(job, cfg.points.points_mesh_samples)
+    cloud = None
     if job.voxel_size > 0:      # refused now, not after the fit (the fit's box, outliers gone, is no larger)
+        cloud = cloud_of(job, cfg.points.points_mesh_samples)
         voxel_resolution(cloud_box(cloud, cfg.points.points_padding), job.voxel_size)
     ctx.progress("train", force=True)
     start = time.monotonic()
     callbacks = TrainCallbacks(ctx, previews=False)
-    model = trained_model(ctx, str(cfg.device), lambda resume: fit_points(cloud, cfg, callbacks, resume=resume))
+    model = trained_model(ctx, str(cfg.device), lambda resume: fit_points(   # the cloud only when it trains
+        cloud if cloud is not None else cloud_of(job, cfg.points.points_mesh_samples), cfg, callbacks, resume=resume))
     fit_seconds = time.monotonic() - start
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
