@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -312,7 +313,7 @@ def _evaluate(model, data, seconds: float = 0.0, renders: Path | None = None) ->
         if i and seconds and time.perf_counter() - start > seconds:     # at least one view
             _print(f"evaluation stopped by its {seconds:g} s budget after {i} of {len(data)} views")
             break
-        img = to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i)))
+        img = to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i), time=data.time(i)))
         psnrs.append(psnr_white(img, data.image(i)))
         ssims.append(ssim_white(img, data.image(i)))
         if renders is not None:
@@ -350,19 +351,23 @@ def cmd_render(args: argparse.Namespace) -> int:
     from fit_implicit.backend.fitting.data import image_size, read_frames
     from fit_implicit.backend.fitting.runs import load_run
     from fit_implicit.backend.render.image import to_rgba8, write_exr
+    from fit_implicit.shared.transforms import frame_times
 
     model = load_run(args.run, device=args.device)
-    _, frames, _ = read_frames(args.cameras)
+    file, frames, _ = read_frames(args.cameras)
+    times = frame_times([f.meta for f in frames], file)       # D-NeRF's per-frame "time", else --time
+    if times is None and args.time is not None:
+        times = [args.time] * len(frames)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     default = (model.meta.get("width"), model.meta.get("height"))
-    for f in frames:
+    for i, f in enumerate(frames):
         size = f.declared_size() or (image_size(f.image_path) if f.image_path else None) or default
         if not size[0] or not size[1]:
             raise ValueError(f"frame {f.name!r}: no image size in the cameras file, no image, no run size")
         w, h = int(size[0]), int(size[1])
         t0 = time.perf_counter()
-        img = model.render(f.intrinsics(w, h), f.c2w, w, h)
+        img = model.render(f.intrinsics(w, h), f.c2w, w, h, time=None if times is None else float(times[i]))
         if args.format == "exr":
             write_exr(out / f"{f.name}.exr", img)
         else:
@@ -411,13 +416,49 @@ OBJ_COLOUR_NOTE = ("note: Blender's OBJ importer reads every texture as sRGB (an
                    "carries it")
 
 
+def _time_arg(text: str) -> float:
+    """--time: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected an instant in [0, 1], got {text!r}")
+    return value
+
+
 def cmd_mesh(args: argparse.Namespace) -> int:
-    from fit_implicit.backend.export.files import write_mesh
-    from fit_implicit.backend.export.mesh import extract_mesh
-    from fit_implicit.backend.export.unseen import Views
     from fit_implicit.backend.fitting.runs import load_run
 
     model = load_run(args.run, device=args.device)
+    if (args.frames or args.time is not None) and not model.dynamic:
+        raise ValueError("--time and --frames are for fits over time; this run is of one instant")
+    if args.frames < 0 or args.frames == 1:
+        raise ValueError(f"--frames must be 0 (one mesh) or at least 2, got {args.frames}")
+    if not args.frames:
+        model.time = args.time or 0.0
+        _mesh_one(model, args, Path(args.out))
+        return 0
+    out = Path(args.out)
+    sequence = []
+    for i in range(args.frames):
+        model.time = i / (args.frames - 1)
+        path = out.with_name(f"{out.stem}_{i:04d}{out.suffix}")
+        _print(f"frame {i + 1}/{args.frames}, time {model.time:.4f}:")
+        written = _mesh_one(model, args, path)
+        sequence.append({"time": round(model.time, 6), "file": written.name})
+    index = out.with_name(f"{out.stem}_sequence.json")
+    index.write_text(json.dumps({"frames": sequence}, indent=1))
+    _print(f"mesh sequence of {len(sequence)} instants -> {index}")
+    return 0
+
+
+def _mesh_one(model, args: argparse.Namespace, out: Path) -> Path:
+    """Mesh (and texture) ``model`` at its current time into ``out``; returns the mesh file."""
+    from fit_implicit.backend.export.files import write_mesh
+    from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.unseen import Views
+
     resolution = args.mesh_resolution or model.config.mesh.mesh_resolution
     t0 = time.perf_counter()
     views = None if args.keep_unseen or not model.config.mesh.mesh_close_unseen else Views.of_run(model.meta)
@@ -446,7 +487,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
                              "(fitted before they were saved): give a size")
         size = TEXTURE_AUTO if auto else check_size(int(args.texture_size))
         mesh, baked = texture_mesh(model, verts, faces, size, views=Views.of_run(model.meta))
-        path = write_textured(args.out, mesh, baked)
+        path = write_textured(out, mesh, baked)
         times = ", ".join(f"{k} {v:.2f} s" for k, v in baked.timings.items())
         size = baked.albedo.shape[0]
         _print(f"textures: {size}x{size} ({', '.join(k for k, _ in baked.items())}), "
@@ -454,10 +495,10 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         if path.suffix.lower() == ".obj":
             _print(OBJ_COLOUR_NOTE)
     else:
-        path = write_mesh(args.out, verts, faces, colors)
+        path = write_mesh(out, verts, faces, colors)
         _print(f"vertex colours -> {path}")
     _write_environment(model, path, args.environment_height)
-    return 0
+    return path
 
 
 def _write_environment(model, mesh_path: Path, height: int | str) -> Path | None:
@@ -582,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for one RGBA image per frame")
     r.add_argument("--format", default="png", choices=("png", "exr"),
                    help="png: 8-bit sRGB, straight alpha; exr: 32-bit float, linear light, premultiplied alpha")
+    r.add_argument("--time", type=_time_arg, default=None,
+                   help="fits over time: the instant in [0, 1] of frames without their own 'time' key (default: 0)")
     r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_render)
 
@@ -604,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fits that modelled the background: also write it beside the mesh as <stem>_environment.png, "
                         "an equirectangular image this many pixels high and twice as wide, for Blender's World "
                         "(0: not written; auto: 512 on a GPU, 256 on the CPU)")
+    m.add_argument("--time", type=_time_arg, default=None,
+                   help="fits over time: the instant in [0, 1] to mesh (default: 0)")
+    m.add_argument("--frames", type=int, default=0,
+                   help="fits over time: a mesh sequence of this many instants from 0 to 1, written as "
+                        "<stem>_0000<suffix>, ... with <stem>_sequence.json listing each file's time")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

@@ -95,6 +95,36 @@ def read(path: str | Path, names: Sequence[str], keys: Sequence[str]) -> tuple[P
     return file, frames, doc
 
 
+TIME_KEY = "time"      # D-NeRF's per-frame instant, in [0, 1] (a fit over time: backend/fields/motion.py)
+
+
+def frame_times(frames: Sequence[RawFrame | dict], file: str | Path) -> np.ndarray | None:
+    """(N,) float64 times of the frames (their merged ``time`` keys), or None when none has one.
+
+    Raises ValueError naming the file and the first frame at fault when only some frames have a
+    time, or a time is not a number in [0, 1].
+    """
+    metas = [f.meta if isinstance(f, RawFrame) else f for f in frames]
+    have = [TIME_KEY in m for m in metas]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = have.index(False)
+        raise ValueError(f"{file}: frame {missing} has no '{TIME_KEY}' while other frames have one "
+                         f"(give every frame a time in [0, 1], or none)")
+    out = np.empty(len(metas), np.float64)
+    for i, m in enumerate(metas):
+        value = m[TIME_KEY]
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = math.nan
+        if isinstance(value, bool) or not 0.0 <= t <= 1.0:      # (NaN fails the comparison too)
+            raise ValueError(f"{file}: frame {i}: '{TIME_KEY}' must be a number in [0, 1], got {value!r}")
+        out[i] = t
+    return out
+
+
 #: Keys of a frame (or the file's top level) that give its intrinsics; see :func:`frame_intrinsics`.
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_angle_x", "camera_angle_y")
 

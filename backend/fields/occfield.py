@@ -42,12 +42,12 @@ class OccField(SurfaceField):
         t = min(max(fraction / ANNEAL_UNTIL, 0.0), 1.0)
         self.logit_scale.fill_(SCALE_START * (SCALE_END / SCALE_START) ** t)
 
-    def logit(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N,) occupancy logit."""
-        return -self.logit_scale * self.value(x)
+    def logit(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3) -> (N,) occupancy logit (t: see SurfaceField.geometry)."""
+        return -self.logit_scale * self.value(x, t)
 
-    def inside(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit(x)
+    def inside(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit(x, t)
 
     def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
         # the raw value grows outwards (the logit falls)

@@ -31,6 +31,7 @@ from torch import nn
 
 from fit_implicit.backend.render.surface import neus_optical_depth
 from fit_implicit.backend.fields.layers import FieldConfig, mlp, sh_encode
+from fit_implicit.backend.fields.motion import Deformation, add_motion_groups
 
 # Tetrahedron corners: sum v v^T = 4 I, so sum_i v_i f(x + h v_i) ~= 4 h grad f and
 # sum_i f(x + h v_i) ~= 4 f(x) + 2 h^2 laplacian f.
@@ -69,6 +70,7 @@ class SurfaceField(nn.Module):
         self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
         with torch.random.fork_rng(devices=[]):     # built on the CPU: later draws stay as they were
             self.roughness_net = mlp([cfg.geo_features + 3, cfg.hidden, 1])
+        self.deformation: Deformation | None = None         # a dynamic fit's motion (fields/motion.py)
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
         self.set_active_levels(self.encoding.levels)
         self._geometric_init()
@@ -101,30 +103,34 @@ class SurfaceField(nn.Module):
         self.set_active_levels(round(float(self.level_mask.sum())) // self.encoding.level_width)
 
     # ---- geometry ------------------------------------------------------------------------
-    def geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def geometry(self, x: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, 3) -> raw value (N,) (SDF: signed distance; occupancy: minus the logit before
-        its scale) and features (N, geo_features)."""
+        its scale) and features (N, geo_features).  t: (N,) times of a dynamic field (its
+        ``deformation``, fields/motion.py) or None: its current ``time``; a still field ignores t."""
+        if self.deformation is not None:
+            x = self.deformation(x, t)
         enc = self.encoding((x + 1.0) * 0.5) * self.level_mask
         h = self.geometry_net(torch.cat([x, enc], dim=-1))
         return x.norm(dim=-1) - self.cfg.init_radius + h[:, 0], h[:, 1:]
 
-    def value(self, x: torch.Tensor) -> torch.Tensor:
+    def value(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """The raw geometry value (N,) only."""
-        return self.geometry(x)[0]
+        return self.geometry(x, t)[0]
 
-    def geometry_with_derivatives(self, x: torch.Tensor, h: float
+    def geometry_with_derivatives(self, x: torch.Tensor, h: float, t: torch.Tensor | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Value, features, gradient and Laplacian of the raw value by finite differences.
 
         Args:
-            x: (N, 3) float32.  h: finite-difference step (normalised units).
+            x: (N, 3) float32.  h: finite-difference step (normalised units).  t: see :meth:`geometry`
+                (the derivatives are in the scene's frame at that time).
         Returns:
             value (N,), features (N, G), gradient (N, 3), laplacian (N,) -- all float32.
         """
         n = x.shape[0]
         offsets = TETRA.to(x.device, x.dtype) * h                            # (4, 3)
         pts = torch.cat([x, (x[None] + offsets[:, None]).reshape(-1, 3)])     # (5N, 3)
-        v, feat = self.geometry(pts)
+        v, feat = self.geometry(pts, None if t is None else t.repeat(5))
         v0, vt = v[:n], v[n:].reshape(4, n)
         grad = torch.einsum("kn,kc->nc", vt, TETRA.to(x.device, x.dtype)) / (4.0 * h)
         lap = (vt.sum(0) - 4.0 * v0) / (2.0 * h * h)
@@ -147,7 +153,7 @@ class SurfaceField(nn.Module):
         return torch.sigmoid(self.roughness_net(torch.cat([features.detach(), x.detach()], dim=-1)))
 
     # ---- conventions (overridden) --------------------------------------------------------
-    def inside(self, x: torch.Tensor) -> torch.Tensor:
+    def inside(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) positive inside, negative outside, zero on the surface (normalised units)."""
         raise NotImplementedError
 
@@ -167,10 +173,11 @@ class SurfaceField(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimiser treatment: hash tables, MLP weights, scalar extras."""
         enc = self.encoding.param_groups()
-        return {"grid": enc["grid"],
-                "mlp": [*enc["mlp"], *self.geometry_net.parameters(), *self.color_net.parameters(),
-                        *self.albedo_net.parameters(), *self.roughness_net.parameters()],
-                "extra": []}
+        groups = {"grid": enc["grid"],
+                  "mlp": [*enc["mlp"], *self.geometry_net.parameters(), *self.color_net.parameters(),
+                          *self.albedo_net.parameters(), *self.roughness_net.parameters()],
+                  "extra": []}
+        return add_motion_groups(groups, self.deformation)
 
 
 class SdfField(SurfaceField):
@@ -192,8 +199,8 @@ class SdfField(SurfaceField):
         """0-d tensor: the sharpness of the logistic density (per normalised unit)."""
         return torch.exp(self.variance * 10.0).clamp(1e-3, 1e6)
 
-    def inside(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.value(x)
+    def inside(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return -self.value(x, t)
 
     def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
         return F.normalize(grad, dim=-1, eps=1e-12)

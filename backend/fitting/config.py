@@ -15,6 +15,7 @@ each defined next to the class it configures:
 ``cfg.mesh``            MeshConfig                             export/mesh.py
 ``cfg.refine``          RefineConfig                           export/refine.py
 ``cfg.outside``         BackgroundConfig                       fields/background.py
+``cfg.motion``          MotionConfig (dynamic fits only)       fields/motion.py
 ``cfg.points``          PointsConfig (fits to points only)     fitting/points_trainer.py
 ======================  ====================================  ===================================
 
@@ -34,6 +35,7 @@ from fit_implicit.backend.export.mesh import MeshConfig
 from fit_implicit.backend.export.refine import RefineConfig
 from fit_implicit.backend.fields.background import BackgroundConfig
 from fit_implicit.backend.fields.layers import FieldConfig
+from fit_implicit.backend.fields.motion import MotionConfig
 from fit_implicit.backend.fields.nerf import NerfFieldConfig
 from fit_implicit.backend.fields.sdf import SurfaceFieldConfig
 from fit_implicit.backend.fitting.model import pick_device
@@ -51,7 +53,7 @@ METHOD_CONFIGS: dict[str, tuple[type[FieldConfig], type[TrainConfig]]] = {
     "sdf": (SurfaceFieldConfig, SurfaceTrainConfig),
     "occupancy": (SurfaceFieldConfig, SurfaceTrainConfig),
 }
-GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside", "points")
+GROUPS = ("field", "train", "occupancy", "march", "mesh", "refine", "outside", "points", "motion")
 
 
 @dataclass
@@ -76,6 +78,7 @@ class FitConfig(NamedSettings):
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
     outside: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
     points: PointsConfig = dataclasses.field(default_factory=PointsConfig)
+    motion: MotionConfig = dataclasses.field(default_factory=MotionConfig)
 
     @classmethod
     def for_method(cls, method: str) -> "FitConfig":

@@ -42,6 +42,8 @@ class PosedImages:
         distortion: (N, 6) float64 k1 k2 k3 k4 p1 p2; rays are bent through it (backend.fitting.lens).
         sizes: (N, 2) int64 ``width, height`` of each image (None: all are W x H); the pixels
             beyond an image's own size are padding that nothing samples or scores.
+        times: (N,) float64 instant of each image in [0, 1] (D-NeRF's ``time``: a scene that
+            moves; fields/motion.py), or None: one instant.
     """
 
     images: np.ndarray
@@ -54,6 +56,7 @@ class PosedImages:
     distortion: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)     # what the reader could not use, said once
     sizes: np.ndarray | None = None
+    times: np.ndarray | None = None
 
     def __post_init__(self):
         images = np.asarray(self.images)
@@ -87,9 +90,18 @@ class PosedImages:
             raise ValueError(f"sizes must be ({n}, 2) widths and heights within {full[0]}x{full[1]}, "
                              f"got {sizes.tolist() if sizes.size <= 8 else sizes.shape}")
         self.sizes = sizes
+        if self.times is not None:
+            times = np.asarray(self.times, dtype=np.float64)
+            if times.shape != (n,) or not (np.isfinite(times).all() and (times >= 0).all() and (times <= 1).all()):
+                raise ValueError(f"times must be {n} numbers in [0, 1], one per image")
+            self.times = times
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def time(self, i: int) -> float | None:
+        """The instant of image ``i`` (None when the images have no times)."""
+        return None if self.times is None else float(self.times[i])
 
     @property
     def uniform(self) -> bool:
@@ -119,7 +131,7 @@ class PosedImages:
                            [self.names[i] for i in idx], {k: v[idx] for k, v in self.passes.items()},
                            **({} if self.lens_models is None else
                               {"lens_models": self.lens_models[idx], "distortion": self.distortion[idx]}),
-                           sizes=self.sizes[idx])
+                           sizes=self.sizes[idx], times=None if self.times is None else self.times[idx])
 
 
 def _check_lenses(models, distortion, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -231,7 +243,7 @@ def find_transforms(path: str | Path) -> Path:
 
 def read_frames(path: str | Path) -> tuple[Path, list[Frame], dict]:
     """Parse a transforms file.  Returns (file path, frames, top-level dict)."""
-    file, raw, doc = transforms.read(path, TRANSFORMS_NAMES, _INTRINSIC_KEYS + _PASS_META_KEYS)
+    file, raw, doc = transforms.read(path, TRANSFORMS_NAMES, (*_INTRINSIC_KEYS, *_PASS_META_KEYS, transforms.TIME_KEY))
     frames = []
     for f in raw:
         frames.append(Frame(name=f.name, image_path=f.image, c2w=f.c2w, meta=f.meta))
@@ -382,11 +394,13 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
     :func:`estimate_aabb`.  Keys of other tools that a fit does not use are listed in ``notes``.
     ``downscale`` (integer) shrinks the images.
     Optional per-frame pass files (albedo_path, normal_path, depth_path: encodings at
-    PASS_FILE_KEYS) fill ``passes``.
+    PASS_FILE_KEYS) fill ``passes``.  Frames of a scene that moves carry D-NeRF's ``time`` (every
+    frame, in [0, 1]: ``times``).
     """
     if int(downscale) != downscale or downscale < 1:
         raise ValueError(f"downscale must be a positive integer, got {downscale}")
     file, frames, doc = read_frames(path)
+    times = transforms.frame_times([f.meta for f in frames], file)
     images, intrinsics, lenses = [], [], []
     for f in frames:
         if f.image_path is None:
@@ -419,7 +433,7 @@ def load_transforms(path: str | Path, downscale: int = 1) -> PosedImages:
     return PosedImages(stacked, intrinsics, poses, aabb, [f.name for f in frames],
                        passes=_frame_passes(file, frames, images, int(downscale)),
                        lens_models=np.array([m for m, _ in lenses]), distortion=np.stack([c for _, c in lenses]),
-                       notes=_unused_keys(doc, file), sizes=sizes)
+                       notes=_unused_keys(doc, file), sizes=sizes, times=times)
 
 
 def ngp_box(doc: dict, file: Path) -> np.ndarray:

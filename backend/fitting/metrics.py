@@ -32,9 +32,9 @@ def ssim_white(pred: np.ndarray, target: np.ndarray) -> float:
 
 def evaluate(model, data, supersample: int = 1) -> list[float]:
     """:func:`psnr_white` of each view of ``data`` (a PosedImages) rendered by ``model`` (a
-    FittedField, ``supersample`` x ``supersample`` rays a pixel) against the view's image."""
-    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i), supersample=supersample)),
-                       data.image(i)) for i in range(len(data))]
+    FittedField, ``supersample`` x ``supersample`` rays a pixel, at the view's time) against the view's image."""
+    return [psnr_white(to_rgba8(model.render(data.intrinsics[i], data.poses[i], *data.size(i), supersample=supersample,
+                                             time=data.time(i))), data.image(i)) for i in range(len(data))]
 
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from fit_implicit.shared import cameras
 
 from fit_implicit.backend.fields.background import BackgroundField, start_distances
+from fit_implicit.backend.fields.motion import Deformation
 from fit_implicit.backend.fields.nerf import NerfField
 from fit_implicit.backend.fields.occfield import OccField
 from fit_implicit.backend.fields.sdf import SdfField, SurfaceField
@@ -34,11 +35,16 @@ SURFACE_BAND_CELLS = 2.0
 SURFACE_OCCUPIED_FACTOR = 4.0
 
 
-def build_field(cfg: Any) -> NerfField | SurfaceField:
-    """The untrained field a FitConfig describes (``cfg.method``, ``cfg.field``)."""
+def build_field(cfg: Any, time_resolution: int = 0) -> NerfField | SurfaceField:
+    """The untrained field a FitConfig describes (``cfg.method``, ``cfg.field``); with
+    ``time_resolution`` > 0 a dynamic one: its deformation (fields/motion.py, ``cfg.motion``) has
+    that many cells along time."""
     if cfg.method not in FIELDS:
         raise ValueError(f"unknown method {cfg.method!r} (known: {', '.join(FIELDS)})")
-    return FIELDS[cfg.method](cfg.field)
+    field = FIELDS[cfg.method](cfg.field)
+    if time_resolution:
+        field.deformation = Deformation(cfg.motion, int(time_resolution))
+    return field
 
 
 def mps_available() -> bool:
@@ -71,8 +77,13 @@ class FittedField:
         meta: JSON-able facts about the run (training size, steps, time, PSNR, ...);
             ``meta["lighting_baked"]`` is True unless an albedo pass supervised the albedo;
             ``meta["roughness"]`` is True when a roughness pass supervised the roughness head;
-            ``meta["background"]`` is True when the fit modelled what lies outside the box.
+            ``meta["background"]`` is True when the fit modelled what lies outside the box;
+            ``meta["time_resolution"]`` (> 0) when the field is dynamic (fields/motion.py), with
+            ``meta["times"]`` the training photos' times.
         background: that model (fields/background.py), or None: rays leaving the box are empty.
+
+    A dynamic field renders, meshes and textures the instant ``time`` (in [0, 1]) unless rays
+    carry their own times (training).
     """
 
     def __init__(self, field: NerfField | SurfaceField, occupancy: OccupancyGrid, aabb: np.ndarray,
@@ -99,7 +110,8 @@ class FittedField:
         ``cfg.device``)."""
         dev = pick_device(cfg.device if device is None else device)
         background = cfg.outside.build().to(dev) if (meta or {}).get("background") else None
-        return cls(build_field(cfg).to(dev), cfg.occupancy.build().to(dev), aabb, cfg, meta, background)
+        field = build_field(cfg, int((meta or {}).get("time_resolution") or 0)).to(dev)
+        return cls(field, cfg.occupancy.build().to(dev), aabb, cfg, meta, background)
 
     @property
     def method(self) -> str:
@@ -110,6 +122,28 @@ class FittedField:
     def is_surface(self) -> bool:
         return isinstance(self.field, SurfaceField)
 
+    @property
+    def dynamic(self) -> bool:
+        """True for a field over time (fields/motion.py)."""
+        return self.field.deformation is not None
+
+    @property
+    def time(self) -> float:
+        """The instant (in [0, 1]) that renders, meshes and textures show; 0 for a still field."""
+        return float(self.field.deformation.time) if self.dynamic else 0.0
+
+    @time.setter
+    def time(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"time must be in [0, 1], got {value}")
+        if self.dynamic:
+            self.field.deformation.time = value
+
+    def random_times(self, n: int) -> torch.Tensor | None:
+        """(n,) uniform times for a dynamic field's grid updates and regularisers (None if still)."""
+        return torch.rand(n, device=self.device) if self.dynamic else None
+
     # ---- frames --------------------------------------------------------------------------
     def to_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """(..., 3) world positions -> normalised (same dtype/device)."""
@@ -118,21 +152,25 @@ class FittedField:
 
     # ---- rendering -------------------------------------------------------------------------
     def trace(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
-              differentiable: bool = True, background: bool = True) -> RayOutput:
+              differentiable: bool = True, background: bool = True, times: torch.Tensor | None = None) -> RayOutput:
         """Render world rays; origins (R, 3), dirs (R, 3) unit, float32 on the model's device.
 
         ``depth`` comes back in world units.  ``differentiable=False`` renders without
         gradients (radiance fields: in segments with early ray termination).  ``background``:
         the background model's light behind the box is added (where the fit has one).
+        ``times``: (R,) each ray's time (a dynamic field; None: ``self.time``).
         """
         if self.is_surface:
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-                out = self.trace_surface(origins, dirs, jitter, background=background)
+                out = self.trace_surface(origins, dirs, jitter, background=background, times=times)
             return RayOutput(out.rgb, out.opacity, out.depth, out.samples)
         o = self.to_normalised(origins)
-        if differentiable:
-            out = render_rays(self.field, self.occupancy.occupied, o, dirs, self.box, self.step_size,
-                              self.max_steps, jitter)
+        if times is not None and not self.dynamic:
+            times = None
+        if differentiable or times is not None:
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                out = render_rays(self.field, self.occupancy.occupied, o, dirs, self.box, self.step_size,
+                                  self.max_steps, jitter, times=times)
         else:
             split = (self.field.geometry, self.field.color) if hasattr(self.field, "color") else None
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,
@@ -160,18 +198,21 @@ class FittedField:
 
     def trace_surface(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
                       normals: bool = False, albedo: bool = False, roughness: bool = False,
-                      background: bool = True) -> SurfaceOutput:
+                      background: bool = True, times: torch.Tensor | None = None) -> SurfaceOutput:
         """Render world rays through a surface field (see :func:`render_surface`), with the
         background model's light behind the box where the fit has one and ``background``.
 
         ``normals``/``albedo``/``roughness`` add composited world normals, albedo and roughness;
         ``extras`` carries the per-sample "grad" (M, 3) and "laplacian" (M,) of the raw value
-        (normalised units) for the regularisers.  ``depth`` in world units.
+        (normalised units) for the regularisers.  ``depth`` in world units.  ``times``: (R,)
+        each ray's time (a dynamic field; None: ``self.time``).
         """
         field, step = self.field, self.step_size
+        if not self.dynamic:
+            times = None
 
-        def sample_fn(x, d):
-            v, feat, grad, lap = field.geometry_with_derivatives(x, field.fd_step)
+        def sample_fn(x, d, t=None):
+            v, feat, grad, lap = field.geometry_with_derivatives(x, field.fd_step, t)
             n = field.outward_normals(grad)
             out = {"tau": field.optical_depth(v, grad, d, step), "rgb": field.radiance(feat, n, d),
                    "grad": grad, "laplacian": lap}
@@ -184,8 +225,8 @@ class FittedField:
             return out
 
         o = self.to_normalised(origins)
-        out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box,
-                             step, self.max_steps, jitter, stop_fn=lambda x: field.deep_inside(field.value(x), step))
+        out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box, step, self.max_steps, jitter,
+                             stop_fn=lambda x, t=None: field.deep_inside(field.value(x, t), step), times=times)
         if background:
             self.composite_background(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
@@ -205,8 +246,9 @@ class FittedField:
     def update_occupancy(self, fraction: float) -> None:
         """Refresh the occupancy grid from the field (surface fields: the band around the
         surface and the inside; radiance fields: the density)."""
-        if not self.is_surface:
-            self.occupancy.update(self.field.density, self.step_size, fraction=fraction)
+        if not self.is_surface:     # a dynamic field: each point at a random time (the grid keeps the union)
+            self.occupancy.update(lambda x: self.field.density(x, self.random_times(x.shape[0])), self.step_size,
+                                  fraction=fraction)
             return
         field = self.field
         band = SURFACE_BAND_CELLS * 2.0 * math.sqrt(3.0) / self.occupancy.resolution
@@ -215,12 +257,13 @@ class FittedField:
         occupied = SURFACE_OCCUPIED_FACTOR * -math.log1p(-self.occupancy.threshold) / self.step_size
 
         def pseudo_density(x):
-            return (field.value(x) < band).float() * occupied
+            return (field.value(x, self.random_times(x.shape[0])) < band).float() * occupied
 
         self.occupancy.update(pseudo_density, self.step_size, fraction=fraction)
 
     @torch.no_grad()
-    def render(self, intrinsics, c2w, width: int, height: int, supersample: int = 1) -> np.ndarray:
+    def render(self, intrinsics, c2w, width: int, height: int, supersample: int = 1,
+               time: float | None = None) -> np.ndarray:
         """Render a view.
 
         Args:
@@ -228,9 +271,17 @@ class FittedField:
             c2w: (4, 4) camera-to-world, Blender convention.
             supersample: s >= 1: s x s rays a pixel, on a regular grid, averaged (a box filter:
                 anti-aliased outlines, as a photo's pixel sees an area; s^2 times the work).
+            time: the instant in [0, 1] a dynamic field shows (None: ``self.time``, which stays).
         Returns:
             (H, W, 4) float32: premultiplied rgb (sRGB) and alpha, in [0, 1].
         """
+        if time is not None and self.dynamic:
+            before = self.time
+            self.time = time
+            try:
+                return self.render(intrinsics, c2w, width, height, supersample)
+            finally:
+                self.time = before
         width, height, s = int(width), int(height), int(supersample)
         if width < 1 or height < 1:
             raise ValueError(f"image size must be positive, got {width}x{height}")

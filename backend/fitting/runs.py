@@ -165,7 +165,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> F
     method = doc.get("method", doc["config"].get("method", "nerf"))
     cfg = FitConfig.from_dict({**doc["config"], "method": method, "device": str(dev)})
     state = torch.load(run_dir / WEIGHTS_FILE, map_location=dev, weights_only=True)
-    field = build_field(cfg).to(dev)
+    field = build_field(cfg, int(doc.get("meta", {}).get("time_resolution") or 0)).to(dev)    # (dynamic fits)
     missing, unexpected = field.load_state_dict(state["field"], strict=False)
     if version == 1 and any(k.startswith("roughness_net.") for k in missing):
         log.info("%s: a format-1 run without roughness-head weights: the head stays untrained", run_dir)

@@ -151,10 +151,10 @@ class SurfaceTrainer(TrainerBase):
             (origins, dirs, rgba, photo), passes = self.sample(), {}
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
         out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes,
-                                  roughness="roughness" in passes)
+                                  roughness="roughness" in passes, times=self.ray_times(photo))
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, alpha = colour_loss(rgb, out.opacity, rgba, tc.loss)
-        loss = loss + penalty
+        loss = loss + penalty + self.motion_penalty()
         if self.masks and self.mask_weight > 0:
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
             loss = loss + self.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
@@ -173,7 +173,7 @@ class SurfaceTrainer(TrainerBase):
         if cfg.eikonal_weight > 0 and cfg.eikonal_points > 0:
             lo, hi = model.box[0], model.box[1]
             x = lo + (hi - lo) * torch.rand(cfg.eikonal_points, 3, device=self.device)
-            grads.append(field.geometry_with_derivatives(x, field.fd_step)[2])
+            grads.append(field.geometry_with_derivatives(x, field.fd_step, model.random_times(x.shape[0]))[2])
         if cfg.eikonal_weight > 0 and grads:
             g = torch.cat(grads)
             loss = loss + cfg.eikonal_weight * ((g.norm(dim=-1) - 1.0) ** 2).mean()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fit_implicit.backend.fields.background import OPAQUE_ALPHA
 from fit_implicit.backend.fields.hashgrid import HashGrid
+from fit_implicit.backend.fields.motion import is_dynamic
 from fit_implicit.backend.fitting.data import PosedImages, RaySampler
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.shared.methods import CAMERA_REFINE_MODES
@@ -166,6 +167,11 @@ class TrainerBase:
             cameras["sizes"] = np.asarray(data.sizes).tolist()
         meta = {"width": data.width, "height": data.height, "views": len(data), "cameras": cameras,
                 "background": models_background(data, cfg), **(meta or {})}
+        self.times = None                    # (N,) each photo's instant, on the device (a dynamic fit)
+        if is_dynamic(data.times, cfg.motion):
+            meta["time_resolution"] = cfg.motion.time_cells(data.times)
+            meta["times"] = np.round(data.times, 6).tolist()
+            self.times = torch.tensor(data.times, dtype=torch.float32, device=self.device)
         self.model = FittedField.build(cfg, data.aabb, meta, self.device)
         self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter)
         self.rays = cfg.train.batch_rays
@@ -187,10 +193,24 @@ class TrainerBase:
     def sample(self) -> tuple:
         """(origins, dirs, rgba, photo index or None) of this step's rays (from the corrected
         cameras where poses are refined)."""
-        if self.appearance is None and self.cameras is None:
+        if self.appearance is None and self.cameras is None and self.times is None:
             return (*self.sampler.sample(self.rays), None)
         o, d, rgba, photo = self.sampler.sample(self.rays, with_photo=True)
         return (*self.corrected(photo, o, d), rgba, photo)
+
+    def ray_times(self, photo: torch.Tensor | None) -> torch.Tensor | None:
+        """(R,) the instant of each ray's photo in a dynamic fit, else None."""
+        return None if self.times is None else self.times[photo]
+
+    def motion_penalty(self, points: int = 1024) -> torch.Tensor:
+        """A dynamic fit's motion regularisers (fields/motion.py) at ``points`` random points of
+        the box at random times; 0 for a still fit."""
+        deformation = self.model.field.deformation
+        if deformation is None:
+            return torch.zeros((), device=self.device)
+        lo, hi = self.model.box[0], self.model.box[1]
+        x = lo + (hi - lo) * torch.rand(points, 3, device=self.device)
+        return deformation.penalty(x, self.model.random_times(points))
 
     def corrected(self, photo: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor) -> tuple:
         """The rays as the refined cameras shoot them (unchanged without refinement)."""
@@ -230,6 +250,9 @@ class TrainerBase:
             extra = [*extra, {"params": list(self.appearance.parameters()), "lr": tc.appearance_lr, "weight_decay": 0.0}]
         if self.cameras is not None:
             extra = [*extra, {"params": list(self.cameras.parameters()), "lr": tc.camera_lr, "weight_decay": 0.0}]
+        if groups.get("motion"):           # a dynamic field's motion planes (fields/motion.py)
+            extra = [*extra, {"params": groups["motion"], "lr": self.cfg.motion.motion_lr, "eps": tc.grid_eps,
+                              "weight_decay": 0.0}]
         optimizer = torch.optim.Adam([
             {"params": groups["grid"], "lr": grid_lr, "eps": tc.grid_eps, "weight_decay": 0.0},
             {"params": groups["mlp"], "lr": mlp_lr, "eps": tc.mlp_eps, "weight_decay": tc.mlp_weight_decay},
@@ -287,7 +310,7 @@ class Trainer(TrainerBase):
         share = self.cfg.occupancy.update_due(step)
         if share is not None:
             self.model.field.eval()
-            self.model.occupancy.update(self.model.field.density, self.model.step_size, fraction=share)
+            self.model.update_occupancy(share)
             self.model.field.train()
             self.after_occupancy_update()
 
@@ -304,10 +327,10 @@ class Trainer(TrainerBase):
         the number of field samples it took."""
         origins, dirs, rgba, photo = self.sample()
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
-        out = self.model.trace(origins, dirs, jitter)
+        out = self.model.trace(origins, dirs, jitter, times=self.ray_times(photo))
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, _ = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
-        loss = loss + penalty
+        loss = loss + penalty + self.motion_penalty()
         if loss.requires_grad:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -136,7 +136,8 @@ def accumulate(weights: torch.Tensor, ray: torch.Tensor, values: torch.Tensor, r
 
 def render_surface(sample_fn: SampleFn, occupied_fn: OccupiedFn, origins: torch.Tensor, dirs: torch.Tensor,
                    aabb: torch.Tensor, step: float, max_steps: int, jitter: torch.Tensor | None = None,
-                   stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SurfaceOutput:
+                   stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   times: torch.Tensor | None = None) -> SurfaceOutput:
     """Render rays through a surface field.
 
     Args:
@@ -148,16 +149,18 @@ def render_surface(sample_fn: SampleFn, occupied_fn: OccupiedFn, origins: torch.
         step, max_steps, jitter: see :func:`march`.
         stop_fn: ``x (M, 3) -> (M,) bool``, evaluated without gradients before shading: True
             where a ray reaching the sample is surely opaque, so that later samples are dropped.
+        times: (R,) float32 time of each ray, or None; given, ``sample_fn`` and ``stop_fn`` take
+            the samples' times (M,) as their last argument (a dynamic field).
     """
     r = origins.shape[0]
     s = march(origins, dirs, aabb, step, max_steps, occupied_fn, jitter)
     if stop_fn is not None and s.t.shape[0]:
         with torch.no_grad():
-            s = keep_until(s, stop_fn(s.x))
+            s = keep_until(s, stop_fn(s.x, *(() if times is None else (times[s.ray],))))
     zeros3 = origins.new_zeros(r, 3)
     if s.t.shape[0] == 0:
         return SurfaceOutput(zeros3, origins.new_zeros(r), origins.new_zeros(r), samples=0)
-    out = dict(sample_fn(s.x, dirs[s.ray]))
+    out = dict(sample_fn(s.x, dirs[s.ray], *(() if times is None else (times[s.ray],))))
     w = composite_packed(out.pop("tau"), 1.0, s.ray, s.counts)
     rgb = accumulate(w, s.ray, out.pop("rgb"), r)
     opacity = origins.new_zeros(r).index_add(0, s.ray, w)

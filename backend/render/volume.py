@@ -133,9 +133,11 @@ def sample_grid(t_near: torch.Tensor, step: float, first: int, count: int,
     return t_near[:, None] + (k[None, :] + offset) * step
 
 
-def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far, positions_only: bool = False):
+def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far, positions_only: bool = False,
+           times: torch.Tensor | None = None):
     """Mask candidates (beyond t_far or in empty cells), query the field on the rest
-    (``positions_only``: ``field_fn(x)``, e.g. a geometry pass, else ``field_fn(x, d)``).
+    (``positions_only``: ``field_fn(x)``, e.g. a geometry pass, else ``field_fn(x, d)``, and
+    ``field_fn(x, d, time)`` with the rays' ``times`` (R,) of a dynamic field).
 
     Returns sigma (R, K) dense with zeros, rgb (M, 3) (or the field's second output) of the valid
     ones, mask (R, K), ray id (M,).
@@ -143,7 +145,10 @@ def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far, 
     x = origins[:, None, :] + t[..., None] * dirs[:, None, :]                 # (R, K, 3)
     mask = (t < t_far[:, None]) & occupied_fn(x)
     ray = mask.nonzero()[:, 0]
-    sig, rgb = field_fn(x[mask]) if positions_only else field_fn(x[mask], dirs[ray])
+    if positions_only:
+        sig, rgb = field_fn(x[mask])
+    else:
+        sig, rgb = field_fn(x[mask], dirs[ray], *(() if times is None else (times[ray],)))
     dense = torch.zeros_like(t).masked_scatter(mask, sig.to(t.dtype))
     return dense, rgb, mask, ray
 
@@ -430,13 +435,14 @@ def _march_bits(occupied_fn) -> tuple[torch.Tensor, int] | None:
 
 def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tensor, dirs: torch.Tensor,
                 aabb: torch.Tensor, step: float, max_steps: int,
-                jitter: torch.Tensor | None = None) -> RayOutput:
+                jitter: torch.Tensor | None = None, times: torch.Tensor | None = None) -> RayOutput:
     """Render rays in one pass, differentiably (training).
 
     Args:
         origins, dirs: (R, 3) float32, dirs unit.  aabb: (2, 3) float32.
         step: distance between samples.  max_steps: most samples a ray can take.
         jitter: (R, 1) float32 in [0, 1): random shift of every ray's sample grid, or None (0.5).
+        times: (R,) float32 time of each ray (a dynamic field: ``field_fn(x, d, time)``), or None.
     """
     r = origins.shape[0]
     t_near, t_far, hit = ray_aabb(origins, dirs, aabb)
@@ -454,12 +460,12 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
             return RayOutput(origins.new_zeros(r, 3), zeros, zeros, 0)
         if origins.requires_grad or dirs.requires_grad:     # refined cameras: positions carry the gradient
             x = origins[ray] + t[:, None] * dirs[ray]
-        sig, rgb = field_fn(x, dirs[ray])
+        sig, rgb = field_fn(x, dirs[ray], *(() if times is None else (times[ray],)))
         w = composite_packed(sig.to(t.dtype), step, ray, counts)
         color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
         return RayOutput(color, zeros.index_add(0, ray, w), zeros.index_add(0, ray, w * t), int(t.shape[0]))
     t = sample_grid(t_near, step, 0, count, 0.5 if jitter is None else jitter)
-    sigma, rgb, mask, ray = _query(field_fn, occupied_fn, origins, dirs, t, t_far)
+    sigma, rgb, mask, ray = _query(field_fn, occupied_fn, origins, dirs, t, t_far, times=times)
     weights, _ = composite(sigma, step)
     w = weights[mask]
     color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
