@@ -24,6 +24,7 @@
 # "points" (not in the default) fits SDFs to scanned analytic shapes and, where .data/bunny is carried, the
 # Stanford bunny's range scans (POINTS_PRESET, POINTS_CASES, POINTS_ARGS; Open3D's
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
+# "dynamic" (not in the default) fits issue 17's animated scene (see there; carry .data/dynamic).
 # "image" (not in the default) fits a 512x512 photo with each encoding (benchmarks/image_fit.py, IMAGE_SECONDS,
 # default 10; needs .data/images/flower_512.png, which image_fit.py makes here from ../shared/data).
 # "sweep" (not in the default) trains lego once per variant for a fixed number of steps, the
@@ -112,6 +113,18 @@ if want image; then      # not in the default: the encodings on a natural image 
     echo "== image fitting: each encoding on a 512x512 photo (benchmarks/image_fit.py, ${IMAGE_SECONDS:-10} s each)"
     python3 benchmarks/image_fit.py --device cuda --image .data/images/flower_512.png --seconds "${IMAGE_SECONDS:-10}" \
         ${IMAGE_ARGS:-} --out "$OUT/bench_image.json" || status=1
+fi
+if want dynamic; then     # not in the default: issue 17's animated scene (benchmarks/dynamic_scene.py render, made here with
+    # bpy: carry ".data/dynamic"), held out at unseen instants against training time, then a 180 s fit's
+    # mesh at every 10th frame against that frame's geometry (DYNAMIC_BUDGETS, DYNAMIC_METHOD, DYNAMIC_ARGS)
+    echo "== animated scene: held-out views at unseen instants (benchmarks/lego.py --test, budgets ${DYNAMIC_BUDGETS:-10,30,60,180} s)"
+    python3 benchmarks/lego.py --data .data/dynamic --test .data/dynamic/transforms_test.json --method "${DYNAMIC_METHOD:-nerf}" \
+        --budgets "${DYNAMIC_BUDGETS:-10,30,60,180}" ${DYNAMIC_ARGS:-} --out "$OUT/bench_dynamic.json" || status=1
+    echo "== animated scene: meshes over time against the ground truth (fit-implicit fit 180 s, dynamic_scene.py score)"
+    python3 -m fit_implicit.backend fit .data/dynamic --out /tmp/dynamic_run --method "${DYNAMIC_METHOD:-nerf}" \
+        --seconds 180 ${DYNAMIC_ARGS:-} && \
+    python3 benchmarks/dynamic_scene.py score --data .data/dynamic --run /tmp/dynamic_run --every 10 \
+        --out "$OUT/bench_dynamic_mesh.json" || status=1
 fi
 if want mesh; then
     echo "== lego textured mesh (benchmarks/lego_mesh.py fit; score the folders with its score command)"

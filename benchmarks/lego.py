@@ -17,6 +17,8 @@ shift), and each row adds the camera errors before and after the fit (mean rotat
 degrees, centre error; after aligning the estimate to the true cameras by a similarity) and
 ``psnr_aligned``, the held-out views moved by that similarity into the fit's frame.  Pair it
 with ``--set camera_refine=on``; without refinement "after" is the perturbed cameras.
+``--test FILE``: train on every view of ``--data`` and score FILE's views (D-NeRF's datasets:
+transforms_test.json, each view at its own instant; benchmarks/dynamic_scene.py makes one).
 ``--focal-noise F``: the training cameras' focal lengths are all F (a fraction) too long; pair it
 with ``--set camera_refine=focal``; each row adds the refined ``focal_scale`` and ``focal_error``
 (the fraction still wrong).
@@ -78,6 +80,9 @@ def main(argv=None) -> int:
                          "runs that share the GPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--holdout", type=int, default=8)
+    ap.add_argument("--test", default="",
+                    help="score on this transforms file's views instead of holding out (D-NeRF's datasets: "
+                         "transforms_test.json, at instants no training view shows)")
     ap.add_argument("--downscale", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
     ap.add_argument("--dense-march", action="store_true", help="dense (rays x candidates) sampling path")
@@ -104,7 +109,10 @@ def main(argv=None) -> int:
         data, scene = load_layout(layout, downscale=args.downscale), layout.folder.name
     else:
         data, scene = load_transforms(args.data, downscale=args.downscale), Path(args.data).resolve().name
-    train, held = split_holdout(data, args.holdout)
+    if args.test:       # a separate test split (its frames' times too)
+        train, held = data, load_transforms(args.test, downscale=args.downscale)
+    else:
+        train, held = split_holdout(data, args.holdout)
     true_poses = train.poses
     if args.pose_noise < 0:
         raise SystemExit("--pose-noise must not be negative")
@@ -170,6 +178,7 @@ def main(argv=None) -> int:
             "train_peak_mem_gb": round(train_peak, 3) if train_peak is not None else None,
             "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
             "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
+            "time_resolution": model.meta.get("time_resolution"),
             "camera_moved_deg": (model.meta.get("camera_refine") or {}).get("mean_rotation_deg"), **cams,
         }
         rows.append(row)

@@ -149,6 +149,52 @@ def view_arrays(scene, camera_objects, frames=None) -> tuple[np.ndarray, np.ndar
     return np.array(ks, dtype=np.float64).reshape(-1, 4), np.array(ps, dtype=np.float64).reshape(-1, 4, 4)
 
 
+#: How a capture follows the scene's time (the panel's "Over Time"): STILL renders one instant (the
+#: current frame, or the animated camera's frames as views of a still scene); the others make a fit
+#: over time (backend/fields/motion.py) from the frame range: EVERY_CAMERA renders every camera at
+#: every frame (multi-view), IN_TURN one camera a frame, the cameras taken in turn, RANDOM one camera
+#: a frame picked at random (seeded: the same views every time; monocular, as D-NeRF's datasets).
+OVER_TIME = ("STILL", "EVERY_CAMERA", "IN_TURN", "RANDOM")
+
+
+def views_over_time(cameras_: list, frames: list, over_time: str, scene, frame_range=None) -> tuple[list, list]:
+    """(camera objects, frames) of a capture over time from its cameras (``frames``: the animated
+    camera's, else None each); the frames are ``frame_range``'s (None: the scene's)."""
+    if over_time not in OVER_TIME:
+        raise CaptureError(f"Unknown Over Time mode {over_time!r} (one of {', '.join(OVER_TIME)}).")
+    if over_time == "STILL" or any(f is not None for f in frames):
+        return cameras_, frames       # an animated camera already gives one view a frame
+    numbers = frame_numbers(scene, frame_range)
+    if over_time == "EVERY_CAMERA":
+        pairs = [(ob, f) for f in numbers for ob in cameras_]
+    elif over_time == "IN_TURN":
+        pairs = [(cameras_[i % len(cameras_)], f) for i, f in enumerate(numbers)]
+    else:
+        pick = np.random.default_rng(0).integers(0, len(cameras_), len(numbers))
+        pairs = [(cameras_[int(j)], f) for j, f in zip(pick, numbers)]
+    if len(pairs) > protocol.MAX_IMAGES:
+        raise CaptureError(f"{len(pairs)} views ({len(cameras_)} cameras x {len(numbers)} frames) are more than the "
+                           f"{protocol.MAX_IMAGES} a fit takes: raise the frame step, or use one camera a frame.")
+    return [ob for ob, _ in pairs], [f for _, f in pairs]
+
+
+def frame_times(frames: list, scene, frame_range=None) -> tuple[list[float], tuple[int, int]]:
+    """(the instant in [0, 1] of each frame, (first, last) frame of the range) of a capture over
+    time: the range's first frame is 0, its last 1."""
+    numbers = frame_numbers(scene, frame_range)
+    first, last = numbers[0], numbers[-1]
+    if last <= first:
+        raise CaptureError(f"A capture over time needs at least two frames; the range {first}..{last} has one. "
+                           "Widen the frame range, or set Over Time to Still.")
+    return [min(max((f - first) / (last - first), 0.0), 1.0) for f in frames], (first, last)
+
+
+def current_instant(scene, time_range: tuple) -> float:
+    """The scene's current frame as an instant of a capture over time (clamped into [0, 1])."""
+    first, last = time_range
+    return min(max((scene.frame_current - first) / (last - first), 0.0), 1.0)
+
+
 def source_views(scene, view_layer, source: str, *, collection=None, camera=None, frame_range=None
                  ) -> tuple[list, list]:
     """(camera objects, frames) of a non-default source; frames are None except for ANIMATION."""
@@ -181,7 +227,8 @@ def fit_settings_from_props(props) -> dict:
             "passes": {"ON": True, "OFF": False}.get(getattr(props, "render_passes", "AUTO")),
             "cache_dir": "" if getattr(props, "resume_renders", True) else None,
             "background": getattr(props, "background", "auto"), "camera_refine": getattr(props, "camera_refine", "off"),
-            "appearance": bool(getattr(props, "appearance", False)), "encoding": getattr(props, "encoding", "hashgrid")}
+            "appearance": bool(getattr(props, "appearance", False)), "encoding": getattr(props, "encoding", "hashgrid"),
+            "over_time": getattr(props, "over_time", "STILL")}
 
 
 def passes_by_default(scene, method: str) -> bool:
@@ -401,6 +448,8 @@ class CapturePlan:
     eval_intrinsics: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     eval_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
     frames: list = field(default_factory=list)   # per camera: the scene frame to render at, or None
+    times: list = field(default_factory=list)    # a capture over time: each view's instant in [0, 1]; else empty
+    time_range: tuple = ()                       # ... and the frames that are the instants 0 and 1
     passes: bool = False                         # render albedo / normal / depth / roughness passes too
     ring: list = field(default_factory=list)     # every camera the plan placed (held-out ones included)
     targets: list = field(default_factory=list)  # the objects fitted (their box is the fit's)
@@ -414,7 +463,7 @@ class CapturePlan:
 def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None,
                  eval_cameras=None, source: str = "SCENE", collection=None, camera=None,
                  frame_range=None, passes: bool = False, eval_holdout: bool = False,
-                 ring_holdout: int = 0) -> CapturePlan:
+                 ring_holdout: int = 0, over_time: str = "STILL") -> CapturePlan:
     """Decide what to render.  Raises CaptureError with a message for the user.
 
     ``eval_holdout``: the view layer's held-out cameras (``implicit_holdout``) are evaluation
@@ -425,6 +474,8 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
     SCENE (the view layer's cameras, or a ring around the selection if there are none),
     SELECTED, COLLECTION (``collection``: a name or Collection), ANIMATION (``camera``, default
     the scene camera, over ``frame_range`` = (start, end, step), default the scene's range).
+    ``over_time``: one of OVER_TIME; all but STILL make a capture over time (:func:`views_over_time`)
+    whose views carry their instants (``times``).
     """
     selected = target_objects(view_layer, selected_only=True)
     targets = selected or target_objects(view_layer, selected_only=False)
@@ -474,11 +525,20 @@ def plan_capture(scene, view_layer, *, ring_count: int = 24, camera_objects=None
         eval_cams += [ring[i] for i in sorted(held)]
         view_layer.update()
     frames = frames if len(frames) == len(cams) else [None] * len(cams)   # a new ring
+    times, time_range = [], ()
+    if over_time != "STILL":
+        try:
+            cams, frames = views_over_time(cams, frames, over_time, scene, frame_range)
+            times, time_range = frame_times(frames, scene, frame_range)
+        except CaptureError:
+            remove_cameras(ring)            # leave the scene as it was
+            raise
     k, p = view_arrays(scene, cams, frames)
     ek, ep = camera_arrays(eval_cams, scene)
     return CapturePlan(cameras=cams, intrinsics=k, poses=p, aabb=bbox, width=w, height=h,
                        eval_cameras=eval_cams, eval_intrinsics=ek, eval_poses=ep,
-                       frames=frames, passes=bool(passes), ring=ring, targets=list(targets))
+                       frames=frames, passes=bool(passes), ring=ring, targets=list(targets), times=times,
+                       time_range=time_range)
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +869,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  preview_interval: float = 1.0, eval_intrinsics=None, eval_poses=None,
                  eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
                  lens_models=None, distortion=None, image_sizes=None, background: str = "auto",
-                 camera_refine: str = "off", appearance: bool = False, encoding: str = "hashgrid") -> "protocol.Submit":
+                 camera_refine: str = "off", appearance: bool = False, encoding: str = "hashgrid",
+                 times=None, eval_times=None, mesh_time: float = 0.0) -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -830,6 +891,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
             different sizes, each top-left in its slot (protocol.pad_images).
         background / camera_refine / appearance: photo captures' settings (protocol.Submit).
         encoding: the field's encoding of positions (shared/methods.py ENCODINGS).
+        times / eval_times: None, or each view's (eval camera's) instant in [0, 1] (a capture over
+            time); mesh_time: the instant the mesh shows.
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -863,4 +926,8 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         msg.distortion = np.ascontiguousarray(distortion, dtype=np.float64).reshape(-1, 6)
     if image_sizes is not None and len(image_sizes):
         msg.image_sizes = np.ascontiguousarray(image_sizes, dtype=np.int64).reshape(-1, 2)
+    if times is not None and len(times):
+        msg.times = np.asarray(times, dtype=np.float64).reshape(-1)
+        msg.eval_times = np.asarray(eval_times if eval_times is not None else np.zeros(0), np.float64).reshape(-1)
+        msg.mesh_time = float(mesh_time)
     return msg.validate()

@@ -68,7 +68,8 @@ def _doc(frames: list, aabb) -> dict:
 
 
 def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, render: bool = True,
-                   aabb=None, progress=None, passes: bool = False) -> dict:
+                   aabb=None, progress=None, passes: bool = False, over_time: str = "STILL",
+                   frame_range=None, test_frame_range=None) -> dict:
     """Write the scene's cameras (+ renders) as a transforms.json dataset in ``folder``.
 
     Args:
@@ -82,6 +83,11 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
         passes: also render albedo / normal / depth / roughness passes (Cycles) and name their
             files in each frame (albedo_path, normal_path, depth_path, roughness_path: see
             backend/fitting/data.py).
+        over_time: capture.OVER_TIME: all but STILL export the frame range (``frame_range``, None:
+            the scene's) as a dataset over time, D-NeRF's layout: each frame with its ``time`` in
+            [0, 1]; the training cameras as ``over_time`` says, the held-out ones one a frame in turn
+            over ``test_frame_range`` (None: the same frames; other frames: instants no training
+            view shows, as D-NeRF's test splits).  Instants are measured over ``frame_range``.
     Returns:
         {"train": n_train, "test": n_test, "files": [written json paths]}.
     Raises:
@@ -104,15 +110,25 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
     root = Path(folder)
     splits = {"train": [ob for ob in cams if not capture.is_holdout(ob)],
               "test": [ob for ob in cams if capture.is_holdout(ob)]}
-    total, done = len(cams), 0
+    at = {split: [None] * len(obs) for split, obs in splits.items()}      # the scene frame of each view
+    if over_time != "STILL":
+        for split, mode, frames_of in (("train", over_time, frame_range), ("test", "IN_TURN", test_frame_range)):
+            if splits[split]:
+                splits[split], at[split] = capture.views_over_time(splits[split], at[split], mode, scene,
+                                                                   frames_of or frame_range)
+        capture.frame_times(at["train"] or at["test"], scene, frame_range)     # (at least two frames)
+    total, done = sum(len(obs) for obs in splits.values()), 0
     all_frames, names = [], {"train": [], "test": []}
     files = []
+    current = scene.frame_current
     for split, obs in splits.items():
         frames = []
         if render and obs:
             (root / split).mkdir(parents=True, exist_ok=True)
         for i, ob in enumerate(obs):
             stem = f"{split}/r_{i:03d}"
+            if at[split][i] is not None and at[split][i] != scene.frame_current:
+                scene.frame_set(at[split][i])
             pass_keys = {}
             if render and passes:
                 pass_keys = capture.export_view_with_passes(scene, view_layer, ob, str(root), stem)
@@ -125,6 +141,9 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
             k = capture.camera_intrinsics(ob, scene)
             frame = {"file_path": stem, "camera": ob.name, **frame_fields(k, w, h),
                      "transform_matrix": capture.camera_pose(ob).tolist(), **pass_keys}
+            if at[split][i] is not None:     # D-NeRF's instant in [0, 1] (shared/transforms.py TIME_KEY)
+                frame["time"] = capture.frame_times([at[split][i]], scene, frame_range)[0][0]
+                frame["frame"] = at[split][i]
             frames.append(frame)
             all_frames.append({**frame, "file_path": f"{stem}.png"})
             names[split].append(f"{stem}.png")
@@ -133,6 +152,8 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
             path = root / f"transforms_{split}.json"
             path.write_text(json.dumps(_doc(frames, aabb), indent=2))
             files.append(str(path))
+    if scene.frame_current != current:
+        scene.frame_set(current)
     combined = _doc(all_frames, aabb)
     combined["train_filenames"] = names["train"]
     combined["val_filenames"] = names["test"]

@@ -74,6 +74,8 @@ class FitSettings:
     camera_refine: str = "off"            # off | on: each photo's pose refined; the cameras come back
     appearance: bool = False              # each photo's exposure and white balance learnt
     encoding: str = "hashgrid"            # the field's encoding of positions (shared/methods.py ENCODINGS)
+    over_time: str = "STILL"              # STILL | EVERY_CAMERA | IN_TURN | RANDOM: a fit over the frame range
+                                          # (capture.py OVER_TIME; the range: frame_range, None: the scene's)
 
 
 CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (choose Standard in Field to train "
@@ -82,7 +84,7 @@ CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (cho
 #: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
 ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
                   "max_faces", "ring_count", "source", "passes", "background", "camera_refine", "appearance",
-                  "encoding")
+                  "encoding", "over_time")
 
 
 @dataclass
@@ -110,6 +112,7 @@ class FitResult:
     message: str = ""                     # the final report, for the user
     job_id: str | None = None
     object: Any = None                    # the imported bpy Object, or None
+    time_range: tuple = ()                # a fit over time: the frames that are its instants 0 and 1
     mesh: tuple | None = None             # (vertices (V,3) f32 world, faces (F,3) i32, colors (V,3) f32 sRGB)
     summary: dict = field(default_factory=dict)           # Done.summary from the backend
     renders: list = field(default_factory=list)           # eval renders: (H,W,4) uint8 sRGB RGBA or None, by index
@@ -232,7 +235,7 @@ class FitSession:
                 eval_cameras=_resolve_objects(self.scene, s.eval_cameras), source=s.source,
                 collection=s.source_collection, camera=s.source_camera, frame_range=s.frame_range,
                 passes=capture.passes_by_default(self.scene, s.method) if s.passes is None else s.passes,
-                eval_holdout=s.eval_holdout, ring_holdout=s.ring_holdout)
+                eval_holdout=s.eval_holdout, ring_holdout=s.ring_holdout, over_time=s.over_time)
         except capture.CaptureError as exc:
             raise FitError(str(exc)) from None
         problem = next(filter(None, (photo_image_problem(ob) for ob in self.plan.cameras)), None)
@@ -454,6 +457,15 @@ class FitSession:
         if len(self._rendered) == n:
             self._submit()
 
+    def _times(self, evals: int) -> dict:
+        """build_submit's times of a capture over time: each view's, and the current frame's instant
+        for the eval cameras (rendered at the current frame) and the mesh; {} for a still capture."""
+        plan = self.plan
+        if not plan.times:
+            return {}
+        now = capture.current_instant(self.scene, plan.time_range)
+        return {"times": plan.times, "eval_times": [now] * evals, "mesh_time": now}
+
     def _submit(self) -> None:
         s, plan = self.settings, self.plan
         n = len(plan.cameras)
@@ -478,7 +490,8 @@ class FitSession:
             eval_sizes=np.tile([plan.width, plan.height], (m, 1)) if m else None, passes=passes,
             texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
             distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None,
-            background=s.background, camera_refine=s.camera_refine, appearance=s.appearance, encoding=s.encoding)
+            background=s.background, camera_refine=s.camera_refine, appearance=s.appearance, encoding=s.encoding,
+            **self._times(m))
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)
@@ -517,6 +530,7 @@ class FitSession:
         r = self.result
         if isinstance(msg, protocol.Accepted):
             r.job_id = msg.job_id
+            r.time_range = tuple(self.plan.time_range) if self.plan is not None else ()
             if msg.position > 0:
                 self._timing("queued")
                 self._update(status=f"Queued: {msg.position} job(s) ahead")
@@ -619,6 +633,9 @@ class FitSession:
             "seconds_total": round(r.timings.get("total", 0.0), 3),
             "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
             "fitted_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            # a fit over time: the frames that are its instants 0 and 1, and the instant the mesh shows
+            **({"time_range": list(plan.time_range), "mesh_time": summary.get("mesh_time")}
+               if plan is not None and plan.time_range else {}),
         })
 
     def _can_check(self) -> bool:

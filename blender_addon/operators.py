@@ -106,7 +106,14 @@ def _capitalised(text: str) -> str:
 
 def _report_result(op, result) -> set:
     if result.status == "done" and getattr(result, "job_id", None) and bpy.context.scene is not None:
-        bpy.context.scene["implicit_fit_job"] = result.job_id   # "Render with Field" renders this fit
+        from .render_back import TIME_RANGE_KEY
+
+        scene = bpy.context.scene
+        scene["implicit_fit_job"] = result.job_id   # "Render with Field" renders this fit
+        if getattr(result, "time_range", ()):        # ... at the instants of its frames (a fit over time)
+            scene[TIME_RANGE_KEY] = list(result.time_range)
+        elif TIME_RANGE_KEY in scene:
+            del scene[TIME_RANGE_KEY]
     if result.status == "done":
         op.report({"INFO"} if result.object is not None else {"WARNING"}, result.message)
         return {"FINISHED"}
@@ -442,7 +449,8 @@ class IMPLICIT_OT_export_dataset(bpy.types.Operator):
         wm.progress_begin(0, 1)
         try:
             out = dataset_io.export_dataset(context.scene, context.view_layer, folder, render=self.render,
-                                            progress=lambda i, n: wm.progress_update(i / max(n, 1)))
+                                            progress=lambda i, n: wm.progress_update(i / max(n, 1)),
+                                            over_time=context.scene.implicit.over_time)
         except (capture.CaptureError, dataset_io.DatasetError, OSError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

@@ -105,8 +105,10 @@ class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
         if props.capture_source == "COLLECTION":
             box.prop(props, "capture_collection", text="")
         elif props.capture_source == "ANIMATION":
-            sc = context.scene
             box.prop(props, "capture_camera", text="")
+        box.prop(props, "over_time")
+        if props.capture_source == "ANIMATION" or props.over_time != "STILL":
+            sc = context.scene
             box.label(text=f"Frames {sc.frame_start}-{sc.frame_end}, step {sc.frame_step}", icon="TIME")
         row = box.row(align=True)
         row.operator("implicit.import_transforms", text="Import", icon="IMPORT")

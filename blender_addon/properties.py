@@ -110,6 +110,16 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         type=bpy.types.Object, name="Animated Camera",
         description="The camera rendered at every frame (Camera Source: Animated Camera); empty: the scene camera",
         poll=lambda _self, ob: ob.type == "CAMERA")
+    over_time: bpy.props.EnumProperty(
+        name="Over Time", default="STILL",
+        description="Fit one instant, or the scene's frame range as a field over time (a mesh at any frame)",
+        items=(("STILL", "Still", "One instant: the current frame (an animated camera's frames are views of a "
+                                  "still scene)"),
+               ("EVERY_CAMERA", "Every Camera, Every Frame", "Each camera at each frame of the range (multi-view)"),
+               ("IN_TURN", "One Camera a Frame", "At each frame one camera, the cameras in turn (monocular, "
+                                                 "as D-NeRF's datasets)"),
+               ("RANDOM", "One Random Camera a Frame", "At each frame one camera picked at random (the same "
+                                                       "pick every time)")))
     render_passes: bpy.props.EnumProperty(
         name="Render Passes", default="AUTO",
         description="Also render albedo, normal, depth and roughness passes (Cycles) so that the albedo carries "

@@ -24,6 +24,7 @@ from ._shared import protocol
 
 IMAGE_NAME = "Fit Implicit Render"
 SCENE_JOB_KEY = "implicit_fit_job"      # the last finished fit's job id (set by the Fit operator)
+TIME_RANGE_KEY = "implicit_time_range"  # ... and, a fit over time, its first and last frames (instants 0, 1)
 
 
 class RenderBackError(Exception):
@@ -85,12 +86,14 @@ class RenderBackSession:
     """
 
     def __init__(self, scene, camera_object, fit_job_id: str, address: str, folder: str, *, frames=None,
-                 prefix: str | None = None, client_factory=None, connection: dict | None = None):
+                 prefix: str | None = None, client_factory=None, connection: dict | None = None,
+                 time_range: tuple | None = None):
         self.scene, self.camera, self.address = scene, camera_object, address
         self.fit_job_id = (fit_job_id or "").strip()
         self.folder = Path(folder)
         self.frames = [int(f) for f in (frames if frames is not None else [scene.frame_current])]
         self.prefix = prefix if prefix is not None else f"{bpy.path.clean_name(camera_object.name)}_"
+        self.time_range = tuple(time_range) if time_range else None     # a fit over time: (first, last) frame
         self.connection = connection
         self.client_factory = client_factory or (
             lambda a: _render_client(a, token=ownership.scene_token(scene), **self.connection))
@@ -120,6 +123,9 @@ class RenderBackSession:
         k, poses, sizes = camera_views(self.scene, self.camera, self.frames)
         job = protocol.RenderJob(fit_job_id=self.fit_job_id, intrinsics=k, poses=poses, sizes=sizes,
                                  name=self.camera.name[:protocol.MAX_NAME])
+        if self.time_range:     # each frame at its instant of the fit (clamped to the fitted range)
+            first, last = self.time_range
+            job.times = np.clip((np.asarray(self.frames, np.float64) - first) / max(last - first, 1), 0.0, 1.0)
         try:
             job.validate()
         except protocol.ProtocolError as exc:
@@ -271,7 +277,8 @@ class IMPLICIT_OT_render_back(bpy.types.Operator):
         folder = bpy.path.abspath(self.directory) if self.directory else default_folder(scene)
         session = RenderBackSession(scene, ob, self.fit_job or str(scene.get(SCENE_JOB_KEY, "")),
                                     self.address.strip() or backend_address(context, scene), folder,
-                                    frames=list(frames))
+                                    frames=list(frames),
+                                    time_range=None if self.fit_job else scene.get(TIME_RANGE_KEY))
         session.begin()
         return session
 

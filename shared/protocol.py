@@ -42,9 +42,10 @@ from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, ENCODINGS, METHODS, 
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 8            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
+PROTOCOL_VERSION = 9            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
                                 # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding and voxel_size,
-                                #    CamerasResult.focal_scale
+                                #    CamerasResult.focal_scale; 9: times (Submit.times, eval_times and
+                                #    mesh_time, RenderJob.times, MeshJob.time)
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -338,7 +339,7 @@ class Submit(Message):
     TYPE: ClassVar[str] = "submit"
     DIM_CAPS: ClassVar[Mapping[str, int]] = {
         "N": MAX_IMAGES, "H": MAX_IMAGE_SIDE, "W": MAX_IMAGE_SIDE, "M": MAX_EVAL_CAMERAS, "L": MAX_IMAGES,
-        "S": MAX_IMAGES,
+        "S": MAX_IMAGES, "T": MAX_IMAGES, "ET": MAX_EVAL_CAMERAS,
     }
     images: np.ndarray = spec(Array(("uint8",), ("N", "H", "W", (3, 4))))
     intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("N", 4)))
@@ -391,6 +392,12 @@ class Submit(Message):
     appearance: bool = spec(Bool(), default=False)
     # The field's encoding of positions (shared/methods.py ENCODINGS; backend/fields/encodings.py)
     encoding: str = spec(Str(16, ENCODINGS), default="hashgrid")
+    # A scene that moves (backend/fields/motion.py): empty (one instant), or times[i] in [0, 1], the
+    # instant image i shows; eval_times likewise for the eval cameras (empty: mesh_time); the
+    # mesh (and its textures) come back at mesh_time.
+    times: np.ndarray = spec(Array(("float64", "float32"), ("T",)), default_factory=_empty((0,), np.float64))
+    eval_times: np.ndarray = spec(Array(("float64", "float32"), ("ET",)), default_factory=_empty((0,), np.float64))
+    mesh_time: float = spec(Float(0.0, 1.0), default=0.0)
 
     def check(self):
         n = self.images.shape[0]
@@ -413,6 +420,8 @@ class Submit(Message):
         check_passes(self)
         check_lenses("submit", self.lens_models, self.distortion, n)
         check_mesh_settings("submit", self.max_faces, self.texture_size)
+        check_times("submit.times", self.times, n)
+        check_times("submit.eval_times", self.eval_times, len(self.eval_poses))
 
 
 def pad_images(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -480,6 +489,12 @@ def check_lenses(where: str, models: np.ndarray, distortion: np.ndarray, n: int)
         raise ProtocolError(f"{where}.lens_models: codes must be 0 (PINHOLE), 1 (OPENCV) or 2 (OPENCV_FISHEYE)")
     if distortion.size and np.abs(distortion).max() > MAX_DISTORTION:
         raise ProtocolError(f"{where}.distortion: coefficients must be within +-{MAX_DISTORTION}")
+
+
+def check_times(where: str, times: np.ndarray, n: int) -> None:
+    """None, or one instant in [0, 1] for each of ``n`` views."""
+    if len(times) and (len(times) != n or not np.isfinite(times).all() or times.min() < 0 or times.max() > 1):
+        raise ProtocolError(f"{where}: expected none or {n} instants in [0, 1], one per view")
 
 
 def check_cameras(where: str, intrinsics: np.ndarray, poses: np.ndarray) -> None:
@@ -661,17 +676,20 @@ class RenderJob(Message):
     height)``.  One RenderResult per camera comes back, ``index`` = i, in order, then Done."""
 
     TYPE: ClassVar[str] = "render_job"
-    DIM_CAPS: ClassVar[Mapping[str, int]] = {"M": MAX_EVAL_CAMERAS}
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"M": MAX_EVAL_CAMERAS, "MT": MAX_EVAL_CAMERAS}
     fit_job_id: str = spec(Str(64))
     intrinsics: np.ndarray = spec(Array(("float64", "float32"), ("M", 4)))
     poses: np.ndarray = spec(Array(("float64", "float32"), ("M", 4, 4)))
     sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)))
     name: str = spec(Str(MAX_NAME), default="")
+    # A field over time: empty (every camera at the instant 0), or the instant of each camera
+    times: np.ndarray = spec(Array(("float64", "float32"), ("MT",)), default_factory=_empty((0,), np.float64))
 
     def check(self):
         if len(self.poses) < 1:
             raise ProtocolError("render_job: at least one camera is needed")
         check_cameras("render_job", self.intrinsics, self.poses)
+        check_times("render_job.times", self.times, len(self.poses))
         if self.sizes.min() < 1 or self.sizes.max() > MAX_IMAGE_SIDE:
             raise ProtocolError(f"render_job.sizes: sizes must be in [1, {MAX_IMAGE_SIDE}]")
         pixels = int(np.prod(self.sizes.astype(np.int64), axis=1).sum())
@@ -757,6 +775,7 @@ class MeshJob(Message):
     texture_size: int = spec(Int(0, MAX_TEXTURE_SIDE), default=0)
     max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
     name: str = spec(Str(MAX_NAME), default="")
+    time: float = spec(Float(0.0, 1.0), default=0.0)     # a field over time: the instant to mesh
 
     def check(self):
         check_mesh_settings("mesh_job", self.max_faces, self.texture_size)

@@ -573,8 +573,9 @@ def from_submit(msg: Any) -> PosedImages:
         if value.shape[0]:
             passes[kind] = np.array(value, dtype=PASS_DTYPES[kind], copy=True)
     sizes = np.asarray(msg.image_sizes, np.int64) if len(getattr(msg, "image_sizes", ())) else None
+    times = np.asarray(msg.times, np.float64) if len(getattr(msg, "times", ())) else None
     return PosedImages(np.array(msg.images, copy=True), msg.intrinsics, msg.poses, msg.aabb,
-                       [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows, sizes=sizes)
+                       [f"{stem}_{i:04d}" for i in range(n)], passes, **lens_rows, sizes=sizes, times=times)
 
 
 # --------------------------------------------------------------------------------------------

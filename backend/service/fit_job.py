@@ -172,6 +172,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
+    model.time = submit.mesh_time       # a scene that moves: the mesh and textures of that instant
     mesh_facts: dict = {}
     verts, faces, colors = extract_mesh(model, cfg.mesh.mesh_resolution, facts=mesh_facts,
                                         views=views if cfg.mesh.mesh_close_unseen else None,
@@ -186,7 +187,8 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         ctx.progress("render", step=i, total_steps=count, fraction=i / count, force=True)
         width, height = (int(s) for s in submit.eval_sizes[i])
         rgba = model.render(np.asarray(submit.eval_intrinsics[i], np.float64),
-                            np.asarray(submit.eval_poses[i], np.float64), width, height)
+                            np.asarray(submit.eval_poses[i], np.float64), width, height,
+                            time=float(submit.eval_times[i]) if len(submit.eval_times) else submit.mesh_time)
         ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
     cameras = send_cameras(model, ctx)
     environment = send_environment(model, ctx, environment_height(submit.intrinsics, str(cfg.device)))
@@ -203,6 +205,7 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         "preset": submit.preset,
         "resumed_from_step": int(meta.get("resumed_from_step", 0)),   # 0: trained from the start
         **({"mesh_opacity": model_opacity(model)} if submit.method == "nerf" else {}),   # the iso-level used
+        **({"dynamic": True, "mesh_time": submit.mesh_time} if model.dynamic else {}),     # a field over time
         **(summary_entries(mesh_facts["unseen"]) if "unseen" in mesh_facts else {}),   # export/unseen.py
         **assets,
         **cameras,

@@ -75,7 +75,7 @@ def run_render_job(msg: protocol.RenderJob, ctx: JobContext, runs_dir: str | Pat
         ctx.check_cancelled()
         width, height = (int(s) for s in msg.sizes[i])
         rgba = model.render(np.asarray(msg.intrinsics[i], np.float64), np.asarray(msg.poses[i], np.float64),
-                            width, height)
+                            width, height, time=float(msg.times[i]) if len(msg.times) else 0.0)
         ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=to_rgba8(rgba)))
         ctx.progress("render", step=i + 1, total_steps=count, fraction=(i + 1) / count,
                      elapsed=time.monotonic() - start)
@@ -99,6 +99,7 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
     ctx.progress("mesh", force=True)
     start = time.monotonic()
     model = load_run(folder, ctx.device)
+    model.time = msg.time           # a field over time: the instant to mesh (a still one: ignored)
     views = Views.of_run(model.meta)
     if msg.texture_size == protocol.TEXTURE_AUTO and views is None:
         raise RenderJobError(f"fit job {msg.fit_job_id}: its run keeps no cameras to choose a texture size "
@@ -116,7 +117,7 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
     log.info("job %s: meshed fit job %s again in %.2f s (%d faces)", ctx.job_id, msg.fit_job_id, seconds,
              summary.get("faces", 0))
     return {**summary, "fit_job_id": msg.fit_job_id, "seconds": round(seconds, 3),
-            "method": str(getattr(model.config, "method", "")),
+            "method": str(getattr(model.config, "method", "")), **({"time": msg.time} if model.dynamic else {}),
             **(summary_entries(facts["unseen"]) if "unseen" in facts else {})}
 
 

@@ -251,10 +251,10 @@ def test_panel_says_when_lighting_stays_baked_in(capture):
     assert "Photos have no albedo pass" in capture.lighting_note(scene, on)
     kw = capture.fit_settings_from_props(SimpleNamespace(
         capture_source="ANIMATION", capture_camera=cam, capture_collection=None, render_passes="OFF",
-        resume_renders=False))
+        resume_renders=False, over_time="IN_TURN"))
     assert kw == {"source": "ANIMATION", "source_collection": "", "source_camera": "Cam", "passes": False,
                   "cache_dir": None, "background": "auto", "camera_refine": "off", "appearance": False,
-                  "encoding": "hashgrid"}
+                  "encoding": "hashgrid", "over_time": "IN_TURN"}
 
 
 def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
@@ -285,3 +285,70 @@ def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
     with pytest.raises(capture.CaptureError, match="need the Cycles engine"):
         capture.plan_capture(scene, bpy.context.view_layer, passes=True)
     assert not capture.passes_by_default(scene, "sdf")
+
+
+def _moving_target_scene():
+    """A red plane gliding along +X from x=-1 (frame 1) to x=+1 (frame 5) under three still cameras."""
+    scene = _scene()
+    plane = scene.objects["Target"]
+    plane.location = (-1.0, 0.0, 0.0)
+    plane.keyframe_insert("location", frame=1)
+    plane.location = (1.0, 0.0, 0.0)
+    plane.keyframe_insert("location", frame=5)
+    for fc in _fcurves(plane):
+        for kp in fc.keyframe_points:
+            kp.interpolation = "LINEAR"
+    for i, x in enumerate((-0.5, 0.0, 0.5)):
+        add_camera(scene, f"Cam{i}", location=(x, 0.0, 6.0))
+    scene.frame_start, scene.frame_end = 1, 5
+    scene.frame_set(2)
+    return scene
+
+
+def test_a_capture_over_time_sends_each_view_with_its_instant(tmp_path):
+    """Issue 17 item 1: the frame range with the scene's cameras, one camera a frame in turn or every
+    camera at every frame; each view rendered at its frame and sent with its instant in [0, 1]."""
+    import json
+
+    import bpy
+
+    from fit_implicit.blender_addon import capture, dataset_io
+    from fit_implicit.blender_addon import fit_session as fs
+
+    scene = _moving_target_scene()
+    layer = bpy.context.view_layer
+    plan = capture.plan_capture(scene, layer, over_time="EVERY_CAMERA")
+    assert len(plan.cameras) == 15 and plan.frames == [f for f in range(1, 6) for _ in range(3)]
+    assert plan.times == [(f - 1) / 4 for f in plan.frames] and plan.time_range == (1, 5)
+    client = KeepSubmit()
+    settings = fs.FitSettings(method="nerf", over_time="IN_TURN", cache_dir=None, eval_reference=False)
+    s = fs.FitSession(scene, "tcp://127.0.0.1:1", settings, probe=False, client_factory=lambda a: client)
+    s.begin()
+    for _ in range(6):
+        s.tick()
+    sub = client.submit
+    assert sub is not None and sub.images.shape[0] == 5
+    np.testing.assert_allclose(sub.times, [0.0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(sub.poses[:, 0, 3], [-0.5, 0.0, 0.5, -0.5, 0.0])     # the cameras in turn
+    assert sub.mesh_time == 0.25                        # the current frame (2): where the asset lands
+    # each view shows the plane where it was at its frame: its centre moves right in the world
+    centre_x = [sub.poses[i, 0, 3] + (np.argwhere(sub.images[i, ..., 3] > 128)[:, 1].mean() - 11.5) / 24 * 36 / 50 * 6
+                for i in range(5)]
+    assert np.all(np.diff(centre_x) > 0.3), centre_x
+    s.close()
+    assert scene.frame_current == 2
+    # a dataset over time: D-NeRF's layout, each frame with its instant
+    scene.objects["Cam2"]["implicit_holdout"] = True
+    out = dataset_io.export_dataset(scene, layer, str(tmp_path / "ds"), over_time="IN_TURN", render=False)
+    assert out["train"] == 5 and out["test"] == 5
+    doc = json.loads((tmp_path / "ds" / "transforms_train.json").read_text())
+    assert [f["time"] for f in doc["frames"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [f["camera"] for f in doc["frames"]] == ["Cam0", "Cam1", "Cam0", "Cam1", "Cam0"]
+    assert scene.frame_current == 2
+    # clear errors: one frame is no clip; more views than a fit takes
+    scene.frame_end = 1
+    with pytest.raises(capture.CaptureError, match="needs at least two frames"):
+        capture.plan_capture(scene, layer, over_time="IN_TURN")
+    scene.frame_end = 1500             # 2 cameras (Cam2 is held out) x 1500 frames
+    with pytest.raises(capture.CaptureError, match="raise the frame step"):
+        capture.plan_capture(scene, layer, over_time="EVERY_CAMERA")

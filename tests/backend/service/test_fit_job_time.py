@@ -1,0 +1,96 @@
+"""A fit over time through the job queue (issue 17, protocol 9): a Submit whose photos carry their
+instants trains a field over time, meshes the instant it is asked for and renders its eval cameras
+at theirs; later RenderJobs render each camera at its own instant and MeshJobs mesh any instant.
+Real (tiny) training on the CPU; the wire's checks of the times."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import synthetic
+from fit_implicit.backend.service.fit_job import run_fit_job
+from fit_implicit.backend.service.jobs import JobQueue
+from fit_implicit.backend.service.outbox import Outbox
+from fit_implicit.backend.service.render_job import with_render_jobs
+from fit_implicit.shared import protocol
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def moving_submit(**settings) -> protocol.Submit:
+    """The moving spheres (tests/synthetic.py) seen by 6 cameras at 3 instants, 16 pixels a side
+    (100 draft steps: the motion shows from about 75 on)."""
+    views = synthetic.moving_views([0.0, 0.5, 1.0], 6, 16)
+    held = synthetic.moving_views([0.0, 1.0], 1, 16, offset=1)
+    values = dict(preset="draft", steps=100, mesh_resolution=24, preview_size=0, name="clip")
+    values.update(settings)
+    return protocol.Submit(
+        images=views.images, intrinsics=views.intrinsics, poses=views.poses, aabb=views.aabb,
+        times=views.times, eval_intrinsics=held.intrinsics, eval_poses=held.poses,
+        eval_sizes=np.full((2, 2), 16, np.int32), eval_times=held.times, **values).validate()
+
+
+def run_jobs(tmp_path, *messages) -> list[list]:
+    """Each message as a job, one after the other; the messages each job sent."""
+    outbox = Outbox()
+    jobs = JobQueue(with_render_jobs(run_fit_job, lambda: tmp_path), outbox, device="cpu", runs_dir=tmp_path,
+                    checkpoint_interval=0)
+    jobs.start()
+    out = []
+    try:
+        for message in messages:
+            if callable(message):       # a job that needs the fit's id
+                message = message(out[0][-1].job_id)
+            jobs.submit(b"a", message)
+            sent = []
+            while not any(isinstance(m, protocol.JOB_END_TYPES) for m in sent):
+                sent += [m for _, m in outbox.drain()]
+                jobs.join(0.01)
+            out.append(sent)
+    finally:
+        jobs.stop()
+        jobs.join(30)
+    return out
+
+
+def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(tmp_path):
+    submit = moving_submit(mesh_time=1.0)
+    fit, renders, meshes = run_jobs(
+        tmp_path, submit,
+        lambda fit_id: protocol.RenderJob(fit_job_id=fit_id, intrinsics=submit.eval_intrinsics,
+                                        poses=submit.eval_poses, sizes=submit.eval_sizes, times=np.array([1.0, 0.0])),
+        lambda fit_id: protocol.MeshJob(fit_job_id=fit_id, mesh_resolution=24, time=0.0))
+    done = fit[-1]
+    assert isinstance(done, protocol.Done), done
+    assert done.summary["dynamic"] is True and done.summary["mesh_time"] == 1.0
+    # the eval cameras rendered at their instants; the RenderJob's swapped instants give the other images
+    at_fit = [m.image for m in fit if isinstance(m, protocol.RenderResult)]
+    later = [m.image for m in renders if isinstance(m, protocol.RenderResult)]
+    assert len(at_fit) == len(later) == 2
+    assert not np.array_equal(at_fit[0], later[0]) and not np.array_equal(at_fit[1], later[1])
+    # the meshes of the instants asked for (where the objects go: tests/backend/fitting/test_dynamic_fit.py)
+    mesh_end = next(m for m in fit if isinstance(m, protocol.MeshResult))
+    mesh_start = next(m for m in meshes if isinstance(m, protocol.MeshResult))
+    assert meshes[-1].summary["time"] == 0.0
+    assert mesh_end.vertices.shape != mesh_start.vertices.shape or not np.allclose(mesh_end.vertices,
+                                                                                    mesh_start.vertices)
+
+
+def test_times_on_the_wire_are_checked():
+    sub = moving_submit()
+    for name, value, match in [("times", sub.times[:5], "submit.times: expected none or 18 instants"),
+                               ("times", np.full(18, 1.5), "submit.times"),
+                               ("eval_times", np.array([0.5]), "submit.eval_times: expected none or 2")]:
+        bad = dataclasses.replace(sub, **{name: value})
+        with pytest.raises(protocol.ProtocolError, match=match):
+            bad.validate()
+    with pytest.raises(protocol.ProtocolError, match="render_job.times"):
+        protocol.RenderJob(fit_job_id="x", intrinsics=sub.eval_intrinsics, poses=sub.eval_poses,
+                           sizes=sub.eval_sizes, times=np.array([0.2])).validate()
+    with pytest.raises(protocol.ProtocolError, match="time"):
+        protocol.MeshJob(fit_job_id="x", time=2.0).validate()
+    # the times travel: encoded and decoded as they were
+    back = protocol.decode_message(sub.to_frames())
+    np.testing.assert_allclose(back.times, sub.times)
