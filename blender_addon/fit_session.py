@@ -711,7 +711,7 @@ class FitSession:
             from . import results    # the fit joins this file's Results list
             results.record(self.scene, r.job_id, r.object.name if r.object is not None else (self.settings.name or
                            self.scene.name), self.settings.method, self.settings.preset, r.summary.get("psnr"),
-                           asset=r.object, environment=r.environment_image)
+                           asset=r.object, environment=r.environment_image, time_range=r.time_range)
         self._rendered = []
         if self.client is not None:
             try:

@@ -43,12 +43,16 @@ class ImplicitResult(bpy.types.PropertyGroup):
     environment: bpy.props.PointerProperty(type=bpy.types.Image, name="Background",
                                            description="The background it modelled, as an equirectangular image "
                                                        "(world.py); none when it modelled none")
+    time_first: bpy.props.IntProperty(name="First Frame", description="A fit over time: the frame of its instant 0")
+    time_last: bpy.props.IntProperty(name="Last Frame", description="A fit over time: the frame of its instant 1 "
+                                                                    "(equal to First Frame: a still fit)")
 
 
 def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float | None, asset=None,
-           environment=None) -> None:
+           environment=None, time_range: tuple = ()) -> None:
     """Add a finished fit to the scene's list (one entry per job id) and select it.  ``asset``:
-    the Object it imported; ``environment``: the Image of its background (world.py)."""
+    the Object it imported; ``environment``: the Image of its background (world.py); ``time_range``:
+    a fit over time's first and last frames (its instants 0 and 1)."""
     results = scene.implicit.results
     entry = next((r for r in results if r.job_id == job_id), None) or results.add()
     entry.job_id, entry.label, entry.method, entry.preset = job_id, label[:200], method, preset
@@ -56,6 +60,7 @@ def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float
     entry.created = time.strftime("%Y-%m-%d %H:%M")
     entry.asset = asset
     entry.environment = environment
+    entry.time_first, entry.time_last = (int(time_range[0]), int(time_range[1])) if time_range else (0, 0)
     scene.implicit.results_index = list(results).index(entry)
 
 
@@ -173,6 +178,96 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
         modal.stop(self, context)
 
 
+class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
+    """Mesh the selected fit over time at every frame of its range (every Step frames) with the Mesh
+    & Textures settings, as one animated object: an Empty holding a mesh per frame, each shown only
+    from its frame to the next one (keyframed visibility: scrubbing the timeline and renders show
+    the right frame, without the add-on)"""
+
+    bl_idname = "implicit.result_mesh_over_time"
+    bl_label = "Mesh Over Time"
+    bl_options = {"REGISTER", "UNDO"}
+
+    step: bpy.props.IntProperty(name="Step", default=0, min=0, options={"SKIP_SAVE"},
+                                description="Frames between two meshes; 0: the scene's frame step")
+    timeout: bpy.props.FloatProperty(name="Timeout", default=MESH_TIMEOUT, min=1.0, options={"SKIP_SAVE"},
+                                     description="Give up after this many seconds a frame")
+
+    @classmethod
+    def poll(cls, context):
+        entry = selected(context.scene) if context.scene is not None else None
+        return entry is not None and entry.time_last > entry.time_first
+
+    def execute(self, context):     # one MeshJob a frame, one after the other (each as Re-mesh's)
+        scene, entry, props = context.scene, selected(context.scene), context.scene.implicit
+        if entry.time_last <= entry.time_first:
+            self.report({"ERROR"}, "The selected fit is of one instant: fit with Over Time to mesh a frame range")
+            return {"CANCELLED"}
+        first, last = entry.time_first, entry.time_last
+        frames = list(range(first, last + 1, self.step or max(1, scene.frame_step)))
+        address, keys = _backend(self, context)
+        objects = []
+        try:
+            for frame in frames:
+                job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
+                                       mesh_opacity=round(float(props.mesh_opacity), 4),
+                                       texture_size=int(props.texture_size),
+                                       max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
+                                       name=f"{entry.label or 'clip'} {frame}"[: protocol.MAX_NAME],
+                                       time=(frame - first) / (last - first))
+                session = RemeshSession(scene, address, keys, entry, job, self.timeout)
+                session.start()
+                session.run()
+                if session.object is None:
+                    raise RuntimeError(f"frame {frame}: {session.error}")
+                session.object.name = f"{entry.label or 'Implicit'} {frame:04d}"
+                session.object["implicit_time"] = job.time
+                objects.append((frame, session.object))
+        except _failures() as exc:
+            for _, ob in objects:
+                bpy.data.objects.remove(ob)
+            self.report({"ERROR"}, f"Mesh Over Time failed: {exc}")
+            return {"CANCELLED"}
+        holder = animate_sequence(scene, f"{entry.label or 'Implicit'} Over Time", objects)
+        self.report({"INFO"}, f"Imported {len(objects)} meshes (frames {frames[0]}-{frames[-1]}) under {holder.name}")
+        return {"FINISHED"}
+
+
+def animate_sequence(scene, name: str, objects: list):
+    """One Empty parenting ``objects`` ((frame, Object), in frame order), each visible in the
+    viewport and in renders from its frame until the next one's (before the first: the first;
+    after the last: the last), by keyframes with constant interpolation."""
+    holder = bpy.data.objects.new(name, None)
+    (objects[0][1].users_collection[0] if objects[0][1].users_collection else scene.collection).objects.link(holder)
+    for i, (frame, ob) in enumerate(objects):
+        parent_keep = ob.matrix_world.copy()
+        ob.parent = holder
+        ob.matrix_world = parent_keep
+        for prop in ("hide_viewport", "hide_render"):
+            marks = [(frame, False)]
+            if i > 0:
+                marks.insert(0, (frame - 1, True))
+            if i + 1 < len(objects):
+                marks.append((objects[i + 1][0], True))
+            for at, hidden in marks:
+                setattr(ob, prop, hidden)
+                ob.keyframe_insert(prop, frame=at)
+        for fc in _fcurves(ob):
+            for kp in fc.keyframe_points:
+                kp.interpolation = "CONSTANT"
+    scene.frame_set(scene.frame_current)        # show the current frame's mesh
+    return holder
+
+
+def _fcurves(idblock) -> list:
+    """The F-curves of an ID's action (Blender 5.0 keeps them in layered channelbags)."""
+    action = idblock.animation_data.action
+    if hasattr(action, "fcurves") and len(getattr(action, "fcurves", ())):
+        return list(action.fcurves)
+    from bpy_extras import anim_utils
+    return list(anim_utils.action_get_channelbag_for_slot(action, idblock.animation_data.action_slot).fcurves)
+
+
 class IMPLICIT_OT_result_forget(_ResultOperator, bpy.types.Operator):
     """Forget the selected fit (its imported asset stays); with Delete Field, also delete the field
     saved beside the .blend"""
@@ -281,4 +376,4 @@ class RemeshSession:
 
 
 CLASSES = (ImplicitResult, IMPLICIT_UL_results, IMPLICIT_OT_result_render, IMPLICIT_OT_result_remesh,
-           IMPLICIT_OT_result_forget)
+           IMPLICIT_OT_result_mesh_over_time, IMPLICIT_OT_result_forget)

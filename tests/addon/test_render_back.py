@@ -294,3 +294,49 @@ def test_the_results_list_remeshes_a_fit_even_after_the_backend_lost_it(fitted, 
         assert len(props.results) == 0 and not folder.exists()
     finally:
         blender_addon.unregister()
+
+
+@pytest.mark.slow   # a second, tiny fit over time on the shared backend (~15 s)
+@pytest.mark.blender
+def test_mesh_over_time_imports_one_animated_object_that_follows_the_timeline(fitted):
+    """Issue 17 item 3: a fit over time is meshed at every frame of its range (MeshJobs at the
+    frames' instants) and comes back as one Empty holding a mesh per frame, each visible (viewport
+    and render) only from its frame to the next; the timeline shows the right one."""
+    pytest.importorskip("bpy")
+    import bpy
+
+    from fit_implicit import blender_addon
+    from bpy_helpers import fresh_scene
+    from fit_implicit.blender_addon import ownership, results
+    backend, _ = fitted
+    views = synthetic.moving_views([0.0, 0.5, 1.0], 6, 16)
+    clip = protocol.Submit(images=views.images, intrinsics=views.intrinsics, poses=views.poses, aabb=views.aabb,
+                           times=views.times, preset="draft", steps=40, mesh_resolution=16, preview_size=0,
+                           name="clip").validate()
+    with RawPeer(backend.address, token=TEST_TOKEN) as peer:
+        peer.send(clip)
+        reply = peer.recv(timeout=30)
+        end = peer.recv_until(protocol.JOB_END_TYPES, timeout=600)[-1]
+        assert isinstance(end, protocol.Done) and end.summary["dynamic"] is True, end
+    blender_addon.register()
+    try:
+        scene = fresh_scene(width=SIZE, height=SIZE)
+        scene[ownership.TOKEN_KEY] = TEST_TOKEN
+        results.record(scene, reply.job_id, "Clip", "nerf", "draft", 20.0, time_range=(1, 5))
+        scene.implicit.mesh_resolution, scene.implicit.texture_size = 16, "0"
+        scene.frame_set(3)
+        assert bpy.ops.implicit.result_mesh_over_time(address=backend.address, step=2) == {"FINISHED"}
+        holder = bpy.data.objects["Clip Over Time"]
+        meshes = sorted(holder.children, key=lambda ob: ob.name)
+        assert [ob.name for ob in meshes] == ["Clip 0001", "Clip 0003", "Clip 0005"]
+        assert [ob["implicit_time"] for ob in meshes] == [0.0, 0.5, 1.0]
+        for frame, shown in [(1, "Clip 0001"), (2, "Clip 0001"), (3, "Clip 0003"), (4, "Clip 0003"), (5, "Clip 0005"),
+                             (9, "Clip 0005"), (-2, "Clip 0001")]:
+            scene.frame_set(frame)
+            visible = [ob.name for ob in meshes if not ob.hide_render and not ob.hide_viewport]
+            assert visible == [shown], (frame, visible)
+        # a still fit has nothing to mesh over time
+        results.record(scene, "0123456789ab", "Still", "nerf", "draft", 20.0)
+        assert not bpy.ops.implicit.result_mesh_over_time.poll()
+    finally:
+        blender_addon.unregister()
