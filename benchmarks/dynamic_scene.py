@@ -7,8 +7,8 @@ camera a frame), with the ground-truth geometry of every frame; and the scores o
 ``render`` builds, with the bpy wheel (Cycles on the CPU), benchmarks/surface_scene.py's "shapes"
 (a textured sphere, torus and bevelled cube, off the origin, scaled) and animates them over
 2 ``--frames`` - 1 scene frames (training views at the odd ones, held-out views at every
-``--test-every``-th even one: instants no training view shows, as D-NeRF's test splits): the cube travels and turns (rigid motion), the sphere squashes and stretches
-as it bounces, a thin two-bladed propeller spins two turns (a thin, fast part) and a subdivided
+``--test-every``-th even one: instants no training view shows, as D-NeRF's test splits): the
+cube travels and turns (rigid motion), the sphere squashes and stretches as it bounces, a thin two-bladed propeller spins two turns (a thin, fast part) and a subdivided
 sheet ripples (a Wave modifier: a deforming surface).  Cameras: a sphere of 24, 4 of them held out
 (blender_addon.rig); the add-on's dataset export over time (blender_addon/dataset_io.py,
 over_time RANDOM: one training camera a frame, picked at random; the held-out cameras one a frame
@@ -61,31 +61,20 @@ def animate(scene, frames: int) -> None:
         key(sphere, "location", (0.45, -0.35, z), frame)
         key(sphere, "scale", (1.0 / math.sqrt(squash), 1.0 / math.sqrt(squash), squash), frame)
 
-    def add(op, name, material, **kw):
-        op(**kw)
-        ob = bpy.context.object
-        ob.name = name
-        for coll in list(ob.users_collection):
-            coll.objects.unlink(ob)
-        gt.objects.link(ob)
-        ob.parent = root
-        ob.data.materials.append(material)
-        return ob
-
     hub = bpy.data.objects.new("Propeller", None)                       # thin and fast: two turns
     gt.objects.link(hub)
     hub.parent = root
     hub.location = (-0.45, -0.45, 0.45)
     for i in range(2):
-        blade = add(bpy.ops.mesh.primitive_cube_add, f"Blade {i}", surface_scene.plain_material(
-            f"Blade {i}", (0.9, 0.75, 0.1), 0.4), size=1.0)
+        blade = surface_scene.add(bpy.ops.mesh.primitive_cube_add, f"Blade {i}", surface_scene.plain_material(
+            f"Blade {i}", (0.9, 0.75, 0.1), 0.4), False, size=1.0)
         blade.scale = (0.5, 0.04, 0.015)
         blade.rotation_euler = (0.0, 0.0, math.pi / 2 * i)
         blade.parent = hub
     key(hub, "rotation_euler", (0.0, 0.0, 0.0), 1)
     key(hub, "rotation_euler", (0.0, 0.0, 4.0 * math.pi), last)
-    sheet = add(bpy.ops.mesh.primitive_plane_add, "Sheet", surface_scene.checker_material(), size=0.9,
-                location=(-0.2, 0.2, -0.55))                             # deforming: a travelling ripple
+    sheet = surface_scene.add(bpy.ops.mesh.primitive_plane_add, "Sheet", surface_scene.checker_material(), True,
+                              size=0.9, location=(-0.2, 0.2, -0.55))    # deforming: a travelling ripple
     sub = sheet.modifiers.new("Subdivide", "SUBSURF")
     sub.subdivision_type, sub.levels, sub.render_levels = "SIMPLE", 5, 5
     wave = sheet.modifiers.new("Ripple", "WAVE")

@@ -189,6 +189,24 @@ def _light(collection, name, kind, location, energy, color=(1.0, 1.0, 1.0), size
     return ob
 
 
+def add(op, name, material, smooth, **kw):
+    """A primitive made by the operator ``op(**kw)``, named, moved into the ground truth under the
+    scene root (built by :func:`build_scene`), with one material, smooth or flat shaded."""
+    import bpy
+
+    op(**kw)
+    ob = bpy.context.object
+    ob.name = name
+    for coll in list(ob.users_collection):
+        coll.objects.unlink(ob)
+    bpy.data.collections[GT_COLLECTION].objects.link(ob)
+    ob.parent = bpy.data.objects["Scene Root"]
+    ob.data.materials.append(material)
+    for poly in ob.data.polygons:
+        poly.use_smooth = smooth
+    return ob
+
+
 def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | None = None):
     """A fresh scene with the ground-truth objects of ``which`` ("shapes" or "still_life"; the
     latter writes its letters texture into ``out_dir``), both light setups (training active)."""
@@ -209,19 +227,6 @@ def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | 
     root = bpy.data.objects.new("Scene Root", None)
     root.location, root.scale = OFFSET, (SCALE, SCALE, SCALE)
     gt.objects.link(root)
-
-    def add(op, name, material, smooth, **kw):
-        op(**kw)
-        ob = bpy.context.object
-        ob.name = name
-        for coll in list(ob.users_collection):
-            coll.objects.unlink(ob)
-        gt.objects.link(ob)
-        ob.parent = root
-        ob.data.materials.append(material)
-        for poly in ob.data.polygons:
-            poly.use_smooth = smooth
-        return ob
 
     if which == "still_life":
         still_life(add, scene, out_dir or Path(tempfile.mkdtemp(prefix="still_life_")))
