@@ -6,7 +6,8 @@
 # Needs (the machine's own Python with torch, triton, numpy, scipy, scikit-image, Pillow, pytest):
 #   .data/lego   a copy of ../shared/data/lego (the sibling folder does not travel)
 #   .whl/        wheels of what the image lacks, for its Python (3.12): pyzmq, xatlas,
-#                fast-simplification (pip download --only-binary=:all: --python-version 3.12 ...)
+#                fast-simplification, trimesh (the bunny's scans; pip download --only-binary=:all:
+#                --python-version 3.12 ...)
 # Run from the repository root:  bash benchmarks/gpu_suite.sh [lego budgets, default 10,60]
 # (the device tool: FIT_IMPLICIT_COMMIT=<this checkout's commit> bash benchmarks/gpu_suite.sh ...)
 # SECTIONS picks what runs (default all: "kernels tests lego mesh"); "mesh" fits lego for
