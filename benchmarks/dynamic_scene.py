@@ -8,8 +8,9 @@ camera a frame), with the ground-truth geometry of every frame; and the scores o
 (a textured sphere, torus and bevelled cube, off the origin, scaled) and animates them over
 2 ``--frames`` - 1 scene frames (training views at the odd ones, held-out views at every
 ``--test-every``-th even one: instants no training view shows, as D-NeRF's test splits): the
-cube travels and turns (rigid motion), the sphere squashes and stretches as it bounces, a thin two-bladed propeller spins two turns (a thin, fast part) and a subdivided
-sheet ripples (a Wave modifier: a deforming surface).  Cameras: a sphere of 24, 4 of them held out
+cube travels and turns (rigid motion), the sphere squashes and stretches as it bounces, a thin
+two-bladed propeller spins two turns (a thin, fast part) and a subdivided sheet ripples (a Wave
+modifier: a deforming surface).  Cameras: a sphere of 24, 4 of them held out
 (blender_addon.rig); the add-on's dataset export over time (blender_addon/dataset_io.py,
 over_time RANDOM: one training camera a frame, picked at random; the held-out cameras one a frame
 in turn) writes transforms_train.json / transforms_test.json with each frame's ``time``.  The
@@ -41,6 +42,8 @@ CAMERAS, HELD_OUT = 24, 4
 def animate(scene, frames: int) -> None:
     """Keyframe the shapes and add the propeller and the sheet (see the module doc)."""
     import bpy
+
+    from fit_implicit.blender_addon.results import fcurves
 
     gt = bpy.data.collections[surface_scene.GT_COLLECTION]
     root = bpy.data.objects["Scene Root"]
@@ -82,17 +85,9 @@ def animate(scene, frames: int) -> None:
     solid = sheet.modifiers.new("Thickness", "SOLIDIFY")
     solid.thickness = 0.02
     for ob in (bpy.data.objects["Cube"], sphere, hub):
-        for fc in _fcurves(ob):
+        for fc in fcurves(ob):
             for kp in fc.keyframe_points:
                 kp.interpolation = "LINEAR" if ob is hub else "BEZIER"
-
-
-def _fcurves(idblock):
-    action = idblock.animation_data.action
-    if hasattr(action, "fcurves") and len(getattr(action, "fcurves", ())):
-        return list(action.fcurves)
-    from bpy_extras import anim_utils
-    return list(anim_utils.action_get_channelbag_for_slot(action, idblock.animation_data.action_slot).fcurves)
 
 
 def cmd_render(args) -> int:

@@ -116,7 +116,9 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
             if splits[split]:
                 splits[split], at[split] = capture.views_over_time(splits[split], at[split], mode, scene,
                                                                    frames_of or frame_range)
-        capture.frame_times(at["train"] or at["test"], scene, frame_range)     # (at least two frames)
+    # each view's instant, measured over the training frames' range (raises for a single frame)
+    instants = {split: capture.frame_times(frames, scene, frame_range)[0] if over_time != "STILL" else frames
+                for split, frames in at.items()}
     total, done = sum(len(obs) for obs in splits.values()), 0
     all_frames, names = [], {"train": [], "test": []}
     files = []
@@ -142,7 +144,7 @@ def export_dataset(scene, view_layer, folder: str, *, camera_objects=None, rende
             frame = {"file_path": stem, "camera": ob.name, **frame_fields(k, w, h),
                      "transform_matrix": capture.camera_pose(ob).tolist(), **pass_keys}
             if at[split][i] is not None:     # D-NeRF's instant in [0, 1] (shared/transforms.py TIME_KEY)
-                frame["time"] = capture.frame_times([at[split][i]], scene, frame_range)[0][0]
+                frame["time"] = instants[split][i]
                 frame["frame"] = at[split][i]
             frames.append(frame)
             all_frames.append({**frame, "file_path": f"{stem}.png"})

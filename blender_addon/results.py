@@ -252,14 +252,14 @@ def animate_sequence(scene, name: str, objects: list):
             for at, hidden in marks:
                 setattr(ob, prop, hidden)
                 ob.keyframe_insert(prop, frame=at)
-        for fc in _fcurves(ob):
+        for fc in fcurves(ob):
             for kp in fc.keyframe_points:
                 kp.interpolation = "CONSTANT"
     scene.frame_set(scene.frame_current)        # show the current frame's mesh
     return holder
 
 
-def _fcurves(idblock) -> list:
+def fcurves(idblock) -> list:
     """The F-curves of an ID's action (Blender 5.0 keeps them in layered channelbags)."""
     action = idblock.animation_data.action
     if hasattr(action, "fcurves") and len(getattr(action, "fcurves", ())):
