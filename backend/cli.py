@@ -435,11 +435,15 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         raise ValueError("--time and --frames are for fits over time; this run is of one instant")
     if args.frames < 0 or args.frames == 1:
         raise ValueError(f"--frames must be 0 (one mesh) or at least 2, got {args.frames}")
+    if args.follow and not args.frames:
+        raise ValueError("--follow needs --frames: the instants to follow the mesh through")
     if not args.frames:
         model.time = args.time or 0.0
         _mesh_one(model, args, Path(args.out))
         return 0
     out = Path(args.out)
+    if args.follow:
+        return _mesh_followed(model, args, out)
     sequence = []
     for i in range(args.frames):
         model.time = i / (args.frames - 1)
@@ -453,8 +457,36 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mesh_one(model, args: argparse.Namespace, out: Path) -> Path:
-    """Mesh (and texture) ``model`` at its current time into ``out``; returns the mesh file."""
+def _mesh_followed(model, args: argparse.Namespace, out: Path) -> int:
+    """--frames N --follow: one mesh at --time, and where its vertices are at N instants from 0
+    to 1 as a Point Cache 2 file beside it (export/tracks.py)."""
+    import numpy as np
+
+    from fit_implicit.backend.export.tracks import LOST, follow_vertices, write_pc2
+
+    model.time = args.time or 0.0
+    written, verts = _mesh_one(model, args, out, with_vertices=True)
+    times = np.linspace(0.0, 1.0, args.frames)
+    t0 = time.perf_counter()
+    tracks, facts = follow_vertices(model, verts, times)
+    cache = out.with_suffix(".pc2")
+    write_pc2(cache, tracks)
+    index = out.with_name(f"{out.stem}_sequence.json")
+    index.write_text(json.dumps({"mesh": written.name, "mesh_time": round(model.time, 6), "point_cache": cache.name,
+                                 "times": [round(float(t), 6) for t in times], **facts}, indent=1))
+    _print(f"followed {len(verts)} vertices through {len(times)} instants ({time.perf_counter() - t0:.1f} s): "
+           f"mean residual {facts['track_residual']:.2g} units, {100 * facts['track_lost']:.2f}% of positions "
+           f"lost (residual above {100 * LOST:g}% of the box's diagonal) -> {cache} (frame k = instant k; "
+           f"Blender: Mesh Cache modifier on the imported {written.suffix} mesh), {index}")
+    if facts["track_lost"] > 0.01:
+        _print("note: the motion is not one-to-one everywhere (parts that split, merge or appear); --frames "
+               "without --follow writes a mesh per instant instead")
+    return 0
+
+
+def _mesh_one(model, args: argparse.Namespace, out: Path, with_vertices: bool = False):
+    """Mesh (and texture) ``model`` at its current time into ``out``; returns the mesh file (and,
+    ``with_vertices``, the vertices as written: a textured mesh is split at its UV seams)."""
     from fit_implicit.backend.export.files import write_mesh
     from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.export.unseen import Views
@@ -494,11 +526,12 @@ def _mesh_one(model, args: argparse.Namespace, out: Path) -> Path:
                f"{len(mesh.faces)} triangles, {time.perf_counter() - t1:.1f} s ({times}) -> {path}")
         if path.suffix.lower() == ".obj":
             _print(OBJ_COLOUR_NOTE)
+        verts = mesh.vertices
     else:
         path = write_mesh(out, verts, faces, colors)
         _print(f"vertex colours -> {path}")
     _write_environment(model, path, args.environment_height)
-    return path
+    return (path, verts) if with_vertices else path
 
 
 def _write_environment(model, mesh_path: Path, height: int | str) -> Path | None:
@@ -652,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--frames", type=int, default=0,
                    help="fits over time: a mesh sequence of this many instants from 0 to 1, written as "
                         "<stem>_0000<suffix>, ... with <stem>_sequence.json listing each file's time")
+    m.add_argument("--follow", action="store_true",
+                   help="with --frames: one mesh (at --time) and where each of its vertices is at each instant, "
+                        "<stem>.pc2 (Point Cache 2, in the mesh file's vertex order: Blender's Mesh Cache "
+                        "modifier on the imported .ply or .obj), instead of a mesh per instant")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

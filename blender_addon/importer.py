@@ -47,7 +47,7 @@ def place_origin(ob, point) -> None:
     from mathutils import Matrix, Vector
 
     p = Vector([float(c) for c in point])
-    ob.data.transform(Matrix.Translation(-p))
+    ob.data.transform(Matrix.Translation(-p), shape_keys=True)
     ob.matrix_world = Matrix.Translation(p) @ ob.matrix_world
     ob.data.update()
 
@@ -181,15 +181,17 @@ def vertex_color_material(name: str = MATERIAL_NAME, attribute: str = COLOR_ATTR
 # --------------------------------------------------------------------------------------------
 def import_mesh(scene, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, *,
                 name: str = "Implicit Mesh", collection: str = RESULT_COLLECTION, smooth: bool = True,
-                uvs: np.ndarray | None = None, textures: dict | None = None):
+                uvs: np.ndarray | None = None, textures: dict | None = None, shape_keys: list | None = None):
     """A new object at the identity transform (``vertices`` are world coordinates), in the
     collection ``collection`` of ``scene``.
 
     With ``uvs`` (V, 2) (v up) and ``textures`` (kind -> (H, W, C) uint8 image, top row first;
     kinds "albedo", "normal", "roughness"), the mesh is welded at its UV seams, gets the UV layer
     ``UVMap`` and a Principled BSDF material fed by those images (:func:`textured_material`);
-    otherwise the vertex-colour material.
+    otherwise the vertex-colour material.  ``shape_keys``: (name, (V, 3) world positions) pairs,
+    added after a "Basis" key (the vertices), unkeyed, at value 0.
     """
+    keep = None
     if uvs is not None and len(uvs) and textures:
         verts, tris, loop_uvs, keep = weld_seams(vertices, faces, uvs)
         me = mesh_from_arrays(name, verts, tris, None if colors is None else np.asarray(colors)[keep],
@@ -202,6 +204,13 @@ def import_mesh(scene, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarr
     ob = bpy.data.objects.new(name, me)
     ob.matrix_world.identity()
     ensure_collection(scene, collection).objects.link(ob)
+    if shape_keys:
+        ob.shape_key_add(name="Basis", from_mix=False)
+        for key_name, positions in shape_keys:
+            positions = np.asarray(positions, np.float32).reshape(-1, 3)
+            key = ob.shape_key_add(name=key_name, from_mix=False)
+            key.data.foreach_set("co", np.ascontiguousarray(positions if keep is None else positions[keep]).ravel())
+        me.update()
     return ob
 
 

@@ -252,7 +252,9 @@ class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
         row.operator("implicit.result_remesh", text="Re-mesh", icon="MOD_REMESH")
         entry = props.results[props.results_index] if 0 <= props.results_index < len(props.results) else None
         if entry is not None and entry.time_last > entry.time_first:      # a fit over time
-            row.operator("implicit.result_mesh_over_time", text="Mesh Over Time", icon="RENDER_ANIMATION")
+            row = col.row(align=True)
+            row.operator("implicit.result_mesh_over_time", text="Mesh a Frame", icon="RENDER_ANIMATION").kind = "SEQUENCE"
+            row.operator("implicit.result_mesh_over_time", text="One Moving Mesh", icon="SHAPEKEY_DATA").kind = "SHAPE_KEYS"
         row = col.row(align=True)
         op = row.operator("implicit.save_field", text="Save Field", icon="FILE_TICK")
         op.fit_job = entry.job_id if entry is not None else ""

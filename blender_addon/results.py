@@ -13,6 +13,7 @@ import shutil
 import time
 
 import bpy
+import numpy as np
 
 from . import modal, ownership, saved_fields
 from ._shared import protocol
@@ -178,16 +179,27 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
         modal.stop(self, context)
 
 
+MESH_OVER_TIME_KINDS = (
+    ("SEQUENCE", "A Mesh a Frame",
+     "Mesh every frame on its own (textures a frame): any motion, parts that split, merge or appear included"),
+    ("SHAPE_KEYS", "One Mesh, Shape Keys",
+     "Mesh the current frame once (one set of textures) and follow each vertex through the frames by the "
+     "field's motion, as shape keys keyed a frame each (smooth in between): light, and modifiers and materials "
+     "apply once, but parts that split, merge or appear cannot be followed"),
+)
+
+
 class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
     """Mesh the selected fit over time at every frame of its range (every Step frames) with the Mesh
     & Textures settings, as one animated object: an Empty holding a mesh per frame, each shown only
-    from its frame to the next one (keyframed visibility: scrubbing the timeline and renders show
-    the right frame, without the add-on)"""
+    from its frame to the next one (keyframed visibility), or one mesh whose shape keys follow the
+    motion (As).  Scrubbing the timeline and renders show the right frame, without the add-on"""
 
     bl_idname = "implicit.result_mesh_over_time"
     bl_label = "Mesh Over Time"
     bl_options = {"REGISTER", "UNDO"}
 
+    kind: bpy.props.EnumProperty(name="As", items=MESH_OVER_TIME_KINDS, default="SEQUENCE", options={"SKIP_SAVE"})
     step: bpy.props.IntProperty(name="Step", default=0, min=0, options={"SKIP_SAVE"},
                                 description="Frames between two meshes; 0: the scene's frame step")
     timeout: bpy.props.FloatProperty(name="Timeout", default=MESH_TIMEOUT, min=1.0, options={"SKIP_SAVE"},
@@ -206,6 +218,8 @@ class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
         first, last = entry.time_first, entry.time_last
         frames = list(range(first, last + 1, self.step or max(1, scene.frame_step)))
         address, keys = _backend(self, context)
+        if self.kind == "SHAPE_KEYS":
+            return self._follow(scene, entry, props, frames, address, keys)
         objects = []
         try:
             for frame in frames:
@@ -230,6 +244,40 @@ class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
             return {"CANCELLED"}
         holder = animate_sequence(scene, f"{entry.label or 'Implicit'} Over Time", objects)
         self.report({"INFO"}, f"Imported {len(objects)} meshes (frames {frames[0]}-{frames[-1]}) under {holder.name}")
+        return {"FINISHED"}
+
+    def _follow(self, scene, entry, props, frames: list, address: str, keys: dict):
+        """One MeshJob at the current frame (clamped to the range) whose vertices the backend
+        follows through ``frames`` (MeshJob.track_times): imported with a shape key a frame."""
+        first, last = entry.time_first, entry.time_last
+        now = min(max(scene.frame_current, first), last)
+        job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
+                               mesh_opacity=round(float(props.mesh_opacity), 4), texture_size=int(props.texture_size),
+                               max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
+                               name=f"{entry.label or 'clip'} {now}"[: protocol.MAX_NAME],
+                               time=(now - first) / (last - first),
+                               track_times=np.array([(f - first) / (last - first) for f in frames]))
+        session = RemeshSession(scene, address, keys, entry, job, self.timeout,
+                                key_names=[f"Frame {f:04d}" for f in frames])
+        try:
+            session.start()
+            session.run()
+            if session.object is None:
+                raise RuntimeError(session.error)
+        except _failures() as exc:
+            self.report({"ERROR"}, f"Mesh Over Time failed: {exc}")
+            return {"CANCELLED"}
+        ob = session.object
+        ob.name = f"{entry.label or 'Implicit'} Moving"
+        ob["implicit_time"] = job.time
+        animate_shape_keys(scene, ob, frames)
+        lost = float(ob.get("implicit_track_lost", 0.0))
+        if lost > 0.01:
+            self.report({"WARNING"}, f"{100 * lost:.1f}% of the vertex positions could not be followed (parts that "
+                                     "split, merge or appear): As A Mesh a Frame shows them")
+        else:
+            self.report({"INFO"}, f"Imported {ob.name}: one mesh of frame {now} with a shape key for each of "
+                                  f"{len(frames)} frames ({frames[0]}-{frames[-1]})")
         return {"FINISHED"}
 
 
@@ -257,6 +305,27 @@ def animate_sequence(scene, name: str, objects: list):
                 kp.interpolation = "CONSTANT"
     scene.frame_set(scene.frame_current)        # show the current frame's mesh
     return holder
+
+
+def animate_shape_keys(scene, ob, frames: list) -> None:
+    """Key ``ob``'s shape keys after the Basis (one a frame of ``frames``, in order) so that each
+    is in full at its frame and none at its neighbours', linearly in between (positions blend from
+    one frame's to the next); before the first frame the first holds, after the last the last."""
+    blocks = ob.data.shape_keys.key_blocks[1:]
+    for i, (frame, key) in enumerate(zip(frames, blocks)):
+        key.slider_max = 1.0
+        marks = [(frame, 1.0)]
+        if i > 0:
+            marks.insert(0, (frames[i - 1], 0.0))
+        if i + 1 < len(frames):
+            marks.append((frames[i + 1], 0.0))
+        for at, value in marks:
+            key.value = value
+            key.keyframe_insert("value", frame=at)
+    for fc in fcurves(ob.data.shape_keys):
+        for kp in fc.keyframe_points:
+            kp.interpolation = "LINEAR"
+    scene.frame_set(scene.frame_current)
 
 
 def fcurves(idblock) -> list:
@@ -296,9 +365,10 @@ class RemeshSession:
     saved field back first (once).  After the end: ``object`` (the import) or ``error``."""
 
     def __init__(self, scene, address: str, keys: dict, entry: ImplicitResult, job: protocol.MeshJob,
-                 timeout: float):
+                 timeout: float, key_names: list | None = None):
         self.scene, self.address, self.keys, self.entry, self.job = scene, address, keys, entry, job
         self.timeout = timeout
+        self.key_names = key_names      # names of the shape keys a job with track_times brings
         self.client = None
         self.messages: list = []
         self.object = None
@@ -362,16 +432,18 @@ class RemeshSession:
         entry, job, messages = self.entry, self.job, self.messages
         textures = {m.kind: m.image for m in messages if isinstance(m, protocol.TextureResult)}
         mesh = next(m for m in messages if isinstance(m, protocol.MeshResult))
+        names = self.key_names or [f"t={t:.4f}" for t in mesh.track_times]
         ob = importer.import_mesh(self.scene, mesh.vertices, mesh.faces, mesh.colors,
-                                  name=f"{entry.label or 'Implicit'} Remesh", uvs=mesh.uvs, textures=textures)
+                                  name=f"{entry.label or 'Implicit'} Remesh", uvs=mesh.uvs, textures=textures,
+                                  shape_keys=list(zip(names, mesh.tracks)) if len(mesh.track_times) else None)
         if entry.asset is not None:
             importer.place_origin(ob, entry.asset.matrix_world.translation)
         done = next((m for m in messages if isinstance(m, protocol.Done)), None)
+        summary = done.summary if done is not None else {}
         importer.tag_asset(ob, {"job_id": entry.job_id, "method": entry.method, "preset": entry.preset,
                                 "remeshed_from": entry.job_id, "faces": len(mesh.faces),
-                                "mesh_resolution": job.mesh_resolution,
-                                "textures": done.summary.get("textures") if done is not None else None,
-                                "fitted_at": entry.created})
+                                "mesh_resolution": job.mesh_resolution, "textures": summary.get("textures"),
+                                "track_lost": summary.get("track_lost"), "fitted_at": entry.created})
         return ob
 
 

@@ -42,10 +42,11 @@ from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, ENCODINGS, METHODS, 
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 9            # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
+PROTOCOL_VERSION = 10           # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
                                 # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding and voxel_size,
                                 #    CamerasResult.focal_scale; 9: times (Submit.times, eval_times and
-                                #    mesh_time, RenderJob.times, MeshJob.time)
+                                #    mesh_time, RenderJob.times, MeshJob.time); 10: MeshJob.track_times,
+                                #    MeshResult.track_times and tracks
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -66,6 +67,8 @@ MAX_STRING = 4096
 MAX_NAME = 256
 MAX_RUN_JSON = 16 << 20         # ModelFile / StoreModel: a run's run.json (its cameras included)
 MAX_MODEL_BYTES = 1 << 31       # ModelFile / StoreModel: a run's model.pt (the wire's cap for one array)
+MAX_TRACK_TIMES = 10_000        # MeshJob.track_times: instants one mesh is followed through
+MAX_TRACK_POINTS = 1 << 27      # MeshResult.tracks: instants x vertices (12 bytes each: 1.5 GiB)
 
 
 
@@ -554,15 +557,26 @@ class MeshResult(Message):
 
     TYPE: ClassVar[str] = "mesh"
     DIM_CAPS: ClassVar[Mapping[str, int]] = {"V": MAX_VERTICES, "F": 2 * MAX_VERTICES,
-                                             "U": MAX_VERTICES, "NV": MAX_VERTICES}
+                                             "U": MAX_VERTICES, "NV": MAX_VERTICES,
+                                             "T": MAX_TRACK_TIMES, "TV": MAX_VERTICES}
     job_id: str = spec(Str(MAX_NAME))
     vertices: np.ndarray = spec(Array(("float32",), ("V", 3)))
     faces: np.ndarray = spec(Array(("int32",), ("F", 3)))
     colors: np.ndarray = spec(Array(("float32",), ("V", 3)))
     uvs: np.ndarray = spec(Array(("float32",), ("U", 2)), default_factory=_empty((0, 2), np.float32))
     normals: np.ndarray = spec(Array(("float32",), ("NV", 3)), default_factory=_empty((0, 3), np.float32))
+    # MeshJob.track_times answered: the instants, and every vertex's world position at each
+    # (T, V, 3); none (T = 0) otherwise
+    track_times: np.ndarray = spec(Array(("float32",), ("T",)), default_factory=_empty((0,), np.float32))
+    tracks: np.ndarray = spec(Array(("float32",), ("T", "TV", 3)), default_factory=_empty((0, 0, 3), np.float32))
 
     def check(self):
+        if len(self.track_times) and self.tracks.shape[1] != len(self.vertices):
+            raise ProtocolError(f"mesh.tracks: {self.tracks.shape[1]} vertices a row for a mesh of {len(self.vertices)}")
+        if self.tracks.size > 3 * MAX_TRACK_POINTS:
+            raise ProtocolError(f"mesh.tracks: {self.tracks.shape[0]} instants x {self.tracks.shape[1]} vertices is "
+                                f"more than the allowed {MAX_TRACK_POINTS}")
+        check_times("mesh.track_times", self.track_times, len(self.track_times))
         if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= len(self.vertices)):
             raise ProtocolError(f"mesh.faces: indices must be in [0, {len(self.vertices)})")
         if self.colors.size and (self.colors.min() < 0 or self.colors.max() > 1):
@@ -776,9 +790,15 @@ class MeshJob(Message):
     max_faces: int = spec(Int(0, MAX_VERTICES), default=0)
     name: str = spec(Str(MAX_NAME), default="")
     time: float = spec(Float(0.0, 1.0), default=0.0)     # a field over time: the instant to mesh
+    # a field over time: also where each vertex of that mesh is at these instants (MeshResult.tracks;
+    # backend/export/tracks.py): one mesh, moving
+    track_times: np.ndarray = spec(Array(("float64", "float32"), ("T",)), default_factory=_empty((0,), np.float64))
+
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"T": MAX_TRACK_TIMES}
 
     def check(self):
         check_mesh_settings("mesh_job", self.max_faces, self.texture_size)
+        check_times("mesh_job.track_times", self.track_times, len(self.track_times))
 
 
 @dataclass

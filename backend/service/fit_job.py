@@ -282,7 +282,8 @@ def send_environment(model, ctx: JobContext, height: int) -> dict:
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
-                     ctx: JobContext, refine: tuple | None = None, views=None, max_faces: int | None = None) -> dict:
+                     ctx: JobContext, refine: tuple | None = None, views=None, max_faces: int | None = None,
+                     track_times: np.ndarray | None = None) -> dict:
     """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
@@ -291,6 +292,8 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     against the training views (backend/export/refine.py) before it is sent, or None.
     views: the training cameras (export.unseen.Views), which pick the side for TEXTURE_AUTO.
     max_faces: most triangles of the textured mesh (None: texture.py MAX_FACES).
+    track_times: a field over time: also send where each vertex is at these instants
+    (MeshResult.tracks; backend/export/tracks.py), or None.
     """
     mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -315,6 +318,9 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
                        **{f"texture_{k}_seconds": round(v, 3) for k, v in baked.timings.items()})
         verts, faces, colors = mesh.vertices, mesh.faces, vertex_colors_from(mesh, baked)
         summary.update(vertices=int(len(verts)), faces=int(len(faces)))
+    tracks = np.zeros((0, 0, 3), np.float32)
+    if track_times is not None and len(track_times):
+        tracks = _tracks(model, verts, track_times, ctx, summary)
     ctx.send(protocol.MeshResult(
         job_id=ctx.job_id,
         vertices=np.ascontiguousarray(verts, dtype=np.float32),
@@ -322,5 +328,23 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
         colors=np.ascontiguousarray(np.clip(colors, 0.0, 1.0), dtype=np.float32),
         uvs=np.ascontiguousarray(mesh.uvs if mesh is not None else np.zeros((0, 2)), dtype=np.float32),
         normals=np.ascontiguousarray(mesh.normals if mesh is not None else np.zeros((0, 3)), dtype=np.float32),
+        track_times=np.asarray(track_times if len(tracks) else [], np.float32),
+        tracks=tracks,
     ))
     return summary
+
+
+def _tracks(model, verts: np.ndarray, track_times: np.ndarray, ctx: JobContext, summary: dict) -> np.ndarray:
+    """(T, V, 3) where the mesh's vertices are at ``track_times`` (export/tracks.py); its facts
+    go into ``summary``."""
+    from fit_implicit.backend.export.tracks import follow_vertices
+
+    if len(track_times) * len(verts) > protocol.MAX_TRACK_POINTS:
+        raise ValueError(f"following {len(verts)} vertices through {len(track_times)} instants is more than "
+                         f"{protocol.MAX_TRACK_POINTS} positions: ask fewer instants or fewer faces")
+    ctx.progress("tracks", force=True)
+    start = time.monotonic()
+    tracks, facts = follow_vertices(model, verts, track_times)
+    summary.update(tracked_times=len(track_times), track_seconds=round(time.monotonic() - start, 3),
+                   track_residual=round(facts["track_residual"], 6), track_lost=round(facts["track_lost"], 4))
+    return tracks

@@ -100,6 +100,9 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
     start = time.monotonic()
     model = load_run(folder, ctx.device)
     model.time = msg.time           # a field over time: the instant to mesh (a still one: ignored)
+    if len(msg.track_times) and not model.dynamic:
+        raise RenderJobError(f"fit job {msg.fit_job_id} is of one instant: it has no motion to follow its mesh "
+                             "through (track_times)", code="not_dynamic")
     views = Views.of_run(model.meta)
     if msg.texture_size == protocol.TEXTURE_AUTO and views is None:
         raise RenderJobError(f"fit job {msg.fit_job_id}: its run keeps no cameras to choose a texture size "
@@ -112,7 +115,7 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
         decimate_to=msg.max_faces if msg.max_faces and not msg.texture_size else None)
     ctx.check_cancelled()
     summary = send_mesh_assets(model, verts, faces, colors, msg.texture_size, ctx, views=views,
-                               max_faces=msg.max_faces or None)
+                               max_faces=msg.max_faces or None, track_times=msg.track_times)
     seconds = time.monotonic() - start
     log.info("job %s: meshed fit job %s again in %.2f s (%d faces)", ctx.job_id, msg.fit_job_id, seconds,
              summary.get("faces", 0))

@@ -296,7 +296,7 @@ def test_the_results_list_remeshes_a_fit_even_after_the_backend_lost_it(fitted, 
         blender_addon.unregister()
 
 
-@pytest.mark.slow   # a second, tiny fit over time on the shared backend (~15 s)
+@pytest.mark.slow   # a second, tiny fit over time on the shared backend (~25 s)
 @pytest.mark.blender
 def test_mesh_over_time_imports_one_animated_object_that_follows_the_timeline(fitted):
     """Issue 17 item 3: a fit over time is meshed at every frame of its range (MeshJobs at the
@@ -308,10 +308,10 @@ def test_mesh_over_time_imports_one_animated_object_that_follows_the_timeline(fi
     from fit_implicit import blender_addon
     from bpy_helpers import fresh_scene
     from fit_implicit.blender_addon import ownership, results
-    backend, _ = fitted
+    backend, still_id = fitted
     views = synthetic.moving_views([0.0, 0.5, 1.0], 6, 16)
     clip = protocol.Submit(images=views.images, intrinsics=views.intrinsics, poses=views.poses, aabb=views.aabb,
-                           times=views.times, preset="draft", steps=40, mesh_resolution=16, preview_size=0,
+                           times=views.times, preset="draft", steps=100, mesh_resolution=16, preview_size=0,
                            name="clip").validate()
     with RawPeer(backend.address, token=TEST_TOKEN) as peer:
         peer.send(clip)
@@ -330,12 +330,47 @@ def test_mesh_over_time_imports_one_animated_object_that_follows_the_timeline(fi
         meshes = sorted(holder.children, key=lambda ob: ob.name)
         assert [ob.name for ob in meshes] == ["Clip 0001", "Clip 0003", "Clip 0005"]
         assert [ob["implicit_time"] for ob in meshes] == [0.0, 0.5, 1.0]
+        assert all(len(ob.data.vertices) > 20 for ob in meshes), [len(ob.data.vertices) for ob in meshes]
         for frame, shown in [(1, "Clip 0001"), (2, "Clip 0001"), (3, "Clip 0003"), (4, "Clip 0003"), (5, "Clip 0005"),
                              (9, "Clip 0005"), (-2, "Clip 0001")]:
             scene.frame_set(frame)
             visible = [ob.name for ob in meshes if not ob.hide_render and not ob.hide_viewport]
             assert visible == [shown], (frame, visible)
-        # a still fit has nothing to mesh over time
+        # One Moving Mesh: the current frame's mesh once, followed through the frames as shape keys
+        # (the backend's tracking: tests/backend/export/test_tracks.py); the timeline blends them
+        scene.frame_set(3)
+        assert bpy.ops.implicit.result_mesh_over_time(address=backend.address, step=2, kind="SHAPE_KEYS") == {"FINISHED"}
+        ob = bpy.data.objects["Clip Moving"]
+        assert ob["implicit_time"] == 0.5 and ob["implicit_track_lost"] < 0.05
+        blocks = ob.data.shape_keys.key_blocks
+        assert [k.name for k in blocks] == ["Basis", "Frame 0001", "Frame 0003", "Frame 0005"]
+
+        def coords(block) -> np.ndarray:
+            out = np.empty(3 * len(block.data), np.float32)
+            block.data.foreach_get("co", out)
+            return out.reshape(-1, 3)
+
+        basis = coords(blocks["Basis"])
+        assert len(basis) > 20
+        np.testing.assert_allclose(coords(blocks["Frame 0003"]), basis, atol=1e-4)    # frame 3: the instant meshed
+        # the keys' timing, whatever this short fit learnt of the motion: each frame shows its key in
+        # full, the frames between blend two, the ends hold (known offsets written into the keys)
+        key = {f: basis + np.float32([0.1 * f, -0.05 * f * f, 0.02]) for f in (1, 3, 5)}
+        for f, positions in key.items():
+            blocks[f"Frame {f:04d}"].data.foreach_set("co", positions.ravel())
+        for frame, want in [(1, key[1]), (2, 0.5 * (key[1] + key[3])), (4, 0.5 * (key[3] + key[5])), (5, key[5]),
+                            (9, key[5]), (-2, key[1])]:
+            scene.frame_set(frame)
+            shown = ob.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+            got = np.empty(3 * len(shown.vertices), np.float32)
+            shown.vertices.foreach_get("co", got)
+            np.testing.assert_allclose(got.reshape(-1, 3), want, atol=1e-4, err_msg=f"frame {frame}")
+        # a still fit has nothing to mesh over time: the panel hides it, the backend refuses to follow
+        with RawPeer(backend.address, token=TEST_TOKEN) as peer:
+            peer.send(protocol.MeshJob(fit_job_id=still_id, mesh_resolution=16, track_times=np.array([0.0, 1.0])))
+            peer.recv(timeout=30)
+            end = peer.recv_until(protocol.JOB_END_TYPES, timeout=120)[-1]
+            assert isinstance(end, protocol.Failed) and "one instant" in end.message, end
         results.record(scene, "0123456789ab", "Still", "nerf", "draft", 20.0)
         assert not bpy.ops.implicit.result_mesh_over_time.poll()
     finally:

@@ -24,6 +24,9 @@ from fit_implicit.backend.render.image import to_rgba8
 # The objects' centroid moves 1.9 units along x over the clip; a still fit's would stay near the
 # clip's mean (0.7-0.9 units from the truth at the held-out instants 0.125 and 0.875).
 CENTROID_TOLERANCE = 0.3        # world units (the box is 5.75 units a side); measured 0.06-0.19
+# One mesh followed through the instants (mesh --follow) against each instant's own mesh: the
+# mean two-way distance between their vertices (a still mesh would be 1.9 units off at the end).
+TRACK_TOLERANCE = 0.2           # world units; measured 0.11-0.12 (a 64-cell mesh: voxels 0.09 across)
 
 
 def backend(*args, timeout=600):
@@ -112,6 +115,23 @@ def test_render_takes_a_time_per_camera_and_mesh_writes_a_sequence(nerf_run, tmp
     assert xs[0] < xs[1] < xs[2] and xs[2] - xs[0] > 1.2, (xs, out)     # the truth: 1.9 units
     with pytest.raises(AssertionError, match="--frames must be 0"):
         backend("mesh", root / "run", "--out", tmp_path / "x.ply", "--frames", 1)
+    # one mesh followed through the instants (export/tracks.py): the mesh of instant 0 and a point
+    # cache whose samples lie where each instant's own mesh is
+    out = backend("mesh", root / "run", "--out", tmp_path / "moving.ply", "--frames", 3, "--follow",
+                  "--texture-size", 0, "--mesh-resolution", 64)
+    from fit_implicit.backend.export.tracks import read_pc2
+    from scipy.spatial import cKDTree
+    tracks, _, _ = read_pc2(tmp_path / "moving.pc2")
+    verts = read_ply(tmp_path / "moving.ply")[0]
+    assert tracks.shape == (3, len(verts), 3)
+    np.testing.assert_allclose(tracks[0], verts, atol=1e-4)
+    facts = json.loads((tmp_path / "moving_sequence.json").read_text())
+    assert facts["times"] == [0.0, 0.5, 1.0] and facts["point_cache"] == "moving.pc2"
+    for i, f in enumerate(index["frames"]):
+        own = read_ply(tmp_path / f["file"])[0]
+        gap = 0.5 * (cKDTree(own).query(tracks[i])[0].mean() + cKDTree(tracks[i]).query(own)[0].mean())
+        print(f"instant {f['time']}: followed vs own mesh {gap:.3f} units")
+        assert gap < TRACK_TOLERANCE, (f, gap, out)
 
 
 @pytest.mark.slow   # a ~60 s fit

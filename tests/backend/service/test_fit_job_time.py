@@ -61,7 +61,8 @@ def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(tmp_path):
         tmp_path, submit,
         lambda fit_id: protocol.RenderJob(fit_job_id=fit_id, intrinsics=submit.eval_intrinsics,
                                         poses=submit.eval_poses, sizes=submit.eval_sizes, times=np.array([1.0, 0.0])),
-        lambda fit_id: protocol.MeshJob(fit_job_id=fit_id, mesh_resolution=24, time=0.0))
+        lambda fit_id: protocol.MeshJob(fit_job_id=fit_id, mesh_resolution=24, time=0.0,
+                                        track_times=np.array([0.0, 0.5, 1.0])))
     done = fit[-1]
     assert isinstance(done, protocol.Done), done
     assert done.summary["dynamic"] is True and done.summary["mesh_time"] == 1.0
@@ -76,6 +77,12 @@ def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(tmp_path):
     assert meshes[-1].summary["time"] == 0.0
     assert mesh_end.vertices.shape != mesh_start.vertices.shape or not np.allclose(mesh_end.vertices,
                                                                                     mesh_start.vertices)
+    # ... and the mesh of instant 0 followed through the instants asked for (export/tracks.py; how
+    # well it follows a motion: tests/backend/fitting/test_dynamic_fit.py, on a longer fit)
+    tracks = mesh_start.tracks
+    assert tracks.shape == (3, len(mesh_start.vertices), 3) and list(mesh_start.track_times) == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(tracks[0], mesh_start.vertices, atol=1e-4)
+    assert meshes[-1].summary["tracked_times"] == 3 and meshes[-1].summary["track_lost"] < 0.05, meshes[-1].summary
 
 
 def test_times_on_the_wire_are_checked():
@@ -91,6 +98,17 @@ def test_times_on_the_wire_are_checked():
                            sizes=sub.eval_sizes, times=np.array([0.2])).validate()
     with pytest.raises(protocol.ProtocolError, match="time"):
         protocol.MeshJob(fit_job_id="x", time=2.0).validate()
+    with pytest.raises(protocol.ProtocolError, match="mesh_job.track_times"):
+        protocol.MeshJob(fit_job_id="x", track_times=np.array([0.5, -0.1])).validate()
+    with pytest.raises(protocol.ProtocolError, match="T = 10001 is more than the allowed 10000"):
+        protocol.MeshJob(fit_job_id="x", track_times=np.zeros(10001)).validate()
+    mesh = protocol.MeshResult(job_id="j", vertices=np.zeros((4, 3), np.float32), faces=np.zeros((1, 3), np.int32),
+                               colors=np.zeros((4, 3), np.float32))
+    with pytest.raises(protocol.ProtocolError, match="mesh.tracks: 3 vertices a row for a mesh of 4"):
+        dataclasses.replace(mesh, track_times=np.zeros(2, np.float32), tracks=np.zeros((2, 3, 3), np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="NaN"):
+        dataclasses.replace(mesh, track_times=np.zeros(1, np.float32),
+                            tracks=np.full((1, 4, 3), np.nan, np.float32)).validate()
     # the times travel: encoded and decoded as they were
     back = protocol.decode_message(sub.to_frames())
     np.testing.assert_allclose(back.times, sub.times)
