@@ -18,7 +18,9 @@ evaluated geometry of every training frame goes to ground_truth.npz (v_<frame>, 
 
 ``score`` meshes a fitted run (``fit-implicit fit DATA --out RUN``) at every ``--every``-th frame's
 instant and prints the Chamfer distance and F-score against that frame's ground truth, in % of
-the box diagonal (backend/fitting/metrics.py, docs/benchmarks.md conventions); held-out PSNR at
+the box diagonal (backend/fitting/metrics.py, docs/benchmarks.md conventions), and the same for
+One Moving Mesh: the middle scored frame's mesh followed through the others (backend/export/
+tracks.py; ``followed_*``, with the share of positions lost); held-out PSNR at
 held-out instants comes from ``fit-implicit eval RUN --cameras DATA/transforms_test.json`` or
 benchmarks/lego.py ``--test DATA/transforms_test.json``.
 """
@@ -135,6 +137,7 @@ def cmd_score(args) -> int:
     import torch
 
     from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.tracks import follow_vertices
     from fit_implicit.backend.fitting.metrics import chamfer
     from fit_implicit.backend.fitting.runs import load_run
 
@@ -144,9 +147,15 @@ def cmd_score(args) -> int:
     truth = np.load(Path(args.data) / "ground_truth.npz")
     frames = truth["frames"]
     first, last = int(frames[0]), int(frames[-1])
+    scored_frames = frames[::args.every]
+    times = [(int(f) - first) / (last - first) for f in scored_frames]
+    # One Moving Mesh: the middle frame's mesh followed through the scored frames (export/tracks.py)
+    model.time = times[len(times) // 2]
+    ref_verts, ref_faces, _ = extract_mesh(model, args.mesh_resolution)
+    followed, follow_facts = (follow_vertices(model, ref_verts, times) if len(ref_faces) else (None, {}))
     rows = []
-    for f in frames[::args.every]:
-        model.time = (int(f) - first) / (last - first)
+    for i, f in enumerate(scored_frames):
+        model.time = times[i]
         verts, faces, _ = extract_mesh(model, args.mesh_resolution)
         gv, gf = truth[f"v_{int(f):04d}"], truth[f"f_{int(f):04d}"]
         if not len(faces):
@@ -155,13 +164,19 @@ def cmd_score(args) -> int:
             continue
         scores = chamfer(gv, gf, verts, faces)
         diagonal = float(np.linalg.norm(gv.max(0) - gv.min(0)))
-        rows.append({"frame": int(f), "time": round(model.time, 4), "faces": int(len(faces)),
-                     "chamfer_pct": round(100.0 * scores["chamfer"] / diagonal, 4), **scores})
+        row = {"frame": int(f), "time": round(model.time, 4), "faces": int(len(faces)),
+               "chamfer_pct": round(100.0 * scores["chamfer"] / diagonal, 4), **scores}
+        if followed is not None:
+            moving = chamfer(gv, gf, followed[i], ref_faces)
+            row.update(followed_chamfer_pct=round(100.0 * moving["chamfer"] / diagonal, 4),
+                       followed_fscore=moving.get("fscore", float("nan")))
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     scored = [r for r in rows if r["faces"]]
     keys = [k for k in (scored[0] if scored else {}) if k not in ("frame", "time") and isinstance(scored[0][k], float)]
     mean = {k: round(float(np.mean([r[k] for r in scored])), 4) for k in keys}
     mean["frames_without_surface"] = len(rows) - len(scored)
+    mean.update({k: round(v, 6) for k, v in follow_facts.items()})
     print("mean over frames:", json.dumps(mean))
     if args.out:
         Path(args.out).write_text(json.dumps({"run": str(args.run), "frames": rows, "mean": mean,

@@ -122,6 +122,7 @@ if want dynamic; then     # not in the default: issue 17's animated scene (bench
     python3 benchmarks/lego.py --data .data/dynamic --test .data/dynamic/transforms_test.json --method "${DYNAMIC_METHOD:-nerf}" \
         --budgets "${DYNAMIC_BUDGETS:-10,30,60,180}" ${DYNAMIC_ARGS:-} --out "$OUT/bench_dynamic.json" || status=1
     echo "== animated scene: meshes over time against the ground truth (fit-implicit fit 180 s, dynamic_scene.py score)"
+    rm -rf /tmp/dynamic_run
     python3 -m fit_implicit.backend fit .data/dynamic --out /tmp/dynamic_run --method "${DYNAMIC_METHOD:-nerf}" \
         --seconds 180 ${DYNAMIC_ARGS:-} && \
     python3 benchmarks/dynamic_scene.py score --data .data/dynamic --run /tmp/dynamic_run --every 10 \
