@@ -4,6 +4,9 @@
   (no torch, fast).  Tests sharing it must let their jobs end (or cancel them).
 * ``backend_factory``: start extra backends, ``backend_factory(fake=True, args=[...])``; all
   are stopped at the end of the test.
+* ``clip_fit`` (session scope): a tiny fit over time through the job queue (tests/job_runs.py
+  moving_submit, mesh_time 1): (the Submit, the messages its job sent, the runs folder, the job
+  id); its saved field is in ``runs folder / job id``.
 """
 import sys
 from pathlib import Path
@@ -44,3 +47,13 @@ def backend_factory():
     yield start
     for backend in started:
         backend.close()
+
+
+@pytest.fixture(scope="session")
+def clip_fit(tmp_path_factory):
+    from job_runs import moving_submit, run_jobs
+
+    runs = tmp_path_factory.mktemp("clip_runs")
+    submit = moving_submit(mesh_time=1.0)
+    (sent,) = run_jobs(runs, submit)
+    return submit, sent, runs, sent[-1].job_id

@@ -1,7 +1,8 @@
 """A fit over time through the job queue (issue 17, protocol 9): a Submit whose photos carry their
 instants trains a field over time, meshes the instant it is asked for and renders its eval cameras
 at theirs; later RenderJobs render each camera at its own instant and MeshJobs mesh any instant.
-Real (tiny) training on the CPU; the wire's checks of the times."""
+Real (tiny) training on the CPU (the session's shared fit: conftest.py clip_fit); the wire's
+checks of the times."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,60 +10,20 @@ import dataclasses
 import numpy as np
 import pytest
 
-import synthetic
-from fit_implicit.backend.service.fit_job import run_fit_job
-from fit_implicit.backend.service.jobs import JobQueue
-from fit_implicit.backend.service.outbox import Outbox
-from fit_implicit.backend.service.render_job import with_render_jobs
+from job_runs import moving_submit, run_jobs
 from fit_implicit.shared import protocol
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def moving_submit(**settings) -> protocol.Submit:
-    """The moving spheres (tests/synthetic.py) seen by 6 cameras at 3 instants, 16 pixels a side
-    (100 draft steps: the motion shows from about 75 on)."""
-    views = synthetic.moving_views([0.0, 0.5, 1.0], 6, 16)
-    held = synthetic.moving_views([0.0, 1.0], 1, 16, offset=1)
-    values = dict(preset="draft", steps=100, mesh_resolution=24, preview_size=0, name="clip")
-    values.update(settings)
-    return protocol.Submit(
-        images=views.images, intrinsics=views.intrinsics, poses=views.poses, aabb=views.aabb,
-        times=views.times, eval_intrinsics=held.intrinsics, eval_poses=held.poses,
-        eval_sizes=np.full((2, 2), 16, np.int32), eval_times=held.times, **values).validate()
-
-
-def run_jobs(tmp_path, *messages) -> list[list]:
-    """Each message as a job, one after the other; the messages each job sent."""
-    outbox = Outbox()
-    jobs = JobQueue(with_render_jobs(run_fit_job, lambda: tmp_path), outbox, device="cpu", runs_dir=tmp_path,
-                    checkpoint_interval=0)
-    jobs.start()
-    out = []
-    try:
-        for message in messages:
-            if callable(message):       # a job that needs the fit's id
-                message = message(out[0][-1].job_id)
-            jobs.submit(b"a", message)
-            sent = []
-            while not any(isinstance(m, protocol.JOB_END_TYPES) for m in sent):
-                sent += [m for _, m in outbox.drain()]
-                jobs.join(0.01)
-            out.append(sent)
-    finally:
-        jobs.stop()
-        jobs.join(30)
-    return out
-
-
-def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(tmp_path):
-    submit = moving_submit(mesh_time=1.0)
-    fit, renders, meshes = run_jobs(
-        tmp_path, submit,
-        lambda fit_id: protocol.RenderJob(fit_job_id=fit_id, intrinsics=submit.eval_intrinsics,
-                                        poses=submit.eval_poses, sizes=submit.eval_sizes, times=np.array([1.0, 0.0])),
-        lambda fit_id: protocol.MeshJob(fit_job_id=fit_id, mesh_resolution=24, time=0.0,
-                                        track_times=np.array([0.0, 0.5, 1.0])))
+@pytest.mark.slow   # the session's tiny fit over time (conftest.py clip_fit, ~40 s), shared with the add-on's tests
+def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(clip_fit):
+    submit, fit, runs, fit_id = clip_fit
+    renders, meshes = run_jobs(
+        runs,
+        protocol.RenderJob(fit_job_id=fit_id, intrinsics=submit.eval_intrinsics, poses=submit.eval_poses,
+                           sizes=submit.eval_sizes, times=np.array([1.0, 0.0])),
+        protocol.MeshJob(fit_job_id=fit_id, mesh_resolution=24, time=0.0, track_times=np.array([0.0, 0.5, 1.0])))
     done = fit[-1]
     assert isinstance(done, protocol.Done), done
     assert done.summary["dynamic"] is True and done.summary["mesh_time"] == 1.0
