@@ -462,22 +462,22 @@ def _mesh_followed(model, args: argparse.Namespace, out: Path) -> int:
     to 1 as a Point Cache 2 file beside it (export/tracks.py)."""
     import numpy as np
 
-    from fit_implicit.backend.export.tracks import LOST, follow_vertices, write_pc2
+    from fit_implicit.backend.export.tracks import LOST, follow_vertices, write_cache_for
 
     model.time = args.time or 0.0
     written, verts = _mesh_one(model, args, out, with_vertices=True)
     times = np.linspace(0.0, 1.0, args.frames)
     t0 = time.perf_counter()
     tracks, facts = follow_vertices(model, verts, times)
-    cache = out.with_suffix(".pc2")
-    write_pc2(cache, tracks)
+    cache = write_cache_for(written, tracks)
     index = out.with_name(f"{out.stem}_sequence.json")
     index.write_text(json.dumps({"mesh": written.name, "mesh_time": round(model.time, 6), "point_cache": cache.name,
                                  "times": [round(float(t), 6) for t in times], **facts}, indent=1))
     _print(f"followed {len(verts)} vertices through {len(times)} instants ({time.perf_counter() - t0:.1f} s): "
            f"mean residual {facts['track_residual']:.2g} units, {100 * facts['track_lost']:.2f}% of positions "
-           f"lost (residual above {100 * LOST:g}% of the box's diagonal) -> {cache} (frame k = instant k; "
-           f"Blender: Mesh Cache modifier on the imported {written.suffix} mesh), {index}")
+           f"lost (residual above {100 * LOST:g}% of the box's diagonal) -> {cache} (sample k = instant k; "
+           f"Blender: a Mesh Cache modifier on the imported {written.suffix} mesh, its Frame Start the frame of "
+           f"instant 0), {index}")
     if facts["track_lost"] > 0.01:
         _print("note: the motion is not one-to-one everywhere (parts that split, merge or appear); --frames "
                "without --follow writes a mesh per instant instead")

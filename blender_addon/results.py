@@ -180,9 +180,9 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
 
 
 MESH_OVER_TIME_KINDS = (
-    ("SEQUENCE", "A Mesh a Frame",
+    ("SEQUENCE", "Mesh a Frame",
      "Mesh every frame on its own (textures a frame): any motion, parts that split, merge or appear included"),
-    ("SHAPE_KEYS", "One Mesh, Shape Keys",
+    ("SHAPE_KEYS", "One Moving Mesh",
      "Mesh the current frame once (one set of textures) and follow each vertex through the frames by the "
      "field's motion, as shape keys keyed a frame each (smooth in between): light, and modifiers and materials "
      "apply once, but parts that split, merge or appear cannot be followed"),
@@ -274,7 +274,7 @@ class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
         lost = float(ob.get("implicit_track_lost", 0.0))
         if lost > 0.01:
             self.report({"WARNING"}, f"{100 * lost:.1f}% of the vertex positions could not be followed (parts that "
-                                     "split, merge or appear): As A Mesh a Frame shows them")
+                                     "split, merge or appear): Mesh a Frame shows those parts right")
         else:
             self.report({"INFO"}, f"Imported {ob.name}: one mesh of frame {now} with a shape key for each of "
                                   f"{len(frames)} frames ({frames[0]}-{frames[-1]})")

@@ -494,9 +494,11 @@ def check_lenses(where: str, models: np.ndarray, distortion: np.ndarray, n: int)
         raise ProtocolError(f"{where}.distortion: coefficients must be within +-{MAX_DISTORTION}")
 
 
-def check_times(where: str, times: np.ndarray, n: int) -> None:
-    """None, or one instant in [0, 1] for each of ``n`` views."""
-    if len(times) and (len(times) != n or not np.isfinite(times).all() or times.min() < 0 or times.max() > 1):
+def check_times(where: str, times: np.ndarray, n: int | None = None) -> None:
+    """None, or one instant in [0, 1] for each of ``n`` views (None: any number of instants)."""
+    if len(times) and not (np.isfinite(times).all() and times.min() >= 0 and times.max() <= 1):
+        raise ProtocolError(f"{where}: instants must be in [0, 1]")
+    if n is not None and len(times) not in (0, n):
         raise ProtocolError(f"{where}: expected none or {n} instants in [0, 1], one per view")
 
 
@@ -576,7 +578,7 @@ class MeshResult(Message):
         if self.tracks.size > 3 * MAX_TRACK_POINTS:
             raise ProtocolError(f"mesh.tracks: {self.tracks.shape[0]} instants x {self.tracks.shape[1]} vertices is "
                                 f"more than the allowed {MAX_TRACK_POINTS}")
-        check_times("mesh.track_times", self.track_times, len(self.track_times))
+        check_times("mesh.track_times", self.track_times)
         if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= len(self.vertices)):
             raise ProtocolError(f"mesh.faces: indices must be in [0, {len(self.vertices)})")
         if self.colors.size and (self.colors.min() < 0 or self.colors.max() > 1):
@@ -798,7 +800,7 @@ class MeshJob(Message):
 
     def check(self):
         check_mesh_settings("mesh_job", self.max_faces, self.texture_size)
-        check_times("mesh_job.track_times", self.track_times, len(self.track_times))
+        check_times("mesh_job.track_times", self.track_times)
 
 
 @dataclass

@@ -18,6 +18,7 @@ frame (export/mesh.py at each instant) is the better choice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def _solve(warp, target: torch.Tensor, x: torch.Tensor, iterations: int) -> tupl
     r = warp(x) - target
     err = r.norm(dim=1)
     x = x.clone()
-    active = torch.nonzero(err > TOLERANCE).squeeze(1)
+    active = torch.nonzero(~(err <= TOLERANCE)).squeeze(1)        # NaN residuals count as unconverged
     eye = torch.eye(3, dtype=x.dtype, device=x.device) * DELTA
     for _ in range(iterations):
         if not len(active):
@@ -65,7 +66,7 @@ def _solve(warp, target: torch.Tensor, x: torch.Tensor, iterations: int) -> tupl
         x[active] = torch.where(better[:, None], candidates.view(2, n, 3)[pick, rows], xa)
         r[active] = torch.where(better[:, None], rc[pick, rows], ra)
         err[active] = torch.where(better, best_e, ea)
-        active = active[(err[active] > TOLERANCE) & (best_e < 0.999 * ea)]
+        active = active[~(err[active] <= TOLERANCE) & (best_e < 0.999 * ea)]
     return x, err
 
 
@@ -77,8 +78,8 @@ def follow_vertices(model, verts: np.ndarray, times: Sequence[float], reference_
 
     Returns (positions (T, V, 3) float32 world, facts): ``track_residual`` the mean distance left
     between a vertex's canonical point and where its position maps (world units, over all
-    instants), ``track_lost`` the share of (vertex, instant) pairs whose residual is above LOST
-    of the box's diagonal.  Raises ValueError for a field of one instant or times out of [0, 1].
+    instants, the finite ones), ``track_lost`` the share of (vertex, instant) pairs whose residual
+    is above LOST of the box's diagonal (or not finite).  Raises ValueError for a field of one instant or times out of [0, 1].
     """
     if not getattr(model, "dynamic", False):
         raise ValueError("only a fit over time has motion to follow; this field is of one instant")
@@ -105,10 +106,11 @@ def follow_vertices(model, verts: np.ndarray, times: Sequence[float], reference_
                                              iterations)
                 out[i, lo:lo + len(x)] = (x * model.scale + torch.as_tensor(model.center, dtype=x.dtype,
                                                                             device=x.device)).cpu().numpy()
-                errors[i, lo:lo + len(x)] = (err * model.scale).cpu().numpy()
+                errors[i, lo:lo + len(x)] = torch.nan_to_num(err * model.scale, nan=np.inf).cpu().numpy()
     diagonal = float(np.linalg.norm(np.asarray(model.aabb[1]) - np.asarray(model.aabb[0])))
-    facts = {"track_residual": float(errors.mean()) if errors.size else 0.0,
-             "track_lost": float((errors > LOST * diagonal).mean()) if errors.size else 0.0}
+    finite = np.isfinite(errors)
+    facts = {"track_residual": float(errors[finite].mean()) if finite.any() else 0.0,
+             "track_lost": float((~(errors <= LOST * diagonal)).mean()) if errors.size else 0.0}
     return out, facts
 
 
@@ -128,6 +130,22 @@ def write_pc2(path, positions: np.ndarray, start_frame: float = 0.0, sample_rate
         f.write(np.ascontiguousarray(positions, dtype="<f4").tobytes())
 
 
+def write_cache_for(mesh_path, positions: np.ndarray) -> Path:
+    """Write positions (T, V, 3) world (Z up) of the vertices of the mesh file ``mesh_path`` as
+    ``<stem>.pc2`` beside it, in that file's own frame (a point cache replaces the imported mesh's
+    coordinates as they are in the file: OBJ files are Y up, export/textured.py z_up_to_y_up, and
+    Blender's OBJ importer keeps them so and turns the object; its glTF importer turns glTF's Y up
+    into the mesh's Z up, and PLY files are Z up).  Returns the path."""
+    from fit_implicit.backend.export.textured import z_up_to_y_up
+
+    mesh_path = Path(mesh_path)
+    if mesh_path.suffix.lower() == ".obj":
+        positions = np.stack([z_up_to_y_up(p) for p in np.asarray(positions, np.float32)])
+    cache = mesh_path.with_suffix(".pc2")
+    write_pc2(cache, positions)
+    return cache
+
+
 def read_pc2(path) -> tuple[np.ndarray, float, float]:
     """(positions (T, V, 3) float32, first frame, frames between samples) of a .pc2 file
     (:func:`write_pc2`); raises ValueError for a file that is not one."""
@@ -143,4 +161,4 @@ def read_pc2(path) -> tuple[np.ndarray, float, float]:
     return positions, float(start), float(rate)
 
 
-__all__ = ["follow_vertices", "write_pc2", "read_pc2", "LOST"]
+__all__ = ["follow_vertices", "write_pc2", "write_cache_for", "read_pc2", "LOST"]

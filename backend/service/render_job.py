@@ -114,6 +114,10 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
         views=views if cfg.mesh_close_unseen else None,
         decimate_to=msg.max_faces if msg.max_faces and not msg.texture_size else None)
     ctx.check_cancelled()
+    if len(msg.track_times) * len(verts) > protocol.MAX_TRACK_POINTS:     # before the textures are baked
+        raise RenderJobError(f"following {len(verts)} vertices through {len(msg.track_times)} instants is more than "
+                             f"{protocol.MAX_TRACK_POINTS} positions: ask fewer instants or fewer faces",
+                             code="too_large")
     summary = send_mesh_assets(model, verts, faces, colors, msg.texture_size, ctx, views=views,
                                max_faces=msg.max_faces or None, track_times=msg.track_times)
     seconds = time.monotonic() - start

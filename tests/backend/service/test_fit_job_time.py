@@ -46,7 +46,7 @@ def test_a_fit_over_time_meshes_and_renders_the_instants_asked_for(clip_fit):
     assert meshes[-1].summary["tracked_times"] == 3 and meshes[-1].summary["track_lost"] < 0.05, meshes[-1].summary
 
 
-def test_times_on_the_wire_are_checked():
+def test_times_on_the_wire_are_checked(monkeypatch):
     sub = moving_submit()
     for name, value, match in [("times", sub.times[:5], "submit.times: expected none or 18 instants"),
                                ("times", np.full(18, 1.5), "submit.times"),
@@ -70,6 +70,11 @@ def test_times_on_the_wire_are_checked():
     with pytest.raises(protocol.ProtocolError, match="NaN"):
         dataclasses.replace(mesh, track_times=np.zeros(1, np.float32),
                             tracks=np.full((1, 4, 3), np.nan, np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match=r"mesh.track_times: instants must be in \[0, 1\]"):
+        dataclasses.replace(mesh, track_times=np.full(1, 2.0, np.float32), tracks=np.zeros((1, 4, 3), np.float32)).validate()
+    monkeypatch.setattr(protocol, "MAX_TRACK_POINTS", 7)      # the real cap (2^27) would need 1.5 GiB here
+    with pytest.raises(protocol.ProtocolError, match="2 instants x 4 vertices is more than the allowed 7"):
+        dataclasses.replace(mesh, track_times=np.zeros(2, np.float32), tracks=np.zeros((2, 4, 3), np.float32)).validate()
     # the times travel: encoded and decoded as they were
     back = protocol.decode_message(sub.to_frames())
     np.testing.assert_allclose(back.times, sub.times)
