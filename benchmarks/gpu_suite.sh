@@ -20,7 +20,8 @@
 # "scene" (not in the default) fits issue 12's own scene (SCENE_SPECS, default "sdf:120"; "sdf:120:photos"
 # without the passes; SCENE_ARGS).
 # "profile" (not in the default) times and profiles training steps on lego (benchmarks/profile_step.py,
-# PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072").
+# PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072"; PROFILE_DATA,
+# PROFILE_PLAIN: see there).
 # "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
 # "points" (not in the default) fits SDFs to scanned analytic shapes and, where .data/bunny is carried, the
 # Stanford bunny's range scans (POINTS_PRESET, POINTS_CASES, POINTS_ARGS; Open3D's
@@ -90,9 +91,13 @@ if want captures; then      # not in the default: real captures (issue 15), each
     done
 fi
 if want profile; then    # not in the default: where a step's time goes, and how busy the GPU is
+    # PROFILE_DATA: another scene under .data (e.g. dynamic); PROFILE_PLAIN=1 times the plain PyTorch
+    # hash grid beside the fused one (radiance fields)
     for method in ${PROFILE_METHODS:-sdf}; do
-        echo "== profile: lego, $method (benchmarks/profile_step.py)"
-        python3 benchmarks/profile_step.py --data .data/lego --method "$method" --triton-only ${PROFILE_ARGS:-} || status=1
+        echo "== profile: ${PROFILE_DATA:-lego}, $method (benchmarks/profile_step.py)"
+        only=(--triton-only); [[ "${PROFILE_PLAIN:-0}" == 1 ]] && only=()
+        python3 benchmarks/profile_step.py --data ".data/${PROFILE_DATA:-lego}" --method "$method" "${only[@]}" \
+            ${PROFILE_ARGS:-} || status=1
     done
 fi
 if want poses; then      # not in the default: BARF's protocol on lego (issue 15): perturbed cameras refined while fitting

@@ -17,7 +17,8 @@ gradient is continuous across cells, with the same mean over a cell as the trili
 
 :func:`hashgrid_encode_reference` is the plain-indexing reference.  A fused kernel (Triton) can
 replace :func:`hashgrid_encode` behind :class:`HashGrid` as long as it keeps the signature and
-a test shows that it agrees with the reference.
+a test shows that it agrees with the reference (fields/hashgrid_triton.py does, with the points'
+gradient too: benchmarks/check_kernels.py).
 """
 from __future__ import annotations
 
@@ -217,10 +218,10 @@ class HashGrid(nn.Module):
     smooth_grad: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton and not x.requires_grad and x.is_cuda and self.features <= 2:
+        if self.use_triton and x.is_cuda and self.features <= 2:
             from fit_implicit.backend.fields import hashgrid_triton
-            if hashgrid_triton.AVAILABLE:
+            if hashgrid_triton.AVAILABLE:     # the points' gradient too, where they need one
                 return hashgrid_triton.hashgrid_encode_triton(x, self.table, self.resolutions,
-                                                              self.offsets, self.dense)
+                                                              self.offsets, self.dense, self.smooth_grad)
         return hashgrid_encode(x, self.table, self.resolutions, self.offsets, self.dense, self.n_dense,
                                self.smooth_grad)

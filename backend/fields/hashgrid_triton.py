@@ -6,7 +6,14 @@ that they agree, forward and backward.  The reference materialises (N, L, 8) ind
 (N, L, 8, F) feature tensors; these kernels keep them in registers, so a step moves only the
 points, the gathered table rows and the output.
 
-Gradients flow to the table only: the sample positions of a radiance field need none.
+Where the points need a gradient too (a deformed position of a fit over time, fields/motion.py;
+a sample on a camera being refined, fitting/camera_refine.py) a second backward kernel walks all
+levels of a block of points, scatters the table's gradient as the first does and sums the
+position's gradient in registers: per level and corner, the feature's dot product with the
+incoming gradient times the weight's derivative along each axis, times the level's cells a side.
+With ``smooth_grad`` the derivative is the half-cosine's (fields/hashgrid.py's module doc).  The
+backward is not itself differentiable (nothing in the project takes a second derivative through
+the grid; a surface's normals are finite differences).
 
 Hashing: the reference XORs int64 products and takes ``% T``.  Hashed levels have a power-of-two
 ``T <= 2**32``, so the low 32 bits decide the result, and uint32 arithmetic that wraps gives the
@@ -60,14 +67,19 @@ if AVAILABLE:
             r, base, size, is_dense
 
     @triton.jit
-    def _corner(c: tl.constexpr, ix, iy, iz, fx, fy, fz, r, base, size, is_dense):
-        # Trilinear weight and table row of corner c = (c & 1, c >> 1 & 1, c >> 2 & 1).
+    def _axis_weights(c: tl.constexpr, fx, fy, fz):
+        # Corner c = (c & 1, c >> 1 & 1, c >> 2 & 1): its linear weight along each axis.
         ox = c & 1
         oy = (c >> 1) & 1
         oz = (c >> 2) & 1
-        w = (ox * fx + (1 - ox) * (1.0 - fx)) * (oy * fy + (1 - oy) * (1.0 - fy)) * \
-            (oz * fz + (1 - oz) * (1.0 - fz))
-        return w, base + _corner_index(ix + ox, iy + oy, iz + oz, r, size, is_dense)
+        return ox * fx + (1 - ox) * (1.0 - fx), oy * fy + (1 - oy) * (1.0 - fy), oz * fz + (1 - oz) * (1.0 - fz)
+
+    @triton.jit
+    def _corner(c: tl.constexpr, ix, iy, iz, fx, fy, fz, r, base, size, is_dense):
+        # Trilinear weight and table row of corner c.
+        wx, wy, wz = _axis_weights(c, fx, fy, fz)
+        return wx * wy * wz, base + _corner_index(ix + (c & 1), iy + ((c >> 1) & 1), iz + ((c >> 2) & 1),
+                                                  r, size, is_dense)
 
     @triton.jit
     def _hashgrid_fwd(x_ptr, table_ptr, res_ptr, off_ptr, dense_ptr, out_ptr, n,
@@ -109,12 +121,61 @@ if AVAILABLE:
             tl.atomic_add(grad_table_ptr + idx[:, None] * F + feat, w[:, None] * g, mask=mask2)
 
 
+    @triton.jit
+    def _hashgrid_bwd_x(x_ptr, table_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, grad_x_ptr,
+                        n, L: tl.constexpr, F: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+        # One block of points through every level: the table's gradient as in _hashgrid_bwd, and the
+        # points' gradient summed over levels in registers (module doc).
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n
+        feat = tl.arange(0, F)[None, :]
+        gx = tl.zeros([BLOCK], dtype=tl.float32)
+        gy = tl.zeros([BLOCK], dtype=tl.float32)
+        gz = tl.zeros([BLOCK], dtype=tl.float32)
+        for lvl in range(L):
+            ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
+                                                                          dense_ptr, lvl)
+            g = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, mask=mask[:, None],
+                        other=0.0).to(tl.float32)                               # (BLOCK, F)
+            mask2 = (mask & (tl.max(tl.abs(g), axis=1) != 0.0))[:, None]
+            lx = tl.zeros([BLOCK], dtype=tl.float32)
+            ly = tl.zeros([BLOCK], dtype=tl.float32)
+            lz = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in tl.static_range(8):
+                wx, wy, wz = _axis_weights(c, fx, fy, fz)
+                w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
+                tl.atomic_add(grad_table_ptr + idx[:, None] * F + feat, w[:, None] * g, mask=mask2)
+                dot = tl.sum(g * tl.load(table_ptr + idx[:, None] * F + feat, mask=mask2, other=0.0).to(tl.float32),
+                             axis=1)
+                # d(weight)/d(fraction) along an axis: + for the far corner, - for the near one
+                lx += dot * ((c & 1) * 2 - 1) * wy * wz
+                ly += dot * (((c >> 1) & 1) * 2 - 1) * wx * wz
+                lz += dot * (((c >> 2) & 1) * 2 - 1) * wx * wy
+            scale = (r - 1).to(tl.float32)
+            if SMOOTH:   # the fractions' slope is the half-cosine's: (pi / 2) sin(pi t)
+                lx *= 1.5707963267948966 * tl.sin(3.141592653589793 * fx)
+                ly *= 1.5707963267948966 * tl.sin(3.141592653589793 * fy)
+                lz *= 1.5707963267948966 * tl.sin(3.141592653589793 * fz)
+            gx += lx * scale
+            gy += ly * scale
+            gz += lz * scale
+        # Outside [0, 1] the point is clamped: no gradient along that axis (torch.clamp's rule, ends included).
+        _store_inside(x_ptr, grad_x_ptr, rows, mask, 0, gx)
+        _store_inside(x_ptr, grad_x_ptr, rows, mask, 1, gy)
+        _store_inside(x_ptr, grad_x_ptr, rows, mask, 2, gz)
+
+    @triton.jit
+    def _store_inside(x_ptr, grad_x_ptr, rows, mask, axis: tl.constexpr, grad):
+        v = tl.load(x_ptr + rows * 3 + axis, mask=mask, other=0.0)
+        tl.store(grad_x_ptr + rows * 3 + axis, tl.where((v >= 0.0) & (v <= 1.0), grad, 0.0), mask=mask)
+
+
 BLOCK = 128
 
 
 class _HashGridFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, table, resolutions, offsets, dense):
+    def forward(ctx, x, table, resolutions, offsets, dense, smooth_grad=False):
         n, L, F = x.shape[0], resolutions.shape[0], table.shape[1]
         x = x.contiguous().float()
         out = torch.empty(n, L * F, device=x.device, dtype=torch.float32)
@@ -122,28 +183,35 @@ class _HashGridFn(torch.autograd.Function):
         if n:
             grid = (triton.cdiv(n, BLOCK), L)
             _hashgrid_fwd[grid](x, table, resolutions, offsets, dense_i, out, n, L=L, F=F, BLOCK=BLOCK)
-        ctx.save_for_backward(x, resolutions, offsets, dense_i)
-        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        ctx.save_for_backward(x, table, resolutions, offsets, dense_i)
+        ctx.smooth_grad = bool(smooth_grad)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, resolutions, offsets, dense_i = ctx.saved_tensors
-        n, L, F = x.shape[0], resolutions.shape[0], ctx.table_shape[1]
-        grad_table = torch.zeros(ctx.table_shape, device=x.device, dtype=torch.float32)
-        if n:
+        x, table, resolutions, offsets, dense_i = ctx.saved_tensors
+        n, L, F = x.shape[0], resolutions.shape[0], table.shape[1]
+        grad_table = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        if n and grad_x is not None:
+            _hashgrid_bwd_x[(triton.cdiv(n, BLOCK),)](x, table, grad_out.contiguous(), resolutions, offsets, dense_i,
+                                                      grad_table, grad_x, n, L=L, F=F, SMOOTH=ctx.smooth_grad,
+                                                      BLOCK=BLOCK)
+        elif n:
             grid = (triton.cdiv(n, BLOCK), L)
             _hashgrid_bwd[grid](x, grad_out.contiguous(), resolutions, offsets, dense_i, grad_table, n,
                                 L=L, F=F, BLOCK=BLOCK)
-        return None, grad_table.to(ctx.table_dtype), None, None, None
+        return grad_x, grad_table.to(table.dtype), None, None, None, None
 
 
 def hashgrid_encode_triton(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Tensor,
-                           offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+                           offsets: torch.Tensor, dense: torch.Tensor, smooth_grad: bool = False) -> torch.Tensor:
     """Fused version of :func:`backend.fields.hashgrid.hashgrid_encode` (same arguments).
 
     Args:
-        x: (N, 3) float32 points in [0, 1]^3 (clamped); receives no gradient.
+        x: (N, 3) float32 points in [0, 1]^3 (clamped); a gradient reaches it where it requires one
+            (half-cosine weights' slope with ``smooth_grad``).
         table: (offsets[-1], F) float32 (or float16) table, F in {1, 2}.
         resolutions: (L,) int64; offsets: (L+1,) int64; dense: (L,) bool — all on x's device.
     Returns:
@@ -153,4 +221,4 @@ def hashgrid_encode_triton(x: torch.Tensor, table: torch.Tensor, resolutions: to
         raise RuntimeError("Triton is not installed: use backend.fields.hashgrid.hashgrid_encode")
     if table.shape[1] not in (1, 2):
         raise ValueError(f"the fused hash grid supports 1 or 2 features per level, got {table.shape[1]}")
-    return _HashGridFn.apply(x, table, resolutions, offsets, dense)
+    return _HashGridFn.apply(x, table, resolutions, offsets, dense, smooth_grad)
