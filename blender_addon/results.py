@@ -86,6 +86,15 @@ def _backend(op, context) -> tuple[str, dict]:
     return op.address.strip() or backend_address(context, context.scene), connection_kwargs(context)
 
 
+def mesh_job(entry: ImplicitResult, props, name: str, **extra) -> protocol.MeshJob:
+    """A MeshJob for the fit ``entry`` with the panel's mesh settings (``props``: scene.implicit);
+    ``extra``: its time and track times for a fit over time."""
+    return protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
+                            mesh_opacity=round(float(props.mesh_opacity), 4), texture_size=int(props.texture_size),
+                            max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
+                            name=name[: protocol.MAX_NAME], **extra)
+
+
 class _ResultOperator:
     address: bpy.props.StringProperty(name="Address", default="", options={"SKIP_SAVE"},
                                       description="Backend address; empty: the scene's or the preferences'")
@@ -128,11 +137,7 @@ class IMPLICIT_OT_result_remesh(_ResultOperator, bpy.types.Operator):
     def _new_session(self, context) -> "RemeshSession":
         scene, entry, props = context.scene, selected(context.scene), context.scene.implicit
         address, keys = _backend(self, context)
-        job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
-                               mesh_opacity=round(float(props.mesh_opacity), 4),
-                               texture_size=int(props.texture_size),
-                               max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
-                               name=(entry.label or "remesh")[: protocol.MAX_NAME])
+        job = mesh_job(entry, props, entry.label or "remesh")
         session = RemeshSession(scene, address, keys, entry, job, self.timeout)
         session.start()
         return session
@@ -223,12 +228,7 @@ class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
         objects = []
         try:
             for frame in frames:
-                job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
-                                       mesh_opacity=round(float(props.mesh_opacity), 4),
-                                       texture_size=int(props.texture_size),
-                                       max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
-                                       name=f"{entry.label or 'clip'} {frame}"[: protocol.MAX_NAME],
-                                       time=(frame - first) / (last - first))
+                job = mesh_job(entry, props, f"{entry.label or 'clip'} {frame}", time=(frame - first) / (last - first))
                 session = RemeshSession(scene, address, keys, entry, job, self.timeout)
                 session.start()
                 session.run()
@@ -251,12 +251,8 @@ class IMPLICIT_OT_result_mesh_over_time(_ResultOperator, bpy.types.Operator):
         follows through ``frames`` (MeshJob.track_times): imported with a shape key a frame."""
         first, last = entry.time_first, entry.time_last
         now = min(max(scene.frame_current, first), last)
-        job = protocol.MeshJob(fit_job_id=entry.job_id, mesh_resolution=props.mesh_resolution,
-                               mesh_opacity=round(float(props.mesh_opacity), 4), texture_size=int(props.texture_size),
-                               max_faces=max(props.max_faces, protocol.MIN_FACES) if props.max_faces else 0,
-                               name=f"{entry.label or 'clip'} {now}"[: protocol.MAX_NAME],
-                               time=(now - first) / (last - first),
-                               track_times=np.array([(f - first) / (last - first) for f in frames]))
+        job = mesh_job(entry, props, f"{entry.label or 'clip'} {now}", time=(now - first) / (last - first),
+                       track_times=np.array([(f - first) / (last - first) for f in frames]))
         session = RemeshSession(scene, address, keys, entry, job, self.timeout,
                                 key_names=[f"Frame {f:04d}" for f in frames])
         try:

@@ -337,11 +337,10 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
 def _tracks(model, verts: np.ndarray, track_times: np.ndarray, ctx: JobContext, summary: dict) -> np.ndarray:
     """(T, V, 3) where the mesh's vertices are at ``track_times`` (export/tracks.py); its facts
     go into ``summary``."""
-    from fit_implicit.backend.export.tracks import follow_vertices
+    from fit_implicit.backend.export.tracks import follow_vertices, size_error
 
-    if len(track_times) * len(verts) > protocol.MAX_TRACK_POINTS:
-        raise ValueError(f"following {len(verts)} vertices through {len(track_times)} instants is more than "
-                         f"{protocol.MAX_TRACK_POINTS} positions: ask fewer instants or fewer faces")
+    if problem := size_error(len(track_times), len(verts), protocol.MAX_TRACK_POINTS):
+        raise ValueError(problem)
     ctx.progress("tracks", force=True)
     start = time.monotonic()
     tracks, facts = follow_vertices(model, verts, track_times)

@@ -90,6 +90,7 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
     send the assets as a fit does (backend/service/fit_job.py send_mesh_assets); returns the Done
     summary.  What no training camera saw is closed flat when the run keeps its cameras."""
     from fit_implicit.backend.export.mesh import extract_mesh
+    from fit_implicit.backend.export.tracks import size_error
     from fit_implicit.backend.export.unseen import Views, summary_entries
     from fit_implicit.backend.fitting.runs import load_run
     from fit_implicit.backend.service.fit_job import configure_torch, send_mesh_assets
@@ -114,10 +115,8 @@ def run_mesh_job(msg: protocol.MeshJob, ctx: JobContext, runs_dir: str | Path | 
         views=views if cfg.mesh_close_unseen else None,
         decimate_to=msg.max_faces if msg.max_faces and not msg.texture_size else None)
     ctx.check_cancelled()
-    if len(msg.track_times) * len(verts) > protocol.MAX_TRACK_POINTS:     # before the textures are baked
-        raise RenderJobError(f"following {len(verts)} vertices through {len(msg.track_times)} instants is more than "
-                             f"{protocol.MAX_TRACK_POINTS} positions: ask fewer instants or fewer faces",
-                             code="too_large")
+    if problem := size_error(len(msg.track_times), len(verts), protocol.MAX_TRACK_POINTS):
+        raise RenderJobError(problem, code="too_large")              # before the textures are baked
     summary = send_mesh_assets(model, verts, faces, colors, msg.texture_size, ctx, views=views,
                                max_faces=msg.max_faces or None, track_times=msg.track_times)
     seconds = time.monotonic() - start
