@@ -70,7 +70,6 @@ def _solve(warp, target: torch.Tensor, x: torch.Tensor, iterations: int) -> tupl
     return x, err
 
 
-@torch.no_grad()
 def size_error(instants: int, vertices: int, cap: int) -> str:
     """Why following ``vertices`` through ``instants`` is too large for ``cap`` positions ('' if not)."""
     if instants * vertices <= cap:
@@ -79,6 +78,7 @@ def size_error(instants: int, vertices: int, cap: int) -> str:
             "ask fewer instants or fewer faces")
 
 
+@torch.no_grad()
 def follow_vertices(model, verts: np.ndarray, times: Sequence[float], reference_time: float | None = None,
                     iterations: int = MAX_ITERATIONS, chunk: int = 1 << 17) -> tuple[np.ndarray, dict]:
     """Where the vertices ``verts`` (V, 3) world, taken at ``reference_time`` (None: the model's

@@ -11,7 +11,9 @@ backward, Adam) is captured once in a CUDA graph and replayed:
 * the number of rays drawn (``rays``) is fixed per graph, a power of two chosen from the mean
   samples per ray, which is read back only when the occupancy grid is updated (that already
   synchronises); when it moves out of its band the graph is captured again;
-* learning rates live in device tensors (capturable fused Adam), updated in place.
+* learning rates live in device tensors (capturable fused Adam), updated in place;
+* a fit over time draws each ray's photo with it and gives every sample its photo's instant
+  (the deformation, fields/motion.py, has no data-dependent shapes either).
 
 The loss is the mean over the rays that were kept, so a step's gradient has the same scale as
 in the eager :class:`~backend.fitting.trainer.Trainer`, which stays the reference (and the CPU path).
@@ -49,6 +51,9 @@ class GraphTrainer(Trainer):
         tc, dev = cfg.train, self.device
         self.lr_tensors = [torch.tensor(tc.grid_lr, device=dev), torch.tensor(tc.mlp_lr, device=dev)]
         self.optimizer = self.adam(lrs=self.lr_tensors, fused=True, capturable=True)
+        for group in self.optimizer.param_groups[2:]:      # a fit over time's motion planes: scheduled too
+            group["lr"] = torch.tensor(float(group["lr"]), device=dev)
+            self.lr_tensors.append(group["lr"])
         self.capacity = int(tc.target_samples)
         self.rays = _pow2_at_least(max(tc.batch_rays, MIN_RAYS))
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -99,7 +104,13 @@ class GraphTrainer(Trainer):
     def _body(self, rays: int):
         """One step of fixed shapes: returns (loss, mse, samples used, rays kept) tensors."""
         tc, model, dev = self.cfg.train, self.model, self.device
-        origins, dirs, rgba = self.sampler.sample(rays)
+        if self.times is None:
+            origins, dirs, rgba = self.sampler.sample(rays)
+            times = None
+        else:               # a fit over time: each ray at its photo's instant (+1 row for the padding slots)
+            origins, dirs, rgba, photo = self.sampler.sample(rays, with_photo=True)
+            times = self.times[photo]
+            times = torch.cat([times, times[:1]])
         o = (origins - self.center) * self.inv_scale
         t_near, t_far, hit = ray_aabb(o, dirs, model.box)
         t_far = torch.where(hit, t_far, t_near)
@@ -112,14 +123,15 @@ class GraphTrainer(Trainer):
             first = march_fixed(o, dirs, t_near, t_far, jitter, model.step_size, model.max_steps, bits,
                                 res, self.prepass)
             with torch.no_grad(), half:
-                trans = transmittance_fixed(model.field.density(first.x).float(), model.step_size, first)
+                trans = transmittance_fixed(model.field.density(first.x, _at(times, first.ray)).float(),
+                                            model.step_size, first)
             s = terminate_fixed(first, trans, self.capacity, tc.early_stop_transmittance)
         else:
             s = first = march_fixed(o, dirs, t_near, t_far, jitter, model.step_size, model.max_steps,
                                     bits, res, self.capacity)
         dirs_ext = torch.cat([dirs, dirs[:1]])
         with half:
-            sigma, rgb = model.field(s.x, dirs_ext[s.ray])
+            sigma, rgb = model.field(s.x, dirs_ext[s.ray], _at(times, s.ray))
         w = composite_fixed(sigma.float(), model.step_size, s)
         into, rows = scatter_index(s), rays + s.ray.shape[0]
         color = origins.new_zeros(rows, 3).index_add(0, into, w[:, None] * rgb.float())[:rays]
@@ -141,6 +153,8 @@ class GraphTrainer(Trainer):
         else:
             per = F.smooth_l1_loss(pred, target, beta=0.1, reduction="none").mean(-1)
             loss = per.mul(kept).sum() / n * 10.0
+        if times is not None:
+            loss = loss + self.motion_penalty()
         loss.backward()
         self.optimizer.step()
         stats = torch.stack([first.used.double(), first.kept.sum().double(), s.used.double(),
@@ -192,6 +206,11 @@ class GraphTrainer(Trainer):
         event = torch.cuda.Event()
         event.record()
         self.pending.append(event)
+
+
+def _at(times: torch.Tensor | None, ray: torch.Tensor) -> torch.Tensor | None:
+    """Each slot's time from its ray's (None for a still fit)."""
+    return None if times is None else times[ray]
 
 
 def _pow2_at_least(x: float) -> int:

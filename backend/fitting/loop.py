@@ -16,7 +16,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fit_implicit.backend.fields.motion import is_dynamic
 from fit_implicit.backend.fitting import graph_trainer
 from fit_implicit.backend.fitting.config import FitConfig
 from fit_implicit.backend.fitting.data import PosedImages
@@ -70,8 +69,7 @@ def make_trainer(data: PosedImages, cfg: FitConfig) -> TrainerBase:
     fields with steps replayed from CUDA graphs where they can run, else eagerly."""
     if cfg.method != "nerf":
         return SurfaceTrainer(data, cfg)
-    if (graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg)
-            and not is_dynamic(data.times, cfg.motion)):    # (graph steps have no per-ray times)
+    if graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
         return graph_trainer.GraphTrainer(data, cfg)
     return Trainer(data, cfg)
 
