@@ -21,6 +21,8 @@ import torch
 
 from fit_implicit.backend.fields.hashgrid import hashgrid_encode_reference, level_layout  # noqa: E402
 from fit_implicit.backend.fields.hashgrid_triton import hashgrid_encode_triton  # noqa: E402
+from fit_implicit.backend.fields.motion import plane_features_reference  # noqa: E402
+from fit_implicit.backend.fields.planes_triton import layout_of, plane_features_triton  # noqa: E402
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid  # noqa: E402
 from fit_implicit.backend.render.volume import (composite, composite_fixed, composite_packed, march_fixed,
                                                 march_fixed_reference, march_packed, ray_aabb, sample_grid)
@@ -87,6 +89,48 @@ def check_hashgrid(device: str, n: int) -> list[dict]:
                 ok = ok and row[f"tri_{key}_off"] <= 2 * row[f"ref_{key}_off"] + 2
             ok = ok and table_err <= 2 * row["ref_bwd"] + 1e-6
         row["ok"] = ok
+        rows.append(row)
+    return rows
+
+
+def check_planes(device: str, n: int) -> list[dict]:
+    """The fused space-time plane lookup (fields/planes_triton.py) against plane_features_reference:
+    forward, the planes' gradient and the points' (and times') gradient, each against the
+    reference in float64; the points' gradient jumps at cell faces like the hash grid's, so it is
+    compared by the count of points off by more than 1e-3 of the largest (bound: twice the float32
+    reference's + 2)."""
+    torch.manual_seed(3)
+    rows = []
+    for scales, channels, res, time_res in ((2, 16, 64, 30), (1, 4, 8, 2)):
+        planes = []
+        for k in range(scales):
+            r = max(2, res >> (scales - 1 - k))
+            for pair in range(6):
+                h = time_res if pair >= 3 else r
+                planes.append(torch.rand(1, channels, h, r, device=device) + 0.5)
+        xt = torch.rand(n, 4, device=device) * 2.0 - 1.0
+        xt[:2] = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0]], device=device)
+        g = torch.randn(n, scales * channels, device=device)
+        layout = layout_of(planes)
+
+        def run(fn, dtype, *extra):
+            ps = [p.detach().to(dtype).requires_grad_(True) for p in planes]
+            x = xt.detach().to(dtype).requires_grad_(True)
+            out = fn(x, ps, *extra)
+            grads = torch.autograd.grad(out, [x, *ps], g.to(out.dtype))
+            return out.double(), grads[0].double(), torch.cat([q.reshape(-1) for q in grads[1:]]).double()
+
+        truth, ref, tri = (run(plane_features_reference, torch.float64), run(plane_features_reference, torch.float32),
+                           run(plane_features_triton, torch.float32, layout))
+        scale_p, scale_x = truth[2].abs().max().clamp_min(1e-12), truth[1].abs().max().clamp_min(1e-12)
+        row = {"layout": (scales, channels, res, time_res),
+               "ref_fwd": (ref[0] - truth[0]).abs().max().item(), "tri_fwd": (tri[0] - truth[0]).abs().max().item(),
+               "ref_bwd": ((ref[2] - truth[2]).abs().max() / scale_p).item(),
+               "tri_bwd": ((tri[2] - truth[2]).abs().max() / scale_p).item(),
+               "ref_x_off": int(((ref[1] - truth[1]).abs() / scale_x > 1e-3).sum()),
+               "tri_x_off": int(((tri[1] - truth[1]).abs() / scale_x > 1e-3).sum())}
+        row["ok"] = (row["tri_fwd"] <= 2 * row["ref_fwd"] + 1e-6 and row["tri_bwd"] <= 2 * row["ref_bwd"] + 1e-6
+                     and row["tri_x_off"] <= 2 * row["ref_x_off"] + 2)
         rows.append(row)
     return rows
 
@@ -197,6 +241,12 @@ def main(argv=None) -> int:
         print(f"{str(r['layout']):<34} {r['ref_fwd']:>10.2e} {r['tri_fwd']:>10.2e} {r['ref_bwd']:>10.2e} "
               f"{r['tri_bwd']:>10.2e}  {r['ref_x']:.1e} ({r['ref_x_off']}) / {r['tri_x']:.1e} ({r['tri_x_off']}), "
               f"{r['ref_x_smooth']:.1e} / {r['tri_x_smooth']:.1e}  {'OK' if r['ok'] else 'MISMATCH'}")
+    planes = check_planes(args.device, n)
+    print(f"space-time planes, {n} points: (scales, C, res, time res): fwd ref32 / triton, planes' gradient "
+          "ref32 / triton, points' gradient off (ref32 / triton)")
+    for r in planes:
+        print(f"  {str(r['layout']):<18} {r['ref_fwd']:.1e} / {r['tri_fwd']:.1e}, {r['ref_bwd']:.1e} / {r['tri_bwd']:.1e}, "
+              f"{r['ref_x_off']} / {r['tri_x_off']}  {'OK' if r['ok'] else 'MISMATCH'}")
     m = check_march(args.device, 8192 if args.device == "cuda" else 48, 128 if args.device == "cuda" else 16)
     print(f"ray marcher, {m['rays']} rays, {m['samples']} samples: {m['rays_differing']} rays differ in count "
           f"(rounding at cell faces), t err {m['t_err']:.1e}, x err {m['x_err']:.1e}; packed compositing "
@@ -206,7 +256,7 @@ def main(argv=None) -> int:
           f"(reference {f['ref_kept']}, {f['ref_rays_differing']} rays differ in count), {f['used']} slots used, "
           f"same as the packed kernel: {f['slots_ok']}, t err {f['t_err']:.1e}, compositing err "
           f"{f['w_err']:.1e}, padding weights zero: {f['pad_zero']}  {'OK' if f['ok'] else 'MISMATCH'}")
-    ok = all(r["ok"] for r in rows) and m["ok"] and f["ok"]
+    ok = all(r["ok"] for r in rows + planes) and m["ok"] and f["ok"]
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py [--data ../shared/data/lego] [--method nerf|sdf|occupancy]
                                       [--warmup 300] [--steps 100]
 
-For each variant (fused Triton encoding on/off) it trains ``warmup`` steps
+For each variant (fused Triton kernels of the encoding and a fit over time's motion planes on/off) it trains ``warmup`` steps
 (past the occupancy grid's warm-up), then times ``steps`` steps with a device synchronise on both
 ends.  Then it profiles 20 steps of the default variant with torch.profiler and prints the kernels
 that take the most device time, grouped into encoding / MLP / sampling+occupancy / compositing /
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from fit_implicit.backend.fitting.data import load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fields.hashgrid import HashGrid  # noqa: E402
+from fit_implicit.backend.fields.motion import Deformation  # noqa: E402
 from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
 from fit_implicit.backend.fitting.loop import make_trainer  # noqa: E402
 from fit_implicit.backend.fitting.trainer import Trainer  # noqa: E402
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     cfg = make_config(args.method, args.preset, device="cuda", steps=20000, preview_size=0, **overrides)
 
     for use_triton in ((True,) if args.triton_only else (False, True)):
-        HashGrid.use_triton = use_triton
+        HashGrid.use_triton = Deformation.use_triton = use_triton
         torch.manual_seed(0)
         # the plain radiance field: the eager trainer (the graph trainer's step needs the fused kernel)
         trainer = Trainer(train, cfg) if not use_triton and args.method == "nerf" else make_trainer(train, cfg)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fit_implicit.backend.fields import planes_triton
 from fit_implicit.backend.fields.layers import mlp
 
 DYNAMIC_MODES = ("auto", "on", "off")
@@ -95,6 +96,22 @@ def is_dynamic(times, cfg: MotionConfig) -> bool:
     return len({round(float(t), 6) for t in times}) > 1
 
 
+def plane_features_reference(xt: torch.Tensor, planes: list) -> torch.Tensor:
+    """(N, C * S) features of points and times xt (N, 4) in [-1, 1] from the 6 * S planes ((1, C, H, W)
+    each, PAIRS order a scale): per scale, the product of the six planes' bilinear lookups (plain
+    PyTorch; the reference of fields/planes_triton.py)."""
+    out = []
+    for s in range(0, len(planes), len(PAIRS)):
+        prod = None
+        for k, (a, b) in enumerate(PAIRS):
+            uv = xt[:, (a, b)].view(1, -1, 1, 2)
+            f = F.grid_sample(planes[s + k], uv, mode="bilinear", padding_mode="border", align_corners=True)
+            f = f[0, :, :, 0].t()                           # (N, C)
+            prod = f if prod is None else prod * f
+        out.append(prod)
+    return torch.cat(out, dim=1)
+
+
 class Deformation(nn.Module):
     """``forward(x, t) -> x + D(x, t)`` (module doc).  ``time``: the time used where ``t`` is None
     (a render, a mesh or a texture of one instant: FittedField.time)."""
@@ -113,9 +130,13 @@ class Deformation(nn.Module):
                                            torch.empty(1, c, h, res).uniform_(0.1, 0.5)))
         self.planes = nn.ParameterList(planes)
         self.decoder = mlp([c * len(self.resolutions), int(cfg.motion_hidden), 3])
+        self.layout: torch.Tensor | None = None      # the fused lookup's plane layout, made on first use
         with torch.no_grad():
             self.decoder[-1].weight.zero_()
             self.decoder[-1].bias.zero_()
+
+    #: Use the fused Triton lookup on CUDA tensors (set False to force the PyTorch path).
+    use_triton: bool = True
 
     @property
     def time_resolution(self) -> int:
@@ -133,19 +154,14 @@ class Deformation(nn.Module):
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(N, C * scales) features of points x (N, 3) in [-1, 1] at times t (N,) in [0, 1]: per
-        scale, the product of its six planes' bilinear lookups."""
+        scale, the product of its six planes' bilinear lookups (one fused kernel on CUDA,
+        fields/planes_triton.py)."""
         xt = torch.cat([x, (2.0 * t - 1.0)[:, None]], dim=1).clamp(-1.0, 1.0)
-        out, k = [], 0
-        for _ in self.resolutions:
-            prod = None
-            for a, b in PAIRS:
-                uv = xt[:, (a, b)].view(1, -1, 1, 2)
-                f = F.grid_sample(self.planes[k], uv, mode="bilinear", padding_mode="border", align_corners=True)
-                f = f[0, :, :, 0].t()                           # (N, C)
-                prod = f if prod is None else prod * f
-                k += 1
-            out.append(prod)
-        return torch.cat(out, dim=1)
+        if self.use_triton and planes_triton.usable(xt, int(self.planes[0].shape[1])):
+            if self.layout is None or self.layout.device != xt.device:
+                self.layout = planes_triton.layout_of(self.planes)
+            return planes_triton.plane_features_triton(xt, list(self.planes), self.layout)
+        return plane_features_reference(xt, list(self.planes))
 
     def displacement(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
         """D(x, t) (N, 3), normalised units."""
@@ -185,4 +201,5 @@ def add_motion_groups(groups: dict[str, list], deformation: Deformation | None) 
     return {**groups, "mlp": [*groups["mlp"], *parts["mlp"]], "motion": parts["planes"]}
 
 
-__all__ = ["MotionConfig", "Deformation", "is_dynamic", "add_motion_groups", "DYNAMIC_MODES"]
+__all__ = ["MotionConfig", "Deformation", "is_dynamic", "add_motion_groups", "plane_features_reference",
+           "DYNAMIC_MODES"]
