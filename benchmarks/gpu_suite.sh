@@ -33,7 +33,8 @@
 # variants side by side on the one GPU (eager surface steps leave it mostly idle, so they share it
 # well; steps, not seconds, keep them comparable): SWEEP="a=1 b=2;a=3" (';' between variants,
 # '' = the defaults; a --option=VALUE token is passed to lego.py, e.g. --pose-noise=0.05), SWEEP_METHOD (default sdf), SWEEP_STEPS (default 3000), SWEEP_ARGS,
-# SWEEP_PARALLEL (variants at a time, default 4; the others wait for the next wave).
+# SWEEP_PARALLEL (variants at a time, default 4; the others wait for the next wave); SWEEP_DATA another scene
+# under .data (e.g. dynamic, with SWEEP_ARGS="--test .data/dynamic/transforms_test.json").
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 SECTIONS="${SECTIONS:-kernels tests lego mesh}"
@@ -161,14 +162,14 @@ if want sweep; then
     # Variants run in waves of SWEEP_PARALLEL (default 4) processes; each wave's results are printed
     # as soon as it ends (a command cut short keeps what finished); the per-variant records are
     # gathered into $OUT/sweep.json and the logs into $OUT/sweep_logs.txt (few files come back).
-    echo "== sweep: lego, ${SWEEP_METHOD:-sdf}, ${SWEEP_STEPS:-3000} steps a variant (benchmarks/lego.py)"
+    echo "== sweep: ${SWEEP_DATA:-lego}, ${SWEEP_METHOD:-sdf}, ${SWEEP_STEPS:-3000} steps a variant (benchmarks/lego.py)"
     IFS=';' read -ra variants <<< "${SWEEP:-}"
     parallel=${SWEEP_PARALLEL:-4}
     for ((w = 0; w < ${#variants[@]}; w += parallel)); do
         for ((i = w; i < w + parallel && i < ${#variants[@]}; i++)); do
             # NAME=VALUE tokens are settings; --option=VALUE tokens go to lego.py as they are
             sets=(); for kv in ${variants[$i]}; do if [[ $kv == --* ]]; then sets+=("$kv"); else sets+=(--set "$kv"); fi; done
-            python3 benchmarks/lego.py --data .data/lego --method "${SWEEP_METHOD:-sdf}" --steps "${SWEEP_STEPS:-3000}" \
+            python3 benchmarks/lego.py --data ".data/${SWEEP_DATA:-lego}" --method "${SWEEP_METHOD:-sdf}" --steps "${SWEEP_STEPS:-3000}" \
                 "${sets[@]}" ${SWEEP_ARGS:-} --out "$OUT/sweep_$i.json" > "$OUT/sweep_$i.log" 2>&1 &
         done
         wait

@@ -23,6 +23,7 @@ Which fits are dynamic: ``dynamic = auto`` (on where the photos carry more than 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,9 @@ class MotionConfig:
     motion_features: int = 16           # features a plane
     motion_hidden: int = 64             # width of the MLP that decodes the displacement
     motion_lr: float = 1e-2             # Adam learning rate of the planes (the MLP trains at mlp_lr)
+    # Coarse to fine (Nerfies' windowed encoding of the deformation, BARF's for positions): the finer
+    # scales' features fade in (half-cosine) over this share of the fit; 0 = every scale from the start.
+    motion_anneal_share: float = 0.0
     # Regularisers, off by default: each slows the start of the motion (a still blob explains the
     # photos first); two moving spheres, 150 draft steps, time-dependence of the displacement and
     # training MSE: none 0.21 / 0.0045; smoothness 1e-3 + TV 1e-4: 0.06 / 0.0062; displacement 1e-3:
@@ -72,6 +76,8 @@ class MotionConfig:
         for name in ("motion_features", "motion_hidden"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= float(self.motion_anneal_share) <= 1.0:
+            raise ValueError(f"motion_anneal_share must be in [0, 1], got {self.motion_anneal_share}")
         for name in ("motion_lr", "motion_smooth_weight", "motion_tv_weight", "motion_weight"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -131,6 +137,8 @@ class Deformation(nn.Module):
         self.planes = nn.ParameterList(planes)
         self.decoder = mlp([c * len(self.resolutions), int(cfg.motion_hidden), 3])
         self.layout: torch.Tensor | None = None      # the fused lookup's plane layout, made on first use
+        # each scale's weight while the finer ones fade in (updated in place: a captured step reads it)
+        self.register_buffer("scale_weights", torch.ones(len(self.resolutions)), persistent=False)
         with torch.no_grad():
             self.decoder[-1].weight.zero_()
             self.decoder[-1].bias.zero_()
@@ -157,11 +165,29 @@ class Deformation(nn.Module):
         scale, the product of its six planes' bilinear lookups (one fused kernel on CUDA,
         fields/planes_triton.py)."""
         xt = torch.cat([x, (2.0 * t - 1.0)[:, None]], dim=1).clamp(-1.0, 1.0)
-        if self.use_triton and planes_triton.usable(xt, int(self.planes[0].shape[1])):
+        channels = int(self.planes[0].shape[1])
+        if self.use_triton and planes_triton.usable(xt, channels):
             if self.layout is None or self.layout.device != xt.device:
                 self.layout = planes_triton.layout_of(self.planes)
-            return planes_triton.plane_features_triton(xt, list(self.planes), self.layout)
-        return plane_features_reference(xt, list(self.planes))
+            out = planes_triton.plane_features_triton(xt, list(self.planes), self.layout)
+        else:
+            out = plane_features_reference(xt, list(self.planes))
+        if self.cfg.motion_anneal_share > 0:
+            out = out * self.scale_weights.repeat_interleave(channels)
+        return out
+
+    def fade(self, fraction: float) -> None:
+        """The scales' weights at ``fraction`` of the fit (coarse to fine, MotionConfig): the
+        coarsest always 1, each finer one easing from 0 to 1 after the one before it."""
+        share = float(self.cfg.motion_anneal_share)
+        if share <= 0:
+            return
+        finer = len(self.resolutions) - 1
+        alpha = finer * min(fraction / share, 1.0)
+        with torch.no_grad():
+            for k in range(1, finer + 1):
+                ramp = min(max(alpha - (k - 1), 0.0), 1.0)
+                self.scale_weights[k].fill_(0.5 * (1.0 - math.cos(math.pi * ramp)))
 
     def displacement(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
         """D(x, t) (N, 3), normalised units."""

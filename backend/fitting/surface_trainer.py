@@ -135,6 +135,7 @@ class SurfaceTrainer(TrainerBase):
             field.cos_anneal = min(1.0, anneal)
         if hasattr(field, "anneal"):        # occupancy: sharper transitions as the fit goes on
             field.anneal(fraction)
+        self.anneal_motion(fraction)
         share = cfg.occupancy.update_due(step)
         if share is not None:
             self.model.update_occupancy(share)

@@ -227,6 +227,12 @@ class TrainerBase:
         field.set_level_weights(level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0,
                                            levels))
 
+    def anneal_motion(self, fraction: float) -> None:
+        """A fit over time's finer motion scales fade in (MotionConfig.motion_anneal_share)."""
+        deformation = getattr(self.model.field, "deformation", None)
+        if deformation is not None:
+            deformation.fade(fraction)
+
     def as_photographed(self, rgb: torch.Tensor, opacity: torch.Tensor, photo) -> tuple[torch.Tensor, torch.Tensor]:
         """(rendered colour as each ray's photo saw it, the penalties of the per-photo terms:
         appearance (appearance.py) and pose corrections (camera_refine.py))."""
@@ -307,6 +313,7 @@ class Trainer(TrainerBase):
         """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
         self.set_lr(self.cfg.train.lr_factor(step, fraction))
         self.anneal_levels(fraction)
+        self.anneal_motion(fraction)
         share = self.cfg.occupancy.update_due(step)
         if share is not None:
             self.model.field.eval()

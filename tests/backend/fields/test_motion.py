@@ -64,6 +64,22 @@ def test_fields_read_the_deformed_space_and_a_surface_keeps_its_normals_in_the_s
     assert all(any(p is q for q in groups["mlp"]) for p in field.deformation.decoder.parameters())
 
 
+def test_the_finer_motion_scales_fade_in_coarse_to_fine():
+    """motion_anneal_share: the fine scale's features are off at the start, half in a quarter of
+    the way through a 0.5 share, full from then on; the coarse scale is never dimmed."""
+    torch.manual_seed(0)
+    deform = Deformation(MotionConfig(motion_resolution=16, motion_scales=2, motion_features=4,
+                                      motion_anneal_share=0.5), time_resolution=8)
+    x, t = torch.rand(64, 3) * 2 - 1, torch.rand(64)
+    full = deform.features(x, t)                        # the weights start at 1 until the first fade
+    for fraction, fine in ((0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        deform.fade(fraction)
+        f = deform.features(x, t)
+        assert torch.allclose(f[:, :4], full[:, :4]) and torch.allclose(f[:, 4:], fine * full[:, 4:], atol=1e-6)
+    with pytest.raises(ValueError, match="motion_anneal_share"):
+        make_config("nerf", "draft", device="cpu", motion_anneal_share=1.5)
+
+
 def test_which_fits_are_dynamic_and_bad_motion_settings():
     cfg = MotionConfig()
     assert not is_dynamic(None, cfg) and not is_dynamic(np.zeros(5), cfg)     # one instant: still
