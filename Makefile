@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out out
 
 test: $(STAMP) $(STAMP42)
-	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q
+	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q --durations=30
 
 addon: $(STAMP)
 	$(PY) build_addon.py --out dist
