@@ -91,15 +91,19 @@ if AVAILABLE:
         return (f00 * (1.0 - fx) + f10 * fx) * (1.0 - fy) + (f01 * (1.0 - fx) + f11 * fx) * fy
 
     @triton.jit
-    def _planes_fwd(xt_ptr, packed_ptr, layout_ptr, out_ptr, n, S: tl.constexpr, C: tl.constexpr,
-                    BLOCK: tl.constexpr):
+    def _block_points(xt_ptr, n, BLOCK: tl.constexpr):
+        # This program's rows (int64), their mask and their four coordinates.
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = rows < n
         r64 = rows.to(tl.int64)
-        x = tl.load(xt_ptr + r64 * 4 + 0, mask=mask, other=0.0)
-        y = tl.load(xt_ptr + r64 * 4 + 1, mask=mask, other=0.0)
-        z = tl.load(xt_ptr + r64 * 4 + 2, mask=mask, other=0.0)
-        t = tl.load(xt_ptr + r64 * 4 + 3, mask=mask, other=0.0)
+        return (r64, mask, tl.load(xt_ptr + r64 * 4 + 0, mask=mask, other=0.0),
+                tl.load(xt_ptr + r64 * 4 + 1, mask=mask, other=0.0), tl.load(xt_ptr + r64 * 4 + 2, mask=mask, other=0.0),
+                tl.load(xt_ptr + r64 * 4 + 3, mask=mask, other=0.0))
+
+    @triton.jit
+    def _planes_fwd(xt_ptr, packed_ptr, layout_ptr, out_ptr, n, S: tl.constexpr, C: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        r64, mask, x, y, z, t = _block_points(xt_ptr, n, BLOCK)
         ch = tl.arange(0, C)[None, :]
         for s in tl.static_range(S):
             p = 6 * s
@@ -129,13 +133,7 @@ if AVAILABLE:
     @triton.jit
     def _planes_bwd(xt_ptr, packed_ptr, layout_ptr, grad_out_ptr, grad_packed_ptr, grad_xt_ptr, n,
                     S: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = rows < n
-        r64 = rows.to(tl.int64)
-        x = tl.load(xt_ptr + r64 * 4 + 0, mask=mask, other=0.0)
-        y = tl.load(xt_ptr + r64 * 4 + 1, mask=mask, other=0.0)
-        z = tl.load(xt_ptr + r64 * 4 + 2, mask=mask, other=0.0)
-        t = tl.load(xt_ptr + r64 * 4 + 3, mask=mask, other=0.0)
+        r64, mask, x, y, z, t = _block_points(xt_ptr, n, BLOCK)
         ch = tl.arange(0, C)[None, :]
         gx = tl.zeros([BLOCK], dtype=tl.float32)
         gy = tl.zeros([BLOCK], dtype=tl.float32)
