@@ -153,6 +153,34 @@ def test_a_signed_distance_field_over_time_follows_the_motion():
     assert psnr_white(img, held.image(0)) > 17.0
 
 
+def test_the_fixed_shape_step_gives_every_sample_its_photos_instant():
+    """The graph trainer's step (fitting/graph_trainer.py), run here as plain PyTorch (capturing it
+    in a CUDA graph needs a GPU: the test below): every sample reaches the deformation with the
+    instant of its ray's photo, padding slots included, and the motion learns from the step."""
+    from fit_implicit.backend.fitting.graph_trainer import GraphTrainer
+
+    torch.manual_seed(0)
+    train = synthetic.moving_views([0.0, 0.5, 1.0], 4, 16)
+    trainer = GraphTrainer(train, make_config("nerf", "draft", device="cpu", steps=20, preview_size=0,
+                                              target_samples=1 << 14, prepass_samples=0))
+    deform = trainer.model.field.deformation
+    given = []
+    real = deform.forward
+
+    def spy(x, t=None):
+        given.append((x.shape[0], t))
+        return real(x, t)
+
+    deform.forward = spy
+    loss, _, used, _ = trainer._body(trainer.rays)
+    assert given and all(t is not None and t.shape == (n,) for n, t in given)
+    assert set(torch.cat([t for _, t in given]).unique().tolist()) <= {0.0, 0.5, 1.0}
+    assert int(used) > 0 and torch.isfinite(loss)
+    # the decoder's last layer starts at zero (a still scene) and the step has moved it
+    assert float(deform.decoder[-1].weight.detach().abs().sum()) > 0.0
+    assert len(trainer.lr_tensors) == len(trainer.optimizer.param_groups) == 3     # the motion planes' rate too
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_replayed_steps_fit_over_time_on_gpu():
