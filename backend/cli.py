@@ -437,6 +437,10 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames must be 0 (one mesh) or at least 2, got {args.frames}")
     if args.follow and not args.frames:
         raise ValueError("--follow needs --frames: the instants to follow the mesh through")
+    if args.materials < 0 or (args.materials and not args.texture_size):
+        raise ValueError("--materials takes a number of steps (0: off) and needs textures (--texture-size not 0)")
+    if args.data and not args.materials:
+        raise ValueError("--data is for --materials: the photos to estimate the materials from")
     if not args.frames:
         model.time = args.time or 0.0
         _mesh_one(model, args, Path(args.out))
@@ -519,7 +523,11 @@ def _mesh_one(model, args: argparse.Namespace, out: Path, with_vertices: bool = 
                              "(fitted before they were saved): give a size")
         size = TEXTURE_AUTO if auto else check_size(int(args.texture_size))
         mesh, baked = texture_mesh(model, verts, faces, size, views=Views.of_run(model.meta))
+        if args.materials:
+            baked, light = _estimate_materials(model, mesh, baked, args)
         path = write_textured(out, mesh, baked)
+        if args.materials:
+            _write_light(path, light)
         times = ", ".join(f"{k} {v:.2f} s" for k, v in baked.timings.items())
         size = baked.albedo.shape[0]
         _print(f"textures: {size}x{size} ({', '.join(k for k, _ in baked.items())}), "
@@ -532,6 +540,42 @@ def _mesh_one(model, args: argparse.Namespace, out: Path, with_vertices: bool = 
         _print(f"vertex colours -> {path}")
     _write_environment(model, path, args.environment_height)
     return (path, verts) if with_vertices else path
+
+
+def _estimate_materials(model, mesh, baked, args: argparse.Namespace):
+    """--materials: base colour, roughness and metallic textures and the light estimated from the
+    photos of --data on the textured mesh (export/materials.py); returns (textures, light)."""
+    from dataclasses import replace
+
+    from fit_implicit.backend.export.materials import MaterialConfig, estimate_materials
+    from fit_implicit.backend.fitting.data import load_dataset
+
+    if not args.data:
+        raise ValueError("--materials needs --data: the photos the fit was made from (the run does not keep them)")
+    data = load_dataset(args.data)
+    if data.passes:
+        raise ValueError(f"{args.data} has Blender's passes ({', '.join(sorted(data.passes))}): its textures are "
+                         "already free of lighting; --materials is for photos without passes")
+    t0 = time.perf_counter()
+    got = estimate_materials(mesh, baked.albedo, data, MaterialConfig(material_steps=int(args.materials)),
+                             model.device, log=lambda step, loss: _print(f"  materials step {step}: loss {loss:.5f}"))
+    facts = got.facts
+    direction = ", ".join(f"{v:.2f}" for v in facts["light_direction"])
+    _print(f"materials: {args.materials} steps on {facts['material_samples']} pixels, {time.perf_counter() - t0:.1f} s; "
+           f"the light's strongest bin towards ({direction}), {100 * facts['light_share']:.0f} % of it")
+    return replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), got.environment
+
+
+def _write_light(mesh_path: Path, light) -> Path:
+    """The light estimated with the materials, beside the mesh: ``<stem>_light.hdr`` (linear,
+    equirectangular, Blender's World mapping)."""
+    from fit_implicit.backend.export.materials import write_hdr
+
+    path = mesh_path.with_name(f"{mesh_path.stem}_light.hdr")
+    write_hdr(path, light)
+    _print(f"light: {light.shape[1]}x{light.shape[0]} equirectangular HDR (Blender: World > Environment Texture) "
+           f"-> {path}")
+    return path
 
 
 def _write_environment(model, mesh_path: Path, height: int | str) -> Path | None:
@@ -689,6 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --frames: one mesh (at --time) and where each of its vertices is at each instant, "
                         "<stem>.pc2 (Point Cache 2, in the mesh file's vertex order: Blender's Mesh Cache "
                         "modifier on the imported .ply or .obj), instead of a mesh per instant")
+    m.add_argument("--materials", type=int, default=0,
+                   help="photos without Blender's passes: estimate base colour, roughness and metallic and the light "
+                        "from the photos of --data in this many steps (the shadows and shading leave the base colour; "
+                        "the light is written as <stem>_light.hdr); 0: the textures keep the light as photographed")
+    m.add_argument("--data", default=None, help="with --materials: the dataset the fit was made from")
     m.add_argument("--device", default=None)
     m.set_defaults(func=cmd_mesh)
 

@@ -32,11 +32,12 @@ FLOAT, UNSIGNED_INT = 5126, 5125
 LINEAR, LINEAR_MIPMAP_LINEAR, REPEAT = 9729, 9987, 10497
 
 
-def metallic_roughness_image(roughness: np.ndarray) -> np.ndarray:
-    """(H, W, 1) roughness -> (H, W, 3) glTF metallicRoughness texture: R 255 (unused), G
-    roughness, B metallic = 0."""
+def metallic_roughness_image(roughness: np.ndarray, metallic: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 1) roughness (and metallic, None: 0) -> (H, W, 3) glTF metallicRoughness texture:
+    R 255 (unused), G roughness, B metallic."""
     r = np.asarray(roughness)[..., 0]
-    return np.ascontiguousarray(np.stack([np.full_like(r, 255), r, np.zeros_like(r)], -1))
+    m = np.zeros_like(r) if metallic is None else np.asarray(metallic)[..., 0]
+    return np.ascontiguousarray(np.stack([np.full_like(r, 255), r, m], -1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ def write_textured(path: str | Path, mesh, baked, name: str = "Implicit") -> Pat
     path = Path(path)
     images = [("albedo", png_bytes(baked.albedo)), ("normal", png_bytes(baked.normal))]
     if baked.roughness is not None:
-        images.append(("metallicRoughness", png_bytes(metallic_roughness_image(baked.roughness))))
+        images.append(("metallicRoughness", png_bytes(metallic_roughness_image(baked.roughness,
+                                                                               getattr(baked, "metallic", None)))))
     chunk = BinaryChunk()
     tangents = np.concatenate([z_up_to_y_up(mesh.tangents[:, :3]), mesh.tangents[:, 3:]], 1)
     attributes = {"POSITION": _floats(chunk, z_up_to_y_up(mesh.vertices), bounds=True),
@@ -204,6 +206,8 @@ def write_textured(path: str | Path, mesh, baked, name: str = "Implicit") -> Pat
     if baked.roughness is not None:
         pbr["metallicRoughnessTexture"] = {"index": 2}
         pbr["roughnessFactor"] = 1.0
+        if getattr(baked, "metallic", None) is not None:     # the texture's B channel, as is
+            pbr["metallicFactor"] = 1.0
     else:
         pbr["roughnessFactor"] = DEFAULT_ROUGHNESS
     material = {"name": f"{name} Material", "pbrMetallicRoughness": pbr, "normalTexture": {"index": 1, "scale": 1.0}}

@@ -29,7 +29,8 @@ def write_colored(path: Path, verts: np.ndarray, faces: np.ndarray, colors: np.n
 def write_textured(path: str | Path, mesh, baked, name: str = "Implicit") -> Path:
     """``mesh`` (a UVMesh) + ``.mtl`` + ``baked`` (BakedTextures) as PNGs; returns the path.
     The .mtl names the albedo (map_Kd), the tangent-space normal map (map_Bump, read as a normal
-    map by Blender's OBJ importer; also ``norm``) and the roughness (map_Pr, PBR extension)."""
+    map by Blender's OBJ importer; also ``norm``), the roughness (map_Pr, PBR extension) and, where
+    estimated, the metallic (map_Pm)."""
     check_textured(mesh)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,8 @@ def write_textured(path: str | Path, mesh, baked, name: str = "Implicit") -> Pat
         lines.append(f"map_Pr {pngs['roughness'].name}")
     else:
         lines.append(f"Pr {DEFAULT_ROUGHNESS}")
+    if "metallic" in pngs:
+        lines.append(f"map_Pm {pngs['metallic'].name}")
     mtl.write_text("# Fit Implicit: the normal map and the roughness are data (Non-Color); Blender's OBJ importer\n"
                    "# reads them as sRGB: switch them to Non-Color after importing, or use the .glb\n"
                    + "\n".join(lines) + "\n")

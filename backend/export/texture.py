@@ -64,19 +64,23 @@ class UVMesh:
 @dataclass
 class BakedTextures:
     """(S, S, C) uint8 images, top row first: albedo (C=3, sRGB), normal (C=3, tangent space,
-    Non-Color), roughness (C=1, Non-Color) or None; coverage (S, S) bool, texels on the mesh."""
+    Non-Color), roughness (C=1, Non-Color) or None; coverage (S, S) bool, texels on the mesh;
+    metallic (C=1, Non-Color) or None (estimated from photos: export/materials.py)."""
 
     albedo: np.ndarray
     normal: np.ndarray
     roughness: np.ndarray | None
     coverage: np.ndarray
     timings: dict = field(default_factory=dict)
+    metallic: np.ndarray | None = None
 
     def items(self) -> list[tuple[str, np.ndarray]]:
-        """(kind, image) pairs for the kinds that exist: albedo, normal, roughness."""
+        """(kind, image) pairs for the kinds that exist: albedo, normal, roughness, metallic."""
         out = [("albedo", self.albedo), ("normal", self.normal)]
         if self.roughness is not None:
             out.append(("roughness", self.roughness))
+        if self.metallic is not None:
+            out.append(("metallic", self.metallic))
         return out
 
 

@@ -1,6 +1,7 @@
 """``fit-implicit fit | render | mesh`` end to end, as the benchmarks call them."""
 import json
 import re
+import struct
 import subprocess
 import sys
 
@@ -95,6 +96,27 @@ def test_mesh_files_in_world_frame(run, suffix, reader):
     lo = np.min([s.center - s.radius for s in synthetic.spheres()], axis=0)
     hi = np.max([s.center + s.radius for s in synthetic.spheres()], axis=0)
     assert np.allclose(verts.min(0), lo, atol=0.6) and np.allclose(verts.max(0), hi, atol=0.6)
+
+
+@pytest.mark.slow   # shares the ~20 s fit fixture
+def test_mesh_with_materials_estimated_from_the_photos(run):
+    """--materials: the textures come from the photos' estimate (base colour, roughness, metallic in
+    the glTF material) and the light is written beside the mesh (export/materials.py)."""
+    from fit_implicit.backend.export.materials import read_hdr
+
+    root, _ = run
+    out = backend("mesh", root / "run", "--out", root / "lit.glb", "--mesh-resolution", 32, "--texture-size", 64,
+                  "--materials", 30, "--data", root / "data")
+    assert "materials: 30 steps" in out and "light:" in out, out
+    data = (root / "lit.glb").read_bytes()
+    (length,) = struct.unpack_from("<I", data, 12)
+    pbr = json.loads(data[20:20 + length])["materials"][0]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 1.0 and "metallicRoughnessTexture" in pbr     # metallic from the texture
+    light = read_hdr(root / "lit_light.hdr")
+    assert light.shape == (8, 16, 3) and np.isfinite(light).all() and (light >= 0).all() and light.max() > 0
+    with pytest.raises(AssertionError, match="--materials needs --data"):
+        backend("mesh", root / "run", "--out", root / "x.glb", "--mesh-resolution", 32, "--texture-size", 64,
+                "--materials", 10)
 
 
 @pytest.mark.slow   # shares the ~20 s fit fixture
