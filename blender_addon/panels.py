@@ -260,6 +260,7 @@ class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
         op.fit_job = entry.job_id if entry is not None else ""
         row.operator("implicit.result_forget", text="Forget", icon="X")
         col.operator("implicit.use_environment", icon="WORLD")     # greyed out, saying why, without a background
+        col.operator("implicit.light_from_file", icon="LIGHT_SUN")  # a light estimated with the materials (CLI)
         if entry is not None:
             layout.label(text=f"{entry.created}  job {entry.job_id}", icon="TIME")
             if entry.field_folder:

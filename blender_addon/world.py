@@ -7,16 +7,23 @@ Results entry and named on its asset (``implicit_environment``).  *Use Backgroun
 puts that image on an Environment Texture node -> Background -> World Output in the World
 "Fit Implicit Environment" (made once, then reused) and makes it the scene's World.
 
+*Use Light File as World* does the same for a light estimated with the materials from photos
+(``fit-implicit mesh --materials``: ``<stem>_light.hdr``, backend/export/materials.py), in the World
+"Fit Implicit Light".
+
 The image's columns follow the Environment Texture node's own mapping, so nothing here turns or
 mirrors it (checked by rendering: tests/addon/test_environment_bpy.py).
 """
 from __future__ import annotations
+
+import os
 
 import bpy
 
 from .results import selected
 
 WORLD_NAME = "Fit Implicit Environment"
+LIGHT_WORLD_NAME = "Fit Implicit Light"      # the World of a light estimated with the materials (a file)
 NODE_NAME = "Implicit Environment"          # the Environment Texture node of that World
 ASSET_PROPERTY = "implicit_environment"     # an imported asset's custom property: its environment image's name
 NO_FIT = "Select a fit in the Results list first"
@@ -92,4 +99,36 @@ class IMPLICIT_OT_use_environment(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (IMPLICIT_OT_use_environment,)
+class IMPLICIT_OT_light_from_file(bpy.types.Operator):
+    """Make a light estimated with the materials (``fit-implicit mesh --materials``: <stem>_light.hdr,
+    equirectangular, linear) the scene's World, in the World "Fit Implicit Light", to see the asset
+    as photographed before changing the light"""
+
+    bl_idname = "implicit.light_from_file"
+    bl_label = "Use Light File as World"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: bpy.props.StringProperty(subtype="FILE_PATH", options={"SKIP_SAVE"})
+    filter_glob: bpy.props.StringProperty(default="*.hdr;*.exr", options={"HIDDEN"})
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        path = bpy.path.abspath(self.filepath)
+        if not path or not os.path.isfile(path):
+            self.report({"ERROR"}, f"No light file at '{self.filepath}': pick the <stem>_light.hdr written beside the mesh")
+            return {"CANCELLED"}
+        try:
+            image = bpy.data.images.load(path, check_existing=True)
+        except RuntimeError as exc:
+            self.report({"ERROR"}, f"Blender cannot read '{path}' as an image: {exc}")
+            return {"CANCELLED"}
+        world = use_as_world(context.scene, image, name=LIGHT_WORLD_NAME)
+        self.report({"INFO"}, f"The World is now '{world.name}', the light of {os.path.basename(path)} "
+                              f"({image.size[0]} x {image.size[1]})")
+        return {"FINISHED"}
+
+
+CLASSES = (IMPLICIT_OT_use_environment, IMPLICIT_OT_light_from_file)

@@ -141,3 +141,28 @@ def test_a_fit_without_background_greys_the_button_out_and_says_why(modules):
     assert bpy.ops.implicit.use_environment.poll()
     assert bpy.ops.implicit.use_environment() == {"FINISHED"}
     assert scene.world.node_tree.nodes[world.NODE_NAME].image == image
+
+
+def test_a_light_file_estimated_with_the_materials_becomes_the_world(modules, tmp_path):
+    """fit-implicit mesh --materials writes <stem>_light.hdr (linear radiance); *Use Light File as
+    World* lights the scene with it: a camera inside sees its radiance."""
+    import bpy
+    from fit_implicit.backend.export.materials import write_hdr
+
+    fs, results, world, protocol = modules
+    scene = fresh_scene(width=8, height=8, samples=1)
+    light = np.zeros((8, 16, 3), np.float32)
+    light[..., 0] = 0.5                                     # a red sky, linear radiance 0.5
+    write_hdr(tmp_path / "mug_light.hdr", light)
+    assert bpy.ops.implicit.light_from_file(filepath=str(tmp_path / "mug_light.hdr")) == {"FINISHED"}
+    made = scene.world
+    assert made.name == world.LIGHT_WORLD_NAME
+    node = made.node_tree.nodes[world.NODE_NAME]
+    assert node.image.filepath.endswith("mug_light.hdr") and node.image.is_float
+    scene.view_settings.view_transform = "Standard"
+    scene.render.dither_intensity = 0.0
+    seen = render_from_origin(scene, (1.0, 0.0, 0.0))
+    # linear 0.5 in sRGB: 188
+    assert (np.abs(seen.astype(int) - [188, 0, 0]) <= 3).all(), seen[4, 4]
+    with pytest.raises(RuntimeError, match="No light file at"):
+        bpy.ops.implicit.light_from_file(filepath=str(tmp_path / "missing.hdr"))
