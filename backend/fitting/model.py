@@ -242,13 +242,23 @@ class FittedField:
             raise ValueError(f"environment height must be in [1, 8192], got {height}")
         return self.background.environment(int(height), self.box)
 
+    def _over_time(self, fn, n: int) -> torch.Tensor:
+        """``fn(times)`` for n points: one random time each (None for a still field), or for a
+        field over time the largest of ``motion_occupancy_times`` draws, so that a cell a moving
+        part fills only now and then is not decayed away between the updates that happen to see it."""
+        draws = int(getattr(self.config.motion, "motion_occupancy_times", 1)) if self.dynamic else 1
+        out = fn(self.random_times(n))
+        for _ in range(draws - 1):
+            out = torch.maximum(out, fn(self.random_times(n)))
+        return out
+
     @torch.no_grad()
     def update_occupancy(self, fraction: float) -> None:
         """Refresh the occupancy grid from the field (surface fields: the band around the
         surface and the inside; radiance fields: the density)."""
-        if not self.is_surface:     # a dynamic field: each point at a random time (the grid keeps the union)
-            self.occupancy.update(lambda x: self.field.density(x, self.random_times(x.shape[0])), self.step_size,
-                                  fraction=fraction)
+        if not self.is_surface:     # a dynamic field: each point at random times (the grid keeps the union)
+            self.occupancy.update(lambda x: self._over_time(lambda t: self.field.density(x, t), x.shape[0]),
+                                  self.step_size, fraction=fraction)
             return
         field = self.field
         band = SURFACE_BAND_CELLS * 2.0 * math.sqrt(3.0) / self.occupancy.resolution
@@ -257,7 +267,7 @@ class FittedField:
         occupied = SURFACE_OCCUPIED_FACTOR * -math.log1p(-self.occupancy.threshold) / self.step_size
 
         def pseudo_density(x):
-            return (field.value(x, self.random_times(x.shape[0])) < band).float() * occupied
+            return self._over_time(lambda t: (field.value(x, t) < band).float() * occupied, x.shape[0])
 
         self.occupancy.update(pseudo_density, self.step_size, fraction=fraction)
 

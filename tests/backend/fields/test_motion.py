@@ -80,6 +80,21 @@ def test_the_finer_motion_scales_fade_in_coarse_to_fine():
         make_config("nerf", "draft", device="cpu", motion_anneal_share=1.5)
 
 
+def test_occupancy_updates_of_a_field_over_time_keep_the_largest_of_several_instants():
+    """motion_occupancy_times: each cell read at that many random instants, the largest kept (the
+    mean of the largest of 4 uniform draws is 0.8; of one, 0.5)."""
+    from fit_implicit.backend.fitting.model import FittedField
+
+    torch.manual_seed(0)
+    box = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    for draws, mean in ((1, 0.5), (4, 0.8)):
+        cfg = make_config("nerf", "draft", device="cpu", motion_occupancy_times=draws)
+        model = FittedField.build(cfg, box, {"time_resolution": 4}, torch.device("cpu"))
+        assert abs(float(model._over_time(lambda t: t, 20000).mean()) - mean) < 0.01
+    with pytest.raises(ValueError, match="motion_occupancy_times"):
+        make_config("nerf", "draft", device="cpu", motion_occupancy_times=0)
+
+
 def test_which_fits_are_dynamic_and_bad_motion_settings():
     cfg = MotionConfig()
     assert not is_dynamic(None, cfg) and not is_dynamic(np.zeros(5), cfg)     # one instant: still
