@@ -246,7 +246,7 @@ class FittedField:
         """``fn(times)`` for n points: one random time each (None for a still field), or for a
         field over time the largest of ``motion_occupancy_times`` draws, so that a cell a moving
         part fills only now and then is not decayed away between the updates that happen to see it."""
-        draws = int(getattr(self.config.motion, "motion_occupancy_times", 1)) if self.dynamic else 1
+        draws = int(self.config.motion.motion_occupancy_times) if self.dynamic else 1
         out = fn(self.random_times(n))
         for _ in range(draws - 1):
             out = torch.maximum(out, fn(self.random_times(n)))
