@@ -194,8 +194,8 @@ for i, d in enumerate(docs):
     r = (d or {}).get("results", [{}])[0] if d else {}
     poses = (f"rotation {r['pose_error_before']['rotation_deg']} -> {r['pose_error']['rotation_deg']} deg "
              f"(worst {r['pose_error']['max_rotation_deg']}), aligned {r.get('psnr_aligned')} dB") if "pose_error" in r else ""
-    print(f"{i:>2} {r.get('psnr', float('nan')):>6} {r.get('steps_per_s', '-'):>7} {r.get('inv_s', '-'):>8}  "
-          f"{(d or {}).get('overrides', 'FAILED')} {r.get('psnr_by_render_steps', '')} {r.get('psnr_by_supersample') or ''} {poses}")
+    print(f"{i:>2} {r.get('psnr', float('nan')):>6} {r.get('steps_per_s', '-'):>7} {r.get('inv_s') or '-':>8}  "
+          f"{(d or {}).get('overrides', 'FAILED')} {r.get('psnr_by_render_steps', '')} {r.get('psnr_by_supersample') or ''} {poses} {r.get('motion') or ''}")
 PY
 fi
 

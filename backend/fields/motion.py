@@ -65,6 +65,9 @@ class MotionConfig:
     motion_smooth_weight: float = 0.0   # temporal smoothness of the time planes (second differences)
     motion_tv_weight: float = 0.0       # total variation of every plane
     motion_weight: float = 0.0          # mean square displacement (normalised units)
+    # The displacement's size, at most (normalised units, the box is [-1, 1]; 0 = unbounded):
+    # D = m tanh(raw / m).
+    motion_max_displacement: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -83,7 +86,7 @@ class MotionConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= float(self.motion_anneal_share) <= 1.0:
             raise ValueError(f"motion_anneal_share must be in [0, 1], got {self.motion_anneal_share}")
-        for name in ("motion_lr", "motion_smooth_weight", "motion_tv_weight", "motion_weight"):
+        for name in ("motion_lr", "motion_smooth_weight", "motion_tv_weight", "motion_weight", "motion_max_displacement"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -195,8 +198,10 @@ class Deformation(nn.Module):
                 self.scale_weights[k].fill_(0.5 * (1.0 - math.cos(math.pi * ramp)))
 
     def displacement(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
-        """D(x, t) (N, 3), normalised units."""
-        return self.decoder(self.features(x, self.times_for(x, t)))
+        """D(x, t) (N, 3), normalised units (at most ``motion_max_displacement`` a component where set)."""
+        d = self.decoder(self.features(x, self.times_for(x, t)))
+        bound = float(self.cfg.motion_max_displacement)
+        return bound * torch.tanh(d / bound) if bound > 0 else d
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> torch.Tensor:
         if x.shape[0] == 0:
