@@ -54,19 +54,26 @@ class MotionConfig:
     # scales' features fade in (half-cosine) over this share of the fit; 0 = every scale from the start.
     motion_anneal_share: float = 0.0
     # The occupancy grid's updates read each cell at this many random instants and keep the
-    # largest: a cell that a fast part fills only now and then stays marched.  H200, the animated
-    # scene: with 1, 20,000 graph-replayed steps in 180 s scored worse than 3,400 in 30 s (21.7
-    # against 24.0 dB held out, training batches 26.1 against 30.6): measure more (docs/benchmarks.md).
+    # largest (a cell a fast part fills only now and then stays marched).  H100, the animated scene,
+    # 20,000 graph steps: 1: 20.90 dB held out, 4: 19.76 (docs/benchmarks.md): 1 stays.
     motion_occupancy_times: int = 1
-    # Regularisers, off by default: each slows the start of the motion (a still blob explains the
-    # photos first); two moving spheres, 150 draft steps, time-dependence of the displacement and
-    # training MSE: none 0.21 / 0.0045; smoothness 1e-3 + TV 1e-4: 0.06 / 0.0062; displacement 1e-3:
-    # 0.08 / 0.0060; all three: 0.0000 / 0.0078 (no motion learnt).
+    # Regularisers.  The mean square displacement at random points of the box at random instants
+    # (motion_weight) is on: without it the deformation drifts where no photo constrains it (Adam
+    # steps of lr size on near-zero gradients) until it carries samples out of the box, where the
+    # canonical field reads its border and passes no gradient back.  H100, the animated scene,
+    # 20,000 graph steps without it: mean displacement 15 normalised units (the box is 2 wide), 48 % of
+    # the occupied cells' samples out of the box, training batches 27.4 dB at step 2,000 falling
+    # to 23.6 dB at 9,300, held out 20.90 dB.  At 6,000 steps (held out / training batches / mean
+    # displacement / out of box): off 23.39 / 29.2 / 0.64 / 9.4 %; 1e-4 24.25 / 31.0 / 0.19 / 4.9 %;
+    # motion_max_displacement 0.5 instead 24.12 / 30.5 / 0.14 / 1.9 %; both 23.96 / 30.3.
+    # The others stay off: each slows the start of the motion (two moving spheres, 150 draft steps,
+    # time-dependence of the displacement and training MSE: none 0.21 / 0.0045; smoothness 1e-3 +
+    # TV 1e-4: 0.06 / 0.0062; displacement 1e-3: 0.08 / 0.0060; all three: 0.0000 / 0.0078).
     motion_smooth_weight: float = 0.0   # temporal smoothness of the time planes (second differences)
     motion_tv_weight: float = 0.0       # total variation of every plane
-    motion_weight: float = 0.0          # mean square displacement (normalised units)
+    motion_weight: float = 1e-4         # mean square displacement (normalised units)
     # The displacement's size, at most (normalised units, the box is [-1, 1]; 0 = unbounded):
-    # D = m tanh(raw / m).
+    # D = m tanh(raw / m).  Off: it would also forbid true motions larger than m.
     motion_max_displacement: float = 0.0
 
     def validate(self) -> None:
