@@ -13,9 +13,10 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
 
     Hello            -> Welcome | Error(version_mismatch)
     Ping             -> Pong                     (heartbeat, answered even while training)
-    Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, RenderResult*,
-                        CamerasResult? (fits that refined the cameras), EnvironmentResult? (fits that
-                        modelled the background), and exactly one of
+    Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, LightResult?
+                        (fits that estimated materials), RenderResult*, CamerasResult? (fits that
+                        refined the cameras), EnvironmentResult? (fits that modelled the background),
+                        and exactly one of
                         Done | Failed | Cancelled
     Cancel           -> Ack, then Cancelled (or Done/Failed if it had already ended)
     Status           -> StatusReply
@@ -42,11 +43,12 @@ from .methods import BACKGROUND_MODES, CAMERA_REFINE_MODES, ENCODINGS, METHODS, 
 from .wire import DEFAULT_LIMITS, Limits, WireError
 
 #: Bumped on any incompatible change of messages.  Independent of the package version.
-PROTOCOL_VERSION = 10           # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
+PROTOCOL_VERSION = 11           # 5: EnvironmentResult; 6: Submit.background/camera_refine/appearance, CamerasResult;
                                 # 7: PointsJob; 8: Submit.encoding, PointsJob.encoding and voxel_size,
                                 #    CamerasResult.focal_scale; 9: times (Submit.times, eval_times and
                                 #    mesh_time, RenderJob.times, MeshJob.time); 10: MeshJob.track_times,
-                                #    MeshResult.track_times and tracks
+                                #    MeshResult.track_times and tracks; 11: Submit.material_steps,
+                                #    TextureResult "metallic", LightResult
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -62,7 +64,9 @@ MAX_ENVIRONMENT_HEIGHT = 4096   # EnvironmentResult: rows of the equirectangular
 MIN_TEXTURE_SIDE = 16
 TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the cameras' footprint
 MIN_FACES = 100                 # smallest Submit.max_faces other than 0
-TEXTURE_KINDS = ("albedo", "normal", "roughness")
+TEXTURE_KINDS = ("albedo", "normal", "roughness", "metallic")
+MAX_MATERIAL_STEPS = 100_000    # Submit.material_steps
+MAX_LIGHT_HEIGHT = 512          # LightResult: rows of the estimated light (twice as many columns)
 MAX_STRING = 4096
 MAX_NAME = 256
 MAX_RUN_JSON = 16 << 20         # ModelFile / StoreModel: a run's run.json (its cameras included)
@@ -401,6 +405,11 @@ class Submit(Message):
     times: np.ndarray = spec(Array(("float64", "float32"), ("T",)), default_factory=_empty((0,), np.float64))
     eval_times: np.ndarray = spec(Array(("float64", "float32"), ("ET",)), default_factory=_empty((0,), np.float64))
     mesh_time: float = spec(Float(0.0, 1.0), default=0.0)
+    # Photos without passes: estimate base colour, roughness and metallic textures and the light
+    # that lit them on the textured mesh (backend/export/materials.py), this many steps; 0: off (the
+    # textures keep the photos' lighting).  Needs textures, a still scene and no passes; the light
+    # comes back as a LightResult.
+    material_steps: int = spec(Int(0, MAX_MATERIAL_STEPS), default=0)
 
     def check(self):
         n = self.images.shape[0]
@@ -425,6 +434,18 @@ class Submit(Message):
         check_mesh_settings("submit", self.max_faces, self.texture_size)
         check_times("submit.times", self.times, n)
         check_times("submit.eval_times", self.eval_times, len(self.eval_poses))
+        if self.material_steps:
+            if not self.texture_size:
+                raise ProtocolError("submit.material_steps: materials are estimated on a textured mesh: set "
+                                    "texture_size too")
+            passes = [name for name in PASS_NAMES if getattr(self, name).shape[0]]
+            if passes:
+                raise ProtocolError(f"submit.material_steps: the job has Blender's passes ({', '.join(passes)}), "
+                                    "whose textures are already free of lighting: estimate materials only "
+                                    "from photos without passes")
+            if len(self.times):
+                raise ProtocolError("submit.material_steps: materials are estimated for a still scene, not a "
+                                    "scene that moves (times)")
 
 
 def pad_images(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -601,8 +622,9 @@ class TextureResult(Message):
     """One baked UV texture of the job's mesh (sent before its MeshResult).
 
     ``image`` (H, W, C) uint8, top row first: "albedo" C = 3 or 4, sRGB-encoded base colour;
-    "normal" C = 3, tangent-space normal map (OpenGL +Y, Non-Color); "roughness" C = 1,
-    linear (Non-Color).  ``lighting_baked`` says whether the albedo still holds the lighting.
+    "normal" C = 3, tangent-space normal map (OpenGL +Y, Non-Color); "roughness" and "metallic"
+    C = 1, linear (Non-Color; metallic only where materials were estimated, Submit.material_steps).
+    ``lighting_baked`` says whether the albedo still holds the lighting.
     """
 
     TYPE: ClassVar[str] = "texture"
@@ -613,7 +635,7 @@ class TextureResult(Message):
     lighting_baked: bool = spec(Bool(), default=True)
 
     def check(self):
-        channels = {"albedo": (3, 4), "normal": (3,), "roughness": (1,)}[self.kind]
+        channels = {"albedo": (3, 4), "normal": (3,), "roughness": (1,), "metallic": (1,)}[self.kind]
         if self.image.shape[2] not in channels:
             raise ProtocolError(f"texture.image: a {self.kind} texture needs {' or '.join(map(str, channels))} "
                                 f"channels, got {self.image.shape[2]}")
@@ -654,6 +676,26 @@ class EnvironmentResult(Message):
         if w != 2 * h:
             raise ProtocolError(f"environment.image: an equirectangular image is twice as wide as it is high, "
                                 f"got {w}x{h}")
+
+
+@dataclass
+class LightResult(Message):
+    """The light estimated with the materials (Submit.material_steps; backend/export/materials.py),
+    sent once after the mesh, before Done: linear radiance (HDR, not clipped), ``image`` (H, W, 3)
+    float32, W = 2 H, top row first, mapped onto directions as EnvironmentResult's image (Blender's
+    World, equirectangular)."""
+
+    TYPE: ClassVar[str] = "light"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"H": MAX_LIGHT_HEIGHT, "W": 2 * MAX_LIGHT_HEIGHT}
+    job_id: str = spec(Str(MAX_NAME))
+    image: np.ndarray = spec(Array(("float32",), ("H", "W", 3)))
+
+    def check(self):
+        h, w = self.image.shape[:2]
+        if h < 1 or w != 2 * h:
+            raise ProtocolError(f"light.image: an equirectangular image is twice as wide as it is high, got {w}x{h}")
+        if self.image.min() < 0:
+            raise ProtocolError("light.image: radiance must not be negative")
 
 
 @dataclass

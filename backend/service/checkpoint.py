@@ -40,7 +40,7 @@ SUBMIT_JSON, SUBMIT_NPZ = "submit.json", "submit.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_DIR = "results"
 FORMAT = 1
-STORED_TYPES = ("mesh", "texture", "render", "cameras", "environment", "done", "failed", "cancelled")   # results, job ends
+STORED_TYPES = ("mesh", "texture", "light", "render", "cameras", "environment", "done", "failed", "cancelled")   # results, job ends
 
 
 class CheckpointError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -167,8 +168,12 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
         posed = dataclasses.replace(posed, poses=np.asarray(refined["poses"], np.float64))
     refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
     refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None
+    materials = None
+    if submit.material_steps:   # materials and light from the photos (export/materials.py)
+        from fit_implicit.backend.export.materials import MaterialConfig
+        materials = (posed, MaterialConfig(material_steps=int(submit.material_steps)))
     views = Views.of(posed)     # the cameras, not the images: unseen regions, texture size
-    del posed   # kept in `refine` only when the textures are refined against the views
+    del posed   # kept in `refine` / `materials` only where the textures are refined / materials estimated
 
     ctx.check_cancelled()
     ctx.progress("mesh", force=True)
@@ -178,8 +183,8 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
                                         views=views if cfg.mesh.mesh_close_unseen else None,
                                         decimate_to=submit.max_faces if submit.max_faces and not submit.texture_size else None)
     assets = send_mesh_assets(model, verts, faces, colors, submit.texture_size, ctx, refine=refine, views=views,
-                              max_faces=submit.max_faces or None)
-    refine = None
+                              max_faces=submit.max_faces or None, materials=materials)
+    refine = materials = None
 
     count = len(submit.eval_poses)
     for i in range(count):
@@ -283,7 +288,7 @@ def send_environment(model, ctx: JobContext, height: int) -> dict:
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
                      ctx: JobContext, refine: tuple | None = None, views=None, max_faces: int | None = None,
-                     track_times: np.ndarray | None = None) -> dict:
+                     track_times: np.ndarray | None = None, materials: tuple | None = None) -> dict:
     """Send the mesh; with ``texture_size`` > 0 unwrap it, bake the field into textures and send
     them (TextureResult*) before the textured MeshResult.  Returns summary entries.
 
@@ -294,8 +299,13 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     max_faces: most triangles of the textured mesh (None: texture.py MAX_FACES).
     track_times: a field over time: also send where each vertex is at these instants
     (MeshResult.tracks; backend/export/tracks.py), or None.
+    materials: (the fit's PosedImages, a MaterialConfig) to estimate base colour, roughness,
+    metallic and the light from the photos (backend/export/materials.py; the light follows the
+    MeshResult as a LightResult), or None.
+    The summary's "material" says where the textures' colours come from: "passes" (Blender's
+    albedo pass supervised them), "estimated" (materials), or "baked" (the lighting stays in).
     """
-    mesh, summary = None, {"vertices": int(len(verts)), "faces": int(len(faces))}
+    mesh, light, summary = None, None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
         from fit_implicit.backend.export.texture import texture_mesh, vertex_colors_from
 
@@ -310,6 +320,10 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
             mesh, baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
             summary.update(facts)
         lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
+        summary["material"] = "baked" if lit else "passes"
+        if materials is not None:
+            baked, light = _estimate_materials(model, mesh, baked, *materials, ctx, summary)
+            lit = False
         for kind, image in baked.items():
             ctx.check_cancelled()
             ctx.send(protocol.TextureResult(job_id=ctx.job_id, kind=kind, image=np.ascontiguousarray(image),
@@ -331,7 +345,33 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
         track_times=np.asarray(track_times if len(tracks) else [], np.float32),
         tracks=tracks,
     ))
+    if light is not None:
+        ctx.send(protocol.LightResult(job_id=ctx.job_id, image=np.ascontiguousarray(light, dtype=np.float32)))
     return summary
+
+
+def _estimate_materials(model, mesh, baked, posed, cfg, ctx: JobContext, summary: dict):
+    """Base colour, roughness and metallic textures and the light, estimated from the photos on
+    the textured mesh (export/materials.py); returns (textures, light (H, 2H, 3) float32) and puts
+    its facts into ``summary``."""
+    from fit_implicit.backend.export.materials import estimate_materials
+
+    ctx.check_cancelled()
+    ctx.progress("materials", force=True)
+    start = time.monotonic()
+    steps = int(cfg.material_steps)
+
+    def tick(step: int, _loss: float) -> None:     # every 100 steps: progress, and a cancel stops it there
+        ctx.check_cancelled()
+        ctx.progress("materials", step=step, total_steps=steps, fraction=step / steps)
+
+    got = estimate_materials(mesh, baked.albedo, posed, cfg, getattr(model, "device", "cpu"), log=tick)
+    facts = got.facts
+    summary.update(material="estimated", material_seconds=round(time.monotonic() - start, 3),
+                   material_steps=int(cfg.material_steps), material_samples=int(facts["material_samples"]),
+                   light_direction=json.dumps([round(float(v), 4) for v in facts["light_direction"]]),
+                   light_share=round(float(facts["light_share"]), 4))
+    return dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), got.environment
 
 
 def _tracks(model, verts: np.ndarray, track_times: np.ndarray, ctx: JobContext, summary: dict) -> np.ndarray:

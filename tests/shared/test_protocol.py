@@ -55,6 +55,7 @@ def examples() -> dict[str, protocol.Message]:
                            poses=np.eye(4)[None], sizes=np.array([[16, 12]], np.int32)),
         protocol.TextureResult(job_id="abc", kind="albedo", image=img[..., :3].copy(), lighting_baked=False),
         protocol.EnvironmentResult(job_id="abc", image=np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)),
+        protocol.LightResult(job_id="abc", image=np.linspace(0, 40, 4 * 8 * 3, dtype=np.float32).reshape(4, 8, 3)),
         protocol.CamerasResult(job_id="abc", poses=ring_cameras(2, 8)[1], moved_deg=np.array([0.5, 1.5]),
                                moved=np.array([0.0, 0.02])),
         protocol.Done(job_id="abc", summary={"steps": 10, "psnr": 21.5, "device": "cpu", "ok": True, "x": None}),

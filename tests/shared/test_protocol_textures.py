@@ -74,7 +74,8 @@ def test_texture_kinds_round_trip():
     ("albedo", np.zeros((4, 4, 3), np.float32), "texture.image: dtype float32 is not allowed"),
     ("albedo", np.zeros((4, 4), np.uint8), "texture.image: expected 3 dimensions"),
     ("albedo", np.zeros((0, 4, 3), np.uint8), "texture.image: the image is empty"),
-    ("metallic", np.zeros((4, 4, 3), np.uint8), "texture.kind: 'metallic' is not one of"),
+    ("specular", np.zeros((4, 4, 3), np.uint8), "texture.kind: 'specular' is not one of"),
+    ("metallic", np.zeros((4, 4, 3), np.uint8), "texture.image: a metallic texture needs 1 channels, got 3"),
 ])
 def test_bad_textures_are_refused(kind, image, needle):
     refused(protocol.TextureResult(job_id="j", kind=kind, image=image), needle)

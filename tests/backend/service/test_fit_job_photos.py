@@ -5,6 +5,8 @@ for a client that reattaches, and ``fit-implicit mesh`` writes it beside the mes
 tiny sizes."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -155,3 +157,51 @@ def test_photo_settings_are_checked_on_the_wire():
         make_submit(background="sky")
     with pytest.raises(protocol.ProtocolError, match="submit.appearance: expected true or false"):
         make_submit(appearance=1)
+
+
+def test_a_fit_that_estimates_materials_sends_metallic_and_the_light(tmp_path):
+    """Submit.material_steps (issue 19): after the bake, base colour, roughness and metallic are
+    estimated from the photos with the light (backend/export/materials.py: its accuracy is
+    tested there, on a Cycles scene); the job sends the three textures marked free of lighting,
+    the light as a LightResult after the mesh (linear, twice as wide as high, positive), says
+    where the material came from in Done's summary, and stores the light for a client that
+    reattaches."""
+    submit = make_submit(n=6, steps=120, texture_size=32, mesh_resolution=32, mesh_opacity=0.05, background="off",
+                         material_steps=40)
+    messages, job = run_job(tmp_path, submit)
+    done = messages[-1]
+    assert isinstance(done, protocol.Done), done
+    textures = {m.kind: m for m in messages if isinstance(m, protocol.TextureResult)}
+    assert {"albedo", "roughness", "metallic"} <= set(textures)
+    assert textures["metallic"].image.shape == (32, 32, 1)
+    assert not any(t.lighting_baked for t in textures.values())
+    lights = [m for m in messages if isinstance(m, protocol.LightResult)]
+    assert len(lights) == 1
+    light = lights[0].image
+    assert light.dtype == np.float32 and light.shape == (8, 16, 3) and light.min() > 0
+    types = [m.TYPE for m in messages if m.TYPE in checkpoint.STORED_TYPES]
+    assert types.index("light") == types.index("mesh") + 1
+    summary = done.summary
+    assert summary["material"] == "estimated" and summary["material_steps"] == 40
+    assert np.linalg.norm(json.loads(summary["light_direction"])) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < summary["light_share"] <= 1
+    stored = [m.TYPE for m in checkpoint.stored_messages(tmp_path / job.id)]
+    assert "light" in stored
+
+
+def test_material_settings_are_checked_on_the_wire():
+    with pytest.raises(protocol.ProtocolError, match="submit.material_steps: materials are estimated on a textured mesh"):
+        make_submit(material_steps=10, texture_size=0)
+    sub = make_submit(texture_size=32)
+    sub.albedo = sub.images[..., :3].copy()
+    sub.material_steps = 10
+    with pytest.raises(protocol.ProtocolError, match=r"the job has Blender's passes \(albedo\)"):
+        sub.validate()
+    with pytest.raises(protocol.ProtocolError, match="not a scene that moves"):
+        make_submit(material_steps=10, texture_size=32, times=np.linspace(0, 1, 4))
+    with pytest.raises(protocol.ProtocolError, match="light.image: an equirectangular image is twice as wide"):
+        protocol.LightResult(job_id="j", image=np.ones((4, 4, 3), np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="light.image: radiance must not be negative"):
+        protocol.LightResult(job_id="j", image=-np.ones((4, 8, 3), np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="light.image: contains NaN"):
+        protocol.LightResult(job_id="j", image=np.full((4, 8, 3), np.nan, np.float32)).validate()
