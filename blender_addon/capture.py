@@ -228,7 +228,7 @@ def fit_settings_from_props(props) -> dict:
             "cache_dir": "" if getattr(props, "resume_renders", True) else None,
             "background": getattr(props, "background", "auto"), "camera_refine": getattr(props, "camera_refine", "off"),
             "appearance": bool(getattr(props, "appearance", False)), "encoding": getattr(props, "encoding", "hashgrid"),
-            "over_time": getattr(props, "over_time", "STILL")}
+            "over_time": getattr(props, "over_time", "STILL"), "material_steps": int(getattr(props, "material_steps", 0))}
 
 
 def passes_by_default(scene, method: str) -> bool:
@@ -241,7 +241,9 @@ def lighting_note(scene, props) -> str:
     photos = any(ob.type == "CAMERA" and ob.data is not None and "implicit_image" in ob.data
                  for ob in scene.objects)
     if photos:
-        return "Photos have no albedo pass: lighting stays baked into the colours"
+        if int(getattr(props, "material_steps", 0)) > 0:
+            return "Materials and light are estimated from the photos: the asset can be relit"
+        return "Photos have no albedo pass: lighting stays baked into the colours (Estimate Materials separates it)"
     mode = getattr(props, "render_passes", "AUTO")
     on = mode == "ON" or (mode == "AUTO" and passes_by_default(scene, getattr(props, "method", "nerf")))
     return "" if on else "No render passes: lighting stays baked into the colours"
@@ -870,7 +872,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
                  eval_sizes=None, passes: dict | None = None, texture_size: int = 0, max_faces: int = 0,
                  lens_models=None, distortion=None, image_sizes=None, background: str = "auto",
                  camera_refine: str = "off", appearance: bool = False, encoding: str = "hashgrid",
-                 times=None, eval_times=None, mesh_time: float = 0.0) -> "protocol.Submit":
+                 times=None, eval_times=None, mesh_time: float = 0.0, material_steps: int = 0) -> "protocol.Submit":
     """A validated Submit.
 
     Args:
@@ -893,6 +895,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         encoding: the field's encoding of positions (shared/methods.py ENCODINGS).
         times / eval_times: None, or each view's (eval camera's) instant in [0, 1] (a capture over
             time); mesh_time: the instant the mesh shows.
+        material_steps: photos without passes: steps estimating materials and light (0: off).
     Raises:
         protocol.ProtocolError if a value is out of range.
     """
@@ -911,6 +914,7 @@ def build_submit(images: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, 
         eval_poses=np.asarray(eval_poses if m else np.zeros((0, 4, 4)), dtype=np.float64).reshape(-1, 4, 4),
         eval_sizes=np.asarray(eval_sizes if m else np.zeros((0, 2)), dtype=np.int32).reshape(-1, 2),
         background=background, camera_refine=camera_refine, appearance=bool(appearance), encoding=encoding,
+        material_steps=int(material_steps),
     )
     passes = passes or {}
     if "albedo" in passes:

@@ -74,6 +74,7 @@ class FitSettings:
     camera_refine: str = "off"            # off | on: each photo's pose refined; the cameras come back
     appearance: bool = False              # each photo's exposure and white balance learnt
     encoding: str = "hashgrid"            # the field's encoding of positions (shared/methods.py ENCODINGS)
+    material_steps: int = 0               # photos without passes: steps estimating materials and light (0: off)
     over_time: str = "STILL"              # STILL | EVERY_CAMERA | IN_TURN | RANDOM: a fit over the frame range
                                           # (capture.py OVER_TIME; the range: frame_range, None: the scene's)
 
@@ -84,7 +85,7 @@ CPU_NOTE = ("The backend has no GPU: the Draft preset, a preview in minutes (cho
 #: FitSettings fields an imported asset keeps (as JSON in its "implicit_settings" property).
 ASSET_SETTINGS = ("method", "preset", "seconds", "steps", "mesh_resolution", "mesh_opacity", "texture_size",
                   "max_faces", "ring_count", "source", "passes", "background", "camera_refine", "appearance",
-                  "encoding", "over_time")
+                  "encoding", "over_time", "material_steps")
 
 
 @dataclass
@@ -119,6 +120,7 @@ class FitResult:
     textures: dict = field(default_factory=dict)          # baked UV textures: kind -> (H,W,C) uint8 (TextureResult)
     environment: np.ndarray | None = None                 # the background: (H,2H,3) uint8 sRGB (EnvironmentResult)
     environment_image: Any = None                         # the packed bpy Image made of it (world.py uses it)
+    light_image: Any = None                               # the estimated light (LightResult): a packed float Image
     refined_cameras: Any = None                           # the bpy Collection of refined cameras (refined_cameras.py)
     camera_moves: tuple | None = None                     # (moved_deg (N,), moved (N,)) of CamerasResult
     eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
@@ -491,7 +493,7 @@ class FitSession:
             texture_size=s.texture_size, max_faces=s.max_faces, lens_models=photos["lens_models"] if photos else None,
             distortion=photos["distortion"] if photos else None, image_sizes=photos["image_sizes"] if photos else None,
             background=s.background, camera_refine=s.camera_refine, appearance=s.appearance, encoding=s.encoding,
-            **self._times(m))
+            material_steps=0 if passes else s.material_steps, **self._times(m))
         self._timing("upload")
         try:
             self.client = self.client_factory(self.address)
@@ -552,7 +554,7 @@ class FitSession:
             else:   # mesh / render / queued carry no training numbers: keep the last ones
                 self._update(status=progress_text(msg), progress=msg.fraction)
         elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult, protocol.EnvironmentResult,
-                              protocol.CamerasResult)) and not self._valid_result(msg):
+                              protocol.CamerasResult, protocol.LightResult)) and not self._valid_result(msg):
             return
         elif isinstance(msg, protocol.TextureResult):
             r.textures[msg.kind] = msg.image     # arrives before its MeshResult
@@ -579,6 +581,9 @@ class FitSession:
             r.environment = msg.image
             owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
             r.environment_image = importer.texture_image(f"{owner} Environment", msg.image, "sRGB")
+        elif isinstance(msg, protocol.LightResult):           # after the mesh: named after the asset
+            owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
+            r.light_image = importer.light_image(f"{owner} Light", msg.image)
         elif isinstance(msg, protocol.RenderResult):
             if msg.index >= len(r.renders):
                 r.renders.extend([None] * (msg.index + 1 - len(r.renders)))
@@ -630,6 +635,8 @@ class FitSession:
             "train_psnr": summary.get("psnr"), "device": summary.get("device"),
             "faces": summary.get("faces"), "textures": summary.get("textures"),
             "environment": r.environment_image.name if r.environment_image is not None else None,   # world.py
+            "light": r.light_image.name if r.light_image is not None else None,                     # world.py
+            "material": summary.get("material"),     # baked | passes | estimated: where the colours come from
             "seconds_total": round(r.timings.get("total", 0.0), 3),
             "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
             "fitted_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -711,7 +718,8 @@ class FitSession:
             from . import results    # the fit joins this file's Results list
             results.record(self.scene, r.job_id, r.object.name if r.object is not None else (self.settings.name or
                            self.scene.name), self.settings.method, self.settings.preset, r.summary.get("psnr"),
-                           asset=r.object, environment=r.environment_image, time_range=r.time_range)
+                           asset=r.object, environment=r.environment_image, time_range=r.time_range,
+                           light=r.light_image, material=r.summary.get("material", ""))
         self._rendered = []
         if self.client is not None:
             try:

@@ -21,7 +21,7 @@ PREVIEW_IMAGE = "Implicit Preview"
 UV_LAYER = "UVMap"
 # Texture kind -> (Principled BSDF input it feeds, colour space of its image).
 TEXTURE_INPUTS = {"albedo": ("Base Color", "sRGB"), "normal": ("Normal", "Non-Color"),
-                  "roughness": ("Roughness", "Non-Color")}
+                  "roughness": ("Roughness", "Non-Color"), "metallic": ("Metallic", "Non-Color")}
 
 
 def ensure_collection(scene, name: str):
@@ -310,10 +310,28 @@ def texture_image(name: str, image: np.ndarray, colorspace: str):
     return img
 
 
+def light_image(name: str, image: np.ndarray):
+    """A new float Image packed into the .blend from linear (H, W, 3) float32 radiance (top row
+    first; HDR values kept: a light estimated with the materials, protocol.LightResult)."""
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{name}: expected an (h, w, 3) float image, got {arr.shape}")
+    h, w = arr.shape[:2]
+    img = bpy.data.images.new(name, w, h, alpha=False, float_buffer=True)
+    img.colorspace_settings.name = "Linear Rec.709"    # before the pixels: it regenerates the buffer
+    px = np.ones((h, w, 4), dtype=np.float32)
+    px[..., :3] = arr
+    img.pixels.foreach_set(np.ascontiguousarray(px[::-1]).ravel())
+    img.update()
+    img.pack()                                     # kept inside the .blend (as OpenEXR: HDR values survive)
+    return img
+
+
 def textured_material(name: str, textures: dict, uv_layer: str = UV_LAYER):
     """A Principled BSDF material fed by Image Texture nodes: albedo -> Base Color (sRGB),
     normal -> Normal Map node (tangent space, ``uv_layer``) -> Normal (Non-Color), roughness ->
-    Roughness (Non-Color).  ``textures``: kind -> (H, W, C) uint8 image; unknown kinds raise."""
+    Roughness (Non-Color), metallic -> Metallic (Non-Color; estimated materials).  ``textures``:
+    kind -> (H, W, C) uint8 image; unknown kinds raise."""
     unknown = set(textures) - set(TEXTURE_INPUTS)
     if unknown:
         raise ValueError(f"unknown texture kinds {sorted(unknown)} (known: {', '.join(TEXTURE_INPUTS)})")

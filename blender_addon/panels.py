@@ -12,6 +12,10 @@ STATUS_ICONS = {"idle": "CHECKMARK", "busy": "SORTTIME", "connecting": "URL",
                 "not running": "CANCEL", "version mismatch": "ERROR", "refused": "LOCKED",
                 "needs keys": "UNLOCKED", "handshake failed": "LOCKED"}
 KEYS_UNUSABLE = "CurveZMQ keys not usable (see the add-on preferences)"
+#: The Results entry's line saying where its asset's colours come from (Done's "material")
+MATERIAL_TEXT = {"passes": "Material: from Blender's passes (no light baked in)",
+                 "estimated": "Material: estimated from the photos, with the light (relightable)",
+                 "baked": "Material: baked, the photos' lighting stays in the colours"}
 
 
 def _clock(seconds: float) -> str:
@@ -127,6 +131,7 @@ class VIEW3D_PT_implicit_capture(_SidebarPanel, bpy.types.Panel):
         col.prop(props, "background")
         col.prop(props, "camera_refine")
         col.prop(props, "appearance")
+        col.prop(props, "material_steps")
         layout.prop(props, "render_passes", text="Passes")
         from .capture import lighting_note
         note = lighting_note(context.scene, props)
@@ -260,13 +265,16 @@ class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
         op.fit_job = entry.job_id if entry is not None else ""
         row.operator("implicit.result_forget", text="Forget", icon="X")
         col.operator("implicit.use_environment", icon="WORLD")     # greyed out, saying why, without a background
-        col.operator("implicit.light_from_file", icon="LIGHT_SUN")  # a light estimated with the materials (CLI)
+        col.operator("implicit.use_light", icon="LIGHT_SUN")        # greyed out, saying why, without one
+        col.operator("implicit.light_from_file", icon="FILE_IMAGE")  # a light estimated with the materials (CLI)
         if entry is not None:
             layout.label(text=f"{entry.created}  job {entry.job_id}", icon="TIME")
             if entry.field_folder:
                 layout.label(text=f"Saved: {entry.field_folder}", icon="FILE_FOLDER")
             if entry.environment is not None:
                 layout.label(text=f"Background: {entry.environment.name}", icon="IMAGE_DATA")
+            if entry.material:
+                layout.label(text=MATERIAL_TEXT.get(entry.material, entry.material), icon="MATERIAL")
 
 
 def draw_progress(box, props):

@@ -16,7 +16,7 @@ PRESET_SETTINGS = (
     "method", "preset", "seconds", "ring_count", "preview_size", "show_preview",
     "mesh_resolution", "mesh_opacity", "texture_size", "max_faces", "smooth_shading",
     "render_passes", "resume_renders", "rig_views", "rig_shape", "rig_holdout", "background", "camera_refine",
-    "appearance", "encoding",
+    "appearance", "encoding", "material_steps",
 )
 
 

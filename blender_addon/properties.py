@@ -143,6 +143,11 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         name="Per-photo Exposure", default=False,
         description="Learn each photo's exposure and white balance, so that photos shot with different settings "
                     "do not leave blotches in the colours")
+    material_steps: bpy.props.IntProperty(
+        name="Estimate Materials", default=0, min=0, max=100_000, soft_max=5000,
+        description="Photos without passes: estimate base colour, roughness, metallic and the light that lit "
+                    "them, this many steps after the mesh (0: off, the colours keep the photos' lighting). The "
+                    "light comes back as an image for the World, so the asset can be relit")
     resume_renders: bpy.props.BoolProperty(
         name="Resume Renders", default=True,
         description="Keep rendered views in a cache and reuse those whose camera and scene did not change "

@@ -44,16 +44,24 @@ class ImplicitResult(bpy.types.PropertyGroup):
     environment: bpy.props.PointerProperty(type=bpy.types.Image, name="Background",
                                            description="The background it modelled, as an equirectangular image "
                                                        "(world.py); none when it modelled none")
+    light: bpy.props.PointerProperty(type=bpy.types.Image, name="Light",
+                                     description="The light estimated with the materials, an equirectangular HDR "
+                                                 "image (world.py); none when materials were not estimated")
+    material: bpy.props.StringProperty(name="Material", description="Where the asset's colours come from: passes "
+                                                                     "(Blender's), estimated (from the photos, with "
+                                                                     "the light) or baked (the light stays in)")
     time_first: bpy.props.IntProperty(name="First Frame", description="A fit over time: the frame of its instant 0")
     time_last: bpy.props.IntProperty(name="Last Frame", description="A fit over time: the frame of its instant 1 "
                                                                     "(equal to First Frame: a still fit)")
 
 
 def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float | None, asset=None,
-           environment=None, time_range: tuple = ()) -> None:
+           environment=None, time_range: tuple = (), light=None, material: str = "") -> None:
     """Add a finished fit to the scene's list (one entry per job id) and select it.  ``asset``:
     the Object it imported; ``environment``: the Image of its background (world.py); ``time_range``:
-    a fit over time's first and last frames (its instants 0 and 1)."""
+    a fit over time's first and last frames (its instants 0 and 1); ``light``: the Image of the
+    light estimated with its materials (world.py); ``material``: Done's "material" (baked, passes,
+    estimated)."""
     results = scene.implicit.results
     entry = next((r for r in results if r.job_id == job_id), None) or results.add()
     entry.job_id, entry.label, entry.method, entry.preset = job_id, label[:200], method, preset
@@ -61,6 +69,8 @@ def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float
     entry.created = time.strftime("%Y-%m-%d %H:%M")
     entry.asset = asset
     entry.environment = environment
+    entry.light = light
+    entry.material = material or ""
     entry.time_first, entry.time_last = (int(time_range[0]), int(time_range[1])) if time_range else (0, 0)
     scene.implicit.results_index = list(results).index(entry)
 

@@ -7,9 +7,11 @@ Results entry and named on its asset (``implicit_environment``).  *Use Backgroun
 puts that image on an Environment Texture node -> Background -> World Output in the World
 "Fit Implicit Environment" (made once, then reused) and makes it the scene's World.
 
-*Use Light File as World* does the same for a light estimated with the materials from photos
-(``fit-implicit mesh --materials``: ``<stem>_light.hdr``, backend/export/materials.py), in the World
-"Fit Implicit Light".
+*Use Estimated Light as World* does the same for the light a fit estimated with its materials
+(Submit.material_steps: a LightResult, kept as a packed float image on the entry and named on its
+asset, ``implicit_light``), in the World "Fit Implicit Light": the artist sees the asset as
+photographed, then changes the light.  *Use Light File as World* takes such a light from a file
+(``fit-implicit mesh --materials``: ``<stem>_light.hdr``, backend/export/materials.py).
 
 The image's columns follow the Environment Texture node's own mapping, so nothing here turns or
 mirrors it (checked by rendering: tests/addon/test_environment_bpy.py).
@@ -26,19 +28,33 @@ WORLD_NAME = "Fit Implicit Environment"
 LIGHT_WORLD_NAME = "Fit Implicit Light"      # the World of a light estimated with the materials (a file)
 NODE_NAME = "Implicit Environment"          # the Environment Texture node of that World
 ASSET_PROPERTY = "implicit_environment"     # an imported asset's custom property: its environment image's name
+LIGHT_PROPERTY = "implicit_light"           # ... and its estimated light's
 NO_FIT = "Select a fit in the Results list first"
 NO_ENVIRONMENT = ("The selected fit has no background to use: only fits of photos without transparency "
                   "(a room, a garden, the sky around the object) model what lies outside the box")
 
 
+NO_LIGHT = ("The selected fit estimated no light: set Estimate Materials (Photos) above 0 and fit photos "
+            "without passes")
+
+
 def environment_of(entry):
     """The environment Image of a Results entry (results.ImplicitResult): its own, else the one
     its asset names; None when the fit modelled no background (or the image is gone)."""
+    return _image_of(entry, "environment", ASSET_PROPERTY)
+
+
+def light_of(entry):
+    """The estimated light's Image of a Results entry, as :func:`environment_of` finds the background's."""
+    return _image_of(entry, "light", LIGHT_PROPERTY)
+
+
+def _image_of(entry, attribute: str, asset_property: str):
     if entry is None:
         return None
-    if entry.environment is not None:
-        return entry.environment
-    name = entry.asset.get(ASSET_PROPERTY) if entry.asset is not None else None
+    if getattr(entry, attribute) is not None:
+        return getattr(entry, attribute)
+    name = entry.asset.get(asset_property) if entry.asset is not None else None
     return bpy.data.images.get(name) if isinstance(name, str) else None
 
 
@@ -99,6 +115,35 @@ class IMPLICIT_OT_use_environment(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class IMPLICIT_OT_use_light(bpy.types.Operator):
+    """Make the light the selected fit estimated with its materials the scene's World (in the World
+    "Fit Implicit Light"): the asset looks as photographed; then change the light to relight it"""
+
+    bl_idname = "implicit.use_light"
+    bl_label = "Use Estimated Light as World"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        scene = context.scene
+        entry = selected(scene) if scene is not None else None
+        if entry is None:
+            cls.poll_message_set(NO_FIT)
+            return False
+        if light_of(entry) is None:
+            cls.poll_message_set(NO_LIGHT)
+            return False
+        return True
+
+    def execute(self, context):
+        entry = selected(context.scene)
+        image = light_of(entry)
+        world = use_as_world(context.scene, image, name=LIGHT_WORLD_NAME)
+        self.report({"INFO"}, f"The World is now '{world.name}', the light estimated by {entry.label or entry.job_id} "
+                              f"({image.size[0]} x {image.size[1]})")
+        return {"FINISHED"}
+
+
 class IMPLICIT_OT_light_from_file(bpy.types.Operator):
     """Make a light estimated with the materials (``fit-implicit mesh --materials``: <stem>_light.hdr,
     equirectangular, linear) the scene's World, in the World "Fit Implicit Light", to see the asset
@@ -131,4 +176,4 @@ class IMPLICIT_OT_light_from_file(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (IMPLICIT_OT_use_environment, IMPLICIT_OT_light_from_file)
+CLASSES = (IMPLICIT_OT_use_environment, IMPLICIT_OT_use_light, IMPLICIT_OT_light_from_file)

@@ -166,3 +166,73 @@ def test_a_light_file_estimated_with_the_materials_becomes_the_world(modules, tm
     assert (np.abs(seen.astype(int) - [188, 0, 0]) <= 3).all(), seen[4, 4]
     with pytest.raises(RuntimeError, match="No light file at"):
         bpy.ops.implicit.light_from_file(filepath=str(tmp_path / "missing.hdr"))
+
+
+def test_estimated_materials_land_on_the_asset_and_their_light_becomes_the_world(modules):
+    """A fit with Estimate Materials (Submit.material_steps): the setting reaches the Submit; the
+    metallic texture feeds the material's Metallic (Non-Color); the LightResult becomes a packed
+    float image (HDR values kept) on the asset and the Results entry, which says the material was
+    estimated; *Use Estimated Light as World* lights the scene with it (a camera inside sees its
+    radiance)."""
+    import bpy
+
+    fs, results, world, protocol = modules
+    from fit_implicit.blender_addon import panels
+    scene = fresh_scene(width=8, height=8, samples=1)
+    add_plane(scene, "Object", size=1.0, material=emission_material("Grey", (0.5, 0.5, 0.5)))
+    add_camera(scene, "Cam", location=(0, -4, 4), rotation=(0.785398, 0, 0))
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32) + np.float32(5)
+    light = np.zeros((8, 16, 3), np.float32)
+    light[..., 0] = 0.5                                     # a red sky, linear radiance 0.5 ...
+    light[0, 0] = 40.0                                      # ... and a sun far above 1
+    metallic = np.full((16, 16, 1), 200, np.uint8)
+    job = [[protocol.Accepted(job_id="mat1")],
+           [protocol.TextureResult(job_id="mat1", kind="albedo", image=np.full((16, 16, 3), 90, np.uint8),
+                                   lighting_baked=False),
+            protocol.TextureResult(job_id="mat1", kind="metallic", image=metallic, lighting_baked=False)],
+           [protocol.MeshResult(job_id="mat1", vertices=v, faces=np.array([[0, 1, 2]], np.int32),
+                                colors=np.full((3, 3), 0.5, np.float32),
+                                uvs=np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]], np.float32))],
+           [protocol.LightResult(job_id="mat1", image=light)],
+           [protocol.Done(job_id="mat1", summary={"steps": 10, "material": "estimated", "material_steps": 300})]]
+    replay = []
+
+    def client(address):
+        replay.append(Replay(address, job, "mat1"))
+        return replay[0]
+
+    r = fs.fit_scene(scene, ADDRESS, client_factory=client, probe=lambda a: protocol.Welcome(), name="Mug",
+                     cameras=["Cam"], check_asset=False, texture_size=16, material_steps=300)
+    assert r.status == "done", r.message
+    assert replay[0].submit.material_steps == 300 and replay[0].submit.texture_size == 16
+
+    tree = r.object.active_material.node_tree
+    bsdf = next(n for n in tree.nodes if n.bl_idname == "ShaderNodeBsdfPrincipled")
+    feed = bsdf.inputs["Metallic"].links[0].from_node
+    assert feed.bl_idname == "ShaderNodeTexImage" and feed.image.colorspace_settings.name == "Non-Color"
+
+    image = r.light_image
+    assert image.name == "Mug Mesh Light" and image.is_float and image.packed_file is not None
+    pixels = np.empty(16 * 8 * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    np.testing.assert_allclose(pixels.reshape(8, 16, 4)[::-1, :, :3], light, rtol=1e-6)
+    entry = results.selected(scene)
+    assert entry.light == image and entry.material == "estimated"
+    assert r.object[world.LIGHT_PROPERTY] == image.name and r.object["implicit_material"] == "estimated"
+    assert "relightable" in panels.MATERIAL_TEXT[entry.material]
+
+    assert bpy.ops.implicit.use_light() == {"FINISHED"}
+    assert scene.world.name == world.LIGHT_WORLD_NAME
+    assert scene.world.node_tree.nodes[world.NODE_NAME].image == image
+    for ob in scene.objects:
+        ob.hide_render = ob.type != "CAMERA"
+    scene.view_settings.view_transform = "Standard"
+    scene.render.dither_intensity = 0.0
+    seen = render_from_origin(scene, (1.0, 0.0, 0.0))       # the horizon: linear 0.5 red, sRGB 188
+    assert (np.abs(seen.astype(int) - [188, 0, 0]) <= 3).all(), seen[4, 4]
+
+    # A fit without an estimated light: the button is greyed out and says how to get one.
+    results.record(scene, "plain", "Plain", "nerf", "draft", 20.0, asset=bpy.data.objects.new("Plain", None))
+    assert not bpy.ops.implicit.use_light.poll()
+    with pytest.raises(RuntimeError, match="set Estimate Materials"):
+        bpy.ops.implicit.use_light()

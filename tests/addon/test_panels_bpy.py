@@ -112,7 +112,7 @@ def test_a_saved_preset_brings_the_fit_settings_back(addon, tmp_path, monkeypatc
               "show_preview": False, "mesh_resolution": 384, "mesh_opacity": 0.25, "texture_size": "2048",
               "max_faces": 50_000, "smooth_shading": False, "render_passes": "ON", "resume_renders": False,
               "rig_views": 40, "rig_shape": "SPHERE", "rig_holdout": 0.25, "background": "off",
-              "camera_refine": "on", "appearance": True, "encoding": "siren"}
+              "camera_refine": "on", "appearance": True, "encoding": "siren", "material_steps": 400}
     assert set(chosen) == set(PRESET_SETTINGS)
     for name, value in chosen.items():
         setattr(props, name, value)
