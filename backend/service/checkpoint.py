@@ -8,8 +8,8 @@
     checkpoint.pt    training state every N seconds (weights, occupancy, optimiser, step,
                      elapsed, RNG); torch.load(weights_only=True); removed once the model is saved
     model.pt, run.json   the fitted model (FittedField.save), for later jobs (renders back)
-    results/NNN.msg  the job's results (MeshResult, TextureResult, RenderResult, CamerasResult, EnvironmentResult,
-                     then its end), in wire format, so that a client that reattaches gets them
+    results/NNN.msg  the job's results (MeshResult, TextureResult, LightResult, RenderResult, CamerasResult,
+                     EnvironmentResult, then its end), in wire format, so that a client that reattaches gets them
                      again (decoded with protocol.decode_message: the same checks as anything
                      received)
 
@@ -40,7 +40,8 @@ SUBMIT_JSON, SUBMIT_NPZ = "submit.json", "submit.npz"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_DIR = "results"
 FORMAT = 1
-STORED_TYPES = ("mesh", "texture", "light", "render", "cameras", "environment", "done", "failed", "cancelled")   # results, job ends
+# results, then job ends
+STORED_TYPES = ("mesh", "texture", "light", "render", "cameras", "environment", "done", "failed", "cancelled")
 
 
 class CheckpointError(ValueError):
