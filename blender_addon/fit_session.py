@@ -120,7 +120,8 @@ class FitResult:
     textures: dict = field(default_factory=dict)          # baked UV textures: kind -> (H,W,C) uint8 (TextureResult)
     environment: np.ndarray | None = None                 # the background: (H,2H,3) uint8 sRGB (EnvironmentResult)
     environment_image: Any = None                         # the packed bpy Image made of it (world.py uses it)
-    light_image: Any = None                               # the estimated light (LightResult): a packed float Image
+    light_image: Any = None                               # the estimated light (MaterialResult): a packed float Image
+    albedo_check: Any = None                              # ... the photo and the estimated base colour side by side
     refined_cameras: Any = None                           # the bpy Collection of refined cameras (refined_cameras.py)
     camera_moves: tuple | None = None                     # (moved_deg (N,), moved (N,)) of CamerasResult
     eval_reference: np.ndarray | None = None              # (M,H,W,4) uint8 Blender renders of the eval cameras
@@ -554,7 +555,7 @@ class FitSession:
             else:   # mesh / render / queued carry no training numbers: keep the last ones
                 self._update(status=progress_text(msg), progress=msg.fraction)
         elif isinstance(msg, (protocol.MeshResult, protocol.RenderResult, protocol.EnvironmentResult,
-                              protocol.CamerasResult, protocol.LightResult)) and not self._valid_result(msg):
+                              protocol.CamerasResult, protocol.MaterialResult)) and not self._valid_result(msg):
             return
         elif isinstance(msg, protocol.TextureResult):
             r.textures[msg.kind] = msg.image     # arrives before its MeshResult
@@ -581,9 +582,12 @@ class FitSession:
             r.environment = msg.image
             owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
             r.environment_image = importer.texture_image(f"{owner} Environment", msg.image, "sRGB")
-        elif isinstance(msg, protocol.LightResult):           # after the mesh: named after the asset
+        elif isinstance(msg, protocol.MaterialResult):        # after the mesh: named after the asset
             owner = r.object.name if r.object is not None else (self.settings.name or self.scene.name)
-            r.light_image = importer.light_image(f"{owner} Light", msg.image)
+            r.light_image = importer.light_image(f"{owner} Light", msg.light)
+            if msg.view_photo >= 0 and r.images is not None and msg.view_photo < len(r.images):
+                side = beside(r.images[msg.view_photo], msg.albedo_view)
+                r.albedo_check = importer.texture_image(f"{owner} Albedo beside Photo", side, "sRGB")
         elif isinstance(msg, protocol.RenderResult):
             if msg.index >= len(r.renders):
                 r.renders.extend([None] * (msg.index + 1 - len(r.renders)))
@@ -636,6 +640,7 @@ class FitSession:
             "faces": summary.get("faces"), "textures": summary.get("textures"),
             "environment": r.environment_image.name if r.environment_image is not None else None,   # world.py
             "light": r.light_image.name if r.light_image is not None else None,                     # world.py
+            "albedo_check": r.albedo_check.name if r.albedo_check is not None else None,
             "material": summary.get("material"),     # baked | passes | estimated: where the colours come from
             "seconds_total": round(r.timings.get("total", 0.0), 3),
             "settings": json.dumps({k: getattr(s, k) for k in ASSET_SETTINGS}),
@@ -719,7 +724,7 @@ class FitSession:
             results.record(self.scene, r.job_id, r.object.name if r.object is not None else (self.settings.name or
                            self.scene.name), self.settings.method, self.settings.preset, r.summary.get("psnr"),
                            asset=r.object, environment=r.environment_image, time_range=r.time_range,
-                           light=r.light_image, material=r.summary.get("material", ""))
+                           light=r.light_image, material=r.summary.get("material", ""), albedo_check=r.albedo_check)
         self._rendered = []
         if self.client is not None:
             try:
@@ -805,6 +810,20 @@ def photo_image_problem(camera_object) -> str | None:
     return (f"Camera '{camera_object.name}' has no image: it came from a photo dataset "
             f"({data['implicit_image']}) but has no background image. Re-import the dataset, or add the photo "
             "as the camera's background image (Camera properties > Background Images).")
+
+
+def beside(photo: np.ndarray, view: np.ndarray, grey: float = 0.5) -> np.ndarray:
+    """(h, 2 w, 3) uint8: the photo (h', w', 4) uint8, scaled down by the whole factor that gives
+    the view's size, and the view (h, w, 4) uint8 side by side, both over mid grey (straight alpha)."""
+    f = max(1, round(photo.shape[1] / view.shape[1]))
+    small = photo[::f, ::f][:view.shape[0], :view.shape[1]]
+    canvas = np.zeros(view.shape[:2] + (4,), np.uint8)
+    canvas[:small.shape[0], :small.shape[1]] = small
+    out = []
+    for image in (canvas, view):
+        rgba = image.astype(np.float32) / 255.0
+        out.append(rgba[..., :3] * rgba[..., 3:] + grey * (1.0 - rgba[..., 3:]))
+    return (np.concatenate(out, axis=1) * 255.0 + 0.5).astype(np.uint8)
 
 
 def show_in_image_editor(image) -> bool:

@@ -312,7 +312,7 @@ def texture_image(name: str, image: np.ndarray, colorspace: str):
 
 def light_image(name: str, image: np.ndarray):
     """A new float Image packed into the .blend from linear (H, W, 3) float32 radiance (top row
-    first; HDR values kept: a light estimated with the materials, protocol.LightResult)."""
+    first; HDR values kept: a light estimated with the materials, protocol.MaterialResult)."""
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"{name}: expected an (h, w, 3) float image, got {arr.shape}")

@@ -265,7 +265,9 @@ class VIEW3D_PT_implicit_results(_SidebarPanel, bpy.types.Panel):
         op.fit_job = entry.job_id if entry is not None else ""
         row.operator("implicit.result_forget", text="Forget", icon="X")
         col.operator("implicit.use_environment", icon="WORLD")     # greyed out, saying why, without a background
-        col.operator("implicit.use_light", icon="LIGHT_SUN")        # greyed out, saying why, without one
+        row = col.row(align=True)
+        row.operator("implicit.use_light", icon="LIGHT_SUN")        # greyed out, saying why, without one
+        row.operator("implicit.show_albedo", text="Albedo", icon="IMAGE_REFERENCE")
         col.operator("implicit.light_from_file", icon="FILE_IMAGE")  # a light estimated with the materials (CLI)
         if entry is not None:
             layout.label(text=f"{entry.created}  job {entry.job_id}", icon="TIME")

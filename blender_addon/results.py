@@ -47,6 +47,9 @@ class ImplicitResult(bpy.types.PropertyGroup):
     light: bpy.props.PointerProperty(type=bpy.types.Image, name="Light",
                                      description="The light estimated with the materials, an equirectangular HDR "
                                                  "image (world.py); none when materials were not estimated")
+    albedo_check: bpy.props.PointerProperty(type=bpy.types.Image, name="Albedo beside Photo",
+                                            description="A photo and the estimated base colour as its camera sees it, "
+                                                        "side by side (estimated materials only)")
     material: bpy.props.StringProperty(name="Material", description="Where the asset's colours come from: passes "
                                                                      "(Blender's), estimated (from the photos, with "
                                                                      "the light) or baked (the light stays in)")
@@ -56,12 +59,12 @@ class ImplicitResult(bpy.types.PropertyGroup):
 
 
 def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float | None, asset=None,
-           environment=None, time_range: tuple = (), light=None, material: str = "") -> None:
+           environment=None, time_range: tuple = (), light=None, material: str = "", albedo_check=None) -> None:
     """Add a finished fit to the scene's list (one entry per job id) and select it.  ``asset``:
     the Object it imported; ``environment``: the Image of its background (world.py); ``time_range``:
     a fit over time's first and last frames (its instants 0 and 1); ``light``: the Image of the
     light estimated with its materials (world.py); ``material``: Done's "material" (baked, passes,
-    estimated)."""
+    estimated); ``albedo_check``: the Image of a photo beside the estimated base colour."""
     results = scene.implicit.results
     entry = next((r for r in results if r.job_id == job_id), None) or results.add()
     entry.job_id, entry.label, entry.method, entry.preset = job_id, label[:200], method, preset
@@ -71,6 +74,7 @@ def record(scene, job_id: str, label: str, method: str, preset: str, psnr: float
     entry.environment = environment
     entry.light = light
     entry.material = material or ""
+    entry.albedo_check = albedo_check
     entry.time_first, entry.time_last = (int(time_range[0]), int(time_range[1])) if time_range else (0, 0)
     scene.implicit.results_index = list(results).index(entry)
 

@@ -8,7 +8,7 @@ puts that image on an Environment Texture node -> Background -> World Output in 
 "Fit Implicit Environment" (made once, then reused) and makes it the scene's World.
 
 *Use Estimated Light as World* does the same for the light a fit estimated with its materials
-(Submit.material_steps: a LightResult, kept as a packed float image on the entry and named on its
+(Submit.material_steps: a MaterialResult, kept as a packed float image on the entry and named on its
 asset, ``implicit_light``), in the World "Fit Implicit Light": the artist sees the asset as
 photographed, then changes the light.  *Use Light File as World* takes such a light from a file
 (``fit-implicit mesh --materials``: ``<stem>_light.hdr``, backend/export/materials.py).
@@ -144,6 +144,33 @@ class IMPLICIT_OT_use_light(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class IMPLICIT_OT_show_albedo(bpy.types.Operator):
+    """Show a photo and the base colour estimated from the photos, as that photo's camera sees it,
+    side by side in an Image Editor: what is left of the light in the material shows there"""
+
+    bl_idname = "implicit.show_albedo"
+    bl_label = "Albedo beside Photo"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context):
+        scene = context.scene
+        entry = selected(scene) if scene is not None else None
+        if entry is None or entry.albedo_check is None:
+            cls.poll_message_set(NO_FIT if entry is None else NO_LIGHT)
+            return False
+        return True
+
+    def execute(self, context):
+        from .fit_session import show_in_image_editor
+
+        image = selected(context.scene).albedo_check
+        shown = show_in_image_editor(image)
+        self.report({"INFO"}, f"'{image.name}': the photo (left), the estimated base colour (right)"
+                              + ("" if shown else "; open it in an Image Editor"))
+        return {"FINISHED"}
+
+
 class IMPLICIT_OT_light_from_file(bpy.types.Operator):
     """Make a light estimated with the materials (``fit-implicit mesh --materials``: <stem>_light.hdr,
     equirectangular, linear) the scene's World, in the World "Fit Implicit Light", to see the asset
@@ -176,4 +203,4 @@ class IMPLICIT_OT_light_from_file(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (IMPLICIT_OT_use_environment, IMPLICIT_OT_use_light, IMPLICIT_OT_light_from_file)
+CLASSES = (IMPLICIT_OT_use_environment, IMPLICIT_OT_use_light, IMPLICIT_OT_show_albedo, IMPLICIT_OT_light_from_file)

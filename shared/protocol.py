@@ -13,7 +13,7 @@ Conversation (client = add-on DEALER, server = backend ROUTER)::
 
     Hello            -> Welcome | Error(version_mismatch)
     Ping             -> Pong                     (heartbeat, answered even while training)
-    Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, LightResult?
+    Submit           -> Accepted, then Progress*, Preview*, TextureResult*, MeshResult?, MaterialResult?
                         (fits that estimated materials), RenderResult*, CamerasResult? (fits that
                         refined the cameras), EnvironmentResult? (fits that modelled the background),
                         and exactly one of
@@ -48,7 +48,7 @@ PROTOCOL_VERSION = 11           # 5: EnvironmentResult; 6: Submit.background/cam
                                 #    CamerasResult.focal_scale; 9: times (Submit.times, eval_times and
                                 #    mesh_time, RenderJob.times, MeshJob.time); 10: MeshJob.track_times,
                                 #    MeshResult.track_times and tracks; 11: Submit.material_steps,
-                                #    TextureResult "metallic", LightResult
+                                #    TextureResult "metallic", MaterialResult
 
 # Caps on what one job may ask for.  Memory stays bounded whatever a peer sends.
 MAX_IMAGES = 2000
@@ -66,7 +66,7 @@ TEXTURE_AUTO = 1                # Submit.texture_size: the side chosen from the 
 MIN_FACES = 100                 # smallest Submit.max_faces other than 0
 TEXTURE_KINDS = ("albedo", "normal", "roughness", "metallic")
 MAX_MATERIAL_STEPS = 100_000    # Submit.material_steps
-MAX_LIGHT_HEIGHT = 512          # LightResult: rows of the estimated light (twice as many columns)
+MAX_LIGHT_HEIGHT = 512          # MaterialResult.light: rows of the estimated light (twice as many columns)
 MAX_STRING = 4096
 MAX_NAME = 256
 MAX_RUN_JSON = 16 << 20         # ModelFile / StoreModel: a run's run.json (its cameras included)
@@ -408,7 +408,7 @@ class Submit(Message):
     # Photos without passes: estimate base colour, roughness and metallic textures and the light
     # that lit them on the textured mesh (backend/export/materials.py), this many steps; 0: off (the
     # textures keep the photos' lighting).  Needs textures, a still scene and no passes; the light
-    # comes back as a LightResult.
+    # comes back in a MaterialResult.
     material_steps: int = spec(Int(0, MAX_MATERIAL_STEPS), default=0)
 
     def check(self):
@@ -679,23 +679,34 @@ class EnvironmentResult(Message):
 
 
 @dataclass
-class LightResult(Message):
-    """The light estimated with the materials (Submit.material_steps; backend/export/materials.py),
-    sent once after the mesh, before Done: linear radiance (HDR, not clipped), ``image`` (H, W, 3)
-    float32, W = 2 H, top row first, mapped onto directions as EnvironmentResult's image (Blender's
-    World, equirectangular)."""
+class MaterialResult(Message):
+    """What estimating the materials (Submit.material_steps; backend/export/materials.py) found
+    besides the textures, sent once after the mesh, before Done.
 
-    TYPE: ClassVar[str] = "light"
-    DIM_CAPS: ClassVar[Mapping[str, int]] = {"H": MAX_LIGHT_HEIGHT, "W": 2 * MAX_LIGHT_HEIGHT}
+    ``light``: the estimated light, linear radiance (HDR, not clipped), (H, W, 3) float32, W = 2 H,
+    top row first, mapped onto directions as EnvironmentResult's image (Blender's World,
+    equirectangular).  ``albedo_view``: the estimated base colour on the mesh, unlit, as the camera
+    of photo ``view_photo`` sees it ((h, w, 4) uint8 sRGB, straight alpha, top row first; the photo
+    scaled down by a whole factor where it is large), for showing beside that photo; empty (and
+    ``view_photo`` -1) when there is none."""
+
+    TYPE: ClassVar[str] = "material"
+    DIM_CAPS: ClassVar[Mapping[str, int]] = {"H": MAX_LIGHT_HEIGHT, "W": 2 * MAX_LIGHT_HEIGHT,
+                                             "VH": MAX_IMAGE_SIDE, "VW": MAX_IMAGE_SIDE}
     job_id: str = spec(Str(MAX_NAME))
-    image: np.ndarray = spec(Array(("float32",), ("H", "W", 3)))
+    light: np.ndarray = spec(Array(("float32",), ("H", "W", 3)))
+    albedo_view: np.ndarray = spec(Array(("uint8",), ("VH", "VW", 4)), default_factory=_empty((0, 0, 4), np.uint8))
+    view_photo: int = spec(Int(-1, MAX_IMAGES), default=-1)
 
     def check(self):
-        h, w = self.image.shape[:2]
+        h, w = self.light.shape[:2]
         if h < 1 or w != 2 * h:
-            raise ProtocolError(f"light.image: an equirectangular image is twice as wide as it is high, got {w}x{h}")
-        if self.image.min() < 0:
-            raise ProtocolError("light.image: radiance must not be negative")
+            raise ProtocolError(f"material.light: an equirectangular image is twice as wide as it is high, got {w}x{h}")
+        if self.light.min() < 0:
+            raise ProtocolError("material.light: radiance must not be negative")
+        if (self.albedo_view.size > 0) != (self.view_photo >= 0):
+            raise ProtocolError("material.albedo_view: send a view with the photo it shows (view_photo >= 0), or "
+                                "neither")
 
 
 @dataclass

@@ -8,7 +8,7 @@
     checkpoint.pt    training state every N seconds (weights, occupancy, optimiser, step,
                      elapsed, RNG); torch.load(weights_only=True); removed once the model is saved
     model.pt, run.json   the fitted model (FittedField.save), for later jobs (renders back)
-    results/NNN.msg  the job's results (MeshResult, TextureResult, LightResult, RenderResult, CamerasResult,
+    results/NNN.msg  the job's results (MeshResult, TextureResult, MaterialResult, RenderResult, CamerasResult,
                      EnvironmentResult, then its end), in wire format, so that a client that reattaches gets them
                      again (decoded with protocol.decode_message: the same checks as anything
                      received)
@@ -41,7 +41,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_DIR = "results"
 FORMAT = 1
 # results, then job ends
-STORED_TYPES = ("mesh", "texture", "light", "render", "cameras", "environment", "done", "failed", "cancelled")
+STORED_TYPES = ("mesh", "texture", "material", "render", "cameras", "environment", "done", "failed", "cancelled")
 
 
 class CheckpointError(ValueError):

@@ -25,6 +25,7 @@ from fit_implicit.backend.service.jobs import JobCancelled, JobContext
 log = logging.getLogger(__name__)
 
 _torch_configured = False
+ALBEDO_VIEW_SIDE = 1024     # MaterialResult.albedo_view: longest side at most
 
 
 def configure_torch() -> None:
@@ -300,12 +301,12 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     track_times: a field over time: also send where each vertex is at these instants
     (MeshResult.tracks; backend/export/tracks.py), or None.
     materials: (the fit's PosedImages, a MaterialConfig) to estimate base colour, roughness,
-    metallic and the light from the photos (backend/export/materials.py; the light follows the
-    MeshResult as a LightResult), or None.
+    metallic and the light from the photos (backend/export/materials.py; the light and the base
+    colour as a photo's camera sees it follow the MeshResult as a MaterialResult), or None.
     The summary's "material" says where the textures' colours come from: "passes" (Blender's
     albedo pass supervised them), "estimated" (materials), or "baked" (the lighting stays in).
     """
-    mesh, light, summary = None, None, {"vertices": int(len(verts)), "faces": int(len(faces))}
+    mesh, found, summary = None, None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
         from fit_implicit.backend.export.texture import texture_mesh, vertex_colors_from
 
@@ -322,7 +323,7 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
         lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
         summary["material"] = "baked" if lit else "passes"
         if materials is not None:
-            baked, light = _estimate_materials(model, mesh, baked, *materials, ctx, summary)
+            baked, found = _estimate_materials(model, mesh, baked, *materials, ctx, summary)
             lit = False
         for kind, image in baked.items():
             ctx.check_cancelled()
@@ -345,16 +346,19 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
         track_times=np.asarray(track_times if len(tracks) else [], np.float32),
         tracks=tracks,
     ))
-    if light is not None:
-        ctx.send(protocol.LightResult(job_id=ctx.job_id, image=np.ascontiguousarray(light, dtype=np.float32)))
+    if found is not None:
+        ctx.send(found)
     return summary
 
 
 def _estimate_materials(model, mesh, baked, posed, cfg, ctx: JobContext, summary: dict):
     """Base colour, roughness and metallic textures and the light, estimated from the photos on
-    the textured mesh (export/materials.py); returns (textures, light (H, 2H, 3) float32) and puts
-    its facts into ``summary``."""
+    the textured mesh (export/materials.py); returns (textures, the MaterialResult to send after
+    the mesh: the light and the base colour as photo 0's camera sees it) and puts its facts into
+    ``summary``."""
     from fit_implicit.backend.export.materials import estimate_materials
+    from fit_implicit.backend.render.raster import render_unlit
+    import torch
 
     ctx.check_cancelled()
     ctx.progress("materials", force=True)
@@ -371,7 +375,20 @@ def _estimate_materials(model, mesh, baked, posed, cfg, ctx: JobContext, summary
                    material_steps=int(cfg.material_steps), material_samples=int(facts["material_samples"]),
                    light_direction=json.dumps([round(float(v), 4) for v in facts["light_direction"]]),
                    light_share=round(float(facts["light_share"]), 4))
-    return dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), got.environment
+    # the base colour as photo 0's camera sees it, scaled down by a whole factor to at most ALBEDO_VIEW_SIDE
+    device = getattr(model, "device", "cpu")
+    w, h = posed.size(0)
+    f = -(-max(w, h) // ALBEDO_VIEW_SIDE)
+    k = np.asarray(posed.intrinsics[0], np.float64) / f
+    view = render_unlit(torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device),
+                        torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device),
+                        torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device), k, posed.poses[0],
+                        max(1, w // f), max(1, h // f),
+                        texture=torch.as_tensor(got.albedo, device=device).float() / 255.0, supersample=2)
+    found = protocol.MaterialResult(job_id=ctx.job_id, light=np.ascontiguousarray(got.environment, dtype=np.float32),
+                                    albedo_view=(view.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy(),
+                                    view_photo=0)
+    return dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), found
 
 
 def _tracks(model, verts: np.ndarray, track_times: np.ndarray, ctx: JobContext, summary: dict) -> np.ndarray:

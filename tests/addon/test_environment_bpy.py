@@ -170,9 +170,10 @@ def test_a_light_file_estimated_with_the_materials_becomes_the_world(modules, tm
 
 def test_estimated_materials_land_on_the_asset_and_their_light_becomes_the_world(modules):
     """A fit with Estimate Materials (Submit.material_steps): the setting reaches the Submit; the
-    metallic texture feeds the material's Metallic (Non-Color); the LightResult becomes a packed
-    float image (HDR values kept) on the asset and the Results entry, which says the material was
-    estimated; *Use Estimated Light as World* lights the scene with it (a camera inside sees its
+    metallic texture feeds the material's Metallic (Non-Color); the MaterialResult's light becomes
+    a packed float image (HDR values kept) on the asset and the Results entry, which says the
+    material was estimated; its albedo view lands beside the photo it shows (*Albedo beside
+    Photo*); *Use Estimated Light as World* lights the scene with it (a camera inside sees its
     radiance)."""
     import bpy
 
@@ -186,6 +187,8 @@ def test_estimated_materials_land_on_the_asset_and_their_light_becomes_the_world
     light[..., 0] = 0.5                                     # a red sky, linear radiance 0.5 ...
     light[0, 0] = 40.0                                      # ... and a sun far above 1
     metallic = np.full((16, 16, 1), 200, np.uint8)
+    view = np.zeros((8, 8, 4), np.uint8)
+    view[2:6, 2:6] = (200, 100, 50, 255)                    # the base colour where the camera sees the mesh
     job = [[protocol.Accepted(job_id="mat1")],
            [protocol.TextureResult(job_id="mat1", kind="albedo", image=np.full((16, 16, 3), 90, np.uint8),
                                    lighting_baked=False),
@@ -193,7 +196,7 @@ def test_estimated_materials_land_on_the_asset_and_their_light_becomes_the_world
            [protocol.MeshResult(job_id="mat1", vertices=v, faces=np.array([[0, 1, 2]], np.int32),
                                 colors=np.full((3, 3), 0.5, np.float32),
                                 uvs=np.array([[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]], np.float32))],
-           [protocol.LightResult(job_id="mat1", image=light)],
+           [protocol.MaterialResult(job_id="mat1", light=light, albedo_view=view, view_photo=0)],
            [protocol.Done(job_id="mat1", summary={"steps": 10, "material": "estimated", "material_steps": 300})]]
     replay = []
 
@@ -220,6 +223,16 @@ def test_estimated_materials_land_on_the_asset_and_their_light_becomes_the_world
     assert entry.light == image and entry.material == "estimated"
     assert r.object[world.LIGHT_PROPERTY] == image.name and r.object["implicit_material"] == "estimated"
     assert "relightable" in panels.MATERIAL_TEXT[entry.material]
+    check = entry.albedo_check
+    assert check is not None and tuple(check.size) == (16, 8)
+    pixels = np.empty(16 * 8 * 4, np.float32)
+    check.pixels.foreach_get(pixels)
+    side = np.round(pixels.reshape(8, 16, 4)[::-1, :, :3] * 255)
+    photo = r.images[0].astype(np.float32) / 255.0           # the view the session sent, over mid grey
+    np.testing.assert_allclose(side[:, :8], np.round((photo[..., :3] * photo[..., 3:] + 0.5 * (1 - photo[..., 3:])) * 255),
+                               atol=1)
+    assert side[3, 11].tolist() == [200, 100, 50] and side[0, 8].tolist() == [128, 128, 128]
+    assert bpy.ops.implicit.show_albedo() == {"FINISHED"}
 
     assert bpy.ops.implicit.use_light() == {"FINISHED"}
     assert scene.world.name == world.LIGHT_WORLD_NAME

@@ -163,8 +163,9 @@ def test_a_fit_that_estimates_materials_sends_metallic_and_the_light(tmp_path):
     """Submit.material_steps (issue 19): after the bake, base colour, roughness and metallic are
     estimated from the photos with the light (backend/export/materials.py: its accuracy is
     tested there, on a Cycles scene); the job sends the three textures marked free of lighting,
-    the light as a LightResult after the mesh (linear, twice as wide as high, positive), says
-    where the material came from in Done's summary, and stores the light for a client that
+    then after the mesh a MaterialResult: the light (linear, twice as wide as high, positive) and
+    the base colour as photo 0's camera sees it (the mesh where the photo shows the object); it
+    says where the material came from in Done's summary and stores the result for a client that
     reattaches."""
     submit = make_submit(n=6, steps=120, texture_size=32, mesh_resolution=32, mesh_opacity=0.05, background="off",
                          material_steps=40)
@@ -175,18 +176,22 @@ def test_a_fit_that_estimates_materials_sends_metallic_and_the_light(tmp_path):
     assert {"albedo", "roughness", "metallic"} <= set(textures)
     assert textures["metallic"].image.shape == (32, 32, 1)
     assert not any(t.lighting_baked for t in textures.values())
-    lights = [m for m in messages if isinstance(m, protocol.LightResult)]
-    assert len(lights) == 1
-    light = lights[0].image
+    found = [m for m in messages if isinstance(m, protocol.MaterialResult)]
+    assert len(found) == 1
+    light = found[0].light
     assert light.dtype == np.float32 and light.shape == (8, 16, 3) and light.min() > 0
+    view = found[0].albedo_view
+    assert found[0].view_photo == 0 and view.shape == (16, 16, 4)
+    covered, photo = view[..., 3] > 128, submit.images[0, ..., 3] > 128
+    assert covered.any() and (covered & photo).sum() >= 0.5 * covered.sum()
     types = [m.TYPE for m in messages if m.TYPE in checkpoint.STORED_TYPES]
-    assert types.index("light") == types.index("mesh") + 1
+    assert types.index("material") == types.index("mesh") + 1
     summary = done.summary
     assert summary["material"] == "estimated" and summary["material_steps"] == 40
     assert np.linalg.norm(json.loads(summary["light_direction"])) == pytest.approx(1.0, abs=1e-3)
     assert 0 < summary["light_share"] <= 1
     stored = [m.TYPE for m in checkpoint.stored_messages(tmp_path / job.id)]
-    assert "light" in stored
+    assert "material" in stored
 
 
 def test_material_settings_are_checked_on_the_wire():
@@ -199,9 +204,12 @@ def test_material_settings_are_checked_on_the_wire():
         sub.validate()
     with pytest.raises(protocol.ProtocolError, match="not a scene that moves"):
         make_submit(material_steps=10, texture_size=32, times=np.linspace(0, 1, 4))
-    with pytest.raises(protocol.ProtocolError, match="light.image: an equirectangular image is twice as wide"):
-        protocol.LightResult(job_id="j", image=np.ones((4, 4, 3), np.float32)).validate()
-    with pytest.raises(protocol.ProtocolError, match="light.image: radiance must not be negative"):
-        protocol.LightResult(job_id="j", image=-np.ones((4, 8, 3), np.float32)).validate()
-    with pytest.raises(protocol.ProtocolError, match="light.image: contains NaN"):
-        protocol.LightResult(job_id="j", image=np.full((4, 8, 3), np.nan, np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="material.light: an equirectangular image is twice as wide"):
+        protocol.MaterialResult(job_id="j", light=np.ones((4, 4, 3), np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="material.light: radiance must not be negative"):
+        protocol.MaterialResult(job_id="j", light=-np.ones((4, 8, 3), np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="material.light: contains NaN"):
+        protocol.MaterialResult(job_id="j", light=np.full((4, 8, 3), np.nan, np.float32)).validate()
+    with pytest.raises(protocol.ProtocolError, match="material.albedo_view: send a view with the photo it shows"):
+        protocol.MaterialResult(job_id="j", light=np.ones((4, 8, 3), np.float32),
+                                albedo_view=np.zeros((2, 2, 4), np.uint8)).validate()
