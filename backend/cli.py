@@ -156,7 +156,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 self.last_checkpoint = time.monotonic()
 
     try:
-        model = fit(train, cfg, Printer(), resume=resume)
+        if args.gpus < 1:
+            raise ValueError(f"--gpus must be at least 1, got {args.gpus}")
+        if args.gpus > 1:           # data-parallel (fitting/distributed.py): rank 0 reports
+            from fit_implicit.backend.fitting.distributed import fit_parallel
+            if resume:
+                raise ValueError("--gpus fits start fresh: drop --resume (or fit on one GPU to resume)")
+            _print(f"data-parallel: {args.gpus} processes ({'one a GPU' if str(cfg.device).startswith('cuda') else 'on the CPU'}), "
+                   f"{cfg.train.batch_rays // args.gpus} rays a step each to start")
+            model = fit_parallel(train, cfg, args.gpus, args.log_every)
+        else:
+            model = fit(train, cfg, Printer(), resume=resume)
     finally:
         progress.close()
     steps = int(model.meta["steps"])
@@ -626,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out every K-th view (0, K, 2K, ...) and report its PSNR")
     f.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--gpus", type=int, default=1,
+                   help="fit over this many processes, the batch split between them and the gradients averaged: "
+                        "one a GPU with --device cuda (NCCL), else processes on the CPU (gloo)")
     f.add_argument("--log-every", type=float, default=1.0, help="seconds between progress lines")
     f.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any setting by name (backend/fitting/config.py), e.g. --set target_samples=65536 "

@@ -35,6 +35,9 @@
 # '' = the defaults; a --option=VALUE token is passed to lego.py, e.g. --pose-noise=0.05), SWEEP_METHOD (default sdf), SWEEP_STEPS (default 3000), SWEEP_ARGS,
 # SWEEP_PARALLEL (variants at a time, default 4; the others wait for the next wave); SWEEP_DATA another scene
 # under .data (e.g. dynamic, with SWEEP_ARGS="--test .data/dynamic/transforms_test.json").
+# "parallel" (not in the default; a machine of 2+ GPUs, nvidia-h200-x2 or larger) fits lego on every GPU
+# at once (fit --gpus N, fitting/distributed.py) and on one, the same seconds (PARALLEL_SECONDS, default 60),
+# held-out PSNR and steps of each (issue 20's speed-up: the same PSNR in less time, or more in the same).
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 SECTIONS="${SECTIONS:-kernels tests lego mesh}"
@@ -156,6 +159,16 @@ if want scene; then     # not in the default: issue 12's own scene (thin parts, 
             --seconds "$seconds" "${passes[@]}" --gt .data/still_life/ground_truth.ply --mesh-resolution 512 \
             --texture-size 2048 --no-field-renders ${SCENE_ARGS:-} || status=1
         split_large "$OUT/$name/lego.glb"
+    done
+fi
+if want parallel; then     # not in the default: data-parallel fitting over every GPU (issue 20)
+    gpus=$(nvidia-smi -L | wc -l)
+    echo "== parallel: lego, ${PARALLEL_SECONDS:-60} s, 1 GPU then $gpus (fit --gpus; docs/benchmarks.md)"
+    for n in 1 "$gpus"; do
+        rm -rf "/tmp/parallel_$n"
+        python3 -m fit_implicit.backend fit .data/lego --out "/tmp/parallel_$n" --preset standard --device cuda \
+            --seconds "${PARALLEL_SECONDS:-60}" --holdout 8 --gpus "$n" --log-every 10 ${PARALLEL_ARGS:-} || status=1
+        cp "/tmp/parallel_$n/run.json" "$OUT/parallel_$n.json" 2>/dev/null || true
     done
 fi
 if want sweep; then

@@ -64,27 +64,38 @@ class Cancelled(Exception):
         self.step, self.model = step, model
 
 
-def make_trainer(data: PosedImages, cfg: FitConfig) -> TrainerBase:
+def make_trainer(data: PosedImages, cfg: FitConfig, parallel: bool = False) -> TrainerBase:
     """The trainer for ``cfg``: surface fields train with :class:`SurfaceTrainer`; radiance
-    fields with steps replayed from CUDA graphs where they can run, else eagerly."""
+    fields with steps replayed from CUDA graphs where they can run, else eagerly (always eagerly
+    in a data-parallel fit, ``parallel``: fitting/distributed.py)."""
     if cfg.method != "nerf":
         return SurfaceTrainer(data, cfg)
-    if graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
+    if not parallel and graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
         return graph_trainer.GraphTrainer(data, cfg)
     return Trainer(data, cfg)
 
 
 def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
-        resume: dict | None = None) -> FittedField:
+        resume: dict | None = None, group=None) -> FittedField:
     """Train a field on ``data`` until ``cfg.steps`` steps or ``cfg.seconds`` seconds.
 
     One loop for every method: the trainer (:func:`make_trainer`) owns the step, the loop owns
     the clock, progress, previews, checkpoints and cancelling.
     ``resume``: a state from ``Callbacks.on_checkpoint`` (same data and config) to carry on from.
     Raises :class:`Cancelled` when ``callbacks.should_stop()`` turns True.
+    ``group``: this process's distributed.Group in a data-parallel fit (fitting/distributed.py).
     """
     cfg.validate()
-    return train_fresh(lambda: make_trainer(data, cfg), data, cfg, callbacks, resume)
+    if group is not None and resume is not None:
+        raise ValueError("a data-parallel fit starts fresh: it does not resume a checkpoint")
+
+    def build() -> TrainerBase:
+        trainer = make_trainer(data, cfg, parallel=group is not None)
+        if group is not None:
+            trainer.join(group, cfg.seed)
+        return trainer
+
+    return train_fresh(build, data, cfg, callbacks, resume)
 
 
 def train_fresh(build: Callable[[], TrainerBase], data: PosedImages | None, cfg: FitConfig,
@@ -129,6 +140,9 @@ def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Ca
         fraction = step / cfg.steps
         if cfg.seconds > 0:
             fraction = max(fraction, elapsed / cfg.seconds)
+        stop = fraction < 1.0 and cb.should_stop()
+        if trainer.group is not None:      # the ranks share one clock (the furthest) and rank 0's cancel
+            fraction, stop = trainer.group.agree(fraction, stop)
         done = fraction >= 1.0
         if count and (done or elapsed - last_progress >= cfg.progress_interval):
             loss, mse_last = (sums / count).tolist()
@@ -141,7 +155,7 @@ def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Ca
             preview_every = max(cfg.preview_interval, (last_preview - elapsed) / PREVIEW_SHARE)
         if done:
             break
-        if cb.should_stop():
+        if stop:
             raise Cancelled(step, model)
         trainer.update_step(step, fraction)
         loss, mse, n = trainer.step()

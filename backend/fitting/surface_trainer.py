@@ -139,6 +139,7 @@ class SurfaceTrainer(TrainerBase):
         share = cfg.occupancy.update_due(step)
         if share is not None:
             self.model.update_occupancy(share)
+            self.share_occupancy()
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -160,10 +161,7 @@ class SurfaceTrainer(TrainerBase):
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
             loss = loss + self.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
         loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
-        if loss.requires_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        self.apply_gradients(loss)
         self.rays = tc.adapt_rays(self.rays, out.samples, MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples
 

@@ -157,6 +157,8 @@ class TrainerBase:
     ``sampler``, ``optimizer``, ``base_lrs`` and ``rays`` (rays per step); checkpoint state
     (every other setting follows from the step, through ``update_step``)."""
 
+    group = None        # a data-parallel fit's distributed.Group (fitting/distributed.py), else None
+
     def __init__(self, data: PosedImages, cfg: FitConfig, meta: dict | None = None):
         self.cfg, self.device = cfg, pick_device(cfg.device)
         if self.device.type == "cuda":
@@ -189,6 +191,34 @@ class TrainerBase:
             for part in (self.model.field, self.model.background):   # the background has hash grids too
                 for grid in (m for m in (part.modules() if part is not None else ()) if isinstance(m, HashGrid)):
                     grid.smooth_grad = bool(cfg.train.camera_smooth_grad)
+
+    # ---- data-parallel fits (fitting/distributed.py) ------------------------------------------
+    def join(self, group, seed: int) -> None:
+        """Become one rank of ``group``: the weights and the grid as rank 0 has them, this rank's
+        own rays from here on."""
+        from fit_implicit.backend.fitting.distributed import SEED_STRIDE
+
+        self.group = group
+        parts = [self.model.field, self.model.occupancy] + ([self.model.background] if self.model.background else [])
+        group.from_first([t for part in parts for t in (*part.parameters(), *part.buffers())])
+        torch.manual_seed(seed + group.rank * SEED_STRIDE)
+
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """Backward and one optimiser step; in a data-parallel fit the gradients are first
+        averaged over the ranks (every rank steps, even one whose batch had no sample)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        elif self.group is None:
+            return
+        if self.group is not None:
+            self.group.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
+        self.optimizer.step()
+
+    def share_occupancy(self) -> None:
+        """After an occupancy update: a data-parallel fit's ranks all take rank 0's grid."""
+        if self.group is not None:
+            self.group.from_first(list(self.model.occupancy.buffers()))
 
     def sample(self) -> tuple:
         """(origins, dirs, rgba, photo index or None) of this step's rays (from the corrected
@@ -318,6 +348,7 @@ class Trainer(TrainerBase):
         if share is not None:
             self.model.field.eval()
             self.model.update_occupancy(share)
+            self.share_occupancy()
             self.model.field.train()
             self.after_occupancy_update()
 
@@ -338,10 +369,7 @@ class Trainer(TrainerBase):
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, _ = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
         loss = loss + penalty + self.motion_penalty()
-        if loss.requires_grad:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        self.apply_gradients(loss)
         self.rays = self.cfg.train.adapt_rays(self.rays, out.samples, self.MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples
 

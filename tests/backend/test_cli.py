@@ -55,6 +55,22 @@ def test_fit_prints_progress_and_held_out_psnr(run):
     assert (root / "run" / "model.pt").is_file()
 
 
+@pytest.mark.slow   # one more ~20 s fit, beside the shared fixture's
+def test_a_fit_over_two_processes_matches_one_process(run):
+    """``fit --gpus 2`` on the CPU (two gloo processes, fitting/distributed.py): the same total
+    batch split in two and the gradients averaged gives a field as good as one process's, within
+    1.5 dB held out (different rays are drawn, so not the same bits), saved once by rank 0."""
+    root, out = run
+    single = json.loads((root / "run" / "run.json").read_text())["meta"]
+    text = backend("fit", root / "data", "--out", root / "run2", "--preset", "draft", "--steps", 120, "--device", "cpu",
+                   "--holdout", 4, "--set", "target_samples=8192", "--set", "occupancy_warmup=32", "--gpus", 2)
+    assert "data-parallel: 2 processes (on the CPU)" in text
+    meta = json.loads((root / "run2" / "run.json").read_text())["meta"]
+    assert meta["processes"] == 2 and meta["steps"] == 120
+    assert abs(meta["holdout_psnr"] - single["holdout_psnr"]) < 1.5, (meta["holdout_psnr"], single["holdout_psnr"])
+    assert meta["holdout_psnr"] > 15.0
+
+
 @pytest.mark.slow   # shares the ~20 s fit fixture
 def test_render_names_sizes_and_alpha(run):
     root, _ = run
