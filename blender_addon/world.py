@@ -85,7 +85,35 @@ def use_as_world(scene, image, name: str = WORLD_NAME):
     return world
 
 
-class IMPLICIT_OT_use_environment(bpy.types.Operator):
+class _EntryImageAsWorld:
+    """An operator that makes an image of the selected Results entry the scene's World: ``image_of``
+    finds it (None: greyed out with ``missing``), in the World ``world_name``; ``what`` names it."""
+
+    image_of = staticmethod(environment_of)
+    missing, world_name, what = NO_ENVIRONMENT, WORLD_NAME, "the background of"
+
+    @classmethod
+    def poll(cls, context):
+        scene = context.scene
+        entry = selected(scene) if scene is not None else None
+        if entry is None:
+            cls.poll_message_set(NO_FIT)
+            return False
+        if cls.image_of(entry) is None:
+            cls.poll_message_set(cls.missing)
+            return False
+        return True
+
+    def execute(self, context):
+        entry = selected(context.scene)
+        image = self.image_of(entry)
+        world = use_as_world(context.scene, image, name=self.world_name)
+        self.report({"INFO"}, f"The World is now '{world.name}', {self.what} {entry.label or entry.job_id} "
+                              f"({image.size[0]} x {image.size[1]})")
+        return {"FINISHED"}
+
+
+class IMPLICIT_OT_use_environment(_EntryImageAsWorld, bpy.types.Operator):
     """Make the background the selected fit modelled (what its photos showed around the object) the
     scene's World: its environment image on an Environment Texture node, in the World "Fit
     Implicit Environment\""""
@@ -94,54 +122,16 @@ class IMPLICIT_OT_use_environment(bpy.types.Operator):
     bl_label = "Use Background as World"
     bl_options = {"REGISTER", "UNDO"}
 
-    @classmethod
-    def poll(cls, context):
-        scene = context.scene
-        entry = selected(scene) if scene is not None else None
-        if entry is None:
-            cls.poll_message_set(NO_FIT)
-            return False
-        if environment_of(entry) is None:
-            cls.poll_message_set(NO_ENVIRONMENT)
-            return False
-        return True
 
-    def execute(self, context):
-        entry = selected(context.scene)
-        image = environment_of(entry)
-        world = use_as_world(context.scene, image)
-        self.report({"INFO"}, f"The World is now '{world.name}', the background of {entry.label or entry.job_id} "
-                              f"({image.size[0]} x {image.size[1]})")
-        return {"FINISHED"}
-
-
-class IMPLICIT_OT_use_light(bpy.types.Operator):
+class IMPLICIT_OT_use_light(_EntryImageAsWorld, bpy.types.Operator):
     """Make the light the selected fit estimated with its materials the scene's World (in the World
     "Fit Implicit Light"): the asset looks as photographed; then change the light to relight it"""
 
     bl_idname = "implicit.use_light"
     bl_label = "Use Estimated Light as World"
     bl_options = {"REGISTER", "UNDO"}
-
-    @classmethod
-    def poll(cls, context):
-        scene = context.scene
-        entry = selected(scene) if scene is not None else None
-        if entry is None:
-            cls.poll_message_set(NO_FIT)
-            return False
-        if light_of(entry) is None:
-            cls.poll_message_set(NO_LIGHT)
-            return False
-        return True
-
-    def execute(self, context):
-        entry = selected(context.scene)
-        image = light_of(entry)
-        world = use_as_world(context.scene, image, name=LIGHT_WORLD_NAME)
-        self.report({"INFO"}, f"The World is now '{world.name}', the light estimated by {entry.label or entry.job_id} "
-                              f"({image.size[0]} x {image.size[1]})")
-        return {"FINISHED"}
+    image_of = staticmethod(light_of)
+    missing, world_name, what = NO_LIGHT, LIGHT_WORLD_NAME, "the light estimated by"
 
 
 class IMPLICIT_OT_show_albedo(bpy.types.Operator):

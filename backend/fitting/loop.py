@@ -118,6 +118,7 @@ def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Ca
     None, no previews), for any trainer with TrainerBase's hooks: ``model``, ``device``,
     ``rays``, ``update_step``, ``step``, ``preview_ready``, ``finish`` and the state dicts."""
     model = trainer.model
+    group = getattr(trainer, "group", None)     # a data-parallel fit's (fitting/distributed.py)
     checkpoint = getattr(cb, "on_checkpoint", None)
     preview_cam = _preview_camera(data, cfg.preview_size)
     first, offset = 0, 0.0
@@ -141,8 +142,8 @@ def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Ca
         if cfg.seconds > 0:
             fraction = max(fraction, elapsed / cfg.seconds)
         stop = fraction < 1.0 and cb.should_stop()
-        if trainer.group is not None:      # the ranks share one clock (the furthest) and rank 0's cancel
-            fraction, stop = trainer.group.agree(fraction, stop)
+        if group is not None:      # the ranks share one clock (the furthest) and rank 0's cancel
+            fraction, stop = group.agree(fraction, stop)
         done = fraction >= 1.0
         if count and (done or elapsed - last_progress >= cfg.progress_interval):
             loss, mse_last = (sums / count).tolist()
