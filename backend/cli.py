@@ -162,8 +162,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             from fit_implicit.backend.fitting.distributed import fit_parallel
             if resume:
                 raise ValueError("--gpus fits start fresh: drop --resume (or fit on one GPU to resume)")
-            _print(f"data-parallel: {args.gpus} processes ({'one a GPU' if str(cfg.device).startswith('cuda') else 'on the CPU'}), "
-                   f"{cfg.train.batch_rays // args.gpus} rays a step each to start")
+            where = "one a GPU" if _device_name(args.device).startswith("cuda") else "on the CPU"
+            _print(f"data-parallel: {args.gpus} processes ({where}), {cfg.train.batch_rays // args.gpus} rays a step "
+                   "each to start")
             model = fit_parallel(train, cfg, args.gpus, args.log_every)
         else:
             model = fit(train, cfg, Printer(), resume=resume)
