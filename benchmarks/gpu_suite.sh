@@ -152,9 +152,11 @@ if want scene; then     # not in the default: issue 12's own scene (thin parts, 
     #   python benchmarks/surface_scene.py --scene still_life --out .data/still_life
     # carry ".data/still_life"; then, here, relight the .glb in Cycles (benchmarks/relight.py).
     echo "== own scene (still life): textured mesh, Chamfer/F-score (benchmarks/lego_mesh.py fit --passes --gt)"
-    for spec in ${SCENE_SPECS:-sdf:120}; do      # method:seconds[:photos]  (photos: the beauty renders alone,
-        IFS=: read -r method seconds mode <<< "$spec"   # no passes: the "radiance baked into base colour" baseline)
+    for spec in ${SCENE_SPECS:-sdf:120}; do      # method:seconds[:photos|materials]  (photos: the beauty renders alone,
+        IFS=: read -r method seconds mode <<< "$spec"   # no passes: the "radiance baked into base colour" baseline;
+        # materials: the same, then base colour, roughness, metallic and light estimated, SCENE_MATERIAL_STEPS)
         name="scene_$method${mode:+_$mode}"; passes=(--passes); [[ "$mode" == photos ]] && passes=()
+        [[ "$mode" == materials ]] && passes=(--materials "${SCENE_MATERIAL_STEPS:-2000}")
         python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/$name" --method "$method" \
             --seconds "$seconds" "${passes[@]}" --gt .data/still_life/ground_truth.ply --mesh-resolution 512 \
             --texture-size 2048 --no-field-renders ${SCENE_ARGS:-} || status=1

@@ -297,6 +297,9 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if train is not None:
         mesh, baked, refined = refine_textures(unrefined, bake, train, model.config.refine, device=dev)
     texture_s = time.perf_counter() - t1
+    materials = {}
+    if getattr(args, "materials", 0) and train is not None:      # base colour, roughness, metallic and light
+        baked, materials = _estimate_materials(mesh, baked, train, args.materials, dev, out)
     if refined and held is not None:        # what the refinement gained, on the held-out views
         before, _ = raster_psnr(unrefined.vertices, unrefined.faces, held, dev, uvs=unrefined.uvs, texture=bake.albedo)
         refined["raster_holdout_psnr_unrefined"] = round(float(np.mean(before)), 3)
@@ -309,7 +312,7 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     info = {"mesh_resolution": args.mesh_resolution, "mesh_faces": int(len(faces)), "mesh_s": round(mesh_s, 3),
             "texture_size": size, "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)),
             "texture_s": round(texture_s, 3), "texture_timings": {k: round(v, 3) for k, v in baked.timings.items()},
-            "export_s": round(mesh_s + texture_s, 3), **refined, **mesh_facts,
+            "export_s": round(mesh_s + texture_s, 3), **refined, **mesh_facts, **materials,
             **_write_glb(out, mesh, baked, held, dev, args.max_mb)}
     print(f"mesh: {len(faces)} triangles at {args.mesh_resolution} ({mesh_s:.2f} s); textures {size}^2 on "
           f"{len(mesh.faces)} triangles ({texture_s:.2f} s: "
@@ -327,6 +330,24 @@ def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: f
     if variants:
         info["refine_variants"] = variants
     return info
+
+
+def _estimate_materials(mesh, baked, train, steps: int, dev, out: Path):
+    """--materials: the textures' base colour, roughness and metallic and the light estimated from
+    the training photos (backend/export/materials.py, as ``fit-implicit mesh --materials``); the
+    light goes to ``out/lego_light.hdr``.  Returns (textures, figures for fit.json)."""
+    from fit_implicit.backend.export.materials import MaterialConfig, estimate_materials, write_hdr
+
+    if train.passes:
+        raise ValueError("--materials is for photos without passes (drop --passes)")
+    t0 = time.perf_counter()
+    got = estimate_materials(mesh, baked.albedo, train, MaterialConfig(material_steps=int(steps)), dev)
+    write_hdr(out / "lego_light.hdr", got.environment)
+    facts = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in got.facts.items()}
+    print(f"  materials: {steps} steps, {time.perf_counter() - t0:.1f} s; the light's strongest bin towards "
+          f"{np.round(facts['light_direction'], 2).tolist()} ({100 * facts['light_share']:.0f} %)", flush=True)
+    textures = dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic)
+    return textures, {"materials": {"steps": int(steps), "seconds": round(time.perf_counter() - t0, 3), **facts}}
 
 
 @functools.lru_cache(maxsize=2)
@@ -667,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--passes", action="store_true", help="use the dataset's albedo/normal/depth passes if any")
+    f.add_argument("--materials", type=int, default=0, metavar="STEPS",
+                   help="photos without passes: estimate base colour, roughness, metallic and the light this many "
+                        "steps after the bake (backend/export/materials.py); the light -> OUTDIR/lego_light.hdr")
     f.add_argument("--no-field-renders", dest="field_renders", action="store_false",
                    help="do not save the field's own held-out renders (OUTDIR/field/*.png)")
     f.add_argument("--save-run", action="store_true", help="also save the fitted model to OUTDIR/run (large)")

@@ -55,6 +55,35 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return metrics.psnr(float(np.mean((fa[mask] - fb[mask]) ** 2)))
 
 
+def aligned(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a`` (H, W, 3 or 4) uint8 sRGB with each colour channel scaled, in linear light, to match
+    ``b`` best (least squares) over the pixels both cover: the per-channel scale alignment of the
+    inverse-rendering benchmarks (NeRFactor, TensoIR: a material and its light share one scale a
+    channel that no photo decides).  Alpha is kept."""
+    from fit_implicit.shared.color import linear_to_srgb, srgb_to_linear
+
+    la, lb = srgb_to_linear(a[..., :3] / 255.0), srgb_to_linear(b[..., :3] / 255.0)
+    both = np.ones(a.shape[:2], bool)
+    if a.shape[-1] == 4:
+        both &= a[..., 3] > 0
+    if b.shape[-1] == 4:
+        both &= b[..., 3] > 0
+    if not both.any():
+        return a.copy()
+    scale = (la[both] * lb[both]).sum(0) / np.maximum((la[both] ** 2).sum(0), 1e-12)
+    out = a.copy()
+    out[..., :3] = (linear_to_srgb(np.clip(la * scale, 0.0, 1.0)) * 255.0 + 0.5).astype(np.uint8)
+    return out
+
+
+def albedo_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB) of two (H, W, 3) uint8 sRGB diffuse-colour passes over ``mask`` (pixels both
+    renders cover), after the per-channel alignment (:func:`aligned`)."""
+    a = aligned(np.concatenate([a, mask[..., None].astype(np.uint8) * 255], -1), b)[..., :3]
+    diff = (a[mask].astype(np.float64) - b[mask].astype(np.float64)) / 255.0
+    return metrics.psnr(float(np.mean(diff ** 2))) if mask.any() else float("inf")
+
+
 def projected_albedo(points: np.ndarray, dataset: Path, tolerance: float = 0.02) -> np.ndarray:
     """(P, 3) float32 sRGB albedo of world points, averaged over the training views that see
     them: a point is seen where its z-depth matches the depth pass within ``tolerance`` times
@@ -150,12 +179,32 @@ def render_set(scene, cams, folder: str) -> list[np.ndarray]:
     return [capture.render_view(scene, ob, f"{folder}/r_{i:03d}.png") for i, ob in enumerate(cams)]
 
 
+def render_albedo_set(scene, cams, folder: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(beauty (H, W, 4) uint8, Blender's Diffuse Color pass (H, W, 3) uint8 sRGB) of every camera."""
+    import bpy
+
+    from fit_implicit.blender_addon import capture, passes
+
+    out = []
+    with capture.CaptureRenderSettings(scene), passes.PassOutput(scene, bpy.context.view_layer, folder) as po:
+        for i, ob in enumerate(cams):
+            po.prepare(f"a_{i:03d}_")
+            path = f"{folder}/a_{i:03d}.png"
+            capture._render_still(scene, ob, path)
+            rgba = capture.load_png_rgba(path)
+            out.append((rgba, po.read(f"a_{i:03d}_", rgba[..., 3].astype(np.float32) / 255.0)["albedo"]))
+    return out
+
+
 def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int, out: Path | None,
-             albedo_from: dict[str, Path] | None = None, noise_floor: bool = False) -> dict:
-    """PSNR of every asset against the ground truth under both light setups.  ``albedo_from``
-    maps asset labels to a dataset whose albedo pass recolours that asset (projected_albedo).
-    ``noise_floor``: also the ground truth rendered with another Cycles seed against itself, the
-    most any asset can score at these samples (results["noise_floor"])."""
+             albedo_from: dict[str, Path] | None = None, noise_floor: bool = False, albedo: bool = False) -> dict:
+    """PSNR of every asset against the ground truth under both light setups, as rendered and
+    after the per-channel alignment (:func:`aligned`; "novel_aligned", "training_aligned").
+    ``albedo_from`` maps asset labels to a dataset whose albedo pass recolours that asset
+    (projected_albedo).  ``noise_floor``: also the ground truth rendered with another Cycles seed
+    against itself, the most any asset can score at these samples (results["noise_floor"]).
+    ``albedo``: also each asset's Diffuse Color pass against the ground truth's ("albedo",
+    aligned; Cycles renders the pass with the novel light, which it does not depend on)."""
     import bpy
 
     import surface_scene as ss
@@ -176,7 +225,12 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
     for light in ("novel", "training"):
         ss.use_lighting(scene, light)
         gt_coll.hide_render = False
-        renders[("ground truth", light)] = render_set(scene, cams, work)
+        if albedo and light == "novel":
+            pairs = render_albedo_set(scene, cams, work)
+            renders[("ground truth", light)] = [p[0] for p in pairs]
+            renders[("ground truth", "albedo")] = [p[1] for p in pairs]
+        else:
+            renders[("ground truth", light)] = render_set(scene, cams, work)
         if noise_floor:
             seed = scene.cycles.seed
             scene.cycles.seed = seed + 1
@@ -187,14 +241,25 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
             objects = import_asset(scene, path)
             if albedo_from and label in albedo_from:
                 recolor_with_albedo(objects, albedo_from[label])
-            renders[(label, light)] = render_set(scene, cams, work)
+            if albedo and light == "novel":
+                pairs = render_albedo_set(scene, cams, work)
+                renders[(label, light)] = [p[0] for p in pairs]
+                renders[(label, "albedo")] = [p[1] for p in pairs]
+            else:
+                renders[(label, light)] = render_set(scene, cams, work)
             remove_asset()
         gt_coll.hide_render = False
     for label in ([NOISE_FLOOR] if noise_floor else []) + list(assets):
         row = {}
         for light in ("novel", "training"):
-            values = [psnr(a, b) for a, b in zip(renders[(label, light)], renders[("ground truth", light)])]
-            row[light] = float(np.mean(values))
+            pairs = list(zip(renders[(label, light)], renders[("ground truth", light)]))
+            row[light] = float(np.mean([psnr(a, b) for a, b in pairs]))
+            row[f"{light}_aligned"] = float(np.mean([psnr(aligned(a, b), b) for a, b in pairs]))
+        if albedo and label != NOISE_FLOOR:
+            row["albedo"] = float(np.mean([
+                albedo_psnr(a, b, (beauty[..., 3] > 0) & (truth[..., 3] > 0)) for a, b, beauty, truth in zip(
+                    renders[(label, "albedo")], renders[("ground truth", "albedo")], renders[(label, "novel")],
+                    renders[("ground truth", "novel")])]))
         if label == NOISE_FLOOR:
             results["noise_floor"] = row
         else:
@@ -213,12 +278,14 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
 def print_table(results: dict) -> None:
     print(f"\nrelighting PSNR (dB), {results['cameras']} held-out cameras at {results['size']}^2, "
           f"{results['samples']} samples")
-    print(f"{'asset':<24}{'novel light':>14}{'training light':>16}")
+    print(f"{'asset':<24}{'novel light':>14}{'aligned':>9}{'training light':>16}{'aligned':>9}{'albedo (aligned)':>18}")
     rows = list(results["assets"].items())
     if "noise_floor" in results:
         rows.append((NOISE_FLOOR, results["noise_floor"]))
     for label, row in rows:
-        print(f"{label:<24}{row['novel']:>14.2f}{row['training']:>16.2f}")
+        albedo = f"{row['albedo']:>18.2f}" if "albedo" in row else f"{'-':>18}"
+        print(f"{label:<24}{row['novel']:>14.2f}{row['novel_aligned']:>9.2f}{row['training']:>16.2f}"
+              f"{row['training_aligned']:>9.2f}{albedo}")
 
 
 def _run(cmd: list[str]) -> None:
@@ -239,11 +306,31 @@ def tiny(out: Path, steps: int) -> dict:
     from fit_implicit.backend.export.mesh import extract_mesh
     from fit_implicit.backend.fitting.runs import load_run
 
-    verts, faces, colors = extract_mesh(load_run(out / "run_nerf", device="cpu"), 64)
+    model = load_run(out / "run_nerf", device="cpu")
+    verts, faces, colors = extract_mesh(model, 64)
     write_mesh(out / "baked.ply", verts, faces, colors)
-    assets = {"radiance baked (nerf)": out / "baked.ply", "albedo pass (same mesh)": out / "baked.ply"}
+    _estimated_asset(model, verts, faces, data / "transforms_train.json", out / "estimated.glb")
+    assets = {"radiance baked (nerf)": out / "baked.ply", "albedo pass (same mesh)": out / "baked.ply",
+              "estimated materials": out / "estimated.glb"}
     return evaluate(data / "scene.blend", assets, 64, 8, out,
-                    albedo_from={"albedo pass (same mesh)": data / "transforms_train.json"})
+                    albedo_from={"albedo pass (same mesh)": data / "transforms_train.json"}, albedo=True)
+
+
+def _estimated_asset(model, verts, faces, photos: Path, path: Path, steps: int = 150) -> None:
+    """The mesh textured (64 texels), then base colour, roughness, metallic and light estimated from
+    the beauty renders alone (the passes dropped), as ``fit-implicit mesh --materials`` does."""
+    import dataclasses
+
+    from fit_implicit.backend.export.files import write_textured
+    from fit_implicit.backend.export.materials import MaterialConfig, estimate_materials
+    from fit_implicit.backend.export.texture import texture_mesh
+    from fit_implicit.backend.fitting.data import load_transforms
+
+    mesh, baked = texture_mesh(model, verts, faces, 64)
+    data = dataclasses.replace(load_transforms(photos), passes={})
+    got = estimate_materials(mesh, baked.albedo, data, MaterialConfig(material_steps=steps), model.device)
+    write_textured(path, mesh, dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness,
+                                                   metallic=got.metallic))
 
 
 def main(argv=None) -> int:
@@ -258,6 +345,8 @@ def main(argv=None) -> int:
                     help="also render the ground truth with another Cycles seed: what a perfect asset would score")
     ap.add_argument("--albedo-from", action="append", default=[], metavar="LABEL=DATASET",
                     help="recolour asset LABEL with the albedo pass of a dataset (transforms file)")
+    ap.add_argument("--albedo", action="store_true",
+                    help="also score each asset's Diffuse Color pass against the ground truth's (aligned per channel)")
     ap.add_argument("--tiny", action="store_true", help="run the whole chain small on the CPU")
     ap.add_argument("--steps", type=int, default=300, help="--tiny: training steps")
     args = ap.parse_args(argv)
@@ -279,7 +368,7 @@ def main(argv=None) -> int:
             ap.error(f"--albedo-from names unknown assets: {', '.join(sorted(unknown))}")
         results = evaluate(Path(args.scene).resolve(), assets, args.size, args.samples,
                            Path(args.out) if args.out else None,
-                           {k: Path(v).resolve() for k, v in albedo_from.items()}, args.noise_floor)
+                           {k: Path(v).resolve() for k, v in albedo_from.items()}, args.noise_floor, args.albedo)
     print_table(results)
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
