@@ -249,12 +249,13 @@ def test_panel_says_when_lighting_stays_baked_in(capture):
     assert capture.lighting_note(scene, SimpleNamespace(render_passes="AUTO", method="sdf")) == ""
     cam.data["implicit_image"] = "images/0001.jpg"      # what the transforms.json import sets
     assert "Photos have no albedo pass" in capture.lighting_note(scene, on)
+    assert "estimated from the photos" in capture.lighting_note(scene, SimpleNamespace(material_steps=300))
     kw = capture.fit_settings_from_props(SimpleNamespace(
         capture_source="ANIMATION", capture_camera=cam, capture_collection=None, render_passes="OFF",
         resume_renders=False, over_time="IN_TURN"))
     assert kw == {"source": "ANIMATION", "source_collection": "", "source_camera": "Cam", "passes": False,
                   "cache_dir": None, "background": "auto", "camera_refine": "off", "appearance": False,
-                  "encoding": "hashgrid", "over_time": "IN_TURN"}
+                  "encoding": "hashgrid", "over_time": "IN_TURN", "material_steps": 0}
 
 
 def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
