@@ -58,6 +58,10 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0]), bool(t[1] > 0)
 
+    def rank_seed(self, seed: int) -> int:
+        """The seed this rank draws its rays from (each rank its own)."""
+        return int(seed) + self.rank * SEED_STRIDE
+
     def from_first(self, tensors) -> None:
         """Overwrite ``tensors`` in place with rank 0's."""
         for t in tensors:

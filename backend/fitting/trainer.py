@@ -196,12 +196,10 @@ class TrainerBase:
     def join(self, group, seed: int) -> None:
         """Become one rank of ``group``: the weights and the grid as rank 0 has them, this rank's
         own rays from here on."""
-        from fit_implicit.backend.fitting.distributed import SEED_STRIDE
-
         self.group = group
         parts = [self.model.field, self.model.occupancy] + ([self.model.background] if self.model.background else [])
         group.from_first([t for part in parts for t in (*part.parameters(), *part.buffers())])
-        torch.manual_seed(seed + group.rank * SEED_STRIDE)
+        torch.manual_seed(group.rank_seed(seed))
 
     def apply_gradients(self, loss: torch.Tensor) -> None:
         """Backward and one optimiser step; in a data-parallel fit the gradients are first

@@ -318,7 +318,7 @@ def test_mesh_over_time_imports_one_animated_object_that_follows_the_timeline(fi
         scene[ownership.TOKEN_KEY] = TEST_TOKEN
         results.record(scene, clip_id, "Clip", "nerf", "draft", 20.0, time_range=(1, 5))
         scene.implicit.results[0].field_folder = str(runs / clip_id)
-        scene.implicit.mesh_resolution, scene.implicit.texture_size = 16, "0"
+        scene.implicit.mesh_resolution, scene.implicit.texture_size = 24, "0"     # (job_runs.moving_submit: 24 cells)
         scene.frame_set(3)
         assert bpy.ops.implicit.result_mesh_over_time(address=backend.address, step=2) == {"FINISHED"}
         holder = bpy.data.objects["Clip Over Time"]
