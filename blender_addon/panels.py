@@ -15,7 +15,8 @@ KEYS_UNUSABLE = "CurveZMQ keys not usable (see the add-on preferences)"
 #: The Results entry's line saying where its asset's colours come from (Done's "material")
 MATERIAL_TEXT = {"passes": "Material: from Blender's passes (no light baked in)",
                  "estimated": "Material: estimated from the photos, with the light (relightable)",
-                 "baked": "Material: baked, the photos' lighting stays in the colours"}
+                 "baked": "Material: baked, the photos' lighting stays in the colours",
+                 "points": "Material: the points' own colours"}
 
 
 def _clock(seconds: float) -> str:

@@ -50,9 +50,9 @@ class ImplicitResult(bpy.types.PropertyGroup):
     albedo_check: bpy.props.PointerProperty(type=bpy.types.Image, name="Albedo beside Photo",
                                             description="A photo and the estimated base colour as its camera sees it, "
                                                         "side by side (estimated materials only)")
-    material: bpy.props.StringProperty(name="Material", description="Where the asset's colours come from: passes "
-                                                                     "(Blender's), estimated (from the photos, with "
-                                                                     "the light) or baked (the light stays in)")
+    material: bpy.props.StringProperty(
+        name="Material", description="Where the asset's colours come from: passes (Blender's), estimated (from the "
+                                     "photos, with the light), points (their own colours) or baked (the light stays in)")
     time_first: bpy.props.IntProperty(name="First Frame", description="A fit over time: the frame of its instant 0")
     time_last: bpy.props.IntProperty(name="Last Frame", description="A fit over time: the frame of its instant 1 "
                                                                     "(equal to First Frame: a still fit)")

@@ -304,7 +304,8 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
     metallic and the light from the photos (backend/export/materials.py; the light and the base
     colour as a photo's camera sees it follow the MeshResult as a MaterialResult), or None.
     The summary's "material" says where the textures' colours come from: "passes" (Blender's
-    albedo pass supervised them), "estimated" (materials), or "baked" (the lighting stays in).
+    albedo pass supervised them), "estimated" (materials), "points" (a fit to coloured points), or
+    "baked" (the lighting stays in).
     """
     mesh, found, summary = None, None, {"vertices": int(len(verts)), "faces": int(len(faces))}
     if texture_size > 0 and len(faces):
@@ -320,8 +321,9 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
             ctx.progress("refine", force=True)
             mesh, baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
             summary.update(facts)
-        lit = bool(getattr(model, "meta", {}).get("lighting_baked", True))
-        summary["material"] = "baked" if lit else "passes"
+        meta = getattr(model, "meta", {})
+        lit = bool(meta.get("lighting_baked", True))
+        summary["material"] = "baked" if lit else ("points" if meta.get("source") == "points" else "passes")
         if materials is not None:
             baked, found = _estimate_materials(model, mesh, baked, *materials, ctx, summary)
             lit = False
