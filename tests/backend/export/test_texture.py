@@ -301,7 +301,7 @@ def test_job_with_auto_texture_size_reports_the_side_it_chose():
     summary = send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), TEXTURE_AUTO, ctx,
                                views=_views_at(30.0))
     assert summary["textures"] == tx.AUTO_MIN == ctx.sent[0].image.shape[0]
-    assert summary["material"] == "baked"           # no albedo pass, no estimated materials: the light stays in
+    assert summary["material"] == "passes"          # the stand-in says its colours are free of light (meta)
     with pytest.raises(ValueError, match="needs the training cameras"):
         send_mesh_assets(HalvesBall(), verts, faces, np.zeros_like(verts), TEXTURE_AUTO, RecordingContext())
 
