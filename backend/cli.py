@@ -556,8 +556,6 @@ def _mesh_one(model, args: argparse.Namespace, out: Path, with_vertices: bool = 
 def _estimate_materials(model, mesh, baked, args: argparse.Namespace):
     """--materials: base colour, roughness and metallic textures and the light estimated from the
     photos of --data on the textured mesh (export/materials.py); returns (textures, light)."""
-    from dataclasses import replace
-
     from fit_implicit.backend.export.materials import MaterialConfig, estimate_materials
     from fit_implicit.backend.fitting.data import load_dataset
 
@@ -574,7 +572,7 @@ def _estimate_materials(model, mesh, baked, args: argparse.Namespace):
     direction = ", ".join(f"{v:.2f}" for v in facts["light_direction"])
     _print(f"materials: {args.materials} steps on {facts['material_samples']} pixels, {time.perf_counter() - t0:.1f} s; "
            f"the light's strongest bin towards ({direction}), {100 * facts['light_share']:.0f} % of it")
-    return replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), got.environment
+    return got.on(baked), got.environment
 
 
 def _write_light(mesh_path: Path, light) -> Path:

@@ -346,7 +346,7 @@ def _estimate_materials(mesh, baked, train, steps: int, dev, out: Path):
     facts = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in got.facts.items()}
     print(f"  materials: {steps} steps, {time.perf_counter() - t0:.1f} s; the light's strongest bin towards "
           f"{np.round(facts['light_direction'], 2).tolist()} ({100 * facts['light_share']:.0f} %)", flush=True)
-    textures = dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic)
+    textures = got.on(baked)
     return textures, {"materials": {"steps": int(steps), "seconds": round(time.perf_counter() - t0, 3), **facts}}
 
 

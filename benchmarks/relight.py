@@ -329,8 +329,7 @@ def _estimated_asset(model, verts, faces, photos: Path, path: Path, steps: int =
     mesh, baked = texture_mesh(model, verts, faces, 64)
     data = dataclasses.replace(load_transforms(photos), passes={})
     got = estimate_materials(mesh, baked.albedo, data, MaterialConfig(material_steps=steps), model.device)
-    write_textured(path, mesh, dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness,
-                                                   metallic=got.metallic))
+    write_textured(path, mesh, got.on(baked))
 
 
 def main(argv=None) -> int:

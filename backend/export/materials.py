@@ -91,6 +91,12 @@ class Materials:
     environment: np.ndarray
     facts: dict = field(default_factory=dict)
 
+    def on(self, baked):
+        """The bake's textures (export/texture.py BakedTextures) with this base colour, roughness and metallic."""
+        from dataclasses import replace
+
+        return replace(baked, albedo=self.albedo, roughness=self.roughness, metallic=self.metallic)
+
 
 def light_bins(rows: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Directions (K, 3) (unit, towards the light) and solid angles (K,) of the rows x 2 rows

@@ -390,7 +390,7 @@ def _estimate_materials(model, mesh, baked, posed, cfg, ctx: JobContext, summary
     found = protocol.MaterialResult(job_id=ctx.job_id, light=np.ascontiguousarray(got.environment, dtype=np.float32),
                                     albedo_view=(view.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy(),
                                     view_photo=0)
-    return dataclasses.replace(baked, albedo=got.albedo, roughness=got.roughness, metallic=got.metallic), found
+    return got.on(baked), found
 
 
 def _tracks(model, verts: np.ndarray, track_times: np.ndarray, ctx: JobContext, summary: dict) -> np.ndarray:
