@@ -37,7 +37,8 @@
 # under .data (e.g. dynamic, with SWEEP_ARGS="--test .data/dynamic/transforms_test.json").
 # "parallel" (not in the default; a machine of 2+ GPUs, nvidia-h200-x2 or larger) fits lego on every GPU
 # at once (fit --gpus N, fitting/distributed.py) and on one, the same seconds (PARALLEL_SECONDS, default 60),
-# held-out PSNR and steps of each (issue 20's speed-up: the same PSNR in less time, or more in the same).
+# held-out PSNR and steps of each (issue 20's speed-up: the same PSNR in less time, or more in the same);
+# then one lego job alone and one a GPU at once on `serve --gpus all` (PARALLEL_JOB_STEPS, default 5000).
 set -uo pipefail
 BUDGETS="${1:-10,60}"
 SECTIONS="${SECTIONS:-kernels tests lego mesh}"
@@ -172,6 +173,9 @@ if want parallel; then     # not in the default: data-parallel fitting over ever
             --seconds "${PARALLEL_SECONDS:-60}" --holdout 8 --gpus "$n" --log-every 10 ${PARALLEL_ARGS:-} || status=1
         cp "/tmp/parallel_$n/run.json" "$OUT/parallel_$n.json" 2>/dev/null || true
     done
+    echo "== parallel jobs: lego, one job alone, then $gpus at once on serve --gpus all (benchmarks/many_jobs.py)"
+    python3 benchmarks/many_jobs.py --data .data/lego --jobs "$gpus" --steps "${PARALLEL_JOB_STEPS:-5000}" \
+        --serve "--gpus all" 2>>"$OUT/many_jobs.log" || status=1
 fi
 if want sweep; then
     # Variants run in waves of SWEEP_PARALLEL (default 4) processes; each wave's results are printed

@@ -986,6 +986,10 @@ class StatusReply(Message):
     running_job: str = spec(Str(MAX_NAME), default="")
     queued_jobs: str = spec(Str(MAX_STRING), default="")   # comma-separated job ids, oldest first
     device: str = spec(Str(MAX_NAME), default="")
+    # ``serve --gpus``/``--workers``: each worker's name, device and state ("w0 cuda:0 busy, w1 cuda:1 idle",
+    # "(restarted 1x)" after one that died); one in-process worker otherwise.  No version bump: older peers
+    # ignore it.  ``running_job`` then lists the asking client's running jobs, comma-separated.
+    workers: str = spec(Str(MAX_STRING), default="")
 
 
 @dataclass

@@ -67,12 +67,14 @@ def ring_cameras(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 #: Seconds per fake step.  Submit.steps (0 -> 20) steps are run; Submit.name picks a behaviour:
 #: "fail" raises RuntimeError("fake failure"), "oom" raises torch.cuda.OutOfMemoryError (imports
-#: torch), "bad-mesh" sends a mesh with out-of-range faces, anything else succeeds.
+#: torch), "bad-mesh" sends a mesh with out-of-range faces, "die" kills its process half-way
+#: (SIGKILL; "die-once": only the first time for a job, marked in its folder), anything else
+#: succeeds.  The summary says which process ran it ("pid") and when it began ("began", wall clock).
 FAKE_STEP_SECONDS = 0.01
 
 
 def fake_runner(submit: protocol.Submit, ctx) -> dict:
-    total = submit.steps or 20
+    total, began = submit.steps or 20, time.time()
     for step in range(1, total + 1):
         if ctx.should_stop():
             from fit_implicit.backend.service.jobs import JobCancelled
@@ -84,6 +86,11 @@ def fake_runner(submit: protocol.Submit, ctx) -> dict:
             ctx.preview(np.full((8, 8, 4), step % 256, np.uint8), step)
         if submit.name == "fail" and step == total // 2:
             raise RuntimeError("fake failure")
+        if submit.name.startswith("die") and step == total // 2:
+            mark = Path(ctx.folder) / "died-once"
+            if submit.name == "die" or not mark.exists():
+                mark.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
         if submit.name == "oom" and step == total // 2:
             import torch
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -95,7 +102,7 @@ def fake_runner(submit: protocol.Submit, ctx) -> dict:
                                  colors=np.full((4, 3), 0.5, np.float32)))
     for i, (w, h) in enumerate(submit.eval_sizes):
         ctx.send(protocol.RenderResult(job_id=ctx.job_id, index=i, image=np.full((int(h), int(w), 4), 128, np.uint8)))
-    return {"steps": total, "psnr": 10.0 + total * 0.01, "vertices": 4, "faces": 4}
+    return {"steps": total, "psnr": 10.0 + total * 0.01, "vertices": 4, "faces": 4, "pid": os.getpid(), "began": began}
 
 
 def serve_fake(argv: list[str] | None = None) -> int:

@@ -29,13 +29,15 @@ ALBEDO_VIEW_SIDE = 1024     # MaterialResult.albedo_view: longest side at most
 
 
 def configure_torch() -> None:
-    """Use every core: the server loop mostly sleeps in poll() (set once per process)."""
+    """Use every core (the server loop mostly sleeps in poll()), or FIT_IMPLICIT_THREADS of them
+    (backend/service/workers.py shares the cores between CPU worker processes); once per process."""
     global _torch_configured
     if _torch_configured:
         return
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = os.environ.get("FIT_IMPLICIT_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else os.cpu_count() or 1)
     _torch_configured = True
 
 

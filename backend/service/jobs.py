@@ -14,11 +14,15 @@ and its results (see :mod:`backend.service.checkpoint`).  At start-up :meth:`Job
 the jobs that had not ended (they resume from their last checkpoint) and remembers the ended
 ones, whose results a client can fetch again with Attach until they expire (``keep_seconds``).
 
-One worker thread runs one job at a time through a *job runner*: a plain callable
-``runner(submit, ctx) -> summary`` (see :data:`JobRunner`).  The real one is
-:func:`backend.service.fit_job.run_fit_job`; tests inject fakes.  The runner reports through its
-:class:`JobContext`; the worker turns how the runner ended into exactly one of Done, Failed or
-Cancelled.  Everything the worker sends goes through the :class:`~backend.service.outbox.Outbox`: only
+Jobs run on *workers*, each with a thread of its own here that takes the next job in fair order
+when its worker is free.  The default is one :class:`InProcess` worker: a *job runner*, a plain
+callable ``runner(submit, ctx) -> summary`` (see :data:`JobRunner`), called in that thread.  The
+real runner is :func:`backend.service.fit_job.run_fit_job`; tests inject fakes.  ``serve --gpus``
+or ``--workers`` gives one worker process a GPU instead (backend/service/workers.py): a worker
+that dies (killed, out of host memory, a lost GPU) is started again and its job queued again
+(it resumes from its last checkpoint), the other workers' jobs go on.  The runner reports
+through its :class:`JobContext`; the worker thread turns how the runner ended into exactly one
+of Done, Failed or Cancelled.  Everything the worker sends goes through the :class:`~backend.service.outbox.Outbox`: only
 the server's main thread touches the socket.
 
 Methods of :class:`JobQueue` are called from the server's main thread and return what the server
@@ -28,6 +32,7 @@ block on it).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import gc
 import json
@@ -77,6 +82,22 @@ class UnknownJob(Exception):
     """No such job (never existed, or its results expired); the text says which."""
 
 
+class WorkerDied(Exception):
+    """The process running a job ended without ending the job (backend/service/workers.py): the
+    job is queued again, up to :data:`MAX_WORKER_DEATHS` times."""
+
+
+class WorkerJobFailed(Exception):
+    """A job failed in a worker process; ``failed`` is the Failed message it made there."""
+
+    def __init__(self, failed: protocol.Failed):
+        super().__init__(failed.message)
+        self.failed = failed
+
+
+MAX_WORKER_DEATHS = 2   # a job whose worker died this many times fails (it is what kills them)
+
+
 @dataclass(eq=False)
 class Job:
     id: str
@@ -94,6 +115,7 @@ class Job:
     stored: int = 0                        # results written to its folder so far
     lock: threading.Lock = field(default_factory=threading.Lock)   # client + stored results together
     nbytes: int = 0                        # what its Submit holds (every array): memory, or disk once stored
+    worker_deaths: int = 0                 # workers that died running it (it was queued again each time)
 
     def deliver(self, message: protocol.Message) -> bytes | None:
         """Store a result in the job's folder and return who it goes to, as one step (so that a
@@ -126,7 +148,7 @@ class JobContext:
         self.checkpoint_interval = checkpoint_interval   # seconds between training checkpoints (0: none)
         self._job = job
         self._outbox = outbox
-        self._interval = progress_interval
+        self._interval = self.progress_interval = progress_interval
         self._last_progress = -math.inf
         self.last_progress: dict[str, Any] = {}    # the newest progress values seen (sent or not)
 
@@ -150,6 +172,18 @@ class JobContext:
             return
         self._last_progress = now
         self._put(protocol.Progress(job_id=self.job_id, note=note[:protocol.MAX_STRING], **values).validate())
+
+    def forward(self, message: protocol.Message) -> None:
+        """Pass on a message a worker process made for this job (backend/service/workers.py):
+        previews coalesced, results stored, progress remembered, as if made here."""
+        if isinstance(message, protocol.Preview):
+            if self._job.client is not None:
+                self._outbox.put_preview(self._job.client, message)
+            return
+        if isinstance(message, protocol.Progress):
+            self.last_progress = {k: getattr(message, k) for k in
+                                  ("stage", "step", "total_steps", "loss", "psnr", "elapsed", "eta", "fraction")}
+        self.send(message)
 
     def note(self, text: str) -> None:
         """Tell the client something once (a Progress carrying ``note``, with the last numbers)."""
@@ -194,27 +228,68 @@ class JobContext:
 JobRunner = Callable[[protocol.Submit, JobContext], Mapping[str, Any]]
 
 
+class InProcess:
+    """A worker that runs jobs in its JobQueue thread, in this process (the default: one device).
+
+    A worker (this, or backend/service/workers.py WorkerProcess) has ``name``, ``device``,
+    ``restarts`` and ``state``; :meth:`start` readies it (called in its thread while :meth:`ready`
+    is False; False: it could not, try later), :meth:`run` runs one job like a :data:`JobRunner`,
+    :meth:`free_memory` empties its device's cache between jobs, :meth:`stop` lets it go."""
+
+    def __init__(self, runner: JobRunner, device: str, warm_up: Callable[[], Any] | None = None, name: str = "w0"):
+        self.runner, self.device, self.name = runner, device, name
+        self._warm_up = warm_up
+        self.restarts = 0
+        self.state = "starting"
+        self._started = False
+
+    def ready(self) -> bool:
+        return self._started
+
+    def start(self) -> bool:
+        self._started = True
+        if self._warm_up is not None:
+            try:
+                self._warm_up()
+            except Exception:   # a failed warm-up only costs the first job its start-up time
+                log.warning("warm-up failed; the first job pays the start-up costs", exc_info=True)
+        return True
+
+    def run(self, submit: protocol.Submit, ctx: JobContext) -> Mapping[str, Any]:
+        return self.runner(submit, ctx)
+
+    def free_memory(self) -> None:
+        free_gpu_memory()
+        torch = sys.modules.get("torch")
+        if torch is not None and str(self.device).startswith("cuda"):
+            log.info("freed cached GPU memory (%.0f MiB still allocated)", torch.cuda.memory_allocated() / 2**20)
+
+    def stop(self) -> None:
+        pass
+
+
 class JobQueue:
     """The waiting jobs (at most ``max_queue``, served round-robin by owner) and the worker thread.
 
     Args:
+        runner, device, warm_up: the one in-process worker (:class:`InProcess`), unless ``workers``.
+        workers: the workers (InProcess or backend/service/workers.py WorkerProcess), a thread each.
         runs_dir: where job folders live (None: nothing is persisted; no Attach, no resume).
         checkpoint_interval: seconds between training checkpoints (0: none).
         keep_seconds: how long an ended job's folder (results, model) is kept for Attach.
         max_kept: at most this many ended job folders are kept (the oldest go first).
     """
 
-    def __init__(self, runner: JobRunner, outbox: Outbox, *, device: str, max_queue: int = 8,
+    def __init__(self, runner: JobRunner | None, outbox: Outbox, *, device: str = "cpu", max_queue: int = 8,
                  max_queued_bytes: int = 8 << 30, history: int = 100, progress_interval: float = 0.1,
                  runs_dir: str | Path | None = None, checkpoint_interval: float = 60.0,
                  keep_seconds: float = 24 * 3600.0, max_kept: int = 1000,
-                 warm_up: Callable[[], Any] | None = None):
+                 warm_up: Callable[[], Any] | None = None, workers: list | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
-        self._runner = runner
-        self._warm_up = warm_up           # run once on the worker thread before the first job
+        self.workers = list(workers) if workers else [InProcess(runner, device, warm_up)]
         self._outbox = outbox
-        self.device = device
+        self.device = self.workers[0].device
         self.max_queue = max_queue
         self.max_queued_bytes = max_queued_bytes
         self.runs_dir = Path(runs_dir) if runs_dir is not None else None
@@ -226,7 +301,8 @@ class JobQueue:
         self._waiting: list[Job] = []                 # arrival order; run order is fair_order()
         self._served: dict[bytes, int] = {}           # owner -> turn it was last served (bounded below)
         self._turn = 0
-        self._running: Job | None = None
+        self._running: dict[str, Job] = {}           # worker name -> its job
+        self._free_asked: set[str] = set()            # FreeMemory: these workers empty their caches when idle
         self._ended: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._history = history
         self._kept: collections.OrderedDict[str, float] = collections.OrderedDict()   # id -> wall end time
@@ -234,11 +310,13 @@ class JobQueue:
         # other clients' results out (id -> (owner, wall time)).
         self._models: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="job-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(w,), name=f"job-worker-{w.name}", daemon=True)
+                         for w in self.workers]
 
     # ---- called from the server's main thread ---------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def restore(self) -> tuple[int, int]:
         """Re-queue the unfinished jobs found in ``runs_dir`` and remember the ended ones.
@@ -321,8 +399,8 @@ class JobQueue:
         None when there is no such job here, b"" for a job folder of an older backend that did
         not record one (anybody may use it)."""
         with self._cond:
-            for job in (*self._waiting, self._running, *self._ended.values()):
-                if job is not None and job.id == job_id:
+            for job in (*self._waiting, *self._running.values(), *self._ended.values()):
+                if job.id == job_id:
                     return job.owner
         if self.runs_dir is None or not paths.is_job_id(job_id):
             return None
@@ -387,8 +465,8 @@ class JobQueue:
             raise UnknownJob(f"{job_id[:64]!r} is not a job id of this backend")
         with self._cond:
             job = next((j for j in self._waiting if j.id == job_id), None)
-            if job is None and self._running is not None and self._running.id == job_id:
-                job = self._running
+            if job is None:
+                job = next((j for j in self._running.values() if j.id == job_id), None)
             position = self._position(job) if job is not None and job.state is JobState.QUEUED else 0
         if job is not None:
             with job.lock:
@@ -415,10 +493,11 @@ class JobQueue:
                     self._waiting.remove(job)
                     self._end(job, JobState.CANCELLED, "cancelled while queued", protocol.Cancelled(job_id=job.id))
                     return job, True
-            if self._running is not None and self._running.id == job_id:
-                self._running.cancel.set()
-                log.info("job %s: cancel requested", job_id)
-                return self._running, False
+            for job in self._running.values():
+                if job.id == job_id:
+                    job.cancel.set()
+                    log.info("job %s: cancel requested", job_id)
+                    return job, False
             return self._ended.get(job_id), False
 
     def cancel_client(self, client: bytes) -> list[Job]:
@@ -428,8 +507,9 @@ class JobQueue:
             for job in removed:
                 self._waiting.remove(job)
                 self._end(job, JobState.CANCELLED, "cancelled: its client went away", protocol.Cancelled(job_id=job.id))
-            if self._running is not None and self._running.client == client:
-                self._running.cancel.set()
+            for job in self._running.values():
+                if job.client == client:
+                    job.cancel.set()
         return removed
 
     def expire(self, now: float | None = None) -> list[str]:
@@ -465,25 +545,44 @@ class JobQueue:
             self._waiting.clear()
             for job in dropped:
                 self._end(job, JobState.FAILED, "the backend was shut down before this job started", persist=False)
-            if self._running is not None:
-                self._running.shutdown = True
-                self._running.cancel.set()
+            for job in self._running.values():
+                job.shutdown = True
+                job.cancel.set()
             self._cond.notify_all()
         return dropped
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the worker to finish (after :meth:`stop`); True if it did."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait for the worker threads to finish (after :meth:`stop`); True if they did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def busy(self) -> bool:
         """A job is running or waiting."""
         with self._cond:
-            return self._running is not None or bool(self._waiting)
+            return bool(self._running) or bool(self._waiting)
 
     def running(self) -> Job | None:
-        return self._running
+        """A running job (the first worker's that has one), or None."""
+        with self._cond:
+            return next(iter(self._running.values()), None)
+
+    def running_jobs(self) -> list[Job]:
+        with self._cond:
+            return list(self._running.values())
+
+    def worker_states(self) -> str:
+        """One line for Status: each worker's device and state, and how often it was restarted."""
+        return ", ".join(f"{w.name} {w.device} {w.state}" + (f" (restarted {w.restarts}x)" if w.restarts else "")
+                         for w in self.workers)
+
+    def free_memory(self) -> None:
+        """Ask every worker to empty its device's cache (each does when it is next idle)."""
+        with self._cond:
+            self._free_asked = {w.name for w in self.workers}
+            self._cond.notify_all()
 
     def waiting(self) -> list[Job]:
         """The waiting jobs in the order they will run."""
@@ -493,8 +592,7 @@ class JobQueue:
     def clients_with_jobs(self) -> set[bytes]:
         with self._cond:
             clients = {job.client for job in self._waiting if job.client is not None}
-            if self._running is not None and self._running.client is not None:
-                clients.add(self._running.client)
+            clients |= {job.client for job in self._running.values() if job.client is not None}
             return clients
 
     # ---- fairness (caller holds the lock) ---------------------------------------------------
@@ -516,49 +614,69 @@ class JobQueue:
         return order
 
     def _position(self, job: Job) -> int:
-        return self._fair_order().index(job) + (self._running is not None)
+        return self._fair_order().index(job) + (len(self._running) >= len(self.workers))
 
     # ---- the worker thread -----------------------------------------------------------------
-    def _work(self) -> None:
-        if self._warm_up is not None:
-            try:
-                self._warm_up()
-            except Exception:   # a failed warm-up only costs the first job its start-up time
-                log.warning("warm-up failed; the first job pays the start-up costs", exc_info=True)
+    def _work(self, worker) -> None:
+        backoff = 1.0
         while True:
+            if not worker.ready():    # first, or its process died: (re)start it before it takes a job
+                if worker.start():
+                    backoff = 1.0
+                else:                 # e.g. its GPU is gone: try again later, take no job meanwhile
+                    with self._cond:
+                        worker.state = "down"
+                        self._cond.wait_for(lambda: self._stopping, timeout=backoff)
+                    backoff = min(60.0, 2 * backoff)
+                    if not self._stopping:
+                        continue
             with self._cond:
-                while not self._waiting and not self._stopping:
+                worker.state = "idle"
+                while not self._waiting and not self._stopping and worker.name not in self._free_asked:
                     self._cond.wait()
                 if self._stopping:
-                    return
-                job = self._fair_order()[0]
-                self._waiting.remove(job)
-                self._served[job.owner], self._turn = self._turn, self._turn + 1
-                if len(self._served) > 4 * self.max_queue + 64:   # forget owners served long ago
-                    for owner in sorted(self._served, key=self._served.get)[: len(self._served) // 2]:
-                        del self._served[owner]
-                job.state, job.started = JobState.RUNNING, time.monotonic()
-                self._running = job
+                    worker.state = "stopped"
+                    break
+                if worker.name in self._free_asked:   # FreeMemory (only asked with no job running or waiting)
+                    self._free_asked.discard(worker.name)
+                    job = None
+                else:
+                    job = self._fair_order()[0]
+                    self._waiting.remove(job)
+                    self._served[job.owner], self._turn = self._turn, self._turn + 1
+                    if len(self._served) > 4 * self.max_queue + 64:   # forget owners served long ago
+                        for owner in sorted(self._served, key=self._served.get)[: len(self._served) // 2]:
+                            del self._served[owner]
+                    job.state, job.started = JobState.RUNNING, time.monotonic()
+                    self._running[worker.name] = job
+                    worker.state = "busy"
+            if job is None:
+                try:
+                    worker.free_memory()
+                except Exception:   # noqa: BLE001 - best effort
+                    log.warning("%s could not free its memory", worker.name, exc_info=True)
+                continue
             try:
-                self._run(job)
+                self._run(job, worker)
             except Exception:   # _run catches everything; this is a last line of defence
                 log.exception("job %s: worker error", job.id)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.pop(worker.name, None)
+        worker.stop()
 
-    def _run(self, job: Job) -> None:
-        log.info("job %s: running", job.id)
-        ctx = JobContext(job, self._outbox, self.device, self._progress_interval, self.checkpoint_interval)
+    def _run(self, job: Job, worker) -> None:
+        log.info("job %s: running on %s (%s)", job.id, worker.name, worker.device)
+        ctx = JobContext(job, self._outbox, worker.device, self._progress_interval, self.checkpoint_interval)
         oom = False
         try:
             if job.folder is not None:
                 checkpoint.write_job_record(job.folder, state=JobState.RUNNING.value)
                 if job.submit is None:   # restored after a restart
                     job.submit = checkpoint.load_submit(job.folder)
-            summary = dict(self._runner(job.submit, ctx))
+            summary = dict(worker.run(job.submit, ctx))
             summary.setdefault("seconds", time.monotonic() - job.started)
-            summary.setdefault("device", self.device)
+            summary.setdefault("device", worker.device)
             end: protocol.Message = protocol.Done(job_id=job.id, summary=clean_summary(summary)).validate()
             state, text = JobState.DONE, "done"
         except Exception as exc:  # noqa: BLE001 - every failure must reach the client
@@ -569,6 +687,19 @@ class JobQueue:
                 end, state = protocol.Failed(job_id=job.id, message=text, code="shutdown"), JobState.FAILED
             elif isinstance(exc, JobCancelled) or job.cancel.is_set():
                 end, state, text = protocol.Cancelled(job_id=job.id), JobState.CANCELLED, "cancelled"
+            elif isinstance(exc, WorkerDied) and job.worker_deaths + 1 < MAX_WORKER_DEATHS:
+                self._queue_again(job, ctx, worker, exc)
+                return
+            elif isinstance(exc, WorkerDied):
+                text = (f"the worker process running this job died {job.worker_deaths + 1} times ({exc}); the job "
+                        "stops here (it may need more memory than the worker has: try a lower preset)")
+                log.error("job %s failed: %s", job.id, text)
+                end, state = protocol.Failed(job_id=job.id, message=text[:protocol.MAX_STRING], code="worker_died"), \
+                    JobState.FAILED
+            elif isinstance(exc, WorkerJobFailed):
+                text = exc.failed.message   # the worker process freed its own memory
+                log.error("job %s failed on %s: %s", job.id, worker.name, text)
+                end, state = dataclasses.replace(exc.failed, job_id=job.id), JobState.FAILED
             else:
                 oom = is_out_of_memory(exc)
                 text = describe_failure(exc)
@@ -582,6 +713,22 @@ class JobQueue:
             free_gpu_memory()
         if client is not None:
             self._outbox.put(client, end, final=True)
+
+    def _queue_again(self, job: Job, ctx: JobContext, worker, exc: Exception) -> None:
+        """A worker died under ``job``: first in line again (its owner loses no turn); partial
+        results go (they are made again); it resumes from its last checkpoint."""
+        job.worker_deaths += 1
+        ctx.note(f"the worker {worker.name} on {worker.device} stopped ({exc}); this job runs again from its last checkpoint")
+        log.warning("job %s: worker %s died (%s); queued again", job.id, worker.name, exc)
+        with job.lock:
+            if job.folder is not None:
+                shutil.rmtree(job.folder / checkpoint.RESULTS_DIR, ignore_errors=True)
+                job.stored = 0
+        with self._cond:
+            job.state, job.started = JobState.QUEUED, None
+            self._waiting.insert(0, job)
+            self._served.pop(job.owner, None)
+            self._cond.notify_all()
 
     def _end(self, job: Job, state: JobState, text: str, end: protocol.Message | None = None,
              persist: bool = True) -> bytes | None:

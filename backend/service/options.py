@@ -20,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N | mps: where to train (default: cuda if available, else Apple's GPU "
                              "(mps) if available, else cpu)")
+    parser.add_argument("--gpus", default=None,
+                        help="run jobs in worker processes, one on each of these GPUs: 'all', a count N (the first "
+                             "N), or indices such as 0,2 ('2,' for GPU 2 alone); several jobs run at once, and a "
+                             "worker that dies is restarted and its job resumes from its last checkpoint")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="worker processes in all: spread over --gpus (default one a GPU), or on --device "
+                             "without --gpus (default 0: jobs run one at a time in the server's own process)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"jobs that may wait behind the running one (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,

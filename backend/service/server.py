@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
+import os
 import re
 import signal
 import sys
@@ -41,6 +42,7 @@ from fit_implicit.backend.service.connections import Connections, connection_lim
 from fit_implicit.backend.service.intake import LARGE_BYTES, Intake, call_handler
 from fit_implicit.backend.service.jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
 from fit_implicit.backend.service.outbox import Outbox
+from fit_implicit.backend.service.workers import WorkerProcess, runner_name, worker_devices
 from fit_implicit.backend.service.options import DEFAULT_BIND, add_arguments
 
 __all__ = ["Server", "ServerConfig", "ConfigError", "main", "cli", "add_arguments", "check_bind_address"]
@@ -75,6 +77,7 @@ class ServerConfig:
     warm_up: bool = False                     # a tiny fit on the worker before the first job (CUDA only)
     stall_seconds: float = serve_options.DEFAULT_STALL_SECONDS   # an unfinished message silent this long: dropped
     max_clients: int = 0                      # connections served at once (0: as the open-file limit allows)
+    workers: list[str] = dataclasses.field(default_factory=list)   # a worker process on each (--gpus/--workers); []: in-process
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +115,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot use {runs_dir} for job folders ({exc.strerror}); pick another with --runs-dir") from exc
-    return ServerConfig(bind=bind, device=resolve_device(getattr(args, "device", None)), max_queue=max_queue,
+    device = resolve_device(getattr(args, "device", None))
+    gpus, count = getattr(args, "gpus", None), int(getattr(args, "workers", None) or 0)
+    try:
+        gpu_count = 0
+        if gpus is not None:
+            import torch
+            gpu_count = torch.cuda.device_count()
+        workers = worker_devices(gpus, count, device, gpu_count)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return ServerConfig(bind=bind, device=workers[0] if workers else device, max_queue=max_queue, workers=workers,
                         max_message_bytes=max_bytes, curve=curve,
                         client_timeout=serve_options.DEFAULT_CLIENT_TIMEOUT if timeout is None
                         else max(0.0, float(timeout)), runs_dir=runs_dir,
@@ -201,15 +214,25 @@ class Server:
 
     def __init__(self, config: ServerConfig, runner: JobRunner | None = None,
                  context: zmq.Context | None = None):
-        warm_up = None
-        if runner is None:
-            from fit_implicit.backend.service.fit_job import run_fit_job
-            runner = run_fit_job
-            if config.warm_up and config.device.startswith("cuda"):
-                from fit_implicit.backend.service.warmup import warm_up as _warm_up
-                warm_up = lambda: _warm_up(config.device)   # noqa: E731
-        from fit_implicit.backend.service.render_job import with_render_jobs  # RenderJob -> renders of a saved model; the rest -> runner
-        runner = with_render_jobs(runner, lambda: config.runs_dir)
+        warm_up, workers = None, None
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        if config.workers:   # a process each, running the runner by name (workers.py)
+            cpu = [d for d in config.workers if not d.startswith("cuda")]
+            threads = max(1, (os.cpu_count() or 1) // len(cpu)) if len(cpu) > 1 else 0
+            workers = [WorkerProcess(f"w{i}", device, runner=runner_name(runner), runs_dir=config.runs_dir,
+                                     warm_up=config.warm_up, threads=threads if device in cpu else 0, context=self._context)
+                       for i, device in enumerate(config.workers)]
+        else:
+            if runner is None:
+                from fit_implicit.backend.service.fit_job import run_fit_job
+                runner = run_fit_job
+                if config.warm_up and config.device.startswith("cuda"):
+                    from fit_implicit.backend.service.warmup import warm_up as _warm_up
+                    warm_up = lambda: _warm_up(config.device)   # noqa: E731
+            # RenderJob -> renders of a saved model; the rest -> runner
+            from fit_implicit.backend.service.render_job import with_render_jobs
+            runner = with_render_jobs(runner, lambda: config.runs_dir)
         self.config = config
         self.limits = dataclasses.replace(
             wire.DEFAULT_LIMITS,
@@ -226,9 +249,7 @@ class Server:
         self.jobs = JobQueue(runner, self.outbox, device=config.device, max_queue=config.max_queue,
                              max_queued_bytes=config.max_queued_bytes, runs_dir=config.runs_dir,
                              checkpoint_interval=config.checkpoint_interval, keep_seconds=config.keep_seconds,
-                             warm_up=warm_up)
-        self._own_context = context is None
-        self._context = context or zmq.Context()
+                             warm_up=warm_up, workers=workers)
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self._auth = None
@@ -506,11 +527,15 @@ class Server:
         return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, server=f"fit-implicit backend {__version__}",
                                 device=self.config.device, methods=",".join(protocol.METHODS))
 
+    def _mine_running(self, identity: bytes) -> tuple[bool, str]:
+        """(a job is running, the ids of this client's running jobs, comma-separated)."""
+        running, me = self.jobs.running_jobs(), self._owner(identity)
+        return bool(running), ",".join(job.id for job in running if job.owner == me)[:protocol.MAX_NAME]
+
     def _on_ping(self, identity: bytes, msg: protocol.Ping) -> protocol.Message:
-        running = self.jobs.running()
-        mine = running is not None and running.owner == self._owner(identity)
-        return protocol.Pong(seq=msg.seq, state="busy" if running else "idle",
-                             running_job=running.id if mine else "", queued=len(self.jobs.waiting()))
+        busy, mine = self._mine_running(identity)
+        return protocol.Pong(seq=msg.seq, state="busy" if busy else "idle", running_job=mine,
+                             queued=len(self.jobs.waiting()))
 
     def _on_submit(self, identity: bytes, msg: protocol.Submit) -> protocol.Message:
         try:
@@ -596,7 +621,7 @@ class Server:
         return None
 
     def _on_status(self, identity: bytes, msg: protocol.Status) -> protocol.Message:
-        running, me = self.jobs.running(), self._owner(identity)
+        (busy, mine), me = self._mine_running(identity), self._owner(identity)
         ids, size = [], 0
         for job in self.jobs.waiting():
             if job.owner != me:         # other clients' job ids are theirs
@@ -605,9 +630,8 @@ class Server:
             if size > protocol.MAX_STRING:
                 break
             ids.append(job.id)
-        return protocol.StatusReply(state="busy" if running else "idle",
-                                    running_job=running.id if running is not None and running.owner == me else "",
-                                    queued_jobs=",".join(ids), device=self.config.device)
+        return protocol.StatusReply(state="busy" if busy else "idle", running_job=mine, queued_jobs=",".join(ids),
+                                    device=self.config.device, workers=self.jobs.worker_states()[:protocol.MAX_STRING])
 
     def _on_free_memory(self, identity: bytes, msg: protocol.FreeMemory) -> protocol.Message:
         """Empty torch's CUDA cache, only between jobs (a running job would just take it back)."""
@@ -615,9 +639,7 @@ class Server:
             return protocol.Error(code="busy", in_reply_to=msg.TYPE,
                                   message="a job is running or waiting; GPU memory is released when the queue is empty")
         if self.config.device.startswith("cuda"):
-            import torch
-            torch.cuda.empty_cache()
-            log.info("freed cached GPU memory (%.0f MiB still allocated)", torch.cuda.memory_allocated() / 2**20)
+            self.jobs.free_memory()   # each worker empties its own cache (jobs.py)
         return protocol.Ack(request="free_memory")
 
     # ---- housekeeping -----------------------------------------------------------------------

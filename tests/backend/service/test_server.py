@@ -100,7 +100,7 @@ def test_invalid_submit_is_refused_with_the_field_named(fake_backend):
 def test_status(fake_backend):
     with RawPeer(fake_backend.address) as peer:
         reply = peer.request(protocol.Status())
-    assert reply == protocol.StatusReply(state="idle", device="cpu")
+    assert reply == protocol.StatusReply(state="idle", device="cpu", workers="w0 cpu idle")   # the in-process worker
 
 
 # ---- jobs -----------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Many jobs, many workers, one address (issue 20, item 2): ``serve --workers N`` / ``--gpus``.
+
+Real backend subprocesses, real worker processes and real ZeroMQ sockets.  The workers run the
+fake runner (tests/helpers.py) except in the last test, which trains for real on the CPU and
+kills a worker mid-fit.  (``--gpus`` needs CUDA: here only its settings are checked; the GPU
+figures come from benchmarks/gpu_suite.sh.)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fit_implicit.backend.service import server
+from fit_implicit.backend.service.workers import worker_devices
+from fit_implicit.blender_addon.client import JobClient
+from helpers import TEST_TOKEN, BackendProcess, RawPeer, make_submit
+from fit_implicit.shared import protocol
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def client_of(address: str, user: int) -> JobClient:
+    """A client of user ``user`` (its own token: fairness is between users)."""
+    return JobClient(address, heartbeat_interval=0.25, dead_after=10.0, token=f"{user:02d}" * 16)
+
+
+def status(address: str) -> protocol.StatusReply:
+    with RawPeer(address, token=TEST_TOKEN) as peer:
+        return peer.request(protocol.Status())
+
+
+def wait_all(clients: list[JobClient], timeout: float = 120.0) -> dict[JobClient, list]:
+    seen: dict[JobClient, list] = {c: [] for c in clients}
+    deadline = time.monotonic() + timeout
+    while not all(c.finished for c in clients):
+        assert time.monotonic() < deadline, {c.job_id: [m.TYPE for m in seen[c]] for c in clients}
+        for c in clients:
+            seen[c] += c.poll()
+        time.sleep(0.01)
+    for c in clients:
+        seen[c] += c.poll()
+    return seen
+
+
+def worker_pids(backend: BackendProcess) -> list[int]:
+    """The backend's worker processes (Linux: /proc)."""
+    tasks = Path(f"/proc/{backend.proc.pid}/task").glob("*/children")   # each thread's (workers start their own)
+    return [int(pid) for task in tasks for pid in task.read_text().split()]
+
+
+def test_worker_settings_name_devices_and_refuse_what_cannot_be():
+    assert worker_devices("all", 0, "cpu", 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("0,1", 4, "cpu", 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_devices("1", 0, "cpu", 2) == ["cuda:0"] and worker_devices("1,", 0, "cpu", 2) == ["cuda:1"]
+    assert worker_devices(None, 2, "cpu", 0) == ["cpu", "cpu"] and worker_devices(None, 0, "cuda", 1) == []
+    for gpus, count, words in (("all", 0, "no CUDA GPU"), ("3", 2, "GPU 3 does not exist"),
+                               ("0,0", 2, "named twice"), ("x", 2, "a count, or GPU indices"),
+                               ("4", 2, "sees 2 CUDA GPU")):
+        with pytest.raises(ValueError, match=words):
+            worker_devices(gpus, 0, "cpu", count)
+    args = argparse.Namespace(bind="tcp://127.0.0.1:0", device="cpu", max_queue=4, gpus="all",
+                              runs_dir=None)
+    if not __import__("torch").cuda.is_available():   # what `serve --gpus all` says on this machine
+        with pytest.raises(server.ConfigError, match="no CUDA GPU visible"):
+            server.config_from_args(args)
+
+
+def test_two_workers_run_four_users_jobs_at_once_and_in_fair_turns(backend_factory):
+    backend = backend_factory(args=["--workers", "2", "--max-queue", "8"])
+    blockers = [client_of(backend.address, 9) for _ in range(2)]
+    for c in blockers:                       # both workers busy while the others queue
+        c.start(make_submit(steps=120, name="blocker"))
+    deadline = time.monotonic() + 30
+    while status(backend.address).state != "busy" or len(status(backend.address).workers.split("busy")) < 3:
+        assert time.monotonic() < deadline, status(backend.address)
+        time.sleep(0.02)
+    states = status(backend.address).workers
+    assert states.startswith("w0 cpu busy") and "w1 cpu busy" in states, states
+    users = [client_of(backend.address, user) for user in range(4) for _ in range(2)]   # each user queues two
+    for c in users:
+        c.start(make_submit(steps=30, name=f"user{c.token[:2]}"))
+    seen = wait_all(blockers + users)
+    dones = {c: seen[c][-1] for c in users + blockers}
+    assert all(isinstance(d, protocol.Done) for d in dones.values()), {c.job_id: c.error for c in dones}
+    pids = {d.summary["pid"] for d in dones.values()}
+    assert len(pids) == 2, pids            # two worker processes, and only two, ran them all
+    # Round-robin across users: every user's first job began before any user's second one.
+    began = sorted(users, key=lambda c: dones[c].summary["began"])
+    assert len({c.token for c in began[:4]}) == 4, [c.token[:2] for c in began]
+    assert max(dones[c].summary["began"] for c in blockers) < dones[began[0]].summary["began"]
+    for c in blockers + users:
+        c.close()
+
+
+def test_a_killed_worker_is_restarted_and_its_job_runs_again_the_others_go_on(backend_factory):
+    backend = backend_factory(args=["--workers", "2"])
+    dying, other = client_of(backend.address, 1), client_of(backend.address, 2)
+    dying.start(make_submit(steps=60, name="die-once"))    # kills its worker half-way, the first time
+    other.start(make_submit(steps=80, name="steady"))
+    seen = wait_all([dying, other])
+    assert isinstance(seen[other][-1], protocol.Done) and not other.error
+    done = seen[dying][-1]
+    assert isinstance(done, protocol.Done) and not dying.error, dying.error
+    notes = [m.note for m in seen[dying] if isinstance(m, protocol.Progress) and m.note]
+    assert any("stopped (killed by SIGKILL" in n and "runs again" in n for n in notes), notes
+    assert seen[other][-1].summary["pid"] in worker_pids(backend)            # its worker lived on
+    assert done.summary["pid"] in worker_pids(backend)                        # a new worker (or the other) ran it
+    assert "(restarted 1x)" in status(backend.address).workers
+    # A job that kills every worker it runs on ends, with the reason, after the second death.
+    killer = client_of(backend.address, 3)
+    killer.start(make_submit(steps=20, name="die"))
+    seen = wait_all([killer])
+    assert isinstance(seen[killer][-1], protocol.Failed) and seen[killer][-1].code == "worker_died"
+    assert "died 2 times" in killer.error and "killed by SIGKILL" in killer.error, killer.error
+    deadline = time.monotonic() + 30
+    while len(worker_pids(backend)) < 2:     # both workers are back for the next jobs
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for c in (dying, other, killer):
+        c.close()
+
+
+@pytest.mark.slow   # a worker's torch import (twice) and 80 real training steps on the CPU: ~40-90 s
+@pytest.mark.timeout(600)
+def test_a_fit_whose_worker_is_killed_resumes_from_its_checkpoint_in_a_new_worker(tmp_path):
+    interval = 0.5   # seconds between checkpoints
+    backend = BackendProcess(fake=False, args=["--runs-dir", str(tmp_path), "--checkpoint-seconds", str(interval),
+                                               "--workers", "1"])
+    try:
+        client = JobClient(backend.address, heartbeat_interval=0.25, dead_after=10.0, token=TEST_TOKEN)
+        client.start(make_submit(n=6, size=24, steps=80, mesh_resolution=24))
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("*/checkpoint.pt")):
+            assert time.monotonic() < deadline and not client.finished, client.error
+            client.poll()
+            time.sleep(0.05)
+        [worker] = worker_pids(backend)
+        os.kill(worker, signal.SIGKILL)                       # the worker, not the server
+        messages = client.wait(400)
+        assert client.finished and not client.error, client.error
+        done = messages[-1]
+        assert done.TYPE == "done" and done.summary["resumed_from_step"] > 0 and done.summary["steps"] == 80
+        assert done.summary["device"] == "cpu"
+        assert [m.TYPE for m in messages].count("mesh") == 1
+        assert worker_pids(backend) and worker not in worker_pids(backend)
+        client.close()
+    finally:
+        backend.close()
