@@ -609,6 +609,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return server.main(args) or 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fit_implicit.backend.service import worker_process  # needs pyzmq; imported only here
+
+    return worker_process.run(args) or 0
+
+
 _HELP = argparse.ArgumentDefaultsHelpFormatter    # --help shows every option's default
 
 
@@ -756,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", formatter_class=_HELP, help="serve jobs over ZeroMQ (needs pyzmq)")
     serve_options.add_arguments(s)      # --bind, --device, --max-queue, ... (no pyzmq needed)
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", formatter_class=_HELP,
+                       help="run jobs for a backend on another host (its serve --worker-bind; needs pyzmq)")
+    serve_options.add_worker_arguments(w)
+    w.set_defaults(func=cmd_worker)
     return p
 
 

@@ -149,7 +149,11 @@ class BackendProcess:
         self._log = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      preexec_fn=preexec_fn)
+        self.worker_address = ""      # with --worker-bind: where workers on other hosts join
         self.address = self._wait_for_address(startup_timeout)
+        deadline = time.monotonic() + 5
+        while "--worker-bind" in args and not self.worker_address and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _wait_for_address(self, timeout: float) -> str:
         found: list[str] = []
@@ -159,6 +163,9 @@ class BackendProcess:
                 match = re.match(r"backend listening on (\S+)", line)
                 if match and not found:
                     found.append(match.group(1))
+                door = re.match(r"workers join at (\S+)", line)
+                if door:
+                    self.worker_address = door.group(1)
 
         threading.Thread(target=read, daemon=True).start()
         deadline = time.monotonic() + timeout

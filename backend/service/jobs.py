@@ -575,8 +575,9 @@ class JobQueue:
 
     def worker_states(self) -> str:
         """One line for Status: each worker's device and state, and how often it was restarted."""
-        return ", ".join(f"{w.name} {w.device} {w.state}" + (f" (restarted {w.restarts}x)" if w.restarts else "")
-                         for w in self.workers)
+        with self._cond:
+            return ", ".join(f"{w.name} {w.device} {w.state}" + (f" (restarted {w.restarts}x)" if w.restarts else "")
+                             for w in self.workers)
 
     def free_memory(self) -> None:
         """Ask every worker to empty its device's cache (each does when it is next idle)."""
@@ -613,6 +614,23 @@ class JobQueue:
                 del queues[owner]
         return order
 
+    def _next_for(self, worker) -> Job | None:
+        """The first waiting job in fair order that ``worker`` can run (caller holds the lock)."""
+        if not self._waiting:
+            return None
+        accepts = getattr(worker, "accepts", None)
+        return next((job for job in self._fair_order() if accepts is None or accepts(job.submit)), None)
+
+    def add_worker(self, worker) -> None:
+        """A worker that joined while serving (backend/service/worker_door.py: one on another host)."""
+        thread = threading.Thread(target=self._work, args=(worker,), name=f"job-worker-{worker.name}", daemon=True)
+        with self._cond:
+            if self._stopping:
+                return
+            self.workers.append(worker)
+            self._threads.append(thread)
+        thread.start()
+
     def _position(self, job: Job) -> int:
         return self._fair_order().index(job) + (len(self._running) >= len(self.workers))
 
@@ -623,6 +641,11 @@ class JobQueue:
             if not worker.ready():    # first, or its process died: (re)start it before it takes a job
                 if worker.start():
                     backoff = 1.0
+                elif getattr(worker, "gone", False):   # a worker on another host that left: forget it
+                    with self._cond:
+                        self.workers.remove(worker)
+                    log.info("worker %s (%s) left", worker.name, worker.device)
+                    return
                 else:                 # e.g. its GPU is gone: try again later, take no job meanwhile
                     with self._cond:
                         worker.state = "down"
@@ -632,16 +655,19 @@ class JobQueue:
                         continue
             with self._cond:
                 worker.state = "idle"
-                while not self._waiting and not self._stopping and worker.name not in self._free_asked:
-                    self._cond.wait()
+                while not self._stopping and worker.name not in self._free_asked and self._next_for(worker) is None:
+                    self._cond.wait(1.0 if getattr(worker, "remote", False) else None)   # (a remote one may leave)
+                    if getattr(worker, "remote", False) and not worker.ready():
+                        break
                 if self._stopping:
                     worker.state = "stopped"
                     break
+                job = None
                 if worker.name in self._free_asked:   # FreeMemory (only asked with no job running or waiting)
                     self._free_asked.discard(worker.name)
-                    job = None
-                else:
-                    job = self._fair_order()[0]
+                elif worker.ready():
+                    job = self._next_for(worker)
+                if job is not None:
                     self._waiting.remove(job)
                     self._served[job.owner], self._turn = self._turn, self._turn + 1
                     if len(self._served) > 4 * self.max_queue + 64:   # forget owners served long ago
@@ -652,7 +678,8 @@ class JobQueue:
                     worker.state = "busy"
             if job is None:
                 try:
-                    worker.free_memory()
+                    if worker.ready():
+                        worker.free_memory()
                 except Exception:   # noqa: BLE001 - best effort
                     log.warning("%s could not free its memory", worker.name, exc_info=True)
                 continue

@@ -12,6 +12,7 @@ DEFAULT_CLIENT_TIMEOUT = 0.0                  # jobs outlive their client (it ma
 DEFAULT_CHECKPOINT_SECONDS = 60.0
 DEFAULT_KEEP_HOURS = 24.0
 DEFAULT_STALL_SECONDS = 60.0                  # an unfinished message with no new byte this long is dropped
+DEFAULT_WORKER_TIMEOUT = 10.0                 # a worker on another host silent this long is gone (worker_door.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes in all: spread over --gpus (default one a GPU), or on --device "
                              "without --gpus (default 0: jobs run one at a time in the server's own process)")
+    parser.add_argument("--worker-bind", default=None,
+                        help="also let workers on other hosts join at this address (`fit-implicit worker --server "
+                             "ADDRESS` on each; CurveZMQ with their keys in authorized_workers unless loopback)")
+    parser.add_argument("--worker-timeout", type=float, default=DEFAULT_WORKER_TIMEOUT,
+                        help="seconds a worker on another host may be silent before its job is queued again "
+                             f"(default {DEFAULT_WORKER_TIMEOUT:g})")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"jobs that may wait behind the running one (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
@@ -61,3 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of the server's CurveZMQ key pair (generated on first run) and of "
                              "authorized_keys, one client public key (Z85) per line "
                              "(default: $FIT_IMPLICIT_KEYS_DIR, else ~/.config/fit_implicit/)")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fit-implicit worker`` (a worker on another host)."""
+    parser.add_argument("--server", required=True, help="the backend's worker address (its serve --worker-bind), "
+                                                        "e.g. tcp://gpu-head:5600")
+    parser.add_argument("--server-key", default="", help="the backend's public key (Z85) or its server.key file; "
+                                                          "needed for any address but this host's")
+    parser.add_argument("--keys-dir", default=None, help="folder of this worker's key pair worker.key / "
+                                                         "worker.key_secret (made on first run; none given: "
+                                                         "$FIT_IMPLICIT_KEYS_DIR, else ~/.config/fit_implicit/)")
+    parser.add_argument("--device", default="cuda", help="cpu | cuda | cuda:N | mps")
+    parser.add_argument("--name", default="", help="how the backend's Status names this worker (''): the host name")
+    parser.add_argument("--scratch", default=None, help="folder for running jobs' checkpoints (none given: a temporary one)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_WORKER_TIMEOUT, help="seconds of silence after which the backend counts "
+                                                                    "as gone")
+    parser.add_argument("--runner", default="", help=argparse.SUPPRESS)   # module:function of a job runner (tests)

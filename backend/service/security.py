@@ -30,7 +30,9 @@ KEYS_DIR_ENV = "FIT_IMPLICIT_KEYS_DIR"
 PUBLIC_KEY_FILE = "server.key"
 SECRET_KEY_FILE = "server.key_secret"
 AUTHORIZED_KEYS_FILE = "authorized_keys"
+AUTHORIZED_WORKERS_FILE = "authorized_workers"   # workers on other hosts (serve --worker-bind): they see every job
 ZAP_DOMAIN = "fit-implicit"
+WORKER_ZAP_DOMAIN = "fit-implicit-workers"
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
@@ -76,16 +78,18 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)   # whatever the umask
 
 
-def ensure_server_keys(keys_dir: Path) -> tuple[bytes, bytes]:
-    """The server's (public, secret) Z85 keys, generated into ``keys_dir`` on first use."""
+def ensure_server_keys(keys_dir: Path, stem: str = "server") -> tuple[bytes, bytes]:
+    """The server's (public, secret) Z85 keys, generated into ``keys_dir`` on first use
+    (``stem`` "worker": a worker's own pair, ``worker.key`` and ``worker.key_secret``)."""
     keys_dir = Path(keys_dir)
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    public_path, secret_path = keys_dir / PUBLIC_KEY_FILE, keys_dir / SECRET_KEY_FILE
+    public_path = keys_dir / PUBLIC_KEY_FILE.replace("server", stem)
+    secret_path = keys_dir / SECRET_KEY_FILE.replace("server", stem)
     if not secret_path.exists():
         public, secret = zmq.curve_keypair()
         _write_private(secret_path, secret.decode("ascii") + "\n")
         public_path.write_text(public.decode("ascii") + "\n")
-        log.info("generated the server's CurveZMQ key pair in %s", keys_dir)
+        log.info("generated the %s's CurveZMQ key pair in %s", stem, keys_dir)
     mode = secret_path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyError_(f"{secret_path} is readable by other users (mode {mode:o}); run: chmod 600 {secret_path}")
@@ -114,6 +118,19 @@ def setup_server_curve(keys_dir: Path | str | None = None) -> CurveSetup:
     return CurveSetup(keys_dir, public, secret, authorized)
 
 
+def setup_worker_curve(keys_dir: Path | str | None = None) -> CurveSetup:
+    """The server's key pair and the allow-list of workers (``authorized_workers``), or KeyError_."""
+    keys_dir = Path(keys_dir).expanduser() if keys_dir else default_keys_dir()
+    public, secret = ensure_server_keys(keys_dir)
+    authorized = keys_dir / AUTHORIZED_WORKERS_FILE
+    if not authorized.exists() or not read_authorized_keys(authorized):
+        raise KeyError_(
+            f"CurveZMQ is not set up for workers: no worker is allowed in {authorized}. Add the public key of "
+            f"every worker that may join (each `fit-implicit worker` prints its own, and keeps it in worker.key), "
+            f"one per line. Give workers this server's public key: {public.decode('ascii')}.")
+    return CurveSetup(keys_dir, public, secret, authorized)
+
+
 class _AllowList:
     """ZAP credentials provider: admits the keys of ``authorized_keys`` (re-read when it changes)."""
 
@@ -136,21 +153,27 @@ class _AllowList:
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self._load()
         if not allowed:
-            log.warning("refused a client: its public key %s is not in %s", key.decode("ascii", "replace"), self.path)
+            who = "worker" if domain == WORKER_ZAP_DOMAIN else "client"
+            log.warning("refused a %s: its public key %s is not in %s", who, key.decode("ascii", "replace"), self.path)
         return allowed
 
 
-def start_authenticator(context: zmq.Context, setup: CurveSetup) -> ThreadAuthenticator:
-    """A ZAP handler on ``context`` that admits only the allow-listed public keys."""
+def start_authenticator(context: zmq.Context, setup: CurveSetup | None,
+                        workers: CurveSetup | None = None) -> ThreadAuthenticator:
+    """A ZAP handler on ``context`` that admits only the allow-listed public keys: clients'
+    (``setup``) and workers' (``workers``), each on its own socket's domain."""
     auth = ThreadAuthenticator(context, log=logging.getLogger(__name__ + ".zap"))
     auth.start()
-    auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_AllowList(setup.authorized_keys))
+    if setup is not None:
+        auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_AllowList(setup.authorized_keys))
+    if workers is not None:
+        auth.configure_curve_callback(WORKER_ZAP_DOMAIN, credentials_provider=_AllowList(workers.authorized_keys))
     return auth
 
 
-def make_curve_server(sock: zmq.Socket, setup: CurveSetup) -> None:
+def make_curve_server(sock: zmq.Socket, setup: CurveSetup, domain: str = ZAP_DOMAIN) -> None:
     """Make ``sock`` (before bind) a CurveZMQ server with the backend's key pair."""
     sock.curve_secretkey = setup.secret_key
     sock.curve_publickey = setup.public_key
     sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN.encode()
+    sock.zap_domain = domain.encode()

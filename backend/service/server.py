@@ -42,6 +42,7 @@ from fit_implicit.backend.service.connections import Connections, connection_lim
 from fit_implicit.backend.service.intake import LARGE_BYTES, Intake, call_handler
 from fit_implicit.backend.service.jobs import JobQueue, JobRunner, QueueFull, ShuttingDown, UnknownJob
 from fit_implicit.backend.service.outbox import Outbox
+from fit_implicit.backend.service.worker_door import WorkerDoor
 from fit_implicit.backend.service.workers import WorkerProcess, runner_name, worker_devices
 from fit_implicit.backend.service.options import DEFAULT_BIND, add_arguments
 
@@ -78,6 +79,9 @@ class ServerConfig:
     stall_seconds: float = serve_options.DEFAULT_STALL_SECONDS   # an unfinished message silent this long: dropped
     max_clients: int = 0                      # connections served at once (0: as the open-file limit allows)
     workers: list[str] = dataclasses.field(default_factory=list)   # a worker process on each (--gpus/--workers); []: in-process
+    worker_bind: str | None = None            # workers on other hosts join here (worker_door.py); None: none
+    worker_curve: security.CurveSetup | None = None   # the door's CurveZMQ (non-loopback or --curve)
+    worker_timeout: float = serve_options.DEFAULT_WORKER_TIMEOUT
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,6 +119,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot use {runs_dir} for job folders ({exc.strerror}); pick another with --runs-dir") from exc
+    door, door_curve = getattr(args, "worker_bind", None), None
+    if door:
+        if bool(getattr(args, "curve", False)) or not is_local_address(door):
+            try:
+                door_curve = security.setup_worker_curve(getattr(args, "keys_dir", None))
+            except (security.KeyError_, OSError) as exc:
+                raise ConfigError(f"refusing to let workers join at {door} without CurveZMQ: {exc}") from exc
+        door = check_bind_address(door, curve=door_curve is not None)
     device = resolve_device(getattr(args, "device", None))
     gpus, count = getattr(args, "gpus", None), int(getattr(args, "workers", None) or 0)
     try:
@@ -126,6 +138,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return ServerConfig(bind=bind, device=workers[0] if workers else device, max_queue=max_queue, workers=workers,
+                        worker_bind=door, worker_curve=door_curve,
+                        worker_timeout=float(getattr(args, "worker_timeout", None) or serve_options.DEFAULT_WORKER_TIMEOUT),
                         max_message_bytes=max_bytes, curve=curve,
                         client_timeout=serve_options.DEFAULT_CLIENT_TIMEOUT if timeout is None
                         else max(0.0, float(timeout)), runs_dir=runs_dir,
@@ -251,6 +265,7 @@ class Server:
                              checkpoint_interval=config.checkpoint_interval, keep_seconds=config.keep_seconds,
                              warm_up=warm_up, workers=workers)
         self._socket: zmq.Socket | None = None
+        self.door: WorkerDoor | None = None       # workers on other hosts (--worker-bind)
         self._monitor: zmq.Socket | None = None
         self._auth = None
         self.endpoint = ""
@@ -279,8 +294,9 @@ class Server:
         """Create and bind the socket; returns the real endpoint (with the chosen port)."""
         sock = self._context.socket(zmq.ROUTER)
         events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED   # connections.py
+        if self.config.curve is not None or self.config.worker_curve is not None:
+            self._auth = security.start_authenticator(self._context, self.config.curve, self.config.worker_curve)
         if self.config.curve is not None:
-            self._auth = security.start_authenticator(self._context, self.config.curve)
             security.make_curve_server(sock, self.config.curve)
             events |= zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -301,9 +317,22 @@ class Server:
             raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.worker_bind:
+            self.door = WorkerDoor(self.jobs, self._context, self.config.worker_bind, self.config.worker_curve,
+                                   self.config.worker_timeout, self.config.max_message_bytes)
+            try:
+                self.door.bind()
+            except zmq.ZMQError:
+                self.door = None
+                self._stop_security(sock)
+                sock.close(linger=0)
+                self._socket = None
+                raise
         self.jobs.restore()   # unfinished jobs of an earlier run resume; ended ones can be fetched
         self.jobs.expire()
         self.jobs.start()
+        if self.door is not None:
+            self.door.start()
         return self.endpoint
 
     def serve(self, stop: threading.Event) -> None:
@@ -333,12 +362,15 @@ class Server:
 
     def close(self) -> None:
         self.intake.stop()
+        if self.door is not None:
+            self.door.stop()
+            self.door = None
         if self._socket is not None:
             self._stop_security(self._socket)
             self._socket.close()
             self._socket = None
-        if self._own_context:
-            self._context.term()
+        if self._own_context:   # a worker thread stuck in a job past the grace still holds a socket: close it too
+            self._context.term() if self.jobs.join(timeout=0) else self._context.destroy(linger=0)
 
     def _stop_security(self, sock: zmq.Socket) -> None:
         if self._monitor is not None:
@@ -722,6 +754,8 @@ def main(args: argparse.Namespace, runner: JobRunner | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     print(f"backend listening on {endpoint}", flush=True)
+    if server.door is not None:
+        print(f"workers join at {server.door.endpoint}", flush=True)
     if config.curve is not None:
         log.info("CurveZMQ on: server public key %s; clients allowed from %s",
                  config.curve.public_key.decode("ascii"), config.curve.authorized_keys)

@@ -93,7 +93,94 @@ def worker_devices(gpus: str | None, workers: int, device: str, gpu_count: int) 
     return [f"cuda:{indices[i % len(indices)]}" for i in range(count)]
 
 
-class WorkerProcess:
+class Relay:
+    """A worker whose jobs run elsewhere, behind a socket its JobQueue thread owns: the job goes
+    out as frames, its messages come back and go on to the client (:meth:`JobContext.forward`).
+    Subclasses open the socket in :meth:`start` and say in :meth:`lost` when the other end is gone."""
+
+    name: str
+    device: str
+    _socket: zmq.Socket | None = None
+
+    def accepts(self, message: protocol.Message | None) -> bool:
+        """Whether this worker can run a job of this kind (None: a fit restored from its folder)."""
+        return True
+
+    def lost(self) -> str | None:
+        """Why the other end is gone (it then cannot end the job), or None while it is there."""
+        raise NotImplementedError
+
+    def run(self, message: protocol.Message, ctx: JobContext) -> Mapping[str, Any]:
+        """Run one job there; returns its summary.  Raises JobCancelled, WorkerJobFailed (it
+        failed there) or WorkerDied (the other end went away under it)."""
+        if not self.ready():
+            raise WorkerDied(f"worker {self.name} is not running")
+        head = frame_head("job", job_id=ctx.job_id, folder=str(ctx.folder) if ctx.folder is not None else "",
+                          checkpoint_interval=ctx.checkpoint_interval, progress_interval=ctx.progress_interval)
+        try:
+            self._socket.send_multipart([head, *message.to_frames()], copy=False)
+        except zmq.Again:
+            self._close()
+            raise WorkerDied(self.lost() or "it did not take the job") from None
+        told_cancel = False
+        while True:
+            if ctx.should_stop() and not told_cancel:
+                try:
+                    self._socket.send_multipart([frame_head("cancel")], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass   # gone: lost() says so below
+                told_cancel = True
+            if not self._socket.poll(50):
+                why = self.lost()
+                if why is not None:
+                    self._close()
+                    raise WorkerDied(why)
+                continue
+            head, frames = read_frames(self._socket)
+            op = head.get("op")
+            if op == "message":
+                ctx.forward(protocol.decode_message(frames, RESULT_LIMITS))
+            elif op == "model":     # a worker without the job's folder sends the fitted model back
+                keep_model(ctx, frames)
+            elif op == "done":
+                summary = head.get("summary")
+                return {**(summary if isinstance(summary, dict) else {}), "device": self.device}   # not its cuda:0
+            elif op == "cancelled":
+                raise JobCancelled()
+            elif op == "failed":
+                failed = protocol.decode_message(frames, RESULT_LIMITS)
+                if not isinstance(failed, protocol.Failed):
+                    raise RuntimeError(f"worker {self.name} ended a job with a {failed.TYPE}")
+                raise WorkerJobFailed(failed)
+            elif op == "gone":
+                self._close()
+                raise WorkerDied(str(head.get("why", "it went away")))
+            else:
+                log.warning("worker %s: unexpected %r during a job", self.name, op)
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+def keep_model(ctx: JobContext, frames: list) -> None:
+    """Write a fitted model a worker sent (run.json, model.pt) into the job's folder, checked
+    first (backend/fitting/runs.py check_run_files), for later RenderJob, MeshJob and FetchModel."""
+    from fit_implicit.backend.fitting.runs import RUN_FILE, WEIGHTS_FILE, check_run_files
+    from fit_implicit.backend.service.checkpoint import atomic_write_bytes
+
+    if ctx.folder is None or len(frames) != 2:
+        return
+    run_json, weights = bytes(frames[0].buffer), bytes(frames[1].buffer)
+    try:
+        check_run_files(run_json, weights)
+    except ValueError as exc:
+        log.error("job %s: the worker's model was not kept: %s", ctx.job_id, exc)
+        return
+    atomic_write_bytes(ctx.folder / WEIGHTS_FILE, weights)
+    atomic_write_bytes(ctx.folder / RUN_FILE, run_json)
+
+
+class WorkerProcess(Relay):
     """One worker process and the socket to it.  Every method but :attr:`state` is called from
     its JobQueue thread only (the socket is that thread's)."""
 
@@ -194,44 +281,9 @@ class WorkerProcess:
         if self.ready():
             self._socket.send_multipart([frame_head("free")])
 
-    # ---- one job ----------------------------------------------------------------------------
-    def run(self, message: protocol.Message, ctx: JobContext) -> Mapping[str, Any]:
-        """Run one job there; returns its summary.  Raises JobCancelled, WorkerJobFailed (it
-        failed there) or WorkerDied (the process ended under it)."""
-        if not self.ready():
-            raise WorkerDied(f"worker {self.name} is not running")
-        head = frame_head("job", job_id=ctx.job_id, folder=str(ctx.folder) if ctx.folder is not None else "",
-                     checkpoint_interval=ctx.checkpoint_interval, progress_interval=ctx.progress_interval)
-        self._socket.send_multipart([head, *message.to_frames()], copy=False)
-        told_cancel = False
-        while True:
-            if ctx.should_stop() and not told_cancel:
-                self._socket.send_multipart([frame_head("cancel")])
-                told_cancel = True
-            if not self._socket.poll(50):
-                code = self._proc.poll()
-                if code is not None:
-                    self._close()
-                    raise WorkerDied(_how(code))
-                continue
-            head, frames = read_frames(self._socket)
-            op = head.get("op")
-            if op == "message":
-                ctx.forward(protocol.decode_message(frames, RESULT_LIMITS))
-            elif op == "done":
-                summary = head.get("summary")
-                return {**(summary if isinstance(summary, dict) else {}), "device": self.device}   # not its cuda:0
-            elif op == "cancelled":
-                raise JobCancelled()
-            elif op == "failed":
-                failed = protocol.decode_message(frames, RESULT_LIMITS)
-                if not isinstance(failed, protocol.Failed):
-                    raise RuntimeError(f"worker {self.name} ended a job with a {failed.TYPE}")
-                raise WorkerJobFailed(failed)
-            else:
-                log.warning("worker %s: unexpected %r during a job", self.name, op)
-
-
+    def lost(self) -> str | None:
+        code = self._proc.poll() if self._proc is not None else -9
+        return None if code is None else _how(code)
 def _visible(index: str) -> str:
     """The CUDA_VISIBLE_DEVICES entry for this process's GPU ``index`` (itself a position in an
     inherited CUDA_VISIBLE_DEVICES, if one is set)."""
@@ -258,9 +310,13 @@ def frame_head(op: str, **fields: Any) -> bytes:
 
 def read_frames(sock: zmq.Socket) -> tuple[dict, list]:
     """One message: its JSON header and the frames after it."""
-    frames = sock.recv_multipart(copy=False)
+    return parse_frames(sock.recv_multipart(copy=False))
+
+
+def parse_frames(frames: list) -> tuple[dict, list]:
+    """A worker message's JSON header ({} if it is not a JSON object) and the frames after it."""
     try:
         head = json.loads(bytes(frames[0].buffer))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, IndexError):
         head = {}
     return (head if isinstance(head, dict) else {}), frames[1:]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fit_implicit.backend.service import server
+from fit_implicit.backend.service import security, server
 from fit_implicit.backend.service.workers import worker_devices
 from fit_implicit.blender_addon.client import JobClient
 from helpers import TEST_TOKEN, BackendProcess, RawPeer, make_submit
@@ -58,7 +60,7 @@ def test_worker_settings_name_devices_and_refuse_what_cannot_be():
     assert worker_devices("0,1", 4, "cpu", 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert worker_devices("1", 0, "cpu", 2) == ["cuda:0"] and worker_devices("1,", 0, "cpu", 2) == ["cuda:1"]
     assert worker_devices(None, 2, "cpu", 0) == ["cpu", "cpu"] and worker_devices(None, 0, "cuda", 1) == []
-    for gpus, count, words in (("all", 0, "no CUDA GPU"), ("3", 2, "GPU 3 does not exist"),
+    for gpus, count, words in (("all", 0, "no CUDA GPU"), ("3,", 2, "GPU 3 does not exist"),
                                ("0,0", 2, "named twice"), ("x", 2, "a count, or GPU indices"),
                                ("4", 2, "sees 2 CUDA GPU")):
         with pytest.raises(ValueError, match=words):
@@ -151,3 +153,84 @@ def test_a_fit_whose_worker_is_killed_resumes_from_its_checkpoint_in_a_new_worke
         client.close()
     finally:
         backend.close()
+
+
+# ---- workers on other hosts (serve --worker-bind, fit-implicit worker) ---------------------------------------
+def start_remote_worker(address: str, server_key: bytes, keys: Path, name: str) -> subprocess.Popen:
+    """``fit-implicit worker`` with the fake runner (tests/helpers.py), as a TD would start it on another box."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "fit_implicit.backend", "worker", "--server", address, "--server-key",
+           server_key.decode(), "--keys-dir", str(keys), "--device", "cpu", "--name", name, "--timeout", "3",
+           "--runner", "helpers:fake_runner"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_worker_on_another_host_joins_over_curvezmq_takes_jobs_and_its_loss_requeues_its_job(backend_factory,
+                                                                                                 tmp_path):
+    server_keys, box_keys, stranger_keys = tmp_path / "server", tmp_path / "box", tmp_path / "stranger"
+    server_public, _ = security.ensure_server_keys(server_keys)
+    box_public, _ = security.ensure_server_keys(box_keys, stem="worker")
+    security.ensure_server_keys(stranger_keys, stem="worker")
+    (server_keys / "authorized_workers").write_text(box_public.decode() + "\n")
+    backend = backend_factory(args=["--worker-bind", "tcp://0.0.0.0:0", "--keys-dir", str(server_keys),
+                                    "--worker-timeout", "2"])
+    door = backend.worker_address.replace("0.0.0.0", "127.0.0.1")
+    assert door.startswith("tcp://127.0.0.1:"), backend.worker_address
+    box = start_remote_worker(door, server_public, box_keys, "box2")
+    stranger = start_remote_worker(door, server_public, stranger_keys, "stranger")   # its key is not allowed
+    try:
+        deadline = time.monotonic() + 60
+        while "cpu@box2 idle" not in status(backend.address).workers:
+            assert time.monotonic() < deadline and box.poll() is None, (status(backend.address), backend.log()[-2000:])
+            time.sleep(0.05)
+        while "refused a worker: its public key" not in backend.log():   # the stranger's key: refused, and logged
+            assert time.monotonic() < deadline, backend.log()[-2000:]
+            time.sleep(0.05)
+        assert "stranger" not in status(backend.address).workers
+        # Two users' jobs at once: one on this host's worker, one on box2.
+        users = [client_of(backend.address, u) for u in (1, 2)]
+        for c in users:
+            c.start(make_submit(steps=80, name="both"))
+        seen = wait_all(users)
+        pids = {seen[c][-1].summary["pid"] for c in users}
+        assert pids == {backend.proc.pid, box.pid}, (pids, backend.proc.pid, box.pid)
+        assert {seen[c][-1].summary["device"] for c in users} == {"cpu", "cpu@box2"}
+        # box2 is lost mid-job (its connection closes; across a network, or a box that hangs, its
+        # silence for --worker-timeout says the same): the job is queued again and finishes here.
+        pair = [client_of(backend.address, 3), client_of(backend.address, 4)]
+        for c in pair:
+            c.start(make_submit(steps=300, name="pair"))     # ~3 s each, one on each worker
+        deadline = time.monotonic() + 30
+        while not all(w in status(backend.address).workers for w in ("w0 cpu busy", "cpu@box2 busy")):
+            assert time.monotonic() < deadline and not any(c.finished for c in pair), status(backend.address)
+            time.sleep(0.02)
+        box.kill()
+        seen = wait_all(pair)
+        assert all(isinstance(seen[c][-1], protocol.Done) and seen[c][-1].summary["pid"] == backend.proc.pid
+                   for c in pair), [c.error for c in pair]
+        notes = [m.note for c in pair for m in seen[c] if isinstance(m, protocol.Progress) and m.note]
+        assert len(notes) == 1 and "cpu@box2 stopped (left: " in notes[0] and "runs again" in notes[0], notes
+        assert "box2" not in status(backend.address).workers
+        for c in [*users, *pair]:
+            c.close()
+    finally:
+        for proc in (box, stranger):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_model_sent_back_by_a_remote_worker_is_checked_before_it_is_kept(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import zmq
+
+    from fit_implicit.backend.service.workers import keep_model
+
+    ctx = SimpleNamespace(folder=tmp_path, job_id="abc")
+    run = {"format": 2, "method": "nerf", "config": {}, "aabb": [[-1, -1, -1], [1, 1, 1]]}
+    weights = b"PK\x03\x04" + bytes(60)     # a zip's signature: check_run_files never loads it
+    keep_model(ctx, [zmq.Frame(b"{not json"), zmq.Frame(weights)])
+    assert not list(tmp_path.iterdir())     # refused (and logged): nothing written
+    keep_model(ctx, [zmq.Frame(json.dumps(run).encode()), zmq.Frame(weights)])
+    assert json.loads((tmp_path / "run.json").read_text()) == run and (tmp_path / "model.pt").read_bytes() == weights
