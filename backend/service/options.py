@@ -82,6 +82,6 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cpu | cuda | cuda:N | mps")
     parser.add_argument("--name", default="", help="how the backend's Status names this worker (''): the host name")
     parser.add_argument("--scratch", default=None, help="folder for running jobs' checkpoints (none given: a temporary one)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_WORKER_TIMEOUT, help="seconds of silence after which the backend counts "
-                                                                    "as gone")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_WORKER_TIMEOUT,
+                        help="seconds of silence after which the backend counts as gone")
     parser.add_argument("--runner", default="", help=argparse.SUPPRESS)   # module:function of a job runner (tests)
