@@ -103,32 +103,25 @@ def ensure_server_keys(keys_dir: Path, stem: str = "server") -> tuple[bytes, byt
     return public, secret.encode("ascii")
 
 
-def setup_server_curve(keys_dir: Path | str | None = None) -> CurveSetup:
-    """Key pair (generated if missing) and a non-empty allow-list, or KeyError_ saying what to do."""
+def setup_server_curve(keys_dir: Path | str | None = None, workers: bool = False) -> CurveSetup:
+    """Key pair (generated if missing) and a non-empty allow-list, or KeyError_ saying what to do.
+    ``workers``: the allow-list of workers on other hosts (``authorized_workers``), not clients."""
     keys_dir = Path(keys_dir).expanduser() if keys_dir else default_keys_dir()
     public, secret = ensure_server_keys(keys_dir)
-    authorized = keys_dir / AUTHORIZED_KEYS_FILE
-    if not authorized.exists() or not read_authorized_keys(authorized):
-        raise KeyError_(
-            f"CurveZMQ is not set up: no client is allowed in {authorized}. Add the public key (Z85, 40 "
-            f"characters) of every client that may connect, one per line; a client makes its key pair with "
-            f"zmq.curve_keypair(). Give clients this server's public key: {public.decode('ascii')} "
-            f"(also in {keys_dir / PUBLIC_KEY_FILE}). Use --keys-dir or ${KEYS_DIR_ENV} for another folder."
-        )
-    return CurveSetup(keys_dir, public, secret, authorized)
-
-
-def setup_worker_curve(keys_dir: Path | str | None = None) -> CurveSetup:
-    """The server's key pair and the allow-list of workers (``authorized_workers``), or KeyError_."""
-    keys_dir = Path(keys_dir).expanduser() if keys_dir else default_keys_dir()
-    public, secret = ensure_server_keys(keys_dir)
-    authorized = keys_dir / AUTHORIZED_WORKERS_FILE
-    if not authorized.exists() or not read_authorized_keys(authorized):
+    authorized = keys_dir / (AUTHORIZED_WORKERS_FILE if workers else AUTHORIZED_KEYS_FILE)
+    if authorized.exists() and read_authorized_keys(authorized):
+        return CurveSetup(keys_dir, public, secret, authorized)
+    if workers:
         raise KeyError_(
             f"CurveZMQ is not set up for workers: no worker is allowed in {authorized}. Add the public key of "
             f"every worker that may join (each `fit-implicit worker` prints its own, and keeps it in worker.key), "
             f"one per line. Give workers this server's public key: {public.decode('ascii')}.")
-    return CurveSetup(keys_dir, public, secret, authorized)
+    raise KeyError_(
+        f"CurveZMQ is not set up: no client is allowed in {authorized}. Add the public key (Z85, 40 "
+        f"characters) of every client that may connect, one per line; a client makes its key pair with "
+        f"zmq.curve_keypair(). Give clients this server's public key: {public.decode('ascii')} "
+        f"(also in {keys_dir / PUBLIC_KEY_FILE}). Use --keys-dir or ${KEYS_DIR_ENV} for another folder."
+    )
 
 
 class _AllowList:

@@ -123,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if door:
         if bool(getattr(args, "curve", False)) or not is_local_address(door):
             try:
-                door_curve = security.setup_worker_curve(getattr(args, "keys_dir", None))
+                door_curve = security.setup_server_curve(getattr(args, "keys_dir", None), workers=True)
             except (security.KeyError_, OSError) as exc:
                 raise ConfigError(f"refusing to let workers join at {door} without CurveZMQ: {exc}") from exc
         door = check_bind_address(door, curve=door_curve is not None)

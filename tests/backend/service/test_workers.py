@@ -72,6 +72,16 @@ def test_worker_settings_name_devices_and_refuse_what_cannot_be():
             server.config_from_args(args)
 
 
+def test_workers_may_join_from_other_hosts_only_with_their_keys_allowed(tmp_path):
+    args = argparse.Namespace(bind="tcp://127.0.0.1:0", device="cpu", max_queue=4, runs_dir=str(tmp_path / "runs"),
+                              worker_bind="tcp://0.0.0.0:5600", keys_dir=str(tmp_path / "keys"))
+    with pytest.raises(server.ConfigError, match="refusing to let workers join at tcp://0.0.0.0:5600 without "
+                                                 "CurveZMQ: .*no worker is allowed in .*authorized_workers"):
+        server.config_from_args(args)
+    args.worker_bind = "tcp://127.0.0.1:5600"           # this host's workers only: plain, as for clients
+    assert server.config_from_args(args).worker_curve is None
+
+
 def test_two_workers_run_four_users_jobs_at_once_and_in_fair_turns(backend_factory):
     backend = backend_factory(args=["--workers", "2", "--max-queue", "8"])
     blockers = [client_of(backend.address, 9) for _ in range(2)]
