@@ -228,11 +228,14 @@ def test_budget_cut_warning_typed_settings_and_resume_after_a_kill(tmp_path):
     assert (tmp_path / "long" / "checkpoint.pt").exists()
     proc = _cli("fit", data, "--out", tmp_path / "long", "--device", "cpu")
     assert proc.returncode == 2 and "interrupted fit (carry on with --resume)" in proc.stderr
+    import torch
+
     saved = json.loads((tmp_path / "long" / "fit_args.json").read_text())
-    saved["steps"] = 0     # (the test shortens the interrupted fit to the preset's 400 steps, to end soon)
+    at = int(torch.load(tmp_path / "long" / "checkpoint.pt", weights_only=True)["step"])
+    saved["steps"] = at + 30     # (the test shortens the interrupted fit to 30 steps past its checkpoint, to end soon)
     (tmp_path / "long" / "fit_args.json").write_text(json.dumps(saved))
     out = backend("fit", "--resume", data, "--out", tmp_path / "long", "--device", "cpu")
     resumed = int(re.search(r"resuming at step (\d+)", out).group(1))
-    assert resumed > 0
+    assert resumed == at > 0
     doc = json.loads((tmp_path / "long" / "run.json").read_text())
-    assert doc["meta"]["resumed_from_step"] == resumed and doc["meta"]["steps"] >= resumed
+    assert doc["meta"]["resumed_from_step"] == resumed and doc["meta"]["steps"] == at + 30
