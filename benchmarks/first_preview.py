@@ -3,6 +3,12 @@ preview image in hand, which includes model set-up, data upload, Triton compilat
 first steps.  Also the time of the first few previews after it.
 
     python benchmarks/first_preview.py [--data ../shared/data/lego]
+    python benchmarks/first_preview.py --backend [--data ...] [--serve "--no-warm-up"]
+
+``--backend`` measures what an artist waits for instead (issue 18: a fresh ``serve`` reaches its
+first preview of a new job within 2 s of the click): a real backend started from cold, the time
+until it listens, then from each Submit to its first Preview over ZeroMQ, for a job sent the
+moment it listens (its warm-up may still run) and for one sent after that job ended.
 """
 from __future__ import annotations
 
@@ -20,7 +26,12 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="standard")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--breakdown", action="store_true", help="time the first-use costs one by one first")
+    ap.add_argument("--backend", action="store_true", help="through a fresh `serve` process, Submit to Preview")
+    ap.add_argument("--serve", default="", help="with --backend: more options of `fit-implicit serve`")
+    ap.add_argument("--tiny", action="store_true", help="with --backend: a generated ball (draft), not --data")
     args = ap.parse_args(argv)
+    if args.backend:
+        return through_backend(args)
     t_import = time.perf_counter()
     from fit_implicit.backend.fitting.data import load_transforms
     from fit_implicit.backend.fitting.config import make_config
@@ -83,6 +94,39 @@ def main(argv=None) -> int:
         print(f"  time to first preview: {times[0]:.2f} s" if times else "  no preview")
     print(f"imports + data load {t_loaded - t_import:.2f} s, CUDA context {t_cuda:.2f} s (not counted); "
           f"device {cfg.device}")
+    return 0
+
+
+def through_backend(args) -> int:
+    """Cold start to first preview through a real backend (see the module's text)."""
+    import shlex
+
+    from many_jobs import Backend, dataset_submit, tiny_submit   # benchmarks/many_jobs.py
+
+    from fit_implicit.blender_addon.client import JobClient
+
+    settings = dict(preview_size=128, preview_interval=1.0, seconds=args.seconds)    # the add-on's previews
+    submit = (tiny_submit(0, **settings) if args.tiny
+              else dataset_submit(args.data, 0, args.preset, 1, **settings))
+    backend = Backend(shlex.split(args.serve))
+    try:
+        print(f"serve {args.serve or '(defaults)'}: listening {backend.listening - backend.started:.2f} s after launch")
+        for label in ("a job sent the moment it listens", "a job sent after the first ended"):
+            client = JobClient(backend.address, heartbeat_interval=0.5, dead_after=60.0)
+            sent = time.perf_counter()
+            client.start(submit)
+            first = None
+            while not client.finished:
+                for m in client.poll():
+                    if first is None and m.TYPE == "preview":
+                        first = time.perf_counter() - sent
+                time.sleep(0.005)
+            client.close()
+            shown = f"{first:.2f} s" if first is not None else "none"
+            print(f"  {label}: first preview {shown} after Submit; done after {time.perf_counter() - sent:.1f} s "
+                  f"({client.error or 'ok'})")
+    finally:
+        backend.close()
     return 0
 
 

@@ -26,6 +26,8 @@
 # "points" (not in the default) fits SDFs to scanned analytic shapes and, where .data/bunny is carried, the
 # Stanford bunny's range scans (POINTS_PRESET, POINTS_CASES, POINTS_ARGS; Open3D's
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
+# "startup" (not in the default) times a fresh `serve` from launch to listening and from Submit to the first
+# preview of lego (benchmarks/first_preview.py --backend), with and without the warm-up.
 # "dynamic" (not in the default) fits issue 17's animated scene (see there; carry .data/dynamic).
 # "image" (not in the default) fits a 512x512 photo with each encoding (benchmarks/image_fit.py, IMAGE_SECONDS,
 # default 10; needs .data/images/flower_512.png, which image_fit.py makes here from ../shared/data).
@@ -77,6 +79,12 @@ fi
 if want lego; then
     echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
     python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" --out "$OUT/bench_lego.json" || status=1
+fi
+if want startup; then      # not in the default: issue 18's start-up target (first preview <= 2 s of the click)
+    echo "== startup: a fresh serve, Submit to first preview (lego), with the warm-up and without"
+    python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 2>>"$OUT/startup.log" || status=1
+    python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 --serve "--no-warm-up" \
+        2>>"$OUT/startup.log" || status=1
 fi
 if want lego_sdf; then     # not in the default: the SDF at a fixed time (issue 12's 34 dB target)
     echo "== lego, SDF: held-out PSNR against training time (benchmarks/lego.py --method sdf, budgets ${SDF_BUDGETS:-120} s)"

@@ -27,30 +27,34 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dataset_submit(path: str, steps: int, preset: str, downscale: int):
-    """A Submit of a transforms.json dataset's training views."""
+def dataset_submit(path: str, steps: int, preset: str, downscale: int, **settings):
+    """A Submit of a transforms.json dataset's training views (``settings``: other Submit fields)."""
     from fit_implicit.backend.fitting.data import load_transforms
     from fit_implicit.shared import protocol
 
     data = load_transforms(path, downscale=downscale)
     return protocol.Submit(images=data.images, intrinsics=data.intrinsics.astype(np.float32),
                            poses=data.poses.astype(np.float32), aabb=data.aabb.astype(np.float32),
-                           preset=preset, steps=steps, mesh_resolution=0, preview_size=0,
-                           name=Path(path).name).validate()
+                           preset=preset, steps=steps, **{"mesh_resolution": 0, "preview_size": 0,
+                                                          "name": Path(path).name, **settings}).validate()
 
 
-def tiny_submit(steps: int):
+def tiny_submit(steps: int, **settings):
     from fit_implicit.backend.service.warmup import tiny_scene
     from fit_implicit.shared import protocol
 
     images, ks, poses, aabb = tiny_scene(views=8, size=32)
     return protocol.Submit(images=images, intrinsics=ks.astype(np.float32), poses=poses.astype(np.float32),
                            aabb=aabb.astype(np.float32), preset="draft", steps=steps,
-                           mesh_resolution=0, preview_size=0, name="ball").validate()
+                           **{"mesh_resolution": 0, "preview_size": 0, "name": "ball", **settings}).validate()
 
 
 class Backend:
+    """``fit-implicit serve`` in a subprocess on a free loopback port; ``started``: when it was
+    launched, ``listening``: when it said so (perf_counter seconds)."""
+
     def __init__(self, serve_args: list[str]):
+        self.started = time.perf_counter()
         self.runs = tempfile.mkdtemp(prefix="many-jobs-")
         cmd = [sys.executable, "-m", "fit_implicit.backend", "serve", "--bind", "tcp://127.0.0.1:0",
                "--runs-dir", self.runs, *serve_args]
@@ -58,7 +62,7 @@ class Backend:
         for line in self.proc.stdout:
             found = re.match(r"backend listening on (\S+)", line)
             if found:
-                self.address = found.group(1)
+                self.address, self.listening = found.group(1), time.perf_counter()
                 break
         else:
             raise SystemExit(f"the backend did not start (exit {self.proc.wait()})")
