@@ -644,6 +644,7 @@ class JobQueue:
                 elif getattr(worker, "gone", False):   # a worker on another host that left: forget it
                     with self._cond:
                         self.workers.remove(worker)
+                    worker.stop()
                     log.info("worker %s (%s) left", worker.name, worker.device)
                     return
                 else:                 # e.g. its GPU is gone: try again later, take no job meanwhile
