@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 READY_LINE = re.compile(r"backend listening on (\S+)")
-DEVICE_RE = re.compile(r"(cpu|cuda|cuda:\d+)")
+DEVICE_RE = re.compile(r"(cpu|cuda|cuda:\d+|all-gpus)")
 STOP_GRACE = 10.0     # the server gives a running job 5 s to stop, then exits
 
 _PROCESSES: dict[str, "LocalBackend"] = {}
@@ -66,7 +66,8 @@ class LocalBackend:
     Args:
         python: the backend's Python executable (it needs torch and pyzmq).
         address: loopback tcp address to bind.
-        device: "" (the backend picks: cuda if available), "cpu", "cuda" or "cuda:N".
+        device: "" (the backend picks: cuda if available), "cpu", "cuda", "cuda:N" or "all-gpus" (a
+            worker process on every GPU, ``serve --gpus all``).
         log_path: file that receives the process's stdout and stderr (truncated at start).
         source_dirs: a checkout (the first folder) whose backend/ and shared/ run, as
             fit_implicit.backend and fit_implicit.shared, whatever ``python`` has installed; the
@@ -76,7 +77,7 @@ class LocalBackend:
     def __init__(self, python: str, address: str, *, device: str = "", log_path: str,
                  source_dirs: list[str] | None = None, extra_args: list[str] | None = None):
         if device and not DEVICE_RE.fullmatch(device):
-            raise BackendProcessError(f"the GPU choice {device!r} is not one of cpu, cuda, cuda:N")
+            raise BackendProcessError(f"the GPU choice {device!r} is not one of cpu, cuda, cuda:N, all-gpus")
         self.python = python
         self.address = local_bind(address)
         self.device = device
@@ -89,6 +90,8 @@ class LocalBackend:
     @staticmethod
     def command_for(python: str, address: str, device: str = "") -> list[str]:
         cmd = [python, "-u", "-m", "fit_implicit.backend", "serve", "--bind", address]
+        if device == "all-gpus":
+            return cmd + ["--gpus", "all"]
         return cmd + (["--device", device] if device else [])
 
     @property

@@ -21,6 +21,8 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5599"
 DEVICE_ITEMS = (
     ("AUTO", "Automatic", "The first CUDA GPU if there is one, else the CPU"),
     ("GPU", "GPU", "The CUDA GPU with the index below (--device cuda:N)"),
+    ("ALL_GPUS", "All GPUs", "A worker on every CUDA GPU: jobs from several Blender sessions run at once, one a GPU "
+                             "(--gpus all)"),
     ("CPU", "CPU", "Train on the CPU (slow; for trying things out)"),
 )
 
@@ -149,10 +151,11 @@ def backend_python(p) -> str:
 
 
 def backend_device(p) -> str:
-    """The --device value: "" (automatic), "cpu" or "cuda:N"."""
+    """Where a backend started from Blender trains: "" (automatic), "cpu", "cuda:N" or "all-gpus"
+    (backend_process.py LocalBackend)."""
     if p is None or p.device == "AUTO":
         return ""
-    return "cpu" if p.device == "CPU" else f"cuda:{p.gpu_index}"
+    return {"CPU": "cpu", "ALL_GPUS": "all-gpus"}.get(p.device, f"cuda:{p.gpu_index}")
 
 
 def backend_sources(p) -> list[str]:

@@ -137,7 +137,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         workers = worker_devices(gpus, count, device, gpu_count)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    return ServerConfig(bind=bind, device=workers[0] if workers else device, max_queue=max_queue, workers=workers,
+    # With workers, "device" names their devices once each (Welcome and Status: "cuda:0, cuda:1").
+    return ServerConfig(bind=bind, device=", ".join(dict.fromkeys(workers)) if workers else device,
+                        max_queue=max_queue, workers=workers,
                         worker_bind=door, worker_curve=door_curve,
                         worker_timeout=float(getattr(args, "worker_timeout", None) or serve_options.DEFAULT_WORKER_TIMEOUT),
                         max_message_bytes=max_bytes, curve=curve,

@@ -131,6 +131,9 @@ def test_start_errors_are_clear(tmp_path):
     with pytest.raises(backend_process.BackendProcessError, match="cpu, cuda, cuda:N"):
         backend_process.LocalBackend(sys.executable, "tcp://127.0.0.1:5599", device="gpu0",
                                      log_path=str(tmp_path / "l"))
+    every_gpu = backend_process.LocalBackend(sys.executable, "tcp://127.0.0.1:5599", device="all-gpus",
+                                             log_path=str(tmp_path / "l"))
+    assert every_gpu.command[-2:] == ["--gpus", "all"] and "--device" not in every_gpu.command   # the preference "All GPUs"
     proc = backend_process.LocalBackend(str(tmp_path / "no-python"), "tcp://127.0.0.1:5599",
                                         log_path=str(tmp_path / "l"))
     with pytest.raises(backend_process.BackendProcessError, match="was not found.*preferences"):

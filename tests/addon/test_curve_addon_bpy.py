@@ -251,6 +251,8 @@ def test_a_backend_this_blender_starts_itself_needs_no_keys(client_keys, prefs, 
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     prefs.address, prefs.auto_start = address, True
     prefs.use_curve, prefs.server_key = True, str(tmp_path / "remote_keys" / security.PUBLIC_KEY_FILE)
+    prefs.device = "ALL_GPUS"                                          # a worker a GPU: serve --gpus all
+    assert preferences.backend_device(prefs) == "all-gpus"
     prefs.python, prefs.source_dir, prefs.device = sys.executable, str(REPO), "CPU"
     assert preferences.connection_kwargs(bpy.context)                # nothing started yet: keys apply
     _cube_scene()
