@@ -148,7 +148,7 @@ class JobContext:
         self.checkpoint_interval = checkpoint_interval   # seconds between training checkpoints (0: none)
         self._job = job
         self._outbox = outbox
-        self._interval = self.progress_interval = progress_interval
+        self.progress_interval = progress_interval
         self._last_progress = -math.inf
         self.last_progress: dict[str, Any] = {}    # the newest progress values seen (sent or not)
 
@@ -168,7 +168,7 @@ class JobContext:
         self.last_progress = values
         now = time.monotonic()
         last_step = values["total_steps"] > 0 and values["step"] >= values["total_steps"]
-        if not (note or force or last_step or now - self._last_progress >= self._interval):
+        if not (note or force or last_step or now - self._last_progress >= self.progress_interval):
             return
         self._last_progress = now
         self._put(protocol.Progress(job_id=self.job_id, note=note[:protocol.MAX_STRING], **values).validate())
@@ -232,15 +232,17 @@ class InProcess:
     """A worker that runs jobs in its JobQueue thread, in this process (the default: one device).
 
     A worker (this, or backend/service/workers.py WorkerProcess) has ``name``, ``device``,
-    ``restarts`` and ``state``; :meth:`start` readies it (called in its thread while :meth:`ready`
+    ``restarts``, ``state``, ``remote`` and ``gone``; :meth:`start` readies it (called in its thread while :meth:`ready`
     is False; False: it could not, try later), :meth:`run` runs one job like a :data:`JobRunner`,
-    :meth:`free_memory` empties its device's cache between jobs, :meth:`stop` lets it go."""
+    :meth:`accepts` says which jobs it can run, :meth:`free_memory` empties its device's cache
+    between jobs, :meth:`stop` lets it go."""
 
     def __init__(self, runner: JobRunner, device: str, warm_up: Callable[[], Any] | None = None, name: str = "w0"):
         self.runner, self.device, self.name = runner, device, name
         self._warm_up = warm_up
         self.restarts = 0
         self.state = "starting"
+        self.remote = self.gone = False   # (workers on other hosts: backend/service/worker_door.py)
         self._started = False
 
     def ready(self) -> bool:
@@ -253,6 +255,9 @@ class InProcess:
                 self._warm_up()
             except Exception:   # a failed warm-up only costs the first job its start-up time
                 log.warning("warm-up failed; the first job pays the start-up costs", exc_info=True)
+        return True
+
+    def accepts(self, message: protocol.Message | None) -> bool:
         return True
 
     def run(self, submit: protocol.Submit, ctx: JobContext) -> Mapping[str, Any]:
@@ -618,8 +623,7 @@ class JobQueue:
         """The first waiting job in fair order that ``worker`` can run (caller holds the lock)."""
         if not self._waiting:
             return None
-        accepts = getattr(worker, "accepts", None)
-        return next((job for job in self._fair_order() if accepts is None or accepts(job.submit)), None)
+        return next((job for job in self._fair_order() if worker.accepts(job.submit)), None)
 
     def add_worker(self, worker) -> None:
         """A worker that joined while serving (backend/service/worker_door.py: one on another host)."""
@@ -641,7 +645,7 @@ class JobQueue:
             if not worker.ready():    # first, or its process died: (re)start it before it takes a job
                 if worker.start():
                     backoff = 1.0
-                elif getattr(worker, "gone", False):   # a worker on another host that left: forget it
+                elif worker.gone:   # a worker on another host that left: forget it
                     with self._cond:
                         self.workers.remove(worker)
                     worker.stop()
@@ -657,8 +661,8 @@ class JobQueue:
             with self._cond:
                 worker.state = "idle"
                 while not self._stopping and worker.name not in self._free_asked and self._next_for(worker) is None:
-                    self._cond.wait(1.0 if getattr(worker, "remote", False) else None)   # (a remote one may leave)
-                    if getattr(worker, "remote", False) and not worker.ready():
+                    self._cond.wait(1.0 if worker.remote else None)   # (a remote one may leave)
+                    if worker.remote and not worker.ready():
                         break
                 if self._stopping:
                     worker.state = "stopped"

@@ -32,12 +32,11 @@ import zmq
 from fit_implicit.shared import protocol
 
 from fit_implicit.backend.service import security
-from fit_implicit.backend.service.workers import Relay, frame_head, parse_frames
+from fit_implicit.backend.service.options import DEFAULT_WORKER_TIMEOUT
+from fit_implicit.backend.service.workers import BEAT_SECONDS, Relay, frame_head, parse_frames
 
 log = logging.getLogger(__name__)
 
-BEAT_SECONDS = 1.0
-DEFAULT_TIMEOUT = 10.0        # seconds a remote worker may be silent before it counts as gone
 MAX_REMOTE_WORKERS = 256
 _NAME = re.compile(r"[^0-9A-Za-z_.:@-]")
 
@@ -101,7 +100,7 @@ class WorkerDoor:
     workers' allow-list (None: plain, loopback only)."""
 
     def __init__(self, jobs, context: zmq.Context, bind: str, curve: security.CurveSetup | None,
-                 timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 4 << 30):
+                 timeout: float = DEFAULT_WORKER_TIMEOUT, max_message_bytes: int = 4 << 30):
         self.jobs, self._context, self._bind, self._curve = jobs, context, bind, curve
         self.timeout, self._max_bytes = timeout, max_message_bytes
         self._peers: dict[bytes, _Peer] = {}

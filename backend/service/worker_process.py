@@ -35,14 +35,12 @@ from fit_implicit.shared import protocol
 
 from fit_implicit.backend.service.jobs import (Job, JobCancelled, JobContext, clean_summary, describe_failure,
                                                failed_message, free_gpu_memory, is_out_of_memory)
-from fit_implicit.backend.service.options import add_worker_arguments
 from fit_implicit.backend.service.outbox import Outbox
-from fit_implicit.backend.service.workers import RESULT_LIMITS, frame_head, read_frames
+from fit_implicit.backend.service.workers import BEAT_SECONDS, RESULT_LIMITS, frame_head, read_frames
 
 log = logging.getLogger("fit_implicit.worker")
 
 SERVER = b"server"    # the Outbox's identity for the one peer
-BEAT_SECONDS = 1.0
 
 
 def load_runner(name: str, runs_dir: str | None) -> Callable:
@@ -227,31 +225,28 @@ def join(context: zmq.Context, args: argparse.Namespace, runner: Callable) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A worker started by its server (workers.py WorkerProcess); one on another host starts with
+    ``fit-implicit worker`` (backend/cli.py, then :func:`run`)."""
     parser = argparse.ArgumentParser(prog="fit_implicit.backend.service.worker_process")
-    parser.add_argument("--endpoint", default=None, help="(started by serve) its server thread's socket")
+    parser.add_argument("--endpoint", required=True, help="its server thread's socket")
     parser.add_argument("--runs-dir", default=None)
     parser.add_argument("--warm-up", action="store_true")
-    if argv is None or "--endpoint" in argv:
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--name", default="w0")
-        parser.add_argument("--runner", default="")
-    else:
-        add_worker_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(args)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="w0")
+    parser.add_argument("--runner", default="")
+    return run(parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker {args.name}: %(message)s")
     runner = load_runner(args.runner, getattr(args, "runs_dir", None))
-    if getattr(args, "warm_up", False) or (getattr(args, "server", None) and args.device.startswith("cuda")):
-        if args.device.startswith("cuda"):
-            from fit_implicit.backend.service.warmup import warm_up
-            try:
-                warm_up(args.device)
-            except Exception:   # noqa: BLE001 - the first job pays the start-up costs
-                log.warning("warm-up failed", exc_info=True)
+    if args.device.startswith("cuda") and (getattr(args, "warm_up", False) or getattr(args, "server", None)):
+        from fit_implicit.backend.service.warmup import warm_up
+        try:
+            warm_up(args.device)
+        except Exception:   # noqa: BLE001 - the first job pays the start-up costs
+            log.warning("warm-up failed", exc_info=True)
     context = zmq.Context()
     try:
         if getattr(args, "endpoint", None) is None:

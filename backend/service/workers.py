@@ -42,6 +42,7 @@ from fit_implicit.backend.service.jobs import JobCancelled, JobContext, WorkerDi
 
 log = logging.getLogger(__name__)
 
+BEAT_SECONDS = 1.0        # workers on other hosts and their backend beat this often (worker_door.py)
 START_TIMEOUT = 120.0     # seconds for a new worker to say ready (imports, CUDA context, warm-up)
 STOP_TIMEOUT = 10.0       # seconds for a worker to exit when told before it is killed
 #: Results a worker sends are checked like the server's own; up to this large (a mesh, textures).
@@ -100,6 +101,8 @@ class Relay:
 
     name: str
     device: str
+    remote = False            # on another host (worker_door.py RemoteWorker)
+    gone = False              # ... and it left for good
     _socket: zmq.Socket | None = None
 
     def accepts(self, message: protocol.Message | None) -> bool:
@@ -273,9 +276,6 @@ class WorkerProcess(Relay):
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
-
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def free_memory(self) -> None:
         if self.ready():
