@@ -28,6 +28,11 @@
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
 # "startup" (not in the default) times a fresh `serve` from launch to listening and from Submit to the first
 # preview of lego (benchmarks/first_preview.py --backend), with and without the warm-up.
+# "warm" (not in the default) scores the warm starts (issue 18 item 3): lego with and without, the radiance
+# field at WARM_BUDGETS (default 2,5,10,30,60 s), the SDF at WARM_SDF_BUDGETS (default 10,30,60 s)
+# (benchmarks/warm_start.py).  "warm_train" (not in the default) meta-learns the standard presets' warm starts
+# on the GPU (scripts/train_warm_starts.py; carry .data/random_scenes, made here by benchmarks/random_scenes.py;
+# WARM_TRAIN_ARGS) into $OUT/warm_starts: copy them into backend/fields/warm_starts to ship them.
 # "dynamic" (not in the default) fits issue 17's animated scene (see there; carry .data/dynamic).
 # "image" (not in the default) fits a 512x512 photo with each encoding (benchmarks/image_fit.py, IMAGE_SECONDS,
 # default 10; needs .data/images/flower_512.png, which image_fit.py makes here from ../shared/data).
@@ -85,6 +90,20 @@ if want startup; then      # not in the default: issue 18's start-up target (fir
     python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 2>>"$OUT/startup.log" || status=1
     python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 --serve "--no-warm-up" \
         2>>"$OUT/startup.log" || status=1
+fi
+if want warm_train; then  # not in the default: the standard presets' warm starts, meta-learned on the GPU
+    for method in nerf sdf; do
+        echo "== warm start, $method, standard: meta-learning (scripts/train_warm_starts.py)"
+        python3 scripts/train_warm_starts.py --scenes .data/random_scenes --method "$method" --preset standard \
+            --device cuda --out "$OUT/warm_starts" ${WARM_TRAIN_ARGS:-} || status=1
+    done
+fi
+if want warm; then        # not in the default: warm starts against PyTorch's initialisation (issue 18 item 3)
+    echo "== warm starts: lego with and without (benchmarks/warm_start.py)"
+    python3 benchmarks/warm_start.py --data .data/lego --budgets "${WARM_BUDGETS:-2,5,10,30,60}" \
+        --out "$OUT/bench_warm_start.json" || status=1
+    python3 benchmarks/warm_start.py --data .data/lego --method sdf --budgets "${WARM_SDF_BUDGETS:-10,30,60}" \
+        --out "$OUT/bench_warm_start_sdf.json" || status=1
 fi
 if want lego_sdf; then     # not in the default: the SDF at a fixed time (issue 12's 34 dB target)
     echo "== lego, SDF: held-out PSNR against training time (benchmarks/lego.py --method sdf, budgets ${SDF_BUDGETS:-120} s)"

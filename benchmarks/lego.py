@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="5,10,20,30,60", help="training seconds, comma-separated")
     ap.add_argument("--preset", default="standard")
     ap.add_argument("--method", default="nerf", choices=["nerf", "sdf", "occupancy"])
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train this many steps instead of the time budgets (one run; comparable across "
-                         "runs that share the GPU)")
+    ap.add_argument("--steps", default="",
+                    help="train this many steps instead of the time budgets (comma-separated: one fresh run "
+                         "each; comparable across runs that share the GPU, and on CPUs)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--test", default="",
@@ -151,9 +151,12 @@ def main(argv=None) -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     rows = []
-    budgets = [0.0] if args.steps else [float(b) for b in args.budgets.split(",")]
-    for budget in budgets:
-        cfg = make_config(args.method, args.preset, device=str(dev), seconds=budget, steps=args.steps or 10**7,
+    step_counts = [int(v) for v in str(args.steps).split(",") if v.strip()]
+    if any(n < 1 for n in step_counts):
+        raise SystemExit("--steps must be positive step counts")
+    runs = [(0.0, n) for n in step_counts] or [(float(b), 10**7) for b in args.budgets.split(",")]
+    for budget, steps in runs:
+        cfg = make_config(args.method, args.preset, device=str(dev), seconds=budget, steps=steps,
                           preview_size=0, **overrides)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
             "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
             "time_resolution": model.meta.get("time_resolution"),
             "camera_moved_deg": (model.meta.get("camera_refine") or {}).get("mean_rotation_deg"), **cams,
-            "motion": motion_stats(model), "curve": meter.curve,
+            "motion": motion_stats(model), "warm_start": model.meta.get("warm_start"), "curve": meter.curve,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

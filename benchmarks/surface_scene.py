@@ -345,8 +345,9 @@ def frame_fields(intrinsics, width: int, height: int) -> dict:
             "camera_angle_x": ax, "camera_angle_y": ay}
 
 
-def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None) -> dict:
-    """Render every camera with passes; write the splits, pass files and json files."""
+def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None, passes: bool = True) -> dict:
+    """Render every camera (with passes unless ``passes`` is False); write the splits, pass files
+    and json files."""
     from PIL import Image
 
     from fit_implicit.backend.fitting.data import write_pass_files
@@ -356,12 +357,12 @@ def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None) -
     work = tempfile.mkdtemp(prefix="surface_scene_")
     renderer = capture.ViewRenderer(scene, view_layer, work, cache_dir=cache)
     t0 = time.perf_counter()
-    views = renderer.render_all(cams, passes=True,
+    views = renderer.render_all(cams, passes=passes,
                                 progress=lambda i, n: print(f"\rrendered {i}/{n}", end="", flush=True))
     print(f"\nrendering: {time.perf_counter() - t0:.1f} s ({renderer.renders} rendered, "
           f"{renderer.cache_hits} from the cache)")
     shutil.rmtree(work, ignore_errors=True)
-    max_depth = max(float(v.passes["depth"].max()) for v in views)
+    max_depth = max(float(v.passes["depth"].max()) for v in views) if passes else 0.0
     depth_scale = max_depth * 1.05 / 65535.0
     aabb = capture.padded_aabb(capture.world_bbox(gt_objects(view_layer), view_layer.depsgraph))
     frames = {"train": [], "test": []}
@@ -370,11 +371,11 @@ def write_dataset(scene, view_layer, out: Path, cams: list, cache: str | None) -
         stem = f"{split}/r_{len(frames[split]):03d}"
         (out / split).mkdir(parents=True, exist_ok=True)
         Image.fromarray(view.rgba, "RGBA").save(out / f"{stem}.png")
-        keys = write_pass_files(out, stem, view.passes, depth_scale)
+        keys = write_pass_files(out, stem, view.passes, depth_scale) if passes else {}
         k = capture.camera_intrinsics(ob, scene)
         frames[split].append({"file_path": stem, "camera": ob.name, **frame_fields(k, w, h),
                               "transform_matrix": capture.camera_pose(ob).tolist(), **keys})
-    top = {"depth_scale": depth_scale, "aabb": aabb.tolist(), "camera_model": "OPENCV"}
+    top = {"aabb": aabb.tolist(), "camera_model": "OPENCV", **({"depth_scale": depth_scale} if passes else {})}
     for split, fr in frames.items():
         (out / f"transforms_{split}.json").write_text(json.dumps({**fr[0], **top, "frames": fr}, indent=1)
                                                       if fr else json.dumps({**top, "frames": []}))

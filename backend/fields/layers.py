@@ -22,6 +22,7 @@ class FieldConfig:
     hidden: int = 64            # MLP width
     geo_features: int = 15      # geometry features from the density/geometry MLP to the colour heads
     color_layers: int = 2       # hidden layers of the colour MLP
+    warm_start: bool = True     # start the MLPs from the shipped meta-learned weights (fields/warm_start.py)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""

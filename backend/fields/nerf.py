@@ -49,6 +49,9 @@ class NerfField(nn.Module):
     rgb: float32 sRGB in [0, 1].
     """
 
+    kind = "nerf"
+    warm_parts = ("density_net", "color_net")     # what a warm start holds (fields/warm_start.py)
+
     def __init__(self, cfg: NerfFieldConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or NerfFieldConfig()

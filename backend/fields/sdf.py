@@ -60,6 +60,10 @@ class SurfaceField(nn.Module):
 
     #: "sdf" or "occupancy"; the sign convention of :meth:`inside`.
     kind = "surface"
+    # What a warm start holds (fields/warm_start.py): the geometry MLP (its distance output zeroed
+    # again after loading: :meth:`after_warm_start`) and the radiance head; the albedo and
+    # roughness heads train only under their passes and stay as built.
+    warm_parts = ("geometry_net", "color_net")
 
     def __init__(self, cfg: SurfaceFieldConfig | None = None):
         super().__init__()
@@ -79,13 +83,18 @@ class SurfaceField(nn.Module):
     @torch.no_grad()
     def _geometric_init(self) -> None:
         """The MLP's value output starts at zero: value(x) = |x| - init_radius exactly."""
-        last = self.geometry_net[-1]
-        last.weight[:1].zero_()
-        last.bias[:1].zero_()
+        self.after_warm_start()
         # softplus(beta=100) instead of ReLU: smooth, so that gradients and curvature exist
         for i, layer in enumerate(self.geometry_net):
             if isinstance(layer, nn.ReLU):
                 self.geometry_net[i] = nn.Softplus(beta=100.0)
+
+    @torch.no_grad()
+    def after_warm_start(self) -> None:
+        """Warm-started weights keep the geometric initialisation: the value output starts at zero."""
+        last = self.geometry_net[-1]
+        last.weight[:1].zero_()
+        last.bias[:1].zero_()
 
     @torch.no_grad()
     def set_active_levels(self, count: int) -> None:

@@ -19,6 +19,7 @@ from fit_implicit.backend.fields.motion import Deformation
 from fit_implicit.backend.fields.nerf import NerfField
 from fit_implicit.backend.fields.occfield import OccField
 from fit_implicit.backend.fields.sdf import SdfField, SurfaceField
+from fit_implicit.backend.fields.warm_start import warm_start
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
 from fit_implicit.backend.render.volume import RayOutput, ray_aabb, render_rays, render_rays_segmented
 from fit_implicit.backend.render.surface import SurfaceOutput, render_surface
@@ -35,13 +36,16 @@ SURFACE_BAND_CELLS = 2.0
 SURFACE_OCCUPIED_FACTOR = 4.0
 
 
-def build_field(cfg: Any, time_resolution: int = 0) -> NerfField | SurfaceField:
+def build_field(cfg: Any, time_resolution: int = 0, fresh: bool = False) -> NerfField | SurfaceField:
     """The untrained field a FitConfig describes (``cfg.method``, ``cfg.field``); with
     ``time_resolution`` > 0 a dynamic one: its deformation (fields/motion.py, ``cfg.motion``) has
-    that many cells along time."""
+    that many cells along time.  ``fresh`` (a field about to be trained, not one whose weights are
+    about to be loaded): its MLPs start from the shipped warm start where ``cfg.field.warm_start``
+    (fields/warm_start.py); ``field.warm_start`` names the file, or is None."""
     if cfg.method not in FIELDS:
         raise ValueError(f"unknown method {cfg.method!r} (known: {', '.join(FIELDS)})")
     field = FIELDS[cfg.method](cfg.field)
+    field.warm_start = warm_start(field) if fresh and cfg.field.warm_start else None
     if time_resolution:
         field.deformation = Deformation(cfg.motion, int(time_resolution))
     return field
@@ -110,7 +114,8 @@ class FittedField:
         ``cfg.device``)."""
         dev = pick_device(cfg.device if device is None else device)
         background = cfg.outside.build().to(dev) if (meta or {}).get("background") else None
-        field = build_field(cfg, int((meta or {}).get("time_resolution") or 0)).to(dev)
+        field = build_field(cfg, int((meta or {}).get("time_resolution") or 0), fresh=True).to(dev)
+        meta = {**(meta or {}), "warm_start": field.warm_start}
         return cls(field, cfg.occupancy.build().to(dev), aabb, cfg, meta, background)
 
     @property
