@@ -83,15 +83,7 @@ def build(rng: np.random.Generator, size: int, samples: int):
     import bpy
     from mathutils import Vector
 
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
-    scene.render.engine = "CYCLES"
-    scene.cycles.device = "CPU"
-    scene.cycles.samples = samples
-    scene.cycles.use_denoising = False
-    scene.cycles.seed = int(rng.integers(1 << 20))
-    scene.render.resolution_x = scene.render.resolution_y = size
-    scene.render.resolution_percentage = 100
+    scene = surface_scene.empty_scene(size, samples, seed=int(rng.integers(1 << 20)))
     gt = bpy.data.collections.new(surface_scene.GT_COLLECTION)
     scene.collection.children.link(gt)
     root = bpy.data.objects.new("Scene Root", None)

@@ -207,9 +207,9 @@ def add(op, name, material, smooth, **kw):
     return ob
 
 
-def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | None = None):
-    """A fresh scene with the ground-truth objects of ``which`` ("shapes" or "still_life"; the
-    latter writes its letters texture into ``out_dir``), both light setups (training active)."""
+def empty_scene(size: int, samples: int, seed: int = 0):
+    """Blender's empty factory file; its scene renders size x size with Cycles on the CPU,
+    ``samples`` a pixel, no denoising, noise seed ``seed``."""
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -218,9 +218,18 @@ def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | 
     scene.cycles.device = "CPU"
     scene.cycles.samples = samples
     scene.cycles.use_denoising = False
-    scene.cycles.seed = 0
+    scene.cycles.seed = seed
     scene.render.resolution_x = scene.render.resolution_y = size
     scene.render.resolution_percentage = 100
+    return scene
+
+
+def build_scene(size: int, samples: int, which: str = "shapes", out_dir: Path | None = None):
+    """A fresh scene with the ground-truth objects of ``which`` ("shapes" or "still_life"; the
+    latter writes its letters texture into ``out_dir``), both light setups (training active)."""
+    import bpy
+
+    scene = empty_scene(size, samples)
 
     gt = bpy.data.collections.new(GT_COLLECTION)
     scene.collection.children.link(gt)
