@@ -51,6 +51,17 @@ def build_field(cfg: Any, time_resolution: int = 0, fresh: bool = False) -> Nerf
     return field
 
 
+def starts_warm(meta: dict, refining_cameras: bool) -> bool:
+    """Whether a fit may start from the shipped warm start: a still field of an object in empty
+    space, as the warm starts were meta-learned on (benchmarks/random_scenes.py).  Not with a
+    background model, over time or while refining cameras: there the warm MLPs explain the photos
+    before the background, the motion or the poses settle (CPU tests, 2026-12-06, 300 draft steps:
+    the room's object mesh 1.9 -> 3.0 % of the diagonal, camera rotation error 2.3 -> 2.9 degrees,
+    an object's centre at an unseen instant 0.46 units off against the test's 0.4; docs/benchmarks.md
+    "Warm starts")."""
+    return not (meta.get("background") or meta.get("time_resolution") or refining_cameras)
+
+
 def mps_available() -> bool:
     """True on Apple silicon with a PyTorch that drives its GPU (MPS).  Operations MPS lacks run on
     the CPU where ``PYTORCH_ENABLE_MPS_FALLBACK=1`` is set before torch loads (the command line
@@ -108,14 +119,16 @@ class FittedField:
 
     @classmethod
     def build(cls, cfg: Any, aabb: np.ndarray, meta: dict | None = None,
-              device: str | torch.device | None = None) -> "FittedField":
+              device: str | torch.device | None = None, refining_cameras: bool = False) -> "FittedField":
         """The untrained model a FitConfig describes (field and occupancy grid, and a background
         model where ``meta["background"]``) over the world box ``aabb``, on ``device`` (default:
-        ``cfg.device``)."""
+        ``cfg.device``).  Its MLPs start warm (fields/warm_start.py) where :func:`starts_warm`."""
         dev = pick_device(cfg.device if device is None else device)
-        background = cfg.outside.build().to(dev) if (meta or {}).get("background") else None
-        field = build_field(cfg, int((meta or {}).get("time_resolution") or 0), fresh=True).to(dev)
-        meta = {**(meta or {}), "warm_start": field.warm_start}
+        meta = dict(meta or {})
+        background = cfg.outside.build().to(dev) if meta.get("background") else None
+        field = build_field(cfg, int(meta.get("time_resolution") or 0),
+                            fresh=starts_warm(meta, refining_cameras)).to(dev)
+        meta["warm_start"] = field.warm_start
         return cls(field, cfg.occupancy.build().to(dev), aabb, cfg, meta, background)
 
     @property

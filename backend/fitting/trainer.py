@@ -174,7 +174,7 @@ class TrainerBase:
             meta["time_resolution"] = cfg.motion.time_cells(data.times)
             meta["times"] = np.round(data.times, 6).tolist()
             self.times = torch.tensor(data.times, dtype=torch.float32, device=self.device)
-        self.model = FittedField.build(cfg, data.aabb, meta, self.device)
+        self.model = FittedField.build(cfg, data.aabb, meta, self.device, refining_cameras=refines_cameras(data, cfg))
         self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter)
         self.rays = cfg.train.batch_rays
         self.appearance = None               # per-photo exposure and white balance (appearance.py)
