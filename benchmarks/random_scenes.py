@@ -52,7 +52,8 @@ def random_material(rng: np.random.Generator, name: str):
     return mat
 
 
-def add_primitive(rng: np.random.Generator, index: int, root) -> None:
+def add_primitive(rng: np.random.Generator, index: int) -> None:
+    """One random primitive under the scene root (benchmarks/surface_scene.py ``add``)."""
     import bpy
 
     kind = PRIMITIVES[rng.integers(len(PRIMITIVES))]
@@ -63,19 +64,12 @@ def add_primitive(rng: np.random.Generator, index: int, root) -> None:
           "torus": dict(major_radius=size, minor_radius=size * float(rng.uniform(0.15, 0.4)),
                         major_segments=64, minor_segments=24),
           "monkey": dict(size=1.6 * size), "ico_sphere": dict(radius=size, subdivisions=int(rng.integers(1, 4)))}[kind]
-    getattr(bpy.ops.mesh, f"primitive_{kind}_add")(
-        location=tuple(float(v) for v in rng.uniform(-0.55, 0.55, 3)),
-        rotation=tuple(float(v) for v in rng.uniform(0.0, 2.0 * math.pi, 3)), **kw)
-    ob = bpy.context.object
-    ob.name = f"{kind} {index}"
-    for coll in list(ob.users_collection):
-        coll.objects.unlink(ob)
-    bpy.data.collections[surface_scene.GT_COLLECTION].objects.link(ob)
-    ob.parent = root
-    ob.data.materials.append(random_material(rng, f"material {index}"))
+    location = tuple(float(v) for v in rng.uniform(-0.55, 0.55, 3))
+    rotation = tuple(float(v) for v in rng.uniform(0.0, 2.0 * math.pi, 3))
+    material = random_material(rng, f"material {index}")
     smooth = kind not in ("cube", "ico_sphere") or rng.random() < 0.5
-    for poly in ob.data.polygons:
-        poly.use_smooth = smooth
+    surface_scene.add(getattr(bpy.ops.mesh, f"primitive_{kind}_add"), f"{kind} {index}", material, smooth,
+                      location=location, rotation=rotation, **kw)
 
 
 def build(rng: np.random.Generator, size: int, samples: int):
@@ -91,7 +85,7 @@ def build(rng: np.random.Generator, size: int, samples: int):
     root.scale = (float(np.exp(rng.uniform(np.log(0.3), np.log(4.0)))),) * 3
     gt.objects.link(root)
     for i in range(int(rng.integers(2, 6))):
-        add_primitive(rng, i, root)
+        add_primitive(rng, i)
     lights = bpy.data.collections.new("Lights")
     scene.collection.children.link(lights)
     sun = bpy.data.objects.new("Sun", bpy.data.lights.new("Sun", "SUN"))

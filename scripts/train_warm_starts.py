@@ -32,7 +32,7 @@ from fit_implicit.backend.fields import warm_start
 from fit_implicit.backend.fitting.config import FitConfig, make_config
 from fit_implicit.backend.fitting.data import load_transforms
 from fit_implicit.backend.fitting.loop import Callbacks, Cancelled, make_trainer, train_fresh
-from fit_implicit.backend.fitting.model import FittedField
+from fit_implicit.backend.fitting.model import build_field
 
 
 class StopAt(Callbacks):
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                       **{**overrides, "warm_start": False})
     scenes = [load_transforms(f) for f in folders]
     torch.manual_seed(args.seed)
-    probe = FittedField.build(cfg, scenes[0].aabb).field
+    probe = build_field(cfg)
     init = warm_start.current(probe)                      # PyTorch's default initialisation
     rng = np.random.default_rng(args.seed)
     order: list[int] = []

@@ -34,11 +34,6 @@ MAX_FILE_BYTES = 8 << 20            # a warm start is a few small MLPs (tens of 
 FORMAT = 1
 
 
-def warm_parts(field: nn.Module) -> tuple[str, ...]:
-    """The sub-modules of ``field`` a warm start holds (the field class's ``warm_parts``)."""
-    return tuple(getattr(field, "warm_parts", ()))
-
-
 def signature(field: nn.Module) -> dict:
     """What a warm start must match: the field's kind, its encoding and that encoding's settings
     (hash tables' row count aside: it changes collisions, not what a level's features mean) and
@@ -49,12 +44,7 @@ def signature(field: nn.Module) -> dict:
     else:
         enc = asdict(cfg.spectral)
     shapes = {name: list(p.shape) for name, p in parameters(field).items()}
-    return {"kind": field_kind(field), "encoding": cfg.encoding, "encoding_settings": enc, "shapes": shapes}
-
-
-def field_kind(field: nn.Module) -> str:
-    """"nerf", "sdf" or "occupancy"."""
-    return str(getattr(field, "kind", "nerf"))
+    return {"kind": field.kind, "encoding": cfg.encoding, "encoding_settings": enc, "shapes": shapes}
 
 
 def file_name(sig: dict) -> str:
@@ -64,8 +54,9 @@ def file_name(sig: dict) -> str:
 
 
 def parameters(field: nn.Module) -> dict[str, nn.Parameter]:
-    """The warm-started parameters by state-dict name (``density_net.0.weight``, ...)."""
-    return {f"{part}.{name}": p for part in warm_parts(field)
+    """The warm-started parameters by state-dict name (``density_net.0.weight``, ...): those of the
+    field class's ``warm_parts``."""
+    return {f"{part}.{name}": p for part in field.warm_parts
             for name, p in getattr(field, part).named_parameters()}
 
 
