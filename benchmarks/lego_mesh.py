@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also refine the same bake with --refine-setting at A, B, ... steps into "
                         "OUTDIR/refine_<steps>/ (0: the bake as it is), each scored on its own")
     f.add_argument("--refine-setting", default="texture_refine_steps",
-                   choices=["texture_refine_steps", "mesh_refine_steps"], help="which step count --refine-steps varies")
+                   choices=["texture_refine_steps", "mesh_refine_steps", "mesh_refine_remesh"],
+                   help="which count --refine-steps varies (steps, or mesh_refine_remesh's remeshing rounds)")
     f.add_argument("--diagnose-levels", type=_levels, default=None, metavar="A,B",
                    help="radiance fields: before the export, score the mesh with vertex colours at the fit's "
                         "level and these, all triangles and decimated (fit.json 'diagnose')")

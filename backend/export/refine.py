@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fit_implicit.backend.export import remesh
 from fit_implicit.backend.export.texture import (DEFAULT_PADDING, BakedTextures, UVMesh, dilate, smooth_normals,
                                                  uv_tangents)
 from fit_implicit.backend.render.raster import (Fragments, antialias, face_adjacency, interpolate, project, rasterize,
@@ -49,6 +50,10 @@ BATCH = 1 << 16          # (view, pixel) samples a step
 MAX_SAMPLES = 1 << 27    # samples kept in memory at most (a random subset beyond it)
 MAX_OFFSET = 0.02        # furthest a vertex moves, as a share of the mesh's bounding-box diagonal
 SOLID = 250              # alpha (of 255) from which a pixel is all surface, for the normal and roughness terms
+# Remeshing rounds (mesh_refine_remesh; _remesh below)
+SPLIT_SHARE = 0.1        # a round cuts at most this share of the faces' edges (each cut adds two faces)
+SPLIT_MIN_PIXELS = 8.0   # a face is cut only where the views see it at least this many pixels large
+COLLAPSE_SHARE = 0.25    # edges shorter than this share of the starting mean edge collapse where the views agree
 
 
 @dataclass
@@ -60,12 +65,13 @@ class RefineConfig:
     mesh_refine_lr: float = 1e-3        # Adam learning rate of the vertex offsets, share of the bbox diagonal
     mesh_refine_smooth: float = 4.0     # Laplacian weight: a one-edge-long spike costs this many pixels' error
     mesh_refine_normal_weight: float = 1.0  # normal map and shading vs the normal pass (1 - cos), where given; 0 = off
+    mesh_refine_remesh: int = 0         # remeshing rounds during those steps (split where wrong, collapse slivers); 0 = off
     texture_refine_steps: int = 0       # then Adam steps on the texels alone; 0 = keep the bake
     texture_refine_lr: float = 0.02     # Adam learning rate of the texels (sRGB units)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
-        for name in ("mesh_refine_steps", "texture_refine_steps"):
+        for name in ("mesh_refine_steps", "texture_refine_steps", "mesh_refine_remesh"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("mesh_refine_lr", "texture_refine_lr"):
@@ -174,17 +180,84 @@ def refine_textures(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig,
     return mesh, BakedTextures(albedo, baked.normal, baked.roughness, baked.coverage, timings), facts
 
 
-def _welded(mesh: UVMesh, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index of each UV vertex's welded vertex (V,), welded faces (F, 3), neighbour pairs (E, 2)
-    both ways, each welded vertex's neighbour count (N,)): the mesh as one surface, so seams move
-    together."""
-    _, weld = np.unique(np.asarray(mesh.source), return_inverse=True)
-    weld = torch.as_tensor(weld.reshape(-1), dtype=torch.long, device=dev)
-    wf = weld[torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)]
+@dataclass
+class _Surface:
+    """The mesh under refinement: its UV vertices' positions before the offsets (V, 3), faces
+    (F, 3), UVs (V, 2), tangents (V, 4; None without a normal map), and its welded topology (one
+    vertex per point of the surface, so UV seams move together; export/remesh.py): each UV
+    vertex's welded vertex (V,), the welded faces (F, 3), neighbour pairs (E, 2) both ways, each
+    welded vertex's neighbour count (N,), one UV vertex of each welded vertex (N,), and the welded
+    faces' adjacency (render/raster.py)."""
+
+    base: torch.Tensor
+    faces: torch.Tensor
+    uvs: torch.Tensor
+    tangents: torch.Tensor | None
+    weld: torch.Tensor
+    wf: torch.Tensor
+    pairs: torch.Tensor
+    count: torch.Tensor
+    rows: torch.Tensor
+    adjacency: torch.Tensor
+
+
+def _surface(base: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, tangents: torch.Tensor | None,
+             weld: torch.Tensor) -> _Surface:
+    wf = weld[faces]
     pairs = torch.cat([wf[:, [0, 1]], wf[:, [1, 2]], wf[:, [2, 0]]])
     pairs = torch.unique(torch.cat([pairs, pairs.flip(1)]), dim=0)
     count = torch.bincount(pairs[:, 0], minlength=int(weld.max()) + 1).clamp_min(1)
-    return weld, wf, pairs, count
+    return _Surface(base, faces, uvs, tangents, weld, wf, pairs, count, _weld_rows(weld), face_adjacency(wf))
+
+
+def _remesh(surf: _Surface, offsets: torch.Tensor, opt: torch.optim.Optimizer, face_err: torch.Tensor,
+            face_px: torch.Tensor, face_hits: torch.Tensor, edge: float) -> tuple[_Surface, torch.Tensor, dict]:
+    """One remeshing round (export/remesh.py) from what the steps since the last one saw: the
+    faces the views see large enough (``SPLIT_MIN_PIXELS``) and wrong (mean squared error per
+    pixel above the median) get their longest edge cut, the worst first, up to ``SPLIT_SHARE`` of
+    the faces; then edges shorter than ``COLLAPSE_SHARE`` of the starting mean ``edge`` collapse
+    where the views agree with the mesh (or do not see it).  The offsets and their Adam moments
+    are carried to the new vertices.  Returns the new surface, the new offsets and counts."""
+    points = (surf.base[surf.rows] + offsets).detach().double().cpu().numpy()
+    faces, weld = surf.faces.cpu().numpy(), surf.weld.cpu().numpy()
+    hits = face_hits.cpu().numpy()
+    seen = hits > 0
+    err = (face_err / face_px.clamp_min(1)).cpu().numpy()
+    size = face_px.cpu().numpy() / np.maximum(hits, 1)
+    median = float(np.median(err[seen])) if seen.any() else np.inf
+    lengths = remesh.edge_lengths(points, faces, weld)
+    cut = seen & (size >= SPLIT_MIN_PIXELS) & (err > median)
+    priority = np.zeros_like(lengths)
+    priority[np.arange(len(faces)), lengths.argmax(1)] = np.where(cut, err, 0.0)
+    split = remesh.split_edges(points, faces, weld, priority, int(SPLIT_SHARE * len(faces)))
+    surf, offsets = _carry(split, surf, offsets, opt)
+    points = remesh.carry(points, split.parents)
+    lengths = remesh.edge_lengths(points, split.faces, split.weld)
+    calm = ~seen[split.face_parents] | (err[split.face_parents] <= median)
+    priority = np.where((lengths < COLLAPSE_SHARE * edge) & calm[:, None], 1.0 / np.maximum(lengths, 1e-30), 0.0)
+    collapsed = remesh.collapse_edges(points, split.faces, split.weld, priority, len(split.faces) // 10)
+    surf, offsets = _carry(collapsed, surf, offsets, opt)
+    return surf, offsets, {"split": split.changed, "collapsed": collapsed.changed}
+
+
+def _carry(r: remesh.Remeshed, surf: _Surface, offsets: torch.Tensor, opt: torch.optim.Optimizer):
+    """``surf`` and the ``offsets`` (with their optimiser state) on ``r``'s new vertices."""
+    if not r.changed:
+        return surf, offsets
+    dev = surf.base.device
+    up = torch.as_tensor(r.uv_parents, device=dev)
+    wp = torch.as_tensor(r.parents, device=dev)
+    moved = remesh.carry(offsets.detach(), wp).requires_grad_(True)
+    state = opt.state.pop(offsets, None)
+    for group in opt.param_groups:
+        group["params"] = [moved if p is offsets else p for p in group["params"]]
+    if state:
+        opt.state[moved] = {k: remesh.carry(v, wp) if torch.is_tensor(v) and v.shape == offsets.shape else v
+                            for k, v in state.items()}
+    tangents = None if surf.tangents is None else remesh.carry(surf.tangents, up)
+    new = _surface(remesh.carry(surf.base, up), torch.as_tensor(r.faces, device=dev), remesh.carry(surf.uvs, up),
+                   tangents, torch.as_tensor(r.weld, device=dev))
+    return new, moved
 
 
 def _laplacian(x: torch.Tensor, pairs: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -277,10 +350,8 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
     dev = torch.device(device)
     base = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=dev)
     faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)
-    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=dev)
-    weld, wf, pairs, count = _welded(mesh, dev)
-    rows = _weld_rows(weld)             # one UV vertex of each welded vertex
-    adjacency = face_adjacency(wf)
+    _, weld = np.unique(np.asarray(mesh.source), return_inverse=True)
+    weld = torch.as_tensor(weld.reshape(-1), dtype=torch.long, device=dev)
     diag = float(torch.linalg.norm(base.amax(0) - base.amin(0))) or 1.0
     edge = float(torch.linalg.norm(base[faces[:, 0]] - base[faces[:, 1]], dim=-1).mean()) or diag
     offsets = torch.zeros((int(weld.max()) + 1, 3), device=dev, requires_grad=True)
@@ -292,12 +363,16 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
     if normal_pass is not None:
         nmap = torch.as_tensor(baked.normal[..., :3], device=dev).float().div(127.5).sub(1.0).requires_grad_(True)
         texels.append(nmap)
-        tangents = torch.as_tensor(np.asarray(mesh.tangents, np.float32), device=dev)
-        welded_base = base[rows]
     if rough_pass is not None:
         rough = torch.as_tensor(baked.roughness[..., :1], device=dev).float().div(255.0).requires_grad_(True)
         texels.append(rough)
+    tangents = None if nmap is None else torch.as_tensor(np.asarray(mesh.tangents, np.float32), device=dev)
+    surf = _surface(base, faces, torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=dev), tangents, weld)
     steps = int(cfg.mesh_refine_steps)
+    rounds = min(int(cfg.mesh_refine_remesh), steps // 4)
+    remesh_at = {steps * (r + 1) // (rounds + 2): r for r in range(rounds)}     # the first half of the steps
+    face_stats = torch.zeros((3, len(faces)), device=dev) if rounds else None   # error, pixels, sightings
+    remeshed = {"split": 0, "collapsed": 0}
     opt = torch.optim.Adam([{"params": [offsets], "lr": cfg.mesh_refine_lr * diag},
                             {"params": texels, "lr": cfg.texture_refine_lr}], betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * i / max(steps, 1))))
@@ -306,7 +381,11 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
     losses, angles, rough_errors, seen_views = [], [], [], 0
     pixels = float(np.mean(np.prod(data.sizes, axis=1)))     # the loss per pixel of an average view
     albedo_pass = _pass(data, "albedo")
-    for i in order:
+    for step, i in enumerate(order):
+        if step in remesh_at:
+            surf, offsets, counts = _remesh(surf, offsets, opt, *face_stats, edge)
+            remeshed = {k: remeshed[k] + v for k, v in counts.items()}
+            face_stats = torch.zeros((3, len(surf.faces)), device=dev)
         w, h = data.size(i)
         photo = torch.as_tensor(data.images[i, :h, :w], device=dev).float() / 255.0
         colour = photo[..., :3] if albedo_pass is None else torch.as_tensor(albedo_pass[i, :h, :w], device=dev).float() / 255.0
@@ -316,15 +395,17 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
         # behind, which nothing shows alone: drawn over them, the mesh shrank by 2 %).
         masked = photo.shape[-1] == 4 and bool((photo[..., 3] < 1.0).any())
         target = colour * photo[..., 3:] + (1.0 - photo[..., 3:]) if masked else colour
-        verts = base + offsets[weld]
-        image, frags, uv = _draw(verts, faces, uvs, tex, data.intrinsics[i], data.poses[i], w, h, adjacency,
-                                 background=None if masked else colour)
+        verts = surf.base + offsets[surf.weld]
+        image, frags, uv = _draw(verts, surf.faces, surf.uvs, tex, data.intrinsics[i], data.poses[i], w, h,
+                                 surf.adjacency, background=None if masked else colour)
         err = (image - target) ** 2
         if not masked:      # the photo's outline pixels mix in the object: no background to compare them with
             err = err * _off_outline(frags.mask)[..., None]
+        if face_stats is not None and frags.mask.any():
+            _count_face_errors(face_stats, err.detach().sum(-1), frags)
         loss = err.sum() / pixels
         seen_views += uv is not None
-        total = loss + (_laplacian(offsets, pairs, count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
+        total = loss + (_laplacian(offsets, surf.pairs, surf.count) / edge).pow(2).sum() * (cfg.mesh_refine_smooth / pixels)
         if uv is not None and (nmap is not None or rough is not None):
             seen = frags.mask
             solid = (photo[..., 3] >= SOLID / 255.0 if photo.shape[-1] == 4 else torch.ones_like(seen))[seen]
@@ -332,8 +413,8 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
                 want = torch.as_tensor(normal_pass[i, :h, :w], device=dev).float()[seen]
                 has = solid & (want.norm(dim=-1) > 0.5)
                 if bool(has.any()):
-                    vn = vertex_normals(welded_base + offsets, wf)[weld]
-                    got = shading_normals(nmap, uv[has], vn, tangents, verts, faces, _only(frags, seen, has),
+                    vn = vertex_normals(surf.base[surf.rows] + offsets, surf.wf)[surf.weld]
+                    got = shading_normals(nmap, uv[has], vn, surf.tangents, verts, surf.faces, _only(frags, seen, has),
                                           data.intrinsics[i], data.poses[i])
                     cos = (got * torch.nn.functional.normalize(want[has], dim=-1)).sum(-1).clamp(-1.0, 1.0)
                     total = total + cfg.mesh_refine_normal_weight * (1.0 - cos).sum() / pixels
@@ -357,12 +438,16 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
             offsets.mul_((MAX_OFFSET * diag / norm.clamp_min(1e-12)).clamp(max=1.0))
         losses.append(float(loss.detach()) / 3.0)
     with torch.no_grad():
-        moved = (base + offsets[weld]).cpu().numpy()
-    welded = moved[rows.cpu().numpy()]
-    normals = smooth_normals(welded, wf.cpu().numpy())[weld.cpu().numpy()]
-    tangents_out = uv_tangents(moved, np.asarray(mesh.faces), np.asarray(mesh.uvs), normals)
-    out_mesh = UVMesh(moved.astype(np.float32), mesh.faces, mesh.uvs, mesh.source, normals.astype(np.float32),
-                      tangents_out)
+        moved = (surf.base + offsets[surf.weld]).cpu().numpy()
+    weld_np = surf.weld.cpu().numpy()
+    welded = moved[surf.rows.cpu().numpy()]
+    normals = smooth_normals(welded, surf.wf.cpu().numpy())[weld_np]
+    if any(remeshed.values()):      # new triangles: their UVs and the welded vertices as the source
+        out_faces, out_uvs, source = surf.faces.cpu().numpy().astype(np.int32), surf.uvs.cpu().numpy(), weld_np
+    else:
+        out_faces, out_uvs, source = mesh.faces, mesh.uvs, mesh.source
+    tangents_out = uv_tangents(moved, np.asarray(out_faces), np.asarray(out_uvs), normals)
+    out_mesh = UVMesh(moved.astype(np.float32), out_faces, out_uvs, source, normals.astype(np.float32), tangents_out)
     covered = torch.as_tensor(baked.coverage, device=dev)
 
     def texture_out(t: torch.Tensor, old: np.ndarray, encode) -> np.ndarray:
@@ -388,8 +473,20 @@ def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, dev
     facts = {"steps": steps, "seconds": round(time.perf_counter() - start, 3),
              "loss_before": None, "loss_after": None, **ends(losses, "loss", 6),
              "offset_max": round(float(offsets.detach().norm(dim=-1).max()) / diag, 5) if len(offsets) else 0.0,
+             **({"remesh_split": remeshed["split"], "remesh_collapsed": remeshed["collapsed"],
+                 "faces": int(len(surf.faces))} if rounds else {}),
              **ends(angles, "normal_deg", 3), **ends(rough_errors, "roughness_mse", 6)}
     return out_mesh, BakedTextures(albedo, normal, roughness, baked.coverage, baked.timings), facts
+
+
+def _count_face_errors(stats: torch.Tensor, err: torch.Tensor, frags) -> None:
+    """Add one view's squared error (H, W) to ``stats`` (3, F): each face's summed error and pixel
+    count over the pixels it covers, and one sighting for every face the view sees."""
+    covered = frags.mask
+    face = frags.face[covered]
+    stats[0].index_add_(0, face, err[covered].to(stats.dtype))
+    stats[1].index_add_(0, face, torch.ones_like(face, dtype=stats.dtype))
+    stats[2][torch.unique(face)] += 1.0
 
 
 def _off_outline(mask: torch.Tensor) -> torch.Tensor:
