@@ -158,7 +158,7 @@ def collapse_edges(points: np.ndarray, faces: np.ndarray, weld: np.ndarray, prio
         if done >= limit:
             break
         u, v = (int(x) for x in edge_pairs[e])
-        if locked[u] or locked[v]:
+        if u == v or locked[u] or locked[v]:
             continue
         nu = nb_pairs[nb_start[u]:nb_start[u + 1], 1]
         nv = nb_pairs[nb_start[v]:nb_start[v + 1], 1]

@@ -23,6 +23,11 @@ def test_every_preset_starts_warm_and_can_start_cold(method, preset):
     cfg = make_config(method, preset, device="cpu")
     model = FittedField.build(cfg, synthetic.aabb())
     name = model.meta["warm_start"]
+    if (method, preset) == ("nerf", "draft"):
+        # none shipped: the draft radiance field's warm density net left a textureless sphere's
+        # mesh porous inside (tests/system/test_end_to_end_bpy.py; docs/benchmarks.md "Warm starts")
+        assert name is None
+        return
     assert name is not None, f"no warm start shipped for {method}/{preset}"
     arrays, meta = warm_start.read(warm_start.WARM_START_DIR / name, model.field)
     assert meta["method"] == method and meta["iterations"] > 0 and meta["scenes"] >= 8
@@ -50,23 +55,25 @@ def test_a_warm_sdf_still_starts_as_the_sphere():
 
 
 def test_a_fit_of_an_unseen_scene_gets_ahead_sooner():
-    """Two spheres (not a meta-training scene), draft radiance field, 80 steps (of a 400-step
-    schedule: the first fifth of a draft fit), 10 held-out views: the warm start at least 3 dB
-    ahead of the same fit from PyTorch's initialisation (measured 2026-12-06, 2 cores: 22.1 dB
-    cold, 29.3 dB warm, 18 s for both)."""
+    """Two spheres (not a meta-training scene), the standard radiance field's architecture (16
+    levels to 2048) on the draft schedule, 80 steps (of 400: the first fifth of a draft fit), 10
+    held-out views: the warm start at least 1 dB ahead of the same fit from PyTorch's
+    initialisation (measured 2026-12-06, 2 cores: 24.7 dB cold, 26.4 dB warm, 40 s for both; the
+    draft architecture's file, no longer shipped, gave 22.1 -> 29.3 dB)."""
     images, ks, poses, aabb = synthetic.make_scene(count=24, size=32)
     data = PosedImages(images, ks, poses, aabb, [f"v{i}" for i in range(24)])
     train, held = data.subset(list(range(0, 24, 2))), data.subset(list(range(1, 24, 2))[:10])
     scores = {}
     for warm in (False, True):
-        cfg = make_config("nerf", "draft", device="cpu", preview_size=0, warm_start=warm)
+        cfg = make_config("nerf", "draft", device="cpu", preview_size=0, warm_start=warm, levels=16, max_res=2048)
+        assert warm is (FittedField.build(cfg, aabb).meta["warm_start"] is not None)
         try:
             model = fit(train, cfg, StopAfter(80))
         except Cancelled as stopped:
             model = stopped.model
         scores[warm] = float(np.mean(evaluate(model, held)))
     print({k: round(v, 2) for k, v in scores.items()})
-    assert scores[True] >= scores[False] + 3.0, scores
+    assert scores[True] >= scores[False] + 1.0, scores
 
 
 class StopAfter:
