@@ -67,11 +67,12 @@ def field_centroid(model, t: float, n: int = 40) -> tuple[np.ndarray, np.ndarray
 def nerf_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamic")
     data = synthetic.write_moving_dataset(root / "data")
-    out = backend("fit", data, "--out", root / "run", "--preset", "draft", "--steps", 300, "--device", "cpu")
+    out = backend("fit", data, "--out", root / "run", "--preset", "draft", "--steps", 300, "--device", "cpu",
+                  "--set", "target_samples=16384")     # half the draft's samples a step: the bounds hold (below)
     return root, out
 
 
-@pytest.mark.slow   # the ~90 s fit is shared by this file's radiance-field tests
+@pytest.mark.slow   # the ~65 s fit is shared by this file's radiance-field tests
 def test_a_fit_over_time_puts_the_objects_where_they_are_at_unseen_instants(nerf_run):
     root, out = nerf_run
     model = load_run(root / "run", device="cpu")
@@ -82,11 +83,15 @@ def test_a_fit_over_time_puts_the_objects_where_they_are_at_unseen_instants(nerf
         truth = true_centroid(grid, t)
         still = np.mean([true_centroid(grid, s) for s in np.linspace(0, 1, 9)], axis=0)
         assert np.linalg.norm(truth - still) > CENTROID_TOLERANCE + 0.3    # a still fit would miss
+        print(f"instant {t}: the field's objects {np.linalg.norm(centroid - truth):.3f} units from the truth")
         assert np.linalg.norm(centroid - truth) < CENTROID_TOLERANCE, (t, centroid, truth)
     # held-out views at those instants (D-NeRF's test split): measured 19.4-19.6 dB after 300 steps
-    # (the same fit still: 17.3 dB); training views 23-25 dB
+    # (the same fit still: 17.3 dB); training views 23-25 dB.  With 2^14 samples a step (the fixture,
+    # half the draft's; 2026-12-06: the fit 120 -> 65 s): 19.24 dB, the objects 0.19 / 0.22 units off,
+    # the followed mesh 0.11 units from each instant's own
     scores = backend("eval", root / "run", "--cameras", root / "data" / "transforms_test.json")
     psnr = float(scores.split("held-out PSNR ")[1].split(" dB")[0])
+    print(f"held out at unseen instants: {psnr:.2f} dB")
     assert psnr > 18.0, scores
 
 
@@ -146,6 +151,7 @@ def test_a_signed_distance_field_over_time_follows_the_motion():
     for t in (0.125, 0.625):
         centroid, grid = field_centroid(model, t)
         truth = true_centroid(grid, t)
+        print(f"instant {t}: the field's objects {np.linalg.norm(centroid - truth):.3f} units from the truth")
         assert np.linalg.norm(centroid - truth) < CENTROID_TOLERANCE, (t, centroid, truth)
     # a held-out camera at an unseen instant looks like the truth
     held = synthetic.moving_views([0.625], 2, 24, offset=1)
@@ -193,4 +199,5 @@ def test_graph_replayed_steps_fit_over_time_on_gpu():
     for t in (0.125, 0.875):
         centroid, grid = field_centroid(model, t)
         truth = true_centroid(grid, t)
+        print(f"instant {t}: the field's objects {np.linalg.norm(centroid - truth):.3f} units from the truth")
         assert np.linalg.norm(centroid - truth) < CENTROID_TOLERANCE, (t, centroid, truth)
