@@ -192,30 +192,44 @@ def train_psnr(mse: float) -> float:
 LONG_FIT_SECONDS = 600.0     # a fit expected to run longer than this is announced (long_fit_text)
 
 
-def long_fit_text(info: dict, preset: str, after: float = 5.0, longer_than: float = LONG_FIT_SECONDS) -> str:
+def long_fit_text(info: dict, preset: str, after: float = 5.0, longer_than: float = LONG_FIT_SECONDS,
+                  since: dict | None = None) -> str:
     """One sentence for the user once a fit has run ``after`` seconds (the step rate has settled)
-    when it will run ``longer_than`` more seconds; "" otherwise.  ``info``: an on_progress dict."""
-    elapsed, eta = float(info.get("elapsed", 0.0)), float(info.get("eta", 0.0))
-    if elapsed < after or eta <= longer_than:
+    when it will run ``longer_than`` more seconds; "" otherwise.  ``info``: an on_progress dict;
+    ``since``: an earlier one of the same fit, from which the rate is measured (the fit's first
+    steps pay its set-up and first compilation: measured from the start, a 100 s draft fit whose
+    first progress came after 5.5 s was announced as 33 minutes)."""
+    elapsed = float(info.get("elapsed", 0.0))
+    start = since or {}
+    window = elapsed - float(start.get("elapsed", 0.0))
+    fraction, done = float(info.get("fraction", 0.0)), float(start.get("fraction", 0.0))
+    eta = window * (1.0 - fraction) / (fraction - done) if since is not None and fraction > done \
+        else float(info.get("eta", 0.0))
+    if window < after or eta <= longer_than:
         return ""
-    rate = info.get("step", 0) / max(elapsed, 1e-9)
+    rate = (info.get("step", 0) - start.get("step", 0)) / max(window, 1e-9)
     return (f"at {rate:.0f} steps/s this fit takes about {(elapsed + eta) / 60:.0f} minutes in all "
             f"({eta / 60:.0f} more); a time budget or {'the draft preset' if preset != 'draft' else 'fewer steps'} "
             "shortens it")
 
 
 class LongFitNotice:
-    """:func:`long_fit_text` said at most once per fit: decided at the first progress after
-    ``after`` seconds (the CLI prints it, the backend sends it as Progress.note)."""
+    """:func:`long_fit_text` said at most once per fit: the rate measured from the fit's first
+    progress on, decided at the first progress ``after`` seconds later (the CLI prints it, the
+    backend sends it as Progress.note)."""
 
     def __init__(self, preset: str, after: float = 5.0):
         self.preset, self.after, self.decided = preset, after, False
+        self.first: dict | None = None
 
     def __call__(self, info: dict) -> str:
         if self.decided:
             return ""
-        text = long_fit_text(info, self.preset, self.after)
-        self.decided = bool(text) or float(info.get("elapsed", 0.0)) >= self.after
+        if self.first is None:
+            self.first = dict(info)
+            return ""
+        text = long_fit_text(info, self.preset, self.after, since=self.first)
+        self.decided = bool(text) or float(info.get("elapsed", 0.0)) - float(self.first.get("elapsed", 0.0)) >= self.after
         return text
 
 

@@ -210,3 +210,19 @@ def test_a_long_fit_is_announced_once_its_step_rate_has_settled():
     assert long_fit_text({**info, "elapsed": 2.0}, "standard") == ""      # too early to tell
     assert long_fit_text({**info, "eta": 300.0}, "standard") == ""        # short: nothing to say
     assert "fewer steps" in long_fit_text(info, "draft")
+
+
+def test_the_long_fit_notice_measures_the_rate_after_the_first_steps_and_speaks_once():
+    from fit_implicit.backend.fitting.loop import LongFitNotice
+
+    # a 600-step draft fit whose first progress comes after 5.5 s of set-up (the demo): from the
+    # start it would look like 33 minutes; from its first progress on, 6 steps/s: 90 s, nothing to say
+    notice = LongFitNotice("draft")
+    assert notice({"step": 1, "elapsed": 5.5, "fraction": 1 / 600, "eta": 3290.0}) == ""
+    assert notice({"step": 30, "elapsed": 10.0, "fraction": 30 / 600, "eta": 190.0}) == ""
+    # a 40,000-step fit at 50 steps/s after a slow first step: 13 minutes, said once
+    notice = LongFitNotice("standard")
+    assert notice({"step": 1, "elapsed": 1.0, "fraction": 1 / 40000, "eta": 40000.0}) == ""
+    text = notice({"step": 501, "elapsed": 11.0, "fraction": 501 / 40000, "eta": 867.0})
+    assert text.startswith("at 50 steps/s this fit takes about 13 minutes in all (13 more)"), text
+    assert notice({"step": 1001, "elapsed": 21.0, "fraction": 1001 / 40000, "eta": 818.0}) == ""
