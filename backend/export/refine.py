@@ -231,7 +231,7 @@ def _remesh(surf: _Surface, offsets: torch.Tensor, opt: torch.optim.Optimizer, f
     cut = seen & (size >= SPLIT_MIN_PIXELS) & (err > median)
     priority = np.zeros_like(lengths)
     priority[np.arange(len(faces)), lengths.argmax(1)] = np.where(cut, err, 0.0)
-    split = remesh.split_edges(points, faces, weld, priority, int(SPLIT_SHARE * len(faces)))
+    split = remesh.split_edges(faces, weld, priority, int(SPLIT_SHARE * len(faces)))
     surf, offsets = _carry(split, surf, offsets, opt)
     points = remesh.carry(points, split.parents)
     lengths = remesh.edge_lengths(points, split.faces, split.weld)

@@ -61,16 +61,14 @@ def edge_lengths(points: np.ndarray, faces: np.ndarray, weld: np.ndarray) -> np.
     return np.linalg.norm(points[pairs[..., 1]] - points[pairs[..., 0]], axis=-1)
 
 
-def split_edges(points: np.ndarray, faces: np.ndarray, weld: np.ndarray, priority: np.ndarray,
-                limit: int) -> Remeshed:
+def split_edges(faces: np.ndarray, weld: np.ndarray, priority: np.ndarray, limit: int) -> Remeshed:
     """Cut at most ``limit`` edges at their midpoints, those with the highest ``priority`` (F, 3)
     first (a face's edge k runs from its corner k to k+1; an edge takes the highest priority any
     of its faces gives it; priority <= 0: never cut), at most one edge of any face per call (call
-    again to cut more).  ``points`` (N, 3) are the welded vertices' positions (only their number
-    is used: the new positions are the caller's, by :func:`carry`)."""
+    again to cut more).  The new positions are the caller's, by :func:`carry`."""
     faces = np.asarray(faces, np.int64)
     weld = np.asarray(weld, np.int64)
-    n_uv, n_welded = len(weld), len(points)
+    n_uv, n_welded = len(weld), int(weld.max()) + 1 if len(weld) else 0
     _, keys = face_edges(faces, weld)
     flat_keys, flat_prio = keys.reshape(-1), np.asarray(priority, np.float64).reshape(-1)
     order = np.argsort(flat_keys, kind="stable")

@@ -42,7 +42,7 @@ def test_cutting_edges_keeps_the_surface_and_the_texture_exactly():
     m, faces, weld, points = _uv_sphere()
     lengths = remesh.edge_lengths(points, faces, weld)
     priority = np.where(lengths == lengths.max(1, keepdims=True), lengths, 0.0)    # each face's longest edge
-    r = remesh.split_edges(points, faces, weld, priority, limit=40)
+    r = remesh.split_edges(faces, weld, priority, limit=40)
     assert r.changed == 40 and len(r.faces) == len(faces) + 80        # each cut edge: two faces more
     new_points = remesh.carry(points, r.parents)
     verts = remesh.carry(np.asarray(m.vertices, np.float64), r.uv_parents)
@@ -80,7 +80,7 @@ def test_a_cut_on_a_uv_seam_gives_each_side_its_own_uv_vertex():
     f, k = np.argwhere(seam)[0]
     priority = np.zeros(faces.shape)
     priority[f, k] = 1.0
-    r = remesh.split_edges(points, faces, weld, priority, limit=1)
+    r = remesh.split_edges(faces, weld, priority, limit=1)
     new_uv = np.arange(len(weld), len(r.weld))
     assert r.changed == 1 and len(r.parents) == len(points) + 1
     assert (r.weld[new_uv] == len(points)).all()                     # one new point of the surface
