@@ -1,4 +1,5 @@
-"""Check that the Triton kernels (hash grid, ray marcher) agree with their plain PyTorch references.
+"""Check that the Triton kernels (hash grid, space-time planes, ray marchers, the rasteriser's z-buffer)
+agree with their plain PyTorch references.
 
     python benchmarks/check_kernels.py [--device cuda] [--points 262144]
 
@@ -24,6 +25,7 @@ from fit_implicit.backend.fields.hashgrid_triton import hashgrid_encode_triton  
 from fit_implicit.backend.fields.motion import plane_features_reference  # noqa: E402
 from fit_implicit.backend.fields.planes_triton import layout_of, plane_features_triton  # noqa: E402
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid  # noqa: E402
+from fit_implicit.backend.render.raster import rasterize_2d  # noqa: E402
 from fit_implicit.backend.render.volume import (composite, composite_fixed, composite_packed, march_fixed,
                                                 march_fixed_reference, march_packed, ray_aabb, sample_grid)
 
@@ -227,6 +229,59 @@ def check_march_fixed(device: str, rays: int, res: int) -> dict:
     return row
 
 
+def _raster_scene(device: str, n: int, size: int):
+    """``n`` triangles of every size, from a pixel to most of the image, overlapping at random
+    depths, and a sphere's worth of small ones sharing edges (as a mesh's do)."""
+    g = torch.Generator().manual_seed(3)
+    centre = torch.rand(n, 1, 2, generator=g) * size
+    scale = torch.exp(torch.rand(n, 1, 1, generator=g) * torch.log(torch.tensor(size * 0.6)))
+    loose = (centre + (torch.rand(n, 3, 2, generator=g) - 0.5) * scale).reshape(-1, 2)
+    rows = cols = max(4, int((n / 2) ** 0.5))                  # a grid of 2 * rows * cols triangles
+    y, x = torch.meshgrid(torch.linspace(0.1, 0.9, rows + 1), torch.linspace(0.1, 0.9, cols + 1), indexing="ij")
+    grid = torch.stack([x, y], -1).reshape(-1, 2) * size + torch.rand((rows + 1) * (cols + 1), 2, generator=g) * 0.3
+    i = torch.arange(rows * cols)
+    v00 = (i // cols) * (cols + 1) + i % cols
+    quads = torch.stack([v00, v00 + 1, v00 + cols + 2, v00 + cols + 1], -1)
+    tiles = torch.cat([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]]) + len(loose)
+    points = torch.cat([loose, grid])
+    faces = torch.cat([torch.arange(3 * n).reshape(n, 3), tiles])
+    inv = torch.cat([torch.rand(3 * n, generator=g) + 0.2,
+                     0.5 + 0.3 * torch.rand(len(grid), generator=g)])  # the grid at depths among the loose ones
+    return points.to(device), faces.to(device), inv.to(device)
+
+
+def check_raster(device: str, n: int, size: int, repeats: int = 0) -> dict:
+    """The Triton z-buffer (render/raster_triton.py) against the PyTorch reference, with and
+    without depths: the triangle each pixel sees and its barycentric weights.  A pixel centre
+    within rounding of an edge two triangles share may go to either, as may one where two depths
+    round apart (bound: 0.1 % of the covered pixels).  With ``repeats`` on CUDA, both are also timed (ms a frame, median)."""
+    points, faces, inv = _raster_scene(device, n, size)
+    row = {"triangles": len(faces), "size": size}
+    ok = True
+    for name, depth in (("depth", inv), ("any", None)):
+        f_ref, b_ref = rasterize_2d(points, faces, size, size, depth, kernel=False)
+        f_tri, b_tri = rasterize_2d(points, faces, size, size, depth, kernel=True)
+        covered = int((f_ref >= 0).sum())
+        differ = int((f_ref != f_tri).sum())
+        same = (f_ref == f_tri) & (f_ref >= 0)
+        err = (b_ref[same] - b_tri[same]).abs().max().item() if same.any() else 0.0
+        row[name] = {"covered": covered, "differ": differ, "bary_err": err}
+        ok &= covered > 0 and differ <= max(2, covered // 1000) and err < 1e-5
+    if repeats and device == "cuda":
+        for kernel in (False, True):
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                rasterize_2d(points, faces, size, size, inv, kernel=kernel)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            row["ms_triton" if kernel else "ms_reference"] = sorted(times)[len(times) // 2]
+    row["ok"] = ok
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +311,15 @@ def main(argv=None) -> int:
           f"(reference {f['ref_kept']}, {f['ref_rays_differing']} rays differ in count), {f['used']} slots used, "
           f"same as the packed kernel: {f['slots_ok']}, t err {f['t_err']:.1e}, compositing err "
           f"{f['w_err']:.1e}, padding weights zero: {f['pad_zero']}  {'OK' if f['ok'] else 'MISMATCH'}")
-    ok = all(r["ok"] for r in rows + planes) and m["ok"] and f["ok"]
+    cuda = args.device == "cuda"
+    r = check_raster(args.device, 200_000 if cuda else 40, 800 if cuda else 48, repeats=10 if cuda else 0)
+    timing = (f"; a frame {r['ms_reference']:.2f} ms (reference) / {r['ms_triton']:.2f} ms (triton)"
+              if "ms_triton" in r else "")
+    print(f"rasteriser z-buffer, {r['triangles']} triangles at {r['size']}x{r['size']}: nearest "
+          f"{r['depth']['differ']} of {r['depth']['covered']} pixels differ, weights err {r['depth']['bary_err']:.1e}; "
+          f"any triangle {r['any']['differ']} differ, err {r['any']['bary_err']:.1e}{timing}  "
+          f"{'OK' if r['ok'] else 'MISMATCH'}")
+    ok = all(r["ok"] for r in rows + planes) and m["ok"] and f["ok"] and r["ok"]
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

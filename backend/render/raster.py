@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fit_implicit.backend.render import raster_triton
+
 RASTER_CHUNK = 1 << 24      # candidate (triangle, pixel) pairs tested at once
 NEAR = 1e-4                 # world units: nearest depth a drawn vertex may have
 OUTLINE_HOPS = 8            # antialias: triangles walked from a pixel centre to the outline at most
@@ -69,28 +71,12 @@ def _edge_weights(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Te
     return torch.cat([w, 1.0 - w.sum(-1, keepdim=True)], -1)
 
 
-@torch.no_grad()
-def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: int,
-                 inv_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which triangle covers each pixel centre of a ``width`` x ``height`` image.
-
-    Args:
-        points: (V, 2) float32 pixel positions.  faces: (F, 3) int64.
-        inv_depth: (V,) 1 / depth of the vertices: where triangles overlap the nearest one wins
-            (1 / depth is linear in screen space); None: any covering triangle (UV charts, which
-            do not overlap).
-    Returns:
-        face (H, W) int64 (-1: none); bary (H, W, 3) float32 screen-space barycentric weights.
-    """
-    dev = points.device
-    n_pix = width * height
-    face_map = torch.full((n_pix,), -1, dtype=torch.long, device=dev)
-    bary_map = torch.zeros((n_pix, 3), dtype=torch.float32, device=dev)
-    if faces.numel() == 0:
-        return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
-    best = torch.full((n_pix,), -torch.inf, dtype=torch.float32, device=dev)
+def _boxes(points: torch.Tensor, faces: torch.Tensor, width: int, height: int, inv_depth: torch.Tensor | None):
+    """Each triangle's corners (F, 3, 2), pixel box (first / last column and row, inclusive,
+    clipped), box side, whether it is drawn at all (finite, not degenerate, in front where
+    ``inv_depth`` is given) and its corners' 1 / depth (F, 3) (None without depths)."""
     pix = points.float()[faces]                                                 # (F, 3, 2)
-    size = torch.tensor([width - 1, height - 1], device=dev)
+    size = torch.tensor([width - 1, height - 1], device=points.device)
     lo = torch.ceil(pix.amin(1) - 0.5).clamp_min(0).long()
     hi = torch.minimum(torch.floor(pix.amax(1) - 0.5).long(), size)
     extent = (hi - lo + 1).clamp_min(0).amax(1)                                  # (F,) bbox side
@@ -100,7 +86,52 @@ def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: 
     inv = None if inv_depth is None else inv_depth.float()[faces]               # (F, 3)
     if inv is not None:
         good &= (inv > 0).all(-1)
-    # Triangles in buckets of similar box size, so each is tested against a box x box grid.
+    return pix, lo, hi, extent, good, inv
+
+
+@torch.no_grad()
+def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: int,
+                 inv_depth: torch.Tensor | None = None, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which triangle covers each pixel centre of a ``width`` x ``height`` image.
+
+    Args:
+        points: (V, 2) float32 pixel positions.  faces: (F, 3) int64.
+        inv_depth: (V,) 1 / depth of the vertices: where triangles overlap the nearest one wins
+            (1 / depth is linear in screen space; equally near: the higher index); None: any
+            covering triangle (UV charts, which do not overlap; where they do, the higher index).
+        kernel: the z-buffer in Triton (render/raster_triton.py) or in PyTorch
+            (:func:`zbuffer_reference`); None: Triton where it runs (CUDA).
+    Returns:
+        face (H, W) int64 (-1: none); bary (H, W, 3) float32 screen-space barycentric weights.
+    """
+    face_map = torch.full((width * height,), -1, dtype=torch.long, device=points.device)
+    bary_map = torch.zeros((width * height, 3), dtype=torch.float32, device=points.device)
+    if faces.numel():
+        pix, lo, hi, extent, good, inv = _boxes(points, faces, width, height, inv_depth)
+        if raster_triton.usable(points) if kernel is None else kernel:
+            ids = torch.nonzero(good).squeeze(1)
+            face_map = raster_triton.zbuffer(points, faces, ids, lo, hi, width, height, inv_depth)
+        else:
+            face_map = zbuffer_reference(pix, lo, hi, extent, good, inv, width, height)
+        seen = torch.nonzero(face_map >= 0).squeeze(1)
+        if len(seen):       # the weights of the triangle each pixel sees, clamped as the inside test allows
+            f = face_map[seen]
+            centres = torch.stack([seen % width, seen // width], -1).float() + 0.5
+            w = _edge_weights(centres, pix[f, 0], pix[f, 1], pix[f, 2]).clamp_min(0.0)
+            bary_map[seen] = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
+
+
+def zbuffer_reference(pix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, extent: torch.Tensor, good: torch.Tensor,
+                      inv: torch.Tensor | None, width: int, height: int) -> torch.Tensor:
+    """The z-buffer in plain PyTorch (the Triton kernel's reference): (H * W,) int64, the triangle
+    each pixel centre sees (-1: none), from :func:`_boxes`' output.  Every drawn triangle is
+    tested against the pixel centres of its box, as (triangle, pixel) pairs, in buckets of
+    similar box size; each covered pixel keeps the largest key, 1 / depth's float bits above the
+    triangle's index (the index alone without depths), as the kernel does."""
+    dev = pix.device
+    key = torch.full((width * height,), -1, dtype=torch.long, device=dev)
+    a, b, c = pix[:, 0], pix[:, 1], pix[:, 2]
     bucket = torch.ceil(torch.log2(extent.clamp_min(1).float())).long()
     for k in torch.unique(bucket[good]).tolist():
         side = 1 << k
@@ -111,20 +142,16 @@ def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: 
             cols_rows = lo[chunk][:, None, :] + offs[None]                           # (n, side^2, 2)
             inside_box = (cols_rows <= hi[chunk][:, None, :]).all(-1)
             w = _edge_weights(cols_rows.float() + 0.5, a[chunk][:, None], b[chunk][:, None], c[chunk][:, None])
-            hit = inside_box & (w >= -1e-5).all(-1)
+            hit = inside_box & (w >= -raster_triton.INSIDE_EPS).all(-1)
             n_idx, t_idx = torch.nonzero(hit, as_tuple=True)
             cr = cols_rows[n_idx, t_idx]
-            flat = cr[:, 1] * width + cr[:, 0]
-            tri, weights = chunk[n_idx], w[n_idx, t_idx].clamp_min(0.0)
-            if inv is not None:     # z-test: keep the candidates nearest to the camera
-                z = (weights * inv[tri]).sum(-1)
-                best.scatter_reduce_(0, flat, z, reduce="amax")
-                near = z >= best[flat]
-                flat, tri, weights = flat[near], tri[near], weights[near]
-            face_map[flat] = tri
-            bary_map[flat] = weights
-    bary_map = bary_map / bary_map.sum(-1, keepdim=True).clamp_min(1e-12)
-    return face_map.reshape(height, width), bary_map.reshape(height, width, 3)
+            tri = chunk[n_idx]
+            candidate = tri
+            if inv is not None:     # nearest first: 1 / depth (positive) orders as its float bits do
+                z = (w[n_idx, t_idx].clamp_min(0.0) * inv[tri]).sum(-1)
+                candidate = (z.view(torch.int32).long() << 32) | tri
+            key.scatter_reduce_(0, cr[:, 1] * width + cr[:, 0], candidate, reduce="amax")
+    return torch.where(key >= 0, key & 0xFFFFFFFF, key)
 
 
 def rasterize(vertices: torch.Tensor, faces: torch.Tensor, intrinsics, c2w, width: int, height: int,
