@@ -101,9 +101,9 @@ def through_backend(args) -> int:
     """Cold start to first preview through a real backend (see the module's text)."""
     import shlex
 
-    from many_jobs import Backend, dataset_submit, tiny_submit   # benchmarks/many_jobs.py
+    from many_jobs import Backend, dataset_submit, job_client, tiny_submit   # benchmarks/many_jobs.py
 
-    from fit_implicit.blender_addon.client import JobClient
+    JobClient = job_client()
 
     settings = dict(preview_size=128, preview_interval=1.0, seconds=args.seconds)    # the add-on's previews
     submit = (tiny_submit(0, **settings) if args.tiny

@@ -88,7 +88,7 @@ fi
 if want startup; then      # not in the default: issue 18's start-up target (first preview <= 2 s of the click)
     echo "== startup: a fresh serve, Submit to first preview (lego), with the warm-up and without"
     python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 2>>"$OUT/startup.log" || status=1
-    python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 --serve "--no-warm-up" \
+    python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 --serve=--no-warm-up \
         2>>"$OUT/startup.log" || status=1
 fi
 if want warm_train; then  # not in the default: the standard presets' warm starts, meta-learned on the GPU

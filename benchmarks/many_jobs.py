@@ -27,6 +27,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def job_client():
+    """The add-on's JobClient class, also where Blender is not installed (the GPU box): the add-on
+    package's ``__init__`` registers its panels with bpy, while its client needs only pyzmq and
+    shared/.  Without bpy the package is entered without running its ``__init__``."""
+    try:
+        from fit_implicit.blender_addon.client import JobClient
+    except ModuleNotFoundError as exc:
+        if exc.name != "bpy":
+            raise
+        import importlib
+        import types
+
+        import fit_implicit
+        package = types.ModuleType("fit_implicit.blender_addon")
+        package.__path__ = [os.path.join(fit_implicit.__path__[0], "blender_addon")]
+        sys.modules[package.__name__] = package
+        JobClient = importlib.import_module("fit_implicit.blender_addon.client").JobClient
+    return JobClient
+
+
 def dataset_submit(path: str, steps: int, preset: str, downscale: int, **settings):
     """A Submit of a transforms.json dataset's training views (``settings``: other Submit fields)."""
     from fit_implicit.backend.fitting.data import load_transforms
@@ -75,7 +95,7 @@ class Backend:
 
 def run_jobs(address: str, submit, count: int, first_user: int) -> list[dict]:
     """Start ``count`` copies of ``submit`` at once, one client (user) each; wait for all."""
-    from fit_implicit.blender_addon.client import JobClient
+    JobClient = job_client()
 
     clients = [JobClient(address, heartbeat_interval=0.5, dead_after=30.0, token=f"{first_user + i:02x}" * 16)
                for i in range(count)]
