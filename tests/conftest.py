@@ -8,6 +8,7 @@
   moving_submit, mesh_time 1): (the Submit, the messages its job sent, the runs folder, the job
   id); its saved field is in ``runs folder / job id``.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,27 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import BackendProcess  # noqa: E402
+
+
+def pytest_configure(config):
+    """`make test` runs two pytest-xdist workers on a 2-core machine: each worker, and every backend
+    or Blender it starts, computes on one thread (two workers of two threads each fight over the
+    cores; a backend takes every core unless FIT_IMPLICIT_THREADS says otherwise:
+    backend/service/fit_job.py)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FIT_IMPLICIT_THREADS"):
+            os.environ[name] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist's ``--dist loadgroup`` each test file runs on one worker, so its module-scoped
+    fixtures (fitted fields, backends) are built once; the files that share the session's
+    ``clip_fit`` run on one worker together, so it is fitted once."""
+    sharing = {item.path for item in items if "clip_fit" in getattr(item, "fixturenames", ())}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("clip_fit" if item.path in sharing else item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(autouse=True)
