@@ -70,6 +70,31 @@ def start_local_backend(context, address: str):
     return proc
 
 
+_STARTED_EARLY: set[str] = set()     # addresses start_early() has started (or tried) in this Blender session
+
+
+def start_early(context, address: str, state: str) -> None:
+    """Start the local backend when the Implicit tab is shown (the main panel calls this as it
+    draws), so that its start-up, about 5 s from launch to a first preview on a GPU
+    (docs/benchmarks.md "Start-up"), overlaps the artist choosing cameras and settings instead of
+    following the click on Fit.  Only where Fit would start one itself (preferences present, Start
+    Automatically and Start When Shown on, a 127.0.0.1 address, ``state`` the status monitor's
+    "not running"), and once an address per Blender session: Stop Backend stays stopped, and a
+    backend that cannot start is reported by Fit, not retried on every redraw."""
+    from . import backend_process, status
+    if state != status.NOT_RUNNING or address in _STARTED_EARLY or backend_process.get(address) is not None:
+        return
+    p = prefs(context)
+    if p is None or not p.auto_start or not p.start_when_shown:
+        return
+    _STARTED_EARLY.add(address)
+    try:
+        backend_process.local_bind(address)
+        start_local_backend(context, address)
+    except backend_process.BackendProcessError:
+        pass      # Fit tries again and says why (auto_start_failed_text)
+
+
 def auto_start_failed_text(unreachable, error) -> str:
     """No backend answered, and starting one failed: both, and what to set."""
     text = str(error)

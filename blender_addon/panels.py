@@ -73,6 +73,9 @@ class VIEW3D_PT_implicit(_SidebarPanel, bpy.types.Panel):
         layout.label(text=text, icon=icon)
         snap, problem = backend_snapshot(address, context)
         from . import status
+        if snap is not None and not busy:
+            from .operators import start_early
+            start_early(context, address, snap.state)
         why = problem or (snap.detail if snap is not None and snap.state in status.KEY_STATES else "")
         for line in textwrap.wrap(why[:1].upper() + why[1:], 60):
             layout.label(text=line)

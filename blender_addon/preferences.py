@@ -52,6 +52,12 @@ class ImplicitPreferences(bpy.types.AddonPreferences):
         description="Start a local backend when Fit Implicit finds none running at a 127.0.0.1 address",
         default=True,
     )
+    start_when_shown: bpy.props.BoolProperty(
+        name="Start When Shown",
+        description="With Start Automatically: start the local backend as soon as the Implicit tab is shown, so that "
+                    "its start-up (a few seconds) is over by the first Fit; off: only when Fit finds none running",
+        default=True,
+    )
     device: bpy.props.EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO",
                                    description="Where a backend started from Blender trains")
     gpu_index: bpy.props.IntProperty(name="GPU", description="CUDA device index (cuda:N)", default=0,
@@ -82,7 +88,11 @@ class ImplicitPreferences(bpy.types.AddonPreferences):
         sub = row.row(align=True)
         sub.enabled = self.device == "GPU"
         sub.prop(self, "gpu_index")
-        box.prop(self, "auto_start")
+        row = box.row(align=True)
+        row.prop(self, "auto_start")
+        sub = row.row(align=True)
+        sub.enabled = self.auto_start
+        sub.prop(self, "start_when_shown")
         row = box.row(align=True)
         row.operator("implicit.backend_start", icon="PLAY")
         row.operator("implicit.backend_stop", icon="PAUSE")

@@ -195,6 +195,47 @@ def test_start_status_free_memory_log_and_stop_buttons(addon, tmp_path, monkeypa
     assert panels.backend_line(address)[0] == "Backend not running"
 
 
+class _Layout:
+    """Stands in for a panel's layout (the bpy module has no windows): accepts every call."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+def test_showing_the_tab_starts_the_local_backend_once(addon, tmp_path, monkeypatch):
+    """Start When Shown: drawing the main panel with nothing running at the (local) address starts
+    the backend, so its start-up is over before the first Fit; once: after Stop Backend the next
+    draw leaves it stopped.  Off (or Start Automatically off), drawing starts nothing."""
+    monkeypatch.setenv("FIT_IMPLICIT_RUNS_DIR", str(tmp_path / "runs"))
+    from types import SimpleNamespace
+
+    import bpy
+    from fit_implicit.blender_addon import backend_process, status
+    from fit_implicit.blender_addon.panels import VIEW3D_PT_implicit
+    _cube_scene()
+
+    def draw_when_not_running(address):
+        assert status.monitor(address).wait_for((status.NOT_RUNNING,), 15).state == status.NOT_RUNNING
+        VIEW3D_PT_implicit.draw(SimpleNamespace(layout=_Layout()), bpy.context)
+
+    for auto_start, when_shown in ((True, False), (False, True)):
+        address = free_address()
+        _prefs(address, auto_start=auto_start).start_when_shown = when_shown
+        draw_when_not_running(address)
+        assert backend_process.get(address) is None, (auto_start, when_shown)
+
+    address = free_address()
+    _prefs(address, auto_start=True).start_when_shown = True
+    draw_when_not_running(address)
+    proc = backend_process.get(address)
+    assert proc is not None and proc.running, "showing the tab started no backend"
+    proc.wait_ready(timeout=60)
+    assert status.monitor(address).wait_for((status.IDLE,), 15).state == status.IDLE
+    assert bpy.ops.implicit.backend_stop(wait=True) == {"FINISHED"} and not proc.running
+    draw_when_not_running(address)
+    assert backend_process.get(address) is None, "a stopped backend was started again"
+
+
 @pytest.mark.slow
 def test_fit_starts_a_local_backend_on_demand(addon, tmp_path, monkeypatch):
     """Auto-start with the real trainer: the fit is cut short by the operator's timeout (a whole
