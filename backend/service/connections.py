@@ -137,6 +137,10 @@ class Connections:
     def closed(self, fd: int) -> None:
         self._open.pop(fd, None)
 
+    def knows(self, fd: int) -> bool:
+        """Whether the connection on ``fd`` was seen accepted (its monitor event read)."""
+        return fd in self._open
+
     def received(self, fd: int, identity: bytes, nbytes: int, nframes: int) -> bool:
         """Count a message handed to the server; False when its connection is refused (the
         server answers it with too_many_clients and nothing else)."""

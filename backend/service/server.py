@@ -413,6 +413,8 @@ class Server:
     def _turn(self, poller: zmq.Poller) -> None:
         busy = self.jobs.busy() or self.outbox.pending() or self.intake.busy() or self.connections.busy()
         if poller.poll(self.config.poll_ms if busy else self.config.idle_poll_ms):
+            if self._monitor is not None:   # connections first: a new one's first message must find it counted
+                self._read_monitor()
             for _ in range(100):   # then let the outbox have its turn
                 try:
                     frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -436,7 +438,10 @@ class Server:
         if self.config.curve is not None and identity not in self._keys_of:
             self._keys_of[identity] = _user_id(frames[-1])      # the client's CurveZMQ public key (ZAP User-Id)
         nbytes = sum(len(f) for f in body)
-        if not self.connections.received(_source_fd(frames[0]), identity, nbytes, len(body)):
+        fd = _source_fd(frames[0])
+        if fd >= 0 and self._monitor is not None and not self.connections.knows(fd):
+            self._read_monitor()    # accepted since the turn began: its event is on the monitor socket by now
+        if not self.connections.received(fd, identity, nbytes, len(body)):
             self._send(identity, protocol.Error(code="too_many_clients", in_reply_to=protocol.peek_type(body),
                                                 message=self.connections.refusal_text()))
             return
