@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (Linux, Python 3.11, no GPU needed):
 #   make demo   set up .venv, then run the whole job headless (out/demo.*)
 #   make test   set up .venv (and .venv-bpy42 for the Blender 4.2 LTS install check), then run the tests
-#               (two pytest-xdist workers of one thread each: tests/conftest.py)
+#               (two pytest-xdist workers of one thread each, a test file a worker: tests/conftest.py)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out out
 
 test: $(STAMP) $(STAMP42)
-	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q --durations=30 -n 2 --dist loadgroup
+	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q --durations=30 -n 2 --dist loadfile
 
 addon: $(STAMP)
 	$(PY) build_addon.py --out dist

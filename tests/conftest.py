@@ -24,24 +24,16 @@ from helpers import BackendProcess  # noqa: E402
 
 
 def pytest_configure(config):
-    """`make test` runs two pytest-xdist workers on a 2-core machine: each worker, and every backend
-    or Blender it starts, computes on one thread (two workers of two threads each fight over the
-    cores; a backend takes every core unless FIT_IMPLICIT_THREADS says otherwise:
-    backend/service/fit_job.py)."""
+    """`make test` runs two pytest-xdist workers on a 2-core machine, each test file on one worker
+    (``--dist loadfile``: a file's module-scoped fixtures are built once; the session's ``clip_fit``
+    once a worker that needs it).  Each worker, and every backend or Blender it starts, computes on
+    one thread: two workers of two threads each fight over the cores, and a backend takes every
+    core unless FIT_IMPLICIT_THREADS says otherwise (backend/service/fit_job.py)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FIT_IMPLICIT_THREADS"):
             os.environ[name] = "1"
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under xdist's ``--dist loadgroup`` each test file runs on one worker, so its module-scoped
-    fixtures (fitted fields, backends) are built once; the files that share the session's
-    ``clip_fit`` run on one worker together, so it is fitted once."""
-    sharing = {item.path for item in items if "clip_fit" in getattr(item, "fixturenames", ())}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("clip_fit" if item.path in sharing else item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(autouse=True)
