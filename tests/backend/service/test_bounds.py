@@ -196,3 +196,32 @@ def test_the_descriptor_limit_is_raised_and_clients_past_it_are_refused_clearly(
         for peer in idle:
             peer.close()
         backend.close()
+
+
+def test_a_new_clients_first_message_is_counted_against_the_limit_even_when_it_arrives_with_its_connection(tmp_path):
+    """One turn of the server loop that finds both a new connection (the socket monitor's ACCEPTED
+    event) and that connection's first message waiting: the connection is counted before its
+    message is handled, so past ``max_clients`` the Hello gets too_many_clients, never Welcome.
+    (The loop once handled messages first; under load a client past the limit was served.)"""
+    from fit_implicit.backend.service.server import Server, ServerConfig
+    server = Server(ServerConfig(bind="tcp://127.0.0.1:0", runs_dir=str(tmp_path), max_clients=1))
+    address = server.bind()
+    poller = zmq.Poller()
+    poller.register(server._socket, zmq.POLLIN)
+    poller.register(server._monitor, zmq.POLLIN)
+    peers = []
+    try:
+        replies = []
+        for name in ("first", "second"):
+            peer = RawPeer(address)
+            peers.append(peer)
+            peer.send(protocol.Hello(client=name))
+            time.sleep(0.5)                 # the connection and its Hello both wait for the turn
+            server._turn(poller)
+            replies.append(peer.recv(5))
+        assert isinstance(replies[0], protocol.Welcome), replies[0]
+        assert isinstance(replies[1], protocol.Error) and replies[1].code == "too_many_clients", replies[1]
+    finally:
+        for peer in peers:
+            peer.close()
+        server.close()
