@@ -312,14 +312,14 @@ def main(argv=None) -> int:
           f"same as the packed kernel: {f['slots_ok']}, t err {f['t_err']:.1e}, compositing err "
           f"{f['w_err']:.1e}, padding weights zero: {f['pad_zero']}  {'OK' if f['ok'] else 'MISMATCH'}")
     cuda = args.device == "cuda"
-    r = check_raster(args.device, 200_000 if cuda else 40, 800 if cuda else 48, repeats=10 if cuda else 0)
-    timing = (f"; a frame {r['ms_reference']:.2f} ms (reference) / {r['ms_triton']:.2f} ms (triton)"
-              if "ms_triton" in r else "")
-    print(f"rasteriser z-buffer, {r['triangles']} triangles at {r['size']}x{r['size']}: nearest "
-          f"{r['depth']['differ']} of {r['depth']['covered']} pixels differ, weights err {r['depth']['bary_err']:.1e}; "
-          f"any triangle {r['any']['differ']} differ, err {r['any']['bary_err']:.1e}{timing}  "
-          f"{'OK' if r['ok'] else 'MISMATCH'}")
-    ok = all(r["ok"] for r in rows + planes) and m["ok"] and f["ok"] and r["ok"]
+    z = check_raster(args.device, 200_000 if cuda else 40, 800 if cuda else 48, repeats=10 if cuda else 0)
+    timing = (f"; a frame {z['ms_reference']:.2f} ms (reference) / {z['ms_triton']:.2f} ms (triton)"
+              if "ms_triton" in z else "")
+    print(f"rasteriser z-buffer, {z['triangles']} triangles at {z['size']}x{z['size']}: nearest "
+          f"{z['depth']['differ']} of {z['depth']['covered']} pixels differ, weights err {z['depth']['bary_err']:.1e}; "
+          f"any triangle {z['any']['differ']} differ, err {z['any']['bary_err']:.1e}{timing}  "
+          f"{'OK' if z['ok'] else 'MISMATCH'}")
+    ok = all(r["ok"] for r in rows + planes) and m["ok"] and f["ok"] and z["ok"]
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

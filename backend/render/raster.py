@@ -110,7 +110,7 @@ def rasterize_2d(points: torch.Tensor, faces: torch.Tensor, width: int, height: 
         pix, lo, hi, extent, good, inv = _boxes(points, faces, width, height, inv_depth)
         if raster_triton.usable(points) if kernel is None else kernel:
             ids = torch.nonzero(good).squeeze(1)
-            face_map = raster_triton.zbuffer(points, faces, ids, lo, hi, width, height, inv_depth)
+            face_map = raster_triton.zbuffer(pix, inv, ids, lo, hi, width, height)
         else:
             face_map = zbuffer_reference(pix, lo, hi, extent, good, inv, width, height)
         seen = torch.nonzero(face_map >= 0).squeeze(1)

@@ -75,21 +75,21 @@ if AVAILABLE:
             tl.atomic_max(key_ptr + row.to(tl.int64) * width + col, key, mask=hit)
 
 
-def zbuffer(points: torch.Tensor, faces: torch.Tensor, ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            width: int, height: int, inv_depth: torch.Tensor | None) -> torch.Tensor:
-    """(H * W,) int64: the triangle each pixel centre sees (-1: none).
+def zbuffer(pix: torch.Tensor, inv: torch.Tensor | None, ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+            width: int, height: int) -> torch.Tensor:
+    """(H * W,) int64: the triangle each pixel centre sees (-1: none), from
+    :func:`backend.render.raster._boxes`' output, as :func:`backend.render.raster.zbuffer_reference`.
 
-    ``points`` (V, 2) float32 pixel positions, ``faces`` (F, 3) int64, ``ids`` (N,) the triangles to
-    draw (finite, not degenerate, in front), ``lo`` / ``hi`` (F, 2) int64 their pixel boxes (first
-    and last column and row, inclusive, clipped to the image), ``inv_depth`` (V,) 1 / depth or None.
+    ``pix`` (F, 3, 2) float32 the triangles' corners in pixels, ``inv`` (F, 3) their 1 / depth or
+    None, ``ids`` (N,) the triangles to draw (finite, not degenerate, in front), ``lo`` / ``hi``
+    (F, 2) int64 their pixel boxes (first and last column and row, inclusive, clipped to the image).
     """
-    key = torch.full((width * height,), -1, dtype=torch.int64, device=points.device)
+    key = torch.full((width * height,), -1, dtype=torch.int64, device=pix.device)
     if not len(ids):
         return key
-    corners = points.float()[faces].reshape(-1, 6).contiguous()                      # (F, 6)
-    inv = (inv_depth.float()[faces].contiguous() if inv_depth is not None
-           else torch.zeros((1,), dtype=torch.float32, device=points.device))
+    corners = pix.reshape(-1, 6).contiguous()                                        # (F, 6)
+    depth = inv.contiguous() if inv is not None else torch.zeros((1,), dtype=torch.float32, device=pix.device)
     box = torch.cat([lo[ids], hi[ids] - lo[ids] + 1], 1).to(torch.int32).contiguous()  # (N, 4) x0 y0 w h
-    _zbuffer_kernel[(len(ids),)](corners, inv, ids.contiguous(), box, key, width,
-                                 USE_DEPTH=inv_depth is not None, BLOCK=BLOCK, EPS=INSIDE_EPS)
+    _zbuffer_kernel[(len(ids),)](corners, depth, ids.contiguous(), box, key, width,
+                                 USE_DEPTH=inv is not None, BLOCK=BLOCK, EPS=INSIDE_EPS)
     return torch.where(key >= 0, key & 0xFFFFFFFF, key)
