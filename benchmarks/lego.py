@@ -19,6 +19,9 @@ degrees, centre error; after aligning the estimate to the true cameras by a simi
 with ``--set camera_refine=on``; without refinement "after" is the perturbed cameras.
 ``--test FILE``: train on every view of ``--data`` and score FILE's views (D-NeRF's datasets:
 transforms_test.json, each view at its own instant; benchmarks/dynamic_scene.py makes one).
+``--save-renders DIR``: each held-out view as truth | render | error (the absolute difference on
+white, 4x) in one JPEG, DIR/<budget>s/<view>.jpg, to see where a fit loses; every row lists the
+views' own PSNRs (``psnr_views``) either way.
 ``--focal-noise F``: the training cameras' focal lengths are all F (a fraction) too long; pair it
 with ``--set camera_refine=focal``; each row adds the refined ``focal_scale`` and ``focal_error``
 (the fraction still wrong).
@@ -43,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from fit_implicit.backend.fitting.data import load_layout, load_transforms, split_holdout  # noqa: E402
 from fit_implicit.backend.fitting.config import FitConfig, make_config  # noqa: E402
 from fit_implicit.backend.fitting.loop import Callbacks, fit  # noqa: E402
-from fit_implicit.backend.fitting.metrics import evaluate  # noqa: E402
+from fit_implicit.backend.fitting.metrics import evaluate, on_white, psnr_white  # noqa: E402
+from fit_implicit.backend.render.image import to_rgba8  # noqa: E402
 from fit_implicit.shared import layouts  # noqa: E402
 import pose_noise  # noqa: E402  (benchmarks/pose_noise.py)
 
@@ -93,6 +97,25 @@ def motion_stats(model, n: int = 1 << 18) -> dict | None:
             "occupied_cells": int(cells.numel())}
 
 
+@torch.no_grad()
+def save_renders(model, held, folder: Path) -> list[float]:
+    """Render each view of ``held``, write truth | render | 4x error side by side to
+    ``folder/<view>.jpg`` and return the views' PSNRs (the same as metrics.evaluate's)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scores = []
+    for i in range(len(held)):
+        render = to_rgba8(model.render(held.intrinsics[i], held.poses[i], *held.size(i), time=held.time(i)))
+        truth = held.image(i)
+        scores.append(psnr_white(render, truth))
+        a, b = on_white(truth), on_white(render)
+        row = np.concatenate([a, b, np.clip(4.0 * np.abs(a - b), 0.0, 1.0)], axis=1)
+        Image.fromarray(np.round(row * 255.0).astype(np.uint8)).save(folder / f"{Path(held.names[i]).stem}.jpg",
+                                                                      quality=90)
+    return scores
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lego"))
@@ -121,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pose-noise-seed", type=int, default=0)
     ap.add_argument("--focal-noise", type=float, default=0.0, metavar="F",
                     help="the training cameras' focal lengths F (a fraction, e.g. 0.05) too long")
+    ap.add_argument("--save-renders", default="", metavar="DIR",
+                    help="write each held-out view as truth | render | 4x error to DIR/<budget>s/<view>.jpg")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lego.json"))
     args = ap.parse_args(argv)
 
@@ -169,7 +194,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         train_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         t1 = time.perf_counter()
-        scores = evaluate(model, held)
+        scores = (save_renders(model, held, Path(args.save_renders) / f"{budget:g}s") if args.save_renders
+                  else evaluate(model, held))
         eval_s = time.perf_counter() - t1
         smooth = {s: round(float(np.mean(evaluate(model, held, supersample=s))), 3)    # (before the
                   for s in [int(v) for v in args.eval_supersample.split(",") if v]}      # quadrature changes)
@@ -196,6 +222,7 @@ def main(argv=None) -> int:
         samples = float(model.meta.get("samples", 0))
         row = {
             "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
+            "psnr_views": [round(float(v), 2) for v in scores],
             "render_march_steps": cfg.march.max_steps(rendering=True), "psnr_by_render_steps": fine,
             "psnr_by_supersample": smooth,
             "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),
