@@ -603,34 +603,52 @@ class RaySampler:
     """Random rays over all pixels of all images, drawn on ``device``.
 
     The images live on the device as uint8 (4 bytes a pixel); nothing per-pixel is precomputed.
+    ``views`` (indices into ``data``): only those photos go to the device and rays come from them
+    alone (a data-parallel fit's share, fitting/distributed.py); the photo index a draw returns is
+    still the photo's index in ``data``.
     """
 
-    def __init__(self, data: PosedImages, device: torch.device | str, jitter: bool = False):
+    def __init__(self, data: PosedImages, device: torch.device | str, jitter: bool = False,
+                 views: np.ndarray | None = None):
         self.device = torch.device(device)
         self.jitter = bool(jitter)      # rays through a random point of their pixel (else its centre)
-        self.images = torch.from_numpy(data.images).to(self.device)                      # (N,H,W,4) u8
+        self.photo_ids = None           # (n,) i64 each held photo's index in data (None: all, in order)
+        if views is not None:
+            views = np.asarray(views, np.int64).reshape(-1)
+            if len(views) == 0 or views.min() < 0 or views.max() >= len(data) or len(np.unique(views)) != len(views):
+                raise ValueError(f"a sampler's views must be distinct photo indices below {len(data)}, got {views.tolist()}")
+            self.photo_ids = torch.as_tensor(views, device=self.device)
+
+        def held(a):        # the held photos' rows of a per-photo array
+            return a if views is None else a[views]
+
+        self.images = torch.from_numpy(np.ascontiguousarray(held(data.images))).to(self.device)  # (N,H,W,4) u8
         # (copies: arrays from the wire are read-only views of the received frames)
-        self.intrinsics = torch.tensor(data.intrinsics, dtype=torch.float32, device=self.device)  # (N,4)
-        self.poses = torch.tensor(data.poses, dtype=torch.float32, device=self.device)            # (N,4,4)
-        self.n, self.h, self.w = data.images.shape[:3]
+        self.intrinsics = torch.tensor(held(data.intrinsics), dtype=torch.float32, device=self.device)  # (N,4)
+        self.poses = torch.tensor(held(data.poses), dtype=torch.float32, device=self.device)            # (N,4,4)
+        self.n, self.h, self.w = self.images.shape[:3]
         # Photos of different sizes: each pixel of each photo equally likely, none of the padding.
         self.uniform = data.uniform
-        sizes = torch.as_tensor(data.sizes, device=self.device)
+        sizes = torch.as_tensor(held(data.sizes), device=self.device)
         self.widths = sizes[:, 0]
         counts = sizes[:, 0] * sizes[:, 1]
         self.ends = torch.cumsum(counts, 0)          # (N,) pixels up to each image's end
         self.starts = self.ends - counts
-        self.pixels = int(data.sizes.prod(1).sum())
+        self.pixels = int(held(data.sizes).prod(1).sum())
         self.lens_models = self.distortion = None                                         # pinholes
         if data.lens_models is not None:
-            self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
-            self.distortion = torch.from_numpy(data.distortion).float().to(self.device)   # (N,6)
+            self.lens_models = torch.from_numpy(held(data.lens_models)).to(self.device)         # (N,) i64
+            self.distortion = torch.from_numpy(held(data.distortion)).float().to(self.device)   # (N,6)
         # Passes on the device: albedo (N,H,W,3) u8, normal (N,H,W,3) f16 (unit to ~1e-3),
         # depth (N,H,W) f32, roughness (N,H,W) f16 (to ~5e-4; -1 stays exact).
         self.passes: dict[str, torch.Tensor] = {}
         for kind, value in data.passes.items():
-            t = torch.from_numpy(np.ascontiguousarray(value))
+            t = torch.from_numpy(np.ascontiguousarray(held(value)))
             self.passes[kind] = (t.half() if kind in ("normal", "roughness") else t).to(self.device)
+
+    def _photo(self, img: torch.Tensor) -> torch.Tensor:
+        """Held photos' indices (draws) -> their indices in the data."""
+        return img if self.photo_ids is None else self.photo_ids[img]
 
     def sample(self, count: int, generator: torch.Generator | None = None, with_photo: bool = False) -> tuple:
         """``count`` rays through random pixels (their centres, or random points of them with ``jitter``).
@@ -641,7 +659,7 @@ class RaySampler:
             the index (count,) int64 of each ray's photo.
         """
         img, _, _, o, d, rgba = self._draw(count, generator)
-        return (o, d, rgba, img) if with_photo else (o, d, rgba)
+        return (o, d, rgba, self._photo(img)) if with_photo else (o, d, rgba)
 
     def sample_passes(self, count: int, generator: torch.Generator | None = None, with_photo: bool = False
                       ) -> tuple:
@@ -668,7 +686,7 @@ class RaySampler:
             out["depth"] = (z / cos).unsqueeze(-1)
         if "roughness" in self.passes:
             out["roughness"] = self.passes["roughness"][img, y, x].float().unsqueeze(-1)
-        return (o, d, rgba, out, img) if with_photo else (o, d, rgba, out)
+        return (o, d, rgba, out, self._photo(img)) if with_photo else (o, d, rgba, out)
 
     def _draw(self, count: int, generator: torch.Generator | None):
         """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""

@@ -1,9 +1,13 @@
 """Data-parallel fits: one fit over several processes (one a GPU, or several on the CPU) through
 torch.distributed (NCCL between GPUs, gloo on the CPU).
 
-Every process (a *rank*) holds the whole field and the whole data and draws its own rays: the
-batch a step is split across the ranks (``batch_rays``, ``target_samples`` and ``max_rays``
-divided by their number).  After each backward pass the gradients are averaged over the ranks
+Every process (a *rank*) holds the whole field; the photos are shared out (rank r of N keeps
+photos r, r + N, r + 2N, ... on its device: :meth:`Group.share`, so a capture too large for
+one GPU's memory fits on several) and each rank draws its own rays from its share: the batch a
+step is split across the ranks (``batch_rays``, ``target_samples`` and ``max_rays`` divided by
+their number), one part from each share.  Every pixel stays equally likely where the shares
+hold as many pixels each (N divides the photos, one size); otherwise a smaller share's pixels
+are drawn a little more often.  After each backward pass the gradients are averaged over the ranks
 (one all-reduce of one flat buffer), so every rank takes the same Adam step and the weights stay
 identical: for the same total batch the fit is the one a single process would make, up to which
 rays were drawn (tests/backend/fitting/test_distributed.py checks the averaged gradient against
@@ -24,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,6 +62,13 @@ class Group:
         t = torch.tensor([float(fraction), float(bool(stop))], dtype=torch.float64, device=_device_of_group())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0]), bool(t[1] > 0)
+
+    def share(self, photos: int) -> np.ndarray:
+        """The photos this rank holds and draws rays from: every ``world``-th from its rank."""
+        if photos < self.world:
+            raise ValueError(f"{photos} photos cannot be shared out over {self.world} processes: "
+                             f"each needs at least one")
+        return np.arange(self.rank, photos, self.world, dtype=np.int64)
 
     def rank_seed(self, seed: int) -> int:
         """The seed this rank draws its rays from (each rank its own)."""
@@ -104,6 +116,7 @@ def fit_parallel(data, cfg, processes: int, log_every: float = 0.0):
     processes = int(processes)
     if processes < 2:
         raise ValueError(f"a data-parallel fit needs at least 2 processes, got {processes}")
+    Group(0, processes).share(len(data))      # enough photos for every rank: said here, not in a rank
     cfg = copy.deepcopy(cfg)
     cfg.device = str(pick_device(cfg.device))
     if cfg.device.startswith("cuda"):

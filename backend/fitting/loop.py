@@ -64,15 +64,17 @@ class Cancelled(Exception):
         self.step, self.model = step, model
 
 
-def make_trainer(data: PosedImages, cfg: FitConfig, parallel: bool = False) -> TrainerBase:
+def make_trainer(data: PosedImages, cfg: FitConfig, group=None) -> TrainerBase:
     """The trainer for ``cfg``: surface fields train with :class:`SurfaceTrainer`; radiance
-    fields with steps replayed from CUDA graphs where they can run, else eagerly (always eagerly
-    in a data-parallel fit, ``parallel``: fitting/distributed.py)."""
+    fields with steps replayed from CUDA graphs where they can run, else eagerly.  In a
+    data-parallel fit (``group``, fitting/distributed.py) always eagerly, and the trainer holds
+    and draws from only its rank's share of the photos."""
+    views = None if group is None else group.share(len(data))
     if cfg.method != "nerf":
-        return SurfaceTrainer(data, cfg)
-    if not parallel and graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
+        return SurfaceTrainer(data, cfg, views=views)
+    if group is None and graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
         return graph_trainer.GraphTrainer(data, cfg)
-    return Trainer(data, cfg)
+    return Trainer(data, cfg, views=views)
 
 
 def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
@@ -90,7 +92,7 @@ def fit(data: PosedImages, cfg: FitConfig, callbacks: Callbacks | None = None,
         raise ValueError("a data-parallel fit starts fresh: it does not resume a checkpoint")
 
     def build() -> TrainerBase:
-        trainer = make_trainer(data, cfg, parallel=group is not None)
+        trainer = make_trainer(data, cfg, group=group)
         if group is not None:
             trainer.join(group, cfg.seed)
         return trainer

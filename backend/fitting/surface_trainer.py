@@ -85,12 +85,12 @@ class SurfaceTrainer(TrainerBase):
     shaded samples approach ``cfg.train.target_samples``).
     """
 
-    def __init__(self, data: PosedImages, cfg: FitConfig):
+    def __init__(self, data: PosedImages, cfg: FitConfig, views=None):
         self.passes = data_passes(data)
         self.masks = any(bool((data.image(i)[..., 3] < 255).any()) for i in range(len(data)))
         super().__init__(data, cfg, {"lighting_baked": "albedo" not in self.passes,
                                      "roughness": "roughness" in self.passes,
-                                     "passes": list(self.passes), "masks": self.masks})
+                                     "passes": list(self.passes), "masks": self.masks}, views=views)
         if self.passes and not hasattr(self.sampler, "sample_passes"):
             raise ValueError("the data has supervision passes but RaySampler cannot sample them")
         variance = {"params": self.model.field.param_groups()["extra"], "lr": cfg.train.variance_lr, "eps": 1e-15,

@@ -159,7 +159,9 @@ class TrainerBase:
 
     group = None        # a data-parallel fit's distributed.Group (fitting/distributed.py), else None
 
-    def __init__(self, data: PosedImages, cfg: FitConfig, meta: dict | None = None):
+    def __init__(self, data: PosedImages, cfg: FitConfig, meta: dict | None = None, views=None):
+        """``views``: the photos whose rays this trainer draws (None: all; a data-parallel fit's
+        rank: its share, fitting/distributed.py ``Group.share``)."""
         self.cfg, self.device = cfg, pick_device(cfg.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
@@ -175,7 +177,7 @@ class TrainerBase:
             meta["times"] = np.round(data.times, 6).tolist()
             self.times = torch.tensor(data.times, dtype=torch.float32, device=self.device)
         self.model = FittedField.build(cfg, data.aabb, meta, self.device, refining_cameras=refines_cameras(data, cfg))
-        self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter)
+        self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter, views=views)
         self.rays = cfg.train.batch_rays
         self.appearance = None               # per-photo exposure and white balance (appearance.py)
         if cfg.train.appearance:
@@ -333,8 +335,8 @@ class Trainer(TrainerBase):
 
     MIN_RAYS = 256          # floor of the adaptive ray count
 
-    def __init__(self, data: PosedImages, cfg: FitConfig):
-        super().__init__(data, cfg)
+    def __init__(self, data: PosedImages, cfg: FitConfig, views=None):
+        super().__init__(data, cfg, views=views)
         self.optimizer = self.adam()
 
     def update_step(self, step: int, fraction: float) -> None:

@@ -193,6 +193,31 @@ def test_jittered_rays_pass_anywhere_through_the_pixel_whose_colour_they_carry()
     assert offsets.min() < 0.1 and offsets.max() > 0.9 and abs(offsets.mean() - 0.5) < 0.05   # all over the pixel
 
 
+def test_a_sampler_over_a_share_of_the_photos_holds_and_draws_only_those(tmp_path):
+    """A data-parallel fit's rank (fitting/distributed.py): RaySampler(views=...) puts only its
+    photos (and their passes) on the device; every ray comes from one of them, through a pixel of
+    the colour it carries, and is reported under the photo's index in the whole capture."""
+    poses, k = _rig(n=5, size=(20, 16))
+    images = np.random.default_rng(3).integers(0, 256, (5, 16, 20, 4), dtype=np.uint8)
+    albedo = np.random.default_rng(4).integers(0, 256, (5, 16, 20, 3), dtype=np.uint8)
+    data = PosedImages(images, np.repeat(k[None], 5, 0), poses, [[0, 1, 2], [2, 3, 4]], list("abcde"),
+                       passes={"albedo": albedo})
+    sampler = RaySampler(data, "cpu", views=[1, 3])
+    assert sampler.images.shape[0] == 2 and sampler.passes["albedo"].shape[0] == 2
+    o, d, rgba, extra, photo = sampler.sample_passes(256, torch.Generator().manual_seed(0), with_photo=True)
+    assert set(photo.tolist()) == {1, 3}
+    for oi, di, ci, ai, cam in zip(o.numpy().astype(np.float64), d.numpy().astype(np.float64), rgba.numpy(),
+                                   extra["albedo"].numpy(), photo.numpy()):
+        assert np.allclose(oi, poses[cam, :3, 3], atol=1e-5)             # from the photo's own camera
+        uv, _ = cameras.project((oi + 2.0 * di)[None], k, poses[cam])
+        col, row = np.floor(uv[0]).astype(int)
+        assert np.allclose(ci * 255, images[cam, row, col], atol=1e-3)
+        assert np.allclose(ai * 255, albedo[cam, row, col], atol=1e-3)
+    for bad in ([], [1, 1], [5], [-1]):
+        with pytest.raises(ValueError, match="distinct photo indices below 5"):
+            RaySampler(data, "cpu", views=bad)
+
+
 def test_photos_of_different_sizes_load_and_only_their_own_pixels_are_drawn(tmp_path):
     """Landscape, portrait and small photos in one capture (issue 13): each keeps its size; rays
     come through its own pixel centres, every pixel equally likely, never from the padding."""

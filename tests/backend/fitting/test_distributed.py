@@ -40,3 +40,18 @@ def test_split_config_divides_the_batch_between_the_ranks():
     assert half.train.batch_rays == cfg.train.batch_rays // 2 and half.train.max_rays == cfg.train.max_rays // 2
     assert half.train.target_samples == cfg.train.target_samples // 2
     assert cfg.train.batch_rays == make_config("nerf", "standard", device="cpu").train.batch_rays   # a copy
+
+
+def test_each_photo_is_held_by_exactly_one_rank():
+    """Group.share: the photos shared out over the ranks, every one held once, the shares within one
+    photo of each other; more ranks than photos is refused before any rank starts."""
+    import numpy as np
+
+    from fit_implicit.backend.fitting.distributed import Group
+
+    for photos, world in ((70, 2), (71, 4), (3, 3)):
+        shares = [Group(rank, world).share(photos) for rank in range(world)]
+        assert np.array_equal(np.sort(np.concatenate(shares)), np.arange(photos))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="5 photos cannot be shared out over 8 processes"):
+        Group(0, 8).share(5)
