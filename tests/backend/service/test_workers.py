@@ -170,7 +170,7 @@ def start_remote_worker(address: str, server_key: bytes, keys: Path, name: str) 
     """``fit-implicit worker`` with the fake runner (tests/helpers.py), as a TD would start it on another box."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "fit_implicit.backend", "worker", "--server", address, "--server-key",
-           server_key.decode(), "--keys-dir", str(keys), "--device", "cpu", "--name", name, "--timeout", "3",
+           server_key.decode(), "--keys-dir", str(keys), "--device", "cpu", "--name", name, "--timeout", "10",
            "--runner", "helpers:fake_runner"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -182,8 +182,12 @@ def test_a_worker_on_another_host_joins_over_curvezmq_takes_jobs_and_its_loss_re
     box_public, _ = security.ensure_server_keys(box_keys, stem="worker")
     security.ensure_server_keys(stranger_keys, stem="worker")
     (server_keys / "authorized_workers").write_text(box_public.decode() + "\n")
+    # A worker silent for 10 s is gone, and so is the backend for the worker (start_remote_worker;
+    # both ends beat every second): on two loaded cores shorter timeouts dropped box2 for a late beat
+    # (the two jobs below then both ran here).  Its loss below is seen sooner: the next beat sent to
+    # a closed connection fails (worker_door.py).
     backend = backend_factory(args=["--worker-bind", "tcp://0.0.0.0:0", "--keys-dir", str(server_keys),
-                                    "--worker-timeout", "2"])
+                                    "--worker-timeout", "10"])
     door = backend.worker_address.replace("0.0.0.0", "127.0.0.1")
     assert door.startswith("tcp://127.0.0.1:"), backend.worker_address
     box = start_remote_worker(door, server_public, box_keys, "box2")
@@ -197,13 +201,14 @@ def test_a_worker_on_another_host_joins_over_curvezmq_takes_jobs_and_its_loss_re
             assert time.monotonic() < deadline, backend.log()[-2000:]
             time.sleep(0.05)
         assert "stranger" not in status(backend.address).workers
-        # Two users' jobs at once: one on this host's worker, one on box2.
+        # Two users' jobs at once (~3 s each, so that the first is still running when the second
+        # comes): one on this host's worker, one on box2.
         users = [client_of(backend.address, u) for u in (1, 2)]
         for c in users:
-            c.start(make_submit(steps=80, name="both"))
+            c.start(make_submit(steps=300, name="both"))
         seen = wait_all(users)
         pids = {seen[c][-1].summary["pid"] for c in users}
-        assert pids == {backend.proc.pid, box.pid}, (pids, backend.proc.pid, box.pid)
+        assert pids == {backend.proc.pid, box.pid}, (pids, backend.proc.pid, box.pid, backend.log()[-2000:])
         assert {seen[c][-1].summary["device"] for c in users} == {"cpu", "cpu@box2"}
         # box2 is lost mid-job (its connection closes; across a network, or a box that hangs, its
         # silence for --worker-timeout says the same): the job is queued again and finishes here.
