@@ -618,32 +618,29 @@ class RaySampler:
             if len(views) == 0 or views.min() < 0 or views.max() >= len(data) or len(np.unique(views)) != len(views):
                 raise ValueError(f"a sampler's views must be distinct photo indices below {len(data)}, got {views.tolist()}")
             self.photo_ids = torch.as_tensor(views, device=self.device)
-
-        def held(a):        # the held photos' rows of a per-photo array
-            return a if views is None else a[views]
-
-        self.images = torch.from_numpy(np.ascontiguousarray(held(data.images))).to(self.device)  # (N,H,W,4) u8
+            data = data.subset(views)
+        self.images = torch.from_numpy(data.images).to(self.device)                      # (N,H,W,4) u8
         # (copies: arrays from the wire are read-only views of the received frames)
-        self.intrinsics = torch.tensor(held(data.intrinsics), dtype=torch.float32, device=self.device)  # (N,4)
-        self.poses = torch.tensor(held(data.poses), dtype=torch.float32, device=self.device)            # (N,4,4)
-        self.n, self.h, self.w = self.images.shape[:3]
+        self.intrinsics = torch.tensor(data.intrinsics, dtype=torch.float32, device=self.device)  # (N,4)
+        self.poses = torch.tensor(data.poses, dtype=torch.float32, device=self.device)            # (N,4,4)
+        self.n, self.h, self.w = data.images.shape[:3]
         # Photos of different sizes: each pixel of each photo equally likely, none of the padding.
         self.uniform = data.uniform
-        sizes = torch.as_tensor(held(data.sizes), device=self.device)
+        sizes = torch.as_tensor(data.sizes, device=self.device)
         self.widths = sizes[:, 0]
         counts = sizes[:, 0] * sizes[:, 1]
         self.ends = torch.cumsum(counts, 0)          # (N,) pixels up to each image's end
         self.starts = self.ends - counts
-        self.pixels = int(held(data.sizes).prod(1).sum())
+        self.pixels = int(data.sizes.prod(1).sum())
         self.lens_models = self.distortion = None                                         # pinholes
         if data.lens_models is not None:
-            self.lens_models = torch.from_numpy(held(data.lens_models)).to(self.device)         # (N,) i64
-            self.distortion = torch.from_numpy(held(data.distortion)).float().to(self.device)   # (N,6)
+            self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
+            self.distortion = torch.from_numpy(data.distortion).float().to(self.device)   # (N,6)
         # Passes on the device: albedo (N,H,W,3) u8, normal (N,H,W,3) f16 (unit to ~1e-3),
         # depth (N,H,W) f32, roughness (N,H,W) f16 (to ~5e-4; -1 stays exact).
         self.passes: dict[str, torch.Tensor] = {}
         for kind, value in data.passes.items():
-            t = torch.from_numpy(np.ascontiguousarray(held(value)))
+            t = torch.from_numpy(np.ascontiguousarray(value))
             self.passes[kind] = (t.half() if kind in ("normal", "roughness") else t).to(self.device)
 
     def _photo(self, img: torch.Tensor) -> torch.Tensor:
