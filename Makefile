@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out out
 
 test: $(STAMP) $(STAMP42)
-	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q --durations=30 -n 2 --dist loadfile
+	FIT_IMPLICIT_BPY42=$(CURDIR)/$(VENV42)/bin/python $(PY) -m pytest -q --durations=30 -n 2 --dist loadfile --no-loadscope-reorder
 
 addon: $(STAMP)
 	$(PY) build_addon.py --out dist

@@ -126,11 +126,13 @@ def test_fit_points_command_cleans_a_scan_with_outliers_into_a_coloured_closed_m
 
 # Measured 2026-12-05 (2 cores, the scan above, 300 steps; the hash grid: 0.25 %, F 1.000):
 # siren 0.39 % / F 0.990, fourier (scale 2) 0.26 % / 1.000, positional 0.81 % / 0.861 (its finest octaves
-# ripple the surface).  Bounds: (Chamfer % of the diagonal, F-score@1 %).
-ENCODING_BOUNDS = {"siren": (0.6, 0.97), "fourier": (0.45, 0.98), "positional": (1.2, 0.75)}
+# ripple the surface).  Bounds: (Chamfer % of the diagonal, F-score@1 %).  The positional encoding, the
+# weakest for surfaces, is left to tests/backend/fields/test_encodings.py (its SDF starts as the sphere,
+# its radiance field trains): its fit here cost ~75 s of make test for a loose bound.
+ENCODING_BOUNDS = {"siren": (0.6, 0.97), "fourier": (0.45, 0.98)}
 
 
-@pytest.mark.slow   # three 300-step fits, ~90 s on 2 cores
+@pytest.mark.slow   # two 300-step fits, ~60 s on 2 cores
 def test_the_torus_with_each_other_encoding_and_a_run_that_keeps_it(tmp_path):
     """The setting ``encoding`` on a fit to points: each encoding recovers the torus; a saved run
     reloads with its encoding (the Fourier frequencies are drawn once and kept)."""
