@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.trainer import Trainer
 from fit_implicit.backend.render import volume
-from fit_implicit.backend.render.volume import (RayOutput, composite_fixed, march_fixed, ray_aabb, scatter_index,
-                                                terminate_fixed, transmittance_fixed)
+from fit_implicit.backend.render.volume import (RayOutput, composite_fixed, distortion_fixed, march_fixed, ray_aabb,
+                                                scatter_index, terminate_fixed, transmittance_fixed)
 
 MIN_RAYS = 1 << 10
 WARMUP_STEPS = 3        # eager steps on a side stream before the first capture (lazy state, compilation)
@@ -155,6 +155,8 @@ class GraphTrainer(Trainer):
             loss = per.mul(kept).sum() / n * 10.0
         if times is not None:
             loss = loss + self.motion_penalty()
+        if tc.distortion_weight > 0:
+            loss = loss + tc.distortion_weight * distortion_fixed(w, model.step_size, s).mul(kept).sum() / n
         loss.backward()
         self.optimizer.step()
         stats = torch.stack([first.used.double(), first.kept.sum().double(), s.used.double(),

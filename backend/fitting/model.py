@@ -170,13 +170,15 @@ class FittedField:
 
     # ---- rendering -------------------------------------------------------------------------
     def trace(self, origins: torch.Tensor, dirs: torch.Tensor, jitter: torch.Tensor | None = None,
-              differentiable: bool = True, background: bool = True, times: torch.Tensor | None = None) -> RayOutput:
+              differentiable: bool = True, background: bool = True, times: torch.Tensor | None = None,
+              with_distortion: bool = False) -> RayOutput:
         """Render world rays; origins (R, 3), dirs (R, 3) unit, float32 on the model's device.
 
         ``depth`` comes back in world units.  ``differentiable=False`` renders without
         gradients (radiance fields: in segments with early ray termination).  ``background``:
         the background model's light behind the box is added (where the fit has one).
-        ``times``: (R,) each ray's time (a dynamic field; None: ``self.time``).
+        ``times``: (R,) each ray's time (a dynamic field; None: ``self.time``).  ``with_distortion``
+        (radiance fields, differentiable): each ray's distortion too (render/volume.py), in normalised units.
         """
         if self.is_surface:
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
@@ -188,7 +190,7 @@ class FittedField:
         if differentiable or times is not None:
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
                 out = render_rays(self.field, self.occupancy.occupied, o, dirs, self.box, self.step_size,
-                                  self.max_steps, jitter, times=times)
+                                  self.max_steps, jitter, times=times, with_distortion=with_distortion)
         else:
             split = (self.field.geometry, self.field.color) if hasattr(self.field, "color") else None
             out = render_rays_segmented(self.field, self.occupancy.occupied, o, dirs, self.box,

@@ -46,6 +46,8 @@ class TrainConfig:
     lr_decay_start: float = 0.5     # fraction of the fit after which the learning rate decays
     lr_final: float = 0.03          # learning rate factor reached at the end (exponential decay)
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
+    distortion_weight: float = 0.0  # radiance fields: weight of mip-NeRF 360's distortion loss, which gathers each
+                                    # ray's weight into one stretch (fewer floaters; render/volume.py); 0 = off
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     pixel_jitter: bool = False      # training rays through a random point of their pixel, not its centre
@@ -72,7 +74,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight", "camera_lr",
-                     "camera_weight"):
+                     "camera_weight", "distortion_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
@@ -365,10 +367,13 @@ class Trainer(TrainerBase):
         the number of field samples it took."""
         origins, dirs, rgba, photo = self.sample()
         jitter = torch.rand(origins.shape[0], 1, device=self.device)
-        out = self.model.trace(origins, dirs, jitter, times=self.ray_times(photo))
+        spread = self.cfg.train.distortion_weight
+        out = self.model.trace(origins, dirs, jitter, times=self.ray_times(photo), with_distortion=spread > 0)
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, _ = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
         loss = loss + penalty + self.motion_penalty()
+        if spread > 0:
+            loss = loss + spread * out.distortion.mean()
         self.apply_gradients(loss)
         self.rays = self.cfg.train.adapt_rays(self.rays, out.samples, self.MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples

@@ -72,6 +72,7 @@ class RayOutput:
     opacity: torch.Tensor
     depth: torch.Tensor
     samples: int
+    distortion: torch.Tensor | None = None  # (R,) :func:`distortion` of each ray's weights, when asked for
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor
@@ -118,6 +119,33 @@ def composite(sigmas: torch.Tensor, deltas: torch.Tensor, t_prior: torch.Tensor 
         total = total + t_prior[:, None]
     weights = torch.exp(-before) * (1.0 - torch.exp(-tau))      # T_i * alpha_i
     return weights, total[:, -1]
+
+
+def distortion(weights: torch.Tensor, t: torch.Tensor, step: float, first: torch.Tensor, into: torch.Tensor,
+               rows: int) -> torch.Tensor:
+    """mip-NeRF 360's distortion of each ray's compositing weights, for samples at a uniform step:
+
+        L = sum_i sum_j w_i w_j |t_i - t_j| + step / 3 * sum_i w_i^2,
+
+    small when a ray's weight gathers in one short stretch (a surface), large when it is spread
+    along the ray (fog, floaters).  The double sum in O(samples) with prefix sums within each ray:
+    2 sum_i w_i (t_i W_i - (wt)_i), W_i and (wt)_i the sums of w_j and w_j t_j over the ray's
+    samples in front of i.
+
+    Args:
+        weights, t: (S,) float32, each ray's samples contiguous and in order along it (weights 0 in
+            unused slots).  step: the distance between samples.
+        first: (S,) int64 slot of the first sample of each slot's ray.  into: (S,) int64 row of
+            each slot's ray in the result.  rows: rows of the result.
+    Returns:
+        (rows,) float32.
+    """
+    w, wt = weights.double(), (weights * t).double()
+    mass = torch.cumsum(w, 0) - w                               # exclusive prefix sums over the batch,
+    moment = torch.cumsum(wt, 0) - wt                           # then from each ray's first sample
+    mass, moment = (mass - mass[first]).to(weights.dtype), (moment - moment[first]).to(weights.dtype)
+    per = 2.0 * weights * (t * mass - moment) + weights * weights * (step / 3.0)
+    return weights.new_zeros(rows).index_add(0, into, per)
 
 
 def sample_grid(t_near: torch.Tensor, step: float, first: int, count: int,
@@ -409,6 +437,14 @@ def composite_fixed(sigmas: torch.Tensor, step: float, samples: FixedSamples) ->
     return torch.where(valid, torch.exp(-before) * (1.0 - torch.exp(-tau)), 0.0)
 
 
+def distortion_fixed(weights: torch.Tensor, step: float, samples: FixedSamples) -> torch.Tensor:
+    """:func:`distortion` (R,) of each ray of :func:`march_fixed`'s slots, from their weights (S,)
+    (:func:`composite_fixed`)."""
+    r = samples.counts.shape[0]
+    return distortion(weights, samples.t, step, _ray_first_slot(samples), scatter_index(samples),
+                      r + samples.ray.shape[0])[:r]
+
+
 def composite_packed(sigmas: torch.Tensor, deltas: float | torch.Tensor, ray: torch.Tensor,
                      counts: torch.Tensor) -> torch.Tensor:
     """Compositing weights of packed samples (those of each ray contiguous, in order).
@@ -435,7 +471,8 @@ def _march_bits(occupied_fn) -> tuple[torch.Tensor, int] | None:
 
 def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tensor, dirs: torch.Tensor,
                 aabb: torch.Tensor, step: float, max_steps: int,
-                jitter: torch.Tensor | None = None, times: torch.Tensor | None = None) -> RayOutput:
+                jitter: torch.Tensor | None = None, times: torch.Tensor | None = None,
+                with_distortion: bool = False) -> RayOutput:
     """Render rays in one pass, differentiably (training).
 
     Args:
@@ -443,6 +480,7 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
         step: distance between samples.  max_steps: most samples a ray can take.
         jitter: (R, 1) float32 in [0, 1): random shift of every ray's sample grid, or None (0.5).
         times: (R,) float32 time of each ray (a dynamic field: ``field_fn(x, d, time)``), or None.
+        with_distortion: also each ray's :func:`distortion` (``RayOutput.distortion``).
     """
     r = origins.shape[0]
     t_near, t_far, hit = ray_aabb(origins, dirs, aabb)
@@ -463,13 +501,18 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
         sig, rgb = field_fn(x, dirs[ray], *(() if times is None else (times[ray],)))
         w = composite_packed(sig.to(t.dtype), step, ray, counts)
         color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
-        return RayOutput(color, zeros.index_add(0, ray, w), zeros.index_add(0, ray, w * t), int(t.shape[0]))
+        spread = distortion(w, t, step, (counts.cumsum(0) - counts)[ray], ray, r) if with_distortion else None
+        return RayOutput(color, zeros.index_add(0, ray, w), zeros.index_add(0, ray, w * t), int(t.shape[0]), spread)
     t = sample_grid(t_near, step, 0, count, 0.5 if jitter is None else jitter)
     sigma, rgb, mask, ray = _query(field_fn, occupied_fn, origins, dirs, t, t_far, times=times)
     weights, _ = composite(sigma, step)
     w = weights[mask]
     color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
-    return RayOutput(color, weights.sum(-1), (weights * t).sum(-1), int(ray.shape[0]))
+    spread = None
+    if with_distortion:         # the dense grid, row after row (empty candidates weigh 0)
+        rows = torch.arange(r, device=t.device).repeat_interleave(count)
+        spread = distortion(weights.reshape(-1), t.reshape(-1), step, rows * count, rows, r)
+    return RayOutput(color, weights.sum(-1), (weights * t).sum(-1), int(ray.shape[0]), spread)
 
 
 @torch.no_grad()

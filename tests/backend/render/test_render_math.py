@@ -237,3 +237,50 @@ def test_early_termination_drops_only_occluded_samples():
     assert 0 < int(kept.sum()) < int(short.kept.sum())
     assert torch.equal(tight.counts[kept], short.counts[kept])
     assert int(tight.used) <= int(short.used) // 2
+
+
+def _distortion_by_hand(w, t, step):
+    """The double sum as written in mip-NeRF 360 (uniform intervals of length ``step``)."""
+    w = w.detach()
+    return float((w[:, None] * w[None, :] * (t[:, None] - t[None, :]).abs()).sum() + (w * w).sum() * step / 3)
+
+
+def test_distortion_is_small_for_a_surface_and_large_for_fog():
+    """All of a ray's weight in one sample costs step / 3; the same weight split between two samples
+    a distance D apart costs 2 (1/2)(1/2) D + step / 6; two rays in one batch do not mix."""
+    from fit_implicit.backend.render.volume import distortion
+
+    step = 0.1
+    t = torch.tensor([0.05, 0.15, 0.25, 0.35, 0.05, 0.15, 0.25, 0.35])
+    w = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.5])
+    ray = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    got = distortion(w, t, step, ray * 4, ray, 2)
+    assert got.tolist() == pytest.approx([step / 3, 2 * 0.25 * 0.3 + 2 * 0.25 * step / 3], abs=1e-6)
+
+
+def test_distortion_of_fixed_slots_and_of_the_dense_path_match_the_double_sum():
+    """distortion_fixed against the double sum ray by ray (a march with empty cells, unused slots);
+    render_rays' dense path (the CPU's) against the same sum over its own weights; gradients flow."""
+    from fit_implicit.backend.render.volume import composite_fixed, distortion_fixed
+
+    s, step = _fixed_batch(capacity=400)
+    sig = (torch.rand(400) * 30).requires_grad_()
+    w = composite_fixed(sig, step, s)
+    got = distortion_fixed(w, step, s)
+    start = 0
+    for r in range(s.counts.shape[0]):
+        n = int(s.counts[r])
+        want = _distortion_by_hand(w[start:start + n], s.t[start:start + n], step) if n else 0.0
+        assert float(got[r]) == pytest.approx(want, rel=1e-4, abs=1e-7)
+        start += n
+    got.sum().backward()
+    assert torch.isfinite(sig.grad).all() and sig.grad[:int(s.used)].abs().sum() > 0
+
+    o = torch.tensor([[0.0, 0.0, -3.0], [0.3, 0.0, -3.0]])
+    d = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    out = render_rays(_ball_field(3.0, 0.6), _everywhere, o, d, BOX, 0.05, 100, with_distortion=True)
+    t = sample_grid(ray_aabb(o, d, BOX)[0], 0.05, 0, 41)         # the box from t = 2 to 4: 41 candidates
+    sigma = torch.stack([_ball_field(3.0, 0.6)(o[i] + t[i, :, None] * d[i], d[i].expand(41, 3))[0] for i in range(2)])
+    weights, _ = composite(sigma * (t < 4.0).float(), 0.05)
+    for i in range(2):
+        assert float(out.distortion[i]) == pytest.approx(_distortion_by_hand(weights[i], t[i], 0.05), rel=1e-4)
