@@ -17,6 +17,7 @@ from fit_implicit.shared import cameras, transforms
 from fit_implicit.shared.protocol import NO_ROUGHNESS, PASS_DTYPES, PASS_NAMES, pad_images
 
 from fit_implicit.backend.fitting import lens
+from fit_implicit.backend.fitting.error_map import ErrorMap
 
 TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")
 
@@ -609,7 +610,9 @@ class RaySampler:
     """
 
     def __init__(self, data: PosedImages, device: torch.device | str, jitter: bool = False,
-                 views: np.ndarray | None = None):
+                 views: np.ndarray | None = None, error_sampling: float = 0.0, error_tile: int = 16):
+        """``error_sampling``: the share of each draw's rays chosen where the recorded error is large
+        (:meth:`record_errors`; fitting/error_map.py), over cells of ``error_tile`` pixels a side."""
         self.device = torch.device(device)
         self.jitter = bool(jitter)      # rays through a random point of their pixel (else its centre)
         self.photo_ids = None           # (n,) i64 each held photo's index in data (None: all, in order)
@@ -632,6 +635,11 @@ class RaySampler:
         self.ends = torch.cumsum(counts, 0)          # (N,) pixels up to each image's end
         self.starts = self.ends - counts
         self.pixels = int(data.sizes.prod(1).sum())
+        if not 0.0 <= error_sampling <= 1.0:
+            raise ValueError(f"error_sampling must be in [0, 1], got {error_sampling}")
+        self.error_share, self.error_map, self.last_cells = float(error_sampling), None, None
+        if error_sampling > 0:
+            self.error_map = ErrorMap(self.widths, sizes[:, 1], self.w, self.h, error_tile)
         self.lens_models = self.distortion = None                                         # pinholes
         if data.lens_models is not None:
             self.lens_models = torch.from_numpy(data.lens_models).to(self.device)         # (N,) i64
@@ -685,18 +693,32 @@ class RaySampler:
             out["roughness"] = self.passes["roughness"][img, y, x].float().unsqueeze(-1)
         return (o, d, rgba, out, self._photo(img)) if with_photo else (o, d, rgba, out)
 
-    def _draw(self, count: int, generator: torch.Generator | None):
-        """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""
+    def record_errors(self, errors: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """The last draw's rays' squared colour errors (R,) (``weights`` (R,): 0 for a ray not
+        trained), for the error-weighted share of the next draws; nothing without one."""
+        if self.error_map is not None:
+            self.error_map.record(self.last_cells, errors.detach(), weights)
+
+    def _uniform(self, count: int, generator: torch.Generator | None):
+        """Uniformly random pixels: image index, row, column (count,) int64."""
         if self.uniform:
             flat = torch.randint(0, self.n * self.h * self.w, (count,), device=self.device, generator=generator)
             img = flat // (self.h * self.w)
             pix = flat % (self.h * self.w)
-            y, x = pix // self.w, pix % self.w
-        else:
-            flat = torch.randint(0, self.pixels, (count,), device=self.device, generator=generator)
-            img = torch.searchsorted(self.ends, flat, right=True)
-            pix = flat - self.starts[img]
-            y, x = pix // self.widths[img], pix % self.widths[img]
+            return img, pix // self.w, pix % self.w
+        flat = torch.randint(0, self.pixels, (count,), device=self.device, generator=generator)
+        img = torch.searchsorted(self.ends, flat, right=True)
+        pix = flat - self.starts[img]
+        return img, pix // self.widths[img], pix % self.widths[img]
+
+    def _draw(self, count: int, generator: torch.Generator | None):
+        """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""
+        img, y, x = self._uniform(count - int(count * self.error_share), generator)
+        if self.error_map is not None:
+            if int(count * self.error_share):
+                drawn = self.error_map.draw(int(count * self.error_share), generator)
+                img, y, x = (torch.cat([a, b]) for a, b in zip((img, y, x), drawn))
+            self.last_cells = self.error_map.cell_of(img, y, x)
         if self.jitter:     # a photo's pixel is an average over its area: any point of it
             u = x.float() + torch.rand(count, device=self.device, generator=generator)
             v = y.float() + torch.rand(count, device=self.device, generator=generator)

@@ -147,7 +147,9 @@ class GraphTrainer(Trainer):
         target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
         kept = s.kept.float()
         n = kept.sum().clamp_min(1.0)
-        mse = ((pred - target) ** 2).mean(-1).mul(kept).sum() / n
+        per_ray = ((pred - target) ** 2).mean(-1)
+        mse = per_ray.mul(kept).sum() / n
+        self.sampler.record_errors(per_ray, kept)
         if tc.loss == "mse":
             loss = mse
         else:

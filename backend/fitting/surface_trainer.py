@@ -155,7 +155,8 @@ class SurfaceTrainer(TrainerBase):
         out = model.trace_surface(origins, dirs, jitter, normals="normal" in passes, albedo="albedo" in passes,
                                   roughness="roughness" in passes, times=self.ray_times(photo))
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
-        loss, mse, alpha = colour_loss(rgb, out.opacity, rgba, tc.loss)
+        loss, mse, alpha, errors = colour_loss(rgb, out.opacity, rgba, tc.loss)
+        self.sampler.record_errors(errors)
         loss = loss + penalty + self.motion_penalty()
         if self.masks and self.mask_weight > 0:
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)

@@ -51,6 +51,9 @@ class TrainConfig:
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     pixel_jitter: bool = False      # training rays through a random point of their pixel, not its centre
+    error_sampling: float = 0.0     # share of each step's rays drawn where the recent colour error is large
+                                    # (instant-ngp's error map; fitting/error_map.py); 0 = every pixel alike
+    error_tile: int = 16            # pixels a side of the error map's cells
     appearance: bool = False        # learn each photo's exposure and white balance (fitting/appearance.py)
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
@@ -70,7 +73,9 @@ class TrainConfig:
             raise ValueError(f"camera_anneal_share must be in (0, 1], got {self.camera_anneal_share}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-        for name in ("batch_rays", "max_rays"):
+        if not 0.0 <= self.error_sampling <= 1.0:
+            raise ValueError(f"error_sampling must be in [0, 1], got {self.error_sampling}")
+        for name in ("batch_rays", "max_rays", "error_tile"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight", "camera_lr",
@@ -122,15 +127,16 @@ def colour_loss(rgb: torch.Tensor, opacity: torch.Tensor, rgba: torch.Tensor, lo
         rgb: (R, 3) premultiplied rendered colour.  opacity: (R,).  rgba: (R, 4) pixels in [0, 1].
         loss: "mse" or "smooth_l1" (scaled by 10 to be of MSE's size near the optimum).
     Returns:
-        (loss, mse, alpha (R, 1)) with loss and mse 0-d.
+        (loss, mse, alpha (R, 1), each ray's squared error (R,) without gradient) with loss and mse 0-d.
     """
     bg = torch.rand(rgb.shape[0], 3, device=rgb.device)
     pred = rgb + (1.0 - opacity[:, None]) * bg
     alpha = rgba[:, 3:]
     target = rgba[:, :3] * alpha + (1.0 - alpha) * bg
-    mse = F.mse_loss(pred, target)
+    per_ray = (pred - target).square().mean(-1)
+    mse = per_ray.mean()
     value = mse if loss == "mse" else F.smooth_l1_loss(pred, target, beta=0.1) * 10.0
-    return value, mse, alpha
+    return value, mse, alpha, per_ray.detach()
 
 
 def models_background(data: PosedImages, cfg: FitConfig) -> bool:
@@ -179,7 +185,8 @@ class TrainerBase:
             meta["times"] = np.round(data.times, 6).tolist()
             self.times = torch.tensor(data.times, dtype=torch.float32, device=self.device)
         self.model = FittedField.build(cfg, data.aabb, meta, self.device, refining_cameras=refines_cameras(data, cfg))
-        self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter, views=views)
+        self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter, views=views,
+                                  error_sampling=cfg.train.error_sampling, error_tile=cfg.train.error_tile)
         self.rays = cfg.train.batch_rays
         self.appearance = None               # per-photo exposure and white balance (appearance.py)
         if cfg.train.appearance:
@@ -313,6 +320,8 @@ class TrainerBase:
             state["background"] = self.model.background.state_dict()
         if self.cameras is not None:
             state["cameras"] = self.cameras.state_dict()
+        if self.sampler.error_map is not None:
+            state["error_map"] = self.sampler.error_map.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -326,6 +335,8 @@ class TrainerBase:
             self.model.background.load_state_dict(state["background"])
         if self.cameras is not None:
             self.cameras.load_state_dict(state["cameras"])
+        if self.sampler.error_map is not None and "error_map" in state:
+            self.sampler.error_map.load_state_dict(state["error_map"])
         self.rays = int(state["rays"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -370,7 +381,8 @@ class Trainer(TrainerBase):
         spread = self.cfg.train.distortion_weight
         out = self.model.trace(origins, dirs, jitter, times=self.ray_times(photo), with_distortion=spread > 0)
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
-        loss, mse, _ = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
+        loss, mse, _, errors = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
+        self.sampler.record_errors(errors)
         loss = loss + penalty + self.motion_penalty()
         if spread > 0:
             loss = loss + spread * out.distortion.mean()
