@@ -194,6 +194,13 @@ class HashGrid(nn.Module):
         self.n_dense = int(dense.sum())
         self.table = nn.Parameter(torch.empty(int(offsets[-1]), features).uniform_(-init_scale, init_scale))
         self.levels, self.features = levels, features
+        self.bounds = tuple(int(v) for v in offsets)      # each level's rows, as numbers (no device reads)
+
+    def level_mean_square(self) -> torch.Tensor:
+        """The sum over levels of each level's mean squared feature (mip-NeRF 360 / Zip-NeRF's weight
+        decay normalised by level): a penalty that lets features no ray needs fade to zero."""
+        rows = zip(self.bounds[:-1], self.bounds[1:])
+        return torch.stack([self.table[a:b].square().mean() for a, b in rows]).sum()
 
     @property
     def out_dim(self) -> int:

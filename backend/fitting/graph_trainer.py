@@ -157,6 +157,7 @@ class GraphTrainer(Trainer):
             loss = per.mul(kept).sum() / n * 10.0
         if times is not None:
             loss = loss + self.motion_penalty()
+        loss = loss + self.grid_decay()
         if tc.distortion_weight > 0:
             loss = loss + tc.distortion_weight * distortion_fixed(w, model.step_size, s).mul(kept).sum() / n
         loss.backward()

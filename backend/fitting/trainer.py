@@ -48,6 +48,8 @@ class TrainConfig:
     loss: str = "mse"               # mse | smooth_l1 (on sRGB colour)
     distortion_weight: float = 0.0  # radiance fields: weight of mip-NeRF 360's distortion loss, which gathers each
                                     # ray's weight into one stretch (fewer floaters; render/volume.py); 0 = off
+    grid_decay_weight: float = 0.0  # radiance fields: weight of the hash tables' mean square feature, level by
+                                    # level (Zip-NeRF's weight decay: what no ray needs fades; fields/hashgrid.py)
     fused_adam: bool = True         # one fused Adam kernel on CUDA (fewer launches than foreach)
     tf32: bool = True               # TensorFloat-32 matrix products on CUDA (MLPs; ~1e-3 relative precision)
     pixel_jitter: bool = False      # training rays through a random point of their pixel, not its centre
@@ -79,7 +81,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("target_samples", "warmup_steps", "appearance_lr", "appearance_weight", "camera_lr",
-                     "camera_weight", "distortion_weight"):
+                     "camera_weight", "distortion_weight", "grid_decay_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
@@ -237,6 +239,16 @@ class TrainerBase:
         o, d, rgba, photo = self.sampler.sample(self.rays, with_photo=True)
         return (*self.corrected(photo, o, d), rgba, photo)
 
+    def grid_decay(self) -> torch.Tensor | float:
+        """``grid_decay_weight`` times the hash tables' level-normalised mean square (the field's and
+        the background's; fields/hashgrid.py), or 0 when off."""
+        weight = self.cfg.train.grid_decay_weight
+        if not weight:
+            return 0.0
+        parts = [self.model.field] + ([self.model.background] if self.model.background is not None else [])
+        grids = [m for part in parts for m in part.modules() if isinstance(m, HashGrid)]
+        return weight * sum(g.level_mean_square() for g in grids) if grids else 0.0
+
     def ray_times(self, photo: torch.Tensor | None) -> torch.Tensor | None:
         """(R,) the instant of each ray's photo in a dynamic fit, else None."""
         return None if self.times is None else self.times[photo]
@@ -383,7 +395,7 @@ class Trainer(TrainerBase):
         rgb, penalty = self.as_photographed(out.rgb, out.opacity, photo)
         loss, mse, _, errors = colour_loss(rgb, out.opacity, rgba, self.cfg.train.loss)
         self.sampler.record_errors(errors)
-        loss = loss + penalty + self.motion_penalty()
+        loss = loss + penalty + self.motion_penalty() + self.grid_decay()
         if spread > 0:
             loss = loss + spread * out.distortion.mean()
         self.apply_gradients(loss)

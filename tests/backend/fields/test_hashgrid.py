@@ -174,3 +174,18 @@ def test_smooth_grad_keeps_values_and_makes_the_points_gradient_continuous():
     assert torch.allclose(grad_x(xs, True).mean(), grad_x(xs, False).mean(), rtol=1e-3, atol=1e-5)
     grid = HashGrid(levels=1, features=2, log2_table=12, base_res=5, max_res=5)
     assert not grid.smooth_grad                                              # off unless cameras are refined
+
+
+def test_the_level_normalised_decay_weighs_each_level_alike():
+    """HashGrid.level_mean_square: each level's mean squared feature, summed over levels, so a small
+    dense level counts as much as a large hashed one (setting grid_decay_weight)."""
+    grid = HashGrid(levels=3, features=2, log2_table=10, base_res=4, max_res=32)
+    sizes = (grid.offsets[1:] - grid.offsets[:-1]).tolist()
+    with torch.no_grad():
+        for level, value in enumerate((1.0, 2.0, 3.0)):
+            grid.table[int(grid.offsets[level]):int(grid.offsets[level + 1])] = value
+    assert sizes[0] < sizes[-1]
+    assert float(grid.level_mean_square().detach()) == pytest.approx(1.0 + 4.0 + 9.0)
+    grid.level_mean_square().backward()
+    first = grid.table.grad[0, 0].item()
+    assert first == pytest.approx(2.0 / (sizes[0] * 2))         # d/dv of mean(v^2) over the level's values
