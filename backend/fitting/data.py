@@ -713,11 +713,18 @@ class RaySampler:
 
     def _draw(self, count: int, generator: torch.Generator | None):
         """Random pixels: image index, row, column (count,) int64, then origins, dirs, rgba."""
-        img, y, x = self._uniform(count - int(count * self.error_share), generator)
+        by_error = int(count * self.error_share) if self.error_map is not None else 0
+        img, y, x = self._uniform(count - by_error, generator)
+        if by_error:
+            # interleaved evenly with the uniform draws: the graph trainer drops a batch's last rays when
+            # its sample slots run out, which must not be the error-drawn ones (all on the device: no copy)
+            drawn = self.error_map.draw(by_error, generator)
+            dev, rest = self.device, count - by_error
+            place = torch.cat([(torch.arange(rest, device=dev) + 0.5) / max(rest, 1),
+                               (torch.arange(by_error, device=dev) + 0.25) / by_error])
+            order = torch.argsort(place)
+            img, y, x = (torch.cat([a, b])[order] for a, b in zip((img, y, x), drawn))
         if self.error_map is not None:
-            if int(count * self.error_share):
-                drawn = self.error_map.draw(int(count * self.error_share), generator)
-                img, y, x = (torch.cat([a, b]) for a, b in zip((img, y, x), drawn))
             self.last_cells = self.error_map.cell_of(img, y, x)
         if self.jitter:     # a photo's pixel is an average over its area: any point of it
             u = x.float() + torch.rand(count, device=self.device, generator=generator)
