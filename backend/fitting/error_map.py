@@ -32,7 +32,7 @@ class ErrorMap:
         if tile < 1:
             raise ValueError(f"error_tile must be at least 1 pixel, got {tile}")
         dev = widths.device
-        self.tile, self.n = int(tile), int(widths.shape[0])
+        self.tile = int(tile)
         self.tx, self.ty = -(-int(width) // self.tile), -(-int(height) // self.tile)
         cy, cx = torch.meshgrid(torch.arange(self.ty, device=dev), torch.arange(self.tx, device=dev), indexing="ij")
         x0, y0 = cx.reshape(1, -1) * self.tile, cy.reshape(1, -1) * self.tile

@@ -187,6 +187,8 @@ class TrainerBase:
             meta["times"] = np.round(data.times, 6).tolist()
             self.times = torch.tensor(data.times, dtype=torch.float32, device=self.device)
         self.model = FittedField.build(cfg, data.aabb, meta, self.device, refining_cameras=refines_cameras(data, cfg))
+        parts = [p for p in (self.model.field, self.model.background) if p is not None]   # the background has hash grids too
+        self.grids = [m for part in parts for m in part.modules() if isinstance(m, HashGrid)]
         self.sampler = RaySampler(data, self.device, jitter=cfg.train.pixel_jitter, views=views,
                                   error_sampling=cfg.train.error_sampling, error_tile=cfg.train.error_tile)
         self.rays = cfg.train.batch_rays
@@ -201,9 +203,8 @@ class TrainerBase:
                                          np.asarray(data.poses)[:, :3, :3] if cfg.train.camera_refine == "focal" else None
                                          ).to(self.device)
             self.poses = np.asarray(data.poses)
-            for part in (self.model.field, self.model.background):   # the background has hash grids too
-                for grid in (m for m in (part.modules() if part is not None else ()) if isinstance(m, HashGrid)):
-                    grid.smooth_grad = bool(cfg.train.camera_smooth_grad)
+            for grid in self.grids:
+                grid.smooth_grad = bool(cfg.train.camera_smooth_grad)
 
     # ---- data-parallel fits (fitting/distributed.py) ------------------------------------------
     def join(self, group, seed: int) -> None:
@@ -243,11 +244,9 @@ class TrainerBase:
         """``grid_decay_weight`` times the hash tables' level-normalised mean square (the field's and
         the background's; fields/hashgrid.py), or 0 when off."""
         weight = self.cfg.train.grid_decay_weight
-        if not weight:
+        if not weight or not self.grids:
             return 0.0
-        parts = [self.model.field] + ([self.model.background] if self.model.background is not None else [])
-        grids = [m for part in parts for m in part.modules() if isinstance(m, HashGrid)]
-        return weight * sum(g.level_mean_square() for g in grids) if grids else 0.0
+        return weight * sum(g.level_mean_square() for g in self.grids)
 
     def ray_times(self, photo: torch.Tensor | None) -> torch.Tensor | None:
         """(R,) the instant of each ray's photo in a dynamic fit, else None."""
