@@ -90,6 +90,8 @@ if want startup; then      # not in the default: issue 18's start-up target (fir
     python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 2>>"$OUT/startup.log" || status=1
     python3 benchmarks/first_preview.py --backend --data .data/lego --seconds 5 --serve=--no-warm-up \
         2>>"$OUT/startup.log" || status=1
+    echo "== startup: where a fresh process's first seconds go (in process, after the two above)"
+    python3 benchmarks/first_preview.py --data .data/lego --seconds 5 --breakdown 2>>"$OUT/startup.log" || status=1
 fi
 if want warm_train; then  # not in the default: the standard presets' warm starts, meta-learned on the GPU
     for method in nerf sdf; do
