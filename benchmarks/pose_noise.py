@@ -7,8 +7,9 @@ benchmarks/lego.py ``--pose-noise``.
 * :func:`align`: the similarity (scale, rotation, shift) that best maps the true camera centres
   onto the estimated ones (Umeyama's least squares): refinement is free of the gauge (what moves
   every camera together), so estimates are compared after it, as BARF does.
-* :func:`errors`: mean rotation error (degrees) and mean centre error (scene units) of estimated
-  poses against true ones, after that alignment.
+* :func:`errors`: mean, median and largest rotation error (degrees), the share of cameras within
+  1 degree, and mean centre error (scene units) of estimated poses against true ones, after that
+  alignment.
 
 Poses are (N, 4, 4) float64 camera-to-world matrices (Blender's camera convention; only the
 rotation block and the centre matter here).
@@ -84,4 +85,6 @@ def errors(true: np.ndarray, estimated: np.ndarray) -> dict:
     deg = np.degrees(np.arccos(cos))
     centre = np.linalg.norm(moved[:, :3, 3] - np.asarray(estimated)[:, :3, 3], axis=-1) / scale
     return {"rotation_deg": round(float(deg.mean()), 4), "max_rotation_deg": round(float(deg.max()), 4),
+            "median_rotation_deg": round(float(np.median(deg)), 4),
+            "within_1_deg": round(float((deg <= 1.0).mean()), 4),      # share of the cameras that came back
             "centre_error": round(float(centre.mean()), 6), "scale": round(scale, 6)}

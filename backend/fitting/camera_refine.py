@@ -13,8 +13,10 @@ imported cameras are in).
 
 Coarse to fine (BARF's remedy for poses that would lock onto high frequencies too early, here on
 a hash grid): while poses are refined the radiance field's hash levels are faded in over the
-first ``camera_anneal_share`` of the fit (NerfField.set_level_weights); surface fields bring
-their levels in on their own schedule already (fitting/surface_trainer.py, ``start_levels``).
+first ``camera_anneal_share`` of the fit (NerfField.set_level_weights), and with camera_refine "on"
+its grid starts coarser (fitting/config.py ``CAMERA_BASE_RES``); surface fields bring their levels
+in on their own schedule already (fitting/surface_trainer.py, ``start_levels``).  The eager and the
+CUDA-graph steps both refine (fitting/graph_trainer.py).
 """
 from __future__ import annotations
 

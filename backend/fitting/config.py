@@ -216,6 +216,17 @@ def preset_values(method: str, preset: str) -> dict[str, Any]:
     return {**_COMMON_PRESETS[preset], **METHOD_PRESETS[method][preset]}
 
 
+# A radiance field whose poses are refined (camera_refine "on") starts its hash grid at 4 points a
+# side, not 16, unless base_res is set: BARF's coarse-to-fine needs a field smooth enough at first
+# that a camera ~15 degrees off still sees a blurred version of what it should (lego at 100 px,
+# BARF's sigma 0.15, 1,000 draft steps on the CPU, 2026-12-06: mean rotation error 9.3 -> 7.2 degrees
+# at camera_lr 1e-3; 4.3 -> 3.5 at 3e-3 with camera_anneal_share 0.6; docs/benchmarks.md "Camera
+# refinement from far").  Not with "focal": in the smoother field the shared zoom trades further
+# against the cameras' distance (the test ring, tests/backend/fitting/test_camera_refine.py: focal
+# error 2.0-2.4 % at 16 points, 5.8 % at 4).
+CAMERA_BASE_RES = 4
+
+
 def make_config(method: str = "nerf", preset: str = "standard", device: str | None = None,
                 steps: int = 0, seconds: float = 0.0, **overrides) -> FitConfig:
     """A FitConfig from a preset.  ``steps`` 0 = the preset's; ``seconds`` 0 = no time budget;
@@ -226,6 +237,8 @@ def make_config(method: str = "nerf", preset: str = "standard", device: str | No
     cfg = FitConfig.for_method(method).set(**values)
     cfg.preset, cfg.device, cfg.seconds = preset, str(pick_device(device)), float(seconds)
     cfg.set(**overrides)
+    if method == "nerf" and cfg.train.camera_refine == "on" and "base_res" not in overrides:
+        cfg.set(base_res=CAMERA_BASE_RES)
     if steps:
         cfg.steps = int(steps)
     return cfg.validate()

@@ -13,7 +13,11 @@ backward, Adam) is captured once in a CUDA graph and replayed:
   synchronises); when it moves out of its band the graph is captured again;
 * learning rates live in device tensors (capturable fused Adam), updated in place;
 * a fit over time draws each ray's photo with it and gives every sample its photo's instant
-  (the deformation, fields/motion.py, has no data-dependent shapes either).
+  (the deformation, fields/motion.py, has no data-dependent shapes either);
+* refined cameras (fitting/camera_refine.py) move each ray by its photo's correction inside the
+  step; the marcher places the samples, and their positions are formed again from the moved rays
+  so that the colour loss reaches the corrections; the hash levels' fade-in weights live in one
+  device tensor updated in place.
 
 The loss is the mean over the rays that were kept, so a step's gradient has the same scale as
 in the eager :class:`~backend.fitting.trainer.Trainer`, which stays the reference (and the CPU path).
@@ -68,6 +72,10 @@ class GraphTrainer(Trainer):
         # world -> normalised frame (no host-to-device copies may happen inside a capture)
         self.center = torch.tensor(self.model.center, dtype=torch.float32, device=dev)
         self.inv_scale = 1.0 / self.model.scale
+        # refined cameras: the levels' fade-in weights, one tensor the captured step reads
+        self.level_weights = None
+        if self.cameras is not None and hasattr(self.model.field, "set_level_weights"):
+            self.level_weights = torch.ones(self.cfg.field.all_levels, device=dev)
 
     def load_state_dict(self, state: dict) -> None:
         """Trainer.load_state_dict, keeping the learning rates in this trainer's device tensors
@@ -82,6 +90,23 @@ class GraphTrainer(Trainer):
     def set_lr(self, factor: float) -> None:
         for lr, base in zip(self.lr_tensors, self.base_lrs):
             lr.fill_(base * factor)
+
+    def anneal_levels(self, fraction: float) -> None:
+        """Trainer.anneal_levels into the one weights tensor the captured step reads (kept, at
+        ones, after the fade-in ends: the step's shapes and tensors stay those it was captured with)."""
+        if self.level_weights is None:
+            return
+        from fit_implicit.backend.fitting.camera_refine import level_fade
+        levels = self.level_weights.shape[0]
+        share = min(fraction / self.cfg.train.camera_anneal_share, 1.0)
+        self.level_weights.copy_(level_fade(levels * share + 1.0, levels))
+        field = self.model.field
+        width = field.encoding.level_width
+        if field.level_weights is None or field.level_weights.shape[0] != levels * width:
+            field.level_weights = self.level_weights.repeat_interleave(width)
+            self.graph = None           # captured again with the field reading the new tensor
+        else:
+            field.level_weights.copy_(self.level_weights.repeat_interleave(width))
 
     def after_occupancy_update(self) -> None:
         """Pick the ray count from the mean samples per kept ray since the last update (the
@@ -104,13 +129,15 @@ class GraphTrainer(Trainer):
     def _body(self, rays: int):
         """One step of fixed shapes: returns (loss, mse, samples used, rays kept) tensors."""
         tc, model, dev = self.cfg.train, self.model, self.device
-        if self.times is None:
+        times = None
+        if self.times is None and self.cameras is None:
             origins, dirs, rgba = self.sampler.sample(rays)
-            times = None
-        else:               # a fit over time: each ray at its photo's instant (+1 row for the padding slots)
+        else:
             origins, dirs, rgba, photo = self.sampler.sample(rays, with_photo=True)
-            times = self.times[photo]
-            times = torch.cat([times, times[:1]])
+            if self.times is not None:      # a fit over time: each ray at its photo's instant (+1 row for the padding slots)
+                times = self.times[photo]
+                times = torch.cat([times, times[:1]])
+            origins, dirs = self.corrected(photo, origins, dirs)
         o = (origins - self.center) * self.inv_scale
         t_near, t_far, hit = ray_aabb(o, dirs, model.box)
         t_far = torch.where(hit, t_far, t_near)
@@ -130,8 +157,11 @@ class GraphTrainer(Trainer):
             s = first = march_fixed(o, dirs, t_near, t_far, jitter, model.step_size, model.max_steps,
                                     bits, res, self.capacity)
         dirs_ext = torch.cat([dirs, dirs[:1]])
+        x = s.x
+        if self.cameras is not None:       # the positions again from the moved rays: the corrections' gradient
+            x = torch.cat([o, o[:1]])[s.ray] + s.t[:, None] * dirs_ext[s.ray]
         with half:
-            sigma, rgb = model.field(s.x, dirs_ext[s.ray], _at(times, s.ray))
+            sigma, rgb = model.field(x, dirs_ext[s.ray], _at(times, s.ray))
         w = composite_fixed(sigma.float(), model.step_size, s)
         into, rows = scatter_index(s), rays + s.ray.shape[0]
         color = origins.new_zeros(rows, 3).index_add(0, into, w[:, None] * rgb.float())[:rays]
@@ -158,6 +188,8 @@ class GraphTrainer(Trainer):
         if times is not None:
             loss = loss + self.motion_penalty()
         loss = loss + self.grid_decay()
+        if self.cameras is not None and tc.camera_weight > 0:
+            loss = loss + tc.camera_weight * self.cameras.penalty()
         if tc.distortion_weight > 0:
             loss = loss + tc.distortion_weight * distortion_fixed(w, model.step_size, s).mul(kept).sum() / n
         loss.backward()

@@ -22,7 +22,7 @@ from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.metrics import psnr
 from fit_implicit.backend.fitting.model import FittedField, pick_device
 from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
-from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase, refines_cameras
+from fit_implicit.backend.fitting.trainer import Trainer, TrainerBase
 from fit_implicit.backend.render.image import to_rgba8
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def make_trainer(data: PosedImages, cfg: FitConfig, group=None) -> TrainerBase:
     views = None if group is None else group.share(len(data))
     if cfg.method != "nerf":
         return SurfaceTrainer(data, cfg, views=views)
-    if group is None and graph_trainer.available(cfg, pick_device(cfg.device)) and not refines_cameras(data, cfg):
+    if group is None and graph_trainer.available(cfg, pick_device(cfg.device)):
         return graph_trainer.GraphTrainer(data, cfg)
     return Trainer(data, cfg, views=views)
 

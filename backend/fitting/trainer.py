@@ -60,8 +60,9 @@ class TrainConfig:
     appearance_lr: float = 1e-2     # Adam learning rate of those
     appearance_weight: float = 1e-3 # their penalty (mean square of log gains and biases)
     camera_refine: str = "off"      # off | on | focal: correct each photo's pose while fitting (focal: and the
-                                    # focal length, one factor for all photos; fitting/camera_refine.py)
-    camera_lr: float = 1e-3         # Adam learning rate of the corrections (radians; box half-sizes)
+                                    # focal length, one factor for all photos; fitting/camera_refine.py; "on" starts
+                                    # a radiance field's grid coarser: config.py CAMERA_BASE_RES)
+    camera_lr: float = 3e-3         # Adam learning rate of the corrections (radians; box half-sizes)
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
     camera_smooth_grad: bool = True   # while poses are refined: the points' gradients through half-cosine

@@ -58,19 +58,10 @@ def test_hash_levels_fade_in_coarse_first():
     assert level_fade(5.0, 4).tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.slow   # one 300-step fit on the CPU with gradients through the rays, ~80 s on one core
-def test_a_known_perturbation_of_the_cameras_is_undone():
-    """12 training photos whose poses are rotated by 3 degrees a rotation axis (4.0 degrees on
-    average) and shifted by 0.09 world units (3 % of the box's half-size), mean-free.  Measured 2026-12-04 (2
-    cores, draft, 300 steps, camera_lr 3e-3): rotation error 4.02 -> 2.36 degrees; held out 20.3
-    dB (15.4 dB for the same photos fitted without refinement, 400 steps).  The shifts are not
-    recovered (0.09 -> 0.18 world units): along a ring of cameras a shift towards the object
-    trades against the field's depth in so short a fit.  With the focal length 5 % off too and
-    refined (camera_refine "focal"; 2026-12-05, two runs): rotation error 4.02 -> 2.24 / 2.29 degrees,
-    held out 19.0 / 19.3 dB, the focal length's error 5 % -> 2.3 / 2.2 % (alone, without the pose
-    noise: 5 % -> 0.9 %, and held out 23.7 dB against 23.0 dB refining the poses only).  With half the
-    draft's samples a step (2^14; 2026-12-06, make test's time): 4.02 -> 2.23 degrees, held out 19.65 dB,
-    the focal length's error 2.4 %."""
+def _perturbed_ring() -> tuple[PosedImages, PosedImages, np.ndarray, np.ndarray]:
+    """(training photos with perturbed poses and a 5 % long focal length, held-out photos, the true
+    and the perturbed training poses): 12 training photos of the two-sphere ring, each rotated by 3
+    degrees a rotation axis and shifted by 3 % of the box's half-size, mean-free."""
     n, size = 16, 24
     ks, poses = synthetic.camera_rig(n, size)
     images = np.stack([synthetic.render(k, p, size, size, ss=2) for k, p in zip(ks, poses)])
@@ -88,6 +79,23 @@ def test_a_known_perturbation_of_the_cameras_is_undone():
     lens[:, :2] *= 1.05         # the photos' focal length 5 % off (shared, as a lens's EXIF would be)
     train = PosedImages(images[~held], lens, noisy, synthetic.aabb(), [f"t{i}" for i in range(len(true))])
     test = PosedImages(images[held], ks[held], poses[held], synthetic.aabb(), [f"h{i}" for i in range(int(held.sum()))])
+    return train, test, true, noisy
+
+
+@pytest.mark.slow   # one 300-step fit on the CPU with gradients through the rays, ~80 s on one core
+def test_a_known_perturbation_of_the_cameras_is_undone():
+    """12 training photos whose poses are rotated by 3 degrees a rotation axis (4.0 degrees on
+    average) and shifted by 0.09 world units (3 % of the box's half-size), mean-free.  Measured 2026-12-04 (2
+    cores, draft, 300 steps, camera_lr 3e-3): rotation error 4.02 -> 2.36 degrees; held out 20.3
+    dB (15.4 dB for the same photos fitted without refinement, 400 steps).  The shifts are not
+    recovered (0.09 -> 0.18 world units): along a ring of cameras a shift towards the object
+    trades against the field's depth in so short a fit.  With the focal length 5 % off too and
+    refined (camera_refine "focal"; 2026-12-05, two runs): rotation error 4.02 -> 2.24 / 2.29 degrees,
+    held out 19.0 / 19.3 dB, the focal length's error 5 % -> 2.3 / 2.2 % (alone, without the pose
+    noise: 5 % -> 0.9 %, and held out 23.7 dB against 23.0 dB refining the poses only).  With half the
+    draft's samples a step (2^14; 2026-12-06, make test's time): 4.02 -> 2.23 degrees, held out 19.65 dB,
+    the focal length's error 2.4 %."""
+    train, test, true, noisy = _perturbed_ring()
     cfg = make_config("nerf", "draft", device="cpu", steps=300, preview_size=0, seed=0, camera_refine="focal",
                       camera_lr=3e-3, target_samples=1 << 14)
     model = fit(train, cfg)
@@ -113,3 +121,65 @@ def test_every_tensor_of_the_refiner_moves_with_it():
     w, t = refiner.corrections()
     assert w.dtype == t.dtype == torch.float64
     assert "spread" not in refiner.state_dict()      # derived from the centres: checkpoints keep their keys
+
+
+def test_the_graph_step_refines_the_cameras_too():
+    """The CUDA-graph trainer's fixed-shape step (run here as plain PyTorch) moves the rays by their
+    photos' corrections, and the colour loss reaches the shifts, which move only the rays' origins,
+    so only through the samples' positions; the hash levels' fade-in weights stay one tensor,
+    updated in place (a captured step keeps reading the tensor it was captured with)."""
+    from fit_implicit.backend.fitting.graph_trainer import GraphTrainer
+
+    images, intrinsics, poses, aabb = synthetic.make_scene(count=8, size=16)
+    train = PosedImages(images, intrinsics, poses, aabb, [f"v{i}" for i in range(8)])
+    losses = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        trainer = GraphTrainer(train, make_config(preset="draft", device="cpu", steps=10, preview_size=0, seed=0,
+                                                  target_samples=1 << 12, warm_start=False, camera_refine=mode,
+                                                  base_res=16))       # the same grid either way
+        torch.manual_seed(1)
+        losses[mode] = float(trainer._body(trainer.rays)[0])
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)       # no correction yet: the same rays, the same loss
+    grad = trainer.cameras.delta.grad
+    assert grad is not None and float(grad[:, 3:].abs().sum()) > 0      # the shifts' gradient: through the positions
+    assert float(trainer.cameras.delta.detach().abs().sum()) > 0        # and the optimiser moved them
+
+    trainer.anneal_levels(0.0)
+    weights = trainer.model.field.level_weights
+    trainer.anneal_levels(0.5 * trainer.cfg.train.camera_anneal_share)
+    assert trainer.model.field.level_weights is weights                 # the same tensor, new values
+    assert float(weights.max()) == 1.0 and float(weights.min()) < 1.0  # halfway: the coarse levels in, the fine not yet
+    trainer.anneal_levels(1.0)
+    assert trainer.model.field.level_weights is weights and bool((weights == 1.0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cameras_are_refined_in_graph_replayed_steps_on_gpu():
+    """On a GPU the poses (and the shared focal length) are refined inside the CUDA-graph step, and
+    the known perturbation is undone as on the CPU."""
+    train, test, true, noisy = _perturbed_ring()
+    cfg = make_config("nerf", "draft", device="cuda", steps=600, preview_size=0, seed=0, camera_refine="focal",
+                      camera_lr=3e-3)
+    model = fit(train, cfg)
+    refined = np.array(model.meta["camera_refine"]["poses"])
+    before, after = float(_angles(noisy, true).mean()), float(_angles(refined, true).mean())
+    held_psnr = float(np.mean(evaluate(model, test)))
+    print(f"rotation error {before:.2f} -> {after:.2f} degrees; held out {held_psnr:.2f} dB; "
+          f"focal x{model.meta['camera_refine']['focal_scale']:.4f}; graph captures {model.meta.get('graph_captures')}")
+    assert model.meta.get("graph_captures", 0) >= 1
+    assert after < 0.7 * before and held_psnr > 18.0
+
+
+def test_refining_poses_starts_the_grid_coarser_unless_told():
+    """camera_refine "on" starts a radiance field's hash grid at config.CAMERA_BASE_RES points a side;
+    "focal", surface fields and an explicit base_res keep theirs."""
+    from fit_implicit.backend.fitting.config import CAMERA_BASE_RES
+
+    def base(method="nerf", **kw):
+        return make_config(method, "draft", device="cpu", **kw).field.grid.base_res
+
+    assert base() == 16 and base(camera_refine="on") == CAMERA_BASE_RES < 16
+    assert base(camera_refine="focal") == 16 and base("sdf", camera_refine="on") == 16
+    assert base(camera_refine="on", base_res=8) == 8
