@@ -59,7 +59,13 @@ class MaterialConfig:
 
     material_steps: int = 0             # Adam steps estimating materials and light; 0 = off (light stays baked in)
     material_lr: float = 0.02           # Adam learning rate (texel logits, the light's log radiance)
-    light_rows: int = 8                 # the estimated light: rows x 2 rows bins (8: 22.5 degrees a bin)
+    # the estimated light: rows x 2 rows bins (16: 11.25 degrees a bin).  A sun between two bins casts
+    # its shadow up to half a bin off, and what the bins' shadows miss is painted into the base colour:
+    # the CPU scene of tests/backend/export/test_materials.py with its sun between bins (elevation 45,
+    # azimuth 22.5 degrees; 400 steps): shadowed / lit plane 0.63 at 8 rows, 0.82 at 16 (1 is right),
+    # the light 13 -> 7 degrees off; 4x the bins' time (54 -> 227 s there; 14 s at 8 rows on an H100
+    # for the still life, docs/benchmarks.md "Materials from photos alone")
+    light_rows: int = 16
     material_smoothness: float = 0.1    # weight of the base colour's total variation
     light_white: float = 0.01           # weight of the light's chroma (a white-ish light)
     shadow_size: int = 256              # pixels a side of each bin's shadow map

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fit_implicit.backend.export.materials import MaterialConfig
 from fit_implicit.backend.service import checkpoint
 from fit_implicit.backend.service.jobs import JobQueue
 from fit_implicit.backend.service.outbox import Outbox
@@ -179,7 +180,8 @@ def test_a_fit_that_estimates_materials_sends_metallic_and_the_light(tmp_path):
     found = [m for m in messages if isinstance(m, protocol.MaterialResult)]
     assert len(found) == 1
     light = found[0].light
-    assert light.dtype == np.float32 and light.shape == (8, 16, 3) and light.min() > 0
+    rows = MaterialConfig().light_rows
+    assert light.dtype == np.float32 and light.shape == (rows, 2 * rows, 3) and light.min() > 0
     view = found[0].albedo_view
     assert found[0].view_photo == 0 and view.shape == (16, 16, 4)
     covered, photo = view[..., 3] > 128, submit.images[0, ..., 3] > 128
