@@ -73,7 +73,7 @@ class GraphTrainer(Trainer):
         self.center = torch.tensor(self.model.center, dtype=torch.float32, device=dev)
         self.inv_scale = 1.0 / self.model.scale
         # refined cameras: the levels' fade-in weights, one tensor the captured step reads
-        self.level_weights = None
+        self.level_weights, self.faded = None, False
         if self.cameras is not None and hasattr(self.model.field, "set_level_weights"):
             self.level_weights = torch.ones(self.cfg.field.all_levels, device=dev)
 
@@ -99,9 +99,12 @@ class GraphTrainer(Trainer):
         from fit_implicit.backend.fitting.camera_refine import level_fade
         levels = self.level_weights.shape[0]
         share = min(fraction / self.cfg.train.camera_anneal_share, 1.0)
-        self.level_weights.copy_(level_fade(levels * share + 1.0, levels))
         field = self.model.field
         width = field.encoding.level_width
+        if share >= 1.0 and self.faded and field.level_weights is not None:
+            return                      # every level in, and already so in the tensor: nothing to copy
+        self.faded = share >= 1.0
+        self.level_weights.copy_(level_fade(levels * share + 1.0, levels))
         if field.level_weights is None or field.level_weights.shape[0] != levels * width:
             field.level_weights = self.level_weights.repeat_interleave(width)
             self.graph = None           # captured again with the field reading the new tensor
