@@ -72,10 +72,7 @@ class GraphTrainer(Trainer):
         # world -> normalised frame (no host-to-device copies may happen inside a capture)
         self.center = torch.tensor(self.model.center, dtype=torch.float32, device=dev)
         self.inv_scale = 1.0 / self.model.scale
-        # refined cameras: the levels' fade-in weights, one tensor the captured step reads
-        self.level_weights, self.faded = None, False
-        if self.cameras is not None and hasattr(self.model.field, "set_level_weights"):
-            self.level_weights = torch.ones(self.cfg.field.all_levels, device=dev)
+        self.faded = False      # refined cameras: every hash level in, and so in the field's weights tensor
 
     def load_state_dict(self, state: dict) -> None:
         """Trainer.load_state_dict, keeping the learning rates in this trainer's device tensors
@@ -92,24 +89,22 @@ class GraphTrainer(Trainer):
             lr.fill_(base * factor)
 
     def anneal_levels(self, fraction: float) -> None:
-        """Trainer.anneal_levels into the one weights tensor the captured step reads (kept, at
-        ones, after the fade-in ends: the step's shapes and tensors stay those it was captured with)."""
-        if self.level_weights is None:
-            return
-        from fit_implicit.backend.fitting.camera_refine import level_fade
-        levels = self.level_weights.shape[0]
-        share = min(fraction / self.cfg.train.camera_anneal_share, 1.0)
+        """Trainer.anneal_levels into the one weights tensor the captured step reads, copied in
+        place (and kept, at ones, after the fade-in ends: the step keeps the tensors it was captured
+        with)."""
         field = self.model.field
-        width = field.encoding.level_width
-        if share >= 1.0 and self.faded and field.level_weights is not None:
-            return                      # every level in, and already so in the tensor: nothing to copy
-        self.faded = share >= 1.0
-        self.level_weights.copy_(level_fade(levels * share + 1.0, levels))
-        if field.level_weights is None or field.level_weights.shape[0] != levels * width:
-            field.level_weights = self.level_weights.repeat_interleave(width)
+        if self.faded and field.level_weights is not None:
+            return                      # every level in, and so in the tensor: nothing to copy
+        weights = self.level_fade(fraction)
+        if weights is None:
+            return
+        self.faded = bool((weights >= 1.0).all())
+        weights = weights.to(self.device).repeat_interleave(field.encoding.level_width)
+        if field.level_weights is None:
+            field.level_weights = weights
             self.graph = None           # captured again with the field reading the new tensor
         else:
-            field.level_weights.copy_(self.level_weights.repeat_interleave(width))
+            field.level_weights.copy_(weights)
 
     def after_occupancy_update(self) -> None:
         """Pick the ray count from the mean samples per kept ray since the last update (the

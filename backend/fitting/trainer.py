@@ -267,16 +267,20 @@ class TrainerBase:
         """The rays as the refined cameras shoot them (unchanged without refinement)."""
         return (origins, dirs) if self.cameras is None else self.cameras(photo, origins, dirs)
 
-    def anneal_levels(self, fraction: float) -> None:
-        """While poses are refined a radiance field's hash levels fade in over the first
-        ``camera_anneal_share`` of the fit (camera_refine.py)."""
-        field = self.model.field
-        if self.cameras is None or not hasattr(field, "set_level_weights"):
-            return
+    def level_fade(self, fraction: float) -> torch.Tensor | None:
+        """(levels,) weights of a radiance field's hash levels at ``fraction`` of the fit while poses
+        are refined (they fade in over the first ``camera_anneal_share``; camera_refine.py), else None."""
+        if self.cameras is None or not hasattr(self.model.field, "set_level_weights"):
+            return None
         from fit_implicit.backend.fitting.camera_refine import level_fade
         levels = self.cfg.field.all_levels
-        field.set_level_weights(level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0,
-                                           levels))
+        return level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0, levels)
+
+    def anneal_levels(self, fraction: float) -> None:
+        """While poses are refined a radiance field's hash levels fade in (:meth:`level_fade`)."""
+        weights = self.level_fade(fraction)
+        if weights is not None:
+            self.model.field.set_level_weights(weights)
 
     def anneal_motion(self, fraction: float) -> None:
         """A fit over time's finer motion scales fade in (MotionConfig.motion_anneal_share)."""

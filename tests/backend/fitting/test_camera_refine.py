@@ -155,7 +155,8 @@ def test_the_graph_step_refines_the_cameras_too():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: CUDA graphs exist only there (benchmarks/gpu_suite.sh runs this test)")
 def test_cameras_are_refined_in_graph_replayed_steps_on_gpu():
     """On a GPU the poses (and the shared focal length) are refined inside the CUDA-graph step, and
     the known perturbation is undone as on the CPU."""
