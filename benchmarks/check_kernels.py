@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -46,6 +47,20 @@ def _x_grad(fn, x, table, res, off, dense, g, smooth):
     out = fn(xs, t, res, off, dense, smooth_grad=smooth)
     gx, gt = torch.autograd.grad(out, (xs, t), g.to(out.dtype))
     return gx.double(), gt.double()
+
+
+def _time_backward(x, table, res, off, dense, g, points: bool, repeat: int = 20) -> float:
+    """Median milliseconds of the fused forward + backward on CUDA, with the points' gradient or without."""
+    times = []
+    for _ in range(repeat + 3):
+        xs, t = x.detach().clone().requires_grad_(points), table.detach().clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = hashgrid_encode_triton(xs, t, res, off, dense, smooth_grad=points)
+        torch.autograd.grad(out, (xs, t) if points else (t,), g)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times[3:])[repeat // 2]
 
 
 def check_hashgrid(device: str, n: int) -> list[dict]:
@@ -91,6 +106,9 @@ def check_hashgrid(device: str, n: int) -> list[dict]:
                 ok = ok and row[f"tri_{key}_off"] <= 2 * row[f"ref_{key}_off"] + 2
             ok = ok and table_err <= 2 * row["ref_bwd"] + 1e-6
         row["ok"] = ok
+        if device == "cuda":        # what a refined camera's points' gradient costs (fitting/camera_refine.py)
+            row["ms_table"] = _time_backward(x, table, res, off, dense, g, points=False)
+            row["ms_points"] = _time_backward(x, table, res, off, dense, g, points=True)
         rows.append(row)
     return rows
 
@@ -295,7 +313,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{str(r['layout']):<34} {r['ref_fwd']:>10.2e} {r['tri_fwd']:>10.2e} {r['ref_bwd']:>10.2e} "
               f"{r['tri_bwd']:>10.2e}  {r['ref_x']:.1e} ({r['ref_x_off']}) / {r['tri_x']:.1e} ({r['tri_x_off']}), "
-              f"{r['ref_x_smooth']:.1e} / {r['tri_x_smooth']:.1e}  {'OK' if r['ok'] else 'MISMATCH'}")
+              f"{r['ref_x_smooth']:.1e} / {r['tri_x_smooth']:.1e}  {'OK' if r['ok'] else 'MISMATCH'}"
+              + (f"  forward + backward {r['ms_table']:.2f} ms, with the points' gradient {r['ms_points']:.2f} ms"
+                 if "ms_table" in r else ""))
     planes = check_planes(args.device, n)
     print(f"space-time planes, {n} points: (scales, C, res, time res): fwd ref32 / triton, planes' gradient "
           "ref32 / triton, points' gradient off (ref32 / triton)")

@@ -7,10 +7,10 @@ that they agree, forward and backward.  The reference materialises (N, L, 8) ind
 points, the gathered table rows and the output.
 
 Where the points need a gradient too (a deformed position of a fit over time, fields/motion.py;
-a sample on a camera being refined, fitting/camera_refine.py) a second backward kernel walks all
-levels of a block of points, scatters the table's gradient as the first does and sums the
-position's gradient in registers: per level and corner, the feature's dot product with the
-incoming gradient times the weight's derivative along each axis, times the level's cells a side.
+a sample on a camera being refined, fitting/camera_refine.py) a second backward kernel scatters
+the table's gradient as the first does and adds each level's share of the position's gradient
+(atomically, one program a block of points and a level): per corner, the feature's dot product with
+the incoming gradient times the weight's derivative along each axis, times the level's cells a side.
 With ``smooth_grad`` the derivative is the half-cosine's (fields/hashgrid.py's module doc).  The
 backward is not itself differentiable (nothing in the project takes a second derivative through
 the grid; a surface's normals are finite differences).
@@ -124,50 +124,47 @@ if AVAILABLE:
     @triton.jit
     def _hashgrid_bwd_x(x_ptr, table_ptr, grad_out_ptr, res_ptr, off_ptr, dense_ptr, grad_table_ptr, grad_x_ptr,
                         n, L: tl.constexpr, F: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-        # One block of points through every level: the table's gradient as in _hashgrid_bwd, and the
-        # points' gradient summed over levels in registers (module doc).
+        # One level of a block of points (a program per block and level, as _hashgrid_bwd: a program
+        # walking all levels of its block left the GPU waiting on each level's loads in turn): the
+        # table's gradient as in _hashgrid_bwd, and the level's share of the points' gradient added
+        # into grad_x (module doc).
+        lvl = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = rows < n
         feat = tl.arange(0, F)[None, :]
-        gx = tl.zeros([BLOCK], dtype=tl.float32)
-        gy = tl.zeros([BLOCK], dtype=tl.float32)
-        gz = tl.zeros([BLOCK], dtype=tl.float32)
-        for lvl in range(L):
-            ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
-                                                                          dense_ptr, lvl)
-            g = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, mask=mask[:, None],
-                        other=0.0).to(tl.float32)                               # (BLOCK, F)
-            mask2 = (mask & (tl.max(tl.abs(g), axis=1) != 0.0))[:, None]
-            lx = tl.zeros([BLOCK], dtype=tl.float32)
-            ly = tl.zeros([BLOCK], dtype=tl.float32)
-            lz = tl.zeros([BLOCK], dtype=tl.float32)
-            for c in tl.static_range(8):
-                wx, wy, wz = _axis_weights(c, fx, fy, fz)
-                w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
-                tl.atomic_add(grad_table_ptr + idx[:, None] * F + feat, w[:, None] * g, mask=mask2)
-                dot = tl.sum(g * tl.load(table_ptr + idx[:, None] * F + feat, mask=mask2, other=0.0).to(tl.float32),
-                             axis=1)
-                # d(weight)/d(fraction) along an axis: + for the far corner, - for the near one
-                lx += dot * ((c & 1) * 2 - 1) * wy * wz
-                ly += dot * (((c >> 1) & 1) * 2 - 1) * wx * wz
-                lz += dot * (((c >> 2) & 1) * 2 - 1) * wx * wy
-            scale = (r - 1).to(tl.float32)
-            if SMOOTH:   # the fractions' slope is the half-cosine's: (pi / 2) sin(pi t)
-                lx *= 1.5707963267948966 * tl.sin(3.141592653589793 * fx)
-                ly *= 1.5707963267948966 * tl.sin(3.141592653589793 * fy)
-                lz *= 1.5707963267948966 * tl.sin(3.141592653589793 * fz)
-            gx += lx * scale
-            gy += ly * scale
-            gz += lz * scale
+        ix, iy, iz, fx, fy, fz, r, base, size, is_dense = _level_cell(x_ptr, rows, mask, res_ptr, off_ptr,
+                                                                      dense_ptr, lvl)
+        g = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * (L * F) + lvl * F + feat, mask=mask[:, None],
+                    other=0.0).to(tl.float32)                               # (BLOCK, F)
+        live = mask & (tl.max(tl.abs(g), axis=1) != 0.0)
+        mask2 = live[:, None]
+        lx = tl.zeros([BLOCK], dtype=tl.float32)
+        ly = tl.zeros([BLOCK], dtype=tl.float32)
+        lz = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in tl.static_range(8):
+            wx, wy, wz = _axis_weights(c, fx, fy, fz)
+            w, idx = _corner(c, ix, iy, iz, fx, fy, fz, r, base, size, is_dense)
+            tl.atomic_add(grad_table_ptr + idx[:, None] * F + feat, w[:, None] * g, mask=mask2)
+            dot = tl.sum(g * tl.load(table_ptr + idx[:, None] * F + feat, mask=mask2, other=0.0).to(tl.float32),
+                         axis=1)
+            # d(weight)/d(fraction) along an axis: + for the far corner, - for the near one
+            lx += dot * ((c & 1) * 2 - 1) * wy * wz
+            ly += dot * (((c >> 1) & 1) * 2 - 1) * wx * wz
+            lz += dot * (((c >> 2) & 1) * 2 - 1) * wx * wy
+        scale = (r - 1).to(tl.float32)
+        if SMOOTH:   # the fractions' slope is the half-cosine's: (pi / 2) sin(pi t)
+            lx *= 1.5707963267948966 * tl.sin(3.141592653589793 * fx)
+            ly *= 1.5707963267948966 * tl.sin(3.141592653589793 * fy)
+            lz *= 1.5707963267948966 * tl.sin(3.141592653589793 * fz)
         # Outside [0, 1] the point is clamped: no gradient along that axis (torch.clamp's rule, ends included).
-        _store_inside(x_ptr, grad_x_ptr, rows, mask, 0, gx)
-        _store_inside(x_ptr, grad_x_ptr, rows, mask, 1, gy)
-        _store_inside(x_ptr, grad_x_ptr, rows, mask, 2, gz)
+        _add_inside(x_ptr, grad_x_ptr, rows, live, 0, lx * scale)
+        _add_inside(x_ptr, grad_x_ptr, rows, live, 1, ly * scale)
+        _add_inside(x_ptr, grad_x_ptr, rows, live, 2, lz * scale)
 
     @triton.jit
-    def _store_inside(x_ptr, grad_x_ptr, rows, mask, axis: tl.constexpr, grad):
+    def _add_inside(x_ptr, grad_x_ptr, rows, mask, axis: tl.constexpr, grad):
         v = tl.load(x_ptr + rows * 3 + axis, mask=mask, other=0.0)
-        tl.store(grad_x_ptr + rows * 3 + axis, tl.where((v >= 0.0) & (v <= 1.0), grad, 0.0), mask=mask)
+        tl.atomic_add(grad_x_ptr + rows * 3 + axis, grad, mask=mask & (v >= 0.0) & (v <= 1.0))
 
 
 BLOCK = 128
@@ -195,7 +192,7 @@ class _HashGridFn(torch.autograd.Function):
         grad_table = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         if n and grad_x is not None:
-            _hashgrid_bwd_x[(triton.cdiv(n, BLOCK),)](x, table, grad_out.contiguous(), resolutions, offsets, dense_i,
+            _hashgrid_bwd_x[(triton.cdiv(n, BLOCK), L)](x, table, grad_out.contiguous(), resolutions, offsets, dense_i,
                                                       grad_table, grad_x, n, L=L, F=F, SMOOTH=ctx.smooth_grad,
                                                       BLOCK=BLOCK)
         elif n:
