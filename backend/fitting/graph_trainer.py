@@ -84,8 +84,8 @@ class GraphTrainer(Trainer):
         self.graph = self.static = None
 
     # -- schedule ---------------------------------------------------------------------
-    def set_lr(self, factor: float) -> None:
-        for lr, base in zip(self.lr_tensors, self.base_lrs):
+    def set_lr(self, factors: list[float]) -> None:
+        for lr, base, factor in zip(self.lr_tensors, self.base_lrs, factors):
             lr.fill_(base * factor)
 
     def anneal_levels(self, fraction: float) -> None:

@@ -119,9 +119,11 @@ class SurfaceTrainer(TrainerBase):
         learning rates (warm-up, then exponential decay; the NeuS variance keeps its rate),
         active hash levels, NeuS slope annealing, occupancy grid refresh."""
         cfg, tc, field = self.cfg, self.cfg.train, self.model.field
-        factor = tc.lr_factor(step, fraction)
-        for group, lr in zip(self.optimizer.param_groups[:2], self.base_lrs[:2]):
-            group["lr"] = lr * factor
+        factors = self.lr_factors(step, fraction)
+        keep = set(range(2, len(factors))) - {self.camera_group}     # e.g. the NeuS variance keeps its rate
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
+            if i not in keep:
+                group["lr"] = lr * factors[i]
         # Schedules in steps where set, else in fractions of the fit (which may be timed): every
         # level active by mid-fit, NeuS's slope annealed over cos_anneal_share of the fit.
         all_levels = cfg.field.all_levels

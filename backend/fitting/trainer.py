@@ -63,6 +63,9 @@ class TrainConfig:
                                     # focal length, one factor for all photos; fitting/camera_refine.py; "on" starts
                                     # a radiance field's grid coarser: config.py CAMERA_BASE_RES)
     camera_lr: float = 3e-3         # Adam learning rate of the corrections (radians; box half-sizes)
+    camera_lr_final: float = 0.01   # ... decaying exponentially from the start to this share of it (BARF's schedule:
+                                    # at a steady rate Adam's steps keep the cameras wandering, 0.35 degrees on lego
+                                    # with exact poses; docs/benchmarks.md "Camera refinement in the graph step")
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
     camera_smooth_grad: bool = True   # while poses are refined: the points' gradients through half-cosine
@@ -85,6 +88,8 @@ class TrainConfig:
                      "camera_weight", "distortion_weight", "grid_decay_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.camera_lr_final <= 1:
+            raise ValueError(f"camera_lr_final must be in (0, 1], got {self.camera_lr_final}")
         if not 0 < self.lr_final <= 1 or not 0 <= self.lr_decay_start < 1:
             raise ValueError(f"need 0 < lr_final <= 1 and 0 <= lr_decay_start < 1, got {self.lr_final} "
                              f"and {self.lr_decay_start}")
@@ -95,6 +100,12 @@ class TrainConfig:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         decay = (fraction - self.lr_decay_start) / max(1.0 - self.lr_decay_start, 1e-9)
         return warm * self.lr_final ** min(max(decay, 0.0), 1.0)
+
+    def camera_lr_factor(self, step: int, fraction: float) -> float:
+        """The pose corrections' learning-rate factor: the same warm-up, then exponential decay
+        from the start to ``camera_lr_final`` at the end."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return warm * self.camera_lr_final ** min(max(fraction, 0.0), 1.0)
 
     def adapt_rays(self, rays: int, samples: int, floor: int) -> int:
         """The next step's ray count: moved (at most 2x either way) so that the field queries
@@ -309,7 +320,9 @@ class TrainerBase:
         grid_lr, mlp_lr = lrs if lrs is not None else (tc.grid_lr, tc.mlp_lr)
         if self.appearance is not None:
             extra = [*extra, {"params": list(self.appearance.parameters()), "lr": tc.appearance_lr, "weight_decay": 0.0}]
+        self.camera_group = None
         if self.cameras is not None:
+            self.camera_group = 2 + len(extra)
             extra = [*extra, {"params": list(self.cameras.parameters()), "lr": tc.camera_lr, "weight_decay": 0.0}]
         if groups.get("motion"):           # a dynamic field's motion planes (fields/motion.py)
             extra = [*extra, {"params": groups["motion"], "lr": self.cfg.motion.motion_lr, "eps": tc.grid_eps,
@@ -321,6 +334,15 @@ class TrainerBase:
         ], betas=(0.9, 0.99), **{"fused": self.device.type == "cuda" and tc.fused_adam, **kwargs})
         self.base_lrs = [tc.grid_lr, tc.mlp_lr] + [g["lr"] for g in extra]
         return optimizer
+
+    def lr_factors(self, step: int, fraction: float) -> list[float]:
+        """Each optimiser group's learning-rate factor before step ``step``: the schedule's
+        (TrainConfig.lr_factor), and the pose corrections' own (TrainConfig.camera_lr_factor)."""
+        tc = self.cfg.train
+        factors = [tc.lr_factor(step, fraction)] * len(self.base_lrs)
+        if getattr(self, "camera_group", None) is not None:
+            factors[self.camera_group] = tc.camera_lr_factor(step, fraction)
+        return factors
 
     def state_dict(self) -> dict:
         """Everything a resumed fit needs besides the step and the clock: field weights,
@@ -370,7 +392,7 @@ class Trainer(TrainerBase):
 
     def update_step(self, step: int, fraction: float) -> None:
         """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
-        self.set_lr(self.cfg.train.lr_factor(step, fraction))
+        self.set_lr(self.lr_factors(step, fraction))
         self.anneal_levels(fraction)
         self.anneal_motion(fraction)
         share = self.cfg.occupancy.update_due(step)
@@ -381,9 +403,9 @@ class Trainer(TrainerBase):
             self.model.field.train()
             self.after_occupancy_update()
 
-    def set_lr(self, factor: float) -> None:
-        """Learning rates = the base rates times ``factor``."""
-        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+    def set_lr(self, factors: list[float]) -> None:
+        """Learning rates = the base rates times their groups' ``factors`` (:meth:`lr_factors`)."""
+        for group, lr, factor in zip(self.optimizer.param_groups, self.base_lrs, factors):
             group["lr"] = lr * factor
 
     def after_occupancy_update(self) -> None:
