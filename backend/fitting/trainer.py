@@ -63,9 +63,9 @@ class TrainConfig:
                                     # focal length, one factor for all photos; fitting/camera_refine.py; "on" starts
                                     # a radiance field's grid coarser: config.py CAMERA_BASE_RES)
     camera_lr: float = 3e-3         # Adam learning rate of the corrections (radians; box half-sizes)
-    camera_lr_final: float = 0.01   # ... decaying exponentially from the start to this share of it (BARF's schedule:
-                                    # at a steady rate Adam's steps keep the cameras wandering, 0.35 degrees on lego
-                                    # with exact poses; docs/benchmarks.md "Camera refinement in the graph step")
+    camera_lr_final: float = 0.01   # ... decaying exponentially after the levels' fade-in to this share of it (at a
+                                    # steady rate Adam's steps keep the cameras wandering: 0.35 degrees on lego from
+                                    # exact poses; docs/benchmarks.md "Camera refinement from far")
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
     camera_smooth_grad: bool = True   # while poses are refined: the points' gradients through half-cosine
@@ -102,10 +102,12 @@ class TrainConfig:
         return warm * self.lr_final ** min(max(decay, 0.0), 1.0)
 
     def camera_lr_factor(self, step: int, fraction: float) -> float:
-        """The pose corrections' learning-rate factor: the same warm-up, then exponential decay
-        from the start to ``camera_lr_final`` at the end."""
+        """The pose corrections' learning-rate factor: the same warm-up, the full rate while the
+        hash levels fade in (``camera_anneal_share``: cameras far off need it to come back), then
+        exponential decay to ``camera_lr_final`` at the end (at a steady rate they keep wandering)."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return warm * self.camera_lr_final ** min(max(fraction, 0.0), 1.0)
+        decay = (fraction - self.camera_anneal_share) / max(1.0 - self.camera_anneal_share, 1e-9)
+        return warm * self.camera_lr_final ** min(max(decay, 0.0), 1.0)
 
     def adapt_rays(self, rays: int, samples: int, floor: int) -> int:
         """The next step's ray count: moved (at most 2x either way) so that the field queries

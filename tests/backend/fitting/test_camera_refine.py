@@ -174,21 +174,21 @@ def test_cameras_are_refined_in_graph_replayed_steps_on_gpu():
 
 
 @pytest.mark.parametrize("method", ["nerf", "sdf"])
-def test_the_corrections_learning_rate_decays_from_the_start(method):
-    """BARF's schedule: the pose corrections' rate decays exponentially over the whole fit to
-    camera_lr_final of itself (at a steady rate Adam's steps keep the cameras wandering), while the
-    field's rates keep the preset's schedule (flat until lr_decay_start)."""
+def test_the_corrections_learning_rate_decays_after_the_fade_in(method):
+    """The pose corrections' rate stays whole while the hash levels fade in (camera_anneal_share),
+    then decays exponentially to camera_lr_final of itself (at a steady rate Adam's steps keep the
+    cameras wandering), while the field's rates keep the preset's schedule (flat until lr_decay_start)."""
     from fit_implicit.backend.fitting.loop import make_trainer
 
     images, intrinsics, poses, aabb = synthetic.make_scene(count=4, size=8)
     train = PosedImages(images, intrinsics, poses, aabb, [f"v{i}" for i in range(4)])
     cfg = make_config(method, "draft", device="cpu", steps=1000, preview_size=0, warm_start=False,
-                      camera_refine="on", camera_lr=1e-3, camera_lr_final=0.01)
+                      camera_refine="on", camera_lr=1e-3, camera_lr_final=0.01, camera_anneal_share=0.2)
     trainer = make_trainer(train, cfg)
     groups = trainer.optimizer.param_groups
     cams = [g for g in groups if g["params"][0] is trainer.cameras.delta][0]
     step = cfg.train.warmup_steps + 1
-    for fraction, want in ((0.0, 1e-3), (0.5, 1e-4), (1.0, 1e-5)):
+    for fraction, want in ((0.0, 1e-3), (0.2, 1e-3), (0.6, 1e-4), (1.0, 1e-5)):
         trainer.update_step(step, fraction)
         assert float(cams["lr"]) == pytest.approx(want, rel=1e-4)
         if fraction <= cfg.train.lr_decay_start:      # the field's rates: not decaying yet
