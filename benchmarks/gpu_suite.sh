@@ -77,9 +77,12 @@ if want kernels; then
 fi
 if want tests; then
     echo "== GPU tests (the files that hold tests marked gpu; the others need Blender)"
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/backend/test_triton_kernels.py \
+    # also into $OUT/gpu_tests.log: a long call's printed tail would lose these lines
+    python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/backend/test_triton_kernels.py \
         tests/backend/export/test_mesh.py tests/backend/export/test_marching_cubes.py \
-        tests/backend/fitting/test_dynamic_fit.py tests/backend/fitting/test_camera_refine.py || status=1
+        tests/backend/fitting/test_dynamic_fit.py tests/backend/fitting/test_camera_refine.py 2>&1 \
+        | tee "$OUT/gpu_tests.log"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 fi
 if want lego; then
     echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
