@@ -97,17 +97,19 @@ class TrainConfig:
     def lr_factor(self, step: int, fraction: float) -> float:
         """Learning-rate factor before step ``step`` (0-based) at training ``fraction`` in [0, 1]:
         linear warm-up, then exponential decay to ``lr_final`` after ``lr_decay_start``."""
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        decay = (fraction - self.lr_decay_start) / max(1.0 - self.lr_decay_start, 1e-9)
-        return warm * self.lr_final ** min(max(decay, 0.0), 1.0)
+        return self._warm_then_decay(step, fraction, self.lr_decay_start, self.lr_final)
 
     def camera_lr_factor(self, step: int, fraction: float) -> float:
         """The pose corrections' learning-rate factor: the same warm-up, the full rate while the
         hash levels fade in (``camera_anneal_share``: cameras far off need it to come back), then
         exponential decay to ``camera_lr_final`` at the end (at a steady rate they keep wandering)."""
+        return self._warm_then_decay(step, fraction, self.camera_anneal_share, self.camera_lr_final)
+
+    def _warm_then_decay(self, step: int, fraction: float, start: float, final: float) -> float:
+        """Linear warm-up over ``warmup_steps``, then exponential decay from ``start`` of the fit to ``final``."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        decay = (fraction - self.camera_anneal_share) / max(1.0 - self.camera_anneal_share, 1e-9)
-        return warm * self.camera_lr_final ** min(max(decay, 0.0), 1.0)
+        decay = (fraction - start) / max(1.0 - start, 1e-9)
+        return warm * final ** min(max(decay, 0.0), 1.0)
 
     def adapt_rays(self, rays: int, samples: int, floor: int) -> int:
         """The next step's ray count: moved (at most 2x either way) so that the field queries
@@ -342,7 +344,7 @@ class TrainerBase:
         (TrainConfig.lr_factor), and the pose corrections' own (TrainConfig.camera_lr_factor)."""
         tc = self.cfg.train
         factors = [tc.lr_factor(step, fraction)] * len(self.base_lrs)
-        if getattr(self, "camera_group", None) is not None:
+        if self.camera_group is not None:
             factors[self.camera_group] = tc.camera_lr_factor(step, fraction)
         return factors
 
