@@ -216,8 +216,8 @@ class TrainerBase:
         if refines_cameras(data, cfg):
             from fit_implicit.backend.fitting.camera_refine import CameraRefiner
             self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale,
-                                         np.asarray(data.poses)[:, :3, :3] if cfg.train.camera_refine == "focal" else None
-                                         ).to(self.device)
+                                         np.asarray(data.poses)[:, :3, :3] if cfg.train.camera_refine == "focal" else None,
+                                         centre=self.model.center).to(self.device)
             self.poses = np.asarray(data.poses)
             for grid in self.grids:
                 grid.smooth_grad = bool(cfg.train.camera_smooth_grad)

@@ -35,21 +35,56 @@ def test_rotation_vectors_become_rotations():
 
 
 def test_what_moves_every_camera_together_is_not_a_correction():
-    """A common rotation or shift, or a growth of the cameras' spread, is what the field could
-    follow instead: the corrections leave it out, so the capture keeps its frame and scale."""
-    centres = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
-    refiner = CameraRefiner(4, centres, scale=2.0)
+    """A similarity of the whole capture (a turn about the box's centre carrying the cameras
+    round, a shift, a scale) is what the field could follow instead: the corrections leave it out,
+    so the capture keeps its frame and scale."""
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]) + 4.0
+    box_centre = np.array([0.5, -0.5, 0.25])
+    refiner = CameraRefiner(4, centres, scale=2.0, centre=box_centre)
+    arm = torch.tensor((centres - box_centre) / 2.0, dtype=torch.float32)
+    turn = torch.tensor([0.1, -0.2, 0.05])
     with torch.no_grad():
-        spread = torch.tensor(centres - centres.mean(0), dtype=torch.float32) / 2.0
-        refiner.delta[:, :3] = torch.tensor([0.1, -0.2, 0.05])
-        refiner.delta[:, 3:] = torch.tensor([0.3, 0.0, -0.1]) + 0.25 * spread
+        refiner.delta[:, :3] = turn
+        refiner.delta[:, 3:] = torch.linalg.cross(turn.expand_as(arm), arm) + torch.tensor([0.3, 0.0, -0.1]) + 0.25 * arm
     w, t = refiner.corrections()
-    assert float(w.detach().abs().max()) < 1e-6 and float(t.detach().abs().max()) < 1e-6
+    assert float(w.detach().abs().max()) < 1e-5 and float(t.detach().abs().max()) < 1e-5
     photo = torch.tensor([0, 3])
     o = torch.tensor(centres[[0, 3]], dtype=torch.float32)
     d = torch.nn.functional.normalize(torch.tensor([[0.0, 0.0, -1.0], [1.0, 1.0, 0.0]]), dim=-1)
     o2, d2 = refiner(photo, o, d)
-    assert torch.allclose(o2, o, atol=1e-5) and torch.allclose(d2, d, atol=1e-6)
+    assert torch.allclose(o2, o, atol=1e-5) and torch.allclose(d2, d, atol=1e-5)
+
+
+def test_cameras_that_all_turn_towards_a_lifted_centre_are_a_lift_of_the_capture():
+    """From exact poses, every camera turning (about its own centre) to look a little above the
+    box's centre moves the views as lifting the whole capture would, with no mean rotation: the
+    field followed that on the CPU proxy (held out 31 -> 18 dB).  The corrections keep almost none
+    of it: the centre's apparent motion falls from ~1 degree to a few hundredths."""
+    _, poses = synthetic.camera_rig(24, 8)
+    centre = np.asarray(synthetic.CENTER, np.float64)
+    centres = poses[:, :3, 3] - centre          # (the box's centre at the origin from here on)
+    refiner = CameraRefiner(24, centres, scale=synthetic.SCALE).to(torch.float64)
+    lift = np.array([0.0, 0.0, 0.08]) * synthetic.SCALE
+
+    def turn(a, b):     # the rotation vector taking direction a to direction b
+        a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+        axis = np.cross(a, b)
+        return axis / np.linalg.norm(axis) * np.arcsin(np.linalg.norm(axis))
+
+    with torch.no_grad():
+        refiner.delta[:, :3] = torch.tensor(np.stack([turn(-c, lift - c) for c in centres]))
+    w, t = (v.detach().numpy() for v in refiner.corrections())
+
+    def seen(i, wi, ti):        # the centre's direction as the corrected camera i sees it (world frame)
+        rot = rotation_matrices(torch.tensor(wi)[None])[0].numpy()
+        x = rot.T @ (-centres[i] - ti)
+        return x / np.linalg.norm(x)
+
+    moved = [math.degrees(math.acos(np.clip(seen(i, w[i], t[i]) @ (-centres[i] / np.linalg.norm(centres[i])), -1, 1)))
+             for i in range(24)]
+    before = np.degrees(np.linalg.norm(refiner.delta.detach().numpy()[:, :3], axis=1))
+    assert before.mean() > 0.8
+    assert np.mean(moved) < 0.1 * before.mean()
 
 
 def test_hash_levels_fade_in_coarse_first():
@@ -117,10 +152,10 @@ def test_every_tensor_of_the_refiner_moves_with_it():
     the first step failed: cuda:0 and cpu); checked here with a dtype, which moves the same way."""
     _, poses = synthetic.camera_rig(5, 8)
     refiner = CameraRefiner(5, poses[:, :3, 3], 2.0).to(torch.float64)
-    assert {t.dtype for t in (refiner.delta, refiner.centres, refiner.spread)} == {torch.float64}
+    assert {t.dtype for t in (refiner.delta, refiner.centres, refiner.gauge_basis, refiner.gauge_across)} == {torch.float64}
     w, t = refiner.corrections()
     assert w.dtype == t.dtype == torch.float64
-    assert "spread" not in refiner.state_dict()      # derived from the centres: checkpoints keep their keys
+    assert not {"gauge_basis", "gauge_across"} & set(refiner.state_dict())  # derived from the centres: checkpoints keep their keys
 
 
 def test_the_graph_step_refines_the_cameras_too():
