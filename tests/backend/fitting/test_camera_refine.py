@@ -155,7 +155,8 @@ def test_every_tensor_of_the_refiner_moves_with_it():
     assert {t.dtype for t in (refiner.delta, refiner.centres, refiner.gauge_basis, refiner.gauge_across)} == {torch.float64}
     w, t = refiner.corrections()
     assert w.dtype == t.dtype == torch.float64
-    assert not {"gauge_basis", "gauge_across"} & set(refiner.state_dict())  # derived from the centres: checkpoints keep their keys
+    # derived from the centres: checkpoints keep their keys
+    assert not {"gauge_basis", "gauge_across"} & set(refiner.state_dict())
 
 
 def test_the_graph_step_refines_the_cameras_too():
