@@ -567,9 +567,11 @@ class Server:
                                 device=self.config.device, methods=",".join(protocol.METHODS))
 
     def _mine_running(self, identity: bytes) -> tuple[bool, str]:
-        """(a job is running, the ids of this client's running jobs, comma-separated)."""
+        """(a job is running or waiting: "busy", the ids of this client's running jobs, comma-separated).
+        A job accepted but not yet taken by a worker counts: the moment between the two once read
+        "idle" to a client that had just been told Accepted (tests/backend/service/test_server.py)."""
         running, me = self.jobs.running_jobs(), self._owner(identity)
-        return bool(running), ",".join(job.id for job in running if job.owner == me)[:protocol.MAX_NAME]
+        return self.jobs.busy(), ",".join(job.id for job in running if job.owner == me)[:protocol.MAX_NAME]
 
     def _on_ping(self, identity: bytes, msg: protocol.Ping) -> protocol.Message:
         busy, mine = self._mine_running(identity)
