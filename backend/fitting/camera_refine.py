@@ -68,9 +68,7 @@ def gauge_projection(centres: np.ndarray, scale: float, centre: np.ndarray) -> t
     u = r / depth
     across = np.eye(3) - u[..., :, None] * u[..., None, :]                        # (N, K, 3, 3)
     # the anchor's apparent motion: -(w x r) - t  ==  [r]x w - t ; in radians: divided by the depth
-    cross = np.zeros(r.shape + (3,))
-    cross[..., 0, 1], cross[..., 0, 2], cross[..., 1, 2] = -r[..., 2], r[..., 1], -r[..., 0]
-    cross = cross - np.swapaxes(cross, -1, -2)                                   # [r]x
+    cross = np.stack([np.cross(r, e) for e in np.eye(3)], axis=-1)              # (N, K, 3, 3) [r]x
     jac = np.concatenate([cross, -scale * np.broadcast_to(np.eye(3), cross.shape)], axis=-1)   # (N, K, 3, 6)
     jac = across @ jac / depth[..., None]
     metric = np.einsum("nkai,nkaj->nij", jac, jac)                               # (N, 6, 6)
