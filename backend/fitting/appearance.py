@@ -26,7 +26,8 @@ class Appearance(nn.Module):
     def forward(self, rgb: torch.Tensor, opacity: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
         """Rendered premultiplied colour (R, 3) with opacity (R,) as photo ``photo`` (R,) saw it."""
         gain, bias = self.transforms()
-        return rgb * gain[photo] + bias[photo] * opacity[:, None]
+        # index_select: its backward adds with atomics (camera_refine.py's forward says why)
+        return rgb * gain.index_select(0, photo) + bias.index_select(0, photo) * opacity[:, None]
 
     def penalty(self) -> torch.Tensor:
         """Mean square of the log gains and biases: keeps them from explaining what the field should."""

@@ -133,11 +133,14 @@ class CameraRefiner(nn.Module):
             local = torch.cat([local[:, :2] * torch.exp(-self.log_focal), local[:, 2:]], dim=-1)
             dirs = (cam @ local[..., None])[..., 0]
             dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-        rot = rotation_matrices(w)[photo]                                    # (R, 3, 3)
+        # index_select, not rot[photo]: its backward adds with atomics, where indexing's backward
+        # sorts the rays by photo and sums each photo's run in one thread (30 ms a step for 4,096 rays
+        # on an H100, docs/benchmarks.md "The gather's backward")
+        rot = rotation_matrices(w).index_select(0, photo)                    # (R, 3, 3)
         centre = self.centres[photo]
         # A rotation about the camera's centre moves an origin off the centre (a lens-shifted
         # or distorted ray starts there too) with it; then the centre shifts.
-        o = centre + (rot @ (origins - centre)[..., None])[..., 0] + t[photo]
+        o = centre + (rot @ (origins - centre)[..., None])[..., 0] + t.index_select(0, photo)
         d = (rot @ dirs[..., None])[..., 0]
         return o, d
 

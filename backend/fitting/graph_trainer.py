@@ -157,9 +157,9 @@ class GraphTrainer(Trainer):
         dirs_ext = torch.cat([dirs, dirs[:1]])
         x = s.x
         if self.cameras is not None:       # the positions again from the moved rays: the corrections' gradient
-            x = torch.cat([o, o[:1]])[s.ray] + s.t[:, None] * dirs_ext[s.ray]
+            x = torch.cat([o, o[:1]]).index_select(0, s.ray) + s.t[:, None] * dirs_ext.index_select(0, s.ray)
         with half:
-            sigma, rgb = model.field(x, dirs_ext[s.ray], _at(times, s.ray))
+            sigma, rgb = model.field(x, dirs_ext.index_select(0, s.ray), _at(times, s.ray))
         w = composite_fixed(sigma.float(), model.step_size, s)
         into, rows = scatter_index(s), rays + s.ray.shape[0]
         color = origins.new_zeros(rows, 3).index_add(0, into, w[:, None] * rgb.float())[:rays]

@@ -160,7 +160,7 @@ def render_surface(sample_fn: SampleFn, occupied_fn: OccupiedFn, origins: torch.
     zeros3 = origins.new_zeros(r, 3)
     if s.t.shape[0] == 0:
         return SurfaceOutput(zeros3, origins.new_zeros(r), origins.new_zeros(r), samples=0)
-    out = dict(sample_fn(s.x, dirs[s.ray], *(() if times is None else (times[s.ray],))))
+    out = dict(sample_fn(s.x, dirs.index_select(0, s.ray), *(() if times is None else (times[s.ray],))))
     w = composite_packed(out.pop("tau"), 1.0, s.ray, s.counts)
     rgb = accumulate(w, s.ray, out.pop("rgb"), r)
     opacity = origins.new_zeros(r).index_add(0, s.ray, w)

@@ -176,7 +176,7 @@ def _query(field_fn: FieldFn, occupied_fn: OccupiedFn, origins, dirs, t, t_far, 
     if positions_only:
         sig, rgb = field_fn(x[mask])
     else:
-        sig, rgb = field_fn(x[mask], dirs[ray], *(() if times is None else (times[ray],)))
+        sig, rgb = field_fn(x[mask], dirs.index_select(0, ray), *(() if times is None else (times[ray],)))
     dense = torch.zeros_like(t).masked_scatter(mask, sig.to(t.dtype))
     return dense, rgb, mask, ray
 
@@ -459,7 +459,7 @@ def composite_packed(sigmas: torch.Tensor, deltas: float | torch.Tensor, ray: to
     total = torch.cumsum(tau.double(), 0)       # float64: the sum runs over every ray of the batch
     before = total - tau.double()
     starts = (counts.cumsum(0) - counts).clamp(max=max(tau.shape[0] - 1, 0))
-    before = (before - before[starts][ray]).to(tau.dtype)
+    before = (before - before[starts].index_select(0, ray)).to(tau.dtype)
     return torch.exp(-before) * (1.0 - torch.exp(-tau))
 
 
@@ -497,8 +497,8 @@ def render_rays(field_fn: FieldFn, occupied_fn: OccupiedFn, origins: torch.Tenso
         if t.shape[0] == 0:
             return RayOutput(origins.new_zeros(r, 3), zeros, zeros, 0)
         if origins.requires_grad or dirs.requires_grad:     # refined cameras: positions carry the gradient
-            x = origins[ray] + t[:, None] * dirs[ray]
-        sig, rgb = field_fn(x, dirs[ray], *(() if times is None else (times[ray],)))
+            x = origins.index_select(0, ray) + t[:, None] * dirs.index_select(0, ray)
+        sig, rgb = field_fn(x, dirs.index_select(0, ray), *(() if times is None else (times[ray],)))
         w = composite_packed(sig.to(t.dtype), step, ray, counts)
         color = origins.new_zeros(r, 3).index_add(0, ray, w[:, None] * rgb.to(w.dtype))
         spread = distortion(w, t, step, (counts.cumsum(0) - counts)[ray], ray, r) if with_distortion else None
