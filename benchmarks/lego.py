@@ -234,6 +234,8 @@ def main(argv=None) -> int:
             "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
             "time_resolution": model.meta.get("time_resolution"),
             "camera_moved_deg": (model.meta.get("camera_refine") or {}).get("mean_rotation_deg"), **cams,
+            "levels_in_at": (model.meta.get("camera_refine") or {}).get("levels_in_at"),
+            "window_moves": (model.meta.get("camera_refine") or {}).get("window_moves"),
             "motion": motion_stats(model), "warm_start": model.meta.get("warm_start"), "curve": meter.curve,
         }
         rows.append(row)

@@ -119,6 +119,14 @@ class CameraRefiner(nn.Module):
         d = d - torch.einsum("njk,k->nj", self.gauge_basis, g)
         return d[:, :3], d[:, 3:] * self.scale
 
+    @torch.no_grad()
+    def view_change(self, before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(how far each camera turned since ``before`` (N,) degrees, the corrections' own numbers;
+        None: since the start), the corrections now (N, 6) to compare with later)."""
+        now = self.delta.detach().clone()
+        was = torch.zeros_like(now) if before is None else before
+        return (now[:, :3] - was[:, :3]).norm(dim=-1) * (180.0 / math.pi), now
+
     def penalty(self) -> torch.Tensor:
         """Mean square of the corrections (radians; box half-sizes)."""
         w, t = self.corrections()
@@ -168,6 +176,63 @@ class CameraRefiner(nn.Module):
                 "mean_rotation_deg": round(float(degrees.mean()), 4), "max_rotation_deg": round(float(degrees.max()), 4),
                 "mean_shift": round(float(shifts.mean()), 6), "max_shift": round(float(shifts.max()), 6),
                 "poses": self.refined_poses(poses).tolist()}
+
+
+SETTLE_WINDOW = 100      # steps between two looks at how far the cameras turned (LevelFade)
+SETTLE_SPEEDUP = 5.0     # how much faster the levels come in while the cameras are settled
+
+
+class LevelFade:
+    """How far a radiance field's hash levels have faded in while poses are refined, 0 to 1.
+
+    The time schedule brings them in over ``share`` of the fit.  With ``settle`` > 0 the fade runs
+    ``SETTLE_SPEEDUP`` times faster while the cameras are settled: in the last ``SETTLE_WINDOW``
+    steps no camera turned by more than ``settle`` of the most its learning rate ``lr`` (radians a
+    step) lets Adam turn it (``lr`` times the window; CameraRefiner.view_change).  Adam moves a
+    parameter by about its rate a step when its gradient keeps one sign and by far less when the
+    gradient is noise: cameras far off turn steadily towards their poses, cameras that already
+    agree with the coarse field only jitter, and gain nothing from waiting for the fine levels
+    (exact poses lose what the wait costs; docs/benchmarks.md "Levels that wait for the cameras").
+    Never slower than the time schedule."""
+
+    def __init__(self, share: float, settle: float = 0.0, lr: float = 0.0):
+        self.share, self.settle, self.lr = float(share), float(settle), float(lr)
+        self.progress, self.fraction = 0.0, 0.0
+        self.done_at: float | None = None       # the fraction of the fit where every level was in
+        self.settled = False
+        self.seen: torch.Tensor | None = None   # the corrections at the last look
+        self.seen_step = 0
+        self.moves: list[tuple[int, float]] = []   # (step, the largest camera turn of the window, degrees)
+
+    def advance(self, step: int, fraction: float, cameras: "CameraRefiner") -> float:
+        """The fade's progress before step ``step`` at ``fraction`` of the fit."""
+        if self.settle > 0 and step - self.seen_step >= SETTLE_WINDOW:
+            turned, self.seen = cameras.view_change(self.seen)
+            most = float(turned.max())                     # one look a window: the only sync it costs
+            self.moves.append((int(step), round(most, 4)))
+            allowed = math.degrees(self.lr * (step - self.seen_step))
+            self.settled, self.seen_step = most < self.settle * allowed, int(step)
+        rate = SETTLE_SPEEDUP if self.settled else 1.0
+        gained = max(fraction - self.fraction, 0.0) / self.share * rate
+        self.progress = min(1.0, max(self.progress + gained, fraction / self.share))
+        self.fraction = fraction
+        if self.progress >= 1.0 and self.done_at is None:
+            self.done_at = fraction
+        return self.progress
+
+    def decay_start(self) -> float:
+        """Where the corrections' learning rate starts to decay: once every level is in (the time
+        schedule's ``share`` where the fade never ran: a surface field brings its own levels in)."""
+        if self.fraction == 0.0:
+            return self.share
+        return 1.0 if self.done_at is None else self.done_at
+
+    def state_dict(self) -> dict:
+        return {"progress": self.progress, "fraction": self.fraction, "done_at": self.done_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress, self.fraction = float(state["progress"]), float(state["fraction"])
+        self.done_at = None if state["done_at"] is None else float(state["done_at"])
 
 
 def level_fade(active: float, levels: int) -> torch.Tensor:

@@ -88,14 +88,14 @@ class GraphTrainer(Trainer):
         for lr, base, factor in zip(self.lr_tensors, self.base_lrs, factors):
             lr.fill_(base * factor)
 
-    def anneal_levels(self, fraction: float) -> None:
+    def anneal_levels(self, step: int, fraction: float) -> None:
         """Trainer.anneal_levels into the one weights tensor the captured step reads, copied in
         place (and kept, at ones, after the fade-in ends: the step keeps the tensors it was captured
         with)."""
         field = self.model.field
         if self.faded and field.level_weights is not None:
             return                      # every level in, and so in the tensor: nothing to copy
-        weights = self.level_fade(fraction)
+        weights = self.level_fade(step, fraction)
         if weights is None:
             return
         self.faded = bool((weights >= 1.0).all())

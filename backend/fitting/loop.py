@@ -179,7 +179,9 @@ def train(trainer: TrainerBase, data: PosedImages | None, cfg: FitConfig, cb: Ca
     if getattr(trainer, "appearance", None) is not None:      # each photo's exposure and white balance
         model.meta["appearance"] = trainer.appearance.summary()
     if getattr(trainer, "cameras", None) is not None:         # how far each photo's camera moved
-        model.meta["camera_refine"] = trainer.cameras.summary(trainer.poses)
+        model.meta["camera_refine"] = {**trainer.cameras.summary(trainer.poses),
+                                       # where every hash level was in, and the cameras' largest move a window
+                                       "levels_in_at": trainer.fade.done_at, "window_moves": trainer.fade.moves}
         if hasattr(model.field, "set_level_weights"):
             model.field.set_level_weights(None)                # every hash level in full from here on
     model.field.eval()

@@ -68,6 +68,9 @@ class TrainConfig:
                                     # exact poses; docs/benchmarks.md "Camera refinement from far")
     camera_weight: float = 0.0      # penalty on the corrections' mean square (a prior that the poses are close)
     camera_anneal_share: float = 0.3  # radiance fields: share of the fit over which hash levels fade in while poses are refined
+    camera_settle: float = 0.0      # ... 5x faster while no camera turned by more than this share of what camera_lr
+                                    # allows in 100 steps (Adam's steps when the gradient keeps its sign); 0 = off
+                                    # (camera_refine.py LevelFade)
     camera_smooth_grad: bool = True   # while poses are refined: the points' gradients through half-cosine
                                       # hash weights (fields/hashgrid.py)
 
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"camera_refine {self.camera_refine!r} is not one of {', '.join(CAMERA_REFINE_MODES)}")
         if not 0 < self.camera_anneal_share <= 1:
             raise ValueError(f"camera_anneal_share must be in (0, 1], got {self.camera_anneal_share}")
+        if not 0 <= self.camera_settle <= 1:
+            raise ValueError(f"camera_settle must be in [0, 1], got {self.camera_settle}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
         if not 0.0 <= self.error_sampling <= 1.0:
@@ -99,11 +104,13 @@ class TrainConfig:
         linear warm-up, then exponential decay to ``lr_final`` after ``lr_decay_start``."""
         return self._warm_then_decay(step, fraction, self.lr_decay_start, self.lr_final)
 
-    def camera_lr_factor(self, step: int, fraction: float) -> float:
+    def camera_lr_factor(self, step: int, fraction: float, start: float | None = None) -> float:
         """The pose corrections' learning-rate factor: the same warm-up, the full rate while the
-        hash levels fade in (``camera_anneal_share``: cameras far off need it to come back), then
-        exponential decay to ``camera_lr_final`` at the end (at a steady rate they keep wandering)."""
-        return self._warm_then_decay(step, fraction, self.camera_anneal_share, self.camera_lr_final)
+        hash levels fade in (until ``start``, by default ``camera_anneal_share``: cameras far off need
+        it to come back), then exponential decay to ``camera_lr_final`` at the end (at a steady rate
+        they keep wandering)."""
+        start = self.camera_anneal_share if start is None else start
+        return self._warm_then_decay(step, fraction, start, self.camera_lr_final)
 
     def _warm_then_decay(self, step: int, fraction: float, start: float, final: float) -> float:
         """Linear warm-up over ``warmup_steps``, then exponential decay from ``start`` of the fit to ``final``."""
@@ -214,11 +221,12 @@ class TrainerBase:
             self.appearance = Appearance(len(data)).to(self.device)
         self.cameras = None                  # per-photo pose corrections (camera_refine.py)
         if refines_cameras(data, cfg):
-            from fit_implicit.backend.fitting.camera_refine import CameraRefiner
+            from fit_implicit.backend.fitting.camera_refine import CameraRefiner, LevelFade
             self.cameras = CameraRefiner(len(data), data.poses[:, :3, 3], self.model.scale,
                                          np.asarray(data.poses)[:, :3, :3] if cfg.train.camera_refine == "focal" else None,
                                          centre=self.model.center).to(self.device)
             self.poses = np.asarray(data.poses)
+            self.fade = LevelFade(cfg.train.camera_anneal_share, cfg.train.camera_settle, cfg.train.camera_lr)
             for grid in self.grids:
                 grid.smooth_grad = bool(cfg.train.camera_smooth_grad)
 
@@ -282,18 +290,19 @@ class TrainerBase:
         """The rays as the refined cameras shoot them (unchanged without refinement)."""
         return (origins, dirs) if self.cameras is None else self.cameras(photo, origins, dirs)
 
-    def level_fade(self, fraction: float) -> torch.Tensor | None:
-        """(levels,) weights of a radiance field's hash levels at ``fraction`` of the fit while poses
-        are refined (they fade in over the first ``camera_anneal_share``; camera_refine.py), else None."""
+    def level_fade(self, step: int, fraction: float) -> torch.Tensor | None:
+        """(levels,) weights of a radiance field's hash levels before step ``step`` at ``fraction``
+        of the fit while poses are refined (they fade in over the first ``camera_anneal_share``,
+        faster while the cameras are settled: camera_refine.py LevelFade), else None."""
         if self.cameras is None or not hasattr(self.model.field, "set_level_weights"):
             return None
         from fit_implicit.backend.fitting.camera_refine import level_fade
         levels = self.cfg.field.all_levels
-        return level_fade(levels * min(fraction / self.cfg.train.camera_anneal_share, 1.0) + 1.0, levels)
+        return level_fade(levels * self.fade.advance(step, fraction, self.cameras) + 1.0, levels)
 
-    def anneal_levels(self, fraction: float) -> None:
+    def anneal_levels(self, step: int, fraction: float) -> None:
         """While poses are refined a radiance field's hash levels fade in (:meth:`level_fade`)."""
-        weights = self.level_fade(fraction)
+        weights = self.level_fade(step, fraction)
         if weights is not None:
             self.model.field.set_level_weights(weights)
 
@@ -345,7 +354,7 @@ class TrainerBase:
         tc = self.cfg.train
         factors = [tc.lr_factor(step, fraction)] * len(self.base_lrs)
         if self.camera_group is not None:
-            factors[self.camera_group] = tc.camera_lr_factor(step, fraction)
+            factors[self.camera_group] = tc.camera_lr_factor(step, fraction, self.fade.decay_start())
         return factors
 
     def state_dict(self) -> dict:
@@ -362,6 +371,7 @@ class TrainerBase:
             state["background"] = self.model.background.state_dict()
         if self.cameras is not None:
             state["cameras"] = self.cameras.state_dict()
+            state["camera_fade"] = self.fade.state_dict()
         if self.sampler.error_map is not None:
             state["error_map"] = self.sampler.error_map.state_dict()
         return state
@@ -377,6 +387,8 @@ class TrainerBase:
             self.model.background.load_state_dict(state["background"])
         if self.cameras is not None:
             self.cameras.load_state_dict(state["cameras"])
+            if "camera_fade" in state:
+                self.fade.load_state_dict(state["camera_fade"])
         if self.sampler.error_map is not None and "error_map" in state:
             self.sampler.error_map.load_state_dict(state["error_map"])
         self.rays = int(state["rays"])
@@ -397,7 +409,7 @@ class Trainer(TrainerBase):
     def update_step(self, step: int, fraction: float) -> None:
         """Step-dependent settings before step ``step`` (0-based) at training ``fraction`` in [0, 1]."""
         self.set_lr(self.lr_factors(step, fraction))
-        self.anneal_levels(fraction)
+        self.anneal_levels(step, fraction)
         self.anneal_motion(fraction)
         share = self.cfg.occupancy.update_due(step)
         if share is not None:

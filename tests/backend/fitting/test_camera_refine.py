@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import synthetic
-from fit_implicit.backend.fitting.camera_refine import CameraRefiner, level_fade, rotation_matrices
+from fit_implicit.backend.fitting.camera_refine import (SETTLE_SPEEDUP, SETTLE_WINDOW, CameraRefiner, LevelFade,
+                                                        level_fade, rotation_matrices)
 from fit_implicit.backend.fitting.config import make_config
 from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.loop import fit
@@ -91,6 +92,39 @@ def test_hash_levels_fade_in_coarse_first():
     w = level_fade(2.5, 4)
     assert w.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])
     assert level_fade(5.0, 4).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_levels_come_in_sooner_while_the_cameras_are_settled():
+    """camera_settle: while no camera turned by more than that share of what its learning rate
+    lets Adam turn it in a window of steps, the levels fade in SETTLE_SPEEDUP times faster (cameras
+    that agree with the coarse field gain nothing from waiting); cameras still on their way keep the
+    time schedule, and none is ever slower."""
+    ks, poses = synthetic.camera_rig(6, 16)
+    total, share, lr = 10_000, 0.3, 1e-3      # lr: at most 5.7 degrees in a window of 100 steps
+
+    def run(settle: float, move_deg: float) -> LevelFade:
+        refiner = CameraRefiner(6, poses[:, :3, 3], synthetic.SCALE)
+        fade, turn = LevelFade(share, settle, lr), torch.zeros(6, 6)
+        turn[:, 0] = math.radians(move_deg) * torch.tensor([1.0, -1.0, 2.0, -2.0, 1.0, -1.0])
+        for step in range(total):
+            if step % SETTLE_WINDOW == 50:                 # the cameras move (or not) every window
+                with torch.no_grad():
+                    refiner.delta += turn
+            progress = fade.advance(step, step / total, refiner)
+            assert progress >= min(step / total / share, 1.0) - 1e-9      # never behind the time schedule
+        return fade
+
+    plain = run(0.0, 0.0)
+    assert plain.done_at == pytest.approx(share, abs=2 / total) and plain.moves == []
+    still = run(0.3, 0.0)                      # exact poses: nothing to correct
+    assert share / SETTLE_SPEEDUP < still.done_at < share / SETTLE_SPEEDUP + SETTLE_WINDOW / total   # the first look
+    assert still.decay_start() == still.done_at
+    moving = run(0.3, 1.0)                     # 2 degrees a window, over 0.3 x 5.7: not settled
+    assert moving.done_at == pytest.approx(share, abs=2 / total)
+    assert min(m for _, m in moving.moves) == pytest.approx(2.0, rel=1e-3)
+    restored = LevelFade(share, 0.3, lr)
+    restored.load_state_dict(still.state_dict())
+    assert (restored.progress, restored.done_at) == (still.progress, still.done_at)
 
 
 def _perturbed_ring() -> tuple[PosedImages, PosedImages, np.ndarray, np.ndarray]:
@@ -181,12 +215,12 @@ def test_the_graph_step_refines_the_cameras_too():
     assert grad is not None and float(grad[:, 3:].abs().sum()) > 0      # the shifts' gradient: through the positions
     assert float(trainer.cameras.delta.detach().abs().sum()) > 0        # and the optimiser moved them
 
-    trainer.anneal_levels(0.0)
+    trainer.anneal_levels(0, 0.0)
     weights = trainer.model.field.level_weights
-    trainer.anneal_levels(0.5 * trainer.cfg.train.camera_anneal_share)
+    trainer.anneal_levels(1, 0.5 * trainer.cfg.train.camera_anneal_share)
     assert trainer.model.field.level_weights is weights                 # the same tensor, new values
     assert float(weights.max()) == 1.0 and float(weights.min()) < 1.0  # halfway: the coarse levels in, the fine not yet
-    trainer.anneal_levels(1.0)
+    trainer.anneal_levels(2, 1.0)
     assert trainer.model.field.level_weights is weights and bool((weights == 1.0).all())
 
 
