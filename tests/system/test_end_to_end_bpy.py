@@ -86,7 +86,8 @@ def test_sdf_fit_with_passes_imports_a_textured_asset(real_backend):
     bpy.ops.mesh.primitive_uv_sphere_add(radius=RADIUS, location=tuple(CENTRE))
     ball = bpy.context.object
     mat = bpy.data.materials.new("Diffuse orange")
-    mat.use_nodes = True
+    if mat.node_tree is None:           # 4.2: no node tree until use_nodes (deprecated in 5.0)
+        mat.use_nodes = True
     mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"].default_value = (0.8, 0.2, 0.05, 1.0)
     ball.data.materials.append(mat)
     bpy.ops.object.light_add(type="SUN", location=(0.0, 0.0, 5.0))
