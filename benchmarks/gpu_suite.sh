@@ -22,7 +22,8 @@
 # "profile" (not in the default) times and profiles training steps on lego (benchmarks/profile_step.py,
 # PROFILE_METHODS, default "sdf"; PROFILE_ARGS adds its options, e.g. "--set max_rays=131072"; PROFILE_DATA,
 # PROFILE_PLAIN: see there).
-# "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS).
+# "poses" (not in the default) refines perturbed lego cameras (POSE_SPECS "sigma:budgets", POSE_ARGS; held-out views
+# scored aligned, and after 150 steps of test-time pose fitting, as BARF scores them).
 # "points" (not in the default) fits SDFs to scanned analytic shapes and, where .data/bunny is carried, the
 # Stanford bunny's range scans (POINTS_PRESET, POINTS_CASES, POINTS_ARGS; Open3D's
 # screened Poisson, the anchor, is not on the device machine: run it here with benchmarks/points_vs_poisson.py).
@@ -142,8 +143,13 @@ if want poses; then      # not in the default: BARF's protocol on lego (issue 15
     for spec in ${POSE_SPECS:-0.15:180 0.05:180}; do     # sigma:budgets
         IFS=: read -r sigma budgets <<< "$spec"
         echo "== lego, cameras perturbed by sigma $sigma, refined (benchmarks/lego.py --pose-noise, budgets $budgets s)"
-        python3 benchmarks/lego.py --data .data/lego --budgets "$budgets" --pose-noise "$sigma" --set camera_refine=on \
+        python3 benchmarks/lego.py --data .data/lego --budgets "$budgets" --pose-noise "$sigma" --set camera_refine=on --refine-test-poses 150 \
             ${POSE_ARGS:-} --out "$OUT/bench_poses_$sigma.json" || status=1
+        python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['results'][-1]; e = r.get('pose_error') or {}
+print('cameras', r.get('pose_error_before', {}).get('rotation_deg'), '->', e.get('rotation_deg'), 'deg mean (worst',
+      e.get('max_rotation_deg'), '), moved', r.get('camera_moved_deg'), '; held out aligned', r.get('psnr_aligned'),
+      'dB, after test-time pose fitting', r.get('psnr_test_refined'), 'dB; levels in at', r.get('levels_in_at'))" \
+            "$OUT/bench_poses_$sigma.json" || true
     done
 fi
 if want points; then      # not in the default: surfaces from scans (issue 16); screened Poisson runs on the CPU here, not there

@@ -10,6 +10,9 @@ benchmarks/lego.py ``--pose-noise``.
 * :func:`errors`: mean, median and largest rotation error (degrees), the share of cameras within
   1 degree, and mean centre error (scene units) of estimated poses against true ones, after that
   alignment.
+* :func:`refine_view`: a held-out view's pose fitted against the frozen field (BARF scores its
+  held-out views after this test-time optimisation, from the aligned poses; lego.py
+  ``--refine-test-poses``).
 
 Poses are (N, 4, 4) float64 camera-to-world matrices (Blender's camera convention; only the
 rotation block and the centre matter here).
@@ -75,16 +78,69 @@ def apply(poses: np.ndarray, scale: float, rot: np.ndarray, shift: np.ndarray) -
     return out
 
 
+def turn_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) degrees between the orientations of two stacks of poses (N, 4, 4)."""
+    rel = np.swapaxes(np.asarray(a, np.float64)[:, :3, :3], -1, -2) @ np.asarray(b, np.float64)[:, :3, :3]
+    return np.degrees(np.arccos(np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)))
+
+
 def errors(true: np.ndarray, estimated: np.ndarray) -> dict:
     """Mean and largest rotation error (degrees) and mean centre error (in the true poses' units)
     of ``estimated`` against ``true`` after :func:`align`."""
     scale, rot, shift = align(true, estimated)
     moved = apply(true, scale, rot, shift)
-    rel = np.swapaxes(moved[:, :3, :3], -1, -2) @ np.asarray(estimated, dtype=np.float64)[:, :3, :3]
-    cos = np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
-    deg = np.degrees(np.arccos(cos))
+    deg = turn_deg(moved, estimated)
     centre = np.linalg.norm(moved[:, :3, 3] - np.asarray(estimated)[:, :3, 3], axis=-1) / scale
     return {"rotation_deg": round(float(deg.mean()), 4), "max_rotation_deg": round(float(deg.max()), 4),
             "median_rotation_deg": round(float(np.median(deg)), 4),
             "within_1_deg": round(float((deg <= 1.0).mean()), 4),      # share of the cameras that came back
             "centre_error": round(float(centre.mean()), 6), "scale": round(scale, 6)}
+
+
+def refine_view(model, image: np.ndarray, intrinsics, pose: np.ndarray, steps: int = 150, rays: int = 4096,
+                lr: float = 2e-3, seed: int = 0) -> np.ndarray:
+    """``pose`` (4, 4) refined against ``image`` ((H, W, 4) uint8, straight alpha) with the field
+    frozen: BARF's test-time photometric optimisation of a held-out view's pose (a turn about the
+    camera's centre and a shift, as fitting/camera_refine.py corrects training cameras), Adam on
+    ``rays`` random pixels a step, both on white, the rate falling to a tenth along a cosine."""
+    import torch
+
+    from fit_implicit.backend.fitting.camera_refine import rotation_matrices
+    from fit_implicit.backend.fitting.data import camera_rays
+
+    dev = model.device
+    h, w = image.shape[:2]
+    target = torch.from_numpy(np.ascontiguousarray(image)).to(dev).float().reshape(-1, 4) / 255.0
+    target = target[:, :3] * target[:, 3:] + (1.0 - target[:, 3:])
+    k = torch.tensor(np.asarray(intrinsics, np.float64), dtype=torch.float32, device=dev)
+    c2w = torch.tensor(np.asarray(pose, np.float64), dtype=torch.float32, device=dev)
+    delta = torch.zeros(6, device=dev, requires_grad=True)          # rotation vector, shift (world units)
+    opt = torch.optim.Adam([delta], lr=lr)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    frozen = [p for p in model.field.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for step in range(int(steps)):
+            for group in opt.param_groups:
+                group["lr"] = lr * (0.1 + 0.45 * (1.0 + np.cos(np.pi * step / max(steps, 1))))
+            pix = torch.randint(0, h * w, (rays,), generator=gen).to(dev)
+            u, v = (pix % w).float() + 0.5, (pix // w).float() + 0.5
+            o, d = camera_rays(k.expand(rays, 4), c2w.expand(rays, 4, 4), u, v)
+            rot = rotation_matrices(delta[None, :3])[0]
+            out = model.trace(o + delta[3:], d @ rot.T, differentiable=True)
+            pred = out.rgb + (1.0 - out.opacity[:, None])
+            loss = ((pred - target[pix]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        rot = rotation_matrices(delta[None, :3].double())[0].cpu().numpy()
+        shift = delta[3:].double().cpu().numpy()
+    out = np.array(pose, dtype=np.float64, copy=True)
+    out[:3, :3] = rot @ out[:3, :3]
+    out[:3, 3] = out[:3, 3] + shift
+    return out
