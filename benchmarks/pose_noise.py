@@ -110,6 +110,7 @@ def refine_view(model, image: np.ndarray, intrinsics, pose: np.ndarray, steps: i
 
     dev = model.device
     h, w = image.shape[:2]
+    rays = min(int(rays), h * w)            # no more rays a step than the view has pixels
     target = torch.from_numpy(np.ascontiguousarray(image)).to(dev).float().reshape(-1, 4) / 255.0
     target = target[:, :3] * target[:, 3:] + (1.0 - target[:, 3:])
     k = torch.tensor(np.asarray(intrinsics, np.float64), dtype=torch.float32, device=dev)
