@@ -208,9 +208,9 @@ def main(argv=None) -> int:
             if model.is_surface:    # surface fields render with their training step (FittedField.trace_surface)
                 model.step_size, model.max_steps = model.render_step_size, n
             fine[n] = round(float(np.mean(evaluate(model, held))), 3)
-        cams = {}
+        cams, refine = {}, model.meta.get("camera_refine") or {}     # run.json's camera report (fitting/loop.py)
         if args.pose_noise > 0:     # the cameras as fitted against the true ones, and held-out views in the fit's frame
-            refined = (model.meta.get("camera_refine") or {}).get("poses")
+            refined = refine.get("poses")
             estimated = np.asarray(refined, np.float64) if refined is not None else train.poses
             moved = pose_noise.apply(held.poses, *pose_noise.align(true_poses, estimated))
             cams = {"pose_noise": args.pose_noise, "pose_error_before": pose_noise.errors(true_poses, train.poses),
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                 cams["psnr_test_refined"] = round(float(np.mean(evaluate(model, dataclasses.replace(held, poses=fitted)))), 3)
                 cams["test_pose_moved_deg"] = round(float(np.mean(pose_noise.turn_deg(moved, fitted))), 4)
         if args.focal_noise:
-            scale = (model.meta.get("camera_refine") or {}).get("focal_scale", 1.0)
+            scale = refine.get("focal_scale", 1.0)
             cams.update(focal_noise=args.focal_noise, focal_scale=scale,
                         focal_error=round(abs((1.0 + args.focal_noise) * scale - 1.0), 5))
         steps = int(model.meta["steps"])
@@ -241,9 +241,9 @@ def main(argv=None) -> int:
             "train_psnr": model.meta.get("train_psnr"), "graph_captures": model.meta.get("graph_captures"),
             "inv_s": model.meta.get("inv_s"), "background": model.meta.get("background"),
             "time_resolution": model.meta.get("time_resolution"),
-            "camera_moved_deg": (model.meta.get("camera_refine") or {}).get("mean_rotation_deg"), **cams,
-            "levels_in_at": (model.meta.get("camera_refine") or {}).get("levels_in_at"),
-            "window_moves": (model.meta.get("camera_refine") or {}).get("window_moves"),
+            "camera_moved_deg": refine.get("mean_rotation_deg"), **cams,
+            "levels_in_at": refine.get("levels_in_at"),
+            "window_moves": refine.get("window_moves"),
             "motion": motion_stats(model), "warm_start": model.meta.get("warm_start"), "curve": meter.curve,
         }
         rows.append(row)
