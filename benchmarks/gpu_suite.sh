@@ -10,7 +10,8 @@
 #                --python-version 3.12 ...)
 # Run from the repository root:  bash benchmarks/gpu_suite.sh [lego budgets, default 10,60]
 # (the device tool: FIT_IMPLICIT_COMMIT=<this checkout's commit> bash benchmarks/gpu_suite.sh ...)
-# SECTIONS picks what runs (default all: "kernels tests lego mesh"); "mesh" fits lego for
+# SECTIONS picks what runs (default all: "kernels tests lego mesh"; LEGO_ARGS adds lego.py options to
+# "lego", e.g. "--save-renders /tmp/renders" for the error's split between edges and the rest); "mesh" fits lego for
 # benchmarks/lego_mesh.py (radiance field 60 s, SDF 120 s; textured meshes with and without the
 # texture refinement, scored on the GPU by rasterising, and into $OUT/mesh_* for the Cycles score here;
 # MESH_SPECS="nerf:60" picks fits, MESH_ARGS adds lego_mesh.py fit options).
@@ -87,7 +88,7 @@ if want tests; then
 fi
 if want lego; then
     echo "== lego: held-out PSNR against training time (benchmarks/lego.py, budgets $BUDGETS s)"
-    python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" --out "$OUT/bench_lego.json" || status=1
+    python3 benchmarks/lego.py --data .data/lego --budgets "$BUDGETS" ${LEGO_ARGS:-} --out "$OUT/bench_lego.json" || status=1
 fi
 if want startup; then      # not in the default: issue 18's start-up target (first preview <= 2 s of the click)
     echo "== startup: a fresh serve, Submit to first preview (lego), with the warm-up and without"

@@ -97,23 +97,49 @@ def motion_stats(model, n: int = 1 << 18) -> dict | None:
             "occupied_cells": int(cells.numel())}
 
 
+EDGE_RANGE = 0.2     # an "edge" pixel: the truth (on white) varies by more than this within its 3x3 neighbourhood
+
+
+def edge_mask(truth: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose 3x3 neighbourhood in ``truth`` (H, W, 3), on white in [0, 1], spans more
+    than EDGE_RANGE in some channel: outlines, occlusion edges and sharp texture edges."""
+    pad = np.pad(truth, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = truth.shape[:2]
+    shifted = [pad[i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    return (np.max(shifted, axis=0) - np.min(shifted, axis=0)).max(-1) > EDGE_RANGE
+
+
+def error_regions(sq_edges: float, sq_rest: float, n_edges: int, n_rest: int) -> dict:
+    """Where the held-out error lies: the edge pixels' share of the pixels and of the squared error, and
+    the PSNR over each part (summed over views)."""
+    def psnr(sq, n):
+        return round(float(-10.0 * np.log10(max(sq / max(n, 1), 1e-12))), 3)
+
+    return {"edge_pixels": round(n_edges / max(n_edges + n_rest, 1), 4),
+            "edge_error_share": round(sq_edges / max(sq_edges + sq_rest, 1e-12), 4),
+            "psnr_edges": psnr(sq_edges, n_edges), "psnr_rest": psnr(sq_rest, n_rest)}
+
+
 @torch.no_grad()
-def save_renders(model, held, folder: Path) -> list[float]:
+def save_renders(model, held, folder: Path) -> tuple[list[float], dict]:
     """Render each view of ``held``, write truth | render | 4x error side by side to
-    ``folder/<view>.jpg`` and return the views' PSNRs (the same as metrics.evaluate's)."""
+    ``folder/<view>.jpg``; return the views' PSNRs (the same as metrics.evaluate's) and
+    :func:`error_regions` over all of them."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    scores = []
+    scores, sums = [], np.zeros(4)
     for i in range(len(held)):
         render = to_rgba8(model.render(held.intrinsics[i], held.poses[i], *held.size(i), time=held.time(i)))
         truth = held.image(i)
         scores.append(psnr_white(render, truth))
         a, b = on_white(truth), on_white(render)
+        sq, edges = ((np.round(a * 255.0) - np.round(b * 255.0)) / 255.0) ** 2, edge_mask(a)
+        sums += (sq[edges].sum(), sq[~edges].sum(), 3 * edges.sum(), 3 * (~edges).sum())
         row = np.concatenate([a, b, np.clip(4.0 * np.abs(a - b), 0.0, 1.0)], axis=1)
         Image.fromarray(np.round(row * 255.0).astype(np.uint8)).save(folder / f"{Path(held.names[i]).stem}.jpg",
                                                                       quality=90)
-    return scores
+    return scores, error_regions(*sums)
 
 
 def main(argv=None) -> int:
@@ -148,7 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--focal-noise", type=float, default=0.0, metavar="F",
                     help="the training cameras' focal lengths F (a fraction, e.g. 0.05) too long")
     ap.add_argument("--save-renders", default="", metavar="DIR",
-                    help="write each held-out view as truth | render | 4x error to DIR/<budget>s/<view>.jpg")
+                    help="write each held-out view as truth | render | 4x error to DIR/<budget>s/<view>.jpg, and "
+                         "split the error between edge pixels and the rest (error_regions)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lego.json"))
     args = ap.parse_args(argv)
 
@@ -197,8 +224,8 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         train_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         t1 = time.perf_counter()
-        scores = (save_renders(model, held, Path(args.save_renders) / f"{budget:g}s") if args.save_renders
-                  else evaluate(model, held))
+        scores, regions = (save_renders(model, held, Path(args.save_renders) / f"{budget:g}s") if args.save_renders
+                           else (evaluate(model, held), None))
         eval_s = time.perf_counter() - t1
         smooth = {s: round(float(np.mean(evaluate(model, held, supersample=s))), 3)    # (before the
                   for s in [int(v) for v in args.eval_supersample.split(",") if v]}      # quadrature changes)
@@ -230,7 +257,7 @@ def main(argv=None) -> int:
         samples = float(model.meta.get("samples", 0))
         row = {
             "budget_s": budget, "psnr": round(float(np.mean(scores)), 3), "views": len(held),
-            "psnr_views": [round(float(v), 2) for v in scores],
+            "psnr_views": [round(float(v), 2) for v in scores], "error_regions": regions,
             "render_march_steps": cfg.march.max_steps(rendering=True), "psnr_by_render_steps": fine,
             "psnr_by_supersample": smooth,
             "steps": steps, "train_s": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 1),

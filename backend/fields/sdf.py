@@ -22,10 +22,17 @@ units).  :class:`SurfaceField` holds what the SDF and the occupancy field share:
   supervises it: albedo, roughness; the roughness head's inputs are detached, so its pass never
   moves the geometry).
 
-:class:`SdfField` adds NeuS's learnable sharpness ``inv_s = exp(10 * variance)``.
+:class:`SdfField` adds NeuS's learnable sharpness ``inv_s = exp(10 * variance)``, and with
+``local_sharpness`` a sharpness that varies in space (Adaptive Shells, Wang et al. 2023): a linear head
+on the geometry features gives each point a softness ``b`` in [0, ln SOFTEST] and NeuS's density there
+has sharpness ``inv_s * exp(-b)``.  The head starts near ``b = 0`` (the global sharpness everywhere);
+the trainer's ``sharpness_weight`` charges each visible sample's softness, so the density stays sharp
+except where the photos pay for a softer one (outlines and parts thinner than a pixel, whose pixels
+are area averages).  The surface itself (the zero level, which gets meshed) is unchanged by it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +55,7 @@ class SurfaceFieldConfig(FieldConfig):
     init_radius: float = 0.5    # geometric initialisation: a sphere of this radius (normalised)
     init_variance: float = 0.3  # sdf: NeuS sharpness inv_s = exp(10 * variance) at the start
     color_reflection: bool = False  # the radiance head also reads the reflected view direction (module doc)
+    local_sharpness: bool = False   # sdf: NeuS's sharpness varies in space, down to inv_s / SOFTEST (module doc)
 
     def validate(self) -> None:
         super().validate()
@@ -183,14 +191,20 @@ class SurfaceField(nn.Module):
         """Unit outward normals (N, 3) from the raw value's gradient (N, 3)."""
         raise NotImplementedError
 
-    def optical_depth(self, value: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, delta: float
-                      ) -> torch.Tensor:
-        """Optical depth tau (N,) of one sample's segment (opacity 1 - exp(-tau))."""
+    def optical_depth(self, value: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, delta: float,
+                      features: torch.Tensor | None = None) -> torch.Tensor:
+        """Optical depth tau (N,) of one sample's segment (opacity 1 - exp(-tau)); ``features``
+        (N, G), where given, may shape it (the SDF's local sharpness)."""
         raise NotImplementedError
 
-    def deep_inside(self, value: torch.Tensor, delta: float) -> torch.Tensor:
+    def deep_inside(self, value: torch.Tensor, delta: float, features: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) bool: a ray that reaches this sample is already opaque (later samples are useless)."""
         raise NotImplementedError
+
+    def softness(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(N,) how much softer than the field's global sharpness its density is at each point, or
+        None where the field has one sharpness (only the SDF's ``local_sharpness`` has one)."""
+        return None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimiser treatment: hash tables, MLP weights, scalar extras."""
@@ -201,6 +215,10 @@ class SurfaceField(nn.Module):
                           *(self.reflection_in.parameters() if self.reflection_in is not None else ())],
                   "extra": []}
         return add_motion_groups(groups, self.deformation)
+
+
+SOFTEST = 16.0         # local_sharpness: the softest density is NeuS's inv_s / SOFTEST
+SOFTNESS_START = -4.0  # ... its head's bias at the start: softness ln(SOFTEST) * sigmoid(-4) = 0.05
 
 
 class SdfField(SurfaceField):
@@ -217,10 +235,31 @@ class SdfField(SurfaceField):
         super().__init__(cfg)
         self.variance = nn.Parameter(torch.tensor(float(self.cfg.init_variance)))
         self.cos_anneal = 1.0
+        self.softness_net = None
+        if self.cfg.local_sharpness:
+            with torch.random.fork_rng(devices=[]):     # later draws stay as they were
+                self.softness_net = nn.Linear(self.cfg.geo_features, 1)
+            nn.init.zeros_(self.softness_net.weight)
+            nn.init.constant_(self.softness_net.bias, SOFTNESS_START)
 
     def inv_s(self) -> torch.Tensor:
         """0-d tensor: the sharpness of the logistic density (per normalised unit)."""
         return torch.exp(self.variance * 10.0).clamp(1e-3, 1e6)
+
+    def softness(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(N, G) geometry features -> (N,) softness b in [0, ln SOFTEST] (local sharpness
+        ``inv_s * exp(-b)``), or None without ``local_sharpness``."""
+        if self.softness_net is None:
+            return None
+        return math.log(SOFTEST) * torch.sigmoid(self.softness_net(features)[:, 0])
+
+    def reach(self, features: torch.Tensor | None = None) -> torch.Tensor | float:
+        """How far from the surface NeuS's density stays above ~2 % of its peak: 4 / sharpness
+        (normalised units); (N,) where the sharpness varies in space and ``features`` are given."""
+        soft = None if features is None else self.softness(features)
+        if soft is None:
+            return 4.0 / float(self.inv_s())
+        return 4.0 * torch.exp(soft) / self.inv_s().detach()
 
     def inside(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return -self.value(x, t)
@@ -228,15 +267,21 @@ class SdfField(SurfaceField):
     def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
         return F.normalize(grad, dim=-1, eps=1e-12)
 
-    def optical_depth(self, value, grad, dirs, delta):
-        return neus_optical_depth(value, (dirs * grad).sum(-1), delta, self.inv_s(), self.cos_anneal)
+    def optical_depth(self, value, grad, dirs, delta, features=None):
+        """See :meth:`SurfaceField.optical_depth`; ``features`` (N, G) give the local sharpness."""
+        soft = None if features is None else self.softness(features)
+        inv_s = self.inv_s() if soft is None else self.inv_s() * torch.exp(-soft)
+        return neus_optical_depth(value, (dirs * grad).sum(-1), delta, inv_s, self.cos_anneal)
 
-    def deep_inside(self, value, delta):
-        # Crossing from outside to sdf = -4 / inv_s makes a ray at least 98% opaque.
-        margin = max(4.0 / float(self.inv_s()), 2.0 * delta)
+    def deep_inside(self, value, delta, features=None):
+        # Crossing from outside to sdf = -4 / sharpness makes a ray at least 98% opaque.
+        reach = self.reach(features)
+        margin = torch.clamp(reach, min=2.0 * delta) if torch.is_tensor(reach) else max(reach, 2.0 * delta)
         return value < -margin
 
     def param_groups(self):
         groups = super().param_groups()
         groups["extra"] = [self.variance]
+        if self.softness_net is not None:
+            groups["mlp"] = [*groups["mlp"], *self.softness_net.parameters()]
         return groups

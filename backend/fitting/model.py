@@ -234,8 +234,11 @@ class FittedField:
         def sample_fn(x, d, t=None):
             v, feat, grad, lap = field.geometry_with_derivatives(x, field.fd_step, t)
             n = field.outward_normals(grad)
-            out = {"tau": field.optical_depth(v, grad, d, step), "rgb": field.radiance(feat, n, d),
+            out = {"tau": field.optical_depth(v, grad, d, step, feat), "rgb": field.radiance(feat, n, d),
                    "grad": grad, "laplacian": lap}
+            soft = field.softness(feat)
+            if soft is not None:        # the SDF's local sharpness, for its regulariser (surface_trainer.py)
+                out["softness"] = soft
             if normals:
                 out["normal"] = n
             if albedo:
@@ -244,9 +247,13 @@ class FittedField:
                 out["roughness"] = field.roughness(feat, x)
             return out
 
+        def stop_fn(x, t=None):
+            value, features = field.geometry(x, t)
+            return field.deep_inside(value, step, features)
+
         o = self.to_normalised(origins)
         out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box, step, self.max_steps, jitter,
-                             stop_fn=lambda x, t=None: field.deep_inside(field.value(x, t), step), times=times)
+                             stop_fn=stop_fn, times=times)
         if background:
             self.composite_background(o, dirs, out, jitter)
         out.depth = out.depth * self.scale
@@ -282,12 +289,16 @@ class FittedField:
             return
         field = self.field
         band = SURFACE_BAND_CELLS * 2.0 * math.sqrt(3.0) / self.occupancy.resolution
-        if isinstance(field, SdfField):     # where NeuS's density is above ~2% of its peak
-            band = max(band, 4.0 / float(field.inv_s()))
         occupied = SURFACE_OCCUPIED_FACTOR * -math.log1p(-self.occupancy.threshold) / self.step_size
 
+        def near(x, t):         # inside, or within the band; for the SDF also where NeuS's density is above
+            value, features = field.geometry(x, t)          # ~2% of its peak
+            reach = field.reach(features) if isinstance(field, SdfField) else 0.0
+            limit = torch.clamp(reach, min=band) if torch.is_tensor(reach) else max(band, reach)
+            return (value < limit).float() * occupied
+
         def pseudo_density(x):
-            return self._over_time(lambda t: (field.value(x, t) < band).float() * occupied, x.shape[0])
+            return self._over_time(lambda t: near(x, t), x.shape[0])
 
         self.occupancy.update(pseudo_density, self.step_size, fraction=fraction)
 

@@ -13,6 +13,8 @@ Losses (weights in :class:`SurfaceTrainConfig`):
   the SDF; for occupancy fields it keeps the logit proportional to the distance, so the
   occupancy's transition keeps the width its annealed ``logit_scale`` sets);
 * curvature: mean ``|laplacian v|`` on the samples (finite differences, Neuralangelo);
+* sharpness (SDF with ``local_sharpness``, fields/sdf.py): the samples' softness, weighted by their
+  compositing weights (held fixed): the density softens only where the colour loss pays for it;
 * passes (shared/protocol.py, PASS_DTYPES), where the data has them: albedo head vs "albedo", rendered normals vs
   "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units), roughness head vs
   "roughness" (MSE, premultiplied like the albedo, on the pixels that have a value).
@@ -52,6 +54,7 @@ class SurfaceTrainConfig(TrainConfig):
     eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
     eikonal_points: int = 1024      # random points in the box per step for the eikonal term
     curvature_weight: float = 5e-4  # mean |laplacian| (finite differences) on the samples
+    sharpness_weight: float = 1e-3  # sdf with local_sharpness: weighted mean softness of the visible samples
     mask_weight: float = 0.1        # BCE of opacity against alpha, where the images have masks; -1: auto
     #                                 (MASK_WEIGHT_WITH_PASSES with Blender's passes, else 0)
     albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
@@ -67,7 +70,7 @@ class SurfaceTrainConfig(TrainConfig):
             raise ValueError(f"mask_weight must not be negative (or -1: auto), got {self.mask_weight}")
         for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
                      "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
-                     "variance_lr"):
+                     "variance_lr", "sharpness_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -181,6 +184,9 @@ class SurfaceTrainer(TrainerBase):
             loss = loss + cfg.eikonal_weight * ((g.norm(dim=-1) - 1.0) ** 2).mean()
         if cfg.curvature_weight > 0 and out.samples:
             loss = loss + cfg.curvature_weight * out.extras["laplacian"].abs().mean()
+        if cfg.sharpness_weight > 0 and "softness" in out.extras:
+            w = out.extras["weights"].detach()
+            loss = loss + cfg.sharpness_weight * (w * out.extras["softness"]).sum() / w.sum().clamp(min=1e-6)
         return loss
 
     def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:

@@ -24,3 +24,22 @@ def test_lego_benchmark_runs_small(tmp_path):
     # the quality of a 2 s fit depends on the machine's load: only that it was scored (test_fit.py bounds it)
     assert 5.0 < row["psnr"] < 100.0 and row["train_s"] >= 2.0, row
     assert "2 " in proc.stdout.splitlines()[-1] and f"{row['psnr']:.2f}" in proc.stdout
+
+
+def test_the_error_is_split_between_edge_pixels_and_the_rest():
+    """lego.py's error_regions (--save-renders): on a white image with a black square, the edge pixels
+    are the two-pixel ring along the square's outline; an error only there is all the edges' share."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import lego
+    import numpy as np
+
+    truth = np.ones((12, 12, 3))
+    truth[4:8, 4:8] = 0.0
+    edges = lego.edge_mask(truth)
+    ring = np.zeros((12, 12), bool)
+    ring[3:9, 3:9] = True
+    ring[5:7, 5:7] = False
+    assert np.array_equal(edges, ring)
+    regions = lego.error_regions(sq_edges=0.32, sq_rest=0.0, n_edges=32, n_rest=112)
+    assert regions == {"edge_pixels": round(32 / 144, 4), "edge_error_share": 1.0, "psnr_edges": 20.0,
+                       "psnr_rest": 120.0}

@@ -127,6 +127,45 @@ def test_the_reflected_direction_input_starts_silent_and_learns_a_highlight():
     assert errors[1] < 0.6 * errors[0], errors
 
 
+def test_local_sharpness_starts_at_the_global_one_and_stays_in_its_bounds():
+    """Setting local_sharpness (fields/sdf.py): each point's NeuS sharpness is inv_s * exp(-softness).
+    At the start the softness is ln(16) * sigmoid(-4) = 0.05 everywhere (the global sharpness within
+    5 %), the warm-start file is the same, and however far its head is pushed the softness stays in
+    [0, ln 16]; a soft point's density reaches further, so the march stops later behind it."""
+    from fit_implicit.backend.fields import warm_start
+    from fit_implicit.backend.fields.hashgrid import HashGridConfig
+    from fit_implicit.backend.fields.sdf import SOFTEST, SdfField, SurfaceFieldConfig
+
+    def build(local):
+        torch.manual_seed(0)
+        return SdfField(SurfaceFieldConfig(grid=HashGridConfig(levels=4, log2_table=12, max_res=64),
+                                           local_sharpness=local))
+
+    plain, local = build(False), build(True)
+    assert warm_start.file_name(warm_start.signature(plain)) == warm_start.file_name(warm_start.signature(local))
+    assert any(p is local.softness_net.bias for p in local.param_groups()["mlp"])
+    x = torch.rand(256, 3) * 2 - 1
+    value, features = local.geometry(x)
+    assert plain.softness(features) is None
+    soft = local.softness(features)
+    assert torch.allclose(soft, torch.full_like(soft, math.log(SOFTEST) * torch.sigmoid(torch.tensor(-4.0))))
+    grad, dirs = torch.tensor([[0.0, 0.0, 1.0]]).expand(256, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(256, 3)
+    sdf = torch.linspace(-0.02, 0.02, 256)
+    expected = neus_optical_depth(sdf, -torch.ones(256), 0.004, local.inv_s() * torch.exp(-soft))
+    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, features), expected)
+    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, features),
+                          plain.optical_depth(sdf, grad, dirs, 0.004), rtol=0.06, atol=1e-6)
+    with torch.no_grad():
+        for bias, bound in ((100.0, math.log(SOFTEST)), (-100.0, 0.0)):
+            local.softness_net.bias.fill_(bias)
+            assert torch.allclose(local.softness(features), torch.full((256,), bound), atol=1e-5)
+        # fully soft: a point 5/inv_s inside is deep for the global sharpness, not for the local one
+        depth = torch.full((256,), -5.0 / float(local.inv_s()))
+        local.softness_net.bias.fill_(100.0)
+        assert plain.deep_inside(depth, 1e-4).all() and not local.deep_inside(depth, 1e-4, features).any()
+        assert torch.allclose(local.reach(features), torch.full((256,), 4.0 * SOFTEST / float(local.inv_s())))
+
+
 @pytest.fixture(scope="module")
 def torus_model():
     data = shape_scene(torus_sdf, count=16, size=40)
