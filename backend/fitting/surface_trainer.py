@@ -48,7 +48,8 @@ class SurfaceTrainConfig(TrainConfig):
 
     variance_lr: float = 1e-3       # sdf: Adam learning rate of the NeuS variance
     start_levels: int = 4           # hash levels active at the start (coarse to fine)
-    level_every: int = 0            # steps between activating one more level; 0 = all by mid-fit
+    level_every: int = 0            # steps between activating one more level; 0 = all by level_share of the fit
+    level_share: float = 0.5        # share of the fit by which every level is active (level_every 0)
     cos_anneal_steps: int = 0       # sdf: steps over which NeuS's slope anneals; 0 = cos_anneal_share of the fit
     cos_anneal_share: float = 0.1   # sdf: share of the fit over which the slope anneals (cos_anneal_steps 0)
     eikonal_weight: float = 0.1     # sdf: (|grad f| - 1)^2 on samples and random points
@@ -64,6 +65,8 @@ class SurfaceTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0.0 < self.level_share <= 1.0:
+            raise ValueError(f"level_share must be in (0, 1], got {self.level_share}")
         if not 0.0 < self.cos_anneal_share <= 1.0:
             raise ValueError(f"cos_anneal_share must be in (0, 1], got {self.cos_anneal_share}")
         if not (self.mask_weight >= 0 or self.mask_weight == -1):
@@ -128,10 +131,10 @@ class SurfaceTrainer(TrainerBase):
             if i not in keep:
                 group["lr"] = lr * factors[i]
         # Schedules in steps where set, else in fractions of the fit (which may be timed): every
-        # level active by mid-fit, NeuS's slope annealed over cos_anneal_share of the fit.
+        # level active by level_share of the fit, NeuS's slope annealed over cos_anneal_share of it.
         all_levels = cfg.field.all_levels
         new_levels = max(all_levels - tc.start_levels, 0)
-        added = step // tc.level_every if tc.level_every else int(new_levels * min(2.0 * fraction, 1.0))
+        added = step // tc.level_every if tc.level_every else int(new_levels * min(fraction / tc.level_share, 1.0))
         levels = min(all_levels, tc.start_levels + added)
         if levels != field.active_levels:
             field.set_active_levels(levels)
