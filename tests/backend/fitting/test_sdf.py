@@ -271,6 +271,23 @@ def test_supervision_passes_reach_the_losses():
         assert torch.isfinite(loss) and samples > 0
 
 
+def test_every_hash_level_is_active_by_level_share_of_the_fit():
+    """Coarse to fine (start_levels, then one level at a time): by default every level is in by
+    mid-fit, with level_share=0.25 by a quarter of it; out-of-range shares are refused by name."""
+    from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
+
+    data = shape_scene(sphere_sdf, count=4, size=16)
+    for share, expected in ((0.5, {0.0: 4, 0.125: 6, 0.25: 8, 0.5: 8}), (0.25, {0.0: 4, 0.125: 8, 0.25: 8})):
+        cfg = make_config("sdf", "draft", device="cpu", preview_size=0, level_every=0, level_share=share)
+        trainer = SurfaceTrainer(data, cfg)
+        assert cfg.field.all_levels == 8 and cfg.train.start_levels == 4
+        for fraction, levels in expected.items():
+            trainer.update_step(int(fraction * cfg.steps), fraction)
+            assert trainer.model.field.active_levels == levels, (share, fraction)
+    with pytest.raises(ValueError, match="level_share"):
+        make_config("sdf", "draft", device="cpu", level_share=0.0)
+
+
 @pytest.mark.slow   # a CPU fit of ~15 s
 def test_a_roughness_pass_gives_a_roughness_texture_on_the_right_faces():
     """A sphere glossy on top (roughness 0.2) and matte below (0.8), with a roughness pass (-1
