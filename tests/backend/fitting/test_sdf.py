@@ -277,7 +277,7 @@ def test_every_hash_level_is_active_by_level_share_of_the_fit():
     from fit_implicit.backend.fitting.surface_trainer import SurfaceTrainer
 
     data = shape_scene(sphere_sdf, count=4, size=16)
-    for share, expected in ((0.5, {0.0: 4, 0.125: 6, 0.25: 8, 0.5: 8}), (0.25, {0.0: 4, 0.125: 8, 0.25: 8})):
+    for share, expected in ((0.5, {0.0: 4, 0.125: 5, 0.25: 6, 0.5: 8}), (0.25, {0.0: 4, 0.125: 6, 0.25: 8})):
         cfg = make_config("sdf", "draft", device="cpu", preview_size=0, level_every=0, level_share=share)
         trainer = SurfaceTrainer(data, cfg)
         assert cfg.field.all_levels == 8 and cfg.train.start_levels == 4
