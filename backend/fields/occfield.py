@@ -53,10 +53,10 @@ class OccField(SurfaceField):
         # the raw value grows outwards (the logit falls)
         return F.normalize(grad, dim=-1, eps=1e-12)
 
-    def optical_depth(self, value, grad, dirs, delta, features=None):
+    def optical_depth(self, value, grad, dirs, delta, softness=None):
         return occupancy_optical_depth(-self.logit_scale * value)
 
-    def deep_inside(self, value, delta, features=None):
+    def deep_inside(self, value, delta, softness=None):
         # p > 0.9975: that one sample makes the ray opaque
         return -self.logit_scale * value > 6.0
 

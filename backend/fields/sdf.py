@@ -192,12 +192,12 @@ class SurfaceField(nn.Module):
         raise NotImplementedError
 
     def optical_depth(self, value: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, delta: float,
-                      features: torch.Tensor | None = None) -> torch.Tensor:
-        """Optical depth tau (N,) of one sample's segment (opacity 1 - exp(-tau)); ``features``
-        (N, G), where given, may shape it (the SDF's local sharpness)."""
+                      softness: torch.Tensor | None = None) -> torch.Tensor:
+        """Optical depth tau (N,) of one sample's segment (opacity 1 - exp(-tau)); ``softness`` (N,)
+        from :meth:`softness`, where the field has one (the SDF's local sharpness)."""
         raise NotImplementedError
 
-    def deep_inside(self, value: torch.Tensor, delta: float, features: torch.Tensor | None = None) -> torch.Tensor:
+    def deep_inside(self, value: torch.Tensor, delta: float, softness: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) bool: a ray that reaches this sample is already opaque (later samples are useless)."""
         raise NotImplementedError
 
@@ -253,13 +253,12 @@ class SdfField(SurfaceField):
             return None
         return math.log(SOFTEST) * torch.sigmoid(self.softness_net(features)[:, 0])
 
-    def reach(self, features: torch.Tensor | None = None) -> torch.Tensor | float:
+    def reach(self, softness: torch.Tensor | None = None) -> torch.Tensor | float:
         """How far from the surface NeuS's density stays above ~2 % of its peak: 4 / sharpness
-        (normalised units); (N,) where the sharpness varies in space and ``features`` are given."""
-        soft = None if features is None else self.softness(features)
-        if soft is None:
+        (normalised units); (N,) where the sharpness varies in space (``softness`` from :meth:`softness`)."""
+        if softness is None:
             return 4.0 / float(self.inv_s())
-        return 4.0 * torch.exp(soft) / self.inv_s().detach()
+        return 4.0 * torch.exp(softness) / self.inv_s().detach()
 
     def inside(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return -self.value(x, t)
@@ -267,15 +266,13 @@ class SdfField(SurfaceField):
     def outward_normals(self, grad: torch.Tensor) -> torch.Tensor:
         return F.normalize(grad, dim=-1, eps=1e-12)
 
-    def optical_depth(self, value, grad, dirs, delta, features=None):
-        """See :meth:`SurfaceField.optical_depth`; ``features`` (N, G) give the local sharpness."""
-        soft = None if features is None else self.softness(features)
-        inv_s = self.inv_s() if soft is None else self.inv_s() * torch.exp(-soft)
+    def optical_depth(self, value, grad, dirs, delta, softness=None):
+        inv_s = self.inv_s() if softness is None else self.inv_s() * torch.exp(-softness)
         return neus_optical_depth(value, (dirs * grad).sum(-1), delta, inv_s, self.cos_anneal)
 
-    def deep_inside(self, value, delta, features=None):
+    def deep_inside(self, value, delta, softness=None):
         # Crossing from outside to sdf = -4 / sharpness makes a ray at least 98% opaque.
-        reach = self.reach(features)
+        reach = self.reach(softness)
         margin = torch.clamp(reach, min=2.0 * delta) if torch.is_tensor(reach) else max(reach, 2.0 * delta)
         return value < -margin
 

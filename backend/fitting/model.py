@@ -234,10 +234,10 @@ class FittedField:
         def sample_fn(x, d, t=None):
             v, feat, grad, lap = field.geometry_with_derivatives(x, field.fd_step, t)
             n = field.outward_normals(grad)
-            out = {"tau": field.optical_depth(v, grad, d, step, feat), "rgb": field.radiance(feat, n, d),
+            soft = field.softness(feat)         # the SDF's local sharpness, or None
+            out = {"tau": field.optical_depth(v, grad, d, step, soft), "rgb": field.radiance(feat, n, d),
                    "grad": grad, "laplacian": lap}
-            soft = field.softness(feat)
-            if soft is not None:        # the SDF's local sharpness, for its regulariser (surface_trainer.py)
+            if soft is not None:        # for its regulariser (surface_trainer.py)
                 out["softness"] = soft
             if normals:
                 out["normal"] = n
@@ -249,7 +249,7 @@ class FittedField:
 
         def stop_fn(x, t=None):
             value, features = field.geometry(x, t)
-            return field.deep_inside(value, step, features)
+            return field.deep_inside(value, step, field.softness(features))
 
         o = self.to_normalised(origins)
         out = render_surface(sample_fn, self.occupancy.occupied, o, dirs, self.box, step, self.max_steps, jitter,
@@ -293,7 +293,7 @@ class FittedField:
 
         def near(x, t):         # inside, or within the band; for the SDF also where NeuS's density is above
             value, features = field.geometry(x, t)          # ~2% of its peak
-            reach = field.reach(features) if isinstance(field, SdfField) else 0.0
+            reach = field.reach(field.softness(features)) if isinstance(field, SdfField) else 0.0
             limit = torch.clamp(reach, min=band) if torch.is_tensor(reach) else max(band, reach)
             return (value < limit).float() * occupied
 

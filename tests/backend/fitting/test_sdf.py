@@ -152,8 +152,8 @@ def test_local_sharpness_starts_at_the_global_one_and_stays_in_its_bounds():
     grad, dirs = torch.tensor([[0.0, 0.0, 1.0]]).expand(256, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(256, 3)
     sdf = torch.linspace(-0.02, 0.02, 256)
     expected = neus_optical_depth(sdf, -torch.ones(256), 0.004, local.inv_s() * torch.exp(-soft))
-    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, features), expected)
-    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, features),
+    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, local.softness(features)), expected)
+    assert torch.allclose(local.optical_depth(sdf, grad, dirs, 0.004, local.softness(features)),
                           plain.optical_depth(sdf, grad, dirs, 0.004), rtol=0.06, atol=1e-6)
     with torch.no_grad():
         for bias, bound in ((100.0, math.log(SOFTEST)), (-100.0, 0.0)):
@@ -162,8 +162,8 @@ def test_local_sharpness_starts_at_the_global_one_and_stays_in_its_bounds():
         # fully soft: a point 5/inv_s inside is deep for the global sharpness, not for the local one
         depth = torch.full((256,), -5.0 / float(local.inv_s()))
         local.softness_net.bias.fill_(100.0)
-        assert plain.deep_inside(depth, 1e-4).all() and not local.deep_inside(depth, 1e-4, features).any()
-        assert torch.allclose(local.reach(features), torch.full((256,), 4.0 * SOFTEST / float(local.inv_s())))
+        assert plain.deep_inside(depth, 1e-4).all() and not local.deep_inside(depth, 1e-4, local.softness(features)).any()
+        assert torch.allclose(local.reach(local.softness(features)), torch.full((256,), 4.0 * SOFTEST / float(local.inv_s())))
 
 
 @pytest.fixture(scope="module")
