@@ -94,7 +94,11 @@ class GraphTrainer(Trainer):
         with)."""
         field = self.model.field
         if self.faded and field.level_weights is not None:
-            return                      # every level in, and so in the tensor: nothing to copy
+            # every level in, and so in the tensor: nothing to copy; but the fade's clock runs on
+            # (its end starts the corrections' rate decay: LevelFade.decay_start; weights are all
+            # ones from (levels - 1) / levels of the fade on, before it ends)
+            self.fade.advance(step, fraction, self.cameras)
+            return
         weights = self.level_fade(step, fraction)
         if weights is None:
             return
