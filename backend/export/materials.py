@@ -8,7 +8,10 @@ fixed and the photos are explained by physically based shading instead:
 
 * **light**: an environment of ``light_rows`` x 2 ``light_rows`` equirectangular bins with
   Blender's World mapping (export/environment.py: azimuth ``atan2(y, x) = pi - 2 pi u``, the top
-  row looking up +Z), one RGB radiance each (HDR, positive);
+  row looking up +Z), one RGB radiance each (HDR, positive), and a **sun** (``material_sun``): a
+  small directional light gathered from the strongest bins once the light alone has been fitted,
+  its direction then searched where its shadows fit the photos best (a sun between bins spreads
+  over several, and each casts its shadow from its own centre);
 * **visibility**: for every surface sample and every bin, whether the mesh itself blocks the way
   (one orthographic shadow map a bin, rendered once: the geometry does not move), so a shadow is
   explained by the light being blocked, not painted into the base colour;
@@ -17,6 +20,8 @@ fixed and the photos are explained by physically based shading instead:
   lighting as a small area light of its solid angle; the lobe is widened by the bin's angular
   size so that a bin-sized light still gives a highlight (the light's resolution limits how sharp
   a reflection can be: rough materials are what it recovers);
+* **materials**: texels of the textures themselves (:class:`Texels`), or with ``material_field``
+  a hash-grid field over the surface read at each texel (:class:`MaterialField`);
 * **loss**: squared error in sRGB between the shaded mesh and the photo at every pixel whose mask
   is whole, on random batches of (view, pixel) samples; regularisers: total variation of the base
   colour (a shading gradient costs, an edge of the material much less), a light near white (each
@@ -51,6 +56,29 @@ PADDING = 4              # texels the textures grow past their charts
 LIGHT_FIRST = 0.25
 UNASKED = 1e-3          # a bin lighting less than this share of the most-lighting bin's samples is not estimated
 LIGHT_LR_SCALE = 5.0     # the light's learning rate over the texels' (log radiance: one bin may need x100)
+ROUGHNESS_START, METALLIC_START = 0.6, 0.02
+# MaterialField: a hash grid over the mesh's box (cube, this share wider on each side), its finest
+# level as fine as the textures' side; the MLP's width; its learning rate over the texels'; the
+# smoothness's reach (the random offset's spread, a share of the box's side)
+BOX_MARGIN = 0.01
+FIELD_LEVELS, FIELD_LOG2_TABLE, FIELD_WIDTH = 16, 19, 64
+FIELD_LR_SCALE = 0.5
+SMOOTH_REACH = 0.005
+# The sun (MaterialConfig.material_sun): a directional light beside the bins.  Drawn into the
+# written environment as a disc of SUN_ANGLE across (its solid angle is what the shading gives it).
+# Its direction is searched, not followed down the gradient: what places a sun is where its
+# shadows fall, and a shadow map has no gradient (the shading's gradient alone moved it towards
+# the zenith, where it lights a ground more evenly: 27-43 degrees off on the still life).  Every
+# SUN_REFRESH steps the direction and four neighbours a step away are compared on SUN_SEARCH
+# samples, each with its own shadow map; the step halves when the direction stays.  The written
+# environment's rows (the bins upsampled, the sun drawn in): ENVIRONMENT_ROWS.
+SUN_ANGLE = math.radians(5.0)
+SUN_SOLID = 2.0 * math.pi * (1.0 - math.cos(SUN_ANGLE / 2))
+SUN_REFRESH = 25
+SUN_GATHER = 2.0       # the sun's seed gathers the bins within this many bin sizes of the strongest
+SUN_SEARCH = 1 << 14   # samples (a fixed random subset) on which candidate sun directions are compared
+SUN_FINEST = math.radians(0.5)   # the direction search's smallest step
+ENVIRONMENT_ROWS = 64
 
 
 @dataclass
@@ -66,7 +94,14 @@ class MaterialConfig:
     # the light 13 -> 7 degrees off; 4x the bins' time (54 -> 227 s there; 14 s at 8 rows on an H100
     # for the still life, docs/benchmarks.md "Materials from photos alone")
     light_rows: int = 16
-    material_smoothness: float = 0.1    # weight of the base colour's total variation
+    # the materials as a field over the surface (MaterialField), else texels (Texels).  Off: it explains
+    # the still life's photos 1.4-1.5 dB better but puts more light into the base colour (docs/benchmarks.md
+    # "A sun of its own")
+    material_field: bool = False
+    # a sun beside the bins (module doc; SUN_*): the test scene's sun between bins at 8 rows: shadowed /
+    # lit plane 0.63 -> 0.91, the light 13.3 -> 0.7 degrees off
+    material_sun: bool = True
+    material_smoothness: float = 0.1    # weight of the base colour's smoothness (Texels: total variation)
     light_white: float = 0.01           # weight of the light's chroma (a white-ish light)
     shadow_size: int = 256              # pixels a side of each bin's shadow map
 
@@ -88,14 +123,18 @@ class MaterialConfig:
 @dataclass
 class Materials:
     """What the estimate gives: (S, S, 3) uint8 sRGB base colour, (S, S, 1) uint8 roughness and
-    metallic (Non-Color), top row first; ``environment`` (rows, 2 rows, 3) float32 linear radiance
-    (Blender's World mapping, top row first); ``facts``: loss, the light's dominant direction, timings."""
+    metallic (Non-Color), top row first; ``environment`` (H, 2 H, 3) float32 linear radiance
+    (Blender's World mapping, top row first: the bins, and the sun drawn in); ``bins`` (rows, 2 rows,
+    3) the bins alone and ``sun`` (direction (3,), radiance (3,) over SUN_SOLID) or None, as the
+    estimate shades with them; ``facts``: loss, the light's dominant direction, timings."""
 
     albedo: np.ndarray
     roughness: np.ndarray
     metallic: np.ndarray
     environment: np.ndarray
     facts: dict = field(default_factory=dict)
+    bins: np.ndarray | None = None
+    sun: dict | None = None
 
     def on(self, baked):
         """The bake's textures (export/texture.py BakedTextures) with this base colour, roughness and metallic."""
@@ -208,6 +247,62 @@ def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch
     return out
 
 
+def _lit_samples(mesh: UVMesh, albedo_init: np.ndarray, data, rows: int, shadow_size: int, device: torch.device):
+    """The photos' surface samples (:func:`surface_samples`), how open each is towards each light
+    bin (N, K) and the radiance arriving where the way is blocked (N, K, 3) float16, with the bins'
+    directions and solid angles."""
+    samples = surface_samples(mesh, data, device)
+    verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
+    faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
+    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
+    dirs, solid = light_bins(rows, device)
+    vis, blocker = visibility(verts, faces, uvs, samples["x"], samples["n"], dirs, shadow_size)
+    # Light that bounces: where the mesh blocks a bin, what arrives is that surface's radiance as
+    # photographed, which the bake holds (one bounce, fixed: the bake does not change).
+    linear0 = to_linear(torch.as_tensor(albedo_init, device=device).float() / 255.0)
+    bounced = torch.zeros(vis.shape + (3,), dtype=torch.float16, device=device)
+    for lo in range(0, len(vis), 1 << 14):
+        part = blocker[lo:lo + (1 << 14)]
+        bounced[lo:lo + len(part)] = sample_texture(linear0, part.reshape(-1, 2)).reshape(part.shape[:2] + (3,)).half()
+    return samples, vis, bounced, dirs, solid
+
+
+def _widen(solid: torch.Tensor) -> float:
+    """The squared GGX width a bin's angular size adds: (half the bin's angular radius)^2."""
+    return (0.5 * math.sqrt(float(solid.max()) / math.pi)) ** 2
+
+
+@torch.no_grad()
+def reshade(mesh: UVMesh, albedo_init: np.ndarray, got: "Materials", data, device: torch.device,
+            shadow_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The estimate drawn again: every whole-mask pixel of ``data``'s views that the mesh covers,
+    shaded with ``got``'s textures under its light (as :func:`estimate_materials` shades), and the
+    photos' colours there: (P, 3) sRGB each.  How well the estimate explains photos (the training
+    ones, or held-out ones under the same light)."""
+    bins = got.bins if got.bins is not None else got.environment
+    samples, vis, bounced, dirs, solid = _lit_samples(mesh, albedo_init, data, bins.shape[0], shadow_size, device)
+    maps = [torch.as_tensor(t, device=device).float() / 255.0 for t in (got.albedo, got.roughness, got.metallic)]
+    light = torch.as_tensor(bins, device=device).reshape(-1, 3)
+    sun = None
+    if got.sun is not None:
+        sun = [torch.as_tensor(got.sun[k], dtype=torch.float32, device=device) for k in ("direction", "radiance")]
+        verts, faces, uvs = (torch.as_tensor(np.asarray(a), device=device) for a in (mesh.vertices, mesh.faces, mesh.uvs))
+        sun.append(visibility(verts.float(), faces.long(), uvs.float(), samples["x"], samples["n"], sun[0][None],
+                              shadow_size)[0][:, 0])
+    pred = torch.empty_like(samples["rgb"])
+    for lo in range(0, len(pred), BATCH):
+        sl = slice(lo, lo + BATCH)
+        uv = samples["uv"][sl]
+        albedo = to_linear(sample_texture(maps[0], uv))
+        open_ = vis[sl][..., None]
+        lit = (dirs, solid, open_ * light[None] + (1.0 - open_) * bounced[sl].float())
+        if sun is not None:
+            lit = _add_sun(*lit, sun[0], sun[1], sun[2][sl])
+        pred[sl] = to_srgb(shade(albedo, sample_texture(maps[1], uv), sample_texture(maps[2], uv), lit[2], lit[0], lit[1],
+                                 samples["n"][sl], samples["v"][sl], _widen(solid)))
+    return pred, samples["rgb"]
+
+
 def to_srgb(x: torch.Tensor) -> torch.Tensor:
     """Linear in [0, 1] -> sRGB-encoded (differentiable; shared/color.py's transfer function)."""
     x = x.clamp(0.0, 1.0)
@@ -250,6 +345,169 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
+class Texels:
+    """The materials as texels of the textures themselves (base colour, roughness and metallic
+    logits), smoothed by the base colour's total variation between neighbouring covered texels."""
+
+    def __init__(self, size: int, covered: torch.Tensor, flat: torch.Tensor):
+        dev = covered.device
+        self.albedo = _logit(flat.clamp(0.03, 0.97)).expand(size, size, 3).clone().requires_grad_(True)
+        self.rough = torch.full((size, size, 1), _logit(torch.tensor(ROUGHNESS_START)).item(), device=dev,
+                                requires_grad=True)
+        self.metal = torch.full((size, size, 1), _logit(torch.tensor(METALLIC_START)).item(), device=dev,
+                                requires_grad=True)
+        self.pairs_x = covered[:, 1:] & covered[:, :-1]
+        self.pairs_y = covered[1:] & covered[:-1]
+        self.lr_scale = 1.0
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.albedo, self.rough, self.metal]
+
+    def at(self, x: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Base colour (B, 3) linear, roughness (B, 1), metallic (B, 1) at samples (surface points, texture coordinates)."""
+        return (sample_texture(torch.sigmoid(self.albedo), uv), sample_texture(torch.sigmoid(self.rough), uv),
+                sample_texture(torch.sigmoid(self.metal), uv))
+
+    def smoothness(self, x: torch.Tensor, albedo: torch.Tensor) -> torch.Tensor:
+        tex = torch.sigmoid(self.albedo)
+        return ((tex[:, 1:] - tex[:, :-1]).abs().sum(-1)[self.pairs_x].mean()
+                + (tex[1:] - tex[:-1]).abs().sum(-1)[self.pairs_y].mean())
+
+    def metallic_mean(self, metal: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.metal).mean()
+
+    @torch.no_grad()
+    def textures(self, mesh: UVMesh, size: int) -> list[torch.Tensor]:
+        """Base colour (linear), roughness and metallic (S, S, C) in [0, 1], undilated."""
+        return [torch.sigmoid(t) for t in (self.albedo, self.rough, self.metal)]
+
+
+class MaterialField(torch.nn.Module):
+    """The materials as a function of the surface point (nvdiffrec's choice): a hash grid
+    (fields/hashgrid.py) over the mesh's box and a small MLP giving base colour, roughness and
+    metallic.  Every sample trains the grid cells around it and the MLP that all share, so a
+    texture far larger than the photos' samples still gets a value at every texel (a texel no
+    sample lands on takes its neighbourhood's), and the textures are the field read at each
+    texel's point.  Smoothed as nvdiffrec smooths its base colour: the difference between the
+    field at a point and at a random point near it."""
+
+    def __init__(self, vertices: torch.Tensor, flat: torch.Tensor, finest: int, generator: torch.Generator | None = None):
+        super().__init__()
+        from fit_implicit.backend.fields.hashgrid import HashGrid
+        from fit_implicit.backend.fields.layers import mlp
+
+        lo, hi = vertices.amin(0), vertices.amax(0)
+        side = float((hi - lo).max()) * (1.0 + 2 * BOX_MARGIN) + 1e-6
+        self.register_buffer("lo", (lo + hi) / 2 - side / 2)
+        self.side = side
+        self.grid = HashGrid(levels=FIELD_LEVELS, features=2, log2_table=FIELD_LOG2_TABLE, base_res=16,
+                             max_res=max(int(finest), 32))
+        with torch.no_grad():
+            self.grid.table.uniform_(-1e-4, 1e-4, generator=generator)
+        self.head = mlp([self.grid.out_dim, FIELD_WIDTH, FIELD_WIDTH, 5])
+        last = self.head[-1]
+        torch.nn.init.zeros_(last.weight)         # starts flat: the bake's mean base colour everywhere
+        with torch.no_grad():
+            last.bias.copy_(torch.cat([_logit(flat.clamp(0.03, 0.97)).cpu(),
+                                       _logit(torch.tensor([ROUGHNESS_START, METALLIC_START]))]))
+        self.to(vertices.device)
+        self.lr_scale = FIELD_LR_SCALE
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        unit = ((x - self.lo) / self.side).clamp(0.0, 1.0)
+        out = torch.sigmoid(self.head(self.grid(unit)))
+        return out[:, :3], out[:, 3:4], out[:, 4:5]
+
+    def at(self, x: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self(x)
+
+    def smoothness(self, x: torch.Tensor, albedo: torch.Tensor) -> torch.Tensor:
+        near = x + torch.randn_like(x) * (SMOOTH_REACH * self.side)
+        return (self(near)[0] - albedo).abs().sum(-1).mean()
+
+    def metallic_mean(self, metal: torch.Tensor) -> torch.Tensor:
+        return metal.mean()
+
+    @torch.no_grad()
+    def textures(self, mesh: UVMesh, size: int) -> list[torch.Tensor]:
+        dev = self.lo.device
+        face, bary = rasterize_uv(mesh.uvs, mesh.faces, size, dev)
+        covered = face >= 0
+        tri = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=dev)[face[covered]]
+        verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=dev)
+        points = (verts[tri] * bary[covered][..., None]).sum(1)
+        out = [torch.zeros(size, size, c, device=dev) for c in (3, 1, 1)]
+        parts = [torch.cat(p) for p in zip(*(self(points[i:i + (1 << 18)]) for i in range(0, len(points), 1 << 18)))]
+        for image, values in zip(out, parts):
+            image[covered] = values
+        return out
+
+
+def _seed_sun(light_log: torch.Tensor, dirs: torch.Tensor, solid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sun's start, gathered from the bins: a sun between bins spreads over the strongest one
+    and its neighbours.  The bins within SUN_GATHER bin sizes of the strongest give the sun what they
+    hold above the median bin (their power-weighted direction, their summed excess as its log
+    radiance over SUN_SOLID) and drop to the median (in place)."""
+    with torch.no_grad():
+        light = light_log.exp()
+        power = light.mean(-1) * solid
+        k = int(power.argmax())
+        rows = int(round(math.sqrt(len(dirs) / 2)))
+        near = dirs @ dirs[k] >= math.cos(SUN_GATHER * math.pi / rows)
+        floor = light.median(0).values
+        excess = (light[near] - floor).clamp_min(0.0) * solid[near][:, None]       # (n, 3) irradiance
+        weight = excess.mean(-1)
+        direction = torch.nn.functional.normalize((dirs[near] * weight[:, None]).sum(0) + 1e-6 * dirs[k], dim=0)
+        light_log[near] = torch.minimum(light_log[near], floor.log())
+    return direction, (excess.sum(0).clamp_min(1e-4) / SUN_SOLID).log()
+
+
+def _search_sun(direction: torch.Tensor, reach: float, score) -> tuple[torch.Tensor, float]:
+    """One round of the sun's direction search: ``direction`` and its four neighbours ``reach``
+    radians away (along two directions across it) scored by ``score`` (lower is better); the best,
+    and the next round's reach (halved, down to SUN_FINEST, when ``direction`` stays)."""
+    e1, e2 = _basis(direction)
+    candidates = [direction] + [torch.nn.functional.normalize(direction * math.cos(reach) + e * (sign * math.sin(reach)),
+                                                              dim=0) for e in (e1, e2) for sign in (1.0, -1.0)]
+    scores = [score(c) for c in candidates]
+    best = int(np.argmin(scores))
+    return candidates[best], (max(reach / 2, SUN_FINEST) if best == 0 else reach)
+
+
+def _add_sun(dirs: torch.Tensor, solid: torch.Tensor, incoming: torch.Tensor, direction: torch.Tensor,
+             radiance: torch.Tensor, open_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bins with the sun as one more: directions (K + 1, 3), solid angles (K + 1,) and the
+    radiance arriving (B, K + 1, 3), the sun's where ``open_`` (B,) says its way is open."""
+    return (torch.cat([dirs, direction[None]]), torch.cat([solid, solid.new_tensor([SUN_SOLID])]),
+            torch.cat([incoming, open_[:, None, None] * radiance[None, None]], 1))
+
+
+def environment_rows(light_rows: int) -> int:
+    """Rows of the written environment for ``light_rows`` rows of bins: a whole multiple of them, at
+    least ENVIRONMENT_ROWS."""
+    rows = int(light_rows)
+    return rows * -(-ENVIRONMENT_ROWS // rows)
+
+
+def draw_environment(bins: torch.Tensor, sun: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The light as an environment image (H, 2 H, 3), H at least ENVIRONMENT_ROWS: the bins (rows,
+    2 rows, 3) upsampled, and the sun (direction, radiance over SUN_SOLID) drawn in as a disc of
+    SUN_ANGLE across holding the same power (at least the pixel nearest its direction)."""
+    rows = bins.shape[0]
+    factor = environment_rows(rows) // rows
+    env = bins.repeat_interleave(factor, 0).repeat_interleave(factor, 1).clone()
+    if sun is not None:
+        direction, radiance = sun
+        pdirs, psolid = light_bins(rows * factor, bins.device)
+        cos = pdirs @ direction
+        inside = cos >= math.cos(SUN_ANGLE / 2)
+        if not inside.any():
+            inside = cos == cos.max()
+        flat = env.reshape(-1, 3)
+        flat[inside] += radiance * SUN_SOLID / psolid[inside].sum()
+    return env
+
+
 def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: MaterialConfig, device: torch.device,
                        seed: int = 0, log=None) -> Materials:
     """Estimate base colour, roughness and metallic textures (the size of ``albedo_init``, the
@@ -259,66 +517,77 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     cfg.validate()
     start = time.monotonic()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    samples = surface_samples(mesh, data, device)
+    samples, vis, bounced, dirs, solid = _lit_samples(mesh, albedo_init, data, cfg.light_rows, cfg.shadow_size, device)
     verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
-    faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
-    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
-    dirs, solid = light_bins(cfg.light_rows, device)
-    vis, blocker = visibility(verts, faces, uvs, samples["x"], samples["n"], dirs, cfg.shadow_size)
-    # Light that bounces: where the mesh blocks a bin, what arrives is that surface's radiance as
-    # photographed, which the bake holds (one bounce, fixed: the bake does not change).
     linear0 = to_linear(torch.as_tensor(albedo_init, device=device).float() / 255.0)
-    bounced = torch.zeros(vis.shape + (3,), dtype=torch.float16, device=device)
-    for lo in range(0, len(vis), 1 << 14):
-        part = blocker[lo:lo + (1 << 14)]
-        bounced[lo:lo + len(part)] = sample_texture(linear0, part.reshape(-1, 2)).reshape(part.shape[:2] + (3,)).half()
-    del blocker
     prepared = time.monotonic()
     size = albedo_init.shape[0]
     covered = rasterize_uv(mesh.uvs, mesh.faces, size, device)[0] >= 0
     # The base colour starts flat (the bake's mean): starting from the bake, its baked shadows and
     # shading would already explain the photos, and the light would never take them over.
     flat = linear0[covered].mean(0) if covered.any() else linear0.new_full((3,), 0.5)
-    albedo_logit = _logit(flat.clamp(0.03, 0.97)).expand(size, size, 3).clone().requires_grad_(True)
-    rough_logit = torch.full((size, size, 1), _logit(torch.tensor(0.6)).item(), device=device, requires_grad=True)
-    metal_logit = torch.full((size, size, 1), _logit(torch.tensor(0.02)).item(), device=device, requires_grad=True)
+    materials = MaterialField(verts, flat, size, gen) if cfg.material_field else Texels(size, covered, flat)
     # the light starts white and uniform, bright enough that a mid-grey base colour gives the photos' mean
     mean = float(to_linear(samples["rgb"]).mean())
     light_log = torch.full((dirs.shape[0], 3), math.log(max(mean, 1e-3) / 0.5), device=device, requires_grad=True)
-    opt = torch.optim.Adam([{"params": [albedo_logit, rough_logit, metal_logit], "lr": cfg.material_lr},
+    lr = cfg.material_lr * materials.lr_scale
+    opt = torch.optim.Adam([{"params": list(materials.parameters()), "lr": lr},
                             {"params": [light_log], "lr": cfg.material_lr * LIGHT_LR_SCALE}])
     light_only = int(LIGHT_FIRST * cfg.material_steps)
-    widen = (0.5 * math.sqrt(float(solid.max()) / math.pi)) ** 2            # (half the bin's angular radius)^2
-    pairs_x = covered[:, 1:] & covered[:, :-1]
-    pairs_y = covered[1:] & covered[:-1]
+    widen = _widen(solid)
     count = len(samples["uv"])
     loss_value = float("nan")
+    faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
+    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
+    sun_dir = sun_log = sun_open = None
+    refreshed = 0
     for step in range(int(cfg.material_steps)):
-        opt.param_groups[0]["lr"] = 0.0 if step < light_only else cfg.material_lr
+        opt.param_groups[0]["lr"] = 0.0 if step < light_only else lr
+        if cfg.material_sun and sun_dir is None and step == light_only and step > 0:
+            sun_dir, sun_log = _seed_sun(light_log, dirs, solid)
+            sun_log.requires_grad_(True)
+            opt.add_param_group({"params": [sun_log], "lr": cfg.material_lr * LIGHT_LR_SCALE})
+            refreshed, reach = step - SUN_REFRESH, math.pi / (2 * cfg.light_rows)      # half a bin
+            subset = torch.randperm(count, generator=gen)[:SUN_SEARCH].to(device)
+        if sun_dir is not None and step - refreshed >= SUN_REFRESH:     # the direction whose shadows fit best
+            def score(direction: torch.Tensor) -> float:
+                open_sun = visibility(verts, faces, uvs, samples["x"][subset], samples["n"][subset], direction[None],
+                                      cfg.shadow_size)[0][:, 0]
+                albedo, rough, metal = materials.at(samples["x"][subset], samples["uv"][subset])
+                o = vis[subset][..., None]
+                lit = _add_sun(dirs, solid, o * light_log.exp()[None] + (1.0 - o) * bounced[subset].float(), direction,
+                               sun_log.exp(), open_sun)
+                pred = shade(albedo, rough, metal, lit[2], lit[0], lit[1], samples["n"][subset], samples["v"][subset], widen)
+                return float((to_srgb(pred) - samples["rgb"][subset]).pow(2).mean())
+
+            with torch.no_grad():
+                sun_dir, reach = _search_sun(sun_dir, reach, score)
+                sun_open = visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir[None], cfg.shadow_size)[0][:, 0]
+            refreshed = step
         pick = torch.randint(0, count, (min(BATCH, count),), generator=gen).to(device)
-        tex = torch.sigmoid(albedo_logit)
-        rough_tex, metal_tex = torch.sigmoid(rough_logit), torch.sigmoid(metal_logit)
-        uv = samples["uv"][pick]
-        albedo = sample_texture(tex, uv)
-        rough = sample_texture(rough_tex, uv)
-        metal = sample_texture(metal_tex, uv)
+        x = samples["x"][pick]
+        albedo, rough, metal = materials.at(x, samples["uv"][pick])
         light = light_log.exp()
         open_ = vis[pick][..., None]
         incoming = open_ * light[None] + (1.0 - open_) * bounced[pick].float()
-        pred = shade(albedo, rough, metal, incoming, dirs, solid, samples["n"][pick], samples["v"][pick], widen)
+        lit = (dirs, solid, incoming)
+        if sun_dir is not None:
+            lit = _add_sun(dirs, solid, incoming, sun_dir, sun_log.exp(), sun_open[pick])
+        pred = shade(albedo, rough, metal, lit[2], lit[0], lit[1], samples["n"][pick], samples["v"][pick], widen)
         loss = (to_srgb(pred) - samples["rgb"][pick]).pow(2).mean()
         loss_value = float(loss.detach())
-        tv = ((tex[:, 1:] - tex[:, :-1]).abs().sum(-1)[pairs_x].mean() + (tex[1:] - tex[:-1]).abs().sum(-1)[pairs_y].mean())
         chroma = (light_log - light_log.mean(-1, keepdim=True)).pow(2).mean()
-        total = loss + cfg.material_smoothness * tv + cfg.light_white * chroma + METALLIC_PRIOR * metal_tex.mean()
+        total = loss + cfg.light_white * chroma + METALLIC_PRIOR * materials.metallic_mean(metal)
+        if step >= light_only and cfg.material_smoothness > 0:
+            total = total + cfg.material_smoothness * materials.smoothness(x, albedo)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         if log is not None and (step % 100 == 0 or step == cfg.material_steps - 1):
             log(step, loss_value)
     with torch.no_grad():
-        textures = [dilate(t, covered, PADDING) for t in (to_srgb(torch.sigmoid(albedo_logit)), torch.sigmoid(rough_logit),
-                                                           torch.sigmoid(metal_logit))]
+        albedo_t, rough_t, metal_t = materials.textures(mesh, size)
+        textures = [dilate(t, covered, PADDING) for t in (to_srgb(albedo_t), rough_t, metal_t)]
         light = light_log.exp()
         # Bins that light nothing any camera saw (below a ground, behind a wall) were never asked:
         # they get the median of the others, a neutral guess, not their untouched start.
@@ -328,14 +597,25 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
         asked = support > UNASKED * support.max()
         if asked.any() and not asked.all():
             light[~asked] = light[asked].median(0).values
-        power = (light.mean(-1) * solid)
+        power = light.mean(-1) * solid
         top = int(power.argmax())
+        direction, share = dirs[top], float(power[top] / power.sum())
+        sun = None
+        if sun_dir is not None:
+            sun = (sun_dir, sun_log.detach().exp())
+            sun_power = float(sun[1].mean()) * SUN_SOLID
+            if sun_power > float(power[top]):
+                direction, share = sun[0], sun_power / (float(power.sum()) + sun_power)
+        rows = int(cfg.light_rows)
+        bins = light.reshape(rows, 2 * rows, 3)
+        environment = draw_environment(bins, sun)
     to_u8 = [(t.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy() for t in textures]
-    rows = int(cfg.light_rows)
-    facts = {"material_loss": loss_value, "light_direction": dirs[top].tolist(),
-             "light_share": float(power[top] / power.sum()), "material_samples": count,
-             "visibility_seconds": round(prepared - start, 3), "material_seconds": round(time.monotonic() - start, 3)}
-    return Materials(to_u8[0], to_u8[1], to_u8[2], light.reshape(rows, 2 * rows, 3).cpu().numpy().astype(np.float32), facts)
+    facts = {"material_loss": loss_value, "light_direction": direction.tolist(), "light_share": share,
+             "material_samples": count, "visibility_seconds": round(prepared - start, 3),
+             "material_seconds": round(time.monotonic() - start, 3)}
+    sun_doc = None if sun is None else {"direction": sun[0].cpu().numpy(), "radiance": sun[1].cpu().numpy()}
+    return Materials(to_u8[0], to_u8[1], to_u8[2], environment.cpu().numpy().astype(np.float32), facts,
+                     bins.cpu().numpy().astype(np.float32), sun_doc)
 
 
 def write_hdr(path: str | Path, rgb: np.ndarray) -> None:
@@ -370,5 +650,5 @@ def read_hdr(path: str | Path) -> np.ndarray:
     return ((rgbe[..., :3] + 0.5) * scale[..., None]).astype(np.float32)       # + 0.5: the writer floors (as Blender reads)
 
 
-__all__ = ["MaterialConfig", "Materials", "estimate_materials", "light_bins", "visibility", "shade", "write_hdr",
-           "read_hdr"]
+__all__ = ["MaterialConfig", "Materials", "MaterialField", "Texels", "estimate_materials", "reshade", "draw_environment",
+           "environment_rows", "light_bins", "visibility", "shade", "write_hdr", "read_hdr"]

@@ -118,7 +118,7 @@ def test_mesh_files_in_world_frame(run, suffix, reader):
 def test_mesh_with_materials_estimated_from_the_photos(run):
     """--materials: the textures come from the photos' estimate (base colour, roughness, metallic in
     the glTF material) and the light is written beside the mesh (export/materials.py)."""
-    from fit_implicit.backend.export.materials import MaterialConfig, read_hdr
+    from fit_implicit.backend.export.materials import MaterialConfig, environment_rows, read_hdr
 
     root, _ = run
     out = backend("mesh", root / "run", "--out", root / "lit.glb", "--mesh-resolution", 32, "--texture-size", 64,
@@ -129,7 +129,7 @@ def test_mesh_with_materials_estimated_from_the_photos(run):
     pbr = json.loads(data[20:20 + length])["materials"][0]["pbrMetallicRoughness"]
     assert pbr["metallicFactor"] == 1.0 and "metallicRoughnessTexture" in pbr     # metallic from the texture
     light = read_hdr(root / "lit_light.hdr")
-    rows = MaterialConfig().light_rows
+    rows = environment_rows(MaterialConfig().light_rows)      # the bins upsampled, the sun drawn in
     assert light.shape == (rows, 2 * rows, 3) and np.isfinite(light).all()
     assert (light >= 0).all() and light.max() > 0
     with pytest.raises(AssertionError, match="--materials needs --data"):

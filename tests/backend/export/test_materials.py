@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from bpy_helpers import requires_bpy, run_bpy
-from fit_implicit.backend.export.materials import (MaterialConfig, estimate_materials, light_bins, read_hdr,
-                                                   write_hdr)
+from fit_implicit.backend.export.materials import (SUN_ANGLE, SUN_SOLID, MaterialConfig, draw_environment,
+                                                   estimate_materials, light_bins, read_hdr, write_hdr)
 from fit_implicit.backend.export.refine import refine_albedo, view_samples
 from fit_implicit.backend.export.texture import sample_texture, unwrap
 from fit_implicit.backend.fitting.data import PosedImages
@@ -160,20 +160,22 @@ def test_materials_and_light_from_photos_keep_shadows_out_of_the_base_colour(pho
     deep_shadow, lit = near & (ray < 0.75), near & (ray > 1.4)
     assert deep_shadow.sum() > 10 and lit.sum() > 50 and on_sphere.sum() > 100
     est, baked = aligned_albedo(got.albedo, mesh, on_sphere, lit), aligned_albedo(bake, mesh, on_sphere, lit)
-    # The base colour: measured 0.055-0.068 linear units off on the sphere (per channel, mean), 0.015-0.097
+    # The base colour: measured 0.055-0.068 linear units off on the sphere (per channel, mean), 0.014-0.097
     # on the lit plane (the baked baseline: 0.07-0.28 on the sphere, its dark side darker)
     sphere_err = np.abs(est[on_sphere] - SPHERE_ALBEDO).mean(0)
     plane_err = np.abs(est[lit] - PLANE_ALBEDO).mean(0)
     assert sphere_err.max() < 0.12 and plane_err.max() < 0.12, (sphere_err, plane_err)
     # The shadow stays out of the base colour: the shadowed plane's over the lit plane's, measured
-    # 0.94 (1 is right); baked into the texture, as the photos show it: 0.045
+    # 0.955 with the sun (0.94 with the bins alone; 1 is right); baked into the texture, as the photos show it: 0.045
     baked_ratio = baked[deep_shadow].mean() / baked[lit].mean()
     shadow_ratio = est[deep_shadow].mean() / est[lit].mean()
     assert baked_ratio < 0.3, baked_ratio                   # the scene has a real shadow to keep out
     assert 0.8 < shadow_ratio < 1.2, (shadow_ratio, baked_ratio)
-    # The light comes from where the sun was (measured: its bin, 0 degrees off, 84 % of the light)
+    # The light comes from where the sun was: the estimate's sun, searched where its shadows fit, measured
+    # 0.7 degrees off with 86 % of the light (the bins alone: the sun's bin, 84 %; a sun between bins
+    # put them 13 degrees off, docs/benchmarks.md "A sun of its own")
     angle = math.degrees(math.acos(float(np.clip(np.dot(got.facts["light_direction"], SUN), -1.0, 1.0))))
-    assert angle < 12.0 and got.facts["light_share"] > 0.5, (angle, got.facts)
+    assert angle < 3.0 and got.facts["light_share"] > 0.5, (angle, got.facts)
 
 
 def test_light_bins_cover_the_sphere_and_an_environment_round_trips_as_hdr(tmp_path):
@@ -188,3 +190,45 @@ def test_light_bins_cover_the_sphere_and_an_environment_round_trips_as_hdr(tmp_p
     back = read_hdr(tmp_path / "light.hdr")
     # RGBE: 8 bits of mantissa a pixel, shared by its channels (steps of its brightest channel / 256)
     assert back.shape == rgb.shape and (np.abs(back - rgb) <= rgb.max(-1, keepdims=True) / 256.0 + 1e-6).all()
+
+
+def test_the_written_environment_keeps_the_bins_and_the_suns_power_where_they_were():
+    """The light as written (.hdr, the World): the bins upsampled and the sun drawn as a small disc
+    around its direction; the irradiance each part sends (radiance times solid angle, summed) is
+    what the estimate shaded with, so the World lights the asset as the estimate did."""
+    bins = torch.rand(8, 16, 3) + 0.05
+    direction = torch.nn.functional.normalize(torch.tensor([0.55, -0.37, 0.74]), dim=0)
+    radiance = torch.tensor([900.0, 800.0, 700.0])
+    env = draw_environment(bins, (direction, radiance))
+    assert env.shape[1] == 2 * env.shape[0] and env.shape[0] >= 64
+    dirs, solid = light_bins(env.shape[0])
+    _, bin_solid = light_bins(8)
+    plain = draw_environment(bins, None)
+    assert torch.allclose((plain.reshape(-1, 3) * solid[:, None]).sum(0), (bins.reshape(-1, 3) * bin_solid[:, None]).sum(0),
+                          rtol=1e-4)
+    extra = (env - plain).reshape(-1, 3)
+    assert torch.allclose((extra * solid[:, None]).sum(0), radiance * SUN_SOLID, rtol=1e-4)
+    lit = extra.sum(-1) > 0
+    assert bool((dirs[lit] @ direction >= math.cos(SUN_ANGLE)).all())      # the disc sits on the sun's direction
+
+
+def test_the_material_field_starts_flat_and_fills_every_covered_texel():
+    """material_field (off by default): the materials as a hash-grid field over the surface start at
+    the bake's mean colour everywhere (the light is fitted first, against a flat base colour), and
+    its textures give every texel the charts cover a value read at that texel's point."""
+    from fit_implicit.backend.export.materials import MaterialField
+    from fit_implicit.backend.export.texture import rasterize as rasterize_uv
+
+    verts = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], np.float32)
+    faces = np.array([[0, 2, 1], [0, 3, 2], [4, 5, 6], [4, 6, 7], [0, 1, 5], [0, 5, 4], [1, 2, 6], [1, 6, 5],
+                      [2, 3, 7], [2, 7, 6], [3, 0, 4], [3, 4, 7]], np.int64)
+    mesh = unwrap(verts, faces, size=64)
+    flat = torch.tensor([0.6, 0.3, 0.2])
+    field = MaterialField(torch.as_tensor(verts), flat, 64, torch.Generator().manual_seed(0))
+    albedo, rough, metal = field(torch.rand(100, 3))
+    assert torch.allclose(albedo, flat.expand(100, 3), atol=1e-5)
+    assert torch.allclose(rough, torch.full((100, 1), 0.6), atol=1e-5)
+    textures = field.textures(mesh, 64)
+    covered = rasterize_uv(mesh.uvs, mesh.faces, 64)[0] >= 0
+    assert covered.sum() > 1000 and torch.allclose(textures[0][covered], flat.expand(int(covered.sum()), 3), atol=1e-5)
+    assert (textures[0][~covered] == 0).all()           # the rest is left for the dilation

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fit_implicit.backend.export.materials import MaterialConfig
+from fit_implicit.backend.export.materials import MaterialConfig, environment_rows
 from fit_implicit.backend.service import checkpoint
 from fit_implicit.backend.service.jobs import JobQueue
 from fit_implicit.backend.service.outbox import Outbox
@@ -180,7 +180,7 @@ def test_a_fit_that_estimates_materials_sends_metallic_and_the_light(tmp_path):
     found = [m for m in messages if isinstance(m, protocol.MaterialResult)]
     assert len(found) == 1
     light = found[0].light
-    rows = MaterialConfig().light_rows
+    rows = environment_rows(MaterialConfig().light_rows)      # the bins upsampled, the sun drawn in
     assert light.dtype == np.float32 and light.shape == (rows, 2 * rows, 3) and light.min() > 0
     view = found[0].albedo_view
     assert found[0].view_photo == 0 and view.shape == (16, 16, 4)
