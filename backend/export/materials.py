@@ -247,14 +247,19 @@ def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch
     return out
 
 
+def _mesh_tensors(mesh: UVMesh, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mesh's vertices (V, 3) float32, faces (F, 3) int64 and texture coordinates (V, 2) float32 on ``device``."""
+    return (torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device),
+            torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device),
+            torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device))
+
+
 def _lit_samples(mesh: UVMesh, albedo_init: np.ndarray, data, rows: int, shadow_size: int, device: torch.device):
     """The photos' surface samples (:func:`surface_samples`), how open each is towards each light
     bin (N, K) and the radiance arriving where the way is blocked (N, K, 3) float16, with the bins'
     directions and solid angles."""
     samples = surface_samples(mesh, data, device)
-    verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
-    faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
-    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
+    verts, faces, uvs = _mesh_tensors(mesh, device)
     dirs, solid = light_bins(rows, device)
     vis, blocker = visibility(verts, faces, uvs, samples["x"], samples["n"], dirs, shadow_size)
     # Light that bounces: where the mesh blocks a bin, what arrives is that surface's radiance as
@@ -286,9 +291,8 @@ def reshade(mesh: UVMesh, albedo_init: np.ndarray, got: "Materials", data, devic
     sun = None
     if got.sun is not None:
         sun = [torch.as_tensor(got.sun[k], dtype=torch.float32, device=device) for k in ("direction", "radiance")]
-        verts, faces, uvs = (torch.as_tensor(np.asarray(a), device=device) for a in (mesh.vertices, mesh.faces, mesh.uvs))
-        sun.append(visibility(verts.float(), faces.long(), uvs.float(), samples["x"], samples["n"], sun[0][None],
-                              shadow_size)[0][:, 0])
+        verts, faces, uvs = _mesh_tensors(mesh, device)
+        sun.append(visibility(verts, faces, uvs, samples["x"], samples["n"], sun[0][None], shadow_size)[0][:, 0])
     pred = torch.empty_like(samples["rgb"])
     for lo in range(0, len(pred), BATCH):
         sl = slice(lo, lo + BATCH)
@@ -518,7 +522,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     start = time.monotonic()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples, vis, bounced, dirs, solid = _lit_samples(mesh, albedo_init, data, cfg.light_rows, cfg.shadow_size, device)
-    verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
+    verts, faces, uvs = _mesh_tensors(mesh, device)
     linear0 = to_linear(torch.as_tensor(albedo_init, device=device).float() / 255.0)
     prepared = time.monotonic()
     size = albedo_init.shape[0]
@@ -537,8 +541,6 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     widen = _widen(solid)
     count = len(samples["uv"])
     loss_value = float("nan")
-    faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
-    uvs = torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device)
     sun_dir = sun_log = sun_open = None
     refreshed = 0
     for step in range(int(cfg.material_steps)):
@@ -550,17 +552,19 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
             refreshed, reach = step - SUN_REFRESH, math.pi / (2 * cfg.light_rows)      # half a bin
             subset = torch.randperm(count, generator=gen)[:SUN_SEARCH].to(device)
         if sun_dir is not None and step - refreshed >= SUN_REFRESH:     # the direction whose shadows fit best
-            def score(direction: torch.Tensor) -> float:
-                open_sun = visibility(verts, faces, uvs, samples["x"][subset], samples["n"][subset], direction[None],
-                                      cfg.shadow_size)[0][:, 0]
-                albedo, rough, metal = materials.at(samples["x"][subset], samples["uv"][subset])
+            with torch.no_grad():       # what does not depend on the sun's direction, once for the candidates
+                part = {k: samples[k][subset] for k in ("x", "uv", "n", "v", "rgb")}
+                held = materials.at(part["x"], part["uv"])
                 o = vis[subset][..., None]
-                lit = _add_sun(dirs, solid, o * light_log.exp()[None] + (1.0 - o) * bounced[subset].float(), direction,
-                               sun_log.exp(), open_sun)
-                pred = shade(albedo, rough, metal, lit[2], lit[0], lit[1], samples["n"][subset], samples["v"][subset], widen)
-                return float((to_srgb(pred) - samples["rgb"][subset]).pow(2).mean())
+                bins_in = o * light_log.exp()[None] + (1.0 - o) * bounced[subset].float()
+                sun_radiance = sun_log.exp()
 
-            with torch.no_grad():
+                def score(direction: torch.Tensor) -> float:
+                    open_sun = visibility(verts, faces, uvs, part["x"], part["n"], direction[None], cfg.shadow_size)[0][:, 0]
+                    lit = _add_sun(dirs, solid, bins_in, direction, sun_radiance, open_sun)
+                    pred = shade(*held, lit[2], lit[0], lit[1], part["n"], part["v"], widen)
+                    return float((to_srgb(pred) - part["rgb"]).pow(2).mean())
+
                 sun_dir, reach = _search_sun(sun_dir, reach, score)
                 sun_open = visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir[None], cfg.shadow_size)[0][:, 0]
             refreshed = step
