@@ -266,6 +266,18 @@ def diagnose(model, args: argparse.Namespace, held, dev) -> list[dict]:
     return rows
 
 
+def iso_table(model) -> dict:
+    """What the level's choice saw (backend/export/iso.py): each candidate's coverage IoU against the
+    renders and how far its mesh sits from the renders' depth (normalised units)."""
+    from fit_implicit.backend.export.iso import CANDIDATES, agreement, surface_offset
+
+    table = {"opacities": list(CANDIDATES), "agreement": [round(float(a), 5) for a in agreement(model)],
+             "surface_offset": [None if np.isnan(o) else round(float(o), 5) for o in surface_offset(model)]}
+    for row in zip(*table.values()):
+        print("  iso: opacity %.2f  coverage IoU %.5f  offset %s" % row, flush=True)
+    return table
+
+
 def export_glb(model, out: Path, args: argparse.Namespace, size: int, opacity: float | None = None,
                train=None, held=None, refine_steps: tuple[int, ...] = ()) -> dict:
     """Mesh (at ``opacity``; None: the fit's level), texture (refined against ``train``, the
@@ -473,6 +485,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         save_run(model, out / "run")
 
     diagnosis = diagnose(model, args, held, torch.device(model.device)) if args.diagnose_levels is not None else None
+    iso = iso_table(model) if args.method == "nerf" else None
     export = export_glb(model, out, args, size, train=train, held=held, refine_steps=args.refine_steps)
     for level in args.extra_levels:      # the same field cut at other levels, each scored on its own
         folder = out / f"level_{level:g}"
@@ -504,6 +517,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "field_holdout_psnr_views": [round(float(s), 3) for s in scores], "eval_s": round(eval_s, 2),
         "mesh_opacity": model_opacity(model) if model.method == "nerf" else None,   # the iso-level used
         **export, "extra_levels": args.extra_levels, "overrides": args.set, "diagnose": diagnosis,
+        "iso": iso,
     }
     (out / FIT_JSON).write_text(json.dumps(row, indent=1))
     for k in ("steps", "train_s", "steps_per_s", "field_holdout_psnr", "mesh_opacity", "mesh_s", "texture_s", "export_s",

@@ -66,6 +66,35 @@ def _basis(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, torch.linalg.cross(d, u)
 
 
+def _march(model, rays: int, step: float, chunk: int):
+    """Densities along parallel rays crossing the scene box from the 14 :func:`_directions`:
+    yields (r, S) float32 batches, sampled every ``step`` normalised units (clamped at zero)."""
+    device = torch.device(model.device)
+    box = model.box.float().to(device)
+    centre = 0.5 * (box[0] + box[1])
+    radius = 0.5 * float(torch.linalg.norm(box[1] - box[0]))
+    n_samples = int(math.ceil(2.0 * radius / step))
+    t = (torch.arange(n_samples, dtype=torch.float32, device=device) + 0.5) * step     # (S,)
+    grid = torch.linspace(-radius, radius, rays, device=device)
+    a, b = (g.reshape(-1, 1) for g in torch.meshgrid(grid, grid, indexing="ij"))
+    for d in _directions():
+        u, v = (w.to(device) for w in _basis(d))
+        d = d.to(device)
+        origins = centre - radius * d + a * u + b * v                                   # (R, 3)
+        for o in origins.split(max(1, chunk // n_samples)):
+            x = (o[:, None, :] + t[None, :, None] * d).reshape(-1, 3)                  # (r * S, 3)
+            keep = ((x >= box[0]) & (x <= box[1])).all(-1)
+            keep[keep.clone()] = model.occupancy.occupied(x[keep])
+            sigma = torch.zeros(len(x), device=device)
+            if keep.any():
+                sigma[keep] = model.field.density(x[keep]).float().clamp_min(0.0)
+            yield sigma.reshape(len(o), n_samples)
+
+
+def _levels(opacities, device) -> torch.Tensor:
+    return torch.tensor([iso_level(o) for o in opacities], dtype=torch.float32, device=torch.device(device))
+
+
 @torch.no_grad()
 def agreement(model, opacities=CANDIDATES, rays: int = 48, step: float = 2.0 / 256,
               chunk: int = 1 << 20) -> np.ndarray:
@@ -82,34 +111,51 @@ def agreement(model, opacities=CANDIDATES, rays: int = 48, step: float = 2.0 / 2
     Returns:
         (len(opacities),) float64 in [0, 1]; zeros where neither covers any ray.
     """
-    device = torch.device(model.device)
-    box = model.box.float().to(device)
-    centre = 0.5 * (box[0] + box[1])
-    radius = 0.5 * float(torch.linalg.norm(box[1] - box[0]))
-    levels = torch.tensor([iso_level(o) for o in opacities], dtype=torch.float32, device=device)
-    n_samples = int(math.ceil(2.0 * radius / step))
-    t = (torch.arange(n_samples, dtype=torch.float32, device=device) + 0.5) * step     # (S,)
-    grid = torch.linspace(-radius, radius, rays, device=device)
-    a, b = (g.reshape(-1, 1) for g in torch.meshgrid(grid, grid, indexing="ij"))
-    both = torch.zeros(len(levels), dtype=torch.float64, device=device)
-    either = torch.zeros(len(levels), dtype=torch.float64, device=device)
-    for d in _directions():
-        u, v = (w.to(device) for w in _basis(d))
-        d = d.to(device)
-        origins = centre - radius * d + a * u + b * v                                   # (R, 3)
-        for o in origins.split(max(1, chunk // n_samples)):
-            x = (o[:, None, :] + t[None, :, None] * d).reshape(-1, 3)                  # (r * S, 3)
-            keep = ((x >= box[0]) & (x <= box[1])).all(-1)
-            keep[keep.clone()] = model.occupancy.occupied(x[keep])
-            sigma = torch.zeros(len(x), device=device)
-            if keep.any():
-                sigma[keep] = model.field.density(x[keep]).float().clamp_min(0.0)
-            sigma = sigma.reshape(len(o), n_samples)
-            rendered = (sigma.sum(1) * step > math.log(2.0))[:, None]                  # opacity > 0.5
-            meshed = sigma.amax(1)[:, None] > levels[None, :]                           # (r, L)
-            both += (meshed & rendered).sum(0).double()
-            either += (meshed | rendered).sum(0).double()
+    levels = _levels(opacities, model.device)
+    both = torch.zeros(len(levels), dtype=torch.float64, device=levels.device)
+    either = torch.zeros_like(both)
+    for sigma in _march(model, rays, step, chunk):
+        rendered = (sigma.sum(1) * step > math.log(2.0))[:, None]                      # opacity > 0.5
+        meshed = sigma.amax(1)[:, None] > levels[None, :]                               # (r, L)
+        both += (meshed & rendered).sum(0).double()
+        either += (meshed | rendered).sum(0).double()
     return (both / either.clamp_min(1.0)).cpu().numpy()
+
+
+def _first_crossing(values: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of ``values`` (r, S) first exceeds ``level`` ((r, 1) or scalar), in samples
+    with linear interpolation between neighbours, and whether it does at all."""
+    above = values > level
+    hit = above.any(1)
+    k = above.float().argmax(1)                                                          # first index above
+    prev = values.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1)
+    here = values.gather(1, k[:, None]).squeeze(1)
+    lev = level.squeeze(1) if torch.is_tensor(level) and level.dim() else level
+    frac = ((lev - prev) / (here - prev).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return torch.where(k > 0, k.float() - 1.0 + frac, k.float()), hit
+
+
+@torch.no_grad()
+def surface_offset(model, opacities=CANDIDATES, rays: int = 48, step: float = 2.0 / 256,
+                   chunk: int = 1 << 20) -> np.ndarray:
+    """For each opacity, how far (normalised units, mean over the rays both cover) the mesh cut
+    there sits from where the renders put the surface: the depth at which a ray's accumulated
+    opacity passes 0.5 against the first point whose density passes the level (both
+    interpolated between samples).  Arguments as :func:`agreement`; NaN where no ray is covered
+    by both."""
+    levels = _levels(opacities, model.device)
+    total = torch.zeros(len(levels), dtype=torch.float64, device=levels.device)
+    count = torch.zeros_like(total)
+    for sigma in _march(model, rays, step, chunk):
+        depth, rendered = _first_crossing(torch.cumsum(sigma, 1) * step, math.log(2.0))
+        for j, level in enumerate(levels):
+            meshed_at, meshed = _first_crossing(sigma, level)
+            both = rendered & meshed
+            total[j] += ((meshed_at - depth).abs() * step)[both].sum().double()
+            count[j] += both.sum().double()
+    out = (total / count.clamp_min(1.0)).cpu().numpy()
+    out[count.cpu().numpy() == 0] = np.nan
+    return out
 
 
 def choose_opacity(model, opacities=CANDIDATES, **kwargs) -> float:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fit_implicit.backend.export.iso import CANDIDATES, agreement, choose_opacity
-from fit_implicit.backend.export.iso import iso_level, model_opacity
+from fit_implicit.backend.export.iso import iso_level, model_opacity, surface_offset
 from fit_implicit.backend.export.mesh import extract_mesh
 from fit_implicit.backend.fitting.model import FittedField
 from fit_implicit.backend.render.occupancy_grid import OccupancyGrid
@@ -87,6 +87,20 @@ def test_agreement_is_the_coverage_iou():
     assert np.all(scores[(levels > 0.8) & (levels < 200.0)] > 0.9), scores
     assert np.all(scores[levels > 200.0] == 0)                       # above everything: no mesh
     assert np.all(agreement(model(core=0.0, haze=0.0)) == 0)          # empty: nothing to agree on
+
+
+def test_surface_offset_is_where_the_mesh_sits_against_the_renders():
+    offsets = surface_offset(model(core=200.0, haze=0.8))
+    levels = np.array([iso_level(o) for o in CANDIDATES])
+    # Below the haze the mesh is its outer skin; the renders put the surface on the core, at least
+    # the haze's thickness (0.1) behind along every ray that reaches the core.
+    assert np.all(offsets[levels < 0.8] > HAZE), offsets
+    # Within the core: the core's edge is 0.01 wide (more along grazing rays), so a low level sits at
+    # its foot, ahead of the renders' depth (optical depth ln 2 is reached 0.0035 inside the core at
+    # density 200); the level nearest the renders' is within a fifth of a sample (2/256).
+    core = offsets[(levels > 0.8) & (levels < 200.0)]
+    assert np.all(core < 0.03) and core.min() < 0.0016, offsets
+    assert np.all(np.isnan(offsets[levels > 200.0]))                   # no mesh: nothing to compare
 
 
 def test_mesh_opacity_setting_is_checked():
