@@ -11,7 +11,9 @@ fixed and the photos are explained by physically based shading instead:
   row looking up +Z), one RGB radiance each (HDR, positive), and a **sun** (``material_sun``): a
   small directional light gathered from the strongest bins once the light alone has been fitted,
   its direction then searched where its shadows fit the photos best (a sun between bins spreads
-  over several, and each casts its shadow from its own centre);
+  over several, and each casts its shadow from its own centre), and its angular size too (a sun
+  of some degrees across casts soft shadow edges: its visibility is the mean of SUN_DISC shadow
+  maps over its disc);
 * **visibility**: for every surface sample and every bin, whether the mesh itself blocks the way
   (one orthographic shadow map a bin, rendered once: the geometry does not move), so a shadow is
   explained by the light being blocked, not painted into the base colour;
@@ -64,15 +66,25 @@ BOX_MARGIN = 0.01
 FIELD_LEVELS, FIELD_LOG2_TABLE, FIELD_WIDTH = 16, 19, 64
 FIELD_LR_SCALE = 0.5
 SMOOTH_REACH = 0.005
-# The sun (MaterialConfig.material_sun): a directional light beside the bins.  Drawn into the
-# written environment as a disc of SUN_ANGLE across (its solid angle is what the shading gives it).
+# The sun (MaterialConfig.material_sun): a directional light beside the bins, shading as a light of
+# SUN_SOLID (its radiance over that solid angle is its power), drawn into the written environment as
+# a disc of its estimated angular size holding the same power.
 # Its direction is searched, not followed down the gradient: what places a sun is where its
 # shadows fall, and a shadow map has no gradient (the shading's gradient alone moved it towards
 # the zenith, where it lights a ground more evenly: 27-43 degrees off on the still life).  Every
 # SUN_REFRESH steps the direction and four neighbours a step away are compared on SUN_SEARCH
 # samples, each with its own shadow map; the step halves when the direction stays.  The written
 # environment's rows (the bins upsampled, the sun drawn in): ENVIRONMENT_ROWS.
+# Its angular size: the visibility is averaged over SUN_DISC directions spread over the disc (a
+# 10-degree sun's soft edges: the still life's albedo at the held-out pixels under the scene's own
+# light, 24.37 dB as a point, 25.06 with 8 directions at 10 degrees, 24.85 at 5, 24.45 at 20:
+# docs/benchmarks.md "A soft sun"); searched after the direction each refresh, starting at SUN_ANGLE,
+# among the size and the size a factor larger and smaller (the factor square-rooted, down to
+# SUN_ANGLE_FINEST, when the size stays), within SUN_ANGLE_RANGE.
 SUN_ANGLE = math.radians(5.0)
+SUN_DISC = 8
+SUN_ANGLE_RANGE = (math.radians(0.25), math.radians(30.0))
+SUN_ANGLE_FACTOR, SUN_ANGLE_FINEST = 2.0, 2.0 ** 0.125
 SUN_SOLID = 2.0 * math.pi * (1.0 - math.cos(SUN_ANGLE / 2))
 SUN_REFRESH = 25
 SUN_GATHER = 2.0       # the sun's seed gathers the bins within this many bin sizes of the strongest
@@ -214,6 +226,28 @@ def visibility(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, p
     return out, blocker
 
 
+def disc_directions(direction: torch.Tensor, angle: float, count: int = SUN_DISC) -> torch.Tensor:
+    """``count`` unit directions (count, 3) spread evenly (a Fibonacci spiral, equal areas) over a
+    disc of ``angle`` radians across centred on the unit ``direction``; the centre alone when
+    ``angle`` is 0."""
+    if angle <= 0.0 or count <= 1:
+        return direction[None]
+    e1, e2 = _basis(direction)
+    i = torch.arange(count, dtype=torch.float32, device=direction.device) + 0.5
+    radius = torch.sqrt(i / count) * math.tan(angle / 2)
+    turn = i * math.pi * (3.0 - math.sqrt(5.0))                            # the golden angle
+    offset = radius[:, None] * (turn.cos()[:, None] * e1 + turn.sin()[:, None] * e2)
+    return torch.nn.functional.normalize(direction[None] + offset, dim=-1)
+
+
+def sun_visibility(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor, points: torch.Tensor,
+                   normals: torch.Tensor, direction: torch.Tensor, angle: float, size: int = 256) -> torch.Tensor:
+    """How much of a sun of ``angle`` radians across, towards the unit ``direction``, each point
+    sees (N,) in [0, 1]: :func:`visibility` averaged over :func:`disc_directions`."""
+    dirs = disc_directions(direction, angle)
+    return visibility(vertices, faces, uvs, points, normals, dirs, size)[0].mean(1)
+
+
 def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch.Tensor]:
     """Every whole-mask pixel of every view that the mesh covers: its texture coordinate ``uv``
     (P, 2), surface point ``x`` (P, 3), unit normal ``n`` (P, 3), unit direction to the camera
@@ -292,7 +326,8 @@ def reshade(mesh: UVMesh, albedo_init: np.ndarray, got: "Materials", data, devic
     if got.sun is not None:
         sun = [torch.as_tensor(got.sun[k], dtype=torch.float32, device=device) for k in ("direction", "radiance")]
         verts, faces, uvs = _mesh_tensors(mesh, device)
-        sun.append(visibility(verts, faces, uvs, samples["x"], samples["n"], sun[0][None], shadow_size)[0][:, 0])
+        sun.append(sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun[0], float(got.sun["angle"]),
+                                  shadow_size))
     pred = torch.empty_like(samples["rgb"])
     for lo in range(0, len(pred), BATCH):
         sl = slice(lo, lo + BATCH)
@@ -478,6 +513,17 @@ def _search_sun(direction: torch.Tensor, reach: float, score) -> tuple[torch.Ten
     return candidates[best], (max(reach / 2, SUN_FINEST) if best == 0 else reach)
 
 
+def _search_angle(angle: float, factor: float, score) -> tuple[float, float]:
+    """One round of the sun's size search: ``angle`` and the angles ``factor`` times larger and
+    smaller (within SUN_ANGLE_RANGE) scored by ``score`` (lower is better); the best, and the next
+    round's factor (square-rooted, down to SUN_ANGLE_FINEST, when ``angle`` stays)."""
+    lo, hi = SUN_ANGLE_RANGE
+    candidates = [angle] + [a for a in (angle * factor, angle / factor) if lo <= a <= hi]
+    scores = [score(a) for a in candidates]
+    best = int(np.argmin(scores))
+    return candidates[best], (max(math.sqrt(factor), SUN_ANGLE_FINEST) if best == 0 else factor)
+
+
 def _add_sun(dirs: torch.Tensor, solid: torch.Tensor, incoming: torch.Tensor, direction: torch.Tensor,
              radiance: torch.Tensor, open_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bins with the sun as one more: directions (K + 1, 3), solid angles (K + 1,) and the
@@ -493,18 +539,19 @@ def environment_rows(light_rows: int) -> int:
     return rows * -(-ENVIRONMENT_ROWS // rows)
 
 
-def draw_environment(bins: torch.Tensor, sun: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def draw_environment(bins: torch.Tensor, sun: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
     """The light as an environment image (H, 2 H, 3), H at least ENVIRONMENT_ROWS: the bins (rows,
-    2 rows, 3) upsampled, and the sun (direction, radiance over SUN_SOLID) drawn in as a disc of
-    SUN_ANGLE across holding the same power (at least the pixel nearest its direction)."""
+    2 rows, 3) upsampled, and the sun (direction, radiance over SUN_SOLID, angle across in radians)
+    drawn in as a disc of its angle across holding the same power (at least the pixel nearest its
+    direction), so that the World's shadows are as soft as the estimate's."""
     rows = bins.shape[0]
     factor = environment_rows(rows) // rows
     env = bins.repeat_interleave(factor, 0).repeat_interleave(factor, 1).clone()
     if sun is not None:
-        direction, radiance = sun
+        direction, radiance, angle = sun
         pdirs, psolid = light_bins(rows * factor, bins.device)
         cos = pdirs @ direction
-        inside = cos >= math.cos(SUN_ANGLE / 2)
+        inside = cos >= math.cos(angle / 2)
         if not inside.any():
             inside = cos == cos.max()
         flat = env.reshape(-1, 3)
@@ -542,6 +589,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     count = len(samples["uv"])
     loss_value = float("nan")
     sun_dir = sun_log = sun_open = None
+    sun_angle, angle_factor = SUN_ANGLE, SUN_ANGLE_FACTOR
     refreshed = 0
     for step in range(int(cfg.material_steps)):
         opt.param_groups[0]["lr"] = 0.0 if step < light_only else lr
@@ -559,14 +607,15 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
                 bins_in = o * light_log.exp()[None] + (1.0 - o) * bounced[subset].float()
                 sun_radiance = sun_log.exp()
 
-                def score(direction: torch.Tensor) -> float:
-                    open_sun = visibility(verts, faces, uvs, part["x"], part["n"], direction[None], cfg.shadow_size)[0][:, 0]
+                def score(direction: torch.Tensor, angle: float) -> float:
+                    open_sun = sun_visibility(verts, faces, uvs, part["x"], part["n"], direction, angle, cfg.shadow_size)
                     lit = _add_sun(dirs, solid, bins_in, direction, sun_radiance, open_sun)
                     pred = shade(*held, lit[2], lit[0], lit[1], part["n"], part["v"], widen)
                     return float((to_srgb(pred) - part["rgb"]).pow(2).mean())
 
-                sun_dir, reach = _search_sun(sun_dir, reach, score)
-                sun_open = visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir[None], cfg.shadow_size)[0][:, 0]
+                sun_dir, reach = _search_sun(sun_dir, reach, lambda d: score(d, sun_angle))
+                sun_angle, angle_factor = _search_angle(sun_angle, angle_factor, lambda a: score(sun_dir, a))
+                sun_open = sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir, sun_angle, cfg.shadow_size)
             refreshed = step
         pick = torch.randint(0, count, (min(BATCH, count),), generator=gen).to(device)
         x = samples["x"][pick]
@@ -606,7 +655,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
         direction, share = dirs[top], float(power[top] / power.sum())
         sun = None
         if sun_dir is not None:
-            sun = (sun_dir, sun_log.detach().exp())
+            sun = (sun_dir, sun_log.detach().exp(), sun_angle)
             sun_power = float(sun[1].mean()) * SUN_SOLID
             if sun_power > float(power[top]):
                 direction, share = sun[0], sun_power / (float(power.sum()) + sun_power)
@@ -617,7 +666,10 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     facts = {"material_loss": loss_value, "light_direction": direction.tolist(), "light_share": share,
              "material_samples": count, "visibility_seconds": round(prepared - start, 3),
              "material_seconds": round(time.monotonic() - start, 3)}
-    sun_doc = None if sun is None else {"direction": sun[0].cpu().numpy(), "radiance": sun[1].cpu().numpy()}
+    if sun is not None:
+        facts["sun_angle_degrees"] = round(math.degrees(sun_angle), 3)
+    sun_doc = None if sun is None else {"direction": sun[0].cpu().numpy(), "radiance": sun[1].cpu().numpy(),
+                                        "angle": float(sun_angle)}
     return Materials(to_u8[0], to_u8[1], to_u8[2], environment.cpu().numpy().astype(np.float32), facts,
                      bins.cpu().numpy().astype(np.float32), sun_doc)
 
