@@ -80,7 +80,9 @@ SMOOTH_REACH = 0.005
 # light, 24.37 dB as a point, 25.06 with 8 directions at 10 degrees, 24.85 at 5, 24.45 at 20:
 # docs/benchmarks.md "A soft sun"); searched after the direction each refresh, starting at SUN_ANGLE,
 # among the size and the size a factor larger and smaller (the factor square-rooted, down to
-# SUN_ANGLE_FINEST, when the size stays), within SUN_ANGLE_RANGE.
+# SUN_ANGLE_FINEST, when the size stays), within SUN_ANGLE_RANGE.  Once a refresh leaves both where
+# they were at their finest steps, the sun is settled and no longer searched (8 candidates of 8 maps
+# a refresh are most of a small mesh's time on a CPU).
 SUN_ANGLE = math.radians(5.0)
 SUN_DISC = 8
 SUN_ANGLE_RANGE = (math.radians(0.25), math.radians(30.0))
@@ -590,6 +592,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     loss_value = float("nan")
     sun_dir = sun_log = sun_open = None
     sun_angle, angle_factor = SUN_ANGLE, SUN_ANGLE_FACTOR
+    settled = False     # both searches stayed put at their finest steps: the sun is no longer searched
     refreshed = 0
     for step in range(int(cfg.material_steps)):
         opt.param_groups[0]["lr"] = 0.0 if step < light_only else lr
@@ -599,7 +602,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
             opt.add_param_group({"params": [sun_log], "lr": cfg.material_lr * LIGHT_LR_SCALE})
             refreshed, reach = step - SUN_REFRESH, math.pi / (2 * cfg.light_rows)      # half a bin
             subset = torch.randperm(count, generator=gen)[:SUN_SEARCH].to(device)
-        if sun_dir is not None and step - refreshed >= SUN_REFRESH:     # the direction whose shadows fit best
+        if sun_dir is not None and not settled and step - refreshed >= SUN_REFRESH:   # where its shadows fit best
             with torch.no_grad():       # what does not depend on the sun's direction, once for the candidates
                 part = {k: samples[k][subset] for k in ("x", "uv", "n", "v", "rgb")}
                 held = materials.at(part["x"], part["uv"])
@@ -613,8 +616,10 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
                     pred = shade(*held, lit[2], lit[0], lit[1], part["n"], part["v"], widen)
                     return float((to_srgb(pred) - part["rgb"]).pow(2).mean())
 
+                finest, before = reach <= SUN_FINEST and angle_factor <= SUN_ANGLE_FINEST, (sun_dir, sun_angle)
                 sun_dir, reach = _search_sun(sun_dir, reach, lambda d: score(d, sun_angle))
                 sun_angle, angle_factor = _search_angle(sun_angle, angle_factor, lambda a: score(sun_dir, a))
+                settled = finest and sun_dir is before[0] and sun_angle == before[1]
                 sun_open = sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir, sun_angle, cfg.shadow_size)
             refreshed = step
         pick = torch.randint(0, count, (min(BATCH, count),), generator=gen).to(device)

@@ -144,7 +144,7 @@ def aligned_albedo(texture: np.ndarray, mesh, on_sphere: np.ndarray, lit: np.nda
 
 
 @requires_bpy
-@pytest.mark.slow   # Cycles renders 16 small views (~10 s), then 400 estimation steps on the CPU (~105 s)
+@pytest.mark.slow   # Cycles renders 16 small views (~10 s), then 400 estimation steps on the CPU (~90 s)
 def test_materials_and_light_from_photos_keep_shadows_out_of_the_base_colour(photographed):
     data, mesh = photographed
     torch.manual_seed(0)
