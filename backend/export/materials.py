@@ -139,8 +139,9 @@ class Materials:
     """What the estimate gives: (S, S, 3) uint8 sRGB base colour, (S, S, 1) uint8 roughness and
     metallic (Non-Color), top row first; ``environment`` (H, 2 H, 3) float32 linear radiance
     (Blender's World mapping, top row first: the bins, and the sun drawn in); ``bins`` (rows, 2 rows,
-    3) the bins alone and ``sun`` (direction (3,), radiance (3,) over SUN_SOLID) or None, as the
-    estimate shades with them; ``facts``: loss, the light's dominant direction, timings."""
+    3) the bins alone and ``sun`` (direction (3,), radiance (3,) over SUN_SOLID, angle: its size across in
+    radians) or None, as the estimate shades with them; ``facts``: loss, the light's dominant direction,
+    the sun's size in degrees, timings."""
 
     albedo: np.ndarray
     roughness: np.ndarray
