@@ -504,25 +504,26 @@ def _seed_sun(light_log: torch.Tensor, dirs: torch.Tensor, solid: torch.Tensor) 
     return direction, (excess.sum(0).clamp_min(1e-4) / SUN_SOLID).log()
 
 
-def _search_sun(direction: torch.Tensor, reach: float, score) -> tuple[torch.Tensor, float]:
+def _search_sun(direction: torch.Tensor, reach: float, score) -> tuple[torch.Tensor, float, float]:
     """One round of the sun's direction search: ``direction`` and its four neighbours ``reach``
     radians away (along two directions across it) scored by ``score`` (lower is better); the best,
-    and the next round's reach (halved, down to SUN_FINEST, when ``direction`` stays)."""
+    the next round's reach (halved, down to SUN_FINEST, when ``direction`` stays) and the best's score."""
     e1, e2 = _basis(direction)
     candidates = [direction] + [torch.nn.functional.normalize(direction * math.cos(reach) + e * (sign * math.sin(reach)),
                                                               dim=0) for e in (e1, e2) for sign in (1.0, -1.0)]
     scores = [score(c) for c in candidates]
     best = int(np.argmin(scores))
-    return candidates[best], (max(reach / 2, SUN_FINEST) if best == 0 else reach)
+    return candidates[best], (max(reach / 2, SUN_FINEST) if best == 0 else reach), scores[best]
 
 
-def _search_angle(angle: float, factor: float, score) -> tuple[float, float]:
-    """One round of the sun's size search: ``angle`` and the angles ``factor`` times larger and
-    smaller (within SUN_ANGLE_RANGE) scored by ``score`` (lower is better); the best, and the next
-    round's factor (square-rooted, down to SUN_ANGLE_FINEST, when ``angle`` stays)."""
+def _search_angle(angle: float, factor: float, score, scored: float) -> tuple[float, float]:
+    """One round of the sun's size search: ``angle`` (whose score is ``scored``) and the angles
+    ``factor`` times larger and smaller (within SUN_ANGLE_RANGE) scored by ``score`` (lower is
+    better); the best, and the next round's factor (square-rooted, down to SUN_ANGLE_FINEST, when
+    ``angle`` stays)."""
     lo, hi = SUN_ANGLE_RANGE
     candidates = [angle] + [a for a in (angle * factor, angle / factor) if lo <= a <= hi]
-    scores = [score(a) for a in candidates]
+    scores = [scored] + [score(a) for a in candidates[1:]]
     best = int(np.argmin(scores))
     return candidates[best], (max(math.sqrt(factor), SUN_ANGLE_FINEST) if best == 0 else factor)
 
@@ -618,10 +619,13 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
                     return float((to_srgb(pred) - part["rgb"]).pow(2).mean())
 
                 finest, before = reach <= SUN_FINEST and angle_factor <= SUN_ANGLE_FINEST, (sun_dir, sun_angle)
-                sun_dir, reach = _search_sun(sun_dir, reach, lambda d: score(d, sun_angle))
-                sun_angle, angle_factor = _search_angle(sun_angle, angle_factor, lambda a: score(sun_dir, a))
-                settled = finest and sun_dir is before[0] and sun_angle == before[1]
-                sun_open = sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir, sun_angle, cfg.shadow_size)
+                sun_dir, reach, scored = _search_sun(sun_dir, reach, lambda d: score(d, sun_angle))
+                sun_angle, angle_factor = _search_angle(sun_angle, angle_factor, lambda a: score(sun_dir, a), scored)
+                stayed = sun_dir is before[0] and sun_angle == before[1]
+                settled = finest and stayed
+                if sun_open is None or not stayed:      # the whole set's sun, where the search moved it
+                    sun_open = sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir, sun_angle,
+                                              cfg.shadow_size)
             refreshed = step
         pick = torch.randint(0, count, (min(BATCH, count),), generator=gen).to(device)
         x = samples["x"][pick]
