@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                                                                         "materials": round(t3 - t2, 1)},
            "facts": got.facts}
     for name, views in (("reshade_train", train), ("reshade_held", held)):
-        pred, truth = reshade(mesh, bake, got, views, dev, cfg.shadow_size)
+        pred, truth = reshade(mesh, bake, got, views, dev, got.facts["shadow_size"])
         row[name] = round(metrics.psnr(float((pred - truth).pow(2).mean())), 3)
     row["albedo"] = {"estimated": round(albedo_psnr(got.albedo, mesh, held, dev), 3),
                      "baked": round(albedo_psnr(bake, mesh, held, dev), 3)}

@@ -4,9 +4,9 @@
   (no torch, fast).  Tests sharing it must let their jobs end (or cancel them).
 * ``backend_factory``: start extra backends, ``backend_factory(fake=True, args=[...])``; all
   are stopped at the end of the test.
-* ``clip_fit`` (session scope): a tiny fit over time through the job queue (tests/job_runs.py
-  moving_submit, mesh_time 1): (the Submit, the messages its job sent, the runs folder, the job
-  id); its saved field is in ``runs folder / job id``.
+* ``clip_fit`` (session scope, one fit shared by the xdist workers): a tiny fit over time through the
+  job queue (tests/job_runs.py moving_submit, mesh_time 1): (the Submit, the messages its job sent,
+  the runs folder, the job id); its saved field is in ``runs folder / job id``.
 """
 import os
 import sys
@@ -108,10 +108,34 @@ def backend_factory():
 
 
 @pytest.fixture(scope="session")
-def clip_fit(tmp_path_factory):
+def clip_fit(tmp_path_factory, worker_id):
+    """Under pytest-xdist the workers share one fit (~80 s of make test): the first to ask runs it into
+    a folder beside the workers' own, under a file lock; each worker then reads the messages back (as
+    the wire decodes them) and works on its own copy of the runs folder."""
+    import shutil
+
+    from filelock import FileLock
     from job_runs import moving_submit, run_jobs
+    from fit_implicit.shared import protocol
 
     runs = tmp_path_factory.mktemp("clip_runs")
     submit = moving_submit(mesh_time=1.0)
-    (sent,) = run_jobs(runs, submit)
+    if worker_id == "master":
+        (sent,) = run_jobs(runs, submit)
+        return submit, sent, runs, sent[-1].job_id
+    shared = tmp_path_factory.getbasetemp().parent / "clip_fit"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "done").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            (shared / "runs").mkdir(parents=True)
+            (sent,) = run_jobs(shared / "runs", submit)
+            for i, message in enumerate(sent):
+                for j, frame in enumerate(message.to_frames()):
+                    (shared / f"message_{i:04d}_{j:02d}.bin").write_bytes(bytes(frame))
+            (shared / "done").touch()
+    frames: dict[int, list] = {}
+    for path in sorted(shared.glob("message_*.bin")):
+        frames.setdefault(int(path.stem.split("_")[1]), []).append(path.read_bytes())
+    sent = [protocol.decode_message(frames[i]) for i in sorted(frames)]
+    shutil.copytree(shared / "runs", runs, dirs_exist_ok=True)
     return submit, sent, runs, sent[-1].job_id

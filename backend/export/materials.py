@@ -93,6 +93,13 @@ SUN_GATHER = 2.0       # the sun's seed gathers the bins within this many bin si
 SUN_SEARCH = 1 << 14   # samples (a fixed random subset) on which candidate sun directions are compared
 SUN_FINEST = math.radians(0.5)   # the direction search's smallest step
 ENVIRONMENT_ROWS = 64
+# shadow_side: SHADOW_TEXELS shadow-map texels across a photo's pixel on the surface (the 3 x 3
+# filter's soft edge then stays within about a pixel and a half; finer maps draw edges the photos cannot
+# show), the next power of two within SHADOW_SIDES.  tests/backend/export/test_materials.py's scene
+# (2026-12-07): one texel a pixel gives 128, the shadowed plane's base colour over the lit one 0.936;
+# two give 256, 0.963.
+SHADOW_TEXELS = 2.0
+SHADOW_SIDES = (64, 1024)
 
 
 @dataclass
@@ -117,7 +124,7 @@ class MaterialConfig:
     material_sun: bool = True
     material_smoothness: float = 0.1    # weight of the base colour's smoothness (Texels: total variation)
     light_white: float = 0.01           # weight of the light's chroma (a white-ish light)
-    shadow_size: int = 256              # pixels a side of each bin's shadow map
+    shadow_size: int = 0                # pixels a side of each bin's shadow map; 0: from the photos (shadow_side)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -127,8 +134,8 @@ class MaterialConfig:
             raise ValueError(f"material_lr must be positive, got {self.material_lr}")
         if not 2 <= int(self.light_rows) <= 64:
             raise ValueError(f"light_rows must be in [2, 64], got {self.light_rows}")
-        if not 16 <= int(self.shadow_size) <= 4096:
-            raise ValueError(f"shadow_size must be in [16, 4096], got {self.shadow_size}")
+        if int(self.shadow_size) != 0 and not 16 <= int(self.shadow_size) <= 4096:
+            raise ValueError(f"shadow_size must be 0 (from the photos) or in [16, 4096], got {self.shadow_size}")
         for name in ("material_smoothness", "light_white"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -254,12 +261,13 @@ def sun_visibility(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tenso
 def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch.Tensor]:
     """Every whole-mask pixel of every view that the mesh covers: its texture coordinate ``uv``
     (P, 2), surface point ``x`` (P, 3), unit normal ``n`` (P, 3), unit direction to the camera
-    ``v`` (P, 3) and photo colour ``rgb`` (P, 3) sRGB in [0, 1]."""
+    ``v`` (P, 3), photo colour ``rgb`` (P, 3) sRGB in [0, 1] and ``footprint`` (P,), the width
+    of the photo's pixel there (world units, across the viewing direction)."""
     verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
     faces = torch.as_tensor(np.asarray(mesh.faces, np.int64), device=device)
     attrs = torch.cat([torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device), verts,
                        torch.as_tensor(np.asarray(mesh.normals, np.float32), device=device)], 1)
-    parts: dict[str, list] = {"uv": [], "x": [], "n": [], "v": [], "rgb": []}
+    parts: dict[str, list] = {"uv": [], "x": [], "n": [], "v": [], "rgb": [], "footprint": []}
     for i in range(len(data)):
         w, h = data.size(i)
         frags = rasterize(verts, faces, data.intrinsics[i], data.poses[i], w, h)
@@ -271,9 +279,11 @@ def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch
         x = at[:, 2:5]
         origin = torch.as_tensor(np.asarray(data.poses[i])[:3, 3], dtype=torch.float32, device=device)
         v = torch.nn.functional.normalize(origin - x, dim=-1)
+        footprint = (origin - x).norm(dim=-1) / float(min(data.intrinsics[i][0], data.intrinsics[i][1]))
         n = torch.nn.functional.normalize(at[:, 5:8], dim=-1)
         n = torch.where(((n * v).sum(-1) < 0)[:, None], -n, n)          # the side the camera sees
-        for key, value in (("uv", at[:, :2]), ("x", x), ("n", n), ("v", v), ("rgb", rgba[keep][:, :3].float() / 255.0)):
+        for key, value in (("uv", at[:, :2]), ("x", x), ("n", n), ("v", v), ("rgb", rgba[keep][:, :3].float() / 255.0),
+                           ("footprint", footprint)):
             parts[key].append(value)
     if not parts["uv"]:
         raise ValueError("no view sees the mesh inside its mask: nothing to estimate materials from")
@@ -291,12 +301,22 @@ def _mesh_tensors(mesh: UVMesh, device: torch.device) -> tuple[torch.Tensor, tor
             torch.as_tensor(np.asarray(mesh.uvs, np.float32), device=device))
 
 
+def shadow_side(vertices: torch.Tensor, footprint: torch.Tensor) -> int:
+    """Pixels a side of a shadow map of the mesh ``vertices`` (V, 3) with SHADOW_TEXELS texels across
+    the photos' median pixel ``footprint`` (P,) on the surface: the next power of two, within SHADOW_SIDES."""
+    diagonal = float((vertices.amax(0) - vertices.amin(0)).norm()) * 1.02
+    texels = SHADOW_TEXELS * diagonal / max(float(footprint.median()), 1e-12)
+    side = 2 ** math.ceil(math.log2(max(texels, 1.0)))
+    return int(min(max(side, SHADOW_SIDES[0]), SHADOW_SIDES[1]))
+
+
 def _lit_samples(mesh: UVMesh, albedo_init: np.ndarray, data, rows: int, shadow_size: int, device: torch.device):
     """The photos' surface samples (:func:`surface_samples`), how open each is towards each light
     bin (N, K) and the radiance arriving where the way is blocked (N, K, 3) float16, with the bins'
-    directions and solid angles."""
+    directions and solid angles, and the shadow maps' side (``shadow_size``, or :func:`shadow_side` for 0)."""
     samples = surface_samples(mesh, data, device)
     verts, faces, uvs = _mesh_tensors(mesh, device)
+    shadow_size = int(shadow_size) or shadow_side(verts, samples["footprint"])
     dirs, solid = light_bins(rows, device)
     vis, blocker = visibility(verts, faces, uvs, samples["x"], samples["n"], dirs, shadow_size)
     # Light that bounces: where the mesh blocks a bin, what arrives is that surface's radiance as
@@ -306,7 +326,7 @@ def _lit_samples(mesh: UVMesh, albedo_init: np.ndarray, data, rows: int, shadow_
     for lo in range(0, len(vis), 1 << 14):
         part = blocker[lo:lo + (1 << 14)]
         bounced[lo:lo + len(part)] = sample_texture(linear0, part.reshape(-1, 2)).reshape(part.shape[:2] + (3,)).half()
-    return samples, vis, bounced, dirs, solid
+    return samples, vis, bounced, dirs, solid, shadow_size
 
 
 def _widen(solid: torch.Tensor) -> float:
@@ -316,13 +336,14 @@ def _widen(solid: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reshade(mesh: UVMesh, albedo_init: np.ndarray, got: "Materials", data, device: torch.device,
-            shadow_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+            shadow_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The estimate drawn again: every whole-mask pixel of ``data``'s views that the mesh covers,
     shaded with ``got``'s textures under its light (as :func:`estimate_materials` shades), and the
     photos' colours there: (P, 3) sRGB each.  How well the estimate explains photos (the training
     ones, or held-out ones under the same light)."""
     bins = got.bins if got.bins is not None else got.environment
-    samples, vis, bounced, dirs, solid = _lit_samples(mesh, albedo_init, data, bins.shape[0], shadow_size, device)
+    samples, vis, bounced, dirs, solid, shadow_size = _lit_samples(mesh, albedo_init, data, bins.shape[0], shadow_size,
+                                                                   device)
     maps = [torch.as_tensor(t, device=device).float() / 255.0 for t in (got.albedo, got.roughness, got.metallic)]
     light = torch.as_tensor(bins, device=device).reshape(-1, 3)
     sun = None
@@ -572,7 +593,8 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
     cfg.validate()
     start = time.monotonic()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    samples, vis, bounced, dirs, solid = _lit_samples(mesh, albedo_init, data, cfg.light_rows, cfg.shadow_size, device)
+    samples, vis, bounced, dirs, solid, shadow_size = _lit_samples(mesh, albedo_init, data, cfg.light_rows,
+                                                                   cfg.shadow_size, device)
     verts, faces, uvs = _mesh_tensors(mesh, device)
     linear0 = to_linear(torch.as_tensor(albedo_init, device=device).float() / 255.0)
     prepared = time.monotonic()
@@ -613,7 +635,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
                 sun_radiance = sun_log.exp()
 
                 def score(direction: torch.Tensor, angle: float) -> float:
-                    open_sun = sun_visibility(verts, faces, uvs, part["x"], part["n"], direction, angle, cfg.shadow_size)
+                    open_sun = sun_visibility(verts, faces, uvs, part["x"], part["n"], direction, angle, shadow_size)
                     lit = _add_sun(dirs, solid, bins_in, direction, sun_radiance, open_sun)
                     pred = shade(*held, lit[2], lit[0], lit[1], part["n"], part["v"], widen)
                     return float((to_srgb(pred) - part["rgb"]).pow(2).mean())
@@ -625,7 +647,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
                 settled = finest and stayed
                 if sun_open is None or not stayed:      # the whole set's sun, where the search moved it
                     sun_open = sun_visibility(verts, faces, uvs, samples["x"], samples["n"], sun_dir, sun_angle,
-                                              cfg.shadow_size)
+                                              shadow_size)
             refreshed = step
         pick = torch.randint(0, count, (min(BATCH, count),), generator=gen).to(device)
         x = samples["x"][pick]
@@ -674,7 +696,7 @@ def estimate_materials(mesh: UVMesh, albedo_init: np.ndarray, data, cfg: Materia
         environment = draw_environment(bins, sun)
     to_u8 = [(t.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy() for t in textures]
     facts = {"material_loss": loss_value, "light_direction": direction.tolist(), "light_share": share,
-             "material_samples": count, "visibility_seconds": round(prepared - start, 3),
+             "material_samples": count, "shadow_size": shadow_size, "visibility_seconds": round(prepared - start, 3),
              "material_seconds": round(time.monotonic() - start, 3)}
     if sun is not None:
         facts["sun_angle_degrees"] = round(math.degrees(sun_angle), 3)

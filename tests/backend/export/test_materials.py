@@ -171,6 +171,8 @@ def test_materials_and_light_from_photos_keep_shadows_out_of_the_base_colour(pho
     # texture, as the photos show it: 0.045
     baked_ratio = baked[deep_shadow].mean() / baked[lit].mean()
     shadow_ratio = est[deep_shadow].mean() / est[lit].mean()
+    print(f"sphere {sphere_err.round(3)}, lit plane {plane_err.round(3)}; shadow ratio {shadow_ratio:.3f} (baked "
+          f"{baked_ratio:.3f}); {got.facts}")
     assert baked_ratio < 0.3, baked_ratio                   # the scene has a real shadow to keep out
     assert 0.8 < shadow_ratio < 1.2, (shadow_ratio, baked_ratio)
     # The light comes from where the sun was: the estimate's sun, searched where its shadows fit, measured
@@ -181,6 +183,20 @@ def test_materials_and_light_from_photos_keep_shadows_out_of_the_base_colour(pho
     # ... and is about as small as the scene's (1 degree across): the size's search, started at 5 degrees,
     # measured 1.77 (the still life's 10-degree sun: 10.0, docs/benchmarks.md "A soft sun")
     assert got.facts["sun_angle_degrees"] < 3.5, got.facts
+
+
+def test_the_shadow_maps_side_follows_the_photos_pixels():
+    """shadow_size 0 (the default): two shadow-map texels across a photo's pixel on the surface, the
+    next power of two, 64 to 1024 (export/materials.py SHADOW_*)."""
+    from fit_implicit.backend.export.materials import shadow_side
+
+    cube = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])           # diagonal 1.73 (x 1.02 margin: 1.77)
+    sides = {fp: shadow_side(cube, torch.tensor([fp, fp, 10 * fp])) for fp in (0.5, 0.05, 0.01, 0.001)}
+    assert sides == {0.5: 64, 0.05: 128, 0.01: 512, 0.001: 1024}, sides
+    MaterialConfig().validate()
+    assert MaterialConfig().shadow_size == 0
+    with pytest.raises(ValueError, match="shadow_size must be 0"):
+        MaterialConfig(shadow_size=8).validate()
 
 
 def test_light_bins_cover_the_sphere_and_an_environment_round_trips_as_hdr(tmp_path):
