@@ -61,10 +61,12 @@ def test_lego_benchmark_reports_camera_errors_with_pose_noise(tmp_path):
     assert 0 < row["psnr_test_refined"] < 100 and 0 <= row["test_pose_moved_deg"] < 5.0   # 5 small Adam steps
 
 
-@pytest.mark.slow   # one 300-step fit of the two-sphere ring on the CPU, then 100 pose steps (~40 s)
+@pytest.mark.slow   # one 200-step fit of the two-sphere ring on the CPU, then 100 pose steps (~40 s)
 def test_a_held_out_pose_is_fitted_back_against_the_frozen_field():
     """refine_view (BARF's test-time pose optimisation): a held-out view whose pose is turned by 3
-    degrees comes back to well under half of that against a field fitted to the other views."""
+    degrees comes back to well under half of that against a field fitted to the other views.
+    Measured 2026-12-07 (one thread): 2.98 -> 0.31 degrees after a 300-step fit at half the draft's
+    samples a step (2^14), 0.29 after 200 steps of them (the test: a quarter of the draft's 300 steps' work)."""
     import torch
 
     from fit_implicit.backend.fitting.camera_refine import rotation_matrices
@@ -76,7 +78,8 @@ def test_a_held_out_pose_is_fitted_back_against_the_frozen_field():
     ks, poses = synthetic.camera_rig(n, size)
     images = np.stack([synthetic.render(k, p, size, size, ss=2) for k, p in zip(ks, poses)])
     train = PosedImages(images[1:], ks[1:], poses[1:], synthetic.aabb(), [f"t{i}" for i in range(n - 1)])
-    model = fit(train, make_config("nerf", "draft", device="cpu", steps=300, preview_size=0, warm_start=False))
+    model = fit(train, make_config("nerf", "draft", device="cpu", steps=200, preview_size=0, warm_start=False,
+                                   target_samples=1 << 14))
     off = poses[0].copy()
     off[:3, :3] = rotation_matrices(torch.tensor([[0.03, -0.03, 0.03]], dtype=torch.float64))[0].numpy() @ off[:3, :3]
     before = float(pose_noise.turn_deg(poses[:1], off[None])[0])

@@ -64,10 +64,12 @@ def test_every_field_builds_on_each_encoding_and_surfaces_start_as_the_sphere(en
 # Radiance fields from photos (the two-sphere scene of test_fit.py, 16 views of 40x40, 150 draft
 # steps, ~18 s each).  Measured 2026-12-05, held out: hash grid 25.9 dB, fourier 33.1, siren 30.5,
 # positional 20.6 (an empty field scores about 11 dB).
-PHOTO_PSNR = {"fourier": 29.0, "siren": 27.0}
+# The Fourier features' steps cost twice the SIREN's and settle sooner (2026-12-07, one thread, 100 steps:
+# fourier 31.11 dB, siren 24.40): (steps, bound).
+PHOTO_PSNR = {"fourier": (100, 29.0), "siren": (150, 27.0)}
 
 
-@pytest.mark.slow   # two 150-step fits, ~36 s on 2 cores
+@pytest.mark.slow   # two fits, ~36 s on 2 cores
 def test_radiance_fields_train_on_the_spectral_encodings():
     import synthetic
     from fit_implicit.backend.fitting.data import PosedImages, split_holdout
@@ -76,8 +78,8 @@ def test_radiance_fields_train_on_the_spectral_encodings():
 
     images, k, poses, aabb = synthetic.make_scene(count=20, size=40)
     train, held = split_holdout(PosedImages(images, k, poses, aabb, [f"v{i}" for i in range(20)]), 5)
-    for encoding, bound in PHOTO_PSNR.items():
-        cfg = make_config("nerf", "draft", device="cpu", steps=150, target_samples=1 << 14, preview_size=0,
+    for encoding, (steps, bound) in PHOTO_PSNR.items():
+        cfg = make_config("nerf", "draft", device="cpu", steps=steps, target_samples=1 << 14, preview_size=0,
                           seed=0, encoding=encoding)
         psnr = float(np.mean(evaluate(fit(train, cfg), held)))
         assert psnr > bound, f"{encoding}: {psnr:.2f} dB held out"
