@@ -278,8 +278,10 @@ def surface_samples(mesh: UVMesh, data, device: torch.device) -> dict[str, torch
         at = interpolate(attrs, verts, faces, frags, data.intrinsics[i], data.poses[i])[keep[frags.mask]]
         x = at[:, 2:5]
         origin = torch.as_tensor(np.asarray(data.poses[i])[:3, 3], dtype=torch.float32, device=device)
-        v = torch.nn.functional.normalize(origin - x, dim=-1)
-        footprint = (origin - x).norm(dim=-1) / float(min(data.intrinsics[i][0], data.intrinsics[i][1]))
+        to_camera = origin - x
+        distance = to_camera.norm(dim=-1, keepdim=True)
+        v = to_camera / distance.clamp_min(1e-12)
+        footprint = distance[:, 0] / float(min(data.intrinsics[i][0], data.intrinsics[i][1]))
         n = torch.nn.functional.normalize(at[:, 5:8], dim=-1)
         n = torch.where(((n * v).sum(-1) < 0)[:, None], -n, n)          # the side the camera sees
         for key, value in (("uv", at[:, :2]), ("x", x), ("n", n), ("v", v), ("rgb", rgba[keep][:, :3].float() / 255.0),
