@@ -180,7 +180,8 @@ def render_set(scene, cams, folder: str) -> list[np.ndarray]:
 
 
 def render_albedo_set(scene, cams, folder: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(beauty (H, W, 4) uint8, Blender's Diffuse Color pass (H, W, 3) uint8 sRGB) of every camera."""
+    """(beauty (H, W, 4) uint8, the albedo pass (H, W, 3) uint8 sRGB: the materials' diffuse base
+    colour, blender_addon/passes.py) of every camera."""
     import bpy
 
     from fit_implicit.blender_addon import capture, passes
@@ -203,7 +204,7 @@ def evaluate(scene_path: Path, assets: dict[str, Path], size: int, samples: int,
     ``albedo_from`` maps asset labels to a dataset whose albedo pass recolours that asset
     (projected_albedo).  ``noise_floor``: also the ground truth rendered with another Cycles seed
     against itself, the most any asset can score at these samples (results["noise_floor"]).
-    ``albedo``: also each asset's Diffuse Color pass against the ground truth's ("albedo",
+    ``albedo``: also each asset's albedo pass (its diffuse base colour) against the ground truth's ("albedo",
     aligned; Cycles renders the pass with the novel light, which it does not depend on)."""
     import bpy
 
@@ -345,7 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--albedo-from", action="append", default=[], metavar="LABEL=DATASET",
                     help="recolour asset LABEL with the albedo pass of a dataset (transforms file)")
     ap.add_argument("--albedo", action="store_true",
-                    help="also score each asset's Diffuse Color pass against the ground truth's (aligned per channel)")
+                    help="also score each asset's albedo pass (diffuse base colour) against the ground truth's "
+                         "(aligned per channel)")
     ap.add_argument("--tiny", action="store_true", help="run the whole chain small on the CPU")
     ap.add_argument("--steps", type=int, default=300, help="--tiny: training steps")
     args = ap.parse_args(argv)

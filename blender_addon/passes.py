@@ -8,8 +8,15 @@ The compositor's Viewer does not exist in background mode, so files are the way 
 
 Cycles has no roughness pass, so :class:`PassOutput` adds a shader AOV to the view layer and,
 into every material, a few nodes writing (roughness, 1, 0) to it: the roughness feeding the
-first BSDF found upstream of the active Material Output (:func:`material_roughness`).  All of
-it (AOV, nodes, links) is removed again on exit.
+first BSDF found upstream of the active Material Output (:func:`material_bsdf`).  Nor has it a
+base colour pass: its "Diffuse Color" pass is the diffuse closure's weight, which for a Principled
+BSDF is the base colour times what the specular layer above it leaves (below), so an asset whose
+base colour is that pass, shaded again by a Principled BSDF, comes out darker by that share twice
+(the still life in Cycles: 3.5-5 % darker than the truth under either light, docs/benchmarks.md).
+A second AOV carries the same BSDF's base colour times (1 - metallic) (1 - transmission), the
+diffuse part of the colour without the specular layer's attenuation; the albedo pass is that
+where the roughness AOV says the pixel's material wrote it, the Diffuse Color pass elsewhere.
+All of it (AOVs, nodes, links) is removed again on exit.
 
 What Cycles gives (checked with bpy 5.0.1, see tests/addon/test_passes_bpy.py):
 - "Diffuse Color": linear, averaged over the pixel's samples, so multiplied by the coverage
@@ -18,9 +25,11 @@ What Cycles gives (checked with bpy 5.0.1, see tests/addon/test_passes_bpy.py):
 - "Normal": WORLD-space shading normals, averaged over samples (length = coverage).
 - "Depth": distance along the camera's viewing axis (not along the ray), from one sample
   (not averaged), 1e10 where no surface was hit.
-- The AOV (a Render Layers output named after it): averaged over the pixel's samples, samples
-  that hit nothing or a material without an AOV node counting 0; so G is the share of samples
-  with a value (= alpha where the whole pixel has one) and R / G their mean roughness.
+- An AOV (a Render Layers output named after it): averaged over the pixel's samples, samples
+  that hit nothing or a material without an AOV node counting 0; so the roughness AOV's G is
+  the share of samples with a value (= alpha where the whole pixel has one), R / G their mean
+  roughness, and the base colour AOV over that G their mean base colour (both AOVs are written
+  by the same materials).
 Main thread only.
 """
 from __future__ import annotations
@@ -40,11 +49,18 @@ _SOCKETS = {"albedo": ("Diffuse Color", "RGBA"), "normal": ("Normal", "VECTOR"),
 _LAYER_FLAGS = ("use_pass_diffuse_color", "use_pass_normal", "use_pass_z")
 NO_SURFACE_DEPTH = 1e9        # Cycles writes 1e10 where a pixel's sample hit nothing
 ROUGHNESS_AOV = "ImplicitRoughness"   # the view layer AOV the materials write (roughness, 1, 0) into
+BASE_COLOUR_AOV = "ImplicitBaseColor"  # ... and the one they write their diffuse base colour into
+BASE_COLOUR_ITEM = "basecolor"         # its File Output item (not a Submit pass: it becomes "albedo")
 # BSDFs whose "Roughness" input is the roughness; a Diffuse BSDF counts as fully rough (1.0).
 # Blender 4.0+ creates the Glossy BSDF as ShaderNodeBsdfAnisotropic.
 _ROUGHNESS_BSDFS = ("ShaderNodeBsdfPrincipled", "ShaderNodeBsdfAnisotropic", "ShaderNodeBsdfGlossy",
                     "ShaderNodeBsdfMetallic")
 _FULLY_ROUGH_BSDFS = ("ShaderNodeBsdfDiffuse",)
+# A BSDF's diffuse colour input; the others (Glossy, Anisotropic, Metallic) have no diffuse part
+# (their Diffuse Color pass is 0, and so is what the base colour AOV gets from them).
+_BASE_COLOUR_INPUTS = {"ShaderNodeBsdfPrincipled": "Base Color", "ShaderNodeBsdfDiffuse": "Color"}
+# A Principled BSDF's inputs whose weight takes from the diffuse part (5.0 / 4.x names first).
+_NOT_DIFFUSE_INPUTS = (("Metallic",), ("Transmission Weight", "Transmission"))
 
 
 class PassError(Exception):
@@ -82,18 +98,14 @@ def _shader_source(socket):
     return None
 
 
-def _shader_roughness(socket, depth: int = 0):
-    """See :func:`material_roughness`; ``socket``: a shader input."""
+def _shader_bsdf(socket, depth: int = 0):
+    """See :func:`material_bsdf`; ``socket``: a shader input."""
     src = _shader_source(socket)
     if src is None or depth > 64:
         return None
     node = src.node
-    if node.bl_idname in _ROUGHNESS_BSDFS:
-        rough = node.inputs["Roughness"]
-        linked = _linked_output(rough)
-        return linked if linked is not None else float(rough.default_value)
-    if node.bl_idname in _FULLY_ROUGH_BSDFS:
-        return 1.0
+    if node.bl_idname in _ROUGHNESS_BSDFS or node.bl_idname in _FULLY_ROUGH_BSDFS:
+        return node
     if node.bl_idname == "ShaderNodeMixShader":
         fac = node.inputs[0]
         branches = [node.inputs[1], node.inputs[2]]
@@ -104,26 +116,88 @@ def _shader_roughness(socket, depth: int = 0):
     else:
         return None                             # e.g. Emission, Holdout, a node group
     for branch in branches:
-        found = _shader_roughness(branch, depth + 1)
+        found = _shader_bsdf(branch, depth + 1)
         if found is not None:
             return found
     return None
 
 
-def material_roughness(tree):
-    """The roughness a material's pass shows, from the first BSDF upstream of the active (Cycles)
-    Material Output's Surface input, through Mix Shader (the heavier shader first when the factor
-    is not linked), Add Shader, reroutes and muted nodes.
-
-    Returns:
-        a float (a Principled / Glossy / Anisotropic / Metallic BSDF's unlinked "Roughness";
-        1.0 for a Diffuse BSDF), the output socket linked into that "Roughness" input, or None
-        when there is no such BSDF (e.g. an Emission-only material, or one inside a node group).
-    """
+def material_bsdf(tree):
+    """The BSDF node whose roughness and base colour a material's passes show: the first one
+    upstream of the active (Cycles) Material Output's Surface input, through Mix Shader (the
+    heavier shader first when the factor is not linked), Add Shader, reroutes and muted nodes; a
+    Principled, Diffuse, Glossy, Anisotropic or Metallic BSDF, or None when there is no such
+    BSDF (e.g. an Emission-only material, or one inside a node group)."""
     out = tree.get_output_node("CYCLES") if hasattr(tree, "get_output_node") else None
     if out is None or "Surface" not in out.inputs:
         return None
-    return _shader_roughness(out.inputs["Surface"])
+    return _shader_bsdf(out.inputs["Surface"])
+
+
+def material_roughness(tree):
+    """The roughness of :func:`material_bsdf`: a float (an unlinked "Roughness"; 1.0 for a
+    Diffuse BSDF), the output socket linked into that "Roughness" input, or None (no BSDF)."""
+    node = material_bsdf(tree)
+    if node is None:
+        return None
+    if node.bl_idname in _FULLY_ROUGH_BSDFS:
+        return 1.0
+    rough = node.inputs["Roughness"]
+    linked = _linked_output(rough)
+    return linked if linked is not None else float(rough.default_value)
+
+
+def _input(node, names: tuple[str, ...]):
+    return next((node.inputs[n] for n in names if n in node.inputs), None)
+
+
+def _base_colour_output(tree, node, added: list):
+    """An output socket giving ``node``'s diffuse base colour, linear RGB: the BSDF's colour
+    input times (1 - metallic) (1 - transmission) for a Principled BSDF, black for a BSDF
+    without a diffuse part.  The nodes it adds to ``tree`` are appended to ``added``."""
+    def new(kind: str, operation: str):
+        n = tree.nodes.new(kind)
+        n.operation = operation
+        added.append(n)
+        return n
+
+    scale = new("ShaderNodeVectorMath", "SCALE")
+    colour_input = node.inputs.get(_BASE_COLOUR_INPUTS.get(node.bl_idname, ""))
+    if colour_input is None:
+        scale.inputs[0].default_value = (0.0, 0.0, 0.0)
+    elif _linked_output(colour_input) is not None:
+        tree.links.new(_linked_output(colour_input), scale.inputs[0])
+    else:
+        scale.inputs[0].default_value = tuple(colour_input.default_value)[:3]
+    factor = 1.0                                   # a float, or an output socket
+    if node.bl_idname == "ShaderNodeBsdfPrincipled":
+        for names in _NOT_DIFFUSE_INPUTS:
+            weight = _input(node, names)
+            if weight is None:
+                continue
+            src = _linked_output(weight)
+            if src is None:
+                left = 1.0 - float(weight.default_value)
+            else:
+                left = new("ShaderNodeMath", "SUBTRACT")
+                left.inputs[0].default_value = 1.0
+                tree.links.new(src, left.inputs[1])
+                left = left.outputs[0]
+            if isinstance(factor, float) and isinstance(left, float):
+                factor *= left
+                continue
+            both = new("ShaderNodeMath", "MULTIPLY")
+            for slot, value in zip(both.inputs, (factor, left)):
+                if isinstance(value, float):
+                    slot.default_value = value
+                else:
+                    tree.links.new(value, slot)
+            factor = both.outputs[0]
+    if isinstance(factor, float):
+        scale.inputs["Scale"].default_value = factor
+    else:
+        tree.links.new(factor, scale.inputs["Scale"])
+    return scale.outputs["Vector"]
 
 
 def _uses_nodes(mat) -> bool:
@@ -145,7 +219,7 @@ class PassOutput:
         self._tree = None
         self._node = None
         self._items: list[str] = []            # File Output items, in order (pass names)
-        self._aov_name: str | None = None      # the roughness AOV we added to the view layer
+        self._aov_names: list[str] = []        # the AOVs we added to the view layer (roughness, base colour)
         self._aov_index = -1                   # the view layer's active AOV index before that
         self._material_nodes: list = []        # (material, node name) we added
 
@@ -161,7 +235,9 @@ class PassOutput:
             for flag in _LAYER_FLAGS:
                 self._set(self.view_layer, flag, True)
             sockets = dict(_SOCKETS)
-            sockets["roughness"] = (self._add_roughness_aov(), "RGBA")
+            rough_aov, colour_aov = self._add_material_aovs()
+            sockets["roughness"] = (rough_aov, "RGBA")
+            sockets[BASE_COLOUR_ITEM] = (colour_aov, "RGBA")
             self._set(s.render, "use_compositing", True)
             attr = _compositor_tree_attr(s)
             if attr == "node_tree":            # Blender 4.x: the scene owns its compositor tree
@@ -202,58 +278,66 @@ class PassOutput:
             raise
         return self
 
-    def _add_roughness_aov(self) -> str:
-        """Add the roughness AOV to the view layer and, to every material that has a roughness
-        (:func:`material_roughness`), a Combine XYZ (roughness, 1, 0) -> AOV Output pair.
-        Returns the AOV's name (also the Render Layers output's name)."""
+    def _add_material_aovs(self) -> tuple[str, str]:
+        """Add the roughness and base colour AOVs to the view layer and, to every material with a
+        BSDF (:func:`material_bsdf`), nodes writing (roughness, 1, 0) to the first and the BSDF's
+        diffuse base colour (:func:`_base_colour_output`) to the second.  Returns the AOVs' names
+        (also the Render Layers outputs' names)."""
         layer = self.view_layer
         self._aov_index = layer.active_aov_index
-        aov = layer.aovs.add()
-        aov.name = ROUGHNESS_AOV       # Blender makes it unique if the user has an AOV of that name
-        aov.type = "COLOR"
-        self._aov_name = aov.name
+        for name in (ROUGHNESS_AOV, BASE_COLOUR_AOV):
+            aov = layer.aovs.add()
+            aov.name = name             # Blender makes it unique if the user has an AOV of that name
+            aov.type = "COLOR"
+            self._aov_names.append(aov.name)
+        rough_name, colour_name = self._aov_names
         for mat in bpy.data.materials:
             if not _uses_nodes(mat):
                 continue
             tree = mat.node_tree
             rough = material_roughness(tree)
             if rough is None:
-                continue                # no value: the AOV's G stays 0 on this material's pixels
+                continue                # no value: the AOVs stay 0 on this material's pixels
+            added = []
             comb = tree.nodes.new("ShaderNodeCombineXYZ")
-            self._material_nodes.append((mat, comb.name))
-            write = tree.nodes.new("ShaderNodeOutputAOV")
-            self._material_nodes.append((mat, write.name))
-            write.aov_name = self._aov_name
+            added.append(comb)
             comb.inputs["Y"].default_value = 1.0          # "this pixel has a value"
             comb.inputs["Z"].default_value = 0.0
             if isinstance(rough, float):
                 comb.inputs["X"].default_value = rough
             else:
                 tree.links.new(rough, comb.inputs["X"])
-            tree.links.new(comb.outputs["Vector"], write.inputs["Color"])
-        return self._aov_name
+            colour = _base_colour_output(tree, material_bsdf(tree), added)
+            for aov_name, value in ((rough_name, comb.outputs["Vector"]), (colour_name, colour)):
+                write = tree.nodes.new("ShaderNodeOutputAOV")
+                added.append(write)
+                write.aov_name = aov_name
+                tree.links.new(value, write.inputs["Color"])
+            self._material_nodes.extend((mat, n.name) for n in added)
+        return rough_name, colour_name
 
-    def _remove_roughness_aov(self) -> None:
+    def _remove_material_aovs(self) -> None:
         for mat, name in reversed(self._material_nodes):
             try:
                 node = mat.node_tree.nodes.get(name)
                 if node is not None:
                     mat.node_tree.nodes.remove(node)       # its links go with it
             except (ReferenceError, RuntimeError, AttributeError) as exc:
-                print(f"Fit Implicit: could not remove the roughness node {name!r}: {exc}")
+                print(f"Fit Implicit: could not remove the pass node {name!r}: {exc}")
         self._material_nodes.clear()
-        if self._aov_name is not None:
+        if self._aov_names:
             layer = self.view_layer
             try:
-                for aov in list(layer.aovs):
-                    if aov.name == self._aov_name:
-                        layer.aovs.remove(aov)
-                        break
+                for name in self._aov_names:
+                    for aov in list(layer.aovs):
+                        if aov.name == name:
+                            layer.aovs.remove(aov)
+                            break
                 if self._aov_index < len(layer.aovs):
                     layer.active_aov_index = self._aov_index
             except (ReferenceError, RuntimeError, TypeError, ValueError) as exc:
-                print(f"Fit Implicit: could not remove the roughness AOV: {exc}")
-            self._aov_name = None
+                print(f"Fit Implicit: could not remove the passes' AOVs: {exc}")
+            self._aov_names = []
 
     def prepare(self, prefix: str) -> None:
         """Name the next render's pass files ``<folder>/<prefix><pass>*.exr`` (old ones removed)."""
@@ -280,12 +364,13 @@ class PassOutput:
             roughness).  Top row first.
         """
         raw = {}
-        for name in PASS_NAMES:
+        for name in (*PASS_NAMES, BASE_COLOUR_ITEM):
             found = [f for f in self._files(prefix) if os.path.basename(f)[len(prefix):].startswith(name)]
             if len(found) != 1:
                 raise PassError(f"The {name} pass was not written (looked for {prefix}{name}*.exr in {self.folder}).")
             raw[name] = load_float_image(found[0])
-        return convert_passes(raw["albedo"], raw["normal"], raw["depth"][..., 0], alpha, raw["roughness"])
+        return convert_passes(raw["albedo"], raw["normal"], raw["depth"][..., 0], alpha, raw["roughness"],
+                              raw[BASE_COLOUR_ITEM])
 
     def restore(self) -> None:
         if self._tree is None and getattr(self, "_nodes", None):      # 4.x: remove our nodes
@@ -304,7 +389,7 @@ class PassOutput:
         if self._tree is not None:
             bpy.data.node_groups.remove(self._tree)
             self._tree = None
-        self._remove_roughness_aov()
+        self._remove_material_aovs()
 
     def __exit__(self, *exc):
         self.restore()
@@ -331,7 +416,8 @@ def load_float_image(path: str) -> np.ndarray:
 
 
 def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, alpha: np.ndarray,
-                   roughness: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   roughness: np.ndarray | None = None, base_colour: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
     """Cycles' raw passes -> the Submit's passes (see :meth:`PassOutput.read`).
 
     Args:
@@ -342,10 +428,17 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
         roughness: (H, W, >=2) float32 roughness AOV, coverage-weighted: R the roughness, G the
             share of samples that had one.  A pixel has a value where G > alpha / 2 (most of its
             surface has one); its roughness is R / G.  None: no value anywhere (all -1).
+        base_colour: (H, W, >=3) float32 linear base colour AOV, coverage-weighted, written by
+            the materials that write the roughness AOV: where that has a value the albedo is
+            base_colour / G, elsewhere diffuse / alpha.  None: diffuse / alpha everywhere.
     """
     alpha = np.asarray(alpha, dtype=np.float32)
     covered = alpha > 0
     albedo_lin = diffuse[..., :3] / np.maximum(alpha, 1e-3)[..., None]
+    if roughness is not None and base_colour is not None:
+        g = roughness[..., 1].astype(np.float32)
+        has_colour = covered & (g > 0.5 * np.maximum(alpha, 1e-3)) & np.isfinite(base_colour[..., :3]).all(-1)
+        albedo_lin = np.where(has_colour[..., None], base_colour[..., :3] / np.maximum(g, 1e-3)[..., None], albedo_lin)
     albedo = np.where(covered[..., None], color.linear_to_srgb(albedo_lin), 0.0)
     n = normal[..., :3].astype(np.float32)
     length = np.linalg.norm(n, axis=-1)

@@ -374,7 +374,7 @@ class Submit(Message):
     # eval_sizes[i] = (width, height) in pixels, the order of cameras.image_size()
     eval_sizes: np.ndarray = spec(Array(("int32", "int64"), ("M", 2)), default_factory=_empty((0, 2), np.int32))
     # Optional render passes (scene mode), each empty (first axis 0) or (N, H, W, ...) of images:
-    # albedo: sRGB-encoded diffuse colour; normal: WORLD-space unit normals, 0 where no surface;
+    # albedo: sRGB-encoded diffuse base colour; normal: WORLD-space unit normals, 0 where no surface;
     # depth: z-depth along the camera's viewing axis in world units, 0 where no surface.
     albedo: np.ndarray = spec(Array(("uint8",), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.uint8))
     normal: np.ndarray = spec(Array(("float32", "float16"), (None, None, None, 3)), default_factory=_empty((0, 0, 0, 3), np.float32))
@@ -465,7 +465,8 @@ NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submi
 #: The optional per-pixel passes of a Submit (scene mode), by their one name on both sides, with
 #: their per-image trailing shape and the dtype they have in memory and in pass files (the wire
 #: also takes float16 for the float ones):
-#: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse colour (Blender's Diffuse Color pass);
+#: "albedo" (H, W, 3) uint8 sRGB-encoded diffuse base colour (blender_addon/passes.py: the BSDF's base
+#:          colour times (1 - metallic) (1 - transmission), without the specular layer's share);
 #: "normal" (H, W, 3) float32 WORLD-space unit normals, 0 where there is no surface;
 #: "depth"  (H, W)    float32 z-depth along the camera's viewing axis (world units), 0: no surface;
 #: "roughness" (H, W) float32 material roughness in [0, 1], NO_ROUGHNESS (-1) where it has no value.

@@ -227,7 +227,7 @@ class Frame:
 
 _INTRINSIC_KEYS = (*transforms.INTRINSIC_KEYS, "mask_path", *transforms.LENS_KEYS)
 #: Optional per-frame pass files (top-level "depth_scale" may be overridden per frame):
-#:   "albedo_path": 8-bit PNG, RGB or RGBA (alpha ignored), sRGB-encoded diffuse colour.
+#:   "albedo_path": 8-bit PNG, RGB or RGBA (alpha ignored), sRGB-encoded diffuse base colour.
 #:   "normal_path": 8-bit RGB PNG, world normal n = 2 * v / 255 - 1 (renormalised); (0, 0, 0) = no surface.
 #:   "depth_path":  16-bit single-channel PNG, z-depth = value * "depth_scale" (world units per
 #:                  count); 0 = no surface.  Or a .npz holding a float array "depth" (H, W).

@@ -109,6 +109,43 @@ def test_passes_leave_the_beauty_and_the_scene_as_they_were(tmp_path):
     assert not scene.render.film_transparent
 
 
+def test_albedo_pass_is_the_principled_base_colour_seen_at_a_grazing_angle(tmp_path):
+    """A Principled BSDF's Diffuse Color pass is its base colour times what the specular layer
+    leaves (less the more grazing the view); the albedo pass is the base colour itself, times
+    (1 - metallic) where the metallic input (here through a Value node) takes from it."""
+    import bpy
+
+    from fit_implicit.blender_addon import capture
+    from fit_implicit.shared.color import linear_to_srgb
+
+    scene = fresh_scene(width=40, height=30, samples=8)
+    mat = bpy.data.materials.new("Known Principled")
+    if mat.node_tree is None:
+        mat.use_nodes = True
+    tree = mat.node_tree
+    bsdf = tree.nodes["Principled BSDF"]
+    bsdf.inputs["Base Color"].default_value = (*ALBEDO_LINEAR, 1.0)
+    bsdf.inputs["Roughness"].default_value = 0.3
+    metallic = tree.nodes.new("ShaderNodeValue")
+    metallic.outputs[0].default_value = 0.25
+    tree.links.new(metallic.outputs[0], bsdf.inputs["Metallic"])
+    add_plane(scene, "Known Plane", size=4.0, material=mat)
+    # 70 degrees from the plane's normal: the specular layer keeps ~10 % of the light there
+    cam = add_camera(scene, "Grazing", location=(0.0, -3.0 * math.sin(math.radians(70.0)),
+                                                 3.0 * math.cos(math.radians(70.0))),
+                     rotation=(math.radians(70.0), 0.0, 0.0))
+    sun = bpy.data.objects.new("Sun", bpy.data.lights.new("Sun", "SUN"))
+    scene.collection.objects.link(sun)
+    bpy.context.view_layer.update()
+    view = capture.ViewRenderer(scene, bpy.context.view_layer, str(tmp_path)).render(cam, passes=True)
+    inside = view.rgba[..., 3] == 255
+    assert inside.sum() > 300
+    want = np.round(linear_to_srgb(np.array(ALBEDO_LINEAR) * 0.75) * 255.0)
+    err = np.abs(view.passes["albedo"][inside].astype(float) - want)
+    assert err.max() <= 2, (err.max(), want)
+    assert len(bpy.context.view_layer.aovs) == 0 and len(tree.nodes) == 3      # the nodes added are gone
+
+
 # --------------------------------------------------------------------------------------------
 # Roughness: a view layer AOV written by nodes added to the materials for the render
 # --------------------------------------------------------------------------------------------
@@ -234,10 +271,10 @@ def test_roughness_nodes_are_removed_when_the_render_fails(tmp_path):
     before = _material_state()
     with pytest.raises(RuntimeError, match="render failed"):
         with PassOutput(scene, view_layer, str(tmp_path)):
-            # While active: a second AOV (the user's keeps its name), written by the three
-            # materials with a roughness.
+            # While active: two more AOVs (the user's keeps its name; ours, roughness and base
+            # colour), written by the three materials with a BSDF.
             names = [a.name for a in view_layer.aovs]
-            assert len(names) == 2 and names[0] == ROUGHNESS_AOV and names[1] != ROUGHNESS_AOV
+            assert len(names) == 3 and names[0] == ROUGHNESS_AOV and names[1] != ROUGHNESS_AOV
             writers = {m.name for m in bpy.data.materials
                        if any(n.bl_idname == "ShaderNodeOutputAOV" and n.aov_name == names[1]
                               for n in m.node_tree.nodes)}
