@@ -184,7 +184,7 @@ if want mesh; then
         set -- ${spec/:/ }
         python3 benchmarks/lego_mesh.py fit --data .data/lego --out "$OUT/mesh_$1" --method "$1" --seconds "$2" \
             --mesh-resolution 512 --texture-size 2048 --no-field-renders ${MESH_ARGS:-} || status=1
-        split_large "$OUT/mesh_$1/lego.glb"
+        for g in "$OUT/mesh_$1"/lego.glb "$OUT/mesh_$1"/refine_*/lego.glb; do split_large "$g"; done
     done
 fi
 if want scene; then     # not in the default: issue 12's own scene (thin parts, holes, letters) with Blender's passes
@@ -200,7 +200,7 @@ if want scene; then     # not in the default: issue 12's own scene (thin parts, 
         python3 benchmarks/lego_mesh.py fit --data .data/still_life --out "$OUT/$name" --method "$method" \
             --seconds "$seconds" "${passes[@]}" --gt .data/still_life/ground_truth.ply --mesh-resolution 512 \
             --texture-size 2048 --no-field-renders ${SCENE_ARGS:-} || status=1
-        split_large "$OUT/$name/lego.glb"
+        for g in "$OUT/$name"/lego.glb "$OUT/$name"/refine_*/lego.glb; do split_large "$g"; done
     done
 fi
 if want parallel; then     # not in the default: data-parallel fitting over every GPU (issue 20)
