@@ -17,7 +17,8 @@ fixed and the photos are explained by physically based shading instead:
 * **visibility**: for every surface sample and every bin, whether the mesh itself blocks the way
   (one orthographic shadow map a bin, rendered once: the geometry does not move), so a shadow is
   explained by the light being blocked, not painted into the base colour;
-* **shading** (linear): Lambert for ``albedo * (1 - metallic)`` plus a GGX microfacet lobe
+* **shading** (linear): Lambert for ``albedo * (1 - metallic)``, times what the specular layer
+  leaves (:func:`specular_albedo`, as Blender's Principled BSDF layers them), plus a GGX microfacet lobe
   (Smith-Schlick visibility, Schlick Fresnel with ``F0 = lerp(0.04, albedo, metallic)``), each bin
   lighting as a small area light of its solid angle; the lobe is widened by the bin's angular
   size so that a bin-sized light still gives a highlight (the light's resolution limits how sharp
@@ -379,6 +380,21 @@ def to_linear(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055).pow(2.4))
 
 
+DIELECTRIC_F0 = 0.04     # head-on reflectance of Blender's Principled BSDF at its default IOR of 1.5
+
+
+def specular_albedo(nv: torch.Tensor, roughness: torch.Tensor, f0: float) -> torch.Tensor:
+    """The share of light a GGX specular layer of reflectance ``f0`` head-on reflects towards a
+    view at cosine ``nv`` (its directional albedo), by the analytic fit to the split-sum table of
+    Lazarov (2013) as Karis gives it (2014); nv, roughness (B, 1) -> (B, 1)."""
+    r0 = roughness * -1.0 + 1.0
+    r1 = roughness * -0.0275 + 0.0425
+    a004 = torch.minimum(r0 * r0, torch.exp2(-9.28 * nv)) * r0 + r1
+    scale = -1.04 * a004 + (roughness * -0.572 + 1.04)
+    bias = 1.04 * a004 + (roughness * 0.022 - 0.04)
+    return (f0 * scale + bias).clamp(0.0, 1.0)
+
+
 def shade(albedo: torch.Tensor, roughness: torch.Tensor, metallic: torch.Tensor, incoming: torch.Tensor,
           dirs: torch.Tensor, solid: torch.Tensor, n: torch.Tensor, v: torch.Tensor, widen: float) -> torch.Tensor:
     """Linear radiance (B, 3) towards the camera (module doc).
@@ -391,7 +407,11 @@ def shade(albedo: torch.Tensor, roughness: torch.Tensor, metallic: torch.Tensor,
     nl = (n @ dirs.T).clamp_min(0.0)                                       # (B, K)
     nv = (n * v).sum(-1, keepdim=True).clamp_min(1e-4)                     # (B, 1)
     arrive = nl * solid                                                    # (B, K): irradiance weights
-    diffuse = albedo * (1.0 - metallic) / math.pi * (arrive[..., None] * incoming).sum(1)
+    # The diffuse layer gets what the dielectric specular layer above it leaves, as in Blender's
+    # Principled BSDF, which shades the asset: without it the base colour came out darker by that
+    # share (4 % head-on, more at grazing angles) and Blender took the share off again.
+    left = 1.0 - specular_albedo(nv, roughness, DIELECTRIC_F0)
+    diffuse = albedo * (1.0 - metallic) * left / math.pi * (arrive[..., None] * incoming).sum(1)
     h = torch.nn.functional.normalize(dirs[None] + v[:, None], dim=-1)     # (B, K, 3)
     nh = (n[:, None] * h).sum(-1).clamp_min(0.0)
     vh = (v[:, None] * h).sum(-1).clamp_min(0.0)
