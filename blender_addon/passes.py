@@ -137,7 +137,10 @@ def material_bsdf(tree):
 def material_roughness(tree):
     """The roughness of :func:`material_bsdf`: a float (an unlinked "Roughness"; 1.0 for a
     Diffuse BSDF), the output socket linked into that "Roughness" input, or None (no BSDF)."""
-    node = material_bsdf(tree)
+    return _bsdf_roughness(material_bsdf(tree))
+
+
+def _bsdf_roughness(node):
     if node is None:
         return None
     if node.bl_idname in _FULLY_ROUGH_BSDFS:
@@ -295,9 +298,10 @@ class PassOutput:
             if not _uses_nodes(mat):
                 continue
             tree = mat.node_tree
-            rough = material_roughness(tree)
-            if rough is None:
+            bsdf = material_bsdf(tree)
+            if bsdf is None:
                 continue                # no value: the AOVs stay 0 on this material's pixels
+            rough = _bsdf_roughness(bsdf)
             added = []
             comb = tree.nodes.new("ShaderNodeCombineXYZ")
             added.append(comb)
@@ -307,7 +311,7 @@ class PassOutput:
                 comb.inputs["X"].default_value = rough
             else:
                 tree.links.new(rough, comb.inputs["X"])
-            colour = _base_colour_output(tree, material_bsdf(tree), added)
+            colour = _base_colour_output(tree, bsdf, added)
             for aov_name, value in ((rough_name, comb.outputs["Vector"]), (colour_name, colour)):
                 write = tree.nodes.new("ShaderNodeOutputAOV")
                 added.append(write)
