@@ -143,9 +143,9 @@ def surface_scores(model, sdf, n: int = 64, threshold_share: float = 0.01) -> di
     return {"chamfer_share": s["chamfer"] / diag, "fscore": s["fscore"], "diag": diag}
 
 
-def fitted_run(tmp_path_factory, method: str, data: PosedImages, name: str):
-    """A CPU fit (draft preset, TEST_STEPS steps, seed 0) of ``data`` saved as a run: (model, folder)."""
-    model = fit(data, make_config(method, "draft", device="cpu", steps=TEST_STEPS, preview_size=0, seed=0))
+def fitted_run(tmp_path_factory, method: str, data: PosedImages, name: str, steps: int = TEST_STEPS):
+    """A CPU fit (draft preset, ``steps`` steps, seed 0) of ``data`` saved as a run: (model, folder)."""
+    model = fit(data, make_config(method, "draft", device="cpu", steps=steps, preview_size=0, seed=0))
     run = tmp_path_factory.mktemp(name)
     save_run(model, run)
     return model, run

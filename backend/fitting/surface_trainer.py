@@ -40,6 +40,7 @@ MIN_RAYS = 64           # floor of the adaptive ray count
 # diverged in one of two runs (held out 10.9 dB at 120 s) and 0.1 gave 36.3 dB at 1,500 steps (0: 35.0)
 # and 37.1 dB at 120 s; on lego (photos only) any mask term costs (0.02: -0.4 dB).
 MASK_WEIGHT_WITH_PASSES = 0.1
+DEPTH_SOLID = 250 / 255   # alpha from which a pixel is all surface, for the depth pass (_pass_losses)
 
 
 @dataclass
@@ -208,8 +209,13 @@ class SurfaceTrainer(TrainerBase):
                 cos = F.cosine_similarity(out.normal[has], n[has], dim=-1, eps=1e-6)
                 loss = loss + cfg.normal_weight * (1.0 - cos).mean()
         if "depth" in passes:
+            # Only where the pixel is all surface: the pass is one sample's, so an outline pixel
+            # holds the surface's depth whenever that sample hit it, while the ray through the
+            # pixel's centre may pass beside it; asked for that depth there, the field grew
+            # outwards (a test sphere's surface 0.22 pixel outside the truth; the still life's
+            # asset 0.1 pixel fat on every outline: docs/benchmarks.md).
             z = passes["depth"][:, 0]
-            has = z > 0
+            has = (z > 0) & (alpha >= DEPTH_SOLID)
             if bool(has.any()):
                 loss = loss + cfg.depth_weight * (out.depth[has] - z[has]).abs().mean() / self.model.scale
         if "roughness" in passes and out.roughness is not None:
