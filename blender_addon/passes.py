@@ -166,12 +166,11 @@ def _base_colour_output(tree, node, added: list):
 
     scale = new("ShaderNodeVectorMath", "SCALE")
     colour_input = node.inputs.get(_BASE_COLOUR_INPUTS.get(node.bl_idname, ""))
-    if colour_input is None:
-        scale.inputs[0].default_value = (0.0, 0.0, 0.0)
-    elif _linked_output(colour_input) is not None:
-        tree.links.new(_linked_output(colour_input), scale.inputs[0])
+    colour_src = None if colour_input is None else _linked_output(colour_input)
+    if colour_src is not None:
+        tree.links.new(colour_src, scale.inputs[0])
     else:
-        scale.inputs[0].default_value = tuple(colour_input.default_value)[:3]
+        scale.inputs[0].default_value = (0.0, 0.0, 0.0) if colour_input is None else tuple(colour_input.default_value)[:3]
     factor = 1.0                                   # a float, or an output socket
     if node.bl_idname == "ShaderNodeBsdfPrincipled":
         for names in _NOT_DIFFUSE_INPUTS:
@@ -438,10 +437,12 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
     """
     alpha = np.asarray(alpha, dtype=np.float32)
     covered = alpha > 0
+    if roughness is not None:       # the share of samples whose material wrote the AOVs, and where most did
+        g = roughness[..., 1].astype(np.float32)
+        has_aov = covered & (g > 0.5 * np.maximum(alpha, 1e-3))
     albedo_lin = diffuse[..., :3] / np.maximum(alpha, 1e-3)[..., None]
     if roughness is not None and base_colour is not None:
-        g = roughness[..., 1].astype(np.float32)
-        has_colour = covered & (g > 0.5 * np.maximum(alpha, 1e-3)) & np.isfinite(base_colour[..., :3]).all(-1)
+        has_colour = has_aov & np.isfinite(base_colour[..., :3]).all(-1)
         albedo_lin = np.where(has_colour[..., None], base_colour[..., :3] / np.maximum(g, 1e-3)[..., None], albedo_lin)
     albedo = np.where(covered[..., None], color.linear_to_srgb(albedo_lin), 0.0)
     n = normal[..., :3].astype(np.float32)
@@ -452,8 +453,8 @@ def convert_passes(diffuse: np.ndarray, normal: np.ndarray, depth: np.ndarray, a
     z = np.where((z > 0) & (z < NO_SURFACE_DEPTH) & np.isfinite(z), z, 0.0)
     rough = np.full(alpha.shape, protocol.NO_ROUGHNESS, dtype=np.float32)
     if roughness is not None:
-        r, g = roughness[..., 0].astype(np.float32), roughness[..., 1].astype(np.float32)
-        has_value = covered & (g > 0.5 * np.maximum(alpha, 1e-3)) & np.isfinite(r)
+        r = roughness[..., 0].astype(np.float32)
+        has_value = has_aov & np.isfinite(r)
         rough[has_value] = np.clip(r[has_value] / g[has_value], 0.0, 1.0)
     return {"albedo": np.clip(albedo * 255.0 + 0.5, 0, 255).astype(np.uint8),
             "normal": n.astype(np.float32), "depth": z.astype(np.float32), "roughness": rough}

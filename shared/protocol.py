@@ -473,6 +473,8 @@ NORMAL_TOLERANCE = 0.05   # |length - 1| allowed for a nonzero normal of a Submi
 PASS_DTYPES = {"albedo": np.uint8, "normal": np.float32, "depth": np.float32, "roughness": np.float32}
 PASS_NAMES = tuple(PASS_DTYPES)
 NO_ROUGHNESS = -1.0       # a roughness pixel without a value
+SOLID_ALPHA = 250         # alpha (of 255) from which a pixel is all surface: outline pixels below it mix in the
+                          # background, and their passes (one sample's depth, say) hold the surface only in part
 
 
 def check_passes(msg: "Submit") -> None:

@@ -47,10 +47,11 @@ import torch
 
 from fit_implicit.backend.export.texture import UVMesh, dilate, rasterize as rasterize_uv
 from fit_implicit.backend.render.raster import interpolate, rasterize, rasterize_2d, sample_texture
+from fit_implicit.shared.protocol import SOLID_ALPHA
 
 BATCH = 1 << 13          # (view, pixel) samples a step
 MAX_SAMPLES = 1 << 19    # surface samples kept at most (a random subset beyond it; each holds K bins' bounce)
-SOLID = 250              # alpha (of 255) from which a pixel is all surface (outlines mix in the background)
+SOLID = SOLID_ALPHA      # alpha (of 255) from which a pixel is all surface (outlines mix in the background)
 METALLIC_PRIOR = 0.01    # weight of the mean metallic: a dielectric unless the photos say otherwise
 PADDING = 4              # texels the textures grow past their charts
 # The light first: over this share of the steps only the light moves (the textures keep their

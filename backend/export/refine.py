@@ -45,11 +45,12 @@ from fit_implicit.backend.export.texture import (DEFAULT_PADDING, BakedTextures,
                                                  uv_tangents)
 from fit_implicit.backend.render.raster import (Fragments, antialias, face_adjacency, interpolate, project, rasterize,
                                                 sample_texture)
+from fit_implicit.shared.protocol import SOLID_ALPHA
 
 BATCH = 1 << 16          # (view, pixel) samples a step
 MAX_SAMPLES = 1 << 27    # samples kept in memory at most (a random subset beyond it)
 MAX_OFFSET = 0.02        # furthest a vertex moves, as a share of the mesh's bounding-box diagonal
-SOLID = 250              # alpha (of 255) from which a pixel is all surface, for the normal and roughness terms
+SOLID = SOLID_ALPHA      # alpha (of 255) from which a pixel is all surface, for the normal and roughness terms
 # Remeshing rounds (mesh_refine_remesh; _remesh below)
 SPLIT_SHARE = 0.1        # a round cuts at most this share of the faces' edges (each cut adds two faces)
 SPLIT_MIN_PIXELS = 8.0   # a face is cut only where the views see it at least this many pixels large

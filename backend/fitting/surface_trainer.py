@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fit_implicit.backend.fitting.data import PosedImages
 from fit_implicit.backend.fitting.trainer import TrainConfig, TrainerBase, colour_loss
-from fit_implicit.shared.protocol import PASS_NAMES
+from fit_implicit.shared.protocol import PASS_NAMES, SOLID_ALPHA
 
 if TYPE_CHECKING:   # annotations only: fitting/config.py imports this module
     from fit_implicit.backend.fitting.config import FitConfig
@@ -40,7 +40,6 @@ MIN_RAYS = 64           # floor of the adaptive ray count
 # diverged in one of two runs (held out 10.9 dB at 120 s) and 0.1 gave 36.3 dB at 1,500 steps (0: 35.0)
 # and 37.1 dB at 120 s; on lego (photos only) any mask term costs (0.02: -0.4 dB).
 MASK_WEIGHT_WITH_PASSES = 0.1
-DEPTH_SOLID = 250 / 255   # alpha from which a pixel is all surface, for the depth pass (_pass_losses)
 
 
 @dataclass
@@ -215,7 +214,7 @@ class SurfaceTrainer(TrainerBase):
             # outwards (a test sphere's surface 0.22 pixel outside the truth; the still life's
             # asset 0.1 pixel fat on every outline: docs/benchmarks.md).
             z = passes["depth"][:, 0]
-            has = (z > 0) & (alpha >= DEPTH_SOLID)
+            has = (z > 0) & (alpha >= SOLID_ALPHA / 255.0)
             if bool(has.any()):
                 loss = loss + cfg.depth_weight * (out.depth[has] - z[has]).abs().mean() / self.model.scale
         if "roughness" in passes and out.roughness is not None:

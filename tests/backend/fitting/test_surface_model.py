@@ -46,7 +46,7 @@ def sphere_run(tmp_path_factory):
     return fitted_run(tmp_path_factory, "sdf", data, "sdf_run", steps=300)
 
 
-@pytest.mark.slow   # a CPU fit (200 steps)
+@pytest.mark.slow   # a CPU fit (300 steps)
 def test_sphere_surface_and_inside_field(sphere_run):
     model, _ = sphere_run
     assert model.method == "sdf"
