@@ -16,8 +16,9 @@ Losses (weights in :class:`SurfaceTrainConfig`):
 * sharpness (SDF with ``local_sharpness``, fields/sdf.py): the samples' softness, weighted by their
   compositing weights (held fixed): the density softens only where the colour loss pays for it;
 * passes (shared/protocol.py, PASS_DTYPES), where the data has them: albedo head vs "albedo", rendered normals vs
-  "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units), roughness head vs
-  "roughness" (MSE, premultiplied like the albedo, on the pixels that have a value).
+  "normal" (1 - cos), rendered depth vs "depth" (L1 in normalised units), the field's |value| at the
+  surface points "depth" gives (the zero level through them), roughness head vs "roughness" (MSE,
+  premultiplied like the albedo, on the pixels that have a value).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class SurfaceTrainConfig(TrainConfig):
     albedo_weight: float = 1.0      # albedo head vs the "albedo" pass, where given
     normal_weight: float = 0.05     # 1 - cos of rendered vs the "normal" pass, where given
     depth_weight: float = 0.1       # L1 of rendered vs the "depth" pass (normalised units), where given
+    depth_surface_weight: float = 1.0   # mean |value| at the "depth" pass's surface points (normalised units)
     roughness_weight: float = 1.0   # roughness head vs the "roughness" pass, where it has a value
 
     def validate(self) -> None:
@@ -72,7 +74,7 @@ class SurfaceTrainConfig(TrainConfig):
         if not (self.mask_weight >= 0 or self.mask_weight == -1):
             raise ValueError(f"mask_weight must not be negative (or -1: auto), got {self.mask_weight}")
         for name in ("level_every", "cos_anneal_steps", "eikonal_points", "eikonal_weight", "curvature_weight",
-                     "albedo_weight", "normal_weight", "depth_weight", "roughness_weight",
+                     "albedo_weight", "normal_weight", "depth_weight", "depth_surface_weight", "roughness_weight",
                      "variance_lr", "sharpness_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -170,6 +172,9 @@ class SurfaceTrainer(TrainerBase):
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
             loss = loss + self.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
         loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
+        if "depth" in passes and tc.depth_surface_weight > 0:
+            loss = loss + tc.depth_surface_weight * self._depth_surface_loss(origins, dirs, passes["depth"][:, 0],
+                                                                             alpha[:, 0], photo)
         self.apply_gradients(loss)
         self.rays = tc.adapt_rays(self.rays, out.samples, MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples
@@ -191,6 +196,20 @@ class SurfaceTrainer(TrainerBase):
             w = out.extras["weights"].detach()
             loss = loss + cfg.sharpness_weight * (w * out.extras["softness"]).sum() / w.sum().clamp(min=1e-6)
         return loss
+
+    def _depth_surface_loss(self, origins: torch.Tensor, dirs: torch.Tensor, depth: torch.Tensor,
+                            alpha: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+        """Mean |value| of the field at the surface points the depth pass gives (origin + depth x
+        direction, on the pixels that are all surface): the zero level asked to pass through them.
+        Unlike the rendered depth (the weights' mean along the ray, which sits where the weights'
+        spread puts it while the field is soft), this holds the surface itself where the pass
+        puts it, as a point cloud's fit does (fitting/points_trainer.py)."""
+        has = (depth > 0) & (alpha >= SOLID_ALPHA / 255.0)
+        if not bool(has.any()):
+            return torch.zeros((), device=self.device)
+        x = self.model.to_normalised(origins[has] + depth[has, None] * dirs[has])
+        times = self.ray_times(photo)
+        return self.model.field.value(x, None if times is None else times[has]).abs().mean()
 
     def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:
         """Albedo, normal, depth and roughness supervision on the rays whose pixel
