@@ -85,6 +85,13 @@ class RefineConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
+def has_albedo_pass(data) -> bool:
+    """Whether ``data`` (PosedImages) carries Blender's albedo pass: the refinement's colour target
+    then (the base colour, free of light) in place of the photos."""
+    passes = getattr(data, "passes", {}) or {}
+    return "albedo" in passes and len(passes["albedo"]) > 0
+
+
 def view_samples(mesh, data, device: torch.device, target: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The texture coordinates and target colours of every masked pixel of every view of
     ``data`` (PosedImages) that the mesh covers.
@@ -96,7 +103,7 @@ def view_samples(mesh, data, device: torch.device, target: str = "auto") -> tupl
         uv (P, 2) float32 and colour (P, 3) float32 sRGB in [0, 1], on ``device``.
     """
     passes = getattr(data, "passes", {}) or {}
-    use_albedo = (target == "albedo") or (target == "auto" and "albedo" in passes and len(passes["albedo"]))
+    use_albedo = (target == "albedo") or (target == "auto" and has_albedo_pass(data))
     if use_albedo and "albedo" not in passes:
         raise ValueError("the data has no albedo pass to refine the base colour against")
     verts = torch.as_tensor(np.asarray(mesh.vertices, np.float32), device=device)
@@ -161,14 +168,15 @@ def refine_textures(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig,
                     device: str | torch.device = "cpu") -> tuple[UVMesh, BakedTextures, dict]:
     """The mesh and its bake refined against ``data`` (the fit's PosedImages) as ``cfg`` says:
     first the vertices with the texels (:func:`refine_mesh`), then the texels alone.  Returns the
-    mesh, the textures and facts for the job's summary (nothing refined: the inputs themselves).
-    Cameras with lens distortion are not refined against (the rasteriser is a pinhole camera)."""
+    mesh, the textures and facts for the job's summary (nothing refined: the inputs themselves;
+    "refine_target": "albedo" where the base colour now follows Blender's albedo pass, free of
+    light, else "image").  Cameras with lens distortion are not refined against (the rasteriser is a pinhole camera)."""
     if cfg.texture_refine_steps <= 0 and cfg.mesh_refine_steps <= 0:
         return mesh, baked, {}
     if getattr(data, "lens_models", None) is not None and np.any(np.asarray(data.lens_models) != 0):
         return mesh, baked, {"refine_skipped": "lens distortion"}
     dev = torch.device(device)
-    facts: dict = {}
+    facts: dict = {"refine_target": "albedo" if has_albedo_pass(data) else "image"}
     timings = dict(baked.timings)
     if cfg.mesh_refine_steps > 0 and len(mesh.faces):
         mesh, baked, moved = refine_mesh(mesh, baked, data, cfg, dev)

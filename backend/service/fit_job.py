@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 _torch_configured = False
 ALBEDO_VIEW_SIDE = 1024     # MaterialResult.albedo_view: longest side at most
+# Texture steps against Blender's albedo pass where the fit's colours hold the light (a radiance field
+# in scene mode) and the preset refines nothing: the asset's base colour then comes from the pass,
+# not from the light the renders saw (which Blender would shade a second time; docs/benchmarks.md
+# "A radiance field in scene mode").
+BASE_COLOUR_STEPS = 200
 
 
 def configure_torch() -> None:
@@ -169,8 +174,9 @@ def _run_fit_job(submit: protocol.Submit, ctx: JobContext) -> dict:
     refined = (getattr(model, "meta", None) or {}).get("camera_refine")
     if refined:     # the cameras as the fit corrected them: the mesh is refined against those
         posed = dataclasses.replace(posed, poses=np.asarray(refined["poses"], np.float64))
-    refining = cfg.refine.texture_refine_steps > 0 or cfg.refine.mesh_refine_steps > 0
-    refine = (posed, cfg.refine) if refining and submit.texture_size > 0 else None
+    refine_cfg = asset_refinement(cfg.refine, model, posed)
+    refining = refine_cfg.texture_refine_steps > 0 or refine_cfg.mesh_refine_steps > 0
+    refine = (posed, refine_cfg) if refining and submit.texture_size > 0 else None
     materials = None
     if submit.material_steps:   # materials and light from the photos (export/materials.py)
         from fit_implicit.backend.export.materials import MaterialConfig
@@ -289,6 +295,18 @@ def send_environment(model, ctx: JobContext, height: int) -> dict:
 
 
 # ---- post-fit assets: mesh, UV textures ---------------------------------------------------------
+def asset_refinement(refine, model, posed):
+    """The RefineConfig the asset is refined with: ``refine`` (the preset's), or, where the field's
+    colours hold the light but ``posed`` (PosedImages) carries Blender's albedo pass and the preset
+    refines nothing, BASE_COLOUR_STEPS texture steps against the pass."""
+    from fit_implicit.backend.export.refine import has_albedo_pass
+
+    lit = bool((getattr(model, "meta", None) or {}).get("lighting_baked", True))
+    if lit and has_albedo_pass(posed) and refine.mesh_refine_steps == 0 and refine.texture_refine_steps == 0:
+        return dataclasses.replace(refine, texture_refine_steps=BASE_COLOUR_STEPS)
+    return refine
+
+
 def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, texture_size: int,
                      ctx: JobContext, refine: tuple | None = None, views=None, max_faces: int | None = None,
                      track_times: np.ndarray | None = None, materials: tuple | None = None) -> dict:
@@ -324,7 +342,8 @@ def send_mesh_assets(model, verts: np.ndarray, faces: np.ndarray, colors: np.nda
             mesh, baked, facts = refine_textures(mesh, baked, *refine, device=getattr(model, "device", "cpu"))
             summary.update(facts)
         meta = getattr(model, "meta", {})
-        lit = bool(meta.get("lighting_baked", True))
+        # a base colour refined against Blender's albedo pass holds no light, whatever the field's did
+        lit = bool(meta.get("lighting_baked", True)) and summary.get("refine_target") != "albedo"
         summary["material"] = "baked" if lit else ("points" if meta.get("source") == "points" else "passes")
         if materials is not None:
             baked, found = _estimate_materials(model, mesh, baked, *materials, ctx, summary)

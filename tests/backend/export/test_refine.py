@@ -1,6 +1,8 @@
 """The base-colour texture refined against the training views (backend/export/refine.py): a
 bake whose colour boundary is misplaced (as a field's colours can be against its mesh) comes
 out of the refinement matching held-out views; nothing to refine against leaves the bake."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,50 @@ def test_the_job_sends_the_refined_texture(scene):
     mesh_msg = next(m for m in sent if isinstance(m, protocol.MeshResult))
     sent_mesh = tx.UVMesh(mesh_msg.vertices, mesh_msg.faces, mesh_msg.uvs, np.arange(len(mesh_msg.vertices)),
                           mesh_msg.normals, np.zeros((len(mesh_msg.vertices), 4), np.float32))
+    assert held_out_psnr(albedo, sent_mesh, held) > 22.0       # the bake alone: about 15 dB
+
+
+def test_a_field_whose_colours_hold_the_light_gets_its_base_colour_from_the_albedo_pass(scene):
+    """A radiance field in scene mode: its colours are the light the renders saw, which Blender
+    would shade a second time.  Where the preset refines nothing (draft), the job still fits the
+    texture to Blender's albedo pass (fit_job.asset_refinement) and says the colours are free of
+    light; the demo's radiance field: imported mesh 24.1 -> 31.7 dB (docs/benchmarks.md)."""
+    from fit_implicit.backend.service.fit_job import BASE_COLOUR_STEPS, asset_refinement, send_mesh_assets
+    from fit_implicit.shared import protocol
+
+    class LitBall(ShiftedBall):
+        meta = {"lighting_baked": True}
+
+    train, held, mesh, _ = scene
+    refine = asset_refinement(RefineConfig(), LitBall(), train)
+    assert refine.texture_refine_steps == BASE_COLOUR_STEPS
+    photos = dataclasses.replace(train, passes={})                                      # no passes
+    assert asset_refinement(RefineConfig(), LitBall(), photos) == RefineConfig()       # nothing to learn it from
+    assert asset_refinement(RefineConfig(), ShiftedBall(), train) == RefineConfig()    # already free of light
+    sent = []
+
+    class Ctx:
+        job_id = "j"
+
+        def progress(self, stage, **_):
+            pass
+
+        def check_cancelled(self):
+            pass
+
+        def send(self, message):
+            sent.append(message)
+
+    verts, faces = sphere_mesh(radius=0.6 * SCALE, n=48)
+    summary = send_mesh_assets(LitBall(), verts + CENTER.astype(np.float32), faces, np.zeros_like(verts), 128,
+                               Ctx(), refine=(train, refine))
+    textures = [m for m in sent if isinstance(m, protocol.TextureResult)]
+    assert summary["material"] == "passes" and summary["refine_target"] == "albedo"
+    assert textures and not any(m.lighting_baked for m in textures)
+    mesh_msg = next(m for m in sent if isinstance(m, protocol.MeshResult))
+    sent_mesh = tx.UVMesh(mesh_msg.vertices, mesh_msg.faces, mesh_msg.uvs, np.arange(len(mesh_msg.vertices)),
+                          mesh_msg.normals, np.zeros((len(mesh_msg.vertices), 4), np.float32))
+    albedo = next(m.image for m in textures if m.kind == "albedo")
     assert held_out_psnr(albedo, sent_mesh, held) > 22.0       # the bake alone: about 15 dB
 
 
