@@ -34,6 +34,24 @@ class ShiftedBall:
         return {"albedo": albedo, "normal": (n / np.linalg.norm(n, axis=1, keepdims=True)).astype(np.float32)}
 
 
+class SentMessages:
+    """The job context send_mesh_assets reports to: what it sends, and its progress stages."""
+
+    job_id = "j"
+
+    def __init__(self):
+        self.sent = []
+
+    def progress(self, stage, **_):
+        self.sent.append(("progress", stage))
+
+    def check_cancelled(self):
+        pass
+
+    def send(self, message):
+        self.sent.append(message)
+
+
 @pytest.fixture(scope="module")
 def scene():
     """(training views, held-out views, the true sphere as a UVMesh, its bake from ShiftedBall)."""
@@ -93,23 +111,11 @@ def test_the_job_sends_the_refined_texture(scene):
     from fit_implicit.shared import protocol
 
     train, held, mesh, _ = scene
-    sent = []
-
-    class Ctx:
-        job_id = "j"
-
-        def progress(self, stage, **_):
-            sent.append(("progress", stage))
-
-        def check_cancelled(self):
-            pass
-
-        def send(self, message):
-            sent.append(message)
-
+    ctx = SentMessages()
+    sent = ctx.sent
     verts, faces = sphere_mesh(radius=0.6 * SCALE, n=48)
     summary = send_mesh_assets(ShiftedBall(), verts + CENTER.astype(np.float32), faces, np.zeros_like(verts), 128,
-                               Ctx(), refine=(train, RefineConfig(texture_refine_steps=100)))
+                               ctx, refine=(train, RefineConfig(texture_refine_steps=100)))
     assert ("progress", "refine") in sent and summary["texture_refine_steps"] == 100
     albedo = next(m.image for m in sent if isinstance(m, protocol.TextureResult) and m.kind == "albedo")
     mesh_msg = next(m for m in sent if isinstance(m, protocol.MeshResult))
@@ -135,23 +141,11 @@ def test_a_field_whose_colours_hold_the_light_gets_its_base_colour_from_the_albe
     photos = dataclasses.replace(train, passes={})                                      # no passes
     assert asset_refinement(RefineConfig(), LitBall(), photos) == RefineConfig()       # nothing to learn it from
     assert asset_refinement(RefineConfig(), ShiftedBall(), train) == RefineConfig()    # already free of light
-    sent = []
-
-    class Ctx:
-        job_id = "j"
-
-        def progress(self, stage, **_):
-            pass
-
-        def check_cancelled(self):
-            pass
-
-        def send(self, message):
-            sent.append(message)
-
+    ctx = SentMessages()
+    sent = ctx.sent
     verts, faces = sphere_mesh(radius=0.6 * SCALE, n=48)
     summary = send_mesh_assets(LitBall(), verts + CENTER.astype(np.float32), faces, np.zeros_like(verts), 128,
-                               Ctx(), refine=(train, refine))
+                               ctx, refine=(train, refine))
     textures = [m for m in sent if isinstance(m, protocol.TextureResult)]
     assert summary["material"] == "passes" and summary["refine_target"] == "albedo"
     assert textures and not any(m.lighting_baked for m in textures)
@@ -162,14 +156,19 @@ def test_a_field_whose_colours_hold_the_light_gets_its_base_colour_from_the_albe
     assert held_out_psnr(albedo, sent_mesh, held) > 22.0       # the bake alone: about 15 dB
 
 
-def test_mesh_refinement_moves_a_too_small_sphere_onto_the_views():
-    """A mesh 5 % smaller than the true sphere, refined against the training views: held-out
-    views match far better, the sphere grows towards the true radius and keeps its centre."""
+@pytest.mark.parametrize("start", [0.57, 0.63])
+def test_mesh_refinement_moves_a_too_small_or_too_large_sphere_onto_the_views(start):
+    """A mesh 5 % smaller or larger than the true sphere, refined against the training views:
+    held-out views match far better, the sphere's radius comes to the true one and it keeps its
+    centre.  Measured (200 steps): 0.57 -> 0.598, held out 24.8 -> 31.6 dB; 0.63 -> 0.603, 23.6 ->
+    31.5 dB.  The too large one is the test of the texels learning only from pixels that are all
+    surface (export/refine.py TEXELS_FROM_SOLID): where the outline's pixels taught them too, they
+    lightened along the rim and the mesh stayed fat (0.607, 28.9 dB)."""
     from fit_implicit.backend.export.refine import draw
 
     data = shape_scene(sphere_sdf, two_colours, count=12, size=64, passes=("albedo",))
     train, held = split_holdout(data, 4)
-    verts, faces = sphere_mesh(radius=0.57 * SCALE, n=40)
+    verts, faces = sphere_mesh(radius=start * SCALE, n=40)
     mesh = tx.unwrap(verts + CENTER.astype(np.float32), faces, size=128, padding=2, piece_faces=400)
 
     class TrueBall(ShiftedBall):
@@ -191,7 +190,7 @@ def test_mesh_refinement_moves_a_too_small_sphere_onto_the_views():
 
     moved, refined, facts = refine_textures(mesh, baked, train, RefineConfig(mesh_refine_steps=200))
     before, after = held_psnr(mesh, baked.albedo), held_psnr(moved, refined.albedo)
-    assert after > before + 5.0, (before, after)          # measured 24.6 -> 31.0 dB
+    assert after > before + 5.0 and after > 30.5, (before, after)
     radius = np.linalg.norm(moved.vertices - CENTER, axis=1) / SCALE
     assert abs(radius.mean() - 0.6) < 0.005 and radius.std() < 0.01, (radius.mean(), radius.std())
     assert np.abs(moved.vertices.mean(0) - CENTER).max() < 0.01 * SCALE        # same place
