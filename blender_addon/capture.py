@@ -232,10 +232,8 @@ def fit_settings_from_props(props) -> dict:
 
 
 def passes_by_default(scene, method: str) -> bool:
-    """Passes are on by default when the scene renders with Cycles: a surface fit (sdf, occupancy)
-    learns from them; a radiance field's asset takes its base colour from the albedo pass
-    (backend/service/fit_job.py asset_refinement)."""
-    return scene.render.engine == "CYCLES"
+    """Passes are on by default for surface fits (sdf, occupancy) when the scene renders with Cycles."""
+    return method in ("sdf", "occupancy") and scene.render.engine == "CYCLES"
 
 
 def lighting_note(scene, props) -> str:

@@ -67,7 +67,7 @@ class FitSettings:
     source_collection: str = ""           # COLLECTION: its name
     source_camera: str = ""               # ANIMATION: the camera (default: the scene camera)
     frame_range: tuple | None = None      # ANIMATION: (start, end, step); None: the scene's
-    passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on under Cycles
+    passes: bool | None = None            # albedo/normal/depth/roughness passes; None: on for sdf/occupancy
     cache_dir: str | None = ""            # render cache ("": capture.default_cache_dir(); None: off)
     # Photo captures (protocol.Submit, shared/methods.py)
     background: str = "auto"              # auto | on | off: the background model outside the box

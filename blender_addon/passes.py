@@ -46,6 +46,7 @@ PASS_NAMES = protocol.PASS_NAMES
 # pass -> (Render Layers output, File Output item type); "roughness" reads the AOV's output,
 # whose name is only known once the AOV exists (see PassOutput.__enter__).
 _SOCKETS = {"albedo": ("Diffuse Color", "RGBA"), "normal": ("Normal", "VECTOR"), "depth": ("Depth", "FLOAT")}
+_SOCKET_ALIASES = {"Diffuse Color": ("DiffCol",)}     # Blender 4.2's Render Layers names it so
 _LAYER_FLAGS = ("use_pass_diffuse_color", "use_pass_normal", "use_pass_z")
 NO_SURFACE_DEPTH = 1e9        # Cycles writes 1e10 where a pixel's sample hit nothing
 ROUGHNESS_AOV = "ImplicitRoughness"   # the view layer AOV the materials write (roughness, 1, 0) into
@@ -261,9 +262,11 @@ class PassOutput:
             fmt.color_depth = "32"
             fmt.exr_codec = "ZIP"
             self._items = list(sockets)
-            for name, (socket, _kind) in sockets.items():
-                if socket not in rl.outputs:
+            for name, (socket, kind) in list(sockets.items()):
+                found = [n for n in (socket, *_SOCKET_ALIASES.get(socket, ())) if n in rl.outputs]
+                if not found:
                     raise PassError(f"The Render Layers node has no '{socket}' output for the {name} pass.")
+                sockets[name] = (found[0], kind)
             if hasattr(out, "file_output_items"):       # 5.0
                 out.directory = self.folder + os.sep
                 for name, (socket, kind) in sockets.items():

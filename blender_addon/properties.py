@@ -124,7 +124,7 @@ class ImplicitSceneSettings(bpy.types.PropertyGroup):
         name="Render Passes", default="AUTO",
         description="Also render albedo, normal, depth and roughness passes (Cycles) so that the albedo carries "
                     "no lighting and the asset gets a roughness texture",
-        items=(("AUTO", "Auto", "When the scene renders with Cycles"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
+        items=(("AUTO", "Auto", "For surface fits (SDF, occupancy)"), ("ON", "On", "Always"), ("OFF", "Off", "Never")))
     # Photo captures (shared/methods.py; Submit fields of the same names)
     background: bpy.props.EnumProperty(
         name="Background", default="auto",

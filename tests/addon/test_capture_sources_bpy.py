@@ -245,8 +245,7 @@ def test_panel_says_when_lighting_stays_baked_in(capture):
     on = SimpleNamespace(render_passes="ON", capture_source="SCENE", resume_renders=True)
     assert capture.lighting_note(scene, on) == ""
     assert "baked" in capture.lighting_note(scene, SimpleNamespace(render_passes="OFF"))
-    # a radiance field too: its asset's base colour comes from the albedo pass (fit_job.asset_refinement)
-    assert capture.lighting_note(scene, SimpleNamespace(render_passes="AUTO", method="nerf")) == ""
+    assert "baked" in capture.lighting_note(scene, SimpleNamespace(render_passes="AUTO", method="nerf"))
     assert capture.lighting_note(scene, SimpleNamespace(render_passes="AUTO", method="sdf")) == ""
     cam.data["implicit_image"] = "images/0001.jpg"      # what the transforms.json import sets
     assert "Photos have no albedo pass" in capture.lighting_note(scene, on)
@@ -286,7 +285,7 @@ def test_fit_session_sends_passes_of_an_animated_camera(tmp_path):
     scene.render.engine = "BLENDER_WORKBENCH"
     with pytest.raises(capture.CaptureError, match="need the Cycles engine"):
         capture.plan_capture(scene, bpy.context.view_layer, passes=True)
-    assert not capture.passes_by_default(scene, "sdf") and not capture.passes_by_default(scene, "nerf")
+    assert not capture.passes_by_default(scene, "sdf")
 
 
 def _moving_target_scene():
