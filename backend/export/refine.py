@@ -86,11 +86,16 @@ class RefineConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
+def _pass(data, name: str) -> np.ndarray | None:
+    passes = getattr(data, "passes", {}) or {}
+    value = passes.get(name)
+    return value if value is not None and len(value) else None
+
+
 def has_albedo_pass(data) -> bool:
     """Whether ``data`` (PosedImages) carries Blender's albedo pass: the refinement's colour target
     then (the base colour, free of light) in place of the photos."""
-    passes = getattr(data, "passes", {}) or {}
-    return "albedo" in passes and len(passes["albedo"]) > 0
+    return _pass(data, "albedo") is not None
 
 
 def view_samples(mesh, data, device: torch.device, target: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,12 +350,6 @@ def shading_normals(normal_map: torch.Tensor, uv: torch.Tensor, normals: torch.T
     local = torch.nn.functional.normalize(sample_texture(normal_map, uv), dim=-1, eps=1e-12)
     world = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:] * n
     return torch.nn.functional.normalize(world, dim=-1, eps=1e-12)
-
-
-def _pass(data, name: str) -> np.ndarray | None:
-    passes = getattr(data, "passes", {}) or {}
-    value = passes.get(name)
-    return value if value is not None and len(value) else None
 
 
 def refine_mesh(mesh: UVMesh, baked: BakedTextures, data, cfg: RefineConfig, device: torch.device,

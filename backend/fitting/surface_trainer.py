@@ -171,10 +171,7 @@ class SurfaceTrainer(TrainerBase):
         if self.masks and self.mask_weight > 0:
             opacity = out.extras.get("foreground_opacity", out.opacity).clamp(1e-3, 1.0 - 1e-3)
             loss = loss + self.mask_weight * F.binary_cross_entropy(opacity, alpha[:, 0])
-        loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0])
-        if "depth" in passes and tc.depth_surface_weight > 0:
-            loss = loss + tc.depth_surface_weight * self._depth_surface_loss(origins, dirs, passes["depth"][:, 0],
-                                                                             alpha[:, 0], photo)
+        loss = loss + self._regularisers(out) + self._pass_losses(out, passes, alpha[:, 0], (origins, dirs, photo))
         self.apply_gradients(loss)
         self.rays = tc.adapt_rays(self.rays, out.samples, MIN_RAYS)
         return loss.detach(), mse.detach(), out.samples
@@ -198,22 +195,20 @@ class SurfaceTrainer(TrainerBase):
         return loss
 
     def _depth_surface_loss(self, origins: torch.Tensor, dirs: torch.Tensor, depth: torch.Tensor,
-                            alpha: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+                            photo: torch.Tensor) -> torch.Tensor:
         """Mean |value| of the field at the surface points the depth pass gives (origin + depth x
-        direction, on the pixels that are all surface): the zero level asked to pass through them.
-        Unlike the rendered depth (the weights' mean along the ray, which sits where the weights'
-        spread puts it while the field is soft), this holds the surface itself where the pass
-        puts it, as a point cloud's fit does (fitting/points_trainer.py)."""
-        has = (depth > 0) & (alpha >= SOLID_ALPHA / 255.0)
-        if not bool(has.any()):
-            return torch.zeros((), device=self.device)
-        x = self.model.to_normalised(origins[has] + depth[has, None] * dirs[has])
+        direction; the rays given are those whose pixel is all surface): the zero level asked to
+        pass through them.  Unlike the rendered depth (the weights' mean along the ray, which sits
+        where the weights' spread puts it while the field is soft), this holds the surface itself
+        where the pass puts it, as a point cloud's fit does (fitting/points_trainer.py)."""
+        x = self.model.to_normalised(origins + depth[:, None] * dirs)
         times = self.ray_times(photo)
-        return self.model.field.value(x, None if times is None else times[has]).abs().mean()
+        return self.model.field.value(x, times).abs().mean()
 
-    def _pass_losses(self, out, passes: dict, alpha: torch.Tensor) -> torch.Tensor:
+    def _pass_losses(self, out, passes: dict, alpha: torch.Tensor, rays: tuple | None = None) -> torch.Tensor:
         """Albedo, normal, depth and roughness supervision on the rays whose pixel
-        has it."""
+        has it; ``rays``: (origins, dirs, photo) of the batch, for the depth pass's surface points
+        (None: without them)."""
         cfg = self.cfg.train
         loss = torch.zeros((), device=self.device)
         if "albedo" in passes and out.albedo is not None:
@@ -236,6 +231,9 @@ class SurfaceTrainer(TrainerBase):
             has = (z > 0) & (alpha >= SOLID_ALPHA / 255.0)
             if bool(has.any()):
                 loss = loss + cfg.depth_weight * (out.depth[has] - z[has]).abs().mean() / self.model.scale
+                if cfg.depth_surface_weight > 0 and rays is not None:
+                    origins, dirs, photo = (r[has] for r in rays)
+                    loss = loss + cfg.depth_surface_weight * self._depth_surface_loss(origins, dirs, z[has], photo)
         if "roughness" in passes and out.roughness is not None:
             r = passes["roughness"][:, 0]
             has = r >= 0                    # NO_ROUGHNESS (-1): background, or a material without one
